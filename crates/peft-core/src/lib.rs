@@ -1,1 +1,37 @@
-//! placeholder
+//! # peft-core
+//!
+//! The abstraction every peft-rs method crate implements, and what they share:
+//!
+//! * [`adapter`]: the three attachment points (a layer, the input embeddings, the attention
+//!   key/value prefix) and [`AdaptableLinear`];
+//! * [`model`]: the [`CausalLm`] trait models implement, their inputs and KV cache;
+//! * [`config`]: the common part of PEFT's `adapter_config.json`, read leniently;
+//! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
+//! * [`tensors`]: safetensors reading (single and sharded, f32/f16/bf16) and atomic writes;
+//! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line;
+//! * [`error`]: the typed error all library crates return.
+//!
+//! ```
+//! use peft_core::{ModuleMatcher, TargetModules};
+//!
+//! let targets = TargetModules::List(vec!["query_key_value".into()]);
+//! let matcher = ModuleMatcher::new(&targets, None, None, None).unwrap();
+//! assert!(matcher.matches("transformer.h.0.self_attention.query_key_value", true));
+//! ```
+
+pub mod adapter;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod modules;
+pub mod summary;
+pub mod tensors;
+
+pub use adapter::{AdaptableLinear, LayerAdapter, NoAdapter};
+pub use config::{ConfigHeader, PeftType, TargetModules};
+pub use error::{PeftError, Result};
+pub use model::{CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};
+pub use modules::{ModuleInfo, ModuleKind, ModuleMatcher};
+pub use summary::TrainableSummary;
+pub use tensors::{HostTensor, TensorStore};

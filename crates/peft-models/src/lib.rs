@@ -1,1 +1,177 @@
-//! placeholder
+//! # peft-models
+//!
+//! Hugging Face causal language models on burn, loaded from an HF folder (`config.json`,
+//! `model.safetensors` or a sharded index, `tokenizer.json`):
+//!
+//! * [`bloom`] — BLOOM (fused `query_key_value`, ALiBi, embedding LayerNorm, tied `lm_head`);
+//! * [`llama`] — Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention);
+//! * [`qwen2`] — Qwen2 (Llama with q/k/v biases).
+//!
+//! Every linear layer is an [`AdaptableLinear`](peft_core::AdaptableLinear), reachable by its HF
+//! path, so peft-rs' method crates can attach adapters the way PEFT's `target_modules` does.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use peft_core::CausalLm;
+//!
+//! let device = Device::flex();
+//! let model = peft_models::load("tests/fixtures/models/bloom-tiny", &device).unwrap();
+//! let tokenizer = peft_models::Tokenizer::from_dir("tests/fixtures/models/bloom-tiny").unwrap();
+//! let prompt = tokenizer.encode("Human: 你好").unwrap();
+//! let options = peft_models::GenerateOptions::greedy(8, model.spec());
+//! let new = peft_models::generate(&model, &[prompt], &options, |_, _| {}).unwrap();
+//! println!("{}", tokenizer.decode(&new[0]).unwrap());
+//! ```
+
+pub mod bloom;
+pub mod generate;
+pub mod layers;
+pub mod llama;
+pub mod qwen2;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use peft_core::{
+    AdaptableLinear, CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo,
+    NoAdapter, PeftError, Result, TensorStore,
+};
+
+pub use bloom::{Bloom, BloomConfig};
+pub use generate::{Decoding, GenerateOptions, generate};
+pub use llama::{Llama, LlamaConfig};
+pub use tokenizer::Tokenizer;
+
+/// The model types peft-rs implements.
+pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["bloom", "llama", "qwen2"];
+
+/// A parsed `config.json`.
+#[derive(Debug, Clone)]
+pub enum HfConfig {
+    /// `model_type: "bloom"`.
+    Bloom(BloomConfig),
+    /// `model_type: "llama"` or `"qwen2"`.
+    Llama(LlamaConfig),
+}
+
+/// Reads and validates `config.json` of a model folder.
+pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
+    let path = dir.as_ref().join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| PeftError::json(&path, e))?;
+    let model_type = value
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| {
+            PeftError::config(path.display().to_string(), "model_type", "missing")
+        })?
+        .to_string();
+    let context = path.display().to_string();
+    let config = match model_type.as_str() {
+        "bloom" => {
+            let c: BloomConfig =
+                serde_json::from_value(value).map_err(|e| PeftError::json(&path, e))?;
+            c.validate(&context)?;
+            HfConfig::Bloom(c)
+        }
+        "llama" | "qwen2" => {
+            let c: LlamaConfig =
+                serde_json::from_value(value).map_err(|e| PeftError::json(&path, e))?;
+            c.validate(&context)?;
+            HfConfig::Llama(c)
+        }
+        other => {
+            return Err(PeftError::UnsupportedModel {
+                path,
+                model_type: other.to_string(),
+                supported: SUPPORTED_MODEL_TYPES.join(", "),
+            });
+        }
+    };
+    Ok(config)
+}
+
+/// Any supported architecture, holding adapters of type `A`.
+#[derive(Module, Debug)]
+pub enum AnyModel<A: LayerAdapter> {
+    /// BLOOM.
+    Bloom(Bloom<A>),
+    /// Llama or Qwen2.
+    Llama(Llama<A>),
+}
+
+/// Loads a Hugging Face model folder onto `device`.
+pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<AnyModel<NoAdapter>> {
+    let dir = dir.as_ref();
+    let config = read_config(dir)?;
+    let store = TensorStore::open_model_dir(dir)?;
+    load_from(&config, &store, device)
+}
+
+/// Builds a model from an already parsed config and checkpoint.
+pub fn load_from<A: LayerAdapter>(
+    config: &HfConfig,
+    store: &TensorStore,
+    device: &Device,
+) -> Result<AnyModel<A>> {
+    Ok(match config {
+        HfConfig::Bloom(c) => AnyModel::Bloom(Bloom::load(c, store, device)?),
+        HfConfig::Llama(c) if c.model_type == "qwen2" => {
+            AnyModel::Llama(qwen2::load(c, store, device)?)
+        }
+        HfConfig::Llama(c) => AnyModel::Llama(Llama::load(c, false, store, device)?),
+    })
+}
+
+impl<A: LayerAdapter> CausalLm for AnyModel<A> {
+    type Adapter = A;
+    type WithAdapter<B: LayerAdapter> = AnyModel<B>;
+
+    fn spec(&self) -> &ModelSpec {
+        match self {
+            Self::Bloom(m) => m.spec(),
+            Self::Llama(m) => m.spec(),
+        }
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        match self {
+            Self::Bloom(m) => m.modules(),
+            Self::Llama(m) => m.modules(),
+        }
+    }
+
+    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        match self {
+            Self::Bloom(m) => m.forward(input, cache),
+            Self::Llama(m) => m.forward(input, cache),
+        }
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        match self {
+            Self::Bloom(m) => m.embed_tokens(ids),
+            Self::Llama(m) => m.embed_tokens(ids),
+        }
+    }
+
+    fn map_linears<B: LayerAdapter>(
+        self,
+        f: &mut dyn FnMut(&str, AdaptableLinear<A>) -> Result<AdaptableLinear<B>>,
+    ) -> Result<AnyModel<B>> {
+        Ok(match self {
+            Self::Bloom(m) => AnyModel::Bloom(m.map_linears(f)?),
+            Self::Llama(m) => AnyModel::Llama(m.map_linears(f)?),
+        })
+    }
+
+    fn device(&self) -> Device {
+        match self {
+            Self::Bloom(m) => CausalLm::device(m),
+            Self::Llama(m) => CausalLm::device(m),
+        }
+    }
+}

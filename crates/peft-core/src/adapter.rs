@@ -1,0 +1,130 @@
+//! The attachment points adapters plug into.
+//!
+//! PEFT's methods touch a model in one of three places, and peft-rs has one abstraction for each:
+//!
+//! * **(a) a layer** — LoRA, IA3 and QLoRA change what a linear layer (or an embedding) computes.
+//!   A method implements [`LayerAdapter`]; models hold every linear as an
+//!   [`AdaptableLinear<A>`](AdaptableLinear), generic over the adapter type, and
+//!   [`CausalLm::map_linears`](crate::model::CausalLm::map_linears) swaps one adapter type for
+//!   another, module by module, by Hugging Face path.
+//! * **(b) the input embeddings** — prompt tuning and P-tuning prepend virtual-token embeddings:
+//!   they produce a `[batch, n_virtual, hidden]` tensor that the model takes through
+//!   [`ModelInput::virtual_tokens`](crate::model::ModelInput::virtual_tokens).
+//! * **(c) every attention layer's key/value prefix** — prefix tuning produces per-layer keys and
+//!   values that enter the model as a pre-filled [`KvCache`](crate::model::KvCache), exactly as
+//!   `past_key_values` do in transformers.
+//!
+//! BitFit adds no module: it only chooses which base parameters train.
+//!
+//! The base layer's frozen weight is never rewritten by the forward pass: an adapter computes
+//! `base(x)` and its own term beside it (PEFT's unmerged path), so a quantised or shared base
+//! stays as it is until the user merges.
+
+use burn::module::{Module, ModuleDisplay};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{Int, Tensor};
+
+use crate::error::Result;
+
+/// A method that changes what one linear layer computes (LoRA, IA3, ...).
+///
+/// Implementors are burn modules holding only the adapter's own parameters; the frozen base layer
+/// is passed in. Shapes: `x: [batch, seq, in]` → `[batch, seq, out]`. burn's [`Linear`] stores its
+/// weight as `[in, out]` (the transpose of PyTorch's `[out, in]`).
+pub trait LayerAdapter: Module + ModuleDisplay {
+    /// The layer's output with this adapter applied.
+    fn forward_linear(&self, base: &Linear, x: Tensor<3>) -> Tensor<3>;
+
+    /// The embedding's output with this adapter applied (`ids: [batch, seq]`). The default leaves
+    /// the embedding unchanged, for methods that only adapt linear layers.
+    fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
+        base.forward(ids)
+    }
+
+    /// Folds the adapter into the base weights (`merge_adapter`).
+    fn merge_linear(&self, base: Linear) -> Result<Linear>;
+
+    /// Removes a previously merged adapter from the base weights (`unmerge_adapter`).
+    fn unmerge_linear(&self, base: Linear) -> Result<Linear>;
+}
+
+/// The adapter of a plain model: no parameters, no change.
+#[derive(Module, Debug)]
+pub struct NoAdapter {}
+
+impl LayerAdapter for NoAdapter {
+    fn forward_linear(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
+        base.forward(x)
+    }
+    fn merge_linear(&self, base: Linear) -> Result<Linear> {
+        Ok(base)
+    }
+    fn unmerge_linear(&self, base: Linear) -> Result<Linear> {
+        Ok(base)
+    }
+}
+
+/// A frozen linear layer with an optional adapter beside it.
+#[derive(Module, Debug)]
+pub struct AdaptableLinear<A: LayerAdapter> {
+    /// The base layer; `weight: [in, out]`, `bias: [out]`.
+    pub base: Linear,
+    /// The adapter, if this layer is targeted.
+    pub adapter: Option<A>,
+    /// Whether `adapter` is currently folded into `base` (then the forward pass skips it).
+    #[module(skip)]
+    pub merged: bool,
+}
+
+impl<A: LayerAdapter> AdaptableLinear<A> {
+    /// A layer without adapter.
+    pub fn plain(base: Linear) -> Self {
+        Self {
+            base,
+            adapter: None,
+            merged: false,
+        }
+    }
+
+    /// `[batch, seq, in]` → `[batch, seq, out]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match (&self.adapter, self.merged) {
+            (Some(adapter), false) => adapter.forward_linear(&self.base, x),
+            _ => self.base.forward(x),
+        }
+    }
+
+    /// `(in_features, out_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [d_in, d_out] = self.base.weight.shape().dims();
+        (d_in, d_out)
+    }
+
+    /// Folds the adapter into the base weights; a no-op without adapter or when already merged.
+    pub fn merge(mut self) -> Result<Self> {
+        if let (Some(adapter), false) = (&self.adapter, self.merged) {
+            self.base = adapter.merge_linear(self.base)?;
+            self.merged = true;
+        }
+        Ok(self)
+    }
+
+    /// Undoes [`merge`](Self::merge).
+    pub fn unmerge(mut self) -> Result<Self> {
+        if let (Some(adapter), true) = (&self.adapter, self.merged) {
+            self.base = adapter.unmerge_linear(self.base)?;
+            self.merged = false;
+        }
+        Ok(self)
+    }
+
+    /// Replaces the adapter, keeping the base (used by
+    /// [`CausalLm::map_linears`](crate::model::CausalLm::map_linears)).
+    pub fn with_adapter<B: LayerAdapter>(self, adapter: Option<B>) -> AdaptableLinear<B> {
+        AdaptableLinear {
+            base: self.base,
+            adapter,
+            merged: false,
+        }
+    }
+}

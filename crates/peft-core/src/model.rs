@@ -1,0 +1,149 @@
+//! What every causal language model offers to adapters and to the training loop.
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::adapter::{AdaptableLinear, LayerAdapter};
+use crate::error::Result;
+use crate::modules::ModuleInfo;
+
+/// The sizes and special tokens of a model, read from its `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// `model_type` as in config.json (`bloom`, `llama`, `qwen2`).
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of transformer layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (equal to `num_heads` without grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Beginning-of-sequence token.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token; generation stops there.
+    pub eos_token_id: Option<u32>,
+    /// Padding token.
+    pub pad_token_id: Option<u32>,
+    /// Whether `lm_head` shares the input embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+/// One layer's keys and values: `[batch, kv_heads, len, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    /// Keys, as they enter the attention product (after RoPE for Llama-family models).
+    pub key: Tensor<4>,
+    /// Values.
+    pub value: Tensor<4>,
+}
+
+/// Keys and values of earlier positions, one entry per layer, with the attention mask over them.
+///
+/// Generation fills it step by step; prefix tuning starts from a cache pre-filled with its learned
+/// prefix (mask all ones), as `past_key_values` in transformers.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer, `None` until the first forward pass.
+    pub layers: Vec<Option<LayerKv>>,
+    /// `[batch, past_len]`: 1 for real positions, 0 for padding.
+    pub mask: Option<Tensor<2, Int>>,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            mask: None,
+        }
+    }
+
+    /// A cache holding a prefix: `layers[l]` are layer `l`'s prefix keys and values, every prefix
+    /// position visible (mask of ones).
+    pub fn from_prefix(layers: Vec<LayerKv>) -> Self {
+        let mask = layers.first().map(|kv| {
+            let [batch, _, len, _] = kv.key.dims();
+            Tensor::<2, Int>::ones([batch, len], &kv.key.device())
+        });
+        Self {
+            layers: layers.into_iter().map(Some).collect(),
+            mask,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn past_len(&self) -> usize {
+        self.mask.as_ref().map_or(0, |m| m.dims()[1])
+    }
+}
+
+/// The inputs of one forward pass.
+#[derive(Debug, Clone)]
+pub struct ModelInput {
+    /// `[batch, seq]` token ids.
+    pub input_ids: Tensor<2, Int>,
+    /// `[batch, seq]`: 1 for real tokens, 0 for (left) padding.
+    pub attention_mask: Tensor<2, Int>,
+    /// `[batch, n_virtual, hidden]` embeddings put before the tokens' embeddings (prompt tuning,
+    /// P-tuning). Their positions are always attended to, and the logits include them.
+    pub virtual_tokens: Option<Tensor<3>>,
+}
+
+impl ModelInput {
+    /// Token ids with a mask of ones.
+    pub fn new(input_ids: Tensor<2, Int>) -> Self {
+        let attention_mask = input_ids.ones_like();
+        Self {
+            input_ids,
+            attention_mask,
+            virtual_tokens: None,
+        }
+    }
+
+    /// Token ids with their attention mask.
+    pub fn with_mask(input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Self {
+        Self {
+            input_ids,
+            attention_mask,
+            virtual_tokens: None,
+        }
+    }
+}
+
+/// A causal language model whose linear layers can carry adapters of type `Self::Adapter`.
+pub trait CausalLm: Module + Sized {
+    /// The adapter type every linear layer of this model may hold.
+    type Adapter: LayerAdapter;
+    /// The same architecture holding adapters of type `B`.
+    type WithAdapter<B: LayerAdapter>: CausalLm<Adapter = B>;
+
+    /// Sizes and special tokens.
+    fn spec(&self) -> &ModelSpec;
+
+    /// Every module by its Hugging Face path, in the order of the checkpoint.
+    fn modules(&self) -> Vec<ModuleInfo>;
+
+    /// Logits `[batch, n_virtual + seq, vocab]` for the input; `cache` (when given) supplies
+    /// earlier keys and values and receives this pass' ones.
+    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>>;
+
+    /// The input embeddings of `ids` (`[batch, seq]` → `[batch, seq, hidden]`), before any
+    /// embedding LayerNorm.
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3>;
+
+    /// Rebuilds the model with each linear layer passed through `f`, which receives the layer's
+    /// Hugging Face path and returns it with a new adapter (or none).
+    fn map_linears<B: LayerAdapter>(
+        self,
+        f: &mut dyn FnMut(&str, AdaptableLinear<Self::Adapter>) -> Result<AdaptableLinear<B>>,
+    ) -> Result<Self::WithAdapter<B>>;
+
+    /// The device the weights live on.
+    fn device(&self) -> Device;
+}

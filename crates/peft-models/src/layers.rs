@@ -1,0 +1,246 @@
+//! Building blocks shared by the architectures: norms, attention masking, and construction of
+//! burn layers from Hugging Face tensors.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use peft_core::{AdaptableLinear, LayerAdapter, PeftError, Result, TensorStore};
+
+/// LayerNorm with Hugging Face's parameter names (`weight`, `bias`).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// Scale, `[dim]`.
+    pub weight: Param<Tensor<1>>,
+    /// Shift, `[dim]`.
+    pub bias: Param<Tensor<1>>,
+    /// Added to the variance.
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// `[.., dim]` → `[.., dim]`, normalised over the last dimension (biased variance, as PyTorch).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        let normed = (x - mean).div((var + self.eps).sqrt());
+        normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
+    }
+}
+
+/// RMSNorm as in Llama: `x / sqrt(mean(x²) + eps) · weight`, computed in f32.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// Scale, `[dim]`.
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square.
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// `[.., dim]` → `[.., dim]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let ms = x.clone().square().mean_dim(D - 1);
+        x * (ms + self.eps).sqrt().recip() * self.weight.val().unsqueeze()
+    }
+}
+
+/// Reads Hugging Face tensors into burn layers, checking every shape against the config.
+pub struct WeightLoader<'a> {
+    /// The checkpoint.
+    pub store: &'a TensorStore,
+    /// Where the layers are created.
+    pub device: &'a Device,
+}
+
+impl WeightLoader<'_> {
+    fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let values = self.store.f32_shaped(key, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), self.device))
+    }
+
+    /// A `[dim]` vector.
+    pub fn vector(&self, key: &str, dim: usize) -> Result<Param<Tensor<1>>> {
+        Ok(Param::from_tensor(self.tensor(key, [dim])?))
+    }
+
+    /// A linear layer from `{prefix}.weight` (`[out, in]`, transposed to burn's `[in, out]`) and,
+    /// when `bias`, `{prefix}.bias`.
+    pub fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+        let weight = self.tensor(&format!("{prefix}.weight"), [d_out, d_in])?;
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"), d_out)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight.transpose()),
+            bias,
+        })
+    }
+
+    /// An adaptable linear layer without adapter.
+    pub fn adaptable<A: LayerAdapter>(
+        &self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<AdaptableLinear<A>> {
+        Ok(AdaptableLinear::plain(
+            self.linear(prefix, d_in, d_out, bias)?,
+        ))
+    }
+
+    /// An embedding table `{prefix}.weight`, `[num, dim]`.
+    pub fn embedding(&self, prefix: &str, num: usize, dim: usize) -> Result<Embedding> {
+        Ok(Embedding {
+            weight: Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [num, dim])?),
+        })
+    }
+
+    /// A LayerNorm `{prefix}.weight` / `{prefix}.bias`.
+    pub fn layer_norm(&self, prefix: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.vector(&format!("{prefix}.weight"), dim)?,
+            bias: self.vector(&format!("{prefix}.bias"), dim)?,
+            eps,
+        })
+    }
+
+    /// An RMSNorm `{prefix}.weight`.
+    pub fn rms_norm(&self, prefix: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.vector(&format!("{prefix}.weight"), dim)?,
+            eps,
+        })
+    }
+}
+
+/// Checks that ids and mask agree and returns `(batch, seq)`.
+pub fn check_input(ids: &Tensor<2, Int>, mask: &Tensor<2, Int>) -> Result<(usize, usize)> {
+    let [b, s] = ids.dims();
+    if mask.dims() != [b, s] {
+        return Err(PeftError::InvalidInput(format!(
+            "attention_mask has shape {:?} but input_ids has {:?}",
+            mask.dims(),
+            [b, s]
+        )));
+    }
+    if s == 0 && b > 0 {
+        return Err(PeftError::InvalidInput("input_ids has no positions".into()));
+    }
+    Ok((b, s))
+}
+
+/// Which key positions each query may attend to: `[batch, 1, q_len, kv_len]`.
+///
+/// `full_mask: [batch, kv_len]` covers past and current positions (1 = real); queries sit at the
+/// last `q_len` positions, and each sees real keys at or before its own position.
+pub fn attention_allowed(full_mask: &Tensor<2, Int>, q_len: usize) -> Tensor<4, Bool> {
+    let [batch, kv_len] = full_mask.dims();
+    let device = full_mask.device();
+    let past = kv_len - q_len;
+    let q_pos = Tensor::<1, Int>::arange(past as i64..kv_len as i64, &device).reshape([q_len, 1]);
+    let k_pos = Tensor::<1, Int>::arange(0..kv_len as i64, &device).reshape([1, kv_len]);
+    let causal = k_pos
+        .expand([q_len, kv_len])
+        .lower_equal(q_pos.expand([q_len, kv_len]))
+        .reshape([1, 1, q_len, kv_len])
+        .expand([batch, 1, q_len, kv_len]);
+    let real = full_mask
+        .clone()
+        .equal_elem(1)
+        .reshape([batch, 1, 1, kv_len])
+        .expand([batch, 1, q_len, kv_len]);
+    causal.bool_and(real)
+}
+
+/// Softmax attention. `q: [b, h, q, d]`, `k`/`v`: `[b, h, kv, d]` (already repeated for
+/// grouped-query attention), `bias: [b, h, 1, kv]` added to the scores (ALiBi), `allowed:
+/// [b, 1, q, kv]`. Masked scores get the dtype's minimum, as transformers' eager attention does.
+/// Returns `[b, h, q, d]`.
+pub fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+    bias: Option<Tensor<4>>,
+    allowed: &Tensor<4, Bool>,
+) -> Tensor<4> {
+    let [b, h, q_len, _] = q.dims();
+    let kv_len = k.dims()[2];
+    let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+    if let Some(bias) = bias {
+        scores = scores + bias;
+    }
+    let blocked = allowed
+        .clone()
+        .expand([b, h, q_len, kv_len])
+        .bool_not();
+    let probs = softmax(scores.mask_fill(blocked, f32::MIN), 3);
+    probs.matmul(v)
+}
+
+/// Repeats `[b, kv_heads, len, d]` keys or values to `[b, kv_heads · n_rep, len, d]`, each head
+/// `n_rep` times in a row (transformers' `repeat_kv`).
+pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kvh, len, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n_rep, len, d])
+        .reshape([b, kvh * n_rep, len, d])
+}
+
+/// Appends this pass' keys and values to a layer's cache entry and returns the full ones.
+pub fn extend_cache(
+    slot: Option<&mut Option<peft_core::LayerKv>>,
+    key: Tensor<4>,
+    value: Tensor<4>,
+) -> (Tensor<4>, Tensor<4>) {
+    match slot {
+        None => (key, value),
+        Some(slot) => {
+            let (k, v) = match slot.take() {
+                Some(past) => (
+                    Tensor::cat(vec![past.key, key], 2),
+                    Tensor::cat(vec![past.value, value], 2),
+                ),
+                None => (key, value),
+            };
+            *slot = Some(peft_core::LayerKv {
+                key: k.clone(),
+                value: v.clone(),
+            });
+            (k, v)
+        }
+    }
+}
+
+/// Prepends ones for virtual tokens and the cache's past mask to this pass' mask:
+/// `[batch, past + n_virtual + seq]`.
+pub fn full_mask(
+    cache_mask: Option<&Tensor<2, Int>>,
+    n_virtual: usize,
+    mask: &Tensor<2, Int>,
+) -> Tensor<2, Int> {
+    let [batch, _] = mask.dims();
+    let mut parts = Vec::with_capacity(3);
+    if let Some(past) = cache_mask {
+        parts.push(past.clone());
+    }
+    if n_virtual > 0 {
+        parts.push(Tensor::<2, Int>::ones([batch, n_virtual], &mask.device()));
+    }
+    parts.push(mask.clone());
+    Tensor::cat(parts, 1)
+}
+
+/// `x @ weightᵀ` for a `[vocab, hidden]` table used as output projection (tied `lm_head`).
+pub fn tied_logits(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
+    burn::tensor::module::linear(hidden, table.transpose(), None)
+}

@@ -1,0 +1,621 @@
+//! Llama (`model_type: "llama"`), field for field as transformers' `LlamaForCausalLM`; Qwen2
+//! is the same network with q/k/v biases (see [`crate::qwen2`]).
+//!
+//! ```text
+//! model.embed_tokens                     Embedding [vocab, hidden]
+//! model.layers.{i}.input_layernorm       RMSNorm
+//! model.layers.{i}.self_attn.q_proj      Linear hidden → heads·head_dim
+//! model.layers.{i}.self_attn.k_proj      Linear hidden → kv_heads·head_dim   (GQA: kv_heads ≤ heads)
+//! model.layers.{i}.self_attn.v_proj      Linear hidden → kv_heads·head_dim
+//! model.layers.{i}.self_attn.o_proj      Linear heads·head_dim → hidden
+//! model.layers.{i}.post_attention_layernorm  RMSNorm
+//! model.layers.{i}.mlp.gate_proj / up_proj   Linear hidden → intermediate
+//! model.layers.{i}.mlp.down_proj         Linear intermediate → hidden
+//! model.norm                             RMSNorm
+//! lm_head                                Linear hidden → vocab, or tied to embed_tokens
+//! ```
+//!
+//! Positions are `past_len .. past_len + seq` whatever the padding (transformers 5 when no
+//! `position_ids` are passed); RoPE is relative, so left padding leaves the real tokens' logits
+//! unchanged.
+
+use burn::module::Module;
+use burn::nn::Embedding;
+use burn::tensor::activation::silu;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use serde::Deserialize;
+
+use peft_core::{
+    AdaptableLinear, CausalLm, KvCache, LayerAdapter, LayerKv, ModelInput, ModelSpec, ModuleInfo,
+    ModuleKind, PeftError, Result, TensorStore,
+};
+
+use crate::layers::{
+    RmsNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
+    repeat_kv, tied_logits,
+};
+
+/// transformers 5's `rope_parameters`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeParameters {
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Only `default` is implemented.
+    #[serde(default = "default_rope_type")]
+    pub rope_type: String,
+}
+
+fn default_rope_type() -> String {
+    "default".into()
+}
+
+/// Llama-family `config.json` fields that the forward pass uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama` or `qwen2`.
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads; defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 4: RoPE base at the top level.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// transformers 5: RoPE settings.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    /// transformers 4: RoPE scaling (only `null` / absent is implemented).
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Biases on q/k/v/o (Llama's `attention_bias`).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Activation; only `silu` is implemented.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Beginning-of-sequence token.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token.
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    /// Padding token.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Whether `lm_head` is the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Qwen2's sliding-window attention (only `false` is implemented).
+    #[serde(default)]
+    pub use_sliding_window: bool,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl LlamaConfig {
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The RoPE base from either config layout (transformers 5 `rope_parameters` first).
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .map(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    /// Checks sizes and refuses settings that are not implemented rather than ignoring them.
+    pub fn validate(&self, context: &str) -> Result<()> {
+        let bad = |field: &str, reason: String| Err(PeftError::config(context, field, reason));
+        if self.num_attention_heads == 0 {
+            return bad("num_attention_heads", "must be positive".into());
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return bad(
+                "num_attention_heads",
+                format!(
+                    "{} heads do not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            );
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{kv} key/value heads do not divide {} attention heads",
+                    self.num_attention_heads
+                ),
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad("head_dim", "RoPE needs an even head_dim".into());
+        }
+        if let Some(r) = &self.rope_parameters
+            && r.rope_type != "default"
+        {
+            return bad(
+                "rope_parameters.rope_type",
+                format!("`{}` is not supported (only `default`)", r.rope_type),
+            );
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return bad("rope_scaling", "RoPE scaling is not supported".into());
+        }
+        if self.hidden_act != "silu" {
+            return bad(
+                "hidden_act",
+                format!("`{}` is not supported (only `silu`)", self.hidden_act),
+            );
+        }
+        if self.use_sliding_window {
+            return bad(
+                "use_sliding_window",
+                "sliding-window attention is not supported".into(),
+            );
+        }
+        if self.vocab_size == 0 || self.num_hidden_layers == 0 {
+            return bad(
+                "vocab_size/num_hidden_layers",
+                "must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            model_type: self.model_type.clone(),
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+            bos_token_id: self.bos_token_id,
+            eos_token_id: self.eos_token_id,
+            pad_token_id: self.pad_token_id,
+            tie_word_embeddings: self.tie_word_embeddings,
+        }
+    }
+}
+
+/// Attention of one layer.
+#[derive(Module, Debug)]
+pub struct LlamaAttention<A: LayerAdapter> {
+    /// Query projection.
+    pub q_proj: AdaptableLinear<A>,
+    /// Key projection.
+    pub k_proj: AdaptableLinear<A>,
+    /// Value projection.
+    pub v_proj: AdaptableLinear<A>,
+    /// Output projection.
+    pub o_proj: AdaptableLinear<A>,
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaMlp<A: LayerAdapter> {
+    /// Gate projection.
+    pub gate_proj: AdaptableLinear<A>,
+    /// Up projection.
+    pub up_proj: AdaptableLinear<A>,
+    /// Down projection.
+    pub down_proj: AdaptableLinear<A>,
+}
+
+/// One decoder layer (`model.layers.{i}`).
+#[derive(Module, Debug)]
+pub struct LlamaLayer<A: LayerAdapter> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: LlamaAttention<A>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: LlamaMlp<A>,
+}
+
+/// `model`: embeddings, layers, final norm.
+#[derive(Module, Debug)]
+pub struct LlamaModel<A: LayerAdapter> {
+    /// Token embeddings.
+    pub embed_tokens: Embedding,
+    /// The layers.
+    pub layers: Vec<LlamaLayer<A>>,
+    /// Final norm.
+    pub norm: RmsNorm,
+}
+
+/// `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+#[derive(Module, Debug)]
+pub struct Llama<A: LayerAdapter> {
+    /// The decoder.
+    pub model: LlamaModel<A>,
+    /// Output projection; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<AdaptableLinear<A>>,
+    /// Sizes and special tokens.
+    #[module(skip)]
+    pub spec: ModelSpec,
+    /// RoPE inverse frequencies, `[head_dim / 2]`.
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+    /// Whether q/k/v/o carry biases (for [`CausalLm::modules`]).
+    #[module(skip)]
+    pub attention_bias: [bool; 2],
+    /// Whether the MLP projections carry biases.
+    #[module(skip)]
+    pub mlp_bias: bool,
+    /// MLP width.
+    #[module(skip)]
+    pub intermediate_size: usize,
+}
+
+/// RoPE inverse frequencies `1 / θ^(2i/d)`, computed in f32 as transformers does.
+pub fn rope_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+impl<A: LayerAdapter> Llama<A> {
+    /// Loads the weights of `config` from `store`. `qkv_bias` adds Qwen2's q/k/v biases.
+    pub fn load(
+        config: &LlamaConfig,
+        qkv_bias: bool,
+        store: &TensorStore,
+        device: &Device,
+    ) -> Result<Self> {
+        let w = WeightLoader { store, device };
+        let (h, hd, im) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+        let (nq, nkv) = (config.num_attention_heads, config.kv_heads());
+        let (qkv_b, o_b) = (config.attention_bias || qkv_bias, config.attention_bias);
+        let eps = config.rms_norm_eps;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let a = format!("{p}.self_attn");
+                let m = format!("{p}.mlp");
+                Ok(LlamaLayer {
+                    input_layernorm: w.rms_norm(&format!("{p}.input_layernorm"), h, eps)?,
+                    self_attn: LlamaAttention {
+                        q_proj: w.adaptable(&format!("{a}.q_proj"), h, nq * hd, qkv_b)?,
+                        k_proj: w.adaptable(&format!("{a}.k_proj"), h, nkv * hd, qkv_b)?,
+                        v_proj: w.adaptable(&format!("{a}.v_proj"), h, nkv * hd, qkv_b)?,
+                        o_proj: w.adaptable(&format!("{a}.o_proj"), nq * hd, h, o_b)?,
+                    },
+                    post_attention_layernorm: w.rms_norm(
+                        &format!("{p}.post_attention_layernorm"),
+                        h,
+                        eps,
+                    )?,
+                    mlp: LlamaMlp {
+                        gate_proj: w.adaptable(&format!("{m}.gate_proj"), h, im, config.mlp_bias)?,
+                        up_proj: w.adaptable(&format!("{m}.up_proj"), h, im, config.mlp_bias)?,
+                        down_proj: w.adaptable(&format!("{m}.down_proj"), im, h, config.mlp_bias)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Some tied checkpoints still carry an `lm_head.weight` copy; tied means it is ignored.
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(w.adaptable("lm_head", h, config.vocab_size, false)?)
+        };
+        Ok(Self {
+            model: LlamaModel {
+                embed_tokens: w.embedding("model.embed_tokens", config.vocab_size, h)?,
+                layers,
+                norm: w.rms_norm("model.norm", h, eps)?,
+            },
+            lm_head,
+            spec: config.spec(),
+            inv_freq: rope_inv_freq(config.rope_theta(), hd),
+            attention_bias: [qkv_b, o_b],
+            mlp_bias: config.mlp_bias,
+            intermediate_size: im,
+        })
+    }
+
+    /// `cos` and `sin` tables `[1, 1, seq, head_dim]` for positions `start .. start + seq`.
+    fn rope_tables(&self, start: usize, seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let half = self.inv_freq.len();
+        let hd = 2 * half;
+        let mut cos = Vec::with_capacity(seq * hd);
+        let mut sin = Vec::with_capacity(seq * hd);
+        for pos in start..start + seq {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let make = |v: Vec<f32>| {
+            Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, hd]), device)
+        };
+        (make(cos), make(sin))
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+impl<A: LayerAdapter> LlamaLayer<A> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        spec: &ModelSpec,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        allowed: &Tensor<4, Bool>,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (nq, nkv, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let ln = self.input_layernorm.forward(x.clone());
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = heads(self.self_attn.q_proj.forward(ln.clone()), nq);
+        let k = heads(self.self_attn.k_proj.forward(ln.clone()), nkv);
+        let v = heads(self.self_attn.v_proj.forward(ln), nkv);
+        let q = apply_rope(q, cos, sin);
+        let k = apply_rope(k, cos, sin);
+        let (k, v) = extend_cache(cache, k, v);
+        let context = attend(
+            q,
+            repeat_kv(k, nq / nkv),
+            repeat_kv(v, nq / nkv),
+            1.0 / (hd as f64).sqrt(),
+            None,
+            allowed,
+        )
+        .swap_dims(1, 2)
+        .reshape([b, s, nq * hd]);
+        let x = x + self.self_attn.o_proj.forward(context);
+        let ln = self.post_attention_layernorm.forward(x.clone());
+        let gated = silu(self.mlp.gate_proj.forward(ln.clone())) * self.mlp.up_proj.forward(ln);
+        x + self.mlp.down_proj.forward(gated)
+    }
+}
+
+impl<A: LayerAdapter> CausalLm for Llama<A> {
+    type Adapter = A;
+    type WithAdapter<B: LayerAdapter> = Llama<B>;
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        let s = &self.spec;
+        let (h, hd, im) = (s.hidden_size, s.head_dim, self.intermediate_size);
+        let linear = |path: String, i: usize, o: usize, bias: bool| ModuleInfo {
+            path,
+            kind: ModuleKind::Linear {
+                in_features: i,
+                out_features: o,
+                bias,
+            },
+            tied: false,
+        };
+        let norm = |path: String| ModuleInfo {
+            path,
+            kind: ModuleKind::RmsNorm { dim: h },
+            tied: false,
+        };
+        let [qkv_b, o_b] = self.attention_bias;
+        let mut m = vec![ModuleInfo {
+            path: "model.embed_tokens".into(),
+            kind: ModuleKind::Embedding {
+                num_embeddings: s.vocab_size,
+                dim: h,
+            },
+            tied: false,
+        }];
+        for i in 0..s.num_layers {
+            let p = format!("model.layers.{i}");
+            m.push(norm(format!("{p}.input_layernorm")));
+            m.push(linear(format!("{p}.self_attn.q_proj"), h, s.num_heads * hd, qkv_b));
+            m.push(linear(format!("{p}.self_attn.k_proj"), h, s.num_kv_heads * hd, qkv_b));
+            m.push(linear(format!("{p}.self_attn.v_proj"), h, s.num_kv_heads * hd, qkv_b));
+            m.push(linear(format!("{p}.self_attn.o_proj"), s.num_heads * hd, h, o_b));
+            m.push(norm(format!("{p}.post_attention_layernorm")));
+            m.push(linear(format!("{p}.mlp.gate_proj"), h, im, self.mlp_bias));
+            m.push(linear(format!("{p}.mlp.up_proj"), h, im, self.mlp_bias));
+            m.push(linear(format!("{p}.mlp.down_proj"), im, h, self.mlp_bias));
+        }
+        m.push(norm("model.norm".into()));
+        m.push(ModuleInfo {
+            path: "lm_head".into(),
+            kind: ModuleKind::Linear {
+                in_features: h,
+                out_features: s.vocab_size,
+                bias: false,
+            },
+            tied: self.lm_head.is_none(),
+        });
+        m
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.model.embed_tokens.forward(ids)
+    }
+
+    fn forward(&self, input: ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        check_input(&input.input_ids, &input.attention_mask)?;
+        let mut x = self.embed_tokens(input.input_ids);
+        let n_virtual = match input.virtual_tokens {
+            Some(v) => {
+                let n = v.dims()[1];
+                x = Tensor::cat(vec![v, x], 1);
+                n
+            }
+            None => 0,
+        };
+        let q_len = x.dims()[1];
+        let past = cache.as_ref().map_or(0, |c| c.past_len());
+        let mask = full_mask(
+            cache.as_ref().and_then(|c| c.mask.as_ref()),
+            n_virtual,
+            &input.attention_mask,
+        );
+        let allowed = attention_allowed(&mask, q_len);
+        let (cos, sin) = self.rope_tables(past, q_len, &x.device());
+        if let Some(c) = cache.as_deref_mut()
+            && c.layers.len() != self.model.layers.len()
+        {
+            c.layers.resize(self.model.layers.len(), None);
+        }
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &self.spec, &cos, &sin, &allowed, slot);
+        }
+        if let Some(c) = cache {
+            c.mask = Some(mask);
+        }
+        let x = self.model.norm.forward(x);
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => tied_logits(x, self.model.embed_tokens.weight.val()),
+        })
+    }
+
+    fn map_linears<B: LayerAdapter>(
+        self,
+        f: &mut dyn FnMut(&str, AdaptableLinear<A>) -> Result<AdaptableLinear<B>>,
+    ) -> Result<Llama<B>> {
+        let layers = self
+            .model
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let p = format!("model.layers.{i}");
+                let a = l.self_attn;
+                let m = l.mlp;
+                Ok(LlamaLayer {
+                    input_layernorm: l.input_layernorm,
+                    self_attn: LlamaAttention {
+                        q_proj: f(&format!("{p}.self_attn.q_proj"), a.q_proj)?,
+                        k_proj: f(&format!("{p}.self_attn.k_proj"), a.k_proj)?,
+                        v_proj: f(&format!("{p}.self_attn.v_proj"), a.v_proj)?,
+                        o_proj: f(&format!("{p}.self_attn.o_proj"), a.o_proj)?,
+                    },
+                    post_attention_layernorm: l.post_attention_layernorm,
+                    mlp: LlamaMlp {
+                        gate_proj: f(&format!("{p}.mlp.gate_proj"), m.gate_proj)?,
+                        up_proj: f(&format!("{p}.mlp.up_proj"), m.up_proj)?,
+                        down_proj: f(&format!("{p}.mlp.down_proj"), m.down_proj)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Llama {
+            model: LlamaModel {
+                embed_tokens: self.model.embed_tokens,
+                layers,
+                norm: self.model.norm,
+            },
+            lm_head: self.lm_head.map(|l| f("lm_head", l)).transpose()?,
+            spec: self.spec,
+            inv_freq: self.inv_freq,
+            attention_bias: self.attention_bias,
+            mlp_bias: self.mlp_bias,
+            intermediate_size: self.intermediate_size,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_theta_is_read_from_both_config_layouts() {
+        let v4: LlamaConfig = serde_json::from_str(
+            r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":2,"rope_theta":500000.0}"#,
+        )
+        .unwrap();
+        assert_eq!(v4.rope_theta(), 500000.0);
+        let v5: LlamaConfig = serde_json::from_str(
+            r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":2,
+                "rope_parameters":{"rope_theta":1000.0,"rope_type":"default"}}"#,
+        )
+        .unwrap();
+        assert_eq!(v5.rope_theta(), 1000.0);
+        assert_eq!(v5.kv_heads(), 2);
+        assert_eq!(v5.head_dim(), 4);
+    }
+
+    #[test]
+    fn inconsistent_sizes_are_refused() {
+        let cfg: LlamaConfig = serde_json::from_str(
+            r#"{"model_type":"llama","vocab_size":8,"hidden_size":10,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":4}"#,
+        )
+        .unwrap();
+        let err = cfg.validate("config.json").unwrap_err().to_string();
+        assert!(err.contains("4 heads do not divide hidden_size 10"), "{err}");
+        let gqa: LlamaConfig = serde_json::from_str(
+            r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
+                "num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":3}"#,
+        )
+        .unwrap();
+        let err = gqa.validate("config.json").unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+    }
+
+    #[test]
+    fn inv_freq_matches_the_formula() {
+        let f = rope_inv_freq(10000.0, 4);
+        assert_eq!(f[0], 1.0);
+        assert!((f[1] - 0.01).abs() < 1e-7);
+    }
+}

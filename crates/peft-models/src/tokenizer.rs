@@ -1,0 +1,73 @@
+//! The model's `tokenizer.json`, through Hugging Face's `tokenizers` crate.
+
+use std::path::{Path, PathBuf};
+
+use peft_core::{PeftError, Result};
+
+/// A Hugging Face fast tokenizer with errors that name its file.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("path", &self.path).finish()
+    }
+}
+
+impl Tokenizer {
+    /// Reads `tokenizer.json` from a model folder (or the file itself).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let path = if dir.is_dir() {
+            dir.join("tokenizer.json")
+        } else {
+            dir.to_path_buf()
+        };
+        if !path.is_file() {
+            return Err(PeftError::Tokenizer {
+                path,
+                reason: "file not found".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| PeftError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { inner, path })
+    }
+
+    /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds
+    /// (as `tokenizer(text).input_ids` in Python).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| PeftError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| PeftError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Id of a token string such as `</s>`.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,148 @@
+//! Logits, greedy generation and tokenisation against transformers (fixtures recorded by
+//! `fixtures/make_fixtures.py`).
+
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::{CausalLm, ModelInput};
+use peft_models::{GenerateOptions, Tokenizer, generate};
+use peft_tests::{Reference, device, fixtures, max_diff_masked, model_dir, to_vec};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn logits_match_transformers(name: &str) {
+    let device = device();
+    let model = peft_models::load(model_dir(name), &device).unwrap();
+    let reference = Reference::load(name);
+    let logits = model
+        .forward(
+            ModelInput::with_mask(reference.ids(&device), reference.mask(&device)),
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        logits.dims(),
+        [reference.shape[0], reference.shape[1], reference.vocab]
+    );
+    let ours = to_vec(logits);
+    let diff = max_diff_masked(&ours, &reference.logits, &reference.attention_mask, reference.vocab);
+    eprintln!("{name}: max |Δ| = {diff}");
+    assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
+}
+
+/// Each row run alone, without padding, gives the logits of the padded batch.
+fn left_padding_changes_nothing(name: &str) {
+    let device = device();
+    let model = peft_models::load(model_dir(name), &device).unwrap();
+    let reference = Reference::load(name);
+    let [batch, seq] = reference.shape;
+    let vocab = reference.vocab;
+    for row in 0..batch {
+        let ids: Vec<i64> = reference.input_ids[row * seq..(row + 1) * seq]
+            .iter()
+            .zip(&reference.attention_mask[row * seq..(row + 1) * seq])
+            .filter(|(_, m)| **m == 1)
+            .map(|(i, _)| *i)
+            .collect();
+        let n = ids.len();
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let alone = to_vec(model.forward(ModelInput::new(input), None).unwrap());
+        let padded = &reference.logits[(row * seq + seq - n) * vocab..(row + 1) * seq * vocab];
+        let diff = max_diff_masked(&alone, padded, &vec![1; n], vocab);
+        assert!(diff <= TOLERANCE, "{name} row {row}: max |Δ| = {diff}");
+    }
+}
+
+fn greedy_generation_matches(name: &str) {
+    let device = device();
+    let model = peft_models::load(model_dir(name), &device).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("reference").join(format!("{name}.json")))
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for case in json["greedy"].as_array().unwrap() {
+        let prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+        let expected: Vec<u32> = serde_json::from_value(case["new_ids"].clone()).unwrap();
+        let options = GenerateOptions::greedy(expected.len(), model.spec());
+        let new = generate(&model, &[prompt], &options, |_, _| {}).unwrap();
+        assert_eq!(new[0], expected, "{name}: prompt {:?}", case["prompt"]);
+    }
+}
+
+/// A KV-cached step gives the same logits as recomputing the whole sequence.
+fn cache_matches_full_forward(name: &str) {
+    let device = device();
+    let model = peft_models::load(model_dir(name), &device).unwrap();
+    let reference = Reference::load(name);
+    let [batch, seq] = reference.shape;
+    let vocab = reference.vocab;
+    let ids = reference.ids(&device);
+    let mask = reference.mask(&device);
+    let split = seq - 3;
+    let mut cache = peft_core::KvCache::new(model.spec().num_layers);
+    model
+        .forward(
+            ModelInput::with_mask(
+                ids.clone().slice_dim(1, 0..split),
+                mask.clone().slice_dim(1, 0..split),
+            ),
+            Some(&mut cache),
+        )
+        .unwrap();
+    let tail = model
+        .forward(
+            ModelInput::with_mask(ids.slice_dim(1, split..seq), mask.slice_dim(1, split..seq)),
+            Some(&mut cache),
+        )
+        .unwrap();
+    let ours = to_vec(tail);
+    let mut expected = Vec::new();
+    let mut tail_mask = Vec::new();
+    for row in 0..batch {
+        expected.extend_from_slice(
+            &reference.logits[(row * seq + split) * vocab..(row + 1) * seq * vocab],
+        );
+        tail_mask.extend_from_slice(&reference.attention_mask[row * seq + split..(row + 1) * seq]);
+    }
+    let diff = max_diff_masked(&ours, &expected, &tail_mask, vocab);
+    assert!(diff <= TOLERANCE, "{name}: cached max |Δ| = {diff}");
+}
+
+macro_rules! parity_suite {
+    ($module:ident, $name:literal) => {
+        mod $module {
+            #[test]
+            fn logits_match_transformers() {
+                super::logits_match_transformers($name);
+            }
+            #[test]
+            fn left_padding_changes_nothing() {
+                super::left_padding_changes_nothing($name);
+            }
+            #[test]
+            fn greedy_generation_matches() {
+                super::greedy_generation_matches($name);
+            }
+            #[test]
+            fn cache_matches_full_forward() {
+                super::cache_matches_full_forward($name);
+            }
+        }
+    };
+}
+
+parity_suite!(bloom, "bloom-tiny");
+parity_suite!(llama_gqa, "llama-tiny");
+parity_suite!(qwen2_bf16, "qwen2-tiny");
+
+#[test]
+fn tokenizer_ids_match_transformers() {
+    let tokenizer = Tokenizer::from_dir(model_dir("bloom-tiny")).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("reference/tokenization.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(cases.len() >= 4);
+    for case in cases {
+        let input = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let ids = tokenizer.encode(input).unwrap();
+        assert_eq!(ids, expected, "text {input:?}");
+        assert_eq!(tokenizer.decode(&ids).unwrap(), input);
+    }
+}
