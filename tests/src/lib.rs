@@ -43,8 +43,12 @@ pub struct Reference {
 impl Reference {
     /// Reads `reference/<name>.safetensors`.
     pub fn load(name: &str) -> Self {
-        let store = TensorStore::open(fixtures().join("reference").join(format!("{name}.safetensors")))
-            .expect("reference file");
+        let store = TensorStore::open(
+            fixtures()
+                .join("reference")
+                .join(format!("{name}.safetensors")),
+        )
+        .expect("reference file");
         let (input_ids, shape) = store.i64("input_ids").unwrap();
         let (attention_mask, _) = store.i64("attention_mask").unwrap();
         let (logits, lshape) = store.f32("logits").unwrap();
@@ -64,7 +68,10 @@ impl Reference {
 
     /// The mask as a tensor on `device`.
     pub fn mask(&self, device: &Device) -> Tensor<2, Int> {
-        Tensor::from_data(TensorData::new(self.attention_mask.clone(), self.shape), device)
+        Tensor::from_data(
+            TensorData::new(self.attention_mask.clone(), self.shape),
+            device,
+        )
     }
 }
 

@@ -23,7 +23,12 @@ fn logits_match_transformers(name: &str) {
         [reference.shape[0], reference.shape[1], reference.vocab]
     );
     let ours = to_vec(logits);
-    let diff = max_diff_masked(&ours, &reference.logits, &reference.attention_mask, reference.vocab);
+    let diff = max_diff_masked(
+        &ours,
+        &reference.logits,
+        &reference.attention_mask,
+        reference.vocab,
+    );
     eprintln!("{name}: max |Δ| = {diff}");
     assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
 }
@@ -54,8 +59,8 @@ fn left_padding_changes_nothing(name: &str) {
 fn greedy_generation_matches(name: &str) {
     let device = device();
     let model = peft_models::load(model_dir(name), &device).unwrap();
-    let text = std::fs::read_to_string(fixtures().join("reference").join(format!("{name}.json")))
-        .unwrap();
+    let text =
+        std::fs::read_to_string(fixtures().join("reference").join(format!("{name}.json"))).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     for case in json["greedy"].as_array().unwrap() {
         let prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();

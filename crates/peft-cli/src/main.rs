@@ -1,1 +1,130 @@
-fn main() {}
+//! `peft`: run, inspect and adapt Hugging Face causal language models.
+//!
+//! Every command exits 0 on success and prints a one-line `error: …` with non-zero exit status
+//! otherwise; bad input never produces a panic or a backtrace.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Parameter-efficient fine-tuning of Hugging Face language models, in Rust.
+#[derive(Parser, Debug)]
+#[command(name = "peft", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Compute logits for a batch of token ids stored in a safetensors file.
+    Logits(LogitsArgs),
+    /// Generate a continuation of a prompt.
+    Generate(GenerateArgs),
+    /// Print every module of a model with its Hugging Face name and parameter shapes.
+    Inspect(InspectArgs),
+}
+
+/// Where the model runs.
+#[derive(Args, Debug, Clone)]
+struct DeviceArg {
+    /// Compute device: cpu, wgpu or cuda (GPU devices need a build with that feature).
+    /// Defaults to $PEFT_DEVICE, else cpu.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Merge the adapter into the base weights before running (merge_and_unload).
+    #[arg(long, requires = "adapter")]
+    merge: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args, Debug)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// safetensors file with `input_ids` (i64, [batch, seq]) and optionally `attention_mask`.
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Where to write `logits` (f32, [batch, seq, vocab]).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text (tokenised with the model's tokenizer.json).
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    prompt: Option<String>,
+    /// The prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Always pick the most likely token (the default unless --temperature or --top-p is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p"])]
+    greedy: bool,
+    /// Sampling temperature.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object {"prompt_ids", "new_ids", "text"} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PEFT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let result = match cli.command {
+        Command::Logits(a) => commands::logits(a),
+        Command::Generate(a) => commands::generate(a),
+        Command::Inspect(a) => commands::inspect(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

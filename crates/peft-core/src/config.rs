@@ -153,8 +153,8 @@ mod tests {
 
     #[test]
     fn target_modules_accepts_a_string() {
-        let cfg: Small = from_json_lenient(r#"{"r": 1, "target_modules": "all-linear"}"#, |_| {})
-            .unwrap();
+        let cfg: Small =
+            from_json_lenient(r#"{"r": 1, "target_modules": "all-linear"}"#, |_| {}).unwrap();
         assert!(cfg.target_modules.unwrap().is_all_linear());
     }
 

@@ -5,7 +5,8 @@ use burn::tensor::Device;
 use crate::error::{PeftError, Result};
 
 /// The device names peft-rs accepts, with the Cargo feature each needs.
-pub const DEVICE_NAMES: [(&str, &str); 3] = [("cpu", "default"), ("wgpu", "wgpu"), ("cuda", "cuda")];
+pub const DEVICE_NAMES: [(&str, &str); 3] =
+    [("cpu", "default"), ("wgpu", "wgpu"), ("cuda", "cuda")];
 
 /// Parses `cpu` (burn's flex backend), `wgpu` (the best adapter wgpu finds) or `cuda` (GPU 0).
 ///

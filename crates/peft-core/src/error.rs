@@ -9,22 +9,20 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum PeftError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying I/O error (part of the message, so not chained as a source).
+        error: std::io::Error,
     },
     /// A JSON file is not valid JSON or does not have the expected fields.
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON: {error}")]
     Json {
         /// The file.
         path: PathBuf,
         /// The parser's error, with line and column.
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// A safetensors file is malformed (truncated, bad header, offsets out of range...).
     #[error("{path}: invalid safetensors file: {reason}")]
@@ -132,7 +130,7 @@ impl PeftError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 
@@ -140,7 +138,7 @@ impl PeftError {
     pub fn json(path: impl Into<PathBuf>, source: serde_json::Error) -> Self {
         Self::Json {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

@@ -288,8 +288,13 @@ mod tests {
 
     #[test]
     fn names_match_exactly_or_as_a_dotted_suffix() {
-        let m = ModuleMatcher::new(&names(&["query_key_value", "mlp.dense_4h_to_h"]), None, None, None)
-            .unwrap();
+        let m = ModuleMatcher::new(
+            &names(&["query_key_value", "mlp.dense_4h_to_h"]),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(m.matches("transformer.h.0.self_attention.query_key_value", true));
         assert!(m.matches("transformer.h.1.mlp.dense_4h_to_h", true));
         assert!(!m.matches("transformer.h.1.mlp.dense_h_to_4h", true));
@@ -315,8 +320,13 @@ mod tests {
 
     #[test]
     fn all_linear_skips_the_output_layer_and_non_linear_modules() {
-        let m = ModuleMatcher::new(&TargetModules::Pattern("all-linear".into()), None, None, None)
-            .unwrap();
+        let m = ModuleMatcher::new(
+            &TargetModules::Pattern("all-linear".into()),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(m.matches("model.layers.0.mlp.down_proj", true));
         assert!(!m.matches("lm_head", true));
         assert!(!m.matches("model.embed_tokens", false));
@@ -343,7 +353,10 @@ mod tests {
         let m = ModuleMatcher::new(&t, None, None, None).unwrap();
         let err = m.select(&t, &modules).unwrap_err().to_string();
         assert!(err.contains("[\"query_key_value\"]"), "{err}");
-        assert!(err.contains("model.layers.0.self_attn.q_proj, lm_head"), "{err}");
+        assert!(
+            err.contains("model.layers.0.self_attn.q_proj, lm_head"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -351,6 +364,9 @@ mod tests {
         let err = ModuleMatcher::new(&TargetModules::Pattern("(q_proj".into()), None, None, None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("invalid regex `(q_proj` in `target_modules`"), "{err}");
+        assert!(
+            err.contains("invalid regex `(q_proj` in `target_modules`"),
+            "{err}"
+        );
     }
 }

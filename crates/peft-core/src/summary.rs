@@ -68,7 +68,11 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1000), "1,000");
         assert_eq!(
-            TrainableSummary { trainable: 1234, all: 5678 }.to_string(),
+            TrainableSummary {
+                trainable: 1234,
+                all: 5678
+            }
+            .to_string(),
             "trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330"
         );
     }

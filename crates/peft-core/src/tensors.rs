@@ -258,10 +258,12 @@ impl TensorStore {
     }
 
     fn entry(&self, key: &str) -> Result<&Entry> {
-        self.entries.get(key).ok_or_else(|| PeftError::MissingTensor {
-            path: self.label(),
-            key: key.to_string(),
-        })
+        self.entries
+            .get(key)
+            .ok_or_else(|| PeftError::MissingTensor {
+                path: self.label(),
+                key: key.to_string(),
+            })
     }
 
     /// The shape of a tensor.
@@ -415,7 +417,10 @@ mod tests {
         );
         save_safetensors(&path, &tensors, None).unwrap();
         let store = TensorStore::open(&path).unwrap();
-        assert_eq!(store.f32("a").unwrap(), (vec![1.0, -2.5, 3.25, 0.0], vec![2, 2]));
+        assert_eq!(
+            store.f32("a").unwrap(),
+            (vec![1.0, -2.5, 3.25, 0.0], vec![2, 2])
+        );
         assert_eq!(store.f32("h").unwrap().0, vec![1.5, -0.25]);
         assert_eq!(store.f32("b").unwrap().0, vec![3.0, 1.0 / 128.0]);
         assert_eq!(store.keys().collect::<Vec<_>>(), vec!["a", "b", "h"]);
@@ -426,11 +431,17 @@ mod tests {
         let dir = tempdir();
         let path = dir.join("t.safetensors");
         let mut tensors = BTreeMap::new();
-        tensors.insert("w".to_string(), HostTensor::from_f32(vec![3], &[1.0, 2.0, 3.0]));
+        tensors.insert(
+            "w".to_string(),
+            HostTensor::from_f32(vec![3], &[1.0, 2.0, 3.0]),
+        );
         save_safetensors(&path, &tensors, None).unwrap();
         let store = TensorStore::open(&path).unwrap();
         let missing = store.f32("nope").unwrap_err().to_string();
-        assert!(missing.contains("t.safetensors") && missing.contains("`nope`"), "{missing}");
+        assert!(
+            missing.contains("t.safetensors") && missing.contains("`nope`"),
+            "{missing}"
+        );
         let shape = store.f32_shaped("w", &[4]).unwrap_err().to_string();
         assert!(shape.contains("[3]") && shape.contains("[4]"), "{shape}");
 

@@ -222,8 +222,18 @@ impl<A: LayerAdapter> Bloom<A> {
                         eps,
                     )?,
                     mlp: BloomMlp {
-                        dense_h_to_4h: w.adaptable(&format!("{p}.mlp.dense_h_to_4h"), h, 4 * h, true)?,
-                        dense_4h_to_h: w.adaptable(&format!("{p}.mlp.dense_4h_to_h"), 4 * h, h, true)?,
+                        dense_h_to_4h: w.adaptable(
+                            &format!("{p}.mlp.dense_h_to_4h"),
+                            h,
+                            4 * h,
+                            true,
+                        )?,
+                        dense_4h_to_h: w.adaptable(
+                            &format!("{p}.mlp.dense_4h_to_h"),
+                            4 * h,
+                            h,
+                            true,
+                        )?,
                     },
                 })
             })
@@ -283,7 +293,11 @@ impl<A: LayerAdapter> BloomBlock<A> {
         let (heads, hd) = (spec.num_heads, spec.head_dim);
 
         let ln = self.input_layernorm.forward(x.clone());
-        let residual = if residual_post_layernorm { ln.clone() } else { x };
+        let residual = if residual_post_layernorm {
+            ln.clone()
+        } else {
+            x
+        };
         let qkv = self
             .self_attention
             .query_key_value
@@ -362,7 +376,11 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
         for i in 0..s.num_layers {
             let p = format!("transformer.h.{i}");
             m.push(ln(format!("{p}.input_layernorm")));
-            m.push(linear(format!("{p}.self_attention.query_key_value"), h, 3 * h));
+            m.push(linear(
+                format!("{p}.self_attention.query_key_value"),
+                h,
+                3 * h,
+            ));
             m.push(linear(format!("{p}.self_attention.dense"), h, h));
             m.push(ln(format!("{p}.post_attention_layernorm")));
             m.push(linear(format!("{p}.mlp.dense_h_to_4h"), h, 4 * h));

@@ -64,7 +64,11 @@ pub fn generate<M: CausalLm>(
     if let Decoding::Sample {
         temperature, top_p, ..
     } = options.decoding
-        && (temperature.is_nan() || temperature <= 0.0 || top_p.is_nan() || top_p <= 0.0 || top_p > 1.0)
+        && (temperature.is_nan()
+            || temperature <= 0.0
+            || top_p.is_nan()
+            || top_p <= 0.0
+            || top_p > 1.0)
     {
         return Err(PeftError::InvalidInput(format!(
             "temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}"

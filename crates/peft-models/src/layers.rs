@@ -58,7 +58,10 @@ pub struct WeightLoader<'a> {
 impl WeightLoader<'_> {
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Result<Tensor<D>> {
         let values = self.store.f32_shaped(key, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, shape),
+            self.device,
+        ))
     }
 
     /// A `[dim]` vector.
@@ -176,10 +179,7 @@ pub fn attend(
     if let Some(bias) = bias {
         scores = scores + bias;
     }
-    let blocked = allowed
-        .clone()
-        .expand([b, h, q_len, kv_len])
-        .bool_not();
+    let blocked = allowed.clone().expand([b, h, q_len, kv_len]).bool_not();
     let probs = softmax(scores.mask_fill(blocked, f32::MIN), 3);
     probs.matmul(v)
 }

@@ -35,8 +35,8 @@ use std::path::Path;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::{
-    AdaptableLinear, CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo,
-    NoAdapter, PeftError, Result, TensorStore,
+    AdaptableLinear, CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo, NoAdapter,
+    PeftError, Result, TensorStore,
 };
 
 pub use bloom::{Bloom, BloomConfig};
@@ -65,9 +65,7 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
     let model_type = value
         .get("model_type")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| {
-            PeftError::config(path.display().to_string(), "model_type", "missing")
-        })?
+        .ok_or_else(|| PeftError::config(path.display().to_string(), "model_type", "missing"))?
         .to_string();
     let context = path.display().to_string();
     let config = match model_type.as_str() {

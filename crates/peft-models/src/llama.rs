@@ -188,10 +188,7 @@ impl LlamaConfig {
             );
         }
         if self.vocab_size == 0 || self.num_hidden_layers == 0 {
-            return bad(
-                "vocab_size/num_hidden_layers",
-                "must be positive".into(),
-            );
+            return bad("vocab_size/num_hidden_layers", "must be positive".into());
         }
         Ok(())
     }
@@ -301,7 +298,11 @@ impl<A: LayerAdapter> Llama<A> {
         device: &Device,
     ) -> Result<Self> {
         let w = WeightLoader { store, device };
-        let (h, hd, im) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+        let (h, hd, im) = (
+            config.hidden_size,
+            config.head_dim(),
+            config.intermediate_size,
+        );
         let (nq, nkv) = (config.num_attention_heads, config.kv_heads());
         let (qkv_b, o_b) = (config.attention_bias || qkv_bias, config.attention_bias);
         let eps = config.rms_norm_eps;
@@ -324,9 +325,19 @@ impl<A: LayerAdapter> Llama<A> {
                         eps,
                     )?,
                     mlp: LlamaMlp {
-                        gate_proj: w.adaptable(&format!("{m}.gate_proj"), h, im, config.mlp_bias)?,
+                        gate_proj: w.adaptable(
+                            &format!("{m}.gate_proj"),
+                            h,
+                            im,
+                            config.mlp_bias,
+                        )?,
                         up_proj: w.adaptable(&format!("{m}.up_proj"), h, im, config.mlp_bias)?,
-                        down_proj: w.adaptable(&format!("{m}.down_proj"), im, h, config.mlp_bias)?,
+                        down_proj: w.adaptable(
+                            &format!("{m}.down_proj"),
+                            im,
+                            h,
+                            config.mlp_bias,
+                        )?,
                     },
                 })
             })
@@ -365,9 +376,8 @@ impl<A: LayerAdapter> Llama<A> {
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let make = |v: Vec<f32>| {
-            Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, hd]), device)
-        };
+        let make =
+            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, hd]), device);
         (make(cos), make(sin))
     }
 }
@@ -456,10 +466,30 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
         for i in 0..s.num_layers {
             let p = format!("model.layers.{i}");
             m.push(norm(format!("{p}.input_layernorm")));
-            m.push(linear(format!("{p}.self_attn.q_proj"), h, s.num_heads * hd, qkv_b));
-            m.push(linear(format!("{p}.self_attn.k_proj"), h, s.num_kv_heads * hd, qkv_b));
-            m.push(linear(format!("{p}.self_attn.v_proj"), h, s.num_kv_heads * hd, qkv_b));
-            m.push(linear(format!("{p}.self_attn.o_proj"), s.num_heads * hd, h, o_b));
+            m.push(linear(
+                format!("{p}.self_attn.q_proj"),
+                h,
+                s.num_heads * hd,
+                qkv_b,
+            ));
+            m.push(linear(
+                format!("{p}.self_attn.k_proj"),
+                h,
+                s.num_kv_heads * hd,
+                qkv_b,
+            ));
+            m.push(linear(
+                format!("{p}.self_attn.v_proj"),
+                h,
+                s.num_kv_heads * hd,
+                qkv_b,
+            ));
+            m.push(linear(
+                format!("{p}.self_attn.o_proj"),
+                s.num_heads * hd,
+                h,
+                o_b,
+            ));
             m.push(norm(format!("{p}.post_attention_layernorm")));
             m.push(linear(format!("{p}.mlp.gate_proj"), h, im, self.mlp_bias));
             m.push(linear(format!("{p}.mlp.up_proj"), h, im, self.mlp_bias));
@@ -602,7 +632,10 @@ mod tests {
         )
         .unwrap();
         let err = cfg.validate("config.json").unwrap_err().to_string();
-        assert!(err.contains("4 heads do not divide hidden_size 10"), "{err}");
+        assert!(
+            err.contains("4 heads do not divide hidden_size 10"),
+            "{err}"
+        );
         let gqa: LlamaConfig = serde_json::from_str(
             r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
                 "num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":3}"#,

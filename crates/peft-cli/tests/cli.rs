@@ -1,0 +1,247 @@
+//! End-to-end tests of the `peft` binary on the fixture models.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use peft_core::tensors::save_safetensors;
+use peft_core::{HostTensor, TensorStore};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+fn peft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .env_remove("PEFT_DEVICE")
+        .output()
+        .expect("run peft")
+}
+
+/// A failed command: non-zero exit, one `error:` line naming `needle`, no panic.
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+}
+
+#[test]
+fn logits_command_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("logits.safetensors");
+    let reference = fixtures().join("reference/bloom-tiny.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = TensorStore::open(&out_path).unwrap();
+    let theirs = TensorStore::open(&reference).unwrap();
+    let (logits, shape) = ours.f32("logits").unwrap();
+    let (expected, eshape) = theirs.f32("logits").unwrap();
+    assert_eq!(shape, eshape);
+    let (mask, _) = theirs.i64("attention_mask").unwrap();
+    let vocab = shape[2];
+    for (pos, m) in mask.iter().enumerate() {
+        if *m == 1 {
+            for v in pos * vocab..(pos + 1) * vocab {
+                assert!((logits[v] - expected[v]).abs() <= 1e-4, "position {pos}");
+            }
+        }
+    }
+}
+
+#[test]
+fn generate_json_matches_transformers_greedy() {
+    let text = std::fs::read_to_string(fixtures().join("reference/llama-tiny.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let case = &json["greedy"][0];
+    let prompt: Vec<u64> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+    let expected: Vec<u64> = serde_json::from_value(case["new_ids"].clone()).unwrap();
+    let ids = prompt
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let n = expected.len().to_string();
+    let out = peft(&[
+        "generate",
+        "--model",
+        model("llama-tiny").to_str().unwrap(),
+        "--prompt-ids",
+        &ids,
+        "--max-new-tokens",
+        &n,
+        "--greedy",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["prompt_ids"], serde_json::json!(prompt));
+    assert_eq!(printed["new_ids"], serde_json::json!(expected));
+    assert!(printed["text"].is_string());
+}
+
+#[test]
+fn generate_from_text_prompt_tokenises_with_the_model_tokenizer() {
+    let out = peft(&[
+        "generate",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--prompt",
+        "Human: 你好\n\nAssistant: ",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/bloom-tiny.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(printed["prompt_ids"], reference["greedy"][0]["prompt_ids"]);
+    assert_eq!(printed["new_ids"], reference["greedy"][0]["new_ids"]);
+}
+
+#[test]
+fn inspect_lists_hf_names_shapes_and_the_parameter_count() {
+    let out = peft(&["inspect", "--model", model("bloom-tiny").to_str().unwrap()]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("transformer.h.1.self_attention.query_key_value.weight"));
+    assert!(stdout.contains("[192, 64]"));
+    // transformers counts 132,992 parameters for this model (lm_head is tied).
+    assert!(
+        stdout.trim_end().ends_with("all params: 132,992"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_inputs_fail_with_one_clear_line() {
+    let bloom = model("bloom-tiny");
+    let bloom = bloom.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("o.safetensors");
+    let out_path = out_path.to_str().unwrap();
+
+    let missing = peft(&["inspect", "--model", "/definitely/not/here"]);
+    assert_clean_failure(&missing, "/definitely/not/here/config.json");
+
+    let not_tensors = fixtures().join("models/bloom-tiny/config.json");
+    let out = peft(&[
+        "logits",
+        "--model",
+        bloom,
+        "--inputs",
+        not_tensors.to_str().unwrap(),
+        "--output",
+        out_path,
+    ]);
+    assert_clean_failure(&out, "invalid safetensors file");
+
+    let mut tensors = BTreeMap::new();
+    tensors.insert(
+        "input_ids".to_string(),
+        HostTensor::from_i64(vec![1, 2], &[5, 100_000]),
+    );
+    let bad_ids = dir.path().join("bad_ids.safetensors");
+    save_safetensors(&bad_ids, &tensors, None).unwrap();
+    let out = peft(&[
+        "logits",
+        "--model",
+        bloom,
+        "--inputs",
+        bad_ids.to_str().unwrap(),
+        "--output",
+        out_path,
+    ]);
+    assert_clean_failure(&out, "token id 100000");
+
+    tensors.insert(
+        "input_ids".to_string(),
+        HostTensor::from_i64(vec![1, 2], &[5, 6]),
+    );
+    tensors.insert(
+        "attention_mask".to_string(),
+        HostTensor::from_i64(vec![1, 3], &[1, 1, 1]),
+    );
+    let bad_mask = dir.path().join("bad_mask.safetensors");
+    save_safetensors(&bad_mask, &tensors, None).unwrap();
+    let out = peft(&[
+        "logits",
+        "--model",
+        bloom,
+        "--inputs",
+        bad_mask.to_str().unwrap(),
+        "--output",
+        out_path,
+    ]);
+    assert_clean_failure(&out, "`attention_mask` has shape [1, 3]");
+
+    let out = peft(&[
+        "generate", "--model", bloom, "--prompt", "hi", "--device", "tpu",
+    ]);
+    assert_clean_failure(&out, "unknown device `tpu`");
+
+    let out = peft(&[
+        "generate",
+        "--model",
+        bloom,
+        "--prompt",
+        "hi",
+        "--temperature",
+        "0",
+        "--top-p",
+        "0.5",
+    ]);
+    assert_clean_failure(&out, "temperature must be > 0");
+    assert!(!Path::new(out_path).exists(), "no output file on failure");
+}
+
+#[test]
+fn unsupported_model_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 10}"#,
+    )
+    .unwrap();
+    let out = peft(&["inspect", "--model", dir.path().to_str().unwrap()]);
+    assert_clean_failure(
+        &out,
+        "unsupported model_type `gpt2` (supported: bloom, llama, qwen2)",
+    );
+}
