@@ -22,7 +22,9 @@ fn main() -> Result<()> {
         Some("fixtures") => fixtures(&root, &args[1..]),
         Some("gpu-check") => gpu_check(&root, &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <fixtures [--python PATH] | gpu-check [--device wgpu|cuda]>");
+            eprintln!(
+                "usage: cargo xtask <fixtures [--python PATH] | gpu-check [--device wgpu|cuda]>"
+            );
             bail!("unknown or missing task")
         }
     }
@@ -61,16 +63,34 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
     let features = format!("peft-tests/{device},peft-cli/{device}");
     let started = Instant::now();
     run(Command::new("cargo")
-        .args(["build", "--release", "-p", "peft-cli", "-p", "peft-tests", "--tests"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "peft-cli",
+            "-p",
+            "peft-tests",
+            "--tests",
+        ])
         .args(["--features", &features])
         .current_dir(root))?;
     eprintln!("build: {:.1} s", started.elapsed().as_secs_f64());
     let started = Instant::now();
     run(Command::new("cargo")
-        .args(["test", "--release", "-p", "peft-tests", "--features", &features])
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "peft-tests",
+            "--features",
+            &features,
+        ])
         .env("PEFT_DEVICE", &device)
         .current_dir(root))?;
-    eprintln!("parity tests on {device}: {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "parity tests on {device}: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let reference = root.join("tests/fixtures/reference/bloom-tiny.safetensors");
     let out = std::env::temp_dir().join("peft-gpu-check-logits.safetensors");
     for _ in 0..3 {

@@ -7,10 +7,33 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::tensors::save_safetensors;
-use peft_core::{CausalLm, HostTensor, ModelInput, ModuleKind, TensorStore};
+use peft_core::{CausalLm, HostTensor, ModelInput, ModuleKind, NoAdapter, PeftType, TensorStore};
+use peft_lora::{LoraConfig, LoraLinear, LoraModel};
 use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
 
-use crate::{DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, ModelArgs};
+use crate::{DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs};
+
+/// A base model, possibly with an adapter.
+enum Loaded {
+    Plain(Box<AnyModel<NoAdapter>>),
+    Lora(Box<LoraModel<AnyModel<LoraLinear>>>),
+}
+
+/// Runs `$body` with `$m` bound to the loaded model, whatever its adapter type.
+macro_rules! with_model {
+    ($loaded:expr, $m:ident => $body:expr) => {
+        match $loaded {
+            Loaded::Plain(ref plain) => {
+                let $m = plain.as_ref();
+                $body
+            }
+            Loaded::Lora(ref lora) => {
+                let $m = &lora.model;
+                $body
+            }
+        }
+    };
+}
 
 fn device(arg: &DeviceArg) -> Result<Device> {
     let name = arg
@@ -21,26 +44,46 @@ fn device(arg: &DeviceArg) -> Result<Device> {
     Ok(peft_core::device::parse_device(&name)?)
 }
 
-fn load_model(args: &ModelArgs) -> Result<AnyModel<peft_core::NoAdapter>> {
-    let device = device(&args.device)?;
-    if let Some(adapter) = &args.adapter {
-        let config = adapter.join("adapter_config.json");
-        let header = peft_core::config::read_header(&config)
-            .with_context(|| format!("reading adapter {}", adapter.display()))?;
-        bail!(
-            "--adapter: {:?} adapters are not implemented in this version of peft-rs yet ({})",
-            header.peft_type,
+fn load_base(model: &Path, device: &Device) -> Result<AnyModel<NoAdapter>> {
+    peft_models::load(model, device).with_context(|| format!("loading model {}", model.display()))
+}
+
+fn load_lora(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<LoraModel<AnyModel<LoraLinear>>> {
+    let config = adapter.join("adapter_config.json");
+    let header = peft_core::config::read_header(&config)
+        .with_context(|| format!("reading adapter {}", adapter.display()))?;
+    match header.peft_type {
+        PeftType::Lora => peft_lora::from_pretrained(base, adapter, false)
+            .with_context(|| format!("loading adapter {}", adapter.display())),
+        other => bail!(
+            "--adapter: {other:?} adapters are not implemented in this version of peft-rs yet ({})",
             config.display()
-        );
+        ),
     }
-    peft_models::load(&args.model, &device)
-        .with_context(|| format!("loading model {}", args.model.display()))
+}
+
+fn load_model(args: &ModelArgs) -> Result<Loaded> {
+    let device = device(&args.device)?;
+    let base = load_base(&args.model, &device)?;
+    let Some(adapter) = &args.adapter else {
+        return Ok(Loaded::Plain(Box::new(base)));
+    };
+    let lora = load_lora(base, adapter)?;
+    Ok(if args.merge {
+        Loaded::Plain(Box::new(lora.merge_and_unload()?))
+    } else {
+        Loaded::Lora(Box::new(lora))
+    })
 }
 
 /// `peft logits`.
 pub fn logits(args: LogitsArgs) -> Result<()> {
-    let model = load_model(&args.model)?;
-    let device = CausalLm::device(&model);
+    let loaded = load_model(&args.model)?;
+    with_model!(loaded, model => run_logits(model, &args))
+}
+
+fn run_logits(model: &impl CausalLm, args: &LogitsArgs) -> Result<()> {
+    let device = model.device();
     let store = TensorStore::open(&args.inputs)?;
     let (ids, shape) = store.i64("input_ids")?;
     let [batch, seq] = match shape.as_slice() {
@@ -97,7 +140,11 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
 
 /// `peft generate`.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let model = load_model(&args.model)?;
+    let loaded = load_model(&args.model)?;
+    with_model!(loaded, model => run_generate(model, &args))
+}
+
+fn run_generate(model: &impl CausalLm, args: &GenerateArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.model.model);
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) => tokenizer.as_ref().map_err(clone_err)?.encode(text)?,
@@ -124,21 +171,26 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let mut shown = String::new();
     let mut so_far = Vec::new();
     let mut stdout = std::io::stdout();
-    let new = peft_models::generate(&model, &[prompt_ids.clone()], &options, |_, id| {
-        if stream && let Ok(tok) = &tokenizer {
-            so_far.push(id);
-            // Decode the whole continuation each time: byte-level BPE splits characters
-            // across tokens, so only the growth of the decoded text is printed.
-            if let Ok(text) = tok.decode(&so_far)
-                && text.starts_with(&shown)
-                && !text.ends_with('\u{fffd}')
-            {
-                let _ = write!(stdout, "{}", &text[shown.len()..]);
-                let _ = stdout.flush();
-                shown = text;
+    let new = peft_models::generate(
+        model,
+        std::slice::from_ref(&prompt_ids),
+        &options,
+        |_, id| {
+            if stream && let Ok(tok) = &tokenizer {
+                so_far.push(id);
+                // Decode the whole continuation each time: byte-level BPE splits characters
+                // across tokens, so only the growth of the decoded text is printed.
+                if let Ok(text) = tok.decode(&so_far)
+                    && text.starts_with(&shown)
+                    && !text.ends_with('\u{fffd}')
+                {
+                    let _ = write!(stdout, "{}", &text[shown.len()..]);
+                    let _ = stdout.flush();
+                    shown = text;
+                }
             }
-        }
-    })?;
+        },
+    )?;
     let new_ids = new.into_iter().next().unwrap_or_default();
     let text = match &tokenizer {
         Ok(tok) => tok.decode(&new_ids)?,
@@ -166,14 +218,50 @@ fn ids_to_string(ids: &[u32]) -> String {
 /// `peft inspect`.
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let device = Device::flex();
-    let model = peft_models::load(&args.model, &device)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = load_base(&args.model, &device)?;
     let stdout = std::io::stdout();
-    match print_modules(&mut stdout.lock(), &model, &args.model) {
+    let mut out = stdout.lock();
+    let printed = match &args.config {
+        None => print_modules(&mut out, &model, &args.model),
+        Some(config_path) => {
+            let header = peft_core::config::read_header(config_path)?;
+            if header.peft_type != PeftType::Lora {
+                bail!(
+                    "{}: inspecting {:?} configs is not implemented yet",
+                    config_path.display(),
+                    header.peft_type
+                );
+            }
+            let config = LoraConfig::from_file(config_path)?;
+            let lora = peft_lora::get_peft_model(model, config)?;
+            print_modules(&mut out, &lora.model, &args.model).and_then(|()| {
+                writeln!(out, "\ntargeted modules ({}):", lora.targeted.len())?;
+                for path in &lora.targeted {
+                    writeln!(out, "  {path}")?;
+                }
+                for name in &lora.saved_params {
+                    writeln!(out, "  {name} (trained in full)")?;
+                }
+                writeln!(out, "{}", lora.trainable_summary())
+            })
+        }
+    };
+    match printed {
         // A closed pipe (`peft inspect … | head`) is not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// `peft merge`.
+pub fn merge(args: MergeArgs) -> Result<()> {
+    let device = device(&args.device)?;
+    let base = load_base(&args.model, &device)?;
+    let merged = load_lora(base, &args.adapter)?.merge_and_unload()?;
+    peft_models::save_pretrained(&merged, &args.model, &args.output)
+        .with_context(|| format!("writing merged model to {}", args.output.display()))?;
+    eprintln!("merged model written to {}", args.output.display());
+    Ok(())
 }
 
 fn print_modules(out: &mut impl Write, model: &impl CausalLm, dir: &Path) -> std::io::Result<()> {

@@ -24,8 +24,11 @@ enum Command {
     Logits(LogitsArgs),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
-    /// Print every module of a model with its Hugging Face name and parameter shapes.
+    /// Print every module of a model with its Hugging Face name and parameter shapes; with
+    /// --config, the modules an adapter config targets and PEFT's trainable-parameters line.
     Inspect(InspectArgs),
+    /// Merge an adapter into its base model and write a standard Hugging Face checkpoint.
+    Merge(MergeArgs),
 }
 
 /// Where the model runs.
@@ -103,6 +106,24 @@ struct InspectArgs {
     /// Hugging Face model folder.
     #[arg(long)]
     model: PathBuf,
+    /// An adapter_config.json: show which modules it targets and the trainable-parameters line.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// Hugging Face model folder of the base model.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output folder for the merged checkpoint (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 fn main() -> ExitCode {
@@ -119,6 +140,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => commands::logits(a),
         Command::Generate(a) => commands::generate(a),
         Command::Inspect(a) => commands::inspect(a),
+        Command::Merge(a) => commands::merge(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,17 +14,39 @@ pub const DEVICE_NAMES: [(&str, &str); 3] =
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {
         "cpu" | "flex" => Ok(Device::flex()),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(0)),
-        "wgpu" | "cuda" => Err(PeftError::Unsupported(format!(
-            "device `{name}` needs a build with `--features {name}`"
-        ))),
+        "wgpu" => wgpu(),
+        "cuda" => cuda(),
         other => Err(PeftError::InvalidInput(format!(
             "unknown device `{other}` (expected one of: cpu, wgpu, cuda)"
         ))),
     }
+}
+
+#[cfg(not(all(feature = "wgpu", feature = "cuda")))]
+fn missing_feature(name: &str) -> PeftError {
+    PeftError::Unsupported(format!(
+        "device `{name}` needs a build with `--features {name}`"
+    ))
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu() -> Result<Device> {
+    Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu() -> Result<Device> {
+    Err(missing_feature("wgpu"))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<Device> {
+    Ok(Device::cuda(0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Device> {
+    Err(missing_feature("cuda"))
 }
 
 #[cfg(test)]

@@ -23,8 +23,10 @@ pub mod adapter;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod loss;
 pub mod model;
 pub mod modules;
+pub mod params;
 pub mod summary;
 pub mod tensors;
 

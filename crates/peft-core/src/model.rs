@@ -116,6 +116,11 @@ impl ModelInput {
     }
 }
 
+/// The callback of [`CausalLm::map_linears`]: a layer's HF path and the layer with adapter `A`
+/// in, the layer with adapter `B` out.
+pub type MapLinear<'a, A, B> =
+    dyn FnMut(&str, AdaptableLinear<A>) -> Result<AdaptableLinear<B>> + 'a;
+
 /// A causal language model whose linear layers can carry adapters of type `Self::Adapter`.
 pub trait CausalLm: Module + Sized {
     /// The adapter type every linear layer of this model may hold.
@@ -141,9 +146,14 @@ pub trait CausalLm: Module + Sized {
     /// Hugging Face path and returns it with a new adapter (or none).
     fn map_linears<B: LayerAdapter>(
         self,
-        f: &mut dyn FnMut(&str, AdaptableLinear<Self::Adapter>) -> Result<AdaptableLinear<B>>,
+        f: &mut MapLinear<'_, Self::Adapter, B>,
     ) -> Result<Self::WithAdapter<B>>;
 
     /// The device the weights live on.
     fn device(&self) -> Device;
+
+    /// Gives a tied `lm_head` its own (frozen) copy of the embedding matrix, so that the input
+    /// embeddings can be trained alone — PEFT's `modules_to_save` on a tied embedding. A no-op for
+    /// an untied model.
+    fn untie_word_embeddings(self) -> Self;
 }

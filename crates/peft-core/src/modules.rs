@@ -134,7 +134,11 @@ fn full_match_regex(field: &str, pattern: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| PeftError::InvalidRegex {
         field: field.to_string(),
         pattern: pattern.to_string(),
-        reason: e.to_string(),
+        reason: e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
     })
 }
 

@@ -1,3 +1,30 @@
 //! # peft-lora
 //!
-//! LoRA. Not implemented yet; this crate deliberately exposes no API until it is.
+//! LoRA (Hu et al., 2021) with Hugging Face PEFT parity: a low-rank update `s · B·A` trained
+//! beside each targeted frozen linear layer, computed as `base(x) + s · B(A(dropout(x)))` —
+//! never as a dense `W + s·BA` per step.
+//!
+//! * [`LoraConfig`] — PEFT's `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
+//!   `rank_pattern`, `use_rslora`, `modules_to_save`, `bias`, …); unimplemented features such as
+//!   `use_dora: true` are refused, never ignored.
+//! * [`get_peft_model`] / [`from_pretrained`] — inject fresh adapters, or load a PEFT adapter folder.
+//! * [`LoraModel`] — `save_pretrained`, `merge_adapter` / `unmerge_adapter`, `merge_and_unload`,
+//!   `unload`, `trainable_summary`.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use peft_lora::{LoraConfig, get_peft_model};
+//!
+//! let base = peft_models::load("tests/fixtures/models/bloom-tiny", &Device::flex()).unwrap();
+//! let lora = get_peft_model(base, LoraConfig { r: 8, ..LoraConfig::default() }).unwrap();
+//! println!("{}", lora.trainable_summary());
+//! lora.save_pretrained("out/lora").unwrap();
+//! ```
+
+pub mod config;
+pub mod layer;
+pub mod model;
+
+pub use config::{InitLoraWeights, LoraBias, LoraConfig};
+pub use layer::{LoraInit, LoraLinear};
+pub use model::{LoraModel, from_pretrained, get_peft_model};

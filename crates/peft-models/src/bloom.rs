@@ -23,6 +23,7 @@ use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
+use peft_core::model::MapLinear;
 use peft_core::{
     AdaptableLinear, CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo,
     ModuleKind, PeftError, Result, TensorStore,
@@ -77,7 +78,7 @@ fn yes() -> bool {
 impl BloomConfig {
     /// Checks sizes that the forward pass relies on.
     pub fn validate(&self, context: &str) -> Result<()> {
-        if self.n_head == 0 || self.hidden_size % self.n_head != 0 {
+        if self.n_head == 0 || !self.hidden_size.is_multiple_of(self.n_head) {
             return Err(PeftError::config(
                 context,
                 "n_head",
@@ -449,10 +450,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
         })
     }
 
-    fn map_linears<B: LayerAdapter>(
-        self,
-        f: &mut dyn FnMut(&str, AdaptableLinear<A>) -> Result<AdaptableLinear<B>>,
-    ) -> Result<Bloom<B>> {
+    fn map_linears<B: LayerAdapter>(self, f: &mut MapLinear<'_, A, B>) -> Result<Bloom<B>> {
         let t = self.transformer;
         let h = t
             .h
@@ -489,6 +487,18 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
             residual_post_layernorm: self.residual_post_layernorm,
             slopes: self.slopes,
         })
+    }
+
+    fn untie_word_embeddings(mut self) -> Self {
+        if self.lm_head.is_none() {
+            let table = self.transformer.word_embeddings.weight.val().detach();
+            self.lm_head = Some(AdaptableLinear::plain(burn::nn::Linear {
+                weight: burn::module::Param::from_tensor(table.transpose()).set_require_grad(false),
+                bias: None,
+            }));
+            self.spec.tie_word_embeddings = false;
+        }
+        self
     }
 
     fn device(&self) -> Device {

@@ -28,20 +28,23 @@ pub mod generate;
 pub mod layers;
 pub mod llama;
 pub mod qwen2;
+pub mod save;
 pub mod tokenizer;
 
 use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
+use peft_core::model::MapLinear;
 use peft_core::{
-    AdaptableLinear, CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo, NoAdapter,
-    PeftError, Result, TensorStore,
+    CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo, NoAdapter, PeftError,
+    Result, TensorStore,
 };
 
 pub use bloom::{Bloom, BloomConfig};
 pub use generate::{Decoding, GenerateOptions, generate};
 pub use llama::{Llama, LlamaConfig};
+pub use save::save_pretrained;
 pub use tokenizer::Tokenizer;
 
 /// The model types peft-rs implements.
@@ -93,6 +96,9 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
 }
 
 /// Any supported architecture, holding adapters of type `A`.
+// The variants differ in size only by their config fields; a model is built once and then moved
+// by value rarely, so boxing would buy nothing (and burn's derive does not see through `Box`).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum AnyModel<A: LayerAdapter> {
     /// BLOOM.
@@ -156,14 +162,18 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         }
     }
 
-    fn map_linears<B: LayerAdapter>(
-        self,
-        f: &mut dyn FnMut(&str, AdaptableLinear<A>) -> Result<AdaptableLinear<B>>,
-    ) -> Result<AnyModel<B>> {
+    fn map_linears<B: LayerAdapter>(self, f: &mut MapLinear<'_, A, B>) -> Result<AnyModel<B>> {
         Ok(match self {
             Self::Bloom(m) => AnyModel::Bloom(m.map_linears(f)?),
             Self::Llama(m) => AnyModel::Llama(m.map_linears(f)?),
         })
+    }
+
+    fn untie_word_embeddings(self) -> Self {
+        match self {
+            Self::Bloom(m) => Self::Bloom(m.untie_word_embeddings()),
+            Self::Llama(m) => Self::Llama(m.untie_word_embeddings()),
+        }
     }
 
     fn device(&self) -> Device {

@@ -25,6 +25,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
+use peft_core::model::MapLinear;
 use peft_core::{
     AdaptableLinear, CausalLm, KvCache, LayerAdapter, LayerKv, ModelInput, ModelSpec, ModuleInfo,
     ModuleKind, PeftError, Result, TensorStore,
@@ -142,7 +143,7 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 {
             return bad("num_attention_heads", "must be positive".into());
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!(
@@ -152,7 +153,7 @@ impl LlamaConfig {
             );
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -161,7 +162,7 @@ impl LlamaConfig {
                 ),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad("head_dim", "RoPE needs an even head_dim".into());
         }
         if let Some(r) = &self.rope_parameters
@@ -551,10 +552,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
         })
     }
 
-    fn map_linears<B: LayerAdapter>(
-        self,
-        f: &mut dyn FnMut(&str, AdaptableLinear<A>) -> Result<AdaptableLinear<B>>,
-    ) -> Result<Llama<B>> {
+    fn map_linears<B: LayerAdapter>(self, f: &mut MapLinear<'_, A, B>) -> Result<Llama<B>> {
         let layers = self
             .model
             .layers
@@ -594,6 +592,18 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
             mlp_bias: self.mlp_bias,
             intermediate_size: self.intermediate_size,
         })
+    }
+
+    fn untie_word_embeddings(mut self) -> Self {
+        if self.lm_head.is_none() {
+            let table = self.model.embed_tokens.weight.val().detach();
+            self.lm_head = Some(AdaptableLinear::plain(burn::nn::Linear {
+                weight: burn::module::Param::from_tensor(table.transpose()).set_require_grad(false),
+                bias: None,
+            }));
+            self.spec.tie_word_embeddings = false;
+        }
+        self
     }
 
     fn device(&self) -> Device {

@@ -1,0 +1,211 @@
+//! Parameters by their Hugging Face names.
+//!
+//! burn walks a module tree with field names; peft-rs' models name their fields after the HF
+//! weights, so a burn path such as `Bloom.transformer.h.0.self_attention.query_key_value.base.weight`
+//! maps to the HF name `transformer.h.0.self_attention.query_key_value.weight` by dropping the enum
+//! variant and the `base` of an [`AdaptableLinear`](crate::AdaptableLinear). Parameters inside an
+//! adapter keep an `adapter` component (`….query_key_value.adapter.lora_a`), which method crates
+//! translate to PEFT's key names.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::Tensor;
+
+/// One float parameter of a module tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedParam {
+    /// Hugging Face name (`model.layers.0.self_attn.q_proj.weight`); adapter parameters contain
+    /// `.adapter.`.
+    pub name: String,
+    /// burn's id of the parameter (keys gradients and optimizer state).
+    pub id: ParamId,
+    /// Shape in burn's layout (`[in, out]` for a linear weight).
+    pub shape: Vec<usize>,
+    /// Whether this is the weight of a burn `Linear` (stored transposed relative to PyTorch).
+    pub is_linear_weight: bool,
+}
+
+impl NamedParam {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether this parameter belongs to an adapter rather than the base model.
+    pub fn is_adapter(&self) -> bool {
+        self.name.contains(".adapter.") || self.name.starts_with("adapter.")
+    }
+
+    /// Shape in PyTorch's layout.
+    pub fn torch_shape(&self) -> Vec<usize> {
+        let mut s = self.shape.clone();
+        if self.is_linear_weight {
+            s.reverse();
+        }
+        s
+    }
+}
+
+/// The burn path of the parameter being visited: `(field name, container type)` pairs.
+///
+/// burn enters a module for every struct field, parameter fields included, with the type of the
+/// struct that holds the field: a linear weight is `("weight", "Struct:Linear")`, an enum variant
+/// `("Bloom", "Enum:AnyModel")`.
+#[derive(Default)]
+struct PathStack(Vec<(String, String)>);
+
+impl PathStack {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.0.push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+
+    /// The Hugging Face name: enum variants and `AdaptableLinear`'s `base` dropped.
+    fn hf_name(&self) -> String {
+        self.0
+            .iter()
+            .filter(|(name, kind)| {
+                !(kind.starts_with("Enum:") || name == "base" && kind == "Struct:AdaptableLinear")
+            })
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    fn is_linear_weight(&self) -> bool {
+        self.0
+            .last()
+            .is_some_and(|(n, kind)| n == "weight" && kind == "Struct:Linear")
+    }
+}
+
+#[derive(Default)]
+struct Collector {
+    path: PathStack,
+    out: Vec<NamedParam>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.push(NamedParam {
+            name: self.path.hf_name(),
+            id: param.id,
+            shape: param.lazy_shape().to_vec(),
+            is_linear_weight: self.path.is_linear_weight(),
+        });
+    }
+}
+
+/// Every float parameter of `module`, with Hugging Face names, in visiting order.
+pub fn named_params<M: Module>(module: &M) -> Vec<NamedParam> {
+    let mut collector = Collector::default();
+    module.visit(&mut collector);
+    collector.out
+}
+
+struct Mapper<'a, F> {
+    path: PathStack,
+    f: &'a mut F,
+}
+
+/// What [`map_params`] does with one parameter.
+pub enum ParamUpdate {
+    /// Leave it as it is.
+    Keep,
+    /// Set whether it requires gradients.
+    Trainable(bool),
+    /// Replace its value (burn layout, same rank; the id and gradient setting are kept).
+    Value(burn::tensor::TensorData),
+}
+
+impl<F: FnMut(&str, bool) -> ParamUpdate> burn::module::ModuleMapper for Mapper<'_, F> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.hf_name();
+        let linear = self.path.is_linear_weight();
+        match (self.f)(&name, linear) {
+            ParamUpdate::Keep => param,
+            ParamUpdate::Trainable(t) => param.set_require_grad(t),
+            ParamUpdate::Value(data) if data.shape().len() == D => {
+                let trainable = param.val().is_require_grad();
+                param
+                    .map(|old| Tensor::from_data(data, &old.device()))
+                    .set_require_grad(trainable)
+            }
+            ParamUpdate::Value(_) => param,
+        }
+    }
+}
+
+/// Rebuilds `module`, calling `f(hf_name, is_linear_weight)` for each float parameter and applying
+/// the [`ParamUpdate`] it returns. Used to freeze or unfreeze parameters by name (BitFit,
+/// `modules_to_save`, `bias`) and to load named values into them.
+pub fn map_params<M: Module>(module: M, mut f: impl FnMut(&str, bool) -> ParamUpdate) -> M {
+    let mut mapper = Mapper {
+        path: PathStack::default(),
+        f: &mut f,
+    };
+    module.map(&mut mapper)
+}
+
+#[derive(Default)]
+struct ValueCollector {
+    path: PathStack,
+    out: Vec<(String, crate::HostTensor)>,
+    failed: Option<String>,
+}
+
+impl ModuleVisitor for ValueCollector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = self.path.hf_name();
+        let mut tensor = param.val();
+        if self.path.is_linear_weight() && D == 2 {
+            tensor = tensor.transpose();
+        }
+        let shape = tensor.dims().to_vec();
+        match tensor.into_data().try_to_vec_as::<f32>() {
+            Ok(values) => self
+                .out
+                .push((name, crate::HostTensor::from_f32(shape, &values))),
+            Err(e) => self.failed = Some(format!("{name}: {e:?}")),
+        }
+    }
+}
+
+/// Every float parameter's value as an f32 host tensor in PyTorch's layout (linear weights
+/// transposed back to `[out, in]`), with Hugging Face names.
+pub fn named_values<M: Module>(module: &M) -> crate::Result<Vec<(String, crate::HostTensor)>> {
+    let mut collector = ValueCollector::default();
+    module.visit(&mut collector);
+    match collector.failed {
+        Some(reason) => Err(crate::PeftError::InvalidInput(format!(
+            "reading parameter {reason}"
+        ))),
+        None => Ok(collector.out),
+    }
+}

@@ -1,0 +1,365 @@
+//! `LoraConfig`: PEFT's `adapter_config.json` for LoRA, field for field.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use peft_core::modules::{LayerIndices, LayersPattern};
+use peft_core::{PeftError, PeftType, Result, TargetModules};
+
+/// Which biases train (PEFT's `bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraBias {
+    /// No bias trains.
+    #[default]
+    None,
+    /// Every bias of the model trains and is saved with the adapter.
+    All,
+    /// The biases of the LoRA-targeted layers train and are saved.
+    LoraOnly,
+}
+
+/// How A and B start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    /// `true`: A Kaiming-uniform (as `nn.Linear`), B zero, so the adapter starts as a no-op.
+    /// `false`: both random (for tests).
+    Flag(bool),
+    /// `"gaussian"`: A ~ N(0, 1/r), B zero. Other strings (`pissa`, `olora`, `loftq`, …) are
+    /// refused.
+    Method(String),
+}
+
+impl Default for InitLoraWeights {
+    fn default() -> Self {
+        Self::Flag(true)
+    }
+}
+
+/// PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Always `LORA`.
+    #[serde(default = "lora_type")]
+    pub peft_type: PeftType,
+    /// PEFT's task type (`CAUSAL_LM`).
+    #[serde(default = "causal_lm")]
+    pub task_type: Option<String>,
+    /// The base model the adapter belongs to.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// PEFT writes `true` when saving.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Rank of the update.
+    #[serde(default = "eight")]
+    pub r: usize,
+    /// Scale numerator: the update is multiplied by `lora_alpha / r` (or `/ √r` with rsLoRA).
+    #[serde(default = "eight_f")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input during training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Modules to adapt; `None` = PEFT's default for the architecture.
+    #[serde(default)]
+    pub target_modules: Option<TargetModules>,
+    /// Modules never adapted.
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
+    /// Modules trained in full and saved with the adapter.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Which biases train.
+    #[serde(default)]
+    pub bias: LoraBias,
+    /// Weights stored `[in, out]` (GPT-2's Conv1D); our architectures use `nn.Linear`, so PEFT
+    /// (and peft-rs) reset it to `false` with a warning.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// Scale by `α/√r` instead of `α/r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Initialisation of A and B.
+    #[serde(default)]
+    pub init_lora_weights: InitLoraWeights,
+    /// Per-module rank overrides (pattern → r).
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides (pattern → α).
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Only these layer indices are adapted.
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerIndices>,
+    /// The name of the layer list, for `layers_to_transform`.
+    #[serde(default)]
+    pub layers_pattern: Option<LayersPattern>,
+    /// Everything else PEFT writes, kept so that a loaded config saves back unchanged.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+fn lora_type() -> PeftType {
+    PeftType::Lora
+}
+fn causal_lm() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+fn eight() -> usize {
+    8
+}
+fn eight_f() -> f64 {
+    8.0
+}
+
+/// PEFT keys peft-rs accepts only at the value that disables them: a feature we do not implement
+/// is refused, never silently ignored.
+const INERT_AT_DEFAULT: &[&str] = &[
+    "use_dora",
+    "lora_bias",
+    "use_qalora",
+    "layer_replication",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "megatron_config",
+    "trainable_token_indices",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "kasa_config",
+    "lora_ga_config",
+    "monteclora_config",
+    "velora_config",
+    "ensure_weight_tying",
+];
+
+/// PEFT keys with no effect on the computation.
+const HARMLESS: &[&str] = &[
+    "peft_version",
+    "auto_mapping",
+    "revision",
+    "megatron_core",
+    "qalora_group_size",
+];
+
+/// A multi-line message (regex errors draw a caret under the pattern) as one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn is_off(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(o) => o.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+impl LoraConfig {
+    /// Reads `adapter_config.json`, validating it.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let config: Self = peft_core::config::read_config(path)?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Parses and validates a config from JSON text; `context` names it in errors.
+    pub fn from_json(json: &str, context: &str) -> Result<Self> {
+        let config: Self = serde_json::from_str(json).map_err(|e| PeftError::json(context, e))?;
+        config.validate(context)?;
+        Ok(config)
+    }
+
+    /// Checks values and refuses features peft-rs does not implement.
+    pub fn validate(&self, context: &str) -> Result<()> {
+        let bad = |field: &str, reason: String| Err(PeftError::config(context, field, reason));
+        if self.peft_type != PeftType::Lora {
+            return bad(
+                "peft_type",
+                format!("expected LORA, found {:?}", self.peft_type),
+            );
+        }
+        if self.r == 0 {
+            return bad("r", "the rank must be at least 1".into());
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
+            return bad("rank_pattern", format!("rank 0 for `{k}`"));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            );
+        }
+        if !self.lora_alpha.is_finite() {
+            return bad("lora_alpha", "must be finite".into());
+        }
+        if let InitLoraWeights::Method(m) = &self.init_lora_weights
+            && m != "gaussian"
+        {
+            return bad(
+                "init_lora_weights",
+                format!("`{m}` is not supported (use true, false or \"gaussian\")"),
+            );
+        }
+        let patterns = [
+            ("rank_pattern", self.rank_pattern.keys().collect::<Vec<_>>()),
+            ("alpha_pattern", self.alpha_pattern.keys().collect()),
+        ];
+        for (field, keys) in patterns {
+            for pattern in keys {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    return bad(
+                        field,
+                        format!("invalid regex `{pattern}`: {}", one_line(&e.to_string())),
+                    );
+                }
+            }
+        }
+        for (key, value) in &self.other {
+            if INERT_AT_DEFAULT.contains(&key.as_str()) {
+                if !is_off(value) {
+                    return bad(key, format!("`{key}: {value}` is not supported by peft-rs"));
+                }
+            } else if !HARMLESS.contains(&key.as_str()) {
+                tracing::warn!("{context}: unknown key `{key}` ignored");
+            }
+        }
+        if self.fan_in_fan_out {
+            tracing::warn!(
+                "{context}: fan_in_fan_out is for Conv1D layers; these models use linear layers, \
+                 so it is set to false (as PEFT does)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The targets: the configured ones, or PEFT's default for `model_type`.
+    pub fn targets(&self, model_type: &str) -> Result<TargetModules> {
+        if let Some(t) = &self.target_modules {
+            return Ok(t.clone());
+        }
+        let defaults: &[&str] = match model_type {
+            "bloom" => &["query_key_value"],
+            "llama" | "qwen2" => &["q_proj", "v_proj"],
+            other => {
+                return Err(PeftError::config(
+                    "LoraConfig",
+                    "target_modules",
+                    format!("no default for model_type `{other}`; set target_modules"),
+                ));
+            }
+        };
+        Ok(TargetModules::List(
+            defaults.iter().map(|s| s.to_string()).collect(),
+        ))
+    }
+
+    /// `(r, alpha)` for the module at `path`, after `rank_pattern` / `alpha_pattern`.
+    pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
+        let r = pattern_value(&self.rank_pattern, path).unwrap_or(self.r);
+        let alpha = pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha);
+        (r, alpha)
+    }
+
+    /// The scale of the update for rank `r` and `alpha`.
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+/// PEFT's `get_pattern_key`: the first pattern `p` (in key order) with `^(.*\.)?(p)$` matching.
+fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
+    patterns.iter().find_map(|(pattern, value)| {
+        let re = regex::Regex::new(&format!(r"^(.*\.)?({pattern})$")).ok()?;
+        re.is_match(path).then_some(*value)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_peft_defaults() {
+        let c = LoraConfig::default();
+        assert_eq!((c.r, c.lora_alpha, c.lora_dropout), (8, 8.0, 0.0));
+        assert_eq!(c.bias, LoraBias::None);
+        assert_eq!(c.init_lora_weights, InitLoraWeights::Flag(true));
+        assert_eq!(
+            c.targets("bloom").unwrap(),
+            TargetModules::List(vec!["query_key_value".into()])
+        );
+        assert_eq!(
+            c.targets("qwen2").unwrap(),
+            TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
+        );
+    }
+
+    #[test]
+    fn patterns_and_scaling() {
+        let c = LoraConfig::from_json(
+            r#"{"r": 4, "lora_alpha": 16, "rank_pattern": {"v_proj": 2},
+                "alpha_pattern": {"o_proj": 4}, "use_rslora": true}"#,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(
+            c.rank_and_alpha("model.layers.0.self_attn.v_proj"),
+            (2, 16.0)
+        );
+        assert_eq!(
+            c.rank_and_alpha("model.layers.0.self_attn.o_proj"),
+            (4, 4.0)
+        );
+        assert_eq!(
+            c.rank_and_alpha("model.layers.0.self_attn.q_proj"),
+            (4, 16.0)
+        );
+        // `xv_proj` is another module: the pattern must start at a dot.
+        assert_eq!(c.rank_and_alpha("model.layers.0.xv_proj"), (4, 16.0));
+        assert_eq!(c.scaling(4, 16.0), 8.0);
+        let plain = LoraConfig::default();
+        assert_eq!(plain.scaling(4, 16.0), 4.0);
+    }
+
+    #[test]
+    fn bad_configs_are_clear_errors() {
+        let err = |json: &str| {
+            LoraConfig::from_json(json, "adapter_config.json")
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(r#"{"r": 0}"#).contains("invalid `r`: the rank must be at least 1"));
+        assert!(err(r#"{"use_dora": true}"#).contains("`use_dora: true` is not supported"));
+        assert!(err(r#"{"lora_dropout": -0.1}"#).contains("invalid `lora_dropout`"));
+        assert!(err(r#"{"init_lora_weights": "pissa"}"#).contains("`pissa` is not supported"));
+        assert!(err(r#"{"rank_pattern": {"(v_proj": 2}}"#).contains("invalid regex `(v_proj`"));
+        assert!(err(r#"{"r": "eight"}"#).contains("invalid JSON"));
+        // Keys PEFT writes at their "off" value load fine.
+        LoraConfig::from_json(
+            r#"{"use_dora": false, "loftq_config": {}, "layer_replication": null,
+                "peft_version": "0.21.2", "brand_new_key": 1}"#,
+            "test",
+        )
+        .unwrap();
+    }
+}

@@ -1,0 +1,123 @@
+//! The LoRA layer: `y = base(x) + s · B(A(dropout(x)))`, computed beside the frozen base.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::module::linear;
+use burn::tensor::{Distribution, Tensor};
+
+use peft_core::{LayerAdapter, PeftError, Result};
+
+/// LoRA's low-rank pair for one linear layer.
+///
+/// burn layout: `lora_a: [in, r]`, `lora_b: [r, out]` — the transposes of PEFT's
+/// `lora_A.weight: [r, in]` and `lora_B.weight: [out, r]`.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    /// Down projection `[in, r]`.
+    pub lora_a: Param<Tensor<2>>,
+    /// Up projection `[r, out]`.
+    pub lora_b: Param<Tensor<2>>,
+    /// Dropout on the adapter's input (training only).
+    pub dropout: Dropout,
+    /// `α/r` (or `α/√r` with rsLoRA).
+    #[module(skip)]
+    pub scaling: f64,
+}
+
+impl LoraLinear {
+    /// A pair from explicit burn-layout tensors.
+    pub fn new(lora_a: Tensor<2>, lora_b: Tensor<2>, scaling: f64, dropout: f64) -> Self {
+        Self {
+            lora_a: Param::from_tensor(lora_a),
+            lora_b: Param::from_tensor(lora_b),
+            dropout: DropoutConfig::new(dropout).init(),
+            scaling,
+        }
+    }
+
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.lora_a.shape().dims::<2>()[1]
+    }
+
+    /// `s · A @ B`, `[in, out]`: the update merging adds to the base weight.
+    pub fn delta_weight(&self) -> Tensor<2> {
+        self.lora_a.val().matmul(self.lora_b.val()) * self.scaling
+    }
+}
+
+/// How [`LoraLinear::init`] draws A and B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraInit {
+    /// A Kaiming-uniform as `nn.Linear` (bound `1/√in`), B zero.
+    Default,
+    /// A ~ N(0, 1/r), B zero.
+    Gaussian,
+    /// A and B both Kaiming-uniform: the adapter changes outputs from the start.
+    Random,
+}
+
+impl LoraLinear {
+    /// A freshly initialised pair for a `[in → out]` layer.
+    pub fn init(
+        d_in: usize,
+        d_out: usize,
+        r: usize,
+        scaling: f64,
+        dropout: f64,
+        init: LoraInit,
+        device: &burn::tensor::Device,
+    ) -> Self {
+        // nn.Linear(in, r)'s kaiming_uniform_(a=√5) has bound √(6 / ((1 + 5)·fan_in)) = 1/√fan_in.
+        let uniform = |fan_in: usize, shape: [usize; 2]| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Tensor::<2>::random(shape, Distribution::Uniform(-bound, bound), device)
+        };
+        let a = match init {
+            LoraInit::Gaussian => {
+                Tensor::<2>::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), device)
+            }
+            LoraInit::Default | LoraInit::Random => uniform(d_in, [d_in, r]),
+        };
+        let b = match init {
+            LoraInit::Random => uniform(r, [r, d_out]),
+            LoraInit::Default | LoraInit::Gaussian => Tensor::<2>::zeros([r, d_out], device),
+        };
+        Self::new(a, b, scaling, dropout)
+    }
+}
+
+impl LayerAdapter for LoraLinear {
+    fn forward_linear(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
+        let update = linear(
+            linear(self.dropout.forward(x.clone()), self.lora_a.val(), None),
+            self.lora_b.val(),
+            None,
+        );
+        base.forward(x) + update * self.scaling
+    }
+
+    fn merge_linear(&self, mut base: Linear) -> Result<Linear> {
+        let delta = self.delta_weight();
+        let merged = base.weight.val() + delta;
+        if merged
+            .clone()
+            .is_finite()
+            .bool_not()
+            .any()
+            .into_scalar::<bool>()
+        {
+            return Err(PeftError::AdapterMismatch(
+                "merging would produce non-finite weights (safe_merge check)".into(),
+            ));
+        }
+        base.weight = base.weight.map(|_| merged);
+        Ok(base)
+    }
+
+    fn unmerge_linear(&self, mut base: Linear) -> Result<Linear> {
+        let delta = self.delta_weight();
+        base.weight = base.weight.map(|w| w - delta);
+        Ok(base)
+    }
+}

@@ -1,0 +1,384 @@
+//! `get_peft_model`, `PeftModel.from_pretrained`, `save_pretrained` and merging for LoRA.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use burn::tensor::{Tensor, TensorData};
+
+use peft_core::params::{ParamUpdate, map_params, named_params, named_values};
+use peft_core::tensors::{save_safetensors, write_atomic};
+use peft_core::{
+    AdaptableLinear, CausalLm, ModuleInfo, ModuleKind, ModuleMatcher, NoAdapter, PeftError, Result,
+    TensorStore, TrainableSummary,
+};
+
+use crate::config::{InitLoraWeights, LoraBias, LoraConfig};
+use crate::layer::{LoraInit, LoraLinear};
+
+/// The adapter config file name PEFT uses.
+pub const CONFIG_NAME: &str = "adapter_config.json";
+/// The adapter weights file name PEFT uses.
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+/// Prefix of every key PEFT writes.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// A model with LoRA adapters on some of its linear layers.
+#[derive(Debug)]
+pub struct LoraModel<M> {
+    /// The adapted model.
+    pub model: M,
+    /// The adapter's config.
+    pub config: LoraConfig,
+    /// HF paths of the layers that carry a LoRA pair.
+    pub targeted: Vec<String>,
+    /// HF names of base parameters trained in full and saved with the adapter (`modules_to_save`
+    /// and the biases `bias` selects).
+    pub saved_params: Vec<String>,
+    /// Whether the adapter trains (false after loading in inference mode, as PEFT's
+    /// `is_trainable=False`).
+    pub trainable: bool,
+}
+
+/// What LoRA needs of the base model: any [`CausalLm`] without adapters.
+pub trait LoraBase: CausalLm<Adapter = NoAdapter> {}
+impl<M: CausalLm<Adapter = NoAdapter>> LoraBase for M {}
+
+/// Where the A and B of each targeted layer come from.
+enum Source<'a> {
+    Init(LoraInit),
+    File(&'a TensorStore),
+}
+
+fn modules_to_save_paths(config: &LoraConfig, modules: &[ModuleInfo]) -> Result<Vec<ModuleInfo>> {
+    let Some(names) = &config.modules_to_save else {
+        return Ok(vec![]);
+    };
+    let mut chosen = Vec::new();
+    for name in names {
+        let found: Vec<&ModuleInfo> = modules
+            .iter()
+            .filter(|m| !m.tied && (m.path == *name || m.path.ends_with(&format!(".{name}"))))
+            .collect();
+        if found.is_empty() {
+            return Err(PeftError::TargetModulesNotFound {
+                targets: format!("modules_to_save [{name:?}]"),
+                available: modules.iter().map(|m| m.path.clone()).collect(),
+            });
+        }
+        chosen.extend(found.into_iter().cloned());
+    }
+    Ok(chosen)
+}
+
+fn inject<B: LoraBase>(
+    base: B,
+    config: LoraConfig,
+    source: Source<'_>,
+) -> Result<LoraModel<B::WithAdapter<LoraLinear>>> {
+    config.validate("LoraConfig")?;
+    let spec = base.spec().clone();
+    let modules = base.modules();
+    let targets = config.targets(&spec.model_type)?;
+    let matcher = ModuleMatcher::new(
+        &targets,
+        config.exclude_modules.as_ref(),
+        config.layers_to_transform.as_ref(),
+        config.layers_pattern.as_ref(),
+    )?;
+    let chosen = matcher.select(&targets, &modules)?;
+    if let Some(m) = chosen.iter().find(|m| !m.is_linear()) {
+        return Err(PeftError::Unsupported(format!(
+            "LoRA on `{}` ({:?}): only linear layers are supported so far",
+            m.path, m.kind
+        )));
+    }
+    let targeted: Vec<String> = chosen.iter().map(|m| m.path.clone()).collect();
+    let to_save = modules_to_save_paths(&config, &modules)?;
+
+    // PEFT trains a copy of a saved embedding while a tied lm_head keeps the original matrix.
+    let unties = to_save
+        .iter()
+        .any(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
+        && spec.tie_word_embeddings;
+    let base = if unties {
+        base.untie_word_embeddings()
+    } else {
+        base
+    };
+
+    let mut saved_params: BTreeSet<String> = to_save
+        .iter()
+        .flat_map(|m| {
+            m.params()
+                .into_iter()
+                .map(move |(p, _)| format!("{}.{p}", m.path))
+        })
+        .collect();
+    for m in &modules {
+        let has_bias = matches!(m.kind, ModuleKind::Linear { bias: true, .. });
+        let selected = match config.bias {
+            LoraBias::None => false,
+            LoraBias::All => has_bias || matches!(m.kind, ModuleKind::LayerNorm { .. }),
+            LoraBias::LoraOnly => has_bias && targeted.contains(&m.path),
+        };
+        if selected {
+            saved_params.insert(format!("{}.bias", m.path));
+        }
+    }
+
+    let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
+    let device = base.device();
+    let mut model = base.map_linears(&mut |path: &str, layer: AdaptableLinear<NoAdapter>| {
+        if !targeted.iter().any(|t| t == path) {
+            return Ok(layer.with_adapter(None));
+        }
+        let (d_in, d_out) = layer.dims();
+        let (r, alpha) = config.rank_and_alpha(path);
+        let scaling = config.scaling(r, alpha);
+        let adapter = match &source {
+            Source::Init(init) => {
+                LoraLinear::init(d_in, d_out, r, scaling, config.lora_dropout, *init, &device)
+            }
+            Source::File(store) => {
+                let a_key = format!("{KEY_PREFIX}{path}.lora_A.weight");
+                let b_key = format!("{KEY_PREFIX}{path}.lora_B.weight");
+                let a = store.f32_shaped(&a_key, &[r, d_in])?;
+                let b = store.f32_shaped(&b_key, &[d_out, r])?;
+                let a = Tensor::<2>::from_data(TensorData::new(a, [r, d_in]), &device).transpose();
+                let b = Tensor::<2>::from_data(TensorData::new(b, [d_out, r]), &device).transpose();
+                LoraLinear::new(a, b, scaling, config.lora_dropout)
+            }
+        };
+        Ok(layer.with_adapter(Some(adapter)))
+    })?;
+    if !saved_params.is_empty() {
+        model = map_params(model, |name, _| {
+            if saved_params.contains(name) {
+                ParamUpdate::Trainable(true)
+            } else {
+                ParamUpdate::Keep
+            }
+        });
+    }
+    Ok(LoraModel {
+        model,
+        config,
+        targeted,
+        saved_params: saved_params.into_iter().collect(),
+        trainable: true,
+    })
+}
+
+/// PEFT's `get_peft_model(model, LoraConfig(...))`: freezes the base, adds freshly initialised
+/// LoRA pairs on the targeted layers, and makes `modules_to_save` / selected biases trainable.
+pub fn get_peft_model<B: LoraBase>(
+    base: B,
+    config: LoraConfig,
+) -> Result<LoraModel<B::WithAdapter<LoraLinear>>> {
+    let init = match &config.init_lora_weights {
+        InitLoraWeights::Flag(true) => LoraInit::Default,
+        InitLoraWeights::Flag(false) => LoraInit::Random,
+        InitLoraWeights::Method(_) => LoraInit::Gaussian,
+    };
+    inject(base, config, Source::Init(init))
+}
+
+/// PEFT's `PeftModel.from_pretrained(model, adapter_dir)`: loads a LoRA adapter folder onto
+/// `base`. With `trainable`, the adapter (and its saved modules) can be trained further;
+/// otherwise everything is frozen (inference mode).
+pub fn from_pretrained<B: LoraBase>(
+    base: B,
+    adapter_dir: impl AsRef<Path>,
+    trainable: bool,
+) -> Result<LoraModel<B::WithAdapter<LoraLinear>>> {
+    let dir = adapter_dir.as_ref();
+    let config = LoraConfig::from_file(dir.join(CONFIG_NAME))?;
+    let weights = dir.join(WEIGHTS_NAME);
+    let store = TensorStore::open(&weights)?;
+    let lora = inject(base, config, Source::File(&store))?;
+
+    // Every tensor of the file must belong to this model: a key that names no module means the
+    // adapter was trained on another architecture.
+    let model_params: BTreeMap<String, Vec<usize>> = named_params(&lora.model)
+        .into_iter()
+        .filter(|p| !p.is_adapter())
+        .map(|p| {
+            let shape = p.torch_shape();
+            (p.name, shape)
+        })
+        .collect();
+    let mut values: BTreeMap<String, TensorData> = BTreeMap::new();
+    for key in store.keys() {
+        let Some(name) = key.strip_prefix(KEY_PREFIX) else {
+            return Err(PeftError::AdapterMismatch(format!(
+                "{}: key `{key}` lacks PEFT's `{KEY_PREFIX}` prefix",
+                weights.display()
+            )));
+        };
+        if let Some(module) = name
+            .strip_suffix(".lora_A.weight")
+            .or_else(|| name.strip_suffix(".lora_B.weight"))
+        {
+            if !lora.targeted.iter().any(|t| t == module) {
+                return Err(PeftError::AdapterMismatch(format!(
+                    "{}: `{key}` targets `{module}`, which the config's target_modules do not \
+                     select in this {} model (adapter for another architecture?)",
+                    weights.display(),
+                    lora.model.spec().model_type
+                )));
+            }
+            continue;
+        }
+        let Some(shape) = model_params.get(name) else {
+            return Err(PeftError::AdapterMismatch(format!(
+                "{}: `{key}` names no parameter of this {} model (adapter for another \
+                 architecture?)",
+                weights.display(),
+                lora.model.spec().model_type
+            )));
+        };
+        let (data, found) = store.f32(key)?;
+        if &found != shape {
+            return Err(PeftError::ShapeMismatch {
+                path: weights.clone(),
+                key: key.to_string(),
+                expected: shape.clone(),
+                found,
+            });
+        }
+        values.insert(name.to_string(), TensorData::new(data, found));
+    }
+    let mut lora = lora;
+    if !values.is_empty() {
+        lora.model = map_params(lora.model, |name, linear| match values.remove(name) {
+            Some(data) if linear => ParamUpdate::Value(transpose_data(data)),
+            Some(data) => ParamUpdate::Value(data),
+            None => ParamUpdate::Keep,
+        });
+    }
+    if !trainable {
+        lora.model = map_params(lora.model, |_, _| ParamUpdate::Trainable(false));
+        lora.trainable = false;
+    }
+    Ok(lora)
+}
+
+fn transpose_data(data: TensorData) -> TensorData {
+    let shape = data.shape().to_vec();
+    let values: Vec<f32> = data.iter::<f32>().collect();
+    let (rows, cols) = (shape[0], shape[1]);
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    TensorData::new(out, [cols, rows])
+}
+
+impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
+    /// PEFT's `print_trainable_parameters()` numbers: the LoRA pairs and the parameters trained in
+    /// full are trainable (none in inference mode); "all" counts the adapter too.
+    pub fn trainable_summary(&self) -> TrainableSummary {
+        let params = named_params(&self.model);
+        let trainable = if self.trainable {
+            params
+                .iter()
+                .filter(|p| p.is_adapter() || self.saved_params.contains(&p.name))
+                .map(|p| p.numel())
+                .sum()
+        } else {
+            0
+        };
+        TrainableSummary {
+            trainable,
+            all: params.iter().map(|p| p.numel()).sum(),
+        }
+    }
+
+    /// The adapter's tensors under PEFT's key names and shapes.
+    pub fn adapter_tensors(&self) -> Result<BTreeMap<String, peft_core::HostTensor>> {
+        let mut out = BTreeMap::new();
+        for (name, value) in named_values(&self.model)? {
+            if let Some(module) = name.strip_suffix(".adapter.lora_a") {
+                out.insert(
+                    format!("{KEY_PREFIX}{module}.lora_A.weight"),
+                    transpose_host(value),
+                );
+            } else if let Some(module) = name.strip_suffix(".adapter.lora_b") {
+                out.insert(
+                    format!("{KEY_PREFIX}{module}.lora_B.weight"),
+                    transpose_host(value),
+                );
+            } else if self.saved_params.contains(&name) {
+                out.insert(format!("{KEY_PREFIX}{name}"), value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// PEFT's `save_pretrained(dir)`: `adapter_config.json` + `adapter_model.safetensors`, each
+    /// written atomically.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+        let tensors = self.adapter_tensors()?;
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert("format".to_string(), "pt".to_string());
+        save_safetensors(dir.join(WEIGHTS_NAME), &tensors, Some(metadata))?;
+        let mut config = self.config.clone();
+        config.inference_mode = true;
+        let json = serde_json::to_string_pretty(&config)
+            .map_err(|e| PeftError::json(dir.join(CONFIG_NAME), e))?;
+        write_atomic(dir.join(CONFIG_NAME), json.as_bytes())
+    }
+
+    /// PEFT's `merge_and_unload()`: folds every adapter into its base weight and returns the
+    /// plain model.
+    pub fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        self.model
+            .map_linears(&mut |_, layer: AdaptableLinear<LoraLinear>| {
+                Ok(layer.merge()?.with_adapter(None))
+            })
+    }
+
+    /// PEFT's `unload()`: drops the adapters without merging.
+    pub fn unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        self.model
+            .map_linears(&mut |_, layer: AdaptableLinear<LoraLinear>| Ok(layer.with_adapter(None)))
+    }
+}
+
+impl<M> LoraModel<M>
+where
+    M: CausalLm<Adapter = LoraLinear, WithAdapter<LoraLinear> = M>,
+{
+    /// PEFT's `merge_adapter()`: folds the adapters into the base weights, keeping them so that
+    /// [`unmerge_adapter`](Self::unmerge_adapter) can undo it.
+    pub fn merge_adapter(mut self) -> Result<Self> {
+        self.model = self
+            .model
+            .map_linears(&mut |_, l: AdaptableLinear<LoraLinear>| l.merge())?;
+        Ok(self)
+    }
+
+    /// PEFT's `unmerge_adapter()`.
+    pub fn unmerge_adapter(mut self) -> Result<Self> {
+        self.model = self
+            .model
+            .map_linears(&mut |_, l: AdaptableLinear<LoraLinear>| l.unmerge())?;
+        Ok(self)
+    }
+}
+
+fn transpose_host(t: peft_core::HostTensor) -> peft_core::HostTensor {
+    let values = peft_core::tensors::bytes_to_f32(t.dtype, &t.data).unwrap_or_default();
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    peft_core::HostTensor::from_f32(vec![cols, rows], &out)
+}

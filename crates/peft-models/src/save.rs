@@ -1,0 +1,57 @@
+//! Writing a model back as a standard Hugging Face checkpoint (after `merge_and_unload`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use peft_core::params::named_values;
+use peft_core::tensors::{save_safetensors, write_atomic};
+use peft_core::{CausalLm, NoAdapter, PeftError, Result};
+
+/// Files copied from the source folder when present.
+const SIDE_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// Saves `model` to `out_dir` as `config.json` + `model.safetensors` (f32), with the tokenizer
+/// files of `source_dir`, so that transformers and [`crate::load`] open it like any checkpoint.
+///
+/// `config.json` is the source's, with `tie_word_embeddings` set to what the model now is (a
+/// model whose input embeddings were trained apart from a tied `lm_head` is saved untied, as PEFT
+/// does) and `dtype` set to `float32`.
+pub fn save_pretrained<M: CausalLm<Adapter = NoAdapter>>(
+    model: &M,
+    source_dir: impl AsRef<Path>,
+    out_dir: impl AsRef<Path>,
+) -> Result<()> {
+    let (source_dir, out_dir) = (source_dir.as_ref(), out_dir.as_ref());
+    std::fs::create_dir_all(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
+    let config_path = source_dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| PeftError::json(&config_path, e))?;
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert(
+            "tie_word_embeddings".into(),
+            model.spec().tie_word_embeddings.into(),
+        );
+        obj.insert("dtype".into(), "float32".into());
+    }
+    let tensors: BTreeMap<_, _> = named_values(model)?.into_iter().collect();
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    save_safetensors(out_dir.join("model.safetensors"), &tensors, Some(metadata))?;
+    let json = serde_json::to_string_pretty(&config)
+        .map_err(|e| PeftError::json(out_dir.join("config.json"), e))?;
+    write_atomic(out_dir.join("config.json"), json.as_bytes())?;
+    for name in SIDE_FILES {
+        let from = source_dir.join(name);
+        if from.is_file() {
+            let bytes = std::fs::read(&from).map_err(|e| PeftError::io(&from, e))?;
+            write_atomic(out_dir.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
