@@ -245,3 +245,173 @@ fn unsupported_model_type_is_named() {
         "unsupported model_type `gpt2` (supported: bloom, llama, qwen2)",
     );
 }
+
+fn adapter(name: &str) -> PathBuf {
+    fixtures().join("adapters").join(name)
+}
+
+/// Max |Δ| over real positions between the logits in `out_path` and a reference file.
+fn logits_diff(out_path: &Path, reference: &Path) -> f32 {
+    let ours = TensorStore::open(out_path).unwrap();
+    let theirs = TensorStore::open(reference).unwrap();
+    let (a, shape) = ours.f32("logits").unwrap();
+    let (b, _) = theirs.f32("logits").unwrap();
+    let (mask, _) = theirs.i64("attention_mask").unwrap();
+    let vocab = shape[2];
+    let mut worst = 0f32;
+    for (pos, m) in mask.iter().enumerate() {
+        if *m == 1 {
+            for v in pos * vocab..(pos + 1) * vocab {
+                worst = worst.max((a[v] - b[v]).abs());
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn logits_with_a_peft_lora_adapter_merged_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/lora-llama.safetensors");
+    for merge in [false, true] {
+        let out_path = dir.path().join(format!("logits-{merge}.safetensors"));
+        let mut args = vec![
+            "logits".to_string(),
+            "--model".into(),
+            model("llama-tiny").display().to_string(),
+            "--adapter".into(),
+            adapter("lora-llama").display().to_string(),
+            "--inputs".into(),
+            reference.display().to_string(),
+            "--output".into(),
+            out_path.display().to_string(),
+        ];
+        if merge {
+            args.push("--merge".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = peft(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let diff = logits_diff(&out_path, &reference);
+        assert!(diff <= 1e-4, "merge={merge}: max |Δ| = {diff}");
+    }
+}
+
+#[test]
+fn merge_writes_a_checkpoint_that_runs_like_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let merged = dir.path().join("merged");
+    let out = peft(&[
+        "merge",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--adapter",
+        adapter("lora-bloom-mts").to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(merged.join(file).is_file(), "{file} missing");
+    }
+    // modules_to_save on the tied embedding: saved untied, lm_head = the original embedding.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["tie_word_embeddings"], false);
+    let weights = TensorStore::open(merged.join("model.safetensors")).unwrap();
+    let base = TensorStore::open(model("bloom-tiny").join("model.safetensors")).unwrap();
+    assert_eq!(
+        weights.f32("lm_head.weight").unwrap(),
+        base.f32("transformer.word_embeddings.weight").unwrap()
+    );
+
+    let reference = fixtures().join("reference/lora-bloom-mts.safetensors");
+    let out_path = dir.path().join("logits.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        merged.to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = logits_diff(&out_path, &reference);
+    assert!(diff <= 1e-4, "merged checkpoint: max |Δ| = {diff}");
+}
+
+#[test]
+fn inspect_with_a_config_prints_peft_trainable_line() {
+    let out = peft(&[
+        "inspect",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--config",
+        adapter("lora-bloom-mts")
+            .join("adapter_config.json")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("  transformer.h.1.mlp.dense_4h_to_h\n"),
+        "{stdout}"
+    );
+    // PEFT 0.21.2 prints this line for the same config (tests/fixtures/reference/lora-bloom-mts.json).
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("trainable params: 37,376 || all params: 170,368 || trainable%: 21.9384"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn adapter_errors_are_one_line() {
+    let bloom = model("bloom-tiny");
+    let out = peft(&[
+        "generate",
+        "--model",
+        bloom.to_str().unwrap(),
+        "--adapter",
+        adapter("lora-llama").to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&out, "not found in the base model");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}"#,
+    )
+    .unwrap();
+    let out = peft(&[
+        "generate",
+        "--model",
+        bloom.to_str().unwrap(),
+        "--adapter",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&out, "PrefixTuning adapters are not implemented");
+}
