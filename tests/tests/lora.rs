@@ -230,6 +230,7 @@ macro_rules! lora_suite {
 lora_suite!(bloom_default_targets, "lora-bloom");
 lora_suite!(bloom_modules_to_save, "lora-bloom-mts");
 lora_suite!(llama_gqa_patterns_rslora, "lora-llama");
+lora_suite!(llama_embedding_and_mlp, "lora-llama-emb");
 
 #[test]
 fn trainable_line_is_peft_formatted() {
@@ -570,7 +571,12 @@ fn gradients_match_finite_differences_with_left_padding() {
 fn export_for_python() {
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop");
     let device = device();
-    for name in ["lora-bloom", "lora-bloom-mts", "lora-llama"] {
+    for name in [
+        "lora-bloom",
+        "lora-bloom-mts",
+        "lora-llama",
+        "lora-llama-emb",
+    ] {
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
         let lora = from_pretrained(base, adapter_dir(name), true).unwrap();
         lora.save_pretrained(out.join(format!("{name}-adapter")))

@@ -5,7 +5,7 @@
 //! * **(a) a layer** — LoRA, IA3 and QLoRA change what a linear layer (or an embedding) computes.
 //!   A method implements [`LayerAdapter`]; models hold every linear as an
 //!   [`AdaptableLinear<A>`](AdaptableLinear), generic over the adapter type, and
-//!   [`CausalLm::map_linears`](crate::model::CausalLm::map_linears) swaps one adapter type for
+//!   [`CausalLm::map_layers`](crate::model::CausalLm::map_layers) swaps one adapter type for
 //!   another, module by module, by Hugging Face path.
 //! * **(b) the input embeddings** — prompt tuning and P-tuning prepend virtual-token embeddings:
 //!   they produce a `[batch, n_virtual, hidden]` tensor that the model takes through
@@ -46,6 +46,16 @@ pub trait LayerAdapter: Module + ModuleDisplay {
 
     /// Removes a previously merged adapter from the base weights (`unmerge_adapter`).
     fn unmerge_linear(&self, base: Linear) -> Result<Linear>;
+
+    /// Folds the adapter into an embedding table. The default leaves it unchanged.
+    fn merge_embedding(&self, base: Embedding) -> Result<Embedding> {
+        Ok(base)
+    }
+
+    /// Removes a previously merged adapter from an embedding table.
+    fn unmerge_embedding(&self, base: Embedding) -> Result<Embedding> {
+        Ok(base)
+    }
 }
 
 /// The adapter of a plain model: no parameters, no change.
@@ -119,9 +129,73 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     }
 
     /// Replaces the adapter, keeping the base (used by
-    /// [`CausalLm::map_linears`](crate::model::CausalLm::map_linears)).
+    /// [`CausalLm::map_layers`](crate::model::CausalLm::map_layers)).
     pub fn with_adapter<B: LayerAdapter>(self, adapter: Option<B>) -> AdaptableLinear<B> {
         AdaptableLinear {
+            base: self.base,
+            adapter,
+            merged: false,
+        }
+    }
+}
+
+/// An embedding table with an optional adapter beside it (LoRA's `lora_embedding_A/B`).
+#[derive(Module, Debug)]
+pub struct AdaptableEmbedding<A: LayerAdapter> {
+    /// The base table, `weight: [num_embeddings, dim]`.
+    pub base: Embedding,
+    /// The adapter, if this embedding is targeted.
+    pub adapter: Option<A>,
+    /// Whether `adapter` is currently folded into `base`.
+    #[module(skip)]
+    pub merged: bool,
+}
+
+impl<A: LayerAdapter> AdaptableEmbedding<A> {
+    /// An embedding without adapter.
+    pub fn plain(base: Embedding) -> Self {
+        Self {
+            base,
+            adapter: None,
+            merged: false,
+        }
+    }
+
+    /// `[batch, seq]` ids → `[batch, seq, dim]`.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        match (&self.adapter, self.merged) {
+            (Some(adapter), false) => adapter.forward_embedding(&self.base, ids),
+            _ => self.base.forward(ids),
+        }
+    }
+
+    /// `(num_embeddings, dim)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [num, dim] = self.base.weight.shape().dims();
+        (num, dim)
+    }
+
+    /// Folds the adapter into the table; a no-op without adapter or when already merged.
+    pub fn merge(mut self) -> Result<Self> {
+        if let (Some(adapter), false) = (&self.adapter, self.merged) {
+            self.base = adapter.merge_embedding(self.base)?;
+            self.merged = true;
+        }
+        Ok(self)
+    }
+
+    /// Undoes [`merge`](Self::merge).
+    pub fn unmerge(mut self) -> Result<Self> {
+        if let (Some(adapter), true) = (&self.adapter, self.merged) {
+            self.base = adapter.unmerge_embedding(self.base)?;
+            self.merged = false;
+        }
+        Ok(self)
+    }
+
+    /// Replaces the adapter, keeping the base.
+    pub fn with_adapter<B: LayerAdapter>(self, adapter: Option<B>) -> AdaptableEmbedding<B> {
+        AdaptableEmbedding {
             base: self.base,
             adapter,
             merged: false,

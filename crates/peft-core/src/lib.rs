@@ -30,7 +30,7 @@ pub mod params;
 pub mod summary;
 pub mod tensors;
 
-pub use adapter::{AdaptableLinear, LayerAdapter, NoAdapter};
+pub use adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter, NoAdapter};
 pub use config::{ConfigHeader, PeftType, TargetModules};
 pub use error::{PeftError, Result};
 pub use model::{CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::adapter::{AdaptableLinear, LayerAdapter};
+use crate::adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter};
 use crate::error::Result;
 use crate::modules::ModuleInfo;
 
@@ -116,12 +116,17 @@ impl ModelInput {
     }
 }
 
-/// The callback of [`CausalLm::map_linears`]: a layer's HF path and the layer with adapter `A`
+/// The callback of [`CausalLm::map_layers`]: a layer's HF path and the layer with adapter `A`
 /// in, the layer with adapter `B` out.
 pub type MapLinear<'a, A, B> =
     dyn FnMut(&str, AdaptableLinear<A>) -> Result<AdaptableLinear<B>> + 'a;
 
-/// A causal language model whose linear layers can carry adapters of type `Self::Adapter`.
+/// The embedding callback of [`CausalLm::map_layers`].
+pub type MapEmbedding<'a, A, B> =
+    dyn FnMut(&str, AdaptableEmbedding<A>) -> Result<AdaptableEmbedding<B>> + 'a;
+
+/// A causal language model whose linear layers and input embedding can carry adapters of type
+/// `Self::Adapter`.
 pub trait CausalLm: Module + Sized {
     /// The adapter type every linear layer of this model may hold.
     type Adapter: LayerAdapter;
@@ -142,11 +147,13 @@ pub trait CausalLm: Module + Sized {
     /// embedding LayerNorm.
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3>;
 
-    /// Rebuilds the model with each linear layer passed through `f`, which receives the layer's
-    /// Hugging Face path and returns it with a new adapter (or none).
-    fn map_linears<B: LayerAdapter>(
+    /// Rebuilds the model with each linear layer passed through `linear` and the input
+    /// embedding through `embedding`; each receives the Hugging Face path and returns the layer
+    /// with a new adapter (or none).
+    fn map_layers<B: LayerAdapter>(
         self,
-        f: &mut MapLinear<'_, Self::Adapter, B>,
+        linear: &mut MapLinear<'_, Self::Adapter, B>,
+        embedding: &mut MapEmbedding<'_, Self::Adapter, B>,
     ) -> Result<Self::WithAdapter<B>>;
 
     /// The device the weights live on.

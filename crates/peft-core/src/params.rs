@@ -67,7 +67,10 @@ impl PathStack {
         self.0
             .iter()
             .filter(|(name, kind)| {
-                !(kind.starts_with("Enum:") || name == "base" && kind == "Struct:AdaptableLinear")
+                !(kind.starts_with("Enum:")
+                    || name == "base"
+                        && (kind == "Struct:AdaptableLinear"
+                            || kind == "Struct:AdaptableEmbedding"))
             })
             .map(|(name, _)| name.as_str())
             .collect::<Vec<_>>()

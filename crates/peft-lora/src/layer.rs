@@ -1,9 +1,13 @@
 //! The LoRA layer: `y = base(x) + s · B(A(dropout(x)))`, computed beside the frozen base.
+//!
+//! The same pair serves an embedding table `[num, dim]`: `lora_a: [num, r]` is looked up by id
+//! (PEFT's `lora_embedding_A` transposed) and multiplied by `lora_b: [r, dim]` — so merging is the
+//! same `W += s · lora_a @ lora_b` for both kinds of layer.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::module::linear;
-use burn::tensor::{Distribution, Tensor};
+use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Distribution, Int, Tensor};
 
 use peft_core::{LayerAdapter, PeftError, Result};
 
@@ -97,27 +101,49 @@ impl LayerAdapter for LoraLinear {
         base.forward(x) + update * self.scaling
     }
 
+    fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
+        // PEFT applies no dropout to the ids of an embedding.
+        let rows = embedding(self.lora_a.val(), ids.clone());
+        base.forward(ids) + linear(rows, self.lora_b.val(), None) * self.scaling
+    }
+
     fn merge_linear(&self, mut base: Linear) -> Result<Linear> {
-        let delta = self.delta_weight();
-        let merged = base.weight.val() + delta;
-        if merged
-            .clone()
-            .is_finite()
-            .bool_not()
-            .any()
-            .into_scalar::<bool>()
-        {
-            return Err(PeftError::AdapterMismatch(
-                "merging would produce non-finite weights (safe_merge check)".into(),
-            ));
-        }
-        base.weight = base.weight.map(|_| merged);
+        base.weight = self.merged_weight(base.weight)?;
         Ok(base)
     }
 
     fn unmerge_linear(&self, mut base: Linear) -> Result<Linear> {
-        let delta = self.delta_weight();
-        base.weight = base.weight.map(|w| w - delta);
+        base.weight = self.unmerged_weight(base.weight);
         Ok(base)
+    }
+
+    fn merge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+        base.weight = self.merged_weight(base.weight)?;
+        Ok(base)
+    }
+
+    fn unmerge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+        base.weight = self.unmerged_weight(base.weight);
+        Ok(base)
+    }
+}
+
+impl LoraLinear {
+    /// `W + s · A@B`, refusing non-finite results (PEFT's `safe_merge`, always on).
+    fn merged_weight(&self, weight: Param<Tensor<2>>) -> Result<Param<Tensor<2>>> {
+        let merged = weight.val() + self.delta_weight();
+        let finite: bool = merged.clone().is_finite().all().into_scalar();
+        if !finite {
+            return Err(PeftError::AdapterMismatch(
+                "merging would produce non-finite weights (safe_merge check)".into(),
+            ));
+        }
+        Ok(weight.map(|_| merged))
+    }
+
+    /// `W - s · A@B`.
+    fn unmerged_weight(&self, weight: Param<Tensor<2>>) -> Param<Tensor<2>> {
+        let delta = self.delta_weight();
+        weight.map(|w| w - delta)
     }
 }

@@ -8,8 +8,8 @@ use burn::tensor::{Tensor, TensorData};
 use peft_core::params::{ParamUpdate, map_params, named_params, named_values};
 use peft_core::tensors::{save_safetensors, write_atomic};
 use peft_core::{
-    AdaptableLinear, CausalLm, ModuleInfo, ModuleKind, ModuleMatcher, NoAdapter, PeftError, Result,
-    TensorStore, TrainableSummary,
+    AdaptableEmbedding, AdaptableLinear, CausalLm, ModuleInfo, ModuleKind, ModuleMatcher,
+    NoAdapter, PeftError, Result, TensorStore, TrainableSummary,
 };
 
 use crate::config::{InitLoraWeights, LoraBias, LoraConfig};
@@ -31,6 +31,8 @@ pub struct LoraModel<M> {
     pub config: LoraConfig,
     /// HF paths of the layers that carry a LoRA pair.
     pub targeted: Vec<String>,
+    /// The subset of `targeted` that are embeddings (saved as `lora_embedding_A/B`).
+    pub embedding_targets: Vec<String>,
     /// HF names of base parameters trained in full and saved with the adapter (`modules_to_save`
     /// and the biases `bias` selects).
     pub saved_params: Vec<String>,
@@ -86,13 +88,23 @@ fn inject<B: LoraBase>(
         config.layers_pattern.as_ref(),
     )?;
     let chosen = matcher.select(&targets, &modules)?;
-    if let Some(m) = chosen.iter().find(|m| !m.is_linear()) {
+    if let Some(m) = chosen.iter().find(|m| {
+        !matches!(
+            m.kind,
+            ModuleKind::Linear { .. } | ModuleKind::Embedding { .. }
+        )
+    }) {
         return Err(PeftError::Unsupported(format!(
-            "LoRA on `{}` ({:?}): only linear layers are supported so far",
+            "LoRA on `{}` ({:?}): only linear layers and embeddings can be adapted",
             m.path, m.kind
         )));
     }
     let targeted: Vec<String> = chosen.iter().map(|m| m.path.clone()).collect();
+    let embedding_targets: Vec<String> = chosen
+        .iter()
+        .filter(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
+        .map(|m| m.path.clone())
+        .collect();
     let to_save = modules_to_save_paths(&config, &modules)?;
 
     // PEFT trains a copy of a saved embedding while a tied lm_head keeps the original matrix.
@@ -128,29 +140,48 @@ fn inject<B: LoraBase>(
 
     let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
     let device = base.device();
-    let mut model = base.map_linears(&mut |path: &str, layer: AdaptableLinear<NoAdapter>| {
-        if !targeted.iter().any(|t| t == path) {
-            return Ok(layer.with_adapter(None));
-        }
-        let (d_in, d_out) = layer.dims();
+    // One LoRA pair for a layer `[d_in → d_out]` (an embedding is `[num → dim]`), from the
+    // configured init or from PEFT's keys in the adapter file.
+    let make = |path: &str, d_in: usize, d_out: usize, is_embedding: bool| -> Result<LoraLinear> {
         let (r, alpha) = config.rank_and_alpha(path);
         let scaling = config.scaling(r, alpha);
-        let adapter = match &source {
+        // PEFT applies no dropout to an embedding's ids.
+        let dropout = if is_embedding {
+            0.0
+        } else {
+            config.lora_dropout
+        };
+        Ok(match &source {
             Source::Init(init) => {
-                LoraLinear::init(d_in, d_out, r, scaling, config.lora_dropout, *init, &device)
+                LoraLinear::init(d_in, d_out, r, scaling, dropout, *init, &device)
             }
             Source::File(store) => {
-                let a_key = format!("{KEY_PREFIX}{path}.lora_A.weight");
-                let b_key = format!("{KEY_PREFIX}{path}.lora_B.weight");
+                let (a_key, b_key) = peft_keys(path, is_embedding);
                 let a = store.f32_shaped(&a_key, &[r, d_in])?;
                 let b = store.f32_shaped(&b_key, &[d_out, r])?;
                 let a = Tensor::<2>::from_data(TensorData::new(a, [r, d_in]), &device).transpose();
                 let b = Tensor::<2>::from_data(TensorData::new(b, [d_out, r]), &device).transpose();
-                LoraLinear::new(a, b, scaling, config.lora_dropout)
+                LoraLinear::new(a, b, scaling, dropout)
             }
-        };
-        Ok(layer.with_adapter(Some(adapter)))
-    })?;
+        })
+    };
+    let is_target = |path: &str| targeted.iter().any(|t| t == path);
+    let mut model = base.map_layers(
+        &mut |path: &str, layer: AdaptableLinear<NoAdapter>| {
+            if !is_target(path) {
+                return Ok(layer.with_adapter(None));
+            }
+            let (d_in, d_out) = layer.dims();
+            Ok(layer.with_adapter(Some(make(path, d_in, d_out, false)?)))
+        },
+        &mut |path: &str, layer: AdaptableEmbedding<NoAdapter>| {
+            if !is_target(path) {
+                return Ok(layer.with_adapter(None));
+            }
+            let (num, dim) = layer.dims();
+            Ok(layer.with_adapter(Some(make(path, num, dim, true)?)))
+        },
+    )?;
     if !saved_params.is_empty() {
         model = map_params(model, |name, _| {
             if saved_params.contains(name) {
@@ -164,6 +195,7 @@ fn inject<B: LoraBase>(
         model,
         config,
         targeted,
+        embedding_targets,
         saved_params: saved_params.into_iter().collect(),
         trainable: true,
     })
@@ -218,6 +250,8 @@ pub fn from_pretrained<B: LoraBase>(
         if let Some(module) = name
             .strip_suffix(".lora_A.weight")
             .or_else(|| name.strip_suffix(".lora_B.weight"))
+            .or_else(|| name.strip_suffix(".lora_embedding_A"))
+            .or_else(|| name.strip_suffix(".lora_embedding_B"))
         {
             if !lora.targeted.iter().any(|t| t == module) {
                 return Err(PeftError::AdapterMismatch(format!(
@@ -229,6 +263,15 @@ pub fn from_pretrained<B: LoraBase>(
             }
             continue;
         }
+        // PEFT saves the base table of a LoRA-targeted embedding beside the pair (its
+        // `save_embedding_layers="auto"`), as `<path>.base_layer.weight`.
+        let name = match name.strip_suffix(".base_layer.weight") {
+            Some(module) if lora.embedding_targets.iter().any(|t| t == module) => {
+                format!("{module}.weight")
+            }
+            _ => name.to_string(),
+        };
+        let name = name.as_str();
         let Some(shape) = model_params.get(name) else {
             return Err(PeftError::AdapterMismatch(format!(
                 "{}: `{key}` names no parameter of this {} model (adapter for another \
@@ -261,6 +304,21 @@ pub fn from_pretrained<B: LoraBase>(
         lora.trainable = false;
     }
     Ok(lora)
+}
+
+/// PEFT's file keys of a layer's A and B.
+fn peft_keys(path: &str, is_embedding: bool) -> (String, String) {
+    if is_embedding {
+        (
+            format!("{KEY_PREFIX}{path}.lora_embedding_A"),
+            format!("{KEY_PREFIX}{path}.lora_embedding_B"),
+        )
+    } else {
+        (
+            format!("{KEY_PREFIX}{path}.lora_A.weight"),
+            format!("{KEY_PREFIX}{path}.lora_B.weight"),
+        )
+    }
 }
 
 fn transpose_data(data: TensorData) -> TensorData {
@@ -300,18 +358,20 @@ impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
     pub fn adapter_tensors(&self) -> Result<BTreeMap<String, peft_core::HostTensor>> {
         let mut out = BTreeMap::new();
         for (name, value) in named_values(&self.model)? {
+            let is_embedding = |module: &str| self.embedding_targets.iter().any(|t| t == module);
             if let Some(module) = name.strip_suffix(".adapter.lora_a") {
-                out.insert(
-                    format!("{KEY_PREFIX}{module}.lora_A.weight"),
-                    transpose_host(value),
-                );
+                let (a_key, _) = peft_keys(module, is_embedding(module));
+                out.insert(a_key, transpose_host(value));
             } else if let Some(module) = name.strip_suffix(".adapter.lora_b") {
-                out.insert(
-                    format!("{KEY_PREFIX}{module}.lora_B.weight"),
-                    transpose_host(value),
-                );
+                let (_, b_key) = peft_keys(module, is_embedding(module));
+                out.insert(b_key, transpose_host(value));
             } else if self.saved_params.contains(&name) {
                 out.insert(format!("{KEY_PREFIX}{name}"), value);
+            } else if let Some(module) = name.strip_suffix(".weight")
+                && is_embedding(module)
+            {
+                // As PEFT does for a targeted embedding: the base table goes with the adapter.
+                out.insert(format!("{KEY_PREFIX}{module}.base_layer.weight"), value);
             }
         }
         Ok(out)
@@ -336,16 +396,18 @@ impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
     /// PEFT's `merge_and_unload()`: folds every adapter into its base weight and returns the
     /// plain model.
     pub fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
-        self.model
-            .map_linears(&mut |_, layer: AdaptableLinear<LoraLinear>| {
-                Ok(layer.merge()?.with_adapter(None))
-            })
+        self.model.map_layers(
+            &mut |_, layer: AdaptableLinear<LoraLinear>| Ok(layer.merge()?.with_adapter(None)),
+            &mut |_, layer: AdaptableEmbedding<LoraLinear>| Ok(layer.merge()?.with_adapter(None)),
+        )
     }
 
     /// PEFT's `unload()`: drops the adapters without merging.
     pub fn unload(self) -> Result<M::WithAdapter<NoAdapter>> {
-        self.model
-            .map_linears(&mut |_, layer: AdaptableLinear<LoraLinear>| Ok(layer.with_adapter(None)))
+        self.model.map_layers(
+            &mut |_, layer: AdaptableLinear<LoraLinear>| Ok(layer.with_adapter(None)),
+            &mut |_, layer: AdaptableEmbedding<LoraLinear>| Ok(layer.with_adapter(None)),
+        )
     }
 }
 
@@ -356,17 +418,19 @@ where
     /// PEFT's `merge_adapter()`: folds the adapters into the base weights, keeping them so that
     /// [`unmerge_adapter`](Self::unmerge_adapter) can undo it.
     pub fn merge_adapter(mut self) -> Result<Self> {
-        self.model = self
-            .model
-            .map_linears(&mut |_, l: AdaptableLinear<LoraLinear>| l.merge())?;
+        self.model = self.model.map_layers(
+            &mut |_, l: AdaptableLinear<LoraLinear>| l.merge(),
+            &mut |_, l: AdaptableEmbedding<LoraLinear>| l.merge(),
+        )?;
         Ok(self)
     }
 
     /// PEFT's `unmerge_adapter()`.
     pub fn unmerge_adapter(mut self) -> Result<Self> {
-        self.model = self
-            .model
-            .map_linears(&mut |_, l: AdaptableLinear<LoraLinear>| l.unmerge())?;
+        self.model = self.model.map_layers(
+            &mut |_, l: AdaptableLinear<LoraLinear>| l.unmerge(),
+            &mut |_, l: AdaptableEmbedding<LoraLinear>| l.unmerge(),
+        )?;
         Ok(self)
     }
 }

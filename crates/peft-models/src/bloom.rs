@@ -18,15 +18,14 @@
 //! does not move the real tokens.
 
 use burn::module::Module;
-use burn::nn::Embedding;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
-use peft_core::model::MapLinear;
+use peft_core::model::{MapEmbedding, MapLinear};
 use peft_core::{
-    AdaptableLinear, CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo,
-    ModuleKind, PeftError, Result, TensorStore,
+    AdaptableEmbedding, AdaptableLinear, CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec,
+    ModuleInfo, ModuleKind, PeftError, Result, TensorStore,
 };
 
 use crate::layers::{
@@ -162,8 +161,8 @@ pub struct BloomBlock<A: LayerAdapter> {
 /// `transformer`: embeddings and blocks.
 #[derive(Module, Debug)]
 pub struct BloomTransformer<A: LayerAdapter> {
-    /// Token embeddings, also the output projection.
-    pub word_embeddings: Embedding,
+    /// Token embeddings; its base table is also the (tied) output projection.
+    pub word_embeddings: AdaptableEmbedding<A>,
     /// Norm applied right after the embedding lookup (to virtual tokens too).
     pub word_embeddings_layernorm: LayerNorm,
     /// The blocks.
@@ -246,11 +245,11 @@ impl<A: LayerAdapter> Bloom<A> {
         };
         Ok(Self {
             transformer: BloomTransformer {
-                word_embeddings: w.embedding(
+                word_embeddings: AdaptableEmbedding::plain(w.embedding(
                     &format!("{root}word_embeddings"),
                     config.vocab_size,
                     h,
-                )?,
+                )?),
                 word_embeddings_layernorm: w.layer_norm(
                     &format!("{root}word_embeddings_layernorm"),
                     h,
@@ -446,11 +445,15 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
         let x = self.transformer.ln_f.forward(x);
         Ok(match &self.lm_head {
             Some(head) => head.forward(x),
-            None => tied_logits(x, self.transformer.word_embeddings.weight.val()),
+            None => tied_logits(x, self.transformer.word_embeddings.base.weight.val()),
         })
     }
 
-    fn map_linears<B: LayerAdapter>(self, f: &mut MapLinear<'_, A, B>) -> Result<Bloom<B>> {
+    fn map_layers<B: LayerAdapter>(
+        self,
+        f: &mut MapLinear<'_, A, B>,
+        embedding: &mut MapEmbedding<'_, A, B>,
+    ) -> Result<Bloom<B>> {
         let t = self.transformer;
         let h = t
             .h
@@ -477,7 +480,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
             .collect::<Result<Vec<_>>>()?;
         Ok(Bloom {
             transformer: BloomTransformer {
-                word_embeddings: t.word_embeddings,
+                word_embeddings: embedding("transformer.word_embeddings", t.word_embeddings)?,
                 word_embeddings_layernorm: t.word_embeddings_layernorm,
                 h,
                 ln_f: t.ln_f,
@@ -491,7 +494,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            let table = self.transformer.word_embeddings.weight.val().detach();
+            let table = self.transformer.word_embeddings.base.weight.val().detach();
             self.lm_head = Some(AdaptableLinear::plain(burn::nn::Linear {
                 weight: burn::module::Param::from_tensor(table.transpose()).set_require_grad(false),
                 bias: None,
@@ -502,7 +505,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
     }
 
     fn device(&self) -> Device {
-        self.transformer.word_embeddings.weight.val().device()
+        self.transformer.word_embeddings.base.weight.val().device()
     }
 }
 

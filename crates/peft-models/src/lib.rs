@@ -35,7 +35,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
-use peft_core::model::MapLinear;
+use peft_core::model::{MapEmbedding, MapLinear};
 use peft_core::{
     CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo, NoAdapter, PeftError,
     Result, TensorStore,
@@ -162,10 +162,14 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         }
     }
 
-    fn map_linears<B: LayerAdapter>(self, f: &mut MapLinear<'_, A, B>) -> Result<AnyModel<B>> {
+    fn map_layers<B: LayerAdapter>(
+        self,
+        f: &mut MapLinear<'_, A, B>,
+        embedding: &mut MapEmbedding<'_, A, B>,
+    ) -> Result<AnyModel<B>> {
         Ok(match self {
-            Self::Bloom(m) => AnyModel::Bloom(m.map_linears(f)?),
-            Self::Llama(m) => AnyModel::Llama(m.map_linears(f)?),
+            Self::Bloom(m) => AnyModel::Bloom(m.map_layers(f, embedding)?),
+            Self::Llama(m) => AnyModel::Llama(m.map_layers(f, embedding)?),
         })
     }
 

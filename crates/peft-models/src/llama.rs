@@ -20,15 +20,14 @@
 //! unchanged.
 
 use burn::module::Module;
-use burn::nn::Embedding;
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
-use peft_core::model::MapLinear;
+use peft_core::model::{MapEmbedding, MapLinear};
 use peft_core::{
-    AdaptableLinear, CausalLm, KvCache, LayerAdapter, LayerKv, ModelInput, ModelSpec, ModuleInfo,
-    ModuleKind, PeftError, Result, TensorStore,
+    AdaptableEmbedding, AdaptableLinear, CausalLm, KvCache, LayerAdapter, LayerKv, ModelInput,
+    ModelSpec, ModuleInfo, ModuleKind, PeftError, Result, TensorStore,
 };
 
 use crate::layers::{
@@ -252,7 +251,7 @@ pub struct LlamaLayer<A: LayerAdapter> {
 #[derive(Module, Debug)]
 pub struct LlamaModel<A: LayerAdapter> {
     /// Token embeddings.
-    pub embed_tokens: Embedding,
+    pub embed_tokens: AdaptableEmbedding<A>,
     /// The layers.
     pub layers: Vec<LlamaLayer<A>>,
     /// Final norm.
@@ -351,7 +350,11 @@ impl<A: LayerAdapter> Llama<A> {
         };
         Ok(Self {
             model: LlamaModel {
-                embed_tokens: w.embedding("model.embed_tokens", config.vocab_size, h)?,
+                embed_tokens: AdaptableEmbedding::plain(w.embedding(
+                    "model.embed_tokens",
+                    config.vocab_size,
+                    h,
+                )?),
                 layers,
                 norm: w.rms_norm("model.norm", h, eps)?,
             },
@@ -548,11 +551,15 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
         let x = self.model.norm.forward(x);
         Ok(match &self.lm_head {
             Some(head) => head.forward(x),
-            None => tied_logits(x, self.model.embed_tokens.weight.val()),
+            None => tied_logits(x, self.model.embed_tokens.base.weight.val()),
         })
     }
 
-    fn map_linears<B: LayerAdapter>(self, f: &mut MapLinear<'_, A, B>) -> Result<Llama<B>> {
+    fn map_layers<B: LayerAdapter>(
+        self,
+        f: &mut MapLinear<'_, A, B>,
+        embedding: &mut MapEmbedding<'_, A, B>,
+    ) -> Result<Llama<B>> {
         let layers = self
             .model
             .layers
@@ -581,7 +588,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
             .collect::<Result<Vec<_>>>()?;
         Ok(Llama {
             model: LlamaModel {
-                embed_tokens: self.model.embed_tokens,
+                embed_tokens: embedding("model.embed_tokens", self.model.embed_tokens)?,
                 layers,
                 norm: self.model.norm,
             },
@@ -596,7 +603,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            let table = self.model.embed_tokens.weight.val().detach();
+            let table = self.model.embed_tokens.base.weight.val().detach();
             self.lm_head = Some(AdaptableLinear::plain(burn::nn::Linear {
                 weight: burn::module::Param::from_tensor(table.transpose()).set_require_grad(false),
                 bias: None,
@@ -607,7 +614,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
     }
 
     fn device(&self) -> Device {
-        self.model.embed_tokens.weight.val().device()
+        self.model.embed_tokens.base.weight.val().device()
     }
 }
 
