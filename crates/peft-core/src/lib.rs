@@ -20,6 +20,7 @@
 //! ```
 
 pub mod adapter;
+pub mod adapter_files;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -1,26 +1,22 @@
 //! `get_peft_model`, `PeftModel.from_pretrained`, `save_pretrained` and merging for LoRA.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 
+pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
+use peft_core::adapter_files::{
+    load_base_params, prepare_modules_to_save, save_adapter, set_trainable, transpose_host,
+};
 use peft_core::params::{ParamUpdate, map_params, named_params, named_values};
-use peft_core::tensors::{save_safetensors, write_atomic};
 use peft_core::{
-    AdaptableEmbedding, AdaptableLinear, CausalLm, ModuleInfo, ModuleKind, ModuleMatcher,
-    NoAdapter, PeftError, Result, TensorStore, TrainableSummary,
+    AdaptableEmbedding, AdaptableLinear, CausalLm, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
+    Result, TensorStore, TrainableSummary,
 };
 
 use crate::config::{InitLoraWeights, LoraBias, LoraConfig};
 use crate::layer::{LoraInit, LoraLinear};
-
-/// The adapter config file name PEFT uses.
-pub const CONFIG_NAME: &str = "adapter_config.json";
-/// The adapter weights file name PEFT uses.
-pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
-/// Prefix of every key PEFT writes.
-pub const KEY_PREFIX: &str = "base_model.model.";
 
 /// A model with LoRA adapters on some of its linear layers.
 #[derive(Debug)]
@@ -49,27 +45,6 @@ impl<M: CausalLm<Adapter = NoAdapter>> LoraBase for M {}
 enum Source<'a> {
     Init(LoraInit),
     File(&'a TensorStore),
-}
-
-fn modules_to_save_paths(config: &LoraConfig, modules: &[ModuleInfo]) -> Result<Vec<ModuleInfo>> {
-    let Some(names) = &config.modules_to_save else {
-        return Ok(vec![]);
-    };
-    let mut chosen = Vec::new();
-    for name in names {
-        let found: Vec<&ModuleInfo> = modules
-            .iter()
-            .filter(|m| !m.tied && (m.path == *name || m.path.ends_with(&format!(".{name}"))))
-            .collect();
-        if found.is_empty() {
-            return Err(PeftError::TargetModulesNotFound {
-                targets: format!("modules_to_save [{name:?}]"),
-                available: modules.iter().map(|m| m.path.clone()).collect(),
-            });
-        }
-        chosen.extend(found.into_iter().cloned());
-    }
-    Ok(chosen)
 }
 
 fn inject<B: LoraBase>(
@@ -105,27 +80,8 @@ fn inject<B: LoraBase>(
         .filter(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
         .map(|m| m.path.clone())
         .collect();
-    let to_save = modules_to_save_paths(&config, &modules)?;
-
-    // PEFT trains a copy of a saved embedding while a tied lm_head keeps the original matrix.
-    let unties = to_save
-        .iter()
-        .any(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
-        && spec.tie_word_embeddings;
-    let base = if unties {
-        base.untie_word_embeddings()
-    } else {
-        base
-    };
-
-    let mut saved_params: BTreeSet<String> = to_save
-        .iter()
-        .flat_map(|m| {
-            m.params()
-                .into_iter()
-                .map(move |(p, _)| format!("{}.{p}", m.path))
-        })
-        .collect();
+    let (base, mut saved_params) =
+        prepare_modules_to_save(base, config.modules_to_save.as_deref())?;
     for m in &modules {
         let has_bias = matches!(m.kind, ModuleKind::Linear { bias: true, .. });
         let selected = match config.bias {
@@ -183,13 +139,7 @@ fn inject<B: LoraBase>(
         },
     )?;
     if !saved_params.is_empty() {
-        model = map_params(model, |name, _| {
-            if saved_params.contains(name) {
-                ParamUpdate::Trainable(true)
-            } else {
-                ParamUpdate::Keep
-            }
-        });
+        model = set_trainable(model, &saved_params);
     }
     Ok(LoraModel {
         model,
@@ -231,74 +181,40 @@ pub fn from_pretrained<B: LoraBase>(
 
     // Every tensor of the file must belong to this model: a key that names no module means the
     // adapter was trained on another architecture.
-    let model_params: BTreeMap<String, Vec<usize>> = named_params(&lora.model)
-        .into_iter()
-        .filter(|p| !p.is_adapter())
-        .map(|p| {
-            let shape = p.torch_shape();
-            (p.name, shape)
-        })
-        .collect();
-    let mut values: BTreeMap<String, TensorData> = BTreeMap::new();
-    for key in store.keys() {
-        let Some(name) = key.strip_prefix(KEY_PREFIX) else {
-            return Err(PeftError::AdapterMismatch(format!(
-                "{}: key `{key}` lacks PEFT's `{KEY_PREFIX}` prefix",
-                weights.display()
-            )));
-        };
-        if let Some(module) = name
-            .strip_suffix(".lora_A.weight")
-            .or_else(|| name.strip_suffix(".lora_B.weight"))
-            .or_else(|| name.strip_suffix(".lora_embedding_A"))
-            .or_else(|| name.strip_suffix(".lora_embedding_B"))
-        {
-            if !lora.targeted.iter().any(|t| t == module) {
-                return Err(PeftError::AdapterMismatch(format!(
-                    "{}: `{key}` targets `{module}`, which the config's target_modules do not \
-                     select in this {} model (adapter for another architecture?)",
+    let mut lora = lora;
+    let model_type = lora.model.spec().model_type.clone();
+    let (targeted, embedding_targets) = (&lora.targeted, &lora.embedding_targets);
+    let (model, _) = load_base_params(
+        lora.model,
+        &store,
+        &weights,
+        |name| {
+            let module = name
+                .strip_suffix(".lora_A.weight")
+                .or_else(|| name.strip_suffix(".lora_B.weight"))
+                .or_else(|| name.strip_suffix(".lora_embedding_A"))
+                .or_else(|| name.strip_suffix(".lora_embedding_B"))?;
+            Some(if targeted.iter().any(|t| t == module) {
+                Ok(())
+            } else {
+                Err(PeftError::AdapterMismatch(format!(
+                    "{}: `{KEY_PREFIX}{name}` targets `{module}`, which the config's \
+                     target_modules do not select in this {model_type} model (adapter for \
+                     another architecture?)",
                     weights.display(),
-                    lora.model.spec().model_type
-                )));
-            }
-            continue;
-        }
+                )))
+            })
+        },
         // PEFT saves the base table of a LoRA-targeted embedding beside the pair (its
         // `save_embedding_layers="auto"`), as `<path>.base_layer.weight`.
-        let name = match name.strip_suffix(".base_layer.weight") {
-            Some(module) if lora.embedding_targets.iter().any(|t| t == module) => {
+        |name| match name.strip_suffix(".base_layer.weight") {
+            Some(module) if embedding_targets.iter().any(|t| t == module) => {
                 format!("{module}.weight")
             }
             _ => name.to_string(),
-        };
-        let name = name.as_str();
-        let Some(shape) = model_params.get(name) else {
-            return Err(PeftError::AdapterMismatch(format!(
-                "{}: `{key}` names no parameter of this {} model (adapter for another \
-                 architecture?)",
-                weights.display(),
-                lora.model.spec().model_type
-            )));
-        };
-        let (data, found) = store.f32(key)?;
-        if &found != shape {
-            return Err(PeftError::ShapeMismatch {
-                path: weights.clone(),
-                key: key.to_string(),
-                expected: shape.clone(),
-                found,
-            });
-        }
-        values.insert(name.to_string(), TensorData::new(data, found));
-    }
-    let mut lora = lora;
-    if !values.is_empty() {
-        lora.model = map_params(lora.model, |name, linear| match values.remove(name) {
-            Some(data) if linear => ParamUpdate::Value(transpose_data(data)),
-            Some(data) => ParamUpdate::Value(data),
-            None => ParamUpdate::Keep,
-        });
-    }
+        },
+    )?;
+    lora.model = model;
     if !trainable {
         lora.model = map_params(lora.model, |_, _| ParamUpdate::Trainable(false));
         lora.trainable = false;
@@ -319,19 +235,6 @@ fn peft_keys(path: &str, is_embedding: bool) -> (String, String) {
             format!("{KEY_PREFIX}{path}.lora_B.weight"),
         )
     }
-}
-
-fn transpose_data(data: TensorData) -> TensorData {
-    let shape = data.shape().to_vec();
-    let values: Vec<f32> = data.iter::<f32>().collect();
-    let (rows, cols) = (shape[0], shape[1]);
-    let mut out = vec![0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    TensorData::new(out, [cols, rows])
 }
 
 impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
@@ -361,10 +264,10 @@ impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
             let is_embedding = |module: &str| self.embedding_targets.iter().any(|t| t == module);
             if let Some(module) = name.strip_suffix(".adapter.lora_a") {
                 let (a_key, _) = peft_keys(module, is_embedding(module));
-                out.insert(a_key, transpose_host(value));
+                out.insert(a_key, transpose_host(&value));
             } else if let Some(module) = name.strip_suffix(".adapter.lora_b") {
                 let (_, b_key) = peft_keys(module, is_embedding(module));
-                out.insert(b_key, transpose_host(value));
+                out.insert(b_key, transpose_host(&value));
             } else if self.saved_params.contains(&name) {
                 out.insert(format!("{KEY_PREFIX}{name}"), value);
             } else if let Some(module) = name.strip_suffix(".weight")
@@ -380,17 +283,7 @@ impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
     /// PEFT's `save_pretrained(dir)`: `adapter_config.json` + `adapter_model.safetensors`, each
     /// written atomically.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
-        let tensors = self.adapter_tensors()?;
-        let mut metadata = std::collections::HashMap::new();
-        metadata.insert("format".to_string(), "pt".to_string());
-        save_safetensors(dir.join(WEIGHTS_NAME), &tensors, Some(metadata))?;
-        let mut config = self.config.clone();
-        config.inference_mode = true;
-        let json = serde_json::to_string_pretty(&config)
-            .map_err(|e| PeftError::json(dir.join(CONFIG_NAME), e))?;
-        write_atomic(dir.join(CONFIG_NAME), json.as_bytes())
+        save_adapter(dir.as_ref(), &self.config, &self.adapter_tensors()?)
     }
 
     /// PEFT's `merge_and_unload()`: folds every adapter into its base weight and returns the
@@ -433,16 +326,4 @@ where
         )?;
         Ok(self)
     }
-}
-
-fn transpose_host(t: peft_core::HostTensor) -> peft_core::HostTensor {
-    let values = peft_core::tensors::bytes_to_f32(t.dtype, &t.data).unwrap_or_default();
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut out = vec![0f32; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    peft_core::HostTensor::from_f32(vec![cols, rows], &out)
 }

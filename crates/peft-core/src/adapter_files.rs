@@ -1,0 +1,190 @@
+//! What every PEFT adapter folder shares: file names, the `base_model.model.` key prefix,
+//! `modules_to_save`, and loading the base parameters an adapter file carries.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use burn::tensor::TensorData;
+use serde::Serialize;
+
+use crate::model::CausalLm;
+use crate::modules::{ModuleInfo, ModuleKind};
+use crate::params::{ParamUpdate, map_params, named_params};
+use crate::tensors::{HostTensor, TensorStore, save_safetensors, write_atomic};
+use crate::{PeftError, Result};
+
+/// The adapter config file name PEFT uses.
+pub const CONFIG_NAME: &str = "adapter_config.json";
+/// The adapter weights file name PEFT uses.
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+/// Prefix of every key PEFT writes.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The modules `modules_to_save` names (a module matches a name when its path equals it or ends
+/// with `.name`), with an error listing the model's modules when a name matches nothing.
+pub fn modules_to_save(names: &[String], modules: &[ModuleInfo]) -> Result<Vec<ModuleInfo>> {
+    let mut chosen = Vec::new();
+    for name in names {
+        let found: Vec<&ModuleInfo> = modules
+            .iter()
+            .filter(|m| !m.tied && (m.path == *name || m.path.ends_with(&format!(".{name}"))))
+            .collect();
+        if found.is_empty() {
+            return Err(PeftError::TargetModulesNotFound {
+                targets: format!("modules_to_save [{name:?}]"),
+                available: modules.iter().map(|m| m.path.clone()).collect(),
+            });
+        }
+        chosen.extend(found.into_iter().cloned());
+    }
+    Ok(chosen)
+}
+
+/// Prepares `model` for `modules_to_save`: unties a tied `lm_head` when the input embedding is
+/// saved (PEFT trains a copy of the embedding while `lm_head` keeps the original), and returns the
+/// HF names of the parameters that then train in full.
+pub fn prepare_modules_to_save<M: CausalLm>(
+    model: M,
+    names: Option<&[String]>,
+) -> Result<(M, BTreeSet<String>)> {
+    let Some(names) = names else {
+        return Ok((model, BTreeSet::new()));
+    };
+    let chosen = modules_to_save(names, &model.modules())?;
+    let unties = model.spec().tie_word_embeddings
+        && chosen
+            .iter()
+            .any(|m| matches!(m.kind, ModuleKind::Embedding { .. }));
+    let model = if unties {
+        model.untie_word_embeddings()
+    } else {
+        model
+    };
+    let params = chosen
+        .iter()
+        .flat_map(|m| {
+            m.params()
+                .into_iter()
+                .map(move |(p, _)| format!("{}.{p}", m.path))
+        })
+        .collect();
+    Ok((model, params))
+}
+
+/// Sets which parameters train: exactly those named in `trainable`.
+pub fn set_trainable<M: burn::module::Module>(model: M, trainable: &BTreeSet<String>) -> M {
+    map_params(model, |name, _| {
+        ParamUpdate::Trainable(trainable.contains(name) || name.contains(".adapter."))
+    })
+}
+
+/// Loads into `model` the base parameters an adapter file carries (`modules_to_save` copies,
+/// biases, ...). `own_key` recognises the method's own keys (returning `Some(())` after checking
+/// them); every other key must name a parameter of the model, with its shape, or the adapter is
+/// refused as belonging to another model. `rename` maps a file name to a parameter name (PEFT's
+/// `base_layer.weight` of a LoRA-targeted embedding). Returns the model and the loaded names.
+pub fn load_base_params<M: CausalLm>(
+    model: M,
+    store: &TensorStore,
+    weights: &Path,
+    mut own_key: impl FnMut(&str) -> Option<Result<()>>,
+    rename: impl Fn(&str) -> String,
+) -> Result<(M, BTreeSet<String>)> {
+    let model_type = model.spec().model_type.clone();
+    let shapes: BTreeMap<String, Vec<usize>> = named_params(&model)
+        .into_iter()
+        .filter(|p| !p.is_adapter())
+        .map(|p| {
+            let shape = p.torch_shape();
+            (p.name, shape)
+        })
+        .collect();
+    let mut values: BTreeMap<String, TensorData> = BTreeMap::new();
+    for key in store.keys() {
+        let Some(name) = key.strip_prefix(KEY_PREFIX) else {
+            return Err(PeftError::AdapterMismatch(format!(
+                "{}: key `{key}` lacks PEFT's `{KEY_PREFIX}` prefix",
+                weights.display()
+            )));
+        };
+        if let Some(checked) = own_key(name) {
+            checked?;
+            continue;
+        }
+        let name = rename(name);
+        let Some(shape) = shapes.get(&name) else {
+            return Err(PeftError::AdapterMismatch(format!(
+                "{}: `{key}` names no parameter of this {model_type} model (adapter for another \
+                 architecture?)",
+                weights.display()
+            )));
+        };
+        let (data, found) = store.f32(key)?;
+        if &found != shape {
+            return Err(PeftError::ShapeMismatch {
+                path: weights.to_path_buf(),
+                key: key.to_string(),
+                expected: shape.clone(),
+                found,
+            });
+        }
+        values.insert(name, TensorData::new(data, found));
+    }
+    let loaded: BTreeSet<String> = values.keys().cloned().collect();
+    let model = if values.is_empty() {
+        model
+    } else {
+        map_params(model, |name, linear| match values.remove(name) {
+            Some(data) if linear => ParamUpdate::Value(transpose_data(data)),
+            Some(data) => ParamUpdate::Value(data),
+            None => ParamUpdate::Keep,
+        })
+    };
+    Ok((model, loaded))
+}
+
+/// Writes an adapter folder: `adapter_config.json` (with `inference_mode: true`, as PEFT saves)
+/// and `adapter_model.safetensors`, each atomically.
+pub fn save_adapter(
+    dir: &Path,
+    config: &impl Serialize,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    save_safetensors(dir.join(WEIGHTS_NAME), tensors, Some(metadata))?;
+    let mut json =
+        serde_json::to_value(config).map_err(|e| PeftError::json(dir.join(CONFIG_NAME), e))?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("inference_mode".into(), true.into());
+    }
+    let text = serde_json::to_string_pretty(&json)
+        .map_err(|e| PeftError::json(dir.join(CONFIG_NAME), e))?;
+    write_atomic(dir.join(CONFIG_NAME), text.as_bytes())
+}
+
+/// The transpose of a 2-D `[rows, cols]` f32 tensor.
+pub fn transpose_data(data: TensorData) -> TensorData {
+    let shape = data.shape().to_vec();
+    let values: Vec<f32> = data.iter::<f32>().collect();
+    let (rows, cols) = (shape[0], shape[1]);
+    TensorData::new(transpose(&values, rows, cols), [cols, rows])
+}
+
+/// The transpose of a 2-D host tensor (as f32).
+pub fn transpose_host(t: &HostTensor) -> HostTensor {
+    let values = crate::tensors::bytes_to_f32(t.dtype, &t.data).unwrap_or_default();
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    HostTensor::from_f32(vec![cols, rows], &transpose(&values, rows, cols))
+}
+
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
