@@ -98,3 +98,166 @@ pub fn max_diff_masked(a: &[f32], b: &[f32], mask: &[i64], width: usize) -> f32 
     }
     worst
 }
+
+/// A PEFT adapter fixture folder (`lora-bloom`, `ia3-llama`, ...).
+pub fn adapter_dir(name: &str) -> PathBuf {
+    fixtures().join("adapters").join(name)
+}
+
+/// The base model fixture an adapter fixture was made on.
+pub fn base_of(adapter: &str) -> &'static str {
+    if adapter.contains("llama") {
+        "llama-tiny"
+    } else {
+        "bloom-tiny"
+    }
+}
+
+/// The logits of `model` on a reference batch.
+pub fn logits<M: peft_core::CausalLm>(model: &M, reference: &Reference) -> Vec<f32> {
+    let device = model.device();
+    let input = peft_core::ModelInput::with_mask(reference.ids(&device), reference.mask(&device));
+    to_vec(model.forward(input, None).expect("forward pass"))
+}
+
+/// `reference/<name>.json`.
+pub fn reference_json(name: &str) -> serde_json::Value {
+    let path = fixtures().join("reference").join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("reference json")).expect("json")
+}
+
+/// `‖a − b‖ / ‖b‖`.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f32>()
+        .sqrt();
+    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+    num / den
+}
+
+/// Largest |a − b| between two host tensors' values.
+pub fn max_abs_diff(a: &peft_core::HostTensor, b: &peft_core::HostTensor) -> f32 {
+    let a = peft_core::tensors::bytes_to_f32(a.dtype, &a.data).expect("float tensor");
+    let b = peft_core::tensors::bytes_to_f32(b.dtype, &b.data).expect("float tensor");
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// One AdamW step (lr 1e-2, wd 0.01, eps 1e-8, betas 0.9/0.999) of `model` on the batch of a
+/// `reference/<name>-train.safetensors` file, compared with PyTorch's: the loss (relative 1e-5),
+/// then the gradient and the updated value of every tensor the file has (relative 1e-4).
+/// `file_key` maps a parameter's HF name to its key in the file (`None` = not trained). Returns
+/// how many tensors were checked.
+pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
+    model: M,
+    train: &str,
+    file_key: impl Fn(&str) -> Option<String>,
+) -> usize {
+    use burn::optim::{AdamWConfig, GradientsParams};
+    use peft_core::loss::causal_lm_loss;
+
+    let store = TensorStore::open(
+        fixtures()
+            .join("reference")
+            .join(format!("{train}.safetensors")),
+    )
+    .expect("training reference");
+    let device = model.device();
+    let (ids, shape) = store.i64("input_ids").unwrap();
+    let (mask, _) = store.i64("attention_mask").unwrap();
+    let shape = [shape[0], shape[1]];
+    let tensor = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, shape), &device);
+    let logits = model
+        .forward(
+            peft_core::ModelInput::with_mask(tensor(ids.clone()), tensor(mask)),
+            None,
+        )
+        .unwrap();
+    let loss = causal_lm_loss(logits, tensor(ids));
+    let ours: f32 = loss.clone().into_scalar();
+    let theirs = store.f32("loss").unwrap().0[0];
+    assert!(
+        ((ours - theirs) / theirs).abs() <= 1e-5,
+        "loss {ours} vs PyTorch {theirs}"
+    );
+
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let params = peft_core::params::named_params(&model);
+    let mut checked = Vec::new();
+    for p in &params {
+        let Some(key) = file_key(&p.name) else {
+            continue;
+        };
+        let grad = match p.shape.len() {
+            1 => grads.get::<1>(p.id).map(to_vec),
+            2 => grads.get::<2>(p.id).map(|g| to_vec(g.transpose())),
+            _ => None,
+        };
+        let grad = grad.unwrap_or_else(|| panic!("{} received no gradient", p.name));
+        let (expected, _) = store.f32(&format!("grad.{key}")).unwrap();
+        let err = relative_error(&grad, &expected);
+        assert!(err <= 1e-4, "{key}: gradient relative error {err}");
+        checked.push(key);
+    }
+    let in_file = store.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(
+        checked.len(),
+        in_file,
+        "every gradient PyTorch recorded is checked"
+    );
+    let frozen = params
+        .iter()
+        .filter(|p| file_key(&p.name).is_none() && p.shape.len() == 2)
+        .find(|p| grads.get::<2>(p.id).is_some());
+    assert!(
+        frozen.is_none(),
+        "frozen {:?} received a gradient",
+        frozen.map(|p| &p.name)
+    );
+
+    let mut optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init();
+    let stepped = optim.step(1e-2, model, grads);
+    for (name, mut value) in peft_core::params::named_values(&stepped).unwrap() {
+        let Some(key) = file_key(&name) else {
+            continue;
+        };
+        // named_values gives linear weights in PyTorch's layout; 2-D adapter tensors (LoRA's
+        // `[in, r]`, `[r, out]`) are still in burn's.
+        if name.contains(".adapter.") && value.shape.len() == 2 {
+            value = peft_core::adapter_files::transpose_host(&value);
+        }
+        let mut ours = peft_core::tensors::bytes_to_f32(value.dtype, &value.data).unwrap();
+        let (expected, _) = store.f32(&format!("after.{key}")).unwrap();
+        // Some gradients are zero analytically (a key bias shifts every score of a row alike,
+        // which softmax ignores) and only rounding noise numerically; Adam turns noise into a
+        // full ±lr step of random sign in both frameworks. Such elements are checked to move by
+        // at most one step, the others compared exactly.
+        let (grad, _) = store.f32(&format!("grad.{key}")).unwrap();
+        let (before, _) = store.f32(&format!("before.{key}")).unwrap();
+        let scale = grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+        for i in 0..ours.len() {
+            if grad[i].abs() <= 1e-5 * scale {
+                let moved = (ours[i] - before[i]).abs();
+                assert!(
+                    moved <= 1.01e-2 + 1e-4 * before[i].abs(),
+                    "{key}[{i}] moved {moved}"
+                );
+                ours[i] = expected[i];
+            }
+        }
+        let err = relative_error(&ours, &expected);
+        assert!(
+            err <= 1e-4,
+            "{key}: value after AdamW, relative error {err}"
+        );
+    }
+    checked.len()
+}

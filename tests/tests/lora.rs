@@ -6,39 +6,12 @@ use std::collections::BTreeMap;
 use peft_core::params::named_values;
 use peft_core::{CausalLm, ModelInput, TensorStore};
 use peft_lora::{LoraConfig, from_pretrained, get_peft_model};
-use peft_tests::{Reference, device, fixtures, max_diff_masked, model_dir, to_vec};
+use peft_tests::{
+    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, logits, max_abs_diff,
+    max_diff_masked, model_dir, reference_json, to_vec,
+};
 
 const TOLERANCE: f32 = 1e-4;
-
-fn adapter_dir(name: &str) -> std::path::PathBuf {
-    fixtures().join("adapters").join(name)
-}
-
-fn base_of(adapter: &str) -> &'static str {
-    if adapter.contains("llama") {
-        "llama-tiny"
-    } else {
-        "bloom-tiny"
-    }
-}
-
-fn logits<M: CausalLm>(model: &M, reference: &Reference) -> Vec<f32> {
-    let device = model.device();
-    to_vec(
-        model
-            .forward(
-                ModelInput::with_mask(reference.ids(&device), reference.mask(&device)),
-                None,
-            )
-            .unwrap(),
-    )
-}
-
-fn reference_json(name: &str) -> serde_json::Value {
-    let text =
-        std::fs::read_to_string(fixtures().join("reference").join(format!("{name}.json"))).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 /// A PEFT-saved adapter gives PEFT's logits on the left-padded batch, and they differ from the
 /// base model's.
@@ -98,16 +71,7 @@ fn merge_matches_unmerged(name: &str) {
         if lora.saved_params.contains(key) {
             continue;
         }
-        let after = &restored[key];
-        let (b, a) = (
-            peft_core::tensors::bytes_to_f32(before.dtype, &before.data).unwrap(),
-            peft_core::tensors::bytes_to_f32(after.dtype, &after.data).unwrap(),
-        );
-        let worst = b
-            .iter()
-            .zip(&a)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(before, &restored[key]);
         assert!(worst <= 1e-6, "{name}: {key} off by {worst} after unmerge");
     }
 
@@ -397,105 +361,22 @@ mod bad_input {
 }
 
 /// One training step from PEFT's adapter: same loss, same LoRA gradients, same AdamW update as
-/// PyTorch (relative error ≤ 1e-4).
+/// PyTorch (relative error ≤ 1e-4); the frozen base gets no gradient.
 #[test]
 fn one_adamw_step_matches_pytorch() {
-    use burn::optim::{AdamWConfig, GradientsParams};
-    use burn::tensor::{Int, Tensor, TensorData};
-    use peft_core::loss::causal_lm_loss;
-
     let device = device().autodiff();
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     let lora = from_pretrained(base, adapter_dir("lora-bloom"), true).unwrap();
-    let train =
-        TensorStore::open(fixtures().join("reference/lora-bloom-train.safetensors")).unwrap();
-
-    // PyTorch's step ran on an unpadded batch (see fixtures/make_fixtures.py); labels = ids.
-    let (ids, shape) = train.i64("input_ids").unwrap();
-    let (mask, _) = train.i64("attention_mask").unwrap();
-    let shape = [shape[0], shape[1]];
-    let tensor = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, shape), &device);
-    let logits = lora
-        .model
-        .forward(
-            ModelInput::with_mask(tensor(ids.clone()), tensor(mask)),
-            None,
-        )
-        .unwrap();
-    let labels = tensor(ids);
-    let loss = causal_lm_loss(logits, labels);
-    let ours: f32 = loss.clone().into_scalar();
-    let theirs = train.f32("loss").unwrap().0[0];
-    assert!(
-        ((ours - theirs) / theirs).abs() <= 1e-5,
-        "loss {ours} vs {theirs}"
-    );
-
-    let grads = loss.backward();
-    let relative = |a: &[f32], b: &[f32]| {
-        let num: f32 = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).powi(2))
-            .sum::<f32>()
-            .sqrt();
-        let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-        num / den
-    };
-    let mut checked = 0;
-    for layer in 0..2 {
-        let adapted = &lora.model;
-        let peft_models::AnyModel::Bloom(bloom) = adapted else {
-            panic!("bloom fixture")
+    let checked = assert_adamw_step_matches(lora.model, "lora-bloom-train", |name| {
+        let (module, which) = name.rsplit_once(".adapter.")?;
+        let suffix = if which == "lora_a" {
+            "lora_A"
+        } else {
+            "lora_B"
         };
-        let qkv = &bloom.transformer.h[layer].self_attention.query_key_value;
-        let adapter = qkv.adapter.as_ref().unwrap();
-        let key = format!("base_model.model.transformer.h.{layer}.self_attention.query_key_value");
-        for (param, suffix) in [(&adapter.lora_a, "lora_A"), (&adapter.lora_b, "lora_B")] {
-            let grad = param
-                .val()
-                .grad(&grads)
-                .expect("LoRA parameters receive gradients");
-            let ours = to_vec(grad.transpose());
-            let (theirs, _) = train.f32(&format!("grad.{key}.{suffix}.weight")).unwrap();
-            let err = relative(&ours, &theirs);
-            assert!(err <= 1e-4, "{key}.{suffix} gradient relative error {err}");
-            checked += 1;
-        }
-        // The frozen base gets no gradient.
-        assert!(qkv.base.weight.val().grad(&grads).is_none());
-    }
+        Some(format!("base_model.model.{module}.{suffix}.weight"))
+    });
     assert_eq!(checked, 4);
-
-    let grads = GradientsParams::from_grads(grads, &lora.model);
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init();
-    let stepped = optim.step(1e-2, lora.model, grads);
-    let peft_models::AnyModel::Bloom(bloom) = &stepped else {
-        panic!("bloom fixture")
-    };
-    for layer in 0..2 {
-        let adapter = bloom.transformer.h[layer]
-            .self_attention
-            .query_key_value
-            .adapter
-            .as_ref()
-            .unwrap();
-        let key = format!("base_model.model.transformer.h.{layer}.self_attention.query_key_value");
-        for (param, suffix) in [(&adapter.lora_a, "lora_A"), (&adapter.lora_b, "lora_B")] {
-            let ours = to_vec(param.val().transpose());
-            let (theirs, _) = train.f32(&format!("after.{key}.{suffix}.weight")).unwrap();
-            let err = relative(&ours, &theirs);
-            assert!(
-                err <= 1e-4,
-                "{key}.{suffix} after AdamW: relative error {err}"
-            );
-        }
-    }
 }
 
 /// On a left-padded batch the gradient of LoRA B agrees with central finite differences of the

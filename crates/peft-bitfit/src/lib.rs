@@ -1,4 +1,192 @@
 //! # peft-bitfit
 //!
-//! BitFit: fine-tune only the bias terms of a model. Not implemented yet (issue "peft-ia3 and
-//! peft-bitfit"); this crate deliberately exposes no API until it is.
+//! BitFit (Ben Zaken et al., 2021): freeze every parameter except the bias terms — the seed
+//! tutorial's loop `if "bias" not in name: param.requires_grad = False` — optionally restricted by
+//! a regex on the bias names. Not a PEFT type, so the adapter format is peft-rs' own, built like
+//! PEFT's: `adapter_config.json` (`"peft_type": "BITFIT"`) and `adapter_model.safetensors` holding
+//! the trained biases under `base_model.model.<hf name>`. "Merging" is writing the model with
+//! its trained biases as a normal HF checkpoint.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use peft_bitfit::{BitFitConfig, bitfit};
+//!
+//! let base = peft_models::load("tests/fixtures/models/bloom-tiny", &Device::flex()).unwrap();
+//! let model = bitfit(base, BitFitConfig::default()).unwrap();
+//! println!("num_param = {}", model.num_param()); // the seed's count
+//! println!("{}", model.trainable_summary());
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use peft_core::adapter_files::{
+    CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, load_base_params, save_adapter, set_trainable,
+};
+use peft_core::params::{named_params, named_values};
+use peft_core::{CausalLm, HostTensor, PeftError, PeftType, Result, TensorStore, TrainableSummary};
+
+/// BitFit's adapter config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BitFitConfig {
+    /// Always `BITFIT`.
+    #[serde(default = "bitfit_type")]
+    pub peft_type: PeftType,
+    /// The base model the adapter belongs to.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Only biases whose HF name matches this regex (anywhere in the name) train, e.g.
+    /// `self_attention` for attention biases only; `None` = every bias.
+    #[serde(default)]
+    pub bias_pattern: Option<String>,
+    /// Written as `true` when saving, as PEFT does.
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+fn bitfit_type() -> PeftType {
+    PeftType::BitFit
+}
+
+impl Default for BitFitConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+/// A model whose selected biases train.
+#[derive(Debug)]
+pub struct BitFitModel<M> {
+    /// The model, every non-selected parameter frozen.
+    pub model: M,
+    /// The config.
+    pub config: BitFitConfig,
+    /// HF names of the biases that train.
+    pub biases: Vec<String>,
+}
+
+/// Freezes everything but the biases `config` selects.
+///
+/// A model without biases (Llama) is an error that says so and names architectures that have
+/// them, never a silent zero-parameter run.
+pub fn bitfit<M: CausalLm>(model: M, config: BitFitConfig) -> Result<BitFitModel<M>> {
+    if config.peft_type != PeftType::BitFit {
+        return Err(PeftError::config(
+            "BitFitConfig",
+            "peft_type",
+            format!("expected BITFIT, found {:?}", config.peft_type),
+        ));
+    }
+    let pattern = config
+        .bias_pattern
+        .as_deref()
+        .map(|p| {
+            regex::Regex::new(p).map_err(|e| PeftError::InvalidRegex {
+                field: "bias_pattern".into(),
+                pattern: p.to_string(),
+                reason: e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            })
+        })
+        .transpose()?;
+    let all_biases: Vec<String> = named_params(&model)
+        .into_iter()
+        .filter(|p| !p.is_adapter() && p.name.contains("bias"))
+        .map(|p| p.name)
+        .collect();
+    if all_biases.is_empty() {
+        return Err(PeftError::Unsupported(format!(
+            "BitFit needs bias parameters, and this {} model has none; architectures with \
+             biases: bloom (every linear and LayerNorm), qwen2 (q/k/v projections)",
+            model.spec().model_type
+        )));
+    }
+    let biases: Vec<String> = all_biases
+        .iter()
+        .filter(|name| pattern.as_ref().is_none_or(|re| re.is_match(name)))
+        .cloned()
+        .collect();
+    if biases.is_empty() {
+        return Err(PeftError::config(
+            "BitFitConfig",
+            "bias_pattern",
+            format!(
+                "`{}` matches none of the model's biases: {}",
+                config.bias_pattern.as_deref().unwrap_or_default(),
+                all_biases.join(", ")
+            ),
+        ));
+    }
+    let model = set_trainable(model, &biases.iter().cloned().collect());
+    Ok(BitFitModel {
+        model,
+        config,
+        biases,
+    })
+}
+
+/// Loads a BitFit adapter folder onto `base`: the saved biases replace the base ones.
+pub fn from_pretrained<M: CausalLm>(
+    base: M,
+    adapter_dir: impl AsRef<Path>,
+) -> Result<BitFitModel<M>> {
+    let dir = adapter_dir.as_ref();
+    let config: BitFitConfig = peft_core::config::read_config(dir.join(CONFIG_NAME))?;
+    let weights = dir.join(WEIGHTS_NAME);
+    let store = TensorStore::open(&weights)?;
+    let mut model = bitfit(base, config)?;
+    let (loaded, names) =
+        load_base_params(model.model, &store, &weights, |_| None, str::to_string)?;
+    model.model = loaded;
+    if let Some(missing) = model.biases.iter().find(|b| !names.contains(*b)) {
+        return Err(PeftError::MissingTensor {
+            path: weights,
+            key: format!("{KEY_PREFIX}{missing}"),
+        });
+    }
+    Ok(model)
+}
+
+impl<M: CausalLm> BitFitModel<M> {
+    /// The seed tutorial's `num_param`: elements of the trained biases.
+    pub fn num_param(&self) -> usize {
+        self.trainable_summary().trainable
+    }
+
+    /// PEFT-style `trainable params: … || all params: … || trainable%: …` numbers.
+    pub fn trainable_summary(&self) -> TrainableSummary {
+        let params = named_params(&self.model);
+        TrainableSummary {
+            trainable: params
+                .iter()
+                .filter(|p| self.biases.contains(&p.name))
+                .map(|p| p.numel())
+                .sum(),
+            all: params.iter().map(|p| p.numel()).sum(),
+        }
+    }
+
+    /// The trained biases under `base_model.model.<hf name>`.
+    pub fn adapter_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
+        Ok(named_values(&self.model)?
+            .into_iter()
+            .filter(|(name, _)| self.biases.contains(name))
+            .map(|(name, value)| (format!("{KEY_PREFIX}{name}"), value))
+            .collect())
+    }
+
+    /// Writes `adapter_config.json` + `adapter_model.safetensors`.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_adapter(dir.as_ref(), &self.config, &self.adapter_tensors()?)
+    }
+
+    /// The model with its trained biases, ready for `peft_models::save_pretrained`.
+    pub fn merge_and_unload(self) -> M {
+        self.model
+    }
+}

@@ -6,8 +6,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_bitfit::BitFitConfig;
 use peft_core::tensors::save_safetensors;
 use peft_core::{CausalLm, HostTensor, ModelInput, ModuleKind, NoAdapter, PeftType, TensorStore};
+use peft_ia3::{Ia3Config, Ia3Linear, Ia3Model};
 use peft_lora::{LoraConfig, LoraLinear, LoraModel};
 use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
 
@@ -17,6 +19,18 @@ use crate::{DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelAr
 enum Loaded {
     Plain(Box<AnyModel<NoAdapter>>),
     Lora(Box<LoraModel<AnyModel<LoraLinear>>>),
+    Ia3(Box<Ia3Model<AnyModel<Ia3Linear>>>),
+}
+
+impl Loaded {
+    /// The plain model after `merge_and_unload` (BitFit's biases are already in place).
+    fn merge_and_unload(self) -> Result<AnyModel<NoAdapter>> {
+        Ok(match self {
+            Loaded::Plain(m) => *m,
+            Loaded::Lora(l) => l.merge_and_unload()?,
+            Loaded::Ia3(m) => m.merge_and_unload()?,
+        })
+    }
 }
 
 /// Runs `$body` with `$m` bound to the loaded model, whatever its adapter type.
@@ -29,6 +43,10 @@ macro_rules! with_model {
             }
             Loaded::Lora(ref lora) => {
                 let $m = &lora.model;
+                $body
+            }
+            Loaded::Ia3(ref ia3) => {
+                let $m = &ia3.model;
                 $body
             }
         }
@@ -48,18 +66,29 @@ fn load_base(model: &Path, device: &Device) -> Result<AnyModel<NoAdapter>> {
     peft_models::load(model, device).with_context(|| format!("loading model {}", model.display()))
 }
 
-fn load_lora(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<LoraModel<AnyModel<LoraLinear>>> {
+/// Loads an adapter folder of any implemented method onto `base`.
+fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Loaded> {
     let config = adapter.join("adapter_config.json");
     let header = peft_core::config::read_header(&config)
         .with_context(|| format!("reading adapter {}", adapter.display()))?;
-    match header.peft_type {
-        PeftType::Lora => peft_lora::from_pretrained(base, adapter, false)
-            .with_context(|| format!("loading adapter {}", adapter.display())),
+    let context = || format!("loading adapter {}", adapter.display());
+    Ok(match header.peft_type {
+        PeftType::Lora => Loaded::Lora(Box::new(
+            peft_lora::from_pretrained(base, adapter, false).with_context(context)?,
+        )),
+        PeftType::Ia3 => Loaded::Ia3(Box::new(
+            peft_ia3::from_pretrained(base, adapter, false).with_context(context)?,
+        )),
+        PeftType::BitFit => Loaded::Plain(Box::new(
+            peft_bitfit::from_pretrained(base, adapter)
+                .with_context(context)?
+                .merge_and_unload(),
+        )),
         other => bail!(
             "--adapter: {other:?} adapters are not implemented in this version of peft-rs yet ({})",
             config.display()
         ),
-    }
+    })
 }
 
 fn load_model(args: &ModelArgs) -> Result<Loaded> {
@@ -68,11 +97,11 @@ fn load_model(args: &ModelArgs) -> Result<Loaded> {
     let Some(adapter) = &args.adapter else {
         return Ok(Loaded::Plain(Box::new(base)));
     };
-    let lora = load_lora(base, adapter)?;
+    let loaded = load_adapter(base, adapter)?;
     Ok(if args.merge {
-        Loaded::Plain(Box::new(lora.merge_and_unload()?))
+        Loaded::Plain(Box::new(loaded.merge_and_unload()?))
     } else {
-        Loaded::Lora(Box::new(lora))
+        loaded
     })
 }
 
@@ -221,29 +250,88 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     let model = load_base(&args.model, &device)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let printed = match &args.config {
-        None => print_modules(&mut out, &model, &args.model),
-        Some(config_path) => {
-            let header = peft_core::config::read_header(config_path)?;
-            if header.peft_type != PeftType::Lora {
-                bail!(
-                    "{}: inspecting {:?} configs is not implemented yet",
-                    config_path.display(),
-                    header.peft_type
-                );
-            }
-            let config = LoraConfig::from_file(config_path)?;
-            let lora = peft_lora::get_peft_model(model, config)?;
-            print_modules(&mut out, &lora.model, &args.model).and_then(|()| {
-                writeln!(out, "\ntargeted modules ({}):", lora.targeted.len())?;
-                for path in &lora.targeted {
-                    writeln!(out, "  {path}")?;
+    let printed = match (&args.config, args.method.as_deref()) {
+        (None, None) => print_modules(&mut out, &model, &args.model),
+        (Some(_), Some(_)) => bail!("give --config or --method, not both"),
+        (None, Some("bitfit")) => {
+            let bitfit = peft_bitfit::bitfit(model, BitFitConfig::default())?;
+            print_modules(&mut out, &bitfit.model, &args.model).and_then(|()| {
+                writeln!(out, "\ntrained biases ({}):", bitfit.biases.len())?;
+                for name in &bitfit.biases {
+                    writeln!(out, "  {name}")?;
                 }
-                for name in &lora.saved_params {
-                    writeln!(out, "  {name} (trained in full)")?;
-                }
-                writeln!(out, "{}", lora.trainable_summary())
+                writeln!(out, "num_param: {}", bitfit.num_param())?;
+                writeln!(out, "{}", bitfit.trainable_summary())
             })
+        }
+        (None, Some("lora")) => {
+            let lora = peft_lora::get_peft_model(model, LoraConfig::default())?;
+            print_targets(
+                &mut out,
+                &lora.model,
+                &args.model,
+                &lora.targeted,
+                &lora.saved_params,
+                lora.trainable_summary(),
+            )
+        }
+        (None, Some("ia3")) => {
+            let ia3 = peft_ia3::get_peft_model(model, Ia3Config::default())?;
+            print_targets(
+                &mut out,
+                &ia3.model,
+                &args.model,
+                &ia3.targeted,
+                &ia3.saved_params,
+                ia3.trainable_summary(),
+            )
+        }
+        (None, Some(other)) => bail!(
+            "--method {other}: inspect knows lora, ia3 and bitfit (other methods are not implemented yet)"
+        ),
+        (Some(config_path), None) => {
+            let header = peft_core::config::read_header(config_path)?;
+            match header.peft_type {
+                PeftType::Lora => {
+                    let lora =
+                        peft_lora::get_peft_model(model, LoraConfig::from_file(config_path)?)?;
+                    print_targets(
+                        &mut out,
+                        &lora.model,
+                        &args.model,
+                        &lora.targeted,
+                        &lora.saved_params,
+                        lora.trainable_summary(),
+                    )
+                }
+                PeftType::Ia3 => {
+                    let ia3 = peft_ia3::get_peft_model(model, Ia3Config::from_file(config_path)?)?;
+                    print_targets(
+                        &mut out,
+                        &ia3.model,
+                        &args.model,
+                        &ia3.targeted,
+                        &ia3.saved_params,
+                        ia3.trainable_summary(),
+                    )
+                }
+                PeftType::BitFit => {
+                    let config = peft_core::config::read_config(config_path)?;
+                    let bitfit = peft_bitfit::bitfit(model, config)?;
+                    print_targets(
+                        &mut out,
+                        &bitfit.model,
+                        &args.model,
+                        &bitfit.biases,
+                        &[],
+                        bitfit.trainable_summary(),
+                    )
+                }
+                other => bail!(
+                    "{}: inspecting {other:?} configs is not implemented yet",
+                    config_path.display()
+                ),
+            }
         }
     };
     match printed {
@@ -257,11 +345,31 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
 pub fn merge(args: MergeArgs) -> Result<()> {
     let device = device(&args.device)?;
     let base = load_base(&args.model, &device)?;
-    let merged = load_lora(base, &args.adapter)?.merge_and_unload()?;
+    let merged = load_adapter(base, &args.adapter)?.merge_and_unload()?;
     peft_models::save_pretrained(&merged, &args.model, &args.output)
         .with_context(|| format!("writing merged model to {}", args.output.display()))?;
     eprintln!("merged model written to {}", args.output.display());
     Ok(())
+}
+
+/// The model's modules, then what an adapter config targets and PEFT's trainable line.
+fn print_targets(
+    out: &mut impl Write,
+    model: &impl CausalLm,
+    dir: &Path,
+    targeted: &[String],
+    saved: &[String],
+    summary: peft_core::TrainableSummary,
+) -> std::io::Result<()> {
+    print_modules(out, model, dir)?;
+    writeln!(out, "\ntargeted modules ({}):", targeted.len())?;
+    for path in targeted {
+        writeln!(out, "  {path}")?;
+    }
+    for name in saved {
+        writeln!(out, "  {name} (trained in full)")?;
+    }
+    writeln!(out, "{summary}")
 }
 
 fn print_modules(out: &mut impl Write, model: &impl CausalLm, dir: &Path) -> std::io::Result<()> {

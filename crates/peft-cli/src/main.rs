@@ -109,6 +109,9 @@ struct InspectArgs {
     /// An adapter_config.json: show which modules it targets and the trainable-parameters line.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A method with its default config (lora, ia3, bitfit): show what it trains.
+    #[arg(long)]
+    method: Option<String>,
 }
 
 #[derive(Args, Debug)]

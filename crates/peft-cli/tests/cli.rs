@@ -415,3 +415,93 @@ fn adapter_errors_are_one_line() {
     ]);
     assert_clean_failure(&out, "PrefixTuning adapters are not implemented");
 }
+
+#[test]
+fn ia3_adapters_run_merged_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/ia3-llama.safetensors");
+    for merge in [false, true] {
+        let out_path = dir.path().join(format!("logits-{merge}.safetensors"));
+        let model_dir = model("llama-tiny");
+        let adapter_dir = adapter("ia3-llama");
+        let mut args = vec![
+            "logits",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--adapter",
+            adapter_dir.to_str().unwrap(),
+            "--inputs",
+            reference.to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+        ];
+        if merge {
+            args.push("--merge");
+        }
+        let out = peft(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let diff = logits_diff(&out_path, &reference);
+        assert!(diff <= 1e-4, "merge={merge}: max |Δ| = {diff}");
+    }
+}
+
+#[test]
+fn inspect_bitfit_prints_the_seed_count() {
+    let out = peft(&[
+        "inspect",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--method",
+        "bitfit",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("num_param: 1536\n"), "{stdout}");
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("trainable params: 1,536 || all params: 132,992 || trainable%: 1.1550")
+    );
+    let out = peft(&[
+        "inspect",
+        "--model",
+        model("llama-tiny").to_str().unwrap(),
+        "--method",
+        "bitfit",
+    ]);
+    assert_clean_failure(&out, "this llama model has none");
+}
+
+#[test]
+fn inspect_ia3_config_gives_peft_numbers() {
+    let out = peft(&[
+        "inspect",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--config",
+        adapter("ia3-bloom")
+            .join("adapter_config.json")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    // PEFT's numbers for this config: tests/fixtures/reference/ia3-bloom.json.
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("trainable params: 896 || all params: 133,888 || trainable%: 0.6692")
+    );
+}

@@ -1,0 +1,228 @@
+//! `IA3Config`: PEFT's `adapter_config.json` for (IA)³.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use peft_core::{PeftError, PeftType, Result, TargetModules};
+
+/// PEFT's `IA3Config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ia3Config {
+    /// Always `IA3`.
+    #[serde(default = "ia3_type")]
+    pub peft_type: PeftType,
+    /// PEFT's task type (`CAUSAL_LM`).
+    #[serde(default = "causal_lm")]
+    pub task_type: Option<String>,
+    /// The base model the adapter belongs to.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// PEFT writes `true` when saving.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Modules to scale; `None` = PEFT's default for the architecture.
+    #[serde(default)]
+    pub target_modules: Option<TargetModules>,
+    /// Modules never adapted.
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
+    /// The targets whose *input* is scaled (a subset of `target_modules`); `None` = PEFT's
+    /// default for the architecture.
+    #[serde(default)]
+    pub feedforward_modules: Option<TargetModules>,
+    /// Conv1D layout; these models use linear layers, so it is reset to `false` with a warning.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// Modules trained in full and saved with the adapter.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Start the scaling vectors at one (a no-op adapter); `false` draws them at random.
+    #[serde(default = "yes")]
+    pub init_ia3_weights: bool,
+    /// Everything else PEFT writes, kept so that a loaded config saves back unchanged.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+fn ia3_type() -> PeftType {
+    PeftType::Ia3
+}
+fn causal_lm() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+fn yes() -> bool {
+    true
+}
+
+/// PEFT keys with no effect on the computation.
+const HARMLESS: &[&str] = &["peft_version", "auto_mapping", "revision"];
+
+impl Default for Ia3Config {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+impl Ia3Config {
+    /// Reads `adapter_config.json`, validating it.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let config: Self = peft_core::config::read_config(path)?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Parses and validates a config from JSON text; `context` names it in errors.
+    pub fn from_json(json: &str, context: &str) -> Result<Self> {
+        let config: Self = serde_json::from_str(json).map_err(|e| PeftError::json(context, e))?;
+        config.validate(context)?;
+        Ok(config)
+    }
+
+    /// PEFT's checks: `feedforward_modules` must be a subset of `target_modules` when both are
+    /// lists. The error carries the fix.
+    pub fn validate(&self, context: &str) -> Result<()> {
+        if self.peft_type != PeftType::Ia3 {
+            return Err(PeftError::config(
+                context,
+                "peft_type",
+                format!("expected IA3, found {:?}", self.peft_type),
+            ));
+        }
+        if let (Some(TargetModules::List(targets)), Some(TargetModules::List(ff))) =
+            (&self.target_modules, &self.feedforward_modules)
+        {
+            let targets_set: BTreeSet<&String> = targets.iter().collect();
+            let missing: Vec<&String> = ff.iter().filter(|m| !targets_set.contains(m)).collect();
+            if !missing.is_empty() {
+                let mut fixed = targets.clone();
+                fixed.extend(missing.iter().map(|m| m.to_string()));
+                return Err(PeftError::config(
+                    context,
+                    "feedforward_modules",
+                    format!(
+                        "`feedforward_modules` should be a subset of `target_modules` \
+                         ({missing:?} not in {targets:?}); fix: target_modules = {fixed:?}"
+                    ),
+                ));
+            }
+        }
+        for key in self.other.keys() {
+            if !HARMLESS.contains(&key.as_str()) {
+                tracing::warn!("{context}: unknown key `{key}` ignored");
+            }
+        }
+        if self.fan_in_fan_out {
+            tracing::warn!(
+                "{context}: fan_in_fan_out is for Conv1D layers; these models use linear layers, \
+                 so it is set to false (as PEFT does)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The targets: the configured ones, or PEFT's default for `model_type`.
+    pub fn targets(&self, model_type: &str) -> Result<TargetModules> {
+        if let Some(t) = &self.target_modules {
+            return Ok(t.clone());
+        }
+        defaults(model_type, "target_modules", |d| d.0)
+    }
+
+    /// The feed-forward targets: the configured ones, or PEFT's default for `model_type`.
+    pub fn feedforward(&self, model_type: &str) -> Result<TargetModules> {
+        if let Some(t) = &self.feedforward_modules {
+            return Ok(t.clone());
+        }
+        defaults(model_type, "feedforward_modules", |d| d.1)
+    }
+
+    /// Whether the module at `path` is a feed-forward target, by PEFT's rule: a full-match regex
+    /// for a string, else a plain string suffix (`key.endswith(name)`, no dot required).
+    pub fn is_feedforward(&self, model_type: &str, path: &str) -> Result<bool> {
+        Ok(match self.feedforward(model_type)? {
+            TargetModules::List(names) => names.iter().any(|n| path.ends_with(n.as_str())),
+            TargetModules::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$"))
+                .map_err(|e| PeftError::InvalidRegex {
+                    field: "feedforward_modules".into(),
+                    pattern: p.clone(),
+                    reason: e
+                        .to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                })?
+                .is_match(path),
+        })
+    }
+}
+
+/// PEFT 0.21.2's `TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING`.
+fn defaults(
+    model_type: &str,
+    field: &str,
+    pick: impl Fn((&'static [&'static str], &'static [&'static str])) -> &'static [&'static str],
+) -> Result<TargetModules> {
+    let table: (&[&str], &[&str]) = match model_type {
+        "bloom" => (
+            &["query_key_value", "mlp.dense_4h_to_h"],
+            &["mlp.dense_4h_to_h"],
+        ),
+        "llama" => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+        "qwen2" => (&["q_proj", "v_proj", "down_proj"], &["down_proj"]),
+        other => {
+            return Err(PeftError::config(
+                "IA3Config",
+                field,
+                format!("no default for model_type `{other}`; set {field}"),
+            ));
+        }
+    };
+    Ok(TargetModules::List(
+        pick(table).iter().map(|s| s.to_string()).collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_call_gets_peft_message_and_the_fix() {
+        let err = Ia3Config::from_json(
+            r#"{"target_modules": ["query_key_value"], "feedforward_modules": ["mlp.dense_4h_to_h"]}"#,
+            "IA3Config",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`feedforward_modules` should be a subset of `target_modules`"),
+            "{err}"
+        );
+        assert!(
+            err.contains(r#"fix: target_modules = ["query_key_value", "mlp.dense_4h_to_h"]"#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn defaults_follow_peft() {
+        let c = Ia3Config::default();
+        assert!(c.init_ia3_weights);
+        assert_eq!(
+            c.targets("llama").unwrap(),
+            TargetModules::List(vec!["k_proj".into(), "v_proj".into(), "down_proj".into()])
+        );
+        assert!(
+            c.is_feedforward("bloom", "transformer.h.0.mlp.dense_4h_to_h")
+                .unwrap()
+        );
+        assert!(
+            !c.is_feedforward("bloom", "transformer.h.0.self_attention.query_key_value")
+                .unwrap()
+        );
+    }
+}
