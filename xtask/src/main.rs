@@ -5,6 +5,10 @@
 //! * `gpu-check [--device wgpu|cuda]` — on a machine with a GPU: build with the backend's
 //!   feature, run the model parity tests on the GPU, and time a forward pass. One short script,
 //!   meant to finish well under 10 minutes.
+//! * `bench [--quick] [--vs-pytorch] [--python PATH] [--device cpu|wgpu|cuda] [--cases a,b]` —
+//!   every case of `peft-bench` in its own release-built process, optionally alternating with
+//!   the PyTorch + PEFT script (`bench/bench_pytorch.py`) on the same work; a markdown table on
+//!   stdout and `target/bench/report.{json,md}`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,9 +25,11 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(&root, &args[1..]),
         Some("gpu-check") => gpu_check(&root, &args[1..]),
+        Some("bench") => bench(&root, &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <fixtures [--python PATH] | gpu-check [--device wgpu|cuda]>"
+                "usage: cargo xtask <fixtures [--python PATH] | gpu-check [--device wgpu|cuda] | \
+                 bench [--quick] [--vs-pytorch] [--python PATH] [--device D] [--cases a,b]>"
             );
             bail!("unknown or missing task")
         }
@@ -109,5 +115,203 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// The benchmark cases, in report order.
+const BENCH_CASES: [&str; 8] = [
+    "gemm",
+    "forward",
+    "lora-forward-unmerged",
+    "lora-forward-merged",
+    "lora-merge",
+    "lora-train",
+    "ia3-train",
+    "bitfit-train",
+];
+
+fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("parsing {line}"))
+}
+
+/// Merges repeated runs of one case: all times pooled, the peak memory the largest.
+fn pool(runs: &[serde_json::Value]) -> Option<serde_json::Value> {
+    let first = runs.first()?.clone();
+    let mut times: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r["times_s"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = *times.get(times.len() / 2)?;
+    let mut out = first;
+    let obj = out.as_object_mut()?;
+    obj.insert("times_s".into(), times.clone().into());
+    obj.insert("median_s".into(), median.into());
+    obj.insert("min_s".into(), times[0].into());
+    obj.insert("max_s".into(), times[times.len() - 1].into());
+    let peak = runs
+        .iter()
+        .filter_map(|r| r["peak_rss_bytes"].as_u64())
+        .max();
+    obj.insert("peak_rss_bytes".into(), peak.into());
+    if let (Some(gflop), true) = (obj.get("gflop").and_then(|g| g.as_f64()), median > 0.0) {
+        obj.insert("gflop_per_s".into(), (gflop / median).into());
+    }
+    if obj.contains_key("tokens_per_s") {
+        let tokens = obj["batch"].as_f64().unwrap_or(0.0) * obj["seq"].as_f64().unwrap_or(0.0);
+        obj.insert("tokens_per_s".into(), (tokens / median).into());
+    }
+    Some(out)
+}
+
+fn python_with_peft(root: &Path, args: &[String]) -> Option<PathBuf> {
+    let candidates = match flag(args, "--python") {
+        Some(p) => vec![PathBuf::from(p)],
+        None => vec![root.join("../pyref/bin/python"), PathBuf::from("python3")],
+    };
+    candidates.into_iter().find(|p| {
+        Command::new(p)
+            .args(["-c", "import torch, transformers, peft"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let device = flag(args, "--device").unwrap_or_else(|| "cpu".into());
+    let cases: Vec<String> = match flag(args, "--cases") {
+        Some(list) => list.split(',').map(str::to_string).collect(),
+        None => BENCH_CASES.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut build = Command::new("cargo");
+    build.args(["build", "--release", "--quiet", "-p", "peft-bench"]);
+    if device != "cpu" {
+        build.args(["--features", &format!("peft-bench/{device}")]);
+    }
+    run(build.current_dir(root))?;
+    let ours_bin = root.join("target/release/peft-bench");
+    let python = if args.iter().any(|a| a == "--vs-pytorch") {
+        let found = python_with_peft(root, args);
+        if found.is_none() {
+            eprintln!("PyTorch + PEFT not found (--python PATH): comparison skipped");
+        }
+        found
+    } else {
+        None
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rounds = if quick { 1 } else { 2 };
+    let mut rows = Vec::new();
+    for case in &cases {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        // A B A B: alternate so that a noisy neighbour hurts both sides alike.
+        for _ in 0..rounds {
+            let mut cmd = Command::new(&ours_bin);
+            cmd.args([case.as_str(), "--device", &device]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            ours.push(run_json(&mut cmd)?);
+            if let Some(py) = &python
+                && device == "cpu"
+            {
+                let mut cmd = Command::new(py);
+                cmd.arg(root.join("bench/bench_pytorch.py")).args([
+                    case.as_str(),
+                    "--threads",
+                    &threads.to_string(),
+                ]);
+                if quick {
+                    cmd.arg("--quick");
+                }
+                theirs.push(run_json(&mut cmd)?);
+            }
+        }
+        eprintln!("{case}: done");
+        rows.push(serde_json::json!({"case": case, "ours": pool(&ours), "pytorch": pool(&theirs)}));
+    }
+    let ratio = |row: &serde_json::Value, field: &str| -> Option<f64> {
+        let a = row["ours"][field].as_f64()?;
+        let b = row["pytorch"][field].as_f64()?;
+        (b > 0.0).then_some(a / b)
+    };
+    let mut md = String::new();
+    md.push_str(&format!(
+        "machine: {} ({threads} threads), device: {device}{}\n\n",
+        cpu_model(),
+        if quick { ", quick mode" } else { "" }
+    ));
+    md.push_str("| case | ours median (min–max) s | PyTorch+PEFT median s | time ours/theirs | ours peak RSS MiB | theirs MiB | RSS ours/theirs | ours tokens/s | ours GFLOP/s |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    let fmt =
+        |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |x| format!("{x:.digits$}"));
+    let mut json_rows = Vec::new();
+    for row in &rows {
+        let o = &row["ours"];
+        let t = &row["pytorch"];
+        let mib = |v: &serde_json::Value| v["peak_rss_bytes"].as_f64().map(|b| b / 1048576.0);
+        md.push_str(&format!(
+            "| {} | {} ({}–{}) | {} | {} | {} | {} | {} | {} | {} |\n",
+            row["case"].as_str().unwrap_or(""),
+            fmt(o["median_s"].as_f64(), 4),
+            fmt(o["min_s"].as_f64(), 4),
+            fmt(o["max_s"].as_f64(), 4),
+            fmt(t["median_s"].as_f64(), 4),
+            fmt(ratio(row, "median_s"), 2),
+            fmt(mib(o), 0),
+            fmt(mib(t), 0),
+            fmt(ratio(row, "peak_rss_bytes"), 2),
+            fmt(o["tokens_per_s"].as_f64(), 0),
+            fmt(o["gflop_per_s"].as_f64(), 1),
+        ));
+        let mut r = row.clone();
+        if let Some(obj) = r.as_object_mut() {
+            obj.insert("time_ratio".into(), ratio(row, "median_s").into());
+            obj.insert("rss_ratio".into(), ratio(row, "peak_rss_bytes").into());
+        }
+        json_rows.push(r);
+    }
+    if python.is_none() {
+        md.push_str("\nPyTorch comparison skipped (run with --vs-pytorch and a Python that has torch, transformers and peft).\n");
+    }
+    println!("{md}");
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let report = serde_json::json!({
+        "machine": cpu_model(),
+        "threads": threads,
+        "device": device,
+        "quick": quick,
+        "cases": json_rows,
+    });
+    std::fs::write(
+        out_dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(out_dir.join("report.md"), md)?;
+    eprintln!("wrote {}", out_dir.join("report.md").display());
     Ok(())
 }

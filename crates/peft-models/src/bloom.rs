@@ -97,7 +97,8 @@ impl BloomConfig {
         Ok(())
     }
 
-    fn spec(&self) -> ModelSpec {
+    /// Sizes and special tokens.
+    pub fn spec(&self) -> ModelSpec {
         ModelSpec {
             model_type: "bloom".into(),
             vocab_size: self.vocab_size,
@@ -346,57 +347,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
     }
 
     fn modules(&self) -> Vec<ModuleInfo> {
-        let s = &self.spec;
-        let h = s.hidden_size;
-        let linear = |path: String, i: usize, o: usize| ModuleInfo {
-            path,
-            kind: ModuleKind::Linear {
-                in_features: i,
-                out_features: o,
-                bias: true,
-            },
-            tied: false,
-        };
-        let ln = |path: String| ModuleInfo {
-            path,
-            kind: ModuleKind::LayerNorm { dim: h },
-            tied: false,
-        };
-        let mut m = vec![
-            ModuleInfo {
-                path: "transformer.word_embeddings".into(),
-                kind: ModuleKind::Embedding {
-                    num_embeddings: s.vocab_size,
-                    dim: h,
-                },
-                tied: false,
-            },
-            ln("transformer.word_embeddings_layernorm".into()),
-        ];
-        for i in 0..s.num_layers {
-            let p = format!("transformer.h.{i}");
-            m.push(ln(format!("{p}.input_layernorm")));
-            m.push(linear(
-                format!("{p}.self_attention.query_key_value"),
-                h,
-                3 * h,
-            ));
-            m.push(linear(format!("{p}.self_attention.dense"), h, h));
-            m.push(ln(format!("{p}.post_attention_layernorm")));
-            m.push(linear(format!("{p}.mlp.dense_h_to_4h"), h, 4 * h));
-            m.push(linear(format!("{p}.mlp.dense_4h_to_h"), 4 * h, h));
-        }
-        m.push(ln("transformer.ln_f".into()));
-        m.push(ModuleInfo {
-            path: "lm_head".into(),
-            kind: ModuleKind::Linear {
-                in_features: h,
-                out_features: s.vocab_size,
-                bias: false,
-            },
-            tied: self.lm_head.is_none(),
-        });
-        m
+        bloom_modules(&self.spec)
     }
 
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
@@ -507,6 +458,62 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
     fn device(&self) -> Device {
         self.transformer.word_embeddings.base.weight.val().device()
     }
+}
+
+/// Every module of a BLOOM model with these sizes, by HF path (`lm_head` marked tied when
+/// `spec.tie_word_embeddings`).
+pub fn bloom_modules(spec: &ModelSpec) -> Vec<ModuleInfo> {
+    let s = spec;
+    let h = s.hidden_size;
+    let linear = |path: String, i: usize, o: usize| ModuleInfo {
+        path,
+        kind: ModuleKind::Linear {
+            in_features: i,
+            out_features: o,
+            bias: true,
+        },
+        tied: false,
+    };
+    let ln = |path: String| ModuleInfo {
+        path,
+        kind: ModuleKind::LayerNorm { dim: h },
+        tied: false,
+    };
+    let mut m = vec![
+        ModuleInfo {
+            path: "transformer.word_embeddings".into(),
+            kind: ModuleKind::Embedding {
+                num_embeddings: s.vocab_size,
+                dim: h,
+            },
+            tied: false,
+        },
+        ln("transformer.word_embeddings_layernorm".into()),
+    ];
+    for i in 0..s.num_layers {
+        let p = format!("transformer.h.{i}");
+        m.push(ln(format!("{p}.input_layernorm")));
+        m.push(linear(
+            format!("{p}.self_attention.query_key_value"),
+            h,
+            3 * h,
+        ));
+        m.push(linear(format!("{p}.self_attention.dense"), h, h));
+        m.push(ln(format!("{p}.post_attention_layernorm")));
+        m.push(linear(format!("{p}.mlp.dense_h_to_4h"), h, 4 * h));
+        m.push(linear(format!("{p}.mlp.dense_4h_to_h"), 4 * h, h));
+    }
+    m.push(ln("transformer.ln_f".into()));
+    m.push(ModuleInfo {
+        path: "lm_head".into(),
+        kind: ModuleKind::Linear {
+            in_features: h,
+            out_features: s.vocab_size,
+            bias: false,
+        },
+        tied: s.tie_word_embeddings,
+    });
+    m
 }
 
 #[cfg(test)]

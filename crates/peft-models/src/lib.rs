@@ -187,3 +187,45 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         }
     }
 }
+
+/// A checkpoint of random weights for `config`, in memory: matrices uniform in ±0.035 (std
+/// ≈ 0.02, transformers' usual init), norm weights 1, biases 0. For benchmarks and tests that
+/// need a model of a given size without a file.
+pub fn random_checkpoint(config: &HfConfig, seed: u64) -> Result<TensorStore> {
+    use rand::{Rng, SeedableRng};
+
+    let modules = match config {
+        HfConfig::Bloom(c) => bloom::bloom_modules(&c.spec()),
+        HfConfig::Llama(c) => {
+            let qkv_bias = c.attention_bias || c.model_type == "qwen2";
+            llama::llama_modules(
+                &c.spec(),
+                c.intermediate_size,
+                [qkv_bias, c.attention_bias],
+                c.mlp_bias,
+            )
+        }
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors = std::collections::BTreeMap::new();
+    for m in modules.iter().filter(|m| !m.tied) {
+        let is_norm = matches!(
+            m.kind,
+            peft_core::ModuleKind::LayerNorm { .. } | peft_core::ModuleKind::RmsNorm { .. }
+        );
+        for (name, shape) in m.params() {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = match (name, is_norm) {
+                ("weight", true) => vec![1.0; n],
+                ("bias", _) => vec![0.0; n],
+                _ => (0..n).map(|_| rng.random_range(-0.035f32..0.035)).collect(),
+            };
+            tensors.insert(
+                format!("{}.{name}", m.path),
+                peft_core::HostTensor::from_f32(shape, &values),
+            );
+        }
+    }
+    let bytes = peft_core::tensors::serialize(&tensors, None)?;
+    TensorStore::from_bytes("<random checkpoint>", bytes)
+}

@@ -193,7 +193,8 @@ impl LlamaConfig {
         Ok(())
     }
 
-    fn spec(&self) -> ModelSpec {
+    /// Sizes and special tokens.
+    pub fn spec(&self) -> ModelSpec {
         ModelSpec {
             model_type: self.model_type.clone(),
             vocab_size: self.vocab_size,
@@ -442,74 +443,12 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
     }
 
     fn modules(&self) -> Vec<ModuleInfo> {
-        let s = &self.spec;
-        let (h, hd, im) = (s.hidden_size, s.head_dim, self.intermediate_size);
-        let linear = |path: String, i: usize, o: usize, bias: bool| ModuleInfo {
-            path,
-            kind: ModuleKind::Linear {
-                in_features: i,
-                out_features: o,
-                bias,
-            },
-            tied: false,
-        };
-        let norm = |path: String| ModuleInfo {
-            path,
-            kind: ModuleKind::RmsNorm { dim: h },
-            tied: false,
-        };
-        let [qkv_b, o_b] = self.attention_bias;
-        let mut m = vec![ModuleInfo {
-            path: "model.embed_tokens".into(),
-            kind: ModuleKind::Embedding {
-                num_embeddings: s.vocab_size,
-                dim: h,
-            },
-            tied: false,
-        }];
-        for i in 0..s.num_layers {
-            let p = format!("model.layers.{i}");
-            m.push(norm(format!("{p}.input_layernorm")));
-            m.push(linear(
-                format!("{p}.self_attn.q_proj"),
-                h,
-                s.num_heads * hd,
-                qkv_b,
-            ));
-            m.push(linear(
-                format!("{p}.self_attn.k_proj"),
-                h,
-                s.num_kv_heads * hd,
-                qkv_b,
-            ));
-            m.push(linear(
-                format!("{p}.self_attn.v_proj"),
-                h,
-                s.num_kv_heads * hd,
-                qkv_b,
-            ));
-            m.push(linear(
-                format!("{p}.self_attn.o_proj"),
-                s.num_heads * hd,
-                h,
-                o_b,
-            ));
-            m.push(norm(format!("{p}.post_attention_layernorm")));
-            m.push(linear(format!("{p}.mlp.gate_proj"), h, im, self.mlp_bias));
-            m.push(linear(format!("{p}.mlp.up_proj"), h, im, self.mlp_bias));
-            m.push(linear(format!("{p}.mlp.down_proj"), im, h, self.mlp_bias));
-        }
-        m.push(norm("model.norm".into()));
-        m.push(ModuleInfo {
-            path: "lm_head".into(),
-            kind: ModuleKind::Linear {
-                in_features: h,
-                out_features: s.vocab_size,
-                bias: false,
-            },
-            tied: self.lm_head.is_none(),
-        });
-        m
+        llama_modules(
+            &self.spec,
+            self.intermediate_size,
+            self.attention_bias,
+            self.mlp_bias,
+        )
     }
 
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
@@ -616,6 +555,84 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
     fn device(&self) -> Device {
         self.model.embed_tokens.base.weight.val().device()
     }
+}
+
+/// Every module of a Llama-family model with these sizes, by HF path. `attention_bias` is
+/// `[q/k/v, o]`.
+pub fn llama_modules(
+    spec: &ModelSpec,
+    intermediate_size: usize,
+    attention_bias: [bool; 2],
+    mlp_bias: bool,
+) -> Vec<ModuleInfo> {
+    let s = spec;
+    let (h, hd, im) = (s.hidden_size, s.head_dim, intermediate_size);
+    let linear = |path: String, i: usize, o: usize, bias: bool| ModuleInfo {
+        path,
+        kind: ModuleKind::Linear {
+            in_features: i,
+            out_features: o,
+            bias,
+        },
+        tied: false,
+    };
+    let norm = |path: String| ModuleInfo {
+        path,
+        kind: ModuleKind::RmsNorm { dim: h },
+        tied: false,
+    };
+    let [qkv_b, o_b] = attention_bias;
+    let mut m = vec![ModuleInfo {
+        path: "model.embed_tokens".into(),
+        kind: ModuleKind::Embedding {
+            num_embeddings: s.vocab_size,
+            dim: h,
+        },
+        tied: false,
+    }];
+    for i in 0..s.num_layers {
+        let p = format!("model.layers.{i}");
+        m.push(norm(format!("{p}.input_layernorm")));
+        m.push(linear(
+            format!("{p}.self_attn.q_proj"),
+            h,
+            s.num_heads * hd,
+            qkv_b,
+        ));
+        m.push(linear(
+            format!("{p}.self_attn.k_proj"),
+            h,
+            s.num_kv_heads * hd,
+            qkv_b,
+        ));
+        m.push(linear(
+            format!("{p}.self_attn.v_proj"),
+            h,
+            s.num_kv_heads * hd,
+            qkv_b,
+        ));
+        m.push(linear(
+            format!("{p}.self_attn.o_proj"),
+            s.num_heads * hd,
+            h,
+            o_b,
+        ));
+        m.push(norm(format!("{p}.post_attention_layernorm")));
+        m.push(linear(format!("{p}.mlp.gate_proj"), h, im, mlp_bias));
+        m.push(linear(format!("{p}.mlp.up_proj"), h, im, mlp_bias));
+        m.push(linear(format!("{p}.mlp.down_proj"), im, h, mlp_bias));
+    }
+    m.push(norm("model.norm".into()));
+    m.push(ModuleInfo {
+        path: "lm_head".into(),
+        kind: ModuleKind::Linear {
+            in_features: h,
+            out_features: s.vocab_size,
+            bias: false,
+        },
+        tied: s.tie_word_embeddings,
+    });
+    m
 }
 
 #[cfg(test)]

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""The PyTorch + PEFT side of `cargo xtask bench --vs-pytorch`: the same cases as peft-bench,
+one per process, printed as one JSON line with the same fields.
+
+    python bench/bench_pytorch.py <case> [--threads N] [--quick]
+"""
+
+import json
+import resource
+import sys
+import time
+
+import torch
+import transformers
+
+ARGS = sys.argv[1:]
+CASE = ARGS[0]
+QUICK = "--quick" in ARGS
+THREADS = int(ARGS[ARGS.index("--threads") + 1]) if "--threads" in ARGS else torch.get_num_threads()
+torch.set_num_threads(THREADS)
+BATCH, SEQ, WARMUP, REPS = (1, 32, 1, 2) if QUICK else (4, 128, 2, 10)
+
+
+def base_model():
+    config = transformers.BloomConfig(
+        vocab_size=8000, hidden_size=512, n_layer=4, n_head=8, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def timed(step):
+    times = []
+    for i in range(WARMUP + REPS):
+        start = time.perf_counter()
+        step()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    import peft
+
+    ids = torch.randint(4, 8000, (BATCH, SEQ))
+    mask = torch.ones_like(ids)
+    extra = {}
+    if CASE == "gemm":
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        times = timed(lambda: a @ b)
+    elif CASE == "forward":
+        model = base_model().eval()
+        with torch.no_grad():
+            times = timed(lambda: model(input_ids=ids, attention_mask=mask))
+    elif CASE.startswith("lora-forward") or CASE == "lora-merge":
+        model = peft.get_peft_model(base_model(), peft.LoraConfig(r=8, init_lora_weights=False)).eval()
+        if CASE == "lora-merge":
+            def merge_unmerge():
+                model.merge_adapter()
+                model.unmerge_adapter()
+            times = [t / 2 for t in timed(merge_unmerge)]
+        else:
+            if CASE == "lora-forward-merged":
+                model.merge_adapter()
+            with torch.no_grad():
+                times = timed(lambda: model(input_ids=ids, attention_mask=mask))
+    elif CASE in ("lora-train", "ia3-train", "bitfit-train"):
+        model = base_model()
+        if CASE == "lora-train":
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8))
+        elif CASE == "ia3-train":
+            model = peft.get_peft_model(model, peft.IA3Config())
+        else:
+            for name, p in model.named_parameters():
+                p.requires_grad = "bias" in name
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        extra["trainable_params"] = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        times = timed(step)
+    else:
+        print(f"unknown case {CASE}", file=sys.stderr)
+        return 2
+    s = sorted(times)
+    out = {
+        "case": CASE,
+        "impl": "pytorch+peft",
+        "batch": BATCH,
+        "seq": SEQ,
+        "times_s": times,
+        "median_s": s[len(s) // 2],
+        "min_s": s[0],
+        "max_s": s[-1],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "threads": THREADS,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        **extra,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

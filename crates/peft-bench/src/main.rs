@@ -1,0 +1,298 @@
+//! One benchmark case per process (so that peak memory does not mix), printed as one JSON line.
+//!
+//! ```text
+//! peft-bench <case> [--device cpu|wgpu|cuda] [--quick]
+//! ```
+//!
+//! Cases: `gemm`, `forward`, `lora-train`, `lora-forward-unmerged`, `lora-forward-merged`,
+//! `lora-merge`, `ia3-train`, `bitfit-train`. The model is the issue's ~16M-parameter BLOOM
+//! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
+//! `--quick` shrinks the batch and repetitions for a CI smoke run.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Int, Tensor};
+use peft_core::loss::causal_lm_loss;
+use peft_core::{CausalLm, ModelInput, NoAdapter, TrainableSummary};
+use peft_models::{AnyModel, BloomConfig, HfConfig};
+
+struct Settings {
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    reps: usize,
+}
+
+fn bloom_config() -> HfConfig {
+    HfConfig::Bloom(
+        serde_json::from_value(serde_json::json!({
+            "model_type": "bloom", "vocab_size": 8000, "hidden_size": 512, "n_layer": 4,
+            "n_head": 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3
+        }))
+        .map(|c: BloomConfig| c)
+        .expect("static config"),
+    )
+}
+
+fn base_model(device: &Device) -> AnyModel<NoAdapter> {
+    let config = bloom_config();
+    let store = peft_models::random_checkpoint(&config, 0).expect("random checkpoint");
+    peft_models::load_from(&config, &store, device).expect("model")
+}
+
+fn batch(s: &Settings, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let ids =
+        Tensor::<2, Int>::random([s.batch, s.seq], Distribution::Uniform(4.0, 7999.0), device);
+    let mask = Tensor::<2, Int>::ones([s.batch, s.seq], device);
+    (ids, mask)
+}
+
+/// Runs `step` `warmup + reps` times, timing the last `reps` (each synchronised with the device).
+fn time(s: &Settings, device: &Device, mut step: impl FnMut()) -> Vec<f64> {
+    let mut times = Vec::with_capacity(s.reps);
+    for i in 0..s.warmup + s.reps {
+        let started = Instant::now();
+        step();
+        let _ = device.sync();
+        if i >= s.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Floating-point operations of one forward pass: 2 per multiply-add in the linear layers
+/// (including the tied output projection) plus the two attention products.
+fn forward_flops(model: &impl CausalLm, s: &Settings) -> f64 {
+    let tokens = (s.batch * s.seq) as f64;
+    let linear: usize = model
+        .modules()
+        .iter()
+        .filter(|m| m.is_linear())
+        .map(|m| match m.kind {
+            peft_core::ModuleKind::Linear {
+                in_features,
+                out_features,
+                ..
+            } => in_features * out_features,
+            _ => 0,
+        })
+        .sum();
+    let spec = model.spec();
+    let attention = 4.0 * (spec.num_layers * s.batch * s.seq * s.seq * spec.hidden_size) as f64;
+    2.0 * linear as f64 * tokens + attention
+}
+
+fn train_step<M: CausalLm>(
+    model: M,
+    optim: &mut burn::optim::ModuleOptimizer,
+    ids: &Tensor<2, Int>,
+    mask: &Tensor<2, Int>,
+) -> M {
+    let logits = model
+        .forward(ModelInput::with_mask(ids.clone(), mask.clone()), None)
+        .expect("forward");
+    let loss = causal_lm_loss(logits, ids.clone());
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    optim.step(1e-4, model, grads)
+}
+
+fn adapter_bytes(save: impl FnOnce(&std::path::Path)) -> u64 {
+    let dir = std::env::temp_dir().join(format!("peft-bench-{}", std::process::id()));
+    save(&dir);
+    let size = std::fs::metadata(dir.join("adapter_model.safetensors")).map_or(0, |m| m.len());
+    let _ = std::fs::remove_dir_all(&dir);
+    size
+}
+
+fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, String> {
+    let mut extra = serde_json::Map::new();
+    let tokens = (s.batch * s.seq) as f64;
+    let (times, flops, summary): (Vec<f64>, f64, Option<TrainableSummary>) = match case {
+        "gemm" => {
+            let n = 1024;
+            let a = Tensor::<2>::random([n, n], Distribution::Default, device);
+            let b = Tensor::<2>::random([n, n], Distribution::Default, device);
+            let times = time(s, device, || {
+                let _ = a.clone().matmul(b.clone()).into_data();
+            });
+            (times, 2.0 * (n * n * n) as f64, None)
+        }
+        "forward" => {
+            let model = base_model(device);
+            let (ids, mask) = batch(s, device);
+            let flops = forward_flops(&model, s);
+            let times = time(s, device, || {
+                let _ = model.forward(ModelInput::with_mask(ids.clone(), mask.clone()), None);
+            });
+            (times, flops, None)
+        }
+        "lora-forward-unmerged" | "lora-forward-merged" | "lora-merge" => {
+            let config = peft_lora::LoraConfig {
+                init_lora_weights: peft_lora::InitLoraWeights::Flag(false),
+                ..peft_lora::LoraConfig::default()
+            };
+            let lora =
+                peft_lora::get_peft_model(base_model(device), config).map_err(|e| e.to_string())?;
+            let (ids, mask) = batch(s, device);
+            let flops = forward_flops(&lora.model, s);
+            match case {
+                "lora-merge" => {
+                    let mut holder = Some(lora);
+                    let times = time(s, device, || {
+                        let l = holder
+                            .take()
+                            .expect("model")
+                            .merge_adapter()
+                            .expect("merge");
+                        holder = Some(l.unmerge_adapter().expect("unmerge"));
+                    });
+                    // Each repetition merges and unmerges: half of it is the merge.
+                    (times.iter().map(|t| t / 2.0).collect(), 0.0, None)
+                }
+                "lora-forward-merged" => {
+                    let merged = lora.merge_adapter().map_err(|e| e.to_string())?;
+                    let times = time(s, device, || {
+                        let _ = merged
+                            .model
+                            .forward(ModelInput::with_mask(ids.clone(), mask.clone()), None);
+                    });
+                    (times, flops, None)
+                }
+                _ => {
+                    let times = time(s, device, || {
+                        let _ = lora
+                            .model
+                            .forward(ModelInput::with_mask(ids.clone(), mask.clone()), None);
+                    });
+                    (times, flops, None)
+                }
+            }
+        }
+        "lora-train" | "ia3-train" | "bitfit-train" => {
+            let device = device.clone().autodiff();
+            let (ids, mask) = batch(s, &device);
+            let mut optim = AdamWConfig::new().init();
+            let base = base_model(&device);
+            let flops = 2.0 * forward_flops(&base, s);
+            macro_rules! train {
+                ($wrapper:expr) => {{
+                    let wrapper = $wrapper;
+                    let summary = wrapper.trainable_summary();
+                    let bytes = adapter_bytes(|dir| wrapper.save_pretrained(dir).expect("save"));
+                    extra.insert("adapter_file_bytes".into(), bytes.into());
+                    let mut model = Some(wrapper.model);
+                    let times = time(s, &device, || {
+                        model = Some(train_step(
+                            model.take().expect("model"),
+                            &mut optim,
+                            &ids,
+                            &mask,
+                        ));
+                    });
+                    (times, flops, Some(summary))
+                }};
+            }
+            match case {
+                "lora-train" => train!(
+                    peft_lora::get_peft_model(base, peft_lora::LoraConfig::default())
+                        .map_err(|e| e.to_string())?
+                ),
+                "ia3-train" => train!(
+                    peft_ia3::get_peft_model(base, peft_ia3::Ia3Config::default())
+                        .map_err(|e| e.to_string())?
+                ),
+                _ => train!(
+                    peft_bitfit::bitfit(base, peft_bitfit::BitFitConfig::default())
+                        .map_err(|e| e.to_string())?
+                ),
+            }
+        }
+        other => return Err(format!("unknown case `{other}`")),
+    };
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let mut out = serde_json::json!({
+        "case": case,
+        "impl": "peft-rs",
+        "device": format!("{device:?}"),
+        "batch": s.batch,
+        "seq": s.seq,
+        "times_s": times,
+        "median_s": median,
+        "min_s": sorted[0],
+        "max_s": sorted[sorted.len() - 1],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
+    let obj = out.as_object_mut().expect("object");
+    if flops > 0.0 {
+        obj.insert("gflop".into(), (flops / 1e9).into());
+        obj.insert("gflop_per_s".into(), (flops / 1e9 / median).into());
+    }
+    if case != "gemm" && case != "lora-merge" {
+        obj.insert("tokens_per_s".into(), (tokens / median).into());
+    }
+    if let Some(summary) = summary {
+        obj.insert("trainable_params".into(), summary.trainable.into());
+        obj.insert("all_params".into(), summary.all.into());
+    }
+    obj.extend(extra);
+    Ok(out)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(case) = args.first() else {
+        eprintln!("usage: peft-bench <case> [--device cpu|wgpu|cuda] [--quick]");
+        return ExitCode::FAILURE;
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    let device_name = args
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| args.get(i + 1))
+        .map_or("cpu", String::as_str);
+    let device = match peft_core::device::parse_device(device_name) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = if quick {
+        Settings {
+            batch: 1,
+            seq: 32,
+            warmup: 1,
+            reps: 2,
+        }
+    } else {
+        Settings {
+            batch: 4,
+            seq: 128,
+            warmup: 2,
+            reps: 10,
+        }
+    };
+    match run(case, &settings, &device) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
