@@ -190,3 +190,28 @@ impl<M: CausalLm> BitFitModel<M> {
         self.model
     }
 }
+
+impl<M: CausalLm> peft_core::AdapterModel for BitFitModel<M> {
+    type Model = M;
+
+    fn model(&self) -> &M {
+        &self.model
+    }
+
+    fn with_model(mut self, model: M) -> Self {
+        self.model = model;
+        self
+    }
+
+    fn trainable_names(&self) -> Vec<String> {
+        self.biases.clone()
+    }
+
+    fn trainable_summary(&self) -> TrainableSummary {
+        BitFitModel::trainable_summary(self)
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        BitFitModel::save_pretrained(self, dir)
+    }
+}

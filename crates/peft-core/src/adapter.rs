@@ -202,3 +202,25 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
         }
     }
 }
+
+/// A model wrapped by a PEFT method (LoRA, IA3, BitFit, ...): what the training loop and the
+/// command line need, whichever method it is.
+pub trait AdapterModel: Sized {
+    /// The wrapped model.
+    type Model: crate::CausalLm;
+
+    /// The model, for forward passes.
+    fn model(&self) -> &Self::Model;
+
+    /// Replaces the model (after an optimizer step), keeping the method's bookkeeping.
+    fn with_model(self, model: Self::Model) -> Self;
+
+    /// Hugging Face names (see [`crate::params`]) of the parameters that train.
+    fn trainable_names(&self) -> Vec<String>;
+
+    /// PEFT's trainable-parameters numbers.
+    fn trainable_summary(&self) -> crate::TrainableSummary;
+
+    /// Writes the adapter folder in PEFT's format.
+    fn save_pretrained(&self, dir: &std::path::Path) -> Result<()>;
+}

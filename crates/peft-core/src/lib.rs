@@ -31,7 +31,7 @@ pub mod params;
 pub mod summary;
 pub mod tensors;
 
-pub use adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter, NoAdapter};
+pub use adapter::{AdaptableEmbedding, AdaptableLinear, AdapterModel, LayerAdapter, NoAdapter};
 pub use config::{ConfigHeader, PeftType, TargetModules};
 pub use error::{PeftError, Result};
 pub use model::{CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};

@@ -212,3 +212,39 @@ pub fn named_values<M: Module>(module: &M) -> crate::Result<Vec<(String, crate::
         None => Ok(collector.out),
     }
 }
+
+/// FNV-1a, 64 bits: a stable hash of a parameter name.
+fn stable_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+struct StableIds {
+    path: PathStack,
+}
+
+impl burn::module::ModuleMapper for StableIds {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let id = ParamId::from(stable_hash(&self.path.hf_name()));
+        let (_, value, mapper) = param.consume();
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// Gives every parameter an id derived from its Hugging Face name, so that optimizer state saved
+/// in one process (keyed by parameter id) applies to the same parameters in another — what exact
+/// training resumption needs. Gradient settings are kept.
+pub fn with_stable_ids<M: Module>(module: M) -> M {
+    module.map(&mut StableIds {
+        path: PathStack::default(),
+    })
+}

@@ -220,3 +220,32 @@ where
         Ok(self)
     }
 }
+
+impl<M: CausalLm<Adapter = Ia3Linear>> peft_core::AdapterModel for Ia3Model<M> {
+    type Model = M;
+
+    fn model(&self) -> &M {
+        &self.model
+    }
+
+    fn with_model(mut self, model: M) -> Self {
+        self.model = model;
+        self
+    }
+
+    fn trainable_names(&self) -> Vec<String> {
+        named_params(&self.model)
+            .into_iter()
+            .filter(|p| p.is_adapter() || self.saved_params.contains(&p.name))
+            .map(|p| p.name)
+            .collect()
+    }
+
+    fn trainable_summary(&self) -> TrainableSummary {
+        Ia3Model::trainable_summary(self)
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        Ia3Model::save_pretrained(self, dir)
+    }
+}

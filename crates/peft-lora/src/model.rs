@@ -327,3 +327,32 @@ where
         Ok(self)
     }
 }
+
+impl<M: CausalLm<Adapter = LoraLinear>> peft_core::AdapterModel for LoraModel<M> {
+    type Model = M;
+
+    fn model(&self) -> &M {
+        &self.model
+    }
+
+    fn with_model(mut self, model: M) -> Self {
+        self.model = model;
+        self
+    }
+
+    fn trainable_names(&self) -> Vec<String> {
+        named_params(&self.model)
+            .into_iter()
+            .filter(|p| p.is_adapter() || self.saved_params.contains(&p.name))
+            .map(|p| p.name)
+            .collect()
+    }
+
+    fn trainable_summary(&self) -> TrainableSummary {
+        LoraModel::trainable_summary(self)
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        LoraModel::save_pretrained(self, dir)
+    }
+}

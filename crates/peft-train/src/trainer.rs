@@ -1,0 +1,678 @@
+//! The training loop shared by every method: AdamW, learning-rate schedules with warm-up,
+//! gradient accumulation, global gradient-norm clipping, evaluation, metrics, and checkpoints that
+//! resume exactly.
+//!
+//! The loop sees a method only through [`AdapterModel`]: it trains the parameters the method
+//! names and saves through the method's own `save_pretrained`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use peft_core::loss::causal_lm_loss;
+use peft_core::params::{ParamUpdate, map_params, named_params, named_values, with_stable_ids};
+use peft_core::tensors::{TensorStore, save_safetensors, write_atomic};
+use peft_core::{AdapterModel, CausalLm, ModelInput, PeftError};
+
+use crate::data::{HostBatch, Tokenized, collate, epoch_order};
+
+/// Learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Constant.
+    Constant,
+    /// Linear decay to zero (HF Trainer's default).
+    #[default]
+    Linear,
+    /// Cosine decay to zero.
+    Cosine,
+}
+
+/// Training settings (HF `TrainingArguments` names where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Passes over the training set (ignored when `max_steps` is set).
+    pub num_train_epochs: usize,
+    /// Optimizer steps to run, overriding the epochs.
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Steps of linear warm-up from 0.
+    pub warmup_steps: usize,
+    /// Schedule after warm-up.
+    pub lr_scheduler_type: Schedule,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Adam β₁.
+    pub adam_beta1: f64,
+    /// Adam β₂.
+    pub adam_beta2: f64,
+    /// Adam ε.
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this value.
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Write a checkpoint every this many optimizer steps.
+    pub save_steps: Option<usize>,
+    /// Keep at most this many checkpoints (oldest removed first).
+    pub save_total_limit: Option<usize>,
+    /// Log the training loss every this many steps.
+    pub logging_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 1e-3,
+            num_train_epochs: 1,
+            max_steps: None,
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            warmup_steps: 0,
+            lr_scheduler_type: Schedule::Linear,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            save_steps: None,
+            save_total_limit: None,
+            logging_steps: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Optimizer steps of a run over `n_train` examples.
+    pub fn total_steps(&self, n_train: usize) -> usize {
+        self.max_steps.unwrap_or_else(|| {
+            let micro = n_train.div_ceil(self.per_device_train_batch_size.max(1));
+            micro.div_ceil(self.gradient_accumulation_steps.max(1)) * self.num_train_epochs
+        })
+    }
+
+    /// The learning rate of optimizer step `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let peak = self.learning_rate;
+        if step < self.warmup_steps {
+            return peak * step as f64 / self.warmup_steps as f64;
+        }
+        let decay_steps = total.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+        match self.lr_scheduler_type {
+            Schedule::Constant => peak,
+            Schedule::Linear => peak * (1.0 - progress),
+            Schedule::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), TrainError> {
+        let bad = |field: &str, reason: &str| {
+            Err(TrainError::Config(format!("invalid `{field}`: {reason}")))
+        };
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad("learning_rate", "must be a positive number");
+        }
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad(
+                "batch size / gradient_accumulation_steps",
+                "must be at least 1",
+            );
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.num_train_epochs == 0) {
+            return bad("max_steps / num_train_epochs", "nothing to train");
+        }
+        if self.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
+            return bad("max_grad_norm", "must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What can stop a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A library error (model, adapter, files).
+    #[error(transparent)]
+    Peft(#[from] PeftError),
+    /// Bad settings.
+    #[error("training config: {0}")]
+    Config(String),
+    /// The loss became NaN or infinite; the last good checkpoint (if any) is kept.
+    #[error("loss is {loss} at step {step}: training stopped{}", last_checkpoint.as_ref().map(|p| format!("; last good checkpoint: {}", p.display())).unwrap_or_default())]
+    NonFiniteLoss {
+        /// The optimizer step.
+        step: usize,
+        /// The loss value.
+        loss: f32,
+        /// The newest checkpoint written before.
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// A checkpoint could not be read back.
+    #[error("{path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Peft(PeftError::io(path, e))
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An optimizer step finished.
+    Step {
+        /// Steps done.
+        step: usize,
+        /// Steps in the run.
+        total: usize,
+        /// Mean training loss of the step's micro-batches.
+        loss: f32,
+        /// Learning rate used.
+        lr: f64,
+        /// Real tokens per second over the step.
+        tokens_per_s: f64,
+    },
+    /// A checkpoint was written.
+    Checkpoint(PathBuf),
+}
+
+/// The numbers of a finished run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Optimizer steps done (in this and earlier, resumed runs).
+    pub steps: usize,
+    /// Loss of the last step.
+    pub final_train_loss: f32,
+    /// `(step, loss)` of every step.
+    pub history: Vec<(usize, f32)>,
+}
+
+/// The state of a run saved with each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    global_step: usize,
+    config: TrainConfig,
+    history: Vec<(usize, f32)>,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const TRAINABLE_FILE: &str = "trainable_state.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.bin";
+
+/// The host batch as tensors on `device`.
+fn to_device(
+    batch: &HostBatch,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2, Int>) {
+    let t =
+        |v: &Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), batch.shape), device);
+    (
+        t(&batch.input_ids),
+        t(&batch.attention_mask),
+        t(&batch.labels),
+    )
+}
+
+/// Mean loss of `model` over `data` (no gradients), in batches of `batch_size`.
+pub fn evaluate<M: CausalLm>(
+    model: &M,
+    data: &[Tokenized],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<f32, PeftError> {
+    let device = model.device();
+    let (mut total, mut count) = (0f64, 0usize);
+    for chunk in data.chunks(batch_size.max(1)) {
+        let items: Vec<&Tokenized> = chunk.iter().collect();
+        let batch = collate(&items, pad_id);
+        let (ids, mask, labels) = to_device(&batch, &device);
+        let logits = model.forward(ModelInput::with_mask(ids, mask), None)?;
+        let n = batch
+            .labels
+            .chunks(batch.shape[1])
+            .map(|row| {
+                row.iter()
+                    .skip(1)
+                    .filter(|&&l| l != peft_core::loss::IGNORE_INDEX)
+                    .count()
+            })
+            .sum::<usize>();
+        if n == 0 {
+            continue;
+        }
+        let loss: f32 = causal_lm_loss(logits, labels).into_scalar();
+        total += loss as f64 * n as f64;
+        count += n;
+    }
+    Ok(if count == 0 {
+        f32::NAN
+    } else {
+        (total / count as f64) as f32
+    })
+}
+
+/// Global L2 norm of the gradients of `params`, and the gradients scaled down to `max_norm` when
+/// above it (PyTorch's `clip_grad_norm_`).
+fn clip_global_norm(
+    mut grads: GradientsParams,
+    params: &[peft_core::params::NamedParam],
+    max_norm: f64,
+) -> GradientsParams {
+    let mut sum = 0f64;
+    for p in params {
+        let sq = match p.shape.len() {
+            1 => grads
+                .get::<1>(p.id)
+                .map(|g| g.square().sum().into_scalar::<f32>()),
+            2 => grads
+                .get::<2>(p.id)
+                .map(|g| g.square().sum().into_scalar::<f32>()),
+            _ => None,
+        };
+        sum += sq.unwrap_or(0.0) as f64;
+    }
+    let norm = sum.sqrt();
+    let scale = max_norm / (norm + 1e-6);
+    if scale < 1.0 {
+        for p in params {
+            match p.shape.len() {
+                1 => {
+                    if let Some(g) = grads.remove::<1>(p.id) {
+                        grads.register(p.id, g * scale);
+                    }
+                }
+                2 => {
+                    if let Some(g) = grads.remove::<2>(p.id) {
+                        grads.register(p.id, g * scale);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    grads
+}
+
+/// The checkpoint folders of `output_dir`, oldest first.
+pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path()
+                .join(STATE_FILE)
+                .is_file()
+                .then_some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Where to resume from: an explicit checkpoint folder, or the newest in `output_dir`.
+pub enum Resume {
+    /// Start from scratch.
+    No,
+    /// The newest `checkpoint-N` of the output folder (from scratch if there is none).
+    Latest,
+    /// This checkpoint folder.
+    From(PathBuf),
+}
+
+/// Trains `adapter` on `train`, writing checkpoints and `metrics.jsonl` under `output_dir`.
+///
+/// The model must live on an autodiff device. With [`Resume`], the adapter weights, optimizer
+/// state, step count and data position come from a checkpoint, and the run continues exactly as
+/// an uninterrupted one would.
+pub fn train<A: AdapterModel>(
+    adapter: A,
+    train: &[Tokenized],
+    pad_id: u32,
+    config: &TrainConfig,
+    output_dir: &Path,
+    resume: Resume,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<(A, TrainSummary), TrainError> {
+    config.validate()?;
+    if train.is_empty() {
+        return Err(TrainError::Config("the training set is empty".into()));
+    }
+    std::fs::create_dir_all(output_dir).map_err(io_err(output_dir))?;
+    let total = config.total_steps(train.len());
+    let trainable: Vec<String> = adapter.trainable_names();
+    let model = with_stable_ids(adapter.model().clone());
+    let mut adapter = adapter.with_model(model);
+    let params: Vec<_> = named_params(adapter.model())
+        .into_iter()
+        .filter(|p| trainable.contains(&p.name))
+        .collect();
+    let mut optim: ModuleOptimizer = AdamWConfig::new()
+        .with_beta_1(config.adam_beta1 as f32)
+        .with_beta_2(config.adam_beta2 as f32)
+        .with_epsilon(config.adam_epsilon as f32)
+        .with_weight_decay(config.weight_decay as f32)
+        .init();
+
+    let resume_dir = match resume {
+        Resume::No => None,
+        Resume::Latest => checkpoints(output_dir).pop().map(|(_, p)| p),
+        Resume::From(p) => Some(p),
+    };
+    let mut state = TrainerState {
+        global_step: 0,
+        config: config.clone(),
+        history: Vec::new(),
+    };
+    let mut last_checkpoint = None;
+    if let Some(dir) = &resume_dir {
+        let (restored, opt, st) = load_checkpoint(adapter, dir, optim)?;
+        adapter = restored;
+        optim = opt;
+        state = st;
+        last_checkpoint = Some(dir.clone());
+        tracing::info!(
+            "resuming from {} at step {}",
+            dir.display(),
+            state.global_step
+        );
+    }
+
+    let metrics_path = output_dir.join("metrics.jsonl");
+    let micro_per_step = config.gradient_accumulation_steps;
+    let batch = config.per_device_train_batch_size;
+    let micro_per_epoch = train.len().div_ceil(batch);
+    // The micro-batch sequence is a pure function of (seed, epoch), so a resumed run skips exactly
+    // the micro-batches it already consumed.
+    let mut micro_index = state.global_step * micro_per_step;
+    while state.global_step < total {
+        let started = Instant::now();
+        let mut step_loss = 0f64;
+        let mut tokens = 0usize;
+        let mut accumulated: Option<GradientsParams> = None;
+        for _ in 0..micro_per_step {
+            let epoch = micro_index / micro_per_epoch;
+            let within = micro_index % micro_per_epoch;
+            let order = epoch_order(train.len(), config.seed, epoch);
+            let items: Vec<&Tokenized> = order
+                [within * batch..((within + 1) * batch).min(order.len())]
+                .iter()
+                .map(|&i| &train[i])
+                .collect();
+            micro_index += 1;
+            let host = collate(&items, pad_id);
+            tokens += host.attention_mask.iter().filter(|&&m| m == 1).count();
+            let device = adapter.model().device();
+            let (ids, mask, labels) = to_device(&host, &device);
+            let logits = adapter
+                .model()
+                .forward(ModelInput::with_mask(ids, mask), None)?;
+            let loss = causal_lm_loss(logits, labels) / micro_per_step as f64;
+            let value: f32 = loss.clone().into_scalar();
+            step_loss += value as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), adapter.model());
+            accumulated = Some(match accumulated {
+                None => grads,
+                Some(mut acc) => {
+                    for p in &params {
+                        match p.shape.len() {
+                            1 => {
+                                if let Some(g) = grads.get::<1>(p.id) {
+                                    let sum = acc.remove::<1>(p.id).map_or(g.clone(), |a| a + g);
+                                    acc.register(p.id, sum);
+                                }
+                            }
+                            2 => {
+                                if let Some(g) = grads.get::<2>(p.id) {
+                                    let sum = acc.remove::<2>(p.id).map_or(g.clone(), |a| a + g);
+                                    acc.register(p.id, sum);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let loss = step_loss as f32;
+        if !loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step: state.global_step + 1,
+                loss,
+                last_checkpoint,
+            });
+        }
+        let mut grads = accumulated.expect("at least one micro-batch");
+        if let Some(max_norm) = config.max_grad_norm {
+            grads = clip_global_norm(grads, &params, max_norm);
+        }
+        let lr = config.lr_at(state.global_step, total);
+        let model = optim.step(lr, adapter.model().clone(), grads);
+        adapter = adapter.with_model(model);
+        state.global_step += 1;
+        state.history.push((state.global_step, loss));
+        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        if state
+            .global_step
+            .is_multiple_of(config.logging_steps.max(1))
+            || state.global_step == total
+        {
+            let line = serde_json::json!({
+                "step": state.global_step, "loss": loss, "learning_rate": lr,
+                "epoch": micro_index as f64 / micro_per_epoch as f64, "tokens_per_s": tokens_per_s,
+            });
+            append_line(&metrics_path, &line.to_string())?;
+        }
+        on_event(&Event::Step {
+            step: state.global_step,
+            total,
+            loss,
+            lr,
+            tokens_per_s,
+        });
+        let save_now = config
+            .save_steps
+            .is_some_and(|n| n > 0 && state.global_step.is_multiple_of(n));
+        if save_now {
+            let dir = save_checkpoint(&adapter, &trainable, &optim, &state, output_dir)?;
+            prune_checkpoints(output_dir, config.save_total_limit)?;
+            on_event(&Event::Checkpoint(dir.clone()));
+            last_checkpoint = Some(dir);
+        }
+    }
+    let summary = TrainSummary {
+        steps: state.global_step,
+        final_train_loss: state.history.last().map_or(f32::NAN, |h| h.1),
+        history: state.history,
+    };
+    Ok((adapter, summary))
+}
+
+fn append_line(path: &Path, line: &str) -> Result<(), TrainError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    writeln!(f, "{line}").map_err(io_err(path))
+}
+
+/// Writes `checkpoint-N` atomically: everything goes into a temporary folder that is renamed
+/// into place once complete, so a crash leaves either the whole checkpoint or none.
+fn save_checkpoint<A: AdapterModel>(
+    adapter: &A,
+    trainable: &[String],
+    optim: &ModuleOptimizer,
+    state: &TrainerState,
+    output_dir: &Path,
+) -> Result<PathBuf, TrainError> {
+    let final_dir = output_dir.join(format!("checkpoint-{}", state.global_step));
+    let tmp = output_dir.join(format!(
+        ".checkpoint-{}.tmp-{}",
+        state.global_step,
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    adapter.save_pretrained(&tmp)?;
+    let values: BTreeMap<_, _> = named_values(adapter.model())?
+        .into_iter()
+        .filter(|(name, _)| trainable.contains(name))
+        .collect();
+    save_safetensors(tmp.join(TRAINABLE_FILE), &values, None)?;
+    let bytes = optim
+        .to_record()
+        .into_bytes()
+        .map_err(|e| TrainError::Checkpoint {
+            path: tmp.join(OPTIMIZER_FILE),
+            reason: format!("{e:?}"),
+        })?;
+    write_atomic(tmp.join(OPTIMIZER_FILE), &bytes)?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| PeftError::json(&tmp, e))?;
+    write_atomic(tmp.join(STATE_FILE), json.as_bytes())?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+    if let Ok(d) = std::fs::File::open(output_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(final_dir)
+}
+
+fn prune_checkpoints(output_dir: &Path, limit: Option<usize>) -> Result<(), TrainError> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let found = checkpoints(output_dir);
+    for (_, dir) in found.iter().take(found.len().saturating_sub(limit.max(1))) {
+        std::fs::remove_dir_all(dir).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+fn load_checkpoint<A: AdapterModel>(
+    adapter: A,
+    dir: &Path,
+    optim: ModuleOptimizer,
+) -> Result<(A, ModuleOptimizer, TrainerState), TrainError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| PeftError::json(&state_path, e))?;
+    let store = TensorStore::open(dir.join(TRAINABLE_FILE))?;
+    let trainable = adapter.trainable_names();
+    for name in &trainable {
+        if !store.contains(name) {
+            return Err(TrainError::Checkpoint {
+                path: dir.join(TRAINABLE_FILE),
+                reason: format!("missing `{name}`: the checkpoint belongs to another adapter"),
+            });
+        }
+    }
+    let mut failure = None;
+    let model = map_params(adapter.model().clone(), |name, linear| {
+        if !trainable.iter().any(|t| t == name) {
+            return ParamUpdate::Keep;
+        }
+        match store.f32(name) {
+            Ok((values, shape)) => {
+                let data = TensorData::new(values, shape);
+                ParamUpdate::Value(if linear {
+                    peft_core::adapter_files::transpose_data(data)
+                } else {
+                    data
+                })
+            }
+            Err(e) => {
+                failure = Some(e);
+                ParamUpdate::Keep
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&opt_path).map_err(io_err(&opt_path))?;
+    let record =
+        OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes)).map_err(|e| {
+            TrainError::Checkpoint {
+                path: opt_path.clone(),
+                reason: format!("{e:?}"),
+            }
+        })?;
+    Ok((adapter.with_model(model), optim.load_record(record), state))
+}
+
+/// Runs `module` through `valid()` when it lives on an autodiff device, for evaluation.
+pub fn inference_copy<M: Module>(module: &M) -> M {
+    module.valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_hf() {
+        let c = TrainConfig {
+            learning_rate: 1.0,
+            warmup_steps: 2,
+            ..TrainConfig::default()
+        };
+        assert_eq!(c.lr_at(0, 10), 0.0);
+        assert_eq!(c.lr_at(1, 10), 0.5);
+        assert_eq!(c.lr_at(2, 10), 1.0);
+        assert!((c.lr_at(6, 10) - 0.5).abs() < 1e-12);
+        let cos = TrainConfig {
+            lr_scheduler_type: Schedule::Cosine,
+            ..c.clone()
+        };
+        assert!((cos.lr_at(6, 10) - 0.5).abs() < 1e-12);
+        assert!(
+            (cos.lr_at(4, 10) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs() < 1e-12
+        );
+        let constant = TrainConfig {
+            lr_scheduler_type: Schedule::Constant,
+            ..c
+        };
+        assert_eq!(constant.lr_at(9, 10), 1.0);
+    }
+
+    #[test]
+    fn total_steps_count_accumulation() {
+        let c = TrainConfig {
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 2,
+            num_train_epochs: 3,
+            ..TrainConfig::default()
+        };
+        // 10 examples → 3 micro-batches → 2 steps per epoch.
+        assert_eq!(c.total_steps(10), 6);
+    }
+}
