@@ -26,7 +26,9 @@ use peft_core::adapter_files::{
     CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, load_base_params, save_adapter, set_trainable,
 };
 use peft_core::params::{named_params, named_values};
-use peft_core::{CausalLm, HostTensor, PeftError, PeftType, Result, TensorStore, TrainableSummary};
+use peft_core::{
+    CausalLm, HostTensor, NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
+};
 
 /// BitFit's adapter config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,5 +215,13 @@ impl<M: CausalLm> peft_core::AdapterModel for BitFitModel<M> {
 
     fn save_pretrained(&self, dir: &Path) -> Result<()> {
         BitFitModel::save_pretrained(self, dir)
+    }
+
+    fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        // The trained biases are already in place: only the adapter type changes.
+        self.model.map_layers(
+            &mut |_, layer| Ok(layer.with_adapter(None)),
+            &mut |_, embedding| Ok(embedding.with_adapter(None)),
+        )
     }
 }

@@ -53,7 +53,8 @@ macro_rules! with_model {
     };
 }
 
-fn device(arg: &DeviceArg) -> Result<Device> {
+/// The device of `--device`, else `$PEFT_DEVICE`, else the CPU.
+pub(crate) fn device(arg: &DeviceArg) -> Result<Device> {
     let name = arg
         .device
         .clone()

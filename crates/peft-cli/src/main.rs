@@ -4,6 +4,7 @@
 //! otherwise; bad input never produces a panic or a backtrace.
 
 mod commands;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Merge an adapter into its base model and write a standard Hugging Face checkpoint.
     Merge(MergeArgs),
+    /// Fine-tune with LoRA, IA3 or BitFit (no arguments: the bundled model and data set).
+    Train(Box<train::TrainArgs>),
 }
 
 /// Where the model runs.
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => commands::generate(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Merge(a) => commands::merge(a),
+        Command::Train(a) => train::train(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

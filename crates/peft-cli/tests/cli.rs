@@ -505,3 +505,99 @@ fn inspect_ia3_config_gives_peft_numbers() {
             .ends_with("trainable params: 896 || all params: 133,888 || trainable%: 0.6692")
     );
 }
+
+#[test]
+fn train_on_the_bundled_default_writes_everything_people_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let out = peft(&[
+        "train",
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--max-steps",
+        "12",
+        "--save-steps",
+        "6",
+        "--no-exact-match",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("held-out") && stdout.contains("loss"),
+        "{stdout}"
+    );
+    for path in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "merged/model.safetensors",
+        "merged/config.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "summary.json",
+        "checkpoint-6/trainer_state.json",
+        "checkpoint-12/adapter_model.safetensors",
+    ] {
+        assert!(out_dir.join(path).is_file(), "{path} missing");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let (before, after) = (
+        summary["before"]["loss"].as_f64().unwrap(),
+        summary["after"]["loss"].as_f64().unwrap(),
+    );
+    assert!(after < before, "held-out loss {before} → {after}");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        12
+    );
+
+    // The trained adapter runs through --adapter like any PEFT folder.
+    let bundled = out_dir.join("bundled/model");
+    let out = peft(&[
+        "generate",
+        "--model",
+        bundled.to_str().unwrap(),
+        "--adapter",
+        out_dir.join("adapter").to_str().unwrap(),
+        "--prompt",
+        "Human: 你好\n\nAssistant: ",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Bad data: one clear line naming the file and line.
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"text\": \"ok\"}\n{\"instruction\": \"x\"}\n").unwrap();
+    let out = peft(&[
+        "train",
+        "--model",
+        bundled.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        dir.path().join("bad").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "bad.jsonl:2: unknown record shape");
+    let out = peft(&[
+        "train",
+        "--method",
+        "prefix",
+        "--output",
+        dir.path().join("p").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "--method prefix");
+}

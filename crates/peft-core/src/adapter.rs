@@ -223,4 +223,7 @@ pub trait AdapterModel: Sized {
 
     /// Writes the adapter folder in PEFT's format.
     fn save_pretrained(&self, dir: &std::path::Path) -> Result<()>;
+
+    /// Folds the adapter into the base weights and returns the plain model.
+    fn merge_and_unload(self) -> Result<<Self::Model as crate::CausalLm>::WithAdapter<NoAdapter>>;
 }

@@ -248,4 +248,8 @@ impl<M: CausalLm<Adapter = Ia3Linear>> peft_core::AdapterModel for Ia3Model<M> {
     fn save_pretrained(&self, dir: &Path) -> Result<()> {
         Ia3Model::save_pretrained(self, dir)
     }
+
+    fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        Ia3Model::merge_and_unload(self)
+    }
 }

@@ -355,4 +355,8 @@ impl<M: CausalLm<Adapter = LoraLinear>> peft_core::AdapterModel for LoraModel<M>
     fn save_pretrained(&self, dir: &Path) -> Result<()> {
         LoraModel::save_pretrained(self, dir)
     }
+
+    fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        LoraModel::merge_and_unload(self)
+    }
 }
