@@ -188,3 +188,39 @@ fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     }
     out
 }
+
+/// HF names of the parameters that train in a layer-adapter model (LoRA, IA3, …): every adapter
+/// tensor and the `saved` base parameters (`modules_to_save`, selected biases).
+pub fn adapter_trainable_names<M: burn::module::Module>(
+    model: &M,
+    saved: &[String],
+) -> Vec<String> {
+    named_params(model)
+        .into_iter()
+        .filter(|p| p.is_adapter() || saved.contains(&p.name))
+        .map(|p| p.name)
+        .collect()
+}
+
+/// PEFT's `print_trainable_parameters()` numbers for a layer-adapter model: the adapter tensors
+/// and `saved` parameters train (none when loaded for inference, `trainable = false`); "all"
+/// counts the adapter too.
+pub fn adapter_summary<M: burn::module::Module>(
+    model: &M,
+    saved: &[String],
+    trainable: bool,
+) -> crate::TrainableSummary {
+    let params = named_params(model);
+    crate::TrainableSummary {
+        trainable: if trainable {
+            params
+                .iter()
+                .filter(|p| p.is_adapter() || saved.contains(&p.name))
+                .map(|p| p.numel())
+                .sum()
+        } else {
+            0
+        },
+        all: params.iter().map(|p| p.numel()).sum(),
+    }
+}

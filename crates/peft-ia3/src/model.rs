@@ -9,7 +9,7 @@ use peft_core::adapter_files::{
     CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, load_base_params, prepare_modules_to_save, save_adapter,
     set_trainable,
 };
-use peft_core::params::{ParamUpdate, map_params, named_params, named_values};
+use peft_core::params::{ParamUpdate, map_params, named_values};
 use peft_core::{
     AdaptableEmbedding, AdaptableLinear, CausalLm, HostTensor, ModuleMatcher, NoAdapter, PeftError,
     Result, TensorStore, TrainableSummary,
@@ -139,20 +139,7 @@ pub fn from_pretrained<B: CausalLm<Adapter = NoAdapter>>(
 impl<M: CausalLm<Adapter = Ia3Linear>> Ia3Model<M> {
     /// PEFT's `print_trainable_parameters()` numbers.
     pub fn trainable_summary(&self) -> TrainableSummary {
-        let params = named_params(&self.model);
-        let trainable = if self.trainable {
-            params
-                .iter()
-                .filter(|p| p.is_adapter() || self.saved_params.contains(&p.name))
-                .map(|p| p.numel())
-                .sum()
-        } else {
-            0
-        };
-        TrainableSummary {
-            trainable,
-            all: params.iter().map(|p| p.numel()).sum(),
-        }
+        peft_core::adapter_files::adapter_summary(&self.model, &self.saved_params, self.trainable)
     }
 
     /// The adapter's tensors under PEFT's keys: `…ia3_l` as `[out, 1]`, or `[1, in]` for a
@@ -234,11 +221,7 @@ impl<M: CausalLm<Adapter = Ia3Linear>> peft_core::AdapterModel for Ia3Model<M> {
     }
 
     fn trainable_names(&self) -> Vec<String> {
-        named_params(&self.model)
-            .into_iter()
-            .filter(|p| p.is_adapter() || self.saved_params.contains(&p.name))
-            .map(|p| p.name)
-            .collect()
+        peft_core::adapter_files::adapter_trainable_names(&self.model, &self.saved_params)
     }
 
     fn trainable_summary(&self) -> TrainableSummary {

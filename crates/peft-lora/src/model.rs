@@ -9,7 +9,7 @@ pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
 use peft_core::adapter_files::{
     load_base_params, prepare_modules_to_save, save_adapter, set_trainable, transpose_host,
 };
-use peft_core::params::{ParamUpdate, map_params, named_params, named_values};
+use peft_core::params::{ParamUpdate, map_params, named_values};
 use peft_core::{
     AdaptableEmbedding, AdaptableLinear, CausalLm, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
     Result, TensorStore, TrainableSummary,
@@ -241,20 +241,7 @@ impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
     /// PEFT's `print_trainable_parameters()` numbers: the LoRA pairs and the parameters trained in
     /// full are trainable (none in inference mode); "all" counts the adapter too.
     pub fn trainable_summary(&self) -> TrainableSummary {
-        let params = named_params(&self.model);
-        let trainable = if self.trainable {
-            params
-                .iter()
-                .filter(|p| p.is_adapter() || self.saved_params.contains(&p.name))
-                .map(|p| p.numel())
-                .sum()
-        } else {
-            0
-        };
-        TrainableSummary {
-            trainable,
-            all: params.iter().map(|p| p.numel()).sum(),
-        }
+        peft_core::adapter_files::adapter_summary(&self.model, &self.saved_params, self.trainable)
     }
 
     /// The adapter's tensors under PEFT's key names and shapes.
@@ -341,11 +328,7 @@ impl<M: CausalLm<Adapter = LoraLinear>> peft_core::AdapterModel for LoraModel<M>
     }
 
     fn trainable_names(&self) -> Vec<String> {
-        named_params(&self.model)
-            .into_iter()
-            .filter(|p| p.is_adapter() || self.saved_params.contains(&p.name))
-            .map(|p| p.name)
-            .collect()
+        peft_core::adapter_files::adapter_trainable_names(&self.model, &self.saved_params)
     }
 
     fn trainable_summary(&self) -> TrainableSummary {
