@@ -601,3 +601,77 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
     ]);
     assert_clean_failure(&out, "--method prefix");
 }
+
+#[test]
+fn bitfit_trains_and_its_adapter_loads_with_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("bitfit");
+    let out = peft(&[
+        "train",
+        "--method",
+        "bitfit",
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--no-exact-match",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "BITFIT");
+    let reference = fixtures().join("reference/bloom-tiny.safetensors");
+    let logits_path = dir.path().join("logits.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        out_dir.join("bundled/model").to_str().unwrap(),
+        "--adapter",
+        out_dir.join("adapter").to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        logits_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Trained biases change the model; the merged checkpoint gives the same logits.
+    let diff = logits_diff(&logits_path, &reference);
+    assert!(
+        diff > 1e-3,
+        "trained biases must change the logits ({diff})"
+    );
+    let merged_logits = dir.path().join("merged.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        out_dir.join("merged").to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        merged_logits.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = TensorStore::open(&logits_path)
+        .unwrap()
+        .f32("logits")
+        .unwrap();
+    let b = TensorStore::open(&merged_logits)
+        .unwrap()
+        .f32("logits")
+        .unwrap();
+    assert_eq!(a, b, "the merged BitFit model is the adapted model");
+}
