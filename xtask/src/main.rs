@@ -3,8 +3,8 @@
 //! * `fixtures [--python PATH]` — regenerate `tests/fixtures/` with the pinned reference stack
 //!   (see `fixtures/requirements.txt`); needs a Python environment with it installed.
 //! * `gpu-check [--device wgpu|cuda]` — on a machine with a GPU: build with the backend's
-//!   feature, run the model parity tests on the GPU, and time a forward pass. One short script,
-//!   meant to finish well under 10 minutes.
+//!   feature, run every parity test on the GPU, run the benchmark cases there, and time the CLI.
+//!   One short script, meant to finish well under 10 minutes.
 //! * `bench [--quick] [--vs-pytorch] [--python PATH] [--device cpu|wgpu|cuda] [--cases a,b]` —
 //!   every case of `peft-bench` in its own release-built process, optionally alternating with
 //!   the PyTorch + PEFT script (`bench/bench_pytorch.py`) on the same work; a markdown table on
@@ -97,6 +97,8 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
         "parity tests on {device}: {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    // The benchmark cases on the GPU (release build with the backend's feature).
+    bench(root, &["--device".into(), device.clone()])?;
     let reference = root.join("tests/fixtures/reference/bloom-tiny.safetensors");
     let out = std::env::temp_dir().join("peft-gpu-check-logits.safetensors");
     for _ in 0..3 {
