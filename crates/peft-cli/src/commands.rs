@@ -20,6 +20,7 @@ enum Loaded {
     Plain(Box<AnyModel<NoAdapter>>),
     Lora(Box<LoraModel<AnyModel<LoraLinear>>>),
     Ia3(Box<Ia3Model<AnyModel<Ia3Linear>>>),
+    Prompt(Box<peft_prompt::PromptTuningModel<AnyModel<NoAdapter>>>),
 }
 
 impl Loaded {
@@ -29,6 +30,9 @@ impl Loaded {
             Loaded::Plain(m) => *m,
             Loaded::Lora(l) => l.merge_and_unload()?,
             Loaded::Ia3(m) => m.merge_and_unload()?,
+            Loaded::Prompt(_) => {
+                bail!("--merge: prompt tuning has no weights to merge (run with --adapter alone)")
+            }
         })
     }
 }
@@ -47,6 +51,10 @@ macro_rules! with_model {
             }
             Loaded::Ia3(ref ia3) => {
                 let $m = &ia3.model;
+                $body
+            }
+            Loaded::Prompt(ref prompt) => {
+                let $m = &prompt.model;
                 $body
             }
         }
@@ -79,6 +87,9 @@ fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Loaded> {
         )),
         PeftType::Ia3 => Loaded::Ia3(Box::new(
             peft_ia3::from_pretrained(base, adapter, false).with_context(context)?,
+        )),
+        PeftType::PromptTuning => Loaded::Prompt(Box::new(
+            peft_prompt::from_pretrained(base, adapter).with_context(context)?,
         )),
         PeftType::BitFit => Loaded::Plain(Box::new(
             peft_bitfit::from_pretrained(base, adapter)
@@ -314,6 +325,20 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
                         &ia3.targeted,
                         &ia3.saved_params,
                         ia3.trainable_summary(),
+                    )
+                }
+                PeftType::PromptTuning => {
+                    let config = peft_prompt::PromptTuningConfig::from_file(config_path)?;
+                    let tokenizer = Tokenizer::from_dir(&args.model).ok();
+                    let prompt = peft_prompt::get_peft_model(model, config, tokenizer.as_ref())?;
+                    let summary = peft_core::AdapterModel::trainable_summary(&prompt);
+                    print_targets(
+                        &mut out,
+                        &prompt.model,
+                        &args.model,
+                        &["prompt_embeddings".to_string()],
+                        &[],
+                        summary,
                     )
                 }
                 PeftType::BitFit => {

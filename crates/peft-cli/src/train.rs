@@ -50,7 +50,7 @@ pub struct TrainArgs {
     /// bundled demo set.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Method: lora, ia3 or bitfit.
+    /// Method: lora, ia3, bitfit or prompt.
     #[arg(long, default_value = "lora")]
     method: String,
     /// An adapter_config.json to start from (its method must match --method).
@@ -70,6 +70,9 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     lora_dropout: Option<f64>,
+    /// Virtual tokens (prompt tuning).
+    #[arg(long)]
+    num_virtual_tokens: Option<usize>,
     /// Modules to adapt (comma-separated names, or `all-linear`).
     #[arg(long, value_delimiter = ',')]
     target_modules: Option<Vec<String>>,
@@ -298,8 +301,12 @@ where
     let adapter_dir = args.output.join("adapter");
     trained.save_pretrained(&adapter_dir)?;
     let merged_dir = args.output.join("merged");
-    let merged = trained.merge_and_unload()?;
-    peft_models::save_pretrained(&merged.valid(), model_dir, &merged_dir)?;
+    match trained.merge_and_unload() {
+        Ok(merged) => peft_models::save_pretrained(&merged.valid(), model_dir, &merged_dir)?,
+        // Prompt learning has nothing to merge: the adapter is the result.
+        Err(peft_core::PeftError::Unsupported(reason)) => eprintln!("no merged model: {reason}"),
+        Err(e) => return Err(e.into()),
+    }
     loss_svg(&args.output.join("loss.svg"), &summary.history)?;
     let report = serde_json::json!({
         "method": args.method, "steps": summary.steps, "final_train_loss": summary.final_train_loss,
@@ -349,9 +356,9 @@ fn schedule(name: &str) -> Result<Schedule> {
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
     let device = crate::commands::device(&args.device)?;
-    if !["lora", "ia3", "bitfit"].contains(&args.method.as_str()) {
+    if !["lora", "ia3", "bitfit", "prompt"].contains(&args.method.as_str()) {
         bail!(
-            "--method {}: training is implemented for lora, ia3 and bitfit (prompt, ptuning, prefix and qlora are not implemented yet)",
+            "--method {}: training is implemented for lora, ia3, bitfit and prompt (ptuning, prefix and qlora are not implemented yet)",
             args.method
         );
     }
@@ -486,8 +493,27 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 &config,
             )
         }
-        other => bail!(
-            "--method {other}: training is implemented for lora, ia3 and bitfit (prompt, ptuning, prefix and qlora are not implemented yet)"
-        ),
+        "prompt" => {
+            let mut config_p = match &args.config {
+                Some(p) => peft_prompt::PromptTuningConfig::from_file(p)?,
+                None => peft_prompt::PromptTuningConfig::default(),
+            };
+            if let Some(n) = args.num_virtual_tokens {
+                config_p.num_virtual_tokens = n;
+            }
+            config_p.base_model_name_or_path = Some(model_dir.display().to_string());
+            let adapter = peft_prompt::get_peft_model(base, config_p, Some(&tokenizer))?;
+            run(
+                adapter,
+                &args,
+                &model_dir,
+                &tokenizer,
+                &train_tokens,
+                &eval_tokens,
+                &eval_ex,
+                &config,
+            )
+        }
+        other => bail!("--method {other}: not implemented"),
     }
 }

@@ -675,3 +675,76 @@ fn bitfit_trains_and_its_adapter_loads_with_adapter() {
         .unwrap();
     assert_eq!(a, b, "the merged BitFit model is the adapted model");
 }
+
+#[test]
+fn prompt_tuning_adapters_run_and_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/prompt-llama-random.safetensors");
+    let out_path = dir.path().join("logits.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        model("llama-tiny").to_str().unwrap(),
+        "--adapter",
+        adapter("prompt-llama-random").to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // PEFT's shape: the 5 virtual positions come first.
+    let (logits, shape) = TensorStore::open(&out_path).unwrap().f32("logits").unwrap();
+    assert_eq!(shape, vec![3, 20, 512]);
+    let (expected, _) = TensorStore::open(&reference)
+        .unwrap()
+        .f32("logits")
+        .unwrap();
+    // Row 0 has no padding: every position is real.
+    let worst = logits[..20 * 512]
+        .iter()
+        .zip(&expected[..20 * 512])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "max |Δ| = {worst}");
+
+    let out = peft(&[
+        "logits",
+        "--model",
+        model("llama-tiny").to_str().unwrap(),
+        "--adapter",
+        adapter("prompt-llama-random").to_str().unwrap(),
+        "--merge",
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "prompt tuning has no weights to merge");
+
+    let run = dir.path().join("prompt");
+    let out = peft(&[
+        "train",
+        "--method",
+        "prompt",
+        "--num-virtual-tokens",
+        "4",
+        "--output",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--no-exact-match",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = TensorStore::open(run.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(store.shape("prompt_embeddings").unwrap(), &[4, 64]);
+    assert!(!run.join("merged").exists());
+}

@@ -10,9 +10,19 @@ pub const IGNORE_INDEX: i64 = -100;
 /// [`IGNORE_INDEX`] (padding, prompt tokens) are skipped. `logits: [batch, seq, vocab]`,
 /// `labels: [batch, seq]`; returns a one-element tensor.
 ///
+/// When the logits are longer than the labels (prompt tuning and P-tuning put virtual tokens
+/// first), the labels are extended on the left with [`IGNORE_INDEX`], as PEFT does.
+///
 /// With no label left to predict the result is NaN, as in PyTorch; callers check their data.
 pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
     let [batch, seq, vocab] = logits.dims();
+    let labels = match seq.saturating_sub(labels.dims()[1]) {
+        0 => labels,
+        extra => {
+            let pad = Tensor::<2, Int>::full([batch, extra], IGNORE_INDEX, &labels.device());
+            Tensor::cat(vec![pad, labels], 1)
+        }
+    };
     let n = batch * (seq - 1);
     let logits = logits.slice_dim(1, 0..seq - 1).reshape([n, vocab]);
     let targets = labels.slice_dim(1, 1..seq).reshape([n]);

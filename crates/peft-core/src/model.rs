@@ -127,7 +127,7 @@ pub type MapEmbedding<'a, A, B> =
 
 /// A causal language model whose linear layers and input embedding can carry adapters of type
 /// `Self::Adapter`.
-pub trait CausalLm: Module + Sized {
+pub trait CausalLm: Module + burn::module::ModuleDisplay + Sized {
     /// The adapter type every linear layer of this model may hold.
     type Adapter: LayerAdapter;
     /// The same architecture holding adapters of type `B`.

@@ -62,15 +62,13 @@ impl PathStack {
         self.0.pop();
     }
 
-    /// The Hugging Face name: enum variants and `AdaptableLinear`'s `base` dropped.
+    /// The Hugging Face name: enum variants and the `base` field of a wrapper (an
+    /// `AdaptableLinear`, a prompt-learning model, ...) dropped.
     fn hf_name(&self) -> String {
         self.0
             .iter()
             .filter(|(name, kind)| {
-                !(kind.starts_with("Enum:")
-                    || name == "base"
-                        && (kind == "Struct:AdaptableLinear"
-                            || kind == "Struct:AdaptableEmbedding"))
+                !(kind.starts_with("Enum:") || name == "base" && kind.starts_with("Struct:"))
             })
             .map(|(name, _)| name.as_str())
             .collect::<Vec<_>>()

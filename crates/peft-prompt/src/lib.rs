@@ -1,4 +1,413 @@
 //! # peft-prompt
 //!
-//! Prompt tuning: learned virtual-token embeddings prepended to the input (attachment point (b) of
-//! `peft_core::adapter`). Not implemented yet; this crate deliberately exposes no API until it is.
+//! Prompt tuning (Lester et al., 2021) with Hugging Face PEFT parity: `num_virtual_tokens`
+//! learned embeddings are put before the input embeddings (attachment point (b) of
+//! [`peft_core::adapter`]); the whole model stays frozen. BLOOM's embedding LayerNorm applies to
+//! them too, the attention mask gains leading ones, and the logits have `num_virtual_tokens`
+//! extra leading positions — all as PEFT does.
+//!
+//! Initialisation as PEFT: `RANDOM` (N(0, 1)), `SAMPLE_VOCAB` (rows of random vocabulary
+//! tokens), or `TEXT` — the text is tokenised (special tokens included), repeated ⌈n / len⌉
+//! times if shorter, truncated to `num_virtual_tokens`, and those rows of the word-embedding
+//! table are copied.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use peft_prompt::{PromptTuningConfig, PromptTuningInit, get_peft_model};
+//!
+//! let dir = "tests/fixtures/models/bloom-tiny";
+//! let base = peft_models::load(dir, &Device::flex()).unwrap();
+//! let tokenizer = peft_models::Tokenizer::from_dir(dir).unwrap();
+//! let text = "下面是人和聊天机器人的对话。";
+//! let config = PromptTuningConfig {
+//!     num_virtual_tokens: tokenizer.encode(text).unwrap().len(),
+//!     prompt_tuning_init: PromptTuningInit::Text,
+//!     prompt_tuning_init_text: Some(text.into()),
+//!     ..PromptTuningConfig::default()
+//! };
+//! let model = get_peft_model(base, config, Some(&tokenizer)).unwrap();
+//! println!("{}", model.trainable_summary());
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
+use peft_core::model::{MapEmbedding, MapLinear};
+use peft_core::params::{ParamUpdate, map_params, named_params};
+use peft_core::{
+    AdapterModel, CausalLm, HostTensor, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo,
+    NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
+};
+use peft_models::Tokenizer;
+
+/// PEFT's `prompt_tuning_init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PromptTuningInit {
+    /// N(0, 1), as `nn.Embedding`.
+    #[default]
+    #[serde(rename = "RANDOM")]
+    Random,
+    /// Rows of the embedding table for the tokens of `prompt_tuning_init_text`.
+    #[serde(rename = "TEXT")]
+    Text,
+    /// Rows of the embedding table for random vocabulary tokens.
+    #[serde(rename = "SAMPLE_VOCAB")]
+    SampleVocab,
+}
+
+/// PEFT's `PromptTuningConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptTuningConfig {
+    /// Always `PROMPT_TUNING`.
+    #[serde(default = "prompt_type")]
+    pub peft_type: PeftType,
+    /// PEFT's task type.
+    #[serde(default = "causal_lm")]
+    pub task_type: Option<String>,
+    /// The base model.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// PEFT writes `true` when saving.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Number of virtual tokens.
+    #[serde(default)]
+    pub num_virtual_tokens: usize,
+    /// Width of a virtual token (the model's hidden size; filled in from the model).
+    #[serde(default)]
+    pub token_dim: Option<usize>,
+    /// 1 for decoder-only models.
+    #[serde(default)]
+    pub num_transformer_submodules: Option<usize>,
+    /// The model's attention heads (recorded as PEFT does).
+    #[serde(default)]
+    pub num_attention_heads: Option<usize>,
+    /// The model's layers (recorded as PEFT does).
+    #[serde(default)]
+    pub num_layers: Option<usize>,
+    /// How the table starts.
+    #[serde(default)]
+    pub prompt_tuning_init: PromptTuningInit,
+    /// The text of `TEXT` init.
+    #[serde(default)]
+    pub prompt_tuning_init_text: Option<String>,
+    /// The tokenizer of `TEXT` init (peft-rs uses the tokenizer it is given).
+    #[serde(default)]
+    pub tokenizer_name_or_path: Option<String>,
+    /// Everything else PEFT writes.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+fn prompt_type() -> PeftType {
+    PeftType::PromptTuning
+}
+fn causal_lm() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+
+impl Default for PromptTuningConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 8,
+            ..serde_json::from_str("{}").expect("every field has a default")
+        }
+    }
+}
+
+impl PromptTuningConfig {
+    /// Reads and validates `adapter_config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let config: Self = peft_core::config::read_config(path)?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks the values.
+    pub fn validate(&self, context: &str) -> Result<()> {
+        let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
+        if self.peft_type != PeftType::PromptTuning {
+            return bad("peft_type", "expected PROMPT_TUNING");
+        }
+        if self.num_virtual_tokens == 0 {
+            return bad("num_virtual_tokens", "must be at least 1");
+        }
+        if self.num_transformer_submodules.is_some_and(|n| n != 1) {
+            return bad(
+                "num_transformer_submodules",
+                "only 1 (decoder-only models) is supported",
+            );
+        }
+        if self.prompt_tuning_init == PromptTuningInit::Text
+            && self
+                .prompt_tuning_init_text
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
+            return bad(
+                "prompt_tuning_init_text",
+                "TEXT init needs a non-empty prompt_tuning_init_text",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A frozen model with learned virtual tokens put before its input embeddings.
+#[derive(Module, Debug)]
+pub struct PromptTuning<M: CausalLm> {
+    /// The frozen model.
+    pub base: M,
+    /// `[num_virtual_tokens, token_dim]` — PEFT's `prompt_embeddings`.
+    pub prompt_embeddings: Param<Tensor<2>>,
+}
+
+impl<M: CausalLm> PromptTuning<M> {
+    /// The virtual tokens for a batch: `[batch, n, token_dim]`.
+    pub fn virtual_tokens(&self, batch: usize) -> Tensor<3> {
+        let [n, d] = self.prompt_embeddings.shape().dims();
+        self.prompt_embeddings
+            .val()
+            .reshape([1, n, d])
+            .expand([batch, n, d])
+    }
+}
+
+impl<M: CausalLm> CausalLm for PromptTuning<M> {
+    type Adapter = M::Adapter;
+    type WithAdapter<B: LayerAdapter> = PromptTuning<M::WithAdapter<B>>;
+
+    fn spec(&self) -> &ModelSpec {
+        self.base.spec()
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        self.base.modules()
+    }
+
+    /// The virtual tokens enter on the first pass only (an empty cache): generation's later
+    /// steps see them through the cache.
+    fn forward(&self, mut input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        let first = cache.as_ref().is_none_or(|c| c.past_len() == 0);
+        if first && input.virtual_tokens.is_none() {
+            input.virtual_tokens = Some(self.virtual_tokens(input.input_ids.dims()[0]));
+        }
+        self.base.forward(input, cache)
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.base.embed_tokens(ids)
+    }
+
+    fn map_layers<B: LayerAdapter>(
+        self,
+        linear: &mut MapLinear<'_, M::Adapter, B>,
+        embedding: &mut MapEmbedding<'_, M::Adapter, B>,
+    ) -> Result<PromptTuning<M::WithAdapter<B>>> {
+        Ok(PromptTuning {
+            base: self.base.map_layers(linear, embedding)?,
+            prompt_embeddings: self.prompt_embeddings,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.base.device()
+    }
+
+    fn untie_word_embeddings(self) -> Self {
+        Self {
+            base: self.base.untie_word_embeddings(),
+            prompt_embeddings: self.prompt_embeddings,
+        }
+    }
+}
+
+/// A prompt-tuned model and its config.
+#[derive(Debug)]
+pub struct PromptTuningModel<M: CausalLm> {
+    /// The model with its virtual tokens.
+    pub model: PromptTuning<M>,
+    /// The config, sizes filled in.
+    pub config: PromptTuningConfig,
+}
+
+fn with_sizes(mut config: PromptTuningConfig, spec: &ModelSpec) -> PromptTuningConfig {
+    config.token_dim = Some(spec.hidden_size);
+    config.num_transformer_submodules = Some(1);
+    config.num_attention_heads = Some(spec.num_heads);
+    config.num_layers = Some(spec.num_layers);
+    config
+}
+
+/// The `TEXT` init ids: the text's tokens, repeated when shorter than `n`, truncated to `n`.
+pub fn text_init_ids(tokenizer: &Tokenizer, text: &str, n: usize) -> Result<Vec<u32>> {
+    let ids = tokenizer.encode(text)?;
+    if ids.is_empty() {
+        return Err(PeftError::config(
+            "PromptTuningConfig",
+            "prompt_tuning_init_text",
+            "the text has no tokens",
+        ));
+    }
+    Ok(ids.iter().copied().cycle().take(n).collect())
+}
+
+fn freeze<M: Module>(model: M) -> M {
+    map_params(model, |_, _| ParamUpdate::Trainable(false))
+}
+
+/// PEFT's `get_peft_model(model, PromptTuningConfig(...))`. `tokenizer` is needed for `TEXT`
+/// init (PEFT loads it from `tokenizer_name_or_path`).
+pub fn get_peft_model<M: CausalLm<Adapter = NoAdapter>>(
+    base: M,
+    config: PromptTuningConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<PromptTuningModel<M>> {
+    config.validate("PromptTuningConfig")?;
+    let spec = base.spec().clone();
+    let config = with_sizes(config, &spec);
+    let (n, d) = (config.num_virtual_tokens, spec.hidden_size);
+    let device = base.device();
+    let rows_of = |ids: Vec<u32>| {
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        base.embed_tokens(ids).reshape([n, d]).detach()
+    };
+    let table = match config.prompt_tuning_init {
+        PromptTuningInit::Random => {
+            Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &device)
+        }
+        PromptTuningInit::SampleVocab => {
+            let ids = Tensor::<1, Int>::random(
+                [n],
+                Distribution::Uniform(0.0, spec.vocab_size as f64),
+                &device,
+            );
+            let ids: Vec<u32> = ids
+                .into_data()
+                .iter::<i64>()
+                .map(|i| i.clamp(0, spec.vocab_size as i64 - 1) as u32)
+                .collect();
+            rows_of(ids)
+        }
+        PromptTuningInit::Text => {
+            let tokenizer = tokenizer.ok_or_else(|| {
+                PeftError::config(
+                    "PromptTuningConfig",
+                    "tokenizer_name_or_path",
+                    "TEXT init needs the model's tokenizer",
+                )
+            })?;
+            let text = config
+                .prompt_tuning_init_text
+                .as_deref()
+                .unwrap_or_default();
+            rows_of(text_init_ids(tokenizer, text, n)?)
+        }
+    };
+    Ok(PromptTuningModel {
+        model: PromptTuning {
+            base: freeze(base),
+            prompt_embeddings: Param::from_tensor(table),
+        },
+        config,
+    })
+}
+
+/// PEFT's `PeftModel.from_pretrained` for a prompt-tuning folder.
+pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
+    base: M,
+    adapter_dir: impl AsRef<Path>,
+) -> Result<PromptTuningModel<M>> {
+    let dir = adapter_dir.as_ref();
+    let config = PromptTuningConfig::from_file(dir.join(CONFIG_NAME))?;
+    let spec = base.spec().clone();
+    if let Some(d) = config.token_dim
+        && d != spec.hidden_size
+    {
+        return Err(PeftError::AdapterMismatch(format!(
+            "{}: token_dim {d} but this {} model's hidden size is {} (adapter for another model?)",
+            dir.join(CONFIG_NAME).display(),
+            spec.model_type,
+            spec.hidden_size
+        )));
+    }
+    let weights = dir.join(WEIGHTS_NAME);
+    let store = TensorStore::open(&weights)?;
+    let (n, d) = (config.num_virtual_tokens, spec.hidden_size);
+    let values = store.f32_shaped("prompt_embeddings", &[n, d])?;
+    if let Some(extra) = store.keys().find(|k| *k != "prompt_embeddings") {
+        tracing::warn!("{}: unexpected tensor `{extra}` ignored", weights.display());
+    }
+    let device = base.device();
+    Ok(PromptTuningModel {
+        model: PromptTuning {
+            base: freeze(base),
+            prompt_embeddings: Param::from_tensor(Tensor::from_data(
+                TensorData::new(values, [n, d]),
+                &device,
+            )),
+        },
+        config: with_sizes(config, &spec),
+    })
+}
+
+impl<M: CausalLm> AdapterModel for PromptTuningModel<M> {
+    type Model = PromptTuning<M>;
+
+    fn model(&self) -> &PromptTuning<M> {
+        &self.model
+    }
+
+    fn with_model(mut self, model: PromptTuning<M>) -> Self {
+        self.model = model;
+        self
+    }
+
+    fn trainable_names(&self) -> Vec<String> {
+        vec!["prompt_embeddings".into()]
+    }
+
+    fn trainable_summary(&self) -> TrainableSummary {
+        let params = named_params(&self.model);
+        TrainableSummary {
+            trainable: params
+                .iter()
+                .filter(|p| p.name == "prompt_embeddings")
+                .map(|p| p.numel())
+                .sum(),
+            all: params.iter().map(|p| p.numel()).sum(),
+        }
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let [n, d] = self.model.prompt_embeddings.shape().dims();
+        let values = self
+            .model
+            .prompt_embeddings
+            .val()
+            .into_data()
+            .try_to_vec_as::<f32>()
+            .map_err(|e| PeftError::InvalidInput(format!("reading prompt_embeddings: {e:?}")))?;
+        let mut tensors = BTreeMap::new();
+        tensors.insert(
+            "prompt_embeddings".to_string(),
+            HostTensor::from_f32(vec![n, d], &values),
+        );
+        save_adapter(dir, &self.config, &tensors)
+    }
+
+    fn merge_and_unload(self) -> Result<PromptTuning<M::WithAdapter<NoAdapter>>> {
+        Err(PeftError::Unsupported(
+            "prompt tuning has no weights to merge: keep the adapter and load it with --adapter"
+                .into(),
+        ))
+    }
+}

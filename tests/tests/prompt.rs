@@ -1,0 +1,243 @@
+//! Prompt tuning against Hugging Face PEFT: logits with the virtual positions first, greedy
+//! generation, TEXT init, files and parameter counts.
+
+use peft_core::{AdapterModel, CausalLm, TensorStore};
+use peft_models::Tokenizer;
+use peft_prompt::{
+    PromptTuningConfig, PromptTuningInit, from_pretrained, get_peft_model, text_init_ids,
+};
+use peft_tests::{
+    Reference, adapter_dir, base_of, device, logits, max_diff_masked, model_dir, reference_json,
+};
+
+const TOLERANCE: f32 = 1e-4;
+
+/// The reference mask extended with ones for the virtual tokens, as PEFT does.
+fn extended_mask(reference: &Reference, n: usize) -> Vec<i64> {
+    let [batch, seq] = reference.shape;
+    let mut out = Vec::with_capacity(batch * (n + seq));
+    for row in reference.attention_mask.chunks(seq) {
+        out.extend(std::iter::repeat_n(1, n));
+        out.extend_from_slice(row);
+    }
+    out
+}
+
+fn peft_adapter_matches(name: &str) {
+    let device = device();
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let prompt = from_pretrained(base, adapter_dir(name)).unwrap();
+    let n = prompt.config.num_virtual_tokens;
+    let reference = Reference::load(name);
+    let ours = logits(prompt.model(), &reference);
+    let mask = extended_mask(&reference, n);
+    assert_eq!(
+        ours.len(),
+        mask.len() * reference.vocab,
+        "logits include the virtual positions"
+    );
+    let diff = max_diff_masked(&ours, &reference.logits, &mask, reference.vocab);
+    assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
+
+    let json = reference_json(name);
+    let greedy = &json["greedy"];
+    let ids: Vec<u32> = serde_json::from_value(greedy["prompt_ids"].clone()).unwrap();
+    let expected: Vec<u32> = serde_json::from_value(greedy["new_ids"].clone()).unwrap();
+    let options = peft_models::GenerateOptions::greedy(expected.len(), prompt.model().spec());
+    let new = peft_models::generate(prompt.model(), &[ids], &options, |_, _| {}).unwrap();
+    assert_eq!(new[0], expected, "{name}: greedy generation");
+
+    let summary = prompt.trainable_summary();
+    assert_eq!(
+        summary.trainable as u64,
+        json["trainable_params"].as_u64().unwrap()
+    );
+    assert_eq!(summary.all as u64, json["all_params"].as_u64().unwrap());
+
+    // Save → load round trip is exact, with PEFT's key and shape.
+    let out = tempfile::tempdir().unwrap();
+    prompt.save_pretrained(out.path()).unwrap();
+    let ours = TensorStore::open(out.path().join("adapter_model.safetensors")).unwrap();
+    let theirs = TensorStore::open(adapter_dir(name).join("adapter_model.safetensors")).unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), vec!["prompt_embeddings"]);
+    assert_eq!(
+        ours.f32("prompt_embeddings").unwrap(),
+        theirs.f32("prompt_embeddings").unwrap()
+    );
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["peft_type"], "PROMPT_TUNING");
+    assert_eq!(saved["token_dim"], 64);
+}
+
+#[test]
+fn bloom_random_init_adapter() {
+    peft_adapter_matches("prompt-bloom-random");
+}
+
+#[test]
+fn llama_random_init_adapter() {
+    peft_adapter_matches("prompt-llama-random");
+}
+
+#[test]
+fn bloom_text_init_adapter() {
+    peft_adapter_matches("prompt-bloom-text");
+}
+
+#[test]
+fn bloom_text_init_repeated_adapter() {
+    peft_adapter_matches("prompt-bloom-text-repeat");
+}
+
+/// TEXT init copies the embedding rows of the text's tokens exactly as PEFT (the fixture's table
+/// is PEFT's untrained TEXT init), repeating the text when it is shorter.
+#[test]
+fn text_init_equals_the_embedding_rows() {
+    let device = device();
+    let tokenizer = Tokenizer::from_dir(model_dir("bloom-tiny")).unwrap();
+    let text = "下面是人和聊天机器人的对话。";
+    for name in ["prompt-bloom-text", "prompt-bloom-text-repeat"] {
+        let expected = TensorStore::open(adapter_dir(name).join("adapter_model.safetensors"))
+            .unwrap()
+            .f32("prompt_embeddings")
+            .unwrap();
+        let n = expected.1[0];
+        let config = PromptTuningConfig {
+            num_virtual_tokens: n,
+            prompt_tuning_init: PromptTuningInit::Text,
+            prompt_tuning_init_text: Some(text.into()),
+            ..PromptTuningConfig::default()
+        };
+        let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+        let ours = get_peft_model(base, config, Some(&tokenizer)).unwrap();
+        let table: Vec<f32> = ours
+            .model
+            .prompt_embeddings
+            .val()
+            .into_data()
+            .try_to_vec_as::<f32>()
+            .unwrap();
+        assert_eq!(table, expected.0, "{name}");
+    }
+    let ids = text_init_ids(&tokenizer, text, 20).unwrap();
+    let once = tokenizer.encode(text).unwrap();
+    assert_eq!(&ids[..once.len()], &once[..]);
+    assert_eq!(ids[once.len()], once[0], "the text repeats");
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let device = device();
+    let base = || peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let zero = PromptTuningConfig {
+        num_virtual_tokens: 0,
+        ..PromptTuningConfig::default()
+    };
+    let err = get_peft_model(base(), zero, None).unwrap_err().to_string();
+    assert!(err.contains("invalid `num_virtual_tokens`"), "{err}");
+    let no_text = PromptTuningConfig {
+        prompt_tuning_init: PromptTuningInit::Text,
+        ..PromptTuningConfig::default()
+    };
+    let err = get_peft_model(base(), no_text, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("TEXT init needs a non-empty prompt_tuning_init_text"),
+        "{err}"
+    );
+    let no_tokenizer = PromptTuningConfig {
+        prompt_tuning_init: PromptTuningInit::Text,
+        prompt_tuning_init_text: Some("hi".into()),
+        ..PromptTuningConfig::default()
+    };
+    let err = get_peft_model(base(), no_tokenizer, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("TEXT init needs the model's tokenizer"),
+        "{err}"
+    );
+
+    // An adapter for a model of another width.
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        std::fs::read_to_string(adapter_dir("prompt-bloom-random").join("adapter_config.json"))
+            .unwrap()
+            .replace("\"token_dim\": 64", "\"token_dim\": 32");
+    std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+    std::fs::copy(
+        adapter_dir("prompt-bloom-random").join("adapter_model.safetensors"),
+        dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let err = from_pretrained(base(), dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("token_dim 32") && err.contains("hidden size is 64"),
+        "{err}"
+    );
+}
+
+/// Training moves only the virtual tokens and lowers the loss.
+#[test]
+fn training_moves_only_the_virtual_tokens() {
+    use peft_train::data::chat_prompt;
+    let device = device().autodiff();
+    let tokenizer = Tokenizer::from_dir(model_dir("bloom-tiny")).unwrap();
+    let examples: Vec<peft_train::Example> = [
+        ("你好", "你好！"),
+        ("Hello", "Hello!"),
+        ("Who are you?", "A bot."),
+    ]
+    .iter()
+    .map(|(q, a)| peft_train::Example {
+        prompt: chat_prompt(q, ""),
+        response: a.to_string(),
+    })
+    .collect();
+    let data = peft_train::tokenize_all(
+        std::path::Path::new("inline"),
+        &examples,
+        &tokenizer,
+        Some(2),
+        64,
+    )
+    .unwrap();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let prompt = get_peft_model(base, PromptTuningConfig::default(), None).unwrap();
+    let before = peft_train::evaluate(prompt.model(), &data, 4, 3).unwrap();
+    let config = peft_train::TrainConfig {
+        learning_rate: 5e-2,
+        max_steps: Some(10),
+        ..peft_train::TrainConfig::default()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let (trained, _) = peft_train::train(
+        prompt,
+        &data,
+        3,
+        &config,
+        out.path(),
+        peft_train::Resume::No,
+        &mut |_| {},
+    )
+    .unwrap();
+    let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
+    assert!(after < before - 0.1, "loss {before} → {after}");
+    let base = peft_models::load(model_dir("bloom-tiny"), &device.clone().inner()).unwrap();
+    let original = peft_core::params::named_values(&base).unwrap();
+    let now: std::collections::BTreeMap<_, _> =
+        peft_core::params::named_values(&trained.model.base)
+            .unwrap()
+            .into_iter()
+            .collect();
+    for (name, value) in original {
+        assert_eq!(
+            value, now[&name],
+            "{name} changed: the base must stay frozen"
+        );
+    }
+}
