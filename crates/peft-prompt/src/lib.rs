@@ -13,6 +13,7 @@
 //!
 //! ```no_run
 //! use burn::tensor::Device;
+//! use peft_core::AdapterModel;
 //! use peft_prompt::{PromptTuningConfig, PromptTuningInit, get_peft_model};
 //!
 //! let dir = "tests/fixtures/models/bloom-tiny";
