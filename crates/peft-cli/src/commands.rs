@@ -21,6 +21,7 @@ enum Loaded {
     Lora(Box<LoraModel<AnyModel<LoraLinear>>>),
     Ia3(Box<Ia3Model<AnyModel<Ia3Linear>>>),
     Prompt(Box<peft_prompt::PromptTuningModel<AnyModel<NoAdapter>>>),
+    Prefix(Box<peft_prefix::PrefixTuningModel<AnyModel<NoAdapter>>>),
 }
 
 impl Loaded {
@@ -32,6 +33,9 @@ impl Loaded {
             Loaded::Ia3(m) => m.merge_and_unload()?,
             Loaded::Prompt(_) => {
                 bail!("--merge: prompt tuning has no weights to merge (run with --adapter alone)")
+            }
+            Loaded::Prefix(_) => {
+                bail!("--merge: prefix tuning has no weights to merge (run with --adapter alone)")
             }
         })
     }
@@ -55,6 +59,10 @@ macro_rules! with_model {
             }
             Loaded::Prompt(ref prompt) => {
                 let $m = &prompt.model;
+                $body
+            }
+            Loaded::Prefix(ref prefix) => {
+                let $m = &prefix.model;
                 $body
             }
         }
@@ -90,6 +98,9 @@ fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Loaded> {
         )),
         PeftType::PromptTuning => Loaded::Prompt(Box::new(
             peft_prompt::from_pretrained(base, adapter).with_context(context)?,
+        )),
+        PeftType::PrefixTuning => Loaded::Prefix(Box::new(
+            peft_prefix::from_pretrained(base, adapter).with_context(context)?,
         )),
         PeftType::BitFit => Loaded::Plain(Box::new(
             peft_bitfit::from_pretrained(base, adapter)
@@ -340,6 +351,13 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
                         &[],
                         summary,
                     )
+                }
+                PeftType::PrefixTuning => {
+                    let config = peft_prefix::PrefixTuningConfig::from_file(config_path)?;
+                    let prefix = peft_prefix::get_peft_model(model, config)?;
+                    let summary = peft_core::AdapterModel::trainable_summary(&prefix);
+                    let names = peft_core::AdapterModel::trainable_names(&prefix);
+                    print_targets(&mut out, &prefix.model, &args.model, &names, &[], summary)
                 }
                 PeftType::BitFit => {
                     let config = peft_core::config::read_config(config_path)?;

@@ -401,7 +401,7 @@ fn adapter_errors_are_one_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("adapter_config.json"),
-        r#"{"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}"#,
+        r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 4}"#,
     )
     .unwrap();
     let out = peft(&[
@@ -413,7 +413,7 @@ fn adapter_errors_are_one_line() {
         "--prompt",
         "hi",
     ]);
-    assert_clean_failure(&out, "PrefixTuning adapters are not implemented");
+    assert_clean_failure(&out, "PTuning adapters are not implemented");
 }
 
 #[test]
@@ -595,11 +595,11 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
     let out = peft(&[
         "train",
         "--method",
-        "prefix",
+        "ptuning",
         "--output",
         dir.path().join("p").to_str().unwrap(),
     ]);
-    assert_clean_failure(&out, "--method prefix");
+    assert_clean_failure(&out, "--method ptuning");
 }
 
 #[test]
@@ -747,4 +747,29 @@ fn prompt_tuning_adapters_run_and_train() {
     let store = TensorStore::open(run.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(store.shape("prompt_embeddings").unwrap(), &[4, 64]);
     assert!(!run.join("merged").exists());
+}
+
+#[test]
+fn prefix_tuning_adapters_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/prefix-llama.safetensors");
+    let out_path = dir.path().join("logits.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        model("llama-tiny").to_str().unwrap(),
+        "--adapter",
+        adapter("prefix-llama").to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = logits_diff(&out_path, &reference);
+    assert!(diff <= 1e-4, "max |Δ| = {diff}");
 }

@@ -1,4 +1,490 @@
 //! # peft-prefix
 //!
-//! Prefix tuning: learned key/value prefixes in every attention layer (attachment point (c) of
-//! `peft_core::adapter`). Not implemented yet; this crate deliberately exposes no API until it is.
+//! Prefix tuning (Li & Liang, 2021) with Hugging Face PEFT parity: learned keys and values put
+//! before every attention layer's own (attachment point (c) of [`peft_core::adapter`]), entering
+//! the model as a pre-filled [`KvCache`] exactly as `past_key_values` do in transformers. The
+//! tokens' positions start after the prefix (Llama), BLOOM's ALiBi covers the prefix positions,
+//! and the prefix keys are used as stored (no RoPE).
+//!
+//! The table is `[num_virtual_tokens, layers · 2 · kv_dim]`, viewed as
+//! `[n, layers · 2, kv_heads, head_dim]`: entry `2l` is layer `l`'s key, `2l + 1` its value. With
+//! `prefix_projection`, the table is computed by `Embedding(n, d) → Linear(d, h) → tanh →
+//! Linear(h, layers · 2 · kv_dim)`; PEFT saves only the computed table (`prompt_embeddings`),
+//! so peft-rs also writes the projection's weights to `adapter_encoder.safetensors` for training
+//! to resume.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
+use peft_core::model::{MapEmbedding, MapLinear};
+use peft_core::params::{ParamUpdate, map_params, named_params};
+use peft_core::tensors::save_safetensors;
+use peft_core::{
+    AdapterModel, CausalLm, HostTensor, KvCache, LayerAdapter, LayerKv, ModelInput, ModelSpec,
+    ModuleInfo, NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
+};
+
+/// The file peft-rs writes beside PEFT's with the projection weights.
+pub const ENCODER_NAME: &str = "adapter_encoder.safetensors";
+
+/// PEFT's `PrefixTuningConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefixTuningConfig {
+    /// Always `PREFIX_TUNING`.
+    #[serde(default = "prefix_type")]
+    pub peft_type: PeftType,
+    /// PEFT's task type.
+    #[serde(default = "causal_lm")]
+    pub task_type: Option<String>,
+    /// The base model.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// PEFT writes `true` when saving.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Prefix length.
+    #[serde(default)]
+    pub num_virtual_tokens: usize,
+    /// Key/value width per layer (`head_dim · kv_heads`), filled in from the model.
+    #[serde(default)]
+    pub token_dim: Option<usize>,
+    /// 1 for decoder-only models.
+    #[serde(default)]
+    pub num_transformer_submodules: Option<usize>,
+    /// Key/value heads, filled in from the model.
+    #[serde(default)]
+    pub num_attention_heads: Option<usize>,
+    /// Layers, filled in from the model.
+    #[serde(default)]
+    pub num_layers: Option<usize>,
+    /// Hidden width of the projection MLP.
+    #[serde(default)]
+    pub encoder_hidden_size: Option<usize>,
+    /// Compute the table with an MLP.
+    #[serde(default)]
+    pub prefix_projection: bool,
+    /// Everything else PEFT writes.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+fn prefix_type() -> PeftType {
+    PeftType::PrefixTuning
+}
+fn causal_lm() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+
+impl Default for PrefixTuningConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 8,
+            ..serde_json::from_str("{}").expect("every field has a default")
+        }
+    }
+}
+
+impl PrefixTuningConfig {
+    /// Reads and validates `adapter_config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let config: Self = peft_core::config::read_config(path)?;
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks the values.
+    pub fn validate(&self, context: &str) -> Result<()> {
+        let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
+        if self.peft_type != PeftType::PrefixTuning {
+            return bad("peft_type", "expected PREFIX_TUNING");
+        }
+        if self.num_virtual_tokens == 0 {
+            return bad("num_virtual_tokens", "must be at least 1");
+        }
+        if self.num_transformer_submodules.is_some_and(|n| n != 1) {
+            return bad(
+                "num_transformer_submodules",
+                "only 1 (decoder-only models) is supported",
+            );
+        }
+        if self.prefix_projection && self.encoder_hidden_size.is_none_or(|h| h == 0) {
+            return bad(
+                "encoder_hidden_size",
+                "prefix_projection needs a positive encoder_hidden_size",
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks that a saved adapter fits `spec` (layers, key/value heads and width).
+    fn check_model(&self, spec: &ModelSpec, context: &str) -> Result<()> {
+        let kv_dim = spec.head_dim * spec.num_kv_heads;
+        let expected = [
+            ("num_layers", self.num_layers, spec.num_layers),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                spec.num_kv_heads,
+            ),
+            ("token_dim", self.token_dim, kv_dim),
+        ];
+        for (field, found, want) in expected {
+            if let Some(found) = found
+                && found != want
+            {
+                return Err(PeftError::AdapterMismatch(format!(
+                    "{context}: {field} is {found} but this {} model has {want} (adapter for another model?)",
+                    spec.model_type
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The projection MLP of `prefix_projection` (PEFT's `embedding` and `transform.0/.2`).
+#[derive(Module, Debug)]
+pub struct PrefixProjection {
+    /// `[n, token_dim]` input embedding.
+    pub embedding: Embedding,
+    /// `token_dim → encoder_hidden_size`.
+    pub transform_0: Linear,
+    /// `encoder_hidden_size → layers · 2 · kv_dim`.
+    pub transform_2: Linear,
+}
+
+impl PrefixProjection {
+    /// The table `[n, layers · 2 · kv_dim]`.
+    pub fn table(&self) -> Tensor<2> {
+        let [n, _] = self.embedding.weight.shape().dims();
+        let device = self.embedding.weight.val().device();
+        let ids = Tensor::<1, Int>::arange(0..n as i64, &device).reshape([1, n]);
+        let x = self.embedding.forward(ids);
+        let x = self.transform_0.forward(x).tanh();
+        let x = self.transform_2.forward(x);
+        let [_, n, w] = x.dims();
+        x.reshape([n, w])
+    }
+}
+
+/// A frozen model with learned key/value prefixes.
+#[derive(Module, Debug)]
+pub struct PrefixTuning<M: CausalLm> {
+    /// The frozen model.
+    pub base: M,
+    /// The table `[n, layers · 2 · kv_dim]` (without projection).
+    pub prefix: Option<Param<Tensor<2>>>,
+    /// The projection MLP (with projection).
+    pub projection: Option<PrefixProjection>,
+}
+
+impl<M: CausalLm> PrefixTuning<M> {
+    /// The prefix table `[n, layers · 2 · kv_dim]`.
+    pub fn table(&self) -> Tensor<2> {
+        match (&self.projection, &self.prefix) {
+            (Some(p), _) => p.table(),
+            (None, Some(t)) => t.val(),
+            (None, None) => unreachable!("a prefix model holds a table or a projection"),
+        }
+    }
+
+    /// Per-layer keys and values `[batch, kv_heads, n, head_dim]`.
+    pub fn layer_kv(&self, batch: usize) -> Vec<LayerKv> {
+        let spec = self.base.spec();
+        let (layers, kvh, hd) = (spec.num_layers, spec.num_kv_heads, spec.head_dim);
+        let table = self.table();
+        let n = table.dims()[0];
+        let per = table.reshape([n, layers * 2, kvh, hd]);
+        (0..layers)
+            .map(|l| {
+                let pick = |i: usize| {
+                    per.clone()
+                        .slice_dim(1, i..i + 1)
+                        .reshape([n, kvh, hd])
+                        .swap_dims(0, 1)
+                        .reshape([1, kvh, n, hd])
+                        .expand([batch, kvh, n, hd])
+                };
+                LayerKv {
+                    key: pick(2 * l),
+                    value: pick(2 * l + 1),
+                }
+            })
+            .collect()
+    }
+}
+
+impl<M: CausalLm> CausalLm for PrefixTuning<M> {
+    type Adapter = M::Adapter;
+    type WithAdapter<B: LayerAdapter> = PrefixTuning<M::WithAdapter<B>>;
+
+    fn spec(&self) -> &ModelSpec {
+        self.base.spec()
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        self.base.modules()
+    }
+
+    /// On the first pass (no cache, or an empty one) the prefix fills the cache first.
+    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        let batch = input.input_ids.dims()[0];
+        match cache {
+            Some(cache) if cache.past_len() > 0 => self.base.forward(input, Some(cache)),
+            Some(cache) => {
+                *cache = KvCache::from_prefix(self.layer_kv(batch));
+                self.base.forward(input, Some(cache))
+            }
+            None => {
+                let mut local = KvCache::from_prefix(self.layer_kv(batch));
+                self.base.forward(input, Some(&mut local))
+            }
+        }
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.base.embed_tokens(ids)
+    }
+
+    fn map_layers<B: LayerAdapter>(
+        self,
+        linear: &mut MapLinear<'_, M::Adapter, B>,
+        embedding: &mut MapEmbedding<'_, M::Adapter, B>,
+    ) -> Result<PrefixTuning<M::WithAdapter<B>>> {
+        Ok(PrefixTuning {
+            base: self.base.map_layers(linear, embedding)?,
+            prefix: self.prefix,
+            projection: self.projection,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.base.device()
+    }
+
+    fn untie_word_embeddings(self) -> Self {
+        Self {
+            base: self.base.untie_word_embeddings(),
+            ..self
+        }
+    }
+}
+
+/// A prefix-tuned model and its config.
+#[derive(Debug)]
+pub struct PrefixTuningModel<M: CausalLm> {
+    /// The model with its prefixes.
+    pub model: PrefixTuning<M>,
+    /// The config, sizes filled in.
+    pub config: PrefixTuningConfig,
+}
+
+fn with_sizes(mut config: PrefixTuningConfig, spec: &ModelSpec) -> PrefixTuningConfig {
+    config.token_dim = Some(spec.head_dim * spec.num_kv_heads);
+    config.num_transformer_submodules = Some(1);
+    config.num_attention_heads = Some(spec.num_kv_heads);
+    config.num_layers = Some(spec.num_layers);
+    config
+}
+
+/// PEFT's `get_peft_model(model, PrefixTuningConfig(...))`.
+pub fn get_peft_model<M: CausalLm<Adapter = NoAdapter>>(
+    base: M,
+    config: PrefixTuningConfig,
+) -> Result<PrefixTuningModel<M>> {
+    config.validate("PrefixTuningConfig")?;
+    let spec = base.spec().clone();
+    let config = with_sizes(config, &spec);
+    let (n, kv_dim) = (config.num_virtual_tokens, spec.head_dim * spec.num_kv_heads);
+    let width = spec.num_layers * 2 * kv_dim;
+    let device = base.device();
+    let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
+    let (prefix, projection) = if config.prefix_projection {
+        let h = config.encoder_hidden_size.unwrap_or(kv_dim);
+        let projection = PrefixProjection {
+            embedding: EmbeddingConfig::new(n, kv_dim).init(&device),
+            transform_0: LinearConfig::new(kv_dim, h).init(&device),
+            transform_2: LinearConfig::new(h, width).init(&device),
+        };
+        (None, Some(projection))
+    } else {
+        let table = Tensor::<2>::random([n, width], Distribution::Normal(0.0, 1.0), &device);
+        (Some(Param::from_tensor(table)), None)
+    };
+    Ok(PrefixTuningModel {
+        model: PrefixTuning {
+            base,
+            prefix,
+            projection,
+        },
+        config,
+    })
+}
+
+/// PEFT's `PeftModel.from_pretrained` for a prefix-tuning folder. The projection MLP, when
+/// `adapter_encoder.safetensors` (peft-rs' own file) is there, is restored for further training;
+/// otherwise the saved table is used as it is, as PEFT does in inference mode.
+pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
+    base: M,
+    adapter_dir: impl AsRef<Path>,
+) -> Result<PrefixTuningModel<M>> {
+    let dir = adapter_dir.as_ref();
+    let config_path = dir.join(CONFIG_NAME);
+    let config = PrefixTuningConfig::from_file(&config_path)?;
+    let spec = base.spec().clone();
+    config.check_model(&spec, &config_path.display().to_string())?;
+    let (n, width) = (
+        config.num_virtual_tokens,
+        spec.num_layers * 2 * spec.head_dim * spec.num_kv_heads,
+    );
+    let store = TensorStore::open(dir.join(WEIGHTS_NAME))?;
+    let values = store.f32_shaped("prompt_embeddings", &[n, width])?;
+    let device = base.device();
+    let table = Tensor::<2>::from_data(TensorData::new(values, [n, width]), &device);
+    let mut model = get_peft_model(
+        base,
+        PrefixTuningConfig {
+            prefix_projection: false,
+            ..config.clone()
+        },
+    )?;
+    model.model.prefix = Some(Param::from_tensor(table));
+    if config.prefix_projection && dir.join(ENCODER_NAME).is_file() {
+        model.model.projection = Some(load_projection(&dir.join(ENCODER_NAME), &device)?);
+        model.model.prefix = None;
+    }
+    model.config = with_sizes(config, &spec);
+    Ok(model)
+}
+
+/// Loads PEFT's projection weights (`embedding.weight`, `transform.0.*`, `transform.2.*`).
+pub fn load_projection(path: &Path, device: &Device) -> Result<PrefixProjection> {
+    let store = TensorStore::open(path)?;
+    let matrix = |key: &str| -> Result<Tensor<2>> {
+        let (v, s) = store.f32(key)?;
+        if s.len() != 2 {
+            return Err(PeftError::ShapeMismatch {
+                path: path.into(),
+                key: key.into(),
+                expected: vec![0, 0],
+                found: s,
+            });
+        }
+        Ok(Tensor::from_data(TensorData::new(v, [s[0], s[1]]), device))
+    };
+    let vector = |key: &str| -> Result<Param<Tensor<1>>> {
+        let (v, s) = store.f32(key)?;
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(v, [s.iter().product::<usize>()]),
+            device,
+        )))
+    };
+    Ok(PrefixProjection {
+        embedding: Embedding {
+            weight: Param::from_tensor(matrix("embedding.weight")?),
+        },
+        transform_0: Linear {
+            weight: Param::from_tensor(matrix("transform.0.weight")?.transpose()),
+            bias: Some(vector("transform.0.bias")?),
+        },
+        transform_2: Linear {
+            weight: Param::from_tensor(matrix("transform.2.weight")?.transpose()),
+            bias: Some(vector("transform.2.bias")?),
+        },
+    })
+}
+
+fn host(t: Tensor<2>) -> Result<HostTensor> {
+    let shape = t.dims().to_vec();
+    let values = t
+        .into_data()
+        .try_to_vec_as::<f32>()
+        .map_err(|e| PeftError::InvalidInput(format!("reading a prefix tensor: {e:?}")))?;
+    Ok(HostTensor::from_f32(shape, &values))
+}
+
+impl<M: CausalLm> AdapterModel for PrefixTuningModel<M> {
+    type Model = PrefixTuning<M>;
+
+    fn model(&self) -> &PrefixTuning<M> {
+        &self.model
+    }
+
+    fn with_model(mut self, model: PrefixTuning<M>) -> Self {
+        self.model = model;
+        self
+    }
+
+    fn trainable_names(&self) -> Vec<String> {
+        named_params(&self.model)
+            .into_iter()
+            .filter(|p| p.name.starts_with("prefix") || p.name.starts_with("projection"))
+            .map(|p| p.name)
+            .collect()
+    }
+
+    fn trainable_summary(&self) -> TrainableSummary {
+        let params = named_params(&self.model);
+        let names = self.trainable_names();
+        TrainableSummary {
+            trainable: params
+                .iter()
+                .filter(|p| names.contains(&p.name))
+                .map(|p| p.numel())
+                .sum(),
+            all: params.iter().map(|p| p.numel()).sum(),
+        }
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let mut tensors = BTreeMap::new();
+        tensors.insert(
+            "prompt_embeddings".to_string(),
+            host(self.model.table().detach())?,
+        );
+        save_adapter(dir, &self.config, &tensors)?;
+        if let Some(p) = &self.model.projection {
+            let mut enc = BTreeMap::new();
+            enc.insert(
+                "embedding.weight".to_string(),
+                host(p.embedding.weight.val())?,
+            );
+            enc.insert(
+                "transform.0.weight".to_string(),
+                host(p.transform_0.weight.val().transpose())?,
+            );
+            enc.insert(
+                "transform.2.weight".to_string(),
+                host(p.transform_2.weight.val().transpose())?,
+            );
+            for (key, bias) in [
+                ("transform.0.bias", &p.transform_0.bias),
+                ("transform.2.bias", &p.transform_2.bias),
+            ] {
+                if let Some(b) = bias {
+                    let len = b.shape().dims::<1>()[0];
+                    let mut t = host(b.val().reshape([1, len]))?;
+                    t.shape = vec![len];
+                    enc.insert(key.to_string(), t);
+                }
+            }
+            save_safetensors(dir.join(ENCODER_NAME), &enc, None)?;
+        }
+        Ok(())
+    }
+
+    fn merge_and_unload(self) -> Result<PrefixTuning<M::WithAdapter<NoAdapter>>> {
+        Err(PeftError::Unsupported(
+            "prefix tuning has no weights to merge: keep the adapter and load it with --adapter"
+                .into(),
+        ))
+    }
+}

@@ -1,0 +1,196 @@
+//! Prefix tuning against Hugging Face PEFT: logits, greedy generation, the projection MLP,
+//! files, counts and bad adapters.
+
+use peft_core::{AdapterModel, CausalLm, TensorStore};
+use peft_prefix::{PrefixTuningConfig, from_pretrained, get_peft_model, load_projection};
+use peft_tests::{
+    Reference, adapter_dir, base_of, device, fixtures, logits, max_diff_masked, model_dir,
+    reference_json, to_vec,
+};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn peft_adapter_matches(name: &str) {
+    let device = device();
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let prefix = from_pretrained(base, adapter_dir(name)).unwrap();
+    let reference = Reference::load(name);
+    let ours = logits(prefix.model(), &reference);
+    let diff = max_diff_masked(
+        &ours,
+        &reference.logits,
+        &reference.attention_mask,
+        reference.vocab,
+    );
+    assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
+    let base_ref = Reference::load(base_of(name));
+    let change = max_diff_masked(
+        &ours,
+        &base_ref.logits,
+        &reference.attention_mask,
+        reference.vocab,
+    );
+    assert!(
+        change > 0.05,
+        "{name}: the prefix barely changes the logits ({change})"
+    );
+
+    let json = reference_json(name);
+    let ids: Vec<u32> = serde_json::from_value(json["greedy"]["prompt_ids"].clone()).unwrap();
+    let expected: Vec<u32> = serde_json::from_value(json["greedy"]["new_ids"].clone()).unwrap();
+    let options = peft_models::GenerateOptions::greedy(expected.len(), prefix.model().spec());
+    let new = peft_models::generate(prefix.model(), &[ids], &options, |_, _| {}).unwrap();
+    assert_eq!(
+        new[0], expected,
+        "{name}: greedy generation with the prefix in the cache"
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    prefix.save_pretrained(out.path()).unwrap();
+    let ours = TensorStore::open(out.path().join("adapter_model.safetensors")).unwrap();
+    let theirs = TensorStore::open(adapter_dir(name).join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        ours.f32("prompt_embeddings").unwrap(),
+        theirs.f32("prompt_embeddings").unwrap()
+    );
+
+    // PEFT's counts for a fresh model with the same config.
+    let config =
+        PrefixTuningConfig::from_file(adapter_dir(name).join("adapter_config.json")).unwrap();
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let fresh = get_peft_model(base, config).unwrap();
+    let summary = fresh.trainable_summary();
+    assert_eq!(
+        summary.trainable as u64,
+        json["trainable_params"].as_u64().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        summary.all as u64,
+        json["all_params"].as_u64().unwrap(),
+        "{name}"
+    );
+}
+
+#[test]
+fn bloom_prefix() {
+    peft_adapter_matches("prefix-bloom");
+}
+
+#[test]
+fn bloom_prefix_with_projection() {
+    peft_adapter_matches("prefix-bloom-proj");
+}
+
+#[test]
+fn llama_gqa_prefix() {
+    peft_adapter_matches("prefix-llama");
+}
+
+/// The projection MLP with PEFT's weights computes PEFT's saved table, and its weights survive a
+/// save → load round trip through `adapter_encoder.safetensors`.
+#[test]
+fn projection_matches_peft_and_round_trips() {
+    let device = device();
+    let projection = load_projection(
+        &fixtures().join("reference/prefix-bloom-proj-encoder.safetensors"),
+        &device,
+    )
+    .unwrap();
+    let ours = to_vec(projection.table());
+    let (theirs, _) =
+        TensorStore::open(adapter_dir("prefix-bloom-proj").join("adapter_model.safetensors"))
+            .unwrap()
+            .f32("prompt_embeddings")
+            .unwrap();
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-5, "projection output max |Δ| = {worst}");
+
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let mut model = from_pretrained(base, adapter_dir("prefix-bloom-proj")).unwrap();
+    model.model.projection = Some(projection);
+    model.model.prefix = None;
+    let out = tempfile::tempdir().unwrap();
+    model.save_pretrained(out.path()).unwrap();
+    assert!(out.path().join(peft_prefix::ENCODER_NAME).is_file());
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let again = from_pretrained(base, out.path()).unwrap();
+    assert!(
+        again.model.projection.is_some(),
+        "the projection is restored for training"
+    );
+    assert_eq!(to_vec(again.model.table()), ours);
+}
+
+#[test]
+fn adapters_for_other_models_are_refused() {
+    let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
+    let err = from_pretrained(base, adapter_dir("prefix-llama"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("num_attention_heads is 2 but this bloom model has 4"),
+        "{err}"
+    );
+    let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
+    let zero = PrefixTuningConfig {
+        num_virtual_tokens: 0,
+        ..PrefixTuningConfig::default()
+    };
+    let err = get_peft_model(base, zero).unwrap_err().to_string();
+    assert!(err.contains("invalid `num_virtual_tokens`"), "{err}");
+}
+
+/// Training moves only the prefix and lowers the loss.
+#[test]
+fn training_lowers_the_loss() {
+    use peft_train::data::chat_prompt;
+    let device = device().autodiff();
+    let tokenizer = peft_models::Tokenizer::from_dir(model_dir("llama-tiny")).unwrap();
+    let examples: Vec<peft_train::Example> = [("你好", "你好！"), ("Hello", "Hello!")]
+        .iter()
+        .map(|(q, a)| peft_train::Example {
+            prompt: chat_prompt(q, ""),
+            response: a.to_string(),
+        })
+        .collect();
+    let data = peft_train::tokenize_all(
+        std::path::Path::new("inline"),
+        &examples,
+        &tokenizer,
+        Some(2),
+        64,
+    )
+    .unwrap();
+    let base = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
+    let config = PrefixTuningConfig {
+        num_virtual_tokens: 4,
+        prefix_projection: true,
+        encoder_hidden_size: Some(16),
+        ..PrefixTuningConfig::default()
+    };
+    let prefix = get_peft_model(base, config).unwrap();
+    let before = peft_train::evaluate(prefix.model(), &data, 4, 3).unwrap();
+    let train_config = peft_train::TrainConfig {
+        learning_rate: 1e-2,
+        max_steps: Some(10),
+        ..peft_train::TrainConfig::default()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let (trained, _) = peft_train::train(
+        prefix,
+        &data,
+        3,
+        &train_config,
+        out.path(),
+        peft_train::Resume::No,
+        &mut |_| {},
+    )
+    .unwrap();
+    let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
+    assert!(after < before - 0.1, "loss {before} → {after}");
+}
