@@ -101,6 +101,18 @@ pub fn read_config<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
     .map_err(|e| PeftError::json(path, e))
 }
 
+/// Reads a config file into `T` (leniently, as [`read_config`]) and runs the method's
+/// `validate(config, file)` on it.
+pub fn read_validated<T: DeserializeOwned>(
+    path: impl AsRef<Path>,
+    validate: impl FnOnce(&T, &str) -> Result<()>,
+) -> Result<T> {
+    let path = path.as_ref();
+    let config: T = read_config(path)?;
+    validate(&config, &path.display().to_string())?;
+    Ok(config)
+}
+
 /// Reads only the shared header of an adapter config, to learn which method it belongs to.
 ///
 /// An unknown `peft_type` is reported with the list of the types peft-rs implements.

@@ -171,10 +171,7 @@ impl Default for LoraConfig {
 impl LoraConfig {
     /// Reads `adapter_config.json`, validating it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let config: Self = peft_core::config::read_config(path)?;
-        config.validate(&path.display().to_string())?;
-        Ok(config)
+        peft_core::config::read_validated(path, Self::validate)
     }
 
     /// Parses and validates a config from JSON text; `context` names it in errors.

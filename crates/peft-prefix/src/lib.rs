@@ -94,10 +94,7 @@ impl Default for PrefixTuningConfig {
 impl PrefixTuningConfig {
     /// Reads and validates `adapter_config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let config: Self = peft_core::config::read_config(path)?;
-        config.validate(&path.display().to_string())?;
-        Ok(config)
+        peft_core::config::read_validated(path, Self::validate)
     }
 
     /// Checks the values.
