@@ -115,6 +115,7 @@ fn text_init_equals_the_embedding_rows() {
         let ours = get_peft_model(base, config, Some(&tokenizer)).unwrap();
         let table: Vec<f32> = ours
             .model
+            .encoder
             .prompt_embeddings
             .val()
             .into_data()

@@ -28,6 +28,7 @@ pub mod loss;
 pub mod model;
 pub mod modules;
 pub mod params;
+pub mod prompt_learning;
 pub mod summary;
 pub mod tensors;
 

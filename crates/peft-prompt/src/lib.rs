@@ -34,17 +34,20 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
-use peft_core::model::{MapEmbedding, MapLinear};
 use peft_core::params::{ParamUpdate, map_params, named_params};
+use peft_core::prompt_learning::{PromptTable, VirtualTokens};
 use peft_core::{
-    AdapterModel, CausalLm, HostTensor, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo,
-    NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
+    AdapterModel, CausalLm, HostTensor, ModelSpec, NoAdapter, PeftError, PeftType, Result,
+    TensorStore, TrainableSummary,
 };
+
+/// The HF-style name of the table parameter (`encoder.prompt_embeddings` inside the wrapper).
+const TABLE_PARAM: &str = "encoder.prompt_embeddings";
 use peft_models::Tokenizer;
 
 /// PEFT's `prompt_tuning_init`.
@@ -158,74 +161,9 @@ impl PromptTuningConfig {
     }
 }
 
-/// A frozen model with learned virtual tokens put before its input embeddings.
-#[derive(Module, Debug)]
-pub struct PromptTuning<M: CausalLm> {
-    /// The frozen model.
-    pub base: M,
-    /// `[num_virtual_tokens, token_dim]` — PEFT's `prompt_embeddings`.
-    pub prompt_embeddings: Param<Tensor<2>>,
-}
-
-impl<M: CausalLm> PromptTuning<M> {
-    /// The virtual tokens for a batch: `[batch, n, token_dim]`.
-    pub fn virtual_tokens(&self, batch: usize) -> Tensor<3> {
-        let [n, d] = self.prompt_embeddings.shape().dims();
-        self.prompt_embeddings
-            .val()
-            .reshape([1, n, d])
-            .expand([batch, n, d])
-    }
-}
-
-impl<M: CausalLm> CausalLm for PromptTuning<M> {
-    type Adapter = M::Adapter;
-    type WithAdapter<B: LayerAdapter> = PromptTuning<M::WithAdapter<B>>;
-
-    fn spec(&self) -> &ModelSpec {
-        self.base.spec()
-    }
-
-    fn modules(&self) -> Vec<ModuleInfo> {
-        self.base.modules()
-    }
-
-    /// The virtual tokens enter on the first pass only (an empty cache): generation's later
-    /// steps see them through the cache.
-    fn forward(&self, mut input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
-        let first = cache.as_ref().is_none_or(|c| c.past_len() == 0);
-        if first && input.virtual_tokens.is_none() {
-            input.virtual_tokens = Some(self.virtual_tokens(input.input_ids.dims()[0]));
-        }
-        self.base.forward(input, cache)
-    }
-
-    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.base.embed_tokens(ids)
-    }
-
-    fn map_layers<B: LayerAdapter>(
-        self,
-        linear: &mut MapLinear<'_, M::Adapter, B>,
-        embedding: &mut MapEmbedding<'_, M::Adapter, B>,
-    ) -> Result<PromptTuning<M::WithAdapter<B>>> {
-        Ok(PromptTuning {
-            base: self.base.map_layers(linear, embedding)?,
-            prompt_embeddings: self.prompt_embeddings,
-        })
-    }
-
-    fn device(&self) -> Device {
-        self.base.device()
-    }
-
-    fn untie_word_embeddings(self) -> Self {
-        Self {
-            base: self.base.untie_word_embeddings(),
-            prompt_embeddings: self.prompt_embeddings,
-        }
-    }
-}
+/// A frozen model with learned virtual tokens put before its input embeddings (peft-core's
+/// shared wrapper with a plain table).
+pub type PromptTuning<M> = VirtualTokens<M, PromptTable>;
 
 /// A prompt-tuned model and its config.
 #[derive(Debug)]
@@ -311,9 +249,11 @@ pub fn get_peft_model<M: CausalLm<Adapter = NoAdapter>>(
         }
     };
     Ok(PromptTuningModel {
-        model: PromptTuning {
+        model: VirtualTokens {
             base: freeze(base),
-            prompt_embeddings: Param::from_tensor(table),
+            encoder: PromptTable {
+                prompt_embeddings: Param::from_tensor(table),
+            },
         },
         config,
     })
@@ -346,12 +286,14 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     }
     let device = base.device();
     Ok(PromptTuningModel {
-        model: PromptTuning {
+        model: VirtualTokens {
             base: freeze(base),
-            prompt_embeddings: Param::from_tensor(Tensor::from_data(
-                TensorData::new(values, [n, d]),
-                &device,
-            )),
+            encoder: PromptTable {
+                prompt_embeddings: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(values, [n, d]),
+                    &device,
+                )),
+            },
         },
         config: with_sizes(config, &spec),
     })
@@ -370,7 +312,7 @@ impl<M: CausalLm> AdapterModel for PromptTuningModel<M> {
     }
 
     fn trainable_names(&self) -> Vec<String> {
-        vec!["prompt_embeddings".into()]
+        vec![TABLE_PARAM.into()]
     }
 
     fn trainable_summary(&self) -> TrainableSummary {
@@ -378,7 +320,7 @@ impl<M: CausalLm> AdapterModel for PromptTuningModel<M> {
         TrainableSummary {
             trainable: params
                 .iter()
-                .filter(|p| p.name == "prompt_embeddings")
+                .filter(|p| p.name == TABLE_PARAM)
                 .map(|p| p.numel())
                 .sum(),
             all: params.iter().map(|p| p.numel()).sum(),
@@ -386,9 +328,10 @@ impl<M: CausalLm> AdapterModel for PromptTuningModel<M> {
     }
 
     fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        let [n, d] = self.model.prompt_embeddings.shape().dims();
+        let [n, d] = self.model.encoder.prompt_embeddings.shape().dims();
         let values = self
             .model
+            .encoder
             .prompt_embeddings
             .val()
             .into_data()
@@ -402,7 +345,7 @@ impl<M: CausalLm> AdapterModel for PromptTuningModel<M> {
         save_adapter(dir, &self.config, &tensors)
     }
 
-    fn merge_and_unload(self) -> Result<PromptTuning<M::WithAdapter<NoAdapter>>> {
+    fn merge_and_unload(self) -> Result<VirtualTokens<M::WithAdapter<NoAdapter>, PromptTable>> {
         Err(PeftError::Unsupported(
             "prompt tuning has no weights to merge: keep the adapter and load it with --adapter"
                 .into(),
