@@ -22,6 +22,7 @@ enum Loaded {
     Ia3(Box<Ia3Model<AnyModel<Ia3Linear>>>),
     Prompt(Box<peft_prompt::PromptTuningModel<AnyModel<NoAdapter>>>),
     Prefix(Box<peft_prefix::PrefixTuningModel<AnyModel<NoAdapter>>>),
+    PTuning(Box<peft_ptuning::PTuningModel<AnyModel<NoAdapter>>>),
 }
 
 impl Loaded {
@@ -36,6 +37,9 @@ impl Loaded {
             }
             Loaded::Prefix(_) => {
                 bail!("--merge: prefix tuning has no weights to merge (run with --adapter alone)")
+            }
+            Loaded::PTuning(_) => {
+                bail!("--merge: P-tuning has no weights to merge (run with --adapter alone)")
             }
         })
     }
@@ -63,6 +67,10 @@ macro_rules! with_model {
             }
             Loaded::Prefix(ref prefix) => {
                 let $m = &prefix.model;
+                $body
+            }
+            Loaded::PTuning(ref ptuning) => {
+                let $m = &ptuning.model;
                 $body
             }
         }
@@ -102,15 +110,14 @@ fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Loaded> {
         PeftType::PrefixTuning => Loaded::Prefix(Box::new(
             peft_prefix::from_pretrained(base, adapter).with_context(context)?,
         )),
+        PeftType::PTuning => Loaded::PTuning(Box::new(
+            peft_ptuning::from_pretrained(base, adapter).with_context(context)?,
+        )),
         PeftType::BitFit => Loaded::Plain(Box::new(
             peft_bitfit::from_pretrained(base, adapter)
                 .with_context(context)?
                 .merge_and_unload(),
         )),
-        other => bail!(
-            "--adapter: {other:?} adapters are not implemented in this version of peft-rs yet ({})",
-            config.display()
-        ),
     })
 }
 
@@ -359,6 +366,13 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
                     let names = peft_core::AdapterModel::trainable_names(&prefix);
                     print_targets(&mut out, &prefix.model, &args.model, &names, &[], summary)
                 }
+                PeftType::PTuning => {
+                    let config = peft_ptuning::PromptEncoderConfig::from_file(config_path)?;
+                    let ptuning = peft_ptuning::get_peft_model(model, config)?;
+                    let summary = peft_core::AdapterModel::trainable_summary(&ptuning);
+                    let names = peft_core::AdapterModel::trainable_names(&ptuning);
+                    print_targets(&mut out, &ptuning.model, &args.model, &names, &[], summary)
+                }
                 PeftType::BitFit => {
                     let config = peft_core::config::read_config(config_path)?;
                     let bitfit = peft_bitfit::bitfit(model, config)?;
@@ -371,10 +385,6 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
                         bitfit.trainable_summary(),
                     )
                 }
-                other => bail!(
-                    "{}: inspecting {other:?} configs is not implemented yet",
-                    config_path.display()
-                ),
             }
         }
     };

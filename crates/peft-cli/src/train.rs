@@ -50,7 +50,7 @@ pub struct TrainArgs {
     /// bundled demo set.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Method: lora, ia3, bitfit, prompt or prefix.
+    /// Method: lora, ia3, bitfit, prompt, ptuning or prefix.
     #[arg(long, default_value = "lora")]
     method: String,
     /// An adapter_config.json to start from (its method must match --method).
@@ -70,7 +70,7 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     lora_dropout: Option<f64>,
-    /// Virtual tokens (prompt and prefix tuning).
+    /// Virtual tokens (prompt tuning, P-tuning, prefix tuning).
     #[arg(long)]
     num_virtual_tokens: Option<usize>,
     /// Modules to adapt (comma-separated names, or `all-linear`).
@@ -356,9 +356,9 @@ fn schedule(name: &str) -> Result<Schedule> {
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
     let device = crate::commands::device(&args.device)?;
-    if !["lora", "ia3", "bitfit", "prompt", "prefix"].contains(&args.method.as_str()) {
+    if !["lora", "ia3", "bitfit", "prompt", "ptuning", "prefix"].contains(&args.method.as_str()) {
         bail!(
-            "--method {}: training is implemented for lora, ia3, bitfit, prompt and prefix (ptuning and qlora are not implemented yet)",
+            "--method {}: training is implemented for lora, ia3, bitfit, prompt, ptuning and prefix (qlora is not implemented yet)",
             args.method
         );
     }
@@ -524,6 +524,27 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
             config_x.base_model_name_or_path = Some(model_dir.display().to_string());
             let adapter = peft_prefix::get_peft_model(base, config_x)?;
+            run(
+                adapter,
+                &args,
+                &model_dir,
+                &tokenizer,
+                &train_tokens,
+                &eval_tokens,
+                &eval_ex,
+                &config,
+            )
+        }
+        "ptuning" => {
+            let mut config_t = match &args.config {
+                Some(p) => peft_ptuning::PromptEncoderConfig::from_file(p)?,
+                None => peft_ptuning::PromptEncoderConfig::default(),
+            };
+            if let Some(n) = args.num_virtual_tokens {
+                config_t.num_virtual_tokens = n;
+            }
+            config_t.base_model_name_or_path = Some(model_dir.display().to_string());
+            let adapter = peft_ptuning::get_peft_model(base, config_t)?;
             run(
                 adapter,
                 &args,

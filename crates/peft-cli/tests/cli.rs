@@ -401,7 +401,7 @@ fn adapter_errors_are_one_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("adapter_config.json"),
-        r#"{"peft_type": "P_TUNING", "num_virtual_tokens": 4}"#,
+        r#"{"peft_type": "VERA", "r": 4}"#,
     )
     .unwrap();
     let out = peft(&[
@@ -413,7 +413,7 @@ fn adapter_errors_are_one_line() {
         "--prompt",
         "hi",
     ]);
-    assert_clean_failure(&out, "PTuning adapters are not implemented");
+    assert_clean_failure(&out, "unknown type `VERA`");
 }
 
 #[test]
@@ -595,11 +595,11 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
     let out = peft(&[
         "train",
         "--method",
-        "ptuning",
+        "qlora",
         "--output",
         dir.path().join("p").to_str().unwrap(),
     ]);
-    assert_clean_failure(&out, "--method ptuning");
+    assert_clean_failure(&out, "--method qlora");
 }
 
 #[test]
@@ -772,4 +772,48 @@ fn prefix_tuning_adapters_run() {
     );
     let diff = logits_diff(&out_path, &reference);
     assert!(diff <= 1e-4, "max |Δ| = {diff}");
+}
+
+#[test]
+fn ptuning_adapters_run_and_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/ptuning-bloom-lstm.safetensors");
+    let out_path = dir.path().join("logits.safetensors");
+    let out = peft(&[
+        "logits",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--adapter",
+        adapter("ptuning-bloom-lstm").to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, shape) = TensorStore::open(&out_path).unwrap().f32("logits").unwrap();
+    assert_eq!(shape, vec![3, 19, 512], "4 virtual positions first");
+    let run = dir.path().join("run");
+    let out = peft(&[
+        "train",
+        "--method",
+        "ptuning",
+        "--num-virtual-tokens",
+        "3",
+        "--output",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--no-exact-match",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run.join("adapter/adapter_encoder.safetensors").is_file());
 }

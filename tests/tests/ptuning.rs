@@ -1,0 +1,185 @@
+//! P-tuning against Hugging Face PEFT: the MLP and bidirectional-LSTM encoders compute PEFT's
+//! virtual tokens from PEFT's weights; PEFT's adapters give PEFT's logits and generations.
+
+use peft_core::prompt_learning::VirtualTokenEncoder;
+use peft_core::{AdapterModel, CausalLm, TensorStore};
+use peft_ptuning::{PromptEncoderConfig, from_pretrained, get_peft_model, load_encoder};
+use peft_tests::{
+    Reference, adapter_dir, base_of, device, fixtures, logits, max_diff_masked, model_dir,
+    reference_json, to_vec,
+};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn extended_mask(reference: &Reference, n: usize) -> Vec<i64> {
+    let seq = reference.shape[1];
+    reference
+        .attention_mask
+        .chunks(seq)
+        .flat_map(|row| std::iter::repeat_n(1, n).chain(row.iter().copied()))
+        .collect()
+}
+
+fn peft_table(name: &str) -> Vec<f32> {
+    TensorStore::open(adapter_dir(name).join("adapter_model.safetensors"))
+        .unwrap()
+        .f32("prompt_embeddings")
+        .unwrap()
+        .0
+}
+
+fn peft_adapter_matches(name: &str) {
+    let device = device();
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let ptuning = from_pretrained(base, adapter_dir(name)).unwrap();
+    let n = ptuning.config.num_virtual_tokens;
+    let reference = Reference::load(name);
+    let ours = logits(ptuning.model(), &reference);
+    let diff = max_diff_masked(
+        &ours,
+        &reference.logits,
+        &extended_mask(&reference, n),
+        reference.vocab,
+    );
+    assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
+
+    let json = reference_json(name);
+    let ids: Vec<u32> = serde_json::from_value(json["greedy"]["prompt_ids"].clone()).unwrap();
+    let expected: Vec<u32> = serde_json::from_value(json["greedy"]["new_ids"].clone()).unwrap();
+    let options = peft_models::GenerateOptions::greedy(expected.len(), ptuning.model().spec());
+    let new = peft_models::generate(ptuning.model(), &[ids], &options, |_, _| {}).unwrap();
+    assert_eq!(new[0], expected, "{name}: greedy generation");
+
+    // The encoder with PEFT's weights computes PEFT's saved virtual tokens.
+    let encoder = load_encoder(
+        &fixtures()
+            .join("reference")
+            .join(format!("{name}-encoder.safetensors")),
+        &ptuning.config,
+        &device,
+    )
+    .unwrap();
+    let tokens = to_vec(encoder.virtual_tokens());
+    let theirs = peft_table(name);
+    let worst = tokens
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-5, "{name}: encoder output max |Δ| = {worst}");
+
+    // PEFT's counts (training mode: the encoder's weights train).
+    let config =
+        PromptEncoderConfig::from_file(adapter_dir(name).join("adapter_config.json")).unwrap();
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let fresh = get_peft_model(base, config).unwrap();
+    let summary = fresh.trainable_summary();
+    assert_eq!(
+        summary.trainable as u64,
+        json["trainable_params"].as_u64().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        summary.all as u64,
+        json["all_params"].as_u64().unwrap(),
+        "{name}"
+    );
+
+    // Saving with the encoder: PEFT's file holds the output, ours the weights; loading restores
+    // the encoder.
+    let mut trained = fresh;
+    trained.model.encoder.encoder = Some(encoder);
+    let out = tempfile::tempdir().unwrap();
+    trained.save_pretrained(out.path()).unwrap();
+    let saved = TensorStore::open(out.path().join("adapter_model.safetensors"))
+        .unwrap()
+        .f32("prompt_embeddings")
+        .unwrap()
+        .0;
+    let worst = saved
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-5, "{name}: saved table max |Δ| = {worst}");
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let again = from_pretrained(base, out.path()).unwrap();
+    assert!(
+        again.model.encoder.encoder.is_some(),
+        "{name}: the encoder is restored"
+    );
+    assert_eq!(to_vec(again.model.encoder.virtual_tokens()), tokens);
+}
+
+#[test]
+fn bloom_mlp_encoder() {
+    peft_adapter_matches("ptuning-bloom-mlp");
+}
+
+#[test]
+fn bloom_bidirectional_lstm_encoder() {
+    peft_adapter_matches("ptuning-bloom-lstm");
+}
+
+#[test]
+fn llama_mlp_encoder() {
+    peft_adapter_matches("ptuning-llama-mlp");
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
+    let zero = PromptEncoderConfig {
+        num_virtual_tokens: 0,
+        ..PromptEncoderConfig::default()
+    };
+    let err = get_peft_model(base, zero).unwrap_err().to_string();
+    assert!(err.contains("invalid `num_virtual_tokens`"), "{err}");
+}
+
+#[test]
+fn training_the_lstm_encoder_lowers_the_loss() {
+    use peft_train::data::chat_prompt;
+    let device = device().autodiff();
+    let tokenizer = peft_models::Tokenizer::from_dir(model_dir("bloom-tiny")).unwrap();
+    let examples: Vec<peft_train::Example> = [("你好", "你好！"), ("Hello", "Hello!")]
+        .iter()
+        .map(|(q, a)| peft_train::Example {
+            prompt: chat_prompt(q, ""),
+            response: a.to_string(),
+        })
+        .collect();
+    let data = peft_train::tokenize_all(
+        std::path::Path::new("inline"),
+        &examples,
+        &tokenizer,
+        Some(2),
+        64,
+    )
+    .unwrap();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let config = PromptEncoderConfig::from_file(
+        adapter_dir("ptuning-bloom-lstm").join("adapter_config.json"),
+    )
+    .unwrap();
+    let ptuning = get_peft_model(base, config).unwrap();
+    let before = peft_train::evaluate(ptuning.model(), &data, 4, 3).unwrap();
+    let train_config = peft_train::TrainConfig {
+        learning_rate: 1e-2,
+        max_steps: Some(10),
+        ..peft_train::TrainConfig::default()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let (trained, _) = peft_train::train(
+        ptuning,
+        &data,
+        3,
+        &train_config,
+        out.path(),
+        peft_train::Resume::No,
+        &mut |_| {},
+    )
+    .unwrap();
+    let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
+    assert!(after < before - 0.1, "loss {before} → {after}");
+}
