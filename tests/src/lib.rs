@@ -151,12 +151,13 @@ pub fn max_abs_diff(a: &peft_core::HostTensor, b: &peft_core::HostTensor) -> f32
 /// One AdamW step (lr 1e-2, wd 0.01, eps 1e-8, betas 0.9/0.999) of `model` on the batch of a
 /// `reference/<name>-train.safetensors` file, compared with PyTorch's: the loss (relative 1e-5),
 /// then the gradient and the updated value of every tensor the file has (relative 1e-4).
-/// `file_key` maps a parameter's HF name to its key in the file (`None` = not trained). Returns
-/// how many tensors were checked.
+/// `file_key` maps a parameter's HF name to its key in the file and whether the parameter is
+/// stored transposed relative to PyTorch (`None` = not trained). Returns how many tensors were
+/// checked.
 pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
     model: M,
     train: &str,
-    file_key: impl Fn(&str) -> Option<String>,
+    file_key: impl Fn(&str) -> Option<(String, bool)>,
 ) -> usize {
     use burn::optim::{AdamWConfig, GradientsParams};
     use peft_core::loss::causal_lm_loss;
@@ -190,12 +191,14 @@ pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
     let params = peft_core::params::named_params(&model);
     let mut checked = Vec::new();
     for p in &params {
-        let Some(key) = file_key(&p.name) else {
+        let Some((key, transposed)) = file_key(&p.name) else {
             continue;
         };
         let grad = match p.shape.len() {
             1 => grads.get::<1>(p.id).map(to_vec),
-            2 => grads.get::<2>(p.id).map(|g| to_vec(g.transpose())),
+            2 => grads
+                .get::<2>(p.id)
+                .map(|g| to_vec(if transposed { g.transpose() } else { g })),
             _ => None,
         };
         let grad = grad.unwrap_or_else(|| panic!("{} received no gradient", p.name));
@@ -225,13 +228,18 @@ pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
         .with_weight_decay(0.01)
         .init();
     let stepped = optim.step(1e-2, model, grads);
+    let linear_weights: Vec<String> = params
+        .iter()
+        .filter(|p| p.is_linear_weight)
+        .map(|p| p.name.clone())
+        .collect();
     for (name, mut value) in peft_core::params::named_values(&stepped).unwrap() {
-        let Some(key) = file_key(&name) else {
+        let Some((key, transposed)) = file_key(&name) else {
             continue;
         };
-        // named_values gives linear weights in PyTorch's layout; 2-D adapter tensors (LoRA's
-        // `[in, r]`, `[r, out]`) are still in burn's.
-        if name.contains(".adapter.") && value.shape.len() == 2 {
+        // named_values already gives burn `Linear` weights in PyTorch's layout; other transposed
+        // parameters (LoRA's `[in, r]`, an LSTM's `[in, 4h]`) are still in burn's.
+        if transposed && !linear_weights.contains(&name) && value.shape.len() == 2 {
             value = peft_core::adapter_files::transpose_host(&value);
         }
         let mut ours = peft_core::tensors::bytes_to_f32(value.dtype, &value.data).unwrap();

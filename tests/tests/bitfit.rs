@@ -66,7 +66,10 @@ fn one_adamw_step_matches_pytorch() {
     let model = bitfit(base, BitFitConfig::default()).unwrap();
     let biases = model.biases.clone();
     let checked = assert_adamw_step_matches(model.model, "bitfit-bloom-train", |name| {
-        biases.iter().any(|b| b == name).then(|| name.to_string())
+        biases
+            .iter()
+            .any(|b| b == name)
+            .then(|| (name.to_string(), false))
     });
     assert_eq!(checked, biases.len());
 }

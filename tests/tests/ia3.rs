@@ -201,7 +201,7 @@ fn one_adamw_step_matches_pytorch() {
     let ia3 = from_pretrained(base, adapter_dir("ia3-bloom"), true).unwrap();
     let checked = assert_adamw_step_matches(ia3.model, "ia3-bloom-train", |name| {
         let module = name.strip_suffix(".adapter.ia3_l")?;
-        Some(format!("base_model.model.{module}.ia3_l"))
+        Some((format!("base_model.model.{module}.ia3_l"), false))
     });
     assert_eq!(checked, 4);
 }

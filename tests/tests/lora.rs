@@ -374,7 +374,7 @@ fn one_adamw_step_matches_pytorch() {
         } else {
             "lora_B"
         };
-        Some(format!("base_model.model.{module}.{suffix}.weight"))
+        Some((format!("base_model.model.{module}.{suffix}.weight"), true))
     });
     assert_eq!(checked, 4);
 }

@@ -4,8 +4,8 @@
 use peft_core::{AdapterModel, CausalLm, TensorStore};
 use peft_prefix::{PrefixTuningConfig, from_pretrained, get_peft_model, load_projection};
 use peft_tests::{
-    Reference, adapter_dir, base_of, device, fixtures, logits, max_diff_masked, model_dir,
-    reference_json, to_vec,
+    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, fixtures, logits,
+    max_diff_masked, model_dir, reference_json, to_vec,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -193,4 +193,34 @@ fn training_lowers_the_loss() {
     .unwrap();
     let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
     assert!(after < before - 0.1, "loss {before} → {after}");
+}
+
+#[test]
+fn one_adamw_step_of_the_projection_matches_pytorch() {
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let config =
+        PrefixTuningConfig::from_file(adapter_dir("prefix-bloom-proj").join("adapter_config.json"))
+            .unwrap();
+    let mut prefix = get_peft_model(base, config).unwrap();
+    prefix.model.projection = Some(
+        load_projection(
+            &fixtures().join("reference/prefix-bloom-proj-encoder.safetensors"),
+            &device,
+        )
+        .unwrap(),
+    );
+    let checked = assert_adamw_step_matches(prefix.model, "prefix-bloom-proj-train", |name| {
+        let rest = name.strip_prefix("projection.")?;
+        let (torch, transposed) = match rest {
+            "embedding.weight" => ("embedding.weight", false),
+            "transform_0.weight" => ("transform.0.weight", true),
+            "transform_0.bias" => ("transform.0.bias", false),
+            "transform_2.weight" => ("transform.2.weight", true),
+            "transform_2.bias" => ("transform.2.bias", false),
+            _ => return None,
+        };
+        Some((format!("prompt_encoder.{torch}"), transposed))
+    });
+    assert_eq!(checked, 5);
 }

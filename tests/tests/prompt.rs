@@ -7,7 +7,8 @@ use peft_prompt::{
     PromptTuningConfig, PromptTuningInit, from_pretrained, get_peft_model, text_init_ids,
 };
 use peft_tests::{
-    Reference, adapter_dir, base_of, device, logits, max_diff_masked, model_dir, reference_json,
+    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, logits, max_diff_masked,
+    model_dir, reference_json,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -241,4 +242,16 @@ fn training_moves_only_the_virtual_tokens() {
             "{name} changed: the base must stay frozen"
         );
     }
+}
+
+#[test]
+fn one_adamw_step_matches_pytorch() {
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let prompt = from_pretrained(base, adapter_dir("prompt-bloom-random")).unwrap();
+    let checked = assert_adamw_step_matches(prompt.model, "prompt-bloom-random-train", |name| {
+        (name == "encoder.prompt_embeddings")
+            .then(|| ("prompt_encoder.embedding.weight".to_string(), false))
+    });
+    assert_eq!(checked, 1);
 }

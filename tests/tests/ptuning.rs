@@ -5,8 +5,8 @@ use peft_core::prompt_learning::VirtualTokenEncoder;
 use peft_core::{AdapterModel, CausalLm, TensorStore};
 use peft_ptuning::{PromptEncoderConfig, from_pretrained, get_peft_model, load_encoder};
 use peft_tests::{
-    Reference, adapter_dir, base_of, device, fixtures, logits, max_diff_masked, model_dir,
-    reference_json, to_vec,
+    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, fixtures, logits,
+    max_diff_masked, model_dir, reference_json, to_vec,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -182,4 +182,63 @@ fn training_the_lstm_encoder_lowers_the_loss() {
     .unwrap();
     let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
     assert!(after < before - 0.1, "loss {before} → {after}");
+}
+
+/// PEFT's name of one of our encoder parameters, and whether ours is stored transposed.
+fn torch_name(name: &str) -> Option<(String, bool)> {
+    let rest = name.strip_prefix("encoder.encoder.")?;
+    if rest == "embedding" {
+        return Some(("prompt_encoder.embedding.weight".into(), false));
+    }
+    let parts: Vec<&str> = rest.split('.').collect();
+    match parts.as_slice() {
+        ["mlp_head", k, kind] => {
+            let k: usize = k.parse().ok()?;
+            Some((
+                format!("prompt_encoder.mlp_head.{}.{kind}", 2 * k),
+                *kind == "weight",
+            ))
+        }
+        ["lstm_head", layer, direction, which] => {
+            let suffix = if *direction == "reverse" {
+                "_reverse"
+            } else {
+                ""
+            };
+            let (torch, transposed) = match *which {
+                "w_ih" => ("weight_ih", true),
+                "w_hh" => ("weight_hh", true),
+                "b_ih" => ("bias_ih", false),
+                "b_hh" => ("bias_hh", false),
+                _ => return None,
+            };
+            Some((
+                format!("prompt_encoder.lstm_head.{torch}_l{layer}{suffix}"),
+                transposed,
+            ))
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn one_adamw_step_of_the_lstm_encoder_matches_pytorch() {
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let config = PromptEncoderConfig::from_file(
+        adapter_dir("ptuning-bloom-lstm").join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut ptuning = get_peft_model(base, config.clone()).unwrap();
+    ptuning.model.encoder.encoder = Some(
+        load_encoder(
+            &fixtures().join("reference/ptuning-bloom-lstm-encoder.safetensors"),
+            &config,
+            &device,
+        )
+        .unwrap(),
+    );
+    let checked = assert_adamw_step_matches(ptuning.model, "ptuning-bloom-lstm-train", torch_name);
+    // embedding + 2 layers × 2 directions × 4 tensors + 2 linear layers × 2.
+    assert_eq!(checked, 1 + 16 + 4);
 }
