@@ -255,3 +255,33 @@ fn one_adamw_step_matches_pytorch() {
     });
     assert_eq!(checked, 1);
 }
+
+/// Writes prompt-learning adapters saved by peft-rs to `target/interop/` for
+/// `fixtures/check_interop.py`.
+#[test]
+#[ignore = "writes files for the Python interoperability check"]
+fn export_for_python() {
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop");
+    let device = device();
+    for name in ["prompt-bloom-text", "prompt-llama-random"] {
+        let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+        let model = from_pretrained(base, adapter_dir(name)).unwrap();
+        model
+            .save_pretrained(&out.join(format!("{name}-adapter")))
+            .unwrap();
+    }
+    for name in ["prefix-bloom", "prefix-llama"] {
+        let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+        let model = peft_prefix::from_pretrained(base, adapter_dir(name)).unwrap();
+        model
+            .save_pretrained(&out.join(format!("{name}-adapter")))
+            .unwrap();
+    }
+    for name in ["ptuning-bloom-lstm", "ptuning-llama-mlp"] {
+        let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+        let model = peft_ptuning::from_pretrained(base, adapter_dir(name)).unwrap();
+        model
+            .save_pretrained(&out.join(format!("{name}-adapter")))
+            .unwrap();
+    }
+}
