@@ -64,15 +64,28 @@ def main():
                 model.merge_adapter()
             with torch.no_grad():
                 times = timed(lambda: model(input_ids=ids, attention_mask=mask))
-    elif CASE in ("lora-train", "ia3-train", "bitfit-train"):
+    elif CASE.endswith("-train"):
         model = base_model()
         if CASE == "lora-train":
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
         elif CASE == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
-        else:
+        elif CASE == "prompt-train":
+            model = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+        elif CASE in ("ptuning-train", "ptuning-lstm-train"):
+            kind = "MLP" if CASE == "ptuning-train" else "LSTM"
+            model = peft.get_peft_model(model, peft.PromptEncoderConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_reparameterization_type=kind, encoder_hidden_size=128))
+        elif CASE in ("prefix-train", "prefix-proj-train"):
+            model = peft.get_peft_model(model, peft.PrefixTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=8, prefix_projection=CASE == "prefix-proj-train",
+                encoder_hidden_size=128))
+        elif CASE == "bitfit-train":
             for name, p in model.named_parameters():
                 p.requires_grad = "bias" in name
+        else:
+            print(f"unknown case {CASE}", file=sys.stderr)
+            return 2
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         extra["trainable_params"] = sum(p.numel() for p in params)

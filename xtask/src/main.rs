@@ -121,7 +121,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 8] = [
+const BENCH_CASES: [&str; 13] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
@@ -130,6 +130,11 @@ const BENCH_CASES: [&str; 8] = [
     "lora-train",
     "ia3-train",
     "bitfit-train",
+    "prompt-train",
+    "ptuning-train",
+    "ptuning-lstm-train",
+    "prefix-train",
+    "prefix-proj-train",
 ];
 
 fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {

@@ -5,7 +5,8 @@
 //! ```
 //!
 //! Cases: `gemm`, `forward`, `lora-train`, `lora-forward-unmerged`, `lora-forward-merged`,
-//! `lora-merge`, `ia3-train`, `bitfit-train`. The model is the issue's ~16M-parameter BLOOM
+//! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
+//! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`. The model is the issue's ~16M-parameter BLOOM
 //! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
 //! `--quick` shrinks the batch and repetitions for a CI smoke run.
 
@@ -15,7 +16,7 @@ use std::time::Instant;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use peft_core::loss::causal_lm_loss;
-use peft_core::{CausalLm, ModelInput, NoAdapter, TrainableSummary};
+use peft_core::{AdapterModel, CausalLm, ModelInput, NoAdapter, TrainableSummary};
 use peft_models::{AnyModel, BloomConfig, HfConfig};
 
 struct Settings {
@@ -178,7 +179,8 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 }
             }
         }
-        "lora-train" | "ia3-train" | "bitfit-train" => {
+        "lora-train" | "ia3-train" | "bitfit-train" | "prompt-train" | "ptuning-train"
+        | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" => {
             let device = device.clone().autodiff();
             let (ids, mask) = batch(s, &device);
             let mut optim = AdamWConfig::new().init();
@@ -187,8 +189,10 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             macro_rules! train {
                 ($wrapper:expr) => {{
                     let wrapper = $wrapper;
-                    let summary = wrapper.trainable_summary();
-                    let bytes = adapter_bytes(|dir| wrapper.save_pretrained(dir).expect("save"));
+                    let summary = AdapterModel::trainable_summary(&wrapper);
+                    let bytes = adapter_bytes(|dir| {
+                        AdapterModel::save_pretrained(&wrapper, dir).expect("save")
+                    });
                     extra.insert("adapter_file_bytes".into(), bytes.into());
                     let mut model = Some(wrapper.model);
                     let times = time(s, &device, || {
@@ -211,6 +215,34 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                     peft_ia3::get_peft_model(base, peft_ia3::Ia3Config::default())
                         .map_err(|e| e.to_string())?
                 ),
+                "prompt-train" => train!(
+                    peft_prompt::get_peft_model(
+                        base,
+                        peft_prompt::PromptTuningConfig::default(),
+                        None
+                    )
+                    .map_err(|e| e.to_string())?
+                ),
+                "ptuning-train" | "ptuning-lstm-train" => {
+                    let config = peft_ptuning::PromptEncoderConfig {
+                        encoder_reparameterization_type: if case == "ptuning-train" {
+                            peft_ptuning::EncoderType::Mlp
+                        } else {
+                            peft_ptuning::EncoderType::Lstm
+                        },
+                        encoder_hidden_size: Some(128),
+                        ..peft_ptuning::PromptEncoderConfig::default()
+                    };
+                    train!(peft_ptuning::get_peft_model(base, config).map_err(|e| e.to_string())?)
+                }
+                "prefix-train" | "prefix-proj-train" => {
+                    let config = peft_prefix::PrefixTuningConfig {
+                        prefix_projection: case == "prefix-proj-train",
+                        encoder_hidden_size: Some(128),
+                        ..peft_prefix::PrefixTuningConfig::default()
+                    };
+                    train!(peft_prefix::get_peft_model(base, config).map_err(|e| e.to_string())?)
+                }
                 _ => train!(
                     peft_bitfit::bitfit(base, peft_bitfit::BitFitConfig::default())
                         .map_err(|e| e.to_string())?
