@@ -5,7 +5,7 @@
 //! bidirectional LSTM (`encoder_num_layers` layers, dropout between them, PyTorch's `nn.LSTM`
 //! weight layout, `lstm_head.*_l{k}[_reverse]`) followed by `Linear(2h,2h) → ReLU → Linear(2h,d)`,
 //! then put before the input embeddings like prompt tuning (peft-core's
-//! [`VirtualTokens`](peft_core::prompt_learning::VirtualTokens)).
+//! [`VirtualTokens`]).
 //!
 //! PEFT's `adapter_model.safetensors` holds only the encoder's output (`prompt_embeddings`);
 //! peft-rs also writes the encoder's weights, under PEFT's state-dict names, to
