@@ -269,3 +269,57 @@ pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
     }
     checked.len()
 }
+
+/// A few Chinese and English chat turns, tokenised with the tokenizer of fixture `model`.
+pub fn chat_data(model: &str) -> Vec<peft_train::Tokenized> {
+    use peft_train::data::chat_prompt;
+    let tokenizer = peft_models::Tokenizer::from_dir(model_dir(model)).expect("fixture tokenizer");
+    let examples: Vec<peft_train::Example> = [
+        ("你好", "你好！"),
+        ("Hello", "Hello!"),
+        ("Who are you?", "A bot."),
+    ]
+    .iter()
+    .map(|(q, a)| peft_train::Example {
+        prompt: chat_prompt(q, ""),
+        response: a.to_string(),
+    })
+    .collect();
+    peft_train::tokenize_all(
+        std::path::Path::new("inline"),
+        &examples,
+        &tokenizer,
+        Some(2),
+        64,
+    )
+    .expect("tokenised")
+}
+
+/// Trains `adapter` for 10 steps at `learning_rate` on `data` and asserts that the loss on it
+/// drops by more than 0.1; returns the trained adapter.
+pub fn assert_training_lowers_loss<A: peft_core::AdapterModel>(
+    adapter: A,
+    data: &[peft_train::Tokenized],
+    learning_rate: f64,
+) -> A {
+    let before = peft_train::evaluate(adapter.model(), data, 4, 3).expect("evaluate");
+    let config = peft_train::TrainConfig {
+        learning_rate,
+        max_steps: Some(10),
+        ..peft_train::TrainConfig::default()
+    };
+    let out = tempfile::tempdir().expect("temp dir");
+    let (trained, _) = peft_train::train(
+        adapter,
+        data,
+        3,
+        &config,
+        out.path(),
+        peft_train::Resume::No,
+        &mut |_| {},
+    )
+    .expect("training");
+    let after = peft_train::evaluate(trained.model(), data, 4, 3).expect("evaluate");
+    assert!(after < before - 0.1, "loss {before} → {after}");
+    trained
+}

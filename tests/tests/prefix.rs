@@ -4,8 +4,8 @@
 use peft_core::{AdapterModel, CausalLm, TensorStore};
 use peft_prefix::{PrefixTuningConfig, from_pretrained, get_peft_model, load_projection};
 use peft_tests::{
-    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, fixtures, logits,
-    max_diff_masked, model_dir, reference_json, to_vec,
+    Reference, adapter_dir, assert_adamw_step_matches, assert_training_lowers_loss, base_of,
+    chat_data, device, fixtures, logits, max_diff_masked, model_dir, reference_json, to_vec,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -145,27 +145,10 @@ fn adapters_for_other_models_are_refused() {
     assert!(err.contains("invalid `num_virtual_tokens`"), "{err}");
 }
 
-/// Training moves only the prefix and lowers the loss.
+/// Training the prefix (with its projection) lowers the loss.
 #[test]
 fn training_lowers_the_loss() {
-    use peft_train::data::chat_prompt;
     let device = device().autodiff();
-    let tokenizer = peft_models::Tokenizer::from_dir(model_dir("llama-tiny")).unwrap();
-    let examples: Vec<peft_train::Example> = [("你好", "你好！"), ("Hello", "Hello!")]
-        .iter()
-        .map(|(q, a)| peft_train::Example {
-            prompt: chat_prompt(q, ""),
-            response: a.to_string(),
-        })
-        .collect();
-    let data = peft_train::tokenize_all(
-        std::path::Path::new("inline"),
-        &examples,
-        &tokenizer,
-        Some(2),
-        64,
-    )
-    .unwrap();
     let base = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
     let config = PrefixTuningConfig {
         num_virtual_tokens: 4,
@@ -174,25 +157,7 @@ fn training_lowers_the_loss() {
         ..PrefixTuningConfig::default()
     };
     let prefix = get_peft_model(base, config).unwrap();
-    let before = peft_train::evaluate(prefix.model(), &data, 4, 3).unwrap();
-    let train_config = peft_train::TrainConfig {
-        learning_rate: 1e-2,
-        max_steps: Some(10),
-        ..peft_train::TrainConfig::default()
-    };
-    let out = tempfile::tempdir().unwrap();
-    let (trained, _) = peft_train::train(
-        prefix,
-        &data,
-        3,
-        &train_config,
-        out.path(),
-        peft_train::Resume::No,
-        &mut |_| {},
-    )
-    .unwrap();
-    let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
-    assert!(after < before - 0.1, "loss {before} → {after}");
+    assert_training_lowers_loss(prefix, &chat_data("llama-tiny"), 1e-2);
 }
 
 #[test]

@@ -7,8 +7,8 @@ use peft_prompt::{
     PromptTuningConfig, PromptTuningInit, from_pretrained, get_peft_model, text_init_ids,
 };
 use peft_tests::{
-    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, logits, max_diff_masked,
-    model_dir, reference_json,
+    Reference, adapter_dir, assert_adamw_step_matches, assert_training_lowers_loss, base_of,
+    chat_data, device, logits, max_diff_masked, model_dir, reference_json,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -186,49 +186,10 @@ fn bad_configs_are_clear_errors() {
 /// Training moves only the virtual tokens and lowers the loss.
 #[test]
 fn training_moves_only_the_virtual_tokens() {
-    use peft_train::data::chat_prompt;
     let device = device().autodiff();
-    let tokenizer = Tokenizer::from_dir(model_dir("bloom-tiny")).unwrap();
-    let examples: Vec<peft_train::Example> = [
-        ("你好", "你好！"),
-        ("Hello", "Hello!"),
-        ("Who are you?", "A bot."),
-    ]
-    .iter()
-    .map(|(q, a)| peft_train::Example {
-        prompt: chat_prompt(q, ""),
-        response: a.to_string(),
-    })
-    .collect();
-    let data = peft_train::tokenize_all(
-        std::path::Path::new("inline"),
-        &examples,
-        &tokenizer,
-        Some(2),
-        64,
-    )
-    .unwrap();
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     let prompt = get_peft_model(base, PromptTuningConfig::default(), None).unwrap();
-    let before = peft_train::evaluate(prompt.model(), &data, 4, 3).unwrap();
-    let config = peft_train::TrainConfig {
-        learning_rate: 5e-2,
-        max_steps: Some(10),
-        ..peft_train::TrainConfig::default()
-    };
-    let out = tempfile::tempdir().unwrap();
-    let (trained, _) = peft_train::train(
-        prompt,
-        &data,
-        3,
-        &config,
-        out.path(),
-        peft_train::Resume::No,
-        &mut |_| {},
-    )
-    .unwrap();
-    let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
-    assert!(after < before - 0.1, "loss {before} → {after}");
+    let trained = assert_training_lowers_loss(prompt, &chat_data("bloom-tiny"), 5e-2);
     let base = peft_models::load(model_dir("bloom-tiny"), &device.clone().inner()).unwrap();
     let original = peft_core::params::named_values(&base).unwrap();
     let now: std::collections::BTreeMap<_, _> =

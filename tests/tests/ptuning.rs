@@ -5,8 +5,8 @@ use peft_core::prompt_learning::VirtualTokenEncoder;
 use peft_core::{AdapterModel, CausalLm, TensorStore};
 use peft_ptuning::{PromptEncoderConfig, from_pretrained, get_peft_model, load_encoder};
 use peft_tests::{
-    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, fixtures, logits,
-    max_diff_masked, model_dir, reference_json, to_vec,
+    Reference, adapter_dir, assert_adamw_step_matches, assert_training_lowers_loss, base_of,
+    chat_data, device, fixtures, logits, max_diff_masked, model_dir, reference_json, to_vec,
 };
 
 const TOLERANCE: f32 = 1e-4;
@@ -139,49 +139,14 @@ fn bad_configs_are_clear_errors() {
 
 #[test]
 fn training_the_lstm_encoder_lowers_the_loss() {
-    use peft_train::data::chat_prompt;
     let device = device().autodiff();
-    let tokenizer = peft_models::Tokenizer::from_dir(model_dir("bloom-tiny")).unwrap();
-    let examples: Vec<peft_train::Example> = [("你好", "你好！"), ("Hello", "Hello!")]
-        .iter()
-        .map(|(q, a)| peft_train::Example {
-            prompt: chat_prompt(q, ""),
-            response: a.to_string(),
-        })
-        .collect();
-    let data = peft_train::tokenize_all(
-        std::path::Path::new("inline"),
-        &examples,
-        &tokenizer,
-        Some(2),
-        64,
-    )
-    .unwrap();
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     let config = PromptEncoderConfig::from_file(
         adapter_dir("ptuning-bloom-lstm").join("adapter_config.json"),
     )
     .unwrap();
     let ptuning = get_peft_model(base, config).unwrap();
-    let before = peft_train::evaluate(ptuning.model(), &data, 4, 3).unwrap();
-    let train_config = peft_train::TrainConfig {
-        learning_rate: 1e-2,
-        max_steps: Some(10),
-        ..peft_train::TrainConfig::default()
-    };
-    let out = tempfile::tempdir().unwrap();
-    let (trained, _) = peft_train::train(
-        ptuning,
-        &data,
-        3,
-        &train_config,
-        out.path(),
-        peft_train::Resume::No,
-        &mut |_| {},
-    )
-    .unwrap();
-    let after = peft_train::evaluate(trained.model(), &data, 4, 3).unwrap();
-    assert!(after < before - 0.1, "loss {before} → {after}");
+    assert_training_lowers_loss(ptuning, &chat_data("bloom-tiny"), 1e-2);
 }
 
 /// PEFT's name of one of our encoder parameters, and whether ours is stored transposed.

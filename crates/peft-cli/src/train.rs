@@ -225,21 +225,31 @@ fn loss_svg(path: &Path, history: &[(usize, f32)]) -> Result<()> {
     Ok(())
 }
 
+/// Everything a run needs besides the adapter: the same for every method.
+struct RunContext<'a> {
+    args: &'a TrainArgs,
+    model_dir: &'a Path,
+    tokenizer: &'a Tokenizer,
+    train_tokens: &'a [Tokenized],
+    eval_tokens: &'a [Tokenized],
+    eval: &'a [peft_train::Example],
+    config: &'a TrainConfig,
+}
+
 /// The run after the method is chosen: identical for every method.
-#[allow(clippy::too_many_arguments)]
-fn run<A: AdapterModel>(
-    adapter: A,
-    args: &TrainArgs,
-    model_dir: &Path,
-    tokenizer: &Tokenizer,
-    train_tokens: &[Tokenized],
-    eval_tokens: &[Tokenized],
-    eval: &[peft_train::Example],
-    config: &TrainConfig,
-) -> Result<()>
+fn run<A: AdapterModel>(adapter: A, ctx: &RunContext<'_>) -> Result<()>
 where
     <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
 {
+    let RunContext {
+        args,
+        model_dir,
+        tokenizer,
+        train_tokens,
+        eval_tokens,
+        eval,
+        config,
+    } = *ctx;
     let spec = adapter.model().spec().clone();
     let pad = spec.pad_token_id.unwrap_or(0);
     eprintln!("{}", adapter.trainable_summary());
@@ -433,6 +443,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
         [one] if one == "all-linear" => TargetModules::Pattern(one.clone()),
         _ => TargetModules::List(t),
     });
+    let ctx = RunContext {
+        args: &args,
+        model_dir: &model_dir,
+        tokenizer: &tokenizer,
+        train_tokens: &train_tokens,
+        eval_tokens: &eval_tokens,
+        eval: &eval_ex,
+        config: &config,
+    };
     match args.method.as_str() {
         "lora" => {
             let mut config_l = match &args.config {
@@ -445,16 +464,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             config_l.target_modules = targets.or(config_l.target_modules);
             config_l.base_model_name_or_path = Some(model_dir.display().to_string());
             let adapter = peft_lora::get_peft_model(base, config_l)?;
-            run(
-                adapter,
-                &args,
-                &model_dir,
-                &tokenizer,
-                &train_tokens,
-                &eval_tokens,
-                &eval_ex,
-                &config,
-            )
+            run(adapter, &ctx)
         }
         "ia3" => {
             let mut config_i = match &args.config {
@@ -464,16 +474,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             config_i.target_modules = targets.or(config_i.target_modules);
             config_i.base_model_name_or_path = Some(model_dir.display().to_string());
             let adapter = peft_ia3::get_peft_model(base, config_i)?;
-            run(
-                adapter,
-                &args,
-                &model_dir,
-                &tokenizer,
-                &train_tokens,
-                &eval_tokens,
-                &eval_ex,
-                &config,
-            )
+            run(adapter, &ctx)
         }
         "bitfit" => {
             let mut config_b: peft_bitfit::BitFitConfig = match &args.config {
@@ -482,16 +483,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             };
             config_b.base_model_name_or_path = Some(model_dir.display().to_string());
             let adapter = peft_bitfit::bitfit(base, config_b)?;
-            run(
-                adapter,
-                &args,
-                &model_dir,
-                &tokenizer,
-                &train_tokens,
-                &eval_tokens,
-                &eval_ex,
-                &config,
-            )
+            run(adapter, &ctx)
         }
         "prompt" => {
             let mut config_p = match &args.config {
@@ -503,16 +495,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
             config_p.base_model_name_or_path = Some(model_dir.display().to_string());
             let adapter = peft_prompt::get_peft_model(base, config_p, Some(&tokenizer))?;
-            run(
-                adapter,
-                &args,
-                &model_dir,
-                &tokenizer,
-                &train_tokens,
-                &eval_tokens,
-                &eval_ex,
-                &config,
-            )
+            run(adapter, &ctx)
         }
         "prefix" => {
             let mut config_x = match &args.config {
@@ -524,16 +507,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
             config_x.base_model_name_or_path = Some(model_dir.display().to_string());
             let adapter = peft_prefix::get_peft_model(base, config_x)?;
-            run(
-                adapter,
-                &args,
-                &model_dir,
-                &tokenizer,
-                &train_tokens,
-                &eval_tokens,
-                &eval_ex,
-                &config,
-            )
+            run(adapter, &ctx)
         }
         "ptuning" => {
             let mut config_t = match &args.config {
@@ -545,16 +519,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
             config_t.base_model_name_or_path = Some(model_dir.display().to_string());
             let adapter = peft_ptuning::get_peft_model(base, config_t)?;
-            run(
-                adapter,
-                &args,
-                &model_dir,
-                &tokenizer,
-                &train_tokens,
-                &eval_tokens,
-                &eval_ex,
-                &config,
-            )
+            run(adapter, &ctx)
         }
         other => bail!("--method {other}: not implemented"),
     }
