@@ -120,6 +120,9 @@ pub enum PeftError {
     /// A requested feature is recognised but not implemented yet.
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// A 4-bit tensor could not be quantised, read or de-quantised (the message names it).
+    #[error("4-bit quantisation: {0}")]
+    Quantization(String),
 }
 
 /// The result type of peft-rs' library crates.
