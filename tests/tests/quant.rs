@@ -4,9 +4,11 @@
 use half::{bf16, f16};
 use peft_core::TensorStore;
 use peft_core::tensors::bytes_to_f32;
+use peft_lora::from_pretrained;
+use peft_qlora::{Load4bit, load_4bit};
 use peft_quant::torch_sum::torch_sum;
 use peft_quant::{QuantConfig, QuantType, Quantized4bit, SourceDtype};
-use peft_tests::fixtures;
+use peft_tests::{Reference, adapter_dir, device, fixtures, logits, max_diff_masked, model_dir};
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -121,4 +123,86 @@ fn mean_of_double_quant_follows_torch_summation_order() {
         );
         start += n;
     }
+}
+
+const TOLERANCE: f32 = 1e-4;
+
+fn assert_logits_match<M: peft_core::CausalLm>(model: &M, name: &str) {
+    let reference = Reference::load(name);
+    let ours = logits(model, &reference);
+    let diff = max_diff_masked(
+        &ours,
+        &reference.logits,
+        &reference.attention_mask,
+        reference.vocab,
+    );
+    eprintln!("{name}: max |Δ| = {diff}");
+    assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
+}
+
+/// A checkpoint transformers saved with `BitsAndBytesConfig(load_in_4bit=True)` loads as packed
+/// 4-bit layers and gives transformers' 4-bit logits (NF4 + double quant; FP4 without).
+#[test]
+fn transformers_4bit_checkpoints_give_their_logits() {
+    let device = device();
+    for name in ["bloom-tiny-nf4", "llama-tiny-fp4"] {
+        let model = peft_models::load(model_dir(name), &device).unwrap();
+        let packed = quantized_layers(&model);
+        assert_eq!(
+            packed,
+            if name.starts_with("bloom") { 8 } else { 14 },
+            "{name}"
+        );
+        assert_logits_match(&model, name);
+    }
+}
+
+fn quantized_layers<M: peft_core::CausalLm>(model: &M) -> usize {
+    let mut count = 0;
+    let _ = model.clone().map_layers::<M::Adapter>(
+        &mut |_: &str, layer: peft_core::AdaptableLinear<M::Adapter>| {
+            count += usize::from(layer.base.packed().is_some());
+            Ok(layer)
+        },
+        &mut |_: &str, e| Ok(e),
+    );
+    count
+}
+
+/// Quantising the f32 fixture while loading gives exactly the checkpoint transformers wrote.
+#[test]
+fn load_4bit_quantises_like_transformers() {
+    let device = device();
+    let options = Load4bit::default();
+    let ours = load_4bit(model_dir("bloom-tiny"), &device, &options).unwrap();
+    assert_logits_match(&ours, "bloom-tiny-nf4");
+    let fp4 = Load4bit {
+        quant_type: QuantType::Fp4,
+        double_quant: false,
+        ..options
+    };
+    let ours = load_4bit(model_dir("llama-tiny"), &device, &fp4).unwrap();
+    assert_logits_match(&ours, "llama-tiny-fp4");
+}
+
+/// A LoRA adapter PEFT trained over the 4-bit base loads over ours with PEFT's logits; merging
+/// de-quantises exactly and gives the same outputs from a dense model.
+#[test]
+fn peft_qlora_adapter_matches_and_merges() {
+    let device = device();
+    let base = peft_models::load(model_dir("bloom-tiny-nf4"), &device).unwrap();
+    let qlora = from_pretrained(base, adapter_dir("qlora-bloom"), true).unwrap();
+    assert_logits_match(&qlora.model, "qlora-bloom");
+    // PEFT's print_trainable_parameters() on the 4-bit model.
+    let counts = peft_tests::reference_json("qlora-bloom");
+    let summary = qlora.trainable_summary();
+    assert_eq!(
+        summary.trainable as u64,
+        counts["trainable_params"].as_u64().unwrap()
+    );
+    assert_eq!(summary.all as u64, counts["all_params"].as_u64().unwrap());
+
+    let merged = qlora.merge_and_unload().unwrap();
+    assert_eq!(quantized_layers(&merged), 0);
+    assert_logits_match(&merged, "qlora-bloom");
 }

@@ -20,11 +20,112 @@
 //! `base(x)` and its own term beside it (PEFT's unmerged path), so a quantised or shared base
 //! stays as it is until the user merges.
 
-use burn::module::{Module, ModuleDisplay};
-use burn::nn::{Embedding, Linear};
-use burn::tensor::{Int, Tensor};
+use std::sync::Arc;
 
+use burn::module::{Module, ModuleDisplay, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::HostTensor;
 use crate::error::Result;
+
+/// A frozen weight kept in a compressed form (4-bit NF4/FP4 for QLoRA) and de-quantised on
+/// demand. peft-core only sees this trait; peft-quant implements it.
+pub trait PackedWeight: std::fmt::Debug + Send + Sync {
+    /// `[out, in]`, PyTorch's order.
+    fn shape(&self) -> [usize; 2];
+    /// The de-quantised weight, row-major `[out, in]`, in f32.
+    fn dequantize(&self) -> Vec<f32>;
+    /// Bytes held (codes plus statistics).
+    fn storage_bytes(&self) -> usize;
+    /// The tensors this weight is saved as under `name` (bitsandbytes' layout for 4-bit).
+    fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)>;
+}
+
+/// A linear layer whose weight stays packed; each forward pass de-quantises it to f32, multiplies,
+/// and lets the dense copy go.
+#[derive(Module, Debug)]
+pub struct QuantizedLinear {
+    /// The packed `[out, in]` weight (not a parameter: frozen, never trained).
+    #[module(skip)]
+    pub weight: Arc<dyn PackedWeight>,
+    /// `[out]`, kept dense (as bitsandbytes' `Linear4bit` does).
+    pub bias: Option<Param<Tensor<1>>>,
+    /// Where the de-quantised weight is placed when the layer is made dense.
+    #[module(skip)]
+    pub device: Device,
+}
+
+impl QuantizedLinear {
+    /// The de-quantised weight in burn's `[in, out]` layout on `device`.
+    pub fn dense_weight(&self, device: &Device) -> Tensor<2> {
+        let [d_out, d_in] = self.weight.shape();
+        Tensor::<2>::from_data(
+            TensorData::new(self.weight.dequantize(), [d_out, d_in]),
+            device,
+        )
+        .transpose()
+    }
+
+    /// `[batch, seq, in]` → `[batch, seq, out]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let weight = self.dense_weight(&x.device());
+        linear(x, weight, self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// The frozen base of an [`AdaptableLinear`]: a dense burn [`Linear`] or a packed 4-bit weight.
+#[derive(Module, Debug)]
+pub enum BaseLinear {
+    /// Full-precision weight, `[in, out]`.
+    Dense(Linear),
+    /// Packed weight, de-quantised per forward pass.
+    Quantized(QuantizedLinear),
+}
+
+impl BaseLinear {
+    /// `[batch, seq, in]` → `[batch, seq, out]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            BaseLinear::Dense(l) => l.forward(x),
+            BaseLinear::Quantized(q) => q.forward(x),
+        }
+    }
+
+    /// `(in_features, out_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            BaseLinear::Dense(l) => {
+                let [d_in, d_out] = l.weight.shape().dims();
+                (d_in, d_out)
+            }
+            BaseLinear::Quantized(q) => {
+                let [d_out, d_in] = q.weight.shape();
+                (d_in, d_out)
+            }
+        }
+    }
+
+    /// The layer as a dense [`Linear`], de-quantising a packed weight (exactly, no re-rounding).
+    pub fn into_dense(self) -> Linear {
+        match self {
+            BaseLinear::Dense(l) => l,
+            BaseLinear::Quantized(q) => Linear {
+                weight: Param::from_tensor(q.dense_weight(&q.device)).set_require_grad(false),
+                bias: q.bias,
+            },
+        }
+    }
+
+    /// The packed weight, if this layer is quantised.
+    pub fn packed(&self) -> Option<&Arc<dyn PackedWeight>> {
+        match self {
+            BaseLinear::Quantized(q) => Some(&q.weight),
+            BaseLinear::Dense(_) => None,
+        }
+    }
+}
 
 /// A method that changes what one linear layer computes (LoRA, IA3, ...).
 ///
@@ -33,7 +134,7 @@ use crate::error::Result;
 /// weight as `[in, out]` (the transpose of PyTorch's `[out, in]`).
 pub trait LayerAdapter: Module + ModuleDisplay {
     /// The layer's output with this adapter applied.
-    fn forward_linear(&self, base: &Linear, x: Tensor<3>) -> Tensor<3>;
+    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3>;
 
     /// The embedding's output with this adapter applied (`ids: [batch, seq]`). The default leaves
     /// the embedding unchanged, for methods that only adapt linear layers.
@@ -63,7 +164,7 @@ pub trait LayerAdapter: Module + ModuleDisplay {
 pub struct NoAdapter {}
 
 impl LayerAdapter for NoAdapter {
-    fn forward_linear(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
+    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
         base.forward(x)
     }
     fn merge_linear(&self, base: Linear) -> Result<Linear> {
@@ -77,8 +178,8 @@ impl LayerAdapter for NoAdapter {
 /// A frozen linear layer with an optional adapter beside it.
 #[derive(Module, Debug)]
 pub struct AdaptableLinear<A: LayerAdapter> {
-    /// The base layer; `weight: [in, out]`, `bias: [out]`.
-    pub base: Linear,
+    /// The frozen base layer; dense `weight: [in, out]` or packed 4-bit, `bias: [out]`.
+    pub base: BaseLinear,
     /// The adapter, if this layer is targeted.
     pub adapter: Option<A>,
     /// Whether `adapter` is currently folded into `base` (then the forward pass skips it).
@@ -89,6 +190,11 @@ pub struct AdaptableLinear<A: LayerAdapter> {
 impl<A: LayerAdapter> AdaptableLinear<A> {
     /// A layer without adapter.
     pub fn plain(base: Linear) -> Self {
+        Self::over(BaseLinear::Dense(base))
+    }
+
+    /// A layer without adapter over any base (dense or packed).
+    pub fn over(base: BaseLinear) -> Self {
         Self {
             base,
             adapter: None,
@@ -106,23 +212,25 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
 
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
-        let [d_in, d_out] = self.base.weight.shape().dims();
-        (d_in, d_out)
+        self.base.dims()
     }
 
     /// Folds the adapter into the base weights; a no-op without adapter or when already merged.
+    /// A packed base is de-quantised first: the merged layer is dense (no re-quantisation).
     pub fn merge(mut self) -> Result<Self> {
         if let (Some(adapter), false) = (&self.adapter, self.merged) {
-            self.base = adapter.merge_linear(self.base)?;
+            let dense = self.base.into_dense();
+            self.base = BaseLinear::Dense(adapter.merge_linear(dense)?);
             self.merged = true;
         }
         Ok(self)
     }
 
-    /// Undoes [`merge`](Self::merge).
+    /// Undoes [`merge`](Self::merge) (the base stays dense).
     pub fn unmerge(mut self) -> Result<Self> {
         if let (Some(adapter), true) = (&self.adapter, self.merged) {
-            self.base = adapter.unmerge_linear(self.base)?;
+            let dense = self.base.into_dense();
+            self.base = BaseLinear::Dense(adapter.unmerge_linear(dense)?);
             self.merged = false;
         }
         Ok(self)

@@ -205,12 +205,13 @@ pub fn adapter_trainable_names<M: burn::module::Module>(
 /// PEFT's `print_trainable_parameters()` numbers for a layer-adapter model: the adapter tensors
 /// and `saved` parameters train (none when loaded for inference, `trainable = false`); "all"
 /// counts the adapter too.
-pub fn adapter_summary<M: burn::module::Module>(
+pub fn adapter_summary<M: CausalLm>(
     model: &M,
     saved: &[String],
     trainable: bool,
 ) -> crate::TrainableSummary {
     let params = named_params(model);
+    let packed = packed_numel(model);
     crate::TrainableSummary {
         trainable: if trainable {
             params
@@ -221,6 +222,24 @@ pub fn adapter_summary<M: burn::module::Module>(
         } else {
             0
         },
-        all: params.iter().map(|p| p.numel()).sum(),
+        all: params.iter().map(|p| p.numel()).sum::<usize>() + packed,
     }
+}
+
+/// Elements of the packed (4-bit) weights of `model`, which are not burn parameters. PEFT counts
+/// a 4-bit weight by its unpacked element count (`numel · 2` of the packed bytes).
+pub fn packed_numel<M: CausalLm>(model: &M) -> usize {
+    let mut count = 0;
+    // Rebuilding with the same adapters only clones reference-counted handles.
+    let _ = model.clone().map_layers::<M::Adapter>(
+        &mut |_: &str, layer: crate::AdaptableLinear<M::Adapter>| {
+            if let Some(w) = layer.base.packed() {
+                let [rows, cols] = w.shape();
+                count += rows * cols;
+            }
+            Ok(layer)
+        },
+        &mut |_: &str, embedding| Ok(embedding),
+    );
+    count
 }

@@ -32,7 +32,10 @@ pub mod prompt_learning;
 pub mod summary;
 pub mod tensors;
 
-pub use adapter::{AdaptableEmbedding, AdaptableLinear, AdapterModel, LayerAdapter, NoAdapter};
+pub use adapter::{
+    AdaptableEmbedding, AdaptableLinear, AdapterModel, BaseLinear, LayerAdapter, NoAdapter,
+    PackedWeight, QuantizedLinear,
+};
 pub use config::{ConfigHeader, PeftType, TargetModules};
 pub use error::{PeftError, Result};
 pub use model::{CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};

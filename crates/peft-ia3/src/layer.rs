@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
-use peft_core::{LayerAdapter, PeftError, Result};
+use peft_core::{BaseLinear, LayerAdapter, PeftError, Result};
 
 /// PEFT's `ia3_l` for one linear layer.
 #[derive(Module, Debug)]
@@ -68,7 +68,7 @@ impl Ia3Linear {
 }
 
 impl LayerAdapter for Ia3Linear {
-    fn forward_linear(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
+    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
         let l = self.ia3_l.val().unsqueeze::<3>();
         if self.feedforward {
             base.forward(x * l)

@@ -9,7 +9,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Distribution, Int, Tensor};
 
-use peft_core::{LayerAdapter, PeftError, Result};
+use peft_core::{BaseLinear, LayerAdapter, PeftError, Result};
 
 /// LoRA's low-rank pair for one linear layer.
 ///
@@ -92,7 +92,7 @@ impl LoraLinear {
 }
 
 impl LayerAdapter for LoraLinear {
-    fn forward_linear(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
+    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
         let update = linear(
             linear(self.dropout.forward(x.clone()), self.lora_a.val(), None),
             self.lora_b.val(),

@@ -191,9 +191,19 @@ pub struct Bloom<A: LayerAdapter> {
 }
 
 impl<A: LayerAdapter> Bloom<A> {
-    /// Loads the weights of `config` from `store`.
-    pub fn load(config: &BloomConfig, store: &TensorStore, device: &Device) -> Result<Self> {
-        let w = WeightLoader { store, device };
+    /// Loads the weights of `config` from `store`; with `quantize`, every linear layer is held
+    /// in 4-bit (see [`WeightLoader::quantize`]).
+    pub fn load(
+        config: &BloomConfig,
+        store: &TensorStore,
+        device: &Device,
+        quantize: Option<peft_quant::QuantConfig>,
+    ) -> Result<Self> {
+        let w = WeightLoader {
+            store,
+            device,
+            quantize,
+        };
         let h = config.hidden_size;
         let eps = config.layer_norm_epsilon;
         // Checkpoints saved by BloomForCausalLM prefix everything with `transformer.`; those of a

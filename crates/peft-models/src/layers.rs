@@ -6,7 +6,12 @@ use burn::nn::{Embedding, Linear};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use peft_core::{AdaptableLinear, LayerAdapter, PeftError, Result, TensorStore};
+use std::sync::Arc;
+
+use peft_core::{
+    AdaptableLinear, BaseLinear, LayerAdapter, PeftError, QuantizedLinear, Result, TensorStore,
+};
+use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
 
 /// LayerNorm with Hugging Face's parameter names (`weight`, `bias`).
 #[derive(Module, Debug)]
@@ -53,6 +58,9 @@ pub struct WeightLoader<'a> {
     pub store: &'a TensorStore,
     /// Where the layers are created.
     pub device: &'a Device,
+    /// Quantise every linear weight except `lm_head` to 4-bit while loading (QLoRA's
+    /// `load_in_4bit`). Weights the checkpoint already stores in 4-bit are read as they are.
+    pub quantize: Option<QuantConfig>,
 }
 
 impl WeightLoader<'_> {
@@ -84,7 +92,8 @@ impl WeightLoader<'_> {
         })
     }
 
-    /// An adaptable linear layer without adapter.
+    /// An adaptable linear layer without adapter: packed 4-bit when the checkpoint stores it so
+    /// or when loading quantised (never for `lm_head`), dense otherwise.
     pub fn adaptable<A: LayerAdapter>(
         &self,
         prefix: &str,
@@ -92,9 +101,66 @@ impl WeightLoader<'_> {
         d_out: usize,
         bias: bool,
     ) -> Result<AdaptableLinear<A>> {
-        Ok(AdaptableLinear::plain(
-            self.linear(prefix, d_in, d_out, bias)?,
-        ))
+        let key = format!("{prefix}.weight");
+        let packed = match peft_quant::find_quant_state(&key, self.store.keys()) {
+            Some(state_key) => Some(self.read_4bit(&key, state_key, d_in, d_out)?),
+            None => match self.quantize {
+                Some(config) if prefix != "lm_head" => {
+                    let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
+                    let dtype = match self.store.dtype(&key)? {
+                        safetensors::Dtype::BF16 => SourceDtype::Bf16,
+                        safetensors::Dtype::F16 => SourceDtype::F16,
+                        _ => SourceDtype::F32,
+                    };
+                    Some(Quantized4bit::quantize(
+                        &values,
+                        &[d_out, d_in],
+                        dtype,
+                        config,
+                    )?)
+                }
+                _ => None,
+            },
+        };
+        let Some(packed) = packed else {
+            return Ok(AdaptableLinear::plain(
+                self.linear(prefix, d_in, d_out, bias)?,
+            ));
+        };
+        let bias = if bias {
+            Some(self.vector(&format!("{prefix}.bias"), d_out)?)
+        } else {
+            None
+        };
+        Ok(AdaptableLinear::over(BaseLinear::Quantized(
+            QuantizedLinear {
+                weight: Arc::new(packed),
+                bias,
+                device: self.device.clone(),
+            },
+        )))
+    }
+
+    /// A weight stored in bitsandbytes' 4-bit layout, checked against the expected shape.
+    fn read_4bit(
+        &self,
+        key: &str,
+        state_key: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Quantized4bit> {
+        let q = Quantized4bit::from_tensors(key, state_key, |k| self.store.get(k).ok()).map_err(
+            |e| PeftError::Quantization(format!("{}: {e}", self.store.label().display())),
+        )?;
+        if q.shape != [d_out, d_in] {
+            return Err(PeftError::ShapeMismatch {
+                path: self.store.label(),
+                key: key.to_string(),
+                found: q.shape.clone(),
+                expected: vec![d_out, d_in],
+            });
+        }
+        Ok(q)
     }
 
     /// An embedding table `{prefix}.weight`, `[num, dim]`.

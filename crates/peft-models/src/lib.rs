@@ -115,18 +115,45 @@ pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<AnyModel<NoAdapter
     load_from(&config, &store, device)
 }
 
+/// Loads a Hugging Face model folder with every linear layer except `lm_head` quantised to 4-bit
+/// as it is read (transformers' `load_in_4bit`): the dense weights never reside together.
+/// A folder that already holds a 4-bit checkpoint loads with [`load`] as well.
+pub fn load_4bit(
+    dir: impl AsRef<Path>,
+    device: &Device,
+    quantize: peft_quant::QuantConfig,
+) -> Result<AnyModel<NoAdapter>> {
+    let dir = dir.as_ref();
+    let config = read_config(dir)?;
+    let store = TensorStore::open_model_dir(dir)?;
+    load_from_with(&config, &store, device, Some(quantize))
+}
+
 /// Builds a model from an already parsed config and checkpoint.
 pub fn load_from<A: LayerAdapter>(
     config: &HfConfig,
     store: &TensorStore,
     device: &Device,
 ) -> Result<AnyModel<A>> {
+    load_from_with(config, store, device, None)
+}
+
+/// [`load_from`], optionally quantising linear layers to 4-bit while loading.
+pub fn load_from_with<A: LayerAdapter>(
+    config: &HfConfig,
+    store: &TensorStore,
+    device: &Device,
+    quantize: Option<peft_quant::QuantConfig>,
+) -> Result<AnyModel<A>> {
+    if let Some(q) = &quantize {
+        q.validate()?;
+    }
     Ok(match config {
-        HfConfig::Bloom(c) => AnyModel::Bloom(Bloom::load(c, store, device)?),
+        HfConfig::Bloom(c) => AnyModel::Bloom(Bloom::load(c, store, device, quantize)?),
         HfConfig::Llama(c) if c.model_type == "qwen2" => {
-            AnyModel::Llama(qwen2::load(c, store, device)?)
+            AnyModel::Llama(qwen2::load(c, store, device, quantize)?)
         }
-        HfConfig::Llama(c) => AnyModel::Llama(Llama::load(c, false, store, device)?),
+        HfConfig::Llama(c) => AnyModel::Llama(Llama::load(c, false, store, device, quantize)?),
     })
 }
 

@@ -297,8 +297,13 @@ impl<A: LayerAdapter> Llama<A> {
         qkv_bias: bool,
         store: &TensorStore,
         device: &Device,
+        quantize: Option<peft_quant::QuantConfig>,
     ) -> Result<Self> {
-        let w = WeightLoader { store, device };
+        let w = WeightLoader {
+            store,
+            device,
+            quantize,
+        };
         let (h, hd, im) = (
             config.hidden_size,
             config.head_dim(),

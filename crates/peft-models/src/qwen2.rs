@@ -17,6 +17,7 @@ pub fn load<A: LayerAdapter>(
     config: &LlamaConfig,
     store: &TensorStore,
     device: &Device,
+    quantize: Option<peft_quant::QuantConfig>,
 ) -> Result<Qwen2<A>> {
-    Llama::load(config, true, store, device)
+    Llama::load(config, true, store, device, quantize)
 }

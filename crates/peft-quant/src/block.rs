@@ -478,3 +478,24 @@ mod tests {
         assert!(err.contains("packed weight") && err.contains("63"), "{err}");
     }
 }
+
+impl peft_core::PackedWeight for Quantized4bit {
+    fn shape(&self) -> [usize; 2] {
+        match self.shape.as_slice() {
+            [rows, cols] => [*rows, *cols],
+            other => [1, other.iter().product()],
+        }
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_f32()
+    }
+
+    fn storage_bytes(&self) -> usize {
+        Quantized4bit::storage_bytes(self)
+    }
+
+    fn to_tensors(&self, name: &str) -> Vec<(String, peft_core::HostTensor)> {
+        Quantized4bit::to_tensors(self, name)
+    }
+}
