@@ -407,6 +407,27 @@ fn nest(absmax: &[f32]) -> Absmax {
     }
 }
 
+impl peft_core::PackedWeight for Quantized4bit {
+    fn shape(&self) -> [usize; 2] {
+        match self.shape.as_slice() {
+            [rows, cols] => [*rows, *cols],
+            other => [1, other.iter().product()],
+        }
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_f32()
+    }
+
+    fn storage_bytes(&self) -> usize {
+        Quantized4bit::storage_bytes(self)
+    }
+
+    fn to_tensors(&self, name: &str) -> Vec<(String, peft_core::HostTensor)> {
+        Quantized4bit::to_tensors(self, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,26 +497,5 @@ mod tests {
         q.packed.pop();
         let err = q.validate("w").unwrap_err().to_string();
         assert!(err.contains("packed weight") && err.contains("63"), "{err}");
-    }
-}
-
-impl peft_core::PackedWeight for Quantized4bit {
-    fn shape(&self) -> [usize; 2] {
-        match self.shape.as_slice() {
-            [rows, cols] => [*rows, *cols],
-            other => [1, other.iter().product()],
-        }
-    }
-
-    fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_f32()
-    }
-
-    fn storage_bytes(&self) -> usize {
-        Quantized4bit::storage_bytes(self)
-    }
-
-    fn to_tensors(&self, name: &str) -> Vec<(String, peft_core::HostTensor)> {
-        Quantized4bit::to_tensors(self, name)
     }
 }
