@@ -4,6 +4,7 @@
 //! otherwise; bad input never produces a panic or a backtrace.
 
 mod commands;
+mod quantize;
 mod train;
 
 use std::path::PathBuf;
@@ -30,8 +31,69 @@ enum Command {
     Inspect(InspectArgs),
     /// Merge an adapter into its base model and write a standard Hugging Face checkpoint.
     Merge(MergeArgs),
-    /// Fine-tune with LoRA, IA3 or BitFit (no arguments: the bundled model and data set).
+    /// Fine-tune with LoRA, IA3, BitFit, prompt/prefix/P-tuning or QLoRA (no arguments: the
+    /// bundled model and data set).
     Train(Box<train::TrainArgs>),
+    /// Write tensors (--input) or a whole model (--model) in bitsandbytes' 4-bit layout.
+    Quantize(QuantizeArgs),
+}
+
+/// Loading the base model in 4-bit (QLoRA's frozen base).
+#[derive(Args, Debug, Clone, Default)]
+struct QuantArgs {
+    /// Quantise every linear layer except lm_head to 4-bit while loading: nf4 or fp4. A folder
+    /// that already holds a 4-bit checkpoint is recognised without this flag.
+    #[arg(long, value_name = "nf4|fp4")]
+    load_4bit: Option<String>,
+    /// With --load-4bit: also quantise the absmax statistics (double quantisation).
+    #[arg(long, requires = "load_4bit")]
+    double_quant: bool,
+    /// With --load-4bit: elements per absmax block (a power of two, 32 … 4096).
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+}
+
+impl QuantArgs {
+    /// The quantisation to apply while loading, if any.
+    fn config(&self) -> anyhow::Result<Option<peft_quant::QuantConfig>> {
+        let Some(quant_type) = &self.load_4bit else {
+            return Ok(None);
+        };
+        let config = peft_quant::QuantConfig {
+            quant_type: quant_type.parse()?,
+            blocksize: self.blocksize,
+            double_quant: self.double_quant,
+        };
+        config.validate()?;
+        Ok(Some(config))
+    }
+}
+
+#[derive(Args, Debug)]
+struct QuantizeArgs {
+    /// A safetensors file: each selected 2-D float tensor is written in 4-bit layout, the others
+    /// copied.
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    input: Option<PathBuf>,
+    /// A Hugging Face model folder: every linear weight except lm_head is quantised and
+    /// config.json gets transformers' `quantization_config`.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output file (with --input) or folder (with --model).
+    #[arg(long)]
+    output: PathBuf,
+    /// nf4 or fp4.
+    #[arg(long, default_value = "nf4")]
+    quant_type: String,
+    /// Quantise the absmax statistics too (double quantisation).
+    #[arg(long)]
+    double_quant: bool,
+    /// Elements per absmax block (a power of two, 32 … 4096).
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Only tensors whose whole name matches this regex.
+    #[arg(long)]
+    tensors: Option<String>,
 }
 
 /// Where the model runs.
@@ -54,6 +116,8 @@ struct ModelArgs {
     /// Merge the adapter into the base weights before running (merge_and_unload).
     #[arg(long, requires = "adapter")]
     merge: bool,
+    #[command(flatten)]
+    quant: QuantArgs,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -148,6 +212,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect(a),
         Command::Merge(a) => commands::merge(a),
         Command::Train(a) => train::train(*a),
+        Command::Quantize(a) => quantize::quantize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

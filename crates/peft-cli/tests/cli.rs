@@ -817,3 +817,205 @@ fn ptuning_adapters_run_and_train() {
     );
     assert!(run.join("adapter/adapter_encoder.safetensors").is_file());
 }
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn logits_to(model_dir: &Path, extra: &[&str], reference: &Path, out_path: &Path) -> Output {
+    let mut args = vec![
+        "logits",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    peft(&args)
+}
+
+/// `peft quantize --model` writes the checkpoint transformers writes for load_in_4bit (byte for
+/// byte in every 4-bit tensor), and `peft logits` runs it — or quantises on the fly with
+/// --load-4bit — with transformers' 4-bit logits.
+#[test]
+fn quantize_model_and_run_4bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("nf4");
+    ok(&peft(&[
+        "quantize",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--quant-type",
+        "nf4",
+        "--double-quant",
+    ]));
+    let ours = TensorStore::open(out_dir.join("model.safetensors")).unwrap();
+    let theirs = TensorStore::open(model("bloom-tiny-nf4").join("model.safetensors")).unwrap();
+    let mut keys: Vec<&str> = theirs.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), ours.keys().count());
+    for key in keys {
+        assert_eq!(
+            ours.get(key).unwrap().data,
+            theirs.get(key).unwrap().data,
+            "{key}"
+        );
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    assert_eq!(
+        config["quantization_config"]["bnb_4bit_use_double_quant"],
+        true
+    );
+
+    let reference = fixtures().join("reference/bloom-tiny-nf4.safetensors");
+    for (model_dir, extra) in [
+        (out_dir.clone(), vec![]),
+        (
+            model("bloom-tiny"),
+            vec!["--load-4bit", "nf4", "--double-quant"],
+        ),
+    ] {
+        let path = dir.path().join("logits.safetensors");
+        ok(&logits_to(&model_dir, &extra, &reference, &path));
+        let diff = logits_diff(&path, &reference);
+        assert!(diff < 1e-4, "{}: {diff}", model_dir.display());
+    }
+}
+
+/// `peft quantize --input` converts the selected tensors of a file and copies the rest; bad
+/// settings fail with one line.
+#[test]
+fn quantize_file_selects_tensors_and_rejects_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = model("bloom-tiny").join("model.safetensors");
+    let output = dir.path().join("q.safetensors");
+    ok(&peft(&[
+        "quantize",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--quant-type",
+        "fp4",
+        "--tensors",
+        r"transformer\.h\.0\..*\.weight",
+    ]));
+    let q = TensorStore::open(&output).unwrap();
+    let key = "transformer.h.0.self_attention.query_key_value.weight";
+    assert_eq!(q.dtype(key).unwrap(), safetensors::Dtype::U8);
+    assert_eq!(q.shape(key).unwrap(), &[192 * 64 / 2, 1]);
+    assert!(q.contains(&format!("{key}.quant_state.bitsandbytes__fp4")));
+    // LayerNorm weights are 1-D: copied; layer 1 is not selected.
+    assert_eq!(
+        q.dtype("transformer.h.0.input_layernorm.weight").unwrap(),
+        safetensors::Dtype::F32
+    );
+    assert_eq!(
+        q.dtype("transformer.h.1.self_attention.query_key_value.weight")
+            .unwrap(),
+        safetensors::Dtype::F32
+    );
+
+    let input = input.to_str().unwrap();
+    let out = output.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--blocksize", "48"], "invalid blocksize 48"),
+        (vec!["--quant-type", "int4"], "unknown quant_type `int4`"),
+        (
+            vec!["--tensors", "nothing.*"],
+            "--tensors matched no 2-D float tensor",
+        ),
+        (vec!["--tensors", "(["], "--tensors `([`: invalid regex"),
+    ] {
+        let mut all = vec!["quantize", "--input", input, "--output", out];
+        all.extend(args);
+        assert_clean_failure(&peft(&all), needle);
+    }
+}
+
+/// `peft train --method qlora` trains LoRA over a 4-bit base; the adapter is a standard PEFT
+/// LoRA folder that runs over the same 4-bit base; the merged model is dense.
+#[test]
+fn qlora_trains_and_merges_dense() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("qlora");
+    ok(&peft(&[
+        "train",
+        "--method",
+        "qlora",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--data",
+        fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--r",
+        "8",
+        "--max-steps",
+        "3",
+        "--no-exact-match",
+    ]));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    assert_eq!(config["lora_alpha"], 16.0);
+    let merged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("merged/config.json")).unwrap())
+            .unwrap();
+    assert!(merged.get("quantization_config").is_none());
+
+    let reference = fixtures().join("reference/bloom-tiny.safetensors");
+    let adapted = dir.path().join("adapted.safetensors");
+    ok(&logits_to(
+        &model("bloom-tiny"),
+        &[
+            "--load-4bit",
+            "nf4",
+            "--double-quant",
+            "--adapter",
+            out_dir.join("adapter").to_str().unwrap(),
+        ],
+        &reference,
+        &adapted,
+    ));
+    let merged_logits = dir.path().join("merged.safetensors");
+    ok(&logits_to(
+        &out_dir.join("merged"),
+        &[],
+        &reference,
+        &merged_logits,
+    ));
+    let a = TensorStore::open(&adapted)
+        .unwrap()
+        .f32("logits")
+        .unwrap()
+        .0;
+    let b = TensorStore::open(&merged_logits)
+        .unwrap()
+        .f32("logits")
+        .unwrap()
+        .0;
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        worst < 1e-4,
+        "merged vs adapter over the 4-bit base: {worst}"
+    );
+}

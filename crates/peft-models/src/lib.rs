@@ -115,6 +115,22 @@ pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<AnyModel<NoAdapter
     load_from(&config, &store, device)
 }
 
+/// Every module a model with `config` has, by HF path, without loading any weight.
+pub fn config_modules(config: &HfConfig) -> Vec<ModuleInfo> {
+    match config {
+        HfConfig::Bloom(c) => bloom::bloom_modules(&c.spec()),
+        HfConfig::Llama(c) => {
+            let qkv_bias = c.attention_bias || c.model_type == "qwen2";
+            llama::llama_modules(
+                &c.spec(),
+                c.intermediate_size,
+                [qkv_bias, c.attention_bias],
+                c.mlp_bias,
+            )
+        }
+    }
+}
+
 /// Loads a Hugging Face model folder with every linear layer except `lm_head` quantised to 4-bit
 /// as it is read (transformers' `load_in_4bit`): the dense weights never reside together.
 /// A folder that already holds a 4-bit checkpoint loads with [`load`] as well.

@@ -20,7 +20,8 @@ const SIDE_FILES: [&str; 4] = [
 ///
 /// `config.json` is the source's, with `tie_word_embeddings` set to what the model now is (a
 /// model whose input embeddings were trained apart from a tied `lm_head` is saved untied, as PEFT
-/// does) and `dtype` set to `float32`.
+/// does), `dtype` set to `float32`, and any `quantization_config` removed (a model merged over a
+/// 4-bit base is saved dense).
 pub fn save_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     model: &M,
     source_dir: impl AsRef<Path>,
@@ -38,6 +39,8 @@ pub fn save_pretrained<M: CausalLm<Adapter = NoAdapter>>(
             model.spec().tie_word_embeddings.into(),
         );
         obj.insert("dtype".into(), "float32".into());
+        // The weights written are dense: a 4-bit source's quantisation no longer applies.
+        obj.remove("quantization_config");
     }
     let tensors: BTreeMap<_, _> = named_values(model)?.into_iter().collect();
     let mut metadata = HashMap::new();
