@@ -29,6 +29,36 @@ def base_model():
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
+def reset_peak_rss():
+    """Resets the kernel's peak-RSS mark so that the next reading covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def four_bit_model(tmp):
+    """The base model loaded as transformers does for QLoRA: NF4 + double quant, f32 compute."""
+    base_model().save_pretrained(tmp)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        tmp, quantization_config=config, dtype=torch.float32, attn_implementation="eager",
+        device_map="cpu",
+    )
+
+
 def timed(step):
     times = []
     for i in range(WARMUP + REPS):
@@ -45,7 +75,18 @@ def main():
     ids = torch.randint(4, 8000, (BATCH, SEQ))
     mask = torch.ones_like(ids)
     extra = {}
-    if CASE == "gemm":
+    if CASE == "quantize-nf4":
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+
+        n = 1024 if QUICK else 4096
+        w = torch.randn(n, n) * 0.02
+        times = timed(lambda: F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        s = sorted(times)
+        extra["input_bytes"] = n * n * 4
+        extra["gb_per_s"] = n * n * 4 / 1e9 / s[len(s) // 2]
+        extra["bitsandbytes"] = bnb.__version__
+    elif CASE == "gemm":
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         times = timed(lambda: a @ b)
     elif CASE == "forward":
@@ -65,8 +106,17 @@ def main():
             with torch.no_grad():
                 times = timed(lambda: model(input_ids=ids, attention_mask=mask))
     elif CASE.endswith("-train"):
-        model = base_model()
-        if CASE == "lora-train":
+        if CASE == "qlora-train":
+            import tempfile
+
+            tmp = tempfile.mkdtemp()
+            model = four_bit_model(tmp)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8))
+        else:
+            model = base_model()
+        if CASE == "qlora-train":
+            pass
+        elif CASE == "lora-train":
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
         elif CASE == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
@@ -97,7 +147,9 @@ def main():
             opt.step()
             opt.zero_grad()
 
+        reset_peak_rss()
         times = timed(step)
+        extra["step_peak_rss_bytes"] = peak_rss()
     else:
         print(f"unknown case {CASE}", file=sys.stderr)
         return 2

@@ -121,7 +121,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 13] = [
+const BENCH_CASES: [&str; 15] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
@@ -135,6 +135,8 @@ const BENCH_CASES: [&str; 13] = [
     "ptuning-lstm-train",
     "prefix-train",
     "prefix-proj-train",
+    "qlora-train",
+    "quantize-nf4",
 ];
 
 fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
@@ -171,6 +173,13 @@ fn pool(runs: &[serde_json::Value]) -> Option<serde_json::Value> {
         .filter_map(|r| r["peak_rss_bytes"].as_u64())
         .max();
     obj.insert("peak_rss_bytes".into(), peak.into());
+    let step_peak = runs
+        .iter()
+        .filter_map(|r| r["step_peak_rss_bytes"].as_u64())
+        .max();
+    if step_peak.is_some() {
+        obj.insert("step_peak_rss_bytes".into(), step_peak.into());
+    }
     if let (Some(gflop), true) = (obj.get("gflop").and_then(|g| g.as_f64()), median > 0.0) {
         obj.insert("gflop_per_s".into(), (gflop / median).into());
     }
@@ -300,6 +309,33 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
             obj.insert("rss_ratio".into(), ratio(row, "peak_rss_bytes").into());
         }
         json_rows.push(r);
+    }
+    // 4-bit figures: quantisation throughput, resident bits, training-step memory vs f32 LoRA.
+    let find = |case: &str| rows.iter().find(|r| r["case"] == case);
+    if let Some(q) = find("quantize-nf4") {
+        md.push_str(&format!(
+            "\nNF4 + double quant of a {} MB f32 matrix: ours {} GB/s ({} bits/param), bitsandbytes {} GB/s, ours/theirs {}\n",
+            fmt(q["ours"]["input_bytes"].as_f64().map(|b| b / 1e6), 0),
+            fmt(q["ours"]["gb_per_s"].as_f64(), 2),
+            fmt(q["ours"]["bits_per_param"].as_f64(), 3),
+            fmt(q["pytorch"]["gb_per_s"].as_f64(), 2),
+            fmt(
+                q["ours"]["gb_per_s"]
+                    .as_f64()
+                    .zip(q["pytorch"]["gb_per_s"].as_f64())
+                    .map(|(a, b)| a / b),
+                2
+            ),
+        ));
+    }
+    if let (Some(q), Some(l)) = (find("qlora-train"), find("lora-train")) {
+        let step = |r: &serde_json::Value, side: &str| r[side]["step_peak_rss_bytes"].as_f64();
+        md.push_str(&format!(
+            "QLoRA: {} resident bits per quantised parameter; training-step peak RSS QLoRA/LoRA ours {}, PyTorch {}\n",
+            fmt(q["ours"]["resident_bits_per_quantized_param"].as_f64(), 3),
+            fmt(step(q, "ours").zip(step(l, "ours")).map(|(a, b)| a / b), 2),
+            fmt(step(q, "pytorch").zip(step(l, "pytorch")).map(|(a, b)| a / b), 2),
+        ));
     }
     if python.is_none() {
         md.push_str("\nPyTorch comparison skipped (run with --vs-pytorch and a Python that has torch, transformers and peft).\n");

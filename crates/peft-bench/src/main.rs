@@ -6,7 +6,10 @@
 //!
 //! Cases: `gemm`, `forward`, `lora-train`, `lora-forward-unmerged`, `lora-forward-merged`,
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
-//! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`. The model is the issue's ~16M-parameter BLOOM
+//! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`, `qlora-train` (LoRA r=8 over the
+//! NF4 + double-quant base), `quantize-nf4` (a 4096 × 4096 f32 matrix, NF4 + double quant).
+//! Training cases also report `step_peak_rss_bytes`: the peak resident memory from just before
+//! the first step (after the model is built) to the end. The model is the issue's ~16M-parameter BLOOM
 //! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
 //! `--quick` shrinks the batch and repetitions for a CI smoke run.
 
@@ -38,9 +41,38 @@ fn bloom_config() -> HfConfig {
 }
 
 fn base_model(device: &Device) -> AnyModel<NoAdapter> {
+    base_model_with(device, None)
+}
+
+fn base_model_with(
+    device: &Device,
+    quantize: Option<peft_quant::QuantConfig>,
+) -> AnyModel<NoAdapter> {
     let config = bloom_config();
     let store = peft_models::random_checkpoint(&config, 0).expect("random checkpoint");
-    peft_models::load_from(&config, &store, device).expect("model")
+    peft_models::load_from_with(&config, &store, device, quantize).expect("model")
+}
+
+/// Resets the kernel's peak-RSS mark (`VmHWM`) so that the next reading covers what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Resident bits per element of the packed layers of `model` (codes + statistics).
+fn packed_bits_per_param<M: CausalLm>(model: &M) -> f64 {
+    let (mut bytes, mut numel) = (0usize, 0usize);
+    let _ = model.clone().map_layers::<M::Adapter>(
+        &mut |_: &str, layer: peft_core::AdaptableLinear<M::Adapter>| {
+            if let Some(w) = layer.base.packed() {
+                bytes += w.storage_bytes();
+                let [r, c] = w.shape();
+                numel += r * c;
+            }
+            Ok(layer)
+        },
+        &mut |_: &str, e| Ok(e),
+    );
+    bytes as f64 * 8.0 / numel.max(1) as f64
 }
 
 fn batch(s: &Settings, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
@@ -128,6 +160,36 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             });
             (times, 2.0 * (n * n * n) as f64, None)
         }
+        "quantize-nf4" => {
+            let n = if s.batch == 1 { 1024 } else { 4096 };
+            let values: Vec<f32> =
+                Tensor::<1>::random([n * n], Distribution::Normal(0.0, 0.02), device)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .map_err(|e| format!("{e:?}"))?;
+            let config = peft_quant::QuantConfig::default();
+            let mut bits = 0.0;
+            let times = time(s, device, || {
+                let q = peft_quant::Quantized4bit::quantize(
+                    &values,
+                    &[n, n],
+                    peft_quant::SourceDtype::F32,
+                    config,
+                )
+                .expect("quantize");
+                bits = q.bits_per_param();
+            });
+            let mut sorted = times.clone();
+            sorted.sort_by(f64::total_cmp);
+            let bytes = (n * n * 4) as f64;
+            extra.insert("input_bytes".into(), bytes.into());
+            extra.insert(
+                "gb_per_s".into(),
+                (bytes / 1e9 / sorted[sorted.len() / 2]).into(),
+            );
+            extra.insert("bits_per_param".into(), bits.into());
+            (times, 0.0, None)
+        }
         "forward" => {
             let model = base_model(device);
             let (ids, mask) = batch(s, device);
@@ -180,11 +242,18 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             }
         }
         "lora-train" | "ia3-train" | "bitfit-train" | "prompt-train" | "ptuning-train"
-        | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" => {
+        | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" | "qlora-train" => {
             let device = device.clone().autodiff();
             let (ids, mask) = batch(s, &device);
             let mut optim = AdamWConfig::new().init();
-            let base = base_model(&device);
+            let quantize = (case == "qlora-train").then(peft_quant::QuantConfig::default);
+            let base = base_model_with(&device, quantize);
+            if quantize.is_some() {
+                extra.insert(
+                    "resident_bits_per_quantized_param".into(),
+                    packed_bits_per_param(&base).into(),
+                );
+            }
             let flops = 2.0 * forward_flops(&base, s);
             macro_rules! train {
                 ($wrapper:expr) => {{
@@ -195,6 +264,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                     });
                     extra.insert("adapter_file_bytes".into(), bytes.into());
                     let mut model = Some(wrapper.model);
+                    reset_peak_rss();
                     let times = time(s, &device, || {
                         model = Some(train_step(
                             model.take().expect("model"),
@@ -203,11 +273,12 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                             &mask,
                         ));
                     });
+                    extra.insert("step_peak_rss_bytes".into(), peak_rss_bytes().into());
                     (times, flops, Some(summary))
                 }};
             }
             match case {
-                "lora-train" => train!(
+                "lora-train" | "qlora-train" => train!(
                     peft_lora::get_peft_model(base, peft_lora::LoraConfig::default())
                         .map_err(|e| e.to_string())?
                 ),
@@ -272,7 +343,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
         obj.insert("gflop".into(), (flops / 1e9).into());
         obj.insert("gflop_per_s".into(), (flops / 1e9 / median).into());
     }
-    if case != "gemm" && case != "lora-merge" {
+    if !matches!(case, "gemm" | "lora-merge" | "quantize-nf4") {
         obj.insert("tokens_per_s".into(), (tokens / median).into());
     }
     if let Some(summary) = summary {
