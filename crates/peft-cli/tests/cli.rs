@@ -595,11 +595,11 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
     let out = peft(&[
         "train",
         "--method",
-        "qlora",
+        "dora",
         "--output",
         dir.path().join("p").to_str().unwrap(),
     ]);
-    assert_clean_failure(&out, "--method qlora");
+    assert_clean_failure(&out, "--method dora: unknown method");
 }
 
 #[test]
