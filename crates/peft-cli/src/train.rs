@@ -279,6 +279,7 @@ where
         Some("latest") => Resume::Latest,
         Some(path) => Resume::From(PathBuf::from(path)),
     };
+    install_sigint_handler();
     let (trained, summary) = peft_train::train(
         adapter,
         train_tokens,
@@ -303,6 +304,13 @@ where
         },
     )?;
     bar.finish();
+    if let Some(dir) = &summary.interrupted {
+        return Err(Interrupted {
+            step: summary.steps,
+            checkpoint: dir.clone(),
+        }
+        .into());
+    }
     let after = scores(
         &trained.model().valid(),
         tokenizer,
@@ -365,6 +373,46 @@ fn schedule(name: &str) -> Result<Schedule> {
         "cosine" => Schedule::Cosine,
         other => bail!("--lr-scheduler: unknown `{other}` (constant, linear, cosine)"),
     })
+}
+
+/// Training stopped by Ctrl-C after writing a checkpoint (exit status 130).
+#[derive(Debug)]
+pub struct Interrupted {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The checkpoint written at that step.
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted at step {}: checkpoint saved in {}; continue with --resume latest",
+            self.step,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    peft_train::request_stop();
+    // A second Ctrl-C kills at once.
+    // SAFETY: signal() is async-signal-safe; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+/// Ctrl-C finishes the current optimizer step, writes a checkpoint and exits with status 130.
+fn install_sigint_handler() {
+    let handler: extern "C" fn(libc::c_int) = on_sigint;
+    // SAFETY: the handler only performs an atomic store and an async-signal-safe call.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    }
 }
 
 /// `peft train`.

@@ -16,5 +16,5 @@ pub mod trainer;
 
 pub use data::{DataError, Example, Tokenized, read_examples, split, tokenize_all};
 pub use trainer::{
-    Event, Resume, Schedule, TrainConfig, TrainError, TrainSummary, evaluate, train,
+    Event, Resume, Schedule, TrainConfig, TrainError, TrainSummary, evaluate, request_stop, train,
 };

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
@@ -199,6 +200,8 @@ pub enum Event {
 pub struct TrainSummary {
     /// Optimizer steps done (in this and earlier, resumed runs).
     pub steps: usize,
+    /// Set when [`request_stop`] ended the run early: the checkpoint written at that step.
+    pub interrupted: Option<PathBuf>,
     /// Loss of the last step.
     pub final_train_loss: f32,
     /// `(step, loss)` of every step.
@@ -340,6 +343,15 @@ pub enum Resume {
     From(PathBuf),
 }
 
+/// Set by [`request_stop`]; read after each optimizer step.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks a running [`train`] to stop after the current optimizer step, write a checkpoint and
+/// return. Async-signal-safe (one atomic store), so a SIGINT handler may call it.
+pub fn request_stop() {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
 /// Trains `adapter` on `train`, writing checkpoints and `metrics.jsonl` under `output_dir`.
 ///
 /// The model must live on an autodiff device. With [`Resume`], the adapter weights, optimizer
@@ -358,6 +370,7 @@ pub fn train<A: AdapterModel>(
     if train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
     }
+    STOP_REQUESTED.store(false, Ordering::SeqCst);
     std::fs::create_dir_all(output_dir).map_err(io_err(output_dir))?;
     let total = config.total_steps(train.len());
     let trainable: Vec<String> = adapter.trainable_names();
@@ -385,6 +398,7 @@ pub fn train<A: AdapterModel>(
         history: Vec::new(),
     };
     let mut last_checkpoint = None;
+    let mut interrupted = None;
     if let Some(dir) = &resume_dir {
         let (restored, opt, st) = load_checkpoint(adapter, dir, optim)?;
         adapter = restored;
@@ -494,15 +508,21 @@ pub fn train<A: AdapterModel>(
         let save_now = config
             .save_steps
             .is_some_and(|n| n > 0 && state.global_step.is_multiple_of(n));
-        if save_now {
+        let stop = STOP_REQUESTED.load(Ordering::SeqCst) && state.global_step < total;
+        if save_now || stop {
             let dir = save_checkpoint(&adapter, &trainable, &optim, &state, output_dir)?;
             prune_checkpoints(output_dir, config.save_total_limit)?;
             on_event(&Event::Checkpoint(dir.clone()));
             last_checkpoint = Some(dir);
         }
+        if stop {
+            interrupted = last_checkpoint.clone();
+            break;
+        }
     }
     let summary = TrainSummary {
         steps: state.global_step,
+        interrupted,
         final_train_loss: state.history.last().map_or(f32::NAN, |h| h.1),
         history: state.history,
     };

@@ -1,0 +1,205 @@
+//! Crash safety of `peft train`: SIGKILL at random moments (often mid-checkpoint) never leaves a
+//! checkpoint that does not load, and resuming after each kill ends with the adapter of an
+//! uninterrupted run; Ctrl-C (SIGINT) writes a checkpoint and exits with status 130.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use peft_core::TensorStore;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn train_command(out: &Path, steps: usize, save_steps: usize, resume: bool) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_peft"));
+    cmd.args([
+        "train",
+        "--model",
+        fixtures().join("models/bloom-tiny").to_str().unwrap(),
+        "--data",
+        fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+        "--save-steps",
+        &save_steps.to_string(),
+        "--batch-size",
+        "4",
+        "--no-exact-match",
+    ])
+    .env_remove("PEFT_DEVICE")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if resume {
+        cmd.args(["--resume", "latest"]);
+    }
+    cmd
+}
+
+/// Every `checkpoint-N` in `out` is complete: its state names step N, its adapter loads onto the
+/// base model, its full trainable state and optimizer state are readable.
+fn assert_checkpoints_load(out: &Path) -> usize {
+    let mut count = 0;
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return 0; // killed before the output folder existed
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(step) = name.strip_prefix("checkpoint-") else {
+            continue;
+        };
+        let step: usize = step.parse().unwrap();
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(path.join("trainer_state.json")).unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: trainer_state.json: {e}"));
+        assert_eq!(state["global_step"], step, "{name}");
+        TensorStore::open(path.join("trainable_state.safetensors"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(std::fs::metadata(path.join("optimizer.bin")).unwrap().len() > 0);
+        let base = peft_models::load(
+            fixtures().join("models/bloom-tiny"),
+            &burn::tensor::Device::flex(),
+        )
+        .unwrap();
+        peft_lora::from_pretrained(base, &path, false).unwrap_or_else(|e| panic!("{name}: {e}"));
+        count += 1;
+    }
+    count
+}
+
+/// A small deterministic generator for kill delays.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next_ms(&mut self, max: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % max
+    }
+}
+
+fn wait_or_kill(mut child: Child, after: Duration) -> bool {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        if started.elapsed() >= after {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn sigkill_during_checkpoints_never_corrupts_and_resume_is_exact() {
+    const STEPS: usize = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference");
+    let status = train_command(&reference, STEPS, 1, false).status().unwrap();
+    assert!(status.success());
+    let expected = std::fs::read(reference.join("adapter/adapter_model.safetensors")).unwrap();
+
+    // Measure one uninterrupted run to spread the kills over its whole length.
+    let timing = dir.path().join("timing");
+    let started = Instant::now();
+    assert!(
+        train_command(&timing, STEPS, 1, false)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let run_ms = started.elapsed().as_millis() as u64;
+
+    let killed = dir.path().join("killed");
+    let mut rng = Lcg(7);
+    let (mut kills, mut checked) = (0, 0);
+    let mut finished = false;
+    for _ in 0..40 {
+        let child = train_command(&killed, STEPS, 1, true).spawn().unwrap();
+        // Each resumed run has fewer steps left: keep delays within half a full run.
+        let delay = Duration::from_millis(5 + rng.next_ms((run_ms / 2).max(20)));
+        finished = wait_or_kill(child, delay);
+        if !finished {
+            kills += 1;
+        }
+        checked += assert_checkpoints_load(&killed);
+        if finished {
+            break;
+        }
+    }
+    if !finished {
+        finished = train_command(&killed, STEPS, 1, true)
+            .status()
+            .unwrap()
+            .success();
+    }
+    assert!(finished, "the run never completed");
+    eprintln!("{kills} kills, {checked} checkpoint loads, all complete");
+    assert!(
+        kills >= 3,
+        "only {kills} kills landed: the run is too fast to test"
+    );
+    let got = std::fs::read(killed.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        got == expected,
+        "resumed adapter differs from the uninterrupted run"
+    );
+}
+
+#[test]
+fn sigint_saves_a_checkpoint_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let child = train_command(&out, 100_000, 1_000_000, false)
+        .spawn()
+        .unwrap();
+    // Wait until training has started (a metrics line is written after each step).
+    let metrics = out.join("metrics.jsonl");
+    let started = Instant::now();
+    while !metrics.is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(assert_checkpoints_load(&out), 1);
+    let step: usize = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.parse().ok())
+        })
+        .next()
+        .unwrap();
+    // The checkpoint resumes: two more steps from where Ctrl-C stopped.
+    let status = train_command(&out, step + 2, 1_000_000, true)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], step + 2);
+}
