@@ -203,3 +203,38 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], step + 2);
 }
+
+/// A full disk while writing (simulated with a 200 KB file-size limit, which the merged model
+/// exceeds but checkpoints do not): the write error names the file, no partial file is left
+/// behind, and the checkpoints already written load.
+#[test]
+fn write_error_surfaces_and_leaves_checkpoints_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let train = train_command(&out, 4, 2, false);
+    let mut args: Vec<String> = vec![train.get_program().to_string_lossy().into_owned()];
+    args.extend(train.get_args().map(|a| a.to_string_lossy().into_owned()));
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    // SIGXFSZ would kill the process; ignored, the write fails with EFBIG instead.
+    let script = format!("ulimit -f 200; trap '' XFSZ; exec {}", quoted.join(" "));
+    let output = Command::new("bash")
+        .args(["-c", &script])
+        .env_remove("PEFT_DEVICE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("merged/model.safetensors"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let leftovers: Vec<_> = std::fs::read_dir(out.join("merged"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!out.join("merged/model.safetensors").exists());
+    assert_eq!(assert_checkpoints_load(&out), 2);
+}

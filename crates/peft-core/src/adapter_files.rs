@@ -80,8 +80,8 @@ pub fn set_trainable<M: burn::module::Module>(model: M, trainable: &BTreeSet<Str
 
 /// Loads into `model` the base parameters an adapter file carries (`modules_to_save` copies,
 /// biases, ...). `own_key` recognises the method's own keys (returning `Some(())` after checking
-/// them); every other key must name a parameter of the model, with its shape, or the adapter is
-/// refused as belonging to another model. `rename` maps a file name to a parameter name (PEFT's
+/// them); every other key must name a parameter of the model with its shape (a key naming no
+/// parameter is skipped with a warning, as PEFT's non-strict load does). `rename` maps a file name to a parameter name (PEFT's
 /// `base_layer.weight` of a LoRA-targeted embedding). Returns the model and the loaded names.
 pub fn load_base_params<M: CausalLm>(
     model: M,
@@ -113,11 +113,13 @@ pub fn load_base_params<M: CausalLm>(
         }
         let name = rename(name);
         let Some(shape) = shapes.get(&name) else {
-            return Err(PeftError::AdapterMismatch(format!(
-                "{}: `{key}` names no parameter of this {model_type} model (adapter for another \
-                 architecture?)",
+            // PEFT loads with strict=False: an unexpected tensor is reported and skipped. (The
+            // method's own keys for modules the model lacks are refused in `own_key`.)
+            tracing::warn!(
+                "{}: ignoring `{key}`, which names no parameter of this {model_type} model",
                 weights.display()
-            )));
+            );
+            continue;
         };
         let (data, found) = store.f32(key)?;
         if &found != shape {
