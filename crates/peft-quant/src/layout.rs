@@ -224,6 +224,10 @@ impl Quantized4bit {
             .map(|d| d.as_u64().map(|d| d as usize))
             .collect::<Option<_>>()
             .ok_or_else(|| invalid("`shape` holds a non-integer".into()))?;
+        shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| invalid(format!("shape {shape:?} is too large")))?;
 
         let packed = fetch("")?;
         if packed.dtype != Dtype::U8 {

@@ -183,6 +183,11 @@ pub fn read_examples(path: impl AsRef<Path>) -> Result<Vec<Example>, DataError> 
         path: path.into(),
         error,
     })?;
+    parse_examples(path, &bytes)
+}
+
+/// [`read_examples`] on bytes already read; `path` only labels errors.
+pub fn parse_examples(path: &Path, bytes: &[u8]) -> Result<Vec<Example>, DataError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     let mut examples = Vec::new();
     if first == Some(&b'[') {
