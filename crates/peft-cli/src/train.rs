@@ -60,7 +60,7 @@ pub struct TrainArgs {
     /// An adapter_config.json to start from (its method must match --method).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Output folder: checkpoints, adapter/, merged/, metrics.jsonl, loss.svg, summary.json.
+    /// Output folder: checkpoints, adapter/, merged/, metrics.jsonl, loss.png, summary.json.
     #[arg(long, default_value = "out/peft-train")]
     output: PathBuf,
     #[command(flatten)]
@@ -188,47 +188,6 @@ fn scores<M: CausalLm>(
     })
 }
 
-/// Writes the loss curve as an SVG line chart (opens in any browser).
-fn loss_svg(path: &Path, history: &[(usize, f32)]) -> Result<()> {
-    let (w, h, pad) = (640.0, 360.0, 50.0);
-    let max_step = history.last().map_or(1, |p| p.0).max(1) as f64;
-    let (lo, hi) = history
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
-    let span = ((hi - lo) as f64).max(1e-6);
-    let x = |s: usize| pad + (s as f64 / max_step) * (w - 2.0 * pad);
-    let y = |l: f32| h - pad - ((l - lo) as f64 / span) * (h - 2.0 * pad);
-    let points: Vec<String> = history
-        .iter()
-        .map(|&(s, l)| format!("{:.1},{:.1}", x(s), y(l)))
-        .collect();
-    let svg = format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{cx}" y="20" text-anchor="middle" font-size="14">training loss</text>
-<line x1="{pad}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>
-<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{bottom}" stroke="black"/>
-<text x="{pad}" y="{below}" text-anchor="middle">0</text>
-<text x="{right}" y="{below}" text-anchor="middle">{max_step} steps</text>
-<text x="{left}" y="{bottom}" text-anchor="end">{lo:.3}</text>
-<text x="{left}" y="{top}" text-anchor="end">{hi:.3}</text>
-<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>
-</svg>
-"##,
-        cx = w / 2.0,
-        bottom = h - pad,
-        right = w - pad,
-        below = h - pad + 16.0,
-        left = pad - 4.0,
-        top = pad + 4.0,
-        points = points.join(" "),
-    );
-    peft_core::tensors::write_atomic(path, svg.as_bytes())?;
-    Ok(())
-}
-
 /// Everything a run needs besides the adapter: the same for every method.
 struct RunContext<'a> {
     args: &'a TrainArgs,
@@ -329,7 +288,18 @@ where
         Err(peft_core::PeftError::Unsupported(reason)) => eprintln!("no merged model: {reason}"),
         Err(e) => return Err(e.into()),
     }
-    loss_svg(&args.output.join("loss.svg"), &summary.history)?;
+    let total = config.total_steps(train_tokens.len());
+    let curve: Vec<peft_train::plot::CurvePoint> = summary
+        .history
+        .iter()
+        .map(|&(step, loss)| peft_train::plot::CurvePoint {
+            step,
+            loss,
+            learning_rate: config.lr_at(step - 1, total),
+        })
+        .collect();
+    peft_train::plot::write_loss_png(&args.output.join("loss.png"), &curve)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.join("loss.png").display()))?;
     let report = serde_json::json!({
         "method": args.method, "steps": summary.steps, "final_train_loss": summary.final_train_loss,
         "held_out": eval.len(), "before": before, "after": after,
@@ -361,7 +331,7 @@ where
         adapter_dir.display(),
         merged_dir.display(),
         args.output.join("metrics.jsonl").display(),
-        args.output.join("loss.svg").display()
+        args.output.join("loss.png").display()
     );
     Ok(())
 }

@@ -536,7 +536,7 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
         "merged/model.safetensors",
         "merged/config.json",
         "metrics.jsonl",
-        "loss.svg",
+        "loss.png",
         "summary.json",
         "checkpoint-6/trainer_state.json",
         "checkpoint-12/adapter_model.safetensors",

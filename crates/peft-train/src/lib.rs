@@ -12,6 +12,7 @@
 //! The loop knows a method only through [`peft_core::AdapterModel`].
 
 pub mod data;
+pub mod plot;
 pub mod trainer;
 
 pub use data::{DataError, Example, Tokenized, read_examples, split, tokenize_all};

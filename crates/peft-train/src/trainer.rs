@@ -512,6 +512,7 @@ pub fn train<A: AdapterModel>(
         if save_now || stop {
             let dir = save_checkpoint(&adapter, &trainable, &optim, &state, output_dir)?;
             prune_checkpoints(output_dir, config.save_total_limit)?;
+            write_curve(output_dir, &state, config, total);
             on_event(&Event::Checkpoint(dir.clone()));
             last_checkpoint = Some(dir);
         }
@@ -527,6 +528,24 @@ pub fn train<A: AdapterModel>(
         history: state.history,
     };
     Ok((adapter, summary))
+}
+
+/// `loss.png` in `output_dir`: the curve so far. A plot that cannot be written is reported, not
+/// fatal: the checkpoint beside it is what matters.
+fn write_curve(output_dir: &Path, state: &TrainerState, config: &TrainConfig, total: usize) {
+    let points: Vec<crate::plot::CurvePoint> = state
+        .history
+        .iter()
+        .map(|&(step, loss)| crate::plot::CurvePoint {
+            step,
+            loss,
+            learning_rate: config.lr_at(step - 1, total),
+        })
+        .collect();
+    let path = output_dir.join("loss.png");
+    if let Err(e) = crate::plot::write_loss_png(&path, &points) {
+        tracing::warn!("{}: {e}", path.display());
+    }
 }
 
 fn append_line(path: &Path, line: &str) -> Result<(), TrainError> {
