@@ -155,7 +155,7 @@ fn header_len(bytes: &[u8]) -> usize {
 }
 
 /// Replaces the JSON header, padding with spaces to keep the data offsets valid.
-fn set_header(bytes: &mut Vec<u8>, edit: impl FnOnce(&mut serde_json::Value)) {
+fn set_header(bytes: &mut [u8], edit: impl FnOnce(&mut serde_json::Value)) {
     let n = header_len(bytes);
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);

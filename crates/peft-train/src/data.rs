@@ -191,7 +191,7 @@ pub fn parse_examples(path: &Path, bytes: &[u8]) -> Result<Vec<Example>, DataErr
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     let mut examples = Vec::new();
     if first == Some(&b'[') {
-        let text = std::str::from_utf8(&bytes).map_err(|e| DataError::NotUtf8 {
+        let text = std::str::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
             path: path.into(),
             line: 1 + bytes[..e.valid_up_to()]
                 .iter()
