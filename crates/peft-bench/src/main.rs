@@ -97,8 +97,16 @@ fn time(s: &Settings, device: &Device, mut step: impl FnMut()) -> Vec<f64> {
 }
 
 fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+fn rss_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -265,6 +273,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                     extra.insert("adapter_file_bytes".into(), bytes.into());
                     let mut model = Some(wrapper.model);
                     reset_peak_rss();
+                    extra.insert("rss_before_steps_bytes".into(), rss_bytes().into());
                     let times = time(s, &device, || {
                         model = Some(train_step(
                             model.take().expect("model"),

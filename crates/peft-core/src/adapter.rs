@@ -68,8 +68,18 @@ impl QuantizedLinear {
         .transpose()
     }
 
-    /// `[batch, seq, in]` → `[batch, seq, out]`.
+    /// `[batch, seq, in]` → `[batch, seq, out]`. On the CPU backend the product is one
+    /// operation that de-quantises in the forward pass and again in the backward pass, so no
+    /// dense weight stays alive in the autodiff graph; elsewhere the de-quantised weight is an
+    /// ordinary constant operand.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if crate::packed_op::supports_packed_matmul(&x.device()) {
+            let out = crate::packed_op::packed_linear(x, &self.weight);
+            return match &self.bias {
+                Some(b) => out + b.val().unsqueeze::<3>(),
+                None => out,
+            };
+        }
         let weight = self.dense_weight(&x.device());
         linear(x, weight, self.bias.as_ref().map(|b| b.val()))
     }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod loss;
 pub mod model;
 pub mod modules;
+pub mod packed_op;
 pub mod params;
 pub mod prompt_learning;
 pub mod summary;

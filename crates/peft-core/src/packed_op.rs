@@ -1,0 +1,175 @@
+//! `x · Wᵀ` against a packed (4-bit) weight as one differentiable operation, so that the
+//! de-quantised weight never outlives the call: the forward pass de-quantises, multiplies and
+//! drops it; the backward pass de-quantises again for `∂x = ∂y · W`. (A plain `matmul` with a
+//! de-quantised constant would keep every layer's dense weight alive in the autodiff graph
+//! until the backward pass — as much memory as the f32 model.)
+//!
+//! Implemented as a burn backend extension for the CPU backend (Flex) and autodiff over any
+//! backend; other backends use the plain path (see [`packed_linear`]).
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::adapter::PackedWeight;
+
+/// The packed weight handed to the operation (an ordinary, non-tensor argument).
+#[derive(Clone)]
+pub struct PackedHandle(pub Arc<dyn PackedWeight>);
+
+impl std::fmt::Debug for PackedHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedHandle({:?})", self.0.shape())
+    }
+}
+
+/// Backends that multiply by a packed weight without keeping its dense copy.
+#[backend_extension(Autodiff, Flex)]
+pub trait PackedMatmulBackend: Backend {
+    /// `x: [rows, in]` → `x · Wᵀ: [rows, out]` for a packed `W: [out, in]`.
+    fn packed_matmul(x: FloatTensor<Self>, weight: PackedHandle) -> FloatTensor<Self>;
+}
+
+/// `W` as `[out, in]` on `device`.
+fn dense<B: Backend>(weight: &dyn PackedWeight, device: &B::Device) -> FloatTensor<B> {
+    let shape = weight.shape();
+    B::float_from_data(TensorData::new(weight.dequantize(), shape), device)
+}
+
+fn forward<B: Backend>(x: FloatTensor<B>, weight: &dyn PackedWeight) -> FloatTensor<B> {
+    let device = x.device();
+    B::float_matmul(x, B::float_transpose(dense::<B>(weight, &device)))
+}
+
+impl PackedMatmulBackend for Flex {
+    fn packed_matmul(x: FloatTensor<Self>, weight: PackedHandle) -> FloatTensor<Self> {
+        forward::<Flex>(x, &*weight.0)
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> PackedMatmulBackend for Autodiff<B, C> {
+    fn packed_matmul(x: FloatTensor<Self>, weight: PackedHandle) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PackedMatmulBackward;
+
+        impl<B: Backend> Backward<B, 1> for PackedMatmulBackward {
+            // The packed weight and where to de-quantise it: no dense tensor is kept.
+            type State = (PackedHandle, B::Device);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (weight, device) = ops.state;
+                if let Some(node) = node_x {
+                    // ∂x = ∂y · W, with W de-quantised again for this product only.
+                    let w = dense::<B>(&*weight.0, &device);
+                    grads.register::<B>(node.id, B::float_matmul(grad, w));
+                }
+            }
+        }
+
+        match PackedMatmulBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let input = x.into_primitive();
+                let device = input.device();
+                let output = forward::<B>(input, &*weight.0);
+                prep.finish((weight, device), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(x.into_primitive(), &*weight.0)),
+        }
+    }
+}
+
+/// Whether [`PackedMatmulBackend`] runs on `device` (the CPU backend, with or without autodiff).
+pub fn supports_packed_matmul(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// `x: [batch, seq, in]` → `[batch, seq, out]` through the packed operation.
+pub fn packed_linear(x: Tensor<3>, weight: &Arc<dyn PackedWeight>) -> Tensor<3> {
+    let [batch, seq, d_in] = x.dims();
+    let [d_out, _] = weight.shape();
+    let rows = x.reshape([batch * seq, d_in]);
+    let out = Tensor::<2>::from_dispatch(<Dispatch as PackedMatmulBackend>::packed_matmul(
+        rows.into_dispatch(),
+        PackedHandle(weight.clone()),
+    ));
+    out.reshape([batch, seq, d_out])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// A "packed" weight that is simply stored dense, to compare against an ordinary matmul.
+    #[derive(Debug)]
+    struct Plain {
+        shape: [usize; 2],
+        values: Vec<f32>,
+    }
+
+    impl PackedWeight for Plain {
+        fn shape(&self) -> [usize; 2] {
+            self.shape
+        }
+        fn dequantize(&self) -> Vec<f32> {
+            self.values.clone()
+        }
+        fn storage_bytes(&self) -> usize {
+            self.values.len() * 4
+        }
+        fn to_tensors(&self, _: &str) -> Vec<(String, crate::HostTensor)> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn gradient_matches_a_dense_matmul() {
+        let device = Device::flex().autodiff();
+        assert!(supports_packed_matmul(&device));
+        let (d_in, d_out) = (6, 5);
+        let values: Vec<f32> = (0..d_in * d_out)
+            .map(|i| ((i * 7) % 11) as f32 - 5.0)
+            .collect();
+        let weight: Arc<dyn PackedWeight> = Arc::new(Plain {
+            shape: [d_out, d_in],
+            values: values.clone(),
+        });
+        let x = Tensor::<3>::random([2, 3, d_in], Distribution::Default, &device).require_grad();
+        let r = Tensor::<3>::random([2, 3, d_out], Distribution::Default, &device);
+
+        let packed = packed_linear(x.clone(), &weight);
+        let grads = (packed.clone() * r.clone()).sum().backward();
+        let g_packed = x.grad(&grads).unwrap();
+
+        let w = Tensor::<2>::from_data(TensorData::new(values, [d_out, d_in]), &device);
+        let dense = x.clone().matmul(w.transpose().unsqueeze::<3>());
+        let grads = (dense.clone() * r).sum().backward();
+        let g_dense = x.grad(&grads).unwrap();
+
+        let diff = |a: Tensor<3>, b: Tensor<3>| -> f32 { (a - b).abs().max().into_scalar() };
+        assert!(diff(packed.inner(), dense.inner()) < 1e-5);
+        assert!(diff(g_packed, g_dense) < 1e-5);
+    }
+}
