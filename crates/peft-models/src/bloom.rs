@@ -18,7 +18,6 @@
 //! does not move the real tokens.
 
 use burn::module::Module;
-use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
@@ -29,7 +28,7 @@ use peft_core::{
 };
 
 use crate::layers::{
-    LayerNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
+    LayerNorm, WeightLoader, gelu_tanh, attend, attention_allowed, check_input, extend_cache, full_mask,
     tied_logits,
 };
 
@@ -343,7 +342,7 @@ impl<A: LayerAdapter> BloomBlock<A> {
         let mlp = self
             .mlp
             .dense_4h_to_h
-            .forward(gelu_approximate(self.mlp.dense_h_to_4h.forward(ln)));
+            .forward(gelu_tanh(self.mlp.dense_h_to_4h.forward(ln)));
         mlp + residual
     }
 }
