@@ -113,6 +113,22 @@ pub fn base_of(adapter: &str) -> &'static str {
     }
 }
 
+/// Asserts that `model`'s logits on reference batch `name` are within `tolerance` of the
+/// recorded ones on every real (mask = 1) position; returns the largest difference.
+pub fn assert_logits_match<M: peft_core::CausalLm>(model: &M, name: &str, tolerance: f32) -> f32 {
+    let reference = Reference::load(name);
+    let ours = logits(model, &reference);
+    let diff = max_diff_masked(
+        &ours,
+        &reference.logits,
+        &reference.attention_mask,
+        reference.vocab,
+    );
+    eprintln!("{name}: max |Δ| = {diff}");
+    assert!(diff <= tolerance, "{name}: max |Δ| = {diff}");
+    diff
+}
+
 /// The logits of `model` on a reference batch.
 pub fn logits<M: peft_core::CausalLm>(model: &M, reference: &Reference) -> Vec<f32> {
     let device = model.device();

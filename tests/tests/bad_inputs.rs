@@ -38,12 +38,16 @@ fn lora_with(edit: impl FnOnce(&Path)) -> (TempDir, Result<(), PeftError>) {
     (tmp, result)
 }
 
-fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("adapter_config.json");
+/// Rewrites the JSON file `path` through `edit`.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut json);
-    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    edit_json(&dir.join("adapter_config.json"), edit);
 }
 
 #[track_caller]
@@ -365,11 +369,7 @@ fn model_with(edit: impl FnOnce(&Path)) -> (TempDir, Result<(), PeftError>) {
 }
 
 fn edit_model_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut json);
-    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    edit_json(&dir.join("config.json"), edit);
 }
 
 #[test]

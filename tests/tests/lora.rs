@@ -21,14 +21,7 @@ fn peft_adapter_matches(name: &str) {
     let lora = from_pretrained(base, adapter_dir(name), false).unwrap();
     let reference = Reference::load(name);
     let ours = logits(&lora.model, &reference);
-    let diff = max_diff_masked(
-        &ours,
-        &reference.logits,
-        &reference.attention_mask,
-        reference.vocab,
-    );
-    eprintln!("{name}: max |Δ| = {diff}");
-    assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
+    peft_tests::assert_logits_match(&lora.model, name, TOLERANCE);
     let base_ref = Reference::load(base_of(name));
     let change = max_diff_masked(
         &ours,

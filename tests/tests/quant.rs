@@ -128,16 +128,7 @@ fn mean_of_double_quant_follows_torch_summation_order() {
 const TOLERANCE: f32 = 1e-4;
 
 fn assert_logits_match<M: peft_core::CausalLm>(model: &M, name: &str) {
-    let reference = Reference::load(name);
-    let ours = logits(model, &reference);
-    let diff = max_diff_masked(
-        &ours,
-        &reference.logits,
-        &reference.attention_mask,
-        reference.vocab,
-    );
-    eprintln!("{name}: max |Δ| = {diff}");
-    assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
+    peft_tests::assert_logits_match(model, name, TOLERANCE);
 }
 
 /// A checkpoint transformers saved with `BitsAndBytesConfig(load_in_4bit=True)` loads as packed

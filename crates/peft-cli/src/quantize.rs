@@ -104,20 +104,9 @@ fn quantize_file(
     pattern: Option<&Regex>,
 ) -> Result<()> {
     let store = TensorStore::open(input)?;
-    let mut out = BTreeMap::new();
-    let mut keys: Vec<String> = store.keys().map(str::to_string).collect();
-    keys.sort();
-    let mut count = 0;
-    for key in &keys {
-        let selected = pattern.is_none_or(|p| p.is_match(key));
-        count += usize::from(add_tensor(
-            &mut out,
-            key,
-            store.get(key)?,
-            selected,
-            config,
-        )?);
-    }
+    let (out, count, total) = convert_store(&store, config, |key| {
+        pattern.is_none_or(|p| p.is_match(key))
+    })?;
     if pattern.is_some() && count == 0 {
         bail!(
             "--tensors matched no 2-D float tensor of {}",
@@ -125,8 +114,26 @@ fn quantize_file(
         );
     }
     save_safetensors(output, &out, None)?;
-    report(count, keys.len(), output, config);
+    report(count, total, output, config);
     Ok(())
+}
+
+/// Every tensor of `store`, those `selected` (and 2-D float) in 4-bit layout; returns the
+/// tensors, how many were quantised and how many there were.
+fn convert_store(
+    store: &TensorStore,
+    config: QuantConfig,
+    selected: impl Fn(&str) -> bool,
+) -> Result<(BTreeMap<String, HostTensor>, usize, usize)> {
+    let mut keys: Vec<String> = store.keys().map(str::to_string).collect();
+    keys.sort();
+    let mut out = BTreeMap::new();
+    let mut count = 0;
+    for key in &keys {
+        let tensor = store.get(key)?;
+        count += usize::from(add_tensor(&mut out, key, tensor, selected(key), config)?);
+    }
+    Ok((out, count, keys.len()))
 }
 
 /// Writes a 4-bit Hugging Face checkpoint: every linear weight except `lm_head` quantised (as
@@ -148,20 +155,9 @@ fn quantize_model(
     if let Some(key) = linear_weights.iter().find(|k| !store.contains(k)) {
         bail!("{}: missing tensor `{key}`", dir.display());
     }
-    let mut keys: Vec<String> = store.keys().map(str::to_string).collect();
-    keys.sort();
-    let mut out = BTreeMap::new();
-    let mut count = 0;
-    for key in &keys {
-        let selected = linear_weights.contains(key);
-        count += usize::from(add_tensor(
-            &mut out,
-            key,
-            store.get(key)?,
-            selected,
-            config,
-        )?);
-    }
+    let (out, count, total) = convert_store(&store, config, |key| {
+        linear_weights.iter().any(|k| k == key)
+    })?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
@@ -215,6 +211,6 @@ fn quantize_model(
             config.blocksize
         );
     }
-    report(count, keys.len(), output, config);
+    report(count, total, output, config);
     Ok(())
 }

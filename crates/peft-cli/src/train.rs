@@ -289,15 +289,7 @@ where
         Err(e) => return Err(e.into()),
     }
     let total = config.total_steps(train_tokens.len());
-    let curve: Vec<peft_train::plot::CurvePoint> = summary
-        .history
-        .iter()
-        .map(|&(step, loss)| peft_train::plot::CurvePoint {
-            step,
-            loss,
-            learning_rate: config.lr_at(step - 1, total),
-        })
-        .collect();
+    let curve = peft_train::plot::curve(&summary.history, config, total);
     peft_train::plot::write_loss_png(&args.output.join("loss.png"), &curve)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.join("loss.png").display()))?;
     let report = serde_json::json!({

@@ -28,8 +28,8 @@ use peft_core::{
 };
 
 use crate::layers::{
-    LayerNorm, WeightLoader, gelu_tanh, attend, attention_allowed, check_input, extend_cache, full_mask,
-    tied_logits,
+    LayerNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
+    gelu_tanh, tied_logits,
 };
 
 /// BLOOM's `config.json` fields that the forward pass uses.

@@ -29,6 +29,23 @@ pub struct CurvePoint {
     pub learning_rate: f64,
 }
 
+/// The curve of a run: each `(step, loss)` of `history` with the learning rate `config` gives that
+/// step out of `total_steps`.
+pub fn curve(
+    history: &[(usize, f32)],
+    config: &crate::TrainConfig,
+    total_steps: usize,
+) -> Vec<CurvePoint> {
+    history
+        .iter()
+        .map(|&(step, loss)| CurvePoint {
+            step,
+            loss,
+            learning_rate: config.lr_at(step.saturating_sub(1), total_steps),
+        })
+        .collect()
+}
+
 /// Writes `points` as a 800 × 480 PNG at `path` (atomically: a temporary file then a rename).
 pub fn write_loss_png(path: &Path, points: &[CurvePoint]) -> Result<(), String> {
     ensure_font();

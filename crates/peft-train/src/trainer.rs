@@ -533,15 +533,7 @@ pub fn train<A: AdapterModel>(
 /// `loss.png` in `output_dir`: the curve so far. A plot that cannot be written is reported, not
 /// fatal: the checkpoint beside it is what matters.
 fn write_curve(output_dir: &Path, state: &TrainerState, config: &TrainConfig, total: usize) {
-    let points: Vec<crate::plot::CurvePoint> = state
-        .history
-        .iter()
-        .map(|&(step, loss)| crate::plot::CurvePoint {
-            step,
-            loss,
-            learning_rate: config.lr_at(step - 1, total),
-        })
-        .collect();
+    let points = crate::plot::curve(&state.history, config, total);
     let path = output_dir.join("loss.png");
     if let Err(e) = crate::plot::write_loss_png(&path, &points) {
         tracing::warn!("{}: {e}", path.display());
