@@ -16,6 +16,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod pretrain;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -26,10 +28,12 @@ fn main() -> Result<()> {
         Some("fixtures") => fixtures(&root, &args[1..]),
         Some("gpu-check") => gpu_check(&root, &args[1..]),
         Some("bench") => bench(&root, &args[1..]),
+        Some("pretrain-tiny") => pretrain::pretrain_tiny(&root, &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <fixtures [--python PATH] | gpu-check [--device wgpu|cuda] | \
-                 bench [--quick] [--vs-pytorch] [--python PATH] [--device D] [--cases a,b]>"
+                 bench [--quick] [--vs-pytorch] [--python PATH] [--device D] [--cases a,b] | \
+                 pretrain-tiny [--steps N] [--output DIR]>"
             );
             bail!("unknown or missing task")
         }

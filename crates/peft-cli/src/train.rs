@@ -15,27 +15,28 @@ use peft_train::{Event, Resume, Schedule, Tokenized, TrainConfig};
 
 use crate::DeviceArg;
 
-/// The bundled default: a tiny BLOOM checkpoint and a Chinese + English chat data set.
+/// The bundled default: a tiny BLOOM pretrained on general text (`cargo xtask pretrain-tiny`,
+/// docs/PRETRAINED.md) and a Chinese + English chat data set.
 const BUNDLED_MODEL: [(&str, &[u8]); 5] = [
     (
         "config.json",
-        include_bytes!("../../../tests/fixtures/models/bloom-tiny/config.json"),
+        include_bytes!("../../../data/bloom-tiny-pretrained/config.json"),
     ),
     (
         "model.safetensors",
-        include_bytes!("../../../tests/fixtures/models/bloom-tiny/model.safetensors"),
+        include_bytes!("../../../data/bloom-tiny-pretrained/model.safetensors"),
     ),
     (
         "tokenizer.json",
-        include_bytes!("../../../tests/fixtures/models/bloom-tiny/tokenizer.json"),
+        include_bytes!("../../../data/bloom-tiny-pretrained/tokenizer.json"),
     ),
     (
         "tokenizer_config.json",
-        include_bytes!("../../../tests/fixtures/models/bloom-tiny/tokenizer_config.json"),
+        include_bytes!("../../../data/bloom-tiny-pretrained/tokenizer_config.json"),
     ),
     (
         "generation_config.json",
-        include_bytes!("../../../tests/fixtures/models/bloom-tiny/generation_config.json"),
+        include_bytes!("../../../data/bloom-tiny-pretrained/generation_config.json"),
     ),
 ];
 const BUNDLED_DATA: &[u8] = include_bytes!("../../../data/demo.jsonl");
@@ -83,7 +84,7 @@ pub struct TrainArgs {
     /// Peak learning rate (default 5e-3; 1e-2 for the bundled demo).
     #[arg(long)]
     learning_rate: Option<f64>,
-    /// Passes over the training data (default 3; 60 for the bundled demo).
+    /// Passes over the training data (default 3; 30 for the bundled demo).
     #[arg(long)]
     epochs: Option<usize>,
     /// Optimizer steps (overrides --epochs).
@@ -404,13 +405,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         // The demo preset: the bundled model is tiny, so it gets a wider adapter and more epochs
         // than PEFT's defaults (flags given explicitly still win).
         eprintln!(
-            "no --model/--data: fine-tuning the bundled tiny BLOOM on the bundled demo set \
-             (LoRA r=16, alpha=32 on all linear layers, 60 epochs, lr 1e-2)"
+            "no --model/--data: fine-tuning the bundled pretrained tiny BLOOM on the bundled demo set \
+             (LoRA r=16, alpha=32 on all linear layers, 30 epochs, lr 1e-2)"
         );
         args.r = args.r.or(Some(16));
         args.lora_alpha = args.lora_alpha.or(Some(32.0));
         args.target_modules = args.target_modules.or(Some(vec!["all-linear".into()]));
-        args.epochs = args.epochs.or(Some(60));
+        args.epochs = args.epochs.or(Some(30));
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
     let device = device.autodiff();
