@@ -11,7 +11,7 @@ use burn::tensor::Device;
 use peft_core::params::named_params;
 use peft_core::{AdapterModel, NoAdapter, PeftError, TrainableSummary};
 use peft_models::{AnyModel, HfConfig};
-use peft_train::{Resume, Schedule, TrainConfig, Tokenized};
+use peft_train::{Resume, Schedule, Tokenized, TrainConfig};
 
 /// Every parameter of the model trains (pretraining, full fine-tuning).
 struct FullModel {
@@ -30,7 +30,10 @@ impl AdapterModel for FullModel {
     }
 
     fn trainable_names(&self) -> Vec<String> {
-        named_params(&self.model).into_iter().map(|p| p.name).collect()
+        named_params(&self.model)
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
     }
 
     fn trainable_summary(&self) -> TrainableSummary {
@@ -121,7 +124,11 @@ pub fn pretrain_tiny(root: &Path, args: &[String]) -> Result<()> {
         out.join("config.json"),
         serde_json::to_string_pretty(&config_json())?,
     )?;
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(fixture.join(name), out.join(name))?;
     }
     let config: HfConfig = peft_models::read_config(&out)?;
