@@ -29,6 +29,17 @@ def base_model():
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
+def llama_model():
+    """A Llama of similar size with grouped-query attention (8 heads, 2 KV heads)."""
+    config = transformers.LlamaConfig(
+        vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
 def reset_peak_rss():
     """Resets the kernel's peak-RSS mark so that the next reading covers only what follows."""
     try:
@@ -112,9 +123,11 @@ def main():
             tmp = tempfile.mkdtemp()
             model = four_bit_model(tmp)
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
+        elif CASE == "llama-lora-train":
+            model = peft.get_peft_model(llama_model(), peft.LoraConfig(r=8))
         else:
             model = base_model()
-        if CASE == "qlora-train":
+        if CASE in ("qlora-train", "llama-lora-train"):
             pass
         elif CASE == "lora-train":
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))

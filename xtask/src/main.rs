@@ -125,13 +125,14 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 15] = [
+const BENCH_CASES: [&str; 16] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
     "lora-forward-merged",
     "lora-merge",
     "lora-train",
+    "llama-lora-train",
     "ia3-train",
     "bitfit-train",
     "prompt-train",

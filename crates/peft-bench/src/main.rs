@@ -7,7 +7,8 @@
 //! Cases: `gemm`, `forward`, `lora-train`, `lora-forward-unmerged`, `lora-forward-merged`,
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
 //! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`, `qlora-train` (LoRA r=8 over the
-//! NF4 + double-quant base), `quantize-nf4` (a 4096 × 4096 f32 matrix, NF4 + double quant).
+//! NF4 + double-quant base), `llama-lora-train` (LoRA r=8 on a Llama of similar size with
+//! grouped-query attention: hidden 512, 4 layers, 8 heads / 2 KV heads), `quantize-nf4` (a 4096 × 4096 f32 matrix, NF4 + double quant).
 //! Training cases also report `step_peak_rss_bytes`: the peak resident memory from just before
 //! the first step (after the model is built) to the end. The model is the issue's ~16M-parameter BLOOM
 //! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
@@ -40,8 +41,28 @@ fn bloom_config() -> HfConfig {
     )
 }
 
+/// A Llama of similar size with grouped-query attention (8 heads, 2 KV heads), untied lm_head.
+fn llama_config() -> HfConfig {
+    HfConfig::Llama(
+        serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 8000, "hidden_size": 512,
+            "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3
+        }))
+        .map(|c: peft_models::LlamaConfig| c)
+        .expect("static config"),
+    )
+}
+
 fn base_model(device: &Device) -> AnyModel<NoAdapter> {
     base_model_with(device, None)
+}
+
+fn llama_model(device: &Device) -> AnyModel<NoAdapter> {
+    let config = llama_config();
+    let store = peft_models::random_checkpoint(&config, 0).expect("random checkpoint");
+    peft_models::load_from(&config, &store, device).expect("model")
 }
 
 fn base_model_with(
@@ -250,12 +271,17 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             }
         }
         "lora-train" | "ia3-train" | "bitfit-train" | "prompt-train" | "ptuning-train"
-        | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" | "qlora-train" => {
+        | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" | "qlora-train"
+        | "llama-lora-train" => {
             let device = device.clone().autodiff();
             let (ids, mask) = batch(s, &device);
             let mut optim = AdamWConfig::new().init();
             let quantize = (case == "qlora-train").then(peft_quant::QuantConfig::default);
-            let base = base_model_with(&device, quantize);
+            let base = if case == "llama-lora-train" {
+                llama_model(&device)
+            } else {
+                base_model_with(&device, quantize)
+            };
             if quantize.is_some() {
                 extra.insert(
                     "resident_bits_per_quantized_param".into(),
@@ -287,7 +313,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 }};
             }
             match case {
-                "lora-train" | "qlora-train" => train!(
+                "lora-train" | "qlora-train" | "llama-lora-train" => train!(
                     peft_lora::get_peft_model(base, peft_lora::LoraConfig::default())
                         .map_err(|e| e.to_string())?
                 ),
