@@ -16,15 +16,6 @@ fn store(name: &str) -> TensorStore {
     TensorStore::open(fixtures().join("reference").join(name)).expect("fixture")
 }
 
-fn source_dtype(dtype: Dtype) -> SourceDtype {
-    match dtype {
-        Dtype::F32 => SourceDtype::F32,
-        Dtype::BF16 => SourceDtype::Bf16,
-        Dtype::F16 => SourceDtype::F16,
-        other => panic!("unexpected input dtype {other:?}"),
-    }
-}
-
 #[test]
 fn codes_statistics_and_state_match_bitsandbytes() {
     let blocks = store("quant-blocks.safetensors");
@@ -49,8 +40,13 @@ fn codes_statistics_and_state_match_bitsandbytes() {
             blocksize: case["blocksize"].as_u64().unwrap() as usize,
             double_quant: case["double_quant"].as_bool().unwrap(),
         };
-        let q = Quantized4bit::quantize(&values, &input.shape, source_dtype(input.dtype), config)
-            .unwrap();
+        let q = Quantized4bit::quantize(
+            &values,
+            &input.shape,
+            SourceDtype::from_safetensors(input.dtype).expect("a float input"),
+            config,
+        )
+        .unwrap();
         // Every tensor of the serialised layout, byte for byte (`<case>.packed` is the weight).
         for (key, ours) in q.to_tensors("w") {
             let suffix = key.strip_prefix('w').unwrap();
@@ -149,15 +145,7 @@ fn transformers_4bit_checkpoints_give_their_logits() {
 }
 
 fn quantized_layers<M: peft_core::CausalLm>(model: &M) -> usize {
-    let mut count = 0;
-    let _ = model.clone().map_layers::<M::Adapter>(
-        &mut |_: &str, layer: peft_core::AdaptableLinear<M::Adapter>| {
-            count += usize::from(layer.base.packed().is_some());
-            Ok(layer)
-        },
-        &mut |_: &str, e| Ok(e),
-    );
-    count
+    peft_core::adapter_files::packed_weights(model).len()
 }
 
 /// Quantising the f32 fixture while loading gives exactly the checkpoint transformers wrote.
@@ -244,18 +232,7 @@ fn qlora_training_lowers_loss_and_round_trips() {
 
 /// The packed bytes of the first quantised layer.
 fn first_packed<M: peft_core::CausalLm>(model: &M) -> Vec<u8> {
-    let mut bytes = None;
-    let _ = model.clone().map_layers::<M::Adapter>(
-        &mut |_: &str, layer: peft_core::AdaptableLinear<M::Adapter>| {
-            if bytes.is_none()
-                && let Some(w) = layer.base.packed()
-            {
-                let tensors = w.to_tensors("w");
-                bytes = Some(tensors[0].1.data.clone());
-            }
-            Ok(layer)
-        },
-        &mut |_: &str, e| Ok(e),
-    );
-    bytes.expect("a packed layer")
+    let packed = peft_core::adapter_files::packed_weights(model);
+    let (_, weight) = packed.first().expect("a packed layer");
+    weight.to_tensors("w")[0].1.data.clone()
 }

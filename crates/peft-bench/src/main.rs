@@ -81,18 +81,9 @@ fn reset_peak_rss() {
 
 /// Resident bits per element of the packed layers of `model` (codes + statistics).
 fn packed_bits_per_param<M: CausalLm>(model: &M) -> f64 {
-    let (mut bytes, mut numel) = (0usize, 0usize);
-    let _ = model.clone().map_layers::<M::Adapter>(
-        &mut |_: &str, layer: peft_core::AdaptableLinear<M::Adapter>| {
-            if let Some(w) = layer.base.packed() {
-                bytes += w.storage_bytes();
-                let [r, c] = w.shape();
-                numel += r * c;
-            }
-            Ok(layer)
-        },
-        &mut |_: &str, e| Ok(e),
-    );
+    let packed = peft_core::adapter_files::packed_weights(model);
+    let bytes: usize = packed.iter().map(|(_, w)| w.storage_bytes()).sum();
+    let numel = peft_core::adapter_files::packed_numel(model);
     bytes as f64 * 8.0 / numel.max(1) as f64
 }
 

@@ -8,17 +8,8 @@ use peft_core::tensors::{bytes_to_f32, save_safetensors, write_atomic};
 use peft_core::{HostTensor, ModuleKind, TensorStore};
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
 use regex::Regex;
-use safetensors::Dtype;
 
 use crate::QuantizeArgs;
-
-/// Files copied next to a quantised model.
-const SIDE_FILES: [&str; 4] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-];
 
 /// `peft quantize`.
 pub fn quantize(args: QuantizeArgs) -> Result<()> {
@@ -52,15 +43,6 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
     }
 }
 
-fn source_dtype(dtype: Dtype) -> Option<SourceDtype> {
-    match dtype {
-        Dtype::F32 => Some(SourceDtype::F32),
-        Dtype::BF16 => Some(SourceDtype::Bf16),
-        Dtype::F16 => Some(SourceDtype::F16),
-        _ => None,
-    }
-}
-
 /// Quantises `tensor` under `name` into `out`, or copies it when it is not a 2-D float tensor.
 fn add_tensor(
     out: &mut BTreeMap<String, HostTensor>,
@@ -69,7 +51,7 @@ fn add_tensor(
     quantize: bool,
     config: QuantConfig,
 ) -> Result<bool> {
-    let dtype = source_dtype(tensor.dtype);
+    let dtype = SourceDtype::from_safetensors(tensor.dtype);
     if !quantize || tensor.shape.len() != 2 || dtype.is_none() {
         out.insert(name.to_string(), tensor);
         return Ok(false);
@@ -196,14 +178,7 @@ fn quantize_model(
         output.join("config.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    for name in SIDE_FILES {
-        let from = dir.join(name);
-        if from.is_file() {
-            let bytes =
-                std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
-            write_atomic(output.join(name), &bytes)?;
-        }
-    }
+    peft_models::save::copy_side_files(dir, output)?;
     if config.blocksize != 64 {
         eprintln!(
             "note: transformers' BitsAndBytesConfig has no block size setting; the checkpoint \

@@ -228,20 +228,30 @@ pub fn adapter_summary<M: CausalLm>(
     }
 }
 
-/// Elements of the packed (4-bit) weights of `model`, which are not burn parameters. PEFT counts
-/// a 4-bit weight by its unpacked element count (`numel · 2` of the packed bytes).
-pub fn packed_numel<M: CausalLm>(model: &M) -> usize {
-    let mut count = 0;
+/// The packed (4-bit) weights of `model` with the HF paths of their layers, in model order.
+/// They are not burn parameters, so parameter walks do not see them.
+pub fn packed_weights<M: CausalLm>(
+    model: &M,
+) -> Vec<(String, std::sync::Arc<dyn crate::PackedWeight>)> {
+    let mut found = Vec::new();
     // Rebuilding with the same adapters only clones reference-counted handles.
     let _ = model.clone().map_layers::<M::Adapter>(
-        &mut |_: &str, layer: crate::AdaptableLinear<M::Adapter>| {
+        &mut |path: &str, layer: crate::AdaptableLinear<M::Adapter>| {
             if let Some(w) = layer.base.packed() {
-                let [rows, cols] = w.shape();
-                count += rows * cols;
+                found.push((path.to_string(), w.clone()));
             }
             Ok(layer)
         },
         &mut |_: &str, embedding| Ok(embedding),
     );
-    count
+    found
+}
+
+/// Elements of the packed (4-bit) weights of `model`. PEFT counts a 4-bit weight by its unpacked
+/// element count (`numel · 2` of the packed bytes).
+pub fn packed_numel<M: CausalLm>(model: &M) -> usize {
+    packed_weights(model)
+        .iter()
+        .map(|(_, w)| w.shape().iter().product::<usize>())
+        .sum()
 }

@@ -119,11 +119,8 @@ impl WeightLoader<'_> {
             None => match self.quantize {
                 Some(config) if prefix != "lm_head" => {
                     let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
-                    let dtype = match self.store.dtype(&key)? {
-                        safetensors::Dtype::BF16 => SourceDtype::Bf16,
-                        safetensors::Dtype::F16 => SourceDtype::F16,
-                        _ => SourceDtype::F32,
-                    };
+                    let dtype = SourceDtype::from_safetensors(self.store.dtype(&key)?)
+                        .unwrap_or(SourceDtype::F32);
                     Some(Quantized4bit::quantize(
                         &values,
                         &[d_out, d_in],

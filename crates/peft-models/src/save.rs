@@ -8,7 +8,7 @@ use peft_core::tensors::{save_safetensors, write_atomic};
 use peft_core::{CausalLm, NoAdapter, PeftError, Result};
 
 /// Files copied from the source folder when present.
-const SIDE_FILES: [&str; 4] = [
+pub const SIDE_FILES: [&str; 4] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -49,6 +49,11 @@ pub fn save_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     let json = serde_json::to_string_pretty(&config)
         .map_err(|e| PeftError::json(out_dir.join("config.json"), e))?;
     write_atomic(out_dir.join("config.json"), json.as_bytes())?;
+    copy_side_files(source_dir, out_dir)
+}
+
+/// Copies the [`SIDE_FILES`] of `source_dir` that exist into `out_dir`, each atomically.
+pub fn copy_side_files(source_dir: &Path, out_dir: &Path) -> Result<()> {
     for name in SIDE_FILES {
         let from = source_dir.join(name);
         if from.is_file() {

@@ -59,6 +59,16 @@ pub enum SourceDtype {
 }
 
 impl SourceDtype {
+    /// The source dtype of a safetensors float dtype; `None` for any other dtype.
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
+        match dtype {
+            safetensors::Dtype::F32 => Some(SourceDtype::F32),
+            safetensors::Dtype::BF16 => Some(SourceDtype::Bf16),
+            safetensors::Dtype::F16 => Some(SourceDtype::F16),
+            _ => None,
+        }
+    }
+
     /// The name bitsandbytes writes in the quant state (`str(dtype).strip("torch.")`).
     pub fn as_str(self) -> &'static str {
         match self {
