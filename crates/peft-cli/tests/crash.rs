@@ -126,8 +126,9 @@ fn sigkill_during_checkpoints_never_corrupts_and_resume_is_exact() {
     let mut finished = false;
     for _ in 0..40 {
         let child = train_command(&killed, STEPS, 1, true).spawn().unwrap();
-        // Each resumed run has fewer steps left: keep delays within half a full run.
-        let delay = Duration::from_millis(5 + rng.next_ms((run_ms / 2).max(20)));
+        // Each resumed run has fewer steps left: keep delays within a third of a full run, so
+        // that several kills land before the run can complete.
+        let delay = Duration::from_millis(5 + rng.next_ms((run_ms / 3).max(20)));
         finished = wait_or_kill(child, delay);
         if !finished {
             kills += 1;
