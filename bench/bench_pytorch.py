@@ -57,12 +57,12 @@ def peak_rss():
     return None
 
 
-def four_bit_model(tmp):
-    """The base model loaded as transformers does for QLoRA: NF4 + double quant, f32 compute."""
+def four_bit_model(tmp, compute_dtype=torch.float32):
+    """The base model loaded as transformers does for QLoRA: NF4 + double quant."""
     base_model().save_pretrained(tmp)
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
     return transformers.AutoModelForCausalLM.from_pretrained(
         tmp, quantization_config=config, dtype=torch.float32, attn_implementation="eager",
@@ -117,19 +117,20 @@ def main():
             with torch.no_grad():
                 times = timed(lambda: model(input_ids=ids, attention_mask=mask))
     elif CASE.endswith("-train"):
-        if CASE == "qlora-train":
+        if CASE in ("qlora-train", "qlora-train-bf16"):
             import tempfile
 
             tmp = tempfile.mkdtemp()
-            model = four_bit_model(tmp)
+            dtype = torch.bfloat16 if CASE.endswith("-bf16") else torch.float32
+            model = four_bit_model(tmp, dtype)
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
         elif CASE == "llama-lora-train":
             model = peft.get_peft_model(llama_model(), peft.LoraConfig(r=8))
         else:
             model = base_model()
-        if CASE in ("qlora-train", "llama-lora-train"):
+        if CASE in ("qlora-train", "qlora-train-bf16", "llama-lora-train"):
             pass
-        elif CASE == "lora-train":
+        elif CASE in ("lora-train", "lora-train-bf16"):
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
         elif CASE == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
@@ -154,8 +155,13 @@ def main():
         extra["trainable_params"] = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=1e-4)
 
+        # lora-train-bf16: the Trainer's bf16=True, i.e. autocast (linear layers and matmuls in
+        # bf16, parameters and optimizer in f32) — peft-rs' bf16 compute in the linear layers.
+        autocast = CASE == "lora-train-bf16"
+
         def step():
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -125,7 +125,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 16] = [
+const BENCH_CASES: [&str; 18] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
@@ -141,6 +141,8 @@ const BENCH_CASES: [&str; 16] = [
     "prefix-train",
     "prefix-proj-train",
     "qlora-train",
+    "lora-train-bf16",
+    "qlora-train-bf16",
     "quantize-nf4",
 ];
 

@@ -8,7 +8,9 @@
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
 //! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`, `qlora-train` (LoRA r=8 over the
 //! NF4 + double-quant base), `llama-lora-train` (LoRA r=8 on a Llama of similar size with
-//! grouped-query attention: hidden 512, 4 layers, 8 heads / 2 KV heads), `quantize-nf4` (a 4096 × 4096 f32 matrix, NF4 + double quant).
+//! grouped-query attention: hidden 512, 4 layers, 8 heads / 2 KV heads), `lora-train-bf16` and
+//! `qlora-train-bf16` (the same with bf16 compute in the linear layers), `quantize-nf4` (a
+//! 4096 × 4096 f32 matrix, NF4 + double quant).
 //! Training cases also report `step_peak_rss_bytes`: the peak resident memory from just before
 //! the first step (after the model is built) to the end. The model is the issue's ~16M-parameter BLOOM
 //! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
@@ -56,7 +58,7 @@ fn llama_config() -> HfConfig {
 }
 
 fn base_model(device: &Device) -> AnyModel<NoAdapter> {
-    base_model_with(device, None)
+    base_model_with(device, &peft_models::LoadOptions::default())
 }
 
 fn llama_model(device: &Device) -> AnyModel<NoAdapter> {
@@ -65,13 +67,10 @@ fn llama_model(device: &Device) -> AnyModel<NoAdapter> {
     peft_models::load_from(&config, &store, device).expect("model")
 }
 
-fn base_model_with(
-    device: &Device,
-    quantize: Option<peft_quant::QuantConfig>,
-) -> AnyModel<NoAdapter> {
+fn base_model_with(device: &Device, options: &peft_models::LoadOptions) -> AnyModel<NoAdapter> {
     let config = bloom_config();
     let store = peft_models::random_checkpoint(&config, 0).expect("random checkpoint");
-    peft_models::load_from_with(&config, &store, device, quantize).expect("model")
+    peft_models::load_from_with(&config, &store, device, options).expect("model")
 }
 
 /// Resets the kernel's peak-RSS mark (`VmHWM`) so that the next reading covers what follows.
@@ -263,17 +262,30 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
         }
         "lora-train" | "ia3-train" | "bitfit-train" | "prompt-train" | "ptuning-train"
         | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" | "qlora-train"
-        | "llama-lora-train" => {
+        | "llama-lora-train" | "lora-train-bf16" | "qlora-train-bf16" => {
             let device = device.clone().autodiff();
             let (ids, mask) = batch(s, &device);
             let mut optim = AdamWConfig::new().init();
-            let quantize = (case == "qlora-train").then(peft_quant::QuantConfig::default);
+            let options = peft_models::LoadOptions {
+                quantize: case
+                    .starts_with("qlora")
+                    .then(peft_quant::QuantConfig::default),
+                compute_dtype: if case.ends_with("-bf16") {
+                    peft_core::ComputeDtype::Bf16
+                } else {
+                    peft_core::ComputeDtype::F32
+                },
+            };
             let base = if case == "llama-lora-train" {
                 llama_model(&device)
             } else {
-                base_model_with(&device, quantize)
+                base_model_with(&device, &options)
             };
-            if quantize.is_some() {
+            extra.insert(
+                "compute_dtype".into(),
+                options.compute_dtype.torch_name().into(),
+            );
+            if options.quantize.is_some() {
                 extra.insert(
                     "resident_bits_per_quantized_param".into(),
                     packed_bits_per_param(&base).into(),
@@ -304,7 +316,8 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 }};
             }
             match case {
-                "lora-train" | "qlora-train" | "llama-lora-train" => train!(
+                "lora-train" | "qlora-train" | "llama-lora-train" | "lora-train-bf16"
+                | "qlora-train-bf16" => train!(
                     peft_lora::get_peft_model(base, peft_lora::LoraConfig::default())
                         .map_err(|e| e.to_string())?
                 ),

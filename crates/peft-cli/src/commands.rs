@@ -90,13 +90,10 @@ pub(crate) fn device(arg: &DeviceArg) -> Result<Device> {
 fn load_base(
     model: &Path,
     device: &Device,
-    quantize: Option<peft_quant::QuantConfig>,
+    options: &peft_models::LoadOptions,
 ) -> Result<AnyModel<NoAdapter>> {
-    let loaded = match quantize {
-        Some(config) => peft_models::load_4bit(model, device, config),
-        None => peft_models::load(model, device),
-    };
-    loaded.with_context(|| format!("loading model {}", model.display()))
+    peft_models::load_with(model, device, options)
+        .with_context(|| format!("loading model {}", model.display()))
 }
 
 /// Loads an adapter folder of any implemented method onto `base`.
@@ -131,7 +128,7 @@ fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Loaded> {
 
 fn load_model(args: &ModelArgs) -> Result<Loaded> {
     let device = device(&args.device)?;
-    let base = load_base(&args.model, &device, args.quant.config()?)?;
+    let base = load_base(&args.model, &device, &args.load.options()?)?;
     let Some(adapter) = &args.adapter else {
         return Ok(Loaded::Plain(Box::new(base)));
     };
@@ -285,7 +282,7 @@ fn ids_to_string(ids: &[u32]) -> String {
 /// `peft inspect`.
 pub fn inspect(args: InspectArgs) -> Result<()> {
     let device = Device::flex();
-    let model = load_base(&args.model, &device, None)?;
+    let model = load_base(&args.model, &device, &Default::default())?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let printed = match (&args.config, args.method.as_deref()) {
@@ -406,7 +403,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
 /// `peft merge`.
 pub fn merge(args: MergeArgs) -> Result<()> {
     let device = device(&args.device)?;
-    let base = load_base(&args.model, &device, None)?;
+    let base = load_base(&args.model, &device, &Default::default())?;
     let merged = load_adapter(base, &args.adapter)?.merge_and_unload()?;
     peft_models::save_pretrained(&merged, &args.model, &args.output)
         .with_context(|| format!("writing merged model to {}", args.output.display()))?;

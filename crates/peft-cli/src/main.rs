@@ -38,9 +38,9 @@ enum Command {
     Quantize(QuantizeArgs),
 }
 
-/// Loading the base model in 4-bit (QLoRA's frozen base).
+/// How the base model is loaded: 4-bit (QLoRA's frozen base) and the compute dtype.
 #[derive(Args, Debug, Clone, Default)]
-struct QuantArgs {
+struct LoadArgs {
     /// Quantise every linear layer except lm_head to 4-bit while loading: nf4 or fp4. A folder
     /// that already holds a 4-bit checkpoint is recognised without this flag.
     #[arg(long, value_name = "nf4|fp4")]
@@ -51,9 +51,21 @@ struct QuantArgs {
     /// With --load-4bit: elements per absmax block (a power of two, 32 … 4096).
     #[arg(long, default_value_t = 64)]
     blocksize: usize,
+    /// The dtype linear layers compute in: float32, or bfloat16 (bf16 products with f32
+    /// accumulation, as torch.autocast / bnb_4bit_compute_dtype; the rest stays f32).
+    #[arg(long, value_name = "float32|bfloat16", default_value = "float32")]
+    compute_dtype: String,
 }
 
-impl QuantArgs {
+impl LoadArgs {
+    /// The load options these flags ask for.
+    fn options(&self) -> anyhow::Result<peft_models::LoadOptions> {
+        Ok(peft_models::LoadOptions {
+            quantize: self.config()?,
+            compute_dtype: self.compute_dtype.parse()?,
+        })
+    }
+
     /// The quantisation to apply while loading, if any.
     fn config(&self) -> anyhow::Result<Option<peft_quant::QuantConfig>> {
         let Some(quant_type) = &self.load_4bit else {
@@ -117,7 +129,7 @@ struct ModelArgs {
     #[arg(long, requires = "adapter")]
     merge: bool,
     #[command(flatten)]
-    quant: QuantArgs,
+    load: LoadArgs,
     #[command(flatten)]
     device: DeviceArg,
 }

@@ -57,7 +57,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "lora")]
     method: String,
     #[command(flatten)]
-    quant: crate::QuantArgs,
+    load: crate::LoadArgs,
     /// An adapter_config.json to start from (its method must match --method).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -415,16 +415,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
     let device = device.autodiff();
-    let quantize = match (args.quant.config()?, args.method.as_str()) {
-        (Some(config), _) => Some(config),
-        (None, "qlora") => Some(peft_quant::QuantConfig::default()),
-        (None, _) => None,
-    };
-    let base = match quantize {
-        Some(config) => peft_models::load_4bit(&model_dir, &device, config),
-        None => peft_models::load(&model_dir, &device),
+    let mut options = args.load.options()?;
+    if options.quantize.is_none() && args.method == "qlora" {
+        options.quantize = Some(peft_quant::QuantConfig::default());
     }
-    .with_context(|| format!("loading model {}", model_dir.display()))?;
+    let base = peft_models::load_with(&model_dir, &device, &options)
+        .with_context(|| format!("loading model {}", model_dir.display()))?;
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let spec = base.spec().clone();
     let examples = peft_train::read_examples(&data_path)?;

@@ -1020,3 +1020,51 @@ fn qlora_trains_and_merges_dense() {
         "merged vs adapter over the 4-bit base: {worst}"
     );
 }
+
+/// `--compute-dtype bfloat16` runs the linear layers in bf16 — bitsandbytes' 4-bit logits with
+/// `bnb_4bit_compute_dtype=torch.bfloat16` — and trains; a bad dtype fails with one line.
+#[test]
+fn bf16_compute_runs_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/bloom-tiny-nf4-bf16.safetensors");
+    let path = dir.path().join("logits.safetensors");
+    ok(&logits_to(
+        &model("bloom-tiny-nf4"),
+        &["--compute-dtype", "bfloat16"],
+        &reference,
+        &path,
+    ));
+    let diff = logits_diff(&path, &reference);
+    assert!(diff < 1e-4, "bf16 logits: {diff}");
+
+    let out_dir = dir.path().join("qlora-bf16");
+    ok(&peft(&[
+        "train",
+        "--method",
+        "qlora",
+        "--compute-dtype",
+        "bf16",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--data",
+        fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--r",
+        "8",
+        "--max-steps",
+        "3",
+        "--no-exact-match",
+    ]));
+    assert!(out_dir.join("adapter/adapter_model.safetensors").is_file());
+
+    assert_clean_failure(
+        &logits_to(
+            &model("bloom-tiny"),
+            &["--compute-dtype", "fp8"],
+            &reference,
+            &path,
+        ),
+        "unknown compute dtype `fp8` (expected float32 or bfloat16)",
+    );
+}

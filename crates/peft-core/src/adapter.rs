@@ -25,13 +25,15 @@ use std::sync::Arc;
 use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::HostTensor;
 use crate::error::Result;
+use crate::precision::{ComputeDtype, round_bf16};
 
-/// A frozen weight kept in a compressed form (4-bit NF4/FP4 for QLoRA) and de-quantised on
-/// demand. peft-core only sees this trait; peft-quant implements it.
+/// A frozen weight kept in a compressed form and de-quantised on demand: 4-bit NF4/FP4 for QLoRA
+/// (peft-quant implements it; peft-core only sees this trait) or bf16
+/// ([`Bf16Weight`](crate::precision::Bf16Weight)).
 pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     /// `[out, in]`, PyTorch's order.
     fn shape(&self) -> [usize; 2];
@@ -43,10 +45,10 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)>;
 }
 
-/// A linear layer whose weight stays packed; each forward pass de-quantises it to f32, multiplies,
-/// and lets the dense copy go.
+/// A linear layer whose weight stays packed (4-bit NF4/FP4, or bf16 for bf16 compute on the CPU
+/// backend); each forward pass de-quantises it, multiplies, and lets the dense copy go.
 #[derive(Module, Debug)]
-pub struct QuantizedLinear {
+pub struct PackedLinear {
     /// The packed `[out, in]` weight (not a parameter: frozen, never trained).
     #[module(skip)]
     pub weight: Arc<dyn PackedWeight>,
@@ -55,9 +57,12 @@ pub struct QuantizedLinear {
     /// Where the de-quantised weight is placed when the layer is made dense.
     #[module(skip)]
     pub device: Device,
+    /// The dtype the product is computed in (`bnb_4bit_compute_dtype`).
+    #[module(skip)]
+    pub compute: ComputeDtype,
 }
 
-impl QuantizedLinear {
+impl PackedLinear {
     /// The de-quantised weight in burn's `[in, out]` layout on `device`.
     pub fn dense_weight(&self, device: &Device) -> Tensor<2> {
         let [d_out, d_in] = self.weight.shape();
@@ -68,20 +73,33 @@ impl QuantizedLinear {
         .transpose()
     }
 
-    /// `[batch, seq, in]` → `[batch, seq, out]`. On the CPU backend the product is one
-    /// operation that de-quantises in the forward pass and again in the backward pass, so no
-    /// dense weight stays alive in the autodiff graph; elsewhere the de-quantised weight is an
-    /// ordinary constant operand.
+    /// `[batch, seq, in]` → `[batch, seq, out]`, computed in [`Self::compute`] and returned in
+    /// f32. On the CPU backend the product is one operation that de-quantises in the forward
+    /// pass and again in the backward pass, so no dense weight stays alive in the autodiff graph
+    /// (bf16 is computed there as f32 products of bf16-rounded operands, rounded once — what a
+    /// bf16 GEMM with f32 accumulation gives); elsewhere the de-quantised weight is an ordinary
+    /// constant operand.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let bf16 = self.compute == ComputeDtype::Bf16;
         if crate::packed_op::supports_packed_matmul(&x.device()) {
-            let out = crate::packed_op::packed_linear(x, &self.weight);
-            return match &self.bias {
-                Some(b) => out + b.val().unsqueeze::<3>(),
+            if !bf16 {
+                let out = crate::packed_op::packed_linear(x, &self.weight, false);
+                return match &self.bias {
+                    Some(b) => out + b.val().unsqueeze::<3>(),
+                    None => out,
+                };
+            }
+            let out = crate::packed_op::packed_linear(round_bf16(x), &self.weight, true);
+            let out = match &self.bias {
+                Some(b) => out + round_bf16(b.val()).unsqueeze::<3>(),
                 None => out,
             };
+            return round_bf16(out);
         }
-        let weight = self.dense_weight(&x.device());
-        linear(x, weight, self.bias.as_ref().map(|b| b.val()))
+        let dtype = self.compute.dtype();
+        let weight = self.dense_weight(&x.device()).cast(dtype);
+        let bias = self.bias.as_ref().map(|b| b.val().cast(dtype));
+        linear(x.cast(dtype), weight, bias).cast(DType::F32)
     }
 }
 
@@ -90,16 +108,25 @@ impl QuantizedLinear {
 pub enum BaseLinear {
     /// Full-precision weight, `[in, out]`.
     Dense(Linear),
-    /// Packed weight, de-quantised per forward pass.
-    Quantized(QuantizedLinear),
+    /// Packed weight (4-bit, or bf16 on the CPU backend), de-quantised per forward pass.
+    Packed(PackedLinear),
 }
 
 impl BaseLinear {
-    /// `[batch, seq, in]` → `[batch, seq, out]`.
+    /// `[batch, seq, in]` → `[batch, seq, out]` in f32. A dense layer computes in its weight's
+    /// dtype (bf16 when loaded for bf16 compute), a packed one in its compute dtype.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         match self {
-            BaseLinear::Dense(l) => l.forward(x),
-            BaseLinear::Quantized(q) => q.forward(x),
+            BaseLinear::Dense(l) => {
+                let weight = l.weight.val();
+                let dtype = weight.dtype();
+                if dtype == DType::F32 {
+                    return l.forward(x);
+                }
+                let bias = l.bias.as_ref().map(|b| b.val().cast(dtype));
+                linear(x.cast(dtype), weight, bias).cast(DType::F32)
+            }
+            BaseLinear::Packed(q) => q.forward(x),
         }
     }
 
@@ -110,18 +137,19 @@ impl BaseLinear {
                 let [d_in, d_out] = l.weight.shape().dims();
                 (d_in, d_out)
             }
-            BaseLinear::Quantized(q) => {
+            BaseLinear::Packed(q) => {
                 let [d_out, d_in] = q.weight.shape();
                 (d_in, d_out)
             }
         }
     }
 
-    /// The layer as a dense [`Linear`], de-quantising a packed weight (exactly, no re-rounding).
+    /// The layer as a dense f32 [`Linear`], de-quantising a packed weight (exactly, no
+    /// re-rounding) or widening a bf16 one.
     pub fn into_dense(self) -> Linear {
         match self {
-            BaseLinear::Dense(l) => l,
-            BaseLinear::Quantized(q) => Linear {
+            BaseLinear::Dense(l) => with_weight_dtype(l, DType::F32),
+            BaseLinear::Packed(q) => Linear {
                 weight: Param::from_tensor(q.dense_weight(&q.device)).set_require_grad(false),
                 bias: q.bias,
             },
@@ -131,9 +159,21 @@ impl BaseLinear {
     /// The packed weight, if this layer is quantised.
     pub fn packed(&self) -> Option<&Arc<dyn PackedWeight>> {
         match self {
-            BaseLinear::Quantized(q) => Some(&q.weight),
+            BaseLinear::Packed(q) => Some(&q.weight),
             BaseLinear::Dense(_) => None,
         }
+    }
+}
+
+/// `linear` with its (frozen) weight converted to `dtype`; the bias stays as it is (f32).
+pub fn with_weight_dtype(linear: Linear, dtype: DType) -> Linear {
+    if linear.weight.val().dtype() == dtype {
+        return linear;
+    }
+    let require_grad = linear.weight.is_require_grad();
+    Linear {
+        weight: Param::from_tensor(linear.weight.val().cast(dtype)).set_require_grad(require_grad),
+        bias: linear.bias,
     }
 }
 
@@ -226,11 +266,11 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     }
 
     /// Folds the adapter into the base weights; a no-op without adapter or when already merged.
-    /// A packed base is de-quantised first: the merged layer is dense (no re-quantisation).
+    /// A packed or bf16 base is widened first: the merged layer is dense f32 (no re-quantisation
+    /// or re-rounding), and computes in f32 from then on.
     pub fn merge(mut self) -> Result<Self> {
         if let (Some(adapter), false) = (&self.adapter, self.merged) {
-            let dense = self.base.into_dense();
-            self.base = BaseLinear::Dense(adapter.merge_linear(dense)?);
+            self.base = BaseLinear::Dense(adapter.merge_linear(self.base.into_dense())?);
             self.merged = true;
         }
         Ok(self)
@@ -239,8 +279,7 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     /// Undoes [`merge`](Self::merge) (the base stays dense).
     pub fn unmerge(mut self) -> Result<Self> {
         if let (Some(adapter), true) = (&self.adapter, self.merged) {
-            let dense = self.base.into_dense();
-            self.base = BaseLinear::Dense(adapter.unmerge_linear(dense)?);
+            self.base = BaseLinear::Dense(adapter.unmerge_linear(self.base.into_dense())?);
             self.merged = false;
         }
         Ok(self)

@@ -8,6 +8,7 @@
 //! * [`config`]: the common part of PEFT's `adapter_config.json`, read leniently;
 //! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
 //! * [`tensors`]: safetensors reading (single and sharded, f32/f16/bf16) and atomic writes;
+//! * [`precision`]: f32 or bf16 compute in the linear layers;
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line;
 //! * [`error`]: the typed error all library crates return.
 //!
@@ -29,17 +30,19 @@ pub mod model;
 pub mod modules;
 pub mod packed_op;
 pub mod params;
+pub mod precision;
 pub mod prompt_learning;
 pub mod summary;
 pub mod tensors;
 
 pub use adapter::{
     AdaptableEmbedding, AdaptableLinear, AdapterModel, BaseLinear, LayerAdapter, NoAdapter,
-    PackedWeight, QuantizedLinear,
+    PackedLinear, PackedWeight,
 };
 pub use config::{ConfigHeader, PeftType, TargetModules};
 pub use error::{PeftError, Result};
 pub use model::{CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};
 pub use modules::{ModuleInfo, ModuleKind, ModuleMatcher};
+pub use precision::ComputeDtype;
 pub use summary::TrainableSummary;
 pub use tensors::{HostTensor, TensorStore};

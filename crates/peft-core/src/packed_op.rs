@@ -21,13 +21,24 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::adapter::PackedWeight;
 
-/// The packed weight handed to the operation (an ordinary, non-tensor argument).
+/// The packed weight handed to the operation (an ordinary, non-tensor argument), and whether
+/// its de-quantised values are rounded to bf16 (bf16 compute, see [`crate::precision`]).
 #[derive(Clone)]
-pub struct PackedHandle(pub Arc<dyn PackedWeight>);
+pub struct PackedHandle {
+    /// The weight.
+    pub weight: Arc<dyn PackedWeight>,
+    /// Round the de-quantised weight to bf16 before multiplying.
+    pub bf16: bool,
+}
 
 impl std::fmt::Debug for PackedHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedHandle({:?})", self.0.shape())
+        write!(
+            f,
+            "PackedHandle({:?}, bf16: {})",
+            self.weight.shape(),
+            self.bf16
+        )
     }
 }
 
@@ -38,20 +49,27 @@ pub trait PackedMatmulBackend: Backend {
     fn packed_matmul(x: FloatTensor<Self>, weight: PackedHandle) -> FloatTensor<Self>;
 }
 
-/// `W` as `[out, in]` on `device`.
-fn dense<B: Backend>(weight: &dyn PackedWeight, device: &B::Device) -> FloatTensor<B> {
-    let shape = weight.shape();
-    B::float_from_data(TensorData::new(weight.dequantize(), shape), device)
+/// `W` as `[out, in]` on `device`, in f32 (its values rounded to bf16 when asked).
+fn dense<B: Backend>(handle: &PackedHandle, device: &B::Device) -> FloatTensor<B> {
+    let shape = handle.weight.shape();
+    let mut values = handle.weight.dequantize();
+    if handle.bf16 {
+        // bitsandbytes de-quantises in f32 and casts to the compute dtype: one rounding.
+        for v in &mut values {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+    }
+    B::float_from_data(TensorData::new(values, shape), device)
 }
 
-fn forward<B: Backend>(x: FloatTensor<B>, weight: &dyn PackedWeight) -> FloatTensor<B> {
+fn forward<B: Backend>(x: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
     let device = x.device();
-    B::float_matmul(x, B::float_transpose(dense::<B>(weight, &device)))
+    B::float_matmul(x, B::float_transpose(dense::<B>(handle, &device)))
 }
 
 impl PackedMatmulBackend for Flex {
     fn packed_matmul(x: FloatTensor<Self>, weight: PackedHandle) -> FloatTensor<Self> {
-        forward::<Flex>(x, &*weight.0)
+        forward::<Flex>(x, &weight)
     }
 }
 
@@ -75,7 +93,7 @@ impl<B: Backend, C: CheckpointStrategy> PackedMatmulBackend for Autodiff<B, C> {
                 let (weight, device) = ops.state;
                 if let Some(node) = node_x {
                     // ∂x = ∂y · W, with W de-quantised again for this product only.
-                    let w = dense::<B>(&*weight.0, &device);
+                    let w = dense::<B>(&weight, &device);
                     grads.register::<B>(node.id, B::float_matmul(grad, w));
                 }
             }
@@ -89,10 +107,10 @@ impl<B: Backend, C: CheckpointStrategy> PackedMatmulBackend for Autodiff<B, C> {
             OpsKind::Tracked(prep) => {
                 let input = x.into_primitive();
                 let device = input.device();
-                let output = forward::<B>(input, &*weight.0);
+                let output = forward::<B>(input, &weight);
                 prep.finish((weight, device), output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(x.into_primitive(), &*weight.0)),
+            OpsKind::UnTracked(prep) => prep.finish(forward::<B>(x.into_primitive(), &weight)),
         }
     }
 }
@@ -105,14 +123,18 @@ pub fn supports_packed_matmul(device: &Device) -> bool {
     )
 }
 
-/// `x: [batch, seq, in]` → `[batch, seq, out]` through the packed operation.
-pub fn packed_linear(x: Tensor<3>, weight: &Arc<dyn PackedWeight>) -> Tensor<3> {
+/// `x: [batch, seq, in]` → `[batch, seq, out]` through the packed operation; with `bf16` the
+/// de-quantised weight is rounded to bf16 first (the caller rounds `x` and the result).
+pub fn packed_linear(x: Tensor<3>, weight: &Arc<dyn PackedWeight>, bf16: bool) -> Tensor<3> {
     let [batch, seq, d_in] = x.dims();
     let [d_out, _] = weight.shape();
     let rows = x.reshape([batch * seq, d_in]);
     let out = Tensor::<2>::from_dispatch(<Dispatch as PackedMatmulBackend>::packed_matmul(
         rows.into_dispatch(),
-        PackedHandle(weight.clone()),
+        PackedHandle {
+            weight: weight.clone(),
+            bf16,
+        },
     ));
     out.reshape([batch, seq, d_out])
 }
@@ -159,7 +181,7 @@ mod tests {
         let x = Tensor::<3>::random([2, 3, d_in], Distribution::Default, &device).require_grad();
         let r = Tensor::<3>::random([2, 3, d_out], Distribution::Default, &device);
 
-        let packed = packed_linear(x.clone(), &weight);
+        let packed = packed_linear(x.clone(), &weight, false);
         let grads = (packed.clone() * r.clone()).sum().backward();
         let g_packed = x.grad(&grads).unwrap();
 
@@ -171,5 +193,42 @@ mod tests {
         let diff = |a: Tensor<3>, b: Tensor<3>| -> f32 { (a - b).abs().max().into_scalar() };
         assert!(diff(packed.inner(), dense.inner()) < 1e-5);
         assert!(diff(g_packed, g_dense) < 1e-5);
+    }
+
+    /// bf16 through the packed operation equals the same product written with bf16-rounded
+    /// dense tensors, forward and backward, bit for bit.
+    #[test]
+    fn bf16_product_matches_rounded_dense_tensors() {
+        use crate::precision::round_bf16;
+        let device = Device::flex().autodiff();
+        let (d_in, d_out) = (40, 24);
+        let values: Vec<f32> = (0..d_in * d_out)
+            .map(|i| (((i * 37) % 101) as f32 - 50.0) / 37.0)
+            .collect();
+        let weight: Arc<dyn PackedWeight> = Arc::new(Plain {
+            shape: [d_out, d_in],
+            values: values.clone(),
+        });
+        let x = Tensor::<3>::random([2, 3, d_in], Distribution::Default, &device).require_grad();
+        let r = Tensor::<3>::random([2, 3, d_out], Distribution::Default, &device);
+
+        let packed = round_bf16(packed_linear(round_bf16(x.clone()), &weight, true));
+        let grads = (packed.clone() * r.clone()).sum().backward();
+        let g_packed = x.grad(&grads).unwrap();
+
+        let w = round_bf16(Tensor::<2>::from_data(
+            TensorData::new(values, [d_out, d_in]),
+            &device,
+        ));
+        let dense = round_bf16(round_bf16(x.clone()).matmul(w.transpose().unsqueeze::<3>()));
+        let grads = (dense.clone() * r).sum().backward();
+        let g_dense = x.grad(&grads).unwrap();
+
+        let bits =
+            |t: Tensor<3>| -> Vec<u32> { t.into_data().iter::<f32>().map(f32::to_bits).collect() };
+        assert_eq!(bits(packed.inner()), bits(dense.inner()));
+        assert_eq!(bits(g_packed.clone()), bits(g_dense));
+        // And bf16 really rounds: every gradient value fits in bf16's 8-bit mantissa.
+        assert!(bits(g_packed).iter().all(|b| b & 0xffff == 0));
     }
 }

@@ -8,7 +8,7 @@
 //! translate to PEFT's key names.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 /// One float parameter of a module tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,11 +143,16 @@ impl<F: FnMut(&str, bool) -> ParamUpdate> burn::module::ModuleMapper for Mapper<
         let linear = self.path.is_linear_weight();
         match (self.f)(&name, linear) {
             ParamUpdate::Keep => param,
+            // A parameter that trains is kept in f32 (the master copy), whatever the dtype the
+            // frozen model was loaded in (bf16 compute).
+            ParamUpdate::Trainable(true) if param.val().dtype() != DType::F32 => {
+                param.map(|old| old.cast(DType::F32)).set_require_grad(true)
+            }
             ParamUpdate::Trainable(t) => param.set_require_grad(t),
             ParamUpdate::Value(data) if data.shape().len() == D => {
                 let trainable = param.val().is_require_grad();
                 param
-                    .map(|old| Tensor::from_data(data, &old.device()))
+                    .map(|old| Tensor::<D>::from_data(data, &old.device()).cast(old.dtype()))
                     .set_require_grad(trainable)
             }
             ParamUpdate::Value(_) => param,

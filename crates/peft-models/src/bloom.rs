@@ -190,18 +190,19 @@ pub struct Bloom<A: LayerAdapter> {
 }
 
 impl<A: LayerAdapter> Bloom<A> {
-    /// Loads the weights of `config` from `store`; with `quantize`, every linear layer is held
-    /// in 4-bit (see [`WeightLoader::quantize`]).
+    /// Loads the weights of `config` from `store` as `options` ask (4-bit linear layers, bf16
+    /// compute; see [`WeightLoader`]).
     pub fn load(
         config: &BloomConfig,
         store: &TensorStore,
         device: &Device,
-        quantize: Option<peft_quant::QuantConfig>,
+        options: &crate::LoadOptions,
     ) -> Result<Self> {
         let w = WeightLoader {
             store,
             device,
-            quantize,
+            quantize: options.quantize,
+            compute: options.compute_dtype,
         };
         let h = config.hidden_size;
         let eps = config.layer_norm_epsilon;

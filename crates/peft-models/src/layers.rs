@@ -9,7 +9,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 use peft_core::{
-    AdaptableLinear, BaseLinear, LayerAdapter, PeftError, QuantizedLinear, Result, TensorStore,
+    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, PeftError,
+    Result, TensorStore, adapter::with_weight_dtype, packed_op::supports_packed_matmul,
+    precision::Bf16Weight,
 };
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
 
@@ -73,6 +75,9 @@ pub struct WeightLoader<'a> {
     /// Quantise every linear weight except `lm_head` to 4-bit while loading (QLoRA's
     /// `load_in_4bit`). Weights the checkpoint already stores in 4-bit are read as they are.
     pub quantize: Option<QuantConfig>,
+    /// The dtype adaptable linear layers compute in; with bf16 their dense weights are held in
+    /// bf16 (`lm_head`, embeddings and norms stay f32).
+    pub compute: ComputeDtype,
 }
 
 impl WeightLoader<'_> {
@@ -131,23 +136,37 @@ impl WeightLoader<'_> {
                 _ => None,
             },
         };
-        let Some(packed) = packed else {
-            return Ok(AdaptableLinear::plain(
-                self.linear(prefix, d_in, d_out, bias)?,
-            ));
+        let packed: Arc<dyn PackedWeight> = match packed {
+            Some(q) => Arc::new(q),
+            // bf16 compute: `lm_head` stays f32 (as after prepare_model_for_kbit_training).
+            None if self.compute == ComputeDtype::Bf16 && prefix != "lm_head" => {
+                if !supports_packed_matmul(self.device) {
+                    let dense = self.linear(prefix, d_in, d_out, bias)?;
+                    return Ok(AdaptableLinear::plain(with_weight_dtype(
+                        dense,
+                        self.compute.dtype(),
+                    )));
+                }
+                let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
+                Arc::new(Bf16Weight::from_f32([d_out, d_in], &values)?)
+            }
+            None => {
+                return Ok(AdaptableLinear::plain(
+                    self.linear(prefix, d_in, d_out, bias)?,
+                ));
+            }
         };
         let bias = if bias {
             Some(self.vector(&format!("{prefix}.bias"), d_out)?)
         } else {
             None
         };
-        Ok(AdaptableLinear::over(BaseLinear::Quantized(
-            QuantizedLinear {
-                weight: Arc::new(packed),
-                bias,
-                device: self.device.clone(),
-            },
-        )))
+        Ok(AdaptableLinear::over(BaseLinear::Packed(PackedLinear {
+            weight: packed,
+            bias,
+            device: self.device.clone(),
+            compute: self.compute,
+        })))
     }
 
     /// A weight stored in bitsandbytes' 4-bit layout, checked against the expected shape.

@@ -37,8 +37,8 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 use peft_core::model::{MapEmbedding, MapLinear};
 use peft_core::{
-    CausalLm, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo, NoAdapter, PeftError,
-    Result, TensorStore,
+    CausalLm, ComputeDtype, KvCache, LayerAdapter, ModelInput, ModelSpec, ModuleInfo, NoAdapter,
+    PeftError, Result, TensorStore,
 };
 
 pub use bloom::{Bloom, BloomConfig};
@@ -107,12 +107,31 @@ pub enum AnyModel<A: LayerAdapter> {
     Llama(Llama<A>),
 }
 
+/// How to load a model: in full precision (the default), with linear layers quantised to
+/// 4-bit as they are read, and/or computing the linear layers in bf16.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Quantise every linear layer except `lm_head` to 4-bit (transformers' `load_in_4bit`).
+    pub quantize: Option<peft_quant::QuantConfig>,
+    /// The dtype of the linear layers' products (see [`peft_core::precision`]).
+    pub compute_dtype: ComputeDtype,
+}
+
 /// Loads a Hugging Face model folder onto `device`.
 pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<AnyModel<NoAdapter>> {
+    load_with(dir, device, &LoadOptions::default())
+}
+
+/// Loads a Hugging Face model folder onto `device` as `options` ask.
+pub fn load_with(
+    dir: impl AsRef<Path>,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<AnyModel<NoAdapter>> {
     let dir = dir.as_ref();
     let config = read_config(dir)?;
     let store = TensorStore::open_model_dir(dir)?;
-    load_from(&config, &store, device)
+    load_from_with(&config, &store, device, options)
 }
 
 /// Every module a model with `config` has, by HF path, without loading any weight.
@@ -139,10 +158,11 @@ pub fn load_4bit(
     device: &Device,
     quantize: peft_quant::QuantConfig,
 ) -> Result<AnyModel<NoAdapter>> {
-    let dir = dir.as_ref();
-    let config = read_config(dir)?;
-    let store = TensorStore::open_model_dir(dir)?;
-    load_from_with(&config, &store, device, Some(quantize))
+    let options = LoadOptions {
+        quantize: Some(quantize),
+        ..LoadOptions::default()
+    };
+    load_with(dir, device, &options)
 }
 
 /// Builds a model from an already parsed config and checkpoint.
@@ -151,25 +171,26 @@ pub fn load_from<A: LayerAdapter>(
     store: &TensorStore,
     device: &Device,
 ) -> Result<AnyModel<A>> {
-    load_from_with(config, store, device, None)
+    load_from_with(config, store, device, &LoadOptions::default())
 }
 
-/// [`load_from`], optionally quantising linear layers to 4-bit while loading.
+/// [`load_from`] as `options` ask (4-bit linear layers, bf16 compute).
 pub fn load_from_with<A: LayerAdapter>(
     config: &HfConfig,
     store: &TensorStore,
     device: &Device,
-    quantize: Option<peft_quant::QuantConfig>,
+    options: &LoadOptions,
 ) -> Result<AnyModel<A>> {
-    if let Some(q) = &quantize {
+    if let Some(q) = &options.quantize {
         q.validate()?;
     }
+    options.compute_dtype.check_device(device)?;
     Ok(match config {
-        HfConfig::Bloom(c) => AnyModel::Bloom(Bloom::load(c, store, device, quantize)?),
+        HfConfig::Bloom(c) => AnyModel::Bloom(Bloom::load(c, store, device, options)?),
         HfConfig::Llama(c) if c.model_type == "qwen2" => {
-            AnyModel::Llama(qwen2::load(c, store, device, quantize)?)
+            AnyModel::Llama(qwen2::load(c, store, device, options)?)
         }
-        HfConfig::Llama(c) => AnyModel::Llama(Llama::load(c, false, store, device, quantize)?),
+        HfConfig::Llama(c) => AnyModel::Llama(Llama::load(c, false, store, device, options)?),
     })
 }
 

@@ -297,12 +297,13 @@ impl<A: LayerAdapter> Llama<A> {
         qkv_bias: bool,
         store: &TensorStore,
         device: &Device,
-        quantize: Option<peft_quant::QuantConfig>,
+        options: &crate::LoadOptions,
     ) -> Result<Self> {
         let w = WeightLoader {
             store,
             device,
-            quantize,
+            quantize: options.quantize,
+            compute: options.compute_dtype,
         };
         let (h, hd, im) = (
             config.hidden_size,

@@ -17,7 +17,7 @@ pub fn load<A: LayerAdapter>(
     config: &LlamaConfig,
     store: &TensorStore,
     device: &Device,
-    quantize: Option<peft_quant::QuantConfig>,
+    options: &crate::LoadOptions,
 ) -> Result<Qwen2<A>> {
-    Llama::load(config, true, store, device, quantize)
+    Llama::load(config, true, store, device, options)
 }

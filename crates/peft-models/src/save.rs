@@ -3,9 +3,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use peft_core::adapter_files::packed_weights;
 use peft_core::params::named_values;
 use peft_core::tensors::{save_safetensors, write_atomic};
-use peft_core::{CausalLm, NoAdapter, PeftError, Result};
+use peft_core::{CausalLm, HostTensor, NoAdapter, PeftError, Result};
 
 /// Files copied from the source folder when present.
 pub const SIDE_FILES: [&str; 4] = [
@@ -42,7 +43,16 @@ pub fn save_pretrained<M: CausalLm<Adapter = NoAdapter>>(
         // The weights written are dense: a 4-bit source's quantisation no longer applies.
         obj.remove("quantization_config");
     }
-    let tensors: BTreeMap<_, _> = named_values(model)?.into_iter().collect();
+    let mut tensors: BTreeMap<_, _> = named_values(model)?.into_iter().collect();
+    // Layers left packed (4-bit or bf16 without an adapter merged into them) are not burn
+    // parameters: write them de-quantised, like the merged ones.
+    for (path, weight) in packed_weights(model) {
+        let values = weight.dequantize();
+        tensors.insert(
+            format!("{path}.weight"),
+            HostTensor::from_f32(weight.shape().to_vec(), &values),
+        );
+    }
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     save_safetensors(out_dir.join("model.safetensors"), &tensors, Some(metadata))?;

@@ -25,35 +25,11 @@
 use std::path::Path;
 
 use burn::tensor::Device;
-use peft_core::{NoAdapter, PeftError, Result, TargetModules};
+pub use peft_core::ComputeDtype;
+use peft_core::{NoAdapter, Result, TargetModules};
 pub use peft_lora::{LoraConfig, LoraModel, from_pretrained, get_peft_model};
 use peft_models::AnyModel;
 pub use peft_quant::{QuantConfig, QuantType};
-
-/// The dtype the de-quantised weights are computed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ComputeDtype {
-    /// f32 (the only one implemented: peft-rs computes in f32 on every backend today).
-    F32,
-    /// bf16 (refused with a clear error until bf16 compute lands).
-    Bf16,
-}
-
-impl std::str::FromStr for ComputeDtype {
-    type Err = PeftError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "float32" | "f32" => Ok(ComputeDtype::F32),
-            "bfloat16" | "bf16" => Ok(ComputeDtype::Bf16),
-            other => Err(PeftError::config(
-                "load_4bit",
-                "compute_dtype",
-                format!("`{other}` (expected float32 or bfloat16)"),
-            )),
-        }
-    }
-}
 
 /// Options of [`load_4bit`], mirroring `BitsAndBytesConfig(load_in_4bit=True, …)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,12 +75,11 @@ pub fn load_4bit(
     device: &Device,
     options: &Load4bit,
 ) -> Result<AnyModel<NoAdapter>> {
-    if options.compute_dtype == ComputeDtype::Bf16 {
-        return Err(PeftError::Unsupported(
-            "compute_dtype bfloat16: peft-rs computes in float32 for now; use float32".into(),
-        ));
-    }
-    peft_models::load_4bit(model_dir, device, options.quant_config())
+    let load = peft_models::LoadOptions {
+        quantize: Some(options.quant_config()),
+        compute_dtype: options.compute_dtype,
+    };
+    peft_models::load_with(model_dir, device, &load)
 }
 
 /// The QLoRA paper's adapter: r = 64, α = 16, dropout 0.05, every linear layer except `lm_head`
@@ -128,21 +103,5 @@ mod tests {
         let c = qlora_preset();
         assert_eq!((c.r, c.lora_alpha, c.lora_dropout), (64, 16.0, 0.05));
         assert_eq!(c.scaling(64, 16.0), 0.25);
-    }
-
-    #[test]
-    fn bf16_compute_is_refused_clearly() {
-        let err = load_4bit(
-            "does-not-matter",
-            &Device::flex(),
-            &Load4bit {
-                compute_dtype: ComputeDtype::Bf16,
-                ..Load4bit::default()
-            },
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("bfloat16"), "{err}");
-        assert!("fp8".parse::<ComputeDtype>().is_err());
     }
 }

@@ -1,0 +1,200 @@
+//! The dtype linear layers compute in: f32, or bf16 the way PyTorch's autocast and
+//! bitsandbytes' `bnb_4bit_compute_dtype=torch.bfloat16` do it.
+//!
+//! With [`ComputeDtype::Bf16`] every adaptable linear layer's frozen base computes its product in
+//! bf16: the input is rounded to bf16, the weight is held in bf16 (dense) or de-quantised to bf16
+//! (4-bit), the product accumulates in f32, the bias (rounded to bf16) is added, the sum is rounded
+//! once to bf16, and the result is widened back to f32 — exactly `Linear4bit.forward`'s
+//! `matmul_4bit(x.to(bf16), …, bias.to(bf16)).to(x.dtype)`, and PyTorch's bf16 `F.linear`.
+//!
+//! On the CPU backend a dense bf16 weight is a [`Bf16Weight`] behind the packed-weight operation
+//! of [`crate::packed_op`]: it is widened to f32 for each product and let go, so the autodiff
+//! graph holds no f32 copy, and the single rounding above is reproduced exactly (burn's own bf16
+//! matmul rounds its output before the bias is added). Other backends hold a bf16 burn tensor and
+//! use their bf16 kernels. Everything else stays f32: embeddings, norms, attention scores and softmax, `lm_head`, the loss, the
+//! adapters' own weights and the optimizer state (PEFT's `autocast_adapter_dtype=True` keeps
+//! adapter weights in f32 too; `prepare_model_for_kbit_training` keeps the non-quantised
+//! parameters in f32). Gradients flowing back through a bf16 product are rounded to bf16, as
+//! PyTorch's are.
+
+use burn::tensor::{DType, Device, Tensor};
+use safetensors::Dtype;
+
+use crate::HostTensor;
+use crate::adapter::PackedWeight;
+use crate::error::{PeftError, Result};
+
+/// The dtype of the frozen base layers' products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDtype {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// bf16 products with f32 accumulation, f32 everywhere else (see the module docs).
+    Bf16,
+}
+
+impl ComputeDtype {
+    /// burn's dtype for it.
+    pub fn dtype(self) -> DType {
+        match self {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    /// PyTorch's name (`float32`, `bfloat16`), as in `bnb_4bit_compute_dtype`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "float32",
+            ComputeDtype::Bf16 => "bfloat16",
+        }
+    }
+
+    /// Checks that `device` can compute in this dtype (wgpu has no bf16, for one).
+    pub fn check_device(self, device: &Device) -> Result<()> {
+        if self == ComputeDtype::F32 || device.supports_dtype(self.dtype()) {
+            Ok(())
+        } else {
+            Err(PeftError::Unsupported(format!(
+                "compute dtype {} is not supported on device {device:?}; use float32",
+                self.torch_name()
+            )))
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.torch_name())
+    }
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = PeftError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "float32" | "f32" | "fp32" => Ok(ComputeDtype::F32),
+            "bfloat16" | "bf16" => Ok(ComputeDtype::Bf16),
+            other => Err(PeftError::InvalidInput(format!(
+                "unknown compute dtype `{other}` (expected float32 or bfloat16)"
+            ))),
+        }
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even) and widened back to f32; differentiable, and
+/// the gradient passing through is rounded to bf16 in turn.
+pub fn round_bf16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.cast(DType::BF16).cast(DType::F32)
+}
+
+/// A frozen `[out, in]` weight held in bf16 on the host (the CPU backend's memory), widened to
+/// f32 for each product.
+#[derive(Debug, Clone)]
+pub struct Bf16Weight {
+    shape: [usize; 2],
+    values: Vec<half::bf16>,
+}
+
+impl Bf16Weight {
+    /// Rounds `values` (row-major `[out, in]`) to bf16, to nearest with ties to even.
+    pub fn from_f32(shape: [usize; 2], values: &[f32]) -> Result<Self> {
+        if values.len() != shape[0] * shape[1] {
+            return Err(PeftError::InvalidInput(format!(
+                "bf16 weight: {} values for shape {shape:?}",
+                values.len()
+            )));
+        }
+        Ok(Self {
+            shape,
+            values: values.iter().map(|v| half::bf16::from_f32(*v)).collect(),
+        })
+    }
+}
+
+impl PackedWeight for Bf16Weight {
+    fn shape(&self) -> [usize; 2] {
+        self.shape
+    }
+
+    fn dequantize(&self) -> Vec<f32> {
+        self.values.iter().map(|v| v.to_f32()).collect()
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.values.len() * 2
+    }
+
+    fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)> {
+        let data = self.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensor = HostTensor {
+            dtype: Dtype::BF16,
+            shape: self.shape.to_vec(),
+            data,
+        };
+        vec![(name.to_string(), tensor)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn names_parse_and_print() {
+        assert_eq!("bf16".parse::<ComputeDtype>().unwrap(), ComputeDtype::Bf16);
+        assert_eq!(
+            "bfloat16".parse::<ComputeDtype>().unwrap().to_string(),
+            "bfloat16"
+        );
+        assert_eq!(
+            "float32".parse::<ComputeDtype>().unwrap(),
+            ComputeDtype::F32
+        );
+        let err = "fp8".parse::<ComputeDtype>().unwrap_err().to_string();
+        assert!(err.contains("`fp8`") && err.contains("bfloat16"), "{err}");
+        assert!(ComputeDtype::Bf16.check_device(&Device::flex()).is_ok());
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties go to the even 1.
+        // 1 + 3·2^-9 rounds up to 1 + 2^-7; 3.0 is exact.
+        let device = Device::flex();
+        let x = Tensor::<1>::from_data(
+            TensorData::new(
+                vec![1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-9), 3.0],
+                [3],
+            ),
+            &device,
+        );
+        let r: Vec<f32> = round_bf16(x).into_data().iter::<f32>().collect();
+        assert_eq!(r, vec![1.0, 1.0 + 2f32.powi(-7), 3.0]);
+    }
+}
+
+#[cfg(test)]
+mod bf16_weight_tests {
+    use super::*;
+
+    #[test]
+    fn holds_rounded_values_in_two_bytes_each() {
+        let w = Bf16Weight::from_f32([2, 2], &[1.0, 1.0 + 2f32.powi(-9), -3.5, 1e-3]).unwrap();
+        assert_eq!(w.storage_bytes(), 8);
+        assert_eq!(
+            w.dequantize(),
+            vec![1.0, 1.0, -3.5, half::bf16::from_f32(1e-3).to_f32()]
+        );
+        let tensors = w.to_tensors("layer.weight");
+        assert_eq!(tensors[0].0, "layer.weight");
+        assert_eq!(tensors[0].1.dtype, Dtype::BF16);
+        assert_eq!(tensors[0].1.shape, vec![2, 2]);
+        let err = Bf16Weight::from_f32([2, 3], &[0.0; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4 values for shape [2, 3]"), "{err}");
+    }
+}

@@ -1,0 +1,206 @@
+//! bf16 compute (`--compute-dtype bfloat16`, `bnb_4bit_compute_dtype=torch.bfloat16`) against
+//! PyTorch: the 4-bit fixtures run by bitsandbytes' `Linear4bit` with a bf16 compute dtype, and a
+//! dense LoRA model whose base linear layers compute `F.linear(x.bf16(), W.bf16(), b.bf16())`
+//! (`fixtures/make_quant_fixtures.py`).
+//!
+//! Each case checks two things: our bf16 logits are close to PyTorch's bf16 logits, and much
+//! closer to them than either is to the f32 logits — so the test fails if bf16 rounding is left
+//! out or applied in the wrong places, not only if the model is wrong.
+
+use peft_core::{AdaptableLinear, BaseLinear, CausalLm, ComputeDtype};
+use peft_lora::from_pretrained;
+use peft_models::{LoadOptions, load_with};
+use peft_tests::{Reference, adapter_dir, device, logits, max_diff_masked, model_dir};
+
+const BF16: LoadOptions = LoadOptions {
+    quantize: None,
+    compute_dtype: ComputeDtype::Bf16,
+};
+
+/// `(ours vs PyTorch bf16, PyTorch bf16 vs PyTorch f32)`, both on real positions.
+fn compare<M: CausalLm>(model: &M, bf16_reference: &str, f32_reference: &str) -> (f32, f32) {
+    let theirs = Reference::load(bf16_reference);
+    let theirs_f32 = Reference::load(f32_reference);
+    let ours = logits(model, &theirs);
+    let width = theirs.vocab;
+    let ours_vs_theirs = max_diff_masked(&ours, &theirs.logits, &theirs.attention_mask, width);
+    let bf16_vs_f32 = max_diff_masked(
+        &theirs.logits,
+        &theirs_f32.logits,
+        &theirs.attention_mask,
+        width,
+    );
+    eprintln!("{bf16_reference}: ours vs PyTorch {ours_vs_theirs}, bf16 vs f32 {bf16_vs_f32}");
+    (ours_vs_theirs, bf16_vs_f32)
+}
+
+fn assert_close(model: &impl CausalLm, bf16_reference: &str, f32_reference: &str) {
+    let (ours, effect) = compare(model, bf16_reference, f32_reference);
+    // bf16 keeps 8 bits of mantissa: the f32 → bf16 change is ~1e-2 on these logits; two bf16
+    // GEMMs that accumulate in a different order may round a few products differently.
+    assert!(
+        effect > 5e-3,
+        "{bf16_reference}: bf16 changed the logits by only {effect}"
+    );
+    assert!(
+        ours < effect / 4.0,
+        "{bf16_reference}: ours vs PyTorch {ours}, bf16 vs f32 {effect}"
+    );
+}
+
+#[test]
+fn four_bit_models_in_bf16_match_bitsandbytes() {
+    let device = device();
+    for name in ["bloom-tiny-nf4", "llama-tiny-fp4"] {
+        let model = load_with(model_dir(name), &device, &BF16).unwrap();
+        assert_close(&model, &format!("{name}-bf16"), name);
+    }
+}
+
+#[test]
+fn qlora_adapter_in_bf16_matches_peft() {
+    let device = device();
+    let base = load_with(model_dir("bloom-tiny-nf4"), &device, &BF16).unwrap();
+    let qlora = from_pretrained(base, adapter_dir("qlora-bloom"), true).unwrap();
+    assert_close(&qlora.model, "qlora-bloom-bf16", "qlora-bloom");
+}
+
+#[test]
+fn dense_lora_in_bf16_matches_pytorch_and_keeps_bf16_weights() {
+    let device = device();
+    let base = load_with(model_dir("bloom-tiny"), &device, &BF16).unwrap();
+    let lora = from_pretrained(base, adapter_dir("lora-bloom"), true).unwrap();
+    assert_close(&lora.model, "lora-bloom-bf16", "lora-bloom");
+
+    // The frozen base weights are held in bf16 (two bytes each: on the CPU backend as packed
+    // bf16 behind the packed-weight product); the adapter stays f32.
+    let peft_models::AnyModel::Bloom(bloom) = &lora.model else {
+        panic!("bloom-tiny is a BLOOM")
+    };
+    let qkv = &bloom.transformer.h[0].self_attention.query_key_value;
+    let BaseLinear::Packed(base) = &qkv.base else {
+        panic!("a bf16 base on the CPU backend is packed")
+    };
+    assert_eq!(base.weight.storage_bytes(), 2 * 64 * 192);
+    assert_eq!(base.compute, ComputeDtype::Bf16);
+    assert_eq!(
+        qkv.adapter.as_ref().unwrap().lora_a.val().dtype(),
+        burn::tensor::DType::F32
+    );
+
+    // Merging widens the targeted layers to f32 (exact, no re-rounding); the others stay bf16.
+    // The same model unmerged, with only the targeted layers' bases widened, computes the same.
+    let widened_targets = lora
+        .model
+        .clone()
+        .map_layers::<peft_lora::LoraLinear>(
+            &mut |_, mut layer: AdaptableLinear<peft_lora::LoraLinear>| {
+                if layer.adapter.is_some() {
+                    layer.base = BaseLinear::Dense(layer.base.into_dense());
+                }
+                Ok(layer)
+            },
+            &mut |_, embedding| Ok(embedding),
+        )
+        .unwrap();
+    let merged = lora.merge_and_unload().unwrap();
+    let packed = peft_core::adapter_files::packed_weights(&merged);
+    assert_eq!(
+        packed.len(),
+        6,
+        "dense, dense_h_to_4h, dense_4h_to_h of 2 blocks"
+    );
+    let reference = Reference::load("lora-bloom");
+    let diff = max_diff_masked(
+        &logits(&merged, &reference),
+        &logits(&widened_targets, &reference),
+        &reference.attention_mask,
+        reference.vocab,
+    );
+    // f32 reassociation (x·(W + s·BA) vs x·W + s·x·BA) flips a few bf16 roundings in the layers
+    // after: far below the 0.14 that bf16 itself moves these logits, far above f32 noise.
+    assert!(diff < 0.05, "merged vs unmerged: {diff}");
+}
+
+/// `save_pretrained` writes layers still packed (bf16 or 4-bit, no adapter merged into them)
+/// de-quantised, so the saved model has every weight and reloads with the same outputs.
+#[test]
+fn saving_a_partly_merged_model_keeps_the_packed_layers() {
+    let device = device();
+    for (name, adapter) in [
+        ("bloom-tiny", "lora-bloom"),
+        ("bloom-tiny-nf4", "lora-bloom"),
+    ] {
+        let options = LoadOptions {
+            compute_dtype: ComputeDtype::Bf16,
+            ..LoadOptions::default()
+        };
+        let base = load_with(model_dir(name), &device, &options).unwrap();
+        let merged = from_pretrained(base, adapter_dir(adapter), true)
+            .unwrap()
+            .merge_and_unload()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        peft_models::save_pretrained(&merged, model_dir(name), dir.path()).unwrap();
+        let store = peft_core::TensorStore::open_model_dir(dir.path()).unwrap();
+        let dense = store
+            .f32("transformer.h.1.mlp.dense_4h_to_h.weight")
+            .unwrap();
+        assert_eq!(dense.1, vec![64, 256], "{name}");
+        // Reloaded in f32, the saved model computes what the merged one computes in f32.
+        let reloaded = peft_models::load(dir.path(), &device).unwrap();
+        let widened = peft_models::load(model_dir(name), &device).unwrap();
+        let reference = Reference::load("lora-bloom");
+        let a = logits(&reloaded, &reference);
+        let b = logits(
+            &from_pretrained(widened, adapter_dir(adapter), true)
+                .unwrap()
+                .merge_and_unload()
+                .unwrap(),
+            &reference,
+        );
+        let diff = max_diff_masked(&a, &b, &reference.attention_mask, reference.vocab);
+        // bf16 rounding of the unmerged layers' weights is all that separates them.
+        assert!(diff < 0.5, "{name}: {diff}");
+    }
+}
+
+/// LoRA over a bf16 base, QLoRA with bf16 compute and BitFit (whose trained biases are added in
+/// bf16) all train: the loss drops, and the trained parameters stay f32.
+#[test]
+fn training_in_bf16_lowers_the_loss() {
+    let device = device().autodiff();
+    let data = peft_tests::chat_data("bloom-tiny");
+    let lora_config = peft_lora::LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: Some(peft_core::TargetModules::Pattern("all-linear".into())),
+        ..peft_lora::LoraConfig::default()
+    };
+
+    let base = load_with(model_dir("bloom-tiny"), &device, &BF16).unwrap();
+    let lora = peft_lora::get_peft_model(base, lora_config.clone()).unwrap();
+    let trained = peft_tests::assert_training_lowers_loss(lora, &data, 1e-2);
+    let peft_models::AnyModel::Bloom(bloom) = &trained.model else {
+        panic!("bloom-tiny is a BLOOM")
+    };
+    let mlp = bloom.transformer.h[1]
+        .mlp
+        .dense_4h_to_h
+        .adapter
+        .as_ref()
+        .unwrap();
+    assert_eq!(mlp.lora_b.val().dtype(), burn::tensor::DType::F32);
+
+    let options = LoadOptions {
+        quantize: Some(peft_quant::QuantConfig::default()),
+        compute_dtype: ComputeDtype::Bf16,
+    };
+    let base = load_with(model_dir("bloom-tiny"), &device, &options).unwrap();
+    let qlora = peft_lora::get_peft_model(base, lora_config).unwrap();
+    peft_tests::assert_training_lowers_loss(qlora, &data, 1e-2);
+
+    let base = load_with(model_dir("bloom-tiny"), &device, &BF16).unwrap();
+    let bitfit = peft_bitfit::bitfit(base, peft_bitfit::BitFitConfig::default()).unwrap();
+    peft_tests::assert_training_lowers_loss(bitfit, &data, 3e-2);
+}
