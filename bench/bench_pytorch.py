@@ -116,7 +116,7 @@ def main():
                 model.merge_adapter()
             with torch.no_grad():
                 times = timed(lambda: model(input_ids=ids, attention_mask=mask))
-    elif CASE.endswith("-train"):
+    elif "-train" in CASE:
         if CASE in ("qlora-train", "qlora-train-bf16"):
             import tempfile
 

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::module::linear;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor};
 
 use crate::HostTensor;
 use crate::error::Result;
@@ -63,14 +63,13 @@ pub struct PackedLinear {
 }
 
 impl PackedLinear {
-    /// The de-quantised weight in burn's `[in, out]` layout on `device`.
+    /// The de-quantised weight in burn's `[in, out]` layout on `device` (contiguous).
     pub fn dense_weight(&self, device: &Device) -> Tensor<2> {
-        let [d_out, d_in] = self.weight.shape();
-        Tensor::<2>::from_data(
-            TensorData::new(self.weight.dequantize(), [d_out, d_in]),
+        crate::adapter_files::burn_linear_weight(
+            &self.weight.dequantize(),
+            self.weight.shape(),
             device,
         )
-        .transpose()
     }
 
     /// `[batch, seq, in]` → `[batch, seq, out]`, computed in [`Self::compute`] and returned in

@@ -181,6 +181,21 @@ pub fn transpose_host(t: &HostTensor) -> HostTensor {
     HostTensor::from_f32(vec![cols, rows], &transpose(&values, rows, cols))
 }
 
+/// A PyTorch-layout `[out, in]` matrix as a contiguous burn-layout `[in, out]` tensor on
+/// `device`. Transposing on the host once beats a transposed view: measured on the 16M-parameter
+/// BLOOM, views as frozen linear weights cost 6 % of a LoRA step's time and 46 MB of its peak
+/// memory (copies made on every pass and kept by the autodiff graph).
+pub fn burn_linear_weight(
+    values: &[f32],
+    [d_out, d_in]: [usize; 2],
+    device: &burn::tensor::Device,
+) -> burn::tensor::Tensor<2> {
+    burn::tensor::Tensor::from_data(
+        TensorData::new(transpose(values, d_out, d_in), [d_in, d_out]),
+        device,
+    )
+}
+
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; values.len()];
     for r in 0..rows {

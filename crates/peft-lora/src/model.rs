@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::{Tensor, TensorData};
 
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
 use peft_core::adapter_files::{
-    load_base_params, prepare_modules_to_save, save_adapter, set_trainable, transpose_host,
+    burn_linear_weight, load_base_params, prepare_modules_to_save, save_adapter, set_trainable,
+    transpose_host,
 };
 use peft_core::params::{ParamUpdate, map_params, named_values};
 use peft_core::{
@@ -115,8 +115,8 @@ fn inject<B: LoraBase>(
                 let (a_key, b_key) = peft_keys(path, is_embedding);
                 let a = store.f32_shaped(&a_key, &[r, d_in])?;
                 let b = store.f32_shaped(&b_key, &[d_out, r])?;
-                let a = Tensor::<2>::from_data(TensorData::new(a, [r, d_in]), &device).transpose();
-                let b = Tensor::<2>::from_data(TensorData::new(b, [d_out, r]), &device).transpose();
+                let a = burn_linear_weight(&a, [r, d_in], &device);
+                let b = burn_linear_weight(&b, [d_out, r], &device);
                 LoraLinear::new(a, b, scaling, dropout)
             }
         })

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use peft_core::{
     AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, PeftError,
-    Result, TensorStore, adapter::with_weight_dtype, packed_op::supports_packed_matmul,
+    Result, TensorStore, adapter::with_weight_dtype, adapter_files::burn_linear_weight,
+    packed_op::supports_packed_matmul,
     precision::Bf16Weight,
 };
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
@@ -97,14 +98,17 @@ impl WeightLoader<'_> {
     /// A linear layer from `{prefix}.weight` (`[out, in]`, transposed to burn's `[in, out]`) and,
     /// when `bias`, `{prefix}.bias`.
     pub fn linear(&self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"), [d_out, d_in])?;
+        let values = self
+            .store
+            .f32_shaped(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let weight = burn_linear_weight(&values, [d_out, d_in], self.device);
         let bias = if bias {
             Some(self.vector(&format!("{prefix}.bias"), d_out)?)
         } else {
             None
         };
         Ok(Linear {
-            weight: Param::from_tensor(weight.transpose()),
+            weight: Param::from_tensor(weight),
             bias,
         })
     }
