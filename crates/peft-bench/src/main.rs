@@ -263,7 +263,11 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
         "lora-train" | "ia3-train" | "bitfit-train" | "prompt-train" | "ptuning-train"
         | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" | "qlora-train"
         | "llama-lora-train" | "lora-train-bf16" | "qlora-train-bf16" => {
-            let device = if std::env::var_os("PEFT_CKPT").is_some() { device.clone().autodiff().gradient_checkpointing() } else { device.clone().autodiff() };
+            let device = if std::env::var_os("PEFT_CKPT").is_some() {
+                device.clone().autodiff().gradient_checkpointing()
+            } else {
+                device.clone().autodiff()
+            };
             let (ids, mask) = batch(s, &device);
             let mut optim = AdamWConfig::new().init();
             let options = peft_models::LoadOptions {

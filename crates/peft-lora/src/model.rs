@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
 use peft_core::adapter_files::{
     burn_linear_weight, load_base_params, prepare_modules_to_save, save_adapter, set_trainable,

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use peft_core::{
     AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, PeftError,
     Result, TensorStore, adapter::with_weight_dtype, adapter_files::burn_linear_weight,
-    packed_op::supports_packed_matmul,
-    precision::Bf16Weight,
+    packed_op::supports_packed_matmul, precision::Bf16Weight,
 };
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
 
