@@ -15,6 +15,10 @@ import transformers
 
 ARGS = sys.argv[1:]
 CASE = ARGS[0]
+# `burn-lora-train` is burn's own LoRA on our side; PyTorch's side of it is plain lora-train.
+# `llama-<method>-train` is `<method>-train` on the Llama.
+LLAMA = CASE.startswith("llama-")
+METHOD = {"burn-lora-train": "lora-train"}.get(CASE, CASE.removeprefix("llama-"))
 QUICK = "--quick" in ARGS
 THREADS = int(ARGS[ARGS.index("--threads") + 1]) if "--threads" in ARGS else torch.get_num_threads()
 torch.set_num_threads(THREADS)
@@ -59,7 +63,7 @@ def peak_rss():
 
 def four_bit_model(tmp, compute_dtype=torch.float32):
     """The base model loaded as transformers does for QLoRA: NF4 + double quant."""
-    base_model().save_pretrained(tmp)
+    (llama_model() if LLAMA else base_model()).save_pretrained(tmp)
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
@@ -117,34 +121,32 @@ def main():
             with torch.no_grad():
                 times = timed(lambda: model(input_ids=ids, attention_mask=mask))
     elif "-train" in CASE:
-        if CASE in ("qlora-train", "qlora-train-bf16"):
+        if METHOD in ("qlora-train", "qlora-train-bf16"):
             import tempfile
 
             tmp = tempfile.mkdtemp()
-            dtype = torch.bfloat16 if CASE.endswith("-bf16") else torch.float32
+            dtype = torch.bfloat16 if METHOD.endswith("-bf16") else torch.float32
             model = four_bit_model(tmp, dtype)
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
-        elif CASE == "llama-lora-train":
-            model = peft.get_peft_model(llama_model(), peft.LoraConfig(r=8))
         else:
-            model = base_model()
-        if CASE in ("qlora-train", "qlora-train-bf16", "llama-lora-train"):
+            model = llama_model() if LLAMA else base_model()
+        if METHOD in ("qlora-train", "qlora-train-bf16"):
             pass
-        elif CASE in ("lora-train", "lora-train-bf16"):
+        elif METHOD in ("lora-train", "lora-train-bf16"):
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
-        elif CASE == "ia3-train":
+        elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
-        elif CASE == "prompt-train":
+        elif METHOD == "prompt-train":
             model = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
-        elif CASE in ("ptuning-train", "ptuning-lstm-train"):
-            kind = "MLP" if CASE == "ptuning-train" else "LSTM"
+        elif METHOD in ("ptuning-train", "ptuning-lstm-train"):
+            kind = "MLP" if METHOD == "ptuning-train" else "LSTM"
             model = peft.get_peft_model(model, peft.PromptEncoderConfig(
                 task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_reparameterization_type=kind, encoder_hidden_size=128))
-        elif CASE in ("prefix-train", "prefix-proj-train"):
+        elif METHOD in ("prefix-train", "prefix-proj-train"):
             model = peft.get_peft_model(model, peft.PrefixTuningConfig(
-                task_type="CAUSAL_LM", num_virtual_tokens=8, prefix_projection=CASE == "prefix-proj-train",
+                task_type="CAUSAL_LM", num_virtual_tokens=8, prefix_projection=METHOD == "prefix-proj-train",
                 encoder_hidden_size=128))
-        elif CASE == "bitfit-train":
+        elif METHOD == "bitfit-train":
             for name, p in model.named_parameters():
                 p.requires_grad = "bias" in name
         else:
@@ -157,7 +159,7 @@ def main():
 
         # lora-train-bf16: the Trainer's bf16=True, i.e. autocast (linear layers and matmuls in
         # bf16, parameters and optimizer in f32) — peft-rs' bf16 compute in the linear layers.
-        autocast = CASE == "lora-train-bf16"
+        autocast = METHOD == "lora-train-bf16"
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

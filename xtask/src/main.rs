@@ -125,14 +125,22 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 18] = [
+const BENCH_CASES: [&str; 26] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
     "lora-forward-merged",
     "lora-merge",
     "lora-train",
+    "burn-lora-train",
     "llama-lora-train",
+    "llama-ia3-train",
+    "llama-prompt-train",
+    "llama-ptuning-train",
+    "llama-ptuning-lstm-train",
+    "llama-prefix-train",
+    "llama-prefix-proj-train",
+    "llama-qlora-train",
     "ia3-train",
     "bitfit-train",
     "prompt-train",
@@ -342,6 +350,19 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
             fmt(q["ours"]["resident_bits_per_quantized_param"].as_f64(), 3),
             fmt(step(q, "ours").zip(step(l, "ours")).map(|(a, b)| a / b), 2),
             fmt(step(q, "pytorch").zip(step(l, "pytorch")).map(|(a, b)| a / b), 2),
+        ));
+    }
+    if let (Some(b), Some(l)) = (find("burn-lora-train"), find("lora-train")) {
+        let of = |r: &serde_json::Value, key: &str| r["ours"][key].as_f64();
+        md.push_str(&format!(
+            "LoRA step, peft-rs / burn's Module::apply_lora on the same model and targets: time {}, step peak RSS {}\n",
+            fmt(of(l, "median_s").zip(of(b, "median_s")).map(|(a, b)| a / b), 2),
+            fmt(
+                of(l, "step_peak_rss_bytes")
+                    .zip(of(b, "step_peak_rss_bytes"))
+                    .map(|(a, b)| a / b),
+                2
+            ),
         ));
     }
     if python.is_none() {

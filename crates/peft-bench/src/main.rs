@@ -61,10 +61,10 @@ fn base_model(device: &Device) -> AnyModel<NoAdapter> {
     base_model_with(device, &peft_models::LoadOptions::default())
 }
 
-fn llama_model(device: &Device) -> AnyModel<NoAdapter> {
+fn llama_model(device: &Device, options: &peft_models::LoadOptions) -> AnyModel<NoAdapter> {
     let config = llama_config();
     let store = peft_models::random_checkpoint(&config, 0).expect("random checkpoint");
-    peft_models::load_from(&config, &store, device).expect("model")
+    peft_models::load_from_with(&config, &store, device, options).expect("model")
 }
 
 fn base_model_with(device: &Device, options: &peft_models::LoadOptions) -> AnyModel<NoAdapter> {
@@ -260,9 +260,34 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 }
             }
         }
-        "lora-train" | "ia3-train" | "bitfit-train" | "prompt-train" | "ptuning-train"
-        | "ptuning-lstm-train" | "prefix-train" | "prefix-proj-train" | "qlora-train"
-        | "llama-lora-train" | "lora-train-bf16" | "qlora-train-bf16" => {
+        "burn-lora-train" => {
+            // burn 0.22's own LoRA (`Module::apply_lora`) on the same model, adapting the same
+            // 2-D weights as PEFT's default for BLOOM (`query_key_value`), r = 8, α = 8.
+            let device = device.clone().autodiff();
+            let (ids, mask) = batch(s, &device);
+            let mut optim = AdamWConfig::new().init();
+            let base = base_model_with(&device, &peft_models::LoadOptions::default());
+            let flops = 2.0 * forward_flops(&base, s);
+            let lora = burn::module::Lora::new(8, 8.0)
+                .set_param_group(burn::module::ParamGroup::from_predicate("query_key_value"));
+            let mut model = Some(burn::module::Module::apply_lora(base, lora));
+            reset_peak_rss();
+            extra.insert("rss_before_steps_bytes".into(), rss_bytes().into());
+            let times = time(s, &device, || {
+                model = Some(train_step(
+                    model.take().expect("model"),
+                    &mut optim,
+                    &ids,
+                    &mask,
+                ));
+            });
+            extra.insert("step_peak_rss_bytes".into(), peak_rss_bytes().into());
+            (times, flops, None)
+        }
+        train_case if train_case.contains("-train") => {
+            // `llama-<method>-train` runs `<method>-train` on the Llama of similar size.
+            let llama = case.starts_with("llama-");
+            let method = case.strip_prefix("llama-").unwrap_or(case);
             let device = if std::env::var_os("PEFT_CKPT").is_some() {
                 device.clone().autodiff().gradient_checkpointing()
             } else {
@@ -271,17 +296,17 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             let (ids, mask) = batch(s, &device);
             let mut optim = AdamWConfig::new().init();
             let options = peft_models::LoadOptions {
-                quantize: case
+                quantize: method
                     .starts_with("qlora")
                     .then(peft_quant::QuantConfig::default),
-                compute_dtype: if case.ends_with("-bf16") {
+                compute_dtype: if method.ends_with("-bf16") {
                     peft_core::ComputeDtype::Bf16
                 } else {
                     peft_core::ComputeDtype::F32
                 },
             };
-            let base = if case == "llama-lora-train" {
-                llama_model(&device)
+            let base = if llama {
+                llama_model(&device, &options)
             } else {
                 base_model_with(&device, &options)
             };
@@ -319,9 +344,8 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                     (times, flops, Some(summary))
                 }};
             }
-            match case {
-                "lora-train" | "qlora-train" | "llama-lora-train" | "lora-train-bf16"
-                | "qlora-train-bf16" => train!(
+            match method {
+                "lora-train" | "qlora-train" | "lora-train-bf16" | "qlora-train-bf16" => train!(
                     peft_lora::get_peft_model(base, peft_lora::LoraConfig::default())
                         .map_err(|e| e.to_string())?
                 ),
@@ -339,7 +363,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 ),
                 "ptuning-train" | "ptuning-lstm-train" => {
                     let config = peft_ptuning::PromptEncoderConfig {
-                        encoder_reparameterization_type: if case == "ptuning-train" {
+                        encoder_reparameterization_type: if method == "ptuning-train" {
                             peft_ptuning::EncoderType::Mlp
                         } else {
                             peft_ptuning::EncoderType::Lstm
@@ -351,16 +375,17 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 }
                 "prefix-train" | "prefix-proj-train" => {
                     let config = peft_prefix::PrefixTuningConfig {
-                        prefix_projection: case == "prefix-proj-train",
+                        prefix_projection: method == "prefix-proj-train",
                         encoder_hidden_size: Some(128),
                         ..peft_prefix::PrefixTuningConfig::default()
                     };
                     train!(peft_prefix::get_peft_model(base, config).map_err(|e| e.to_string())?)
                 }
-                _ => train!(
+                "bitfit-train" => train!(
                     peft_bitfit::bitfit(base, peft_bitfit::BitFitConfig::default())
                         .map_err(|e| e.to_string())?
                 ),
+                other => return Err(format!("unknown case `{other}`")),
             }
         }
         other => return Err(format!("unknown case `{other}`")),
