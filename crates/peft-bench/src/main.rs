@@ -174,9 +174,17 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             let n = 1024;
             let a = Tensor::<2>::random([n, n], Distribution::Default, device);
             let b = Tensor::<2>::random([n, n], Distribution::Default, device);
+            // The product the linear layers use: OpenBLAS when present (`PEFT_BLAS=off` for
+            // burn's own), reported as `blas`.
             let times = time(s, device, || {
-                let _ = a.clone().matmul(b.clone()).into_data();
+                let _ = peft_core::blas::matmul(a.clone(), b.clone()).into_data();
             });
+            extra.insert(
+                "blas".into(),
+                peft_core::blas::blas()
+                    .map_or("none".into(), |b| b.name.clone())
+                    .into(),
+            );
             (times, 2.0 * (n * n * n) as f64, None)
         }
         "quantize-nf4" => {
@@ -423,6 +431,8 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first statement of `main`, before any thread is started.
+    unsafe { peft_core::blas::prepare_process() };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(case) = args.first() else {
         eprintln!("usage: peft-bench <case> [--device cpu|wgpu|cuda] [--quick]");

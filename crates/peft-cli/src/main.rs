@@ -209,6 +209,8 @@ struct MergeArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first statement of `main`, before any thread is started.
+    unsafe { peft_core::blas::prepare_process() };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -22,6 +22,7 @@
 
 pub mod adapter;
 pub mod adapter_files;
+pub mod blas;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -20,6 +20,7 @@ use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, bac
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::adapter::PackedWeight;
+use crate::blas::BlasMatmulBackend;
 
 /// The packed weight handed to the operation (an ordinary, non-tensor argument), and whether
 /// its de-quantised values are rounded to bf16 (bf16 compute, see [`crate::precision`]).
@@ -62,9 +63,9 @@ fn dense<B: Backend>(handle: &PackedHandle, device: &B::Device) -> FloatTensor<B
     B::float_from_data(TensorData::new(values, shape), device)
 }
 
-fn forward<B: Backend>(x: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
+fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
     let device = x.device();
-    B::float_matmul(x, B::float_transpose(dense::<B>(handle, &device)))
+    B::blas_matmul(x, B::float_transpose(dense::<B>(handle, &device)))
 }
 
 impl PackedMatmulBackend for Flex {
@@ -73,12 +74,12 @@ impl PackedMatmulBackend for Flex {
     }
 }
 
-impl<B: Backend, C: CheckpointStrategy> PackedMatmulBackend for Autodiff<B, C> {
+impl<B: BlasMatmulBackend, C: CheckpointStrategy> PackedMatmulBackend for Autodiff<B, C> {
     fn packed_matmul(x: FloatTensor<Self>, weight: PackedHandle) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct PackedMatmulBackward;
 
-        impl<B: Backend> Backward<B, 1> for PackedMatmulBackward {
+        impl<B: BlasMatmulBackend> Backward<B, 1> for PackedMatmulBackward {
             // The packed weight and where to de-quantise it: no dense tensor is kept.
             type State = (PackedHandle, B::Device);
 
@@ -94,7 +95,7 @@ impl<B: Backend, C: CheckpointStrategy> PackedMatmulBackend for Autodiff<B, C> {
                 if let Some(node) = node_x {
                     // ∂x = ∂y · W, with W de-quantised again for this product only.
                     let w = dense::<B>(&weight, &device);
-                    grads.register::<B>(node.id, B::float_matmul(grad, w));
+                    grads.register::<B>(node.id, B::blas_matmul(grad, w));
                 }
             }
         }

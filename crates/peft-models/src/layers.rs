@@ -339,5 +339,5 @@ pub fn full_mask(
 
 /// `x @ weightᵀ` for a `[vocab, hidden]` table used as output projection (tied `lm_head`).
 pub fn tied_logits(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
-    burn::tensor::module::linear(hidden, table.transpose(), None)
+    peft_core::blas::linear(hidden, table.transpose(), None)
 }
