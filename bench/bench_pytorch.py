@@ -19,6 +19,9 @@ CASE = ARGS[0]
 # `llama-<method>-train` is `<method>-train` on the Llama.
 LLAMA = CASE.startswith("llama-")
 METHOD = {"burn-lora-train": "lora-train"}.get(CASE, CASE.removeprefix("llama-"))
+# `-gc`: gradient checkpointing (transformers' gradient_checkpointing_enable()).
+CHECKPOINTING = METHOD.endswith("-gc")
+METHOD = METHOD.removesuffix("-gc")
 QUICK = "--quick" in ARGS
 THREADS = int(ARGS[ARGS.index("--threads") + 1]) if "--threads" in ARGS else torch.get_num_threads()
 torch.set_num_threads(THREADS)
@@ -152,6 +155,8 @@ def main():
         else:
             print(f"unknown case {CASE}", file=sys.stderr)
             return 2
+        if CHECKPOINTING:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         extra["trainable_params"] = sum(p.numel() for p in params)

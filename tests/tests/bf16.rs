@@ -12,6 +12,16 @@ use peft_lora::from_pretrained;
 use peft_models::{LoadOptions, load_with};
 use peft_tests::{Reference, adapter_dir, device, logits, max_diff_masked, model_dir};
 
+/// The test device, or `None` (the test is skipped, saying so) where it has no bf16 (wgpu).
+fn bf16_device() -> Option<burn::tensor::Device> {
+    let device = device();
+    if ComputeDtype::Bf16.check_device(&device).is_err() {
+        eprintln!("skipped: {device:?} has no bf16");
+        return None;
+    }
+    Some(device)
+}
+
 const BF16: LoadOptions = LoadOptions {
     quantize: None,
     compute_dtype: ComputeDtype::Bf16,
@@ -50,7 +60,7 @@ fn assert_close(model: &impl CausalLm, bf16_reference: &str, f32_reference: &str
 
 #[test]
 fn four_bit_models_in_bf16_match_bitsandbytes() {
-    let device = device();
+    let Some(device) = bf16_device() else { return };
     for name in ["bloom-tiny-nf4", "llama-tiny-fp4"] {
         let model = load_with(model_dir(name), &device, &BF16).unwrap();
         assert_close(&model, &format!("{name}-bf16"), name);
@@ -59,7 +69,7 @@ fn four_bit_models_in_bf16_match_bitsandbytes() {
 
 #[test]
 fn qlora_adapter_in_bf16_matches_peft() {
-    let device = device();
+    let Some(device) = bf16_device() else { return };
     let base = load_with(model_dir("bloom-tiny-nf4"), &device, &BF16).unwrap();
     let qlora = from_pretrained(base, adapter_dir("qlora-bloom"), true).unwrap();
     assert_close(&qlora.model, "qlora-bloom-bf16", "qlora-bloom");
@@ -67,7 +77,7 @@ fn qlora_adapter_in_bf16_matches_peft() {
 
 #[test]
 fn dense_lora_in_bf16_matches_pytorch_and_keeps_bf16_weights() {
-    let device = device();
+    let Some(device) = bf16_device() else { return };
     let base = load_with(model_dir("bloom-tiny"), &device, &BF16).unwrap();
     let lora = from_pretrained(base, adapter_dir("lora-bloom"), true).unwrap();
     assert_close(&lora.model, "lora-bloom-bf16", "lora-bloom");
@@ -126,7 +136,7 @@ fn dense_lora_in_bf16_matches_pytorch_and_keeps_bf16_weights() {
 /// de-quantised, so the saved model has every weight and reloads with the same outputs.
 #[test]
 fn saving_a_partly_merged_model_keeps_the_packed_layers() {
-    let device = device();
+    let Some(device) = bf16_device() else { return };
     for (name, adapter) in [
         ("bloom-tiny", "lora-bloom"),
         ("bloom-tiny-nf4", "lora-bloom"),
@@ -169,7 +179,8 @@ fn saving_a_partly_merged_model_keeps_the_packed_layers() {
 /// bf16) all train: the loss drops, and the trained parameters stay f32.
 #[test]
 fn training_in_bf16_lowers_the_loss() {
-    let device = device().autodiff();
+    let Some(device) = bf16_device() else { return };
+    let device = device.autodiff();
     let data = peft_tests::chat_data("bloom-tiny");
     let lora_config = peft_lora::LoraConfig {
         r: 8,

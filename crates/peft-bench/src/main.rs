@@ -293,10 +293,13 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             (times, flops, None)
         }
         train_case if train_case.contains("-train") => {
-            // `llama-<method>-train` runs `<method>-train` on the Llama of similar size.
+            // `llama-<method>-train` runs `<method>-train` on the Llama of similar size;
+            // `<method>-train-gc` with burn's gradient checkpointing (`--gradient-checkpointing`).
             let llama = case.starts_with("llama-");
             let method = case.strip_prefix("llama-").unwrap_or(case);
-            let device = if std::env::var_os("PEFT_CKPT").is_some() {
+            let checkpointing = method.ends_with("-gc");
+            let method = method.strip_suffix("-gc").unwrap_or(method);
+            let device = if checkpointing {
                 device.clone().autodiff().gradient_checkpointing()
             } else {
                 device.clone().autodiff()

@@ -129,6 +129,10 @@ pub struct TrainArgs {
     /// Skip the exact-match evaluation (generation) before and after training.
     #[arg(long)]
     no_exact_match: bool,
+    /// Recompute cheap activations in the backward pass instead of keeping them (burn's
+    /// balanced gradient checkpointing): less memory per step, same results.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 fn write_bundled(output: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -414,7 +418,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.epochs = args.epochs.or(Some(30));
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
-    let device = device.autodiff();
+    let device = if args.gradient_checkpointing {
+        device.autodiff().gradient_checkpointing()
+    } else {
+        device.autodiff()
+    };
     let mut options = args.load.options()?;
     if options.quantize.is_none() && args.method == "qlora" {
         options.quantize = Some(peft_quant::QuantConfig::default());

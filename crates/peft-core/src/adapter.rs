@@ -25,7 +25,7 @@ use std::sync::Arc;
 use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::module::linear;
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::HostTensor;
 use crate::error::Result;
@@ -43,6 +43,99 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     fn storage_bytes(&self) -> usize;
     /// The tensors this weight is saved as under `name` (bitsandbytes' layout for 4-bit).
     fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)>;
+
+    /// The weight as 4-bit codes and per-block scales, for de-quantising with tensor operations
+    /// on a GPU ([`DeviceCodes`]); `None` for formats that are not 4-bit codes.
+    fn code_blocks(&self) -> Option<CodeBlocks> {
+        None
+    }
+}
+
+/// Where element `8w + j` of a weight sits in word `w` of [`CodeBlocks::words`]: the nibble at
+/// bit `NIBBLE_SHIFTS[j]`. Words are bitsandbytes' packed bytes read four at a time as a
+/// little-endian `i32`, and byte `b` holds element `2b` in its high nibble.
+pub const NIBBLE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
+
+/// A 4-bit weight as plain arrays: `value[i] = codebook[code(i)] · absmax[i / blocksize]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodeBlocks {
+    /// Eight codes per word (see [`NIBBLE_SHIFTS`]); the last word is zero-padded.
+    pub words: Vec<i32>,
+    /// One f32 scale per block (double quantisation already resolved).
+    pub absmax: Vec<f32>,
+    /// The 16 code values (NF4 or FP4).
+    pub codebook: [f32; 16],
+    /// Elements per block.
+    pub blocksize: usize,
+}
+
+/// A 4-bit weight resident on a device (4.5 bits per parameter with f32 block scales),
+/// de-quantised there by tensor operations for each product: no host work and no f32 upload per
+/// pass on a GPU.
+#[derive(Debug, Clone)]
+pub struct DeviceCodes {
+    /// `[ceil(n / 8)]` words of eight codes.
+    pub words: Tensor<1, Int>,
+    /// `[blocks]` scales.
+    pub absmax: Tensor<1>,
+    /// `[16]` code values.
+    pub codebook: Tensor<1>,
+    /// Elements per block.
+    pub blocksize: usize,
+}
+
+impl DeviceCodes {
+    /// Uploads `blocks` to `device`.
+    pub fn upload(blocks: &CodeBlocks, device: &Device) -> Self {
+        let words = Tensor::<1, Int>::from_data(
+            TensorData::new(blocks.words.clone(), [blocks.words.len()]),
+            device,
+        );
+        let absmax = Tensor::<1>::from_data(
+            TensorData::new(blocks.absmax.clone(), [blocks.absmax.len()]),
+            device,
+        );
+        let codebook =
+            Tensor::<1>::from_data(TensorData::new(blocks.codebook.to_vec(), [16]), device);
+        Self {
+            words,
+            absmax,
+            codebook,
+            blocksize: blocks.blocksize,
+        }
+    }
+
+    /// The de-quantised `[rows, cols]` weight (row-major, `rows · cols` elements), computed on
+    /// the device: unpack the nibbles, look the codes up, scale each block.
+    pub fn dequantize(&self, [rows, cols]: [usize; 2]) -> Tensor<2> {
+        let device = self.words.device();
+        let n = rows * cols;
+        let n_words = self.words.dims()[0];
+        let shifts =
+            Tensor::<2, Int>::from_data(TensorData::new(NIBBLE_SHIFTS.to_vec(), [1, 8]), &device)
+                .cast(self.words.dtype())
+                .expand([n_words, 8]);
+        let codes = self
+            .words
+            .clone()
+            .reshape([n_words, 1])
+            .expand([n_words, 8])
+            .bitwise_right_shift(shifts)
+            .bitwise_and_scalar(15)
+            .reshape([n_words * 8])
+            .slice(0..n);
+        let values = self.codebook.clone().select(0, codes);
+        let blocks = self.absmax.dims()[0];
+        let padded = blocks * self.blocksize;
+        let values = if padded > n {
+            Tensor::cat(vec![values, Tensor::zeros([padded - n], &device)], 0)
+        } else {
+            values
+        };
+        let scaled =
+            values.reshape([blocks, self.blocksize]) * self.absmax.clone().reshape([blocks, 1]);
+        scaled.reshape([padded]).slice(0..n).reshape([rows, cols])
+    }
 }
 
 /// A linear layer whose weight stays packed (4-bit NF4/FP4, or bf16 for bf16 compute on the CPU
@@ -60,6 +153,10 @@ pub struct PackedLinear {
     /// The dtype the product is computed in (`bnb_4bit_compute_dtype`).
     #[module(skip)]
     pub compute: ComputeDtype,
+    /// The codes resident on a GPU device, de-quantised there (`None` on the CPU backend, which
+    /// uses the packed operation, and for non-4-bit formats).
+    #[module(skip)]
+    pub on_device: Option<DeviceCodes>,
 }
 
 impl PackedLinear {
@@ -96,7 +193,11 @@ impl PackedLinear {
             return round_bf16(out);
         }
         let dtype = self.compute.dtype();
-        let weight = self.dense_weight(&x.device()).cast(dtype);
+        let weight = match &self.on_device {
+            Some(codes) => codes.dequantize(self.weight.shape()).transpose(),
+            None => self.dense_weight(&x.device()),
+        }
+        .cast(dtype);
         let bias = self.bias.as_ref().map(|b| b.val().cast(dtype));
         linear(x.cast(dtype), weight, bias).cast(DType::F32)
     }

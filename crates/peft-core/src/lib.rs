@@ -37,8 +37,8 @@ pub mod summary;
 pub mod tensors;
 
 pub use adapter::{
-    AdaptableEmbedding, AdaptableLinear, AdapterModel, BaseLinear, LayerAdapter, NoAdapter,
-    PackedLinear, PackedWeight,
+    AdaptableEmbedding, AdaptableLinear, AdapterModel, BaseLinear, CodeBlocks, DeviceCodes,
+    LayerAdapter, NoAdapter, PackedLinear, PackedWeight,
 };
 pub use config::{ConfigHeader, PeftType, TargetModules};
 pub use error::{PeftError, Result};

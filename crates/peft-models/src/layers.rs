@@ -9,9 +9,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 use peft_core::{
-    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, PeftError,
-    Result, TensorStore, adapter::with_weight_dtype, adapter_files::burn_linear_weight,
-    packed_op::supports_packed_matmul, precision::Bf16Weight,
+    AdaptableLinear, BaseLinear, ComputeDtype, DeviceCodes, LayerAdapter, PackedLinear,
+    PackedWeight, PeftError, Result, TensorStore, adapter::with_weight_dtype,
+    adapter_files::burn_linear_weight, packed_op::supports_packed_matmul, precision::Bf16Weight,
 };
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
 
@@ -164,11 +164,17 @@ impl WeightLoader<'_> {
         } else {
             None
         };
+        // On a GPU the codes live on the device and are de-quantised there (CPU: packed op).
+        let on_device = (!supports_packed_matmul(self.device))
+            .then(|| packed.code_blocks())
+            .flatten()
+            .map(|blocks| DeviceCodes::upload(&blocks, self.device));
         Ok(AdaptableLinear::over(BaseLinear::Packed(PackedLinear {
             weight: packed,
             bias,
             device: self.device.clone(),
             compute: self.compute,
+            on_device,
         })))
     }
 

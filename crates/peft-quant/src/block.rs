@@ -436,6 +436,24 @@ impl peft_core::PackedWeight for Quantized4bit {
     fn to_tensors(&self, name: &str) -> Vec<(String, peft_core::HostTensor)> {
         Quantized4bit::to_tensors(self, name)
     }
+
+    fn code_blocks(&self) -> Option<peft_core::CodeBlocks> {
+        let words = self
+            .packed
+            .chunks(4)
+            .map(|c| {
+                let mut b = [0u8; 4];
+                b[..c.len()].copy_from_slice(c);
+                i32::from_le_bytes(b)
+            })
+            .collect();
+        Some(peft_core::CodeBlocks {
+            words,
+            absmax: self.absmax.to_f32(),
+            codebook: self.quant_type.codebook().values,
+            blocksize: self.blocksize,
+        })
+    }
 }
 
 #[cfg(test)]
