@@ -156,7 +156,7 @@ pub struct PackedLinear {
     /// The codes resident on a GPU device, de-quantised there (`None` on the CPU backend, which
     /// uses the packed operation, and for non-4-bit formats).
     #[module(skip)]
-    pub on_device: Option<DeviceCodes>,
+    pub on_device: Option<Box<DeviceCodes>>,
 }
 
 impl PackedLinear {

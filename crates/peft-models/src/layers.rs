@@ -168,7 +168,7 @@ impl WeightLoader<'_> {
         let on_device = (!supports_packed_matmul(self.device))
             .then(|| packed.code_blocks())
             .flatten()
-            .map(|blocks| DeviceCodes::upload(&blocks, self.device));
+            .map(|blocks| Box::new(DeviceCodes::upload(&blocks, self.device)));
         Ok(AdaptableLinear::over(BaseLinear::Packed(PackedLinear {
             weight: packed,
             bias,
