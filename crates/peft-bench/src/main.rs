@@ -158,6 +158,26 @@ fn train_step<M: CausalLm>(
     optim.step(1e-4, model, grads)
 }
 
+/// Times training steps of `model` and records the resident memory before them and the peak
+/// during them in `extra`.
+fn timed_steps<M: CausalLm>(
+    model: M,
+    s: &Settings,
+    device: &Device,
+    optim: &mut burn::optim::ModuleOptimizer,
+    (ids, mask): (&Tensor<2, Int>, &Tensor<2, Int>),
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> Vec<f64> {
+    let mut model = Some(model);
+    reset_peak_rss();
+    extra.insert("rss_before_steps_bytes".into(), rss_bytes().into());
+    let times = time(s, device, || {
+        model = Some(train_step(model.take().expect("model"), optim, ids, mask));
+    });
+    extra.insert("step_peak_rss_bytes".into(), peak_rss_bytes().into());
+    times
+}
+
 fn adapter_bytes(save: impl FnOnce(&std::path::Path)) -> u64 {
     let dir = std::env::temp_dir().join(format!("peft-bench-{}", std::process::id()));
     save(&dir);
@@ -278,18 +298,8 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             let flops = 2.0 * forward_flops(&base, s);
             let lora = burn::module::Lora::new(8, 8.0)
                 .set_param_group(burn::module::ParamGroup::from_predicate("query_key_value"));
-            let mut model = Some(burn::module::Module::apply_lora(base, lora));
-            reset_peak_rss();
-            extra.insert("rss_before_steps_bytes".into(), rss_bytes().into());
-            let times = time(s, &device, || {
-                model = Some(train_step(
-                    model.take().expect("model"),
-                    &mut optim,
-                    &ids,
-                    &mask,
-                ));
-            });
-            extra.insert("step_peak_rss_bytes".into(), peak_rss_bytes().into());
+            let model = burn::module::Module::apply_lora(base, lora);
+            let times = timed_steps(model, s, &device, &mut optim, (&ids, &mask), &mut extra);
             (times, flops, None)
         }
         train_case if train_case.contains("-train") => {
@@ -340,18 +350,14 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                         AdapterModel::save_pretrained(&wrapper, dir).expect("save")
                     });
                     extra.insert("adapter_file_bytes".into(), bytes.into());
-                    let mut model = Some(wrapper.model);
-                    reset_peak_rss();
-                    extra.insert("rss_before_steps_bytes".into(), rss_bytes().into());
-                    let times = time(s, &device, || {
-                        model = Some(train_step(
-                            model.take().expect("model"),
-                            &mut optim,
-                            &ids,
-                            &mask,
-                        ));
-                    });
-                    extra.insert("step_peak_rss_bytes".into(), peak_rss_bytes().into());
+                    let times = timed_steps(
+                        wrapper.model,
+                        s,
+                        &device,
+                        &mut optim,
+                        (&ids, &mask),
+                        &mut extra,
+                    );
                     (times, flops, Some(summary))
                 }};
             }

@@ -951,22 +951,7 @@ fn quantize_file_selects_tensors_and_rejects_bad_settings() {
 fn qlora_trains_and_merges_dense() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("qlora");
-    ok(&peft(&[
-        "train",
-        "--method",
-        "qlora",
-        "--model",
-        model("bloom-tiny").to_str().unwrap(),
-        "--data",
-        fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-        "--r",
-        "8",
-        "--max-steps",
-        "3",
-        "--no-exact-match",
-    ]));
+    ok(&train_qlora_briefly(&out_dir, &[]));
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
     )
@@ -1038,24 +1023,7 @@ fn bf16_compute_runs_and_trains() {
     assert!(diff < 1e-4, "bf16 logits: {diff}");
 
     let out_dir = dir.path().join("qlora-bf16");
-    ok(&peft(&[
-        "train",
-        "--method",
-        "qlora",
-        "--compute-dtype",
-        "bf16",
-        "--model",
-        model("bloom-tiny").to_str().unwrap(),
-        "--data",
-        fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-        "--r",
-        "8",
-        "--max-steps",
-        "3",
-        "--no-exact-match",
-    ]));
+    ok(&train_qlora_briefly(&out_dir, &["--compute-dtype", "bf16"]));
     assert!(out_dir.join("adapter/adapter_model.safetensors").is_file());
 
     assert_clean_failure(
@@ -1075,31 +1043,38 @@ fn bf16_compute_runs_and_trains() {
 fn gradient_checkpointing_trains_the_same_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let mut adapters = Vec::new();
-    for (name, extra) in [("plain", None), ("gc", Some("--gradient-checkpointing"))] {
+    for (name, extra) in [
+        ("plain", &[][..]),
+        ("gc", &["--gradient-checkpointing"][..]),
+    ] {
         let out_dir = dir.path().join(name);
-        let mut args = vec![
-            "train",
-            "--method",
-            "qlora",
-            "--model",
-            model("bloom-tiny").to_str().unwrap(),
-            "--data",
-            fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
-            "--output",
-            out_dir.to_str().unwrap(),
-            "--r",
-            "8",
-            "--max-steps",
-            "3",
-            "--no-exact-match",
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
-        args.extend(extra.map(str::to_string));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(&peft(&args));
+        ok(&train_qlora_briefly(&out_dir, extra));
         adapters.push(std::fs::read(out_dir.join("adapter/adapter_model.safetensors")).unwrap());
     }
     assert_eq!(adapters[0], adapters[1]);
+}
+
+/// `peft train --method qlora` on bloom-tiny and the demo data, 3 steps of r = 8, into `out_dir`,
+/// with `extra` flags.
+fn train_qlora_briefly(out_dir: &Path, extra: &[&str]) -> Output {
+    let model_dir = model("bloom-tiny");
+    let data = fixtures().join("../../data/demo.jsonl");
+    let mut args = vec![
+        "train",
+        "--method",
+        "qlora",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--r",
+        "8",
+        "--max-steps",
+        "3",
+        "--no-exact-match",
+    ];
+    args.extend_from_slice(extra);
+    peft(&args)
 }
