@@ -9,6 +9,7 @@
 //! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
 //! * [`tensors`]: safetensors reading (single and sharded, f32/f16/bf16) and atomic writes;
 //! * [`precision`]: f32 or bf16 compute in the linear layers;
+//! * [`packed_op`], [`blas`]: the frozen layers' products (packed weights; OpenBLAS when present);
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line;
 //! * [`error`]: the typed error all library crates return.
 //!
