@@ -44,6 +44,17 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     /// The tensors this weight is saved as under `name` (bitsandbytes' layout for 4-bit).
     fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)>;
 
+    /// The de-quantised weight rounded to bf16 (held as f32): what bf16 compute multiplies by.
+    /// bitsandbytes de-quantises in f32 and casts to the compute dtype, one rounding; a format
+    /// already in bf16 returns its values as they are.
+    fn dequantize_bf16_rounded(&self) -> Vec<f32> {
+        let mut values = self.dequantize();
+        for v in &mut values {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+        values
+    }
+
     /// The weight as 4-bit codes and per-block scales, for de-quantising with tensor operations
     /// on a GPU ([`DeviceCodes`]); `None` for formats that are not 4-bit codes.
     fn code_blocks(&self) -> Option<CodeBlocks> {
@@ -80,6 +91,8 @@ pub struct DeviceCodes {
     pub absmax: Tensor<1>,
     /// `[16]` code values.
     pub codebook: Tensor<1>,
+    /// `[1, 8]` [`NIBBLE_SHIFTS`], in the words' integer dtype.
+    pub shifts: Tensor<2, Int>,
     /// Elements per block.
     pub blocksize: usize,
 }
@@ -97,10 +110,14 @@ impl DeviceCodes {
         );
         let codebook =
             Tensor::<1>::from_data(TensorData::new(blocks.codebook.to_vec(), [16]), device);
+        let shifts =
+            Tensor::<2, Int>::from_data(TensorData::new(NIBBLE_SHIFTS.to_vec(), [1, 8]), device)
+                .cast(words.dtype());
         Self {
             words,
             absmax,
             codebook,
+            shifts,
             blocksize: blocks.blocksize,
         }
     }
@@ -111,10 +128,7 @@ impl DeviceCodes {
         let device = self.words.device();
         let n = rows * cols;
         let n_words = self.words.dims()[0];
-        let shifts =
-            Tensor::<2, Int>::from_data(TensorData::new(NIBBLE_SHIFTS.to_vec(), [1, 8]), &device)
-                .cast(self.words.dtype())
-                .expand([n_words, 8]);
+        let shifts = self.shifts.clone().expand([n_words, 8]);
         let codes = self
             .words
             .clone()
@@ -192,15 +206,24 @@ impl PackedLinear {
             };
             return round_bf16(out);
         }
-        let dtype = self.compute.dtype();
         let weight = match &self.on_device {
             Some(codes) => codes.dequantize(self.weight.shape()).transpose(),
             None => self.dense_weight(&x.device()),
-        }
-        .cast(dtype);
-        let bias = self.bias.as_ref().map(|b| b.val().cast(dtype));
-        linear(x.cast(dtype), weight, bias).cast(DType::F32)
+        };
+        linear_in(
+            self.compute.dtype(),
+            x,
+            weight,
+            self.bias.as_ref().map(|b| b.val()),
+        )
     }
+}
+
+/// `x · weight + bias` with every operand cast to `dtype` (the backend's own kernels), returned in
+/// f32: bf16 compute off the CPU backend.
+fn linear_in(dtype: DType, x: Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<3> {
+    let bias = bias.map(|b| b.cast(dtype));
+    linear(x.cast(dtype), weight.cast(dtype), bias).cast(DType::F32)
 }
 
 /// The frozen base of an [`AdaptableLinear`]: a dense burn [`Linear`] or a packed 4-bit weight.
@@ -223,8 +246,7 @@ impl BaseLinear {
                 if dtype == DType::F32 {
                     return crate::blas::linear(x, weight, l.bias.as_ref().map(|b| b.val()));
                 }
-                let bias = l.bias.as_ref().map(|b| b.val().cast(dtype));
-                linear(x.cast(dtype), weight, bias).cast(DType::F32)
+                linear_in(dtype, x, weight, l.bias.as_ref().map(|b| b.val()))
             }
             BaseLinear::Packed(q) => q.forward(x),
         }

@@ -52,15 +52,12 @@ pub trait PackedMatmulBackend: Backend {
 
 /// `W` as `[out, in]` on `device`, in f32 (its values rounded to bf16 when asked).
 fn dense<B: Backend>(handle: &PackedHandle, device: &B::Device) -> FloatTensor<B> {
-    let shape = handle.weight.shape();
-    let mut values = handle.weight.dequantize();
-    if handle.bf16 {
-        // bitsandbytes de-quantises in f32 and casts to the compute dtype: one rounding.
-        for v in &mut values {
-            *v = half::bf16::from_f32(*v).to_f32();
-        }
-    }
-    B::float_from_data(TensorData::new(values, shape), device)
+    let values = if handle.bf16 {
+        handle.weight.dequantize_bf16_rounded()
+    } else {
+        handle.weight.dequantize()
+    };
+    B::float_from_data(TensorData::new(values, handle.weight.shape()), device)
 }
 
 fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
@@ -167,20 +164,32 @@ mod tests {
         }
     }
 
+    /// A `[d_out, d_in]` weight of `values`, as a packed weight and its values, with an input
+    /// `x: [2, 3, d_in]` that requires gradients and random output weights `r: [2, 3, d_out]`.
+    fn case(
+        d_in: usize,
+        d_out: usize,
+        values: Vec<f32>,
+        device: &Device,
+    ) -> (Arc<dyn PackedWeight>, Vec<f32>, Tensor<3>, Tensor<3>) {
+        let weight: Arc<dyn PackedWeight> = Arc::new(Plain {
+            shape: [d_out, d_in],
+            values: values.clone(),
+        });
+        let x = Tensor::<3>::random([2, 3, d_in], Distribution::Default, device).require_grad();
+        let r = Tensor::<3>::random([2, 3, d_out], Distribution::Default, device);
+        (weight, values, x, r)
+    }
+
     #[test]
     fn gradient_matches_a_dense_matmul() {
         let device = Device::flex().autodiff();
         assert!(supports_packed_matmul(&device));
         let (d_in, d_out) = (6, 5);
-        let values: Vec<f32> = (0..d_in * d_out)
+        let values = (0..d_in * d_out)
             .map(|i| ((i * 7) % 11) as f32 - 5.0)
             .collect();
-        let weight: Arc<dyn PackedWeight> = Arc::new(Plain {
-            shape: [d_out, d_in],
-            values: values.clone(),
-        });
-        let x = Tensor::<3>::random([2, 3, d_in], Distribution::Default, &device).require_grad();
-        let r = Tensor::<3>::random([2, 3, d_out], Distribution::Default, &device);
+        let (weight, values, x, r) = case(d_in, d_out, values, &device);
 
         let packed = packed_linear(x.clone(), &weight, false);
         let grads = (packed.clone() * r.clone()).sum().backward();
@@ -203,15 +212,10 @@ mod tests {
         use crate::precision::round_bf16;
         let device = Device::flex().autodiff();
         let (d_in, d_out) = (40, 24);
-        let values: Vec<f32> = (0..d_in * d_out)
+        let values = (0..d_in * d_out)
             .map(|i| (((i * 37) % 101) as f32 - 50.0) / 37.0)
             .collect();
-        let weight: Arc<dyn PackedWeight> = Arc::new(Plain {
-            shape: [d_out, d_in],
-            values: values.clone(),
-        });
-        let x = Tensor::<3>::random([2, 3, d_in], Distribution::Default, &device).require_grad();
-        let r = Tensor::<3>::random([2, 3, d_out], Distribution::Default, &device);
+        let (weight, values, x, r) = case(d_in, d_out, values, &device);
 
         let packed = round_bf16(packed_linear(round_bf16(x.clone()), &weight, true));
         let grads = (packed.clone() * r.clone()).sum().backward();

@@ -123,6 +123,11 @@ impl PackedWeight for Bf16Weight {
         self.values.iter().map(|v| v.to_f32()).collect()
     }
 
+    fn dequantize_bf16_rounded(&self) -> Vec<f32> {
+        // Already bf16: no second pass over the weight on every product.
+        self.dequantize()
+    }
+
     fn storage_bytes(&self) -> usize {
         self.values.len() * 2
     }
@@ -189,6 +194,7 @@ mod bf16_weight_tests {
             vec![1.0, 1.0, -3.5, half::bf16::from_f32(1e-3).to_f32()]
         );
         let tensors = w.to_tensors("layer.weight");
+        assert_eq!(w.dequantize_bf16_rounded(), w.dequantize());
         assert_eq!(tensors[0].0, "layer.weight");
         assert_eq!(tensors[0].1.dtype, Dtype::BF16);
         assert_eq!(tensors[0].1.shape, vec![2, 2]);
