@@ -10,6 +10,7 @@
 //! * [`tensors`]: safetensors reading (single and sharded, f32/f16/bf16) and atomic writes;
 //! * [`precision`]: f32 or bf16 compute in the linear layers;
 //! * [`packed_op`], [`blas`]: the frozen layers' products (packed weights; OpenBLAS when present);
+//! * [`fused`], [`kernels`]: one-pass CPU operations for the GELU and the loss;
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line;
 //! * [`error`]: the typed error all library crates return.
 //!
@@ -27,6 +28,8 @@ pub mod blas;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fused;
+pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod modules;

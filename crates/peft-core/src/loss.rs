@@ -15,7 +15,7 @@ pub const IGNORE_INDEX: i64 = -100;
 ///
 /// With no label left to predict the result is NaN, as in PyTorch; callers check their data.
 pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-    let [batch, seq, vocab] = logits.dims();
+    let [batch, seq, _] = logits.dims();
     let labels = match seq.saturating_sub(labels.dims()[1]) {
         0 => labels,
         extra => {
@@ -23,6 +23,16 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
             Tensor::cat(vec![pad, labels], 1)
         }
     };
+    if crate::fused::cross_entropy_is_fused(&logits) {
+        fused_causal_lm_loss(logits, labels)
+    } else {
+        composed_causal_lm_loss(logits, labels)
+    }
+}
+
+/// [`causal_lm_loss`] from burn operations (any backend), labels already as long as the logits.
+fn composed_causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+    let [batch, seq, vocab] = logits.dims();
     let n = batch * (seq - 1);
     let logits = logits.slice_dim(1, 0..seq - 1).reshape([n, vocab]);
     let targets = labels.slice_dim(1, 1..seq).reshape([n]);
@@ -34,6 +44,35 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
     let weights = valid.float();
     let count = weights.clone().sum();
     (picked * weights).sum().neg() / count
+}
+
+/// [`causal_lm_loss`] through the fused cross-entropy: every position is a row, its target the
+/// next label (none for the last position), so the logits are used in place, unsliced.
+fn fused_causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+    let [batch, seq, vocab] = logits.dims();
+    let labels: Vec<i64> = labels
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap_or_default();
+    // The fused kernel ignores negative targets and answers NaN for out-of-range ones: only
+    // IGNORE_INDEX is ignored here, any other negative label is out of range (NaN loss).
+    let target = |label: i64| match label {
+        IGNORE_INDEX => -1,
+        l if l < 0 => vocab as i64,
+        l => l,
+    };
+    let mut targets = vec![-1; batch * seq];
+    if seq > 1 {
+        for (row, chunk) in targets.chunks_mut(seq).zip(labels.chunks(seq)) {
+            for (t, &label) in row.iter_mut().zip(&chunk[1..]) {
+                *t = target(label);
+            }
+        }
+    }
+    let count = targets.iter().filter(|&&t| t >= 0).count();
+    let nll = crate::fused::cross_entropy_rows(logits.reshape([batch * seq, vocab]), targets);
+    nll.sum().div_scalar(count as f32)
 }
 
 #[cfg(test)]
@@ -61,5 +100,54 @@ mod tests {
         let loss: f32 = causal_lm_loss(logits, labels).into_scalar();
         let expected = (1.0 + (-2f32).exp()).ln();
         assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
+    }
+
+    /// The fused loss (CPU, f32) equals the composed one, value and gradient, with ignored
+    /// labels and virtual-token padding.
+    #[test]
+    fn fused_loss_matches_the_composed_one() {
+        use burn::tensor::Distribution;
+        let device = Device::flex().autodiff();
+        let logits =
+            Tensor::<3>::random([2, 5, 37], Distribution::Normal(0.0, 3.0), &device).require_grad();
+        let labels = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![3i64, 9, -100, 36, 0, 5, 5, -100, -100, 1], [2, 5]),
+            &device,
+        );
+        assert!(crate::fused::cross_entropy_is_fused(&logits));
+        let short = labels.clone().slice_dim(1, 1..5);
+        for labels in [labels, short] {
+            let fused = causal_lm_loss(logits.clone(), labels.clone());
+            let pad = 5 - labels.dims()[1];
+            let full = if pad == 0 {
+                labels
+            } else {
+                Tensor::cat(
+                    vec![Tensor::full([2, pad], IGNORE_INDEX, &device), labels],
+                    1,
+                )
+            };
+            let composed = composed_causal_lm_loss(logits.clone(), full);
+            let (f, c): (f32, f32) = (fused.clone().into_scalar(), composed.clone().into_scalar());
+            assert!((f - c).abs() < 1e-5, "fused {f} vs composed {c}");
+            let gf = logits.grad(&fused.backward()).unwrap();
+            let gc = logits.grad(&composed.backward()).unwrap();
+            let diff: f32 = (gf - gc).abs().max().into_scalar();
+            assert!(diff < 1e-6, "gradients differ by {diff}");
+        }
+    }
+
+    /// Only -100 is ignored; another negative label, or one past the vocabulary, makes the
+    /// loss NaN instead of panicking.
+    #[test]
+    fn out_of_range_labels_give_nan() {
+        let device = Device::flex();
+        let logits = Tensor::<3>::zeros([1, 3, 4], &device);
+        for bad in [4i64, -2] {
+            let labels =
+                Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, bad, 1], [1, 3]), &device);
+            let loss: f32 = causal_lm_loss(logits.clone(), labels).into_scalar();
+            assert!(loss.is_nan(), "label {bad}: {loss}");
+        }
     }
 }

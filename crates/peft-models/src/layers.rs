@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
-use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use std::sync::Arc;
@@ -15,16 +15,10 @@ use peft_core::{
 };
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
 
-/// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`), computed as
-/// `x · σ(2z)` with `z = √(2/π)·(x + 0.044715·x³)`: the same function as `0.5·x·(1 + tanh z)`,
-/// but the CPU backend's sigmoid costs one `exp` where its `tanh` costs a libm `tanhf` (itself an
-/// `expm1f`), and `x·x·x` avoids `powf` in both passes. Measured: −12 % of a LoRA training step
-/// on the 16M-parameter BLOOM (docs/BENCHMARKS.md).
+/// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`): one fused pass on the CPU
+/// backend, see [`peft_core::fused::gelu_tanh`].
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    let cube = x.clone() * x.clone() * x.clone();
-    let z = (x.clone() + cube * 0.044715) * (2.0 * SQRT_2_OVER_PI);
-    x * sigmoid(z)
+    peft_core::fused::gelu_tanh(x)
 }
 
 /// LayerNorm with Hugging Face's parameter names (`weight`, `bias`).
