@@ -29,9 +29,39 @@ use crate::packed_op::supports_packed_matmul;
 #[derive(Clone, Debug)]
 pub struct RowTargets(pub Arc<Vec<i64>>);
 
+/// The score adjustments of [`FusedBackend::softmax_attention`] (see [`kernels::ScoreMask`]), held on
+/// the host.
+#[derive(Clone, Debug)]
+pub struct AttentionMask {
+    /// Multiplies `q·kᵀ`.
+    pub scale: f32,
+    /// ALiBi-style bias `[batch, heads, kv_len]`.
+    pub bias: Option<Arc<Vec<f32>>>,
+    /// `[batch, q_len, kv_len]`: which keys each query may see.
+    pub allowed: Arc<Vec<bool>>,
+}
+
+impl AttentionMask {
+    fn scores(&self) -> kernels::ScoreMask<'_> {
+        kernels::ScoreMask {
+            scale: self.scale,
+            bias: self.bias.as_deref().map(Vec::as_slice),
+            allowed: &self.allowed,
+        }
+    }
+}
+
 /// Backends with the fused operations.
 #[backend_extension(Autodiff, Flex)]
 pub trait FusedBackend: Backend {
+    /// Softmax attention: `q: [batch, heads, q_len, head_dim]`, `k`, `v`:
+    /// `[batch, kv_heads, kv_len, head_dim]` → `[batch, q_len, heads, head_dim]`.
+    fn softmax_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> FloatTensor<Self>;
     /// GELU, tanh approximation, element-wise.
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `logits: [rows, vocab]` → `[rows]`: each row's negative log-likelihood of its target
@@ -95,9 +125,97 @@ pub trait FusedKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
     /// `values[r][..] · by[r]` for `values: [rows, width]`, `by: [rows]`.
     fn scale_rows(values: FloatTensor<Self>, by: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// [`FusedBackend::softmax_attention`] and its probabilities `[batch, heads, q_len, kv_len]`.
+    fn attention_with_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `[∂q, ∂k, ∂v]` of [`FusedBackend::softmax_attention`] from `∂out: [batch, q_len, heads, head_dim]`.
+    fn attention_backward(
+        qkv: [FloatTensor<Self>; 3],
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> [FloatTensor<Self>; 3];
+}
+
+/// `tensor`, made contiguous if its layout is not one [`kernels::View4`] reads.
+fn viewable(tensor: FlexTensor) -> FlexTensor {
+    if view4(&tensor).is_some() {
+        tensor
+    } else {
+        tensor.to_contiguous()
+    }
+}
+
+fn dims4(tensor: &FlexTensor) -> [usize; 4] {
+    let shape = tensor.layout().shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+fn view4(tensor: &FlexTensor) -> Option<kernels::View4<'_>> {
+    let layout = tensor.layout();
+    kernels::View4::new(
+        tensor.storage::<f32>(),
+        layout.start_offset(),
+        layout.strides(),
+        dims4(tensor),
+    )
+}
+
+fn attention_dims(q: &FlexTensor, k: &FlexTensor) -> kernels::AttentionDims {
+    let [batch, heads, q_len, head_dim] = dims4(q);
+    let [_, kv_heads, kv_len, _] = dims4(k);
+    kernels::AttentionDims {
+        batch,
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        head_dim,
+    }
+}
+
+fn flex_attention(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    mask: &AttentionMask,
+) -> (FlexTensor, FlexTensor) {
+    let (q, k, v) = (viewable(q), viewable(k), viewable(v));
+    let dims = attention_dims(&q, &k);
+    let mut probs = FlexTensor::empty(
+        Shape::new([dims.batch, dims.heads, dims.q_len, dims.kv_len]),
+        DType::F32,
+    );
+    let mut out = FlexTensor::empty(
+        Shape::new([dims.batch, dims.q_len, dims.heads, dims.head_dim]),
+        DType::F32,
+    );
+    if let (Some(qv), Some(kv), Some(vv)) = (view4(&q), view4(&k), view4(&v)) {
+        kernels::attention(
+            dims,
+            (qv, kv, vv),
+            mask.scores(),
+            probs.storage_mut::<f32>(),
+            out.storage_mut::<f32>(),
+        );
+    }
+    (out, probs)
 }
 
 impl FusedBackend for Flex {
+    fn softmax_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> FloatTensor<Self> {
+        flex_attention(q, k, v, &mask).0
+    }
+
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
         flex_gelu(&x)
     }
@@ -132,9 +250,119 @@ impl FusedKernels for Flex {
         kernels::scale_rows(values.storage_mut::<f32>(), width, &self::values(&by));
         values
     }
+
+    fn attention_with_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex_attention(q, k, v, mask)
+    }
+
+    fn attention_backward(
+        [q, k, v]: [FloatTensor<Self>; 3],
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> [FloatTensor<Self>; 3] {
+        let (q, k, v, probs) = (viewable(q), viewable(k), viewable(v), probs.to_contiguous());
+        // ∂out arrives as [batch, q_len, heads, head_dim]; the kernel reads it per head.
+        let grad = viewable(grad).transpose(1, 2);
+        let grad = viewable(grad);
+        let dims = attention_dims(&q, &k);
+        let mut dq = FlexTensor::empty(q.layout().shape().clone(), DType::F32);
+        let mut dk = FlexTensor::empty(k.layout().shape().clone(), DType::F32);
+        let mut dv = FlexTensor::empty(v.layout().shape().clone(), DType::F32);
+        if let (Some(qv), Some(kv), Some(vv), Some(gv), Some(p)) = (
+            view4(&q),
+            view4(&k),
+            view4(&v),
+            view4(&grad),
+            probs.as_slice::<f32>(),
+        ) {
+            kernels::attention_backward(
+                dims,
+                (qv, kv, vv),
+                mask.scores(),
+                p,
+                gv,
+                dq.storage_mut::<f32>(),
+                dk.storage_mut::<f32>(),
+                dv.storage_mut::<f32>(),
+            );
+        }
+        [dq, dk, dv]
+    }
 }
 
 impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn softmax_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: AttentionMask,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl<B: FusedKernels> Backward<B, 3> for AttentionBackward {
+            // q, k, v (checkpointed), the probabilities, the mask.
+            type State = (
+                [burn::backend::autodiff::NodeId; 3],
+                B::FloatTensorPrimitive,
+                AttentionMask,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (ids, probs, mask) = ops.state;
+                let inputs = ids.map(|id| checkpointer.retrieve_node_output(id));
+                let grad = grads.consume::<B>(&ops.node);
+                if ops.parents.iter().all(Option::is_none) {
+                    return;
+                }
+                let input_grads = B::attention_backward(inputs, probs, grad, &mask);
+                for (parent, g) in ops.parents.into_iter().zip(input_grads) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [
+                    prep.checkpoint(&q),
+                    prep.checkpoint(&k),
+                    prep.checkpoint(&v),
+                ];
+                let (out, probs) = B::attention_with_probs(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
+                    &mask,
+                );
+                prep.finish((ids, probs, mask), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::softmax_attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                mask,
+            )),
+        }
+    }
+
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct GeluBackward;
@@ -212,10 +440,10 @@ fn fused_path<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && supports_packed_matmul(&x.device())
 }
 
-/// Whether [`cross_entropy_rows`] of `logits` runs fused (so that callers on other backends
-/// need not read their labels back to the host).
-pub fn cross_entropy_is_fused<const D: usize>(logits: &Tensor<D>) -> bool {
-    fused_path(logits)
+/// Whether the fused operations run for `tensor` (f32 on the CPU backend), so that callers on
+/// other backends need not read masks or labels back to the host.
+pub fn is_fused<const D: usize>(tensor: &Tensor<D>) -> bool {
+    fused_path(tensor)
 }
 
 /// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`,
@@ -229,6 +457,56 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let cube = x.clone() * x.clone() * x.clone();
     let z = (x.clone() + cube * 0.044715) * (2.0 * SQRT_2_OVER_PI);
     x * sigmoid(z)
+}
+
+/// Softmax attention in one operation on the CPU backend (f32); `None` elsewhere, for the caller
+/// to compose it. `q: [batch, heads, q_len, head_dim]`, `k`, `v`:
+/// `[batch, kv_heads, kv_len, head_dim]` with `kv_heads` dividing `heads` (grouped-query
+/// attention reads key/value head `h / (heads / kv_heads)` for query head `h`, without repeating
+/// them), `scale` on `q·kᵀ`, `bias: [batch, heads, kv_len]` added to every query's scores,
+/// `allowed: [batch, q_len, kv_len]`. Returns `[batch, q_len, heads, head_dim]`.
+///
+/// The probabilities `[batch, heads, q_len, kv_len]` are kept for the backward pass, which
+/// recomputes nothing else; a query that may see no key attends uniformly to all of them, with
+/// no gradient (transformers' eager attention on a fully masked row).
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f32,
+    bias: Option<Vec<f32>>,
+    allowed: Vec<bool>,
+) -> Option<Tensor<4>> {
+    if !fused_path(&q) || k.dtype() != DType::F32 || v.dtype() != DType::F32 {
+        return None;
+    }
+    let [batch, heads, q_len, head_dim] = q.dims();
+    let [kb, kv_heads, kv_len, kd] = k.dims();
+    let consistent = kb == batch
+        && kd == head_dim
+        && v.dims() == [batch, kv_heads, kv_len, head_dim]
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && allowed.len() == batch * q_len * kv_len
+        && bias
+            .as_ref()
+            .is_none_or(|b| b.len() == batch * heads * kv_len);
+    if !consistent {
+        return None;
+    }
+    let mask = AttentionMask {
+        scale,
+        bias: bias.map(Arc::new),
+        allowed: Arc::new(allowed),
+    };
+    Some(Tensor::from_dispatch(
+        <Dispatch as FusedBackend>::softmax_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            mask,
+        ),
+    ))
 }
 
 /// Per-row negative log-likelihood of `targets` under `logits: [rows, vocab]` → `[rows]`, 0 for

@@ -268,6 +268,367 @@ pub fn scale_rows(values: &mut [f32], width: usize, by: &[f32]) {
         .for_each(|(row, &s)| scale(row, s));
 }
 
+/// A strided 4-D view `[d0, d1, rows, cols]` of f32 values (a burn CPU tensor's storage with its
+/// layout), read in place by the attention kernels.
+#[derive(Clone, Copy, Debug)]
+pub struct View4<'a> {
+    data: &'a [f32],
+    offset: usize,
+    strides: [usize; 4],
+    dims: [usize; 4],
+}
+
+impl<'a> View4<'a> {
+    /// A view of `data` from `offset` with `strides` (elements); `None` when a stride is negative
+    /// or the view would reach past `data`.
+    pub fn new(
+        data: &'a [f32],
+        offset: usize,
+        strides: &[isize],
+        dims: [usize; 4],
+    ) -> Option<Self> {
+        let strides: Vec<usize> = strides
+            .iter()
+            .map(|&s| usize::try_from(s).ok())
+            .collect::<Option<_>>()?;
+        let strides: [usize; 4] = strides.try_into().ok()?;
+        if dims.contains(&0) {
+            return Some(Self {
+                data,
+                offset,
+                strides,
+                dims,
+            });
+        }
+        let last = offset
+            + dims
+                .iter()
+                .zip(&strides)
+                .map(|(d, s)| (d - 1) * s)
+                .sum::<usize>();
+        (last < data.len()).then_some(Self {
+            data,
+            offset,
+            strides,
+            dims,
+        })
+    }
+
+    /// The `[rows, cols]` matrix at `[i0, i1]`: its first element and row/column strides.
+    fn matrix(&self, i0: usize, i1: usize) -> (*const f32, isize, isize) {
+        debug_assert!(i0 < self.dims[0] && i1 < self.dims[1]);
+        let start = self.offset + i0 * self.strides[0] + i1 * self.strides[1];
+        // In bounds: `new` checked the view's last element.
+        let ptr = self.data[start..].as_ptr();
+        (ptr, self.strides[2] as isize, self.strides[3] as isize)
+    }
+}
+
+/// What the attention scores get besides `q·kᵀ`: a scale, an optional bias per key (ALiBi) and
+/// which keys each query may see.
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreMask<'a> {
+    /// Multiplies `q·kᵀ`.
+    pub scale: f32,
+    /// Added after scaling, `[batch, heads, kv_len]` (the same for every query).
+    pub bias: Option<&'a [f32]>,
+    /// `[batch, q_len, kv_len]`, the same for every head; a query that may see no key attends
+    /// uniformly to all (what a softmax over scores all set to the dtype's minimum gives, as in
+    /// transformers' eager attention), with no gradient.
+    pub allowed: &'a [bool],
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` for strided matrices, on the calling thread.
+///
+/// # Safety
+/// Each pointer with its strides must address a matrix of the given size inside one live
+/// allocation, and `dst` must not overlap `lhs` or `rhs` or be written by another thread.
+unsafe fn small_matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (isize, isize),
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, isize, isize),
+) {
+    // SAFETY: the caller's contract; gemm reads `dst` only with `accumulate`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs,
+            dst_rs,
+            accumulate,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+multiversion! {
+    /// One row of scores to probabilities in place: scale, bias, mask, softmax.
+    fn softmax_scores(row: &mut [f32], allowed: &[bool], bias: Option<&[f32]>, scale: f32) {
+        if !allowed.iter().any(|&a| a) {
+            let uniform = 1.0 / row.len() as f32;
+            row.fill(uniform);
+            return;
+        }
+        match bias {
+            Some(bias) => {
+                for ((s, &a), &b) in row.iter_mut().zip(allowed).zip(bias) {
+                    *s = if a { *s * scale + b } else { f32::NEG_INFINITY };
+                }
+            }
+            None => {
+                for (s, &a) in row.iter_mut().zip(allowed) {
+                    *s = if a { *s * scale } else { f32::NEG_INFINITY };
+                }
+            }
+        }
+        let max = max_of(row);
+        let mut acc = [0.0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (a, s) in acc.iter_mut().zip(chunk.iter_mut()) {
+                *s = exp(*s - max);
+                *a += *s;
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for s in chunks.into_remainder() {
+            *s = exp(*s - max);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// `∂scores` from `∂probs` (in place) and the probabilities of one row:
+    /// `scale · p ⊙ (∂p − Σ ∂p ⊙ p)`; nothing flows through a row that saw no key.
+    fn softmax_scores_backward(grad: &mut [f32], probs: &[f32], allowed: &[bool], scale: f32) {
+        if !allowed.iter().any(|&a| a) {
+            grad.fill(0.0);
+            return;
+        }
+        let mut acc = [0.0f32; LANES];
+        let chunks = grad.chunks_exact(LANES).zip(probs.chunks_exact(LANES));
+        for (g, p) in chunks {
+            for ((a, &g), &p) in acc.iter_mut().zip(g).zip(p) {
+                *a += g * p;
+            }
+        }
+        let tail = grad.len() / LANES * LANES;
+        let dot = acc.iter().sum::<f32>()
+            + grad[tail..].iter().zip(&probs[tail..]).map(|(g, p)| g * p).sum::<f32>();
+        for (g, &p) in grad.iter_mut().zip(probs) {
+            *g = scale * p * (*g - dot);
+        }
+    }
+}
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    /// Batch size.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; divides `heads` (query head `h` reads key/value head
+    /// `h / (heads / kv_heads)`).
+    pub kv_heads: usize,
+    /// Query positions.
+    pub q_len: usize,
+    /// Key/value positions.
+    pub kv_len: usize,
+    /// Features per head.
+    pub head_dim: usize,
+}
+
+impl AttentionDims {
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// The `allowed` row of query `i` in batch row `b`.
+fn allowed_row<'a>(mask: &ScoreMask<'a>, dims: &AttentionDims, b: usize, i: usize) -> &'a [bool] {
+    let start = (b * dims.q_len + i) * dims.kv_len;
+    &mask.allowed[start..start + dims.kv_len]
+}
+
+/// Softmax attention for every batch row and head: `q: [batch, heads, q_len, head_dim]`,
+/// `k`, `v`: `[batch, kv_heads, kv_len, head_dim]`. Writes the probabilities
+/// `probs: [batch, heads, q_len, kv_len]` (kept for the backward pass) and the output
+/// `out: [batch, q_len, heads, head_dim]` — already in the order the output projection reads.
+pub fn attention(
+    dims: AttentionDims,
+    (q, k, v): (View4<'_>, View4<'_>, View4<'_>),
+    mask: ScoreMask<'_>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let AttentionDims {
+        heads,
+        q_len,
+        kv_len,
+        head_dim,
+        ..
+    } = dims;
+    let group = dims.group();
+    // Each task writes head h's columns of batch row b's [q_len, heads · head_dim] block of
+    // `out`: interleaved, so `out` cannot be split into slices; its address crosses threads.
+    let out_rs = (heads * head_dim) as isize;
+    let out_base = out.as_mut_ptr() as usize;
+    probs
+        .par_chunks_mut((q_len * kv_len).max(1))
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (b, h) = (bh / heads, bh % heads);
+            let (qp, q_rs, q_cs) = q.matrix(b, h);
+            let (kp, k_rs, k_cs) = k.matrix(b, h / group);
+            let (vp, v_rs, v_cs) = v.matrix(b, h / group);
+            // SAFETY: `p` is this task's own [q_len, kv_len] block; q and kᵀ lie in views
+            // checked by `View4::new`.
+            unsafe {
+                small_matmul(
+                    (q_len, kv_len, head_dim),
+                    p.as_mut_ptr(),
+                    (kv_len as isize, 1),
+                    false,
+                    (qp, q_rs, q_cs),
+                    (kp, k_cs, k_rs),
+                );
+            }
+            let bias = mask.bias.map(|all| &all[bh * kv_len..(bh + 1) * kv_len]);
+            for (i, row) in p.chunks_mut(kv_len.max(1)).enumerate() {
+                softmax_scores(row, allowed_row(&mask, &dims, b, i), bias, mask.scale);
+            }
+            let dst = (out_base as *mut f32).wrapping_add((b * q_len * heads + h) * head_dim);
+            // SAFETY: `dst` with row stride heads · head_dim addresses head h's [q_len,
+            // head_dim] columns of batch row b inside `out`, which only this task writes.
+            unsafe {
+                small_matmul(
+                    (q_len, head_dim, kv_len),
+                    dst,
+                    (out_rs, 1),
+                    false,
+                    (p.as_ptr(), kv_len as isize, 1),
+                    (vp, v_rs, v_cs),
+                );
+            }
+        });
+}
+
+/// Gradients of [`attention`] from its inputs, its probabilities and `∂out` (viewed as
+/// `[batch, heads, q_len, head_dim]`, any strides): writes contiguous
+/// `dq: [batch, heads, q_len, head_dim]`, `dk`, `dv: [batch, kv_heads, kv_len, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dims: AttentionDims,
+    (q, k, v): (View4<'_>, View4<'_>, View4<'_>),
+    mask: ScoreMask<'_>,
+    probs: &[f32],
+    grad_out: View4<'_>,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let AttentionDims {
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        head_dim,
+        ..
+    } = dims;
+    let group = dims.group();
+    let head = q_len * head_dim;
+    let kv_block = kv_len * head_dim;
+    // One task per (batch row, key/value head): it alone accumulates that head's ∂k and ∂v
+    // over the query heads that read it.
+    dq.par_chunks_mut((group * head).max(1))
+        .zip(dk.par_chunks_mut(kv_block.max(1)))
+        .zip(dv.par_chunks_mut(kv_block.max(1)))
+        .enumerate()
+        .for_each(|(bg, ((dq, dk), dv))| {
+            let (b, g) = (bg / kv_heads, bg % kv_heads);
+            let (kp, k_rs, k_cs) = k.matrix(b, g);
+            let (vp, v_rs, v_cs) = v.matrix(b, g);
+            let mut dp = vec![0.0f32; q_len * kv_len];
+            for r in 0..group {
+                let h = g * group + r;
+                let p = &probs[(b * heads + h) * q_len * kv_len..][..q_len * kv_len];
+                let (go, go_rs, go_cs) = grad_out.matrix(b, h);
+                let (qp, q_rs, q_cs) = q.matrix(b, h);
+                let dq_h = &mut dq[r * head..(r + 1) * head];
+                // SAFETY: every matrix lies in a checked view, in `probs`, or in this task's
+                // own output blocks (dq_h, dk, dv, dp), which no other task touches.
+                unsafe {
+                    // ∂v (+)= pᵀ · ∂out
+                    small_matmul(
+                        (kv_len, head_dim, q_len),
+                        dv.as_mut_ptr(),
+                        (head_dim as isize, 1),
+                        r > 0,
+                        (p.as_ptr(), 1, kv_len as isize),
+                        (go, go_rs, go_cs),
+                    );
+                    // ∂p = ∂out · vᵀ
+                    small_matmul(
+                        (q_len, kv_len, head_dim),
+                        dp.as_mut_ptr(),
+                        (kv_len as isize, 1),
+                        false,
+                        (go, go_rs, go_cs),
+                        (vp, v_cs, v_rs),
+                    );
+                }
+                let rows = dp.chunks_mut(kv_len.max(1)).zip(p.chunks(kv_len.max(1)));
+                for (i, (row, p)) in rows.enumerate() {
+                    softmax_scores_backward(row, p, allowed_row(&mask, &dims, b, i), mask.scale);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // ∂q = ∂s · k
+                    small_matmul(
+                        (q_len, head_dim, kv_len),
+                        dq_h.as_mut_ptr(),
+                        (head_dim as isize, 1),
+                        false,
+                        (dp.as_ptr(), kv_len as isize, 1),
+                        (kp, k_rs, k_cs),
+                    );
+                    // ∂k (+)= ∂sᵀ · q
+                    small_matmul(
+                        (kv_len, head_dim, q_len),
+                        dk.as_mut_ptr(),
+                        (head_dim as isize, 1),
+                        r > 0,
+                        (dp.as_ptr(), 1, kv_len as isize),
+                        (qp, q_rs, q_cs),
+                    );
+                }
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
             Tensor::cat(vec![pad, labels], 1)
         }
     };
-    if crate::fused::cross_entropy_is_fused(&logits) {
+    if crate::fused::is_fused(&logits) {
         fused_causal_lm_loss(logits, labels)
     } else {
         composed_causal_lm_loss(logits, labels)
@@ -114,7 +114,7 @@ mod tests {
             TensorData::new(vec![3i64, 9, -100, 36, 0, 5, 5, -100, -100, 1], [2, 5]),
             &device,
         );
-        assert!(crate::fused::cross_entropy_is_fused(&logits));
+        assert!(crate::fused::is_fused(&logits));
         let short = labels.clone().slice_dim(1, 1..5);
         for labels in [labels, short] {
             let fused = causal_lm_loss(logits.clone(), labels.clone());

@@ -258,10 +258,14 @@ pub fn attention_allowed(full_mask: &Tensor<2, Int>, q_len: usize) -> Tensor<4, 
     causal.bool_and(real)
 }
 
-/// Softmax attention. `q: [b, h, q, d]`, `k`/`v`: `[b, h, kv, d]` (already repeated for
-/// grouped-query attention), `bias: [b, h, 1, kv]` added to the scores (ALiBi), `allowed:
-/// [b, 1, q, kv]`. Masked scores get the dtype's minimum, as transformers' eager attention does.
-/// Returns `[b, h, q, d]`.
+/// Softmax attention. `q: [b, h, q, d]`, `k`/`v`: `[b, kv_h, kv, d]` with `kv_h` dividing `h`
+/// (grouped-query attention: query head `i` reads key/value head `i / (h / kv_h)`, as
+/// transformers' `repeat_kv` arranges them), `bias: [b, h, 1, kv]` added to the scores (ALiBi),
+/// `allowed: [b, 1, q, kv]`. Masked scores get the dtype's minimum, as transformers' eager
+/// attention does. Returns `[b, h, q, d]`.
+///
+/// On the CPU backend this is one fused operation ([`peft_core::fused::attention`]) whose output
+/// is laid out `[b, q, h, d]` underneath, so the caller's merge of the heads is free.
 pub fn attend(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -272,6 +276,46 @@ pub fn attend(
 ) -> Tensor<4> {
     let [b, h, q_len, _] = q.dims();
     let kv_len = k.dims()[2];
+    if peft_core::fused::is_fused(&q) {
+        let host_allowed = allowed
+            .clone()
+            .expand([b, 1, q_len, kv_len])
+            .into_data()
+            .try_to_vec::<bool>()
+            .unwrap_or_default();
+        let host_bias = bias.as_ref().map(|bias| {
+            bias.clone()
+                .expand([b, h, 1, kv_len])
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap_or_default()
+        });
+        if let Some(out) = peft_core::fused::attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            scale as f32,
+            host_bias,
+            host_allowed,
+        ) {
+            return out.swap_dims(1, 2);
+        }
+    }
+    composed_attend(q, k, v, scale, bias, allowed)
+}
+
+/// [`attend`] from burn operations (any backend).
+fn composed_attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+    bias: Option<Tensor<4>>,
+    allowed: &Tensor<4, Bool>,
+) -> Tensor<4> {
+    let [b, h, q_len, _] = q.dims();
+    let [_, kv_heads, kv_len, _] = k.dims();
+    let (k, v) = (repeat_kv(k, h / kv_heads), repeat_kv(v, h / kv_heads));
     let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
     if let Some(bias) = bias {
         scores = scores + bias;
@@ -340,4 +384,63 @@ pub fn full_mask(
 /// `x @ weightᵀ` for a `[vocab, hidden]` table used as output projection (tied `lm_head`).
 pub fn tied_logits(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
     peft_core::blas::linear(hidden, table.transpose(), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The fused attention equals the composed one, output and all three gradients: grouped
+    /// heads, ALiBi bias, left padding (a query row that sees no key), a key/value prefix
+    /// longer than the queries, and q/k/v read through strided views as the models make them.
+    #[test]
+    fn fused_attention_matches_the_composed_one() {
+        let device = Device::flex().autodiff();
+        let (b, h, kvh, q_len, prefix, d) = (2, 4, 2, 5, 3, 8);
+        let kv_len = q_len + prefix;
+        let mask = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                [
+                    vec![1i64; kv_len],
+                    [vec![1i64; prefix], vec![0, 0, 1, 1, 1]].concat(),
+                ]
+                .concat(),
+                [b, kv_len],
+            ),
+            &device,
+        );
+        let allowed = attention_allowed(&mask, q_len);
+        let slopes = Tensor::<1>::from_data([0.5f32, 0.25, 0.125, 0.0625], &device);
+        let bias = mask.clone().cumsum(1).float().reshape([b, 1, 1, kv_len])
+            * slopes.reshape([1, h, 1, 1]);
+        // [b, s, heads, d] projections viewed as [b, heads, s, d], as the models do.
+        let leaf = |heads: usize, len: usize| {
+            Tensor::<4>::random([b, len, heads, d], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad()
+        };
+        let (q, k, v) = (leaf(h, q_len), leaf(kvh, kv_len), leaf(kvh, kv_len));
+        let weights = Tensor::<4>::random([b, h, q_len, d], Distribution::Default, &device);
+        let run = |fused: bool| {
+            let args = (
+                q.clone().swap_dims(1, 2),
+                k.clone().swap_dims(1, 2),
+                v.clone().swap_dims(1, 2),
+            );
+            let out = if fused {
+                attend(args.0, args.1, args.2, 0.3, Some(bias.clone()), &allowed)
+            } else {
+                composed_attend(args.0, args.1, args.2, 0.3, Some(bias.clone()), &allowed)
+            };
+            let grads = (out.clone() * weights.clone()).sum().backward();
+            let g = |t: &Tensor<4>| t.grad(&grads).unwrap();
+            (out.inner(), g(&q), g(&k), g(&v))
+        };
+        let (fused, composed) = (run(true), run(false));
+        let diff = |a: Tensor<4>, b: Tensor<4>| -> f32 { (a - b).abs().max().into_scalar() };
+        assert!(diff(fused.0, composed.0) < 1e-5, "outputs differ");
+        assert!(diff(fused.1, composed.1) < 1e-5, "∂q differs");
+        assert!(diff(fused.2, composed.2) < 1e-5, "∂k differs");
+        assert!(diff(fused.3, composed.3) < 1e-5, "∂v differs");
+    }
 }

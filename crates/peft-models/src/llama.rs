@@ -32,7 +32,7 @@ use peft_core::{
 
 use crate::layers::{
     RmsNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
-    repeat_kv, tied_logits,
+    tied_logits,
 };
 
 /// transformers 5's `rope_parameters`.
@@ -423,16 +423,9 @@ impl<A: LayerAdapter> LlamaLayer<A> {
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
         let (k, v) = extend_cache(cache, k, v);
-        let context = attend(
-            q,
-            repeat_kv(k, nq / nkv),
-            repeat_kv(v, nq / nkv),
-            1.0 / (hd as f64).sqrt(),
-            None,
-            allowed,
-        )
-        .swap_dims(1, 2)
-        .reshape([b, s, nq * hd]);
+        let context = attend(q, k, v, 1.0 / (hd as f64).sqrt(), None, allowed)
+            .swap_dims(1, 2)
+            .reshape([b, s, nq * hd]);
         let x = x + self.self_attn.o_proj.forward(context);
         let ln = self.post_attention_layernorm.forward(x.clone());
         let gated = silu(self.mlp.gate_proj.forward(ln.clone())) * self.mlp.up_proj.forward(ln);

@@ -1,0 +1,56 @@
+use burn::tensor::{Device, Distribution, Int, Tensor, activation::softmax};
+use peft_core::loss::causal_lm_loss;
+use std::time::Instant;
+
+fn t(name: &str, mut f: impl FnMut()) {
+    for _ in 0..2 {
+        f();
+    }
+    let mut v = vec![];
+    for _ in 0..8 {
+        let s = Instant::now();
+        f();
+        v.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("{name:30} median {:.2} ms  min {:.2}", v[4], v[0]);
+}
+
+fn main() {
+    unsafe { peft_core::blas::prepare_process() };
+    let d = Device::flex().autodiff();
+    let logits = Tensor::<3>::random([4, 128, 8000], Distribution::Default, &d).require_grad();
+    let labels = Tensor::<2, Int>::random([4, 128], Distribution::Uniform(4.0, 7999.0), &d);
+    t("loss fwd", || {
+        let _ = causal_lm_loss(logits.clone(), labels.clone()).into_scalar::<f32>();
+    });
+    t("loss fwd+bwd", || {
+        let l = causal_lm_loss(logits.clone(), labels.clone());
+        let g = l.backward();
+        let _ = logits.grad(&g).unwrap().into_data();
+    });
+    let x = Tensor::<3>::random([4, 128, 2048], Distribution::Default, &d).require_grad();
+    t("gelu fwd+bwd (1 layer)", || {
+        let y = peft_models::layers::gelu_tanh(x.clone());
+        let g = y.sum().backward();
+        let _ = x.grad(&g).unwrap().into_data();
+    });
+    let s = Tensor::<4>::random([4, 8, 128, 128], Distribution::Default, &d).require_grad();
+    t("softmax fwd+bwd (1 layer)", || {
+        let y = softmax(s.clone(), 3);
+        let g = (y * s.clone()).sum().backward();
+        let _ = s.grad(&g).unwrap().into_data();
+    });
+    let h = Tensor::<3>::random([4, 128, 512], Distribution::Default, &d).require_grad();
+    let table = Tensor::<2>::random([8000, 512], Distribution::Default, &d);
+    t("tied logits fwd+bwd", || {
+        let y = peft_models::layers::tied_logits(h.clone(), table.clone());
+        let g = y.sum().backward();
+        let _ = h.grad(&g).unwrap().into_data();
+    });
+    t("tied+loss fwd+bwd", || {
+        let y = peft_models::layers::tied_logits(h.clone(), table.clone());
+        let g = causal_lm_loss(y, labels.clone()).backward();
+        let _ = h.grad(&g).unwrap().into_data();
+    });
+}
