@@ -17,7 +17,7 @@ fn t(name: &str, mut f: impl FnMut()) {
 }
 
 fn main() {
-    unsafe { peft_core::blas::prepare_process() };
+    unsafe { peft_core::process::prepare() };
     let d = Device::flex().autodiff();
     let logits = Tensor::<3>::random([4, 128, 8000], Distribution::Default, &d).require_grad();
     let labels = Tensor::<2, Int>::random([4, 128], Distribution::Uniform(4.0, 7999.0), &d);

@@ -441,7 +441,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
 
 fn main() -> ExitCode {
     // SAFETY: first statement of `main`, before any thread is started.
-    unsafe { peft_core::blas::prepare_process() };
+    unsafe { peft_core::process::prepare() };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(case) = args.first() else {
         eprintln!("usage: peft-bench <case> [--device cpu|wgpu|cuda] [--quick]");

@@ -210,7 +210,7 @@ struct MergeArgs {
 
 fn main() -> ExitCode {
     // SAFETY: first statement of `main`, before any thread is started.
-    unsafe { peft_core::blas::prepare_process() };
+    unsafe { peft_core::process::prepare() };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -12,7 +12,7 @@
 //!
 //! OpenBLAS's worker threads spin (`sched_yield`) for a long while after each product, taking a
 //! core from the backend's own threads between products: a quarter of a training step's samples
-//! on 2 cores. Binaries call [`prepare_process`] first thing, which shortens that wait
+//! on 2 cores. Binaries call [`crate::process::prepare`] first thing, which shortens that wait
 //! (`OPENBLAS_THREAD_TIMEOUT=4`); measured LoRA step −23 % with, −10 % without it.
 
 use std::sync::OnceLock;
@@ -61,20 +61,6 @@ pub struct Blas {
 impl std::fmt::Debug for Blas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Blas({})", self.name)
-    }
-}
-
-/// Sets `OPENBLAS_THREAD_TIMEOUT=4` (OpenBLAS's shortest spin before its idle threads sleep)
-/// unless the environment sets it already. It takes effect when OpenBLAS is opened.
-///
-/// # Safety
-///
-/// Changes the process environment: call it before any other thread exists (first thing in
-/// `main`), as [`std::env::set_var`] requires.
-pub unsafe fn prepare_process() {
-    if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
-        // SAFETY: the caller guarantees that no other thread is running.
-        unsafe { std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "4") };
     }
 }
 
@@ -133,7 +119,7 @@ fn sgemm_flex(blas: &Blas, lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> Fl
     };
     let (ta, lda) = blas_view(lhs.layout().strides(), m, k).unwrap_or((NO_TRANS, k as i32));
     let (tb, ldb) = blas_view(rhs.layout().strides(), k, n).unwrap_or((NO_TRANS, n as i32));
-    let mut out = burn::backend::flex::FlexTensor::empty(Shape::new([m, n]), DType::F32);
+    let mut out = zeros_f32(Shape::new([m, n]));
     if m == 0 || n == 0 {
         return out;
     }
@@ -148,6 +134,14 @@ fn sgemm_flex(blas: &Blas, lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> Fl
         );
     }
     out
+}
+
+/// A zeroed f32 CPU tensor. (burn-flex's `FlexTensor::empty` builds a byte vector and then
+/// copies it into an aligned allocation; an f32 vector is already aligned, and a fresh large one
+/// comes from the OS already zeroed.)
+pub(crate) fn zeros_f32(shape: Shape) -> burn::backend::flex::FlexTensor {
+    let values = vec![0.0f32; shape.num_elements()];
+    burn::backend::flex::FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
 }
 
 fn dims2(shape: &Shape) -> [usize; 2] {

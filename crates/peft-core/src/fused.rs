@@ -21,6 +21,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{DType, Shape, Tensor};
 
+use crate::blas::zeros_f32;
 use crate::kernels;
 use crate::packed_op::supports_packed_matmul;
 
@@ -83,13 +84,13 @@ fn values(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
 }
 
 fn flex_gelu(x: &FlexTensor) -> FlexTensor {
-    let mut out = FlexTensor::empty(x.layout().shape().clone(), DType::F32);
+    let mut out = zeros_f32(x.layout().shape().clone());
     kernels::gelu_tanh(&values(x), out.storage_mut::<f32>());
     out
 }
 
 fn flex_gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let mut out = FlexTensor::empty(x.layout().shape().clone(), DType::F32);
+    let mut out = zeros_f32(x.layout().shape().clone());
     kernels::gelu_tanh_backward(&values(x), &values(grad), out.storage_mut::<f32>());
     out
 }
@@ -102,8 +103,8 @@ fn flex_cross_entropy(
 ) -> (FlexTensor, Option<FlexTensor>) {
     let shape = logits.layout().shape();
     let (rows, vocab) = (shape[0], shape[1]);
-    let mut nll = FlexTensor::empty(Shape::new([rows]), DType::F32);
-    let mut probs = with_gradient.then(|| FlexTensor::empty(shape.clone(), DType::F32));
+    let mut nll = zeros_f32(Shape::new([rows]));
+    let mut probs = with_gradient.then(|| zeros_f32(shape.clone()));
     kernels::cross_entropy_rows(
         &values(logits),
         vocab,
@@ -186,14 +187,18 @@ fn flex_attention(
 ) -> (FlexTensor, FlexTensor) {
     let (q, k, v) = (viewable(q), viewable(k), viewable(v));
     let dims = attention_dims(&q, &k);
-    let mut probs = FlexTensor::empty(
-        Shape::new([dims.batch, dims.heads, dims.q_len, dims.kv_len]),
-        DType::F32,
-    );
-    let mut out = FlexTensor::empty(
-        Shape::new([dims.batch, dims.q_len, dims.heads, dims.head_dim]),
-        DType::F32,
-    );
+    let mut probs = zeros_f32(Shape::new([
+        dims.batch,
+        dims.heads,
+        dims.q_len,
+        dims.kv_len,
+    ]));
+    let mut out = zeros_f32(Shape::new([
+        dims.batch,
+        dims.q_len,
+        dims.heads,
+        dims.head_dim,
+    ]));
     if let (Some(qv), Some(kv), Some(vv)) = (view4(&q), view4(&k), view4(&v)) {
         kernels::attention(
             dims,
@@ -235,8 +240,7 @@ impl FusedKernels for Flex {
         targets: &RowTargets,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (nll, probs) = flex_cross_entropy(&logits, targets, true);
-        let probs =
-            probs.unwrap_or_else(|| FlexTensor::empty(logits.layout().shape().clone(), DType::F32));
+        let probs = probs.unwrap_or_else(|| zeros_f32(logits.layout().shape().clone()));
         (nll, probs)
     }
 
@@ -271,9 +275,9 @@ impl FusedKernels for Flex {
         let grad = viewable(grad).transpose(1, 2);
         let grad = viewable(grad);
         let dims = attention_dims(&q, &k);
-        let mut dq = FlexTensor::empty(q.layout().shape().clone(), DType::F32);
-        let mut dk = FlexTensor::empty(k.layout().shape().clone(), DType::F32);
-        let mut dv = FlexTensor::empty(v.layout().shape().clone(), DType::F32);
+        let mut dq = zeros_f32(q.layout().shape().clone());
+        let mut dk = zeros_f32(k.layout().shape().clone());
+        let mut dv = zeros_f32(v.layout().shape().clone());
         if let (Some(qv), Some(kv), Some(vv), Some(gv), Some(p)) = (
             view4(&q),
             view4(&k),

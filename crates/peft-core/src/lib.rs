@@ -10,7 +10,8 @@
 //! * [`tensors`]: safetensors reading (single and sharded, f32/f16/bf16) and atomic writes;
 //! * [`precision`]: f32 or bf16 compute in the linear layers;
 //! * [`packed_op`], [`blas`]: the frozen layers' products (packed weights; OpenBLAS when present);
-//! * [`fused`], [`kernels`]: one-pass CPU operations for the GELU and the loss;
+//! * [`fused`], [`kernels`]: one-pass CPU operations for attention, the GELU and the loss;
+//! * [`process`]: process-wide settings for speed (OpenBLAS threads, malloc), set by binaries;
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line;
 //! * [`error`]: the typed error all library crates return.
 //!
@@ -36,6 +37,7 @@ pub mod modules;
 pub mod packed_op;
 pub mod params;
 pub mod precision;
+pub mod process;
 pub mod prompt_learning;
 pub mod summary;
 pub mod tensors;
