@@ -53,4 +53,34 @@ fn main() {
         let g = causal_lm_loss(y, labels.clone()).backward();
         let _ = h.grad(&g).unwrap().into_data();
     });
+
+    let x = Tensor::<3>::random([4, 128, 512], Distribution::Default, &d).require_grad();
+    let w = Tensor::<1>::random([512], Distribution::Default, &d).require_grad();
+    let bb = Tensor::<1>::random([512], Distribution::Default, &d).require_grad();
+    t("layernorm fwd+bwd (1)", || {
+        let (var, mean) = x.clone().var_mean_bias(2);
+        let normed = (x.clone() - mean).div((var + 1e-5).sqrt());
+        let y = normed * w.clone().unsqueeze() + bb.clone().unsqueeze();
+        let g = y.sum().backward();
+        let _ = x.grad(&g).unwrap().into_data();
+    });
+    t("rmsnorm fwd+bwd (1)", || {
+        let ms = x.clone().square().mean_dim(2);
+        let y = x.clone() * (ms + 1e-5).sqrt().recip() * w.clone().unsqueeze();
+        let g = y.sum().backward();
+        let _ = x.grad(&g).unwrap().into_data();
+    });
+    let a = Tensor::<3>::random([4, 128, 1408], Distribution::Default, &d).require_grad();
+    let u = Tensor::<3>::random([4, 128, 1408], Distribution::Default, &d).require_grad();
+    t("silu*up fwd+bwd (1)", || {
+        let y = burn::tensor::activation::silu(a.clone()) * u.clone();
+        let g = y.sum().backward();
+        let _ = a.grad(&g).unwrap().into_data();
+    });
+    let r = Tensor::<3>::random([4, 128, 512], Distribution::Default, &d).require_grad();
+    t("residual add fwd+bwd (1)", || {
+        let y = r.clone() + x.clone();
+        let g = y.sum().backward();
+        let _ = r.grad(&g).unwrap().into_data();
+    });
 }

@@ -65,6 +65,21 @@ pub trait FusedBackend: Backend {
     ) -> FloatTensor<Self>;
     /// GELU, tanh approximation, element-wise.
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `silu(gate) · up`, element-wise.
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// LayerNorm over the last dimension: `[.., dim]` with `weight`, `bias`: `[dim]`.
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
+    /// RMSNorm over the last dimension: `[.., dim]` with `weight`: `[dim]`.
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
     /// `logits: [rows, vocab]` → `[rows]`: each row's negative log-likelihood of its target
     /// (0 for ignored rows).
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: RowTargets) -> FloatTensor<Self>;
@@ -93,6 +108,46 @@ fn flex_gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let mut out = zeros_f32(x.layout().shape().clone());
     kernels::gelu_tanh_backward(&values(x), &values(grad), out.storage_mut::<f32>());
     out
+}
+
+fn flex_silu_mul(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    let mut out = zeros_f32(gate.layout().shape().clone());
+    kernels::silu_mul(&values(gate), &values(up), out.storage_mut::<f32>());
+    out
+}
+
+/// The last dimension of `x` and the number of rows before it.
+fn rows_of(x: &FlexTensor) -> (usize, usize) {
+    let shape = x.layout().shape();
+    let dim = shape[shape.num_dims() - 1];
+    (shape.num_elements() / dim.max(1), dim)
+}
+
+fn flex_norm(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    eps: f32,
+    rms: bool,
+) -> (FlexTensor, FlexTensor) {
+    let (rows, dim) = rows_of(x);
+    let mut out = zeros_f32(x.layout().shape().clone());
+    let mut stats = zeros_f32(Shape::new([rows, 2]));
+    let (w, b) = (values(weight), bias.map(values));
+    let norm = kernels::Norm {
+        weight: &w,
+        bias: b.as_deref(),
+        eps,
+        rms,
+    };
+    kernels::norm(
+        &values(x),
+        dim,
+        &norm,
+        out.storage_mut::<f32>(),
+        stats.storage_mut::<f32>(),
+    );
+    (out, stats)
 }
 
 /// Per-row losses `[rows]`, and with `with_gradient` each row's gradient `[rows, vocab]`.
@@ -133,6 +188,33 @@ pub trait FusedKernels: Backend {
         v: FloatTensor<Self>,
         mask: &AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `(∂gate, ∂up)` of [`FusedBackend::silu_mul`].
+    fn silu_mul_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// A normalisation (LayerNorm with `bias`, RMSNorm without and with `rms`) and its per-row
+    /// statistics `[rows, 2]`.
+    fn norm_with_stats(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        eps: f32,
+        rms: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `∂x` of a normalisation, and with `params` also `(∂weight, ∂bias)`.
+    fn norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        rms: bool,
+        params: bool,
+    ) -> (
+        FloatTensor<Self>,
+        Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+    );
     /// `[∂q, ∂k, ∂v]` of [`FusedBackend::softmax_attention`] from `∂out: [batch, q_len, heads, head_dim]`.
     fn attention_backward(
         qkv: [FloatTensor<Self>; 3],
@@ -228,6 +310,27 @@ impl FusedBackend for Flex {
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: RowTargets) -> FloatTensor<Self> {
         flex_cross_entropy(&logits, &targets, false).0
     }
+
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        flex_silu_mul(&gate, &up)
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        flex_norm(&x, &weight, Some(&bias), eps, false).0
+    }
+
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        flex_norm(&x, &weight, None, eps, true).0
+    }
 }
 
 impl FusedKernels for Flex {
@@ -262,6 +365,69 @@ impl FusedKernels for Flex {
         mask: &AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         flex_attention(q, k, v, mask)
+    }
+
+    fn silu_mul_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let mut d_gate = zeros_f32(gate.layout().shape().clone());
+        let mut d_up = zeros_f32(up.layout().shape().clone());
+        kernels::silu_mul_backward(
+            &values(&gate),
+            &values(&up),
+            &values(&grad),
+            d_gate.storage_mut::<f32>(),
+            d_up.storage_mut::<f32>(),
+        );
+        (d_gate, d_up)
+    }
+
+    fn norm_with_stats(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        eps: f32,
+        rms: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex_norm(&x, &weight, bias.as_ref(), eps, rms)
+    }
+
+    fn norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        rms: bool,
+        params: bool,
+    ) -> (
+        FloatTensor<Self>,
+        Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+    ) {
+        let (_, dim) = rows_of(&x);
+        let w = values(&weight);
+        let norm = kernels::Norm {
+            weight: &w,
+            bias: None,
+            eps: 0.0,
+            rms,
+        };
+        let mut dx = zeros_f32(x.layout().shape().clone());
+        let mut param_grads =
+            params.then(|| (zeros_f32(Shape::new([dim])), zeros_f32(Shape::new([dim]))));
+        kernels::norm_backward(
+            &values(&x),
+            &values(&grad),
+            dim,
+            &norm,
+            &values(&stats),
+            dx.storage_mut::<f32>(),
+            param_grads
+                .as_mut()
+                .map(|(dw, db)| (dw.storage_mut::<f32>(), db.storage_mut::<f32>())),
+        );
+        (dx, param_grads)
     }
 
     fn attention_backward(
@@ -401,6 +567,176 @@ impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Aut
         }
     }
 
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SiluMulBackward;
+
+        impl<B: FusedKernels> Backward<B, 2> for SiluMulBackward {
+            type State = [burn::backend::autodiff::NodeId; 2];
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [gate, up] = ops.state.map(|id| checkpointer.retrieve_node_output(id));
+                let grad = grads.consume::<B>(&ops.node);
+                let (d_gate, d_up) = B::silu_mul_backward(gate, up, grad);
+                let [node_gate, node_up] = ops.parents;
+                if let Some(node) = node_gate {
+                    grads.register::<B>(node.id, d_gate);
+                }
+                if let Some(node) = node_up {
+                    grads.register::<B>(node.id, d_up);
+                }
+            }
+        }
+
+        match SiluMulBackward
+            .prepare::<C>([gate.node(), up.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = [prep.checkpoint(&gate), prep.checkpoint(&up)];
+                prep.finish(
+                    state,
+                    B::silu_mul(gate.into_primitive(), up.into_primitive()),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::silu_mul(gate.into_primitive(), up.into_primitive()))
+            }
+        }
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl<B: FusedKernels> Backward<B, 3> for LayerNormBackward {
+            // x and the weight (checkpointed), the per-row statistics.
+            type State = (
+                [burn::backend::autodiff::NodeId; 2],
+                B::FloatTensorPrimitive,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let ([x, weight], stats) = ops.state;
+                let [x, weight] = [x, weight].map(|id| checkpointer.retrieve_node_output(id));
+                let grad = grads.consume::<B>(&ops.node);
+                let [node_x, node_w, node_b] = ops.parents;
+                let params = node_w.is_some() || node_b.is_some();
+                let (dx, param_grads) = B::norm_backward(x, weight, stats, grad, false, params);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some((dw, db)) = param_grads {
+                    if let Some(node) = node_w {
+                        grads.register::<B>(node.id, dw);
+                    }
+                    if let Some(node) = node_b {
+                        grads.register::<B>(node.id, db);
+                    }
+                }
+            }
+        }
+
+        match LayerNormBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [prep.checkpoint(&x), prep.checkpoint(&weight)];
+                let (out, stats) = B::norm_with_stats(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    Some(bias.into_primitive()),
+                    eps,
+                    false,
+                );
+                prep.finish((ids, stats), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RmsNormBackward;
+
+        impl<B: FusedKernels> Backward<B, 2> for RmsNormBackward {
+            type State = (
+                [burn::backend::autodiff::NodeId; 2],
+                B::FloatTensorPrimitive,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let ([x, weight], stats) = ops.state;
+                let [x, weight] = [x, weight].map(|id| checkpointer.retrieve_node_output(id));
+                let grad = grads.consume::<B>(&ops.node);
+                let [node_x, node_w] = ops.parents;
+                let (dx, param_grads) =
+                    B::norm_backward(x, weight, stats, grad, true, node_w.is_some());
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let (Some(node), Some((dw, _))) = (node_w, param_grads) {
+                    grads.register::<B>(node.id, dw);
+                }
+            }
+        }
+
+        match RmsNormBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [prep.checkpoint(&x), prep.checkpoint(&weight)];
+                let (out, stats) = B::norm_with_stats(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    None,
+                    eps,
+                    true,
+                );
+                prep.finish((ids, stats), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_rms_norm(
+                x.into_primitive(),
+                weight.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: RowTargets) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct CrossEntropyBackward;
@@ -461,6 +797,61 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let cube = x.clone() * x.clone() * x.clone();
     let z = (x.clone() + cube * 0.044715) * (2.0 * SQRT_2_OVER_PI);
     x * sigmoid(z)
+}
+
+/// `silu(gate) · up` (Llama's gated feed-forward), element-wise; `None` off the fused path.
+pub fn silu_mul<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Option<Tensor<D>> {
+    if !(fused_path(&gate) && up.dtype() == DType::F32 && gate.dims() == up.dims()) {
+        return None;
+    }
+    Some(Tensor::from_dispatch(<Dispatch as FusedBackend>::silu_mul(
+        gate.into_dispatch(),
+        up.into_dispatch(),
+    )))
+}
+
+/// Whether a normalisation of `x` with these `[dim]` parameters can run fused.
+fn norm_fits<const D: usize>(x: &Tensor<D>, params: &[&Tensor<1>]) -> bool {
+    let dim = x.dims()[D - 1];
+    fused_path(x)
+        && params
+            .iter()
+            .all(|p| p.dtype() == DType::F32 && p.dims() == [dim])
+}
+
+/// LayerNorm over the last dimension, `(x − mean) / √(var + eps) · weight + bias` (biased
+/// variance, as PyTorch); `None` off the fused path.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    eps: f64,
+) -> Option<Tensor<D>> {
+    if !norm_fits(&x, &[&weight, &bias]) {
+        return None;
+    }
+    Some(Tensor::from_dispatch(
+        <Dispatch as FusedBackend>::fused_layer_norm(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            eps as f32,
+        ),
+    ))
+}
+
+/// RMSNorm over the last dimension, `x / √(mean(x²) + eps) · weight`; `None` off the fused path.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
+    if !norm_fits(&x, &[&weight]) {
+        return None;
+    }
+    Some(Tensor::from_dispatch(
+        <Dispatch as FusedBackend>::fused_rms_norm(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            eps as f32,
+        ),
+    ))
 }
 
 /// Softmax attention in one operation on the CPU backend (f32); `None` elsewhere, for the caller
@@ -582,7 +973,10 @@ mod tests {
     fn fused_operations_run_without_autodiff() {
         let device = Device::flex();
         let x = Tensor::<2>::from_data([[0.0f32, 1.0, -2.0], [3.0, 0.5, -0.5]], &device);
-        let gelu: Vec<f32> = gelu_tanh(x.clone()).into_data().to_vec().unwrap();
+        let gelu: Vec<f32> = gelu_tanh(x.clone())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         let want = |v: f64| {
             0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v.powi(3))).tanh())
         };
@@ -591,10 +985,73 @@ mod tests {
         }
         let nll: Vec<f32> = cross_entropy_rows(x, vec![2, -100])
             .into_data()
-            .to_vec()
+            .try_to_vec::<f32>()
             .unwrap();
         let lse = (1f64 + 1f64.exp() + (-2f64).exp()).ln();
         assert!((nll[0] as f64 - (lse + 2.0)).abs() < 1e-6, "{nll:?}");
         assert_eq!(nll[1], 0.0);
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Fused LayerNorm and RMSNorm equal the composed formulas: values, `∂x`, `∂weight`,
+    /// `∂bias` (trainable norms, as BitFit and full fine-tuning have them).
+    #[test]
+    fn fused_norms_match_the_composed_ones() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<3>::random([3, 37, 24], Distribution::Normal(1.0, 2.0), &device)
+            .require_grad();
+        let w = Tensor::<1>::random([24], Distribution::Normal(1.0, 0.5), &device).require_grad();
+        let b = Tensor::<1>::random([24], Distribution::Default, &device).require_grad();
+        let r = Tensor::<3>::random([3, 37, 24], Distribution::Default, &device);
+        let eps = 1e-5;
+        let composed_ln = {
+            let (var, mean) = x.clone().var_mean_bias(2);
+            (x.clone() - mean).div((var + eps).sqrt()) * w.clone().unsqueeze()
+                + b.clone().unsqueeze()
+        };
+        let fused_ln = layer_norm(x.clone(), w.clone(), b.clone(), eps).unwrap();
+        assert!(max_diff(fused_ln.clone(), composed_ln.clone()) < 1e-5);
+        let gf = (fused_ln * r.clone()).sum().backward();
+        let gc = (composed_ln * r.clone()).sum().backward();
+        for (name, t) in [("x", &x)] {
+            let d = max_diff(t.grad(&gf).unwrap(), t.grad(&gc).unwrap());
+            assert!(d < 1e-4, "layer norm ∂{name} differs by {d}");
+        }
+        for (name, t) in [("weight", &w), ("bias", &b)] {
+            let d = max_diff(t.grad(&gf).unwrap(), t.grad(&gc).unwrap());
+            assert!(d < 1e-4, "layer norm ∂{name} differs by {d}");
+        }
+        let composed_rms = {
+            let ms = x.clone().square().mean_dim(2);
+            x.clone() * (ms + eps).sqrt().recip() * w.clone().unsqueeze()
+        };
+        let fused_rms = rms_norm(x.clone(), w.clone(), eps).unwrap();
+        assert!(max_diff(fused_rms.clone(), composed_rms.clone()) < 1e-5);
+        let gf = (fused_rms * r.clone()).sum().backward();
+        let gc = (composed_rms * r).sum().backward();
+        let d = max_diff(x.grad(&gf).unwrap(), x.grad(&gc).unwrap());
+        assert!(d < 1e-4, "rms norm ∂x differs by {d}");
+        let d = max_diff(w.grad(&gf).unwrap(), w.grad(&gc).unwrap());
+        assert!(d < 1e-4, "rms norm ∂weight differs by {d}");
+    }
+
+    /// Fused `silu(gate) · up` equals the composed one, with both gradients.
+    #[test]
+    fn fused_silu_mul_matches_the_composed_one() {
+        let device = Device::flex().autodiff();
+        let gate =
+            Tensor::<3>::random([2, 9, 70], Distribution::Normal(0.0, 3.0), &device).require_grad();
+        let up = Tensor::<3>::random([2, 9, 70], Distribution::Default, &device).require_grad();
+        let r = Tensor::<3>::random([2, 9, 70], Distribution::Default, &device);
+        let fused = silu_mul(gate.clone(), up.clone()).unwrap();
+        let composed = burn::tensor::activation::silu(gate.clone()) * up.clone();
+        assert!(max_diff(fused.clone(), composed.clone()) < 1e-5);
+        let gf = (fused * r.clone()).sum().backward();
+        let gc = (composed * r).sum().backward();
+        assert!(max_diff(gate.grad(&gf).unwrap(), gate.grad(&gc).unwrap()) < 1e-5);
+        assert!(max_diff(up.grad(&gf).unwrap(), up.grad(&gc).unwrap()) < 1e-5);
     }
 }

@@ -268,6 +268,219 @@ pub fn scale_rows(values: &mut [f32], width: usize, by: &[f32]) {
         .for_each(|(row, &s)| scale(row, s));
 }
 
+multiversion! {
+    fn silu_mul_chunk(gate: &[f32], up: &[f32], y: &mut [f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+            *y = g / (1.0 + exp(-g)) * u;
+        }
+    }
+}
+
+multiversion! {
+    fn silu_mul_backward_chunk(
+        gate: &[f32],
+        up: &[f32],
+        grad: &[f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32],
+    ) {
+        let rows = d_gate.iter_mut().zip(d_up.iter_mut()).zip(gate).zip(up).zip(grad);
+        for ((((dg, du), &g), &u), &o) in rows {
+            let s = 1.0 / (1.0 + exp(-g));
+            *du = o * g * s;
+            // d/dg [g·σ(g)] = σ + g·σ(1−σ)
+            *dg = o * u * (s + g * s * (1.0 - s));
+        }
+    }
+}
+
+/// Llama's gated feed-forward activation `y = silu(gate) · up`, element-wise.
+pub fn silu_mul(gate: &[f32], up: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(y, (g, u))| silu_mul_chunk(g, u, y));
+}
+
+/// `∂gate`, `∂up` of [`silu_mul`] from `∂y`.
+pub fn silu_mul_backward(
+    gate: &[f32],
+    up: &[f32],
+    grad: &[f32],
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+) {
+    d_gate
+        .par_chunks_mut(CHUNK)
+        .zip(d_up.par_chunks_mut(CHUNK))
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .zip(grad.par_chunks(CHUNK))
+        .for_each(|(((dg, du), (g, u)), o)| silu_mul_backward_chunk(g, u, o, dg, du));
+}
+
+/// Σ of a row with [`LANES`] partial sums.
+#[inline(always)]
+fn sum_of(values: impl Iterator<Item = f32>) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (i, v) in values.enumerate() {
+        acc[i % LANES] += v;
+    }
+    acc.iter().sum()
+}
+
+/// Parameters of a normalisation over the last dimension: LayerNorm (`(x − mean) / σ · w + b`)
+/// or RMSNorm (`x / rms · w`).
+#[derive(Clone, Copy, Debug)]
+pub struct Norm<'a> {
+    /// Scale, `[dim]`.
+    pub weight: &'a [f32],
+    /// Shift, `[dim]` (LayerNorm only).
+    pub bias: Option<&'a [f32]>,
+    /// Added to the variance (or mean square).
+    pub eps: f32,
+    /// RMSNorm: no mean subtracted, no shift.
+    pub rms: bool,
+}
+
+multiversion! {
+    /// One row: writes `y`, returns `(mean, 1/σ)` (mean 0 for RMSNorm).
+    fn norm_row(x: &[f32], y: &mut [f32], norm: &Norm<'_>) -> (f32, f32) {
+        let n = x.len() as f32;
+        let mean = if norm.rms { 0.0 } else { sum_of(x.iter().copied()) / n };
+        let var = sum_of(x.iter().map(|&v| (v - mean) * (v - mean))) / n;
+        let rstd = 1.0 / (var + norm.eps).sqrt();
+        match norm.bias {
+            Some(b) => {
+                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(norm.weight).zip(b) {
+                    *y = (x - mean) * rstd * w + b;
+                }
+            }
+            None => {
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(norm.weight) {
+                    *y = (x - mean) * rstd * w;
+                }
+            }
+        }
+        (mean, rstd)
+    }
+}
+
+multiversion! {
+    /// One row's `∂x`: `1/σ · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` with `ĝ = ∂y ⊙ w`, `x̂` the
+    /// normalised row (no `mean(ĝ)` term for RMSNorm).
+    fn norm_row_backward(
+        x: &[f32],
+        grad: &[f32],
+        dx: &mut [f32],
+        norm: &Norm<'_>,
+        stats: (f32, f32),
+    ) {
+        let (mean, rstd) = stats;
+        let n = x.len() as f32;
+        let w = norm.weight;
+        let g_mean = if norm.rms {
+            0.0
+        } else {
+            sum_of(grad.iter().zip(w).map(|(&g, &w)| g * w)) / n
+        };
+        let gx_mean = sum_of(
+            grad.iter().zip(w).zip(x).map(|((&g, &w), &x)| g * w * (x - mean) * rstd),
+        ) / n;
+        for (((dx, &g), &w), &x) in dx.iter_mut().zip(grad).zip(w).zip(x) {
+            let x_hat = (x - mean) * rstd;
+            *dx = rstd * (g * w - g_mean - x_hat * gx_mean);
+        }
+    }
+}
+
+multiversion! {
+    /// `dw += ∂y ⊙ x̂`, `db += ∂y` for one row.
+    fn norm_row_param_grads(
+        x: &[f32],
+        grad: &[f32],
+        stats: (f32, f32),
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let (mean, rstd) = stats;
+        for (((dw, db), &g), &x) in dw.iter_mut().zip(db.iter_mut()).zip(grad).zip(x) {
+            *dw += g * (x - mean) * rstd;
+            *db += g;
+        }
+    }
+}
+
+/// Rows per parallel task of the normalisations.
+const NORM_ROWS: usize = 16;
+
+/// Normalises each `dim`-wide row of `x` into `y`; writes each row's `(mean, 1/σ)` into
+/// `stats: [rows, 2]` for the backward pass.
+pub fn norm(x: &[f32], dim: usize, norm: &Norm<'_>, y: &mut [f32], stats: &mut [f32]) {
+    let dim = dim.max(1);
+    y.par_chunks_mut(dim * NORM_ROWS)
+        .zip(x.par_chunks(dim * NORM_ROWS))
+        .zip(stats.par_chunks_mut(2 * NORM_ROWS))
+        .for_each(|((y, x), stats)| {
+            for ((y, x), st) in y
+                .chunks_mut(dim)
+                .zip(x.chunks(dim))
+                .zip(stats.chunks_mut(2))
+            {
+                let (mean, rstd) = norm_row(x, y, norm);
+                st[0] = mean;
+                st[1] = rstd;
+            }
+        });
+}
+
+/// Gradients of [`norm`]: `dx` always; `dw` (`∂y ⊙ x̂` summed over rows) and `db` (`∂y` summed)
+/// when asked.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_backward(
+    x: &[f32],
+    grad: &[f32],
+    dim: usize,
+    norm: &Norm<'_>,
+    stats: &[f32],
+    dx: &mut [f32],
+    params: Option<(&mut [f32], &mut [f32])>,
+) {
+    let dim = dim.max(1);
+    dx.par_chunks_mut(dim * NORM_ROWS)
+        .zip(x.par_chunks(dim * NORM_ROWS))
+        .zip(grad.par_chunks(dim * NORM_ROWS))
+        .zip(stats.par_chunks(2 * NORM_ROWS))
+        .for_each(|(((dx, x), g), st)| {
+            let rows = dx.chunks_mut(dim).zip(x.chunks(dim)).zip(g.chunks(dim));
+            for (((dx, x), g), st) in rows.zip(st.chunks(2)) {
+                norm_row_backward(x, g, dx, norm, (st[0], st[1]));
+            }
+        });
+    if let Some((dw, db)) = params {
+        // Per-task partial sums, added up at the end: no task writes another's memory.
+        let (w, b) = x
+            .par_chunks(dim * NORM_ROWS * 8)
+            .zip(grad.par_chunks(dim * NORM_ROWS * 8))
+            .zip(stats.par_chunks(2 * NORM_ROWS * 8))
+            .map(|((x, g), st)| {
+                let (mut w, mut b) = (vec![0.0f32; dim], vec![0.0f32; dim]);
+                for ((x, g), st) in x.chunks(dim).zip(g.chunks(dim)).zip(st.chunks(2)) {
+                    norm_row_param_grads(x, g, (st[0], st[1]), &mut w, &mut b);
+                }
+                (w, b)
+            })
+            .reduce(
+                || (vec![0.0f32; dim], vec![0.0f32; dim]),
+                |(mut w, mut b), (w2, b2)| {
+                    w.iter_mut().zip(&w2).for_each(|(a, v)| *a += v);
+                    b.iter_mut().zip(&b2).for_each(|(a, v)| *a += v);
+                    (w, b)
+                },
+            );
+        dw.copy_from_slice(&w);
+        db.copy_from_slice(&b);
+    }
+}
+
 /// A strided 4-D view `[d0, d1, rows, cols]` of f32 values (a burn CPU tensor's storage with its
 /// layout), read in place by the attention kernels.
 #[derive(Clone, Copy, Debug)]

@@ -36,6 +36,11 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// `[.., dim]` → `[.., dim]`, normalised over the last dimension (biased variance, as PyTorch).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if let Some(y) =
+            peft_core::fused::layer_norm(x.clone(), self.weight.val(), self.bias.val(), self.eps)
+        {
+            return y;
+        }
         let (var, mean) = x.clone().var_mean_bias(D - 1);
         let normed = (x - mean).div((var + self.eps).sqrt());
         normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
@@ -55,6 +60,9 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// `[.., dim]` → `[.., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if let Some(y) = peft_core::fused::rms_norm(x.clone(), self.weight.val(), self.eps) {
+            return y;
+        }
         let ms = x.clone().square().mean_dim(D - 1);
         x * (ms + self.eps).sqrt().recip() * self.weight.val().unsqueeze()
     }

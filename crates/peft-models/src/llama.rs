@@ -428,7 +428,12 @@ impl<A: LayerAdapter> LlamaLayer<A> {
             .reshape([b, s, nq * hd]);
         let x = x + self.self_attn.o_proj.forward(context);
         let ln = self.post_attention_layernorm.forward(x.clone());
-        let gated = silu(self.mlp.gate_proj.forward(ln.clone())) * self.mlp.up_proj.forward(ln);
+        let (gate, up) = (
+            self.mlp.gate_proj.forward(ln.clone()),
+            self.mlp.up_proj.forward(ln),
+        );
+        let gated =
+            peft_core::fused::silu_mul(gate.clone(), up.clone()).unwrap_or_else(|| silu(gate) * up);
         x + self.mlp.down_proj.forward(gated)
     }
 }
