@@ -119,21 +119,39 @@ fn sgemm_flex(blas: &Blas, lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> Fl
     };
     let (ta, lda) = blas_view(lhs.layout().strides(), m, k).unwrap_or((NO_TRANS, k as i32));
     let (tb, ldb) = blas_view(rhs.layout().strides(), k, n).unwrap_or((NO_TRANS, n as i32));
-    let mut out = zeros_f32(Shape::new([m, n]));
-    if m == 0 || n == 0 {
-        return out;
+    if m == 0 || n == 0 || k == 0 {
+        return zeros_f32(Shape::new([m, n]));
     }
     let a = lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr();
     let b = rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr();
-    let c = out.storage_mut::<f32>().as_mut_ptr();
+    // Not zeroed first: with β = 0 BLAS writes every element of C without reading it.
+    let mut values = Vec::<f32>::with_capacity(m * n);
     // SAFETY: `a` and `b` address `[m, k]` and `[k, n]` matrices with the strides checked by
-    // `blas_view` inside their storages, `c` a fresh `[m, n]` buffer; BLAS writes only `c`.
+    // `blas_view` inside their storages, `values` has room for the `[m, n]` result, which BLAS
+    // writes in full (β = 0) before `set_len` makes it readable.
     unsafe {
         (blas.sgemm)(
-            ROW_MAJOR, ta, tb, m as i32, n as i32, k as i32, 1.0, a, lda, b, ldb, 0.0, c, n as i32,
+            ROW_MAJOR,
+            ta,
+            tb,
+            m as i32,
+            n as i32,
+            k as i32,
+            1.0,
+            a,
+            lda,
+            b,
+            ldb,
+            0.0,
+            values.as_mut_ptr(),
+            n as i32,
         );
+        values.set_len(m * n);
     }
-    out
+    burn::backend::flex::FlexTensor::from_data(burn::tensor::TensorData::new(
+        values,
+        Shape::new([m, n]),
+    ))
 }
 
 /// A zeroed f32 CPU tensor. (burn-flex's `FlexTensor::empty` builds a byte vector and then
