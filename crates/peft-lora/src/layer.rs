@@ -93,12 +93,11 @@ impl LoraLinear {
 
 impl LayerAdapter for LoraLinear {
     fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
-        let update = linear(
-            linear(self.dropout.forward(x.clone()), self.lora_a.val(), None),
-            self.lora_b.val(),
-            None,
-        );
-        base.forward(x) + update * self.scaling
+        // PEFT scales `B(A(x))`; scaling the rank-r intermediate instead is the same product
+        // and costs r columns instead of `out_features` (in both passes).
+        let low_rank = linear(self.dropout.forward(x.clone()), self.lora_a.val(), None);
+        let update = linear(low_rank * self.scaling, self.lora_b.val(), None);
+        base.forward(x) + update
     }
 
     fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
