@@ -296,14 +296,26 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         let b = row["pytorch"][field].as_f64()?;
         (b > 0.0).then_some(a / b)
     };
+    // The machine's measured f32 GEMM rate: the best `gemm` product (ours), each case's GFLOP/s
+    // as a share of it.
+    let gemm_peak = rows.iter().find(|r| r["case"] == "gemm").and_then(|g| {
+        let (gflop, min) = (g["ours"]["gflop"].as_f64()?, g["ours"]["min_s"].as_f64()?);
+        (min > 0.0).then_some(gflop / min)
+    });
     let mut md = String::new();
     md.push_str(&format!(
-        "machine: {} ({threads} threads), device: {device}{}\n\n",
+        "machine: {} ({threads} threads), device: {device}{}\n",
         cpu_model(),
         if quick { ", quick mode" } else { "" }
     ));
-    md.push_str("| case | ours median (min–max) s | PyTorch+PEFT median s | time ours/theirs | ours peak RSS MiB | theirs MiB | RSS ours/theirs | ours tokens/s | ours GFLOP/s |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    if let Some(peak) = gemm_peak {
+        md.push_str(&format!(
+            "GEMM peak (best 1024² f32 product through the linear layers' path): {peak:.1} GFLOP/s\n"
+        ));
+    }
+    md.push('\n');
+    md.push_str("| case | ours median (min–max) s | PyTorch+PEFT median s | time ours/theirs | ours peak RSS MiB | theirs MiB | RSS ours/theirs | ours tokens/s | ours GFLOP/s | of GEMM peak |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     let fmt =
         |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |x| format!("{x:.digits$}"));
     let mut json_rows = Vec::new();
@@ -311,8 +323,12 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         let o = &row["ours"];
         let t = &row["pytorch"];
         let mib = |v: &serde_json::Value| v["peak_rss_bytes"].as_f64().map(|b| b / 1048576.0);
+        let share = o["gflop_per_s"]
+            .as_f64()
+            .zip(gemm_peak)
+            .map(|(rate, peak)| format!("{:.0} %", 100.0 * rate / peak));
         md.push_str(&format!(
-            "| {} | {} ({}–{}) | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} ({}–{}) | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row["case"].as_str().unwrap_or(""),
             fmt(o["median_s"].as_f64(), 4),
             fmt(o["min_s"].as_f64(), 4),
@@ -324,9 +340,13 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
             fmt(ratio(row, "peak_rss_bytes"), 2),
             fmt(o["tokens_per_s"].as_f64(), 0),
             fmt(o["gflop_per_s"].as_f64(), 1),
+            share.unwrap_or_else(|| "–".into()),
         ));
         let mut r = row.clone();
         if let Some(obj) = r.as_object_mut() {
+            if let (Some(rate), Some(peak)) = (o["gflop_per_s"].as_f64(), gemm_peak) {
+                obj.insert("share_of_gemm_peak".into(), (rate / peak).into());
+            }
             obj.insert("time_ratio".into(), ratio(row, "median_s").into());
             obj.insert("rss_ratio".into(), ratio(row, "peak_rss_bytes").into());
         }
@@ -383,6 +403,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         "threads": threads,
         "device": device,
         "quick": quick,
+        "gemm_peak_gflop_per_s": gemm_peak,
         "cases": json_rows,
     });
     std::fs::write(

@@ -20,12 +20,23 @@ fn main() {
     unsafe { peft_core::process::prepare() };
     if std::env::args().nth(1).as_deref() == Some("gemm") {
         let d = Device::flex();
-        for (m, k, n, reps) in [(512, 512, 1536, 4), (512, 512, 512, 1), (512, 512, 2048, 1), (512, 2048, 512, 1), (512, 512, 8000, 1), (512, 8000, 512, 1)] {
+        for (m, k, n, reps) in [
+            (512, 512, 1536, 4),
+            (512, 512, 512, 1),
+            (512, 512, 2048, 1),
+            (512, 2048, 512, 1),
+            (512, 512, 8000, 1),
+            (512, 8000, 512, 1),
+        ] {
             let a = Tensor::<2>::random([m, k], Distribution::Default, &d);
             let b = Tensor::<2>::random([k, n], Distribution::Default, &d);
             let bt = Tensor::<2>::random([n, k], Distribution::Default, &d);
-            t(&format!("{m}x{k}x{n}"), || { let _ = peft_core::blas::matmul(a.clone(), b.clone()); });
-            t(&format!("{m}x{k}x{n} (rhs T)"), || { let _ = peft_core::blas::matmul(a.clone(), bt.clone().transpose()); });
+            t(&format!("{m}x{k}x{n}"), || {
+                let _ = peft_core::blas::matmul(a.clone(), b.clone());
+            });
+            t(&format!("{m}x{k}x{n} (rhs T)"), || {
+                let _ = peft_core::blas::matmul(a.clone(), bt.clone().transpose());
+            });
             let _ = reps;
         }
         return;
@@ -106,12 +117,19 @@ pub fn step_split() {
     use burn::optim::{AdamWConfig, GradientsParams};
     use peft_core::{CausalLm, ModelInput};
     let d = Device::flex().autodiff();
-    let config = peft_models::HfConfig::Bloom(serde_json::from_value(serde_json::json!({
+    let config = peft_models::HfConfig::Bloom(
+        serde_json::from_value(serde_json::json!({
         "model_type": "bloom", "vocab_size": 8000, "hidden_size": 512, "n_layer": 4,
-        "n_head": 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3})).unwrap());
+        "n_head": 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
+        .unwrap(),
+    );
     let store = peft_models::random_checkpoint(&config, 0).unwrap();
     let base = peft_models::load_from_with(&config, &store, &d, &Default::default()).unwrap();
-    let mut model = Some(peft_lora::get_peft_model(base, peft_lora::LoraConfig::default()).unwrap().model);
+    let mut model = Some(
+        peft_lora::get_peft_model(base, peft_lora::LoraConfig::default())
+            .unwrap()
+            .model,
+    );
     let ids = Tensor::<2, Int>::random([4, 128], Distribution::Uniform(4.0, 7999.0), &d);
     let mask = Tensor::<2, Int>::ones([4, 128], &d);
     let mut optim = AdamWConfig::new().init();
@@ -119,7 +137,9 @@ pub fn step_split() {
     for _ in 0..12 {
         let m = model.take().unwrap();
         let s = Instant::now();
-        let logits = m.forward(ModelInput::with_mask(ids.clone(), mask.clone()), None).unwrap();
+        let logits = m
+            .forward(ModelInput::with_mask(ids.clone(), mask.clone()), None)
+            .unwrap();
         let loss = causal_lm_loss(logits, ids.clone());
         let _ = loss.clone().into_scalar::<f32>();
         tf.push(s.elapsed().as_secs_f64() * 1e3);
