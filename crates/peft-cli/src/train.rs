@@ -130,7 +130,9 @@ pub struct TrainArgs {
     #[arg(long)]
     no_exact_match: bool,
     /// Recompute cheap activations in the backward pass instead of keeping them (burn's
-    /// balanced gradient checkpointing): less memory per step, same results.
+    /// balanced gradient checkpointing): less memory per step on GPU backends, same results.
+    /// On the CPU backend the fused operations already keep only what the backward pass needs,
+    /// and checkpointing adds memory (docs/BENCHMARKS.md).
     #[arg(long)]
     gradient_checkpointing: bool,
 }
@@ -419,6 +421,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
     let device = if args.gradient_checkpointing {
+        if peft_core::packed_op::supports_packed_matmul(&device) {
+            eprintln!(
+                "note: --gradient-checkpointing on the CPU backend keeps more memory, not less \
+                 (its fused operations already store only what the backward pass needs)"
+            );
+        }
         device.autodiff().gradient_checkpointing()
     } else {
         device.autodiff()
