@@ -24,7 +24,8 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
 };
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 
 /// `cblas_sgemm`'s C signature (enums are C ints).
@@ -106,8 +107,15 @@ fn blas_view(strides: &[isize], rows: usize, cols: usize) -> Option<(i32, i32)> 
     }
 }
 
-/// `lhs: [m, k] · rhs: [k, n]` with `cblas_sgemm`, reading strided operands in place.
-fn sgemm_flex(blas: &Blas, lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> FloatTensor<Flex> {
+/// `lhs: [m, k] · rhs: [k, n] (+ bias: [n])` with `cblas_sgemm`, reading strided operands in
+/// place; a bias fills C's rows first and BLAS adds the product to it (β = 1), so adding it costs
+/// no pass of its own.
+fn sgemm_flex(
+    blas: &Blas,
+    lhs: FloatTensor<Flex>,
+    rhs: FloatTensor<Flex>,
+    bias: Option<&[f32]>,
+) -> FloatTensor<Flex> {
     let ([m, k], [_, n]) = (dims2(lhs.layout().shape()), dims2(rhs.layout().shape()));
     let lhs = match blas_view(lhs.layout().strides(), m, k) {
         Some(_) => lhs,
@@ -120,15 +128,25 @@ fn sgemm_flex(blas: &Blas, lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> Fl
     let (ta, lda) = blas_view(lhs.layout().strides(), m, k).unwrap_or((NO_TRANS, k as i32));
     let (tb, ldb) = blas_view(rhs.layout().strides(), k, n).unwrap_or((NO_TRANS, n as i32));
     if m == 0 || n == 0 || k == 0 {
-        return zeros_f32(Shape::new([m, n]));
+        let mut out = zeros_f32(Shape::new([m, n]));
+        if let Some(bias) = bias {
+            for row in out.storage_mut::<f32>().chunks_mut(n.max(1)) {
+                row.copy_from_slice(bias);
+            }
+        }
+        return out;
     }
     let a = lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr();
     let b = rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr();
-    // Not zeroed first: with β = 0 BLAS writes every element of C without reading it.
-    let mut values = Vec::<f32>::with_capacity(m * n);
+    // Without a bias C is not zeroed first: with β = 0 BLAS writes every element without
+    // reading it.
+    let (mut values, beta) = match bias {
+        Some(bias) => (bias.repeat(m), 1.0),
+        None => (Vec::<f32>::with_capacity(m * n), 0.0),
+    };
     // SAFETY: `a` and `b` address `[m, k]` and `[k, n]` matrices with the strides checked by
     // `blas_view` inside their storages, `values` has room for the `[m, n]` result, which BLAS
-    // writes in full (β = 0) before `set_len` makes it readable.
+    // writes in full (with β = 0 without reading it) before `set_len` makes it readable.
     unsafe {
         (blas.sgemm)(
             ROW_MAJOR,
@@ -142,7 +160,7 @@ fn sgemm_flex(blas: &Blas, lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> Fl
             lda,
             b,
             ldb,
-            0.0,
+            beta,
             values.as_mut_ptr(),
             n as i32,
         );
@@ -171,23 +189,52 @@ fn dims2(shape: &Shape) -> [usize; 2] {
 pub trait BlasMatmulBackend: Backend {
     /// `lhs: [m, k] · rhs: [k, n]` → `[m, n]`.
     fn blas_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `lhs: [m, k] · rhs: [k, n] + bias: [n]` → `[m, n]`.
+    fn blas_matmul_bias(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether OpenBLAS takes this product: f32 matrices, not tiny, i32-addressable.
+fn blas_takes(lhs: &FloatTensor<Flex>, rhs: &FloatTensor<Flex>) -> bool {
+    let f32_2d = lhs.dtype() == DType::F32
+        && rhs.dtype() == DType::F32
+        && lhs.layout().shape().num_dims() == 2
+        && rhs.layout().shape().num_dims() == 2;
+    let small = lhs
+        .layout()
+        .shape()
+        .num_elements()
+        .max(rhs.layout().shape().num_elements())
+        < 4096;
+    f32_2d && !small && fits_i32(lhs, rhs)
 }
 
 impl BlasMatmulBackend for Flex {
     fn blas_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        let f32_2d = lhs.dtype() == DType::F32
-            && rhs.dtype() == DType::F32
-            && lhs.layout().shape().num_dims() == 2
-            && rhs.layout().shape().num_dims() == 2;
-        let small = lhs
-            .layout()
-            .shape()
-            .num_elements()
-            .max(rhs.layout().shape().num_elements())
-            < 4096;
         match blas() {
-            Some(blas) if f32_2d && !small && fits_i32(&lhs, &rhs) => sgemm_flex(blas, lhs, rhs),
+            Some(blas) if blas_takes(&lhs, &rhs) => sgemm_flex(blas, lhs, rhs, None),
             _ => flex_matmul::<Flex>(lhs, rhs),
+        }
+    }
+
+    fn blas_matmul_bias(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let bias_f32 = bias.dtype() == DType::F32 && bias.layout().shape().num_dims() == 1;
+        match (blas(), bias.as_slice::<f32>()) {
+            (Some(blas), Some(values)) if bias_f32 && blas_takes(&lhs, &rhs) => {
+                sgemm_flex(blas, lhs, rhs, Some(values))
+            }
+            _ => {
+                let n = bias.layout().shape()[0];
+                let out = flex_matmul::<Flex>(lhs, rhs);
+                Flex::float_add(out, Flex::float_reshape(bias, Shape::new([1, n])))
+            }
         }
     }
 }
@@ -257,6 +304,75 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff
             }
         }
     }
+
+    fn blas_matmul_bias(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct BlasMatmulBiasBackward;
+
+        impl<B: BlasMatmulBackend> Backward<B, 3> for BlasMatmulBiasBackward {
+            // As `blas_matmul`'s; the bias needs nothing kept.
+            type State = (
+                Option<burn::backend::autodiff::NodeId>,
+                Option<burn::backend::autodiff::NodeId>,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (lhs, rhs) = ops.state;
+                let lhs: Option<B::FloatTensorPrimitive> =
+                    lhs.map(|id| checkpointer.retrieve_node_output(id));
+                let rhs: Option<B::FloatTensorPrimitive> =
+                    rhs.map(|id| checkpointer.retrieve_node_output(id));
+                let [node_lhs, node_rhs, node_bias] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                if let Some(node) = node_bias {
+                    // ∂bias = Σ over rows of ∂out
+                    let n = grad.shape()[1];
+                    let g = B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([n]));
+                    grads.register::<B>(node.id, g);
+                }
+                if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
+                    let g = B::blas_matmul(B::float_transpose(lhs), grad.clone());
+                    grads.register::<B>(node.id, g);
+                }
+                if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
+                    grads.register::<B>(node.id, B::blas_matmul(grad, B::float_transpose(rhs)));
+                }
+            }
+        }
+
+        let lhs_tracked = lhs.is_tracked();
+        let rhs_tracked = rhs.is_tracked();
+        match BlasMatmulBiasBackward
+            .prepare::<C>([lhs.node(), rhs.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+                let out = B::blas_matmul_bias(
+                    lhs.into_primitive(),
+                    rhs.into_primitive(),
+                    bias.into_primitive(),
+                );
+                prep.finish((lhs_state, rhs_state), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::blas_matmul_bias(
+                lhs.into_primitive(),
+                rhs.into_primitive(),
+                bias.into_primitive(),
+            )),
+        }
+    }
 }
 
 /// `lhs: [m, k] · rhs: [k, n]`: through OpenBLAS on the CPU backend when it is available (see the
@@ -281,10 +397,17 @@ pub fn linear<const D: usize>(
     let d_in = dims[D - 1];
     let d_out = weight.dims()[1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    let out = matmul(x.reshape([rows, d_in]), weight);
+    let x = x.reshape([rows, d_in]);
     let out = match bias {
-        Some(b) => out + b.unsqueeze::<2>(),
-        None => out,
+        Some(b) if crate::packed_op::supports_packed_matmul(&x.device()) => {
+            Tensor::from_dispatch(<Dispatch as BlasMatmulBackend>::blas_matmul_bias(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                b.into_dispatch(),
+            ))
+        }
+        Some(b) => matmul(x, weight) + b.unsqueeze::<2>(),
+        None => matmul(x, weight),
     };
     let mut out_dims = dims;
     out_dims[D - 1] = d_out;
@@ -329,6 +452,37 @@ mod tests {
         assert_eq!(ours.dims(), [2, 40, 96]);
         let diff: f32 = (ours - theirs).abs().max().into_scalar();
         assert!(diff < 1e-4, "{diff}");
+    }
+
+    /// The bias added inside the product: values and all three gradients (a trainable bias, as
+    /// BitFit has) equal burn's linear.
+    #[test]
+    fn linear_with_bias_matches_burn_forward_and_backward() {
+        let device = Device::flex().autodiff();
+        let x = Tensor::<3>::random([2, 40, 64], Distribution::Default, &device).require_grad();
+        let w = Tensor::<2>::random([64, 96], Distribution::Default, &device).require_grad();
+        let b = Tensor::<1>::random([96], Distribution::Default, &device).require_grad();
+        let r = Tensor::<3>::random([2, 40, 96], Distribution::Default, &device);
+        let run = |ours: bool| {
+            let y = if ours {
+                linear(x.clone(), w.clone(), Some(b.clone()))
+            } else {
+                burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()))
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            (
+                y.inner().reshape([80, 96]),
+                x.grad(&grads).unwrap().reshape([80, 64]),
+                w.grad(&grads).unwrap(),
+                b.grad(&grads).unwrap().reshape([1, 96]),
+            )
+        };
+        let (ours, theirs) = (run(true), run(false));
+        let max = |x: Tensor<2>| -> f32 { x.abs().max().into_scalar::<f32>() };
+        assert!(max(ours.0 - theirs.0) < 1e-4, "values");
+        assert!(max(ours.1 - theirs.1) < 1e-4, "∂x");
+        assert!(max(ours.2 - theirs.2) < 1e-4, "∂w");
+        assert!(max(ours.3 - theirs.3) < 1e-4, "∂b");
     }
 
     #[test]
