@@ -81,6 +81,18 @@ fn main() {
         let _ = h.grad(&g).unwrap().into_data();
     });
 
+    {
+        let qkv = Tensor::<5>::random([4, 128, 8, 3, 64], Distribution::Default, &d).require_grad();
+        let mask = Tensor::<2, Int>::ones([4, 128], &d);
+        let allowed = peft_models::layers::attention_allowed(&mask, 128);
+        let bias = Tensor::<4>::random([4, 8, 1, 128], Distribution::Default, &d);
+        t("attention fwd+bwd (1 layer)", || {
+            let pick = |i: usize| qkv.clone().slice_dim(3, i..i + 1).reshape([4, 128, 8, 64]).swap_dims(1, 2);
+            let out = peft_models::layers::attend(pick(0), pick(1), pick(2), 0.125, Some(bias.clone()), &allowed);
+            let g = out.sum().backward();
+            let _ = qkv.grad(&g).unwrap().into_data();
+        });
+    }
     let x = Tensor::<3>::random([4, 128, 512], Distribution::Default, &d).require_grad();
     let w = Tensor::<1>::random([512], Distribution::Default, &d).require_grad();
     let bb = Tensor::<1>::random([512], Distribution::Default, &d).require_grad();
