@@ -87,8 +87,20 @@ fn main() {
         let allowed = peft_models::layers::attention_allowed(&mask, 128);
         let bias = Tensor::<4>::random([4, 8, 1, 128], Distribution::Default, &d);
         t("attention fwd+bwd (1 layer)", || {
-            let pick = |i: usize| qkv.clone().slice_dim(3, i..i + 1).reshape([4, 128, 8, 64]).swap_dims(1, 2);
-            let out = peft_models::layers::attend(pick(0), pick(1), pick(2), 0.125, Some(bias.clone()), &allowed);
+            let pick = |i: usize| {
+                qkv.clone()
+                    .slice_dim(3, i..i + 1)
+                    .reshape([4, 128, 8, 64])
+                    .swap_dims(1, 2)
+            };
+            let out = peft_models::layers::attend(
+                pick(0),
+                pick(1),
+                pick(2),
+                0.125,
+                Some(bias.clone()),
+                &allowed,
+            );
             let g = out.sum().backward();
             let _ = qkv.grad(&g).unwrap().into_data();
         });
