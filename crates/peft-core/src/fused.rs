@@ -63,6 +63,10 @@ pub trait FusedBackend: Backend {
         v: FloatTensor<Self>,
         mask: AttentionMask,
     ) -> FloatTensor<Self>;
+    /// [`FusedBackend::softmax_attention`] reading query, key and value from one fused
+    /// projection `qkv: [batch, seq, heads, 3, head_dim]` (BLOOM's layout), with one gradient
+    /// for it: no slicing, so no slice gradients to scatter back.
+    fn packed_qkv_attention(qkv: FloatTensor<Self>, mask: AttentionMask) -> FloatTensor<Self>;
     /// GELU, tanh approximation, element-wise.
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `silu(gate) · up`, element-wise.
@@ -215,6 +219,18 @@ pub trait FusedKernels: Backend {
         rms: bool,
         params: bool,
     ) -> NormGrads<Self>;
+    /// [`FusedBackend::packed_qkv_attention`] and its probabilities.
+    fn packed_qkv_attention_with_probs(
+        qkv: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `∂qkv` of [`FusedBackend::packed_qkv_attention`] from `∂out`.
+    fn packed_qkv_attention_backward(
+        qkv: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> FloatTensor<Self>;
     /// `[∂q, ∂k, ∂v]` of [`FusedBackend::softmax_attention`] from `∂out: [batch, q_len, heads, head_dim]`.
     fn attention_backward(
         qkv: [FloatTensor<Self>; 3],
@@ -261,6 +277,40 @@ fn attention_dims(q: &FlexTensor, k: &FlexTensor) -> kernels::AttentionDims {
     }
 }
 
+/// The attention output `[batch, q_len, heads, head_dim]` and probabilities for views of q, k, v.
+fn flex_attention_views(
+    dims: kernels::AttentionDims,
+    views: (kernels::View4<'_>, kernels::View4<'_>, kernels::View4<'_>),
+    mask: &AttentionMask,
+) -> (FlexTensor, FlexTensor) {
+    let kernels::AttentionDims {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        head_dim,
+        ..
+    } = dims;
+    let mut probs = zeros_f32(Shape::new([batch, heads, q_len, kv_len]));
+    let mut out = zeros_f32(Shape::new([batch, q_len, heads, head_dim]));
+    // Written per head: [batch, heads, q_len, head_dim] over the [batch, q_len, heads, head_dim]
+    // storage.
+    let out_strides = [q_len * heads * head_dim, head_dim, heads * head_dim, 1].map(|s| s as isize);
+    let out_dims = [batch, heads, q_len, head_dim];
+    if let Some(out_view) =
+        kernels::ViewMut4::new(out.storage_mut::<f32>(), 0, &out_strides, out_dims)
+    {
+        kernels::attention(
+            dims,
+            views,
+            mask.scores(),
+            probs.storage_mut::<f32>(),
+            out_view,
+        );
+    }
+    (out, probs)
+}
+
 fn flex_attention(
     q: FlexTensor,
     k: FlexTensor,
@@ -269,28 +319,64 @@ fn flex_attention(
 ) -> (FlexTensor, FlexTensor) {
     let (q, k, v) = (viewable(q), viewable(k), viewable(v));
     let dims = attention_dims(&q, &k);
-    let mut probs = zeros_f32(Shape::new([
-        dims.batch,
-        dims.heads,
-        dims.q_len,
-        dims.kv_len,
-    ]));
-    let mut out = zeros_f32(Shape::new([
-        dims.batch,
-        dims.q_len,
-        dims.heads,
-        dims.head_dim,
-    ]));
-    if let (Some(qv), Some(kv), Some(vv)) = (view4(&q), view4(&k), view4(&v)) {
-        kernels::attention(
-            dims,
-            (qv, kv, vv),
-            mask.scores(),
-            probs.storage_mut::<f32>(),
-            out.storage_mut::<f32>(),
-        );
+    match (view4(&q), view4(&k), view4(&v)) {
+        (Some(qv), Some(kv), Some(vv)) => flex_attention_views(dims, (qv, kv, vv), mask),
+        // `viewable` made each of them readable.
+        _ => unreachable!("contiguous tensors are always viewable"),
     }
-    (out, probs)
+}
+
+/// `[batch, seq, heads, 3, head_dim]` (BLOOM's fused query/key/value projection): its sizes,
+/// and how to view its query, key and value parts as `[batch, heads, seq, head_dim]`.
+fn packed_qkv_layout(qkv: &FlexTensor) -> (kernels::AttentionDims, [usize; 3], [isize; 4]) {
+    let shape = qkv.layout().shape();
+    let (batch, seq, heads, head_dim) = (shape[0], shape[1], shape[2], shape[4]);
+    let s = qkv.layout().strides();
+    let start = qkv.layout().start_offset();
+    let offsets = [0, 1, 2].map(|i| start + i * s[3].max(0) as usize);
+    let dims = kernels::AttentionDims {
+        batch,
+        heads,
+        kv_heads: heads,
+        q_len: seq,
+        kv_len: seq,
+        head_dim,
+    };
+    (dims, offsets, [s[0], s[2], s[1], s[4]])
+}
+
+/// `qkv`, made contiguous if a stride is negative (the only layout its views cannot read).
+fn packed_viewable(qkv: FlexTensor) -> FlexTensor {
+    if qkv.layout().strides().iter().all(|&s| s >= 0) {
+        qkv
+    } else {
+        qkv.to_contiguous()
+    }
+}
+
+fn packed_views(qkv: &FlexTensor) -> Option<[kernels::View4<'_>; 3]> {
+    let (dims, offsets, strides) = packed_qkv_layout(qkv);
+    let view_dims = [dims.batch, dims.heads, dims.q_len, dims.head_dim];
+    let data = qkv.storage::<f32>();
+    let [q, k, v] = offsets.map(|o| kernels::View4::new(data, o, &strides, view_dims));
+    Some([q?, k?, v?])
+}
+
+fn flex_packed_attention(qkv: FlexTensor, mask: &AttentionMask) -> (FlexTensor, FlexTensor) {
+    let qkv = packed_viewable(qkv);
+    let (dims, _, _) = packed_qkv_layout(&qkv);
+    match packed_views(&qkv) {
+        Some([q, k, v]) => flex_attention_views(dims, (q, k, v), mask),
+        None => unreachable!("non-negative strides of a tensor's own storage are viewable"),
+    }
+}
+
+/// `∂out` (`[batch, q_len, heads, head_dim]`) viewed per head, and the probabilities.
+fn backward_inputs(grad: FlexTensor, probs: FlexTensor) -> (FlexTensor, FlexTensor) {
+    (
+        viewable(viewable(grad).transpose(1, 2)),
+        probs.to_contiguous(),
+    )
 }
 
 impl FusedBackend for Flex {
@@ -301,6 +387,10 @@ impl FusedBackend for Flex {
         mask: AttentionMask,
     ) -> FloatTensor<Self> {
         flex_attention(q, k, v, &mask).0
+    }
+
+    fn packed_qkv_attention(qkv: FloatTensor<Self>, mask: AttentionMask) -> FloatTensor<Self> {
+        flex_packed_attention(qkv, &mask).0
     }
 
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -433,37 +523,131 @@ impl FusedKernels for Flex {
         grad: FloatTensor<Self>,
         mask: &AttentionMask,
     ) -> [FloatTensor<Self>; 3] {
-        let (q, k, v, probs) = (viewable(q), viewable(k), viewable(v), probs.to_contiguous());
-        // ∂out arrives as [batch, q_len, heads, head_dim]; the kernel reads it per head.
-        let grad = viewable(grad).transpose(1, 2);
-        let grad = viewable(grad);
+        let (q, k, v) = (viewable(q), viewable(k), viewable(v));
+        let (grad, probs) = backward_inputs(grad, probs);
         let dims = attention_dims(&q, &k);
         let mut dq = zeros_f32(q.layout().shape().clone());
         let mut dk = zeros_f32(k.layout().shape().clone());
         let mut dv = zeros_f32(v.layout().shape().clone());
-        if let (Some(qv), Some(kv), Some(vv), Some(gv), Some(p)) = (
+        let (q_dims, kv_dims) = (dims4(&q), dims4(&k));
+        if let (Some(qv), Some(kv), Some(vv), Some(gv), Some(p), Some(dq), Some(dk), Some(dv)) = (
             view4(&q),
             view4(&k),
             view4(&v),
             view4(&grad),
             probs.as_slice::<f32>(),
+            kernels::ViewMut4::contiguous(dq.storage_mut::<f32>(), q_dims),
+            kernels::ViewMut4::contiguous(dk.storage_mut::<f32>(), kv_dims),
+            kernels::ViewMut4::contiguous(dv.storage_mut::<f32>(), kv_dims),
         ) {
-            kernels::attention_backward(
-                dims,
-                (qv, kv, vv),
-                mask.scores(),
-                p,
-                gv,
-                dq.storage_mut::<f32>(),
-                dk.storage_mut::<f32>(),
-                dv.storage_mut::<f32>(),
-            );
+            let grads = kernels::AttentionGrads { dq, dk, dv };
+            kernels::attention_backward(dims, (qv, kv, vv), mask.scores(), p, gv, grads);
         }
         [dq, dk, dv]
+    }
+
+    fn packed_qkv_attention_with_probs(
+        qkv: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex_packed_attention(qkv, mask)
+    }
+
+    fn packed_qkv_attention_backward(
+        qkv: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mask: &AttentionMask,
+    ) -> FloatTensor<Self> {
+        let qkv = packed_viewable(qkv);
+        let (grad, probs) = backward_inputs(grad, probs);
+        let (dims, _, _) = packed_qkv_layout(&qkv);
+        let kernels::AttentionDims {
+            batch,
+            heads,
+            q_len: seq,
+            head_dim,
+            ..
+        } = dims;
+        // ∂qkv in the input's [batch, seq, heads, 3, head_dim] order, its three parts written
+        // in place by the kernel through three interleaved views.
+        let mut dqkv = zeros_f32(Shape::new([batch, seq, heads, 3, head_dim]));
+        let strides = [
+            seq * heads * 3 * head_dim,
+            3 * head_dim,
+            heads * 3 * head_dim,
+            1,
+        ]
+        .map(|s| s as isize);
+        let view_dims = [batch, heads, seq, head_dim];
+        let storage = dqkv.storage_mut::<f32>();
+        let (base, len) = (storage.as_mut_ptr(), storage.len());
+        // SAFETY: the three views map disjoint elements of `dqkv`'s storage (offsets 0,
+        // head_dim and 2 · head_dim within each group of 3 · head_dim), which outlives the kernel
+        // call below and which nothing else touches meanwhile.
+        let part = |i: usize| unsafe {
+            kernels::ViewMut4::from_raw_parts(base, len, i * head_dim, &strides, view_dims)
+        };
+        if let (Some([q, k, v]), Some(gv), Some(p), Some(dq), Some(dk), Some(dv)) = (
+            packed_views(&qkv),
+            view4(&grad),
+            probs.as_slice::<f32>(),
+            part(0),
+            part(1),
+            part(2),
+        ) {
+            let grads = kernels::AttentionGrads { dq, dk, dv };
+            kernels::attention_backward(dims, (q, k, v), mask.scores(), p, gv, grads);
+        }
+        dqkv
     }
 }
 
 impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn packed_qkv_attention(qkv: FloatTensor<Self>, mask: AttentionMask) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PackedAttentionBackward;
+
+        impl<B: FusedKernels> Backward<B, 1> for PackedAttentionBackward {
+            // qkv (checkpointed), the probabilities, the mask.
+            type State = (
+                burn::backend::autodiff::NodeId,
+                B::FloatTensorPrimitive,
+                AttentionMask,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (id, probs, mask) = ops.state;
+                let qkv = checkpointer.retrieve_node_output(id);
+                let grad = grads.consume::<B>(&ops.node);
+                if let [Some(node)] = ops.parents {
+                    let g = B::packed_qkv_attention_backward(qkv, probs, grad, &mask);
+                    grads.register::<B>(node.id, g);
+                }
+            }
+        }
+
+        match PackedAttentionBackward
+            .prepare::<C>([qkv.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let id = prep.checkpoint(&qkv);
+                let (out, probs) = B::packed_qkv_attention_with_probs(qkv.into_primitive(), &mask);
+                prep.finish((id, probs, mask), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::packed_qkv_attention(qkv.into_primitive(), mask))
+            }
+        }
+    }
+
     fn softmax_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -898,6 +1082,35 @@ pub fn attention(
             v.into_dispatch(),
             mask,
         ),
+    ))
+}
+
+/// [`attention`] for a fused query/key/value projection `qkv: [batch, seq, heads, 3, head_dim]`
+/// (BLOOM's layout: per head, query, key and value in a row), self-attention without a cache
+/// (`q_len = kv_len = seq`); `None` off the fused path. Returns `[batch, seq, heads, head_dim]`.
+pub fn packed_qkv_attention(
+    qkv: Tensor<5>,
+    scale: f32,
+    bias: Option<Vec<f32>>,
+    allowed: Vec<bool>,
+) -> Option<Tensor<4>> {
+    if !fused_path(&qkv) {
+        return None;
+    }
+    let [batch, seq, heads, three, _] = qkv.dims();
+    let consistent = three == 3
+        && allowed.len() == batch * seq * seq
+        && bias.as_ref().is_none_or(|b| b.len() == batch * heads * seq);
+    if !consistent {
+        return None;
+    }
+    let mask = AttentionMask {
+        scale,
+        bias: bias.map(Arc::new),
+        allowed: Arc::new(allowed),
+    };
+    Some(Tensor::from_dispatch(
+        <Dispatch as FusedBackend>::packed_qkv_attention(qkv.into_dispatch(), mask),
     ))
 }
 

@@ -491,6 +491,31 @@ pub struct View4<'a> {
     dims: [usize; 4],
 }
 
+/// The strides of a view of `len` elements from `offset`, if all are non-negative and its last
+/// element is inside.
+fn checked_strides(
+    len: usize,
+    offset: usize,
+    strides: &[isize],
+    dims: [usize; 4],
+) -> Option<[usize; 4]> {
+    let strides: Vec<usize> = strides
+        .iter()
+        .map(|&s| usize::try_from(s).ok())
+        .collect::<Option<_>>()?;
+    let strides: [usize; 4] = strides.try_into().ok()?;
+    if dims.contains(&0) {
+        return Some(strides);
+    }
+    let last = offset
+        + dims
+            .iter()
+            .zip(&strides)
+            .map(|(d, s)| (d - 1) * s)
+            .sum::<usize>();
+    (last < len).then_some(strides)
+}
+
 impl<'a> View4<'a> {
     /// A view of `data` from `offset` with `strides` (elements); `None` when a stride is negative
     /// or the view would reach past `data`.
@@ -500,26 +525,8 @@ impl<'a> View4<'a> {
         strides: &[isize],
         dims: [usize; 4],
     ) -> Option<Self> {
-        let strides: Vec<usize> = strides
-            .iter()
-            .map(|&s| usize::try_from(s).ok())
-            .collect::<Option<_>>()?;
-        let strides: [usize; 4] = strides.try_into().ok()?;
-        if dims.contains(&0) {
-            return Some(Self {
-                data,
-                offset,
-                strides,
-                dims,
-            });
-        }
-        let last = offset
-            + dims
-                .iter()
-                .zip(&strides)
-                .map(|(d, s)| (d - 1) * s)
-                .sum::<usize>();
-        (last < data.len()).then_some(Self {
+        let strides = checked_strides(data.len(), offset, strides, dims)?;
+        Some(Self {
             data,
             offset,
             strides,
@@ -686,16 +693,81 @@ fn allowed_row<'a>(mask: &ScoreMask<'a>, dims: &AttentionDims, b: usize, i: usiz
     &mask.allowed[start..start + dims.kv_len]
 }
 
+/// A strided 4-D destination `[d0, d1, rows, cols]` that the attention kernels write: its
+/// tasks write disjoint `[rows, cols]` matrices of it from several threads, so it holds the
+/// address of the exclusively borrowed storage rather than a slice.
+#[derive(Debug)]
+pub struct ViewMut4<'a> {
+    base: usize,
+    strides: [usize; 4],
+    dims: [usize; 4],
+    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> ViewMut4<'a> {
+    /// A view of `data` from `offset` with `strides` (elements); `None` when a stride is negative
+    /// or the view would reach past `data`. Distinct indices must map to distinct elements (any
+    /// layout a tensor has), since tasks write different indices concurrently.
+    pub fn new(
+        data: &'a mut [f32],
+        offset: usize,
+        strides: &[isize],
+        dims: [usize; 4],
+    ) -> Option<Self> {
+        // SAFETY: `data` is exclusively borrowed for 'a.
+        unsafe { Self::from_raw_parts(data.as_mut_ptr(), data.len(), offset, strides, dims) }
+    }
+
+    /// [`ViewMut4::new`] over `len` elements at `data`, for several views that interleave in
+    /// one buffer (each maps elements the others do not).
+    ///
+    /// # Safety
+    /// `data` must be valid for writes of `len` elements for 'a, and nothing but views whose
+    /// elements are disjoint from this one's may access them meanwhile.
+    pub unsafe fn from_raw_parts(
+        data: *mut f32,
+        len: usize,
+        offset: usize,
+        strides: &[isize],
+        dims: [usize; 4],
+    ) -> Option<Self> {
+        let strides = checked_strides(len, offset, strides, dims)?;
+        Some(Self {
+            base: data.wrapping_add(offset) as usize,
+            strides,
+            dims,
+            _borrow: std::marker::PhantomData,
+        })
+    }
+
+    /// A contiguous `[d0, d1, rows, cols]` view of `data`.
+    pub fn contiguous(data: &'a mut [f32], dims: [usize; 4]) -> Option<Self> {
+        let [_, d1, rows, cols] = dims;
+        let strides = [d1 * rows * cols, rows * cols, cols, 1].map(|s| s as isize);
+        Self::new(data, 0, &strides, dims)
+    }
+
+    /// The `[rows, cols]` matrix at `[i0, i1]`: its first element and row/column strides.
+    fn matrix(&self, i0: usize, i1: usize) -> (*mut f32, isize, isize) {
+        assert!(i0 < self.dims[0] && i1 < self.dims[1]);
+        let start = i0 * self.strides[0] + i1 * self.strides[1];
+        // In bounds: `new` checked the view's last element against the storage.
+        let ptr = (self.base as *mut f32).wrapping_add(start);
+        (ptr, self.strides[2] as isize, self.strides[3] as isize)
+    }
+}
+
 /// Softmax attention for every batch row and head: `q: [batch, heads, q_len, head_dim]`,
-/// `k`, `v`: `[batch, kv_heads, kv_len, head_dim]`. Writes the probabilities
-/// `probs: [batch, heads, q_len, kv_len]` (kept for the backward pass) and the output
-/// `out: [batch, q_len, heads, head_dim]` — already in the order the output projection reads.
+/// `k`, `v`: `[batch, kv_heads, kv_len, head_dim]`, any strides. Writes the probabilities
+/// `probs: [batch, heads, q_len, kv_len]` (kept for the backward pass) and the output through
+/// `out`, a `[batch, heads, q_len, head_dim]` view (the fused operation lays it out
+/// `[batch, q_len, heads, head_dim]` underneath, the order the output projection reads).
 pub fn attention(
     dims: AttentionDims,
     (q, k, v): (View4<'_>, View4<'_>, View4<'_>),
     mask: ScoreMask<'_>,
     probs: &mut [f32],
-    out: &mut [f32],
+    out: ViewMut4<'_>,
 ) {
     let AttentionDims {
         heads,
@@ -705,10 +777,6 @@ pub fn attention(
         ..
     } = dims;
     let group = dims.group();
-    // Each task writes head h's columns of batch row b's [q_len, heads · head_dim] block of
-    // `out`: interleaved, so `out` cannot be split into slices; its address crosses threads.
-    let out_rs = (heads * head_dim) as isize;
-    let out_base = out.as_mut_ptr() as usize;
     probs
         .par_chunks_mut((q_len * kv_len).max(1))
         .enumerate()
@@ -717,8 +785,10 @@ pub fn attention(
             let (qp, q_rs, q_cs) = q.matrix(b, h);
             let (kp, k_rs, k_cs) = k.matrix(b, h / group);
             let (vp, v_rs, v_cs) = v.matrix(b, h / group);
-            // SAFETY: `p` is this task's own [q_len, kv_len] block; q and kᵀ lie in views
-            // checked by `View4::new`.
+            let (op, o_rs, o_cs) = out.matrix(b, h);
+            // SAFETY: `p` is this task's own [q_len, kv_len] block; q, kᵀ and v lie in views
+            // checked by `View4::new`; head h of batch row b of `out` is written by this task
+            // only.
             unsafe {
                 small_matmul(
                     (q_len, kv_len, head_dim),
@@ -733,14 +803,12 @@ pub fn attention(
             for (i, row) in p.chunks_mut(kv_len.max(1)).enumerate() {
                 softmax_scores(row, allowed_row(&mask, &dims, b, i), bias, mask.scale);
             }
-            let dst = (out_base as *mut f32).wrapping_add((b * q_len * heads + h) * head_dim);
-            // SAFETY: `dst` with row stride heads · head_dim addresses head h's [q_len,
-            // head_dim] columns of batch row b inside `out`, which only this task writes.
+            // SAFETY: as above.
             unsafe {
                 small_matmul(
                     (q_len, head_dim, kv_len),
-                    dst,
-                    (out_rs, 1),
+                    op,
+                    (o_rs, o_cs),
                     false,
                     (p.as_ptr(), kv_len as isize, 1),
                     (vp, v_rs, v_cs),
@@ -749,97 +817,103 @@ pub fn attention(
         });
 }
 
+/// Where [`attention_backward`] writes: `dq` as `[batch, heads, q_len, head_dim]`, `dk` and `dv`
+/// as `[batch, kv_heads, kv_len, head_dim]`, any strides (they may interleave in one buffer, as
+/// the gradient of a fused query/key/value projection does).
+#[derive(Debug)]
+pub struct AttentionGrads<'a> {
+    /// `∂q`.
+    pub dq: ViewMut4<'a>,
+    /// `∂k`.
+    pub dk: ViewMut4<'a>,
+    /// `∂v`.
+    pub dv: ViewMut4<'a>,
+}
+
 /// Gradients of [`attention`] from its inputs, its probabilities and `∂out` (viewed as
-/// `[batch, heads, q_len, head_dim]`, any strides): writes contiguous
-/// `dq: [batch, heads, q_len, head_dim]`, `dk`, `dv: [batch, kv_heads, kv_len, head_dim]`.
-#[allow(clippy::too_many_arguments)]
+/// `[batch, heads, q_len, head_dim]`, any strides), written through `grads`.
 pub fn attention_backward(
     dims: AttentionDims,
     (q, k, v): (View4<'_>, View4<'_>, View4<'_>),
     mask: ScoreMask<'_>,
     probs: &[f32],
     grad_out: View4<'_>,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    grads: AttentionGrads<'_>,
 ) {
     let AttentionDims {
+        batch,
         heads,
         kv_heads,
         q_len,
         kv_len,
         head_dim,
-        ..
     } = dims;
     let group = dims.group();
-    let head = q_len * head_dim;
-    let kv_block = kv_len * head_dim;
-    // One task per (batch row, key/value head): it alone accumulates that head's ∂k and ∂v
-    // over the query heads that read it.
-    dq.par_chunks_mut((group * head).max(1))
-        .zip(dk.par_chunks_mut(kv_block.max(1)))
-        .zip(dv.par_chunks_mut(kv_block.max(1)))
-        .enumerate()
-        .for_each(|(bg, ((dq, dk), dv))| {
-            let (b, g) = (bg / kv_heads, bg % kv_heads);
-            let (kp, k_rs, k_cs) = k.matrix(b, g);
-            let (vp, v_rs, v_cs) = v.matrix(b, g);
-            let mut dp = vec![0.0f32; q_len * kv_len];
-            for r in 0..group {
-                let h = g * group + r;
-                let p = &probs[(b * heads + h) * q_len * kv_len..][..q_len * kv_len];
-                let (go, go_rs, go_cs) = grad_out.matrix(b, h);
-                let (qp, q_rs, q_cs) = q.matrix(b, h);
-                let dq_h = &mut dq[r * head..(r + 1) * head];
-                // SAFETY: every matrix lies in a checked view, in `probs`, or in this task's
-                // own output blocks (dq_h, dk, dv, dp), which no other task touches.
-                unsafe {
-                    // ∂v (+)= pᵀ · ∂out
-                    small_matmul(
-                        (kv_len, head_dim, q_len),
-                        dv.as_mut_ptr(),
-                        (head_dim as isize, 1),
-                        r > 0,
-                        (p.as_ptr(), 1, kv_len as isize),
-                        (go, go_rs, go_cs),
-                    );
-                    // ∂p = ∂out · vᵀ
-                    small_matmul(
-                        (q_len, kv_len, head_dim),
-                        dp.as_mut_ptr(),
-                        (kv_len as isize, 1),
-                        false,
-                        (go, go_rs, go_cs),
-                        (vp, v_cs, v_rs),
-                    );
-                }
-                let rows = dp.chunks_mut(kv_len.max(1)).zip(p.chunks(kv_len.max(1)));
-                for (i, (row, p)) in rows.enumerate() {
-                    softmax_scores_backward(row, p, allowed_row(&mask, &dims, b, i), mask.scale);
-                }
-                // SAFETY: as above.
-                unsafe {
-                    // ∂q = ∂s · k
-                    small_matmul(
-                        (q_len, head_dim, kv_len),
-                        dq_h.as_mut_ptr(),
-                        (head_dim as isize, 1),
-                        false,
-                        (dp.as_ptr(), kv_len as isize, 1),
-                        (kp, k_rs, k_cs),
-                    );
-                    // ∂k (+)= ∂sᵀ · q
-                    small_matmul(
-                        (kv_len, head_dim, q_len),
-                        dk.as_mut_ptr(),
-                        (head_dim as isize, 1),
-                        r > 0,
-                        (dp.as_ptr(), 1, kv_len as isize),
-                        (qp, q_rs, q_cs),
-                    );
-                }
+    // One task per (batch row, key/value head): it alone writes that head's ∂k and ∂v
+    // (accumulated over the query heads that read it) and those query heads' ∂q.
+    (0..batch * kv_heads).into_par_iter().for_each(|bg| {
+        let (b, g) = (bg / kv_heads, bg % kv_heads);
+        let (kp, k_rs, k_cs) = k.matrix(b, g);
+        let (vp, v_rs, v_cs) = v.matrix(b, g);
+        let (dk, dk_rs, dk_cs) = grads.dk.matrix(b, g);
+        let (dv, dv_rs, dv_cs) = grads.dv.matrix(b, g);
+        let mut dp = vec![0.0f32; q_len * kv_len];
+        for r in 0..group {
+            let h = g * group + r;
+            let p = &probs[(b * heads + h) * q_len * kv_len..][..q_len * kv_len];
+            let (go, go_rs, go_cs) = grad_out.matrix(b, h);
+            let (qp, q_rs, q_cs) = q.matrix(b, h);
+            let (dq, dq_rs, dq_cs) = grads.dq.matrix(b, h);
+            // SAFETY: every operand lies in a checked view, in `probs` or in `dp`; the
+            // destinations (∂q of head h, ∂k and ∂v of group g, in batch row b) are written by
+            // this task only.
+            unsafe {
+                // ∂v (+)= pᵀ · ∂out
+                small_matmul(
+                    (kv_len, head_dim, q_len),
+                    dv,
+                    (dv_rs, dv_cs),
+                    r > 0,
+                    (p.as_ptr(), 1, kv_len as isize),
+                    (go, go_rs, go_cs),
+                );
+                // ∂p = ∂out · vᵀ
+                small_matmul(
+                    (q_len, kv_len, head_dim),
+                    dp.as_mut_ptr(),
+                    (kv_len as isize, 1),
+                    false,
+                    (go, go_rs, go_cs),
+                    (vp, v_cs, v_rs),
+                );
             }
-        });
+            let rows = dp.chunks_mut(kv_len.max(1)).zip(p.chunks(kv_len.max(1)));
+            for (i, (row, p)) in rows.enumerate() {
+                softmax_scores_backward(row, p, allowed_row(&mask, &dims, b, i), mask.scale);
+            }
+            // SAFETY: as above.
+            unsafe {
+                // ∂q = ∂s · k
+                small_matmul(
+                    (q_len, head_dim, kv_len),
+                    dq,
+                    (dq_rs, dq_cs),
+                    false,
+                    (dp.as_ptr(), kv_len as isize, 1),
+                    (kp, k_rs, k_cs),
+                );
+                // ∂k (+)= ∂sᵀ · q
+                small_matmul(
+                    (kv_len, head_dim, q_len),
+                    dk,
+                    (dk_rs, dk_cs),
+                    r > 0,
+                    (dp.as_ptr(), 1, kv_len as isize),
+                    (qp, q_rs, q_cs),
+                );
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -28,8 +28,8 @@ use peft_core::{
 };
 
 use crate::layers::{
-    LayerNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
-    gelu_tanh, tied_logits,
+    LayerNorm, WeightLoader, attend, attend_packed, attention_allowed, check_input, extend_cache,
+    full_mask, gelu_tanh, tied_logits,
 };
 
 /// BLOOM's `config.json` fields that the forward pass uses.
@@ -314,24 +314,23 @@ impl<A: LayerAdapter> BloomBlock<A> {
             .query_key_value
             .forward(ln)
             .reshape([b, s, heads, 3, hd]);
-        let pick = |i: usize| {
-            qkv.clone()
-                .slice_dim(3, i..i + 1)
-                .reshape([b, s, heads, hd])
-                .swap_dims(1, 2)
+        let scale = 1.0 / (hd as f64).sqrt();
+        let context = match cache {
+            // Training and full forwards: the three parts read in place.
+            None => attend_packed(qkv, scale, Some(alibi.clone()), allowed),
+            Some(slot) => {
+                let pick = |i: usize| {
+                    qkv.clone()
+                        .slice_dim(3, i..i + 1)
+                        .reshape([b, s, heads, hd])
+                        .swap_dims(1, 2)
+                };
+                let (q, k, v) = (pick(0), pick(1), pick(2));
+                let (k, v) = extend_cache(Some(slot), k, v);
+                attend(q, k, v, scale, Some(alibi.clone()), allowed)
+            }
         };
-        let (q, k, v) = (pick(0), pick(1), pick(2));
-        let (k, v) = extend_cache(cache, k, v);
-        let context = attend(
-            q,
-            k,
-            v,
-            1.0 / (hd as f64).sqrt(),
-            Some(alibi.clone()),
-            allowed,
-        )
-        .swap_dims(1, 2)
-        .reshape([b, s, hidden]);
+        let context = context.swap_dims(1, 2).reshape([b, s, hidden]);
         let attn_out = self.self_attention.dense.forward(context) + residual;
 
         let ln = self.post_attention_layernorm.forward(attn_out.clone());

@@ -285,19 +285,7 @@ pub fn attend(
     let [b, h, q_len, _] = q.dims();
     let kv_len = k.dims()[2];
     if peft_core::fused::is_fused(&q) {
-        let host_allowed = allowed
-            .clone()
-            .expand([b, 1, q_len, kv_len])
-            .into_data()
-            .try_to_vec::<bool>()
-            .unwrap_or_default();
-        let host_bias = bias.as_ref().map(|bias| {
-            bias.clone()
-                .expand([b, h, 1, kv_len])
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap_or_default()
-        });
+        let (host_allowed, host_bias) = host_masks(allowed, bias.as_ref(), [b, h, q_len, kv_len]);
         if let Some(out) = peft_core::fused::attention(
             q.clone(),
             k.clone(),
@@ -310,6 +298,59 @@ pub fn attend(
         }
     }
     composed_attend(q, k, v, scale, bias, allowed)
+}
+
+/// Self-attention over a fused query/key/value projection `qkv: [b, s, h, 3, d]` (BLOOM's
+/// layout), as [`attend`] of its three parts; on the CPU backend one operation that reads the
+/// parts in place and returns one gradient for `qkv` ([`peft_core::fused::packed_qkv_attention`]).
+/// Returns `[b, h, s, d]`.
+pub fn attend_packed(
+    qkv: Tensor<5>,
+    scale: f64,
+    bias: Option<Tensor<4>>,
+    allowed: &Tensor<4, Bool>,
+) -> Tensor<4> {
+    let [b, s, h, _, d] = qkv.dims();
+    if peft_core::fused::is_fused(&qkv) {
+        let (host_allowed, host_bias) = host_masks(allowed, bias.as_ref(), [b, h, s, s]);
+        if let Some(out) = peft_core::fused::packed_qkv_attention(
+            qkv.clone(),
+            scale as f32,
+            host_bias,
+            host_allowed,
+        ) {
+            return out.swap_dims(1, 2);
+        }
+    }
+    let part = |i: usize| {
+        qkv.clone()
+            .slice_dim(3, i..i + 1)
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2)
+    };
+    composed_attend(part(0), part(1), part(2), scale, bias, allowed)
+}
+
+/// The attention mask `[b, q, kv]` and bias `[b, h, kv]` on the host, for the fused operations.
+fn host_masks(
+    allowed: &Tensor<4, Bool>,
+    bias: Option<&Tensor<4>>,
+    [b, h, q_len, kv_len]: [usize; 4],
+) -> (Vec<bool>, Option<Vec<f32>>) {
+    let host_allowed = allowed
+        .clone()
+        .expand([b, 1, q_len, kv_len])
+        .into_data()
+        .try_to_vec::<bool>()
+        .unwrap_or_default();
+    let host_bias = bias.map(|bias| {
+        bias.clone()
+            .expand([b, h, 1, kv_len])
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap_or_default()
+    });
+    (host_allowed, host_bias)
 }
 
 /// [`attend`] from burn operations (any backend).
@@ -450,5 +491,44 @@ mod tests {
         assert!(diff(fused.1, composed.1) < 1e-5, "∂q differs");
         assert!(diff(fused.2, composed.2) < 1e-5, "∂k differs");
         assert!(diff(fused.3, composed.3) < 1e-5, "∂v differs");
+    }
+
+    /// Attention over a fused qkv projection equals the composed attention of its three
+    /// slices: output and the gradient of the projection, with ALiBi and left padding.
+    #[test]
+    fn packed_qkv_attention_matches_the_composed_one() {
+        let device = Device::flex().autodiff();
+        let (b, s, h, d) = (2, 6, 4, 8);
+        let mask = Tensor::<2, Int>::from_data(
+            TensorData::new([vec![1i64; s], vec![0, 0, 1, 1, 1, 1]].concat(), [b, s]),
+            &device,
+        );
+        let allowed = attention_allowed(&mask, s);
+        let slopes = Tensor::<1>::from_data([0.5f32, 0.25, 0.125, 0.0625], &device);
+        let bias = mask.clone().cumsum(1).float().reshape([b, 1, 1, s])
+            * slopes.reshape([1, h, 1, 1]);
+        let qkv = Tensor::<5>::random([b, s, h, 3, d], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let weights = Tensor::<4>::random([b, h, s, d], Distribution::Default, &device);
+        let run = |fused: bool| {
+            let out = if fused {
+                attend_packed(qkv.clone(), 0.3, Some(bias.clone()), &allowed)
+            } else {
+                let part = |i: usize| {
+                    qkv.clone()
+                        .slice_dim(3, i..i + 1)
+                        .reshape([b, s, h, d])
+                        .swap_dims(1, 2)
+                };
+                composed_attend(part(0), part(1), part(2), 0.3, Some(bias.clone()), &allowed)
+            };
+            let grads = (out.clone() * weights.clone()).sum().backward();
+            (out.inner(), qkv.grad(&grads).unwrap())
+        };
+        let ((out_f, grad_f), (out_c, grad_c)) = (run(true), run(false));
+        let diff: f32 = (out_f - out_c).abs().max().into_scalar();
+        assert!(diff < 1e-5, "outputs differ by {diff}");
+        let diff: f32 = (grad_f - grad_c).abs().max().into_scalar();
+        assert!(diff < 1e-5, "∂qkv differs by {diff}");
     }
 }
