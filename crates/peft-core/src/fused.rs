@@ -52,6 +52,15 @@ impl AttentionMask {
     }
 }
 
+/// Rotary embedding tables for [`FusedBackend::rope`]: `cos`, `sin`, each `[seq, head_dim]`.
+#[derive(Clone, Debug)]
+pub struct RopeTables {
+    /// Cosines, `[seq, head_dim]`.
+    pub cos: Arc<Vec<f32>>,
+    /// Sines, `[seq, head_dim]`.
+    pub sin: Arc<Vec<f32>>,
+}
+
 /// Backends with the fused operations.
 #[backend_extension(Autodiff, Flex)]
 pub trait FusedBackend: Backend {
@@ -67,6 +76,8 @@ pub trait FusedBackend: Backend {
     /// projection `qkv: [batch, seq, heads, 3, head_dim]` (BLOOM's layout), with one gradient
     /// for it: no slicing, so no slice gradients to scatter back.
     fn packed_qkv_attention(qkv: FloatTensor<Self>, mask: AttentionMask) -> FloatTensor<Self>;
+    /// Rotary position embedding of `x: [batch, heads, seq, head_dim]`.
+    fn rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self>;
     /// GELU, tanh approximation, element-wise.
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `silu(gate) · up`, element-wise.
@@ -111,6 +122,21 @@ fn flex_gelu(x: &FlexTensor) -> FlexTensor {
 fn flex_gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let mut out = zeros_f32(x.layout().shape().clone());
     kernels::gelu_tanh_backward(&values(x), &values(grad), out.storage_mut::<f32>());
+    out
+}
+
+fn flex_rope(x: FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
+    let x = viewable(x);
+    let mut out = zeros_f32(x.layout().shape().clone());
+    if let Some(view) = view4(&x) {
+        kernels::rope(
+            view,
+            &tables.cos,
+            &tables.sin,
+            out.storage_mut::<f32>(),
+            inverse,
+        );
+    }
     out
 }
 
@@ -195,6 +221,8 @@ pub trait FusedKernels: Backend {
         v: FloatTensor<Self>,
         mask: &AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// `∂x` of [`FusedBackend::rope`] from `∂out`.
+    fn rope_backward(grad: FloatTensor<Self>, tables: &RopeTables) -> FloatTensor<Self>;
     /// `(∂gate, ∂up)` of [`FusedBackend::silu_mul`].
     fn silu_mul_backward(
         gate: FloatTensor<Self>,
@@ -405,6 +433,10 @@ impl FusedBackend for Flex {
         flex_silu_mul(&gate, &up)
     }
 
+    fn rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
+        flex_rope(x, &tables, false)
+    }
+
     fn fused_layer_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -455,6 +487,10 @@ impl FusedKernels for Flex {
         mask: &AttentionMask,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         flex_attention(q, k, v, mask)
+    }
+
+    fn rope_backward(grad: FloatTensor<Self>, tables: &RopeTables) -> FloatTensor<Self> {
+        flex_rope(grad, tables, true)
     }
 
     fn silu_mul_backward(
@@ -604,6 +640,40 @@ impl FusedKernels for Flex {
 }
 
 impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Autodiff<B, C> {
+    fn rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RopeBackward;
+
+        impl<B: FusedKernels> Backward<B, 1> for RopeBackward {
+            // Linear in x: only the tables are needed.
+            type State = RopeTables;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                if let [Some(node)] = ops.parents {
+                    grads.register::<B>(node.id, B::rope_backward(grad, &ops.state));
+                }
+            }
+        }
+
+        match RopeBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::rope(x.into_primitive(), tables.clone());
+                prep.finish(tables, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rope(x.into_primitive(), tables)),
+        }
+    }
+
     fn packed_qkv_attention(qkv: FloatTensor<Self>, mask: AttentionMask) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct PackedAttentionBackward;
@@ -978,6 +1048,27 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let cube = x.clone() * x.clone() * x.clone();
     let z = (x.clone() + cube * 0.044715) * (2.0 * SQRT_2_OVER_PI);
     x * sigmoid(z)
+}
+
+/// Rotary position embedding `x·cos + rotate_half(x)·sin` of `x: [batch, heads, seq,
+/// head_dim]` with host tables `cos`, `sin`: `[seq, head_dim]`; `None` off the fused path.
+pub fn rope(x: Tensor<4>, cos: &Arc<Vec<f32>>, sin: &Arc<Vec<f32>>) -> Option<Tensor<4>> {
+    let [_, _, seq, head_dim] = x.dims();
+    let fits = fused_path(&x)
+        && head_dim % 2 == 0
+        && cos.len() == seq * head_dim
+        && sin.len() == seq * head_dim;
+    if !fits {
+        return None;
+    }
+    let tables = RopeTables {
+        cos: cos.clone(),
+        sin: sin.clone(),
+    };
+    Some(Tensor::from_dispatch(<Dispatch as FusedBackend>::rope(
+        x.into_dispatch(),
+        tables,
+    )))
 }
 
 /// `silu(gate) · up` (Llama's gated feed-forward), element-wise; `None` off the fused path.

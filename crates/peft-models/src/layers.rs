@@ -505,8 +505,8 @@ mod tests {
         );
         let allowed = attention_allowed(&mask, s);
         let slopes = Tensor::<1>::from_data([0.5f32, 0.25, 0.125, 0.0625], &device);
-        let bias = mask.clone().cumsum(1).float().reshape([b, 1, 1, s])
-            * slopes.reshape([1, h, 1, 1]);
+        let bias =
+            mask.clone().cumsum(1).float().reshape([b, 1, 1, s]) * slopes.reshape([1, h, 1, 1]);
         let qkv = Tensor::<5>::random([b, s, h, 3, d], Distribution::Normal(0.0, 1.0), &device)
             .require_grad();
         let weights = Tensor::<4>::random([b, h, s, d], Distribution::Default, &device);

@@ -19,6 +19,8 @@
 //! `position_ids` are passed); RoPE is relative, so left padding leaves the real tokens' logits
 //! unchanged.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -375,7 +377,7 @@ impl<A: LayerAdapter> Llama<A> {
     }
 
     /// `cos` and `sin` tables `[1, 1, seq, head_dim]` for positions `start .. start + seq`.
-    fn rope_tables(&self, start: usize, seq: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    fn rope_tables(&self, start: usize, seq: usize, device: &Device) -> Rope {
         let half = self.inv_freq.len();
         let hd = 2 * half;
         let mut cos = Vec::with_capacity(seq * hd);
@@ -387,14 +389,36 @@ impl<A: LayerAdapter> Llama<A> {
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let make =
-            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, hd]), device);
-        (make(cos), make(sin))
+        let make = |v: &Vec<f32>| {
+            Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 1, seq, hd]), device)
+        };
+        Rope {
+            cos: make(&cos),
+            sin: make(&sin),
+            host_cos: Arc::new(cos),
+            host_sin: Arc::new(sin),
+        }
     }
 }
 
+/// Rotary tables for one forward pass, as tensors and, for the fused CPU operation, on the host.
+struct Rope {
+    /// `[1, 1, seq, head_dim]`.
+    cos: Tensor<4>,
+    /// `[1, 1, seq, head_dim]`.
+    sin: Tensor<4>,
+    /// `cos` as `[seq, head_dim]` values.
+    host_cos: Arc<Vec<f32>>,
+    /// `sin` as `[seq, head_dim]` values.
+    host_sin: Arc<Vec<f32>>,
+}
+
 /// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`.
-fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+fn apply_rope(x: Tensor<4>, rope: &Rope) -> Tensor<4> {
+    if let Some(y) = peft_core::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin) {
+        return y;
+    }
+    let (cos, sin) = (&rope.cos, &rope.sin);
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
@@ -408,8 +432,7 @@ impl<A: LayerAdapter> LlamaLayer<A> {
         &self,
         x: Tensor<3>,
         spec: &ModelSpec,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
+        rope: &Rope,
         allowed: &Tensor<4, Bool>,
         cache: Option<&mut Option<LayerKv>>,
     ) -> Tensor<3> {
@@ -420,8 +443,8 @@ impl<A: LayerAdapter> LlamaLayer<A> {
         let q = heads(self.self_attn.q_proj.forward(ln.clone()), nq);
         let k = heads(self.self_attn.k_proj.forward(ln.clone()), nkv);
         let v = heads(self.self_attn.v_proj.forward(ln), nkv);
-        let q = apply_rope(q, cos, sin);
-        let k = apply_rope(k, cos, sin);
+        let q = apply_rope(q, rope);
+        let k = apply_rope(k, rope);
         let (k, v) = extend_cache(cache, k, v);
         let context = attend(q, k, v, 1.0 / (hd as f64).sqrt(), None, allowed)
             .swap_dims(1, 2)
@@ -478,7 +501,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
             &input.attention_mask,
         );
         let allowed = attention_allowed(&mask, q_len);
-        let (cos, sin) = self.rope_tables(past, q_len, &x.device());
+        let rope = self.rope_tables(past, q_len, &x.device());
         if let Some(c) = cache.as_deref_mut()
             && c.layers.len() != self.model.layers.len()
         {
@@ -486,7 +509,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
         }
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &self.spec, &cos, &sin, &allowed, slot);
+            x = layer.forward(x, &self.spec, &rope, &allowed, slot);
         }
         if let Some(c) = cache {
             c.mask = Some(mask);
@@ -642,6 +665,48 @@ pub fn llama_modules(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused rotary embedding equals the composed formula, value and gradient, on the
+    /// strided `[b, heads, seq, head_dim]` view the layers pass it.
+    #[test]
+    fn fused_rope_matches_the_composed_one() {
+        use burn::tensor::Distribution;
+        let device = Device::flex().autodiff();
+        let (b, s, h, hd) = (2, 5, 3, 8);
+        let inv_freq = rope_inv_freq(10000.0, hd);
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for pos in 3..3 + s {
+            for _ in 0..2 {
+                cos.extend(inv_freq.iter().map(|f| (pos as f32 * f).cos()));
+                sin.extend(inv_freq.iter().map(|f| (pos as f32 * f).sin()));
+            }
+        }
+        let make = |v: &Vec<f32>| {
+            Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 1, s, hd]), &device)
+        };
+        let rope = Rope {
+            cos: make(&cos),
+            sin: make(&sin),
+            host_cos: Arc::new(cos),
+            host_sin: Arc::new(sin),
+        };
+        let x = Tensor::<4>::random([b, s, h, hd], Distribution::Default, &device).require_grad();
+        let r = Tensor::<4>::random([b, h, s, hd], Distribution::Default, &device);
+        let fused = apply_rope(x.clone().swap_dims(1, 2), &rope);
+        let composed = {
+            let x = x.clone().swap_dims(1, 2);
+            let x1 = x.clone().narrow(3, 0, hd / 2);
+            let x2 = x.clone().narrow(3, hd / 2, hd / 2);
+            x * rope.cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * rope.sin.clone()
+        };
+        let diff: f32 = (fused.clone() - composed.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-6, "values differ by {diff}");
+        let gf = x.grad(&(fused * r.clone()).sum().backward()).unwrap();
+        let gc = x.grad(&(composed * r).sum().backward()).unwrap();
+        let diff: f32 = (gf - gc).abs().max().into_scalar();
+        assert!(diff < 1e-6, "gradients differ by {diff}");
+    }
 
     #[test]
     fn rope_theta_is_read_from_both_config_layouts() {
