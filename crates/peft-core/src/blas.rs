@@ -195,6 +195,52 @@ pub trait BlasMatmulBackend: Backend {
         rhs: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// A dense layer with a LoRA update: `x: [m, in] · weight: [in, out] + bias: [out]
+    /// + scale · (x · a: [in, r]) · b: [r, out]` → `[m, out]`.
+    fn blas_lora(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+}
+
+/// `out + lhs · rhs`, accumulated in place by BLAS (β = 1) when it takes the product and `out`
+/// is an f32 matrix of its own.
+fn add_product(
+    out: FloatTensor<Flex>,
+    lhs: FloatTensor<Flex>,
+    rhs: FloatTensor<Flex>,
+) -> FloatTensor<Flex> {
+    let (m, n) = (out.layout().shape()[0], out.layout().shape()[1]);
+    let k = lhs.layout().shape()[1];
+    let own = out.dtype() == DType::F32 && out.is_contiguous() && out.is_unique();
+    let views = (
+        blas_view(lhs.layout().strides(), m, k),
+        blas_view(rhs.layout().strides(), k, n),
+    );
+    match (blas(), views) {
+        (Some(blas), (Some((ta, lda)), Some((tb, ldb))))
+            if own && blas_takes(&lhs, &rhs) && m > 0 && n > 0 && k > 0 =>
+        {
+            let mut out = out;
+            let a = lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr();
+            let b = rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr();
+            let c = out.storage_mut::<f32>().as_mut_ptr();
+            // SAFETY: `a`, `b` address `[m, k]`, `[k, n]` matrices with strides checked by
+            // `blas_view` inside their storages; `c` is `out`'s own contiguous `[m, n]` storage.
+            unsafe {
+                (blas.sgemm)(
+                    ROW_MAJOR, ta, tb, m as i32, n as i32, k as i32, 1.0, a, lda, b, ldb, 1.0, c,
+                    n as i32,
+                );
+            }
+            out
+        }
+        _ => Flex::float_add(out, flex_matmul::<Flex>(lhs, rhs)),
+    }
 }
 
 /// Whether OpenBLAS takes this product: f32 matrices, not tiny, i32-addressable.
@@ -236,6 +282,23 @@ impl BlasMatmulBackend for Flex {
                 Flex::float_add(out, Flex::float_reshape(bias, Shape::new([1, n])))
             }
         }
+    }
+
+    fn blas_lora(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        // The scale goes on the rank-r intermediate, the update is added by BLAS in place.
+        let low_rank = Flex::float_mul_scalar(
+            Self::blas_matmul(x.clone(), a),
+            burn::backend::Scalar::Float(f64::from(scale)),
+        );
+        let out = Self::blas_matmul_bias(x, weight, bias);
+        add_product(out, low_rank, b)
     }
 }
 
@@ -373,6 +436,99 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff
             )),
         }
     }
+    fn blas_lora(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct BlasLoraBackward;
+
+        impl<B: BlasMatmulBackend> Backward<B, 5> for BlasLoraBackward {
+            // x, weight, a, b (checkpointed) and the scale.
+            type State = ([burn::backend::autodiff::NodeId; 4], f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 5>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (ids, scale) = ops.state;
+                let [x, weight, a, b]: [B::FloatTensorPrimitive; 4] =
+                    ids.map(|id| checkpointer.retrieve_node_output(id));
+                let [node_x, node_w, node_bias, node_a, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let scalar = burn::backend::Scalar::Float(f64::from(scale));
+                if let Some(node) = node_bias {
+                    let n = grad.shape()[1];
+                    let g = B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([n]));
+                    grads.register::<B>(node.id, g);
+                }
+                if let Some(node) = node_w {
+                    let g = B::blas_matmul(B::float_transpose(x.clone()), grad.clone());
+                    grads.register::<B>(node.id, g);
+                }
+                // The update's path: u = s · x·a, y += u·b.
+                let low_rank_grad = || {
+                    B::float_mul_scalar(
+                        B::blas_matmul(grad.clone(), B::float_transpose(b.clone())),
+                        scalar,
+                    )
+                };
+                let du = (node_a.is_some() || node_x.is_some()).then(low_rank_grad);
+                if let Some(node) = node_b {
+                    let u = B::float_mul_scalar(B::blas_matmul(x.clone(), a.clone()), scalar);
+                    let g = B::blas_matmul(B::float_transpose(u), grad.clone());
+                    grads.register::<B>(node.id, g);
+                }
+                if let (Some(node), Some(du)) = (node_a, du.clone()) {
+                    let g = B::blas_matmul(B::float_transpose(x.clone()), du);
+                    grads.register::<B>(node.id, g);
+                }
+                if let (Some(node), Some(du)) = (node_x, du) {
+                    let base = B::blas_matmul(grad, B::float_transpose(weight));
+                    let g = B::float_add(base, B::blas_matmul(du, B::float_transpose(a)));
+                    grads.register::<B>(node.id, g);
+                }
+            }
+        }
+
+        match BlasLoraBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node(), a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [
+                    prep.checkpoint(&x),
+                    prep.checkpoint(&weight),
+                    prep.checkpoint(&a),
+                    prep.checkpoint(&b),
+                ];
+                let out = B::blas_lora(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                    a.into_primitive(),
+                    b.into_primitive(),
+                    scale,
+                );
+                prep.finish((ids, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::blas_lora(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+                a.into_primitive(),
+                b.into_primitive(),
+                scale,
+            )),
+        }
+    }
 }
 
 /// `lhs: [m, k] · rhs: [k, n]`: through OpenBLAS on the CPU backend when it is available (see the
@@ -385,6 +541,43 @@ pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
         lhs.into_dispatch(),
         rhs.into_dispatch(),
     ))
+}
+
+/// A dense f32 layer with a LoRA update as one operation on the CPU backend:
+/// `x · weight + bias + scale · (x · a) · b` for `x: [.., in]`, `weight: [in, out]`,
+/// `a: [in, r]`, `b: [r, out]` → `[.., out]`. The update is added by BLAS into the base
+/// product's output (no separate pass), and the backward pass computes the gradients of
+/// whichever inputs are tracked. `None` off the CPU backend or for other dtypes.
+pub fn lora_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    (a, b): (Tensor<2>, Tensor<2>),
+    scale: f32,
+) -> Option<Tensor<D>> {
+    let f32s = [x.dtype(), weight.dtype(), a.dtype(), b.dtype()]
+        .iter()
+        .chain(bias.as_ref().map(|b| b.dtype()).iter())
+        .all(|d| *d == DType::F32);
+    if !f32s || !crate::packed_op::supports_packed_matmul(&x.device()) {
+        return None;
+    }
+    let dims = x.dims();
+    let (d_in, d_out) = (dims[D - 1], weight.dims()[1]);
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let device = x.device();
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([d_out], &device));
+    let out = Tensor::<2>::from_dispatch(<Dispatch as BlasMatmulBackend>::blas_lora(
+        x.reshape([rows, d_in]).into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        a.into_dispatch(),
+        b.into_dispatch(),
+        scale,
+    ));
+    let mut out_dims = dims;
+    out_dims[D - 1] = d_out;
+    Some(out.reshape(out_dims))
 }
 
 /// `x: [.., in] · weight: [in, out] (+ bias)` → `[.., out]`, the product through [`matmul`].
@@ -483,6 +676,66 @@ mod tests {
         assert!(max(ours.1 - theirs.1) < 1e-4, "∂x");
         assert!(max(ours.2 - theirs.2) < 1e-4, "∂w");
         assert!(max(ours.3 - theirs.3) < 1e-4, "∂b");
+    }
+
+    /// The fused dense + LoRA layer equals `x·W + bias + s·(x·A)·B` composed from burn
+    /// operations: values and the gradients of all five inputs (every one trainable here), with
+    /// and without a bias.
+    #[test]
+    fn lora_linear_matches_the_composed_layer() {
+        let device = Device::flex().autodiff();
+        let leaf = |dims: [usize; 2]| {
+            Tensor::<2>::random(dims, Distribution::Default, &device).require_grad()
+        };
+        let x = Tensor::<3>::random([2, 40, 64], Distribution::Default, &device).require_grad();
+        let (w, a, b) = (leaf([64, 96]), leaf([64, 8]), leaf([8, 96]));
+        let bias = Tensor::<1>::random([96], Distribution::Default, &device).require_grad();
+        let r = Tensor::<3>::random([2, 40, 96], Distribution::Default, &device);
+        let max = |x: Tensor<2>| -> f32 { x.abs().max().into_scalar::<f32>() };
+        for with_bias in [true, false] {
+            let bias = with_bias.then(|| bias.clone());
+            let run = |fused: bool| {
+                let y = if fused {
+                    lora_linear(
+                        x.clone(),
+                        w.clone(),
+                        bias.clone(),
+                        (a.clone(), b.clone()),
+                        0.5,
+                    )
+                    .unwrap()
+                } else {
+                    burn::tensor::module::linear(x.clone(), w.clone(), bias.clone())
+                        + x.clone()
+                            .matmul(a.clone().unsqueeze())
+                            .matmul(b.clone().unsqueeze())
+                            * 0.5
+                };
+                let grads = (y.clone() * r.clone()).sum().backward();
+                let g = |t: &Tensor<2>| t.grad(&grads).unwrap();
+                let db = bias
+                    .as_ref()
+                    .map(|b| b.grad(&grads).unwrap().reshape([1, 96]));
+                (
+                    [
+                        y.inner().reshape([80, 96]),
+                        x.grad(&grads).unwrap().reshape([80, 64]),
+                    ],
+                    [g(&w), g(&a), g(&b)],
+                    db,
+                )
+            };
+            let (ours, theirs) = (run(true), run(false));
+            for (o, t) in ours.0.into_iter().zip(theirs.0) {
+                assert!(max(o - t) < 1e-4, "values or ∂x differ");
+            }
+            for (o, t) in ours.1.into_iter().zip(theirs.1) {
+                assert!(max(o - t) < 1e-3, "∂W, ∂A or ∂B differs");
+            }
+            if let (Some(o), Some(t)) = (ours.2, theirs.2) {
+                assert!(max(o - t) < 1e-4, "∂bias differs");
+            }
+        }
     }
 
     #[test]

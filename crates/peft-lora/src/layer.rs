@@ -93,6 +93,20 @@ impl LoraLinear {
 
 impl LayerAdapter for LoraLinear {
     fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
+        // A dense f32 base without dropout: base product and update as one operation on the
+        // CPU backend (the update accumulated into the base output by BLAS).
+        if let BaseLinear::Dense(l) = base
+            && self.dropout.prob == 0.0
+            && let Some(y) = peft_core::blas::lora_linear(
+                x.clone(),
+                l.weight.val(),
+                l.bias.as_ref().map(|b| b.val()),
+                (self.lora_a.val(), self.lora_b.val()),
+                self.scaling as f32,
+            )
+        {
+            return y;
+        }
         // PEFT scales `B(A(x))`; scaling the rank-r intermediate instead is the same product
         // and costs r columns instead of `out_features` (in both passes).
         let low_rank = linear(self.dropout.forward(x.clone()), self.lora_a.val(), None);
