@@ -195,8 +195,8 @@ pub trait BlasMatmulBackend: Backend {
         rhs: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-    /// A dense layer with a LoRA update: `x: [m, in] · weight: [in, out] + bias: [out]
-    /// + scale · (x · a: [in, r]) · b: [r, out]` → `[m, out]`.
+    /// A dense layer with a LoRA update, `x · weight + bias + scale · (x · a) · b` → `[m, out]`
+    /// for `x: [m, in]`, `weight: [in, out]`, `bias: [out]`, `a: [in, r]`, `b: [r, out]`.
     fn blas_lora(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
