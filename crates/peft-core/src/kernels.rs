@@ -807,6 +807,35 @@ impl<'a> ViewMut4<'a> {
     }
 }
 
+/// Query rows handled together: a block multiplies only the keys some row of it can see.
+const QUERY_BLOCK: usize = 32;
+
+/// For each block of [`QUERY_BLOCK`] query rows of each batch row, how many leading keys its
+/// rows can see (`[batch, blocks]`): one past the last allowed key of any row of the block, or
+/// every key when a row sees none (it attends uniformly to all). With a causal mask about half
+/// of the score and product work lies past these extents, and is skipped.
+fn block_extents(mask: &ScoreMask<'_>, dims: &AttentionDims) -> Vec<usize> {
+    let blocks = dims.q_len.div_ceil(QUERY_BLOCK);
+    let mut extents = Vec::with_capacity(dims.batch * blocks);
+    for b in 0..dims.batch {
+        for block in 0..blocks {
+            let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(dims.q_len);
+            let extent = rows
+                .map(|i| {
+                    let allowed = allowed_row(mask, dims, b, i);
+                    allowed
+                        .iter()
+                        .rposition(|&a| a)
+                        .map_or(dims.kv_len, |last| last + 1)
+                })
+                .max()
+                .unwrap_or(dims.kv_len);
+            extents.push(extent);
+        }
+    }
+    extents
+}
+
 /// Softmax attention for every batch row and head: `q: [batch, heads, q_len, head_dim]`,
 /// `k`, `v`: `[batch, kv_heads, kv_len, head_dim]`, any strides. Writes the probabilities
 /// `probs: [batch, heads, q_len, kv_len]` (kept for the backward pass) and the output through
@@ -827,6 +856,8 @@ pub fn attention(
         ..
     } = dims;
     let group = dims.group();
+    let extents = block_extents(&mask, &dims);
+    let blocks = q_len.div_ceil(QUERY_BLOCK);
     probs
         .par_chunks_mut((q_len * kv_len).max(1))
         .enumerate()
@@ -836,33 +867,42 @@ pub fn attention(
             let (kp, k_rs, k_cs) = k.matrix(b, h / group);
             let (vp, v_rs, v_cs) = v.matrix(b, h / group);
             let (op, o_rs, o_cs) = out.matrix(b, h);
-            // SAFETY: `p` is this task's own [q_len, kv_len] block; q, kᵀ and v lie in views
-            // checked by `View4::new`; head h of batch row b of `out` is written by this task
-            // only.
-            unsafe {
-                small_matmul(
-                    (q_len, kv_len, head_dim),
-                    p.as_mut_ptr(),
-                    (kv_len as isize, 1),
-                    false,
-                    (qp, q_rs, q_cs),
-                    (kp, k_cs, k_rs),
-                );
-            }
             let bias = mask.bias.map(|all| &all[bh * kv_len..(bh + 1) * kv_len]);
-            for (i, row) in p.chunks_mut(kv_len.max(1)).enumerate() {
-                softmax_scores(row, allowed_row(&mask, &dims, b, i), bias, mask.scale);
-            }
-            // SAFETY: as above.
-            unsafe {
-                small_matmul(
-                    (q_len, head_dim, kv_len),
-                    op,
-                    (o_rs, o_cs),
-                    false,
-                    (p.as_ptr(), kv_len as isize, 1),
-                    (vp, v_rs, v_cs),
-                );
+            for block in 0..blocks {
+                let i0 = block * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(q_len - i0);
+                let extent = extents[b * blocks + block];
+                let p_block = &mut p[i0 * kv_len..(i0 + rows) * kv_len];
+                // SAFETY: `p_block` is this task's own [rows, kv_len] block of `probs`; q, kᵀ
+                // and v lie in views checked by `View4::new` (rows i0.., keys ..extent); head h
+                // of batch row b of `out` is written by this task only.
+                unsafe {
+                    small_matmul(
+                        (rows, extent, head_dim),
+                        p_block.as_mut_ptr(),
+                        (kv_len as isize, 1),
+                        false,
+                        (qp.wrapping_offset(i0 as isize * q_rs), q_rs, q_cs),
+                        (kp, k_cs, k_rs),
+                    );
+                }
+                for (r, row) in p_block.chunks_mut(kv_len.max(1)).enumerate() {
+                    let allowed = &allowed_row(&mask, &dims, b, i0 + r)[..extent];
+                    let (seen, unseen) = row.split_at_mut(extent);
+                    softmax_scores(seen, allowed, bias.map(|b| &b[..extent]), mask.scale);
+                    unseen.fill(0.0);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    small_matmul(
+                        (rows, head_dim, extent),
+                        op.wrapping_offset(i0 as isize * o_rs),
+                        (o_rs, o_cs),
+                        false,
+                        (p_block.as_ptr(), kv_len as isize, 1),
+                        (vp, v_rs, v_cs),
+                    );
+                }
             }
         });
 }
@@ -881,7 +921,8 @@ pub struct AttentionGrads<'a> {
 }
 
 /// Gradients of [`attention`] from its inputs, its probabilities and `∂out` (viewed as
-/// `[batch, heads, q_len, head_dim]`, any strides), written through `grads`.
+/// `[batch, heads, q_len, head_dim]`, any strides), written through `grads`, whose `dk` and `dv`
+/// must start zeroed (they are accumulated into).
 pub fn attention_backward(
     dims: AttentionDims,
     (q, k, v): (View4<'_>, View4<'_>, View4<'_>),
@@ -899,68 +940,79 @@ pub fn attention_backward(
         head_dim,
     } = dims;
     let group = dims.group();
+    let extents = block_extents(&mask, &dims);
+    let blocks = q_len.div_ceil(QUERY_BLOCK);
     // One task per (batch row, key/value head): it alone writes that head's ∂k and ∂v
-    // (accumulated over the query heads that read it) and those query heads' ∂q.
+    // (accumulated over the query heads that read it, into zeroed buffers) and those query
+    // heads' ∂q.
     (0..batch * kv_heads).into_par_iter().for_each(|bg| {
         let (b, g) = (bg / kv_heads, bg % kv_heads);
         let (kp, k_rs, k_cs) = k.matrix(b, g);
         let (vp, v_rs, v_cs) = v.matrix(b, g);
         let (dk, dk_rs, dk_cs) = grads.dk.matrix(b, g);
         let (dv, dv_rs, dv_cs) = grads.dv.matrix(b, g);
-        let mut dp = vec![0.0f32; q_len * kv_len];
+        let mut dp = vec![0.0f32; QUERY_BLOCK.min(q_len) * kv_len];
         for r in 0..group {
             let h = g * group + r;
-            let p = &probs[(b * heads + h) * q_len * kv_len..][..q_len * kv_len];
+            let p_head = &probs[(b * heads + h) * q_len * kv_len..][..q_len * kv_len];
             let (go, go_rs, go_cs) = grad_out.matrix(b, h);
             let (qp, q_rs, q_cs) = q.matrix(b, h);
             let (dq, dq_rs, dq_cs) = grads.dq.matrix(b, h);
-            // SAFETY: every operand lies in a checked view, in `probs` or in `dp`; the
-            // destinations (∂q of head h, ∂k and ∂v of group g, in batch row b) are written by
-            // this task only.
-            unsafe {
-                // ∂v (+)= pᵀ · ∂out
-                small_matmul(
-                    (kv_len, head_dim, q_len),
-                    dv,
-                    (dv_rs, dv_cs),
-                    r > 0,
-                    (p.as_ptr(), 1, kv_len as isize),
-                    (go, go_rs, go_cs),
-                );
-                // ∂p = ∂out · vᵀ
-                small_matmul(
-                    (q_len, kv_len, head_dim),
-                    dp.as_mut_ptr(),
-                    (kv_len as isize, 1),
-                    false,
-                    (go, go_rs, go_cs),
-                    (vp, v_cs, v_rs),
-                );
-            }
-            let rows = dp.chunks_mut(kv_len.max(1)).zip(p.chunks(kv_len.max(1)));
-            for (i, (row, p)) in rows.enumerate() {
-                softmax_scores_backward(row, p, allowed_row(&mask, &dims, b, i), mask.scale);
-            }
-            // SAFETY: as above.
-            unsafe {
-                // ∂q = ∂s · k
-                small_matmul(
-                    (q_len, head_dim, kv_len),
-                    dq,
-                    (dq_rs, dq_cs),
-                    false,
-                    (dp.as_ptr(), kv_len as isize, 1),
-                    (kp, k_rs, k_cs),
-                );
-                // ∂k (+)= ∂sᵀ · q
-                small_matmul(
-                    (kv_len, head_dim, q_len),
-                    dk,
-                    (dk_rs, dk_cs),
-                    r > 0,
-                    (dp.as_ptr(), 1, kv_len as isize),
-                    (qp, q_rs, q_cs),
-                );
+            for block in 0..blocks {
+                let i0 = block * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(q_len - i0);
+                let extent = extents[b * blocks + block];
+                let p = &p_head[i0 * kv_len..(i0 + rows) * kv_len];
+                let go = go.wrapping_offset(i0 as isize * go_rs);
+                // SAFETY: every operand lies in a checked view (rows i0..i0 + rows, keys
+                // ..extent), in `probs` or in `dp`; the destinations (∂q of head h, ∂k and ∂v
+                // of group g, in batch row b) are written by this task only.
+                unsafe {
+                    // ∂v += pᵀ · ∂out
+                    small_matmul(
+                        (extent, head_dim, rows),
+                        dv,
+                        (dv_rs, dv_cs),
+                        true,
+                        (p.as_ptr(), 1, kv_len as isize),
+                        (go, go_rs, go_cs),
+                    );
+                    // ∂p = ∂out · vᵀ
+                    small_matmul(
+                        (rows, extent, head_dim),
+                        dp.as_mut_ptr(),
+                        (kv_len as isize, 1),
+                        false,
+                        (go, go_rs, go_cs),
+                        (vp, v_cs, v_rs),
+                    );
+                }
+                let block_rows = dp.chunks_mut(kv_len.max(1)).zip(p.chunks(kv_len.max(1)));
+                for (i, (row, p)) in block_rows.take(rows).enumerate() {
+                    let allowed = &allowed_row(&mask, &dims, b, i0 + i)[..extent];
+                    softmax_scores_backward(&mut row[..extent], &p[..extent], allowed, mask.scale);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // ∂q = ∂s · k
+                    small_matmul(
+                        (rows, head_dim, extent),
+                        dq.wrapping_offset(i0 as isize * dq_rs),
+                        (dq_rs, dq_cs),
+                        false,
+                        (dp.as_ptr(), kv_len as isize, 1),
+                        (kp, k_rs, k_cs),
+                    );
+                    // ∂k += ∂sᵀ · q
+                    small_matmul(
+                        (extent, head_dim, rows),
+                        dk,
+                        (dk_rs, dk_cs),
+                        true,
+                        (dp.as_ptr(), 1, kv_len as isize),
+                        (qp.wrapping_offset(i0 as isize * q_rs), q_rs, q_cs),
+                    );
+                }
             }
         }
     });

@@ -446,17 +446,12 @@ mod tests {
     #[test]
     fn fused_attention_matches_the_composed_one() {
         let device = Device::flex().autodiff();
-        let (b, h, kvh, q_len, prefix, d) = (2, 4, 2, 5, 3, 8);
+        // 45 queries: two blocks of the kernel's 32 rows, with different key extents.
+        let (b, h, kvh, q_len, prefix, d) = (2, 4, 2, 45, 3, 8);
         let kv_len = q_len + prefix;
+        let padded = [vec![1i64; prefix], vec![0, 0], vec![1i64; q_len - 2]].concat();
         let mask = Tensor::<2, Int>::from_data(
-            TensorData::new(
-                [
-                    vec![1i64; kv_len],
-                    [vec![1i64; prefix], vec![0, 0, 1, 1, 1]].concat(),
-                ]
-                .concat(),
-                [b, kv_len],
-            ),
+            TensorData::new([vec![1i64; kv_len], padded].concat(), [b, kv_len]),
             &device,
         );
         let allowed = attention_allowed(&mask, q_len);
@@ -498,9 +493,11 @@ mod tests {
     #[test]
     fn packed_qkv_attention_matches_the_composed_one() {
         let device = Device::flex().autodiff();
-        let (b, s, h, d) = (2, 6, 4, 8);
+        // 70 positions: three blocks of the kernel's 32 query rows.
+        let (b, s, h, d) = (2, 70, 4, 8);
+        let padded = [vec![0i64, 0], vec![1i64; s - 2]].concat();
         let mask = Tensor::<2, Int>::from_data(
-            TensorData::new([vec![1i64; s], vec![0, 0, 1, 1, 1, 1]].concat(), [b, s]),
+            TensorData::new([vec![1i64; s], padded].concat(), [b, s]),
             &device,
         );
         let allowed = attention_allowed(&mask, s);
