@@ -82,18 +82,14 @@ pub trait FusedBackend: Backend {
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `silu(gate) · up`, element-wise.
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// LayerNorm over the last dimension: `[.., dim]` with `weight`, `bias`: `[dim]`.
-    fn fused_layer_norm(
+    /// LayerNorm over the last dimension of `x: [.., dim]` with `weight`, `bias`: `[dim]`; with
+    /// `rms`, RMSNorm (no mean subtracted, `bias` ignored).
+    fn fused_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         eps: f32,
-    ) -> FloatTensor<Self>;
-    /// RMSNorm over the last dimension: `[.., dim]` with `weight`: `[dim]`.
-    fn fused_rms_norm(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        eps: f32,
+        rms: bool,
     ) -> FloatTensor<Self>;
     /// `logits: [rows, vocab]` → `[rows]`: each row's negative log-likelihood of its target
     /// (0 for ignored rows).
@@ -437,21 +433,15 @@ impl FusedBackend for Flex {
         flex_rope(x, &tables, false)
     }
 
-    fn fused_layer_norm(
+    fn fused_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         eps: f32,
+        rms: bool,
     ) -> FloatTensor<Self> {
-        flex_norm(&x, &weight, Some(&bias), eps, false).0
-    }
-
-    fn fused_rms_norm(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        eps: f32,
-    ) -> FloatTensor<Self> {
-        flex_norm(&x, &weight, None, eps, true).0
+        let bias = (!rms).then_some(&bias);
+        flex_norm(&x, &weight, bias, eps, rms).0
     }
 }
 
@@ -862,20 +852,22 @@ impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Aut
         }
     }
 
-    fn fused_layer_norm(
+    fn fused_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         eps: f32,
+        rms: bool,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
-        struct LayerNormBackward;
+        struct NormBackward;
 
-        impl<B: FusedKernels> Backward<B, 3> for LayerNormBackward {
-            // x and the weight (checkpointed), the per-row statistics.
+        impl<B: FusedKernels> Backward<B, 3> for NormBackward {
+            // x and the weight (checkpointed), the per-row statistics, RMSNorm or not.
             type State = (
                 [burn::backend::autodiff::NodeId; 2],
                 B::FloatTensorPrimitive,
+                bool,
             );
 
             fn backward(
@@ -884,12 +876,12 @@ impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Aut
                 grads: &mut Gradients,
                 checkpointer: &mut Checkpointer,
             ) {
-                let ([x, weight], stats) = ops.state;
+                let ([x, weight], stats, rms) = ops.state;
                 let [x, weight] = [x, weight].map(|id| checkpointer.retrieve_node_output(id));
                 let grad = grads.consume::<B>(&ops.node);
                 let [node_x, node_w, node_b] = ops.parents;
                 let params = node_w.is_some() || node_b.is_some();
-                let (dx, param_grads) = B::norm_backward(x, weight, stats, grad, false, params);
+                let (dx, param_grads) = B::norm_backward(x, weight, stats, grad, rms, params);
                 if let Some(node) = node_x {
                     grads.register::<B>(node.id, dx);
                 }
@@ -897,93 +889,31 @@ impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Aut
                     if let Some(node) = node_w {
                         grads.register::<B>(node.id, dw);
                     }
-                    if let Some(node) = node_b {
+                    if let Some(node) = node_b.filter(|_| !rms) {
                         grads.register::<B>(node.id, db);
                     }
                 }
             }
         }
 
-        match LayerNormBackward
+        match NormBackward
             .prepare::<C>([x.node(), weight.node(), bias.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
                 let ids = [prep.checkpoint(&x), prep.checkpoint(&weight)];
-                let (out, stats) = B::norm_with_stats(
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    Some(bias.into_primitive()),
-                    eps,
-                    false,
-                );
-                prep.finish((ids, stats), out)
+                let bias = (!rms).then(|| bias.into_primitive());
+                let (out, stats) =
+                    B::norm_with_stats(x.into_primitive(), weight.into_primitive(), bias, eps, rms);
+                prep.finish((ids, stats, rms), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_layer_norm(
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_norm(
                 x.into_primitive(),
                 weight.into_primitive(),
                 bias.into_primitive(),
                 eps,
-            )),
-        }
-    }
-
-    fn fused_rms_norm(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        eps: f32,
-    ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct RmsNormBackward;
-
-        impl<B: FusedKernels> Backward<B, 2> for RmsNormBackward {
-            type State = (
-                [burn::backend::autodiff::NodeId; 2],
-                B::FloatTensorPrimitive,
-            );
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 2>,
-                grads: &mut Gradients,
-                checkpointer: &mut Checkpointer,
-            ) {
-                let ([x, weight], stats) = ops.state;
-                let [x, weight] = [x, weight].map(|id| checkpointer.retrieve_node_output(id));
-                let grad = grads.consume::<B>(&ops.node);
-                let [node_x, node_w] = ops.parents;
-                let (dx, param_grads) =
-                    B::norm_backward(x, weight, stats, grad, true, node_w.is_some());
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let (Some(node), Some((dw, _))) = (node_w, param_grads) {
-                    grads.register::<B>(node.id, dw);
-                }
-            }
-        }
-
-        match RmsNormBackward
-            .prepare::<C>([x.node(), weight.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let ids = [prep.checkpoint(&x), prep.checkpoint(&weight)];
-                let (out, stats) = B::norm_with_stats(
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    None,
-                    eps,
-                    true,
-                );
-                prep.finish((ids, stats), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::fused_rms_norm(
-                x.into_primitive(),
-                weight.into_primitive(),
-                eps,
+                rms,
             )),
         }
     }
@@ -1103,11 +1033,12 @@ pub fn layer_norm<const D: usize>(
         return None;
     }
     Some(Tensor::from_dispatch(
-        <Dispatch as FusedBackend>::fused_layer_norm(
+        <Dispatch as FusedBackend>::fused_norm(
             x.into_dispatch(),
             weight.into_dispatch(),
             bias.into_dispatch(),
             eps as f32,
+            false,
         ),
     ))
 }
@@ -1117,11 +1048,15 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Op
     if !norm_fits(&x, &[&weight]) {
         return None;
     }
+    // The kernel ignores the bias of an RMSNorm; the operation's signature has one.
+    let no_bias = Tensor::<1>::zeros(weight.dims(), &weight.device());
     Some(Tensor::from_dispatch(
-        <Dispatch as FusedBackend>::fused_rms_norm(
+        <Dispatch as FusedBackend>::fused_norm(
             x.into_dispatch(),
             weight.into_dispatch(),
+            no_bias.into_dispatch(),
             eps as f32,
+            true,
         ),
     ))
 }
