@@ -1141,14 +1141,22 @@ pub fn packed_qkv_attention(
 }
 
 /// Per-row negative log-likelihood of `targets` under `logits: [rows, vocab]` → `[rows]`, 0 for
-/// rows whose target is negative, NaN for a target at or above `vocab`.
-pub fn cross_entropy_rows(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
+/// rows whose target is negative, NaN for a target at or above `vocab`. An error when there is
+/// not one target per row.
+pub fn cross_entropy_rows(logits: Tensor<2>, targets: Vec<i64>) -> crate::Result<Tensor<1>> {
     let [rows, _] = logits.dims();
-    debug_assert_eq!(rows, targets.len());
+    if rows != targets.len() {
+        return Err(crate::PeftError::InvalidInput(format!(
+            "cross-entropy: {} targets for {rows} rows of logits",
+            targets.len()
+        )));
+    }
     if fused_path(&logits) {
-        return Tensor::from_dispatch(<Dispatch as FusedBackend>::cross_entropy_rows(
-            logits.into_dispatch(),
-            RowTargets(Arc::new(targets)),
+        return Ok(Tensor::from_dispatch(
+            <Dispatch as FusedBackend>::cross_entropy_rows(
+                logits.into_dispatch(),
+                RowTargets(Arc::new(targets)),
+            ),
         ));
     }
     let device = logits.device();
@@ -1173,7 +1181,7 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
     let picked = burn::tensor::activation::log_softmax(logits, 1)
         .gather(1, safe.reshape([rows, 1]))
         .reshape([rows]);
-    picked.neg() * valid
+    Ok(picked.neg() * valid)
 }
 
 #[cfg(test)]
@@ -1219,7 +1227,9 @@ mod tests {
         for (g, v) in gelu.iter().zip([0.0, 1.0, -2.0, 3.0, 0.5, -0.5]) {
             assert!((*g as f64 - want(v)).abs() < 1e-6);
         }
+        assert!(cross_entropy_rows(x.clone(), vec![2]).is_err());
         let nll: Vec<f32> = cross_entropy_rows(x, vec![2, -100])
+            .unwrap()
             .into_data()
             .try_to_vec::<f32>()
             .unwrap();
