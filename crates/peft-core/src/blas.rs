@@ -107,14 +107,15 @@ fn blas_view(strides: &[isize], rows: usize, cols: usize) -> Option<(i32, i32)> 
     }
 }
 
-/// `lhs: [m, k] · rhs: [k, n] (+ bias: [n])` with `cblas_sgemm`, reading strided operands in
-/// place; a bias fills C's rows first and BLAS adds the product to it (β = 1), so adding it costs
-/// no pass of its own.
+/// `[c +] lhs: [m, k] · rhs: [k, n]` with `cblas_sgemm`, reading strided operands in place. With
+/// `c` (`m · n` values, row-major) BLAS adds the product to it (β = 1): a bias or another
+/// product costs no pass of its own; without it C is not zeroed first (β = 0: BLAS writes every
+/// element without reading it).
 fn sgemm_flex(
     blas: &Blas,
     lhs: FloatTensor<Flex>,
     rhs: FloatTensor<Flex>,
-    bias: Option<&[f32]>,
+    c: Option<Vec<f32>>,
 ) -> FloatTensor<Flex> {
     let ([m, k], [_, n]) = (dims2(lhs.layout().shape()), dims2(rhs.layout().shape()));
     let lhs = match blas_view(lhs.layout().strides(), m, k) {
@@ -127,26 +128,31 @@ fn sgemm_flex(
     };
     let (ta, lda) = blas_view(lhs.layout().strides(), m, k).unwrap_or((NO_TRANS, k as i32));
     let (tb, ldb) = blas_view(rhs.layout().strides(), k, n).unwrap_or((NO_TRANS, n as i32));
+    let shape = Shape::new([m, n]);
+    let tensor = |values: Vec<f32>| {
+        burn::backend::flex::FlexTensor::from_data(burn::tensor::TensorData::new(
+            values,
+            shape.clone(),
+        ))
+    };
     if m == 0 || n == 0 || k == 0 {
-        let mut out = zeros_f32(Shape::new([m, n]));
-        if let Some(bias) = bias {
-            for row in out.storage_mut::<f32>().chunks_mut(n.max(1)) {
-                row.copy_from_slice(bias);
-            }
-        }
-        return out;
+        return c.map_or_else(|| zeros_f32(shape.clone()), tensor);
     }
     let a = lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr();
     let b = rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr();
-    // Without a bias C is not zeroed first: with β = 0 BLAS writes every element without
-    // reading it.
-    let (mut values, beta) = match bias {
-        Some(bias) => (bias.repeat(m), 1.0),
+    let (mut values, beta) = match c {
+        Some(c) => (c, 1.0),
         None => (Vec::<f32>::with_capacity(m * n), 0.0),
     };
+    // What makes the write below sound when C is given.
+    assert!(
+        values.capacity() >= m * n,
+        "C holds fewer than m · n values"
+    );
     // SAFETY: `a` and `b` address `[m, k]` and `[k, n]` matrices with the strides checked by
-    // `blas_view` inside their storages, `values` has room for the `[m, n]` result, which BLAS
-    // writes in full (with β = 0 without reading it) before `set_len` makes it readable.
+    // `blas_view` inside their storages, `values` has room for the `[m, n]` result (with β = 1
+    // it holds C's `m · n` values), which BLAS writes in full (with β = 0 without reading it)
+    // before `set_len` makes it readable.
     unsafe {
         (blas.sgemm)(
             ROW_MAJOR,
@@ -166,10 +172,7 @@ fn sgemm_flex(
         );
         values.set_len(m * n);
     }
-    burn::backend::flex::FlexTensor::from_data(burn::tensor::TensorData::new(
-        values,
-        Shape::new([m, n]),
-    ))
+    tensor(values)
 }
 
 /// A zeroed f32 CPU tensor. (burn-flex's `FlexTensor::empty` builds a byte vector and then
@@ -207,37 +210,22 @@ pub trait BlasMatmulBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `out + lhs · rhs`, accumulated in place by BLAS (β = 1) when it takes the product and `out`
-/// is an f32 matrix of its own.
+/// `out + lhs · rhs`, accumulated by BLAS into `out`'s own values (β = 1) when it takes the
+/// product and `out` is an f32 matrix.
 fn add_product(
     out: FloatTensor<Flex>,
     lhs: FloatTensor<Flex>,
     rhs: FloatTensor<Flex>,
 ) -> FloatTensor<Flex> {
-    let (m, n) = (out.layout().shape()[0], out.layout().shape()[1]);
-    let k = lhs.layout().shape()[1];
-    let own = out.dtype() == DType::F32 && out.is_contiguous() && out.is_unique();
-    let views = (
-        blas_view(lhs.layout().strides(), m, k),
-        blas_view(rhs.layout().strides(), k, n),
-    );
-    match (blas(), views) {
-        (Some(blas), (Some((ta, lda)), Some((tb, ldb))))
-            if own && blas_takes(&lhs, &rhs) && m > 0 && n > 0 && k > 0 =>
-        {
-            let mut out = out;
-            let a = lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr();
-            let b = rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr();
-            let c = out.storage_mut::<f32>().as_mut_ptr();
-            // SAFETY: `a`, `b` address `[m, k]`, `[k, n]` matrices with strides checked by
-            // `blas_view` inside their storages; `c` is `out`'s own contiguous `[m, n]` storage.
-            unsafe {
-                (blas.sgemm)(
-                    ROW_MAJOR, ta, tb, m as i32, n as i32, k as i32, 1.0, a, lda, b, ldb, 1.0, c,
-                    n as i32,
-                );
+    let fits = out.dtype() == DType::F32 && out.layout().shape().num_dims() == 2;
+    match blas() {
+        // The base product's fresh, unique output gives up its values without a copy.
+        Some(blas) if fits && blas_takes(&lhs, &rhs) => {
+            match out.into_data().try_into_vec::<f32>() {
+                Ok(c) => sgemm_flex(blas, lhs, rhs, Some(c)),
+                // Not reached: a dtype other than f32 is the only way this fails (checked).
+                Err(e) => unreachable!("f32 values of an f32 tensor: {e:?}"),
             }
-            out
         }
         _ => Flex::float_add(out, flex_matmul::<Flex>(lhs, rhs)),
     }
@@ -271,10 +259,14 @@ impl BlasMatmulBackend for Flex {
         rhs: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let bias_f32 = bias.dtype() == DType::F32 && bias.layout().shape().num_dims() == 1;
-        match (blas(), bias.as_slice::<f32>()) {
-            (Some(blas), Some(values)) if bias_f32 && blas_takes(&lhs, &rhs) => {
-                sgemm_flex(blas, lhs, rhs, Some(values))
+        let m = lhs.layout().shape()[0];
+        // `as_slice` is `None` unless the bias is contiguous f32.
+        let rows = (bias.layout().shape().num_dims() == 1)
+            .then(|| bias.as_slice::<f32>())
+            .flatten();
+        match (blas(), rows) {
+            (Some(blas), Some(values)) if blas_takes(&lhs, &rhs) => {
+                sgemm_flex(blas, lhs, rhs, Some(values.repeat(m)))
             }
             _ => {
                 let n = bias.layout().shape()[0];
@@ -312,17 +304,45 @@ fn fits_i32(lhs: &FloatTensor<Flex>, rhs: &FloatTensor<Flex>) -> bool {
     lhs.storage::<f32>().len() <= max && rhs.storage::<f32>().len() <= max
 }
 
+/// The operands a product's backward pass keeps: `lhs` when `rhs` needs a gradient, `rhs` when
+/// `lhs` does (as burn's own matmul keeps them).
+type KeptOperands = (
+    Option<burn::backend::autodiff::NodeId>,
+    Option<burn::backend::autodiff::NodeId>,
+);
+
+/// Registers `∂lhs = ∂out · rhsᵀ` and `∂rhs = lhsᵀ · ∂out` for whichever of a product's operands
+/// (`parents`: their node ids, `None` when untracked) need a gradient.
+fn register_product_grads<B: BlasMatmulBackend>(
+    grads: &mut Gradients,
+    checkpointer: &mut Checkpointer,
+    [lhs_node, rhs_node]: [Option<burn::backend::autodiff::NodeId>; 2],
+    (lhs, rhs): KeptOperands,
+    grad: B::FloatTensorPrimitive,
+) {
+    let lhs: Option<B::FloatTensorPrimitive> = lhs.map(|id| checkpointer.retrieve_node_output(id));
+    let rhs: Option<B::FloatTensorPrimitive> = rhs.map(|id| checkpointer.retrieve_node_output(id));
+    if let (Some(node), Some(lhs)) = (rhs_node, lhs) {
+        grads.register::<B>(node, B::blas_matmul(B::float_transpose(lhs), grad.clone()));
+    }
+    if let (Some(node), Some(rhs)) = (lhs_node, rhs) {
+        grads.register::<B>(node, B::blas_matmul(grad, B::float_transpose(rhs)));
+    }
+}
+
+/// `∂bias` of `out = … + bias` for `∂out: [m, n]`: its column sums, `[n]`.
+fn bias_grad<B: Backend>(grad: &B::FloatTensorPrimitive) -> B::FloatTensorPrimitive {
+    let n = grad.shape()[1];
+    B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([n]))
+}
+
 impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff<B, C> {
     fn blas_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct BlasMatmulBackward;
 
         impl<B: BlasMatmulBackend> Backward<B, 2> for BlasMatmulBackward {
-            // lhs when rhs needs a gradient, rhs when lhs does (as burn's own matmul keeps them).
-            type State = (
-                Option<burn::backend::autodiff::NodeId>,
-                Option<burn::backend::autodiff::NodeId>,
-            );
+            type State = KeptOperands;
 
             fn backward(
                 self,
@@ -330,22 +350,9 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff
                 grads: &mut Gradients,
                 checkpointer: &mut Checkpointer,
             ) {
-                let (lhs, rhs) = ops.state;
-                let lhs: Option<B::FloatTensorPrimitive> =
-                    lhs.map(|id| checkpointer.retrieve_node_output(id));
-                let rhs: Option<B::FloatTensorPrimitive> =
-                    rhs.map(|id| checkpointer.retrieve_node_output(id));
-                let [node_lhs, node_rhs] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                if let (Some(node), Some(rhs)) = (node_rhs, lhs) {
-                    // ∂rhs = lhsᵀ · ∂out
-                    let g = B::blas_matmul(B::float_transpose(rhs), grad.clone());
-                    grads.register::<B>(node.id, g);
-                }
-                if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
-                    // ∂lhs = ∂out · rhsᵀ
-                    grads.register::<B>(node.id, B::blas_matmul(grad, B::float_transpose(rhs)));
-                }
+                let parents = ops.parents.map(|p| p.map(|node| node.id));
+                register_product_grads::<B>(grads, checkpointer, parents, ops.state, grad);
             }
         }
 
@@ -378,10 +385,7 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff
 
         impl<B: BlasMatmulBackend> Backward<B, 3> for BlasMatmulBiasBackward {
             // As `blas_matmul`'s; the bias needs nothing kept.
-            type State = (
-                Option<burn::backend::autodiff::NodeId>,
-                Option<burn::backend::autodiff::NodeId>,
-            );
+            type State = KeptOperands;
 
             fn backward(
                 self,
@@ -389,26 +393,12 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff
                 grads: &mut Gradients,
                 checkpointer: &mut Checkpointer,
             ) {
-                let (lhs, rhs) = ops.state;
-                let lhs: Option<B::FloatTensorPrimitive> =
-                    lhs.map(|id| checkpointer.retrieve_node_output(id));
-                let rhs: Option<B::FloatTensorPrimitive> =
-                    rhs.map(|id| checkpointer.retrieve_node_output(id));
-                let [node_lhs, node_rhs, node_bias] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                if let Some(node) = node_bias {
-                    // ∂bias = Σ over rows of ∂out
-                    let n = grad.shape()[1];
-                    let g = B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([n]));
-                    grads.register::<B>(node.id, g);
+                let [lhs, rhs, bias] = ops.parents.map(|p| p.map(|node| node.id));
+                if let Some(node) = bias {
+                    grads.register::<B>(node, bias_grad::<B>(&grad));
                 }
-                if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
-                    let g = B::blas_matmul(B::float_transpose(lhs), grad.clone());
-                    grads.register::<B>(node.id, g);
-                }
-                if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
-                    grads.register::<B>(node.id, B::blas_matmul(grad, B::float_transpose(rhs)));
-                }
+                register_product_grads::<B>(grads, checkpointer, [lhs, rhs], ops.state, grad);
             }
         }
 
@@ -464,9 +454,7 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff
                 let grad = grads.consume::<B>(&ops.node);
                 let scalar = burn::backend::Scalar::Float(f64::from(scale));
                 if let Some(node) = node_bias {
-                    let n = grad.shape()[1];
-                    let g = B::float_reshape(B::float_sum_dim(grad.clone(), 0), Shape::new([n]));
-                    grads.register::<B>(node.id, g);
+                    grads.register::<B>(node.id, bias_grad::<B>(&grad));
                 }
                 if let Some(node) = node_w {
                     let g = B::blas_matmul(B::float_transpose(x.clone()), grad.clone());
