@@ -1,11 +1,13 @@
-//! Fused, differentiable operations for the CPU backend: the GELU of BLOOM's MLP and the
-//! cross-entropy of the loss, each one pass over memory forward and one backward, with the
-//! vectorised kernels of [`crate::kernels`].
+//! Fused, differentiable operations for the CPU backend: softmax attention (also over BLOOM's
+//! packed qkv projection), LayerNorm/RMSNorm, the rotary embedding, BLOOM's GELU, Llama's
+//! `silu(gate)·up` and the loss's cross-entropy, each one pass over memory forward and one
+//! backward, with the vectorised kernels of [`crate::kernels`].
 //!
-//! Composed from burn's element-wise operations these cost 8–12 passes and as many intermediate
-//! tensors kept for the backward pass: on the 16M-parameter BLOOM the loss took 79 ms and the
-//! four GELUs 67 ms of a 470 ms LoRA step (docs/BENCHMARKS.md). On other backends, and for
-//! tensors that are not f32, the public functions compose the same math from burn operations.
+//! Composed from burn's element-wise operations these cost several passes each and as many
+//! intermediate tensors kept for the backward pass: on the 16M-parameter BLOOM the loss alone
+//! took 79 ms and the four GELUs 67 ms of a 470 ms LoRA step (docs/BENCHMARKS.md). On other
+//! backends, and for tensors that are not f32, the public functions compose the same math from
+//! burn operations (or return `None` for the caller to).
 
 use std::sync::Arc;
 
@@ -176,24 +178,24 @@ fn flex_norm(
     (out, stats)
 }
 
-/// Per-row losses `[rows]`, and with `with_gradient` each row's gradient `[rows, vocab]`.
+/// Per-row losses `[rows]`; with `gradient` (`[rows, vocab]`), each row's gradient written into
+/// it from the same exponentials.
 fn flex_cross_entropy(
     logits: &FlexTensor,
     targets: &RowTargets,
-    with_gradient: bool,
-) -> (FlexTensor, Option<FlexTensor>) {
+    gradient: Option<&mut FlexTensor>,
+) -> FlexTensor {
     let shape = logits.layout().shape();
     let (rows, vocab) = (shape[0], shape[1]);
     let mut nll = zeros_f32(Shape::new([rows]));
-    let mut probs = with_gradient.then(|| zeros_f32(shape.clone()));
     kernels::cross_entropy_rows(
         &values(logits),
         vocab,
         &targets.0,
         nll.storage_mut::<f32>(),
-        probs.as_mut().map(|p| p.storage_mut::<f32>()),
+        gradient.map(|g| g.storage_mut::<f32>()),
     );
-    (nll, probs)
+    nll
 }
 
 /// `∂x` of a normalisation and, when asked, `(∂weight, ∂bias)`.
@@ -422,7 +424,7 @@ impl FusedBackend for Flex {
     }
 
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: RowTargets) -> FloatTensor<Self> {
-        flex_cross_entropy(&logits, &targets, false).0
+        flex_cross_entropy(&logits, &targets, None)
     }
 
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -454,8 +456,8 @@ impl FusedKernels for Flex {
         logits: FloatTensor<Self>,
         targets: &RowTargets,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (nll, probs) = flex_cross_entropy(&logits, targets, true);
-        let probs = probs.unwrap_or_else(|| zeros_f32(logits.layout().shape().clone()));
+        let mut probs = zeros_f32(logits.layout().shape().clone());
+        let nll = flex_cross_entropy(&logits, targets, Some(&mut probs));
         (nll, probs)
     }
 
@@ -973,7 +975,12 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if fused_path(&x) {
         return Tensor::from_dispatch(<Dispatch as FusedBackend>::gelu_tanh(x.into_dispatch()));
     }
-    // The same function as `x · σ(2z)`: one `exp` per element where `tanh` costs more.
+    composed_gelu_tanh(x)
+}
+
+/// [`gelu_tanh`] from burn operations (any backend), as `x · σ(2z)`: the same function, one
+/// `exp` per element where `tanh` costs more.
+fn composed_gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
     let cube = x.clone() * x.clone() * x.clone();
     let z = (x.clone() + cube * 0.044715) * (2.0 * SQRT_2_OVER_PI);
@@ -1196,14 +1203,9 @@ mod tests {
         let x =
             Tensor::<3>::random([3, 4, 50], Distribution::Normal(0.0, 3.0), &device).require_grad();
         let weights = Tensor::<3>::random([3, 50, 4], Distribution::Default, &device);
-        let composed = |x: Tensor<3>| {
-            let cube = x.clone() * x.clone() * x.clone();
-            let z = (x.clone() + cube * 0.044715) * (2.0 * 0.797_884_560_802_865_4);
-            x * sigmoid(z)
-        };
         // A transposed view takes the strided path.
         let fused = gelu_tanh(x.clone().swap_dims(1, 2));
-        let plain = composed(x.clone().swap_dims(1, 2));
+        let plain = composed_gelu_tanh(x.clone().swap_dims(1, 2));
         let diff: f32 = (fused.clone() - plain.clone()).abs().max().into_scalar();
         assert!(diff < 1e-5, "values differ by {diff}");
         let gf = x.grad(&(fused * weights.clone()).sum().backward()).unwrap();

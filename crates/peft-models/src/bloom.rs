@@ -29,7 +29,7 @@ use peft_core::{
 
 use crate::layers::{
     LayerNorm, WeightLoader, attend, attend_packed, attention_allowed, check_input, extend_cache,
-    full_mask, gelu_tanh, tied_logits,
+    full_mask, gelu_tanh, split_qkv, tied_logits,
 };
 
 /// BLOOM's `config.json` fields that the forward pass uses.
@@ -319,13 +319,7 @@ impl<A: LayerAdapter> BloomBlock<A> {
             // Training and full forwards: the three parts read in place.
             None => attend_packed(qkv, scale, Some(alibi.clone()), allowed),
             Some(slot) => {
-                let pick = |i: usize| {
-                    qkv.clone()
-                        .slice_dim(3, i..i + 1)
-                        .reshape([b, s, heads, hd])
-                        .swap_dims(1, 2)
-                };
-                let (q, k, v) = (pick(0), pick(1), pick(2));
+                let [q, k, v] = split_qkv(&qkv);
                 let (k, v) = extend_cache(Some(slot), k, v);
                 attend(q, k, v, scale, Some(alibi.clone()), allowed)
             }

@@ -310,7 +310,7 @@ pub fn attend_packed(
     bias: Option<Tensor<4>>,
     allowed: &Tensor<4, Bool>,
 ) -> Tensor<4> {
-    let [b, s, h, _, d] = qkv.dims();
+    let [b, s, h, _, _] = qkv.dims();
     if peft_core::fused::is_fused(&qkv) {
         let (host_allowed, host_bias) = host_masks(allowed, bias.as_ref(), [b, h, s, s]);
         if let Some(out) = peft_core::fused::packed_qkv_attention(
@@ -322,13 +322,20 @@ pub fn attend_packed(
             return out.swap_dims(1, 2);
         }
     }
-    let part = |i: usize| {
+    let [q, k, v] = split_qkv(&qkv);
+    composed_attend(q, k, v, scale, bias, allowed)
+}
+
+/// The query, key and value parts of a fused projection `qkv: [b, s, h, 3, d]` (BLOOM's layout),
+/// each as `[b, h, s, d]`.
+pub fn split_qkv(qkv: &Tensor<5>) -> [Tensor<4>; 3] {
+    let [b, s, h, _, d] = qkv.dims();
+    [0, 1, 2].map(|i| {
         qkv.clone()
             .slice_dim(3, i..i + 1)
             .reshape([b, s, h, d])
             .swap_dims(1, 2)
-    };
-    composed_attend(part(0), part(1), part(2), scale, bias, allowed)
+    })
 }
 
 /// The attention mask `[b, q, kv]` and bias `[b, h, kv]` on the host, for the fused operations.
@@ -511,13 +518,8 @@ mod tests {
             let out = if fused {
                 attend_packed(qkv.clone(), 0.3, Some(bias.clone()), &allowed)
             } else {
-                let part = |i: usize| {
-                    qkv.clone()
-                        .slice_dim(3, i..i + 1)
-                        .reshape([b, s, h, d])
-                        .swap_dims(1, 2)
-                };
-                composed_attend(part(0), part(1), part(2), 0.3, Some(bias.clone()), &allowed)
+                let [q, k, v] = split_qkv(&qkv);
+                composed_attend(q, k, v, 0.3, Some(bias.clone()), &allowed)
             };
             let grads = (out.clone() * weights.clone()).sum().backward();
             (out.inner(), qkv.grad(&grads).unwrap())

@@ -378,12 +378,31 @@ impl<A: LayerAdapter> Llama<A> {
 
     /// `cos` and `sin` tables `[1, 1, seq, head_dim]` for positions `start .. start + seq`.
     fn rope_tables(&self, start: usize, seq: usize, device: &Device) -> Rope {
-        let half = self.inv_freq.len();
-        let hd = 2 * half;
+        Rope::new(&self.inv_freq, start, seq, device)
+    }
+}
+
+/// Rotary tables for one forward pass, as tensors and, for the fused CPU operation, on the host.
+struct Rope {
+    /// `[1, 1, seq, head_dim]`.
+    cos: Tensor<4>,
+    /// `[1, 1, seq, head_dim]`.
+    sin: Tensor<4>,
+    /// `cos` as `[seq, head_dim]` values.
+    host_cos: Arc<Vec<f32>>,
+    /// `sin` as `[seq, head_dim]` values.
+    host_sin: Arc<Vec<f32>>,
+}
+
+impl Rope {
+    /// The tables for positions `start .. start + seq` and inverse frequencies `inv_freq`
+    /// (`head_dim / 2` of them; each angle serves both halves of a head).
+    fn new(inv_freq: &[f32], start: usize, seq: usize, device: &Device) -> Self {
+        let hd = 2 * inv_freq.len();
         let mut cos = Vec::with_capacity(seq * hd);
         let mut sin = Vec::with_capacity(seq * hd);
         for pos in start..start + seq {
-            let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
+            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
@@ -401,29 +420,20 @@ impl<A: LayerAdapter> Llama<A> {
     }
 }
 
-/// Rotary tables for one forward pass, as tensors and, for the fused CPU operation, on the host.
-struct Rope {
-    /// `[1, 1, seq, head_dim]`.
-    cos: Tensor<4>,
-    /// `[1, 1, seq, head_dim]`.
-    sin: Tensor<4>,
-    /// `cos` as `[seq, head_dim]` values.
-    host_cos: Arc<Vec<f32>>,
-    /// `sin` as `[seq, head_dim]` values.
-    host_sin: Arc<Vec<f32>>,
+/// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`: one fused operation on the
+/// CPU backend, [`composed_rope`] elsewhere.
+fn apply_rope(x: Tensor<4>, rope: &Rope) -> Tensor<4> {
+    peft_core::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin)
+        .unwrap_or_else(|| composed_rope(x, rope))
 }
 
-/// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`.
-fn apply_rope(x: Tensor<4>, rope: &Rope) -> Tensor<4> {
-    if let Some(y) = peft_core::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin) {
-        return y;
-    }
-    let (cos, sin) = (&rope.cos, &rope.sin);
+/// [`apply_rope`] from burn operations (any backend).
+fn composed_rope(x: Tensor<4>, rope: &Rope) -> Tensor<4> {
     let half = x.dims()[3] / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+    x * rope.cos.clone() + rotated * rope.sin.clone()
 }
 
 impl<A: LayerAdapter> LlamaLayer<A> {
@@ -673,33 +683,11 @@ mod tests {
         use burn::tensor::Distribution;
         let device = Device::flex().autodiff();
         let (b, s, h, hd) = (2, 5, 3, 8);
-        let inv_freq = rope_inv_freq(10000.0, hd);
-        let mut cos = Vec::new();
-        let mut sin = Vec::new();
-        for pos in 3..3 + s {
-            for _ in 0..2 {
-                cos.extend(inv_freq.iter().map(|f| (pos as f32 * f).cos()));
-                sin.extend(inv_freq.iter().map(|f| (pos as f32 * f).sin()));
-            }
-        }
-        let make = |v: &Vec<f32>| {
-            Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 1, s, hd]), &device)
-        };
-        let rope = Rope {
-            cos: make(&cos),
-            sin: make(&sin),
-            host_cos: Arc::new(cos),
-            host_sin: Arc::new(sin),
-        };
+        let rope = Rope::new(&rope_inv_freq(10000.0, hd), 3, s, &device);
         let x = Tensor::<4>::random([b, s, h, hd], Distribution::Default, &device).require_grad();
         let r = Tensor::<4>::random([b, h, s, hd], Distribution::Default, &device);
         let fused = apply_rope(x.clone().swap_dims(1, 2), &rope);
-        let composed = {
-            let x = x.clone().swap_dims(1, 2);
-            let x1 = x.clone().narrow(3, 0, hd / 2);
-            let x2 = x.clone().narrow(3, hd / 2, hd / 2);
-            x * rope.cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * rope.sin.clone()
-        };
+        let composed = composed_rope(x.clone().swap_dims(1, 2), &rope);
         let diff: f32 = (fused.clone() - composed.clone()).abs().max().into_scalar();
         assert!(diff < 1e-6, "values differ by {diff}");
         let gf = x.grad(&(fused * r.clone()).sum().backward()).unwrap();
