@@ -106,11 +106,18 @@ pub fn adapter_dir(name: &str) -> PathBuf {
 
 /// The base model fixture an adapter fixture was made on.
 pub fn base_of(adapter: &str) -> &'static str {
-    if adapter.contains("llama") {
-        "llama-tiny"
-    } else {
-        "bloom-tiny"
-    }
+    const BASES: [(&str, &str); 6] = [
+        ("llama-rope-llama3", "llama-rope-llama3"),
+        ("qwen2-tiny-swa", "qwen2-tiny-swa"),
+        ("mistral", "mistral-tiny"),
+        ("qwen3", "qwen3-tiny"),
+        ("llama", "llama-tiny"),
+        ("bloom", "bloom-tiny"),
+    ];
+    BASES
+        .iter()
+        .find(|(marker, _)| adapter.contains(marker))
+        .map_or("bloom-tiny", |(_, base)| base)
 }
 
 /// Asserts that `model`'s logits on reference batch `name` are within `tolerance` of the

@@ -188,6 +188,11 @@ lora_suite!(bloom_default_targets, "lora-bloom");
 lora_suite!(bloom_modules_to_save, "lora-bloom-mts");
 lora_suite!(llama_gqa_patterns_rslora, "lora-llama");
 lora_suite!(llama_embedding_and_mlp, "lora-llama-emb");
+// PEFT's default targets (q_proj, v_proj) on the newer architectures.
+lora_suite!(mistral_sliding_window, "lora-mistral");
+lora_suite!(qwen3_head_norms, "lora-qwen3");
+lora_suite!(qwen2_sliding_window, "lora-qwen2-tiny-swa");
+lora_suite!(llama3_rope_scaling, "lora-llama-rope-llama3");
 
 #[test]
 fn trainable_line_is_peft_formatted() {

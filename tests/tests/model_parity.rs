@@ -136,6 +136,13 @@ macro_rules! parity_suite {
 parity_suite!(bloom, "bloom-tiny");
 parity_suite!(llama_gqa, "llama-tiny");
 parity_suite!(qwen2_bf16, "qwen2-tiny");
+parity_suite!(qwen2_sliding_window, "qwen2-tiny-swa");
+parity_suite!(qwen3, "qwen3-tiny");
+parity_suite!(mistral, "mistral-tiny");
+parity_suite!(llama_rope_linear, "llama-rope-linear");
+parity_suite!(llama_rope_dynamic, "llama-rope-dynamic");
+parity_suite!(llama_rope_yarn_head_dim_biases, "llama-rope-yarn");
+parity_suite!(llama3_rope_transformers4_layout, "llama-rope-llama3");
 
 #[test]
 fn tokenizer_ids_match_transformers() {

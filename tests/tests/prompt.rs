@@ -84,6 +84,16 @@ fn llama_random_init_adapter() {
 }
 
 #[test]
+fn mistral_random_init_adapter() {
+    peft_adapter_matches("prompt-mistral");
+}
+
+#[test]
+fn qwen3_random_init_adapter() {
+    peft_adapter_matches("prompt-qwen3");
+}
+
+#[test]
 fn bloom_text_init_adapter() {
     peft_adapter_matches("prompt-bloom-text");
 }

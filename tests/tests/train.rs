@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use peft_core::{AdapterModel, CausalLm, TensorStore};
+use peft_core::{AdapterModel, TensorStore};
 use peft_models::Tokenizer;
 use peft_tests::{device, model_dir};
 use peft_train::data::{HostBatch, chat_prompt, collate, parse_record, tokenize};
@@ -206,6 +206,7 @@ fn lowers_the_loss<A: AdapterModel>(adapter: A, name: &str) {
 
 #[test]
 fn every_method_lowers_the_loss() {
+    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let device = device().autodiff();
     let base = || peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     lowers_the_loss(
@@ -230,24 +231,25 @@ fn adapter_tensors(dir: &std::path::Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-/// A run resumed from a checkpoint ends bit-identical to an uninterrupted one; checkpoints are
-/// complete folders, and `save_total_limit` prunes the oldest.
-#[test]
-fn resume_from_checkpoint_is_exact() {
-    let device = device().autodiff();
+/// Serialises the tests of this file that draw from the device's global random generator
+/// (adapter initialisation, dropout): a draw from another test between the trainer's re-seeding
+/// and a dropout mask would make two runs differ for a reason that is not the trainer's.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Trains `fresh()` for six steps with checkpoints every two (keeping two), then "crashes" after
+/// step 4 (checkpoint-6 gone, a half-written temporary folder left) and resumes from the newest
+/// complete checkpoint: both runs must end with the same adapter, bit for bit. Returns it.
+fn assert_resume_is_exact<A: AdapterModel>(
+    fresh: &dyn Fn() -> A,
+    cfg: &TrainConfig,
+    name: &str,
+) -> BTreeMap<String, Vec<f32>> {
     let data = tiny_data();
-    let fresh = || {
-        let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-        // A fixed init (PEFT's `init_lora_weights=False` draws at random; the fixture adapter is
-        // the same in every run).
-        peft_lora::from_pretrained(base, peft_tests::adapter_dir("lora-bloom"), true).unwrap()
-    };
     let cfg = TrainConfig {
         save_steps: Some(2),
         save_total_limit: Some(2),
-        ..config(6)
+        ..cfg.clone()
     };
-
     let straight = tempfile::tempdir().unwrap();
     let (done, _) = train(
         fresh(),
@@ -265,10 +267,12 @@ fn resume_from_checkpoint_is_exact() {
         .into_iter()
         .map(|(s, _)| s)
         .collect();
-    assert_eq!(kept, vec![4, 6], "save_total_limit keeps the newest two");
+    assert_eq!(
+        kept,
+        vec![4, 6],
+        "{name}: save_total_limit keeps the newest two"
+    );
 
-    // "Interrupted" after step 4: drop checkpoint-6, leave a half-written temporary folder as a
-    // crash would, and resume from the newest complete checkpoint.
     std::fs::remove_dir_all(straight.path().join("checkpoint-6")).unwrap();
     let partial = straight.path().join(".checkpoint-6.tmp-99999");
     std::fs::create_dir_all(&partial).unwrap();
@@ -286,12 +290,13 @@ fn resume_from_checkpoint_is_exact() {
     )
     .unwrap();
     assert_eq!(summary.steps, 6);
+    let steps_run = events
+        .iter()
+        .filter(|e| matches!(e, peft_train::Event::Step { .. }))
+        .count();
     assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e, peft_train::Event::Step { .. }))
-            .count(),
-        2
+        steps_run, 2,
+        "{name}: the resumed run does the last two steps"
     );
     let resumed_dir = straight.path().join("resumed");
     resumed.save_pretrained(&resumed_dir).unwrap();
@@ -299,10 +304,73 @@ fn resume_from_checkpoint_is_exact() {
     let b = adapter_tensors(&resumed_dir);
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (key, values) in &a {
-        assert_eq!(values, &b[key], "{key} differs after resuming");
+        assert_eq!(values, &b[key], "{name}: {key} differs after resuming");
     }
-    // The checkpoint holds a PEFT adapter folder as well.
+    // The checkpoint holds a PEFT adapter folder and the run's random state.
     let ckpt = straight.path().join("checkpoint-4");
     assert!(ckpt.join("adapter_config.json").is_file());
-    let _ = done.model().spec();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["rng"]["seed"], cfg.seed);
+    assert_eq!(
+        state["rng"]["micro_batches_done"],
+        4 * cfg.gradient_accumulation_steps
+    );
+    a
+}
+
+/// With dropout on, a resumed run equals an uninterrupted one for LoRA, QLoRA's preset (4-bit
+/// base, dropout 0.05) and P-tuning's LSTM encoder (dropout between its layers). The LoRA case
+/// also shows the dropout masks matter: without dropout the adapter comes out different.
+#[test]
+fn resume_from_checkpoint_is_exact_with_dropout() {
+    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let device = device().autodiff();
+    let lora = |dropout: f64| {
+        let device = device.clone();
+        move || {
+            device.seed(7);
+            let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+            let config = peft_lora::LoraConfig {
+                r: 4,
+                lora_dropout: dropout,
+                ..peft_lora::LoraConfig::default()
+            };
+            peft_lora::get_peft_model(base, config).unwrap()
+        }
+    };
+    let with_dropout = assert_resume_is_exact(&lora(0.1), &config(6), "lora");
+    let without = assert_resume_is_exact(&lora(0.0), &config(6), "lora, no dropout");
+    let key = with_dropout
+        .keys()
+        .find(|k| k.contains("lora_B"))
+        .unwrap()
+        .clone();
+    assert_ne!(
+        with_dropout[&key], without[&key],
+        "dropout 0.1 should change the trained adapter"
+    );
+
+    let qlora = || {
+        device.seed(7);
+        let options = peft_qlora::Load4bit::default();
+        let base = peft_qlora::load_4bit(model_dir("bloom-tiny"), &device, &options).unwrap();
+        peft_qlora::get_peft_model(base, peft_qlora::qlora_preset()).unwrap()
+    };
+    assert_resume_is_exact(&qlora, &config(6), "qlora preset");
+
+    let ptuning = || {
+        device.seed(7);
+        let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+        let config = peft_ptuning::PromptEncoderConfig {
+            num_virtual_tokens: 4,
+            encoder_reparameterization_type: peft_ptuning::EncoderType::Lstm,
+            encoder_hidden_size: Some(16),
+            encoder_dropout: 0.1,
+            ..peft_ptuning::PromptEncoderConfig::default()
+        };
+        peft_ptuning::get_peft_model(base, config).unwrap()
+    };
+    assert_resume_is_exact(&ptuning, &config(6), "p-tuning lstm");
 }

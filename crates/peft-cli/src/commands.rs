@@ -228,7 +228,7 @@ fn run_generate(model: &impl CausalLm, args: &GenerateArgs) -> Result<()> {
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         decoding,
-        eos_token_id: spec.eos_token_id,
+        eos_token_ids: spec.eos_token_ids.clone(),
         pad_token_id: spec.pad_token_id.unwrap_or(0),
     };
     let stream = !args.json && tokenizer.is_ok();

@@ -119,7 +119,8 @@ struct DeviceArg {
 
 #[derive(Args, Debug)]
 struct ModelArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json), or a repo id
+    /// `owner/name[@revision]` found in the local Hugging Face cache (no network).
     #[arg(long)]
     model: PathBuf,
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -208,6 +209,23 @@ struct MergeArgs {
     device: DeviceArg,
 }
 
+/// `--model` may name a Hugging Face repo id (`owner/name[@revision]`) held in the local cache:
+/// it is replaced by its snapshot folder before any command runs, so no command sees ids.
+fn resolve_model_args(command: &mut Command) -> anyhow::Result<()> {
+    let resolve = |path: &mut PathBuf| -> anyhow::Result<()> {
+        *path = peft_models::hub::resolve_model(&path.to_string_lossy())?;
+        Ok(())
+    };
+    match command {
+        Command::Logits(a) => resolve(&mut a.model.model),
+        Command::Generate(a) => resolve(&mut a.model.model),
+        Command::Inspect(a) => resolve(&mut a.model),
+        Command::Merge(a) => resolve(&mut a.model),
+        Command::Train(a) => a.model.as_mut().map_or(Ok(()), resolve),
+        Command::Quantize(a) => a.model.as_mut().map_or(Ok(()), resolve),
+    }
+}
+
 fn main() -> ExitCode {
     // SAFETY: first statement of `main`, before any thread is started.
     unsafe { peft_core::process::prepare() };
@@ -220,14 +238,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    let result = match cli.command {
+    let mut command = cli.command;
+    let result = resolve_model_args(&mut command).and_then(|()| match command {
         Command::Logits(a) => commands::logits(a),
         Command::Generate(a) => commands::generate(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Merge(a) => commands::merge(a),
         Command::Train(a) => train::train(*a),
         Command::Quantize(a) => quantize::quantize(a),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<train::Interrupted>() {

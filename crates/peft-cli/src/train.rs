@@ -46,7 +46,7 @@ const BUNDLED_DATA: &[u8] = include_bytes!("../../../data/demo.jsonl");
 pub struct TrainArgs {
     /// Hugging Face model folder; default: the bundled tiny BLOOM.
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Training data (.jsonl or .json: alpaca, chat `messages`, or `text` records); default: the
     /// bundled demo set.
     #[arg(long)]
@@ -446,7 +446,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             &data_path,
             ex,
             &tokenizer,
-            spec.eos_token_id,
+            spec.eos_token_id(),
             args.max_length,
         )
     };

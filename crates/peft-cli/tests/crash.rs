@@ -28,6 +28,9 @@ fn train_command(out: &Path, steps: usize, save_steps: usize, resume: bool) -> C
         &save_steps.to_string(),
         "--batch-size",
         "4",
+        // Dropout on: every resumed run must draw the masks the uninterrupted run drew.
+        "--lora-dropout",
+        "0.1",
         "--no-exact-match",
     ])
     .env_remove("PEFT_DEVICE")

@@ -26,12 +26,43 @@ pub struct ModelSpec {
     pub head_dim: usize,
     /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
-    /// End-of-sequence token; generation stops there.
-    pub eos_token_id: Option<u32>,
+    /// End-of-sequence tokens; generation stops at any of them. `config.json` writes one id or
+    /// a list (Llama 3); `generation_config.json`, where present, overrides it as in
+    /// transformers' `generate`.
+    pub eos_token_ids: Vec<u32>,
     /// Padding token.
     pub pad_token_id: Option<u32>,
     /// Whether `lm_head` shares the input embedding matrix.
     pub tie_word_embeddings: bool,
+}
+
+impl ModelSpec {
+    /// The first end-of-sequence token: the one appended to training responses (the
+    /// tokenizer's `eos_token` in transformers is the first id of the config's list).
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_ids.first().copied()
+    }
+}
+
+/// Deserialises a token-id field that `config.json` / `generation_config.json` write as
+/// `null`, one id or a list of ids (Llama 3's `eos_token_id`), into a list. For
+/// `#[serde(default, deserialize_with = "peft_core::model::token_ids")]`.
+pub fn token_ids<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Vec<u32>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    Ok(
+        match <Option<OneOrMany> as serde::Deserialize>::deserialize(deserializer)? {
+            None => Vec::new(),
+            Some(OneOrMany::One(id)) => vec![id],
+            Some(OneOrMany::Many(ids)) => ids,
+        },
+    )
 }
 
 /// One layer's keys and values: `[batch, kv_heads, len, head_dim]` each.

@@ -168,8 +168,8 @@ fn defaults(
             &["query_key_value", "mlp.dense_4h_to_h"],
             &["mlp.dense_4h_to_h"],
         ),
-        "llama" => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
-        "qwen2" => (&["q_proj", "v_proj", "down_proj"], &["down_proj"]),
+        "llama" | "mistral" => (&["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+        "qwen2" | "qwen3" | "gemma2" => (&["q_proj", "v_proj", "down_proj"], &["down_proj"]),
         other => {
             return Err(PeftError::config(
                 "IA3Config",

@@ -252,7 +252,10 @@ impl LoraConfig {
         }
         let defaults: &[&str] = match model_type {
             "bloom" => &["query_key_value"],
-            "llama" | "qwen2" => &["q_proj", "v_proj"],
+            // PEFT 0.21.2's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (phi3 has none).
+            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3_text" => {
+                &["q_proj", "v_proj"]
+            }
             other => {
                 return Err(PeftError::config(
                     "LoraConfig",
@@ -305,10 +308,14 @@ mod tests {
             c.targets("bloom").unwrap(),
             TargetModules::List(vec!["query_key_value".into()])
         );
-        assert_eq!(
-            c.targets("qwen2").unwrap(),
-            TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
-        );
+        for model_type in ["llama", "mistral", "qwen2", "qwen3", "gemma2"] {
+            assert_eq!(
+                c.targets(model_type).unwrap(),
+                TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
+            );
+        }
+        let err = c.targets("phi3").unwrap_err().to_string();
+        assert!(err.contains("no default for model_type `phi3`"), "{err}");
     }
 
     #[test]

@@ -55,9 +55,13 @@ pub struct BloomConfig {
     /// Beginning-of-sequence token.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
-    /// End-of-sequence token.
-    #[serde(default)]
-    pub eos_token_id: Option<u32>,
+    /// End-of-sequence tokens (one id or a list in the file).
+    #[serde(
+        default,
+        rename = "eos_token_id",
+        deserialize_with = "peft_core::model::token_ids"
+    )]
+    pub eos_token_ids: Vec<u32>,
     /// Padding token.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
@@ -107,7 +111,7 @@ impl BloomConfig {
             num_kv_heads: self.n_head,
             head_dim: self.hidden_size / self.n_head,
             bos_token_id: self.bos_token_id,
-            eos_token_id: self.eos_token_id,
+            eos_token_ids: self.eos_token_ids.clone(),
             pad_token_id: self.pad_token_id,
             tie_word_embeddings: self.tie_word_embeddings,
         }

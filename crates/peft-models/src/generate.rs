@@ -24,14 +24,14 @@ pub enum Decoding {
 }
 
 /// Generation settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOptions {
     /// Upper bound on generated tokens per sequence.
     pub max_new_tokens: usize,
     /// Greedy or sampled.
     pub decoding: Decoding,
-    /// A sequence stops after producing this token (it is included in the output).
-    pub eos_token_id: Option<u32>,
+    /// A sequence stops after producing any of these tokens (it is included in the output).
+    pub eos_token_ids: Vec<u32>,
     /// Fills the left padding of shorter prompts.
     pub pad_token_id: u32,
 }
@@ -42,7 +42,7 @@ impl GenerateOptions {
         Self {
             max_new_tokens,
             decoding: Decoding::Greedy,
-            eos_token_id: spec.eos_token_id,
+            eos_token_ids: spec.eos_token_ids.clone(),
             pad_token_id: spec.pad_token_id.unwrap_or(0),
         }
     }
@@ -120,7 +120,7 @@ pub fn generate<M: CausalLm>(
                 let t = choose(row_logits, options.decoding, &mut rng);
                 out[row].push(t);
                 on_token(row, t);
-                if Some(t) == options.eos_token_id {
+                if options.eos_token_ids.contains(&t) {
                     done[row] = true;
                 }
                 t

@@ -266,6 +266,22 @@ pub fn attention_allowed(full_mask: &Tensor<2, Int>, q_len: usize) -> Tensor<4, 
     causal.bool_and(real)
 }
 
+/// Narrows `allowed: [batch, 1, q_len, kv_len]` (from [`attention_allowed`]) to a sliding
+/// window: a query at position `p` keeps the keys at positions `p - window < k ≤ p`, as
+/// transformers' `sliding_window_overlay` (`kv_idx > q_idx - sliding_window`).
+pub fn sliding_window(allowed: &Tensor<4, Bool>, window: usize) -> Tensor<4, Bool> {
+    let [batch, _, q_len, kv_len] = allowed.dims();
+    let device = allowed.device();
+    let past = kv_len - q_len;
+    let q_pos = Tensor::<1, Int>::arange(past as i64..kv_len as i64, &device).reshape([q_len, 1]);
+    let k_pos = Tensor::<1, Int>::arange(0..kv_len as i64, &device).reshape([1, kv_len]);
+    let near = (k_pos.expand([q_len, kv_len]) + window as i64)
+        .greater(q_pos.expand([q_len, kv_len]))
+        .reshape([1, 1, q_len, kv_len])
+        .expand([batch, 1, q_len, kv_len]);
+    allowed.clone().bool_and(near)
+}
+
 /// Softmax attention. `q: [b, h, q, d]`, `k`/`v`: `[b, kv_h, kv, d]` with `kv_h` dividing `h`
 /// (grouped-query attention: query head `i` reads key/value head `i / (h / kv_h)`, as
 /// transformers' `repeat_kv` arranges them), `bias: [b, h, 1, kv]` added to the scores (ALiBi),

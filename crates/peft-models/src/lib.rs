@@ -4,8 +4,13 @@
 //! `model.safetensors` or a sharded index, `tokenizer.json`):
 //!
 //! * [`bloom`] — BLOOM (fused `query_key_value`, ALiBi, embedding LayerNorm, tied `lm_head`);
-//! * [`llama`] — Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention);
-//! * [`qwen2`] — Qwen2 (Llama with q/k/v biases).
+//! * [`llama`] — Llama (RoPE with its scaling variants in [`rope`], RMSNorm, SwiGLU,
+//!   grouped-query attention);
+//! * [`mistral`] — Mistral (Llama with sliding-window attention);
+//! * [`qwen2`] — Qwen2 (Llama with q/k/v biases, optional sliding windows);
+//! * [`qwen3`] — Qwen3 (Llama with per-head query/key RMSNorm).
+//!
+//! A new architecture is one file here plus one line in [`ARCHITECTURES`].
 //!
 //! Every linear layer is an [`AdaptableLinear`](peft_core::AdaptableLinear), reachable by its HF
 //! path, so peft-rs' method crates can attach adapters the way PEFT's `target_modules` does.
@@ -25,9 +30,13 @@
 
 pub mod bloom;
 pub mod generate;
+pub mod hub;
 pub mod layers;
 pub mod llama;
+pub mod mistral;
 pub mod qwen2;
+pub mod qwen3;
+pub mod rope;
 pub mod save;
 pub mod tokenizer;
 
@@ -47,15 +56,34 @@ pub use llama::{Llama, LlamaConfig};
 pub use save::save_pretrained;
 pub use tokenizer::Tokenizer;
 
+/// The network a `model_type` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// [`bloom`].
+    Bloom,
+    /// [`llama`] and the architectures that are Llama with options.
+    Llama,
+}
+
+/// Every `model_type` peft-rs implements, with the network it runs on: the one place a new
+/// architecture is registered.
+pub const ARCHITECTURES: [(&str, Family); 5] = [
+    ("bloom", Family::Bloom),
+    ("llama", Family::Llama),
+    ("mistral", Family::Llama),
+    ("qwen2", Family::Llama),
+    ("qwen3", Family::Llama),
+];
+
 /// The model types peft-rs implements.
-pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["bloom", "llama", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 5] = ["bloom", "llama", "mistral", "qwen2", "qwen3"];
 
 /// A parsed `config.json`.
 #[derive(Debug, Clone)]
 pub enum HfConfig {
     /// `model_type: "bloom"`.
     Bloom(BloomConfig),
-    /// `model_type: "llama"` or `"qwen2"`.
+    /// `model_type: "llama"`, `"mistral"`, `"qwen2"` or `"qwen3"`.
     Llama(LlamaConfig),
 }
 
@@ -63,31 +91,43 @@ pub enum HfConfig {
 pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
     let path = dir.as_ref().join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
-    let value: serde_json::Value =
+    let mut value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| PeftError::json(&path, e))?;
+    // transformers' `generate` stops at generation_config.json's EOS ids where the file sets
+    // them (Llama 3 Instruct lists `<|eot_id|>` there and not in config.json).
+    let gen_path = dir.as_ref().join("generation_config.json");
+    if gen_path.is_file() {
+        let text = std::fs::read_to_string(&gen_path).map_err(|e| PeftError::io(&gen_path, e))?;
+        let generation: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| PeftError::json(&gen_path, e))?;
+        if let (Some(eos), Some(obj)) = (generation.get("eos_token_id"), value.as_object_mut())
+            && !eos.is_null()
+        {
+            obj.insert("eos_token_id".into(), eos.clone());
+        }
+    }
     let model_type = value
         .get("model_type")
         .and_then(|v| v.as_str())
         .ok_or_else(|| PeftError::config(path.display().to_string(), "model_type", "missing"))?
         .to_string();
     let context = path.display().to_string();
-    let config = match model_type.as_str() {
-        "bloom" => {
+    let family = ARCHITECTURES
+        .iter()
+        .find(|(name, _)| *name == model_type)
+        .map(|(_, family)| *family);
+    let config = match family {
+        Some(Family::Bloom) => {
             let c: BloomConfig =
                 serde_json::from_value(value).map_err(|e| PeftError::json(&path, e))?;
             c.validate(&context)?;
             HfConfig::Bloom(c)
         }
-        "llama" | "qwen2" => {
-            let c: LlamaConfig =
-                serde_json::from_value(value).map_err(|e| PeftError::json(&path, e))?;
-            c.validate(&context)?;
-            HfConfig::Llama(c)
-        }
-        other => {
+        Some(Family::Llama) => HfConfig::Llama(LlamaConfig::from_value(&value, &context)?),
+        None => {
             return Err(PeftError::UnsupportedModel {
                 path,
-                model_type: other.to_string(),
+                model_type,
                 supported: SUPPORTED_MODEL_TYPES.join(", "),
             });
         }
@@ -95,7 +135,7 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
     Ok(config)
 }
 
-/// Any supported architecture, holding adapters of type `A`.
+/// Any supported network, holding adapters of type `A`.
 // The variants differ in size only by their config fields; a model is built once and then moved
 // by value rarely, so boxing would buy nothing (and burn's derive does not see through `Box`).
 #[allow(clippy::large_enum_variant)]
@@ -103,7 +143,7 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
 pub enum AnyModel<A: LayerAdapter> {
     /// BLOOM.
     Bloom(Bloom<A>),
-    /// Llama or Qwen2.
+    /// Llama, Mistral, Qwen2 or Qwen3.
     Llama(Llama<A>),
 }
 
@@ -145,6 +185,7 @@ pub fn config_modules(config: &HfConfig) -> Vec<ModuleInfo> {
                 c.intermediate_size,
                 [qkv_bias, c.attention_bias],
                 c.mlp_bias,
+                c.qk_norm,
             )
         }
     }
@@ -187,10 +228,12 @@ pub fn load_from_with<A: LayerAdapter>(
     options.compute_dtype.check_device(device)?;
     Ok(match config {
         HfConfig::Bloom(c) => AnyModel::Bloom(Bloom::load(c, store, device, options)?),
-        HfConfig::Llama(c) if c.model_type == "qwen2" => {
-            AnyModel::Llama(qwen2::load(c, store, device, options)?)
-        }
-        HfConfig::Llama(c) => AnyModel::Llama(Llama::load(c, false, store, device, options)?),
+        HfConfig::Llama(c) => AnyModel::Llama(match c.model_type.as_str() {
+            "qwen2" => qwen2::load(c, store, device, options)?,
+            "qwen3" => qwen3::load(c, store, device, options)?,
+            "mistral" => mistral::load(c, store, device, options)?,
+            _ => Llama::load(c, false, store, device, options)?,
+        }),
     })
 }
 
@@ -258,18 +301,7 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
 pub fn random_checkpoint(config: &HfConfig, seed: u64) -> Result<TensorStore> {
     use rand::{Rng, SeedableRng};
 
-    let modules = match config {
-        HfConfig::Bloom(c) => bloom::bloom_modules(&c.spec()),
-        HfConfig::Llama(c) => {
-            let qkv_bias = c.attention_bias || c.model_type == "qwen2";
-            llama::llama_modules(
-                &c.spec(),
-                c.intermediate_size,
-                [qkv_bias, c.attention_bias],
-                c.mlp_bias,
-            )
-        }
-    };
+    let modules = config_modules(config);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut tensors = std::collections::BTreeMap::new();
     for m in modules.iter().filter(|m| !m.tied) {

@@ -34,27 +34,14 @@ use peft_core::{
 
 use crate::layers::{
     RmsNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
-    tied_logits,
+    sliding_window, tied_logits,
 };
-
-/// transformers 5's `rope_parameters`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct RopeParameters {
-    /// RoPE base.
-    pub rope_theta: f64,
-    /// Only `default` is implemented.
-    #[serde(default = "default_rope_type")]
-    pub rope_type: String,
-}
-
-fn default_rope_type() -> String {
-    "default".into()
-}
+use crate::rope::Rotary;
 
 /// Llama-family `config.json` fields that the forward pass uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama` or `qwen2`.
+    /// `llama`, `mistral`, `qwen2` or `qwen3`.
     pub model_type: String,
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -78,12 +65,11 @@ pub struct LlamaConfig {
     /// transformers 4: RoPE base at the top level.
     #[serde(default)]
     pub rope_theta: Option<f64>,
-    /// transformers 5: RoPE settings.
-    #[serde(default)]
-    pub rope_parameters: Option<RopeParameters>,
-    /// transformers 4: RoPE scaling (only `null` / absent is implemented).
-    #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
+    /// The RoPE settings of either config layout (`rope_theta` + `rope_scaling`, or
+    /// `rope_parameters`), filled in by [`LlamaConfig::from_value`]; plain RoPE over
+    /// [`Self::rope_theta`] when a config was built otherwise.
+    #[serde(skip)]
+    pub rotary: Option<Rotary>,
     /// Biases on q/k/v/o (Llama's `attention_bias`).
     #[serde(default)]
     pub attention_bias: bool,
@@ -96,18 +82,35 @@ pub struct LlamaConfig {
     /// Beginning-of-sequence token.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
-    /// End-of-sequence token.
-    #[serde(default)]
-    pub eos_token_id: Option<u32>,
+    /// End-of-sequence tokens (one id or a list in the file).
+    #[serde(
+        default,
+        rename = "eos_token_id",
+        deserialize_with = "peft_core::model::token_ids"
+    )]
+    pub eos_token_ids: Vec<u32>,
     /// Padding token.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
     /// Whether `lm_head` is the embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Qwen2's sliding-window attention (only `false` is implemented).
+    /// Qwen2/Qwen3: whether `sliding_window` applies at all.
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// Keys further back than this many positions are not attended to (Mistral; Qwen2/Qwen3
+    /// with `use_sliding_window`).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: layers below this index attend to everything.
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// transformers 5: `full_attention` or `sliding_attention` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// RMSNorm over each head's queries and keys before RoPE (Qwen3's `q_norm`, `k_norm`).
+    #[serde(skip)]
+    pub qk_norm: bool,
 }
 
 fn default_rms_eps() -> f64 {
@@ -118,6 +121,56 @@ fn default_act() -> String {
 }
 
 impl LlamaConfig {
+    /// Parses a Llama-family `config.json` (the RoPE settings from either layout) and checks it.
+    /// `context` names the file in errors.
+    pub fn from_value(value: &serde_json::Value, context: &str) -> Result<Self> {
+        let mut config: Self = serde_json::from_value(value.clone())
+            .map_err(|e| PeftError::config(context, "config.json", e.to_string()))?;
+        // transformers' defaults where the key is absent (Mistral v0.1 configs rely on 4096).
+        if matches!(config.model_type.as_str(), "mistral" | "qwen2" | "qwen3")
+            && value.get("sliding_window").is_none()
+        {
+            config.sliding_window = Some(4096);
+        }
+        if value.get("max_window_layers").is_none() {
+            config.max_window_layers = Some(28);
+        }
+        config.validate(context)?;
+        config.rotary = Some(Rotary::from_config(value, config.head_dim(), context)?);
+        config.qk_norm = config.model_type == "qwen3";
+        Ok(config)
+    }
+
+    /// The RoPE settings.
+    pub fn rotary(&self) -> Rotary {
+        self.rotary
+            .clone()
+            .unwrap_or_else(|| Rotary::plain(self.rope_theta(), self.head_dim()))
+    }
+
+    /// The sliding window of each layer (`None`: full attention), as transformers 5 decides:
+    /// `layer_types` where the config lists them; else Mistral windows every layer when
+    /// `sliding_window` is set, and Qwen2/Qwen3 the layers from `max_window_layers` on when
+    /// `use_sliding_window` is set.
+    pub fn layer_windows(&self) -> Vec<Option<usize>> {
+        let qwen = matches!(self.model_type.as_str(), "qwen2" | "qwen3");
+        let window = if qwen && !self.use_sliding_window {
+            None
+        } else {
+            self.sliding_window
+        };
+        (0..self.num_hidden_layers)
+            .map(|i| {
+                let sliding = match &self.layer_types {
+                    Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
+                    None if qwen => i >= self.max_window_layers.unwrap_or(0),
+                    None => true,
+                };
+                window.filter(|_| sliding)
+            })
+            .collect()
+    }
+
     /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -131,9 +184,9 @@ impl LlamaConfig {
 
     /// The RoPE base from either config layout (transformers 5 `rope_parameters` first).
     pub fn rope_theta(&self) -> f64 {
-        self.rope_parameters
+        self.rotary
             .as_ref()
-            .map(|r| r.rope_theta)
+            .map(|r| r.theta)
             .or(self.rope_theta)
             .unwrap_or(10000.0)
     }
@@ -166,28 +219,14 @@ impl LlamaConfig {
         if !self.head_dim().is_multiple_of(2) {
             return bad("head_dim", "RoPE needs an even head_dim".into());
         }
-        if let Some(r) = &self.rope_parameters
-            && r.rope_type != "default"
-        {
-            return bad(
-                "rope_parameters.rope_type",
-                format!("`{}` is not supported (only `default`)", r.rope_type),
-            );
-        }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return bad("rope_scaling", "RoPE scaling is not supported".into());
-        }
         if self.hidden_act != "silu" {
             return bad(
                 "hidden_act",
                 format!("`{}` is not supported (only `silu`)", self.hidden_act),
             );
         }
-        if self.use_sliding_window {
-            return bad(
-                "use_sliding_window",
-                "sliding-window attention is not supported".into(),
-            );
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window", "must be positive".into());
         }
         if self.vocab_size == 0 || self.num_hidden_layers == 0 {
             return bad("vocab_size/num_hidden_layers", "must be positive".into());
@@ -206,7 +245,7 @@ impl LlamaConfig {
             num_kv_heads: self.kv_heads(),
             head_dim: self.head_dim(),
             bos_token_id: self.bos_token_id,
-            eos_token_id: self.eos_token_id,
+            eos_token_ids: self.eos_token_ids.clone(),
             pad_token_id: self.pad_token_id,
             tie_word_embeddings: self.tie_word_embeddings,
         }
@@ -224,6 +263,10 @@ pub struct LlamaAttention<A: LayerAdapter> {
     pub v_proj: AdaptableLinear<A>,
     /// Output projection.
     pub o_proj: AdaptableLinear<A>,
+    /// Qwen3: RMSNorm over each query head (`[head_dim]`), before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    /// Qwen3: RMSNorm over each key head (`[head_dim]`), before RoPE.
+    pub k_norm: Option<RmsNorm>,
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
@@ -271,9 +314,12 @@ pub struct Llama<A: LayerAdapter> {
     /// Sizes and special tokens.
     #[module(skip)]
     pub spec: ModelSpec,
-    /// RoPE inverse frequencies, `[head_dim / 2]`.
+    /// RoPE settings (base, rotated width, scaling variant).
     #[module(skip)]
-    pub inv_freq: Vec<f32>,
+    pub rotary: Rotary,
+    /// Each layer's sliding window (`None`: attends to every earlier position).
+    #[module(skip)]
+    pub windows: Vec<Option<usize>>,
     /// Whether q/k/v/o carry biases (for [`CausalLm::modules`]).
     #[module(skip)]
     pub attention_bias: [bool; 2],
@@ -285,15 +331,9 @@ pub struct Llama<A: LayerAdapter> {
     pub intermediate_size: usize,
 }
 
-/// RoPE inverse frequencies `1 / θ^(2i/d)`, computed in f32 as transformers does.
-pub fn rope_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect()
-}
-
 impl<A: LayerAdapter> Llama<A> {
-    /// Loads the weights of `config` from `store`. `qkv_bias` adds Qwen2's q/k/v biases.
+    /// Loads the weights of `config` from `store`. `qkv_bias` adds Qwen2's q/k/v biases;
+    /// `config.qk_norm` Qwen3's per-head query/key norms.
     pub fn load(
         config: &LlamaConfig,
         qkv_bias: bool,
@@ -315,11 +355,28 @@ impl<A: LayerAdapter> Llama<A> {
         let (nq, nkv) = (config.num_attention_heads, config.kv_heads());
         let (qkv_b, o_b) = (config.attention_bias || qkv_bias, config.attention_bias);
         let eps = config.rms_norm_eps;
+        let rotary = config.rotary();
+        if rotary.dim != hd {
+            return Err(PeftError::config(
+                "config.json",
+                "partial_rotary_factor",
+                format!(
+                    "rotating {} of {hd} dimensions is not supported for `{}`",
+                    rotary.dim, config.model_type
+                ),
+            ));
+        }
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 let a = format!("{p}.self_attn");
                 let m = format!("{p}.mlp");
+                let head_norm = |name: &str| {
+                    config
+                        .qk_norm
+                        .then(|| w.rms_norm(&format!("{a}.{name}"), hd, eps))
+                        .transpose()
+                };
                 Ok(LlamaLayer {
                     input_layernorm: w.rms_norm(&format!("{p}.input_layernorm"), h, eps)?,
                     self_attn: LlamaAttention {
@@ -327,6 +384,8 @@ impl<A: LayerAdapter> Llama<A> {
                         k_proj: w.adaptable(&format!("{a}.k_proj"), h, nkv * hd, qkv_b)?,
                         v_proj: w.adaptable(&format!("{a}.v_proj"), h, nkv * hd, qkv_b)?,
                         o_proj: w.adaptable(&format!("{a}.o_proj"), nq * hd, h, o_b)?,
+                        q_norm: head_norm("q_norm")?,
+                        k_norm: head_norm("k_norm")?,
                     },
                     post_attention_layernorm: w.rms_norm(
                         &format!("{p}.post_attention_layernorm"),
@@ -369,7 +428,8 @@ impl<A: LayerAdapter> Llama<A> {
             },
             lm_head,
             spec: config.spec(),
-            inv_freq: rope_inv_freq(config.rope_theta(), hd),
+            rotary,
+            windows: config.layer_windows(),
             attention_bias: [qkv_b, o_b],
             mlp_bias: config.mlp_bias,
             intermediate_size: im,
@@ -378,7 +438,8 @@ impl<A: LayerAdapter> Llama<A> {
 
     /// `cos` and `sin` tables `[1, 1, seq, head_dim]` for positions `start .. start + seq`.
     fn rope_tables(&self, start: usize, seq: usize, device: &Device) -> Rope {
-        Rope::new(&self.inv_freq, start, seq, device)
+        let (inv_freq, scale) = self.rotary.frequencies(start + seq);
+        Rope::new(&inv_freq, scale, start, seq, device)
     }
 }
 
@@ -396,16 +457,17 @@ struct Rope {
 
 impl Rope {
     /// The tables for positions `start .. start + seq` and inverse frequencies `inv_freq`
-    /// (`head_dim / 2` of them; each angle serves both halves of a head).
-    fn new(inv_freq: &[f32], start: usize, seq: usize, device: &Device) -> Self {
+    /// (`head_dim / 2` of them; each angle serves both halves of a head), `cos` and `sin`
+    /// multiplied by `scale` (YaRN's attention factor).
+    fn new(inv_freq: &[f32], scale: f32, start: usize, seq: usize, device: &Device) -> Self {
         let hd = 2 * inv_freq.len();
         let mut cos = Vec::with_capacity(seq * hd);
         let mut sin = Vec::with_capacity(seq * hd);
         for pos in start..start + seq {
             let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
             for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
+                cos.extend(angles.iter().map(|a| a.cos() * scale));
+                sin.extend(angles.iter().map(|a| a.sin() * scale));
             }
         }
         let make = |v: &Vec<f32>| {
@@ -449,10 +511,19 @@ impl<A: LayerAdapter> LlamaLayer<A> {
         let [b, s, _] = x.dims();
         let (nq, nkv, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let ln = self.input_layernorm.forward(x.clone());
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = heads(self.self_attn.q_proj.forward(ln.clone()), nq);
-        let k = heads(self.self_attn.k_proj.forward(ln.clone()), nkv);
-        let v = heads(self.self_attn.v_proj.forward(ln), nkv);
+        // `[b, s, n·hd]` → `[b, n, s, hd]`, through the per-head norm where the model has one.
+        let heads = |t: Tensor<3>, n: usize, norm: Option<&RmsNorm>| {
+            let t = t.reshape([b, s, n, hd]);
+            let t = match norm {
+                Some(norm) => norm.forward(t),
+                None => t,
+            };
+            t.swap_dims(1, 2)
+        };
+        let attn = &self.self_attn;
+        let q = heads(attn.q_proj.forward(ln.clone()), nq, attn.q_norm.as_ref());
+        let k = heads(attn.k_proj.forward(ln.clone()), nkv, attn.k_norm.as_ref());
+        let v = heads(attn.v_proj.forward(ln), nkv, None);
         let q = apply_rope(q, rope);
         let k = apply_rope(k, rope);
         let (k, v) = extend_cache(cache, k, v);
@@ -480,11 +551,17 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
     }
 
     fn modules(&self) -> Vec<ModuleInfo> {
+        let qk_norm = self
+            .model
+            .layers
+            .first()
+            .is_some_and(|l| l.self_attn.q_norm.is_some());
         llama_modules(
             &self.spec,
             self.intermediate_size,
             self.attention_bias,
             self.mlp_bias,
+            qk_norm,
         )
     }
 
@@ -511,6 +588,14 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
             &input.attention_mask,
         );
         let allowed = attention_allowed(&mask, q_len);
+        // One mask per distinct window (Mistral: all layers share one; Gemma-style
+        // alternation: two).
+        let mut windowed: Vec<(usize, Tensor<4, Bool>)> = Vec::new();
+        for w in self.windows.iter().flatten() {
+            if !windowed.iter().any(|(v, _)| v == w) {
+                windowed.push((*w, sliding_window(&allowed, *w)));
+            }
+        }
         let rope = self.rope_tables(past, q_len, &x.device());
         if let Some(c) = cache.as_deref_mut()
             && c.layers.len() != self.model.layers.len()
@@ -519,7 +604,14 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
         }
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &self.spec, &rope, &allowed, slot);
+            let layer_allowed = match self.windows.get(i).copied().flatten() {
+                Some(w) => windowed
+                    .iter()
+                    .find(|(v, _)| *v == w)
+                    .map_or(&allowed, |(_, m)| m),
+                None => &allowed,
+            };
+            x = layer.forward(x, &self.spec, &rope, layer_allowed, slot);
         }
         if let Some(c) = cache {
             c.mask = Some(mask);
@@ -552,6 +644,8 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
                         k_proj: f(&format!("{p}.self_attn.k_proj"), a.k_proj)?,
                         v_proj: f(&format!("{p}.self_attn.v_proj"), a.v_proj)?,
                         o_proj: f(&format!("{p}.self_attn.o_proj"), a.o_proj)?,
+                        q_norm: a.q_norm,
+                        k_norm: a.k_norm,
                     },
                     post_attention_layernorm: l.post_attention_layernorm,
                     mlp: LlamaMlp {
@@ -570,7 +664,8 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
             },
             lm_head: self.lm_head.map(|l| f("lm_head", l)).transpose()?,
             spec: self.spec,
-            inv_freq: self.inv_freq,
+            rotary: self.rotary,
+            windows: self.windows,
             attention_bias: self.attention_bias,
             mlp_bias: self.mlp_bias,
             intermediate_size: self.intermediate_size,
@@ -595,12 +690,13 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
 }
 
 /// Every module of a Llama-family model with these sizes, by HF path. `attention_bias` is
-/// `[q/k/v, o]`.
+/// `[q/k/v, o]`; `qk_norm` adds Qwen3's per-head `q_norm` / `k_norm`.
 pub fn llama_modules(
     spec: &ModelSpec,
     intermediate_size: usize,
     attention_bias: [bool; 2],
     mlp_bias: bool,
+    qk_norm: bool,
 ) -> Vec<ModuleInfo> {
     let s = spec;
     let (h, hd, im) = (s.hidden_size, s.head_dim, intermediate_size);
@@ -654,6 +750,15 @@ pub fn llama_modules(
             h,
             o_b,
         ));
+        if qk_norm {
+            for name in ["q_norm", "k_norm"] {
+                m.push(ModuleInfo {
+                    path: format!("{p}.self_attn.{name}"),
+                    kind: ModuleKind::RmsNorm { dim: hd },
+                    tied: false,
+                });
+            }
+        }
         m.push(norm(format!("{p}.post_attention_layernorm")));
         m.push(linear(format!("{p}.mlp.gate_proj"), h, im, mlp_bias));
         m.push(linear(format!("{p}.mlp.up_proj"), h, im, mlp_bias));
@@ -675,6 +780,7 @@ pub fn llama_modules(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rope::default_inv_freq;
 
     /// The fused rotary embedding equals the composed formula, value and gradient, on the
     /// strided `[b, heads, seq, head_dim]` view the layers pass it.
@@ -683,7 +789,7 @@ mod tests {
         use burn::tensor::Distribution;
         let device = Device::flex().autodiff();
         let (b, s, h, hd) = (2, 5, 3, 8);
-        let rope = Rope::new(&rope_inv_freq(10000.0, hd), 3, s, &device);
+        let rope = Rope::new(&default_inv_freq(10000.0, hd), 1.0, 3, s, &device);
         let x = Tensor::<4>::random([b, s, h, hd], Distribution::Default, &device).require_grad();
         let r = Tensor::<4>::random([b, h, s, hd], Distribution::Default, &device);
         let fused = apply_rope(x.clone().swap_dims(1, 2), &rope);
@@ -696,20 +802,22 @@ mod tests {
         assert!(diff < 1e-6, "gradients differ by {diff}");
     }
 
+    fn parse(json: &str) -> LlamaConfig {
+        LlamaConfig::from_value(&serde_json::from_str(json).unwrap(), "config.json").unwrap()
+    }
+
     #[test]
     fn rope_theta_is_read_from_both_config_layouts() {
-        let v4: LlamaConfig = serde_json::from_str(
+        let v4 = parse(
             r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
                 "num_hidden_layers":1,"num_attention_heads":2,"rope_theta":500000.0}"#,
-        )
-        .unwrap();
+        );
         assert_eq!(v4.rope_theta(), 500000.0);
-        let v5: LlamaConfig = serde_json::from_str(
+        let v5 = parse(
             r#"{"model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,
                 "num_hidden_layers":1,"num_attention_heads":2,
                 "rope_parameters":{"rope_theta":1000.0,"rope_type":"default"}}"#,
-        )
-        .unwrap();
+        );
         assert_eq!(v5.rope_theta(), 1000.0);
         assert_eq!(v5.kv_heads(), 2);
         assert_eq!(v5.head_dim(), 4);
@@ -734,12 +842,5 @@ mod tests {
         .unwrap();
         let err = gqa.validate("config.json").unwrap_err().to_string();
         assert!(err.contains("num_key_value_heads"), "{err}");
-    }
-
-    #[test]
-    fn inv_freq_matches_the_formula() {
-        let f = rope_inv_freq(10000.0, 4);
-        assert_eq!(f[0], 1.0);
-        assert!((f[1] - 0.01).abs() < 1e-7);
     }
 }

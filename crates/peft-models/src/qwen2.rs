@@ -2,7 +2,8 @@
 //! `q_proj`, `k_proj` and `v_proj` (not on `o_proj`), the same weight names
 //! (`model.layers.{i}.self_attn.q_proj.bias`, …), and usually a tied `lm_head` in small sizes.
 //!
-//! Sliding-window attention (`use_sliding_window: true`) is refused at load time.
+//! With `use_sliding_window: true`, the layers from `max_window_layers` on attend through
+//! `sliding_window` (transformers 5's rule; `layer_types`, where the config lists them, wins).
 
 use burn::tensor::Device;
 use peft_core::{LayerAdapter, Result, TensorStore};

@@ -214,6 +214,34 @@ struct TrainerState {
     global_step: usize,
     config: TrainConfig,
     history: Vec<(usize, f32)>,
+    /// Where the run's random draws stand. Absent in checkpoints written before it existed
+    /// (those runs drew nothing they could not replay without dropout).
+    #[serde(default)]
+    rng: Option<RngState>,
+}
+
+/// Every random draw of a run, as data: the data order is a function of `(seed, epoch)` and the
+/// device's generator (dropout masks, the only other draw during training) is re-seeded before
+/// each micro-batch from `(seed, micro-batch index)`. Restoring these two numbers restores every
+/// draw, on any backend, without reading a backend's generator state (burn exposes none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct RngState {
+    /// The run's seed (data order and dropout).
+    seed: u64,
+    /// Micro-batches consumed so far (the next one draws with `micro_batch_seed(seed, this)`).
+    micro_batches_done: usize,
+}
+
+/// The seed of the device generator for micro-batch `index` of a run seeded with `seed`:
+/// SplitMix64's finaliser over the pair, so neighbouring indices give unrelated streams.
+pub fn micro_batch_seed(seed: u64, index: usize) -> u64 {
+    let mut z = seed
+        ^ (index as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -396,6 +424,7 @@ pub fn train<A: AdapterModel>(
         global_step: 0,
         config: config.clone(),
         history: Vec::new(),
+        rng: None,
     };
     let mut last_checkpoint = None;
     let mut interrupted = None;
@@ -419,6 +448,29 @@ pub fn train<A: AdapterModel>(
     // The micro-batch sequence is a pure function of (seed, epoch), so a resumed run skips exactly
     // the micro-batches it already consumed.
     let mut micro_index = state.global_step * micro_per_step;
+    // A resumed run draws from the checkpoint's seed, whatever seed this call was given.
+    let seed = match state.rng {
+        Some(rng) => {
+            if rng.seed != config.seed {
+                tracing::warn!(
+                    "resuming with the checkpoint's seed {} (not {}), so that the run stays exact",
+                    rng.seed,
+                    config.seed
+                );
+            }
+            if rng.micro_batches_done != micro_index {
+                return Err(TrainError::Checkpoint {
+                    path: resume_dir.clone().unwrap_or_default(),
+                    reason: format!(
+                        "{} micro-batches consumed at step {}, but this run takes {micro_per_step} per step",
+                        rng.micro_batches_done, state.global_step
+                    ),
+                });
+            }
+            rng.seed
+        }
+        None => config.seed,
+    };
     while state.global_step < total {
         let started = Instant::now();
         let mut step_loss = 0f64;
@@ -427,16 +479,19 @@ pub fn train<A: AdapterModel>(
         for _ in 0..micro_per_step {
             let epoch = micro_index / micro_per_epoch;
             let within = micro_index % micro_per_epoch;
-            let order = epoch_order(train.len(), config.seed, epoch);
+            let order = epoch_order(train.len(), seed, epoch);
             let items: Vec<&Tokenized> = order
                 [within * batch..((within + 1) * batch).min(order.len())]
                 .iter()
                 .map(|&i| &train[i])
                 .collect();
-            micro_index += 1;
             let host = collate(&items, pad_id);
             tokens += host.attention_mask.iter().filter(|&&m| m == 1).count();
             let device = adapter.model().device();
+            // Dropout masks of this micro-batch: a function of (seed, index) alone, so a resumed
+            // run draws the masks an uninterrupted one would have drawn.
+            device.seed(micro_batch_seed(seed, micro_index));
+            micro_index += 1;
             let (ids, mask, labels) = to_device(&host, &device);
             let logits = adapter
                 .model()
@@ -486,6 +541,10 @@ pub fn train<A: AdapterModel>(
         adapter = adapter.with_model(model);
         state.global_step += 1;
         state.history.push((state.global_step, loss));
+        state.rng = Some(RngState {
+            seed,
+            micro_batches_done: micro_index,
+        });
         let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         if state
             .global_step
