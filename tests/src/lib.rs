@@ -106,8 +106,10 @@ pub fn adapter_dir(name: &str) -> PathBuf {
 
 /// The base model fixture an adapter fixture was made on.
 pub fn base_of(adapter: &str) -> &'static str {
-    const BASES: [(&str, &str); 6] = [
+    const BASES: [(&str, &str); 8] = [
         ("llama-rope-llama3", "llama-rope-llama3"),
+        ("gemma2", "gemma2-tiny"),
+        ("phi3", "phi3-tiny"),
         ("qwen2-tiny-swa", "qwen2-tiny-swa"),
         ("mistral", "mistral-tiny"),
         ("qwen3", "qwen3-tiny"),

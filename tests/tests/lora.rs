@@ -193,6 +193,8 @@ lora_suite!(mistral_sliding_window, "lora-mistral");
 lora_suite!(qwen3_head_norms, "lora-qwen3");
 lora_suite!(qwen2_sliding_window, "lora-qwen2-tiny-swa");
 lora_suite!(llama3_rope_scaling, "lora-llama-rope-llama3");
+lora_suite!(gemma2_softcapping, "lora-gemma2");
+lora_suite!(phi3_fused_projections, "lora-phi3");
 
 #[test]
 fn trainable_line_is_peft_formatted() {

@@ -139,6 +139,8 @@ parity_suite!(qwen2_bf16, "qwen2-tiny");
 parity_suite!(qwen2_sliding_window, "qwen2-tiny-swa");
 parity_suite!(qwen3, "qwen3-tiny");
 parity_suite!(mistral, "mistral-tiny");
+parity_suite!(gemma2, "gemma2-tiny");
+parity_suite!(phi3_partial_rotary, "phi3-tiny");
 parity_suite!(llama_rope_linear, "llama-rope-linear");
 parity_suite!(llama_rope_dynamic, "llama-rope-dynamic");
 parity_suite!(llama_rope_yarn_head_dim_biases, "llama-rope-yarn");

@@ -73,6 +73,21 @@ fn peft_adapter_matches(name: &str) {
 }
 
 #[test]
+fn qwen3_prefix_with_explicit_head_dim() {
+    peft_adapter_matches("prefix-qwen3");
+}
+
+#[test]
+fn gemma2_prefix() {
+    peft_adapter_matches("prefix-gemma2");
+}
+
+#[test]
+fn phi3_prefix() {
+    peft_adapter_matches("prefix-phi3");
+}
+
+#[test]
 fn bloom_prefix() {
     peft_adapter_matches("prefix-bloom");
 }

@@ -94,6 +94,16 @@ fn qwen3_random_init_adapter() {
 }
 
 #[test]
+fn gemma2_random_init_adapter() {
+    peft_adapter_matches("prompt-gemma2");
+}
+
+#[test]
+fn phi3_random_init_adapter() {
+    peft_adapter_matches("prompt-phi3");
+}
+
+#[test]
 fn bloom_text_init_adapter() {
     peft_adapter_matches("prompt-bloom-text");
 }

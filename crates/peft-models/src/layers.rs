@@ -282,6 +282,26 @@ pub fn sliding_window(allowed: &Tensor<4, Bool>, window: usize) -> Tensor<4, Boo
     allowed.clone().bool_and(near)
 }
 
+/// The attention mask of each layer: `allowed` for full-attention layers (`None`), narrowed by
+/// [`sliding_window`] for windowed ones; layers sharing a window share one mask.
+pub fn layer_masks(allowed: &Tensor<4, Bool>, windows: &[Option<usize>]) -> Vec<Tensor<4, Bool>> {
+    let mut narrowed: Vec<(usize, Tensor<4, Bool>)> = Vec::new();
+    windows
+        .iter()
+        .map(|window| match window {
+            None => allowed.clone(),
+            Some(w) => match narrowed.iter().find(|(v, _)| v == w) {
+                Some((_, mask)) => mask.clone(),
+                None => {
+                    let mask = sliding_window(allowed, *w);
+                    narrowed.push((*w, mask.clone()));
+                    mask
+                }
+            },
+        })
+        .collect()
+}
+
 /// Softmax attention. `q: [b, h, q, d]`, `k`/`v`: `[b, kv_h, kv, d]` with `kv_h` dividing `h`
 /// (grouped-query attention: query head `i` reads key/value head `i / (h / kv_h)`, as
 /// transformers' `repeat_kv` arranges them), `bias: [b, h, 1, kv]` added to the scores (ALiBi),
@@ -313,7 +333,24 @@ pub fn attend(
             return out.swap_dims(1, 2);
         }
     }
-    composed_attend(q, k, v, scale, bias, allowed)
+    composed_attend(q, k, v, scale, bias, None, allowed)
+}
+
+/// [`attend`] with Gemma 2's soft-capping of the scores, `cap · tanh(scores / cap)`, between
+/// the scaling and the mask (burn operations on every backend: the fused CPU attention has no
+/// capping).
+pub fn attend_softcapped(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+    softcap: Option<f64>,
+    allowed: &Tensor<4, Bool>,
+) -> Tensor<4> {
+    match softcap {
+        None => attend(q, k, v, scale, None, allowed),
+        Some(cap) => composed_attend(q, k, v, scale, None, Some(cap), allowed),
+    }
 }
 
 /// Self-attention over a fused query/key/value projection `qkv: [b, s, h, 3, d]` (BLOOM's
@@ -339,7 +376,7 @@ pub fn attend_packed(
         }
     }
     let [q, k, v] = split_qkv(&qkv);
-    composed_attend(q, k, v, scale, bias, allowed)
+    composed_attend(q, k, v, scale, bias, None, allowed)
 }
 
 /// The query, key and value parts of a fused projection `qkv: [b, s, h, 3, d]` (BLOOM's layout),
@@ -383,12 +420,16 @@ fn composed_attend(
     v: Tensor<4>,
     scale: f64,
     bias: Option<Tensor<4>>,
+    softcap: Option<f64>,
     allowed: &Tensor<4, Bool>,
 ) -> Tensor<4> {
     let [b, h, q_len, _] = q.dims();
     let [_, kv_heads, kv_len, _] = k.dims();
     let (k, v) = (repeat_kv(k, h / kv_heads), repeat_kv(v, h / kv_heads));
     let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+    if let Some(cap) = softcap {
+        scores = (scores / cap).tanh() * cap;
+    }
     if let Some(bias) = bias {
         scores = scores + bias;
     }
@@ -497,7 +538,15 @@ mod tests {
             let out = if fused {
                 attend(args.0, args.1, args.2, 0.3, Some(bias.clone()), &allowed)
             } else {
-                composed_attend(args.0, args.1, args.2, 0.3, Some(bias.clone()), &allowed)
+                composed_attend(
+                    args.0,
+                    args.1,
+                    args.2,
+                    0.3,
+                    Some(bias.clone()),
+                    None,
+                    &allowed,
+                )
             };
             let grads = (out.clone() * weights.clone()).sum().backward();
             let g = |t: &Tensor<4>| t.grad(&grads).unwrap();
@@ -535,7 +584,7 @@ mod tests {
                 attend_packed(qkv.clone(), 0.3, Some(bias.clone()), &allowed)
             } else {
                 let [q, k, v] = split_qkv(&qkv);
-                composed_attend(q, k, v, 0.3, Some(bias.clone()), &allowed)
+                composed_attend(q, k, v, 0.3, Some(bias.clone()), None, &allowed)
             };
             let grads = (out.clone() * weights.clone()).sum().backward();
             (out.inner(), qkv.grad(&grads).unwrap())

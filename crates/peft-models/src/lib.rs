@@ -8,7 +8,10 @@
 //!   grouped-query attention);
 //! * [`mistral`] — Mistral (Llama with sliding-window attention);
 //! * [`qwen2`] — Qwen2 (Llama with q/k/v biases, optional sliding windows);
-//! * [`qwen3`] — Qwen3 (Llama with per-head query/key RMSNorm).
+//! * [`qwen3`] — Qwen3 (Llama with per-head query/key RMSNorm);
+//! * [`gemma2`] — Gemma 2 ((1 + w) norms around each block, scaled embeddings, soft-capping,
+//!   alternating sliding windows);
+//! * [`phi3`] — Phi-3 (fused `qkv_proj` and `gate_up_proj`, partial rotary embeddings).
 //!
 //! A new architecture is one file here plus one line in [`ARCHITECTURES`].
 //!
@@ -29,11 +32,13 @@
 //! ```
 
 pub mod bloom;
+pub mod gemma2;
 pub mod generate;
 pub mod hub;
 pub mod layers;
 pub mod llama;
 pub mod mistral;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
@@ -51,8 +56,10 @@ use peft_core::{
 };
 
 pub use bloom::{Bloom, BloomConfig};
+pub use gemma2::{Gemma2, Gemma2Config};
 pub use generate::{Decoding, GenerateOptions, generate};
 pub use llama::{Llama, LlamaConfig};
+pub use phi3::{Phi3, Phi3Config};
 pub use save::save_pretrained;
 pub use tokenizer::Tokenizer;
 
@@ -63,20 +70,28 @@ pub enum Family {
     Bloom,
     /// [`llama`] and the architectures that are Llama with options.
     Llama,
+    /// [`gemma2`].
+    Gemma2,
+    /// [`phi3`].
+    Phi3,
 }
 
 /// Every `model_type` peft-rs implements, with the network it runs on: the one place a new
 /// architecture is registered.
-pub const ARCHITECTURES: [(&str, Family); 5] = [
+pub const ARCHITECTURES: [(&str, Family); 7] = [
     ("bloom", Family::Bloom),
+    ("gemma2", Family::Gemma2),
     ("llama", Family::Llama),
     ("mistral", Family::Llama),
+    ("phi3", Family::Phi3),
     ("qwen2", Family::Llama),
     ("qwen3", Family::Llama),
 ];
 
 /// The model types peft-rs implements.
-pub const SUPPORTED_MODEL_TYPES: [&str; 5] = ["bloom", "llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 7] = [
+    "bloom", "gemma2", "llama", "mistral", "phi3", "qwen2", "qwen3",
+];
 
 /// A parsed `config.json`.
 #[derive(Debug, Clone)]
@@ -85,6 +100,10 @@ pub enum HfConfig {
     Bloom(BloomConfig),
     /// `model_type: "llama"`, `"mistral"`, `"qwen2"` or `"qwen3"`.
     Llama(LlamaConfig),
+    /// `model_type: "gemma2"`.
+    Gemma2(Gemma2Config),
+    /// `model_type: "phi3"`.
+    Phi3(Phi3Config),
 }
 
 /// Reads and validates `config.json` of a model folder.
@@ -124,6 +143,8 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
             HfConfig::Bloom(c)
         }
         Some(Family::Llama) => HfConfig::Llama(LlamaConfig::from_value(&value, &context)?),
+        Some(Family::Gemma2) => HfConfig::Gemma2(Gemma2Config::from_value(&value, &context)?),
+        Some(Family::Phi3) => HfConfig::Phi3(Phi3Config::from_value(&value, &context)?),
         None => {
             return Err(PeftError::UnsupportedModel {
                 path,
@@ -145,6 +166,10 @@ pub enum AnyModel<A: LayerAdapter> {
     Bloom(Bloom<A>),
     /// Llama, Mistral, Qwen2 or Qwen3.
     Llama(Llama<A>),
+    /// Gemma 2.
+    Gemma2(Gemma2<A>),
+    /// Phi-3.
+    Phi3(Phi3<A>),
 }
 
 /// How to load a model: in full precision (the default), with linear layers quantised to
@@ -188,6 +213,10 @@ pub fn config_modules(config: &HfConfig) -> Vec<ModuleInfo> {
                 c.qk_norm,
             )
         }
+        HfConfig::Gemma2(c) => {
+            gemma2::gemma2_modules(&c.spec(), c.intermediate_size, c.attention_bias)
+        }
+        HfConfig::Phi3(c) => phi3::phi3_modules(&c.spec(), c.intermediate_size),
     }
 }
 
@@ -234,6 +263,8 @@ pub fn load_from_with<A: LayerAdapter>(
             "mistral" => mistral::load(c, store, device, options)?,
             _ => Llama::load(c, false, store, device, options)?,
         }),
+        HfConfig::Gemma2(c) => AnyModel::Gemma2(Gemma2::load(c, store, device, options)?),
+        HfConfig::Phi3(c) => AnyModel::Phi3(Phi3::load(c, store, device, options)?),
     })
 }
 
@@ -245,6 +276,8 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         match self {
             Self::Bloom(m) => m.spec(),
             Self::Llama(m) => m.spec(),
+            Self::Gemma2(m) => m.spec(),
+            Self::Phi3(m) => m.spec(),
         }
     }
 
@@ -252,6 +285,8 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         match self {
             Self::Bloom(m) => m.modules(),
             Self::Llama(m) => m.modules(),
+            Self::Gemma2(m) => m.modules(),
+            Self::Phi3(m) => m.modules(),
         }
     }
 
@@ -259,6 +294,8 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         match self {
             Self::Bloom(m) => m.forward(input, cache),
             Self::Llama(m) => m.forward(input, cache),
+            Self::Gemma2(m) => m.forward(input, cache),
+            Self::Phi3(m) => m.forward(input, cache),
         }
     }
 
@@ -266,6 +303,8 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         match self {
             Self::Bloom(m) => m.embed_tokens(ids),
             Self::Llama(m) => m.embed_tokens(ids),
+            Self::Gemma2(m) => m.embed_tokens(ids),
+            Self::Phi3(m) => m.embed_tokens(ids),
         }
     }
 
@@ -277,6 +316,8 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         Ok(match self {
             Self::Bloom(m) => AnyModel::Bloom(m.map_layers(f, embedding)?),
             Self::Llama(m) => AnyModel::Llama(m.map_layers(f, embedding)?),
+            Self::Gemma2(m) => AnyModel::Gemma2(m.map_layers(f, embedding)?),
+            Self::Phi3(m) => AnyModel::Phi3(m.map_layers(f, embedding)?),
         })
     }
 
@@ -284,6 +325,8 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         match self {
             Self::Bloom(m) => Self::Bloom(m.untie_word_embeddings()),
             Self::Llama(m) => Self::Llama(m.untie_word_embeddings()),
+            Self::Gemma2(m) => Self::Gemma2(m.untie_word_embeddings()),
+            Self::Phi3(m) => Self::Phi3(m.untie_word_embeddings()),
         }
     }
 
@@ -291,6 +334,8 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         match self {
             Self::Bloom(m) => CausalLm::device(m),
             Self::Llama(m) => CausalLm::device(m),
+            Self::Gemma2(m) => CausalLm::device(m),
+            Self::Phi3(m) => CausalLm::device(m),
         }
     }
 }

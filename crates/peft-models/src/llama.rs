@@ -19,11 +19,9 @@
 //! `position_ids` are passed); RoPE is relative, so left padding leaves the real tokens' logits
 //! unchanged.
 
-use std::sync::Arc;
-
 use burn::module::Module;
 use burn::tensor::activation::silu;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::Deserialize;
 
 use peft_core::model::{MapEmbedding, MapLinear};
@@ -34,9 +32,9 @@ use peft_core::{
 
 use crate::layers::{
     RmsNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
-    sliding_window, tied_logits,
+    layer_masks, tied_logits,
 };
-use crate::rope::Rotary;
+use crate::rope::{RopeTables, Rotary, apply_rope};
 
 /// Llama-family `config.json` fields that the forward pass uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -356,16 +354,6 @@ impl<A: LayerAdapter> Llama<A> {
         let (qkv_b, o_b) = (config.attention_bias || qkv_bias, config.attention_bias);
         let eps = config.rms_norm_eps;
         let rotary = config.rotary();
-        if rotary.dim != hd {
-            return Err(PeftError::config(
-                "config.json",
-                "partial_rotary_factor",
-                format!(
-                    "rotating {} of {hd} dimensions is not supported for `{}`",
-                    rotary.dim, config.model_type
-                ),
-            ));
-        }
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
@@ -435,67 +423,6 @@ impl<A: LayerAdapter> Llama<A> {
             intermediate_size: im,
         })
     }
-
-    /// `cos` and `sin` tables `[1, 1, seq, head_dim]` for positions `start .. start + seq`.
-    fn rope_tables(&self, start: usize, seq: usize, device: &Device) -> Rope {
-        let (inv_freq, scale) = self.rotary.frequencies(start + seq);
-        Rope::new(&inv_freq, scale, start, seq, device)
-    }
-}
-
-/// Rotary tables for one forward pass, as tensors and, for the fused CPU operation, on the host.
-struct Rope {
-    /// `[1, 1, seq, head_dim]`.
-    cos: Tensor<4>,
-    /// `[1, 1, seq, head_dim]`.
-    sin: Tensor<4>,
-    /// `cos` as `[seq, head_dim]` values.
-    host_cos: Arc<Vec<f32>>,
-    /// `sin` as `[seq, head_dim]` values.
-    host_sin: Arc<Vec<f32>>,
-}
-
-impl Rope {
-    /// The tables for positions `start .. start + seq` and inverse frequencies `inv_freq`
-    /// (`head_dim / 2` of them; each angle serves both halves of a head), `cos` and `sin`
-    /// multiplied by `scale` (YaRN's attention factor).
-    fn new(inv_freq: &[f32], scale: f32, start: usize, seq: usize, device: &Device) -> Self {
-        let hd = 2 * inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * hd);
-        let mut sin = Vec::with_capacity(seq * hd);
-        for pos in start..start + seq {
-            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos() * scale));
-                sin.extend(angles.iter().map(|a| a.sin() * scale));
-            }
-        }
-        let make = |v: &Vec<f32>| {
-            Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 1, seq, hd]), device)
-        };
-        Rope {
-            cos: make(&cos),
-            sin: make(&sin),
-            host_cos: Arc::new(cos),
-            host_sin: Arc::new(sin),
-        }
-    }
-}
-
-/// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`: one fused operation on the
-/// CPU backend, [`composed_rope`] elsewhere.
-fn apply_rope(x: Tensor<4>, rope: &Rope) -> Tensor<4> {
-    peft_core::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin)
-        .unwrap_or_else(|| composed_rope(x, rope))
-}
-
-/// [`apply_rope`] from burn operations (any backend).
-fn composed_rope(x: Tensor<4>, rope: &Rope) -> Tensor<4> {
-    let half = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * rope.cos.clone() + rotated * rope.sin.clone()
 }
 
 impl<A: LayerAdapter> LlamaLayer<A> {
@@ -504,7 +431,7 @@ impl<A: LayerAdapter> LlamaLayer<A> {
         &self,
         x: Tensor<3>,
         spec: &ModelSpec,
-        rope: &Rope,
+        rope: &RopeTables,
         allowed: &Tensor<4, Bool>,
         cache: Option<&mut Option<LayerKv>>,
     ) -> Tensor<3> {
@@ -588,15 +515,8 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
             &input.attention_mask,
         );
         let allowed = attention_allowed(&mask, q_len);
-        // One mask per distinct window (Mistral: all layers share one; Gemma-style
-        // alternation: two).
-        let mut windowed: Vec<(usize, Tensor<4, Bool>)> = Vec::new();
-        for w in self.windows.iter().flatten() {
-            if !windowed.iter().any(|(v, _)| v == w) {
-                windowed.push((*w, sliding_window(&allowed, *w)));
-            }
-        }
-        let rope = self.rope_tables(past, q_len, &x.device());
+        let masks = layer_masks(&allowed, &self.windows);
+        let rope = RopeTables::for_pass(&self.rotary, past, q_len, &x.device());
         if let Some(c) = cache.as_deref_mut()
             && c.layers.len() != self.model.layers.len()
         {
@@ -604,14 +524,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
         }
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let layer_allowed = match self.windows.get(i).copied().flatten() {
-                Some(w) => windowed
-                    .iter()
-                    .find(|(v, _)| *v == w)
-                    .map_or(&allowed, |(_, m)| m),
-                None => &allowed,
-            };
-            x = layer.forward(x, &self.spec, &rope, layer_allowed, slot);
+            x = layer.forward(x, &self.spec, &rope, &masks[i], slot);
         }
         if let Some(c) = cache {
             c.mask = Some(mask);
@@ -780,27 +693,6 @@ pub fn llama_modules(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rope::default_inv_freq;
-
-    /// The fused rotary embedding equals the composed formula, value and gradient, on the
-    /// strided `[b, heads, seq, head_dim]` view the layers pass it.
-    #[test]
-    fn fused_rope_matches_the_composed_one() {
-        use burn::tensor::Distribution;
-        let device = Device::flex().autodiff();
-        let (b, s, h, hd) = (2, 5, 3, 8);
-        let rope = Rope::new(&default_inv_freq(10000.0, hd), 1.0, 3, s, &device);
-        let x = Tensor::<4>::random([b, s, h, hd], Distribution::Default, &device).require_grad();
-        let r = Tensor::<4>::random([b, h, s, hd], Distribution::Default, &device);
-        let fused = apply_rope(x.clone().swap_dims(1, 2), &rope);
-        let composed = composed_rope(x.clone().swap_dims(1, 2), &rope);
-        let diff: f32 = (fused.clone() - composed.clone()).abs().max().into_scalar();
-        assert!(diff < 1e-6, "values differ by {diff}");
-        let gf = x.grad(&(fused * r.clone()).sum().backward()).unwrap();
-        let gc = x.grad(&(composed * r).sum().backward()).unwrap();
-        let diff: f32 = (gf - gc).abs().max().into_scalar();
-        assert!(diff < 1e-6, "gradients differ by {diff}");
-    }
 
     fn parse(json: &str) -> LlamaConfig {
         LlamaConfig::from_value(&serde_json::from_str(json).unwrap(), "config.json").unwrap()

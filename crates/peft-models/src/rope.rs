@@ -13,6 +13,9 @@
 //! computed per forward pass from `past + seq` (the same values for any single pass or any
 //! generation, which only ever grows).
 
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor, TensorData};
 use serde_json::Value;
 
 use peft_core::{PeftError, Result};
@@ -321,9 +324,97 @@ pub fn default_inv_freq(theta: f32, dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Rotary tables for one forward pass, as tensors and, for the fused CPU operation, on the host.
+pub struct RopeTables {
+    /// `[1, 1, seq, rotary_dim]`.
+    cos: Tensor<4>,
+    /// `[1, 1, seq, rotary_dim]`.
+    sin: Tensor<4>,
+    /// `cos` as `[seq, rotary_dim]` values.
+    host_cos: Arc<Vec<f32>>,
+    /// `sin` as `[seq, rotary_dim]` values.
+    host_sin: Arc<Vec<f32>>,
+}
+
+impl RopeTables {
+    /// The tables for positions `start .. start + seq` and inverse frequencies `inv_freq`
+    /// (`head_dim / 2` of them; each angle serves both halves of a head), `cos` and `sin`
+    /// multiplied by `scale` (YaRN's attention factor).
+    /// The tables of a pass over positions `start .. start + seq` of a model with `rotary`.
+    pub fn for_pass(rotary: &Rotary, start: usize, seq: usize, device: &Device) -> Self {
+        let (inv_freq, scale) = rotary.frequencies(start + seq);
+        Self::new(&inv_freq, scale, start, seq, device)
+    }
+
+    fn new(inv_freq: &[f32], scale: f32, start: usize, seq: usize, device: &Device) -> Self {
+        let hd = 2 * inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * hd);
+        let mut sin = Vec::with_capacity(seq * hd);
+        for pos in start..start + seq {
+            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos() * scale));
+                sin.extend(angles.iter().map(|a| a.sin() * scale));
+            }
+        }
+        let make = |v: &Vec<f32>| {
+            Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 1, seq, hd]), device)
+        };
+        RopeTables {
+            cos: make(&cos),
+            sin: make(&sin),
+            host_cos: Arc::new(cos),
+            host_sin: Arc::new(sin),
+        }
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`: one fused operation on the
+/// CPU backend, [`composed_rope`] elsewhere. Where the tables are narrower than a head (Phi-3's
+/// `partial_rotary_factor`), only the leading columns rotate and the rest pass through.
+pub fn apply_rope(x: Tensor<4>, rope: &RopeTables) -> Tensor<4> {
+    let [.., hd] = x.dims();
+    let rotated = rope.cos.dims()[3];
+    if rotated < hd {
+        let head = apply_rope(x.clone().narrow(3, 0, rotated), rope);
+        return Tensor::cat(vec![head, x.narrow(3, rotated, hd - rotated)], 3);
+    }
+    peft_core::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin)
+        .unwrap_or_else(|| composed_rope(x, rope))
+}
+
+/// [`apply_rope`] from burn operations (any backend).
+fn composed_rope(x: Tensor<4>, rope: &RopeTables) -> Tensor<4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * rope.cos.clone() + rotated * rope.sin.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused rotary embedding equals the composed formula, value and gradient, on the
+    /// strided `[b, heads, seq, head_dim]` view the layers pass it.
+    #[test]
+    fn fused_rope_matches_the_composed_one() {
+        use burn::tensor::Distribution;
+        let device = Device::flex().autodiff();
+        let (b, s, h, hd) = (2, 5, 3, 8);
+        let rope = RopeTables::new(&default_inv_freq(10000.0, hd), 1.0, 3, s, &device);
+        let x = Tensor::<4>::random([b, s, h, hd], Distribution::Default, &device).require_grad();
+        let r = Tensor::<4>::random([b, h, s, hd], Distribution::Default, &device);
+        let fused = apply_rope(x.clone().swap_dims(1, 2), &rope);
+        let composed = composed_rope(x.clone().swap_dims(1, 2), &rope);
+        let diff: f32 = (fused.clone() - composed.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-6, "values differ by {diff}");
+        let gf = x.grad(&(fused * r.clone()).sum().backward()).unwrap();
+        let gc = x.grad(&(composed * r).sum().backward()).unwrap();
+        let diff: f32 = (gf - gc).abs().max().into_scalar();
+        assert!(diff < 1e-6, "gradients differ by {diff}");
+    }
 
     fn rotary(json: &str) -> Result<Rotary> {
         Rotary::from_config(&serde_json::from_str(json).unwrap(), 64, "config.json")
