@@ -308,6 +308,7 @@ pub fn chat_data(model: &str) -> Vec<peft_train::Tokenized> {
     .map(|(q, a)| peft_train::Example {
         prompt: chat_prompt(q, ""),
         response: a.to_string(),
+        ..Default::default()
     })
     .collect();
     peft_train::tokenize_all(

@@ -160,3 +160,51 @@ fn tokenizer_ids_match_transformers() {
         assert_eq!(tokenizer.decode(&ids).unwrap(), input);
     }
 }
+
+/// Generation stops at any of the model's EOS ids (Llama 3 lists several); the stopping token is
+/// kept, as transformers returns it.
+#[test]
+fn generation_stops_at_any_eos_id() {
+    let device = device();
+    let model = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/llama-tiny.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &json["greedy"][1];
+    let prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+    let full: Vec<u32> = serde_json::from_value(case["new_ids"].clone()).unwrap();
+    let mut options = GenerateOptions::greedy(full.len(), model.spec());
+    // The third token becomes an "EOS" alongside one that never appears.
+    options.eos_token_ids = vec![511, full[2]];
+    let stopped = generate(&model, &[prompt], &options, |_, _| {}).unwrap();
+    let first = full.iter().position(|&t| t == full[2]).unwrap();
+    assert_eq!(stopped[0], full[..=first]);
+}
+
+/// `eos_token_id` as a list in config.json, and generation_config.json's list overriding it,
+/// as transformers' `generate` reads them.
+#[test]
+fn eos_lists_from_config_and_generation_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir("llama-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["eos_token_id"] = serde_json::json!([2, 7]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("generation_config.json"));
+    let model = peft_models::load(dir.path(), &device()).unwrap();
+    assert_eq!(model.spec().eos_token_ids, vec![2, 7]);
+    assert_eq!(model.spec().eos_token_id(), Some(2));
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [9, 2, 11], "pad_token_id": null}"#,
+    )
+    .unwrap();
+    let model = peft_models::load(dir.path(), &device()).unwrap();
+    assert_eq!(model.spec().eos_token_ids, vec![9, 2, 11]);
+}

@@ -67,7 +67,8 @@ fn template_and_label_masking_in_chinese_and_english() {
         text,
         Example {
             prompt: String::new(),
-            response: "plain".into()
+            response: "plain".into(),
+            messages: Vec::new(),
         }
     );
 }
@@ -78,6 +79,7 @@ fn truncation_and_padding() {
     let long = Example {
         prompt: chat_prompt("Tell a long story", ""),
         response: "The quick brown fox jumps over the lazy dog. ".repeat(10),
+        ..Default::default()
     };
     let (t, truncated) = tokenize(&long, &tok, Some(2), 16).unwrap();
     assert!(truncated);
@@ -166,6 +168,7 @@ fn tiny_data() -> Vec<Tokenized> {
     .map(|(q, a)| Example {
         prompt: chat_prompt(q, ""),
         response: a.to_string(),
+        ..Default::default()
     })
     .collect();
     tokenize_all(std::path::Path::new("inline"), &examples, &tok, Some(2), 64).unwrap()
@@ -373,4 +376,65 @@ fn resume_from_checkpoint_is_exact_with_dropout() {
         peft_ptuning::get_peft_model(base, config).unwrap()
     };
     assert_resume_is_exact(&ptuning, &config(6), "p-tuning lstm");
+}
+
+/// A model folder whose `tokenizer_config.json` carries a (ChatML-style) chat template: chat
+/// records are rendered with it, and exactly the assistant turns are learned.
+#[test]
+fn chat_records_use_the_models_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        model_dir("bloom-tiny").join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let template = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}\
+                    {% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template, "eos_token": "</s>"}).to_string(),
+    )
+    .unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert!(tok.chat_template().is_some());
+    let record = parse_record(&serde_json::json!({"messages": [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "Count to two"},
+        {"role": "assistant", "content": "One, two."}
+    ]}))
+    .unwrap();
+    let (t, truncated) = tokenize(&record, &tok, Some(2), 512).unwrap();
+    assert!(!truncated);
+    // The ids spell the rendered conversation …
+    assert_eq!(
+        tok.decode(&t.input_ids).unwrap(),
+        "<|user|>\n你好\n<|assistant|>\n你好！\n<|user|>\nCount to two\n<|assistant|>\nOne, two.\n"
+    );
+    // … and the learned ones are the two answers with their end-of-turn text (`</s>` = id 2).
+    let learned: Vec<Vec<u32>> = t
+        .labels
+        .chunk_by(|a, b| (*a == -100) == (*b == -100))
+        .filter(|run| run[0] != -100)
+        .map(|run| run.iter().map(|&l| l as u32).collect())
+        .collect();
+    assert_eq!(learned.len(), 2);
+    assert_eq!(learned[0], tok.encode_plain("你好！</s>\n").unwrap());
+    assert_eq!(learned[1], tok.encode_plain("One, two.</s>\n").unwrap());
+    assert!(
+        learned.iter().all(|turn| turn.contains(&2)),
+        "EOS is learned"
+    );
+    // Generation is prompted with the template's opening of the last answer.
+    let prompt = record.generation_prompt(&tok).unwrap();
+    assert_eq!(
+        tok.decode(&prompt).unwrap(),
+        "<|user|>\n你好\n<|assistant|>\n你好！\n<|user|>\nCount to two\n<|assistant|>\n"
+    );
+    // Without a template, the seed tutorial's format as before.
+    let plain = tokenize(&record, &tokenizer(), Some(2), 512).unwrap().0;
+    assert_eq!(
+        tokenizer().decode(&plain.input_ids).unwrap(),
+        "Human: 你好\n\nAssistant: 你好！\nHuman: Count to two\n\nAssistant: One, two."
+    );
 }

@@ -104,7 +104,8 @@ pub fn bitfit<M: CausalLm>(model: M, config: BitFitConfig) -> Result<BitFitModel
     if all_biases.is_empty() {
         return Err(PeftError::Unsupported(format!(
             "BitFit needs bias parameters, and this {} model has none; architectures with \
-             biases: bloom (every linear and LayerNorm), qwen2 (q/k/v projections)",
+             biases: bloom (every linear and LayerNorm), qwen2 (q/k/v projections), and llama / \
+             qwen3 / gemma2 checkpoints with `attention_bias` or `mlp_bias` set",
             model.spec().model_type
         )));
     }

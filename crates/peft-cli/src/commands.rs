@@ -202,6 +202,19 @@ fn run_logits(model: &impl CausalLm, args: &LogitsArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--chat`: the prompt as one user message, through the model's chat template with its
+/// generation prompt, or the seed tutorial's `Human: …\n\nAssistant: ` where the model has no
+/// template (the format `peft train` uses for it).
+fn chat_prompt_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(match tokenizer.chat_template() {
+        Some(template) => {
+            let message = peft_models::chat::Message::new("user", text);
+            tokenizer.encode_plain(&template.render(&[message], true)?)?
+        }
+        None => tokenizer.encode(&peft_train::data::chat_prompt(text, ""))?,
+    })
+}
+
 /// `peft generate`.
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let loaded = load_model(&args.model)?;
@@ -211,6 +224,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 fn run_generate(model: &impl CausalLm, args: &GenerateArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.model.model);
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) if args.chat => {
+            let tokenizer = tokenizer.as_ref().map_err(clone_err)?;
+            chat_prompt_ids(tokenizer, text)?
+        }
         (Some(text), _) => tokenizer.as_ref().map_err(clone_err)?.encode(text)?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),

@@ -179,6 +179,10 @@ struct GenerateArgs {
     /// Print one JSON object {"prompt_ids", "new_ids", "text"} instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Send --prompt as a user message through the model's chat template (tokenizer_config.json),
+    /// or the seed tutorial's `Human: …` format where there is none, as `peft train` formats chats.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
 }
 
 #[derive(Args, Debug)]

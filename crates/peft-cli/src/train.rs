@@ -165,7 +165,7 @@ fn exact_match<M: CausalLm>(
 ) -> Result<(usize, usize)> {
     let mut hits = 0;
     for example in eval {
-        let prompt = tokenizer.encode(&example.prompt)?;
+        let prompt = example.generation_prompt(tokenizer)?;
         let want = tokenizer.encode(&example.response)?.len() + 1;
         let options = GenerateOptions::greedy(want, model.spec());
         let new = peft_models::generate(model, &[prompt], &options, |_, _| {})?;

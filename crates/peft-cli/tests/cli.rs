@@ -1078,3 +1078,87 @@ fn train_qlora_briefly(out_dir: &Path, extra: &[&str]) -> Output {
     args.extend_from_slice(extra);
     peft(&args)
 }
+
+/// `--model owner/name[@revision]` is found in a Hugging Face cache folder (`HF_HUB_CACHE`)
+/// with no network: the snapshot's model generates what the folder does; a repo or revision that
+/// is not there is one clear error naming the cache.
+#[test]
+fn model_by_repo_id_from_the_local_hub_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--tiny-org--qwen3-tiny");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(model("qwen3-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let run = |model_arg: &str| {
+        Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args([
+                "generate",
+                "--model",
+                model_arg,
+                "--prompt-ids",
+                "5,6,7",
+                "--max-new-tokens",
+                "4",
+                "--json",
+            ])
+            .env_remove("PEFT_DEVICE")
+            .env("HF_HUB_CACHE", cache.path())
+            .output()
+            .unwrap()
+    };
+    let by_id = run("tiny-org/qwen3-tiny");
+    assert!(
+        by_id.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_id.stderr)
+    );
+    let by_folder = run(model("qwen3-tiny").to_str().unwrap());
+    let ids = |out: &Output| {
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["new_ids"].clone()
+    };
+    assert_eq!(ids(&by_id), ids(&by_folder));
+    assert_eq!(ids(&by_id).as_array().unwrap().len(), 4);
+
+    let missing = run("tiny-org/absent");
+    let cache_name = cache.path().display().to_string();
+    assert_clean_failure(&missing, &cache_name);
+    assert_clean_failure(&missing, "hf download tiny-org/absent");
+    assert_clean_failure(&run("tiny-org/qwen3-tiny@v9"), "revision `v9`");
+}
+
+/// `generate --chat` on a model without a chat template sends the prompt in the seed tutorial's
+/// format: the same ids as typing that format by hand.
+#[test]
+fn generate_chat_formats_the_prompt() {
+    let bloom = model("bloom-tiny");
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            bloom.to_str().unwrap(),
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = peft(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let chat = generate(&["--chat", "--prompt", "你好"]);
+    let by_hand = generate(&["--prompt", "Human: 你好\n\nAssistant: "]);
+    assert_eq!(chat["prompt_ids"], by_hand["prompt_ids"]);
+    assert_eq!(chat["new_ids"], by_hand["new_ids"]);
+    let plain = generate(&["--prompt", "你好"]);
+    assert_ne!(chat["prompt_ids"], plain["prompt_ids"]);
+}

@@ -32,6 +32,7 @@
 //! ```
 
 pub mod bloom;
+pub mod chat;
 pub mod gemma2;
 pub mod generate;
 pub mod hub;

@@ -1,14 +1,19 @@
 //! The model's `tokenizer.json`, through Hugging Face's `tokenizers` crate.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::chat::ChatTemplate;
 
 use peft_core::{PeftError, Result};
 
-/// A Hugging Face fast tokenizer with errors that name its file.
+/// A Hugging Face fast tokenizer with errors that name its file, and the model folder's chat
+/// template when `tokenizer_config.json` has one.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    chat_template: Option<Arc<ChatTemplate>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -20,7 +25,8 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Reads `tokenizer.json` from a model folder (or the file itself).
+    /// Reads `tokenizer.json` from a model folder (or the file itself), and the folder's chat
+    /// template (`tokenizer_config.json`'s `chat_template`) if there is one.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = if dir.is_dir() {
@@ -38,7 +44,33 @@ impl Tokenizer {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Self { inner, path })
+        let chat_template = if dir.is_dir() {
+            ChatTemplate::from_dir(dir)?.map(Arc::new)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner,
+            path,
+            chat_template,
+        })
+    }
+
+    /// The chat template of the model folder, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_deref()
+    }
+
+    /// Token ids of `text` without the post-processor's special tokens (for text that already
+    /// holds them, such as a rendered chat template: `add_special_tokens=False`).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| PeftError::Tokenizer {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds

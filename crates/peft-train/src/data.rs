@@ -11,6 +11,12 @@
 //! Template (the seed tutorial's): `"Human: " + instruction` and the input joined by a newline and
 //! stripped, then `"\n\nAssistant: "`; the response follows and ends with EOS. Labels are -100 on
 //! the prompt, so only the response is learned.
+//!
+//! Chat records on a model whose tokenizer has a chat template (`tokenizer_config.json`) are
+//! rendered with that template instead, and every assistant turn is learned (its content and the
+//! template's end-of-turn text), everything else not — TRL's `SFTTrainer` with
+//! `assistant_only_loss`. Each piece is tokenised on its own, without added special tokens (the
+//! template writes them).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +26,7 @@ use serde_json::Value;
 
 use peft_core::loss::IGNORE_INDEX;
 use peft_models::Tokenizer;
+use peft_models::chat::Message;
 
 /// What went wrong with a data file; every variant names the file and, where there is one, the
 /// line.
@@ -83,12 +90,29 @@ pub enum DataError {
 }
 
 /// One training example: the prompt (not learned) and the response (learned).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Example {
     /// Rendered prompt, e.g. `"Human: …\n\nAssistant: "`; empty for plain text.
     pub prompt: String,
     /// The response, learned token by token (EOS is appended when tokenising).
     pub response: String,
+    /// A chat record's messages (empty otherwise): rendered with the model's chat template
+    /// where it has one, in place of `prompt` / `response`.
+    pub messages: Vec<Message>,
+}
+
+impl Example {
+    /// The ids a model is given to produce [`Example::response`]: the chat template with its
+    /// generation prompt over every message but the last where the tokenizer has a template
+    /// and this is a chat record, else `prompt`.
+    pub fn generation_prompt(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, DataError> {
+        match (tokenizer.chat_template(), self.messages.split_last()) {
+            (Some(template), Some((_, history))) => {
+                Ok(tokenizer.encode_plain(&template.render(history, true)?)?)
+            }
+            _ => Ok(tokenizer.encode(&self.prompt)?),
+        }
+    }
 }
 
 fn field<'a>(
@@ -152,6 +176,10 @@ pub fn parse_record(value: &Value) -> Result<Example, String> {
         return Ok(Example {
             prompt,
             response: response.to_string(),
+            messages: turns
+                .iter()
+                .map(|(role, content)| Message::new(role, content))
+                .collect(),
         });
     }
     if let Some(output) = field(obj, "output")? {
@@ -161,12 +189,14 @@ pub fn parse_record(value: &Value) -> Result<Example, String> {
         return Ok(Example {
             prompt: chat_prompt(instruction, input),
             response: output.to_string(),
+            messages: Vec::new(),
         });
     }
     if let Some(text) = field(obj, "text")? {
         return Ok(Example {
             prompt: String::new(),
             response: text.to_string(),
+            messages: Vec::new(),
         });
     }
     let keys: Vec<&String> = obj.keys().collect();
@@ -262,6 +292,22 @@ pub fn tokenize(
     eos: Option<u32>,
     max_length: usize,
 ) -> Result<(Tokenized, bool), DataError> {
+    if let (Some(template), false) = (tokenizer.chat_template(), example.messages.is_empty()) {
+        let mut input_ids = Vec::new();
+        let mut labels = Vec::new();
+        for (text, learned) in template.assistant_segments(&example.messages)? {
+            let ids = tokenizer.encode_plain(&text)?;
+            labels.extend(
+                ids.iter()
+                    .map(|&t| if learned { t as i64 } else { IGNORE_INDEX }),
+            );
+            input_ids.extend(ids);
+        }
+        let truncated = input_ids.len() > max_length;
+        input_ids.truncate(max_length);
+        labels.truncate(max_length);
+        return Ok((Tokenized { input_ids, labels }, truncated));
+    }
     let prompt = if example.prompt.is_empty() {
         Vec::new()
     } else {
