@@ -17,8 +17,8 @@ ARGS = sys.argv[1:]
 CASE = ARGS[0]
 # `burn-lora-train` is burn's own LoRA on our side; PyTorch's side of it is plain lora-train.
 # `llama-<method>-train` is `<method>-train` on the Llama.
-LLAMA = CASE.startswith("llama-")
-METHOD = {"burn-lora-train": "lora-train"}.get(CASE, CASE.removeprefix("llama-"))
+ARCH = next((a for a in ("llama", "mistral", "qwen3", "gemma2", "phi3") if CASE.startswith(a + "-")), None)
+METHOD = {"burn-lora-train": "lora-train"}.get(CASE, CASE.removeprefix(f"{ARCH}-") if ARCH else CASE)
 # `-gc`: gradient checkpointing (transformers' gradient_checkpointing_enable()).
 CHECKPOINTING = METHOD.endswith("-gc")
 METHOD = METHOD.removesuffix("-gc")
@@ -36,12 +36,24 @@ def base_model():
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
-def llama_model():
-    """A Llama of similar size with grouped-query attention (8 heads, 2 KV heads)."""
-    config = transformers.LlamaConfig(
+ARCH_EXTRA = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": 64}),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 64}),
+    "gemma2": (transformers.Gemma2Config, {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 64}),
+    "phi3": (transformers.Phi3Config, {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                           "partial_rotary_factor": 0.5}}),
+}
+
+
+def arch_model(arch):
+    """A model of the BLOOM case's size with grouped-query attention (8 heads, 2 KV heads) on
+    `arch` (crates/peft-bench builds the same configs)."""
+    cls, extra = ARCH_EXTRA[arch]
+    config = cls(
         vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3, **extra,
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -66,7 +78,7 @@ def peak_rss():
 
 def four_bit_model(tmp, compute_dtype=torch.float32):
     """The base model loaded as transformers does for QLoRA: NF4 + double quant."""
-    (llama_model() if LLAMA else base_model()).save_pretrained(tmp)
+    (arch_model(ARCH) if ARCH else base_model()).save_pretrained(tmp)
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
@@ -132,11 +144,13 @@ def main():
             model = four_bit_model(tmp, dtype)
             model = peft.get_peft_model(model, peft.LoraConfig(r=8))
         else:
-            model = llama_model() if LLAMA else base_model()
+            model = arch_model(ARCH) if ARCH else base_model()
         if METHOD in ("qlora-train", "qlora-train-bf16"):
             pass
         elif METHOD in ("lora-train", "lora-train-bf16"):
-            model = peft.get_peft_model(model, peft.LoraConfig(r=8))
+            # Phi-3 has no PEFT default: its fused attention projection, as crates/peft-bench.
+            targets = ["qkv_proj"] if ARCH == "phi3" else None
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=targets))
         elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
         elif METHOD == "prompt-train":

@@ -457,6 +457,12 @@ fn export_for_python() {
         "lora-bloom-mts",
         "lora-llama",
         "lora-llama-emb",
+        "lora-mistral",
+        "lora-qwen3",
+        "lora-qwen2-tiny-swa",
+        "lora-llama-rope-llama3",
+        "lora-gemma2",
+        "lora-phi3",
     ] {
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
         let lora = from_pretrained(base, adapter_dir(name), true).unwrap();

@@ -438,3 +438,110 @@ fn chat_records_use_the_models_chat_template() {
         "Human: 你好\n\nAssistant: 你好！\nHuman: Count to two\n\nAssistant: One, two."
     );
 }
+
+/// The trainer's real loop against PyTorch (fixtures/make_trainer_fixtures.py) over five steps:
+/// gradient accumulation 2, global-norm clipping that clips every step (norms ~5–9 against
+/// 0.05), warm-up 2 then a linear or cosine schedule, weight decay 0.01 — loss, learning rate and
+/// pre-clipping gradient norm of every step, and the final LoRA tensors. Measured: losses within
+/// 5.3e-7 relative at every step (held to 1e-5); the final tensors within 5e-7–9.5e-7 (held to
+/// 1e-5); the gradient norm within 1.9e-6 over the first three steps (held to 1e-5), then, as
+/// the adapters move apart by f32 rounding, 2.6e-5 and 2.2e-4 at steps 4–5 (held to 1e-3): the
+/// norm of these heavily clipped gradients is far more sensitive to the weights than the loss.
+fn trainer_matches_pytorch(schedule: peft_train::Schedule, file: &str) {
+    use peft_tests::relative_error;
+    let store = TensorStore::open(peft_tests::fixtures().join("reference").join(file)).unwrap();
+    let (ids, shape) = store.i64("input_ids").unwrap();
+    let (labels, _) = store.i64("labels").unwrap();
+    let data: Vec<Tokenized> = ids
+        .chunks(shape[1])
+        .zip(labels.chunks(shape[1]))
+        .map(|(i, l)| Tokenized {
+            input_ids: i.iter().map(|&t| t as u32).collect(),
+            labels: l.to_vec(),
+        })
+        .collect();
+    let settings: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_tests::fixtures().join("reference/trainer-settings.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let number = |k: &str| settings[k].as_f64().unwrap();
+    let config = TrainConfig {
+        learning_rate: number("learning_rate"),
+        max_steps: Some(number("steps") as usize),
+        per_device_train_batch_size: number("per_device_train_batch_size") as usize,
+        gradient_accumulation_steps: number("gradient_accumulation_steps") as usize,
+        warmup_steps: number("warmup_steps") as usize,
+        lr_scheduler_type: schedule,
+        weight_decay: number("weight_decay"),
+        max_grad_norm: Some(number("max_grad_norm")),
+        ..TrainConfig::default()
+    };
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let lora =
+        peft_lora::from_pretrained(base, peft_tests::adapter_dir("lora-bloom"), true).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut steps = Vec::new();
+    let (trained, summary) = train(lora, &data, 3, &config, out.path(), Resume::No, &mut |e| {
+        if let peft_train::Event::Step {
+            loss,
+            lr,
+            grad_norm,
+            ..
+        } = e
+        {
+            steps.push((*loss, *lr, grad_norm.unwrap()));
+        }
+    })
+    .unwrap();
+    let losses = store.f32("loss").unwrap().0;
+    let norms = store.f32("grad_norm").unwrap().0;
+    let name = format!("{schedule:?}").to_lowercase();
+    let lrs: Vec<f64> = settings["learning_rates"][&name]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(summary.steps, losses.len());
+    for (i, (loss, lr, norm)) in steps.iter().enumerate() {
+        assert!(
+            ((loss - losses[i]) / losses[i]).abs() <= 1e-5,
+            "{file} step {i}: loss {loss} vs {}",
+            losses[i]
+        );
+        assert!(
+            (lr - lrs[i]).abs() <= 1e-12,
+            "{file} step {i}: lr {lr} vs {}",
+            lrs[i]
+        );
+        assert!(
+            ((*norm as f32 - norms[i]) / norms[i]).abs() <= if i < 3 { 1e-5 } else { 1e-3 },
+            "{file} step {i}: grad norm {norm} vs {}",
+            norms[i]
+        );
+        assert!(*norm > config.max_grad_norm.unwrap(), "clipping must clip");
+    }
+    let saved = out.path().join("final");
+    trained.save_pretrained(&saved).unwrap();
+    let ours = TensorStore::open(saved.join("adapter_model.safetensors")).unwrap();
+    let mut checked = 0;
+    for key in ours.keys() {
+        let theirs = store.f32(&format!("after.{key}")).unwrap().0;
+        let err = relative_error(&ours.f32(key).unwrap().0, &theirs);
+        assert!(err <= 1e-5, "{file}: {key} relative error {err}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "two layers × (A, B)");
+}
+
+#[test]
+fn trainer_matches_pytorch_linear_schedule() {
+    trainer_matches_pytorch(peft_train::Schedule::Linear, "trainer-linear.safetensors");
+}
+
+#[test]
+fn trainer_matches_pytorch_cosine_schedule() {
+    trainer_matches_pytorch(peft_train::Schedule::Cosine, "trainer-cosine.safetensors");
+}

@@ -59,10 +59,20 @@ fn fixtures(root: &Path, args: &[String]) -> Result<()> {
     let python = flag(args, "--python")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("../pyref/bin/python"));
-    run(Command::new(python)
-        .arg(root.join("fixtures/make_fixtures.py"))
-        .env("PYTHONHASHSEED", "0")
-        .current_dir(root))
+    // In order: the base fixtures (and versions.json), the 4-bit / bf16 ones (which add
+    // bitsandbytes to versions.json), the newer architectures (which reuse the tokenizer).
+    for script in [
+        "make_fixtures.py",
+        "make_quant_fixtures.py",
+        "make_arch_fixtures.py",
+        "make_trainer_fixtures.py",
+    ] {
+        run(Command::new(&python)
+            .arg(root.join("fixtures").join(script))
+            .env("PYTHONHASHSEED", "0")
+            .current_dir(root.join("fixtures")))?;
+    }
+    Ok(())
 }
 
 fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
@@ -125,7 +135,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 28] = [
+const BENCH_CASES: [&str; 32] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
@@ -141,6 +151,10 @@ const BENCH_CASES: [&str; 28] = [
     "llama-prefix-train",
     "llama-prefix-proj-train",
     "llama-qlora-train",
+    "mistral-lora-train",
+    "qwen3-lora-train",
+    "gemma2-lora-train",
+    "phi3-lora-train",
     "ia3-train",
     "bitfit-train",
     "prompt-train",

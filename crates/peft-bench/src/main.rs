@@ -8,7 +8,8 @@
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
 //! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`, `qlora-train` (LoRA r=8 over the
 //! NF4 + double-quant base), `llama-lora-train` (LoRA r=8 on a Llama of similar size with
-//! grouped-query attention: hidden 512, 4 layers, 8 heads / 2 KV heads), `lora-train-bf16` and
+//! grouped-query attention: hidden 512, 4 layers, 8 heads / 2 KV heads; `mistral-`, `qwen3-`,
+//! `gemma2-` and `phi3-lora-train` the same on those architectures), `lora-train-bf16` and
 //! `qlora-train-bf16` (the same with bf16 compute in the linear layers), `quantize-nf4` (a
 //! 4096 × 4096 f32 matrix, NF4 + double quant).
 //! Training cases also report `step_peak_rss_bytes`: the peak resident memory from just before
@@ -43,26 +44,45 @@ fn bloom_config() -> HfConfig {
     )
 }
 
-/// A Llama of similar size with grouped-query attention (8 heads, 2 KV heads), untied lm_head.
-fn llama_config() -> HfConfig {
-    HfConfig::Llama(
-        serde_json::from_value(serde_json::json!({
-            "model_type": "llama", "vocab_size": 8000, "hidden_size": 512,
-            "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": false,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3
-        }))
-        .map(|c: peft_models::LlamaConfig| c)
-        .expect("static config"),
-    )
+/// The architectures with a `<arch>-<method>-train` case: a model of the BLOOM case's size
+/// with grouped-query attention (8 heads, 2 KV heads), untied lm_head, and what makes each
+/// architecture itself (bench/bench_pytorch.py builds the same configs).
+const ARCH_PREFIXES: [&str; 5] = ["llama-", "mistral-", "qwen3-", "gemma2-", "phi3-"];
+
+/// The config of architecture `arch` (`llama`, `mistral`, `qwen3`, `gemma2`, `phi3`).
+fn arch_config(arch: &str) -> HfConfig {
+    let mut config = serde_json::json!({
+        "model_type": arch, "vocab_size": 8000, "hidden_size": 512,
+        "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": false,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3
+    });
+    let extra = match arch {
+        // A window shorter than the sequence, so that it shapes the masks.
+        "mistral" => serde_json::json!({"sliding_window": 64}),
+        "qwen3" => serde_json::json!({"head_dim": 64}),
+        "gemma2" => serde_json::json!({"head_dim": 64, "query_pre_attn_scalar": 64,
+            "sliding_window": 64}),
+        "phi3" => serde_json::json!({"partial_rotary_factor": 0.5}),
+        _ => serde_json::json!({}),
+    };
+    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    peft_models::config_from_value(config, std::path::Path::new("<bench config>"))
+        .expect("static config")
 }
 
 fn base_model(device: &Device) -> AnyModel<NoAdapter> {
     base_model_with(device, &peft_models::LoadOptions::default())
 }
 
-fn llama_model(device: &Device, options: &peft_models::LoadOptions) -> AnyModel<NoAdapter> {
-    let config = llama_config();
+fn arch_model(
+    arch: &str,
+    device: &Device,
+    options: &peft_models::LoadOptions,
+) -> AnyModel<NoAdapter> {
+    let config = arch_config(arch);
     let store = peft_models::random_checkpoint(&config, 0).expect("random checkpoint");
     peft_models::load_from_with(&config, &store, device, options).expect("model")
 }
@@ -303,10 +323,13 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             (times, flops, None)
         }
         train_case if train_case.contains("-train") => {
-            // `llama-<method>-train` runs `<method>-train` on the Llama of similar size;
-            // `<method>-train-gc` with burn's gradient checkpointing (`--gradient-checkpointing`).
-            let llama = case.starts_with("llama-");
-            let method = case.strip_prefix("llama-").unwrap_or(case);
+            // `<arch>-<method>-train` runs `<method>-train` on that architecture at a similar
+            // size; `<method>-train-gc` with burn's gradient checkpointing.
+            let arch = ARCH_PREFIXES
+                .iter()
+                .find(|p| case.starts_with(*p))
+                .map(|p| p.trim_end_matches('-'));
+            let method = arch.map_or(case, |a| &case[a.len() + 1..]);
             let checkpointing = method.ends_with("-gc");
             let method = method.strip_suffix("-gc").unwrap_or(method);
             let device = if checkpointing {
@@ -326,10 +349,9 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                     peft_core::ComputeDtype::F32
                 },
             };
-            let base = if llama {
-                llama_model(&device, &options)
-            } else {
-                base_model_with(&device, &options)
+            let base = match arch {
+                Some(arch) => arch_model(arch, &device, &options),
+                None => base_model_with(&device, &options),
             };
             extra.insert(
                 "compute_dtype".into(),
@@ -362,10 +384,15 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 }};
             }
             match method {
-                "lora-train" | "qlora-train" | "lora-train-bf16" | "qlora-train-bf16" => train!(
-                    peft_lora::get_peft_model(base, peft_lora::LoraConfig::default())
-                        .map_err(|e| e.to_string())?
-                ),
+                "lora-train" | "qlora-train" | "lora-train-bf16" | "qlora-train-bf16" => {
+                    // Phi-3 has no PEFT default: its fused attention projection.
+                    let config = peft_lora::LoraConfig {
+                        target_modules: (arch == Some("phi3"))
+                            .then(|| peft_core::TargetModules::List(vec!["qkv_proj".into()])),
+                        ..peft_lora::LoraConfig::default()
+                    };
+                    train!(peft_lora::get_peft_model(base, config).map_err(|e| e.to_string())?)
+                }
                 "ia3-train" => train!(
                     peft_ia3::get_peft_model(base, peft_ia3::Ia3Config::default())
                         .map_err(|e| e.to_string())?

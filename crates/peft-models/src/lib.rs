@@ -126,6 +126,12 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
             obj.insert("eos_token_id".into(), eos.clone());
         }
     }
+    config_from_value(value, &path)
+}
+
+/// Parses a `config.json` already read as JSON (`path` names it in errors), dispatching on
+/// `model_type` through [`ARCHITECTURES`].
+pub fn config_from_value(value: serde_json::Value, path: &Path) -> Result<HfConfig> {
     let model_type = value
         .get("model_type")
         .and_then(|v| v.as_str())
@@ -139,7 +145,7 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
     let config = match family {
         Some(Family::Bloom) => {
             let c: BloomConfig =
-                serde_json::from_value(value).map_err(|e| PeftError::json(&path, e))?;
+                serde_json::from_value(value).map_err(|e| PeftError::json(path, e))?;
             c.validate(&context)?;
             HfConfig::Bloom(c)
         }
@@ -148,7 +154,7 @@ pub fn read_config(dir: impl AsRef<Path>) -> Result<HfConfig> {
         Some(Family::Phi3) => HfConfig::Phi3(Phi3Config::from_value(&value, &context)?),
         None => {
             return Err(PeftError::UnsupportedModel {
-                path,
+                path: path.to_path_buf(),
                 model_type,
                 supported: SUPPORTED_MODEL_TYPES.join(", "),
             });

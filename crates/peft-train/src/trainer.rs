@@ -188,6 +188,9 @@ pub enum Event {
         loss: f32,
         /// Learning rate used.
         lr: f64,
+        /// Global L2 norm of the accumulated gradients before clipping (HF Trainer's
+        /// `grad_norm`); `None` when clipping is off.
+        grad_norm: Option<f64>,
         /// Real tokens per second over the step.
         tokens_per_s: f64,
     },
@@ -300,13 +303,13 @@ pub fn evaluate<M: CausalLm>(
     })
 }
 
-/// Global L2 norm of the gradients of `params`, and the gradients scaled down to `max_norm` when
-/// above it (PyTorch's `clip_grad_norm_`).
+/// The gradients scaled down to `max_norm` when their global L2 norm is above it (PyTorch's
+/// `clip_grad_norm_`), and that norm before clipping.
 fn clip_global_norm(
     mut grads: GradientsParams,
     params: &[peft_core::params::NamedParam],
     max_norm: f64,
-) -> GradientsParams {
+) -> (GradientsParams, f64) {
     let mut sum = 0f64;
     for p in params {
         let sq = match p.shape.len() {
@@ -339,7 +342,7 @@ fn clip_global_norm(
             }
         }
     }
-    grads
+    (grads, norm)
 }
 
 /// The checkpoint folders of `output_dir`, oldest first.
@@ -533,8 +536,11 @@ pub fn train<A: AdapterModel>(
             });
         }
         let mut grads = accumulated.expect("at least one micro-batch");
+        let mut grad_norm = None;
         if let Some(max_norm) = config.max_grad_norm {
-            grads = clip_global_norm(grads, &params, max_norm);
+            let (clipped, norm) = clip_global_norm(grads, &params, max_norm);
+            grads = clipped;
+            grad_norm = Some(norm);
         }
         let lr = config.lr_at(state.global_step, total);
         let model = optim.step(lr, adapter.model().clone(), grads);
@@ -552,7 +558,7 @@ pub fn train<A: AdapterModel>(
             || state.global_step == total
         {
             let line = serde_json::json!({
-                "step": state.global_step, "loss": loss, "learning_rate": lr,
+                "step": state.global_step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
                 "epoch": micro_index as f64 / micro_per_epoch as f64, "tokens_per_s": tokens_per_s,
             });
             append_line(&metrics_path, &line.to_string())?;
@@ -562,6 +568,7 @@ pub fn train<A: AdapterModel>(
             total,
             loss,
             lr,
+            grad_norm,
             tokens_per_s,
         });
         let save_now = config
