@@ -94,6 +94,11 @@ fn qwen3_random_init_adapter() {
 }
 
 #[test]
+fn qwen2_sliding_window_random_init_adapter() {
+    peft_adapter_matches("prompt-qwen2-tiny-swa");
+}
+
+#[test]
 fn gemma2_random_init_adapter() {
     peft_adapter_matches("prompt-gemma2");
 }
