@@ -44,17 +44,26 @@ fn compare<M: CausalLm>(model: &M, bf16_reference: &str, f32_reference: &str) ->
     (ours_vs_theirs, bf16_vs_f32)
 }
 
-fn assert_close(model: &impl CausalLm, bf16_reference: &str, f32_reference: &str) {
+/// Our bf16 logits within `tolerance` of PyTorch's on the CPU backend (the tolerances are a few
+/// times what docs/PRECISION.md measures, far below how much bf16 moves the logits, which is
+/// checked too: a missing or misplaced rounding fails). GPU backends multiply bf16 with their
+/// own accumulation order and are held to a quarter of bf16's own effect.
+fn assert_close(
+    model: &impl CausalLm,
+    bf16_reference: &str,
+    f32_reference: &str,
+    tolerance: f32,
+) {
     let (ours, effect) = compare(model, bf16_reference, f32_reference);
-    // bf16 keeps 8 bits of mantissa: the f32 → bf16 change is ~1e-2 on these logits; two bf16
-    // GEMMs that accumulate in a different order may round a few products differently.
     assert!(
-        effect > 5e-3,
+        effect > 5e-2,
         "{bf16_reference}: bf16 changed the logits by only {effect}"
     );
+    let cpu = peft_core::packed_op::supports_packed_matmul(&model.device());
+    let limit = if cpu { tolerance } else { effect / 4.0 };
     assert!(
-        ours < effect / 4.0,
-        "{bf16_reference}: ours vs PyTorch {ours}, bf16 vs f32 {effect}"
+        ours <= limit,
+        "{bf16_reference}: ours vs PyTorch {ours} (limit {limit}), bf16 vs f32 {effect}"
     );
 }
 
@@ -63,7 +72,8 @@ fn four_bit_models_in_bf16_match_bitsandbytes() {
     let Some(device) = bf16_device() else { return };
     for name in ["bloom-tiny-nf4", "llama-tiny-fp4"] {
         let model = load_with(model_dir(name), &device, &BF16).unwrap();
-        assert_close(&model, &format!("{name}-bf16"), name);
+        // Measured 1.2e-5 (NF4 BLOOM) and 2.4e-6 (FP4 Llama).
+        assert_close(&model, &format!("{name}-bf16"), name, 1e-4);
     }
 }
 
@@ -72,7 +82,9 @@ fn qlora_adapter_in_bf16_matches_peft() {
     let Some(device) = bf16_device() else { return };
     let base = load_with(model_dir("bloom-tiny-nf4"), &device, &BF16).unwrap();
     let qlora = from_pretrained(base, adapter_dir("qlora-bloom"), true).unwrap();
-    assert_close(&qlora.model, "qlora-bloom-bf16", "qlora-bloom");
+    // Measured 6.9e-3 (docs/PRECISION.md: this reference is not reproducible to better than
+    // that — regenerating it here moved it by as much — while bf16 itself moves it by 0.17).
+    assert_close(&qlora.model, "qlora-bloom-bf16", "qlora-bloom", 1e-2);
 }
 
 #[test]
@@ -80,7 +92,9 @@ fn dense_lora_in_bf16_matches_pytorch_and_keeps_bf16_weights() {
     let Some(device) = bf16_device() else { return };
     let base = load_with(model_dir("bloom-tiny"), &device, &BF16).unwrap();
     let lora = from_pretrained(base, adapter_dir("lora-bloom"), true).unwrap();
-    assert_close(&lora.model, "lora-bloom-bf16", "lora-bloom");
+    // Measured 5.4e-4: PyTorch's contiguous-weight bf16 `F.linear` accumulates in another order
+    // than bitsandbytes and we do (docs/PRECISION.md); bf16 itself moves these logits by 0.14.
+    assert_close(&lora.model, "lora-bloom-bf16", "lora-bloom", 2e-3);
 
     // The frozen base weights are held in bf16 (two bytes each: on the CPU backend as packed
     // bf16 behind the packed-weight product); the adapter stays f32.
@@ -129,7 +143,8 @@ fn dense_lora_in_bf16_matches_pytorch_and_keeps_bf16_weights() {
     );
     // f32 reassociation (x·(W + s·BA) vs x·W + s·x·BA) flips a few bf16 roundings in the layers
     // after: far below the 0.14 that bf16 itself moves these logits, far above f32 noise.
-    assert!(diff < 0.05, "merged vs unmerged: {diff}");
+    // Measured 0: merging widens the targeted layers exactly.
+    assert!(diff <= 1e-5, "merged vs unmerged: {diff}");
 }
 
 /// `save_pretrained` writes layers still packed (bf16 or 4-bit, no adapter merged into them)
@@ -170,8 +185,24 @@ fn saving_a_partly_merged_model_keeps_the_packed_layers() {
             &reference,
         );
         let diff = max_diff_masked(&a, &b, &reference.attention_mask, reference.vocab);
-        // bf16 rounding of the unmerged layers' weights is all that separates them.
-        assert!(diff < 0.5, "{name}: {diff}");
+        if name == "bloom-tiny" {
+            // The unmerged layers were held in bf16: the file has exactly their bf16 values
+            // (what separates the two logits, by 0.24, is that rounding of the weights).
+            let original = peft_core::TensorStore::open_model_dir(model_dir(name))
+                .unwrap()
+                .f32("transformer.h.1.mlp.dense_4h_to_h.weight")
+                .unwrap()
+                .0;
+            let rounded: Vec<f32> = original
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            assert_eq!(dense.0, rounded, "{name}: saved weights are the bf16 ones");
+            assert!(diff > 1e-3, "{name}: bf16 weights should move the logits");
+        } else {
+            // A 4-bit base is saved de-quantised, which is what both models compute with.
+            assert!(diff <= 1e-5, "{name}: {diff}");
+        }
     }
 }
 
