@@ -238,10 +238,18 @@ pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
         in_file,
         "every gradient PyTorch recorded is checked"
     );
+    // Frozen parameters of any rank (biases and norms are 1-D, weights 2-D).
+    let has_grad = |p: &peft_core::params::NamedParam| match p.shape.len() {
+        1 => grads.get::<1>(p.id).is_some(),
+        2 => grads.get::<2>(p.id).is_some(),
+        3 => grads.get::<3>(p.id).is_some(),
+        4 => grads.get::<4>(p.id).is_some(),
+        rank => panic!("{}: unexpected rank {rank}", p.name),
+    };
     let frozen = params
         .iter()
-        .filter(|p| file_key(&p.name).is_none() && p.shape.len() == 2)
-        .find(|p| grads.get::<2>(p.id).is_some());
+        .filter(|p| file_key(&p.name).is_none())
+        .find(|p| has_grad(p));
     assert!(
         frozen.is_none(),
         "frozen {:?} received a gradient",

@@ -48,12 +48,7 @@ fn compare<M: CausalLm>(model: &M, bf16_reference: &str, f32_reference: &str) ->
 /// times what docs/PRECISION.md measures, far below how much bf16 moves the logits, which is
 /// checked too: a missing or misplaced rounding fails). GPU backends multiply bf16 with their
 /// own accumulation order and are held to a quarter of bf16's own effect.
-fn assert_close(
-    model: &impl CausalLm,
-    bf16_reference: &str,
-    f32_reference: &str,
-    tolerance: f32,
-) {
+fn assert_close(model: &impl CausalLm, bf16_reference: &str, f32_reference: &str, tolerance: f32) {
     let (ours, effect) = compare(model, bf16_reference, f32_reference);
     assert!(
         effect > 5e-2,
