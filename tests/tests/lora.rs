@@ -477,3 +477,52 @@ fn export_for_python() {
         .unwrap();
     }
 }
+
+/// Greedy generation with an adapter on a left-padded batch of three prompts, KV cache on, one
+/// row stopping early at EOS — PEFT's `generate` (fixtures/make_generation_fixtures.py) for LoRA
+/// and IA3 on BLOOM, Llama (GQA) and Mistral (sliding window).
+fn batch_generation_matches_peft(name: &str) {
+    let device = device();
+    let json = reference_json(&format!("generate-{name}"));
+    let base = peft_models::load(model_dir(json["base"].as_str().unwrap()), &device).unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(json["prompt_ids"].clone()).unwrap();
+    let expected: Vec<Vec<u32>> = serde_json::from_value(json["new_ids"].clone()).unwrap();
+    let eos = json["eos_token_id"].as_u64().unwrap() as u32;
+    let max_new = json["max_new_tokens"].as_u64().unwrap() as usize;
+    let options = peft_models::GenerateOptions {
+        max_new_tokens: max_new,
+        decoding: peft_models::Decoding::Greedy,
+        eos_token_ids: vec![eos],
+        // The fixtures' `<pad>`, as passed to PEFT's `generate`.
+        pad_token_id: 3,
+    };
+    let got = if name.starts_with("ia3") {
+        let ia3 = peft_ia3::from_pretrained(base, adapter_dir(name), false).unwrap();
+        peft_models::generate(&ia3.model, &prompts, &options, |_, _| {}).unwrap()
+    } else {
+        let lora = from_pretrained(base, adapter_dir(name), false).unwrap();
+        peft_models::generate(&lora.model, &prompts, &options, |_, _| {}).unwrap()
+    };
+    assert_eq!(got, expected, "{name}");
+    assert!(expected[0].len() < max_new && expected[0].last() == Some(&eos));
+}
+
+#[test]
+fn batch_generation_with_lora_on_bloom() {
+    batch_generation_matches_peft("lora-bloom");
+}
+
+#[test]
+fn batch_generation_with_lora_on_llama() {
+    batch_generation_matches_peft("lora-llama");
+}
+
+#[test]
+fn batch_generation_with_ia3_on_llama() {
+    batch_generation_matches_peft("ia3-llama");
+}
+
+#[test]
+fn batch_generation_with_lora_on_mistral() {
+    batch_generation_matches_peft("lora-mistral");
+}

@@ -66,6 +66,7 @@ fn fixtures(root: &Path, args: &[String]) -> Result<()> {
         "make_quant_fixtures.py",
         "make_arch_fixtures.py",
         "make_trainer_fixtures.py",
+        "make_generation_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))

@@ -252,11 +252,27 @@ fn adapter(name: &str) -> PathBuf {
 
 /// Max |Δ| over real positions between the logits in `out_path` and a reference file.
 fn logits_diff(out_path: &Path, reference: &Path) -> f32 {
+    logits_diff_virtual(out_path, reference, 0)
+}
+
+/// [`logits_diff`] for logits with `n_virtual` leading virtual positions per row (prompt
+/// tuning, P-tuning: PEFT returns them, and they count as real), every row and position checked.
+fn logits_diff_virtual(out_path: &Path, reference: &Path, n_virtual: usize) -> f32 {
     let ours = TensorStore::open(out_path).unwrap();
     let theirs = TensorStore::open(reference).unwrap();
     let (a, shape) = ours.f32("logits").unwrap();
-    let (b, _) = theirs.f32("logits").unwrap();
-    let (mask, _) = theirs.i64("attention_mask").unwrap();
+    let (b, reference_shape) = theirs.f32("logits").unwrap();
+    assert_eq!(shape, reference_shape, "logits shape");
+    let (input_mask, input_shape) = theirs.i64("attention_mask").unwrap();
+    assert_eq!(
+        shape[1],
+        input_shape[1] + n_virtual,
+        "virtual positions first"
+    );
+    let mask: Vec<i64> = input_mask
+        .chunks(input_shape[1])
+        .flat_map(|row| std::iter::repeat_n(1, n_virtual).chain(row.iter().copied()))
+        .collect();
     let vocab = shape[2];
     let mut worst = 0f32;
     for (pos, m) in mask.iter().enumerate() {
@@ -559,24 +575,36 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
         12
     );
 
-    // The trained adapter runs through --adapter like any PEFT folder.
+    // The trained adapter runs through --adapter like any PEFT folder, and generates exactly
+    // what the merged checkpoint written beside it generates (two independent paths: the
+    // adapter computed beside the base, and the weights with the update folded in), which is
+    // not what the base model generates.
     let bundled = out_dir.join("bundled/model");
-    let out = peft(&[
-        "generate",
-        "--model",
-        bundled.to_str().unwrap(),
-        "--adapter",
-        out_dir.join("adapter").to_str().unwrap(),
-        "--prompt",
-        "Human: 你好\n\nAssistant: ",
-        "--max-new-tokens",
-        "4",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let greedy = |model_dir: &Path, adapter_dir: Option<&Path>| {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model_dir.display().to_string(),
+            "--prompt".into(),
+            "Human: 你好\n\nAssistant: ".into(),
+            "--max-new-tokens".into(),
+            "8".into(),
+            "--json".into(),
+        ];
+        if let Some(a) = adapter_dir {
+            args.extend(["--adapter".into(), a.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = peft(&args);
+        ok(&out);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["new_ids"].clone()
+    };
+    let with_adapter = greedy(&bundled, Some(&out_dir.join("adapter")));
+    assert_eq!(with_adapter, greedy(&out_dir.join("merged"), None));
+    assert_ne!(
+        with_adapter,
+        greedy(&bundled, None),
+        "the adapter changes the answer"
     );
 
     // Bad data: one clear line naming the file and line.
@@ -697,19 +725,9 @@ fn prompt_tuning_adapters_run_and_train() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // PEFT's shape: the 5 virtual positions come first.
-    let (logits, shape) = TensorStore::open(&out_path).unwrap().f32("logits").unwrap();
-    assert_eq!(shape, vec![3, 20, 512]);
-    let (expected, _) = TensorStore::open(&reference)
-        .unwrap()
-        .f32("logits")
-        .unwrap();
-    // Row 0 has no padding: every position is real.
-    let worst = logits[..20 * 512]
-        .iter()
-        .zip(&expected[..20 * 512])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    // PEFT's shape: the 5 virtual positions come first; every real position of every row
+    // (the padded ones included) matches PEFT.
+    let worst = logits_diff_virtual(&out_path, &reference, 5);
     assert!(worst <= 1e-4, "max |Δ| = {worst}");
 
     let out = peft(&[
@@ -796,8 +814,9 @@ fn ptuning_adapters_run_and_train() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (_, shape) = TensorStore::open(&out_path).unwrap().f32("logits").unwrap();
-    assert_eq!(shape, vec![3, 19, 512], "4 virtual positions first");
+    // 4 virtual positions first, then PEFT's logits on every real position.
+    let worst = logits_diff_virtual(&out_path, &reference, 4);
+    assert!(worst <= 1e-4, "max |Δ| = {worst}");
     let run = dir.path().join("run");
     let out = peft(&[
         "train",
