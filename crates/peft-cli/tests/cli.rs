@@ -1181,3 +1181,99 @@ fn generate_chat_formats_the_prompt() {
     let plain = generate(&["--prompt", "你好"]);
     assert_ne!(chat["prompt_ids"], plain["prompt_ids"]);
 }
+
+/// `peft merge` beyond LoRA: IA3 (PEFT's logits from the merged checkpoint), a 4-bit base
+/// (QLoRA: written dense, without `quantization_config`, with PEFT's logits), a trained BitFit
+/// folder (the merged checkpoint computes what the adapter computes), and the prompt-learning
+/// refusal.
+#[test]
+fn merge_command_covers_every_mergeable_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let merge = |base: &Path, adapter_dir: &Path, out: &Path| {
+        peft(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter_dir.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+    };
+    let logits_of = |model_dir: &Path, extra: &[&str], reference: &Path, name: &str| {
+        let out_path = dir.path().join(format!("{name}.safetensors"));
+        ok(&logits_to(model_dir, extra, reference, &out_path));
+        out_path
+    };
+    for (base, name) in [
+        ("bloom-tiny", "ia3-bloom"),
+        ("bloom-tiny-nf4", "qlora-bloom"),
+    ] {
+        let merged = dir.path().join(format!("{name}-merged"));
+        ok(&merge(&model(base), &adapter(name), &merged));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+                .unwrap();
+        assert!(config.get("quantization_config").is_none(), "{name}");
+        let reference = fixtures().join(format!("reference/{name}.safetensors"));
+        let out = logits_of(&merged, &[], &reference, name);
+        let diff = logits_diff(&out, &reference);
+        assert!(diff <= 1e-4, "{name}: merged checkpoint max |Δ| = {diff}");
+    }
+
+    let bitfit = dir.path().join("bitfit");
+    ok(&peft(&[
+        "train",
+        "--method",
+        "bitfit",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--data",
+        fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
+        "--output",
+        bitfit.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--no-exact-match",
+    ]));
+    let merged = dir.path().join("bitfit-merged");
+    ok(&merge(
+        &model("bloom-tiny"),
+        &bitfit.join("adapter"),
+        &merged,
+    ));
+    let reference = fixtures().join("reference/bloom-tiny.safetensors");
+    let with_adapter = logits_of(
+        &model("bloom-tiny"),
+        &["--adapter", bitfit.join("adapter").to_str().unwrap()],
+        &reference,
+        "bitfit-adapter",
+    );
+    let from_merged = logits_of(&merged, &[], &reference, "bitfit-merged");
+    // Every position (the batch's padded ones are finite either way).
+    let values = |p: &Path| TensorStore::open(p).unwrap().f32("logits").unwrap().0;
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let merged_values = values(&from_merged);
+    let diff = max_diff(&merged_values, &values(&with_adapter));
+    assert!(diff <= 1e-5, "bitfit: merged vs adapter max |Δ| = {diff}");
+    assert!(
+        logits_diff(&from_merged, &reference) > 1e-3,
+        "two BitFit steps should move the logits"
+    );
+
+    let refused = merge(
+        &model("bloom-tiny"),
+        &adapter("prompt-bloom-random"),
+        &dir.path().join("prompt-merged"),
+    );
+    assert_clean_failure(&refused, "no weights to merge");
+    assert!(
+        !dir.path().join("prompt-merged").exists(),
+        "nothing half-written"
+    );
+}
