@@ -195,6 +195,11 @@ lora_suite!(qwen2_sliding_window, "lora-qwen2-tiny-swa");
 lora_suite!(llama3_rope_scaling, "lora-llama-rope-llama3");
 lora_suite!(gemma2_softcapping, "lora-gemma2");
 lora_suite!(phi3_fused_projections, "lora-phi3");
+// LoRA settings beyond the defaults (fixtures/make_lora_variant_fixtures.py).
+lora_suite!(bloom_bias_all, "lora-bloom-bias-all");
+lora_suite!(bloom_bias_lora_only, "lora-bloom-bias-lora-only");
+lora_suite!(bloom_gaussian_init, "lora-bloom-gaussian");
+lora_suite!(llama_layers_to_transform_and_exclude, "lora-llama-layers");
 
 #[test]
 fn trainable_line_is_peft_formatted() {
@@ -463,6 +468,9 @@ fn export_for_python() {
         "lora-llama-rope-llama3",
         "lora-gemma2",
         "lora-phi3",
+        "lora-bloom-bias-all",
+        "lora-bloom-bias-lora-only",
+        "lora-llama-layers",
     ] {
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
         let lora = from_pretrained(base, adapter_dir(name), true).unwrap();

@@ -67,6 +67,7 @@ fn fixtures(root: &Path, args: &[String]) -> Result<()> {
         "make_arch_fixtures.py",
         "make_trainer_fixtures.py",
         "make_generation_fixtures.py",
+        "make_lora_variant_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))

@@ -205,12 +205,20 @@ pub fn from_pretrained<B: LoraBase>(
             })
         },
         // PEFT saves the base table of a LoRA-targeted embedding beside the pair (its
-        // `save_embedding_layers="auto"`), as `<path>.base_layer.weight`.
-        |name| match name.strip_suffix(".base_layer.weight") {
-            Some(module) if embedding_targets.iter().any(|t| t == module) => {
-                format!("{module}.weight")
+        // `save_embedding_layers="auto"`), as `<path>.base_layer.weight`, and the trained bias of
+        // a LoRA-targeted layer (`bias="all"` / `"lora_only"`) as `<path>.base_layer.bias`.
+        |name| {
+            if let Some(module) = name.strip_suffix(".base_layer.weight")
+                && embedding_targets.iter().any(|t| t == module)
+            {
+                return format!("{module}.weight");
             }
-            _ => name.to_string(),
+            if let Some(module) = name.strip_suffix(".base_layer.bias")
+                && targeted.iter().any(|t| t == module)
+            {
+                return format!("{module}.bias");
+            }
+            name.to_string()
         },
     )?;
     lora.model = model;
@@ -255,7 +263,14 @@ impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
                 let (_, b_key) = peft_keys(module, is_embedding(module));
                 out.insert(b_key, transpose_host(&value));
             } else if self.saved_params.contains(&name) {
-                out.insert(format!("{KEY_PREFIX}{name}"), value);
+                // A targeted layer's bias lives under PEFT's wrapper: `<path>.base_layer.bias`.
+                let key = match name.strip_suffix(".bias") {
+                    Some(module) if self.targeted.iter().any(|t| t == module) => {
+                        format!("{KEY_PREFIX}{module}.base_layer.bias")
+                    }
+                    _ => format!("{KEY_PREFIX}{name}"),
+                };
+                out.insert(key, value);
             } else if let Some(module) = name.strip_suffix(".weight")
                 && is_embedding(module)
             {
