@@ -138,6 +138,8 @@ parity_suite!(llama_gqa, "llama-tiny");
 parity_suite!(qwen2_bf16, "qwen2-tiny");
 parity_suite!(qwen2_sliding_window, "qwen2-tiny-swa");
 parity_suite!(qwen3, "qwen3-tiny");
+parity_suite!(qwen3_f16_checkpoint, "qwen3-tiny-f16");
+parity_suite!(mistral_bf16_checkpoint, "mistral-tiny-bf16");
 parity_suite!(mistral, "mistral-tiny");
 parity_suite!(gemma2, "gemma2-tiny");
 parity_suite!(phi3_partial_rotary, "phi3-tiny");
