@@ -242,7 +242,7 @@ fn unsupported_model_type_is_named() {
     let out = peft(&["inspect", "--model", dir.path().to_str().unwrap()]);
     assert_clean_failure(
         &out,
-        "unsupported model_type `gpt2` (supported: bloom, llama, qwen2)",
+        "unsupported model_type `gpt2` (supported: bloom, gemma2, llama, mistral, phi3, qwen2, qwen3)",
     );
 }
 

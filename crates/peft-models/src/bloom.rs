@@ -452,11 +452,8 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            let table = self.transformer.word_embeddings.base.weight.val().detach();
-            self.lm_head = Some(AdaptableLinear::plain(burn::nn::Linear {
-                weight: burn::module::Param::from_tensor(table.transpose()).set_require_grad(false),
-                bias: None,
-            }));
+            let table = &self.transformer.word_embeddings.base.weight;
+            self.lm_head = Some(crate::layers::untied_head(table));
             self.spec.tie_word_embeddings = false;
         }
         self

@@ -33,8 +33,8 @@ use peft_core::{
 };
 
 use crate::layers::{
-    WeightLoader, attend_softcapped, attention_allowed, check_input, extend_cache, full_mask,
-    gelu_tanh, layer_masks, tied_logits,
+    WeightLoader, attend_softcapped, check_input, decoder_pass, extend_cache, gelu_tanh,
+    output_logits, untied_head,
 };
 use crate::rope::{RopeTables, Rotary, apply_rope};
 
@@ -447,44 +447,23 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
         self.model.embed_tokens.forward(ids) * scale
     }
 
-    fn forward(&self, input: ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         check_input(&input.input_ids, &input.attention_mask)?;
-        let mut x = self.embed_tokens(input.input_ids);
-        let n_virtual = match input.virtual_tokens {
-            Some(v) => {
-                let n = v.dims()[1];
-                x = Tensor::cat(vec![v, x], 1);
-                n
-            }
-            None => 0,
-        };
-        let q_len = x.dims()[1];
-        let past = cache.as_ref().map_or(0, |c| c.past_len());
-        let mask = full_mask(
-            cache.as_ref().and_then(|c| c.mask.as_ref()),
-            n_virtual,
+        let x = decoder_pass(
+            self.embed_tokens(input.input_ids),
+            input.virtual_tokens,
             &input.attention_mask,
+            cache,
+            &self.windows,
+            &self.rotary,
+            |i, x, rope, allowed, slot| self.model.layers[i].forward(x, self, rope, allowed, slot),
         );
-        let masks = layer_masks(&attention_allowed(&mask, q_len), &self.windows);
-        let rope = RopeTables::for_pass(&self.rotary, past, q_len, &x.device());
-        if let Some(c) = cache.as_deref_mut()
-            && c.layers.len() != self.model.layers.len()
-        {
-            c.layers.resize(self.model.layers.len(), None);
-        }
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, self, &rope, &masks[i], slot);
-        }
-        if let Some(c) = cache {
-            c.mask = Some(mask);
-        }
         let x = self.model.norm.forward(x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => tied_logits(x, self.model.embed_tokens.base.weight.val()),
-        };
-        Ok(softcap(logits, self.final_softcap))
+        let table = &self.model.embed_tokens.base.weight;
+        Ok(softcap(
+            output_logits(x, self.lm_head.as_ref(), table),
+            self.final_softcap,
+        ))
     }
 
     fn map_layers<B: LayerAdapter>(
@@ -539,11 +518,7 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            let table = self.model.embed_tokens.base.weight.val().detach();
-            self.lm_head = Some(AdaptableLinear::plain(burn::nn::Linear {
-                weight: Param::from_tensor(table.transpose()).set_require_grad(false),
-                bias: None,
-            }));
+            self.lm_head = Some(untied_head(&self.model.embed_tokens.base.weight));
             self.spec.tie_word_embeddings = false;
         }
         self

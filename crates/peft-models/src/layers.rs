@@ -494,6 +494,81 @@ pub fn full_mask(
     Tensor::cat(parts, 1)
 }
 
+/// The layer loop of a RoPE decoder (Llama and the architectures built like it): virtual tokens
+/// (prompt learning) prepended to `embedded: [b, s, hidden]`, the full mask (cache + virtual +
+/// `attention_mask`), each layer's attention mask (its sliding window, if any), the rotary
+/// tables of the pass, and the cache's per-layer slots; the mask is kept in the cache for the
+/// next pass. `layer(i, x, rope, allowed, slot)` runs layer `i`. Returns `[b, n_virtual + s,
+/// hidden]`.
+pub fn decoder_pass(
+    embedded: Tensor<3>,
+    virtual_tokens: Option<Tensor<3>>,
+    attention_mask: &Tensor<2, Int>,
+    mut cache: Option<&mut peft_core::KvCache>,
+    windows: &[Option<usize>],
+    rotary: &crate::rope::Rotary,
+    mut layer: impl FnMut(
+        usize,
+        Tensor<3>,
+        &crate::rope::RopeTables,
+        &Tensor<4, Bool>,
+        Option<&mut Option<peft_core::LayerKv>>,
+    ) -> Tensor<3>,
+) -> Tensor<3> {
+    let (mut x, n_virtual) = match virtual_tokens {
+        Some(v) => {
+            let n = v.dims()[1];
+            (Tensor::cat(vec![v, embedded], 1), n)
+        }
+        None => (embedded, 0),
+    };
+    let q_len = x.dims()[1];
+    let past = cache.as_ref().map_or(0, |c| c.past_len());
+    let mask = full_mask(
+        cache.as_ref().and_then(|c| c.mask.as_ref()),
+        n_virtual,
+        attention_mask,
+    );
+    let masks = layer_masks(&attention_allowed(&mask, q_len), windows);
+    let rope = crate::rope::RopeTables::for_pass(rotary, past, q_len, &x.device());
+    if let Some(c) = cache.as_deref_mut()
+        && c.layers.len() != windows.len()
+    {
+        c.layers.resize(windows.len(), None);
+    }
+    for (i, allowed) in masks.iter().enumerate() {
+        let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+        x = layer(i, x, &rope, allowed, slot);
+    }
+    if let Some(c) = cache {
+        c.mask = Some(mask);
+    }
+    x
+}
+
+/// The logits of the final hidden states: through `lm_head` where the model has its own, else
+/// through the (tied) embedding `table: [vocab, hidden]`.
+pub fn output_logits<A: LayerAdapter>(
+    hidden: Tensor<3>,
+    lm_head: Option<&AdaptableLinear<A>>,
+    table: &Param<Tensor<2>>,
+) -> Tensor<3> {
+    match lm_head {
+        Some(head) => head.forward(hidden),
+        None => tied_logits(hidden, table.val()),
+    }
+}
+
+/// A frozen `lm_head` holding a copy of the embedding `table` (`[vocab, hidden]`), for a tied
+/// model whose input embeddings are about to be trained apart from its output projection.
+pub fn untied_head<A: LayerAdapter>(table: &Param<Tensor<2>>) -> AdaptableLinear<A> {
+    let table = table.val().detach();
+    AdaptableLinear::plain(Linear {
+        weight: Param::from_tensor(table.transpose()).set_require_grad(false),
+        bias: None,
+    })
+}
+
 /// `x @ weightᵀ` for a `[vocab, hidden]` table used as output projection (tied `lm_head`).
 pub fn tied_logits(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
     peft_core::blas::linear(hidden, table.transpose(), None)

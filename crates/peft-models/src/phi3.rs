@@ -18,7 +18,7 @@
 //! windows every layer. LongRoPE (`rope_type` `longrope`, or `su` / `yarn`, which transformers
 //! maps to it for Phi-3) is refused.
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::Deserialize;
@@ -30,8 +30,8 @@ use peft_core::{
 };
 
 use crate::layers::{
-    RmsNorm, WeightLoader, attend, attention_allowed, check_input, extend_cache, full_mask,
-    layer_masks, tied_logits,
+    RmsNorm, WeightLoader, attend, check_input, decoder_pass, extend_cache, output_logits,
+    untied_head,
 };
 use crate::rope::{RopeTables, Rotary, apply_rope};
 
@@ -366,43 +366,22 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
         self.model.embed_tokens.forward(ids)
     }
 
-    fn forward(&self, input: ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         check_input(&input.input_ids, &input.attention_mask)?;
-        let mut x = self.embed_tokens(input.input_ids);
-        let n_virtual = match input.virtual_tokens {
-            Some(v) => {
-                let n = v.dims()[1];
-                x = Tensor::cat(vec![v, x], 1);
-                n
-            }
-            None => 0,
-        };
-        let q_len = x.dims()[1];
-        let past = cache.as_ref().map_or(0, |c| c.past_len());
-        let mask = full_mask(
-            cache.as_ref().and_then(|c| c.mask.as_ref()),
-            n_virtual,
+        let x = decoder_pass(
+            self.embed_tokens(input.input_ids),
+            input.virtual_tokens,
             &input.attention_mask,
+            cache,
+            &self.windows,
+            &self.rotary,
+            |i, x, rope, allowed, slot| {
+                self.model.layers[i].forward(x, &self.spec, rope, allowed, slot)
+            },
         );
-        let masks = layer_masks(&attention_allowed(&mask, q_len), &self.windows);
-        let rope = RopeTables::for_pass(&self.rotary, past, q_len, &x.device());
-        if let Some(c) = cache.as_deref_mut()
-            && c.layers.len() != self.model.layers.len()
-        {
-            c.layers.resize(self.model.layers.len(), None);
-        }
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &self.spec, &rope, &masks[i], slot);
-        }
-        if let Some(c) = cache {
-            c.mask = Some(mask);
-        }
         let x = self.model.norm.forward(x);
-        Ok(match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => tied_logits(x, self.model.embed_tokens.base.weight.val()),
-        })
+        let table = &self.model.embed_tokens.base.weight;
+        Ok(output_logits(x, self.lm_head.as_ref(), table))
     }
 
     fn map_layers<B: LayerAdapter>(
@@ -447,11 +426,7 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            let table = self.model.embed_tokens.base.weight.val().detach();
-            self.lm_head = Some(AdaptableLinear::plain(burn::nn::Linear {
-                weight: Param::from_tensor(table.transpose()).set_require_grad(false),
-                bias: None,
-            }));
+            self.lm_head = Some(untied_head(&self.model.embed_tokens.base.weight));
             self.spec.tie_word_embeddings = false;
         }
         self
