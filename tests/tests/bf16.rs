@@ -67,8 +67,9 @@ fn four_bit_models_in_bf16_match_bitsandbytes() {
     let Some(device) = bf16_device() else { return };
     for name in ["bloom-tiny-nf4", "llama-tiny-fp4"] {
         let model = load_with(model_dir(name), &device, &BF16).unwrap();
-        // Measured 1.2e-5 (NF4 BLOOM) and 2.4e-6 (FP4 Llama).
-        assert_close(&model, &format!("{name}-bf16"), name, 1e-4);
+        // Measured 1.2e-5 (NF4 BLOOM) and 2.4e-6 (FP4 Llama) with burn's products, 1.7e-4 (FP4
+        // Llama) where OpenBLAS accumulates the f32 sums in its own order.
+        assert_close(&model, &format!("{name}-bf16"), name, 5e-4);
     }
 }
 

@@ -234,9 +234,10 @@ fn adapter_tensors(dir: &std::path::Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-/// Serialises the tests of this file that draw from the device's global random generator
-/// (adapter initialisation, dropout): a draw from another test between the trainer's re-seeding
-/// and a dropout mask would make two runs differ for a reason that is not the trainer's.
+/// Serialises the tests of this file that draw from or re-seed the device's global random
+/// generator (adapter initialisation, dropout, and `train` itself, which re-seeds it every
+/// micro-batch): another test's draw or seed between the trainer's re-seeding and a dropout mask
+/// would make two runs differ for a reason that is not the trainer's.
 static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Trains `fresh()` for six steps with checkpoints every two (keeping two), then "crashes" after
@@ -449,6 +450,9 @@ fn chat_records_use_the_models_chat_template() {
 /// norm of these heavily clipped gradients is far more sensitive to the weights than the loss.
 fn trainer_matches_pytorch(schedule: peft_train::Schedule, file: &str) {
     use peft_tests::relative_error;
+    // The trainer re-seeds the device generator every micro-batch: not while another test of
+    // this file relies on what it drew.
+    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let store = TensorStore::open(peft_tests::fixtures().join("reference").join(file)).unwrap();
     let (ids, shape) = store.i64("input_ids").unwrap();
     let (labels, _) = store.i64("labels").unwrap();
