@@ -370,7 +370,7 @@ impl RopeTables {
 }
 
 /// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`: one fused operation on the
-/// CPU backend, [`composed_rope`] elsewhere. Where the tables are narrower than a head (Phi-3's
+/// CPU backend, burn operations elsewhere. Where the tables are narrower than a head (Phi-3's
 /// `partial_rotary_factor`), only the leading columns rotate and the rest pass through.
 pub fn apply_rope(x: Tensor<4>, rope: &RopeTables) -> Tensor<4> {
     let [.., hd] = x.dims();
