@@ -210,16 +210,13 @@ pub fn load_with(
 pub fn config_modules(config: &HfConfig) -> Vec<ModuleInfo> {
     match config {
         HfConfig::Bloom(c) => bloom::bloom_modules(&c.spec()),
-        HfConfig::Llama(c) => {
-            let qkv_bias = c.attention_bias || c.model_type == "qwen2";
-            llama::llama_modules(
-                &c.spec(),
-                c.intermediate_size,
-                [qkv_bias, c.attention_bias],
-                c.mlp_bias,
-                c.qk_norm,
-            )
-        }
+        HfConfig::Llama(c) => llama::llama_modules(
+            &c.spec(),
+            c.intermediate_size,
+            [c.attention_bias || c.qkv_bias, c.attention_bias],
+            c.mlp_bias,
+            c.qk_norm,
+        ),
         HfConfig::Gemma2(c) => {
             gemma2::gemma2_modules(&c.spec(), c.intermediate_size, c.attention_bias)
         }
@@ -264,12 +261,8 @@ pub fn load_from_with<A: LayerAdapter>(
     options.compute_dtype.check_device(device)?;
     Ok(match config {
         HfConfig::Bloom(c) => AnyModel::Bloom(Bloom::load(c, store, device, options)?),
-        HfConfig::Llama(c) => AnyModel::Llama(match c.model_type.as_str() {
-            "qwen2" => qwen2::load(c, store, device, options)?,
-            "qwen3" => qwen3::load(c, store, device, options)?,
-            "mistral" => mistral::load(c, store, device, options)?,
-            _ => Llama::load(c, false, store, device, options)?,
-        }),
+        // Mistral, Qwen2 and Qwen3 are Llama with the options their configs set.
+        HfConfig::Llama(c) => AnyModel::Llama(Llama::load(c, store, device, options)?),
         HfConfig::Gemma2(c) => AnyModel::Gemma2(Gemma2::load(c, store, device, options)?),
         HfConfig::Phi3(c) => AnyModel::Phi3(Phi3::load(c, store, device, options)?),
     })

@@ -109,6 +109,9 @@ pub struct LlamaConfig {
     /// RMSNorm over each head's queries and keys before RoPE (Qwen3's `q_norm`, `k_norm`).
     #[serde(skip)]
     pub qk_norm: bool,
+    /// Biases on q/k/v whatever `attention_bias` says (Qwen2 has them, not on o_proj).
+    #[serde(skip)]
+    pub qkv_bias: bool,
 }
 
 fn default_rms_eps() -> f64 {
@@ -136,6 +139,7 @@ impl LlamaConfig {
         config.validate(context)?;
         config.rotary = Some(Rotary::from_config(value, config.head_dim(), context)?);
         config.qk_norm = config.model_type == "qwen3";
+        config.qkv_bias = config.model_type == "qwen2";
         Ok(config)
     }
 
@@ -330,11 +334,10 @@ pub struct Llama<A: LayerAdapter> {
 }
 
 impl<A: LayerAdapter> Llama<A> {
-    /// Loads the weights of `config` from `store`. `qkv_bias` adds Qwen2's q/k/v biases;
-    /// `config.qk_norm` Qwen3's per-head query/key norms.
+    /// Loads the weights of `config` from `store` (with Qwen2's q/k/v biases where
+    /// `config.qkv_bias`, Qwen3's per-head query/key norms where `config.qk_norm`).
     pub fn load(
         config: &LlamaConfig,
-        qkv_bias: bool,
         store: &TensorStore,
         device: &Device,
         options: &crate::LoadOptions,
@@ -351,7 +354,10 @@ impl<A: LayerAdapter> Llama<A> {
             config.intermediate_size,
         );
         let (nq, nkv) = (config.num_attention_heads, config.kv_heads());
-        let (qkv_b, o_b) = (config.attention_bias || qkv_bias, config.attention_bias);
+        let (qkv_b, o_b) = (
+            config.attention_bias || config.qkv_bias,
+            config.attention_bias,
+        );
         let eps = config.rms_norm_eps;
         let rotary = config.rotary();
         let layers = (0..config.num_hidden_layers)

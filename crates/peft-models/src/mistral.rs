@@ -18,5 +18,5 @@ pub fn load<A: LayerAdapter>(
     device: &Device,
     options: &crate::LoadOptions,
 ) -> Result<Mistral<A>> {
-    Llama::load(config, false, store, device, options)
+    Llama::load(config, store, device, options)
 }

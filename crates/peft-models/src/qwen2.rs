@@ -20,5 +20,9 @@ pub fn load<A: LayerAdapter>(
     device: &Device,
     options: &crate::LoadOptions,
 ) -> Result<Qwen2<A>> {
-    Llama::load(config, true, store, device, options)
+    let config = LlamaConfig {
+        qkv_bias: true,
+        ..config.clone()
+    };
+    Llama::load(&config, store, device, options)
 }

@@ -13,12 +13,16 @@ use crate::llama::{Llama, LlamaConfig};
 /// A Qwen3 model is a [`Llama`] with per-head query/key norms.
 pub type Qwen3<A> = Llama<A>;
 
-/// Loads a Qwen3 checkpoint (the norms come with [`LlamaConfig::qk_norm`], set for `qwen3`).
+/// Loads a Qwen3 checkpoint (with its per-head norms whatever `config.qk_norm` says).
 pub fn load<A: LayerAdapter>(
     config: &LlamaConfig,
     store: &TensorStore,
     device: &Device,
     options: &crate::LoadOptions,
 ) -> Result<Qwen3<A>> {
-    Llama::load(config, false, store, device, options)
+    let config = LlamaConfig {
+        qk_norm: true,
+        ..config.clone()
+    };
+    Llama::load(&config, store, device, options)
 }
