@@ -4,25 +4,12 @@
 //!
 //! With `use_sliding_window: true`, the layers from `max_window_layers` on attend through
 //! `sliding_window` (transformers 5's rule; `layer_types`, where the config lists them, wins).
+//!
+//! It loads through [`Llama::load`](crate::llama::Llama::load): `LlamaConfig::from_value` derives
+//! these options from `model_type` and the config, so there is nothing else to do here.
 
-use burn::tensor::Device;
-use peft_core::{LayerAdapter, Result, TensorStore};
+use crate::llama::Llama;
 
-use crate::llama::{Llama, LlamaConfig};
-
-/// A Qwen2 model is a [`Llama`] whose q/k/v projections carry biases.
+/// A Qwen2 model is a [`Llama`] whose q/k/v projections carry biases
+/// (`LlamaConfig::qkv_bias`, set for `qwen2`).
 pub type Qwen2<A> = Llama<A>;
-
-/// Loads a Qwen2 checkpoint.
-pub fn load<A: LayerAdapter>(
-    config: &LlamaConfig,
-    store: &TensorStore,
-    device: &Device,
-    options: &crate::LoadOptions,
-) -> Result<Qwen2<A>> {
-    let config = LlamaConfig {
-        qkv_bias: true,
-        ..config.clone()
-    };
-    Llama::load(&config, store, device, options)
-}

@@ -4,25 +4,12 @@
 //! `hidden_size / num_attention_heads`), no q/k/v biases unless `attention_bias`, tied or untied
 //! embeddings, and Qwen2's optional sliding windows (`use_sliding_window`,
 //! `max_window_layers`).
+//!
+//! It loads through [`Llama::load`](crate::llama::Llama::load): `LlamaConfig::from_value` derives
+//! these options from `model_type` and the config, so there is nothing else to do here.
 
-use burn::tensor::Device;
-use peft_core::{LayerAdapter, Result, TensorStore};
+use crate::llama::Llama;
 
-use crate::llama::{Llama, LlamaConfig};
-
-/// A Qwen3 model is a [`Llama`] with per-head query/key norms.
+/// A Qwen3 model is a [`Llama`] with per-head query/key norms
+/// (`LlamaConfig::qk_norm`, set for `qwen3`).
 pub type Qwen3<A> = Llama<A>;
-
-/// Loads a Qwen3 checkpoint (with its per-head norms whatever `config.qk_norm` says).
-pub fn load<A: LayerAdapter>(
-    config: &LlamaConfig,
-    store: &TensorStore,
-    device: &Device,
-    options: &crate::LoadOptions,
-) -> Result<Qwen3<A>> {
-    let config = LlamaConfig {
-        qk_norm: true,
-        ..config.clone()
-    };
-    Llama::load(&config, store, device, options)
-}
