@@ -25,6 +25,7 @@ fn bf16_device() -> Option<burn::tensor::Device> {
 const BF16: LoadOptions = LoadOptions {
     quantize: None,
     compute_dtype: ComputeDtype::Bf16,
+    widen_half: false,
 };
 
 /// `(ours vs PyTorch bf16, PyTorch bf16 vs PyTorch f32)`, both on real positions.
@@ -233,6 +234,7 @@ fn training_in_bf16_lowers_the_loss() {
     let options = LoadOptions {
         quantize: Some(peft_quant::QuantConfig::default()),
         compute_dtype: ComputeDtype::Bf16,
+        ..LoadOptions::default()
     };
     let base = load_with(model_dir("bloom-tiny"), &device, &options).unwrap();
     let qlora = peft_lora::get_peft_model(base, lora_config).unwrap();

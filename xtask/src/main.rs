@@ -9,6 +9,9 @@
 //!   every case of `peft-bench` in its own release-built process, optionally alternating with
 //!   the PyTorch + PEFT script (`bench/bench_pytorch.py`) on the same work; a markdown table on
 //!   stdout and `target/bench/report.{json,md}`.
+//! * `bench --scale [--vs-pytorch] [--models a,b] [--cases a,b] [--steps N]` — the real-size
+//!   bench (1.3–1.5 B-parameter checkpoints generated once into `target/scale/`): load, train,
+//!   merge + save and generate, per phase seconds and peak RSS (see `scale.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 mod pretrain;
+mod scale;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -236,7 +240,7 @@ fn python_with_peft(root: &Path, args: &[String]) -> Option<PathBuf> {
     })
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -249,6 +253,9 @@ fn cpu_model() -> String {
 }
 
 fn bench(root: &Path, args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--scale") {
+        return scale::bench_scale(root, args);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let device = flag(args, "--device").unwrap_or_else(|| "cpu".into());
     let cases: Vec<String> = match flag(args, "--cases") {

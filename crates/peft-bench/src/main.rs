@@ -16,7 +16,13 @@
 //! the first step (after the model is built) to the end. The model is the issue's ~16M-parameter BLOOM
 //! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
 //! `--quick` shrinks the batch and repetitions for a CI smoke run.
+//!
+//! The scale cases (`make-scale-model`, `scale-lora`, `scale-qlora`, `scale-generate`) run on
+//! real-size checkpoints: see [`scale`].
 
+mod scale;
+
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -348,6 +354,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 } else {
                     peft_core::ComputeDtype::F32
                 },
+                ..peft_models::LoadOptions::default()
             };
             let base = match arch {
                 Some(arch) => arch_model(arch, &device, &options),
@@ -502,7 +509,28 @@ fn main() -> ExitCode {
             reps: 10,
         }
     };
-    match run(case, &settings, &device) {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let result = match case.as_str() {
+        "make-scale-model" => match (args.get(1), args.get(2)) {
+            (Some(shape), Some(dir)) => scale::make_model(shape, Path::new(dir)),
+            _ => Err("usage: peft-bench make-scale-model <shape> <dir>".into()),
+        },
+        "scale-lora" | "scale-qlora" | "scale-generate" => match value("--model") {
+            None => Err(format!("usage: peft-bench {case} --model DIR [--steps N]")),
+            Some(dir) if case == "scale-generate" => scale::generate(Path::new(&dir), &device),
+            Some(dir) => {
+                let steps = value("--steps").and_then(|s| s.parse().ok()).unwrap_or(3);
+                scale::train(case, Path::new(&dir), steps, &device)
+            }
+        },
+        _ => run(case, &settings, &device),
+    };
+    match result {
         Ok(json) => {
             println!("{json}");
             ExitCode::SUCCESS

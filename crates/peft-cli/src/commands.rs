@@ -419,10 +419,11 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
 
 /// `peft merge`.
 pub fn merge(args: MergeArgs) -> Result<()> {
+    let save = args.save.options()?;
     let device = device(&args.device)?;
     let base = load_base(&args.model, &device, &Default::default())?;
     let merged = load_adapter(base, &args.adapter)?.merge_and_unload()?;
-    peft_models::save_pretrained(&merged, &args.model, &args.output)
+    peft_models::save_pretrained_with(&merged, &args.model, &args.output, &save)
         .with_context(|| format!("writing merged model to {}", args.output.display()))?;
     eprintln!("merged model written to {}", args.output.display());
     Ok(())

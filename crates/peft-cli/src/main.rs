@@ -55,6 +55,11 @@ struct LoadArgs {
     /// accumulation, as torch.autocast / bnb_4bit_compute_dtype; the rest stays f32).
     #[arg(long, value_name = "float32|bfloat16", default_value = "float32")]
     compute_dtype: String,
+    /// Hold the frozen weights of a bf16/f16 checkpoint widened to f32 (twice the memory). By
+    /// default they stay in their stored 2 bytes and are widened, exactly, inside each product:
+    /// the same results.
+    #[arg(long)]
+    widen_frozen: bool,
 }
 
 impl LoadArgs {
@@ -63,6 +68,7 @@ impl LoadArgs {
         Ok(peft_models::LoadOptions {
             quantize: self.config()?,
             compute_dtype: self.compute_dtype.parse()?,
+            widen_half: self.widen_frozen,
         })
     }
 
@@ -210,7 +216,36 @@ struct MergeArgs {
     #[arg(long)]
     output: PathBuf,
     #[command(flatten)]
+    save: SaveArgs,
+    #[command(flatten)]
     device: DeviceArg,
+}
+
+/// How a merged checkpoint is written.
+#[derive(Args, Debug, Clone)]
+struct SaveArgs {
+    /// The dtype of the merged weights: auto (the base checkpoint's, as transformers 5 + PEFT
+    /// save), float32, bfloat16 or float16.
+    #[arg(
+        long,
+        value_name = "auto|float32|bfloat16|float16",
+        default_value = "auto"
+    )]
+    save_dtype: String,
+    /// The largest weight file; a bigger model is written as shards plus
+    /// model.safetensors.index.json (transformers' max_shard_size, same default).
+    #[arg(long, value_name = "SIZE", default_value = "50GB")]
+    max_shard_size: String,
+}
+
+impl SaveArgs {
+    /// The save options these flags ask for.
+    fn options(&self) -> anyhow::Result<peft_models::SaveOptions> {
+        Ok(peft_models::SaveOptions {
+            dtype: peft_models::save::parse_save_dtype(&self.save_dtype)?,
+            max_shard_size: peft_core::tensors::parse_size(&self.max_shard_size)?,
+        })
+    }
 }
 
 /// `--model` may name a Hugging Face repo id (`owner/name[@revision]`) held in the local cache:

@@ -64,6 +64,12 @@ pub struct TrainArgs {
     /// Output folder: checkpoints, adapter/, merged/, metrics.jsonl, loss.png, summary.json.
     #[arg(long, default_value = "out/peft-train")]
     output: PathBuf,
+    /// Do not write merged/ (the base with the adapter folded in): the adapter alone is the
+    /// result, as with PEFT's save_pretrained. merged/ is a full copy of the model.
+    #[arg(long)]
+    no_merged: bool,
+    #[command(flatten)]
+    save: crate::SaveArgs,
     #[command(flatten)]
     device: DeviceArg,
     /// LoRA rank.
@@ -289,11 +295,23 @@ where
     let adapter_dir = args.output.join("adapter");
     trained.save_pretrained(&adapter_dir)?;
     let merged_dir = args.output.join("merged");
-    match trained.merge_and_unload() {
-        Ok(merged) => peft_models::save_pretrained(&merged.valid(), model_dir, &merged_dir)?,
-        // Prompt learning has nothing to merge: the adapter is the result.
-        Err(peft_core::PeftError::Unsupported(reason)) => eprintln!("no merged model: {reason}"),
-        Err(e) => return Err(e.into()),
+    let save_options = args.save.options()?;
+    if args.no_merged {
+        eprintln!("no merged model: --no-merged");
+    } else {
+        match trained.merge_and_unload() {
+            Ok(merged) => peft_models::save_pretrained_with(
+                &merged.valid(),
+                model_dir,
+                &merged_dir,
+                &save_options,
+            )?,
+            // Prompt learning has nothing to merge: the adapter is the result.
+            Err(peft_core::PeftError::Unsupported(reason)) => {
+                eprintln!("no merged model: {reason}")
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let total = config.total_steps(train_tokens.len());
     let curve = peft_train::plot::curve(&summary.history, config, total);
@@ -432,6 +450,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         device.autodiff()
     };
     let mut options = args.load.options()?;
+    // Checked before hours of training, not after.
+    args.save.options()?;
     if options.quantize.is_none() && args.method == "qlora" {
         options.quantize = Some(peft_quant::QuantConfig::default());
     }

@@ -33,7 +33,7 @@ use crate::precision::{ComputeDtype, round_bf16};
 
 /// A frozen weight kept in a compressed form and de-quantised on demand: 4-bit NF4/FP4 for QLoRA
 /// (peft-quant implements it; peft-core only sees this trait) or bf16
-/// ([`Bf16Weight`](crate::precision::Bf16Weight)).
+/// ([`HalfWeight`](crate::precision::HalfWeight)).
 pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     /// `[out, in]`, PyTorch's order.
     fn shape(&self) -> [usize; 2];
@@ -58,6 +58,19 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     /// The weight as 4-bit codes and per-block scales, for de-quantising with tensor operations
     /// on a GPU ([`DeviceCodes`]); `None` for formats that are not 4-bit codes.
     fn code_blocks(&self) -> Option<CodeBlocks> {
+        None
+    }
+
+    /// The checkpoint dtype the weight's values are exactly representable in when it is held as
+    /// stored (bf16/f16 weights); `None` for quantised formats.
+    fn stored_dtype(&self) -> Option<safetensors::Dtype> {
+        None
+    }
+
+    /// `x · Wᵀ` for `x: [rows, in]` (row-major) computed straight from the packed values, for
+    /// the few rows of a decoding step; `None` where the format has no such path (the caller
+    /// de-quantises and multiplies).
+    fn matmul_few_rows(&self, _x: &[f32], _rows: usize) -> Option<Vec<f32>> {
         None
     }
 }

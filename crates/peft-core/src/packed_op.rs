@@ -62,6 +62,22 @@ fn dense<B: Backend>(handle: &PackedHandle, device: &B::Device) -> FloatTensor<B
 
 fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
     let device = x.device();
+    let [rows, _] = x.shape().dims();
+    // A decoding step's few rows: read the packed values directly (each byte once) instead of
+    // widening the whole weight first. Under bf16 compute only a bf16-held weight qualifies (its
+    // values are already what bf16 compute multiplies by).
+    let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS
+        && (!handle.bf16 || handle.weight.stored_dtype() == Some(safetensors::Dtype::BF16));
+    if direct {
+        let data = burn::tensor::try_read_sync(B::float_into_data(x.clone()));
+        if let Some(Ok(data)) = data
+            && let Ok(values) = data.as_slice::<f32>()
+            && let Some(out) = handle.weight.matmul_few_rows(values, rows)
+        {
+            let [d_out, _] = handle.weight.shape();
+            return B::float_from_data(TensorData::new(out, [rows, d_out]), &device);
+        }
+    }
     B::blas_matmul(x, B::float_transpose(dense::<B>(handle, &device)))
 }
 

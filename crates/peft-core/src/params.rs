@@ -171,11 +171,27 @@ pub fn map_params<M: Module>(module: M, mut f: impl FnMut(&str, bool) -> ParamUp
     module.map(&mut mapper)
 }
 
+/// One float parameter whose value is read only when asked for: a handle on the tensor, not a
+/// copy (see [`lazy_values`]).
+pub struct LazyValue {
+    /// Hugging Face name.
+    pub name: String,
+    /// Shape in PyTorch's layout.
+    pub shape: Vec<usize>,
+    read: Box<dyn Fn() -> crate::Result<Vec<f32>> + Send + Sync>,
+}
+
+impl LazyValue {
+    /// The values in PyTorch's layout, as f32 (a linear weight transposed back to `[out, in]`).
+    pub fn values(&self) -> crate::Result<Vec<f32>> {
+        (self.read)()
+    }
+}
+
 #[derive(Default)]
 struct ValueCollector {
     path: PathStack,
-    out: Vec<(String, crate::HostTensor)>,
-    failed: Option<String>,
+    out: Vec<LazyValue>,
 }
 
 impl ModuleVisitor for ValueCollector {
@@ -189,31 +205,53 @@ impl ModuleVisitor for ValueCollector {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let name = self.path.hf_name();
-        let mut tensor = param.val();
-        if self.path.is_linear_weight() && D == 2 {
-            tensor = tensor.transpose();
+        let tensor = param.val();
+        let transpose = self.path.is_linear_weight() && D == 2;
+        let mut shape = tensor.dims().to_vec();
+        if transpose {
+            shape.reverse();
         }
-        let shape = tensor.dims().to_vec();
-        match tensor.into_data().try_to_vec_as::<f32>() {
-            Ok(values) => self
-                .out
-                .push((name, crate::HostTensor::from_f32(shape, &values))),
-            Err(e) => self.failed = Some(format!("{name}: {e:?}")),
-        }
+        let label = name.clone();
+        let read = move || {
+            let tensor = if transpose {
+                tensor.clone().transpose()
+            } else {
+                tensor.clone()
+            };
+            tensor
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| {
+                    crate::PeftError::InvalidInput(format!("reading parameter {label}: {e:?}"))
+                })
+        };
+        self.out.push(LazyValue {
+            name,
+            shape,
+            read: Box::new(read),
+        });
     }
+}
+
+/// Every float parameter of `module` with its Hugging Face name and PyTorch-order shape, its
+/// values read one parameter at a time when asked for (writing a checkpoint tensor by tensor).
+pub fn lazy_values<M: Module>(module: &M) -> Vec<LazyValue> {
+    let mut collector = ValueCollector::default();
+    module.visit(&mut collector);
+    collector.out
 }
 
 /// Every float parameter's value as an f32 host tensor in PyTorch's layout (linear weights
 /// transposed back to `[out, in]`), with Hugging Face names.
 pub fn named_values<M: Module>(module: &M) -> crate::Result<Vec<(String, crate::HostTensor)>> {
-    let mut collector = ValueCollector::default();
-    module.visit(&mut collector);
-    match collector.failed {
-        Some(reason) => Err(crate::PeftError::InvalidInput(format!(
-            "reading parameter {reason}"
-        ))),
-        None => Ok(collector.out),
-    }
+    lazy_values(module)
+        .into_iter()
+        .map(|v| {
+            let values = v.values()?;
+            Ok((v.name, crate::HostTensor::from_f32(v.shape, &values)))
+        })
+        .collect()
 }
 
 /// FNV-1a, 64 bits: a stable hash of a parameter name.

@@ -7,7 +7,7 @@
 //! once to bf16, and the result is widened back to f32 — exactly `Linear4bit.forward`'s
 //! `matmul_4bit(x.to(bf16), …, bias.to(bf16)).to(x.dtype)`, and PyTorch's bf16 `F.linear`.
 //!
-//! On the CPU backend a dense bf16 weight is a [`Bf16Weight`] behind the packed-weight operation
+//! On the CPU backend a dense bf16 weight is a [`HalfWeight`] behind the packed-weight operation
 //! of [`crate::packed_op`]: it is widened to f32 for each product and let go, so the autodiff
 //! graph holds no f32 copy, and the single rounding above is reproduced exactly (burn's own bf16
 //! matmul rounds its output before the bias is added). Other backends hold a bf16 burn tensor and
@@ -90,67 +90,195 @@ pub fn round_bf16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.cast(DType::BF16).cast(DType::F32)
 }
 
-/// A frozen `[out, in]` weight held in bf16 on the host (the CPU backend's memory), widened to
-/// f32 for each product.
-#[derive(Debug, Clone)]
-pub struct Bf16Weight {
-    shape: [usize; 2],
-    values: Vec<half::bf16>,
+/// The two 16-bit float formats a frozen weight can be held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfDtype {
+    /// bfloat16: the upper half of an f32.
+    Bf16,
+    /// IEEE half precision.
+    F16,
 }
 
-impl Bf16Weight {
+/// A frozen `[out, in]` weight held in a 16-bit float format on the host (the CPU backend's
+/// memory) and widened to f32 — exactly — for each product: bf16 compute's weights, and the
+/// weights of a bf16/f16 checkpoint held as stored under f32 compute (half the memory of an f32
+/// copy, the same products).
+#[derive(Debug, Clone)]
+pub struct HalfWeight {
+    shape: [usize; 2],
+    dtype: HalfDtype,
+    bits: Vec<u16>,
+}
+
+impl HalfWeight {
     /// Rounds `values` (row-major `[out, in]`) to bf16, to nearest with ties to even.
-    pub fn from_f32(shape: [usize; 2], values: &[f32]) -> Result<Self> {
-        if values.len() != shape[0] * shape[1] {
+    pub fn bf16_from_f32(shape: [usize; 2], values: &[f32]) -> Result<Self> {
+        check_len(shape, values.len())?;
+        Ok(Self {
+            shape,
+            dtype: HalfDtype::Bf16,
+            bits: values
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect(),
+        })
+    }
+
+    /// A weight read as stored: little-endian bf16 or f16 bytes of a checkpoint tensor.
+    pub fn from_le_bytes(dtype: HalfDtype, shape: [usize; 2], bytes: &[u8]) -> Result<Self> {
+        check_len(shape, bytes.len() / 2)?;
+        if bytes.len() % 2 != 0 {
             return Err(PeftError::InvalidInput(format!(
-                "bf16 weight: {} values for shape {shape:?}",
-                values.len()
+                "16-bit weight: {} bytes is not a whole number of values",
+                bytes.len()
             )));
         }
         Ok(Self {
             shape,
-            values: values.iter().map(|v| half::bf16::from_f32(*v)).collect(),
+            dtype,
+            bits: bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
         })
+    }
+
+    /// The format the values are held in.
+    pub fn dtype(&self) -> HalfDtype {
+        self.dtype
+    }
+
+    /// Widens `bits` into `out` (same length), exactly.
+    fn widen(&self, bits: &[u16], out: &mut [f32]) {
+        match self.dtype {
+            // A bf16 is the upper half of an f32: a plain shift that vectorises.
+            HalfDtype::Bf16 => {
+                for (o, b) in out.iter_mut().zip(bits) {
+                    *o = f32::from_bits(u32::from(*b) << 16);
+                }
+            }
+            HalfDtype::F16 => {
+                for (o, b) in out.iter_mut().zip(bits) {
+                    *o = half::f16::from_bits(*b).to_f32();
+                }
+            }
+        }
     }
 }
 
-impl PackedWeight for Bf16Weight {
+fn check_len(shape: [usize; 2], len: usize) -> Result<()> {
+    if len != shape[0] * shape[1] {
+        return Err(PeftError::InvalidInput(format!(
+            "16-bit weight: {len} values for shape {shape:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Products with at most this many input rows (decoding) read the 16-bit weight directly, row
+/// by row, instead of widening the whole weight first: each weight byte is read once.
+pub const DIRECT_PRODUCT_MAX_ROWS: usize = 8;
+
+impl PackedWeight for HalfWeight {
     fn shape(&self) -> [usize; 2] {
         self.shape
     }
 
     fn dequantize(&self) -> Vec<f32> {
         use rayon::prelude::*;
-        // Exact: a bf16 is the upper half of an f32. Parallel, and a plain shift that vectorises.
-        let mut out = vec![0.0f32; self.values.len()];
+        let mut out = vec![0.0f32; self.bits.len()];
         out.par_chunks_mut(1 << 14)
-            .zip(self.values.par_chunks(1 << 14))
-            .for_each(|(out, values)| {
-                for (o, v) in out.iter_mut().zip(values) {
-                    *o = f32::from_bits(u32::from(v.to_bits()) << 16);
-                }
-            });
+            .zip(self.bits.par_chunks(1 << 14))
+            .for_each(|(out, bits)| self.widen(bits, out));
         out
     }
 
     fn dequantize_bf16_rounded(&self) -> Vec<f32> {
-        // Already bf16: no second pass over the weight on every product.
-        self.dequantize()
+        match self.dtype {
+            // Already bf16: no second pass over the weight on every product.
+            HalfDtype::Bf16 => self.dequantize(),
+            HalfDtype::F16 => {
+                let mut values = self.dequantize();
+                for v in &mut values {
+                    *v = half::bf16::from_f32(*v).to_f32();
+                }
+                values
+            }
+        }
     }
 
     fn storage_bytes(&self) -> usize {
-        self.values.len() * 2
+        self.bits.len() * 2
     }
 
     fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)> {
-        let data = self.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data = self.bits.iter().flat_map(|v| v.to_le_bytes()).collect();
         let tensor = HostTensor {
-            dtype: Dtype::BF16,
+            dtype: match self.dtype {
+                HalfDtype::Bf16 => Dtype::BF16,
+                HalfDtype::F16 => Dtype::F16,
+            },
             shape: self.shape.to_vec(),
             data,
         };
         vec![(name.to_string(), tensor)]
     }
+
+    fn stored_dtype(&self) -> Option<Dtype> {
+        Some(match self.dtype {
+            HalfDtype::Bf16 => Dtype::BF16,
+            HalfDtype::F16 => Dtype::F16,
+        })
+    }
+
+    fn matmul_few_rows(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        use rayon::prelude::*;
+        let [d_out, d_in] = self.shape;
+        if rows == 0 || rows > DIRECT_PRODUCT_MAX_ROWS || x.len() != rows * d_in {
+            return None;
+        }
+        // Output features in blocks, each task widening one weight row at a time into a small
+        // buffer and taking its dot product with every input row: the weight is read once.
+        const BLOCK: usize = 32;
+        let mut out_t = vec![0.0f32; d_out * rows];
+        out_t
+            .par_chunks_mut(BLOCK * rows)
+            .enumerate()
+            .for_each(|(block, out)| {
+                let mut row = vec![0.0f32; d_in];
+                for (j, out) in out.chunks_mut(rows).enumerate() {
+                    let o = block * BLOCK + j;
+                    self.widen(&self.bits[o * d_in..(o + 1) * d_in], &mut row);
+                    for (r, value) in out.iter_mut().enumerate() {
+                        *value = dot(&x[r * d_in..(r + 1) * d_in], &row);
+                    }
+                }
+            });
+        let mut out = vec![0.0f32; rows * d_out];
+        for (o, values) in out_t.chunks(rows).enumerate() {
+            for (r, v) in values.iter().enumerate() {
+                out[r * d_out + o] = *v;
+            }
+        }
+        Some(out)
+    }
+}
+
+/// `Σ a·b` with eight independent accumulators (so that it vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        sum += x * y;
+    }
+    sum
 }
 
 #[cfg(test)]
@@ -197,7 +325,7 @@ mod bf16_weight_tests {
 
     #[test]
     fn holds_rounded_values_in_two_bytes_each() {
-        let w = Bf16Weight::from_f32([2, 2], &[1.0, 1.0 + 2f32.powi(-9), -3.5, 1e-3]).unwrap();
+        let w = HalfWeight::bf16_from_f32([2, 2], &[1.0, 1.0 + 2f32.powi(-9), -3.5, 1e-3]).unwrap();
         assert_eq!(w.storage_bytes(), 8);
         assert_eq!(
             w.dequantize(),
@@ -208,7 +336,7 @@ mod bf16_weight_tests {
         assert_eq!(tensors[0].0, "layer.weight");
         assert_eq!(tensors[0].1.dtype, Dtype::BF16);
         assert_eq!(tensors[0].1.shape, vec![2, 2]);
-        let err = Bf16Weight::from_f32([2, 3], &[0.0; 4])
+        let err = HalfWeight::bf16_from_f32([2, 3], &[0.0; 4])
             .unwrap_err()
             .to_string();
         assert!(err.contains("4 values for shape [2, 3]"), "{err}");

@@ -1,7 +1,10 @@
 //! Reading and writing safetensors files: single files, sharded checkpoints and atomic writes.
 //!
-//! Weights are held on the host as raw bytes and converted to `f32` on request: the models compute
-//! in `f32`, and f16/bf16 checkpoints are widened exactly.
+//! Checkpoint files are memory-mapped, not read: a tensor's bytes are touched only when it is
+//! converted, and the pages of a tensor already converted are handed back to the kernel
+//! ([`TensorStore::release`]), so loading a model never holds the file and the model at once —
+//! the peak is the loaded model plus about one tensor. Values are converted to `f32` on request
+//! (f16/bf16 widen exactly) or read as stored ([`TensorStore::raw`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -105,13 +108,50 @@ pub fn bytes_to_i64(dtype: Dtype, bytes: &[u8]) -> Option<Vec<i64>> {
     Some(out)
 }
 
-/// One or more safetensors files read into memory, addressed by tensor name.
+/// The bytes of one safetensors file: mapped from disk, or owned (parsed from memory).
+#[derive(Debug)]
+enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(map) => map,
+            FileBytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl FileBytes {
+    /// Gives the resident pages of `start..end` back to the kernel (mapped files only). The
+    /// mapping is read-only and file-backed, so a later read faults the same bytes back in.
+    fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        if let FileBytes::Mapped(map) = self
+            && end > start
+        {
+            // SAFETY: a read-only shared file mapping: MADV_DONTNEED drops resident pages
+            // without changing what the bytes read as (no slice of them is being written).
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (start, end);
+    }
+}
+
+/// One or more safetensors files, memory-mapped and addressed by tensor name.
 ///
-/// A sharded checkpoint (`model.safetensors.index.json`) is read shard by shard; each key is
-/// looked up in the shard the index names.
+/// A sharded checkpoint (`model.safetensors.index.json`) is mapped shard by shard; each key is
+/// looked up in the shard the index names. The files must not be modified while the store is
+/// open (as with any memory-mapped checkpoint, e.g. safetensors' `safe_open`).
 #[derive(Debug)]
 pub struct TensorStore {
-    files: Vec<(PathBuf, Vec<u8>)>,
+    files: Vec<(PathBuf, FileBytes)>,
     /// tensor name → (file index, dtype, shape, byte range inside that file's buffer)
     entries: BTreeMap<String, Entry>,
 }
@@ -131,7 +171,7 @@ struct ShardIndex {
 }
 
 impl TensorStore {
-    /// Reads one safetensors file.
+    /// Opens (memory-maps) one safetensors file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let mut store = Self {
             files: Vec::new(),
@@ -147,7 +187,7 @@ impl TensorStore {
             files: Vec::new(),
             entries: BTreeMap::new(),
         };
-        store.add_bytes(label.into(), bytes)?;
+        store.add_bytes(label.into(), FileBytes::Owned(bytes))?;
         Ok(store)
     }
 
@@ -205,11 +245,21 @@ impl TensorStore {
     }
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
+        let file = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
+        // An empty file cannot be mapped; it is an invalid safetensors file either way.
+        let bytes = if file.metadata().map_err(|e| PeftError::io(path, e))?.len() == 0 {
+            FileBytes::Owned(Vec::new())
+        } else {
+            // SAFETY: the map is read-only; the file must not change while the store is open
+            // (documented on `TensorStore`), as for every memory-mapped checkpoint reader.
+            FileBytes::Mapped(
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|e| PeftError::io(path, e))?,
+            )
+        };
         self.add_bytes(path.to_path_buf(), bytes)
     }
 
-    fn add_bytes(&mut self, path: PathBuf, bytes: Vec<u8>) -> Result<()> {
+    fn add_bytes(&mut self, path: PathBuf, bytes: FileBytes) -> Result<()> {
         let file = self.files.len();
         let mut new_entries = Vec::new();
         {
@@ -276,17 +326,35 @@ impl TensorStore {
         Ok(self.entry(key)?.dtype)
     }
 
-    /// The raw tensor.
+    /// The raw tensor (a copy of its bytes; the mapped pages are released after copying).
     pub fn get(&self, key: &str) -> Result<HostTensor> {
         let e = self.entry(key)?;
-        Ok(HostTensor {
+        let tensor = HostTensor {
             dtype: e.dtype,
             shape: e.shape.clone(),
             data: self.files[e.file].1[e.start..e.end].to_vec(),
-        })
+        };
+        self.release(key);
+        Ok(tensor)
     }
 
-    /// A floating-point tensor widened to `f32`, with its shape.
+    /// The stored little-endian bytes of a tensor, its dtype and shape, without copying. Call
+    /// [`release`](Self::release) once they are converted, so that their pages do not stay
+    /// resident.
+    pub fn raw(&self, key: &str) -> Result<(&[u8], Dtype, &[usize])> {
+        let e = self.entry(key)?;
+        Ok((&self.files[e.file].1[e.start..e.end], e.dtype, &e.shape))
+    }
+
+    /// Hands the resident pages of a tensor's bytes back to the kernel (a no-op for stores
+    /// parsed from memory and for unknown keys). Reading the tensor again reads the file again.
+    pub fn release(&self, key: &str) {
+        if let Some(e) = self.entries.get(key) {
+            self.files[e.file].1.release(e.start, e.end);
+        }
+    }
+
+    /// A floating-point tensor widened to `f32`, with its shape (its mapped pages released).
     pub fn f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let e = self.entry(key)?;
         let bytes = &self.files[e.file].1[e.start..e.end];
@@ -295,6 +363,7 @@ impl TensorStore {
             key: key.to_string(),
             dtype: format!("{:?}", e.dtype),
         })?;
+        self.release(key);
         Ok((values, e.shape.clone()))
     }
 
@@ -321,6 +390,7 @@ impl TensorStore {
             key: key.to_string(),
             dtype: format!("{:?}", e.dtype),
         })?;
+        self.release(key);
         Ok((values, e.shape.clone()))
     }
 }
@@ -376,6 +446,283 @@ pub fn save_safetensors(
 ) -> Result<()> {
     let bytes = serialize(tensors, metadata)?;
     write_atomic(path, &bytes)
+}
+
+/// transformers' default `max_shard_size` for `save_pretrained` (5.x): `"50GB"`.
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 50_000_000_000;
+
+/// Parses a shard size as transformers does (`"5GB"`, `"500MB"`, decimal units KB/MB/GB/TB) or a
+/// plain number of bytes.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let bad = || {
+        PeftError::InvalidInput(format!(
+            "size `{text}`: expected bytes or a number with KB, MB, GB or TB (e.g. 5GB)"
+        ))
+    };
+    if let Ok(bytes) = t.parse::<u64>() {
+        return Ok(bytes);
+    }
+    if t.len() < 3 || !t.is_char_boundary(t.len() - 2) {
+        return Err(bad());
+    }
+    let (number, unit) = t.split_at(t.len() - 2);
+    let multiplier = match unit.to_ascii_uppercase().as_str() {
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => return Err(bad()),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    if !value.is_finite() || value <= 0.0 {
+        return Err(bad());
+    }
+    Ok((value * multiplier) as u64)
+}
+
+/// Converts `f32` values to little-endian bytes of `dtype` (f32, f16 or bf16; half types round to
+/// nearest, ties to even, as PyTorch's `.to()` does).
+pub fn f32_to_bytes(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        other => {
+            return Err(PeftError::InvalidInput(format!(
+                "cannot write floating-point values as {other:?}"
+            )));
+        }
+    })
+}
+
+/// A tensor of a checkpoint being written: its bytes are produced only when the writer reaches
+/// it, so a whole model never sits in memory at once.
+pub struct PendingTensor<'a> {
+    /// The key.
+    pub name: String,
+    /// The dtype its bytes are in.
+    pub dtype: Dtype,
+    /// PyTorch-order shape.
+    pub shape: Vec<usize>,
+    /// Produces `numel · size_of(dtype)` little-endian bytes.
+    pub bytes: Box<dyn Fn() -> Result<Vec<u8>> + 'a>,
+}
+
+impl PendingTensor<'_> {
+    fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// A [`PendingTensor`] as safetensors' `View`: `data()` produces the bytes; a failure is kept
+/// in `error` (the writer then discards the file).
+struct LazyView<'t, 'a> {
+    tensor: &'t PendingTensor<'a>,
+    error: &'t std::cell::RefCell<Option<PeftError>>,
+}
+
+impl safetensors::View for LazyView<'_, '_> {
+    fn dtype(&self) -> Dtype {
+        self.tensor.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.tensor.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let expected = self.tensor.byte_len();
+        let bytes = match (self.tensor.bytes)() {
+            Ok(bytes) if bytes.len() == expected => bytes,
+            Ok(bytes) => {
+                self.error
+                    .borrow_mut()
+                    .get_or_insert(PeftError::InvalidInput(format!(
+                        "tensor `{}`: {} bytes produced, {expected} expected",
+                        self.tensor.name,
+                        bytes.len()
+                    )));
+                vec![0; expected]
+            }
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+                vec![0; expected]
+            }
+        };
+        std::borrow::Cow::Owned(bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.byte_len()
+    }
+}
+
+/// Writes `tensors` into `dir` as transformers' `save_pretrained` lays them out: one
+/// `model.safetensors` when they fit in `max_shard_size` bytes, else
+/// `model-0000i-of-0000n.safetensors` shards (filled in the given order, a tensor larger than the
+/// limit alone in its shard) plus `model.safetensors.index.json` (`metadata.total_size`,
+/// `metadata.total_parameters`, `weight_map`). Tensors are produced and written one at a time;
+/// each file is written to a temporary name and renamed into place. Returns the files written.
+pub fn save_sharded(
+    dir: &Path,
+    tensors: &[PendingTensor<'_>],
+    max_shard_size: u64,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<PathBuf>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut current_size = 0u64;
+    for (i, tensor) in tensors.iter().enumerate() {
+        let size = tensor.byte_len() as u64;
+        if size > max_shard_size {
+            shards.push(vec![i]);
+            continue;
+        }
+        if current_size + size > max_shard_size && !current.is_empty() {
+            shards.push(std::mem::take(&mut current));
+            current_size = 0;
+        }
+        current.push(i);
+        current_size += size;
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
+    let count = shards.len();
+    let names: Vec<String> = if count == 1 {
+        vec!["model.safetensors".to_string()]
+    } else {
+        (1..=count)
+            .map(|i| format!("model-{i:05}-of-{count:05}.safetensors"))
+            .collect()
+    };
+    let mut written = Vec::new();
+    for (shard, name) in shards.iter().zip(&names) {
+        let path = dir.join(name);
+        let error = std::cell::RefCell::new(None);
+        let views = shard.iter().map(|&i| {
+            (
+                tensors[i].name.as_str(),
+                LazyView {
+                    tensor: &tensors[i],
+                    error: &error,
+                },
+            )
+        });
+        let result = safetensors::serialize_to_file(views, metadata.clone(), &path);
+        if let Some(e) = error.into_inner() {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        result.map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => PeftError::io(&path, io),
+            other => PeftError::Safetensors {
+                path: path.clone(),
+                reason: other.to_string(),
+            },
+        })?;
+        written.push(path);
+    }
+    if count > 1 {
+        let mut weight_map = serde_json::Map::new();
+        for (shard, name) in shards.iter().zip(&names) {
+            for &i in shard {
+                weight_map.insert(tensors[i].name.clone(), name.clone().into());
+            }
+        }
+        let total_size: u64 = tensors.iter().map(|t| t.byte_len() as u64).sum();
+        let total_parameters: u64 = tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum();
+        let index = serde_json::json!({
+            "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+            "weight_map": weight_map,
+        });
+        let path = dir.join("model.safetensors.index.json");
+        let text = serde_json::to_string_pretty(&index).map_err(|e| PeftError::json(&path, e))?;
+        write_atomic(&path, format!("{text}\n").as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Fills the folder `dir` through `fill` so that no reader ever sees it half-written: when `dir`
+/// does not exist yet, `fill` writes into a temporary sibling folder that is renamed to `dir` at
+/// the end (a failure removes it); when `dir` exists (a user's folder may hold other files), the
+/// files are written into the temporary folder and then renamed one by one into `dir` (each file
+/// whole), after which model weight files of an earlier save that the new one does not replace
+/// (`model*.safetensors`, the index) are removed.
+pub fn write_folder_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| PeftError::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+    // Errors name the files where they were going (`dir/...`), not the temporary folder.
+    let cleanup = |e: PeftError| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        match e {
+            PeftError::Io { path, error } => PeftError::Io {
+                path: path
+                    .strip_prefix(&tmp)
+                    .map(|rest| dir.join(rest))
+                    .unwrap_or(path),
+                error,
+            },
+            PeftError::Safetensors { path, reason } => PeftError::Safetensors {
+                path: path
+                    .strip_prefix(&tmp)
+                    .map(|rest| dir.join(rest))
+                    .unwrap_or(path),
+                reason,
+            },
+            other => other,
+        }
+    };
+    fill(&tmp).map_err(cleanup)?;
+    if !dir.exists() {
+        std::fs::rename(&tmp, dir).map_err(|e| cleanup(PeftError::io(dir, e)))?;
+    } else {
+        let mut new_names = Vec::new();
+        let entries = std::fs::read_dir(&tmp).map_err(|e| cleanup(PeftError::io(&tmp, e)))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| cleanup(PeftError::io(&tmp, e)))?;
+            let file_name = entry.file_name();
+            let target = dir.join(&file_name);
+            std::fs::rename(entry.path(), &target)
+                .map_err(|e| cleanup(PeftError::io(&target, e)))?;
+            new_names.push(file_name);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        let stale = std::fs::read_dir(dir).map_err(|e| PeftError::io(dir, e))?;
+        for entry in stale.flatten() {
+            let file_name = entry.file_name();
+            let text = file_name.to_string_lossy();
+            let weights = text.starts_with("model")
+                && (text.ends_with(".safetensors") || text == "model.safetensors.index.json");
+            if weights && !new_names.contains(&file_name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -207,6 +207,7 @@ impl<A: LayerAdapter> Bloom<A> {
             device,
             quantize: options.quantize,
             compute: options.compute_dtype,
+            widen_half: options.widen_half,
         };
         let h = config.hidden_size;
         let eps = config.layer_norm_epsilon;

@@ -10,8 +10,11 @@ use std::sync::Arc;
 
 use peft_core::{
     AdaptableLinear, BaseLinear, ComputeDtype, DeviceCodes, LayerAdapter, PackedLinear,
-    PackedWeight, PeftError, Result, TensorStore, adapter::with_weight_dtype,
-    adapter_files::burn_linear_weight, packed_op::supports_packed_matmul, precision::Bf16Weight,
+    PackedWeight, PeftError, Result, TensorStore,
+    adapter::with_weight_dtype,
+    adapter_files::burn_linear_weight,
+    packed_op::supports_packed_matmul,
+    precision::{HalfDtype, HalfWeight},
 };
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
 
@@ -80,6 +83,9 @@ pub struct WeightLoader<'a> {
     /// The dtype adaptable linear layers compute in; with bf16 their dense weights are held in
     /// bf16 (`lm_head`, embeddings and norms stay f32).
     pub compute: ComputeDtype,
+    /// Widen the frozen weights of a bf16/f16 checkpoint to f32 when loading instead of holding
+    /// them as stored (see [`crate::LoadOptions::widen_half`]).
+    pub widen_half: bool,
 }
 
 impl WeightLoader<'_> {
@@ -152,8 +158,40 @@ impl WeightLoader<'_> {
                         self.compute.dtype(),
                     )));
                 }
-                let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
-                Arc::new(Bf16Weight::from_f32([d_out, d_in], &values)?)
+                match self.half_as_stored(&key, d_in, d_out, HalfDtype::Bf16)? {
+                    Some(weight) => Arc::new(weight),
+                    None => {
+                        let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
+                        Arc::new(HalfWeight::bf16_from_f32([d_out, d_in], &values)?)
+                    }
+                }
+            }
+            // f32 compute over a bf16/f16 checkpoint: the weight stays in its stored 2 bytes
+            // (widened exactly inside each product) unless asked otherwise.
+            None if !self.widen_half
+                && prefix != "lm_head"
+                && supports_packed_matmul(self.device) =>
+            {
+                let stored = match self.store.dtype(&key)? {
+                    safetensors::Dtype::BF16 => Some(HalfDtype::Bf16),
+                    safetensors::Dtype::F16 => Some(HalfDtype::F16),
+                    _ => None,
+                };
+                match stored {
+                    Some(dtype) => match self.half_as_stored(&key, d_in, d_out, dtype)? {
+                        Some(weight) => Arc::new(weight),
+                        None => {
+                            return Ok(AdaptableLinear::plain(
+                                self.linear(prefix, d_in, d_out, bias)?,
+                            ));
+                        }
+                    },
+                    None => {
+                        return Ok(AdaptableLinear::plain(
+                            self.linear(prefix, d_in, d_out, bias)?,
+                        ));
+                    }
+                }
             }
             None => {
                 return Ok(AdaptableLinear::plain(
@@ -178,6 +216,36 @@ impl WeightLoader<'_> {
             compute: self.compute,
             on_device,
         })))
+    }
+
+    /// `{key}` read as stored when the checkpoint holds it in `dtype` (`None` otherwise), its
+    /// shape checked; the mapped bytes are released once copied.
+    fn half_as_stored(
+        &self,
+        key: &str,
+        d_in: usize,
+        d_out: usize,
+        dtype: HalfDtype,
+    ) -> Result<Option<HalfWeight>> {
+        let (bytes, stored, shape) = self.store.raw(key)?;
+        let matches = match dtype {
+            HalfDtype::Bf16 => stored == safetensors::Dtype::BF16,
+            HalfDtype::F16 => stored == safetensors::Dtype::F16,
+        };
+        if !matches {
+            return Ok(None);
+        }
+        if shape != [d_out, d_in] {
+            return Err(PeftError::ShapeMismatch {
+                path: self.store.label(),
+                key: key.to_string(),
+                found: shape.to_vec(),
+                expected: vec![d_out, d_in],
+            });
+        }
+        let weight = HalfWeight::from_le_bytes(dtype, [d_out, d_in], bytes)?;
+        self.store.release(key);
+        Ok(Some(weight))
     }
 
     /// A weight stored in bitsandbytes' 4-bit layout, checked against the expected shape.

@@ -61,7 +61,7 @@ pub use gemma2::{Gemma2, Gemma2Config};
 pub use generate::{Decoding, GenerateOptions, generate};
 pub use llama::{Llama, LlamaConfig};
 pub use phi3::{Phi3, Phi3Config};
-pub use save::save_pretrained;
+pub use save::{SaveOptions, save_pretrained, save_pretrained_with};
 pub use tokenizer::Tokenizer;
 
 /// The network a `model_type` runs on.
@@ -187,6 +187,10 @@ pub struct LoadOptions {
     pub quantize: Option<peft_quant::QuantConfig>,
     /// The dtype of the linear layers' products (see [`peft_core::precision`]).
     pub compute_dtype: ComputeDtype,
+    /// Hold the frozen linear weights of a bf16/f16 checkpoint widened to f32 (twice the memory)
+    /// instead of as stored. Off by default: on the CPU backend they stay in their 2 bytes and
+    /// are widened, exactly, inside each product, so results are the same either way.
+    pub widen_half: bool,
 }
 
 /// Loads a Hugging Face model folder onto `device`.

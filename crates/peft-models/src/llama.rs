@@ -347,6 +347,7 @@ impl<A: LayerAdapter> Llama<A> {
             device,
             quantize: options.quantize,
             compute: options.compute_dtype,
+            widen_half: options.widen_half,
         };
         let (h, hd, im) = (
             config.hidden_size,

@@ -244,6 +244,7 @@ impl<A: LayerAdapter> Phi3<A> {
             device,
             quantize: options.quantize,
             compute: options.compute_dtype,
+            widen_half: options.widen_half,
         };
         let (h, hd, im) = (
             config.hidden_size,

@@ -1,12 +1,16 @@
 //! Writing a model back as a standard Hugging Face checkpoint (after `merge_and_unload`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use peft_core::adapter_files::packed_weights;
-use peft_core::params::named_values;
-use peft_core::tensors::{save_safetensors, write_atomic};
-use peft_core::{CausalLm, HostTensor, NoAdapter, PeftError, Result};
+use peft_core::params::lazy_values;
+use peft_core::tensors::{
+    DEFAULT_MAX_SHARD_SIZE, PendingTensor, f32_to_bytes, save_sharded, write_atomic,
+    write_folder_atomic,
+};
+use peft_core::{CausalLm, NoAdapter, PeftError, Result, TensorStore};
+use safetensors::Dtype;
 
 /// Files copied from the source folder when present.
 pub const SIDE_FILES: [&str; 4] = [
@@ -16,50 +20,157 @@ pub const SIDE_FILES: [&str; 4] = [
     "generation_config.json",
 ];
 
-/// Saves `model` to `out_dir` as `config.json` + `model.safetensors` (f32), with the tokenizer
-/// files of `source_dir`, so that transformers and [`crate::load`] open it like any checkpoint.
-///
-/// `config.json` is the source's, with `tie_word_embeddings` set to what the model now is (a
-/// model whose input embeddings were trained apart from a tied `lm_head` is saved untied, as PEFT
-/// does), `dtype` set to `float32`, and any `quantization_config` removed (a model merged over a
-/// 4-bit base is saved dense).
+/// How [`save_pretrained_with`] writes the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// The dtype of every floating-point tensor written; `None` = the base checkpoint's (what
+    /// transformers 5 + PEFT write after `merge_and_unload()` with their default `dtype="auto"`).
+    pub dtype: Option<Dtype>,
+    /// The largest shard in bytes (transformers' `max_shard_size`, 50 GB by default).
+    pub max_shard_size: u64,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            dtype: None,
+            max_shard_size: DEFAULT_MAX_SHARD_SIZE,
+        }
+    }
+}
+
+/// Parses a save dtype as transformers names it (`float32`, `bfloat16`, `float16`, or `auto` =
+/// the base checkpoint's).
+pub fn parse_save_dtype(name: &str) -> Result<Option<Dtype>> {
+    match name {
+        "auto" => Ok(None),
+        "float32" | "f32" | "fp32" => Ok(Some(Dtype::F32)),
+        "bfloat16" | "bf16" => Ok(Some(Dtype::BF16)),
+        "float16" | "f16" | "fp16" => Ok(Some(Dtype::F16)),
+        other => Err(PeftError::InvalidInput(format!(
+            "unknown dtype `{other}` (expected auto, float32, bfloat16 or float16)"
+        ))),
+    }
+}
+
+/// PyTorch's name of a float dtype, as `config.json`'s `dtype` holds it.
+fn torch_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// The dtype a checkpoint's weights are in: `config.json`'s `dtype` (transformers 5) or
+/// `torch_dtype` (4.x) when it names a float type, else the dtype of its first floating-point
+/// tensor, else f32.
+pub fn checkpoint_dtype(source_dir: &Path, config: &serde_json::Value) -> Dtype {
+    for key in ["dtype", "torch_dtype"] {
+        if let Some(Ok(Some(dtype))) = config
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map(parse_save_dtype)
+        {
+            return dtype;
+        }
+    }
+    let store = TensorStore::open_model_dir(source_dir).ok();
+    let first_float = store.as_ref().and_then(|store| {
+        store.keys().find_map(|key| match store.dtype(key) {
+            Ok(d @ (Dtype::F32 | Dtype::BF16 | Dtype::F16)) => Some(d),
+            _ => None,
+        })
+    });
+    first_float.unwrap_or(Dtype::F32)
+}
+
+/// Saves `model` to `out_dir` as [`save_pretrained_with`] does with the default options: the
+/// base checkpoint's dtype, shards of at most 50 GB.
 pub fn save_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     model: &M,
     source_dir: impl AsRef<Path>,
     out_dir: impl AsRef<Path>,
 ) -> Result<()> {
+    save_pretrained_with(model, source_dir, out_dir, &SaveOptions::default())
+}
+
+/// Saves `model` to `out_dir` as a standard Hugging Face checkpoint — `config.json`, the
+/// weights (`model.safetensors`, or shards + `model.safetensors.index.json` past
+/// `max_shard_size`) and the tokenizer files of `source_dir` — so that transformers and
+/// [`crate::load`] open it like any checkpoint.
+///
+/// The weights are written one tensor at a time (a packed 4-bit or 16-bit layer is de-quantised
+/// only when its turn comes), in `options.dtype` or the base checkpoint's dtype, and the folder
+/// appears whole or not at all ([`write_folder_atomic`]). `config.json` is the source's, with
+/// `tie_word_embeddings` set to what the model now is (a model whose input embeddings were
+/// trained apart from a tied `lm_head` is saved untied, as PEFT does), `dtype` set to the dtype
+/// written, and any `quantization_config` removed (a model merged over a 4-bit base is saved
+/// dense).
+pub fn save_pretrained_with<M: CausalLm<Adapter = NoAdapter>>(
+    model: &M,
+    source_dir: impl AsRef<Path>,
+    out_dir: impl AsRef<Path>,
+    options: &SaveOptions,
+) -> Result<()> {
     let (source_dir, out_dir) = (source_dir.as_ref(), out_dir.as_ref());
-    std::fs::create_dir_all(out_dir).map_err(|e| PeftError::io(out_dir, e))?;
     let config_path = source_dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
     let mut config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| PeftError::json(&config_path, e))?;
+    let dtype = options
+        .dtype
+        .unwrap_or_else(|| checkpoint_dtype(source_dir, &config));
     if let Some(obj) = config.as_object_mut() {
         obj.insert(
             "tie_word_embeddings".into(),
             model.spec().tie_word_embeddings.into(),
         );
-        obj.insert("dtype".into(), "float32".into());
+        obj.insert("dtype".into(), torch_name(dtype).into());
+        obj.remove("torch_dtype");
         // The weights written are dense: a 4-bit source's quantisation no longer applies.
         obj.remove("quantization_config");
     }
-    let mut tensors: BTreeMap<_, _> = named_values(model)?.into_iter().collect();
-    // Layers left packed (4-bit or bf16 without an adapter merged into them) are not burn
-    // parameters: write them de-quantised, like the merged ones.
-    for (path, weight) in packed_weights(model) {
-        let values = weight.dequantize();
-        tensors.insert(
-            format!("{path}.weight"),
-            HostTensor::from_f32(weight.shape().to_vec(), &values),
-        );
+    let mut pending: Vec<PendingTensor> = Vec::new();
+    for value in lazy_values(model) {
+        pending.push(PendingTensor {
+            name: value.name.clone(),
+            dtype,
+            shape: value.shape.clone(),
+            bytes: Box::new(move || f32_to_bytes(dtype, &value.values()?)),
+        });
     }
+    // Layers left packed (4-bit, or 16-bit held as stored) are not burn parameters: written
+    // de-quantised, or as their stored bytes when those are already in the dtype written.
+    for (path, weight) in packed_weights(model) {
+        let name = format!("{path}.weight");
+        let key = name.clone();
+        pending.push(PendingTensor {
+            name,
+            dtype,
+            shape: weight.shape().to_vec(),
+            bytes: Box::new(move || {
+                if weight.stored_dtype() == Some(dtype) {
+                    let mut tensors = weight.to_tensors(&key);
+                    if let Some((_, tensor)) = tensors.pop() {
+                        return Ok(tensor.data);
+                    }
+                }
+                f32_to_bytes(dtype, &weight.dequantize())
+            }),
+        });
+    }
+    // Model order would do as well; name order makes the shard split independent of it.
+    pending.sort_by(|a, b| a.name.cmp(&b.name));
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
-    save_safetensors(out_dir.join("model.safetensors"), &tensors, Some(metadata))?;
-    let json = serde_json::to_string_pretty(&config)
-        .map_err(|e| PeftError::json(out_dir.join("config.json"), e))?;
-    write_atomic(out_dir.join("config.json"), json.as_bytes())?;
-    copy_side_files(source_dir, out_dir)
+    write_folder_atomic(out_dir, |dir| {
+        save_sharded(dir, &pending, options.max_shard_size, Some(metadata))?;
+        let json = serde_json::to_string_pretty(&config)
+            .map_err(|e| PeftError::json(dir.join("config.json"), e))?;
+        write_atomic(dir.join("config.json"), json.as_bytes())?;
+        copy_side_files(source_dir, dir)
+    })
 }
 
 /// Copies the [`SIDE_FILES`] of `source_dir` that exist into `out_dir`, each atomically.

@@ -78,6 +78,7 @@ pub fn load_4bit(
     let load = peft_models::LoadOptions {
         quantize: Some(options.quant_config()),
         compute_dtype: options.compute_dtype,
+        ..peft_models::LoadOptions::default()
     };
     peft_models::load_with(model_dir, device, &load)
 }
