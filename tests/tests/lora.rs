@@ -484,6 +484,24 @@ fn export_for_python() {
         )
         .unwrap();
     }
+    // A LoRA merged into a bf16 base, written as transformers does for a bf16 model (bf16,
+    // sharded with an index): transformers must load it as any sharded checkpoint.
+    let base = peft_models::load(model_dir("mistral-tiny-bf16"), &device).unwrap();
+    let merged = from_pretrained(base, adapter_dir("lora-mistral"), true)
+        .unwrap()
+        .merge_and_unload()
+        .unwrap();
+    let options = peft_models::SaveOptions {
+        max_shard_size: 40_000,
+        ..peft_models::SaveOptions::default()
+    };
+    peft_models::save_pretrained_with(
+        &merged,
+        model_dir("mistral-tiny-bf16"),
+        out.join("lora-mistral-bf16-sharded-merged"),
+        &options,
+    )
+    .unwrap();
 }
 
 /// Greedy generation with an adapter on a left-padded batch of three prompts, KV cache on, one

@@ -28,7 +28,6 @@ use std::time::Instant;
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor};
-use peft_core::loss::causal_lm_loss;
 use peft_core::{AdapterModel, CausalLm, ModelInput, NoAdapter, TrainableSummary};
 use peft_models::{AnyModel, BloomConfig, HfConfig};
 
@@ -176,10 +175,13 @@ fn train_step<M: CausalLm>(
     ids: &Tensor<2, Int>,
     mask: &Tensor<2, Int>,
 ) -> M {
-    let logits = model
-        .forward(ModelInput::with_mask(ids.clone(), mask.clone()), None)
+    let loss = model
+        .forward_loss(
+            ModelInput::with_mask(ids.clone(), mask.clone()),
+            None,
+            ids.clone(),
+        )
         .expect("forward");
-    let loss = causal_lm_loss(logits, ids.clone());
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     optim.step(1e-4, model, grads)
 }
@@ -525,7 +527,8 @@ fn main() -> ExitCode {
             Some(dir) if case == "scale-generate" => scale::generate(Path::new(&dir), &device),
             Some(dir) => {
                 let steps = value("--steps").and_then(|s| s.parse().ok()).unwrap_or(3);
-                scale::train(case, Path::new(&dir), steps, &device)
+                let widen = args.iter().any(|a| a == "--widen-frozen");
+                scale::train(case, Path::new(&dir), steps, widen, &device)
             }
         },
         _ => run(case, &settings, &device),

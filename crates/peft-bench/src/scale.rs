@@ -13,6 +13,9 @@
 //! * `scale-qlora --model DIR [--steps N]`: the same over the NF4 + double-quant base.
 //! * `scale-generate --model DIR`: load → greedy generation of 32 tokens with the KV cache.
 //!
+//! `--widen-frozen` holds the frozen weights widened to f32 instead of as stored (bf16), to
+//! measure what holding them as stored costs per step.
+//!
 //! Each prints one JSON line: per phase its seconds and peak RSS (the kernel's high-water mark
 //! reset at the start of the phase), and the whole run's peak.
 
@@ -22,7 +25,6 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor};
-use peft_core::loss::causal_lm_loss;
 use peft_core::tensors::{PendingTensor, f32_to_bytes, save_sharded};
 use peft_core::{CausalLm, ModelInput};
 use peft_models::{GenerateOptions, HfConfig};
@@ -140,12 +142,14 @@ pub fn train(
     case: &str,
     dir: &Path,
     steps: usize,
+    widen_half: bool,
     device: &Device,
 ) -> Result<serde_json::Value, String> {
     let device = device.clone().autodiff();
     let quantize = (case == "scale-qlora").then(peft_quant::QuantConfig::default);
     let options = peft_models::LoadOptions {
         quantize,
+        widen_half,
         ..peft_models::LoadOptions::default()
     };
     let mut phases = serde_json::Map::new();
@@ -166,10 +170,13 @@ pub fn train(
     let mut step_times = Vec::new();
     for _ in 0..steps {
         let started = Instant::now();
-        let logits = model
-            .forward(ModelInput::with_mask(ids.clone(), mask.clone()), None)
+        let loss = model
+            .forward_loss(
+                ModelInput::with_mask(ids.clone(), mask.clone()),
+                None,
+                ids.clone(),
+            )
             .map_err(|e| e.to_string())?;
-        let loss = causal_lm_loss(logits, ids.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-4, model, grads);
         let _ = device.sync();

@@ -73,6 +73,20 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     fn matmul_few_rows(&self, _x: &[f32], _rows: usize) -> Option<Vec<f32>> {
         None
     }
+
+    /// De-quantises the block `rows × cols` of the `[out, in]` weight into `out`
+    /// (`rows.len() · cols.len()` values, row-major), exactly as
+    /// [`dequantize`](Self::dequantize) would; `false` where the format cannot (the caller
+    /// de-quantises the whole weight instead). Products then go through the weight block by
+    /// block, each block still in cache when it is multiplied.
+    fn dequantize_block(
+        &self,
+        _rows: std::ops::Range<usize>,
+        _cols: std::ops::Range<usize>,
+        _out: &mut [f32],
+    ) -> bool {
+        false
+    }
 }
 
 /// Where element `8w + j` of a weight sits in word `w` of [`CodeBlocks::words`]: the nibble at
@@ -398,6 +412,19 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     /// `(in_features, out_features)`.
     pub fn dims(&self) -> (usize, usize) {
         self.base.dims()
+    }
+
+    /// The weight `[in, out]` when this layer is a frozen, bias-free dense f32 product with no
+    /// active adapter — what a caller may multiply by itself (the chunked output loss).
+    pub fn frozen_dense_weight(&self) -> Option<Tensor<2>> {
+        let active = self.adapter.is_some() && !self.merged;
+        match &self.base {
+            BaseLinear::Dense(l) if !active && l.bias.is_none() => {
+                let w = l.weight.val();
+                (w.dtype() == DType::F32 && !w.is_require_grad()).then_some(w)
+            }
+            _ => None,
+        }
     }
 
     /// Folds the adapter into the base weights; a no-op without adapter or when already merged.

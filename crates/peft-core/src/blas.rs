@@ -175,6 +175,115 @@ fn sgemm_flex(
     tensor(values)
 }
 
+/// `c ← a · op(b) + β · c` on host slices, all row-major: `a: [m, k]` with row stride `lda`;
+/// `op(b)` is `b: [n, k]` (stride `ldb`) read transposed when `b_transposed`, else `b: [k, n]`;
+/// `c: [m, n]` with row stride `ldc` (a column block of a wider matrix). Through OpenBLAS when it
+/// is loaded, else the `gemm` crate on every core.
+///
+/// # Panics
+/// If a slice is shorter than its matrix (a caller bug, not user input).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_host(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    b_transposed: bool,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (b_rows, b_cols) = if b_transposed { (n, k) } else { (k, n) };
+    assert!(
+        k == 0
+            || (a.len() >= (m - 1) * lda + k
+                && lda >= k
+                && b.len() >= (b_rows - 1) * ldb + b_cols
+                && ldb >= b_cols),
+        "sgemm_host: operand slices too short"
+    );
+    assert!(
+        c.len() >= (m - 1) * ldc + n && ldc >= n,
+        "sgemm_host: output slice too short"
+    );
+    if k == 0 {
+        for row in c.chunks_mut(ldc).take(m) {
+            for v in &mut row[..n] {
+                *v *= beta;
+            }
+        }
+        return;
+    }
+    let fits_i32 = [m, n, k, lda, ldb, ldc]
+        .iter()
+        .all(|&d| d <= i32::MAX as usize);
+    match blas() {
+        Some(blas) if fits_i32 => {
+            // SAFETY: the slices hold the matrices with these strides (asserted above).
+            unsafe {
+                (blas.sgemm)(
+                    ROW_MAJOR,
+                    NO_TRANS,
+                    if b_transposed { TRANS } else { NO_TRANS },
+                    m as i32,
+                    n as i32,
+                    k as i32,
+                    1.0,
+                    a.as_ptr(),
+                    lda as i32,
+                    b.as_ptr(),
+                    ldb as i32,
+                    beta,
+                    c.as_mut_ptr(),
+                    ldc as i32,
+                );
+            }
+        }
+        _ => {
+            if beta != 0.0 && beta != 1.0 {
+                for row in c.chunks_mut(ldc).take(m) {
+                    for v in &mut row[..n] {
+                        *v *= beta;
+                    }
+                }
+            }
+            let (rhs_rs, rhs_cs) = if b_transposed {
+                (1, ldb as isize)
+            } else {
+                (ldb as isize, 1)
+            };
+            // SAFETY: as above; `c` does not overlap `a` or `b` (distinct borrows).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    ldc as isize,
+                    beta != 0.0,
+                    a.as_ptr(),
+                    1,
+                    lda as isize,
+                    b.as_ptr(),
+                    rhs_cs,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
+        }
+    }
+}
+
 /// A zeroed f32 CPU tensor. (burn-flex's `FlexTensor::empty` builds a byte vector and then
 /// copies it into an aligned allocation; an f32 vector is already aligned, and a fresh large one
 /// comes from the OS already zeroed.)

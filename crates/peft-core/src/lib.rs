@@ -11,6 +11,7 @@
 //! * [`precision`]: f32 or bf16 compute in the linear layers;
 //! * [`packed_op`], [`blas`]: the frozen layers' products (packed weights; OpenBLAS when present);
 //! * [`fused`], [`kernels`]: one-pass CPU operations for attention, the GELU and the loss;
+//! * [`chunked_loss`]: `lm_head` + cross-entropy over row blocks (no whole logits);
 //! * [`process`]: process-wide settings for speed (OpenBLAS threads, malloc), set by binaries;
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line;
 //! * [`error`]: the typed error all library crates return.
@@ -26,6 +27,7 @@
 pub mod adapter;
 pub mod adapter_files;
 pub mod blas;
+pub mod chunked_loss;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -15,14 +15,8 @@ pub const IGNORE_INDEX: i64 = -100;
 ///
 /// With no label left to predict the result is NaN, as in PyTorch; callers check their data.
 pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-    let [batch, seq, _] = logits.dims();
-    let labels = match seq.saturating_sub(labels.dims()[1]) {
-        0 => labels,
-        extra => {
-            let pad = Tensor::<2, Int>::full([batch, extra], IGNORE_INDEX, &labels.device());
-            Tensor::cat(vec![pad, labels], 1)
-        }
-    };
+    let seq = logits.dims()[1];
+    let labels = pad_labels(labels, seq);
     if crate::fused::is_fused(&logits) {
         fused_causal_lm_loss(logits, labels)
     } else {
@@ -46,18 +40,29 @@ fn composed_causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<
     (picked * weights).sum().neg() / count
 }
 
-/// [`causal_lm_loss`] through the fused cross-entropy: every position is a row, its target the
-/// next label (none for the last position), so the logits are used in place, unsliced.
-fn fused_causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-    let [batch, seq, vocab] = logits.dims();
-    let device = logits.device();
+/// Labels extended on the left with [`IGNORE_INDEX`] to `seq` positions (virtual tokens come
+/// first, as PEFT pads them).
+fn pad_labels(labels: Tensor<2, Int>, seq: usize) -> Tensor<2, Int> {
+    let batch = labels.dims()[0];
+    match seq.saturating_sub(labels.dims()[1]) {
+        0 => labels,
+        extra => {
+            let pad = Tensor::<2, Int>::full([batch, extra], IGNORE_INDEX, &labels.device());
+            Tensor::cat(vec![pad, labels], 1)
+        }
+    }
+}
+
+/// Each position's next-token target for the row kernels — `labels[t + 1]`, `-1` where there is
+/// none or it is [`IGNORE_INDEX`], `vocab` (out of range: NaN) for any other negative label —
+/// and how many positions count.
+fn next_token_targets(labels: Tensor<2, Int>, vocab: usize) -> (Vec<i64>, usize) {
+    let [batch, seq] = labels.dims();
     let labels: Vec<i64> = labels
         .into_data()
         .convert::<i64>()
         .try_into_vec::<i64>()
         .unwrap_or_default();
-    // The fused kernel ignores negative targets and answers NaN for out-of-range ones: only
-    // IGNORE_INDEX is ignored here, any other negative label is out of range (NaN loss).
     let target = |label: i64| match label {
         IGNORE_INDEX => -1,
         l if l < 0 => vocab as i64,
@@ -72,11 +77,62 @@ fn fused_causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> 
         }
     }
     let count = targets.iter().filter(|&&t| t >= 0).count();
+    (targets, count)
+}
+
+/// [`causal_lm_loss`] through the fused cross-entropy: every position is a row, its target the
+/// next label (none for the last position), so the logits are used in place, unsliced.
+fn fused_causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+    let [batch, seq, vocab] = logits.dims();
+    let device = logits.device();
+    let (targets, count) = next_token_targets(labels, vocab);
     match crate::fused::cross_entropy_rows(logits.reshape([batch * seq, vocab]), targets) {
         Ok(nll) => nll.sum().div_scalar(count as f32),
         // One target per position by construction; unreachable, but a NaN loss, not a panic.
         Err(_) => Tensor::<1>::from_floats([f32::NAN], &device),
     }
+}
+
+/// [`causal_lm_loss`] of the logits `hidden · weight` (optionally soft-capped,
+/// `cap · tanh(z / cap)`) without computing them whole: `hidden: [batch, seq, h]` (the final
+/// hidden states), `weight: [h, vocab]` (the frozen output projection, a tied embedding table
+/// transposed). `None` off the CPU backend, where the caller computes the logits.
+pub fn linear_causal_lm_loss(
+    hidden: Tensor<3>,
+    weight: Tensor<2>,
+    softcap: Option<f32>,
+    labels: Tensor<2, Int>,
+) -> Option<Tensor<1>> {
+    linear_loss_in_blocks(
+        hidden,
+        weight,
+        softcap,
+        labels,
+        crate::chunked_loss::BLOCK_LOGITS,
+    )
+}
+
+/// [`linear_causal_lm_loss`] with `block_logits` logit elements per block.
+fn linear_loss_in_blocks(
+    hidden: Tensor<3>,
+    weight: Tensor<2>,
+    softcap: Option<f32>,
+    labels: Tensor<2, Int>,
+    block_logits: usize,
+) -> Option<Tensor<1>> {
+    let [batch, seq, h] = hidden.dims();
+    let vocab = weight.dims()[1];
+    let (targets, count) = next_token_targets(pad_labels(labels, seq), vocab);
+    let nll = crate::chunked_loss::linear_cross_entropy_rows(
+        hidden.reshape([batch * seq, h]),
+        weight,
+        crate::chunked_loss::CrossEntropyTargets {
+            targets: std::sync::Arc::new(targets),
+            softcap,
+            block_logits,
+        },
+    )?;
+    Some(nll.sum().div_scalar(count as f32))
 }
 
 #[cfg(test)]
@@ -138,6 +194,56 @@ mod tests {
             let gc = logits.grad(&composed.backward()).unwrap();
             let diff: f32 = (gf - gc).abs().max().into_scalar();
             assert!(diff < 1e-6, "gradients differ by {diff}");
+        }
+    }
+
+    /// The projection + loss in row blocks equals whole logits + the loss, value and gradient
+    /// with respect to the hidden states: blocks of 3 rows over 2 × 7 positions (the last block
+    /// short), an odd vocabulary, ignored labels, virtual-token padding, with and without
+    /// Gemma 2's soft-capping; a frozen tied table (`[vocab, h]` transposed) as the weight.
+    #[test]
+    fn chunked_loss_matches_whole_logits() {
+        use burn::tensor::Distribution;
+        let device = Device::flex().autodiff();
+        let (batch, seq, h, vocab) = (2, 7, 16, 37);
+        let table = Tensor::<2>::random([vocab, h], Distribution::Normal(0.0, 1.0), &device);
+        let labels = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                vec![3i64, 9, -100, 36, 0, 5, 5, 1, -100, -100, 8, 8, 30, 2],
+                [batch, seq],
+            ),
+            &device,
+        );
+        for softcap in [None, Some(2.5f32)] {
+            for labels in [labels.clone(), labels.clone().slice_dim(1, 2..seq)] {
+                let hidden =
+                    Tensor::<3>::random([batch, seq, h], Distribution::Normal(0.0, 1.0), &device)
+                        .require_grad();
+                let chunked = linear_loss_in_blocks(
+                    hidden.clone(),
+                    table.clone().transpose(),
+                    softcap,
+                    labels.clone(),
+                    3 * vocab,
+                )
+                .unwrap();
+                let mut logits = hidden.clone().matmul(table.clone().transpose().unsqueeze());
+                if let Some(cap) = softcap {
+                    logits = (logits / cap as f64).tanh() * cap as f64;
+                }
+                let whole = composed_causal_lm_loss(logits, pad_labels(labels, seq));
+                let (c, w): (f32, f32) =
+                    (chunked.clone().into_scalar(), whole.clone().into_scalar());
+                assert!((c - w).abs() <= 1e-5 * w.abs(), "{softcap:?}: {c} vs {w}");
+                let gc = hidden.grad(&chunked.backward()).unwrap();
+                let gw = hidden.grad(&whole.backward()).unwrap();
+                let scale: f32 = gw.clone().abs().max().into_scalar();
+                let diff: f32 = (gc - gw).abs().max().into_scalar();
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{softcap:?}: gradients differ by {diff}"
+                );
+            }
         }
     }
 

@@ -174,6 +174,23 @@ pub trait CausalLm: Module + burn::module::ModuleDisplay + Sized {
     /// earlier keys and values and receives this pass' ones.
     fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>>;
 
+    /// The mean next-token cross-entropy of the input against `labels` (`[batch, seq]`,
+    /// [`IGNORE_INDEX`](crate::loss::IGNORE_INDEX) skipped; see
+    /// [`causal_lm_loss`](crate::loss::causal_lm_loss)), a one-element tensor. The models
+    /// compute it without whole `[tokens, vocab]` logits where the output projection is frozen
+    /// ([`crate::chunked_loss`]); this default computes the logits.
+    fn forward_loss(
+        &self,
+        input: ModelInput,
+        cache: Option<&mut KvCache>,
+        labels: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
+        Ok(crate::loss::causal_lm_loss(
+            self.forward(input, cache)?,
+            labels,
+        ))
+    }
+
     /// The input embeddings of `ids` (`[batch, seq]` → `[batch, seq, hidden]`), before any
     /// embedding LayerNorm.
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3>;

@@ -63,22 +63,130 @@ fn dense<B: Backend>(handle: &PackedHandle, device: &B::Device) -> FloatTensor<B
 fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
     let device = x.device();
     let [rows, _] = x.shape().dims();
-    // A decoding step's few rows: read the packed values directly (each byte once) instead of
-    // widening the whole weight first. Under bf16 compute only a bf16-held weight qualifies (its
-    // values are already what bf16 compute multiplies by).
-    let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS
-        && (!handle.bf16 || handle.weight.stored_dtype() == Some(safetensors::Dtype::BF16));
-    if direct {
-        let data = burn::tensor::try_read_sync(B::float_into_data(x.clone()));
-        if let Some(Ok(data)) = data
-            && let Ok(values) = data.as_slice::<f32>()
-            && let Some(out) = handle.weight.matmul_few_rows(values, rows)
-        {
-            let [d_out, _] = handle.weight.shape();
+    let [d_out, _] = handle.weight.shape();
+    if let Some(values) = host_values::<B>(&x) {
+        // A decoding step's few rows: read the packed values directly (each byte once). Under
+        // bf16 compute only a bf16-held weight qualifies (its values are already what bf16
+        // compute multiplies by).
+        let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS
+            && (!handle.bf16 || handle.weight.stored_dtype() == Some(safetensors::Dtype::BF16));
+        let out = match direct {
+            true => handle.weight.matmul_few_rows(&values, rows),
+            false => None,
+        }
+        .or_else(|| blocked_forward(&values, rows, handle));
+        if let Some(out) = out {
             return B::float_from_data(TensorData::new(out, [rows, d_out]), &device);
         }
     }
     B::blas_matmul(x, B::float_transpose(dense::<B>(handle, &device)))
+}
+
+/// `∂x = ∂y · W` for `grad: [rows, out]`: block by block where the format allows, else through
+/// the whole de-quantised weight.
+fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
+    let device = grad.device();
+    let [rows, _] = grad.shape().dims();
+    if let Some(values) = host_values::<B>(&grad)
+        && let Some(out) = blocked_backward(&values, rows, handle)
+    {
+        let [_, d_in] = handle.weight.shape();
+        return B::float_from_data(TensorData::new(out, [rows, d_in]), &device);
+    }
+    B::blas_matmul(grad, dense::<B>(handle, &device))
+}
+
+/// The f32 values of a CPU tensor, row-major (`None` if they cannot be read as f32).
+fn host_values<B: Backend>(x: &FloatTensor<B>) -> Option<Vec<f32>> {
+    match burn::tensor::try_read_sync(B::float_into_data(x.clone())) {
+        Some(Ok(data)) => data.try_into_vec::<f32>().ok(),
+        _ => None,
+    }
+}
+
+/// Elements of one de-quantised block: 1 Mi f32 (4 MiB, inside the last-level cache), so that
+/// a block is multiplied while it is still in cache and no whole dense copy is made, and each
+/// BLAS call is large enough to run at full speed.
+const BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// How many of `total` rows (or columns) of `length` elements make one block.
+fn block_len(length: usize, total: usize) -> usize {
+    (BLOCK_ELEMENTS / length.max(1)).clamp(16, total.max(16))
+}
+
+/// The block `rows × cols` of the weight de-quantised into `block` (rounded to bf16 for bf16
+/// compute); `false` if the format cannot de-quantise blocks.
+fn weight_block(
+    handle: &PackedHandle,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    block: &mut [f32],
+) -> bool {
+    if !handle.weight.dequantize_block(rows, cols, block) {
+        return false;
+    }
+    if handle.bf16 && handle.weight.stored_dtype() != Some(safetensors::Dtype::BF16) {
+        for v in block.iter_mut() {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+    }
+    true
+}
+
+/// `x: [rows, in]` → `x · Wᵀ: [rows, out]`, over blocks of the weight's rows (output features):
+/// each block is one product with the whole `k = in`, written into its columns of the output.
+fn blocked_forward(x: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>> {
+    let [d_out, d_in] = handle.weight.shape();
+    let block = block_len(d_in, d_out);
+    let mut buffer = vec![0.0f32; block.min(d_out) * d_in];
+    let mut out = vec![0.0f32; rows * d_out];
+    for start in (0..d_out).step_by(block) {
+        let end = (start + block).min(d_out);
+        let w = &mut buffer[..(end - start) * d_in];
+        if !weight_block(handle, start..end, 0..d_in, w) {
+            return None;
+        }
+        crate::blas::sgemm_host(
+            (rows, end - start, d_in),
+            x,
+            d_in,
+            w,
+            d_in,
+            true,
+            0.0,
+            &mut out[start..],
+            d_out,
+        );
+    }
+    Some(out)
+}
+
+/// `∂y: [rows, out]` → `∂y · W: [rows, in]`, summed over blocks of the weight's rows: each
+/// block is one product with `k` = the block's rows, accumulated into `∂x` (β = 1).
+fn blocked_backward(grad: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>> {
+    let [d_out, d_in] = handle.weight.shape();
+    let block = block_len(d_in, d_out);
+    let mut buffer = vec![0.0f32; block.min(d_out) * d_in];
+    let mut out = vec![0.0f32; rows * d_in];
+    for start in (0..d_out).step_by(block) {
+        let end = (start + block).min(d_out);
+        let w = &mut buffer[..(end - start) * d_in];
+        if !weight_block(handle, start..end, 0..d_in, w) {
+            return None;
+        }
+        crate::blas::sgemm_host(
+            (rows, d_in, end - start),
+            &grad[start..],
+            d_out,
+            w,
+            d_in,
+            false,
+            if start == 0 { 0.0 } else { 1.0 },
+            &mut out,
+            d_in,
+        );
+    }
+    Some(out)
 }
 
 impl PackedMatmulBackend for Flex {
@@ -93,8 +201,8 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> PackedMatmulBackend for Autodi
         struct PackedMatmulBackward;
 
         impl<B: BlasMatmulBackend> Backward<B, 1> for PackedMatmulBackward {
-            // The packed weight and where to de-quantise it: no dense tensor is kept.
-            type State = (PackedHandle, B::Device);
+            // The packed weight: no dense tensor is kept.
+            type State = PackedHandle;
 
             fn backward(
                 self,
@@ -104,11 +212,9 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> PackedMatmulBackend for Autodi
             ) {
                 let [node_x] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (weight, device) = ops.state;
                 if let Some(node) = node_x {
                     // ∂x = ∂y · W, with W de-quantised again for this product only.
-                    let w = dense::<B>(&weight, &device);
-                    grads.register::<B>(node.id, B::blas_matmul(grad, w));
+                    grads.register::<B>(node.id, backward::<B>(grad, &ops.state));
                 }
             }
         }
@@ -119,10 +225,8 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> PackedMatmulBackend for Autodi
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let input = x.into_primitive();
-                let device = input.device();
-                let output = forward::<B>(input, &weight);
-                prep.finish((weight, device), output)
+                let output = forward::<B>(x.into_primitive(), &weight);
+                prep.finish(weight, output)
             }
             OpsKind::UnTracked(prep) => prep.finish(forward::<B>(x.into_primitive(), &weight)),
         }
@@ -219,6 +323,55 @@ mod tests {
         let diff = |a: Tensor<3>, b: Tensor<3>| -> f32 { (a - b).abs().max().into_scalar() };
         assert!(diff(packed.inner(), dense.inner()) < 1e-5);
         assert!(diff(g_packed, g_dense) < 1e-5);
+    }
+
+    /// A 16-bit weight held as stored goes through the product block by block (more rows than a
+    /// decoding step; `in` large enough for several blocks, `out` not a multiple of the block)
+    /// or row by row (a decoding step's few rows): both equal the dense product of the widened
+    /// weight, forward and backward, for bf16 and f16.
+    #[test]
+    fn half_weight_products_match_the_dense_product() {
+        use crate::precision::{HalfDtype, HalfWeight};
+        let device = Device::flex().autodiff();
+        let (d_in, d_out) = (130_001, 70);
+        assert!(block_len(d_in, d_out) < d_out / 2, "several blocks");
+        let values: Vec<f32> = (0..d_in * d_out)
+            .map(|i| (((i * 37) % 101) as f32 - 50.0) / 400.0)
+            .collect();
+        for dtype in [HalfDtype::Bf16, HalfDtype::F16] {
+            let bytes: Vec<u8> = values
+                .iter()
+                .flat_map(|&v| match dtype {
+                    HalfDtype::Bf16 => half::bf16::from_f32(v).to_le_bytes(),
+                    HalfDtype::F16 => half::f16::from_f32(v).to_le_bytes(),
+                })
+                .collect();
+            let half = HalfWeight::from_le_bytes(dtype, [d_out, d_in], &bytes).unwrap();
+            let widened = half.dequantize();
+            let weight: Arc<dyn PackedWeight> = Arc::new(half);
+            let w = Tensor::<2>::from_data(TensorData::new(widened, [d_out, d_in]), &device);
+            for seq in [9, 1] {
+                let x = Tensor::<3>::random([2, seq, d_in], Distribution::Default, &device)
+                    .require_grad();
+                let r = Tensor::<3>::random([2, seq, d_out], Distribution::Default, &device);
+                let packed = packed_linear(x.clone(), &weight, false);
+                let g_packed = x
+                    .grad(&(packed.clone() * r.clone()).sum().backward())
+                    .unwrap();
+                let dense = x.clone().matmul(w.clone().transpose().unsqueeze::<3>());
+                let g_dense = x.grad(&(dense.clone() * r).sum().backward()).unwrap();
+                // Relative to the largest value: sums of 130 001 products in another order.
+                let diff = |a: Tensor<3>, b: Tensor<3>| -> f32 {
+                    let scale: f32 = b.clone().abs().max().into_scalar();
+                    let d: f32 = (a - b).abs().max().into_scalar();
+                    d / scale
+                };
+                let out = diff(packed.inner(), dense.inner());
+                assert!(out < 1e-5, "{dtype:?}, {seq} per row: forward {out}");
+                let grad = diff(g_packed, g_dense);
+                assert!(grad < 1e-5, "{dtype:?}, {seq} per row: gradient {grad}");
+            }
+        }
     }
 
     /// bf16 through the packed operation equals the same product written with bf16-rounded

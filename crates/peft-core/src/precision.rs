@@ -126,13 +126,13 @@ impl HalfWeight {
 
     /// A weight read as stored: little-endian bf16 or f16 bytes of a checkpoint tensor.
     pub fn from_le_bytes(dtype: HalfDtype, shape: [usize; 2], bytes: &[u8]) -> Result<Self> {
-        check_len(shape, bytes.len() / 2)?;
-        if bytes.len() % 2 != 0 {
+        if !bytes.len().is_multiple_of(2) {
             return Err(PeftError::InvalidInput(format!(
                 "16-bit weight: {} bytes is not a whole number of values",
                 bytes.len()
             )));
         }
+        check_len(shape, bytes.len() / 2)?;
         Ok(Self {
             shape,
             dtype,
@@ -229,6 +229,24 @@ impl PackedWeight for HalfWeight {
             HalfDtype::Bf16 => Dtype::BF16,
             HalfDtype::F16 => Dtype::F16,
         })
+    }
+
+    fn dequantize_block(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) -> bool {
+        let [d_out, d_in] = self.shape;
+        let width = cols.len();
+        if rows.end > d_out || cols.end > d_in || out.len() != rows.len() * width {
+            return false;
+        }
+        for (row, out) in rows.zip(out.chunks_mut(width.max(1))) {
+            let start = row * d_in;
+            self.widen(&self.bits[start + cols.start..start + cols.end], out);
+        }
+        true
     }
 
     fn matmul_few_rows(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {

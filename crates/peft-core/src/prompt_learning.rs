@@ -73,6 +73,19 @@ impl<M: CausalLm, E: VirtualTokenEncoder> CausalLm for VirtualTokens<M, E> {
         self.base.forward(input, cache)
     }
 
+    fn forward_loss(
+        &self,
+        mut input: ModelInput,
+        cache: Option<&mut KvCache>,
+        labels: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
+        let first = cache.as_ref().is_none_or(|c| c.past_len() == 0);
+        if first && input.virtual_tokens.is_none() {
+            input.virtual_tokens = Some(self.batch_tokens(input.input_ids.dims()[0]));
+        }
+        self.base.forward_loss(input, cache, labels)
+    }
+
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         self.base.embed_tokens(ids)
     }

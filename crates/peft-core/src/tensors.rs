@@ -625,6 +625,13 @@ pub fn save_sharded(
                 reason: other.to_string(),
             },
         })?;
+        // safetensors writes through a private temporary file (mode 0600): give the weights
+        // the permissions of an ordinary file, as transformers' do.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
+        }
         written.push(path);
     }
     if count > 1 {

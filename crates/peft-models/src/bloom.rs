@@ -29,7 +29,7 @@ use peft_core::{
 
 use crate::layers::{
     LayerNorm, WeightLoader, attend, attend_packed, attention_allowed, check_input, extend_cache,
-    full_mask, gelu_tanh, split_qkv, tied_logits,
+    full_mask, gelu_tanh, output_loss, split_qkv, tied_logits,
 };
 
 /// BLOOM's `config.json` fields that the forward pass uses.
@@ -346,23 +346,13 @@ impl<A: LayerAdapter> BloomBlock<A> {
     }
 }
 
-impl<A: LayerAdapter> CausalLm for Bloom<A> {
-    type Adapter = A;
-    type WithAdapter<B: LayerAdapter> = Bloom<B>;
-
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
-    fn modules(&self) -> Vec<ModuleInfo> {
-        bloom_modules(&self.spec)
-    }
-
-    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.transformer.word_embeddings.forward(ids)
-    }
-
-    fn forward(&self, input: ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+impl<A: LayerAdapter> Bloom<A> {
+    /// The final hidden states after `ln_f`, `[batch, n_virtual + seq, hidden]`.
+    fn final_hidden(
+        &self,
+        input: ModelInput,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor<3>> {
         let (_, _) = check_input(&input.input_ids, &input.attention_mask)?;
         let mut x = self.embed_tokens(input.input_ids);
         let n_virtual = match input.virtual_tokens {
@@ -401,11 +391,43 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
         if let Some(c) = cache {
             c.mask = Some(mask);
         }
-        let x = self.transformer.ln_f.forward(x);
+        Ok(self.transformer.ln_f.forward(x))
+    }
+}
+
+impl<A: LayerAdapter> CausalLm for Bloom<A> {
+    type Adapter = A;
+    type WithAdapter<B: LayerAdapter> = Bloom<B>;
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        bloom_modules(&self.spec)
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.transformer.word_embeddings.forward(ids)
+    }
+
+    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        let x = self.final_hidden(input, cache)?;
         Ok(match &self.lm_head {
             Some(head) => head.forward(x),
             None => tied_logits(x, self.transformer.word_embeddings.base.weight.val()),
         })
+    }
+
+    fn forward_loss(
+        &self,
+        input: ModelInput,
+        cache: Option<&mut KvCache>,
+        labels: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
+        let x = self.final_hidden(input, cache)?;
+        let table = &self.transformer.word_embeddings.base.weight;
+        Ok(output_loss(x, self.lm_head.as_ref(), table, labels, None))
     }
 
     fn map_layers<B: LayerAdapter>(

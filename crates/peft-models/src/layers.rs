@@ -627,6 +627,41 @@ pub fn output_logits<A: LayerAdapter>(
     }
 }
 
+/// The mean next-token loss of the final hidden states against `labels` — the loss of
+/// [`output_logits`] (soft-capped by `softcap` when given) — computed over row blocks without
+/// whole logits where the projection is frozen and plain (see
+/// [`peft_core::chunked_loss`]); from whole logits otherwise (a trained or adapted `lm_head`,
+/// a GPU backend).
+pub fn output_loss<A: LayerAdapter>(
+    hidden: Tensor<3>,
+    lm_head: Option<&AdaptableLinear<A>>,
+    table: &Param<Tensor<2>>,
+    labels: Tensor<2, Int>,
+    softcap: Option<f64>,
+) -> Tensor<1> {
+    let weight = match lm_head {
+        Some(head) => head.frozen_dense_weight(),
+        None => {
+            let table = table.val();
+            (!table.is_require_grad() && table.dtype() == burn::tensor::DType::F32)
+                .then(|| table.transpose())
+        }
+    };
+    let cap = softcap.map(|c| c as f32);
+    if let Some(weight) = weight
+        && let Some(loss) =
+            peft_core::loss::linear_causal_lm_loss(hidden.clone(), weight, cap, labels.clone())
+    {
+        return loss;
+    }
+    let logits = output_logits(hidden, lm_head, table);
+    let logits = match softcap {
+        Some(cap) => (logits / cap).tanh() * cap,
+        None => logits,
+    };
+    peft_core::loss::causal_lm_loss(logits, labels)
+}
+
 /// A frozen `lm_head` holding a copy of the embedding `table` (`[vocab, hidden]`), for a tied
 /// model whose input embeddings are about to be trained apart from its output projection.
 pub fn untied_head<A: LayerAdapter>(table: &Param<Tensor<2>>) -> AdaptableLinear<A> {

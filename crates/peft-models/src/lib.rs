@@ -303,6 +303,20 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         }
     }
 
+    fn forward_loss(
+        &self,
+        input: ModelInput,
+        cache: Option<&mut KvCache>,
+        labels: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
+        match self {
+            Self::Bloom(m) => m.forward_loss(input, cache, labels),
+            Self::Llama(m) => m.forward_loss(input, cache, labels),
+            Self::Gemma2(m) => m.forward_loss(input, cache, labels),
+            Self::Phi3(m) => m.forward_loss(input, cache, labels),
+        }
+    }
+
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         match self {
             Self::Bloom(m) => m.embed_tokens(ids),

@@ -31,7 +31,7 @@ use peft_core::{
 
 use crate::layers::{
     RmsNorm, WeightLoader, attend, check_input, decoder_pass, extend_cache, output_logits,
-    untied_head,
+    output_loss, untied_head,
 };
 use crate::rope::{RopeTables, Rotary, apply_rope};
 
@@ -351,6 +351,25 @@ impl<A: LayerAdapter> Phi3Layer<A> {
     }
 }
 
+impl<A: LayerAdapter> Phi3<A> {
+    /// The normed final hidden states `[batch, n_virtual + seq, hidden]`, before `lm_head`.
+    fn final_hidden(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        check_input(&input.input_ids, &input.attention_mask)?;
+        let x = decoder_pass(
+            self.embed_tokens(input.input_ids),
+            input.virtual_tokens,
+            &input.attention_mask,
+            cache,
+            &self.windows,
+            &self.rotary,
+            |i, x, rope, allowed, slot| {
+                self.model.layers[i].forward(x, &self.spec, rope, allowed, slot)
+            },
+        );
+        Ok(self.model.norm.forward(x))
+    }
+}
+
 impl<A: LayerAdapter> CausalLm for Phi3<A> {
     type Adapter = A;
     type WithAdapter<B: LayerAdapter> = Phi3<B>;
@@ -368,21 +387,20 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
     }
 
     fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
-        check_input(&input.input_ids, &input.attention_mask)?;
-        let x = decoder_pass(
-            self.embed_tokens(input.input_ids),
-            input.virtual_tokens,
-            &input.attention_mask,
-            cache,
-            &self.windows,
-            &self.rotary,
-            |i, x, rope, allowed, slot| {
-                self.model.layers[i].forward(x, &self.spec, rope, allowed, slot)
-            },
-        );
-        let x = self.model.norm.forward(x);
+        let x = self.final_hidden(input, cache)?;
         let table = &self.model.embed_tokens.base.weight;
         Ok(output_logits(x, self.lm_head.as_ref(), table))
+    }
+
+    fn forward_loss(
+        &self,
+        input: ModelInput,
+        cache: Option<&mut KvCache>,
+        labels: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
+        let x = self.final_hidden(input, cache)?;
+        let table = &self.model.embed_tokens.base.weight;
+        Ok(output_loss(x, self.lm_head.as_ref(), table, labels, None))
     }
 
     fn map_layers<B: LayerAdapter>(

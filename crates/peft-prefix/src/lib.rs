@@ -247,6 +247,28 @@ impl<M: CausalLm> CausalLm for PrefixTuning<M> {
         }
     }
 
+    fn forward_loss(
+        &self,
+        input: ModelInput,
+        cache: Option<&mut KvCache>,
+        labels: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
+        let batch = input.input_ids.dims()[0];
+        match cache {
+            Some(cache) if cache.past_len() > 0 => {
+                self.base.forward_loss(input, Some(cache), labels)
+            }
+            Some(cache) => {
+                *cache = KvCache::from_prefix(self.layer_kv(batch));
+                self.base.forward_loss(input, Some(cache), labels)
+            }
+            None => {
+                let mut local = KvCache::from_prefix(self.layer_kv(batch));
+                self.base.forward_loss(input, Some(&mut local), labels)
+            }
+        }
+    }
+
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         self.base.embed_tokens(ids)
     }

@@ -15,7 +15,6 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, OptimizerRecord
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use peft_core::loss::causal_lm_loss;
 use peft_core::params::{ParamUpdate, map_params, named_params, named_values, with_stable_ids};
 use peft_core::tensors::{TensorStore, save_safetensors, write_atomic};
 use peft_core::{AdapterModel, CausalLm, ModelInput, PeftError};
@@ -278,7 +277,7 @@ pub fn evaluate<M: CausalLm>(
         let items: Vec<&Tokenized> = chunk.iter().collect();
         let batch = collate(&items, pad_id);
         let (ids, mask, labels) = to_device(&batch, &device);
-        let logits = model.forward(ModelInput::with_mask(ids, mask), None)?;
+
         let n = batch
             .labels
             .chunks(batch.shape[1])
@@ -292,7 +291,9 @@ pub fn evaluate<M: CausalLm>(
         if n == 0 {
             continue;
         }
-        let loss: f32 = causal_lm_loss(logits, labels).into_scalar();
+        let loss: f32 = model
+            .forward_loss(ModelInput::with_mask(ids, mask), None, labels)?
+            .into_scalar();
         total += loss as f64 * n as f64;
         count += n;
     }
@@ -303,46 +304,81 @@ pub fn evaluate<M: CausalLm>(
     })
 }
 
-/// The gradients scaled down to `max_norm` when their global L2 norm is above it (PyTorch's
-/// `clip_grad_norm_`), and that norm before clipping.
-fn clip_global_norm(
+/// Runs `$body` with `$g` bound to the gradient of parameter `$p` at its own rank (1 to 4;
+/// the trainable parameters of every method have one of these ranks).
+macro_rules! with_rank {
+    ($p:expr, |$rank:ident| $body:block) => {
+        match $p.shape.len() {
+            1 => {
+                const $rank: usize = 1;
+                $body
+            }
+            2 => {
+                const $rank: usize = 2;
+                $body
+            }
+            3 => {
+                const $rank: usize = 3;
+                $body
+            }
+            4 => {
+                const $rank: usize = 4;
+                $body
+            }
+            _ => {}
+        }
+    };
+}
+
+/// The sum of squares of every gradient, as a one-element tensor left on the device (read
+/// together with the loss: one device → host read per step).
+fn squared_norm(
+    grads: &GradientsParams,
+    params: &[peft_core::params::NamedParam],
+    device: &burn::tensor::Device,
+) -> Tensor<1> {
+    let mut sum = Tensor::<1>::zeros([1], device);
+    for p in params {
+        with_rank!(p, |D| {
+            if let Some(g) = grads.get::<D>(p.id) {
+                sum = sum + g.square().sum();
+            }
+        });
+    }
+    sum
+}
+
+/// Every gradient multiplied by `scale` (on the device).
+fn scale_grads(
     mut grads: GradientsParams,
     params: &[peft_core::params::NamedParam],
-    max_norm: f64,
-) -> (GradientsParams, f64) {
-    let mut sum = 0f64;
+    scale: f64,
+) -> GradientsParams {
     for p in params {
-        let sq = match p.shape.len() {
-            1 => grads
-                .get::<1>(p.id)
-                .map(|g| g.square().sum().into_scalar::<f32>()),
-            2 => grads
-                .get::<2>(p.id)
-                .map(|g| g.square().sum().into_scalar::<f32>()),
-            _ => None,
-        };
-        sum += sq.unwrap_or(0.0) as f64;
-    }
-    let norm = sum.sqrt();
-    let scale = max_norm / (norm + 1e-6);
-    if scale < 1.0 {
-        for p in params {
-            match p.shape.len() {
-                1 => {
-                    if let Some(g) = grads.remove::<1>(p.id) {
-                        grads.register(p.id, g * scale);
-                    }
-                }
-                2 => {
-                    if let Some(g) = grads.remove::<2>(p.id) {
-                        grads.register(p.id, g * scale);
-                    }
-                }
-                _ => {}
+        with_rank!(p, |D| {
+            if let Some(g) = grads.remove::<D>(p.id) {
+                grads.register(p.id, g * scale);
             }
-        }
+        });
     }
-    (grads, norm)
+    grads
+}
+
+/// `acc + grads`, parameter by parameter.
+fn add_grads(
+    mut acc: GradientsParams,
+    grads: &GradientsParams,
+    params: &[peft_core::params::NamedParam],
+) -> GradientsParams {
+    for p in params {
+        with_rank!(p, |D| {
+            if let Some(g) = grads.get::<D>(p.id) {
+                let sum = acc.remove::<D>(p.id).map_or(g.clone(), |a| a + g);
+                acc.register(p.id, sum);
+            }
+        });
+    }
+    acc
 }
 
 /// The checkpoint folders of `output_dir`, oldest first.
@@ -476,7 +512,7 @@ pub fn train<A: AdapterModel>(
     };
     while state.global_step < total {
         let started = Instant::now();
-        let mut step_loss = 0f64;
+        let mut step_loss: Option<Tensor<1>> = None;
         let mut tokens = 0usize;
         let mut accumulated: Option<GradientsParams> = None;
         for _ in 0..micro_per_step {
@@ -496,38 +532,37 @@ pub fn train<A: AdapterModel>(
             device.seed(micro_batch_seed(seed, micro_index));
             micro_index += 1;
             let (ids, mask, labels) = to_device(&host, &device);
-            let logits = adapter
-                .model()
-                .forward(ModelInput::with_mask(ids, mask), None)?;
-            let loss = causal_lm_loss(logits, labels) / micro_per_step as f64;
-            let value: f32 = loss.clone().into_scalar();
-            step_loss += value as f64;
+            let loss =
+                adapter
+                    .model()
+                    .forward_loss(ModelInput::with_mask(ids, mask), None, labels)?
+                    / micro_per_step as f64;
+            let detached = loss.clone().detach();
+            step_loss = Some(match step_loss {
+                None => detached,
+                Some(sum) => sum + detached,
+            });
             let grads = GradientsParams::from_grads(loss.backward(), adapter.model());
             accumulated = Some(match accumulated {
                 None => grads,
-                Some(mut acc) => {
-                    for p in &params {
-                        match p.shape.len() {
-                            1 => {
-                                if let Some(g) = grads.get::<1>(p.id) {
-                                    let sum = acc.remove::<1>(p.id).map_or(g.clone(), |a| a + g);
-                                    acc.register(p.id, sum);
-                                }
-                            }
-                            2 => {
-                                if let Some(g) = grads.get::<2>(p.id) {
-                                    let sum = acc.remove::<2>(p.id).map_or(g.clone(), |a| a + g);
-                                    acc.register(p.id, sum);
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    acc
-                }
+                Some(acc) => add_grads(acc, &grads, &params),
             });
         }
-        let loss = step_loss as f32;
+        let mut grads = accumulated.expect("at least one micro-batch");
+        let device = adapter.model().device();
+        let step_loss = step_loss.expect("at least one micro-batch");
+        // The step's only device → host read: its loss and, when clipping, the gradients'
+        // squared norm.
+        let read = match config.max_grad_norm {
+            Some(_) => Tensor::cat(vec![step_loss, squared_norm(&grads, &params, &device)], 0),
+            None => step_loss,
+        };
+        let values: Vec<f32> = read
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
+        let loss = values.first().copied().unwrap_or(f32::NAN);
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step: state.global_step + 1,
@@ -535,11 +570,14 @@ pub fn train<A: AdapterModel>(
                 last_checkpoint,
             });
         }
-        let mut grads = accumulated.expect("at least one micro-batch");
         let mut grad_norm = None;
         if let Some(max_norm) = config.max_grad_norm {
-            let (clipped, norm) = clip_global_norm(grads, &params, max_norm);
-            grads = clipped;
+            // PyTorch's clip_grad_norm_: scaled down when the global L2 norm is above max_norm.
+            let norm = (values.get(1).copied().unwrap_or(0.0) as f64).sqrt();
+            let scale = max_norm / (norm + 1e-6);
+            if scale < 1.0 {
+                grads = scale_grads(grads, &params, scale);
+            }
             grad_norm = Some(norm);
         }
         let lr = config.lr_at(state.global_step, total);
