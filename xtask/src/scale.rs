@@ -1,5 +1,5 @@
 //! `cargo xtask bench --scale [--vs-pytorch] [--python PATH] [--models a,b] [--cases a,b]
-//! [--steps N]`: the real-size bench. Generates the checkpoints once into `target/scale/`
+//! [--steps N] [--pytorch-cases a,b]`: the real-size bench. Generates the checkpoints once into `target/scale/`
 //! (`peft-bench make-scale-model`: random bf16 weights, sharded), then runs every scale case of
 //! peft-bench — and, with `--vs-pytorch`, `bench/bench_scale_pytorch.py` on the same folder —
 //! each in its own process, and prints one table row per phase: seconds and peak RSS, ours /
@@ -24,6 +24,9 @@ pub fn bench_scale(root: &Path, args: &[String]) -> Result<()> {
     };
     let shapes = list("--models", &SHAPES);
     let cases = list("--cases", &CASES);
+    // The PyTorch side of some cases can take very long on a small CPU (bitsandbytes' 4-bit
+    // CPU path): `--pytorch-cases` limits which cases it runs.
+    let pytorch_cases = list("--pytorch-cases", &CASES);
     let steps = flag(args, "--steps").unwrap_or_else(|| "3".into());
     run(Command::new("cargo")
         .args(["build", "--release", "--quiet", "-p", "peft-bench"])
@@ -61,15 +64,19 @@ pub fn bench_scale(root: &Path, args: &[String]) -> Result<()> {
                 &steps,
             ]))?;
             let theirs = match &python {
-                Some(py) => Some(run_json(
+                Some(py) if pytorch_cases.contains(case) => Some(run_json(
                     Command::new(py)
                         .arg(root.join("bench/bench_scale_pytorch.py"))
                         .args([case.as_str(), "--model", &model, "--steps", &steps])
                         .args(["--threads", &threads.to_string()]),
                 )?),
-                None => None,
+                _ => None,
             };
             eprintln!("{shape} {case}: done");
+            eprintln!(
+                "ours: {ours}\ntheirs: {}",
+                theirs.clone().unwrap_or_default()
+            );
             rows.push(serde_json::json!({
                 "model": shape, "case": case, "ours": ours, "pytorch": theirs
             }));

@@ -122,7 +122,25 @@ fn weight_block(
     cols: std::ops::Range<usize>,
     block: &mut [f32],
 ) -> bool {
-    if !handle.weight.dequantize_block(rows, cols, block) {
+    // Rows split over the cores (the product that follows uses them all too).
+    use rayon::prelude::*;
+    let width = cols.len().max(1);
+    let per_task = rows
+        .len()
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(1);
+    let all = block
+        .par_chunks_mut(per_task * width)
+        .enumerate()
+        .map(|(i, part)| {
+            let start = rows.start + i * per_task;
+            let end = (start + per_task).min(rows.end);
+            handle
+                .weight
+                .dequantize_block(start..end, cols.clone(), part)
+        })
+        .collect::<Vec<bool>>();
+    if all.is_empty() || all.contains(&false) {
         return false;
     }
     if handle.bf16 && handle.weight.stored_dtype() != Some(safetensors::Dtype::BF16) {

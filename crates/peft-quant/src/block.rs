@@ -165,6 +165,19 @@ impl Absmax {
         self.len() == 0
     }
 
+    /// The f32 scale of block `b` (as [`to_f32`](Self::to_f32) computes it).
+    pub fn at(&self, b: usize) -> f32 {
+        match self {
+            Absmax::Plain(v) => v[b],
+            Absmax::Nested {
+                codes,
+                nested_absmax,
+                offset,
+                map,
+            } => map[codes[b] as usize] * nested_absmax[b / NESTED_BLOCKSIZE] + offset,
+        }
+    }
+
     /// The f32 scales, de-quantising them when nested (as `dequantize_blockwise` then `+= offset`).
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
@@ -448,6 +461,42 @@ impl peft_core::PackedWeight for Quantized4bit {
         Quantized4bit::storage_bytes(self)
     }
 
+    fn dequantize_block(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) -> bool {
+        let [d_out, d_in] = peft_core::PackedWeight::shape(self);
+        let width = cols.len();
+        if rows.end > d_out || cols.end > d_in || out.len() != rows.len() * width || width == 0 {
+            return false;
+        }
+        let values = self.quant_type.codebook().values;
+        for (row, out) in rows.zip(out.chunks_mut(width)) {
+            // Element `i` of the flat weight: code nibble `i` (high nibble first), scale of
+            // block `i / blocksize` — the same f32 product as `dequantize_into`.
+            let (start, end) = (row * d_in + cols.start, row * d_in + cols.end);
+            let mut i = start;
+            while i < end {
+                let b = i / self.blocksize;
+                let stop = ((b + 1) * self.blocksize).min(end);
+                let scale = self.absmax.at(b);
+                for (k, o) in (i..stop).zip(&mut out[i - start..stop - start]) {
+                    let byte = self.packed[k / 2];
+                    let code = if k.is_multiple_of(2) {
+                        byte >> 4
+                    } else {
+                        byte & 0x0f
+                    };
+                    *o = values[usize::from(code)] * scale;
+                }
+                i = stop;
+            }
+        }
+        true
+    }
+
     fn to_tensors(&self, name: &str) -> Vec<(String, peft_core::HostTensor)> {
         Quantized4bit::to_tensors(self, name)
     }
@@ -483,6 +532,49 @@ mod tests {
         for bad in [0, 16, 48, 100, 8192] {
             let err = check_blocksize(bad).unwrap_err();
             assert!(err.to_string().contains(&bad.to_string()), "{err}");
+        }
+    }
+
+    /// Any block of rows × columns de-quantises to exactly that part of the whole weight, with
+    /// plain and double-quantised scales, blocks straddling rows (an odd row width) and the odd
+    /// element count's last nibble.
+    #[test]
+    fn blocks_equal_the_whole_dequantisation() {
+        use peft_core::PackedWeight;
+        let (rows, cols) = (7, 301);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i * 7919) % 1013) as f32 - 506.0) / 97.0)
+            .collect();
+        for double_quant in [false, true] {
+            let config = QuantConfig {
+                double_quant,
+                ..QuantConfig::default()
+            };
+            let q =
+                Quantized4bit::quantize(&values, &[rows, cols], SourceDtype::F32, config).unwrap();
+            let whole = q.dequantize_f32();
+            for (r, c) in [
+                (0..7, 0..301),
+                (2..5, 13..200),
+                (6..7, 300..301),
+                (1..2, 0..1),
+            ] {
+                let mut out = vec![0.0f32; r.len() * c.len()];
+                assert!(q.dequantize_block(r.clone(), c.clone(), &mut out));
+                let expected: Vec<f32> = r
+                    .clone()
+                    .flat_map(|row| whole[row * cols + c.start..row * cols + c.end].to_vec())
+                    .collect();
+                assert_eq!(
+                    out, expected,
+                    "rows {r:?}, cols {c:?}, double quant {double_quant}"
+                );
+            }
+            let mut out = vec![0.0f32; 4];
+            assert!(
+                !q.dequantize_block(6..8, 0..2, &mut out),
+                "rows past the end"
+            );
         }
     }
 
