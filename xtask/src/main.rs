@@ -227,6 +227,18 @@ fn pool(runs: &[serde_json::Value]) -> Option<serde_json::Value> {
     Some(out)
 }
 
+/// With `--vs-pytorch`: the Python that has PyTorch + PEFT (a note when there is none).
+pub(crate) fn pytorch_if_asked(root: &Path, args: &[String]) -> Option<PathBuf> {
+    if !args.iter().any(|a| a == "--vs-pytorch") {
+        return None;
+    }
+    let found = python_with_peft(root, args);
+    if found.is_none() {
+        eprintln!("PyTorch + PEFT not found (--python PATH): comparison skipped");
+    }
+    found
+}
+
 fn python_with_peft(root: &Path, args: &[String]) -> Option<PathBuf> {
     let candidates = match flag(args, "--python") {
         Some(p) => vec![PathBuf::from(p)],
@@ -274,15 +286,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     }
     run(build.current_dir(root))?;
     let ours_bin = root.join("target/release/peft-bench");
-    let python = if args.iter().any(|a| a == "--vs-pytorch") {
-        let found = python_with_peft(root, args);
-        if found.is_none() {
-            eprintln!("PyTorch + PEFT not found (--python PATH): comparison skipped");
-        }
-        found
-    } else {
-        None
-    };
+    let python = pytorch_if_asked(root, args);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rounds = if quick { 1 } else { 2 };
     let mut rows = Vec::new();

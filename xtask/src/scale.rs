@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{flag, python_with_peft, run, run_json};
+use crate::{flag, pytorch_if_asked, run, run_json};
 
 const SHAPES: [&str; 2] = ["bloom-1b4", "qwen2.5-1.5b"];
 const CASES: [&str; 3] = ["scale-lora", "scale-qlora", "scale-generate"];
@@ -32,15 +32,7 @@ pub fn bench_scale(root: &Path, args: &[String]) -> Result<()> {
         .args(["build", "--release", "--quiet", "-p", "peft-bench"])
         .current_dir(root))?;
     let ours_bin = root.join("target/release/peft-bench");
-    let python = if args.iter().any(|a| a == "--vs-pytorch") {
-        let found = python_with_peft(root, args);
-        if found.is_none() {
-            eprintln!("PyTorch + PEFT not found (--python PATH): comparison skipped");
-        }
-        found
-    } else {
-        None
-    };
+    let python = pytorch_if_asked(root, args);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut rows = Vec::new();
     for shape in &shapes {

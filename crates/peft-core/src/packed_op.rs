@@ -151,60 +151,70 @@ fn weight_block(
     true
 }
 
-/// `x: [rows, in]` → `x · Wᵀ: [rows, out]`, over blocks of the weight's rows (output features):
-/// each block is one product with the whole `k = in`, written into its columns of the output.
-fn blocked_forward(x: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>> {
+/// Calls `product(range, block)` for consecutive blocks of the weight's rows (output features),
+/// each de-quantised into one reused buffer; `false` if the format cannot de-quantise blocks
+/// (then before any call).
+fn over_row_blocks(
+    handle: &PackedHandle,
+    mut product: impl FnMut(std::ops::Range<usize>, &[f32]),
+) -> bool {
     let [d_out, d_in] = handle.weight.shape();
     let block = block_len(d_in, d_out);
     let mut buffer = vec![0.0f32; block.min(d_out) * d_in];
-    let mut out = vec![0.0f32; rows * d_out];
     for start in (0..d_out).step_by(block) {
         let end = (start + block).min(d_out);
         let w = &mut buffer[..(end - start) * d_in];
         if !weight_block(handle, start..end, 0..d_in, w) {
-            return None;
+            return false;
         }
+        product(start..end, w);
+    }
+    true
+}
+
+/// `x: [rows, in]` → `x · Wᵀ: [rows, out]`: each block of output features is one product with
+/// the whole `k = in`, written into its columns of the output.
+fn blocked_forward(x: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>> {
+    let [d_out, d_in] = handle.weight.shape();
+    let mut out = vec![0.0f32; rows * d_out];
+    let done = over_row_blocks(handle, |range, w| {
+        let dims = (rows, range.len(), d_in);
         crate::blas::sgemm_host(
-            (rows, end - start, d_in),
+            dims,
             x,
             d_in,
             w,
             d_in,
             true,
             0.0,
-            &mut out[start..],
+            &mut out[range.start..],
             d_out,
         );
-    }
-    Some(out)
+    });
+    done.then_some(out)
 }
 
-/// `∂y: [rows, out]` → `∂y · W: [rows, in]`, summed over blocks of the weight's rows: each
+/// `∂y: [rows, out]` → `∂y · W: [rows, in]`, summed over the blocks of the weight's rows: each
 /// block is one product with `k` = the block's rows, accumulated into `∂x` (β = 1).
 fn blocked_backward(grad: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>> {
     let [d_out, d_in] = handle.weight.shape();
-    let block = block_len(d_in, d_out);
-    let mut buffer = vec![0.0f32; block.min(d_out) * d_in];
     let mut out = vec![0.0f32; rows * d_in];
-    for start in (0..d_out).step_by(block) {
-        let end = (start + block).min(d_out);
-        let w = &mut buffer[..(end - start) * d_in];
-        if !weight_block(handle, start..end, 0..d_in, w) {
-            return None;
-        }
+    let done = over_row_blocks(handle, |range, w| {
+        let beta = if range.start == 0 { 0.0 } else { 1.0 };
+        let dims = (rows, d_in, range.len());
         crate::blas::sgemm_host(
-            (rows, d_in, end - start),
-            &grad[start..],
+            dims,
+            &grad[range.start..],
             d_out,
             w,
             d_in,
             false,
-            if start == 0 { 0.0 } else { 1.0 },
+            beta,
             &mut out,
             d_in,
         );
-    }
-    Some(out)
+    });
+    done.then_some(out)
 }
 
 impl PackedMatmulBackend for Flex {
