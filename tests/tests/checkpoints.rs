@@ -230,3 +230,85 @@ fn bytes_f32(bytes: &[u8]) -> Vec<f32> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
+
+/// The files of a saved model folder, by name.
+fn folder_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Merging layer by layer inside the writer (`save_merged_with`) writes the same files, byte
+/// for byte, as `merge_and_unload` + `save_pretrained_with`: LoRA (with `modules_to_save`, on an
+/// embedding, with trained biases, over a bf16 base held as stored, over a 4-bit base), IA3
+/// (feed-forward and not), sharded or not.
+#[test]
+fn merging_inside_the_writer_writes_the_same_checkpoint() {
+    let device = device();
+    let options = SaveOptions {
+        max_shard_size: 60_000,
+        ..SaveOptions::default()
+    };
+    let check = |what: &str, base_dir: &Path, streamed: &dyn Fn(&Path), merged: &dyn Fn(&Path)| {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("streamed"), dir.path().join("merged"));
+        streamed(&a);
+        merged(&b);
+        let (fa, fb) = (folder_files(&a), folder_files(&b));
+        assert_eq!(
+            fa.keys().collect::<Vec<_>>(),
+            fb.keys().collect::<Vec<_>>(),
+            "{what}"
+        );
+        for (name, bytes) in &fa {
+            assert!(bytes == &fb[name], "{what}: {name} differs");
+        }
+        let _ = base_dir;
+    };
+    for (adapter, base) in [
+        ("lora-bloom", "bloom-tiny"),
+        ("lora-bloom-mts", "bloom-tiny"),
+        ("lora-llama-emb", "llama-tiny"),
+        ("lora-bloom-bias-all", "bloom-tiny"),
+        ("lora-mistral", "mistral-tiny-bf16"),
+        ("lora-bloom", "bloom-tiny-nf4"),
+    ] {
+        let base_dir = model_dir(base);
+        let lora = || {
+            let model = peft_models::load(&base_dir, &device).unwrap();
+            from_pretrained(model, adapter_dir(adapter), true).unwrap()
+        };
+        check(
+            &format!("{adapter} on {base}"),
+            &base_dir,
+            &|out| peft_models::save_merged_with(&lora().model, &base_dir, out, &options).unwrap(),
+            &|out| {
+                let merged = lora().merge_and_unload().unwrap();
+                peft_models::save_pretrained_with(&merged, &base_dir, out, &options).unwrap()
+            },
+        );
+    }
+    for adapter in ["ia3-bloom", "ia3-llama"] {
+        let base_dir = model_dir(peft_tests::base_of(adapter));
+        let ia3 = || {
+            let model = peft_models::load(&base_dir, &device).unwrap();
+            peft_ia3::from_pretrained(model, adapter_dir(adapter), true).unwrap()
+        };
+        check(
+            adapter,
+            &base_dir,
+            &|out| peft_models::save_merged_with(&ia3().model, &base_dir, out, &options).unwrap(),
+            &|out| {
+                let merged = ia3().merge_and_unload().unwrap();
+                peft_models::save_pretrained_with(&merged, &base_dir, out, &options).unwrap()
+            },
+        );
+    }
+}

@@ -9,7 +9,8 @@
 //!   heads, intermediate 8960, vocab 151936, tied; 1.54 B parameters). Tensors are generated and
 //!   written one at a time.
 //! * `scale-lora --model DIR [--steps N]`: load → N LoRA steps (r = 8 on PEFT's default
-//!   targets, AdamW, batch 1 × 256) → merge → save (bf16, the base's dtype).
+//!   targets, AdamW, batch 1 × 256) → merge + save (bf16, the base's dtype; each layer merged
+//!   as the writer reaches it, as `peft train` writes `merged/`).
 //! * `scale-qlora --model DIR [--steps N]`: the same over the NF4 + double-quant base.
 //! * `scale-generate --model DIR`: load → greedy generation of 32 tokens with the KV cache.
 //!
@@ -193,9 +194,11 @@ pub fn train(
     reset_peak_rss();
     let started = Instant::now();
     let out = std::env::temp_dir().join(format!("peft-scale-merged-{}", std::process::id()));
-    let trained = peft_lora::LoraModel { model, ..lora };
-    let merged = trained.merge_and_unload().map_err(|e| e.to_string())?;
-    peft_models::save_pretrained(&merged.valid(), dir, &out).map_err(|e| e.to_string())?;
+    drop(lora);
+    // As `peft train` writes merged/: each layer merged when the writer reaches it.
+    let options = peft_models::SaveOptions::default();
+    peft_models::save_merged_with(&model.valid(), dir, &out, &options)
+        .map_err(|e| e.to_string())?;
     let merged_bytes: u64 = std::fs::read_dir(&out)
         .map(|d| {
             d.flatten()

@@ -422,9 +422,15 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     let save = args.save.options()?;
     let device = device(&args.device)?;
     let base = load_base(&args.model, &device, &Default::default())?;
-    let merged = load_adapter(base, &args.adapter)?.merge_and_unload()?;
-    peft_models::save_pretrained_with(&merged, &args.model, &args.output, &save)
-        .with_context(|| format!("writing merged model to {}", args.output.display()))?;
+    // Merged layer by layer as the checkpoint is written: never a whole merged copy in memory.
+    let (model, out) = (&args.model, &args.output);
+    match load_adapter(base, &args.adapter)? {
+        Loaded::Plain(m) => peft_models::save_merged_with(m.as_ref(), model, out, &save),
+        Loaded::Lora(l) => peft_models::save_merged_with(&l.model, model, out, &save),
+        Loaded::Ia3(m) => peft_models::save_merged_with(&m.model, model, out, &save),
+        refused => return refused.merge_and_unload().map(|_| ()),
+    }
+    .with_context(|| format!("writing merged model to {}", args.output.display()))?;
     eprintln!("merged model written to {}", args.output.display());
     Ok(())
 }

@@ -298,20 +298,20 @@ where
     let save_options = args.save.options()?;
     if args.no_merged {
         eprintln!("no merged model: --no-merged");
+    } else if matches!(args.method.as_str(), "prompt" | "ptuning" | "prefix") {
+        // Prompt learning has nothing to merge: the adapter is the result.
+        eprintln!(
+            "no merged model: {} keeps its virtual tokens outside the weights",
+            args.method
+        );
     } else {
-        match trained.merge_and_unload() {
-            Ok(merged) => peft_models::save_pretrained_with(
-                &merged.valid(),
-                model_dir,
-                &merged_dir,
-                &save_options,
-            )?,
-            // Prompt learning has nothing to merge: the adapter is the result.
-            Err(peft_core::PeftError::Unsupported(reason)) => {
-                eprintln!("no merged model: {reason}")
-            }
-            Err(e) => return Err(e.into()),
-        }
+        // Merged layer by layer as the checkpoint is written: never a whole merged copy.
+        peft_models::save_merged_with(
+            &trained.model().valid(),
+            model_dir,
+            &merged_dir,
+            &save_options,
+        )?;
     }
     let total = config.total_steps(train_tokens.len());
     let curve = peft_train::plot::curve(&summary.history, config, total);

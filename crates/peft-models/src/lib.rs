@@ -61,7 +61,7 @@ pub use gemma2::{Gemma2, Gemma2Config};
 pub use generate::{Decoding, GenerateOptions, generate};
 pub use llama::{Llama, LlamaConfig};
 pub use phi3::{Phi3, Phi3Config};
-pub use save::{SaveOptions, save_pretrained, save_pretrained_with};
+pub use save::{SaveOptions, save_merged_with, save_pretrained, save_pretrained_with};
 pub use tokenizer::Tokenizer;
 
 /// The network a `model_type` runs on.

@@ -113,7 +113,30 @@ pub fn save_pretrained_with<M: CausalLm<Adapter = NoAdapter>>(
     out_dir: impl AsRef<Path>,
     options: &SaveOptions,
 ) -> Result<()> {
-    let (source_dir, out_dir) = (source_dir.as_ref(), out_dir.as_ref());
+    let none = std::collections::HashSet::new();
+    write_model(
+        model,
+        source_dir.as_ref(),
+        out_dir.as_ref(),
+        options,
+        &none,
+        std::iter::empty(),
+    )
+}
+
+/// A tensor produced by a closure: name, PyTorch-order shape, f32 values.
+type ExtraTensor<'a> = (String, Vec<usize>, Box<dyn Fn() -> Result<Vec<f32>> + 'a>);
+
+/// The checkpoint of `model`'s parameters (adapter parameters and the names in `skip` left
+/// out) and packed layers (those under a skipped `….weight` left out), plus `extra` tensors.
+fn write_model<'a, M: CausalLm>(
+    model: &M,
+    source_dir: &Path,
+    out_dir: &Path,
+    options: &SaveOptions,
+    skip: &std::collections::HashSet<String>,
+    extra: impl Iterator<Item = ExtraTensor<'a>>,
+) -> Result<()> {
     let config_path = source_dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
     let mut config: serde_json::Value =
@@ -133,6 +156,10 @@ pub fn save_pretrained_with<M: CausalLm<Adapter = NoAdapter>>(
     }
     let mut pending: Vec<PendingTensor> = Vec::new();
     for value in lazy_values(model) {
+        let is_adapter = value.name.contains(".adapter.") || value.name.starts_with("adapter.");
+        if is_adapter || skip.contains(&value.name) {
+            continue;
+        }
         pending.push(PendingTensor {
             name: value.name.clone(),
             dtype,
@@ -144,6 +171,9 @@ pub fn save_pretrained_with<M: CausalLm<Adapter = NoAdapter>>(
     // de-quantised, or as their stored bytes when those are already in the dtype written.
     for (path, weight) in packed_weights(model) {
         let name = format!("{path}.weight");
+        if skip.contains(&name) {
+            continue;
+        }
         let key = name.clone();
         pending.push(PendingTensor {
             name,
@@ -160,6 +190,14 @@ pub fn save_pretrained_with<M: CausalLm<Adapter = NoAdapter>>(
             }),
         });
     }
+    for (name, shape, values) in extra {
+        pending.push(PendingTensor {
+            name,
+            dtype,
+            shape,
+            bytes: Box::new(move || f32_to_bytes(dtype, &values()?)),
+        });
+    }
     // Model order would do as well; name order makes the shard split independent of it.
     pending.sort_by(|a, b| a.name.cmp(&b.name));
     let mut metadata = HashMap::new();
@@ -171,6 +209,86 @@ pub fn save_pretrained_with<M: CausalLm<Adapter = NoAdapter>>(
         write_atomic(dir.join("config.json"), json.as_bytes())?;
         copy_side_files(source_dir, dir)
     })
+}
+
+/// Writes `model` with its adapters folded in — the checkpoint `merge_and_unload` followed by
+/// [`save_pretrained_with`] writes, byte for byte — but merges each adapted layer only when the
+/// writer reaches it, so the merged layers never exist all at once (a merge costs the memory of
+/// one layer, not of every targeted layer in f32).
+///
+/// Layer adapters (LoRA, IA3) are merged through [`peft_core::AdaptableLinear::merge`] /
+/// [`peft_core::AdaptableEmbedding::merge`]; trained base parameters (BitFit's biases,
+/// `modules_to_save`) are written as they are. Prompt-learning wrappers hold nothing to merge:
+/// callers refuse them before calling this (their base would be written without the prompt).
+pub fn save_merged_with<M: CausalLm>(
+    model: &M,
+    source_dir: impl AsRef<Path>,
+    out_dir: impl AsRef<Path>,
+    options: &SaveOptions,
+) -> Result<()> {
+    let mut linears = Vec::new();
+    let mut embeddings = Vec::new();
+    model.clone().map_layers::<M::Adapter>(
+        &mut |path: &str, layer: peft_core::AdaptableLinear<M::Adapter>| {
+            if layer.adapter.is_some() && !layer.merged {
+                linears.push((path.to_string(), layer.clone()));
+            }
+            Ok(layer)
+        },
+        &mut |path: &str, embedding: peft_core::AdaptableEmbedding<M::Adapter>| {
+            if embedding.adapter.is_some() && !embedding.merged {
+                embeddings.push((path.to_string(), embedding.clone()));
+            }
+            Ok(embedding)
+        },
+    )?;
+    // Each replaced tensor: its name and how to produce its merged values.
+    type Merged<'a> = Box<dyn Fn() -> Result<Vec<f32>> + 'a>;
+    let mut replaced: Vec<(String, Vec<usize>, Merged)> = Vec::new();
+    let value_of = |values: Vec<peft_core::params::LazyValue>, name: &str| -> Result<Vec<f32>> {
+        match values.into_iter().find(|v| v.name == name) {
+            Some(v) => v.values(),
+            None => Err(PeftError::InvalidInput(format!(
+                "merged layer has no `{name}`"
+            ))),
+        }
+    };
+    for (path, layer) in &linears {
+        let (d_in, d_out) = layer.dims();
+        let has_bias = match &layer.base {
+            peft_core::BaseLinear::Dense(l) => l.bias.is_some(),
+            peft_core::BaseLinear::Packed(p) => p.bias.is_some(),
+        };
+        for (name, shape) in std::iter::once(("weight", vec![d_out, d_in]))
+            .chain(has_bias.then(|| ("bias", vec![d_out])))
+        {
+            let layer = layer.clone();
+            let merged = move || {
+                let dense = layer.clone().merge()?.base.into_dense();
+                value_of(lazy_values(&dense), name)
+            };
+            replaced.push((format!("{path}.{name}"), shape, Box::new(merged)));
+        }
+    }
+    for (path, embedding) in &embeddings {
+        let (num, dim) = embedding.dims();
+        let embedding = embedding.clone();
+        let merged = move || value_of(lazy_values(&embedding.clone().merge()?.base), "weight");
+        replaced.push((format!("{path}.weight"), vec![num, dim], Box::new(merged)));
+    }
+    let skip: std::collections::HashSet<String> =
+        replaced.iter().map(|(name, ..)| name.clone()).collect();
+    let extra = replaced
+        .into_iter()
+        .map(|(name, shape, merged)| (name, shape, merged));
+    write_model(
+        model,
+        source_dir.as_ref(),
+        out_dir.as_ref(),
+        options,
+        &skip,
+        extra,
+    )
 }
 
 /// Copies the [`SIDE_FILES`] of `source_dir` that exist into `out_dir`, each atomically.
