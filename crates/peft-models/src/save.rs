@@ -278,9 +278,7 @@ pub fn save_merged_with<M: CausalLm>(
     }
     let skip: std::collections::HashSet<String> =
         replaced.iter().map(|(name, ..)| name.clone()).collect();
-    let extra = replaced
-        .into_iter()
-        .map(|(name, shape, merged)| (name, shape, merged));
+    let extra = replaced.into_iter();
     write_model(
         model,
         source_dir.as_ref(),
