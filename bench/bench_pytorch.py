@@ -13,6 +13,8 @@ import time
 import torch
 import transformers
 
+from rss import peak_rss, reset_peak_rss
+
 ARGS = sys.argv[1:]
 CASE = ARGS[0]
 # `burn-lora-train` is burn's own LoRA on our side; PyTorch's side of it is plain lora-train.
@@ -57,23 +59,6 @@ def arch_model(arch):
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-
-
-def reset_peak_rss():
-    """Resets the kernel's peak-RSS mark so that the next reading covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def four_bit_model(tmp, compute_dtype=torch.float32):

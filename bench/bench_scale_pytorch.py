@@ -21,6 +21,8 @@ import time
 import torch
 import transformers
 
+from rss import peak_rss, reset_peak_rss
+
 ARGS = sys.argv[1:]
 CASE = ARGS[0]
 MODEL = ARGS[ARGS.index("--model") + 1]
@@ -28,22 +30,6 @@ STEPS = int(ARGS[ARGS.index("--steps") + 1]) if "--steps" in ARGS else 3
 THREADS = int(ARGS[ARGS.index("--threads") + 1]) if "--threads" in ARGS else torch.get_num_threads()
 torch.set_num_threads(THREADS)
 BATCH, SEQ, NEW_TOKENS = 1, 256, 32
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def phase(seconds, **extra):

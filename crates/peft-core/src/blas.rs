@@ -258,29 +258,26 @@ pub fn sgemm_host(
             };
             // SAFETY: as above; `c` does not overlap `a` or `b` (distinct borrows).
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
+                crate::kernels::strided_matmul(
+                    (m, n, k),
                     c.as_mut_ptr(),
-                    1,
-                    ldc as isize,
+                    (ldc as isize, 1),
                     beta != 0.0,
-                    a.as_ptr(),
-                    1,
-                    lda as isize,
-                    b.as_ptr(),
-                    rhs_cs,
-                    rhs_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    (a.as_ptr(), lda as isize, 1),
+                    (b.as_ptr(), rhs_rs, rhs_cs),
                     gemm::Parallelism::Rayon(0),
                 );
             }
         }
+    }
+}
+
+/// The f32 values of a tensor read back to the host, row-major (`None` if they cannot be read
+/// as f32).
+pub(crate) fn host_values<B: Backend>(x: &FloatTensor<B>) -> Option<Vec<f32>> {
+    match burn::tensor::try_read_sync(B::float_into_data(x.clone())) {
+        Some(Ok(data)) => data.try_into_vec::<f32>().ok(),
+        _ => None,
     }
 }
 

@@ -79,10 +79,7 @@ fn blocks<B: BlasMatmulBackend>(
             ],
         );
         let logits = B::blas_matmul(h_block, weight.clone());
-        let mut z = match burn::tensor::try_read_sync(B::float_into_data(logits)) {
-            Some(Ok(data)) => data.try_into_vec::<f32>().unwrap_or_default(),
-            _ => Vec::new(),
-        };
+        let mut z = crate::blas::host_values::<B>(&logits).unwrap_or_default();
         if z.len() != (end - start) * vocab {
             // Unreadable logits (not reached on the CPU backend): NaN losses, no panic.
             losses[start..end].fill(f32::NAN);

@@ -611,15 +611,43 @@ pub struct ScoreMask<'a> {
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` for strided matrices, on the calling thread.
 ///
 /// # Safety
+/// As [`strided_matmul`]'s.
+unsafe fn small_matmul(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (isize, isize),
+    accumulate: bool,
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        strided_matmul(
+            dims,
+            dst,
+            dst_strides,
+            accumulate,
+            lhs,
+            rhs,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` for strided matrices (`(pointer, row stride, column
+/// stride)`) with the `gemm` crate, on `parallelism`'s threads.
+///
+/// # Safety
 /// Each pointer with its strides must address a matrix of the given size inside one live
 /// allocation, and `dst` must not overlap `lhs` or `rhs` or be written by another thread.
-unsafe fn small_matmul(
+pub(crate) unsafe fn strided_matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     (dst_rs, dst_cs): (isize, isize),
     accumulate: bool,
     (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
     (rhs, rhs_rs, rhs_cs): (*const f32, isize, isize),
+    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: the caller's contract; gemm reads `dst` only with `accumulate`.
     unsafe {
@@ -642,7 +670,7 @@ unsafe fn small_matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }

@@ -64,12 +64,11 @@ fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> Fl
     let device = x.device();
     let [rows, _] = x.shape().dims();
     let [d_out, _] = handle.weight.shape();
-    if let Some(values) = host_values::<B>(&x) {
+    if let Some(values) = crate::blas::host_values::<B>(&x) {
         // A decoding step's few rows: read the packed values directly (each byte once). Under
         // bf16 compute only a bf16-held weight qualifies (its values are already what bf16
         // compute multiplies by).
-        let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS
-            && (!handle.bf16 || handle.weight.stored_dtype() == Some(safetensors::Dtype::BF16));
+        let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS && !rounds_to_bf16(handle);
         let out = match direct {
             true => handle.weight.matmul_few_rows(&values, rows),
             false => None,
@@ -87,7 +86,7 @@ fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> Fl
 fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
     let device = grad.device();
     let [rows, _] = grad.shape().dims();
-    if let Some(values) = host_values::<B>(&grad)
+    if let Some(values) = crate::blas::host_values::<B>(&grad)
         && let Some(out) = blocked_backward(&values, rows, handle)
     {
         let [_, d_in] = handle.weight.shape();
@@ -96,12 +95,10 @@ fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -
     B::blas_matmul(grad, dense::<B>(handle, &device))
 }
 
-/// The f32 values of a CPU tensor, row-major (`None` if they cannot be read as f32).
-fn host_values<B: Backend>(x: &FloatTensor<B>) -> Option<Vec<f32>> {
-    match burn::tensor::try_read_sync(B::float_into_data(x.clone())) {
-        Some(Ok(data)) => data.try_into_vec::<f32>().ok(),
-        _ => None,
-    }
+/// Whether the de-quantised values must still be rounded to bf16: bf16 compute over a format
+/// not already held in bf16.
+fn rounds_to_bf16(handle: &PackedHandle) -> bool {
+    handle.bf16 && handle.weight.stored_dtype() != Some(safetensors::Dtype::BF16)
 }
 
 /// Elements of one de-quantised block: 1 Mi f32 (4 MiB, inside the last-level cache), so that
@@ -143,7 +140,7 @@ fn weight_block(
     if all.is_empty() || all.contains(&false) {
         return false;
     }
-    if handle.bf16 && handle.weight.stored_dtype() != Some(safetensors::Dtype::BF16) {
+    if rounds_to_bf16(handle) {
         for v in block.iter_mut() {
             *v = half::bf16::from_f32(*v).to_f32();
         }

@@ -32,7 +32,7 @@ impl NamedParam {
 
     /// Whether this parameter belongs to an adapter rather than the base model.
     pub fn is_adapter(&self) -> bool {
-        self.name.contains(".adapter.") || self.name.starts_with("adapter.")
+        is_adapter_name(&self.name)
     }
 
     /// Shape in PyTorch's layout.
@@ -181,7 +181,17 @@ pub struct LazyValue {
     read: Box<dyn Fn() -> crate::Result<Vec<f32>> + Send + Sync>,
 }
 
+/// Whether a Hugging Face parameter name belongs to an adapter rather than the base model.
+fn is_adapter_name(name: &str) -> bool {
+    name.contains(".adapter.") || name.starts_with("adapter.")
+}
+
 impl LazyValue {
+    /// Whether this parameter belongs to an adapter rather than the base model.
+    pub fn is_adapter(&self) -> bool {
+        is_adapter_name(&self.name)
+    }
+
     /// The values in PyTorch's layout, as f32 (a linear weight transposed back to `[out, in]`).
     pub fn values(&self) -> crate::Result<Vec<f32>> {
         (self.read)()

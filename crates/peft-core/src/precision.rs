@@ -99,6 +99,25 @@ pub enum HalfDtype {
     F16,
 }
 
+impl HalfDtype {
+    /// The format of a checkpoint tensor's dtype, if it is a 16-bit float.
+    pub fn from_safetensors(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::BF16 => Some(HalfDtype::Bf16),
+            Dtype::F16 => Some(HalfDtype::F16),
+            _ => None,
+        }
+    }
+
+    /// The checkpoint dtype of this format.
+    pub fn safetensors(self) -> Dtype {
+        match self {
+            HalfDtype::Bf16 => Dtype::BF16,
+            HalfDtype::F16 => Dtype::F16,
+        }
+    }
+}
+
 /// A frozen `[out, in]` weight held in a 16-bit float format on the host (the CPU backend's
 /// memory) and widened to f32 — exactly — for each product: bf16 compute's weights, and the
 /// weights of a bf16/f16 checkpoint held as stored under f32 compute (half the memory of an f32
@@ -141,11 +160,6 @@ impl HalfWeight {
                 .map(|c| u16::from_le_bytes([c[0], c[1]]))
                 .collect(),
         })
-    }
-
-    /// The format the values are held in.
-    pub fn dtype(&self) -> HalfDtype {
-        self.dtype
     }
 
     /// Widens `bits` into `out` (same length), exactly.
@@ -214,10 +228,7 @@ impl PackedWeight for HalfWeight {
     fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)> {
         let data = self.bits.iter().flat_map(|v| v.to_le_bytes()).collect();
         let tensor = HostTensor {
-            dtype: match self.dtype {
-                HalfDtype::Bf16 => Dtype::BF16,
-                HalfDtype::F16 => Dtype::F16,
-            },
+            dtype: self.dtype.safetensors(),
             shape: self.shape.to_vec(),
             data,
         };
@@ -225,10 +236,7 @@ impl PackedWeight for HalfWeight {
     }
 
     fn stored_dtype(&self) -> Option<Dtype> {
-        Some(match self.dtype {
-            HalfDtype::Bf16 => Dtype::BF16,
-            HalfDtype::F16 => Dtype::F16,
-        })
+        Some(self.dtype.safetensors())
     }
 
     fn dequantize_block(

@@ -680,21 +680,19 @@ pub fn write_folder_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
     }
     std::fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
     // Errors name the files where they were going (`dir/...`), not the temporary folder.
+    let rehome = |path: PathBuf| match path.strip_prefix(&tmp) {
+        Ok(rest) => dir.join(rest),
+        Err(_) => path,
+    };
     let cleanup = |e: PeftError| {
         let _ = std::fs::remove_dir_all(&tmp);
         match e {
             PeftError::Io { path, error } => PeftError::Io {
-                path: path
-                    .strip_prefix(&tmp)
-                    .map(|rest| dir.join(rest))
-                    .unwrap_or(path),
+                path: rehome(path),
                 error,
             },
             PeftError::Safetensors { path, reason } => PeftError::Safetensors {
-                path: path
-                    .strip_prefix(&tmp)
-                    .map(|rest| dir.join(rest))
-                    .unwrap_or(path),
+                path: rehome(path),
                 reason,
             },
             other => other,

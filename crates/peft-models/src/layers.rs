@@ -158,45 +158,30 @@ impl WeightLoader<'_> {
                         self.compute.dtype(),
                     )));
                 }
-                match self.half_as_stored(&key, d_in, d_out, HalfDtype::Bf16)? {
-                    Some(weight) => Arc::new(weight),
-                    None => {
+                // A bf16 checkpoint's bytes are already bf16 compute's weights.
+                match self.stored_half(&key)? {
+                    Some(HalfDtype::Bf16) => {
+                        Arc::new(self.half_as_stored(&key, d_in, d_out, HalfDtype::Bf16)?)
+                    }
+                    _ => {
                         let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
                         Arc::new(HalfWeight::bf16_from_f32([d_out, d_in], &values)?)
                     }
                 }
             }
             // f32 compute over a bf16/f16 checkpoint: the weight stays in its stored 2 bytes
-            // (widened exactly inside each product) unless asked otherwise.
-            None if !self.widen_half
-                && prefix != "lm_head"
-                && supports_packed_matmul(self.device) =>
-            {
-                let stored = match self.store.dtype(&key)? {
-                    safetensors::Dtype::BF16 => Some(HalfDtype::Bf16),
-                    safetensors::Dtype::F16 => Some(HalfDtype::F16),
-                    _ => None,
-                };
-                match stored {
-                    Some(dtype) => match self.half_as_stored(&key, d_in, d_out, dtype)? {
-                        Some(weight) => Arc::new(weight),
-                        None => {
-                            return Ok(AdaptableLinear::plain(
-                                self.linear(prefix, d_in, d_out, bias)?,
-                            ));
-                        }
-                    },
+            // (widened exactly inside each product) unless asked otherwise; else dense f32.
+            None => {
+                let hold =
+                    !self.widen_half && prefix != "lm_head" && supports_packed_matmul(self.device);
+                match hold.then(|| self.stored_half(&key)).transpose()?.flatten() {
+                    Some(dtype) => Arc::new(self.half_as_stored(&key, d_in, d_out, dtype)?),
                     None => {
                         return Ok(AdaptableLinear::plain(
                             self.linear(prefix, d_in, d_out, bias)?,
                         ));
                     }
                 }
-            }
-            None => {
-                return Ok(AdaptableLinear::plain(
-                    self.linear(prefix, d_in, d_out, bias)?,
-                ));
             }
         };
         let bias = if bias {
@@ -218,23 +203,21 @@ impl WeightLoader<'_> {
         })))
     }
 
-    /// `{key}` read as stored when the checkpoint holds it in `dtype` (`None` otherwise), its
-    /// shape checked; the mapped bytes are released once copied.
+    /// The 16-bit format `{key}` is stored in, if it is one.
+    fn stored_half(&self, key: &str) -> Result<Option<HalfDtype>> {
+        Ok(HalfDtype::from_safetensors(self.store.dtype(key)?))
+    }
+
+    /// `{key}`, stored in `dtype`, read as stored with its shape checked; the mapped bytes are
+    /// released once copied.
     fn half_as_stored(
         &self,
         key: &str,
         d_in: usize,
         d_out: usize,
         dtype: HalfDtype,
-    ) -> Result<Option<HalfWeight>> {
-        let (bytes, stored, shape) = self.store.raw(key)?;
-        let matches = match dtype {
-            HalfDtype::Bf16 => stored == safetensors::Dtype::BF16,
-            HalfDtype::F16 => stored == safetensors::Dtype::F16,
-        };
-        if !matches {
-            return Ok(None);
-        }
+    ) -> Result<HalfWeight> {
+        let (bytes, _, shape) = self.store.raw(key)?;
         if shape != [d_out, d_in] {
             return Err(PeftError::ShapeMismatch {
                 path: self.store.label(),
@@ -245,7 +228,7 @@ impl WeightLoader<'_> {
         }
         let weight = HalfWeight::from_le_bytes(dtype, [d_out, d_in], bytes)?;
         self.store.release(key);
-        Ok(Some(weight))
+        Ok(weight)
     }
 
     /// A weight stored in bitsandbytes' 4-bit layout, checked against the expected shape.

@@ -113,30 +113,24 @@ pub fn save_pretrained_with<M: CausalLm<Adapter = NoAdapter>>(
     out_dir: impl AsRef<Path>,
     options: &SaveOptions,
 ) -> Result<()> {
-    let none = std::collections::HashSet::new();
-    write_model(
-        model,
-        source_dir.as_ref(),
-        out_dir.as_ref(),
-        options,
-        &none,
-        std::iter::empty(),
-    )
+    // A model without adapters has nothing to merge: the same writer, no layer replaced.
+    save_merged_with(model, source_dir, out_dir, options)
 }
 
 /// A tensor produced by a closure: name, PyTorch-order shape, f32 values.
 type ExtraTensor<'a> = (String, Vec<usize>, Box<dyn Fn() -> Result<Vec<f32>> + 'a>);
 
-/// The checkpoint of `model`'s parameters (adapter parameters and the names in `skip` left
-/// out) and packed layers (those under a skipped `….weight` left out), plus `extra` tensors.
-fn write_model<'a, M: CausalLm>(
+/// The checkpoint of `model`'s base parameters and packed layers, with the tensors of
+/// `replaced` written in place of the ones of the same name (adapter parameters left out).
+fn write_model<M: CausalLm>(
     model: &M,
     source_dir: &Path,
     out_dir: &Path,
     options: &SaveOptions,
-    skip: &std::collections::HashSet<String>,
-    extra: impl Iterator<Item = ExtraTensor<'a>>,
+    replaced: Vec<ExtraTensor<'_>>,
 ) -> Result<()> {
+    let skip: std::collections::HashSet<String> =
+        replaced.iter().map(|(name, ..)| name.clone()).collect();
     let config_path = source_dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| PeftError::io(&config_path, e))?;
     let mut config: serde_json::Value =
@@ -156,8 +150,7 @@ fn write_model<'a, M: CausalLm>(
     }
     let mut pending: Vec<PendingTensor> = Vec::new();
     for value in lazy_values(model) {
-        let is_adapter = value.name.contains(".adapter.") || value.name.starts_with("adapter.");
-        if is_adapter || skip.contains(&value.name) {
+        if value.is_adapter() || skip.contains(&value.name) {
             continue;
         }
         pending.push(PendingTensor {
@@ -190,7 +183,7 @@ fn write_model<'a, M: CausalLm>(
             }),
         });
     }
-    for (name, shape, values) in extra {
+    for (name, shape, values) in replaced {
         pending.push(PendingTensor {
             name,
             dtype,
@@ -242,51 +235,85 @@ pub fn save_merged_with<M: CausalLm>(
             Ok(embedding)
         },
     )?;
-    // Each replaced tensor: its name and how to produce its merged values.
-    type Merged<'a> = Box<dyn Fn() -> Result<Vec<f32>> + 'a>;
-    let mut replaced: Vec<(String, Vec<usize>, Merged)> = Vec::new();
-    let value_of = |values: Vec<peft_core::params::LazyValue>, name: &str| -> Result<Vec<f32>> {
-        match values.into_iter().find(|v| v.name == name) {
-            Some(v) => v.values(),
-            None => Err(PeftError::InvalidInput(format!(
-                "merged layer has no `{name}`"
-            ))),
-        }
-    };
-    for (path, layer) in &linears {
+    let mut replaced: Vec<ExtraTensor> = Vec::new();
+    for (path, layer) in linears {
         let (d_in, d_out) = layer.dims();
         let has_bias = match &layer.base {
             peft_core::BaseLinear::Dense(l) => l.bias.is_some(),
             peft_core::BaseLinear::Packed(p) => p.bias.is_some(),
         };
+        // The layer is merged once, when the first of its tensors is written, and dropped after
+        // the last one (its bias and weight are neighbours in name order).
+        let merged = std::rc::Rc::new(MergedOnce::new(1 + usize::from(has_bias), move || {
+            Ok(lazy_values(&layer.clone().merge()?.base.into_dense()))
+        }));
         for (name, shape) in std::iter::once(("weight", vec![d_out, d_in]))
             .chain(has_bias.then(|| ("bias", vec![d_out])))
         {
-            let layer = layer.clone();
-            let merged = move || {
-                let dense = layer.clone().merge()?.base.into_dense();
-                value_of(lazy_values(&dense), name)
-            };
-            replaced.push((format!("{path}.{name}"), shape, Box::new(merged)));
+            let merged = merged.clone();
+            replaced.push((
+                format!("{path}.{name}"),
+                shape,
+                Box::new(move || merged.values(name)),
+            ));
         }
     }
-    for (path, embedding) in &embeddings {
+    for (path, embedding) in embeddings {
         let (num, dim) = embedding.dims();
-        let embedding = embedding.clone();
-        let merged = move || value_of(lazy_values(&embedding.clone().merge()?.base), "weight");
-        replaced.push((format!("{path}.weight"), vec![num, dim], Box::new(merged)));
+        let merged = MergedOnce::new(1, move || Ok(lazy_values(&embedding.clone().merge()?.base)));
+        replaced.push((
+            format!("{path}.weight"),
+            vec![num, dim],
+            Box::new(move || merged.values("weight")),
+        ));
     }
-    let skip: std::collections::HashSet<String> =
-        replaced.iter().map(|(name, ..)| name.clone()).collect();
-    let extra = replaced.into_iter();
     write_model(
         model,
         source_dir.as_ref(),
         out_dir.as_ref(),
         options,
-        &skip,
-        extra,
+        replaced,
     )
+}
+
+/// One merged layer's parameters, computed on the first request and let go after the last of
+/// `uses` requests.
+struct MergedOnce<F> {
+    merge: F,
+    uses: std::cell::Cell<usize>,
+    cached: std::cell::RefCell<Option<Vec<peft_core::params::LazyValue>>>,
+}
+
+impl<F: Fn() -> Result<Vec<peft_core::params::LazyValue>>> MergedOnce<F> {
+    fn new(uses: usize, merge: F) -> Self {
+        Self {
+            merge,
+            uses: std::cell::Cell::new(uses),
+            cached: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// The merged parameter `name` (`weight` or `bias`), as f32 values in PyTorch's layout.
+    fn values(&self, name: &str) -> Result<Vec<f32>> {
+        let params = match self.cached.borrow_mut().take() {
+            Some(params) => params,
+            None => (self.merge)()?,
+        };
+        let values = match params.iter().find(|v| v.name == name) {
+            Some(v) => v.values()?,
+            None => {
+                return Err(PeftError::InvalidInput(format!(
+                    "merged layer has no `{name}`"
+                )));
+            }
+        };
+        let left = self.uses.get().saturating_sub(1);
+        self.uses.set(left);
+        if left > 0 {
+            *self.cached.borrow_mut() = Some(params);
+        }
+        Ok(values)
+    }
 }
 
 /// Copies the [`SIDE_FILES`] of `source_dir` that exist into `out_dir`, each atomically.
