@@ -43,6 +43,11 @@ pub struct Reference {
 impl Reference {
     /// Reads `reference/<name>.safetensors`.
     pub fn load(name: &str) -> Self {
+        Self::load_logits(name, "logits")
+    }
+
+    /// Reads `reference/<name>.safetensors` with the logits stored under `key`.
+    pub fn load_logits(name: &str, key: &str) -> Self {
         let store = TensorStore::open(
             fixtures()
                 .join("reference")
@@ -51,7 +56,7 @@ impl Reference {
         .expect("reference file");
         let (input_ids, shape) = store.i64("input_ids").unwrap();
         let (attention_mask, _) = store.i64("attention_mask").unwrap();
-        let (logits, lshape) = store.f32("logits").unwrap();
+        let (logits, lshape) = store.f32(key).unwrap();
         Self {
             input_ids,
             attention_mask,

@@ -341,6 +341,26 @@ pub trait LayerAdapter: Module + ModuleDisplay {
         base.forward(ids)
     }
 
+    /// The adapter's additive term alone, `[batch, seq, in]` → `[batch, seq, out]`, for
+    /// methods whose output is `base(x) + Δ(x)` (LoRA); `None` for the others (IA3 scales the
+    /// base output). Several adapters active at once, and batches whose rows use different
+    /// adapters ([`AdapterSet`](crate::adapter_set::AdapterSet)), need it.
+    fn delta_linear(&self, _x: Tensor<3>) -> Option<Tensor<3>> {
+        None
+    }
+
+    /// The additive term of an adapted embedding for `ids: [batch, seq]`, as
+    /// [`delta_linear`](Self::delta_linear).
+    fn delta_embedding(&self, _ids: Tensor<2, Int>) -> Option<Tensor<3>> {
+        None
+    }
+
+    /// Whether [`delta_linear`](Self::delta_linear) and
+    /// [`delta_embedding`](Self::delta_embedding) give this adapter's whole effect.
+    fn is_additive(&self) -> bool {
+        false
+    }
+
     /// Folds the adapter into the base weights (`merge_adapter`).
     fn merge_linear(&self, base: Linear) -> Result<Linear>;
 

@@ -117,6 +117,14 @@ pub enum PeftError {
     /// An adapter does not fit the model it is applied to.
     #[error("adapter does not fit the model: {0}")]
     AdapterMismatch(String),
+    /// A named adapter was asked for that the model does not hold.
+    #[error("no adapter named `{name}` (loaded: {loaded})")]
+    UnknownAdapter {
+        /// The name asked for.
+        name: String,
+        /// The names the model holds, comma-separated.
+        loaded: String,
+    },
     /// A requested feature is recognised but not implemented yet.
     #[error("not supported: {0}")]
     Unsupported(String),

@@ -4,6 +4,7 @@
 //!
 //! * [`adapter`]: the three attachment points (a layer, the input embeddings, the attention
 //!   key/value prefix) and [`AdaptableLinear`];
+//! * [`adapter_set`]: several named adapters on one layer (active sets, mixed-adapter batches);
 //! * [`model`]: the [`CausalLm`] trait models implement, their inputs and KV cache;
 //! * [`config`]: the common part of PEFT's `adapter_config.json`, read leniently;
 //! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
@@ -26,6 +27,7 @@
 
 pub mod adapter;
 pub mod adapter_files;
+pub mod adapter_set;
 pub mod blas;
 pub mod chunked_loss;
 pub mod config;
@@ -48,6 +50,7 @@ pub use adapter::{
     AdaptableEmbedding, AdaptableLinear, AdapterModel, BaseLinear, CodeBlocks, DeviceCodes,
     LayerAdapter, NoAdapter, PackedLinear, PackedWeight,
 };
+pub use adapter_set::{AdapterSet, BASE_ADAPTER, RowAdapters};
 pub use config::{ConfigHeader, PeftType, TargetModules};
 pub use error::{PeftError, Result};
 pub use model::{CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};

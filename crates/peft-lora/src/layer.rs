@@ -39,6 +39,12 @@ impl LoraLinear {
         }
     }
 
+    /// The same pair without dropout (inference).
+    pub fn no_dropout(mut self) -> Self {
+        self.dropout = DropoutConfig::new(0.0).init();
+        self
+    }
+
     /// Rank.
     pub fn rank(&self) -> usize {
         self.lora_a.shape().dims::<2>()[1]
@@ -107,17 +113,24 @@ impl LayerAdapter for LoraLinear {
         {
             return y;
         }
-        // PEFT scales `B(A(x))`; scaling the rank-r intermediate instead is the same product
-        // and costs r columns instead of `out_features` (in both passes).
-        let low_rank = linear(self.dropout.forward(x.clone()), self.lora_a.val(), None);
-        let update = linear(low_rank * self.scaling, self.lora_b.val(), None);
+        let update = self.update(x.clone());
         base.forward(x) + update
     }
 
     fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
-        // PEFT applies no dropout to the ids of an embedding.
-        let rows = embedding(self.lora_a.val(), ids.clone());
-        base.forward(ids) + linear(rows, self.lora_b.val(), None) * self.scaling
+        base.forward(ids.clone()) + self.embedding_update(ids)
+    }
+
+    fn delta_linear(&self, x: Tensor<3>) -> Option<Tensor<3>> {
+        Some(self.update(x))
+    }
+
+    fn delta_embedding(&self, ids: Tensor<2, Int>) -> Option<Tensor<3>> {
+        Some(self.embedding_update(ids))
+    }
+
+    fn is_additive(&self) -> bool {
+        true
     }
 
     fn merge_linear(&self, mut base: Linear) -> Result<Linear> {
@@ -142,6 +155,21 @@ impl LayerAdapter for LoraLinear {
 }
 
 impl LoraLinear {
+    /// `s · B(A(dropout(x)))`, `[batch, seq, in]` → `[batch, seq, out]`.
+    fn update(&self, x: Tensor<3>) -> Tensor<3> {
+        // PEFT scales `B(A(x))`; scaling the rank-r intermediate instead is the same product
+        // and costs r columns instead of `out_features` (in both passes).
+        let low_rank = linear(self.dropout.forward(x), self.lora_a.val(), None);
+        linear(low_rank * self.scaling, self.lora_b.val(), None)
+    }
+
+    /// `s · B(A[ids])` for an embedding, `[batch, seq]` → `[batch, seq, dim]` (PEFT applies no
+    /// dropout to the ids of an embedding).
+    fn embedding_update(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let rows = embedding(self.lora_a.val(), ids);
+        linear(rows, self.lora_b.val(), None) * self.scaling
+    }
+
     /// `W + s · A@B`, refusing non-finite results (PEFT's `safe_merge`, always on).
     fn merged_weight(&self, weight: Param<Tensor<2>>) -> Result<Param<Tensor<2>>> {
         let merged = weight.val() + self.delta_weight();

@@ -10,6 +10,10 @@
 //! * [`get_peft_model`] / [`from_pretrained`] — inject fresh adapters, or load a PEFT adapter folder.
 //! * [`LoraModel`] — `save_pretrained`, `merge_adapter` / `unmerge_adapter`, `merge_and_unload`,
 //!   `unload`, `trainable_summary`.
+//! * [`MultiLoraModel`] — several named adapters on one base: `load_adapter`, `set_adapter`,
+//!   `delete_adapter`, `with_adapters_disabled`, adapters per batch row, `hotswap_adapter`,
+//!   `add_weighted_adapter` ([`combine`]: PEFT's eleven combination types), multi-adapter
+//!   `save_pretrained`.
 //!
 //! ```no_run
 //! use burn::tensor::Device;
@@ -21,10 +25,14 @@
 //! lora.save_pretrained("out/lora").unwrap();
 //! ```
 
+pub mod combine;
 pub mod config;
 pub mod layer;
 pub mod model;
+pub mod multi;
 
+pub use combine::{Combination, CombinationType, MajoritySign};
 pub use config::{InitLoraWeights, LoraBias, LoraConfig};
 pub use layer::{LoraInit, LoraLinear};
 pub use model::{LoraModel, from_pretrained, get_peft_model};
+pub use multi::{DEFAULT_ADAPTER, LoraSet, MultiLoraBase, MultiLoraModel, NamedAdapter};

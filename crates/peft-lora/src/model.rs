@@ -41,27 +41,26 @@ pub trait LoraBase: CausalLm<Adapter = NoAdapter> {}
 impl<M: CausalLm<Adapter = NoAdapter>> LoraBase for M {}
 
 /// Where the A and B of each targeted layer come from.
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     Init(LoraInit),
     File(&'a TensorStore),
 }
 
-fn inject<B: LoraBase>(
-    base: B,
-    config: LoraConfig,
-    source: Source<'_>,
-) -> Result<LoraModel<B::WithAdapter<LoraLinear>>> {
-    config.validate("LoraConfig")?;
-    let spec = base.spec().clone();
-    let modules = base.modules();
-    let targets = config.targets(&spec.model_type)?;
+/// The modules `config` adapts in `modules` (a `model_type` model): `(every targeted path, the
+/// embeddings among them)`; anything but linear layers and embeddings is refused.
+pub(crate) fn select_targets(
+    config: &LoraConfig,
+    model_type: &str,
+    modules: &[peft_core::ModuleInfo],
+) -> Result<(Vec<String>, Vec<String>)> {
+    let targets = config.targets(model_type)?;
     let matcher = ModuleMatcher::new(
         &targets,
         config.exclude_modules.as_ref(),
         config.layers_to_transform.as_ref(),
         config.layers_pattern.as_ref(),
     )?;
-    let chosen = matcher.select(&targets, &modules)?;
+    let chosen = matcher.select(&targets, modules)?;
     if let Some(m) = chosen.iter().find(|m| {
         !matches!(
             m.kind,
@@ -73,12 +72,64 @@ fn inject<B: LoraBase>(
             m.path, m.kind
         )));
     }
-    let targeted: Vec<String> = chosen.iter().map(|m| m.path.clone()).collect();
-    let embedding_targets: Vec<String> = chosen
+    let targeted = chosen.iter().map(|m| m.path.clone()).collect();
+    let embeddings = chosen
         .iter()
         .filter(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
         .map(|m| m.path.clone())
         .collect();
+    Ok((targeted, embeddings))
+}
+
+/// One LoRA pair for the layer at `path`, `[d_in → d_out]` (an embedding is `[num → dim]`), from
+/// the configured init or from PEFT's keys in an adapter file.
+pub(crate) fn make_pair(
+    config: &LoraConfig,
+    source: &Source<'_>,
+    path: &str,
+    (d_in, d_out): (usize, usize),
+    is_embedding: bool,
+    device: &burn::tensor::Device,
+) -> Result<LoraLinear> {
+    let (r, alpha) = config.rank_and_alpha(path);
+    let scaling = config.scaling(r, alpha);
+    // PEFT applies no dropout to an embedding's ids.
+    let dropout = if is_embedding {
+        0.0
+    } else {
+        config.lora_dropout
+    };
+    Ok(match source {
+        Source::Init(init) => LoraLinear::init(d_in, d_out, r, scaling, dropout, *init, device),
+        Source::File(store) => {
+            let (a_key, b_key) = peft_keys(path, is_embedding);
+            let a = store.f32_shaped(&a_key, &[r, d_in])?;
+            let b = store.f32_shaped(&b_key, &[d_out, r])?;
+            let a = burn_linear_weight(&a, [r, d_in], device);
+            let b = burn_linear_weight(&b, [d_out, r], device);
+            LoraLinear::new(a, b, scaling, dropout)
+        }
+    })
+}
+
+/// How `config.init_lora_weights` draws a fresh pair.
+pub(crate) fn init_of(config: &LoraConfig) -> LoraInit {
+    match &config.init_lora_weights {
+        InitLoraWeights::Flag(true) => LoraInit::Default,
+        InitLoraWeights::Flag(false) => LoraInit::Random,
+        InitLoraWeights::Method(_) => LoraInit::Gaussian,
+    }
+}
+
+fn inject<B: LoraBase>(
+    base: B,
+    config: LoraConfig,
+    source: Source<'_>,
+) -> Result<LoraModel<B::WithAdapter<LoraLinear>>> {
+    config.validate("LoraConfig")?;
+    let spec = base.spec().clone();
+    let modules = base.modules();
+    let (targeted, embedding_targets) = select_targets(&config, &spec.model_type, &modules)?;
     let (base, mut saved_params) =
         prepare_modules_to_save(base, config.modules_to_save.as_deref())?;
     for m in &modules {
@@ -95,30 +146,8 @@ fn inject<B: LoraBase>(
 
     let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
     let device = base.device();
-    // One LoRA pair for a layer `[d_in → d_out]` (an embedding is `[num → dim]`), from the
-    // configured init or from PEFT's keys in the adapter file.
-    let make = |path: &str, d_in: usize, d_out: usize, is_embedding: bool| -> Result<LoraLinear> {
-        let (r, alpha) = config.rank_and_alpha(path);
-        let scaling = config.scaling(r, alpha);
-        // PEFT applies no dropout to an embedding's ids.
-        let dropout = if is_embedding {
-            0.0
-        } else {
-            config.lora_dropout
-        };
-        Ok(match &source {
-            Source::Init(init) => {
-                LoraLinear::init(d_in, d_out, r, scaling, dropout, *init, &device)
-            }
-            Source::File(store) => {
-                let (a_key, b_key) = peft_keys(path, is_embedding);
-                let a = store.f32_shaped(&a_key, &[r, d_in])?;
-                let b = store.f32_shaped(&b_key, &[d_out, r])?;
-                let a = burn_linear_weight(&a, [r, d_in], &device);
-                let b = burn_linear_weight(&b, [d_out, r], &device);
-                LoraLinear::new(a, b, scaling, dropout)
-            }
-        })
+    let make = |path: &str, dims: (usize, usize), is_embedding: bool| {
+        make_pair(&config, &source, path, dims, is_embedding, &device)
     };
     let is_target = |path: &str| targeted.iter().any(|t| t == path);
     let mut model = base.map_layers(
@@ -126,15 +155,15 @@ fn inject<B: LoraBase>(
             if !is_target(path) {
                 return Ok(layer.with_adapter(None));
             }
-            let (d_in, d_out) = layer.dims();
-            Ok(layer.with_adapter(Some(make(path, d_in, d_out, false)?)))
+            let dims = layer.dims();
+            Ok(layer.with_adapter(Some(make(path, dims, false)?)))
         },
         &mut |path: &str, layer: AdaptableEmbedding<NoAdapter>| {
             if !is_target(path) {
                 return Ok(layer.with_adapter(None));
             }
-            let (num, dim) = layer.dims();
-            Ok(layer.with_adapter(Some(make(path, num, dim, true)?)))
+            let dims = layer.dims();
+            Ok(layer.with_adapter(Some(make(path, dims, true)?)))
         },
     )?;
     if !saved_params.is_empty() {
@@ -156,11 +185,7 @@ pub fn get_peft_model<B: LoraBase>(
     base: B,
     config: LoraConfig,
 ) -> Result<LoraModel<B::WithAdapter<LoraLinear>>> {
-    let init = match &config.init_lora_weights {
-        InitLoraWeights::Flag(true) => LoraInit::Default,
-        InitLoraWeights::Flag(false) => LoraInit::Random,
-        InitLoraWeights::Method(_) => LoraInit::Gaussian,
-    };
+    let init = init_of(&config);
     inject(base, config, Source::Init(init))
 }
 
@@ -230,7 +255,7 @@ pub fn from_pretrained<B: LoraBase>(
 }
 
 /// PEFT's file keys of a layer's A and B.
-fn peft_keys(path: &str, is_embedding: bool) -> (String, String) {
+pub(crate) fn peft_keys(path: &str, is_embedding: bool) -> (String, String) {
     if is_embedding {
         (
             format!("{KEY_PREFIX}{path}.lora_embedding_A"),

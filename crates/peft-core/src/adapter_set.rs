@@ -1,0 +1,259 @@
+//! Several named adapters on one layer: PEFT's `lora_A["name"]`, `active_adapters` and
+//! `adapter_names` per batch row.
+//!
+//! An [`AdapterSet<A>`] is itself a [`LayerAdapter`], so a model holding named adapters is the
+//! same architecture with `AdapterSet<A>` as its adapter type
+//! (`M::WithAdapter<AdapterSet<LoraLinear>>`); the frozen base and every model file stay as they
+//! are. The forward pass follows PEFT's `LoraLayer.forward`:
+//!
+//! * one active adapter: that adapter's own forward pass (its fused CPU paths included);
+//! * several: `base(x) + Σ Δₐ(x)` in activation order;
+//! * none (disabled): `base(x)`;
+//! * a row assignment ([`AdapterSet::rows`], PEFT's `adapter_names`): `base(x)` for the whole
+//!   batch, then each adapter's term computed once over the rows that name it and added to those
+//!   rows (`_mixed_batch_forward`); rows naming [`BASE_ADAPTER`] get the base alone.
+//!
+//! Several active adapters and row assignments need additive adapters
+//! ([`LayerAdapter::is_additive`]); the model-level API checks that before setting them.
+
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::adapter::{BaseLinear, LayerAdapter};
+use crate::error::Result;
+
+/// The row name that means "no adapter" in a mixed batch (PEFT's `"__base__"`).
+pub const BASE_ADAPTER: &str = "__base__";
+
+/// The adapter each batch row uses (`None`: the base model), shared by every layer of a model.
+pub type RowAdapters = Arc<Vec<Option<String>>>;
+
+/// Named adapters of one layer, with the ones in use.
+#[derive(Module, Debug)]
+pub struct AdapterSet<A: LayerAdapter> {
+    /// The adapters, in the order they were added.
+    pub adapters: Vec<A>,
+    /// `names[i]` names `adapters[i]`.
+    #[module(skip)]
+    pub names: Vec<String>,
+    /// Indices into `adapters` of the active ones, in activation order.
+    #[module(skip)]
+    pub active: Vec<usize>,
+    /// The adapter of each batch row, when a mixed batch is being run; overrides `active`.
+    #[module(skip)]
+    pub rows: Option<RowAdapters>,
+}
+
+impl<A: LayerAdapter> Default for AdapterSet<A> {
+    fn default() -> Self {
+        Self {
+            adapters: Vec::new(),
+            names: Vec::new(),
+            active: Vec::new(),
+            rows: None,
+        }
+    }
+}
+
+impl<A: LayerAdapter> AdapterSet<A> {
+    /// The position of adapter `name`.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// The adapter called `name`.
+    pub fn get(&self, name: &str) -> Option<&A> {
+        self.index(name).map(|i| &self.adapters[i])
+    }
+
+    /// Adds `adapter` as `name`, or replaces the adapter of that name in place (hot-swap); the
+    /// active set is unchanged.
+    pub fn insert(&mut self, name: &str, adapter: A) {
+        match self.index(name) {
+            Some(i) => self.adapters[i] = adapter,
+            None => {
+                self.names.push(name.to_string());
+                self.adapters.push(adapter);
+            }
+        }
+    }
+
+    /// Drops adapter `name` (and its place in the active set); `None` if it is not here.
+    pub fn remove(&mut self, name: &str) -> Option<A> {
+        let i = self.index(name)?;
+        self.names.remove(i);
+        self.active.retain(|&a| a != i);
+        for a in &mut self.active {
+            if *a > i {
+                *a -= 1;
+            }
+        }
+        Some(self.adapters.remove(i))
+    }
+
+    /// Makes the adapters of `names` that this layer holds active, in that order (names it does
+    /// not hold are skipped: PEFT activates an adapter only where it was injected).
+    pub fn set_active(&mut self, names: &[String]) {
+        self.active = names.iter().filter_map(|n| self.index(n)).collect();
+    }
+
+    /// Names of the active adapters, in order.
+    pub fn active_names(&self) -> Vec<&str> {
+        self.active
+            .iter()
+            .map(|&i| self.names[i].as_str())
+            .collect()
+    }
+
+    /// `(index of the adapter, [rows that use it])` for each adapter of this layer that some row
+    /// names.
+    fn row_groups(&self, rows: &[Option<String>]) -> Vec<(usize, Vec<i64>)> {
+        self.names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let picked: Vec<i64> = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.as_deref() == Some(name.as_str()))
+                    .map(|(row, _)| row as i64)
+                    .collect();
+                (!picked.is_empty()).then_some((i, picked))
+            })
+            .collect()
+    }
+
+    /// `out` plus, for each adapter some row names, that adapter's term computed over its rows
+    /// only (`delta(adapter, row indices)`) and added to those rows.
+    fn add_row_terms(
+        &self,
+        mut out: Tensor<3>,
+        rows: &[Option<String>],
+        delta: impl Fn(&A, Option<Tensor<1, Int>>) -> Option<Tensor<3>>,
+    ) -> Tensor<3> {
+        let batch = out.dims()[0];
+        let device = out.device();
+        for (i, picked) in self.row_groups(rows) {
+            let adapter = &self.adapters[i];
+            if picked.len() == batch {
+                if let Some(d) = delta(adapter, None) {
+                    out = out + d;
+                }
+                continue;
+            }
+            let n = picked.len();
+            let index = Tensor::<1, Int>::from_data(TensorData::new(picked, [n]), &device);
+            if let Some(d) = delta(adapter, Some(index.clone())) {
+                out = out.select_assign(0, index, d, IndexingUpdateOp::Add);
+            }
+        }
+        out
+    }
+}
+
+impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
+    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
+        if let Some(rows) = &self.rows {
+            let out = base.forward(x.clone());
+            return self.add_row_terms(out, rows, |a, index| {
+                a.delta_linear(match index {
+                    Some(index) => x.clone().select(0, index),
+                    None => x.clone(),
+                })
+            });
+        }
+        match self.active.as_slice() {
+            [] => base.forward(x),
+            [one] => self.adapters[*one].forward_linear(base, x),
+            many => {
+                let mut out = base.forward(x.clone());
+                for &i in many {
+                    if let Some(d) = self.adapters[i].delta_linear(x.clone()) {
+                        out = out + d;
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
+        if let Some(rows) = &self.rows {
+            let out = base.forward(ids.clone());
+            return self.add_row_terms(out, rows, |a, index| {
+                a.delta_embedding(match index {
+                    Some(index) => ids.clone().select(0, index),
+                    None => ids.clone(),
+                })
+            });
+        }
+        match self.active.as_slice() {
+            [] => base.forward(ids),
+            [one] => self.adapters[*one].forward_embedding(base, ids),
+            many => {
+                let mut out = base.forward(ids.clone());
+                for &i in many {
+                    if let Some(d) = self.adapters[i].delta_embedding(ids.clone()) {
+                        out = out + d;
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn delta_linear(&self, x: Tensor<3>) -> Option<Tensor<3>> {
+        let mut terms = self
+            .active
+            .iter()
+            .filter_map(|&i| self.adapters[i].delta_linear(x.clone()));
+        let first = terms.next()?;
+        Some(terms.fold(first, |sum, d| sum + d))
+    }
+
+    fn delta_embedding(&self, ids: Tensor<2, Int>) -> Option<Tensor<3>> {
+        let mut terms = self
+            .active
+            .iter()
+            .filter_map(|&i| self.adapters[i].delta_embedding(ids.clone()));
+        let first = terms.next()?;
+        Some(terms.fold(first, |sum, d| sum + d))
+    }
+
+    fn is_additive(&self) -> bool {
+        self.adapters.iter().all(|a| a.is_additive())
+    }
+
+    /// Folds the active adapters into the base, in activation order.
+    fn merge_linear(&self, mut base: Linear) -> Result<Linear> {
+        for &i in &self.active {
+            base = self.adapters[i].merge_linear(base)?;
+        }
+        Ok(base)
+    }
+
+    /// Removes the active adapters from the base, in reverse order.
+    fn unmerge_linear(&self, mut base: Linear) -> Result<Linear> {
+        for &i in self.active.iter().rev() {
+            base = self.adapters[i].unmerge_linear(base)?;
+        }
+        Ok(base)
+    }
+
+    fn merge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+        for &i in &self.active {
+            base = self.adapters[i].merge_embedding(base)?;
+        }
+        Ok(base)
+    }
+
+    fn unmerge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+        for &i in self.active.iter().rev() {
+            base = self.adapters[i].unmerge_embedding(base)?;
+        }
+        Ok(base)
+    }
+}
