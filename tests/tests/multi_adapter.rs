@@ -363,3 +363,39 @@ fn delete_merge_hotswap_and_errors() {
     assert!(diff <= 1e-6, "hot-swapped b vs b2: {diff}");
     assert!(logits_diff(&model, "bloom", "logits.b") > 0.01);
 }
+
+/// Greedy generation (KV-cached) of a left-padded batch with one adapter per row gives PEFT's
+/// tokens (`generate(..., adapter_names=[b, __base__])`).
+#[test]
+fn mixed_adapter_generation_matches_peft() {
+    for arch in ["bloom", "llama"] {
+        let mut model = load(arch);
+        let json = peft_tests::reference_json(&format!("multi-{arch}"));
+        let generation = &json["generation"];
+        let ids = |v: &serde_json::Value| -> Vec<Vec<u32>> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    row.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|t| t.as_u64().unwrap() as u32)
+                        .collect()
+                })
+                .collect()
+        };
+        let prompts = ids(&generation["prompt_ids"]);
+        let expected = ids(&generation["new_ids"]);
+        let rows: Vec<&str> = generation["adapter_names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        model.set_row_adapters(Some(&rows)).unwrap();
+        let options = peft_models::GenerateOptions::greedy(expected[0].len(), model.model.spec());
+        let got = peft_models::generate(&model.model, &prompts, &options, |_, _| {}).unwrap();
+        assert_eq!(got, expected, "{arch}: tokens with adapter_names {rows:?}");
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -10,15 +10,17 @@ use peft_bitfit::BitFitConfig;
 use peft_core::tensors::save_safetensors;
 use peft_core::{CausalLm, HostTensor, ModelInput, ModuleKind, NoAdapter, PeftType, TensorStore};
 use peft_ia3::{Ia3Config, Ia3Linear, Ia3Model};
-use peft_lora::{LoraConfig, LoraLinear, LoraModel};
+use peft_lora::{LoraConfig, LoraLinear, LoraModel, LoraSet, MultiLoraModel};
 use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
 
-use crate::{DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs};
+use crate::{CombineArgs, DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs};
 
 /// A base model, possibly with an adapter.
 enum Loaded {
     Plain(Box<AnyModel<NoAdapter>>),
     Lora(Box<LoraModel<AnyModel<LoraLinear>>>),
+    /// Several named LoRA adapters (`--adapter NAME=DIR` repeated, or `--adapter-names`).
+    MultiLora(Box<MultiLoraModel<AnyModel<LoraSet>>>),
     Ia3(Box<Ia3Model<AnyModel<Ia3Linear>>>),
     Prompt(Box<peft_prompt::PromptTuningModel<AnyModel<NoAdapter>>>),
     Prefix(Box<peft_prefix::PrefixTuningModel<AnyModel<NoAdapter>>>),
@@ -31,6 +33,7 @@ impl Loaded {
         Ok(match self {
             Loaded::Plain(m) => *m,
             Loaded::Lora(l) => l.merge_and_unload()?,
+            Loaded::MultiLora(m) => m.merge_and_unload()?,
             Loaded::Ia3(m) => m.merge_and_unload()?,
             Loaded::Prompt(_) => {
                 bail!("--merge: prompt tuning has no weights to merge (run with --adapter alone)")
@@ -55,6 +58,10 @@ macro_rules! with_model {
             }
             Loaded::Lora(ref lora) => {
                 let $m = &lora.model;
+                $body
+            }
+            Loaded::MultiLora(ref multi) => {
+                let $m = &multi.model;
                 $body
             }
             Loaded::Ia3(ref ia3) => {
@@ -126,13 +133,64 @@ fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Loaded> {
     })
 }
 
+/// `--adapter [NAME=]DIR` values as `(name, folder)`: a value naming an existing path is a
+/// folder as it stands; otherwise the text before its first `=` is the adapter's name.
+fn adapter_specs(values: &[String]) -> Vec<(Option<String>, PathBuf)> {
+    values
+        .iter()
+        .map(|v| match v.split_once('=') {
+            Some((name, dir)) if !Path::new(v).exists() => {
+                (Some(name.to_string()), PathBuf::from(dir))
+            }
+            _ => (None, PathBuf::from(v)),
+        })
+        .collect()
+}
+
+/// Several LoRA adapters on `base`, named as given (an unnamed first one is `default`); the
+/// first is active.
+fn load_multi_lora(
+    base: AnyModel<NoAdapter>,
+    specs: &[(Option<String>, PathBuf)],
+) -> Result<MultiLoraModel<AnyModel<LoraSet>>> {
+    let mut multi = MultiLoraModel::new(base)?;
+    for (i, (name, dir)) in specs.iter().enumerate() {
+        let name = match name {
+            Some(name) => name.clone(),
+            None if i == 0 => peft_lora::DEFAULT_ADAPTER.to_string(),
+            None => bail!(
+                "--adapter {}: name every adapter after the first (--adapter NAME=DIR)",
+                dir.display()
+            ),
+        };
+        let header = peft_core::config::read_header(dir.join("adapter_config.json"))
+            .with_context(|| format!("reading adapter {}", dir.display()))?;
+        if header.peft_type != PeftType::Lora {
+            bail!(
+                "--adapter {}: several adapters on one model (and --adapter-names) are LoRA \
+                 only, as PEFT's mixed-adapter batches; this adapter is {:?}",
+                dir.display(),
+                header.peft_type
+            );
+        }
+        multi
+            .load_adapter(&name, dir)
+            .with_context(|| format!("loading adapter `{name}` from {}", dir.display()))?;
+    }
+    let first = multi.adapter_names()[0].to_string();
+    multi.set_adapter(&[first.as_str()])?;
+    Ok(multi)
+}
+
 fn load_model(args: &ModelArgs) -> Result<Loaded> {
     let device = device(&args.device)?;
     let base = load_base(&args.model, &device, &args.load.options()?)?;
-    let Some(adapter) = &args.adapter else {
-        return Ok(Loaded::Plain(Box::new(base)));
+    let specs = adapter_specs(&args.adapter);
+    let loaded = match specs.as_slice() {
+        [] => return Ok(Loaded::Plain(Box::new(base))),
+        [(None, adapter)] if args.adapter_names.is_none() => load_adapter(base, adapter)?,
+        several => Loaded::MultiLora(Box::new(load_multi_lora(base, several)?)),
     };
-    let loaded = load_adapter(base, adapter)?;
     Ok(if args.merge {
         Loaded::Plain(Box::new(loaded.merge_and_unload()?))
     } else {
@@ -140,13 +198,30 @@ fn load_model(args: &ModelArgs) -> Result<Loaded> {
     })
 }
 
-/// `peft logits`.
-pub fn logits(args: LogitsArgs) -> Result<()> {
-    let loaded = load_model(&args.model)?;
-    with_model!(loaded, model => run_logits(model, &args))
+/// Applies `--adapter-names` (one adapter per batch row) to a model holding several adapters;
+/// returns how many rows were assigned.
+fn assign_rows(loaded: &mut Loaded, names: Option<&[String]>) -> Result<Option<usize>> {
+    let Some(names) = names else {
+        return Ok(None);
+    };
+    let Loaded::MultiLora(multi) = loaded else {
+        bail!("--adapter-names needs LoRA adapters (--adapter NAME=DIR)");
+    };
+    let rows: Vec<&str> = names.iter().map(String::as_str).collect();
+    multi
+        .set_row_adapters(Some(&rows))
+        .context("--adapter-names")?;
+    Ok(Some(rows.len()))
 }
 
-fn run_logits(model: &impl CausalLm, args: &LogitsArgs) -> Result<()> {
+/// `peft logits`.
+pub fn logits(args: LogitsArgs) -> Result<()> {
+    let mut loaded = load_model(&args.model)?;
+    let rows = assign_rows(&mut loaded, args.model.adapter_names.as_deref())?;
+    with_model!(loaded, model => run_logits(model, &args, rows))
+}
+
+fn run_logits(model: &impl CausalLm, args: &LogitsArgs, rows: Option<usize>) -> Result<()> {
     let device = model.device();
     let store = TensorStore::open(&args.inputs)?;
     let (ids, shape) = store.i64("input_ids")?;
@@ -157,6 +232,11 @@ fn run_logits(model: &impl CausalLm, args: &LogitsArgs) -> Result<()> {
             args.inputs.display()
         ),
     };
+    if let Some(rows) = rows
+        && rows != batch
+    {
+        bail!("--adapter-names gives {rows} names for the {batch} rows of `input_ids`");
+    }
     let vocab = model.spec().vocab_size;
     if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= vocab) {
         bail!(
@@ -217,7 +297,8 @@ fn chat_prompt_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 
 /// `peft generate`.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let loaded = load_model(&args.model)?;
+    let mut loaded = load_model(&args.model)?;
+    assign_rows(&mut loaded, args.model.adapter_names.as_deref())?;
     with_model!(loaded, model => run_generate(model, &args))
 }
 
@@ -248,13 +329,16 @@ fn run_generate(model: &impl CausalLm, args: &GenerateArgs) -> Result<()> {
         eos_token_ids: spec.eos_token_ids.clone(),
         pad_token_id: spec.pad_token_id.unwrap_or(0),
     };
-    let stream = !args.json && tokenizer.is_ok();
+    // With --adapter-names: the prompt once per name, in one batch.
+    let rows = args.model.adapter_names.clone();
+    let batch = rows.as_ref().map_or(1, Vec::len);
+    let stream = !args.json && tokenizer.is_ok() && rows.is_none();
     let mut shown = String::new();
     let mut so_far = Vec::new();
     let mut stdout = std::io::stdout();
     let new = peft_models::generate(
         model,
-        std::slice::from_ref(&prompt_ids),
+        &vec![prompt_ids.clone(); batch],
         &options,
         |_, id| {
             if stream && let Ok(tok) = &tokenizer {
@@ -272,6 +356,23 @@ fn run_generate(model: &impl CausalLm, args: &GenerateArgs) -> Result<()> {
             }
         },
     )?;
+    if let Some(rows) = rows {
+        for (name, new_ids) in rows.iter().zip(new) {
+            let text = match &tokenizer {
+                Ok(tok) => tok.decode(&new_ids)?,
+                Err(_) => ids_to_string(&new_ids),
+            };
+            if args.json {
+                let obj = serde_json::json!({
+                    "adapter": name, "prompt_ids": prompt_ids, "new_ids": new_ids, "text": text
+                });
+                println!("{obj}");
+            } else {
+                println!("[{name}] {text}");
+            }
+        }
+        return Ok(());
+    }
     let new_ids = new.into_iter().next().unwrap_or_default();
     let text = match &tokenizer {
         Ok(tok) => tok.decode(&new_ids)?,
@@ -432,6 +533,46 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     }
     .with_context(|| format!("writing merged model to {}", args.output.display()))?;
     eprintln!("merged model written to {}", args.output.display());
+    Ok(())
+}
+
+/// `peft combine`.
+pub fn combine(args: CombineArgs) -> Result<()> {
+    let kind: peft_lora::CombinationType = args.combination_type.parse()?;
+    let options = peft_lora::Combination {
+        combination_type: kind,
+        svd_rank: args.svd_rank,
+        density: args.density,
+        majority_sign_method: args.majority_sign_method.parse()?,
+        seed: args.seed,
+    };
+    let specs = adapter_specs(&args.adapters);
+    if specs.iter().any(|(name, _)| name.is_none()) {
+        bail!("--adapter: name every adapter combined (--adapter NAME=DIR)");
+    }
+    let device = device(&args.device)?;
+    let base = load_base(&args.model, &device, &Default::default())?;
+    let mut multi = load_multi_lora(base, &specs)?;
+    let names: Vec<String> = specs.into_iter().filter_map(|(n, _)| n).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let combined = "combined";
+    let combined = if names.contains(&combined) {
+        "combined_adapter"
+    } else {
+        combined
+    };
+    multi.add_weighted_adapter(&names, &args.weights, combined, &options)?;
+    multi
+        .save_adapter_folder(combined, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let config = &multi.adapter(combined)?.config;
+    eprintln!(
+        "{} adapter (r = {}, {} layers) written to {}",
+        kind.name(),
+        config.r,
+        multi.adapter(combined)?.targeted.len(),
+        args.output.display()
+    );
     Ok(())
 }
 

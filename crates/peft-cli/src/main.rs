@@ -36,6 +36,48 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Write tensors (--input) or a whole model (--model) in bitsandbytes' 4-bit layout.
     Quantize(QuantizeArgs),
+    /// Combine LoRA adapters into one (PEFT's add_weighted_adapter) and write it as a PEFT
+    /// adapter folder.
+    Combine(CombineArgs),
+}
+
+#[derive(Args, Debug)]
+struct CombineArgs {
+    /// Hugging Face model folder of the base the adapters were trained on.
+    #[arg(long)]
+    model: PathBuf,
+    /// `NAME=DIR`, once per LoRA adapter combined.
+    #[arg(long = "adapter", value_name = "NAME=DIR", required = true)]
+    adapters: Vec<String>,
+    /// One weight per adapter, comma-separated; a negative weight subtracts.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        required = true
+    )]
+    weights: Vec<f64>,
+    /// linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd,
+    /// dare_ties_svd, magnitude_prune or magnitude_prune_svd (PEFT's default: svd).
+    #[arg(long, default_value = "svd")]
+    combination_type: String,
+    /// Fraction of values kept by the pruning types (ties, dare_*, magnitude_prune*).
+    #[arg(long)]
+    density: Option<f64>,
+    /// Rank of an SVD-based result (default: the largest rank combined).
+    #[arg(long)]
+    svd_rank: Option<usize>,
+    /// TIES' sign election: total or frequency.
+    #[arg(long, default_value = "total")]
+    majority_sign_method: String,
+    /// Seed of DARE's random masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// How the base model is loaded: 4-bit (QLoRA's frozen base) and the compute dtype.
@@ -129,10 +171,21 @@ struct ModelArgs {
     /// `owner/name[@revision]` found in the local Hugging Face cache (no network).
     #[arg(long)]
     model: PathBuf,
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// Merge the adapter into the base weights before running (merge_and_unload).
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors). Repeat as
+    /// `--adapter NAME=DIR` to hold several LoRA adapters on one model: the first is active,
+    /// --adapter-names assigns them per row.
+    #[arg(long, value_name = "[NAME=]DIR")]
+    adapter: Vec<String>,
+    /// One adapter name per input row (logits) or per generated sequence of the prompt
+    /// (generate), `__base__` for none: one mixed-adapter batch, as PEFT's `adapter_names`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "adapter",
+        conflicts_with = "merge"
+    )]
+    adapter_names: Option<Vec<String>>,
+    /// Merge the (active) adapter into the base weights before running (merge_and_unload).
     #[arg(long, requires = "adapter")]
     merge: bool,
     #[command(flatten)]
@@ -262,6 +315,7 @@ fn resolve_model_args(command: &mut Command) -> anyhow::Result<()> {
         Command::Merge(a) => resolve(&mut a.model),
         Command::Train(a) => a.model.as_mut().map_or(Ok(()), resolve),
         Command::Quantize(a) => a.model.as_mut().map_or(Ok(()), resolve),
+        Command::Combine(a) => resolve(&mut a.model),
     }
 }
 
@@ -285,6 +339,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => commands::merge(a),
         Command::Train(a) => train::train(*a),
         Command::Quantize(a) => quantize::quantize(a),
+        Command::Combine(a) => commands::combine(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

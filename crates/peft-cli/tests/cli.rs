@@ -258,10 +258,15 @@ fn logits_diff(out_path: &Path, reference: &Path) -> f32 {
 /// [`logits_diff`] for logits with `n_virtual` leading virtual positions per row (prompt
 /// tuning, P-tuning: PEFT returns them, and they count as real), every row and position checked.
 fn logits_diff_virtual(out_path: &Path, reference: &Path, n_virtual: usize) -> f32 {
+    logits_diff_at(out_path, reference, "logits", n_virtual)
+}
+
+/// [`logits_diff_virtual`] against the reference logits stored under `key`.
+fn logits_diff_at(out_path: &Path, reference: &Path, key: &str, n_virtual: usize) -> f32 {
     let ours = TensorStore::open(out_path).unwrap();
     let theirs = TensorStore::open(reference).unwrap();
     let (a, shape) = ours.f32("logits").unwrap();
-    let (b, reference_shape) = theirs.f32("logits").unwrap();
+    let (b, reference_shape) = theirs.f32(key).unwrap();
     assert_eq!(shape, reference_shape, "logits shape");
     let (input_mask, input_shape) = theirs.i64("attention_mask").unwrap();
     assert_eq!(
@@ -1276,4 +1281,191 @@ fn merge_command_covers_every_mergeable_method() {
         !dir.path().join("prompt-merged").exists(),
         "nothing half-written"
     );
+}
+
+/// `--adapter NAME=DIR` repeated with `--adapter-names`: one mixed-adapter batch with PEFT's
+/// logits (`adapter_names=[default, b, __base__]`); bad names fail cleanly.
+#[test]
+fn logits_with_adapters_per_row_match_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("logits.safetensors");
+    let reference = fixtures().join("reference/multi-llama.safetensors");
+    let multi = adapter("multi-llama");
+    let b = format!("b={}", multi.join("b").display());
+    let run = |names: &str| {
+        peft(&[
+            "logits",
+            "--model",
+            model("llama-tiny").to_str().unwrap(),
+            "--adapter",
+            multi.to_str().unwrap(),
+            "--adapter",
+            &b,
+            "--adapter-names",
+            names,
+            "--inputs",
+            reference.to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+        ])
+    };
+    ok(&run("default,b,__base__"));
+    let diff = logits_diff_at(&out_path, &reference, "logits.mixed", 0);
+    assert!(diff <= 1e-4, "mixed batch: max |Δ| = {diff}");
+    assert_clean_failure(&run("default,c,__base__"), "no adapter named `c`");
+    assert_clean_failure(&run("default,b"), "2 names for the 3 rows");
+    let out = peft(&[
+        "logits",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--adapter",
+        adapter("ia3-bloom").to_str().unwrap(),
+        "--adapter-names",
+        "default",
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "LoRA only");
+}
+
+/// `peft generate --adapter-names a,b,__base__`: each row generates what that adapter (or the
+/// base) generates alone.
+#[test]
+fn generate_with_adapter_names_runs_each_row_as_alone() {
+    let multi = adapter("multi-bloom");
+    let prompt = "43,72,79,79,82";
+    let base_dir = model("bloom-tiny");
+    let generate = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec![
+            "generate",
+            "--model",
+            base_dir.to_str().unwrap(),
+            "--prompt-ids",
+            prompt,
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = peft(&args);
+        ok(&out);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let b = format!("b={}", multi.join("b").display());
+    let rows = generate(&[
+        "--adapter",
+        multi.to_str().unwrap(),
+        "--adapter",
+        &b,
+        "--adapter-names",
+        "b,__base__,default",
+    ]);
+    assert_eq!(rows.len(), 3);
+    let alone_b = generate(&["--adapter", multi.join("b").to_str().unwrap()]);
+    let alone_default = generate(&["--adapter", multi.to_str().unwrap()]);
+    let base = generate(&[]);
+    for (row, (name, alone)) in rows.iter().zip([
+        ("b", &alone_b),
+        ("__base__", &base),
+        ("default", &alone_default),
+    ]) {
+        assert_eq!(row["adapter"], name);
+        assert_eq!(row["new_ids"], alone[0]["new_ids"], "row {name}");
+    }
+    // The three rows really differ, so a row routed to the wrong adapter would fail.
+    assert_ne!(alone_b[0]["new_ids"], base[0]["new_ids"]);
+    assert_ne!(alone_default[0]["new_ids"], base[0]["new_ids"]);
+    assert_ne!(alone_default[0]["new_ids"], alone_b[0]["new_ids"]);
+}
+
+/// `peft combine` writes PEFT's `add_weighted_adapter` result as an adapter folder (TIES,
+/// density 0.5: exact) that `peft logits` runs with PEFT's logits.
+#[test]
+fn combine_writes_pefts_weighted_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let multi = adapter("multi-bloom");
+    let output = dir.path().join("ties");
+    let default = format!("default={}", multi.display());
+    let b = format!("b={}", multi.join("b").display());
+    let out = peft(&[
+        "combine",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--adapter",
+        &default,
+        "--adapter",
+        &b,
+        "--weights",
+        "0.7,-0.4",
+        "--combination-type",
+        "ties",
+        "--density",
+        "0.5",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let reference = fixtures().join("reference/multi-bloom.safetensors");
+    let theirs = TensorStore::open(&reference).unwrap();
+    let ours = TensorStore::open(output.join("adapter_model.safetensors")).unwrap();
+    let expected: Vec<&str> = theirs
+        .keys()
+        .filter_map(|k| k.strip_prefix("ties."))
+        .filter(|k| *k != "logits")
+        .collect();
+    assert_eq!(ours.keys().count(), expected.len());
+    for key in expected {
+        let (a, _) = ours.f32(key).unwrap();
+        let (b, _) = theirs.f32(&format!("ties.{key}")).unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{key}: {worst}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(output.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (config["r"].as_u64(), config["lora_alpha"].as_f64()),
+        (Some(4), Some(4.0))
+    );
+
+    let logits_path = dir.path().join("logits.safetensors");
+    ok(&peft(&[
+        "logits",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--adapter",
+        output.to_str().unwrap(),
+        "--inputs",
+        reference.to_str().unwrap(),
+        "--output",
+        logits_path.to_str().unwrap(),
+    ]));
+    let diff = logits_diff_at(&logits_path, &reference, "ties.logits", 0);
+    assert!(diff <= 1e-4, "combined adapter logits: {diff}");
+
+    let bad = peft(&[
+        "combine",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--adapter",
+        &default,
+        "--adapter",
+        &b,
+        "--weights",
+        "0.7,-0.4",
+        "--combination-type",
+        "average",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&bad, "`average` is not one of linear, cat, svd");
 }

@@ -379,15 +379,21 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
             None => self.adapter_names(),
         };
         for name in chosen {
-            let entry = self.adapter(name)?;
             let folder = if name == DEFAULT_ADAPTER {
                 dir.to_path_buf()
             } else {
                 dir.join(name)
             };
-            save_adapter(&folder, &entry.config, &self.adapter_tensors(name)?)?;
+            self.save_adapter_folder(name, &folder)?;
         }
         Ok(())
+    }
+
+    /// Writes adapter `name` alone as a PEFT adapter folder `dir` (config and weights, each
+    /// written atomically).
+    pub fn save_adapter_folder(&self, name: &str, dir: impl AsRef<Path>) -> Result<()> {
+        let entry = self.adapter(name)?;
+        save_adapter(dir.as_ref(), &entry.config, &self.adapter_tensors(name)?)
     }
 
     /// PEFT's `add_weighted_adapter(adapters, weights, adapter_name, combination_type, ...)`:
