@@ -115,6 +115,15 @@ def main():
                 model.merge_adapter()
                 model.unmerge_adapter()
             times = [t / 2 for t in timed(merge_unmerge)]
+        elif CASE == "lora-forward-mixed":
+            # Four adapters, one per row (cycled over the batch): PEFT's adapter_names.
+            names = ["default"]
+            for i in range(1, 4):
+                model.add_adapter(f"a{i}", peft.LoraConfig(r=8, init_lora_weights=False))
+                names.append(f"a{i}")
+            rows = [names[i % 4] for i in range(BATCH)]
+            with torch.no_grad():
+                times = timed(lambda: model(input_ids=ids, attention_mask=mask, adapter_names=rows))
         else:
             if CASE == "lora-forward-merged":
                 model.merge_adapter()

@@ -141,10 +141,11 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 32] = [
+const BENCH_CASES: [&str; 33] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
+    "lora-forward-mixed",
     "lora-forward-merged",
     "lora-merge",
     "lora-train",

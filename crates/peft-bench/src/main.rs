@@ -5,6 +5,7 @@
 //! ```
 //!
 //! Cases: `gemm`, `forward`, `lora-train`, `lora-forward-unmerged`, `lora-forward-merged`,
+//! `lora-forward-mixed` (four adapters, one per batch row),
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
 //! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`, `qlora-train` (LoRA r=8 over the
 //! NF4 + double-quant base), `llama-lora-train` (LoRA r=8 on a Llama of similar size with
@@ -315,6 +316,32 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                     (times, flops, None)
                 }
             }
+        }
+        "lora-forward-mixed" => {
+            // Four LoRA adapters (PEFT's default config, random B) on one base, one per batch
+            // row (cycled): the mixed-adapter batch, against `lora-forward-unmerged`'s one.
+            let mut multi =
+                peft_lora::MultiLoraModel::new(base_model(device)).map_err(|e| e.to_string())?;
+            let names = ["a0", "a1", "a2", "a3"];
+            for name in names {
+                let config = peft_lora::LoraConfig {
+                    init_lora_weights: peft_lora::InitLoraWeights::Flag(false),
+                    ..peft_lora::LoraConfig::default()
+                };
+                multi.add_adapter(name, config).map_err(|e| e.to_string())?;
+            }
+            let rows: Vec<&str> = (0..s.batch).map(|i| names[i % names.len()]).collect();
+            multi
+                .set_row_adapters(Some(&rows))
+                .map_err(|e| e.to_string())?;
+            let (ids, mask) = batch(s, device);
+            let flops = forward_flops(&multi.model, s);
+            let times = time(s, device, || {
+                let _ = multi
+                    .model
+                    .forward(ModelInput::with_mask(ids.clone(), mask.clone()), None);
+            });
+            (times, flops, None)
         }
         "burn-lora-train" => {
             // burn 0.22's own LoRA (`Module::apply_lora`) on the same model, adapting the same
