@@ -399,3 +399,27 @@ fn mixed_adapter_generation_matches_peft() {
         assert_eq!(got, expected, "{arch}: tokens with adapter_names {rows:?}");
     }
 }
+
+/// Writes a multi-adapter folder for `fixtures/check_interop.py`: PEFT's three adapters on the
+/// Llama fixture plus two combinations made here (`w_ties`, `w_svd`), saved by peft-rs in PEFT's
+/// layout (run by CI: `cargo test -p peft-tests --test multi_adapter -- --ignored
+/// export_for_python`).
+#[test]
+#[ignore = "writes files for the Python interoperability check"]
+fn export_for_python() {
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop");
+    let mut model = load("llama");
+    for (name, kind, density) in [
+        ("w_ties", CombinationType::Ties, Some(0.5)),
+        ("w_svd", CombinationType::Svd, None),
+    ] {
+        let mut options = Combination::new(kind);
+        options.density = density;
+        model
+            .add_weighted_adapter(&["default", "b"], &[0.7, -0.4], name, &options)
+            .unwrap();
+    }
+    let folder = out.join("multi-llama-adapters");
+    let _ = std::fs::remove_dir_all(&folder);
+    model.save_pretrained(&folder, None).unwrap();
+}
