@@ -23,7 +23,7 @@ pub fn device() -> Device {
 }
 
 fn peft_cli_device(name: &str) -> Device {
-    peft_core::device::parse_device(name).unwrap_or_else(|e| panic!("PEFT_DEVICE: {e}"))
+    peft_ops::device::parse_device(name).unwrap_or_else(|e| panic!("PEFT_DEVICE: {e}"))
 }
 
 /// The reference batch recorded by the fixture script for `name`.
@@ -170,8 +170,8 @@ pub fn relative_error(a: &[f32], b: &[f32]) -> f32 {
 
 /// Largest |a − b| between two host tensors' values.
 pub fn max_abs_diff(a: &peft_core::HostTensor, b: &peft_core::HostTensor) -> f32 {
-    let a = peft_core::tensors::bytes_to_f32(a.dtype, &a.data).expect("float tensor");
-    let b = peft_core::tensors::bytes_to_f32(b.dtype, &b.data).expect("float tensor");
+    let a = peft_tensors::bytes_to_f32(a.dtype, &a.data).expect("float tensor");
+    let b = peft_tensors::bytes_to_f32(b.dtype, &b.data).expect("float tensor");
     a.iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
@@ -190,7 +190,7 @@ pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
     file_key: impl Fn(&str) -> Option<(String, bool)>,
 ) -> usize {
     use burn::optim::{AdamWConfig, GradientsParams};
-    use peft_core::loss::causal_lm_loss;
+    use peft_ops::loss::causal_lm_loss;
 
     let store = TensorStore::open(
         fixtures()
@@ -278,9 +278,9 @@ pub fn assert_adamw_step_matches<M: peft_core::CausalLm>(
         // named_values already gives burn `Linear` weights in PyTorch's layout; other transposed
         // parameters (LoRA's `[in, r]`, an LSTM's `[in, 4h]`) are still in burn's.
         if transposed && !linear_weights.contains(&name) && value.shape.len() == 2 {
-            value = peft_core::adapter_files::transpose_host(&value);
+            value = peft_tensors::layout::transpose_host(&value);
         }
-        let mut ours = peft_core::tensors::bytes_to_f32(value.dtype, &value.data).unwrap();
+        let mut ours = peft_tensors::bytes_to_f32(value.dtype, &value.data).unwrap();
         let (expected, _) = store.f32(&format!("after.{key}")).unwrap();
         // Some gradients are zero analytically (a key bias shifts every score of a row alike,
         // which softmax ignores) and only rounding noise numerically; Adam turns noise into a

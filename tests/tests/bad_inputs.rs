@@ -299,7 +299,7 @@ fn safetensors_missing_tensor() {
             .unwrap()
             .clone();
         tensors.remove(&missing);
-        peft_core::tensors::save_safetensors(d.join(WEIGHTS), &tensors, None).unwrap();
+        peft_tensors::save_safetensors(d.join(WEIGHTS), &tensors, None).unwrap();
     });
     let err = r.unwrap_err();
     assert!(matches!(err, PeftError::MissingTensor { .. }), "{err:?}");
@@ -318,7 +318,7 @@ fn safetensors_extra_tensor_is_accepted() {
             "base_model.model.something_else.weight".into(),
             peft_core::HostTensor::from_f32(vec![2], &[1.0, 2.0]),
         );
-        peft_core::tensors::save_safetensors(d.join(WEIGHTS), &tensors, None).unwrap();
+        peft_tensors::save_safetensors(d.join(WEIGHTS), &tensors, None).unwrap();
     });
     r.unwrap();
 }
@@ -344,7 +344,7 @@ fn four_bit_state_that_does_not_fit_its_tensor() {
                 data: bad.into_bytes(),
             },
         );
-        peft_core::tensors::save_safetensors(&path, &tensors, None).unwrap();
+        peft_tensors::save_safetensors(&path, &tensors, None).unwrap();
     });
     let err = peft_models::load(&dir, &Device::flex())
         .map(|_| ())

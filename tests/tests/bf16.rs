@@ -55,7 +55,7 @@ fn assert_close(model: &impl CausalLm, bf16_reference: &str, f32_reference: &str
         effect > 5e-2,
         "{bf16_reference}: bf16 changed the logits by only {effect}"
     );
-    let cpu = peft_core::packed_op::supports_packed_matmul(&model.device());
+    let cpu = peft_ops::device::runs_cpu_kernels(&model.device());
     let limit = if cpu { tolerance } else { effect / 4.0 };
     assert!(
         ours <= limit,

@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use peft_core::tensors::{PendingTensor, save_sharded};
 use peft_core::{CausalLm, ModelInput, TensorStore};
 use peft_lora::from_pretrained;
 use peft_models::{LoadOptions, SaveOptions};
+use peft_tensors::{PendingTensor, save_sharded};
 use peft_tests::{Reference, adapter_dir, device, max_diff_masked, model_dir, to_vec};
 use safetensors::Dtype;
 

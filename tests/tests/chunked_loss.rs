@@ -3,9 +3,9 @@
 //! architecture (Gemma 2's final soft-capping, tied and untied heads) and with virtual tokens.
 
 use burn::optim::GradientsParams;
-use peft_core::loss::causal_lm_loss;
 use peft_core::params::named_params;
 use peft_core::{CausalLm, ModelInput};
+use peft_ops::loss::causal_lm_loss;
 use peft_tests::{Reference, adapter_dir, base_of, device, to_vec};
 
 /// Loss and trainable-parameter gradients of `model` both ways.

@@ -280,7 +280,7 @@ mod bad_input {
             "base_model.model.transformer.h.7.self_attention.query_key_value.lora_A.weight".into(),
             extra,
         );
-        peft_core::tensors::save_safetensors(
+        peft_tensors::save_safetensors(
             dir.path().join("adapter_model.safetensors"),
             &tensors,
             None,
@@ -307,7 +307,7 @@ mod bad_input {
             key.into(),
             peft_core::HostTensor::from_f32(vec![4, 63], &[0.0; 252]),
         );
-        peft_core::tensors::save_safetensors(
+        peft_tensors::save_safetensors(
             dir.path().join("adapter_model.safetensors"),
             &tensors,
             None,
@@ -390,7 +390,7 @@ fn one_adamw_step_matches_pytorch() {
 fn gradients_match_finite_differences_with_left_padding() {
     use burn::module::Param;
     use burn::tensor::{Int, Tensor, TensorData};
-    use peft_core::loss::causal_lm_loss;
+    use peft_ops::loss::causal_lm_loss;
 
     let reference = Reference::load("lora-bloom");
     let labels: Vec<i64> = reference

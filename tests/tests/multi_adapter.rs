@@ -193,7 +193,7 @@ fn weighted_adapters_match_peft(arch: &str) {
             assert_eq!(&ours[key].shape, shape, "{type_name} {key}");
         }
         let value =
-            |key: &str| peft_core::tensors::bytes_to_f32(ours[key].dtype, &ours[key].data).unwrap();
+            |key: &str| peft_tensors::bytes_to_f32(ours[key].dtype, &ours[key].data).unwrap();
         for a_key in theirs.keys().filter(|k| k.contains("lora_A")) {
             let b_key = a_key.replace("lora_A", "lora_B");
             let (a_ref, a_shape) = &theirs[a_key];

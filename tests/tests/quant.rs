@@ -3,11 +3,11 @@
 
 use half::{bf16, f16};
 use peft_core::TensorStore;
-use peft_core::tensors::bytes_to_f32;
 use peft_lora::from_pretrained;
 use peft_qlora::{Load4bit, load_4bit};
 use peft_quant::torch_sum::torch_sum;
 use peft_quant::{QuantConfig, QuantType, Quantized4bit, SourceDtype};
+use peft_tensors::bytes_to_f32;
 use peft_tests::{Reference, adapter_dir, device, fixtures, logits, max_diff_masked, model_dir};
 use safetensors::Dtype;
 use serde_json::Value;
@@ -262,7 +262,7 @@ fn device_dequantisation_equals_the_host_one() {
         };
         let source = SourceDtype::from_safetensors(input.dtype).unwrap();
         let q = Quantized4bit::quantize(&values, &input.shape, source, config).unwrap();
-        let codes = peft_core::DeviceCodes::upload(&q.code_blocks().unwrap(), &device);
+        let codes = peft_quant::DeviceCodes::upload(&q.code_blocks(), &device);
         let ours: Vec<u32> = codes
             .dequantize(q.shape())
             .into_data()

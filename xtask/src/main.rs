@@ -72,6 +72,7 @@ fn fixtures(root: &Path, args: &[String]) -> Result<()> {
         "make_trainer_fixtures.py",
         "make_generation_fixtures.py",
         "make_lora_variant_fixtures.py",
+        "make_multi_adapter_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))

@@ -12,9 +12,9 @@ use std::time::Instant;
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor};
-use peft_core::loss::causal_lm_loss;
 use peft_core::{CausalLm, ModelInput};
 use peft_models::layers::{LayerNorm, attend, attention_allowed, gelu_tanh, tied_logits};
+use peft_ops::loss::causal_lm_loss;
 
 /// Median and minimum of 8 timed runs of `f` after 2 warm-up runs, in milliseconds.
 fn time(name: &str, mut f: impl FnMut()) {
@@ -48,10 +48,10 @@ fn products() {
         let gflop = 2.0 * (m * k * n) as f64 / 1e9;
         println!("{m} × {k} × {n}: {gflop:.2} GFLOP");
         time("  rhs [k, n]", || {
-            let _ = peft_core::blas::matmul(a.clone(), b.clone());
+            let _ = peft_ops::blas::matmul(a.clone(), b.clone());
         });
         time("  rhs [n, k]ᵀ", || {
-            let _ = peft_core::blas::matmul(a.clone(), bt.clone().transpose());
+            let _ = peft_ops::blas::matmul(a.clone(), bt.clone().transpose());
         });
     }
 }
@@ -173,7 +173,7 @@ fn fused_operations() {
 
 fn main() {
     // SAFETY: first statement of `main`, before any thread is started.
-    unsafe { peft_core::process::prepare() };
+    unsafe { peft_ops::process::prepare() };
     match std::env::args().nth(1).as_deref() {
         Some("gemm") => products(),
         Some("step") => step_phases(),

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use peft_core::PackedWeight;
-use peft_core::precision::HalfWeight;
+use peft_ops::precision::HalfWeight;
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -25,8 +25,7 @@ fn main() {
         .collect();
     let half = HalfWeight::bf16_from_f32([d_out, d_in], &values).unwrap();
     let weight: Arc<dyn PackedWeight> = Arc::new(half.clone());
-    let w =
-        peft_core::adapter_files::burn_linear_weight(&half.dequantize(), [d_out, d_in], &device);
+    let w = peft_tensors::layout::burn_linear_weight(&half.dequantize(), [d_out, d_in], &device);
     let x = Tensor::<3>::random([1, rows, d_in], Distribution::Default, &device);
     let time = |name: &str, f: &dyn Fn() -> Tensor<3>| {
         let mut best = f64::MAX;
@@ -44,15 +43,15 @@ fn main() {
         );
     };
     time("f32 weight (blas::linear)", &|| {
-        peft_core::blas::linear(x.clone(), w.clone(), None)
+        peft_ops::blas::linear(x.clone(), w.clone(), None)
     });
     time("bf16 held, packed op", &|| {
-        peft_core::packed_op::packed_linear(x.clone(), &weight, false)
+        peft_ops::packed_op::packed_linear(x.clone(), &weight, false)
     });
     time("widen whole + matmul", &|| {
         let dense =
             Tensor::<2>::from_data(TensorData::new(half.dequantize(), [d_out, d_in]), &device);
-        peft_core::blas::linear(x.clone(), dense.transpose(), None)
+        peft_ops::blas::linear(x.clone(), dense.transpose(), None)
     });
     // Forward and backward (∂x) through autodiff, as in a training step.
     let ad = device.clone().autodiff();
@@ -69,10 +68,10 @@ fn main() {
         println!("{name:>28}: {:.2} ms forward + backward", best * 1e3);
     };
     train("f32 weight", &|| {
-        peft_core::blas::linear(xa.clone(), wa.clone(), None)
+        peft_ops::blas::linear(xa.clone(), wa.clone(), None)
     });
     train("bf16 held", &|| {
-        peft_core::packed_op::packed_linear(xa.clone(), &weight, false)
+        peft_ops::packed_op::packed_linear(xa.clone(), &weight, false)
     });
     let t = Instant::now();
     for _ in 0..5 {

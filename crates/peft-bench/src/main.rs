@@ -226,11 +226,11 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             // The product the linear layers use: OpenBLAS when present (`PEFT_BLAS=off` for
             // burn's own), reported as `blas`.
             let times = time(s, device, || {
-                let _ = peft_core::blas::matmul(a.clone(), b.clone()).into_data();
+                let _ = peft_ops::blas::matmul(a.clone(), b.clone()).into_data();
             });
             extra.insert(
                 "blas".into(),
-                peft_core::blas::blas()
+                peft_ops::blas::blas()
                     .map_or("none".into(), |b| b.name.clone())
                     .into(),
             );
@@ -504,7 +504,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
 
 fn main() -> ExitCode {
     // SAFETY: first statement of `main`, before any thread is started.
-    unsafe { peft_core::process::prepare() };
+    unsafe { peft_ops::process::prepare() };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(case) = args.first() else {
         eprintln!("usage: peft-bench <case> [--device cpu|wgpu|cuda] [--quick]");
@@ -516,7 +516,7 @@ fn main() -> ExitCode {
         .position(|a| a == "--device")
         .and_then(|i| args.get(i + 1))
         .map_or("cpu", String::as_str);
-    let device = match peft_core::device::parse_device(device_name) {
+    let device = match peft_ops::device::parse_device(device_name) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: {e}");

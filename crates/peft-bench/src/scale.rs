@@ -26,9 +26,9 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor};
-use peft_core::tensors::{PendingTensor, f32_to_bytes, save_sharded};
 use peft_core::{CausalLm, ModelInput};
 use peft_models::{GenerateOptions, HfConfig};
+use peft_tensors::{PendingTensor, f32_to_bytes, save_sharded};
 
 use crate::{peak_rss_bytes, reset_peak_rss};
 

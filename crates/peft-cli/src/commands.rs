@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_bitfit::BitFitConfig;
-use peft_core::tensors::save_safetensors;
 use peft_core::{CausalLm, HostTensor, ModelInput, ModuleKind, NoAdapter, PeftType, TensorStore};
 use peft_ia3::{Ia3Config, Ia3Linear, Ia3Model};
 use peft_lora::{LoraConfig, LoraLinear, LoraModel, LoraSet, MultiLoraModel};
 use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
+use peft_tensors::save_safetensors;
 
 use crate::{CombineArgs, DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs};
 
@@ -91,7 +91,7 @@ pub(crate) fn device(arg: &DeviceArg) -> Result<Device> {
         .clone()
         .or_else(|| std::env::var("PEFT_DEVICE").ok())
         .unwrap_or_else(|| "cpu".into());
-    Ok(peft_core::device::parse_device(&name)?)
+    Ok(peft_ops::device::parse_device(&name)?)
 }
 
 fn load_base(

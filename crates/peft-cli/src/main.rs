@@ -296,7 +296,7 @@ impl SaveArgs {
     fn options(&self) -> anyhow::Result<peft_models::SaveOptions> {
         Ok(peft_models::SaveOptions {
             dtype: peft_models::save::parse_save_dtype(&self.save_dtype)?,
-            max_shard_size: peft_core::tensors::parse_size(&self.max_shard_size)?,
+            max_shard_size: peft_tensors::parse_size(&self.max_shard_size)?,
         })
     }
 }
@@ -321,7 +321,7 @@ fn resolve_model_args(command: &mut Command) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     // SAFETY: first statement of `main`, before any thread is started.
-    unsafe { peft_core::process::prepare() };
+    unsafe { peft_ops::process::prepare() };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

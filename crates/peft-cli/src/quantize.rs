@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use peft_core::tensors::{bytes_to_f32, save_safetensors, write_atomic};
 use peft_core::{HostTensor, ModuleKind, TensorStore};
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
+use peft_tensors::{bytes_to_f32, save_safetensors, write_atomic};
 use regex::Regex;
 
 use crate::QuantizeArgs;

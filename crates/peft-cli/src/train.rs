@@ -148,10 +148,10 @@ fn write_bundled(output: &Path) -> Result<(PathBuf, PathBuf)> {
     let model = dir.join("model");
     std::fs::create_dir_all(&model).with_context(|| format!("creating {}", model.display()))?;
     for (name, bytes) in BUNDLED_MODEL {
-        peft_core::tensors::write_atomic(model.join(name), bytes)?;
+        peft_tensors::write_atomic(model.join(name), bytes)?;
     }
     let data = dir.join("demo.jsonl");
-    peft_core::tensors::write_atomic(&data, BUNDLED_DATA)?;
+    peft_tensors::write_atomic(&data, BUNDLED_DATA)?;
     Ok((model, data))
 }
 
@@ -321,7 +321,7 @@ where
         "method": args.method, "steps": summary.steps, "final_train_loss": summary.final_train_loss,
         "held_out": eval.len(), "before": before, "after": after,
     });
-    peft_core::tensors::write_atomic(
+    peft_tensors::write_atomic(
         args.output.join("summary.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
@@ -439,7 +439,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
     let device = if args.gradient_checkpointing {
-        if peft_core::packed_op::supports_packed_matmul(&device) {
+        if peft_ops::device::runs_cpu_kernels(&device) {
             eprintln!(
                 "note: --gradient-checkpointing on the CPU backend keeps more memory, not less \
                  (its fused operations already store only what the backward pass needs)"

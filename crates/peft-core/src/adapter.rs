@@ -25,159 +25,12 @@ use std::sync::Arc;
 use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::module::linear;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor};
 
-use crate::HostTensor;
+use peft_ops::packed::{DeviceWeight, PackedWeight};
+use peft_ops::precision::{ComputeDtype, round_bf16};
+
 use crate::error::Result;
-use crate::precision::{ComputeDtype, round_bf16};
-
-/// A frozen weight kept in a compressed form and de-quantised on demand: 4-bit NF4/FP4 for QLoRA
-/// (peft-quant implements it; peft-core only sees this trait) or bf16
-/// ([`HalfWeight`](crate::precision::HalfWeight)).
-pub trait PackedWeight: std::fmt::Debug + Send + Sync {
-    /// `[out, in]`, PyTorch's order.
-    fn shape(&self) -> [usize; 2];
-    /// The de-quantised weight, row-major `[out, in]`, in f32.
-    fn dequantize(&self) -> Vec<f32>;
-    /// Bytes held (codes plus statistics).
-    fn storage_bytes(&self) -> usize;
-    /// The tensors this weight is saved as under `name` (bitsandbytes' layout for 4-bit).
-    fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)>;
-
-    /// The de-quantised weight rounded to bf16 (held as f32): what bf16 compute multiplies by.
-    /// bitsandbytes de-quantises in f32 and casts to the compute dtype, one rounding; a format
-    /// already in bf16 returns its values as they are.
-    fn dequantize_bf16_rounded(&self) -> Vec<f32> {
-        let mut values = self.dequantize();
-        for v in &mut values {
-            *v = half::bf16::from_f32(*v).to_f32();
-        }
-        values
-    }
-
-    /// The weight as 4-bit codes and per-block scales, for de-quantising with tensor operations
-    /// on a GPU ([`DeviceCodes`]); `None` for formats that are not 4-bit codes.
-    fn code_blocks(&self) -> Option<CodeBlocks> {
-        None
-    }
-
-    /// The checkpoint dtype the weight's values are exactly representable in when it is held as
-    /// stored (bf16/f16 weights); `None` for quantised formats.
-    fn stored_dtype(&self) -> Option<safetensors::Dtype> {
-        None
-    }
-
-    /// `x · Wᵀ` for `x: [rows, in]` (row-major) computed straight from the packed values, for
-    /// the few rows of a decoding step; `None` where the format has no such path (the caller
-    /// de-quantises and multiplies).
-    fn matmul_few_rows(&self, _x: &[f32], _rows: usize) -> Option<Vec<f32>> {
-        None
-    }
-
-    /// De-quantises the block `rows × cols` of the `[out, in]` weight into `out`
-    /// (`rows.len() · cols.len()` values, row-major), exactly as
-    /// [`dequantize`](Self::dequantize) would; `false` where the format cannot (the caller
-    /// de-quantises the whole weight instead). Products then go through the weight block by
-    /// block, each block still in cache when it is multiplied.
-    fn dequantize_block(
-        &self,
-        _rows: std::ops::Range<usize>,
-        _cols: std::ops::Range<usize>,
-        _out: &mut [f32],
-    ) -> bool {
-        false
-    }
-}
-
-/// Where element `8w + j` of a weight sits in word `w` of [`CodeBlocks::words`]: the nibble at
-/// bit `NIBBLE_SHIFTS[j]`. Words are bitsandbytes' packed bytes read four at a time as a
-/// little-endian `i32`, and byte `b` holds element `2b` in its high nibble.
-pub const NIBBLE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
-
-/// A 4-bit weight as plain arrays: `value[i] = codebook[code(i)] · absmax[i / blocksize]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CodeBlocks {
-    /// Eight codes per word (see [`NIBBLE_SHIFTS`]); the last word is zero-padded.
-    pub words: Vec<i32>,
-    /// One f32 scale per block (double quantisation already resolved).
-    pub absmax: Vec<f32>,
-    /// The 16 code values (NF4 or FP4).
-    pub codebook: [f32; 16],
-    /// Elements per block.
-    pub blocksize: usize,
-}
-
-/// A 4-bit weight resident on a device (4.5 bits per parameter with f32 block scales),
-/// de-quantised there by tensor operations for each product: no host work and no f32 upload per
-/// pass on a GPU.
-#[derive(Debug, Clone)]
-pub struct DeviceCodes {
-    /// `[ceil(n / 8)]` words of eight codes.
-    pub words: Tensor<1, Int>,
-    /// `[blocks]` scales.
-    pub absmax: Tensor<1>,
-    /// `[16]` code values.
-    pub codebook: Tensor<1>,
-    /// `[1, 8]` [`NIBBLE_SHIFTS`], in the words' integer dtype.
-    pub shifts: Tensor<2, Int>,
-    /// Elements per block.
-    pub blocksize: usize,
-}
-
-impl DeviceCodes {
-    /// Uploads `blocks` to `device`.
-    pub fn upload(blocks: &CodeBlocks, device: &Device) -> Self {
-        let words = Tensor::<1, Int>::from_data(
-            TensorData::new(blocks.words.clone(), [blocks.words.len()]),
-            device,
-        );
-        let absmax = Tensor::<1>::from_data(
-            TensorData::new(blocks.absmax.clone(), [blocks.absmax.len()]),
-            device,
-        );
-        let codebook =
-            Tensor::<1>::from_data(TensorData::new(blocks.codebook.to_vec(), [16]), device);
-        let shifts =
-            Tensor::<2, Int>::from_data(TensorData::new(NIBBLE_SHIFTS.to_vec(), [1, 8]), device)
-                .cast(words.dtype());
-        Self {
-            words,
-            absmax,
-            codebook,
-            shifts,
-            blocksize: blocks.blocksize,
-        }
-    }
-
-    /// The de-quantised `[rows, cols]` weight (row-major, `rows · cols` elements), computed on
-    /// the device: unpack the nibbles, look the codes up, scale each block.
-    pub fn dequantize(&self, [rows, cols]: [usize; 2]) -> Tensor<2> {
-        let device = self.words.device();
-        let n = rows * cols;
-        let n_words = self.words.dims()[0];
-        let shifts = self.shifts.clone().expand([n_words, 8]);
-        let codes = self
-            .words
-            .clone()
-            .reshape([n_words, 1])
-            .expand([n_words, 8])
-            .bitwise_right_shift(shifts)
-            .bitwise_and_scalar(15)
-            .reshape([n_words * 8])
-            .slice(0..n);
-        let values = self.codebook.clone().select(0, codes);
-        let blocks = self.absmax.dims()[0];
-        let padded = blocks * self.blocksize;
-        let values = if padded > n {
-            Tensor::cat(vec![values, Tensor::zeros([padded - n], &device)], 0)
-        } else {
-            values
-        };
-        let scaled =
-            values.reshape([blocks, self.blocksize]) * self.absmax.clone().reshape([blocks, 1]);
-        scaled.reshape([padded]).slice(0..n).reshape([rows, cols])
-    }
-}
 
 /// A linear layer whose weight stays packed (4-bit NF4/FP4, or bf16 for bf16 compute on the CPU
 /// backend); each forward pass de-quantises it, multiplies, and lets the dense copy go.
@@ -194,16 +47,16 @@ pub struct PackedLinear {
     /// The dtype the product is computed in (`bnb_4bit_compute_dtype`).
     #[module(skip)]
     pub compute: ComputeDtype,
-    /// The codes resident on a GPU device, de-quantised there (`None` on the CPU backend, which
-    /// uses the packed operation, and for non-4-bit formats).
+    /// The weight resident on a GPU device, de-quantised there (`None` on the CPU backend,
+    /// which uses the packed operation, and for formats without a device form).
     #[module(skip)]
-    pub on_device: Option<Box<DeviceCodes>>,
+    pub on_device: Option<Arc<dyn DeviceWeight>>,
 }
 
 impl PackedLinear {
     /// The de-quantised weight in burn's `[in, out]` layout on `device` (contiguous).
     pub fn dense_weight(&self, device: &Device) -> Tensor<2> {
-        crate::adapter_files::burn_linear_weight(
+        peft_tensors::layout::burn_linear_weight(
             &self.weight.dequantize(),
             self.weight.shape(),
             device,
@@ -218,15 +71,15 @@ impl PackedLinear {
     /// constant operand.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let bf16 = self.compute == ComputeDtype::Bf16;
-        if crate::packed_op::supports_packed_matmul(&x.device()) {
+        if peft_ops::device::runs_cpu_kernels(&x.device()) {
             if !bf16 {
-                let out = crate::packed_op::packed_linear(x, &self.weight, false);
+                let out = peft_ops::packed_op::packed_linear(x, &self.weight, false);
                 return match &self.bias {
                     Some(b) => out + b.val().unsqueeze::<3>(),
                     None => out,
                 };
             }
-            let out = crate::packed_op::packed_linear(round_bf16(x), &self.weight, true);
+            let out = peft_ops::packed_op::packed_linear(round_bf16(x), &self.weight, true);
             let out = match &self.bias {
                 Some(b) => out + round_bf16(b.val()).unsqueeze::<3>(),
                 None => out,
@@ -234,7 +87,7 @@ impl PackedLinear {
             return round_bf16(out);
         }
         let weight = match &self.on_device {
-            Some(codes) => codes.dequantize(self.weight.shape()).transpose(),
+            Some(on_device) => on_device.dequantize(self.weight.shape()).transpose(),
             None => self.dense_weight(&x.device()),
         };
         linear_in(
@@ -271,7 +124,7 @@ impl BaseLinear {
                 let weight = l.weight.val();
                 let dtype = weight.dtype();
                 if dtype == DType::F32 {
-                    return crate::blas::linear(x, weight, l.bias.as_ref().map(|b| b.val()));
+                    return peft_ops::blas::linear(x, weight, l.bias.as_ref().map(|b| b.val()));
                 }
                 linear_in(dtype, x, weight, l.bias.as_ref().map(|b| b.val()))
             }
@@ -540,29 +393,4 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
             merged: false,
         }
     }
-}
-
-/// A model wrapped by a PEFT method (LoRA, IA3, BitFit, ...): what the training loop and the
-/// command line need, whichever method it is.
-pub trait AdapterModel: Sized {
-    /// The wrapped model.
-    type Model: crate::CausalLm;
-
-    /// The model, for forward passes.
-    fn model(&self) -> &Self::Model;
-
-    /// Replaces the model (after an optimizer step), keeping the method's bookkeeping.
-    fn with_model(self, model: Self::Model) -> Self;
-
-    /// Hugging Face names (see [`crate::params`]) of the parameters that train.
-    fn trainable_names(&self) -> Vec<String>;
-
-    /// PEFT's trainable-parameters numbers.
-    fn trainable_summary(&self) -> crate::TrainableSummary;
-
-    /// Writes the adapter folder in PEFT's format.
-    fn save_pretrained(&self, dir: &std::path::Path) -> Result<()>;
-
-    /// Folds the adapter into the base weights and returns the plain model.
-    fn merge_and_unload(self) -> Result<<Self::Model as crate::CausalLm>::WithAdapter<NoAdapter>>;
 }

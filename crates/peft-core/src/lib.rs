@@ -8,14 +8,13 @@
 //! * [`model`]: the [`CausalLm`] trait models implement, their inputs and KV cache;
 //! * [`config`]: the common part of PEFT's `adapter_config.json`, read leniently;
 //! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
-//! * [`tensors`]: safetensors reading (single and sharded, f32/f16/bf16) and atomic writes;
-//! * [`precision`]: f32 or bf16 compute in the linear layers;
-//! * [`packed_op`], [`blas`]: the frozen layers' products (packed weights; OpenBLAS when present);
-//! * [`fused`], [`kernels`]: one-pass CPU operations for attention, the GELU and the loss;
-//! * [`chunked_loss`]: `lm_head` + cross-entropy over row blocks (no whole logits);
-//! * [`process`]: process-wide settings for speed (OpenBLAS threads, malloc), set by binaries;
-//! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line;
-//! * [`error`]: the typed error all library crates return.
+//! * [`adapter_files`]: PEFT's adapter folders (config + weights) and parameter bookkeeping;
+//! * [`params`]: parameters by their Hugging Face names;
+//! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line.
+//!
+//! What the layers compute with lives in `peft-ops` (CPU kernels, BLAS, packed products, the
+//! losses, bf16 compute, device choice); checkpoint files and the error type in
+//! `peft-tensors`; 4-bit formats in `peft-quant`.
 //!
 //! ```
 //! use peft_core::{ModuleMatcher, TargetModules};
@@ -28,33 +27,23 @@
 pub mod adapter;
 pub mod adapter_files;
 pub mod adapter_set;
-pub mod blas;
-pub mod chunked_loss;
 pub mod config;
-pub mod device;
-pub mod error;
-pub mod fused;
-pub mod kernels;
-pub mod loss;
 pub mod model;
 pub mod modules;
-pub mod packed_op;
 pub mod params;
-pub mod precision;
-pub mod process;
 pub mod prompt_learning;
 pub mod summary;
-pub mod tensors;
 
 pub use adapter::{
-    AdaptableEmbedding, AdaptableLinear, AdapterModel, BaseLinear, CodeBlocks, DeviceCodes,
-    LayerAdapter, NoAdapter, PackedLinear, PackedWeight,
+    AdaptableEmbedding, AdaptableLinear, BaseLinear, LayerAdapter, NoAdapter, PackedLinear,
 };
 pub use adapter_set::{AdapterSet, BASE_ADAPTER, RowAdapters};
 pub use config::{ConfigHeader, PeftType, TargetModules};
-pub use error::{PeftError, Result};
-pub use model::{CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};
+pub use model::{AdapterModel, CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};
 pub use modules::{ModuleInfo, ModuleKind, ModuleMatcher};
-pub use precision::ComputeDtype;
+pub use peft_ops::packed::PackedWeight;
+pub use peft_ops::precision::ComputeDtype;
+/// The error type every peft-rs crate returns (defined in peft-tensors, the lowest crate).
+pub use peft_tensors::error;
+pub use peft_tensors::{HostTensor, PeftError, Result, TensorStore};
 pub use summary::TrainableSummary;
-pub use tensors::{HostTensor, TensorStore};

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter};
+use crate::adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter, NoAdapter};
 use crate::error::Result;
 use crate::modules::ModuleInfo;
 
@@ -175,17 +175,17 @@ pub trait CausalLm: Module + burn::module::ModuleDisplay + Sized {
     fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>>;
 
     /// The mean next-token cross-entropy of the input against `labels` (`[batch, seq]`,
-    /// [`IGNORE_INDEX`](crate::loss::IGNORE_INDEX) skipped; see
-    /// [`causal_lm_loss`](crate::loss::causal_lm_loss)), a one-element tensor. The models
+    /// [`IGNORE_INDEX`](peft_ops::loss::IGNORE_INDEX) skipped; see
+    /// [`causal_lm_loss`](peft_ops::loss::causal_lm_loss)), a one-element tensor. The models
     /// compute it without whole `[tokens, vocab]` logits where the output projection is frozen
-    /// ([`crate::chunked_loss`]); this default computes the logits.
+    /// ([`peft_ops::chunked_loss`]); this default computes the logits.
     fn forward_loss(
         &self,
         input: ModelInput,
         cache: Option<&mut KvCache>,
         labels: Tensor<2, Int>,
     ) -> Result<Tensor<1>> {
-        Ok(crate::loss::causal_lm_loss(
+        Ok(peft_ops::loss::causal_lm_loss(
             self.forward(input, cache)?,
             labels,
         ))
@@ -211,4 +211,29 @@ pub trait CausalLm: Module + burn::module::ModuleDisplay + Sized {
     /// embeddings can be trained alone — PEFT's `modules_to_save` on a tied embedding. A no-op for
     /// an untied model.
     fn untie_word_embeddings(self) -> Self;
+}
+
+/// A model wrapped by a PEFT method (LoRA, IA3, BitFit, ...): what the training loop and the
+/// command line need, whichever method it is.
+pub trait AdapterModel: Sized {
+    /// The wrapped model.
+    type Model: CausalLm;
+
+    /// The model, for forward passes.
+    fn model(&self) -> &Self::Model;
+
+    /// Replaces the model (after an optimizer step), keeping the method's bookkeeping.
+    fn with_model(self, model: Self::Model) -> Self;
+
+    /// Hugging Face names (see [`crate::params`]) of the parameters that train.
+    fn trainable_names(&self) -> Vec<String>;
+
+    /// PEFT's trainable-parameters numbers.
+    fn trainable_summary(&self) -> crate::summary::TrainableSummary;
+
+    /// Writes the adapter folder in PEFT's format.
+    fn save_pretrained(&self, dir: &std::path::Path) -> Result<()>;
+
+    /// Folds the adapter into the base weights and returns the plain model.
+    fn merge_and_unload(self) -> Result<<Self::Model as CausalLm>::WithAdapter<NoAdapter>>;
 }

@@ -170,7 +170,7 @@ impl Combination {
                 format!("`{}` needs a density", self.combination_type.name()),
             )
         })?;
-        if !(density >= 0.0) {
+        if density.is_nan() || density < 0.0 {
             return Err(PeftError::config(
                 "add_weighted_adapter",
                 "density",

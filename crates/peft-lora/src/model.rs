@@ -5,14 +5,14 @@ use std::path::Path;
 
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
 use peft_core::adapter_files::{
-    burn_linear_weight, load_base_params, prepare_modules_to_save, save_adapter, set_trainable,
-    transpose_host,
+    load_base_params, prepare_modules_to_save, save_adapter, set_trainable,
 };
 use peft_core::params::{ParamUpdate, map_params, named_values};
 use peft_core::{
     AdaptableEmbedding, AdaptableLinear, CausalLm, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
     Result, TensorStore, TrainableSummary,
 };
+use peft_tensors::layout::{burn_linear_weight, transpose_host};
 
 use crate::config::{InitLoraWeights, LoraBias, LoraConfig};
 use crate::layer::{LoraInit, LoraLinear};

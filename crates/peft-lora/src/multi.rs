@@ -27,14 +27,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::Tensor;
-use peft_core::adapter_files::{
-    CONFIG_NAME, WEIGHTS_NAME, burn_linear_weight, save_adapter, transpose_data,
-};
+use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::params::{ParamUpdate, map_params};
 use peft_core::{
     AdaptableEmbedding, AdaptableLinear, AdapterSet, BASE_ADAPTER, CausalLm, HostTensor,
     ModelInput, NoAdapter, PeftError, Result, TargetModules, TensorStore,
 };
+use peft_tensors::layout::{burn_linear_weight, transpose_data};
 
 use crate::combine::{Combination, CombinationType, WeightedPair, combine_layer};
 use crate::config::{LoraBias, LoraConfig};

@@ -208,7 +208,7 @@ impl GemmaRmsNorm {
     /// `[.., dim]` → `[.., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let scale = self.weight.val() + 1.0;
-        if let Some(y) = peft_core::fused::rms_norm(x.clone(), scale.clone(), self.eps) {
+        if let Some(y) = peft_ops::fused::rms_norm(x.clone(), scale.clone(), self.eps) {
             return y;
         }
         let ms = x.clone().square().mean_dim(D - 1);

@@ -9,19 +9,18 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 use peft_core::{
-    AdaptableLinear, BaseLinear, ComputeDtype, DeviceCodes, LayerAdapter, PackedLinear,
-    PackedWeight, PeftError, Result, TensorStore,
-    adapter::with_weight_dtype,
-    adapter_files::burn_linear_weight,
-    packed_op::supports_packed_matmul,
-    precision::{HalfDtype, HalfWeight},
+    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, PeftError,
+    Result, TensorStore, adapter::with_weight_dtype,
 };
+use peft_ops::device::runs_cpu_kernels;
+use peft_ops::precision::{HalfDtype, HalfWeight};
 use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
+use peft_tensors::layout::burn_linear_weight;
 
 /// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`): one fused pass on the CPU
-/// backend, see [`peft_core::fused::gelu_tanh`].
+/// backend, see [`peft_ops::fused::gelu_tanh`].
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    peft_core::fused::gelu_tanh(x)
+    peft_ops::fused::gelu_tanh(x)
 }
 
 /// LayerNorm with Hugging Face's parameter names (`weight`, `bias`).
@@ -40,7 +39,7 @@ impl LayerNorm {
     /// `[.., dim]` → `[.., dim]`, normalised over the last dimension (biased variance, as PyTorch).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         if let Some(y) =
-            peft_core::fused::layer_norm(x.clone(), self.weight.val(), self.bias.val(), self.eps)
+            peft_ops::fused::layer_norm(x.clone(), self.weight.val(), self.bias.val(), self.eps)
         {
             return y;
         }
@@ -63,7 +62,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// `[.., dim]` → `[.., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if let Some(y) = peft_core::fused::rms_norm(x.clone(), self.weight.val(), self.eps) {
+        if let Some(y) = peft_ops::fused::rms_norm(x.clone(), self.weight.val(), self.eps) {
             return y;
         }
         let ms = x.clone().square().mean_dim(D - 1);
@@ -151,7 +150,7 @@ impl WeightLoader<'_> {
             Some(q) => Arc::new(q),
             // bf16 compute: `lm_head` stays f32 (as after prepare_model_for_kbit_training).
             None if self.compute == ComputeDtype::Bf16 && prefix != "lm_head" => {
-                if !supports_packed_matmul(self.device) {
+                if !runs_cpu_kernels(self.device) {
                     let dense = self.linear(prefix, d_in, d_out, bias)?;
                     return Ok(AdaptableLinear::plain(with_weight_dtype(
                         dense,
@@ -172,8 +171,7 @@ impl WeightLoader<'_> {
             // f32 compute over a bf16/f16 checkpoint: the weight stays in its stored 2 bytes
             // (widened exactly inside each product) unless asked otherwise; else dense f32.
             None => {
-                let hold =
-                    !self.widen_half && prefix != "lm_head" && supports_packed_matmul(self.device);
+                let hold = !self.widen_half && prefix != "lm_head" && runs_cpu_kernels(self.device);
                 match hold.then(|| self.stored_half(&key)).transpose()?.flatten() {
                     Some(dtype) => Arc::new(self.half_as_stored(&key, d_in, d_out, dtype)?),
                     None => {
@@ -190,10 +188,9 @@ impl WeightLoader<'_> {
             None
         };
         // On a GPU the codes live on the device and are de-quantised there (CPU: packed op).
-        let on_device = (!supports_packed_matmul(self.device))
-            .then(|| packed.code_blocks())
-            .flatten()
-            .map(|blocks| Box::new(DeviceCodes::upload(&blocks, self.device)));
+        let on_device = (!runs_cpu_kernels(self.device))
+            .then(|| packed.to_device(self.device))
+            .flatten();
         Ok(AdaptableLinear::over(BaseLinear::Packed(PackedLinear {
             weight: packed,
             bias,
@@ -359,7 +356,7 @@ pub fn layer_masks(allowed: &Tensor<4, Bool>, windows: &[Option<usize>]) -> Vec<
 /// `allowed: [b, 1, q, kv]`. Masked scores get the dtype's minimum, as transformers' eager
 /// attention does. Returns `[b, h, q, d]`.
 ///
-/// On the CPU backend this is one fused operation ([`peft_core::fused::attention`]) whose output
+/// On the CPU backend this is one fused operation ([`peft_ops::fused::attention`]) whose output
 /// is laid out `[b, q, h, d]` underneath, so the caller's merge of the heads is free.
 pub fn attend(
     q: Tensor<4>,
@@ -371,9 +368,9 @@ pub fn attend(
 ) -> Tensor<4> {
     let [b, h, q_len, _] = q.dims();
     let kv_len = k.dims()[2];
-    if peft_core::fused::is_fused(&q) {
+    if peft_ops::fused::is_fused(&q) {
         let (host_allowed, host_bias) = host_masks(allowed, bias.as_ref(), [b, h, q_len, kv_len]);
-        if let Some(out) = peft_core::fused::attention(
+        if let Some(out) = peft_ops::fused::attention(
             q.clone(),
             k.clone(),
             v.clone(),
@@ -406,7 +403,7 @@ pub fn attend_softcapped(
 
 /// Self-attention over a fused query/key/value projection `qkv: [b, s, h, 3, d]` (BLOOM's
 /// layout), as [`attend`] of its three parts; on the CPU backend one operation that reads the
-/// parts in place and returns one gradient for `qkv` ([`peft_core::fused::packed_qkv_attention`]).
+/// parts in place and returns one gradient for `qkv` ([`peft_ops::fused::packed_qkv_attention`]).
 /// Returns `[b, h, s, d]`.
 pub fn attend_packed(
     qkv: Tensor<5>,
@@ -415,9 +412,9 @@ pub fn attend_packed(
     allowed: &Tensor<4, Bool>,
 ) -> Tensor<4> {
     let [b, s, h, _, _] = qkv.dims();
-    if peft_core::fused::is_fused(&qkv) {
+    if peft_ops::fused::is_fused(&qkv) {
         let (host_allowed, host_bias) = host_masks(allowed, bias.as_ref(), [b, h, s, s]);
-        if let Some(out) = peft_core::fused::packed_qkv_attention(
+        if let Some(out) = peft_ops::fused::packed_qkv_attention(
             qkv.clone(),
             scale as f32,
             host_bias,
@@ -613,7 +610,7 @@ pub fn output_logits<A: LayerAdapter>(
 /// The mean next-token loss of the final hidden states against `labels` — the loss of
 /// [`output_logits`] (soft-capped by `softcap` when given) — computed over row blocks without
 /// whole logits where the projection is frozen and plain (see
-/// [`peft_core::chunked_loss`]); from whole logits otherwise (a trained or adapted `lm_head`,
+/// [`peft_ops::chunked_loss`]); from whole logits otherwise (a trained or adapted `lm_head`,
 /// a GPU backend).
 pub fn output_loss<A: LayerAdapter>(
     hidden: Tensor<3>,
@@ -633,7 +630,7 @@ pub fn output_loss<A: LayerAdapter>(
     let cap = softcap.map(|c| c as f32);
     if let Some(weight) = weight
         && let Some(loss) =
-            peft_core::loss::linear_causal_lm_loss(hidden.clone(), weight, cap, labels.clone())
+            peft_ops::loss::linear_causal_lm_loss(hidden.clone(), weight, cap, labels.clone())
     {
         return loss;
     }
@@ -642,7 +639,7 @@ pub fn output_loss<A: LayerAdapter>(
         Some(cap) => (logits / cap).tanh() * cap,
         None => logits,
     };
-    peft_core::loss::causal_lm_loss(logits, labels)
+    peft_ops::loss::causal_lm_loss(logits, labels)
 }
 
 /// A frozen `lm_head` holding a copy of the embedding `table` (`[vocab, hidden]`), for a tied
@@ -657,7 +654,7 @@ pub fn untied_head<A: LayerAdapter>(table: &Param<Tensor<2>>) -> AdaptableLinear
 
 /// `x @ weightᵀ` for a `[vocab, hidden]` table used as output projection (tied `lm_head`).
 pub fn tied_logits(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
-    peft_core::blas::linear(hidden, table.transpose(), None)
+    peft_ops::blas::linear(hidden, table.transpose(), None)
 }
 
 #[cfg(test)]

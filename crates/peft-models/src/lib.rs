@@ -185,7 +185,7 @@ pub enum AnyModel<A: LayerAdapter> {
 pub struct LoadOptions {
     /// Quantise every linear layer except `lm_head` to 4-bit (transformers' `load_in_4bit`).
     pub quantize: Option<peft_quant::QuantConfig>,
-    /// The dtype of the linear layers' products (see [`peft_core::precision`]).
+    /// The dtype of the linear layers' products (see [`peft_ops::precision`]).
     pub compute_dtype: ComputeDtype,
     /// Hold the frozen linear weights of a bf16/f16 checkpoint widened to f32 (twice the memory)
     /// instead of as stored. Off by default: on the CPU backend they stay in their 2 bytes and
@@ -385,6 +385,6 @@ pub fn random_checkpoint(config: &HfConfig, seed: u64) -> Result<TensorStore> {
             );
         }
     }
-    let bytes = peft_core::tensors::serialize(&tensors, None)?;
+    let bytes = peft_tensors::serialize(&tensors, None)?;
     TensorStore::from_bytes("<random checkpoint>", bytes)
 }

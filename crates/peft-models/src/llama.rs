@@ -471,7 +471,7 @@ impl<A: LayerAdapter> LlamaLayer<A> {
             self.mlp.up_proj.forward(ln),
         );
         let gated =
-            peft_core::fused::silu_mul(gate.clone(), up.clone()).unwrap_or_else(|| silu(gate) * up);
+            peft_ops::fused::silu_mul(gate.clone(), up.clone()).unwrap_or_else(|| silu(gate) * up);
         x + self.mlp.down_proj.forward(gated)
     }
 }

@@ -346,7 +346,7 @@ impl<A: LayerAdapter> Phi3Layer<A> {
         let im = gate_up.dims()[2] / 2;
         let (gate, up) = (gate_up.clone().narrow(2, 0, im), gate_up.narrow(2, im, im));
         let gated =
-            peft_core::fused::silu_mul(gate.clone(), up.clone()).unwrap_or_else(|| silu(gate) * up);
+            peft_ops::fused::silu_mul(gate.clone(), up.clone()).unwrap_or_else(|| silu(gate) * up);
         x + self.mlp.down_proj.forward(gated)
     }
 }

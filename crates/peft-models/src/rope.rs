@@ -379,7 +379,7 @@ pub fn apply_rope(x: Tensor<4>, rope: &RopeTables) -> Tensor<4> {
         let head = apply_rope(x.clone().narrow(3, 0, rotated), rope);
         return Tensor::cat(vec![head, x.narrow(3, rotated, hd - rotated)], 3);
     }
-    peft_core::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin)
+    peft_ops::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin)
         .unwrap_or_else(|| composed_rope(x, rope))
 }
 

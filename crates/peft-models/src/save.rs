@@ -5,11 +5,11 @@ use std::path::Path;
 
 use peft_core::adapter_files::packed_weights;
 use peft_core::params::lazy_values;
-use peft_core::tensors::{
+use peft_core::{CausalLm, NoAdapter, PeftError, Result, TensorStore};
+use peft_tensors::{
     DEFAULT_MAX_SHARD_SIZE, PendingTensor, f32_to_bytes, save_sharded, write_atomic,
     write_folder_atomic,
 };
-use peft_core::{CausalLm, NoAdapter, PeftError, Result, TensorStore};
 use safetensors::Dtype;
 
 /// Files copied from the source folder when present.

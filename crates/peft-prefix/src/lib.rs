@@ -25,11 +25,11 @@ use serde_json::Value;
 use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::model::{MapEmbedding, MapLinear};
 use peft_core::params::{ParamUpdate, map_params, named_params};
-use peft_core::tensors::save_safetensors;
 use peft_core::{
     AdapterModel, CausalLm, HostTensor, KvCache, LayerAdapter, LayerKv, ModelInput, ModelSpec,
     ModuleInfo, NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
 };
+use peft_tensors::save_safetensors;
 
 /// The file peft-rs writes beside PEFT's with the projection weights.
 pub const ENCODER_NAME: &str = "adapter_encoder.safetensors";

@@ -445,7 +445,7 @@ fn nest(absmax: &[f32]) -> Absmax {
     }
 }
 
-impl peft_core::PackedWeight for Quantized4bit {
+impl peft_ops::packed::PackedWeight for Quantized4bit {
     fn shape(&self) -> [usize; 2] {
         match self.shape.as_slice() {
             [rows, cols] => [*rows, *cols],
@@ -467,7 +467,7 @@ impl peft_core::PackedWeight for Quantized4bit {
         cols: std::ops::Range<usize>,
         out: &mut [f32],
     ) -> bool {
-        let [d_out, d_in] = peft_core::PackedWeight::shape(self);
+        let [d_out, d_in] = peft_ops::packed::PackedWeight::shape(self);
         let width = cols.len();
         if rows.end > d_out || cols.end > d_in || out.len() != rows.len() * width || width == 0 {
             return false;
@@ -497,11 +497,25 @@ impl peft_core::PackedWeight for Quantized4bit {
         true
     }
 
-    fn to_tensors(&self, name: &str) -> Vec<(String, peft_core::HostTensor)> {
+    fn to_tensors(&self, name: &str) -> Vec<(String, peft_tensors::HostTensor)> {
         Quantized4bit::to_tensors(self, name)
     }
 
-    fn code_blocks(&self) -> Option<peft_core::CodeBlocks> {
+    fn to_device(
+        &self,
+        device: &burn::tensor::Device,
+    ) -> Option<std::sync::Arc<dyn peft_ops::packed::DeviceWeight>> {
+        Some(std::sync::Arc::new(crate::device::DeviceCodes::upload(
+            &self.code_blocks(),
+            device,
+        )))
+    }
+}
+
+impl Quantized4bit {
+    /// The weight as 4-bit codes and per-block scales (what [`crate::device::DeviceCodes`]
+    /// uploads).
+    pub fn code_blocks(&self) -> crate::device::CodeBlocks {
         let words = self
             .packed
             .chunks(4)
@@ -511,12 +525,12 @@ impl peft_core::PackedWeight for Quantized4bit {
                 i32::from_le_bytes(b)
             })
             .collect();
-        Some(peft_core::CodeBlocks {
+        crate::device::CodeBlocks {
             words,
             absmax: self.absmax.to_f32(),
             codebook: self.quant_type.codebook().values,
             blocksize: self.blocksize,
-        })
+        }
     }
 }
 
@@ -540,7 +554,7 @@ mod tests {
     /// element count's last nibble.
     #[test]
     fn blocks_equal_the_whole_dequantisation() {
-        use peft_core::PackedWeight;
+        use peft_ops::packed::PackedWeight;
         let (rows, cols) = (7, 301);
         let values: Vec<f32> = (0..rows * cols)
             .map(|i| (((i * 7919) % 1013) as f32 - 506.0) / 97.0)

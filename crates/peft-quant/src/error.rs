@@ -49,8 +49,8 @@ pub enum QuantError {
 /// `Result` with [`QuantError`].
 pub type Result<T> = std::result::Result<T, QuantError>;
 
-impl From<QuantError> for peft_core::PeftError {
+impl From<QuantError> for peft_tensors::PeftError {
     fn from(error: QuantError) -> Self {
-        peft_core::PeftError::Quantization(error.to_string())
+        peft_tensors::PeftError::Quantization(error.to_string())
     }
 }

@@ -7,7 +7,7 @@
 //! `NAME.quant_state.bitsandbytes__nf4|fp4`: the remaining fields as the UTF-8 bytes of
 //! `json.dumps` of a dict.
 
-use peft_core::HostTensor;
+use peft_tensors::HostTensor;
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -294,11 +294,9 @@ impl Quantized4bit {
 }
 
 fn f32_values(name: &str, what: &'static str, t: &HostTensor) -> Result<Vec<f32>> {
-    peft_core::tensors::bytes_to_f32(t.dtype, &t.data).ok_or_else(|| {
-        QuantError::InvalidQuantState {
-            name: name.to_string(),
-            reason: format!("`{what}` has dtype {:?}, expected a float type", t.dtype),
-        }
+    peft_tensors::bytes_to_f32(t.dtype, &t.data).ok_or_else(|| QuantError::InvalidQuantState {
+        name: name.to_string(),
+        reason: format!("`{what}` has dtype {:?}, expected a float type", t.dtype),
     })
 }
 

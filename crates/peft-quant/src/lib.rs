@@ -18,10 +18,12 @@
 
 pub mod block;
 pub mod codebook;
+pub mod device;
 pub mod error;
 pub mod layout;
 pub mod torch_sum;
 
 pub use block::{Absmax, QuantConfig, QuantType, Quantized4bit, SourceDtype, check_blocksize};
+pub use device::{CodeBlocks, DeviceCodes, NIBBLE_SHIFTS};
 pub use error::{QuantError, Result};
 pub use layout::{find_quant_state, is_component_key, python_float_repr};

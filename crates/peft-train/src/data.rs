@@ -24,9 +24,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde_json::Value;
 
-use peft_core::loss::IGNORE_INDEX;
 use peft_models::Tokenizer;
 use peft_models::chat::Message;
+use peft_ops::loss::IGNORE_INDEX;
 
 /// What went wrong with a data file; every variant names the file and, where there is one, the
 /// line.

@@ -53,7 +53,7 @@ pub fn write_loss_png(path: &Path, points: &[CurvePoint]) -> Result<(), String> 
     let mut pixels = vec![0u8; (width * height * 3) as usize];
     draw(&mut pixels, (width, height), points).map_err(|e| format!("drawing the plot: {e}"))?;
     let png = encode_png(&pixels, width, height).map_err(|e| format!("encoding PNG: {e}"))?;
-    peft_core::tensors::write_atomic(path, &png).map_err(|e| e.to_string())
+    peft_tensors::write_atomic(path, &png).map_err(|e| e.to_string())
 }
 
 /// plotters' own encoder writes straight to a file; encoding the RGB buffer here keeps the write

@@ -16,8 +16,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use peft_core::params::{ParamUpdate, map_params, named_params, named_values, with_stable_ids};
-use peft_core::tensors::{TensorStore, save_safetensors, write_atomic};
 use peft_core::{AdapterModel, CausalLm, ModelInput, PeftError};
+use peft_tensors::{TensorStore, save_safetensors, write_atomic};
 
 use crate::data::{HostBatch, Tokenized, collate, epoch_order};
 
@@ -284,7 +284,7 @@ pub fn evaluate<M: CausalLm>(
             .map(|row| {
                 row.iter()
                     .skip(1)
-                    .filter(|&&l| l != peft_core::loss::IGNORE_INDEX)
+                    .filter(|&&l| l != peft_ops::loss::IGNORE_INDEX)
                     .count()
             })
             .sum::<usize>();
@@ -738,7 +738,7 @@ fn load_checkpoint<A: AdapterModel>(
             Ok((values, shape)) => {
                 let data = TensorData::new(values, shape);
                 ParamUpdate::Value(if linear {
-                    peft_core::adapter_files::transpose_data(data)
+                    peft_tensors::layout::transpose_data(data)
                 } else {
                     data
                 })

@@ -20,9 +20,9 @@
 use burn::tensor::{DType, Device, Tensor};
 use safetensors::Dtype;
 
-use crate::HostTensor;
-use crate::adapter::PackedWeight;
-use crate::error::{PeftError, Result};
+use crate::packed::PackedWeight;
+use peft_tensors::HostTensor;
+use peft_tensors::{PeftError, Result};
 
 /// The dtype of the frozen base layers' products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

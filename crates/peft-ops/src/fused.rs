@@ -24,8 +24,8 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::{DType, Shape, Tensor};
 
 use crate::blas::zeros_f32;
+use crate::device::runs_cpu_kernels;
 use crate::kernels;
-use crate::packed_op::supports_packed_matmul;
 
 /// One target class per row for [`FusedBackend::cross_entropy_rows`]; a negative target marks a
 /// row that takes no part (PyTorch's `ignore_index`).
@@ -960,7 +960,7 @@ impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Aut
 
 /// Whether the fused path applies: the CPU backend and f32 values.
 fn fused_path<const D: usize>(x: &Tensor<D>) -> bool {
-    x.dtype() == DType::F32 && supports_packed_matmul(&x.device())
+    x.dtype() == DType::F32 && runs_cpu_kernels(&x.device())
 }
 
 /// Whether the fused operations run for `tensor` (f32 on the CPU backend), so that callers on
@@ -1150,10 +1150,10 @@ pub fn packed_qkv_attention(
 /// Per-row negative log-likelihood of `targets` under `logits: [rows, vocab]` → `[rows]`, 0 for
 /// rows whose target is negative, NaN for a target at or above `vocab`. An error when there is
 /// not one target per row.
-pub fn cross_entropy_rows(logits: Tensor<2>, targets: Vec<i64>) -> crate::Result<Tensor<1>> {
+pub fn cross_entropy_rows(logits: Tensor<2>, targets: Vec<i64>) -> peft_tensors::Result<Tensor<1>> {
     let [rows, _] = logits.dims();
     if rows != targets.len() {
-        return Err(crate::PeftError::InvalidInput(format!(
+        return Err(peft_tensors::PeftError::InvalidInput(format!(
             "cross-entropy: {} targets for {rows} rows of logits",
             targets.len()
         )));

@@ -1,8 +1,19 @@
 //! Choosing the compute device at run time (`--device`, `PEFT_DEVICE`).
 
+use burn::backend::DispatchDevice;
 use burn::tensor::Device;
 
-use crate::error::{PeftError, Result};
+use peft_tensors::{PeftError, Result};
+
+/// Whether peft-rs' CPU kernels (the fused operations, packed-weight products, OpenBLAS
+/// products, the chunked loss) run on `device`: burn's flex backend, with or without autodiff.
+/// Every other device runs burn's composed operations. This is the one place that decides it.
+pub fn runs_cpu_kernels(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
+}
 
 /// The device names peft-rs accepts, with the Cargo feature each needs.
 pub const DEVICE_NAMES: [(&str, &str); 3] =

@@ -16,11 +16,11 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
 };
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::tensor::{Tensor, TensorData};
 
-use crate::adapter::PackedWeight;
 use crate::blas::BlasMatmulBackend;
+use crate::packed::PackedWeight;
 
 /// The packed weight handed to the operation (an ordinary, non-tensor argument), and whether
 /// its de-quantised values are rounded to bf16 (bf16 compute, see [`crate::precision`]).
@@ -258,14 +258,6 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> PackedMatmulBackend for Autodi
     }
 }
 
-/// Whether [`PackedMatmulBackend`] runs on `device` (the CPU backend, with or without autodiff).
-pub fn supports_packed_matmul(device: &Device) -> bool {
-    matches!(
-        device.as_dispatch().clone().inner(),
-        DispatchDevice::Flex(_)
-    )
-}
-
 /// `x: [batch, seq, in]` → `[batch, seq, out]` through the packed operation; with `bf16` the
 /// de-quantised weight is rounded to bf16 first (the caller rounds `x` and the result).
 pub fn packed_linear(x: Tensor<3>, weight: &Arc<dyn PackedWeight>, bf16: bool) -> Tensor<3> {
@@ -285,6 +277,8 @@ pub fn packed_linear(x: Tensor<3>, weight: &Arc<dyn PackedWeight>, bf16: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::runs_cpu_kernels;
+    use burn::tensor::Device;
     use burn::tensor::Distribution;
 
     /// A "packed" weight that is simply stored dense, to compare against an ordinary matmul.
@@ -304,7 +298,7 @@ mod tests {
         fn storage_bytes(&self) -> usize {
             self.values.len() * 4
         }
-        fn to_tensors(&self, _: &str) -> Vec<(String, crate::HostTensor)> {
+        fn to_tensors(&self, _: &str) -> Vec<(String, peft_tensors::HostTensor)> {
             Vec::new()
         }
     }
@@ -329,7 +323,7 @@ mod tests {
     #[test]
     fn gradient_matches_a_dense_matmul() {
         let device = Device::flex().autodiff();
-        assert!(supports_packed_matmul(&device));
+        assert!(runs_cpu_kernels(&device));
         let (d_in, d_out) = (6, 5);
         let values = (0..d_in * d_out)
             .map(|i| ((i * 7) % 11) as f32 - 5.0)

@@ -209,7 +209,7 @@ pub fn linear_cross_entropy_rows(
     weight: Tensor<2>,
     targets: CrossEntropyTargets,
 ) -> Option<Tensor<1>> {
-    if !crate::packed_op::supports_packed_matmul(&hidden.device()) {
+    if !crate::device::runs_cpu_kernels(&hidden.device()) {
         return None;
     }
     Some(Tensor::<1>::from_dispatch(

@@ -628,7 +628,7 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> BlasMatmulBackend for Autodiff
 /// `lhs: [m, k] · rhs: [k, n]`: through OpenBLAS on the CPU backend when it is available (see the
 /// module docs), burn's matmul otherwise.
 pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
-    if !crate::packed_op::supports_packed_matmul(&lhs.device()) {
+    if !crate::device::runs_cpu_kernels(&lhs.device()) {
         return lhs.matmul(rhs);
     }
     Tensor::from_dispatch(<Dispatch as BlasMatmulBackend>::blas_matmul(
@@ -653,7 +653,7 @@ pub fn lora_linear<const D: usize>(
         .iter()
         .chain(bias.as_ref().map(|b| b.dtype()).iter())
         .all(|d| *d == DType::F32);
-    if !f32s || !crate::packed_op::supports_packed_matmul(&x.device()) {
+    if !f32s || !crate::device::runs_cpu_kernels(&x.device()) {
         return None;
     }
     let dims = x.dims();
@@ -686,7 +686,7 @@ pub fn linear<const D: usize>(
     let rows = dims[..D - 1].iter().product::<usize>();
     let x = x.reshape([rows, d_in]);
     let out = match bias {
-        Some(b) if crate::packed_op::supports_packed_matmul(&x.device()) => {
+        Some(b) if crate::device::runs_cpu_kernels(&x.device()) => {
             Tensor::from_dispatch(<Dispatch as BlasMatmulBackend>::blas_matmul_bias(
                 x.into_dispatch(),
                 weight.into_dispatch(),
