@@ -55,15 +55,15 @@ fn ia3_defaults_follow_peft() {
 fn bitfit_where_there_are_biases() {
     let device = device().autodiff();
     let yarn = peft_models::load(model_dir("llama-rope-yarn"), &device).unwrap();
-    let bitfit = peft_bitfit::bitfit(yarn, peft_bitfit::BitFitConfig::default()).unwrap();
+    let bitfit = peft_bitfit::get_peft_model(yarn, peft_bitfit::BitFitConfig::default()).unwrap();
     assert_eq!(bitfit.trainable_names().len(), 2 * 7);
     assert_training_lowers_loss(bitfit, &chat_data("llama-rope-yarn"), 5e-2);
     let qwen2 = peft_models::load(model_dir("qwen2-tiny-swa"), &device).unwrap();
-    let bitfit = peft_bitfit::bitfit(qwen2, peft_bitfit::BitFitConfig::default()).unwrap();
+    let bitfit = peft_bitfit::get_peft_model(qwen2, peft_bitfit::BitFitConfig::default()).unwrap();
     assert_eq!(bitfit.trainable_names().len(), 2 * 3);
     for name in ["mistral-tiny", "qwen3-tiny", "gemma2-tiny", "phi3-tiny"] {
         let base = peft_models::load(model_dir(name), &device).unwrap();
-        let err = peft_bitfit::bitfit(base, peft_bitfit::BitFitConfig::default())
+        let err = peft_bitfit::get_peft_model(base, peft_bitfit::BitFitConfig::default())
             .map(|_| ())
             .expect_err("no biases")
             .to_string();

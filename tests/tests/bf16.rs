@@ -241,6 +241,6 @@ fn training_in_bf16_lowers_the_loss() {
     peft_tests::assert_training_lowers_loss(qlora, &data, 1e-2);
 
     let base = load_with(model_dir("bloom-tiny"), &device, &BF16).unwrap();
-    let bitfit = peft_bitfit::bitfit(base, peft_bitfit::BitFitConfig::default()).unwrap();
+    let bitfit = peft_bitfit::get_peft_model(base, peft_bitfit::BitFitConfig::default()).unwrap();
     peft_tests::assert_training_lowers_loss(bitfit, &data, 3e-2);
 }

@@ -1,6 +1,6 @@
 //! BitFit: the seed tutorial's bias-only training, against PyTorch.
 
-use peft_bitfit::{BitFitConfig, bitfit, from_pretrained};
+use peft_bitfit::{BitFitConfig, from_pretrained, get_peft_model};
 use peft_tests::{
     Reference, assert_adamw_step_matches, device, logits, max_diff_masked, model_dir,
     reference_json,
@@ -9,7 +9,7 @@ use peft_tests::{
 #[test]
 fn counts_match_the_seed_loop() {
     let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
-    let model = bitfit(base, BitFitConfig::default()).unwrap();
+    let model = get_peft_model(base, BitFitConfig::default()).unwrap();
     let expected = reference_json("bitfit-bloom");
     assert_eq!(
         model.num_param() as u64,
@@ -32,7 +32,7 @@ fn a_pattern_restricts_the_biases() {
         bias_pattern: Some("self_attention".into()),
         ..BitFitConfig::default()
     };
-    let model = bitfit(base, config).unwrap();
+    let model = get_peft_model(base, config).unwrap();
     // 2 layers × (query_key_value 192 + dense 64).
     assert_eq!(model.num_param(), 512);
     assert!(model.biases.iter().all(|b| b.contains("self_attention")));
@@ -41,7 +41,7 @@ fn a_pattern_restricts_the_biases() {
 #[test]
 fn a_model_without_biases_is_a_clear_error() {
     let base = peft_models::load(model_dir("llama-tiny"), &device()).unwrap();
-    let err = bitfit(base, BitFitConfig::default())
+    let err = get_peft_model(base, BitFitConfig::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("this llama model has none"), "{err}");
@@ -51,7 +51,7 @@ fn a_model_without_biases_is_a_clear_error() {
         bias_pattern: Some("nothing_like_this".into()),
         ..BitFitConfig::default()
     };
-    let err = bitfit(base, config).unwrap_err().to_string();
+    let err = get_peft_model(base, config).unwrap_err().to_string();
     assert!(err.contains("matches none of the model's biases"), "{err}");
     assert!(
         err.contains("transformer.h.0.input_layernorm.bias"),
@@ -63,7 +63,7 @@ fn a_model_without_biases_is_a_clear_error() {
 fn one_adamw_step_matches_pytorch() {
     let device = device().autodiff();
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-    let model = bitfit(base, BitFitConfig::default()).unwrap();
+    let model = get_peft_model(base, BitFitConfig::default()).unwrap();
     let biases = model.biases.clone();
     let checked = assert_adamw_step_matches(model.model, "bitfit-bloom-train", |name| {
         biases
@@ -80,7 +80,7 @@ fn trained_biases_save_load_and_merge() {
 
     let device = device();
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-    let mut model = bitfit(base, BitFitConfig::default()).unwrap();
+    let mut model = get_peft_model(base, BitFitConfig::default()).unwrap();
     // Stand-in for training: shift one selected bias.
     let peft_models::AnyModel::Bloom(bloom) = &mut model.model else {
         panic!("bloom fixture")
@@ -107,7 +107,7 @@ fn trained_biases_save_load_and_merge() {
     assert!(store.contains("base_model.model.transformer.h.0.input_layernorm.bias"));
 
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-    let loaded = from_pretrained(base, dir.path()).unwrap();
+    let loaded = from_pretrained(base, dir.path(), true).unwrap();
     let again = logits(&loaded.model, &reference);
     assert_eq!(
         again, trained,

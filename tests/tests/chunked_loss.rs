@@ -81,7 +81,8 @@ fn chunked_loss_equals_whole_logits_on_every_architecture() {
 fn chunked_loss_with_virtual_tokens() {
     let device = device().autodiff();
     let base = peft_models::load(peft_tests::model_dir("llama-tiny"), &device).unwrap();
-    let prompt = peft_prompt::from_pretrained(base, adapter_dir("prompt-llama-random")).unwrap();
+    let prompt =
+        peft_prompt::from_pretrained(base, adapter_dir("prompt-llama-random"), true).unwrap();
     let reference = Reference::load("prompt-llama-random");
     compare(&prompt.model, &reference, "prompt-llama-random");
 }

@@ -13,7 +13,7 @@ const TOLERANCE: f32 = 1e-4;
 fn peft_adapter_matches(name: &str) {
     let device = device();
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-    let prefix = from_pretrained(base, adapter_dir(name)).unwrap();
+    let prefix = from_pretrained(base, adapter_dir(name), true).unwrap();
     let reference = Reference::load(name);
     let ours = logits(prefix.model(), &reference);
     let diff = max_diff_masked(
@@ -126,14 +126,14 @@ fn projection_matches_peft_and_round_trips() {
     assert!(worst <= 1e-5, "projection output max |Δ| = {worst}");
 
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-    let mut model = from_pretrained(base, adapter_dir("prefix-bloom-proj")).unwrap();
+    let mut model = from_pretrained(base, adapter_dir("prefix-bloom-proj"), true).unwrap();
     model.model.projection = Some(projection);
     model.model.prefix = None;
     let out = tempfile::tempdir().unwrap();
     model.save_pretrained(out.path()).unwrap();
     assert!(out.path().join(peft_prefix::ENCODER_NAME).is_file());
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-    let again = from_pretrained(base, out.path()).unwrap();
+    let again = from_pretrained(base, out.path(), true).unwrap();
     assert!(
         again.model.projection.is_some(),
         "the projection is restored for training"
@@ -144,7 +144,7 @@ fn projection_matches_peft_and_round_trips() {
 #[test]
 fn adapters_for_other_models_are_refused() {
     let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
-    let err = from_pretrained(base, adapter_dir("prefix-llama"))
+    let err = from_pretrained(base, adapter_dir("prefix-llama"), true)
         .unwrap_err()
         .to_string();
     assert!(

@@ -27,7 +27,7 @@ fn extended_mask(reference: &Reference, n: usize) -> Vec<i64> {
 fn peft_adapter_matches(name: &str) {
     let device = device();
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-    let prompt = from_pretrained(base, adapter_dir(name)).unwrap();
+    let prompt = from_pretrained(base, adapter_dir(name), true).unwrap();
     let n = prompt.config.num_virtual_tokens;
     let reference = Reference::load(name);
     let ours = logits(prompt.model(), &reference);
@@ -201,7 +201,9 @@ fn bad_configs_are_clear_errors() {
         dir.path().join("adapter_model.safetensors"),
     )
     .unwrap();
-    let err = from_pretrained(base(), dir.path()).unwrap_err().to_string();
+    let err = from_pretrained(base(), dir.path(), true)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("token_dim 32") && err.contains("hidden size is 64"),
         "{err}"
@@ -234,7 +236,7 @@ fn training_moves_only_the_virtual_tokens() {
 fn one_adamw_step_matches_pytorch() {
     let device = device().autodiff();
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-    let prompt = from_pretrained(base, adapter_dir("prompt-bloom-random")).unwrap();
+    let prompt = from_pretrained(base, adapter_dir("prompt-bloom-random"), true).unwrap();
     let checked = assert_adamw_step_matches(prompt.model, "prompt-bloom-random-train", |name| {
         (name == "encoder.prompt_embeddings")
             .then(|| ("prompt_encoder.embedding.weight".to_string(), false))
@@ -251,21 +253,21 @@ fn export_for_python() {
     let device = device();
     for name in ["prompt-bloom-text", "prompt-llama-random"] {
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-        let model = from_pretrained(base, adapter_dir(name)).unwrap();
+        let model = from_pretrained(base, adapter_dir(name), true).unwrap();
         model
             .save_pretrained(&out.join(format!("{name}-adapter")))
             .unwrap();
     }
     for name in ["prefix-bloom", "prefix-llama"] {
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-        let model = peft_prefix::from_pretrained(base, adapter_dir(name)).unwrap();
+        let model = peft_prefix::from_pretrained(base, adapter_dir(name), true).unwrap();
         model
             .save_pretrained(&out.join(format!("{name}-adapter")))
             .unwrap();
     }
     for name in ["ptuning-bloom-lstm", "ptuning-llama-mlp"] {
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-        let model = peft_ptuning::from_pretrained(base, adapter_dir(name)).unwrap();
+        let model = peft_ptuning::from_pretrained(base, adapter_dir(name), true).unwrap();
         model
             .save_pretrained(&out.join(format!("{name}-adapter")))
             .unwrap();

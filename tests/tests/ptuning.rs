@@ -31,7 +31,7 @@ fn peft_table(name: &str) -> Vec<f32> {
 fn peft_adapter_matches(name: &str) {
     let device = device();
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-    let ptuning = from_pretrained(base, adapter_dir(name)).unwrap();
+    let ptuning = from_pretrained(base, adapter_dir(name), true).unwrap();
     let n = ptuning.config.num_virtual_tokens;
     let reference = Reference::load(name);
     let ours = logits(ptuning.model(), &reference);
@@ -103,7 +103,7 @@ fn peft_adapter_matches(name: &str) {
         .fold(0f32, f32::max);
     assert!(worst <= 1e-5, "{name}: saved table max |Δ| = {worst}");
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-    let again = from_pretrained(base, out.path()).unwrap();
+    let again = from_pretrained(base, out.path(), true).unwrap();
     assert!(
         again.model.encoder.encoder.is_some(),
         "{name}: the encoder is restored"

@@ -221,7 +221,7 @@ fn every_method_lowers_the_loss() {
         "ia3",
     );
     lowers_the_loss(
-        peft_bitfit::bitfit(base(), peft_bitfit::BitFitConfig::default()).unwrap(),
+        peft_bitfit::get_peft_model(base(), peft_bitfit::BitFitConfig::default()).unwrap(),
         "bitfit",
     );
 }

@@ -462,7 +462,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                     train!(peft_prefix::get_peft_model(base, config).map_err(|e| e.to_string())?)
                 }
                 "bitfit-train" => train!(
-                    peft_bitfit::bitfit(base, peft_bitfit::BitFitConfig::default())
+                    peft_bitfit::get_peft_model(base, peft_bitfit::BitFitConfig::default())
                         .map_err(|e| e.to_string())?
                 ),
                 other => return Err(format!("unknown case `{other}`")),

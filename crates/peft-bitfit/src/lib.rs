@@ -9,10 +9,10 @@
 //!
 //! ```no_run
 //! use burn::tensor::Device;
-//! use peft_bitfit::{BitFitConfig, bitfit};
+//! use peft_bitfit::{BitFitConfig, get_peft_model};
 //!
 //! let base = peft_models::load("tests/fixtures/models/bloom-tiny", &Device::flex()).unwrap();
-//! let model = bitfit(base, BitFitConfig::default()).unwrap();
+//! let model = get_peft_model(base, BitFitConfig::default()).unwrap();
 //! println!("num_param = {}", model.num_param()); // the seed's count
 //! println!("{}", model.trainable_summary());
 //! ```
@@ -73,7 +73,7 @@ pub struct BitFitModel<M> {
 ///
 /// A model without biases (Llama) is an error that says so and names architectures that have
 /// them, never a silent zero-parameter run.
-pub fn bitfit<M: CausalLm>(model: M, config: BitFitConfig) -> Result<BitFitModel<M>> {
+pub fn get_peft_model<M: CausalLm>(model: M, config: BitFitConfig) -> Result<BitFitModel<M>> {
     if config.peft_type != PeftType::BitFit {
         return Err(PeftError::config(
             "BitFitConfig",
@@ -134,15 +134,29 @@ pub fn bitfit<M: CausalLm>(model: M, config: BitFitConfig) -> Result<BitFitModel
 }
 
 /// Loads a BitFit adapter folder onto `base`: the saved biases replace the base ones.
+///
+/// With `trainable`, the loaded parameters can be trained further; otherwise they are frozen
+/// (inference, as PEFT's `is_trainable=False`).
 pub fn from_pretrained<M: CausalLm>(
     base: M,
     adapter_dir: impl AsRef<Path>,
+    trainable: bool,
 ) -> Result<BitFitModel<M>> {
+    let mut model = load(base, adapter_dir)?;
+    if !trainable {
+        model.model = peft_core::params::map_params(model.model, |_, _| {
+            peft_core::params::ParamUpdate::Trainable(false)
+        });
+    }
+    Ok(model)
+}
+
+fn load<M: CausalLm>(base: M, adapter_dir: impl AsRef<Path>) -> Result<BitFitModel<M>> {
     let dir = adapter_dir.as_ref();
     let config: BitFitConfig = peft_core::config::read_config(dir.join(CONFIG_NAME))?;
     let weights = dir.join(WEIGHTS_NAME);
     let store = TensorStore::open(&weights)?;
-    let mut model = bitfit(base, config)?;
+    let mut model = get_peft_model(base, config)?;
     let (loaded, names) =
         load_base_params(model.model, &store, &weights, |_| None, str::to_string)?;
     model.model = loaded;

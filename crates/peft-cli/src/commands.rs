@@ -6,83 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use peft_bitfit::BitFitConfig;
-use peft_core::{CausalLm, HostTensor, ModelInput, ModuleKind, NoAdapter, PeftType, TensorStore};
-use peft_ia3::{Ia3Config, Ia3Linear, Ia3Model};
-use peft_lora::{LoraConfig, LoraLinear, LoraModel, LoraSet, MultiLoraModel};
+use peft_core::{HostTensor, ModelInput, ModuleKind, NoAdapter, PeftType, TensorStore};
+use peft_lora::{LoraSet, MultiLoraModel};
 use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
 use peft_tensors::save_safetensors;
 
+use crate::methods::{Inspected, Runnable};
 use crate::{CombineArgs, DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs};
-
-/// A base model, possibly with an adapter.
-enum Loaded {
-    Plain(Box<AnyModel<NoAdapter>>),
-    Lora(Box<LoraModel<AnyModel<LoraLinear>>>),
-    /// Several named LoRA adapters (`--adapter NAME=DIR` repeated, or `--adapter-names`).
-    MultiLora(Box<MultiLoraModel<AnyModel<LoraSet>>>),
-    Ia3(Box<Ia3Model<AnyModel<Ia3Linear>>>),
-    Prompt(Box<peft_prompt::PromptTuningModel<AnyModel<NoAdapter>>>),
-    Prefix(Box<peft_prefix::PrefixTuningModel<AnyModel<NoAdapter>>>),
-    PTuning(Box<peft_ptuning::PTuningModel<AnyModel<NoAdapter>>>),
-}
-
-impl Loaded {
-    /// The plain model after `merge_and_unload` (BitFit's biases are already in place).
-    fn merge_and_unload(self) -> Result<AnyModel<NoAdapter>> {
-        Ok(match self {
-            Loaded::Plain(m) => *m,
-            Loaded::Lora(l) => l.merge_and_unload()?,
-            Loaded::MultiLora(m) => m.merge_and_unload()?,
-            Loaded::Ia3(m) => m.merge_and_unload()?,
-            Loaded::Prompt(_) => {
-                bail!("--merge: prompt tuning has no weights to merge (run with --adapter alone)")
-            }
-            Loaded::Prefix(_) => {
-                bail!("--merge: prefix tuning has no weights to merge (run with --adapter alone)")
-            }
-            Loaded::PTuning(_) => {
-                bail!("--merge: P-tuning has no weights to merge (run with --adapter alone)")
-            }
-        })
-    }
-}
-
-/// Runs `$body` with `$m` bound to the loaded model, whatever its adapter type.
-macro_rules! with_model {
-    ($loaded:expr, $m:ident => $body:expr) => {
-        match $loaded {
-            Loaded::Plain(ref plain) => {
-                let $m = plain.as_ref();
-                $body
-            }
-            Loaded::Lora(ref lora) => {
-                let $m = &lora.model;
-                $body
-            }
-            Loaded::MultiLora(ref multi) => {
-                let $m = &multi.model;
-                $body
-            }
-            Loaded::Ia3(ref ia3) => {
-                let $m = &ia3.model;
-                $body
-            }
-            Loaded::Prompt(ref prompt) => {
-                let $m = &prompt.model;
-                $body
-            }
-            Loaded::Prefix(ref prefix) => {
-                let $m = &prefix.model;
-                $body
-            }
-            Loaded::PTuning(ref ptuning) => {
-                let $m = &ptuning.model;
-                $body
-            }
-        }
-    };
-}
 
 /// The device of `--device`, else `$PEFT_DEVICE`, else the CPU.
 pub(crate) fn device(arg: &DeviceArg) -> Result<Device> {
@@ -103,34 +33,14 @@ fn load_base(
         .with_context(|| format!("loading model {}", model.display()))
 }
 
-/// Loads an adapter folder of any implemented method onto `base`.
-fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Loaded> {
+/// Loads an adapter folder of any implemented method onto `base` (the method registry picks
+/// the loader by the folder's `peft_type`).
+fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Box<dyn Runnable>> {
     let config = adapter.join("adapter_config.json");
     let header = peft_core::config::read_header(&config)
         .with_context(|| format!("reading adapter {}", adapter.display()))?;
-    let context = || format!("loading adapter {}", adapter.display());
-    Ok(match header.peft_type {
-        PeftType::Lora => Loaded::Lora(Box::new(
-            peft_lora::from_pretrained(base, adapter, false).with_context(context)?,
-        )),
-        PeftType::Ia3 => Loaded::Ia3(Box::new(
-            peft_ia3::from_pretrained(base, adapter, false).with_context(context)?,
-        )),
-        PeftType::PromptTuning => Loaded::Prompt(Box::new(
-            peft_prompt::from_pretrained(base, adapter).with_context(context)?,
-        )),
-        PeftType::PrefixTuning => Loaded::Prefix(Box::new(
-            peft_prefix::from_pretrained(base, adapter).with_context(context)?,
-        )),
-        PeftType::PTuning => Loaded::PTuning(Box::new(
-            peft_ptuning::from_pretrained(base, adapter).with_context(context)?,
-        )),
-        PeftType::BitFit => Loaded::Plain(Box::new(
-            peft_bitfit::from_pretrained(base, adapter)
-                .with_context(context)?
-                .merge_and_unload(),
-        )),
-    })
+    let method = crate::methods::by_peft_type(header.peft_type);
+    (method.load)(base, adapter).with_context(|| format!("loading adapter {}", adapter.display()))
 }
 
 /// `--adapter [NAME=]DIR` values as `(name, folder)`: a value naming an existing path is a
@@ -182,46 +92,40 @@ fn load_multi_lora(
     Ok(multi)
 }
 
-fn load_model(args: &ModelArgs) -> Result<Loaded> {
+fn load_model(args: &ModelArgs) -> Result<Box<dyn Runnable>> {
     let device = device(&args.device)?;
     let base = load_base(&args.model, &device, &args.load.options()?)?;
     let specs = adapter_specs(&args.adapter);
-    let loaded = match specs.as_slice() {
-        [] => return Ok(Loaded::Plain(Box::new(base))),
+    let loaded: Box<dyn Runnable> = match specs.as_slice() {
+        [] => return Ok(Box::new(base)),
         [(None, adapter)] if args.adapter_names.is_none() => load_adapter(base, adapter)?,
-        several => Loaded::MultiLora(Box::new(load_multi_lora(base, several)?)),
+        several => Box::new(load_multi_lora(base, several)?),
     };
     Ok(if args.merge {
-        Loaded::Plain(Box::new(loaded.merge_and_unload()?))
+        Box::new(loaded.merge_and_unload()?)
     } else {
         loaded
     })
 }
 
-/// Applies `--adapter-names` (one adapter per batch row) to a model holding several adapters;
-/// returns how many rows were assigned.
-fn assign_rows(loaded: &mut Loaded, names: Option<&[String]>) -> Result<Option<usize>> {
+/// Applies `--adapter-names` (one adapter per batch row); returns how many rows were assigned.
+fn assign_rows(model: &mut dyn Runnable, names: Option<&[String]>) -> Result<Option<usize>> {
     let Some(names) = names else {
         return Ok(None);
     };
-    let Loaded::MultiLora(multi) = loaded else {
-        bail!("--adapter-names needs LoRA adapters (--adapter NAME=DIR)");
-    };
     let rows: Vec<&str> = names.iter().map(String::as_str).collect();
-    multi
-        .set_row_adapters(Some(&rows))
-        .context("--adapter-names")?;
+    model.set_row_adapters(&rows).context("--adapter-names")?;
     Ok(Some(rows.len()))
 }
 
 /// `peft logits`.
 pub fn logits(args: LogitsArgs) -> Result<()> {
-    let mut loaded = load_model(&args.model)?;
-    let rows = assign_rows(&mut loaded, args.model.adapter_names.as_deref())?;
-    with_model!(loaded, model => run_logits(model, &args, rows))
+    let mut model = load_model(&args.model)?;
+    let rows = assign_rows(model.as_mut(), args.model.adapter_names.as_deref())?;
+    run_logits(model.as_ref(), &args, rows)
 }
 
-fn run_logits(model: &impl CausalLm, args: &LogitsArgs, rows: Option<usize>) -> Result<()> {
+fn run_logits(model: &dyn Runnable, args: &LogitsArgs, rows: Option<usize>) -> Result<()> {
     let device = model.device();
     let store = TensorStore::open(&args.inputs)?;
     let (ids, shape) = store.i64("input_ids")?;
@@ -266,7 +170,7 @@ fn run_logits(model: &impl CausalLm, args: &LogitsArgs, rows: Option<usize>) -> 
         Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device),
         Tensor::<2, Int>::from_data(TensorData::new(mask, [batch, seq]), &device),
     );
-    let logits = model.forward(input, None)?;
+    let logits = model.forward(input)?;
     let dims = logits.dims();
     let values = logits
         .into_data()
@@ -297,12 +201,12 @@ fn chat_prompt_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 
 /// `peft generate`.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let mut loaded = load_model(&args.model)?;
-    assign_rows(&mut loaded, args.model.adapter_names.as_deref())?;
-    with_model!(loaded, model => run_generate(model, &args))
+    let mut model = load_model(&args.model)?;
+    assign_rows(model.as_mut(), args.model.adapter_names.as_deref())?;
+    run_generate(model.as_ref(), &args)
 }
 
-fn run_generate(model: &impl CausalLm, args: &GenerateArgs) -> Result<()> {
+fn run_generate(model: &dyn Runnable, args: &GenerateArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.model.model);
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if args.chat => {
@@ -336,26 +240,21 @@ fn run_generate(model: &impl CausalLm, args: &GenerateArgs) -> Result<()> {
     let mut shown = String::new();
     let mut so_far = Vec::new();
     let mut stdout = std::io::stdout();
-    let new = peft_models::generate(
-        model,
-        &vec![prompt_ids.clone(); batch],
-        &options,
-        |_, id| {
-            if stream && let Ok(tok) = &tokenizer {
-                so_far.push(id);
-                // Decode the whole continuation each time: byte-level BPE splits characters
-                // across tokens, so only the growth of the decoded text is printed.
-                if let Ok(text) = tok.decode(&so_far)
-                    && text.starts_with(&shown)
-                    && !text.ends_with('\u{fffd}')
-                {
-                    let _ = write!(stdout, "{}", &text[shown.len()..]);
-                    let _ = stdout.flush();
-                    shown = text;
-                }
+    let new = model.generate(&vec![prompt_ids.clone(); batch], &options, &mut |_, id| {
+        if stream && let Ok(tok) = &tokenizer {
+            so_far.push(id);
+            // Decode the whole continuation each time: byte-level BPE splits characters
+            // across tokens, so only the growth of the decoded text is printed.
+            if let Ok(text) = tok.decode(&so_far)
+                && text.starts_with(&shown)
+                && !text.ends_with('\u{fffd}')
+            {
+                let _ = write!(stdout, "{}", &text[shown.len()..]);
+                let _ = stdout.flush();
+                shown = text;
             }
-        },
-    )?;
+        }
+    })?;
     if let Some(rows) = rows {
         for (name, new_ids) in rows.iter().zip(new) {
             let text = match &tokenizer {
@@ -403,112 +302,20 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     let model = load_base(&args.model, &device, &Default::default())?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let printed = match (&args.config, args.method.as_deref()) {
-        (None, None) => print_modules(&mut out, &model, &args.model),
+    let method = match (&args.config, args.method.as_deref()) {
+        (None, None) => None,
         (Some(_), Some(_)) => bail!("give --config or --method, not both"),
-        (None, Some("bitfit")) => {
-            let bitfit = peft_bitfit::bitfit(model, BitFitConfig::default())?;
-            print_modules(&mut out, &bitfit.model, &args.model).and_then(|()| {
-                writeln!(out, "\ntrained biases ({}):", bitfit.biases.len())?;
-                for name in &bitfit.biases {
-                    writeln!(out, "  {name}")?;
-                }
-                writeln!(out, "num_param: {}", bitfit.num_param())?;
-                writeln!(out, "{}", bitfit.trainable_summary())
-            })
-        }
-        (None, Some("lora")) => {
-            let lora = peft_lora::get_peft_model(model, LoraConfig::default())?;
-            print_targets(
-                &mut out,
-                &lora.model,
-                &args.model,
-                &lora.targeted,
-                &lora.saved_params,
-                lora.trainable_summary(),
-            )
-        }
-        (None, Some("ia3")) => {
-            let ia3 = peft_ia3::get_peft_model(model, Ia3Config::default())?;
-            print_targets(
-                &mut out,
-                &ia3.model,
-                &args.model,
-                &ia3.targeted,
-                &ia3.saved_params,
-                ia3.trainable_summary(),
-            )
-        }
-        (None, Some(other)) => bail!(
-            "--method {other}: inspect knows lora, ia3 and bitfit (other methods are not implemented yet)"
-        ),
-        (Some(config_path), None) => {
-            let header = peft_core::config::read_header(config_path)?;
-            match header.peft_type {
-                PeftType::Lora => {
-                    let lora =
-                        peft_lora::get_peft_model(model, LoraConfig::from_file(config_path)?)?;
-                    print_targets(
-                        &mut out,
-                        &lora.model,
-                        &args.model,
-                        &lora.targeted,
-                        &lora.saved_params,
-                        lora.trainable_summary(),
-                    )
-                }
-                PeftType::Ia3 => {
-                    let ia3 = peft_ia3::get_peft_model(model, Ia3Config::from_file(config_path)?)?;
-                    print_targets(
-                        &mut out,
-                        &ia3.model,
-                        &args.model,
-                        &ia3.targeted,
-                        &ia3.saved_params,
-                        ia3.trainable_summary(),
-                    )
-                }
-                PeftType::PromptTuning => {
-                    let config = peft_prompt::PromptTuningConfig::from_file(config_path)?;
-                    let tokenizer = Tokenizer::from_dir(&args.model).ok();
-                    let prompt = peft_prompt::get_peft_model(model, config, tokenizer.as_ref())?;
-                    let summary = peft_core::AdapterModel::trainable_summary(&prompt);
-                    print_targets(
-                        &mut out,
-                        &prompt.model,
-                        &args.model,
-                        &["prompt_embeddings".to_string()],
-                        &[],
-                        summary,
-                    )
-                }
-                PeftType::PrefixTuning => {
-                    let config = peft_prefix::PrefixTuningConfig::from_file(config_path)?;
-                    let prefix = peft_prefix::get_peft_model(model, config)?;
-                    let summary = peft_core::AdapterModel::trainable_summary(&prefix);
-                    let names = peft_core::AdapterModel::trainable_names(&prefix);
-                    print_targets(&mut out, &prefix.model, &args.model, &names, &[], summary)
-                }
-                PeftType::PTuning => {
-                    let config = peft_ptuning::PromptEncoderConfig::from_file(config_path)?;
-                    let ptuning = peft_ptuning::get_peft_model(model, config)?;
-                    let summary = peft_core::AdapterModel::trainable_summary(&ptuning);
-                    let names = peft_core::AdapterModel::trainable_names(&ptuning);
-                    print_targets(&mut out, &ptuning.model, &args.model, &names, &[], summary)
-                }
-                PeftType::BitFit => {
-                    let config = peft_core::config::read_config(config_path)?;
-                    let bitfit = peft_bitfit::bitfit(model, config)?;
-                    print_targets(
-                        &mut out,
-                        &bitfit.model,
-                        &args.model,
-                        &bitfit.biases,
-                        &[],
-                        bitfit.trainable_summary(),
-                    )
-                }
-            }
+        (None, Some(name)) => Some(crate::methods::by_name(name)?),
+        (Some(config), None) => Some(crate::methods::by_peft_type(
+            peft_core::config::read_header(config)?.peft_type,
+        )),
+    };
+    let printed = match method {
+        None => print_modules(&mut out, &model, &args.model),
+        Some(method) => {
+            let tokenizer = Tokenizer::from_dir(&args.model).ok();
+            let shown = (method.inspect)(model, args.config.as_deref(), tokenizer.as_ref())?;
+            print_targets(&mut out, &shown, &args.model)
         }
     };
     match printed {
@@ -524,14 +331,9 @@ pub fn merge(args: MergeArgs) -> Result<()> {
     let device = device(&args.device)?;
     let base = load_base(&args.model, &device, &Default::default())?;
     // Merged layer by layer as the checkpoint is written: never a whole merged copy in memory.
-    let (model, out) = (&args.model, &args.output);
-    match load_adapter(base, &args.adapter)? {
-        Loaded::Plain(m) => peft_models::save_merged_with(m.as_ref(), model, out, &save),
-        Loaded::Lora(l) => peft_models::save_merged_with(&l.model, model, out, &save),
-        Loaded::Ia3(m) => peft_models::save_merged_with(&m.model, model, out, &save),
-        refused => return refused.merge_and_unload().map(|_| ()),
-    }
-    .with_context(|| format!("writing merged model to {}", args.output.display()))?;
+    load_adapter(base, &args.adapter)?
+        .save_merged(&args.model, &args.output, &save)
+        .with_context(|| format!("writing merged model to {}", args.output.display()))?;
     eprintln!("merged model written to {}", args.output.display());
     Ok(())
 }
@@ -577,26 +379,22 @@ pub fn combine(args: CombineArgs) -> Result<()> {
 }
 
 /// The model's modules, then what an adapter config targets and PEFT's trainable line.
-fn print_targets(
-    out: &mut impl Write,
-    model: &impl CausalLm,
-    dir: &Path,
-    targeted: &[String],
-    saved: &[String],
-    summary: peft_core::TrainableSummary,
-) -> std::io::Result<()> {
-    print_modules(out, model, dir)?;
-    writeln!(out, "\ntargeted modules ({}):", targeted.len())?;
-    for path in targeted {
+fn print_targets(out: &mut impl Write, shown: &Inspected, dir: &Path) -> std::io::Result<()> {
+    print_modules(out, shown.model.as_ref(), dir)?;
+    writeln!(out, "\ntargeted modules ({}):", shown.targeted.len())?;
+    for path in &shown.targeted {
         writeln!(out, "  {path}")?;
     }
-    for name in saved {
+    for name in &shown.saved {
         writeln!(out, "  {name} (trained in full)")?;
     }
-    writeln!(out, "{summary}")
+    for note in &shown.notes {
+        writeln!(out, "{note}")?;
+    }
+    writeln!(out, "{}", shown.summary)
 }
 
-fn print_modules(out: &mut impl Write, model: &impl CausalLm, dir: &Path) -> std::io::Result<()> {
+fn print_modules(out: &mut impl Write, model: &dyn Runnable, dir: &Path) -> std::io::Result<()> {
     let spec = model.spec();
     writeln!(
         out,

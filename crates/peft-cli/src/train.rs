@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::{AdapterModel, CausalLm, NoAdapter, TargetModules};
+use peft_core::{AdapterModel, CausalLm, NoAdapter};
 use peft_models::{GenerateOptions, Tokenizer};
 use peft_train::{Event, Resume, Schedule, Tokenized, TrainConfig};
 
@@ -60,7 +60,7 @@ pub struct TrainArgs {
     load: crate::LoadArgs,
     /// An adapter_config.json to start from (its method must match --method).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Output folder: checkpoints, adapter/, merged/, metrics.jsonl, loss.png, summary.json.
     #[arg(long, default_value = "out/peft-train")]
     output: PathBuf,
@@ -74,19 +74,19 @@ pub struct TrainArgs {
     device: DeviceArg,
     /// LoRA rank.
     #[arg(long)]
-    r: Option<usize>,
+    pub(crate) r: Option<usize>,
     /// LoRA alpha.
     #[arg(long)]
-    lora_alpha: Option<f64>,
+    pub(crate) lora_alpha: Option<f64>,
     /// LoRA dropout.
     #[arg(long)]
-    lora_dropout: Option<f64>,
+    pub(crate) lora_dropout: Option<f64>,
     /// Virtual tokens (prompt tuning, P-tuning, prefix tuning).
     #[arg(long)]
-    num_virtual_tokens: Option<usize>,
+    pub(crate) num_virtual_tokens: Option<usize>,
     /// Modules to adapt (comma-separated names, or `all-linear`).
     #[arg(long, value_delimiter = ',')]
-    target_modules: Option<Vec<String>>,
+    pub(crate) target_modules: Option<Vec<String>>,
     /// Peak learning rate (default 5e-3; 1e-2 for the bundled demo).
     #[arg(long)]
     learning_rate: Option<f64>,
@@ -202,10 +202,10 @@ fn scores<M: CausalLm>(
 }
 
 /// Everything a run needs besides the adapter: the same for every method.
-struct RunContext<'a> {
-    args: &'a TrainArgs,
-    model_dir: &'a Path,
-    tokenizer: &'a Tokenizer,
+pub(crate) struct RunContext<'a> {
+    pub(crate) args: &'a TrainArgs,
+    pub(crate) model_dir: &'a Path,
+    pub(crate) tokenizer: &'a Tokenizer,
     train_tokens: &'a [Tokenized],
     eval_tokens: &'a [Tokenized],
     eval: &'a [peft_train::Example],
@@ -213,7 +213,7 @@ struct RunContext<'a> {
 }
 
 /// The run after the method is chosen: identical for every method.
-fn run<A: AdapterModel>(adapter: A, ctx: &RunContext<'_>) -> Result<()>
+pub(crate) fn run<A: AdapterModel>(adapter: A, ctx: &RunContext<'_>) -> Result<()>
 where
     <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
 {
@@ -298,7 +298,7 @@ where
     let save_options = args.save.options()?;
     if args.no_merged {
         eprintln!("no merged model: --no-merged");
-    } else if matches!(args.method.as_str(), "prompt" | "ptuning" | "prefix") {
+    } else if !crate::methods::by_name(&args.method)?.merges {
         // Prompt learning has nothing to merge: the adapter is the result.
         eprintln!(
             "no merged model: {} keeps its virtual tokens outside the weights",
@@ -405,16 +405,7 @@ fn install_sigint_handler() {
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
     let device = crate::commands::device(&args.device)?;
-    const METHODS: [&str; 7] = [
-        "lora", "ia3", "bitfit", "prompt", "ptuning", "prefix", "qlora",
-    ];
-    if !METHODS.contains(&args.method.as_str()) {
-        bail!(
-            "--method {}: unknown method (expected one of {})",
-            args.method,
-            METHODS.join(", ")
-        );
-    }
+    let method = crate::methods::by_name(&args.method)?;
     let lr_schedule = schedule(&args.lr_scheduler)?;
     let mut args = args;
     let demo = args.model.is_none() && args.data.is_none();
@@ -498,10 +489,6 @@ pub fn train(args: TrainArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     device.seed(args.seed);
-    let targets = args.target_modules.clone().map(|t| match t.as_slice() {
-        [one] if one == "all-linear" => TargetModules::Pattern(one.clone()),
-        _ => TargetModules::List(t),
-    });
     let ctx = RunContext {
         args: &args,
         model_dir: &model_dir,
@@ -511,76 +498,5 @@ pub fn train(args: TrainArgs) -> Result<()> {
         eval: &eval_ex,
         config: &config,
     };
-    match args.method.as_str() {
-        "lora" | "qlora" => {
-            let mut config_l = match (&args.config, args.method.as_str()) {
-                (Some(p), _) => peft_lora::LoraConfig::from_file(p)?,
-                (None, "qlora") => peft_qlora::qlora_preset(),
-                (None, _) => peft_lora::LoraConfig::default(),
-            };
-            config_l.r = args.r.unwrap_or(config_l.r);
-            config_l.lora_alpha = args.lora_alpha.unwrap_or(config_l.lora_alpha);
-            config_l.lora_dropout = args.lora_dropout.unwrap_or(config_l.lora_dropout);
-            config_l.target_modules = targets.or(config_l.target_modules);
-            config_l.base_model_name_or_path = Some(model_dir.display().to_string());
-            let adapter = peft_lora::get_peft_model(base, config_l)?;
-            run(adapter, &ctx)
-        }
-        "ia3" => {
-            let mut config_i = match &args.config {
-                Some(p) => peft_ia3::Ia3Config::from_file(p)?,
-                None => peft_ia3::Ia3Config::default(),
-            };
-            config_i.target_modules = targets.or(config_i.target_modules);
-            config_i.base_model_name_or_path = Some(model_dir.display().to_string());
-            let adapter = peft_ia3::get_peft_model(base, config_i)?;
-            run(adapter, &ctx)
-        }
-        "bitfit" => {
-            let mut config_b: peft_bitfit::BitFitConfig = match &args.config {
-                Some(p) => peft_core::config::read_config(p)?,
-                None => peft_bitfit::BitFitConfig::default(),
-            };
-            config_b.base_model_name_or_path = Some(model_dir.display().to_string());
-            let adapter = peft_bitfit::bitfit(base, config_b)?;
-            run(adapter, &ctx)
-        }
-        "prompt" => {
-            let mut config_p = match &args.config {
-                Some(p) => peft_prompt::PromptTuningConfig::from_file(p)?,
-                None => peft_prompt::PromptTuningConfig::default(),
-            };
-            if let Some(n) = args.num_virtual_tokens {
-                config_p.num_virtual_tokens = n;
-            }
-            config_p.base_model_name_or_path = Some(model_dir.display().to_string());
-            let adapter = peft_prompt::get_peft_model(base, config_p, Some(&tokenizer))?;
-            run(adapter, &ctx)
-        }
-        "prefix" => {
-            let mut config_x = match &args.config {
-                Some(p) => peft_prefix::PrefixTuningConfig::from_file(p)?,
-                None => peft_prefix::PrefixTuningConfig::default(),
-            };
-            if let Some(n) = args.num_virtual_tokens {
-                config_x.num_virtual_tokens = n;
-            }
-            config_x.base_model_name_or_path = Some(model_dir.display().to_string());
-            let adapter = peft_prefix::get_peft_model(base, config_x)?;
-            run(adapter, &ctx)
-        }
-        "ptuning" => {
-            let mut config_t = match &args.config {
-                Some(p) => peft_ptuning::PromptEncoderConfig::from_file(p)?,
-                None => peft_ptuning::PromptEncoderConfig::default(),
-            };
-            if let Some(n) = args.num_virtual_tokens {
-                config_t.num_virtual_tokens = n;
-            }
-            config_t.base_model_name_or_path = Some(model_dir.display().to_string());
-            let adapter = peft_ptuning::get_peft_model(base, config_t)?;
-            run(adapter, &ctx)
-        }
-        other => bail!("--method {other}: not implemented"),
-    }
+    (method.train)(base, &ctx)
 }

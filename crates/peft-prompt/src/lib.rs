@@ -260,7 +260,24 @@ pub fn get_peft_model<M: CausalLm<Adapter = NoAdapter>>(
 }
 
 /// PEFT's `PeftModel.from_pretrained` for a prompt-tuning folder.
+///
+/// With `trainable`, the loaded parameters can be trained further; otherwise they are frozen
+/// (inference, as PEFT's `is_trainable=False`).
 pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
+    base: M,
+    adapter_dir: impl AsRef<Path>,
+    trainable: bool,
+) -> Result<PromptTuningModel<M>> {
+    let mut model = load(base, adapter_dir)?;
+    if !trainable {
+        model.model = peft_core::params::map_params(model.model, |_, _| {
+            peft_core::params::ParamUpdate::Trainable(false)
+        });
+    }
+    Ok(model)
+}
+
+fn load<M: CausalLm<Adapter = NoAdapter>>(
     base: M,
     adapter_dir: impl AsRef<Path>,
 ) -> Result<PromptTuningModel<M>> {

@@ -435,7 +435,24 @@ pub fn load_encoder(
 
 /// PEFT's `PeftModel.from_pretrained` for a P-tuning folder: with `adapter_encoder.safetensors`
 /// (peft-rs' own file) the encoder is restored; otherwise PEFT's saved output is used as a table.
+///
+/// With `trainable`, the loaded parameters can be trained further; otherwise they are frozen
+/// (inference, as PEFT's `is_trainable=False`).
 pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
+    base: M,
+    adapter_dir: impl AsRef<Path>,
+    trainable: bool,
+) -> Result<PTuningModel<M>> {
+    let mut model = load(base, adapter_dir)?;
+    if !trainable {
+        model.model = peft_core::params::map_params(model.model, |_, _| {
+            peft_core::params::ParamUpdate::Trainable(false)
+        });
+    }
+    Ok(model)
+}
+
+fn load<M: CausalLm<Adapter = NoAdapter>>(
     base: M,
     adapter_dir: impl AsRef<Path>,
 ) -> Result<PTuningModel<M>> {
