@@ -142,13 +142,10 @@ pub fn from_pretrained<M: CausalLm>(
     adapter_dir: impl AsRef<Path>,
     trainable: bool,
 ) -> Result<BitFitModel<M>> {
-    let mut model = load(base, adapter_dir)?;
-    if !trainable {
-        model.model = peft_core::params::map_params(model.model, |_, _| {
-            peft_core::params::ParamUpdate::Trainable(false)
-        });
-    }
-    Ok(model)
+    Ok(peft_core::tuner::trainable_or_frozen(
+        load(base, adapter_dir)?,
+        trainable,
+    ))
 }
 
 fn load<M: CausalLm>(base: M, adapter_dir: impl AsRef<Path>) -> Result<BitFitModel<M>> {

@@ -26,7 +26,7 @@ pub(crate) trait Runnable {
     fn device(&self) -> Device;
     /// Logits `[batch, seq, vocab]`.
     fn forward(&self, input: ModelInput) -> Result<Tensor<3>>;
-    /// KV-cached generation of a left-padded batch (see [`peft_models::generate`]).
+    /// KV-cached generation of a left-padded batch (see [`peft_models::generate()`]).
     fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -188,6 +188,15 @@ pub(crate) struct Inspected {
     pub summary: TrainableSummary,
 }
 
+/// The base model the commands load.
+type Base = AnyModel<NoAdapter>;
+
+/// Loads a saved adapter folder onto a base, for inference.
+type LoadFn = fn(Base, &Path) -> peft_core::Result<Box<dyn Runnable>>;
+
+/// A fresh adapter from an optional `adapter_config.json` (and a tokenizer for text inits).
+type InspectFn = fn(Base, Option<&Path>, Option<&Tokenizer>) -> Result<Inspected>;
+
 /// One adapter method of the command line.
 pub(crate) struct Method {
     /// `--method` name (`peft train`, `peft inspect`).
@@ -195,11 +204,11 @@ pub(crate) struct Method {
     /// The `peft_type` of the adapter folders it writes and reads.
     pub peft_type: PeftType,
     /// A saved adapter folder onto `base`, for inference.
-    pub load: fn(AnyModel<NoAdapter>, &Path) -> peft_core::Result<Box<dyn Runnable>>,
+    pub load: LoadFn,
     /// A fresh adapter from an `adapter_config.json` (or the method's default config).
-    pub inspect: fn(AnyModel<NoAdapter>, Option<&Path>, Option<&Tokenizer>) -> Result<Inspected>,
+    pub inspect: InspectFn,
     /// `peft train` with this method.
-    pub train: fn(AnyModel<NoAdapter>, &RunContext<'_>) -> Result<()>,
+    pub train: fn(Base, &RunContext<'_>) -> Result<()>,
     /// Whether training writes a merged model (prompt learning keeps its tokens outside).
     pub merges: bool,
 }

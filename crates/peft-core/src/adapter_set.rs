@@ -154,24 +154,37 @@ impl<A: LayerAdapter> AdapterSet<A> {
     }
 }
 
-impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
-    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
+impl<A: LayerAdapter> AdapterSet<A> {
+    /// The layer's output: `base(input)` plus the terms of the adapters in use (see the module
+    /// docs), where `own` is one adapter's whole forward pass and `delta` its additive term, both
+    /// on `input` or on its rows `index`.
+    fn forward_with<I: Clone>(
+        &self,
+        input: I,
+        base: impl Fn(I) -> Tensor<3>,
+        own: impl Fn(&A, I) -> Tensor<3>,
+        delta: impl Fn(&A, I) -> Option<Tensor<3>>,
+        rows_of: impl Fn(I, Tensor<1, Int>) -> I,
+    ) -> Tensor<3> {
         if let Some(rows) = &self.rows {
-            let out = base.forward(x.clone());
+            let out = base(input.clone());
             return self.add_row_terms(out, rows, |a, index| {
-                a.delta_linear(match index {
-                    Some(index) => x.clone().select(0, index),
-                    None => x.clone(),
-                })
+                delta(
+                    a,
+                    match index {
+                        Some(index) => rows_of(input.clone(), index),
+                        None => input.clone(),
+                    },
+                )
             });
         }
         match self.active.as_slice() {
-            [] => base.forward(x),
-            [one] => self.adapters[*one].forward_linear(base, x),
+            [] => base(input),
+            [one] => own(&self.adapters[*one], input),
             many => {
-                let mut out = base.forward(x.clone());
+                let mut out = base(input.clone());
                 for &i in many {
-                    if let Some(d) = self.adapters[i].delta_linear(x.clone()) {
+                    if let Some(d) = delta(&self.adapters[i], input.clone()) {
                         out = out + d;
                     }
                 }
@@ -179,30 +192,27 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
             }
         }
     }
+}
+
+impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
+    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with(
+            x,
+            |x| base.forward(x),
+            |a, x| a.forward_linear(base, x),
+            |a, x| a.delta_linear(x),
+            |x, index| x.select(0, index),
+        )
+    }
 
     fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
-        if let Some(rows) = &self.rows {
-            let out = base.forward(ids.clone());
-            return self.add_row_terms(out, rows, |a, index| {
-                a.delta_embedding(match index {
-                    Some(index) => ids.clone().select(0, index),
-                    None => ids.clone(),
-                })
-            });
-        }
-        match self.active.as_slice() {
-            [] => base.forward(ids),
-            [one] => self.adapters[*one].forward_embedding(base, ids),
-            many => {
-                let mut out = base.forward(ids.clone());
-                for &i in many {
-                    if let Some(d) = self.adapters[i].delta_embedding(ids.clone()) {
-                        out = out + d;
-                    }
-                }
-                out
-            }
-        }
+        self.forward_with(
+            ids,
+            |ids| base.forward(ids),
+            |a, ids| a.forward_embedding(base, ids),
+            |a, ids| a.delta_embedding(ids),
+            |ids, index| ids.select(0, index),
+        )
     }
 
     fn delta_linear(&self, x: Tensor<3>) -> Option<Tensor<3>> {

@@ -10,6 +10,7 @@
 //! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
 //! * [`adapter_files`]: PEFT's adapter folders (config + weights) and parameter bookkeeping;
 //! * [`params`]: parameters by their Hugging Face names;
+//! * [`tuner`]: the layer methods' shared pipeline (inject, merge, unmerge, unload);
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line.
 //!
 //! What the layers compute with lives in `peft-ops` (CPU kernels, BLAS, packed products, the
@@ -33,6 +34,7 @@ pub mod modules;
 pub mod params;
 pub mod prompt_learning;
 pub mod summary;
+pub mod tuner;
 
 pub use adapter::{
     AdaptableEmbedding, AdaptableLinear, BaseLinear, LayerAdapter, NoAdapter, PackedLinear,

@@ -7,12 +7,11 @@ use burn::tensor::{Tensor, TensorData};
 
 use peft_core::adapter_files::{
     CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, load_base_params, prepare_modules_to_save, save_adapter,
-    set_trainable,
 };
-use peft_core::params::{ParamUpdate, map_params, named_values};
+use peft_core::params::named_values;
 use peft_core::{
-    AdaptableEmbedding, AdaptableLinear, CausalLm, HostTensor, ModuleMatcher, NoAdapter, PeftError,
-    Result, TensorStore, TrainableSummary,
+    CausalLm, HostTensor, ModuleMatcher, NoAdapter, PeftError, Result, TensorStore,
+    TrainableSummary,
 };
 
 use crate::config::Ia3Config;
@@ -52,17 +51,15 @@ fn inject<B: CausalLm<Adapter = NoAdapter>>(
     }
     let targeted: Vec<String> = chosen.iter().map(|m| m.path.clone()).collect();
     let (base, saved_params) = prepare_modules_to_save(base, config.modules_to_save.as_deref())?;
-    let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
     let device = base.device();
-    let mut model = base.map_layers(
-        &mut |path: &str, layer: AdaptableLinear<NoAdapter>| {
-            if !targeted.iter().any(|t| t == path) {
-                return Ok(layer.with_adapter(None));
-            }
-            let (d_in, d_out) = layer.dims();
+    let model = peft_core::tuner::inject_layers(
+        base,
+        &targeted,
+        &saved_params,
+        |path, (d_in, d_out), _| {
             let feedforward = config.is_feedforward(&model_type, path)?;
             let len = if feedforward { d_in } else { d_out };
-            let adapter = match store {
+            Ok(match store {
                 None => Ia3Linear::init(len, feedforward, config.init_ia3_weights, &device),
                 Some(store) => {
                     let shape = if feedforward { [1, d_in] } else { [d_out, 1] };
@@ -70,14 +67,9 @@ fn inject<B: CausalLm<Adapter = NoAdapter>>(
                     let l = Tensor::<1>::from_data(TensorData::new(values, [len]), &device);
                     Ia3Linear::new(l, feedforward)
                 }
-            };
-            Ok(layer.with_adapter(Some(adapter)))
+            })
         },
-        &mut |_, embedding: AdaptableEmbedding<NoAdapter>| Ok(embedding.with_adapter(None)),
     )?;
-    if !saved_params.is_empty() {
-        model = set_trainable(model, &saved_params);
-    }
     Ok(Ia3Model {
         model,
         config,
@@ -130,7 +122,7 @@ pub fn from_pretrained<B: CausalLm<Adapter = NoAdapter>>(
     )?;
     ia3.model = model;
     if !trainable {
-        ia3.model = map_params(ia3.model, |_, _| ParamUpdate::Trainable(false));
+        ia3.model = peft_core::tuner::freeze(ia3.model);
         ia3.trainable = false;
     }
     Ok(ia3)
@@ -170,18 +162,12 @@ impl<M: CausalLm<Adapter = Ia3Linear>> Ia3Model<M> {
 
     /// PEFT's `merge_and_unload()`: scales the base weights and returns the plain model.
     pub fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
-        self.model.map_layers(
-            &mut |_, layer: AdaptableLinear<Ia3Linear>| Ok(layer.merge()?.with_adapter(None)),
-            &mut |_, layer: AdaptableEmbedding<Ia3Linear>| Ok(layer.with_adapter(None)),
-        )
+        peft_core::tuner::merge_and_unload(self.model)
     }
 
     /// PEFT's `unload()`: drops the vectors without merging.
     pub fn unload(self) -> Result<M::WithAdapter<NoAdapter>> {
-        self.model.map_layers(
-            &mut |_, layer: AdaptableLinear<Ia3Linear>| Ok(layer.with_adapter(None)),
-            &mut |_, layer: AdaptableEmbedding<Ia3Linear>| Ok(layer.with_adapter(None)),
-        )
+        peft_core::tuner::unload(self.model)
     }
 }
 
@@ -191,19 +177,13 @@ where
 {
     /// PEFT's `merge_adapter()`.
     pub fn merge_adapter(mut self) -> Result<Self> {
-        self.model = self.model.map_layers(
-            &mut |_, l: AdaptableLinear<Ia3Linear>| l.merge(),
-            &mut |_, e: AdaptableEmbedding<Ia3Linear>| Ok(e),
-        )?;
+        self.model = peft_core::tuner::merge_layers(self.model)?;
         Ok(self)
     }
 
     /// PEFT's `unmerge_adapter()`: divides by `l + 1e-8`, as PEFT does.
     pub fn unmerge_adapter(mut self) -> Result<Self> {
-        self.model = self.model.map_layers(
-            &mut |_, l: AdaptableLinear<Ia3Linear>| l.unmerge(),
-            &mut |_, e: AdaptableEmbedding<Ia3Linear>| Ok(e),
-        )?;
+        self.model = peft_core::tuner::unmerge_layers(self.model)?;
         Ok(self)
     }
 }

@@ -4,13 +4,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
-use peft_core::adapter_files::{
-    load_base_params, prepare_modules_to_save, save_adapter, set_trainable,
-};
-use peft_core::params::{ParamUpdate, map_params, named_values};
+use peft_core::adapter_files::{load_base_params, prepare_modules_to_save, save_adapter};
+use peft_core::params::named_values;
 use peft_core::{
-    AdaptableEmbedding, AdaptableLinear, CausalLm, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
-    Result, TensorStore, TrainableSummary,
+    CausalLm, ModuleKind, ModuleMatcher, NoAdapter, PeftError, Result, TensorStore,
+    TrainableSummary,
 };
 use peft_tensors::layout::{burn_linear_weight, transpose_host};
 
@@ -144,31 +142,13 @@ fn inject<B: LoraBase>(
         }
     }
 
-    let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
     let device = base.device();
-    let make = |path: &str, dims: (usize, usize), is_embedding: bool| {
-        make_pair(&config, &source, path, dims, is_embedding, &device)
-    };
-    let is_target = |path: &str| targeted.iter().any(|t| t == path);
-    let mut model = base.map_layers(
-        &mut |path: &str, layer: AdaptableLinear<NoAdapter>| {
-            if !is_target(path) {
-                return Ok(layer.with_adapter(None));
-            }
-            let dims = layer.dims();
-            Ok(layer.with_adapter(Some(make(path, dims, false)?)))
-        },
-        &mut |path: &str, layer: AdaptableEmbedding<NoAdapter>| {
-            if !is_target(path) {
-                return Ok(layer.with_adapter(None));
-            }
-            let dims = layer.dims();
-            Ok(layer.with_adapter(Some(make(path, dims, true)?)))
-        },
+    let model = peft_core::tuner::inject_layers(
+        base,
+        &targeted,
+        &saved_params,
+        |path, dims, is_embedding| make_pair(&config, &source, path, dims, is_embedding, &device),
     )?;
-    if !saved_params.is_empty() {
-        model = set_trainable(model, &saved_params);
-    }
     Ok(LoraModel {
         model,
         config,
@@ -248,7 +228,7 @@ pub fn from_pretrained<B: LoraBase>(
     )?;
     lora.model = model;
     if !trainable {
-        lora.model = map_params(lora.model, |_, _| ParamUpdate::Trainable(false));
+        lora.model = peft_core::tuner::freeze(lora.model);
         lora.trainable = false;
     }
     Ok(lora)
@@ -315,18 +295,12 @@ impl<M: CausalLm<Adapter = LoraLinear>> LoraModel<M> {
     /// PEFT's `merge_and_unload()`: folds every adapter into its base weight and returns the
     /// plain model.
     pub fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
-        self.model.map_layers(
-            &mut |_, layer: AdaptableLinear<LoraLinear>| Ok(layer.merge()?.with_adapter(None)),
-            &mut |_, layer: AdaptableEmbedding<LoraLinear>| Ok(layer.merge()?.with_adapter(None)),
-        )
+        peft_core::tuner::merge_and_unload(self.model)
     }
 
     /// PEFT's `unload()`: drops the adapters without merging.
     pub fn unload(self) -> Result<M::WithAdapter<NoAdapter>> {
-        self.model.map_layers(
-            &mut |_, layer: AdaptableLinear<LoraLinear>| Ok(layer.with_adapter(None)),
-            &mut |_, layer: AdaptableEmbedding<LoraLinear>| Ok(layer.with_adapter(None)),
-        )
+        peft_core::tuner::unload(self.model)
     }
 }
 
@@ -337,19 +311,13 @@ where
     /// PEFT's `merge_adapter()`: folds the adapters into the base weights, keeping them so that
     /// [`unmerge_adapter`](Self::unmerge_adapter) can undo it.
     pub fn merge_adapter(mut self) -> Result<Self> {
-        self.model = self.model.map_layers(
-            &mut |_, l: AdaptableLinear<LoraLinear>| l.merge(),
-            &mut |_, l: AdaptableEmbedding<LoraLinear>| l.merge(),
-        )?;
+        self.model = peft_core::tuner::merge_layers(self.model)?;
         Ok(self)
     }
 
     /// PEFT's `unmerge_adapter()`.
     pub fn unmerge_adapter(mut self) -> Result<Self> {
-        self.model = self.model.map_layers(
-            &mut |_, l: AdaptableLinear<LoraLinear>| l.unmerge(),
-            &mut |_, l: AdaptableEmbedding<LoraLinear>| l.unmerge(),
-        )?;
+        self.model = peft_core::tuner::unmerge_layers(self.model)?;
         Ok(self)
     }
 }

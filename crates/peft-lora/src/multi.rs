@@ -325,31 +325,21 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     /// Folds the active adapters into the base weights (PEFT's `merge_adapter`); the forward
     /// pass then computes the base alone until [`unmerge_adapter`](Self::unmerge_adapter).
     pub fn merge_adapter(&mut self) -> Result<()> {
-        self.try_update_layers(
-            |l: AdaptableLinear<LoraSet>| l.merge(),
-            |e: AdaptableEmbedding<LoraSet>| e.merge(),
-        )
+        // On a clone: the model is unchanged if a layer fails the finiteness check.
+        self.model = peft_core::tuner::merge_layers(self.model.clone())?;
+        Ok(())
     }
 
     /// Undoes [`merge_adapter`](Self::merge_adapter) (with the same adapters active).
     pub fn unmerge_adapter(&mut self) -> Result<()> {
-        self.try_update_layers(
-            |l: AdaptableLinear<LoraSet>| l.unmerge(),
-            |e: AdaptableEmbedding<LoraSet>| e.unmerge(),
-        )
+        self.model = peft_core::tuner::unmerge_layers(self.model.clone())?;
+        Ok(())
     }
 
     /// Folds the active adapters into the base and drops every adapter (PEFT's
     /// `merge_and_unload()` after `set_adapter(names)`).
     pub fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
-        self.model.map_layers(
-            &mut |_, layer: AdaptableLinear<LoraSet>| {
-                Ok(layer.merge()?.with_adapter::<NoAdapter>(None))
-            },
-            &mut |_, layer: AdaptableEmbedding<LoraSet>| {
-                Ok(layer.merge()?.with_adapter::<NoAdapter>(None))
-            },
-        )
+        peft_core::tuner::merge_and_unload(self.model)
     }
 
     /// Adapter `name`'s tensors under PEFT's file keys and layout (`lora_A.weight: [r, in]`,
@@ -684,19 +674,6 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                 Ok(layer)
             },
         )?;
-        Ok(())
-    }
-
-    /// Rebuilds every layer through fallible functions; the model is unchanged on error.
-    fn try_update_layers(
-        &mut self,
-        mut linear: impl FnMut(AdaptableLinear<LoraSet>) -> Result<AdaptableLinear<LoraSet>>,
-        mut embedding: impl FnMut(AdaptableEmbedding<LoraSet>) -> Result<AdaptableEmbedding<LoraSet>>,
-    ) -> Result<()> {
-        self.model = self
-            .model
-            .clone()
-            .map_layers(&mut |_, l| linear(l), &mut |_, e| embedding(e))?;
         Ok(())
     }
 }

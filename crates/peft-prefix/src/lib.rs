@@ -359,13 +359,10 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     adapter_dir: impl AsRef<Path>,
     trainable: bool,
 ) -> Result<PrefixTuningModel<M>> {
-    let mut model = load(base, adapter_dir)?;
-    if !trainable {
-        model.model = peft_core::params::map_params(model.model, |_, _| {
-            peft_core::params::ParamUpdate::Trainable(false)
-        });
-    }
-    Ok(model)
+    Ok(peft_core::tuner::trainable_or_frozen(
+        load(base, adapter_dir)?,
+        trainable,
+    ))
 }
 
 fn load<M: CausalLm<Adapter = NoAdapter>>(
