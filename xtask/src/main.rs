@@ -281,13 +281,20 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
             .map(|s| s.to_string())
             .collect(),
     };
+    // `--quick` is a smoke run of the harness, not a measurement: it builds with the dev profile,
+    // whose dependencies are already optimised and built by the test run, instead of a second,
+    // release build of every dependency (CI's longest step after the tests).
+    let profile = if quick { "debug" } else { "release" };
     let mut build = Command::new("cargo");
-    build.args(["build", "--release", "--quiet", "-p", "peft-bench"]);
+    build.args(["build", "--quiet", "-p", "peft-bench"]);
+    if !quick {
+        build.arg("--release");
+    }
     if device != "cpu" {
         build.args(["--features", &format!("peft-bench/{device}")]);
     }
     run(build.current_dir(root))?;
-    let ours_bin = root.join("target/release/peft-bench");
+    let ours_bin = root.join("target").join(profile).join("peft-bench");
     let python = pytorch_if_asked(root, args);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rounds = if quick { 1 } else { 2 };
