@@ -233,7 +233,19 @@ pub fn combine_layer(
         // PEFT 0.21.2 weights the dense updates (already scaled) by the user's weights alone.
         let weights: Vec<f32> = pairs.iter().map(|p| p.weight as f32).collect();
         let delta = merge_tasks(&deltas, &weights, options, rng)?;
-        return Ok(truncated_svd(&delta, d_out, d_in, new_rank));
+        return truncated_svd(&delta, d_out, d_in, new_rank);
+    }
+    if let Some(p) = pairs.iter().find(|p| p.r != new_rank) {
+        return Err(PeftError::config(
+            "add_weighted_adapter",
+            "adapters",
+            format!(
+                "`{}` combines pairs of one rank, but a layer holds ranks {} and {new_rank} \
+                 (rank_pattern?)",
+                kind.name(),
+                p.r
+            ),
+        ));
     }
     let mut weights_a = Vec::with_capacity(pairs.len());
     let mut weights_b = Vec::with_capacity(pairs.len());
@@ -289,7 +301,8 @@ fn merge_tasks(
                 .map(|t| random_prune(t, density, rng))
                 .collect()
         }
-        C::Cat => unreachable!("cat stacks the pairs (combine_layer)"),
+        // `cat` stacks the pairs in `combine_layer` and never reaches here.
+        C::Cat => tasks.to_vec(),
     };
     Ok(match kind {
         C::Ties | C::TiesSvd | C::DareTies | C::DareTiesSvd => {
@@ -375,12 +388,20 @@ pub fn disjoint_merge(tasks: &[Vec<f32>], weights: &[f32], method: MajoritySign)
 }
 
 /// `(A = Vᵀ[:r], B = U[:, :r]·diag(S[:r]))` of the `[rows, cols]` matrix `m`, singular values in
-/// descending order (computed in f64).
-pub fn truncated_svd(m: &[f32], rows: usize, cols: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
+/// descending order (computed in f64). `r` is capped by `min(rows, cols)` (the rest of the
+/// factors stays zero).
+pub fn truncated_svd(
+    m: &[f32],
+    rows: usize,
+    cols: usize,
+    r: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let matrix = nalgebra::DMatrix::<f64>::from_fn(rows, cols, |i, j| m[i * cols + j] as f64);
     let svd = matrix.svd(true, true);
     let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
-        unreachable!("both factors were asked for")
+        return Err(PeftError::InvalidInput(
+            "add_weighted_adapter: the SVD gave no singular vectors".into(),
+        ));
     };
     let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
     order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
@@ -395,7 +416,7 @@ pub fn truncated_svd(m: &[f32], rows: usize, cols: usize, r: usize) -> (Vec<f32>
             b[i * r + k] = (u[(i, idx)] * s) as f32;
         }
     }
-    (a, b)
+    Ok((a, b))
 }
 
 /// A generator for DARE's masks.
@@ -491,7 +512,7 @@ mod tests {
     fn svd_of_a_rank_one_matrix_reconstructs_it() {
         // [[3, 6], [4, 8]] = [3, 4]ᵀ·[1, 2]: one singular value, 5·√5.
         let m = [3.0f32, 6.0, 4.0, 8.0];
-        let (a, b) = truncated_svd(&m, 2, 2, 1);
+        let (a, b) = truncated_svd(&m, 2, 2, 1).unwrap();
         let rebuilt: Vec<f32> = (0..4).map(|i| b[i / 2] * a[i % 2]).collect();
         for (x, y) in rebuilt.iter().zip(m) {
             assert!((x - y).abs() < 1e-5, "{rebuilt:?}");
@@ -516,5 +537,10 @@ mod tests {
         let options = Combination::new(CombinationType::Ties);
         let err = combine_layer(&pairs, (1, 1), 1, &options, &mut rng(0)).unwrap_err();
         assert!(err.to_string().contains("`ties` needs a density"), "{err}");
+        // A layer whose pair has another rank than the combination's (a rank_pattern) is
+        // refused, not combined element by element over mismatched shapes.
+        let options = Combination::new(CombinationType::Linear);
+        let err = combine_layer(&pairs, (1, 1), 2, &options, &mut rng(0)).unwrap_err();
+        assert!(err.to_string().contains("ranks 1 and 2"), "{err}");
     }
 }

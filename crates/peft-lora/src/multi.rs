@@ -408,6 +408,13 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
             .iter()
             .map(|n| self.adapter(n).cloned())
             .collect::<Result<_>>()?;
+        if options.svd_rank == Some(0) {
+            return Err(PeftError::config(
+                "add_weighted_adapter",
+                "svd_rank",
+                "must be at least 1",
+            ));
+        }
         let mut options = options.clone();
         if adapters.len() == 1 {
             // PEFT: one adapter can only be combined linearly.
