@@ -322,6 +322,10 @@ fn delete_merge_hotswap_and_errors() {
     model.set_adapter(&["default", "b"]).unwrap();
     model.merge_adapter().unwrap();
     assert!(logits_diff(&model, "bloom", "logits.default+b") <= TOLERANCE);
+    // While merged, the active set cannot change (unmerging subtracts the active adapters).
+    let err = model.set_adapter(&["c"]).unwrap_err();
+    assert!(err.to_string().contains("unmerge_adapter first"), "{err}");
+    assert!(model.set_row_adapters(Some(&["b", "c", "b"])).is_err());
     model.unmerge_adapter().unwrap();
     model.set_adapter(&["c"]).unwrap();
     assert!(logits_diff(&model, "bloom", "logits.c") <= TOLERANCE);

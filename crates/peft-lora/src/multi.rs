@@ -71,6 +71,8 @@ pub struct MultiLoraModel<M> {
     adapters: Vec<NamedAdapter>,
     active: Vec<String>,
     rows: Option<Vec<Option<String>>>,
+    /// Whether the active adapters are folded into the base (`merge_adapter`).
+    merged: bool,
 }
 
 impl MultiLoraModel<()> {
@@ -86,6 +88,7 @@ impl MultiLoraModel<()> {
             adapters: Vec::new(),
             active: Vec::new(),
             rows: None,
+            merged: false,
         })
     }
 
@@ -181,6 +184,7 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     /// place, without rebuilding the model (PEFT's `hotswap_adapter`): the new adapter must
     /// target the same layers with the same ranks. Its scaling (`lora_alpha`) may differ.
     pub fn hotswap_adapter(&mut self, name: &str, dir: impl AsRef<Path>) -> Result<()> {
+        self.check_unmerged("hot-swap an adapter")?;
         let dir = dir.as_ref();
         let old = self.adapter(name)?.clone();
         let (entry, pairs) = self.read_adapter(name, dir)?;
@@ -219,6 +223,7 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
 
     /// Drops adapter `name` everywhere (PEFT's `delete_adapter`); it leaves the active set.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.check_unmerged("delete an adapter")?;
         self.adapter(name)?;
         self.update_layers(|_, set| {
             if let Some(s) = set {
@@ -241,6 +246,7 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     /// Makes `names` the active adapters, in that order (PEFT's `set_adapter`; several active
     /// adapters add their updates). Every name must be held.
     pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
+        self.check_unmerged("change the active adapters")?;
         for name in names {
             self.adapter(name)?;
         }
@@ -277,6 +283,9 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     /// `adapter_names=`; [`BASE_ADAPTER`] = no adapter), or clears the assignment (`None`:
     /// the active adapters again). Every batch run must then have `rows.len()` rows.
     pub fn set_row_adapters(&mut self, rows: Option<&[&str]>) -> Result<()> {
+        if rows.is_some() {
+            self.check_unmerged("assign adapters per row")?;
+        }
         let rows: Option<Vec<Option<String>>> = match rows {
             None => None,
             Some(rows) => Some(
@@ -325,14 +334,17 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     /// Folds the active adapters into the base weights (PEFT's `merge_adapter`); the forward
     /// pass then computes the base alone until [`unmerge_adapter`](Self::unmerge_adapter).
     pub fn merge_adapter(&mut self) -> Result<()> {
+        self.check_unmerged("merge again")?;
         // On a clone: the model is unchanged if a layer fails the finiteness check.
         self.model = peft_core::tuner::merge_layers(self.model.clone())?;
+        self.merged = true;
         Ok(())
     }
 
     /// Undoes [`merge_adapter`](Self::merge_adapter) (with the same adapters active).
     pub fn unmerge_adapter(&mut self) -> Result<()> {
         self.model = peft_core::tuner::unmerge_layers(self.model.clone())?;
+        self.merged = false;
         Ok(())
     }
 
@@ -498,6 +510,17 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
             pairs.insert(path.clone(), LoraLinear::new(a, b, scaling, 0.0));
         }
         self.install(entry, pairs)
+    }
+
+    /// Refuses `what` while adapters are merged: unmerging subtracts the adapters that are active
+    /// then, so the set must not change in between (PEFT warns and unmerges the merged ones).
+    fn check_unmerged(&self, what: &str) -> Result<()> {
+        if self.merged {
+            return Err(PeftError::InvalidInput(format!(
+                "cannot {what} while adapters are merged into the base (unmerge_adapter first)"
+            )));
+        }
+        Ok(())
     }
 
     fn check_new_name(&self, name: &str) -> Result<()> {
