@@ -142,13 +142,6 @@ pub fn from_pretrained<M: CausalLm>(
     adapter_dir: impl AsRef<Path>,
     trainable: bool,
 ) -> Result<BitFitModel<M>> {
-    Ok(peft_core::tuner::trainable_or_frozen(
-        load(base, adapter_dir)?,
-        trainable,
-    ))
-}
-
-fn load<M: CausalLm>(base: M, adapter_dir: impl AsRef<Path>) -> Result<BitFitModel<M>> {
     let dir = adapter_dir.as_ref();
     let config: BitFitConfig = peft_core::config::read_config(dir.join(CONFIG_NAME))?;
     let weights = dir.join(WEIGHTS_NAME);
@@ -163,7 +156,7 @@ fn load<M: CausalLm>(base: M, adapter_dir: impl AsRef<Path>) -> Result<BitFitMod
             key: format!("{KEY_PREFIX}{missing}"),
         });
     }
-    Ok(model)
+    Ok(peft_core::tuner::trainable_or_frozen(model, trainable))
 }
 
 impl<M: CausalLm> BitFitModel<M> {

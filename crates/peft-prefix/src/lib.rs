@@ -359,16 +359,6 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     adapter_dir: impl AsRef<Path>,
     trainable: bool,
 ) -> Result<PrefixTuningModel<M>> {
-    Ok(peft_core::tuner::trainable_or_frozen(
-        load(base, adapter_dir)?,
-        trainable,
-    ))
-}
-
-fn load<M: CausalLm<Adapter = NoAdapter>>(
-    base: M,
-    adapter_dir: impl AsRef<Path>,
-) -> Result<PrefixTuningModel<M>> {
     let dir = adapter_dir.as_ref();
     let config_path = dir.join(CONFIG_NAME);
     let config = PrefixTuningConfig::from_file(&config_path)?;
@@ -395,7 +385,7 @@ fn load<M: CausalLm<Adapter = NoAdapter>>(
         model.model.prefix = None;
     }
     model.config = with_sizes(config, &spec);
-    Ok(model)
+    Ok(peft_core::tuner::trainable_or_frozen(model, trainable))
 }
 
 /// Loads PEFT's projection weights (`embedding.weight`, `transform.0.*`, `transform.2.*`).

@@ -268,16 +268,6 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     adapter_dir: impl AsRef<Path>,
     trainable: bool,
 ) -> Result<PromptTuningModel<M>> {
-    Ok(peft_core::tuner::trainable_or_frozen(
-        load(base, adapter_dir)?,
-        trainable,
-    ))
-}
-
-fn load<M: CausalLm<Adapter = NoAdapter>>(
-    base: M,
-    adapter_dir: impl AsRef<Path>,
-) -> Result<PromptTuningModel<M>> {
     let dir = adapter_dir.as_ref();
     let config = PromptTuningConfig::from_file(dir.join(CONFIG_NAME))?;
     let spec = base.spec().clone();
@@ -299,7 +289,7 @@ fn load<M: CausalLm<Adapter = NoAdapter>>(
         tracing::warn!("{}: unexpected tensor `{extra}` ignored", weights.display());
     }
     let device = base.device();
-    Ok(PromptTuningModel {
+    let model = PromptTuningModel {
         model: VirtualTokens {
             base: freeze(base),
             encoder: PromptTable {
@@ -310,7 +300,8 @@ fn load<M: CausalLm<Adapter = NoAdapter>>(
             },
         },
         config: with_sizes(config, &spec),
-    })
+    };
+    Ok(peft_core::tuner::trainable_or_frozen(model, trainable))
 }
 
 impl<M: CausalLm> AdapterModel for PromptTuningModel<M> {

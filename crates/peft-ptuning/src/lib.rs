@@ -443,16 +443,6 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     adapter_dir: impl AsRef<Path>,
     trainable: bool,
 ) -> Result<PTuningModel<M>> {
-    Ok(peft_core::tuner::trainable_or_frozen(
-        load(base, adapter_dir)?,
-        trainable,
-    ))
-}
-
-fn load<M: CausalLm<Adapter = NoAdapter>>(
-    base: M,
-    adapter_dir: impl AsRef<Path>,
-) -> Result<PTuningModel<M>> {
     let dir = adapter_dir.as_ref();
     let config_path = dir.join(CONFIG_NAME);
     let config = PromptEncoderConfig::from_file(&config_path)?;
@@ -486,13 +476,14 @@ fn load<M: CausalLm<Adapter = NoAdapter>>(
             ))),
         }
     };
-    Ok(PTuningModel {
+    let model = PTuningModel {
         model: VirtualTokens {
             base: freeze(base),
             encoder,
         },
         config,
-    })
+    };
+    Ok(peft_core::tuner::trainable_or_frozen(model, trainable))
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
