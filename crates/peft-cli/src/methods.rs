@@ -211,6 +211,9 @@ pub(crate) struct Method {
     pub train: fn(Base, &RunContext<'_>) -> Result<()>,
     /// Whether training writes a merged model (prompt learning keeps its tokens outside).
     pub merges: bool,
+    /// Whether training quantises the base to 4-bit by default (QLoRA: NF4 unless
+    /// `--load-4bit` says otherwise).
+    pub loads_4bit: bool,
 }
 
 /// Every method, `lora` first (a LoRA folder loads as `lora`; `qlora` trains the paper's preset
@@ -223,6 +226,7 @@ pub(crate) const METHODS: [Method; 7] = [
         inspect: |base, config, _| inspect_lora(base, lora_config(config, false)?),
         train: |base, ctx| train_lora(base, ctx, false),
         merges: true,
+        loads_4bit: false,
     },
     Method {
         name: "qlora",
@@ -231,6 +235,7 @@ pub(crate) const METHODS: [Method; 7] = [
         inspect: |base, config, _| inspect_lora(base, lora_config(config, true)?),
         train: |base, ctx| train_lora(base, ctx, true),
         merges: true,
+        loads_4bit: true,
     },
     Method {
         name: "ia3",
@@ -253,6 +258,7 @@ pub(crate) const METHODS: [Method; 7] = [
             run(peft_ia3::get_peft_model(base, config)?, ctx)
         },
         merges: true,
+        loads_4bit: false,
     },
     Method {
         name: "bitfit",
@@ -277,6 +283,7 @@ pub(crate) const METHODS: [Method; 7] = [
             run(peft_bitfit::get_peft_model(base, config)?, ctx)
         },
         merges: true,
+        loads_4bit: false,
     },
     Method {
         name: "prompt",
@@ -304,6 +311,7 @@ pub(crate) const METHODS: [Method; 7] = [
             )
         },
         merges: false,
+        loads_4bit: false,
     },
     Method {
         name: "prefix",
@@ -328,6 +336,7 @@ pub(crate) const METHODS: [Method; 7] = [
             run(peft_prefix::get_peft_model(base, config)?, ctx)
         },
         merges: false,
+        loads_4bit: false,
     },
     Method {
         name: "ptuning",
@@ -352,6 +361,7 @@ pub(crate) const METHODS: [Method; 7] = [
             run(peft_ptuning::get_peft_model(base, config)?, ctx)
         },
         merges: false,
+        loads_4bit: false,
     },
 ];
 

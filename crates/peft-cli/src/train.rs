@@ -443,7 +443,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let mut options = args.load.options()?;
     // Checked before hours of training, not after.
     args.save.options()?;
-    if options.quantize.is_none() && args.method == "qlora" {
+    if options.quantize.is_none() && method.loads_4bit {
         options.quantize = Some(peft_quant::QuantConfig::default());
     }
     let base = peft_models::load_with(&model_dir, &device, &options)
