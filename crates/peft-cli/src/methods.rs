@@ -242,7 +242,10 @@ pub(crate) const METHODS: [Method; 7] = [
         peft_type: PeftType::Ia3,
         load: |base, dir| Ok(Box::new(peft_ia3::from_pretrained(base, dir, false)?)),
         inspect: |base, config, _| {
-            let ia3 = peft_ia3::get_peft_model(base, ia3_config(config)?)?;
+            let ia3 = peft_ia3::get_peft_model(
+                base,
+                config_or_default(config, |p| peft_ia3::Ia3Config::from_file(p))?,
+            )?;
             Ok(Inspected {
                 targeted: ia3.targeted.clone(),
                 saved: ia3.saved_params.clone(),
@@ -252,7 +255,9 @@ pub(crate) const METHODS: [Method; 7] = [
             })
         },
         train: |base, ctx| {
-            let mut config = ia3_config(ctx.args.config.as_deref())?;
+            let mut config = config_or_default(ctx.args.config.as_deref(), |p| {
+                peft_ia3::Ia3Config::from_file(p)
+            })?;
             config.target_modules = ctx.targets().or(config.target_modules);
             config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_ia3::get_peft_model(base, config)?, ctx)
@@ -268,7 +273,12 @@ pub(crate) const METHODS: [Method; 7] = [
             Ok(Box::new(bitfit.merge_and_unload()))
         },
         inspect: |base, config, _| {
-            let bitfit = peft_bitfit::get_peft_model(base, bitfit_config(config)?)?;
+            let bitfit = peft_bitfit::get_peft_model(
+                base,
+                config_or_default(config, |p| {
+                    peft_core::config::read_config::<peft_bitfit::BitFitConfig>(p)
+                })?,
+            )?;
             Ok(Inspected {
                 targeted: bitfit.biases.clone(),
                 saved: Vec::new(),
@@ -278,7 +288,9 @@ pub(crate) const METHODS: [Method; 7] = [
             })
         },
         train: |base, ctx| {
-            let mut config = bitfit_config(ctx.args.config.as_deref())?;
+            let mut config = config_or_default(ctx.args.config.as_deref(), |p| {
+                peft_core::config::read_config::<peft_bitfit::BitFitConfig>(p)
+            })?;
             config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_bitfit::get_peft_model(base, config)?, ctx)
         },
@@ -290,17 +302,14 @@ pub(crate) const METHODS: [Method; 7] = [
         peft_type: PeftType::PromptTuning,
         load: |base, dir| Ok(Box::new(peft_prompt::from_pretrained(base, dir, false)?)),
         inspect: |base, config, tokenizer| {
-            let config = match config {
-                Some(p) => peft_prompt::PromptTuningConfig::from_file(p)?,
-                None => peft_prompt::PromptTuningConfig::default(),
-            };
+            let config =
+                config_or_default(config, |p| peft_prompt::PromptTuningConfig::from_file(p))?;
             inspected(peft_prompt::get_peft_model(base, config, tokenizer)?)
         },
         train: |base, ctx| {
-            let mut config = match ctx.args.config.as_deref() {
-                Some(p) => peft_prompt::PromptTuningConfig::from_file(p)?,
-                None => peft_prompt::PromptTuningConfig::default(),
-            };
+            let mut config = config_or_default(ctx.args.config.as_deref(), |p| {
+                peft_prompt::PromptTuningConfig::from_file(p)
+            })?;
             if let Some(n) = ctx.args.num_virtual_tokens {
                 config.num_virtual_tokens = n;
             }
@@ -318,17 +327,14 @@ pub(crate) const METHODS: [Method; 7] = [
         peft_type: PeftType::PrefixTuning,
         load: |base, dir| Ok(Box::new(peft_prefix::from_pretrained(base, dir, false)?)),
         inspect: |base, config, _| {
-            let config = match config {
-                Some(p) => peft_prefix::PrefixTuningConfig::from_file(p)?,
-                None => peft_prefix::PrefixTuningConfig::default(),
-            };
+            let config =
+                config_or_default(config, |p| peft_prefix::PrefixTuningConfig::from_file(p))?;
             inspected(peft_prefix::get_peft_model(base, config)?)
         },
         train: |base, ctx| {
-            let mut config = match ctx.args.config.as_deref() {
-                Some(p) => peft_prefix::PrefixTuningConfig::from_file(p)?,
-                None => peft_prefix::PrefixTuningConfig::default(),
-            };
+            let mut config = config_or_default(ctx.args.config.as_deref(), |p| {
+                peft_prefix::PrefixTuningConfig::from_file(p)
+            })?;
             if let Some(n) = ctx.args.num_virtual_tokens {
                 config.num_virtual_tokens = n;
             }
@@ -343,17 +349,14 @@ pub(crate) const METHODS: [Method; 7] = [
         peft_type: PeftType::PTuning,
         load: |base, dir| Ok(Box::new(peft_ptuning::from_pretrained(base, dir, false)?)),
         inspect: |base, config, _| {
-            let config = match config {
-                Some(p) => peft_ptuning::PromptEncoderConfig::from_file(p)?,
-                None => peft_ptuning::PromptEncoderConfig::default(),
-            };
+            let config =
+                config_or_default(config, |p| peft_ptuning::PromptEncoderConfig::from_file(p))?;
             inspected(peft_ptuning::get_peft_model(base, config)?)
         },
         train: |base, ctx| {
-            let mut config = match ctx.args.config.as_deref() {
-                Some(p) => peft_ptuning::PromptEncoderConfig::from_file(p)?,
-                None => peft_ptuning::PromptEncoderConfig::default(),
-            };
+            let mut config = config_or_default(ctx.args.config.as_deref(), |p| {
+                peft_ptuning::PromptEncoderConfig::from_file(p)
+            })?;
             if let Some(n) = ctx.args.num_virtual_tokens {
                 config.num_virtual_tokens = n;
             }
@@ -397,24 +400,20 @@ fn inspected<A: AdapterModel + Runnable + 'static>(adapter: A) -> Result<Inspect
 
 /// The LoRA config of `--config`, or PEFT's default (QLoRA: the paper's preset).
 fn lora_config(path: Option<&Path>, qlora: bool) -> Result<peft_lora::LoraConfig> {
-    Ok(match path {
-        Some(p) => peft_lora::LoraConfig::from_file(p)?,
-        None if qlora => peft_qlora::qlora_preset(),
-        None => peft_lora::LoraConfig::default(),
-    })
+    match path {
+        None if qlora => Ok(peft_qlora::qlora_preset()),
+        _ => config_or_default(path, |p| peft_lora::LoraConfig::from_file(p)),
+    }
 }
 
-fn ia3_config(path: Option<&Path>) -> Result<peft_ia3::Ia3Config> {
+/// The config `--config` names, read by `read`, or the method's default.
+fn config_or_default<C: Default>(
+    path: Option<&Path>,
+    read: impl FnOnce(&Path) -> peft_core::Result<C>,
+) -> Result<C> {
     Ok(match path {
-        Some(p) => peft_ia3::Ia3Config::from_file(p)?,
-        None => peft_ia3::Ia3Config::default(),
-    })
-}
-
-fn bitfit_config(path: Option<&Path>) -> Result<peft_bitfit::BitFitConfig> {
-    Ok(match path {
-        Some(p) => peft_core::config::read_config(p)?,
-        None => peft_bitfit::BitFitConfig::default(),
+        Some(p) => read(p)?,
+        None => C::default(),
     })
 }
 

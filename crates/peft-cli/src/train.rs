@@ -203,6 +203,7 @@ fn scores<M: CausalLm>(
 
 /// Everything a run needs besides the adapter: the same for every method.
 pub(crate) struct RunContext<'a> {
+    pub(crate) method: &'static crate::methods::Method,
     pub(crate) args: &'a TrainArgs,
     pub(crate) model_dir: &'a Path,
     pub(crate) tokenizer: &'a Tokenizer,
@@ -218,6 +219,7 @@ where
     <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
 {
     let RunContext {
+        method,
         args,
         model_dir,
         tokenizer,
@@ -298,7 +300,7 @@ where
     let save_options = args.save.options()?;
     if args.no_merged {
         eprintln!("no merged model: --no-merged");
-    } else if !crate::methods::by_name(&args.method)?.merges {
+    } else if !method.merges {
         // Prompt learning has nothing to merge: the adapter is the result.
         eprintln!(
             "no merged model: {} keeps its virtual tokens outside the weights",
@@ -490,6 +492,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     device.seed(args.seed);
     let ctx = RunContext {
+        method,
         args: &args,
         model_dir: &model_dir,
         tokenizer: &tokenizer,

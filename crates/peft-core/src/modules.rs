@@ -85,6 +85,24 @@ impl ModuleInfo {
             .sum()
     }
 
+    /// The dims an adapter on this module sees: `(in_features, out_features)` for a linear
+    /// layer, `(num_embeddings, dim)` for an embedding (as `AdaptableLinear::dims` and
+    /// `AdaptableEmbedding::dims` give them); `None` for modules adapters do not attach to.
+    pub fn adapted_dims(&self) -> Option<(usize, usize)> {
+        match self.kind {
+            ModuleKind::Linear {
+                in_features,
+                out_features,
+                ..
+            } => Some((in_features, out_features)),
+            ModuleKind::Embedding {
+                num_embeddings,
+                dim,
+            } => Some((num_embeddings, dim)),
+            ModuleKind::LayerNorm { .. } | ModuleKind::RmsNorm { .. } => None,
+        }
+    }
+
     /// Whether this is a linear layer.
     pub fn is_linear(&self) -> bool {
         matches!(self.kind, ModuleKind::Linear { .. })

@@ -235,12 +235,12 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
         })?;
         self.adapters.retain(|a| a.name != name);
         self.active.retain(|a| a != name);
-        if let Some(rows) = &mut self.rows {
-            rows.iter_mut()
-                .filter(|r| r.as_deref() == Some(name))
-                .for_each(|r| *r = None);
-        }
-        Ok(())
+        // Rows that used it fall back to the base model, in every layer alike.
+        let rows = self
+            .rows
+            .take()
+            .map(|rows| rows.into_iter().map(|r| r.filter(|n| n != name)).collect());
+        self.apply_rows(rows)
     }
 
     /// Makes `names` the active adapters, in that order (PEFT's `set_adapter`; several active
@@ -250,7 +250,25 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
         for name in names {
             self.adapter(name)?;
         }
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        self.apply_active(names.iter().map(|n| n.to_string()).collect())
+    }
+
+    /// Runs `f` with every adapter switched off, then restores the active set and any row
+    /// assignment (PEFT's `with model.disable_adapter():`).
+    pub fn with_adapters_disabled<R>(&mut self, f: impl FnOnce(&M) -> R) -> Result<R> {
+        self.check_unmerged("disable the adapters")?;
+        let active = std::mem::take(&mut self.active);
+        let rows = self.rows.take();
+        self.apply_rows(None)?;
+        self.apply_active(Vec::new())?;
+        let out = f(&self.model);
+        self.apply_active(active)?;
+        self.apply_rows(rows)?;
+        Ok(out)
+    }
+
+    /// Makes `names` (all held) the active set, in every layer.
+    fn apply_active(&mut self, names: Vec<String>) -> Result<()> {
         self.update_layers(|_, set| {
             if let Some(s) = set {
                 s.set_active(&names);
@@ -260,23 +278,16 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
         Ok(())
     }
 
-    /// Runs `f` with every adapter switched off, then restores the active set (PEFT's `with
-    /// model.disable_adapter():`).
-    pub fn with_adapters_disabled<R>(&mut self, f: impl FnOnce(&M) -> R) -> Result<R> {
-        let active = self.active.clone();
-        let rows = self.rows.take();
-        self.set_row_adapters(None)?;
-        self.set_adapter(&[])?;
-        let out = f(&self.model);
-        let names: Vec<&str> = active.iter().map(String::as_str).collect();
-        self.set_adapter(&names)?;
-        let rows: Option<Vec<&str>> = rows.as_ref().map(|r| {
-            r.iter()
-                .map(|n| n.as_deref().unwrap_or(BASE_ADAPTER))
-                .collect()
-        });
-        self.set_row_adapters(rows.as_deref())?;
-        Ok(out)
+    /// Makes `rows` (names all held) the row assignment, in every layer.
+    fn apply_rows(&mut self, rows: Option<Vec<Option<String>>>) -> Result<()> {
+        let shared = rows.clone().map(std::sync::Arc::new);
+        self.update_layers(|_, set| {
+            if let Some(s) = set {
+                s.rows = shared.clone();
+            }
+        })?;
+        self.rows = rows;
+        Ok(())
     }
 
     /// Assigns an adapter to each batch row for the following forward passes (PEFT's
@@ -300,14 +311,7 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                     .collect::<Result<_>>()?,
             ),
         };
-        let shared = rows.clone().map(std::sync::Arc::new);
-        self.update_layers(|_, set| {
-            if let Some(s) = set {
-                s.rows = shared.clone();
-            }
-        })?;
-        self.rows = rows;
-        Ok(())
+        self.apply_rows(rows)
     }
 
     /// The row assignment set by [`set_row_adapters`](Self::set_row_adapters).
@@ -612,25 +616,18 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
             .model
             .modules()
             .into_iter()
-            .filter_map(|m| match m.kind {
-                peft_core::ModuleKind::Linear {
-                    in_features,
-                    out_features,
-                    ..
-                } => Some((m.path, (in_features, out_features))),
-                peft_core::ModuleKind::Embedding {
-                    num_embeddings,
-                    dim,
-                } => Some((m.path, (num_embeddings, dim))),
-                _ => None,
-            })
+            .filter_map(|m| m.adapted_dims().map(|d| (m.path, d)))
             .collect();
         entry
             .targeted
             .iter()
             .map(|path| {
                 let is_embedding = entry.embedding_targets.contains(path);
-                let d = dims.get(path).copied().unwrap_or((0, 0));
+                let d = dims.get(path).copied().ok_or_else(|| {
+                    PeftError::Unsupported(format!(
+                        "LoRA on `{path}`: only linear layers and embeddings can be adapted"
+                    ))
+                })?;
                 let pair = make_pair(&entry.config, source, path, d, is_embedding, &device)?;
                 Ok((path.clone(), pair.no_dropout()))
             })
