@@ -10,8 +10,10 @@
 //! * several: `base(x) + Σ Δₐ(x)` in activation order;
 //! * none (disabled): `base(x)`;
 //! * a row assignment ([`AdapterSet::rows`], PEFT's `adapter_names`): `base(x)` for the whole
-//!   batch, then each adapter's term computed once over the rows that name it and added to those
-//!   rows (`_mixed_batch_forward`); rows naming [`BASE_ADAPTER`] get the base alone.
+//!   batch, then each adapter's term computed once over the rows that name it; the terms are
+//!   stacked, put back in row order by one gather and added once (PEFT's `_mixed_batch_forward`
+//!   adds them group by group; the sums are the same); rows naming [`BASE_ADAPTER`] get the base
+//!   alone.
 //!
 //! Several active adapters and row assignments need additive adapters
 //! ([`LayerAdapter::is_additive`]); the model-level API checks that before setting them.
@@ -20,7 +22,7 @@ use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::adapter::{BaseLinear, LayerAdapter};
 use crate::error::Result;
@@ -130,27 +132,49 @@ impl<A: LayerAdapter> AdapterSet<A> {
     /// only (`delta(adapter, row indices)`) and added to those rows.
     fn add_row_terms(
         &self,
-        mut out: Tensor<3>,
+        out: Tensor<3>,
         rows: &[Option<String>],
         delta: impl Fn(&A, Option<Tensor<1, Int>>) -> Option<Tensor<3>>,
     ) -> Tensor<3> {
-        let batch = out.dims()[0];
+        let [batch, seq, width] = out.dims();
         let device = out.device();
-        for (i, picked) in self.row_groups(rows) {
-            let adapter = &self.adapters[i];
-            if picked.len() == batch {
-                if let Some(d) = delta(adapter, None) {
-                    out = out + d;
-                }
-                continue;
-            }
+        let groups = self.row_groups(rows);
+        if let [(i, picked)] = groups.as_slice()
+            && picked.len() == batch
+        {
+            return match delta(&self.adapters[*i], None) {
+                Some(d) => out + d,
+                None => out,
+            };
+        }
+        // Each group's term over its rows, stacked in group order, then put back in row order
+        // by one gather and added once (rows of no adapter get zeros).
+        let mut parts = Vec::with_capacity(groups.len() + 1);
+        let mut order: Vec<usize> = Vec::with_capacity(batch);
+        for (i, picked) in groups {
             let n = picked.len();
-            let index = Tensor::<1, Int>::from_data(TensorData::new(picked, [n]), &device);
-            if let Some(d) = delta(adapter, Some(index.clone())) {
-                out = out.select_assign(0, index, d, IndexingUpdateOp::Add);
+            let index = Tensor::<1, Int>::from_data(TensorData::new(picked.clone(), [n]), &device);
+            if let Some(d) = delta(&self.adapters[i], Some(index)) {
+                parts.push(d);
+                order.extend(picked.iter().map(|&r| r as usize));
             }
         }
-        out
+        if parts.is_empty() {
+            return out;
+        }
+        let mut covered = vec![false; batch];
+        order.iter().for_each(|&r| covered[r] = true);
+        let rest: Vec<usize> = (0..batch).filter(|&r| !covered[r]).collect();
+        if !rest.is_empty() {
+            parts.push(Tensor::zeros([rest.len(), seq, width], &device));
+            order.extend(rest);
+        }
+        let mut position = vec![0i64; batch];
+        for (k, &row) in order.iter().enumerate() {
+            position[row] = k as i64;
+        }
+        let position = Tensor::<1, Int>::from_data(TensorData::new(position, [batch]), &device);
+        out + Tensor::cat(parts, 0).select(0, position)
     }
 }
 
