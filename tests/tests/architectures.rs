@@ -138,3 +138,78 @@ fn every_method_trains() {
         assert_training_lowers_loss(prefix, &data, 5e-2);
     }
 }
+
+/// Sequences of different lengths share one padded cache (as `peft serve` batches them): each
+/// row, with its own rotary positions, gets exactly — bit for bit — the logits it gets alone.
+/// Covers the cache's row operations, `position_ids`, sliding windows and the fused attention
+/// skipping a row's padding. (Gemma 2's soft-capped attention runs composed burn operations,
+/// equal only to rounding, and is left out.)
+#[test]
+fn padded_rows_with_their_own_positions_match_running_alone() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use peft_core::{KvCache, ModelInput};
+
+    let device = device();
+    for name in [
+        "llama-tiny",
+        "qwen2-tiny-swa",
+        "phi3-tiny",
+        "bloom-tiny",
+        "qwen3-tiny",
+    ] {
+        let model = peft_models::load(model_dir(name), &device).unwrap();
+        let layers = model.spec().num_layers;
+        let ids = |v: &[u32]| {
+            let data: Vec<i64> = v.iter().map(|&t| t as i64).collect();
+            Tensor::<2, Int>::from_data(TensorData::new(data, [1, v.len()]), &device)
+        };
+        let prompts: [Vec<u32>; 3] = [
+            (0..3).map(|t| 10 + t).collect(),
+            (0..11).map(|t| 40 + 3 * t).collect(),
+            vec![77],
+        ];
+        let next = [5u32, 6, 7];
+        let logits_of = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
+        // Alone: prefill, then one step with the next token.
+        let mut alone = Vec::new();
+        let mut caches = Vec::new();
+        for (p, &n) in prompts.iter().zip(&next) {
+            let mut cache = KvCache::new(layers);
+            model
+                .forward(ModelInput::new(ids(p)), Some(&mut cache))
+                .unwrap();
+            caches.push(cache.clone());
+            let mut input = ModelInput::new(ids(&[n]));
+            input.position_ids = Some(Tensor::from_data(
+                TensorData::new(vec![p.len() as i64], [1, 1]),
+                &device,
+            ));
+            alone.push(logits_of(model.forward(input, Some(&mut cache)).unwrap()));
+        }
+        // Together: the three caches left-padded into one batch, each row at its own position.
+        let mut batch = KvCache::concat_rows(caches).unwrap();
+        assert_eq!(batch.past_len(), 11);
+        assert_eq!(batch.batch(), 3);
+        let step: Vec<i64> = next.iter().map(|&t| t as i64).collect();
+        let positions: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+        let mut input = ModelInput::new(Tensor::from_data(TensorData::new(step, [3, 1]), &device));
+        input.position_ids = Some(Tensor::from_data(
+            TensorData::new(positions, [3, 1]),
+            &device,
+        ));
+        let together = logits_of(model.forward(input, Some(&mut batch)).unwrap());
+        let vocab = alone[0].len();
+        for (row, expected) in alone.iter().enumerate() {
+            assert_eq!(
+                &together[row * vocab..(row + 1) * vocab],
+                expected.as_slice(),
+                "{name}: row {row} differs in the padded batch"
+            );
+        }
+        // Dropping the long row leaves padding every remaining row has: it is trimmed.
+        let mut kept = batch.select_rows(&[0, 2]).unwrap();
+        kept.trim_padding().unwrap();
+        assert_eq!(kept.past_len(), 4, "{name}");
+        assert!(batch.select_rows(&[3]).is_err());
+    }
+}

@@ -12,7 +12,9 @@ use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
 use peft_tensors::save_safetensors;
 
 use crate::methods::{Inspected, Runnable};
-use crate::{CombineArgs, DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs};
+use crate::{
+    CombineArgs, DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs, ServeArgs,
+};
 
 /// The device of `--device`, else `$PEFT_DEVICE`, else the CPU.
 pub(crate) fn device(arg: &DeviceArg) -> Result<Device> {
@@ -434,4 +436,33 @@ fn print_modules(out: &mut impl Write, model: &dyn Runnable, dir: &Path) -> std:
         total += m.num_params();
     }
     writeln!(out, "all params: {}", peft_core::summary::thousands(total))
+}
+
+/// `peft serve`.
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let mut options = peft_serve::ServeOptions::new(&args.model, device(&args.device)?);
+    for (name, dir) in adapter_specs(&args.adapters) {
+        let Some(name) = name else {
+            bail!(
+                "--adapter {}: name each served adapter (--adapter NAME=DIR); requests pick it \
+                 by that name",
+                dir.display()
+            );
+        };
+        options.adapters.push((name, dir));
+    }
+    options.host = args.host;
+    options.port = args.port;
+    options.api_key = args
+        .api_key
+        .or_else(|| std::env::var("PEFT_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    options.adapter_dir = args.adapter_dir;
+    options.max_model_len = args.max_model_len;
+    options.max_queue = args.max_queue;
+    options.max_batch = args.max_batch;
+    options.served_model_name = args.served_model_name;
+    options.load = args.load.options()?;
+    peft_serve::serve(options)?;
+    Ok(())
 }

@@ -40,6 +40,49 @@ enum Command {
     /// Combine LoRA adapters into one (PEFT's add_weighted_adapter) and write it as a PEFT
     /// adapter folder.
     Combine(CombineArgs),
+    /// Serve the model and its LoRA adapters over an OpenAI-compatible HTTP API, decoding
+    /// requests of different adapters together (continuous batching).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Hugging Face model folder, or a repo id in the local Hugging Face cache.
+    #[arg(long)]
+    model: PathBuf,
+    /// `NAME=DIR`, once per LoRA adapter loaded at start; a request's `model` field names it.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    adapters: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Requests to /v1 must send `Authorization: Bearer KEY` (default: $PEFT_API_KEY, if set).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Folder that /v1/load_lora_adapter may load adapters from (runtime loading is off
+    /// without it).
+    #[arg(long)]
+    adapter_dir: Option<PathBuf>,
+    /// Prompt + generated tokens at most (default: the config's max_position_embeddings, or
+    /// 2048 where the config has none, as BLOOM's).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Requests waiting to join the batch at most; more are answered 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// The base model's name in requests (default: the model folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[command(flatten)]
+    load: LoadArgs,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args, Debug)]
@@ -317,6 +360,7 @@ fn resolve_model_args(command: &mut Command) -> anyhow::Result<()> {
         Command::Train(a) => a.model.as_mut().map_or(Ok(()), resolve),
         Command::Quantize(a) => a.model.as_mut().map_or(Ok(()), resolve),
         Command::Combine(a) => resolve(&mut a.model),
+        Command::Serve(a) => resolve(&mut a.model),
     }
 }
 
@@ -341,6 +385,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train::train(*a),
         Command::Quantize(a) => quantize::quantize(a),
         Command::Combine(a) => commands::combine(a),
+        Command::Serve(a) => commands::serve(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,10 +1,10 @@
 //! What every causal language model offers to adapters and to the training loop.
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter, NoAdapter};
-use crate::error::Result;
+use crate::error::{PeftError, Result};
 use crate::modules::ModuleInfo;
 
 /// The sizes and special tokens of a model, read from its `config.json`.
@@ -112,6 +112,128 @@ impl KvCache {
     pub fn past_len(&self) -> usize {
         self.mask.as_ref().map_or(0, |m| m.dims()[1])
     }
+
+    /// Number of batch rows held (0 for an empty cache).
+    pub fn batch(&self) -> usize {
+        self.mask.as_ref().map_or(0, |m| m.dims()[0])
+    }
+
+    /// The cache of batch rows `rows`, in that order (a continuous batch dropping finished
+    /// sequences).
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        let batch = self.batch();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(PeftError::InvalidInput(format!(
+                "cache row {bad} of a cache of {batch} rows"
+            )));
+        }
+        let Some(mask) = &self.mask else {
+            return Ok(self.clone());
+        };
+        let device = mask.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &device,
+        );
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|layer| {
+                    layer.as_ref().map(|kv| LayerKv {
+                        key: kv.key.clone().select(0, index.clone()),
+                        value: kv.value.clone().select(0, index.clone()),
+                    })
+                })
+                .collect(),
+            mask: Some(mask.clone().select(0, index)),
+        })
+    }
+
+    /// One cache holding the rows of `caches` in order, each left-padded to the longest with
+    /// masked (zero) positions: sequences of different lengths sharing one batch. Every cache
+    /// must be filled (one forward pass done) for the same layers.
+    pub fn concat_rows(caches: Vec<KvCache>) -> Result<Self> {
+        let width = caches.iter().map(KvCache::past_len).max().unwrap_or(0);
+        let num_layers = caches.first().map_or(0, |c| c.layers.len());
+        let mut masks = Vec::with_capacity(caches.len());
+        let mut keys: Vec<Vec<Tensor<4>>> = vec![Vec::new(); num_layers];
+        let mut values: Vec<Vec<Tensor<4>>> = vec![Vec::new(); num_layers];
+        for cache in caches {
+            let (Some(mask), true) = (cache.mask, cache.layers.len() == num_layers) else {
+                return Err(PeftError::InvalidInput(
+                    "joining caches that are empty or of different layer counts".into(),
+                ));
+            };
+            let [rows, len] = mask.dims();
+            let pad = width - len;
+            let device = mask.device();
+            masks.push(if pad == 0 {
+                mask
+            } else {
+                Tensor::cat(vec![Tensor::<2, Int>::zeros([rows, pad], &device), mask], 1)
+            });
+            for (l, layer) in cache.layers.into_iter().enumerate() {
+                let Some(kv) = layer else {
+                    return Err(PeftError::InvalidInput(format!(
+                        "joining caches: layer {l} of a cache is empty"
+                    )));
+                };
+                let left_pad = |t: Tensor<4>| {
+                    if pad == 0 {
+                        return t;
+                    }
+                    let [b, h, _, d] = t.dims();
+                    let zeros = Tensor::<4>::zeros([b, h, pad, d], &t.device()).cast(t.dtype());
+                    Tensor::cat(vec![zeros, t], 2)
+                };
+                keys[l].push(left_pad(kv.key));
+                values[l].push(left_pad(kv.value));
+            }
+        }
+        if masks.is_empty() {
+            return Ok(Self::new(0));
+        }
+        Ok(Self {
+            layers: keys
+                .into_iter()
+                .zip(values)
+                .map(|(k, v)| {
+                    Some(LayerKv {
+                        key: Tensor::cat(k, 0),
+                        value: Tensor::cat(v, 0),
+                    })
+                })
+                .collect(),
+            mask: Some(Tensor::cat(masks, 0)),
+        })
+    }
+
+    /// Drops the leading positions that every row has masked (padding left behind by sequences
+    /// that left the batch), so the cache is as long as its longest row.
+    pub fn trim_padding(&mut self) -> Result<()> {
+        let Some(mask) = &self.mask else {
+            return Ok(());
+        };
+        let [rows, len] = mask.dims();
+        let values = mask
+            .clone()
+            .into_data()
+            .try_to_vec_as::<i64>()
+            .map_err(|e| PeftError::InvalidInput(format!("reading the cache mask: {e:?}")))?;
+        let first_used = (0..len)
+            .find(|&c| (0..rows).any(|r| values[r * len + c] != 0))
+            .unwrap_or(len);
+        if first_used == 0 {
+            return Ok(());
+        }
+        self.mask = Some(mask.clone().narrow(1, first_used, len - first_used));
+        for kv in self.layers.iter_mut().flatten() {
+            kv.key = kv.key.clone().narrow(2, first_used, len - first_used);
+            kv.value = kv.value.clone().narrow(2, first_used, len - first_used);
+        }
+        Ok(())
+    }
 }
 
 /// The inputs of one forward pass.
@@ -124,6 +246,12 @@ pub struct ModelInput {
     /// `[batch, n_virtual, hidden]` embeddings put before the tokens' embeddings (prompt tuning,
     /// P-tuning). Their positions are always attended to, and the logits include them.
     pub virtual_tokens: Option<Tensor<3>>,
+    /// `[batch, seq]` rotary positions of the tokens (transformers' `position_ids`); `None`:
+    /// `past_len .. past_len + seq` for every row. A server that batches sequences of different
+    /// lengths into one padded cache passes each row's own positions, so a row's rotary
+    /// embeddings are those it would get alone. Models with ALiBi (BLOOM) take positions from
+    /// the attention mask and ignore this.
+    pub position_ids: Option<Tensor<2, Int>>,
 }
 
 impl ModelInput {
@@ -134,6 +262,7 @@ impl ModelInput {
             input_ids,
             attention_mask,
             virtual_tokens: None,
+            position_ids: None,
         }
     }
 
@@ -143,6 +272,7 @@ impl ModelInput {
             input_ids,
             attention_mask,
             virtual_tokens: None,
+            position_ids: None,
         }
     }
 }

@@ -353,7 +353,7 @@ impl<A: LayerAdapter> Bloom<A> {
         input: ModelInput,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor<3>> {
-        let (_, _) = check_input(&input.input_ids, &input.attention_mask)?;
+        let (_, _) = check_input(&input)?;
         let mut x = self.embed_tokens(input.input_ids);
         let n_virtual = match input.virtual_tokens {
             Some(v) => {

@@ -433,11 +433,10 @@ impl<A: LayerAdapter> Gemma2Layer<A> {
 impl<A: LayerAdapter> Gemma2<A> {
     /// The normed final hidden states `[batch, n_virtual + seq, hidden]`, before `lm_head`.
     fn final_hidden(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
-        check_input(&input.input_ids, &input.attention_mask)?;
+        check_input(&input)?;
         let x = decoder_pass(
-            self.embed_tokens(input.input_ids),
-            input.virtual_tokens,
-            &input.attention_mask,
+            self.embed_tokens(input.input_ids.clone()),
+            input,
             cache,
             &self.windows,
             &self.rotary,

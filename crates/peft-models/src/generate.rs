@@ -138,7 +138,9 @@ pub fn generate<M: CausalLm>(
     Ok(out)
 }
 
-fn choose(logits: &[f32], decoding: Decoding, rng: &mut StdRng) -> u32 {
+/// The next token from one row of logits `[vocab]`, as `decoding` asks (`rng` draws the sampled
+/// ones; greedy decoding does not touch it).
+pub fn choose(logits: &[f32], decoding: Decoding, rng: &mut StdRng) -> u32 {
     match decoding {
         Decoding::Greedy => argmax(logits),
         Decoding::Sample {

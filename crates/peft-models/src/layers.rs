@@ -9,8 +9,8 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use std::sync::Arc;
 
 use peft_core::{
-    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, PeftError,
-    Result, TensorStore, adapter::with_weight_dtype,
+    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, ModelInput, PackedLinear,
+    PackedWeight, PeftError, Result, TensorStore, adapter::with_weight_dtype,
 };
 use peft_ops::device::runs_cpu_kernels;
 use peft_ops::precision::{HalfDtype, HalfWeight};
@@ -276,19 +276,43 @@ impl WeightLoader<'_> {
 }
 
 /// Checks that ids and mask agree and returns `(batch, seq)`.
-pub fn check_input(ids: &Tensor<2, Int>, mask: &Tensor<2, Int>) -> Result<(usize, usize)> {
-    let [b, s] = ids.dims();
-    if mask.dims() != [b, s] {
+pub fn check_input(input: &ModelInput) -> Result<(usize, usize)> {
+    let [b, s] = input.input_ids.dims();
+    if input.attention_mask.dims() != [b, s] {
         return Err(PeftError::InvalidInput(format!(
             "attention_mask has shape {:?} but input_ids has {:?}",
-            mask.dims(),
+            input.attention_mask.dims(),
             [b, s]
         )));
     }
     if s == 0 && b > 0 {
         return Err(PeftError::InvalidInput("input_ids has no positions".into()));
     }
+    if let Some(positions) = &input.position_ids {
+        if positions.dims() != [b, s] {
+            return Err(PeftError::InvalidInput(format!(
+                "position_ids has shape {:?} but input_ids has {:?}",
+                positions.dims(),
+                [b, s]
+            )));
+        }
+        if input.virtual_tokens.is_some() {
+            return Err(PeftError::InvalidInput(
+                "position_ids with virtual tokens (prompt learning) are not supported".into(),
+            ));
+        }
+    }
     Ok((b, s))
+}
+
+/// `position_ids` as host values, row-major `[batch, seq]` (negative ids count as 0).
+fn host_positions(positions: &Tensor<2, Int>) -> Vec<usize> {
+    positions
+        .clone()
+        .into_data()
+        .iter::<i64>()
+        .map(|p| p.max(0) as usize)
+        .collect()
 }
 
 /// Which key positions each query may attend to: `[batch, 1, q_len, kv_len]`.
@@ -542,16 +566,16 @@ pub fn full_mask(
     Tensor::cat(parts, 1)
 }
 
-/// The layer loop of a RoPE decoder (Llama and the architectures built like it): virtual tokens
-/// (prompt learning) prepended to `embedded: [b, s, hidden]`, the full mask (cache + virtual +
+/// The layer loop of a RoPE decoder (Llama and the architectures built like it): the input's
+/// virtual tokens (prompt learning) prepended to `embedded: [b, s, hidden]`, its rotary
+/// positions (`position_ids`, else `past .. past + seq`), the full mask (cache + virtual +
 /// `attention_mask`), each layer's attention mask (its sliding window, if any), the rotary
 /// tables of the pass, and the cache's per-layer slots; the mask is kept in the cache for the
 /// next pass. `layer(i, x, rope, allowed, slot)` runs layer `i`. Returns `[b, n_virtual + s,
 /// hidden]`.
 pub fn decoder_pass(
     embedded: Tensor<3>,
-    virtual_tokens: Option<Tensor<3>>,
-    attention_mask: &Tensor<2, Int>,
+    input: ModelInput,
     mut cache: Option<&mut peft_core::KvCache>,
     windows: &[Option<usize>],
     rotary: &crate::rope::Rotary,
@@ -563,6 +587,14 @@ pub fn decoder_pass(
         Option<&mut Option<peft_core::LayerKv>>,
     ) -> Tensor<3>,
 ) -> Tensor<3> {
+    let ModelInput {
+        attention_mask,
+        virtual_tokens,
+        position_ids,
+        ..
+    } = input;
+    let attention_mask = &attention_mask;
+    let position_ids = position_ids.as_ref();
     let (mut x, n_virtual) = match virtual_tokens {
         Some(v) => {
             let n = v.dims()[1];
@@ -578,7 +610,15 @@ pub fn decoder_pass(
         attention_mask,
     );
     let masks = layer_masks(&attention_allowed(&mask, q_len), windows);
-    let rope = crate::rope::RopeTables::for_pass(rotary, past, q_len, &x.device());
+    let rope = match position_ids {
+        Some(positions) => crate::rope::RopeTables::for_positions(
+            rotary,
+            &host_positions(positions),
+            x.dims()[0],
+            &x.device(),
+        ),
+        None => crate::rope::RopeTables::for_pass(rotary, past, q_len, &x.device()),
+    };
     if let Some(c) = cache.as_deref_mut()
         && c.layers.len() != windows.len()
     {

@@ -326,47 +326,86 @@ pub fn default_inv_freq(theta: f32, dim: usize) -> Vec<f32> {
 
 /// Rotary tables for one forward pass, as tensors and, for the fused CPU operation, on the host.
 pub struct RopeTables {
-    /// `[1, 1, seq, rotary_dim]`.
+    /// `[1 or batch, 1, seq, rotary_dim]`.
     cos: Tensor<4>,
-    /// `[1, 1, seq, rotary_dim]`.
+    /// `[1 or batch, 1, seq, rotary_dim]`.
     sin: Tensor<4>,
-    /// `cos` as `[seq, rotary_dim]` values.
-    host_cos: Arc<Vec<f32>>,
-    /// `sin` as `[seq, rotary_dim]` values.
-    host_sin: Arc<Vec<f32>>,
+    /// `cos` and `sin` on the host, when every row shares its positions.
+    host: Option<HostTables>,
+}
+
+/// `cos` and `sin` as `[seq, rotary_dim]` values (the fused operation's layout).
+struct HostTables {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
 }
 
 impl RopeTables {
-    /// The tables for positions `start .. start + seq` and inverse frequencies `inv_freq`
-    /// (`head_dim / 2` of them; each angle serves both halves of a head), `cos` and `sin`
-    /// multiplied by `scale` (YaRN's attention factor).
     /// The tables of a pass over positions `start .. start + seq` of a model with `rotary`.
     pub fn for_pass(rotary: &Rotary, start: usize, seq: usize, device: &Device) -> Self {
         let (inv_freq, scale) = rotary.frequencies(start + seq);
         Self::new(&inv_freq, scale, start, seq, device)
     }
 
+    /// The tables of a pass whose row `b` has positions `positions[b · seq .. (b + 1) · seq]`
+    /// (transformers' `position_ids`): `[batch, 1, seq, rotary_dim]`, for rows of different
+    /// lengths sharing a batch. Scalings that depend on the length (dynamic NTK) take the
+    /// largest position of the batch.
+    pub fn for_positions(
+        rotary: &Rotary,
+        positions: &[usize],
+        batch: usize,
+        device: &Device,
+    ) -> Self {
+        let seq = positions.len() / batch.max(1);
+        let longest = positions.iter().max().map_or(0, |&p| p + 1);
+        let (inv_freq, scale) = rotary.frequencies(longest);
+        let (cos, sin) = tables(&inv_freq, scale, positions.iter().copied());
+        let hd = 2 * inv_freq.len();
+        let make =
+            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [batch, 1, seq, hd]), device);
+        RopeTables {
+            cos: make(cos),
+            sin: make(sin),
+            host: None,
+        }
+    }
+
     fn new(inv_freq: &[f32], scale: f32, start: usize, seq: usize, device: &Device) -> Self {
         let hd = 2 * inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * hd);
-        let mut sin = Vec::with_capacity(seq * hd);
-        for pos in start..start + seq {
-            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos() * scale));
-                sin.extend(angles.iter().map(|a| a.sin() * scale));
-            }
-        }
+        let (cos, sin) = tables(inv_freq, scale, start..start + seq);
         let make = |v: &Vec<f32>| {
             Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 1, seq, hd]), device)
         };
         RopeTables {
             cos: make(&cos),
             sin: make(&sin),
-            host_cos: Arc::new(cos),
-            host_sin: Arc::new(sin),
+            host: Some(HostTables {
+                cos: Arc::new(cos),
+                sin: Arc::new(sin),
+            }),
         }
     }
+}
+
+/// `cos` and `sin` rows (`[positions, 2 · inv_freq.len()]`, each angle serving both halves of a
+/// head), multiplied by `scale` (YaRN's attention factor).
+fn tables(
+    inv_freq: &[f32],
+    scale: f32,
+    positions: impl ExactSizeIterator<Item = usize>,
+) -> (Vec<f32>, Vec<f32>) {
+    let hd = 2 * inv_freq.len();
+    let mut cos = Vec::with_capacity(positions.len() * hd);
+    let mut sin = Vec::with_capacity(positions.len() * hd);
+    for pos in positions {
+        let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
+        for _ in 0..2 {
+            cos.extend(angles.iter().map(|a| a.cos() * scale));
+            sin.extend(angles.iter().map(|a| a.sin() * scale));
+        }
+    }
+    (cos, sin)
 }
 
 /// `x · cos + rotate_half(x) · sin` on `[b, heads, seq, head_dim]`: one fused operation on the
@@ -379,8 +418,11 @@ pub fn apply_rope(x: Tensor<4>, rope: &RopeTables) -> Tensor<4> {
         let head = apply_rope(x.clone().narrow(3, 0, rotated), rope);
         return Tensor::cat(vec![head, x.narrow(3, rotated, hd - rotated)], 3);
     }
-    peft_ops::fused::rope(x.clone(), &rope.host_cos, &rope.host_sin)
-        .unwrap_or_else(|| composed_rope(x, rope))
+    match &rope.host {
+        Some(host) => peft_ops::fused::rope(x.clone(), &host.cos, &host.sin)
+            .unwrap_or_else(|| composed_rope(x, rope)),
+        None => composed_rope(x, rope),
+    }
 }
 
 /// [`apply_rope`] from burn operations (any backend).

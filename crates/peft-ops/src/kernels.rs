@@ -864,6 +864,32 @@ fn block_extents(mask: &ScoreMask<'_>, dims: &AttentionDims) -> Vec<usize> {
     extents
 }
 
+/// For each block of [`QUERY_BLOCK`] query rows of each batch row, the first key any of its
+/// rows can see (`[batch, blocks]`; 0 when a row sees none). The keys before it are left
+/// padding (or outside a sliding window) for every row of the block; skipping them makes a
+/// padded row's sums run over exactly the keys, in the same order, as the row alone would, so
+/// a sequence's results do not depend on the batch it shares.
+fn block_starts(mask: &ScoreMask<'_>, dims: &AttentionDims) -> Vec<usize> {
+    let blocks = dims.q_len.div_ceil(QUERY_BLOCK);
+    let mut starts = Vec::with_capacity(dims.batch * blocks);
+    for b in 0..dims.batch {
+        for block in 0..blocks {
+            let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(dims.q_len);
+            let start = rows
+                .map(|i| {
+                    allowed_row(mask, dims, b, i)
+                        .iter()
+                        .position(|&a| a)
+                        .unwrap_or(0)
+                })
+                .min()
+                .unwrap_or(0);
+            starts.push(start);
+        }
+    }
+    starts
+}
+
 /// Softmax attention for every batch row and head: `q: [batch, heads, q_len, head_dim]`,
 /// `k`, `v`: `[batch, kv_heads, kv_len, head_dim]`, any strides. Writes the probabilities
 /// `probs: [batch, heads, q_len, kv_len]` (kept for the backward pass) and the output through
@@ -885,6 +911,7 @@ pub fn attention(
     } = dims;
     let group = dims.group();
     let extents = block_extents(&mask, &dims);
+    let starts = block_starts(&mask, &dims);
     let blocks = q_len.div_ceil(QUERY_BLOCK);
     probs
         .par_chunks_mut((q_len * kv_len).max(1))
@@ -900,35 +927,39 @@ pub fn attention(
                 let i0 = block * QUERY_BLOCK;
                 let rows = QUERY_BLOCK.min(q_len - i0);
                 let extent = extents[b * blocks + block];
+                let start = starts[b * blocks + block].min(extent);
+                let seen = extent - start;
                 let p_block = &mut p[i0 * kv_len..(i0 + rows) * kv_len];
                 // SAFETY: `p_block` is this task's own [rows, kv_len] block of `probs`; q, kᵀ
-                // and v lie in views checked by `View4::new` (rows i0.., keys ..extent); head h
-                // of batch row b of `out` is written by this task only.
+                // and v lie in views checked by `View4::new` (rows i0.., keys start..extent);
+                // head h of batch row b of `out` is written by this task only.
                 unsafe {
                     small_matmul(
-                        (rows, extent, head_dim),
-                        p_block.as_mut_ptr(),
+                        (rows, seen, head_dim),
+                        p_block.as_mut_ptr().wrapping_add(start),
                         (kv_len as isize, 1),
                         false,
                         (qp.wrapping_offset(i0 as isize * q_rs), q_rs, q_cs),
-                        (kp, k_cs, k_rs),
+                        (kp.wrapping_offset(start as isize * k_rs), k_cs, k_rs),
                     );
                 }
                 for (r, row) in p_block.chunks_mut(kv_len.max(1)).enumerate() {
-                    let allowed = &allowed_row(&mask, &dims, b, i0 + r)[..extent];
-                    let (seen, unseen) = row.split_at_mut(extent);
-                    softmax_scores(seen, allowed, bias.map(|b| &b[..extent]), mask.scale);
+                    let allowed = &allowed_row(&mask, &dims, b, i0 + r)[start..extent];
+                    let (before, rest) = row.split_at_mut(start);
+                    let (seen, unseen) = rest.split_at_mut(extent - start);
+                    before.fill(0.0);
+                    softmax_scores(seen, allowed, bias.map(|b| &b[start..extent]), mask.scale);
                     unseen.fill(0.0);
                 }
                 // SAFETY: as above.
                 unsafe {
                     small_matmul(
-                        (rows, head_dim, extent),
+                        (rows, head_dim, seen),
                         op.wrapping_offset(i0 as isize * o_rs),
                         (o_rs, o_cs),
                         false,
-                        (p_block.as_ptr(), kv_len as isize, 1),
-                        (vp, v_rs, v_cs),
+                        (p_block.as_ptr().wrapping_add(start), kv_len as isize, 1),
+                        (vp.wrapping_offset(start as isize * v_rs), v_rs, v_cs),
                     );
                 }
             }

@@ -1,0 +1,296 @@
+//! # peft-serve
+//!
+//! An OpenAI-compatible HTTP server for one base model with many LoRA adapters resident, as
+//! vLLM's and LoRAX's multi-LoRA serving: a request's `model` names an adapter (or the base),
+//! and rows of different adapters are decoded together in one batch.
+//!
+//! * [`engine`] — continuous batching on one model thread: waiting requests join the running
+//!   batch at every step, finished or abandoned ones leave it at once;
+//! * [`routes`] — `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
+//!   `GET /v1/models`, vLLM's `POST /v1/load_lora_adapter` / `unload_lora_adapter`,
+//!   `GET /health`, `GET /metrics`;
+//! * [`api`] — the request/response bodies and OpenAI's error shape;
+//! * [`text`] — tokens to text with stop strings;
+//! * [`metrics`] — the shared counters and the bounded queue.
+//!
+//! Only LoRA adapters are served: they are the method whose rows share a batch (PEFT's
+//! `adapter_names`); IA3 and prompt-learning adapters are refused with a message saying so.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use peft_serve::{ServeOptions, serve};
+//!
+//! let mut options = ServeOptions::new("tests/fixtures/models/bloom-tiny", Device::flex());
+//! options.adapters.push(("support".into(), "adapters/support".into()));
+//! options.port = 8000;
+//! // Runs until Ctrl-C or SIGTERM, then finishes the requests in flight.
+//! serve(options).unwrap();
+//! ```
+
+pub mod api;
+pub mod engine;
+pub mod metrics;
+pub mod routes;
+pub mod text;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use peft_core::{CausalLm, PeftError, PeftType};
+use peft_lora::MultiLoraModel;
+use peft_models::{LoadOptions, Tokenizer};
+
+use crate::engine::{Engine, EngineLimits};
+use crate::metrics::Shared;
+use crate::routes::AppState;
+
+/// The context length of a model whose config names none (BLOOM's ALiBi configs): 2048, the
+/// length BLOOM was trained with.
+pub const DEFAULT_MAX_MODEL_LEN: usize = 2048;
+
+/// Everything `peft serve` is started with.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Hugging Face model folder.
+    pub model: PathBuf,
+    /// LoRA adapters loaded at start, by name.
+    pub adapters: Vec<(String, PathBuf)>,
+    /// Address to listen on.
+    pub host: String,
+    /// Port (0: any free port, reported through the ready callback).
+    pub port: u16,
+    /// Requests to `/v1` must carry `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// The folder runtime-loaded adapters must lie in; `None` turns runtime loading off.
+    pub adapter_dir: Option<PathBuf>,
+    /// Prompt + generated tokens at most (default: the config's `max_position_embeddings`, or
+    /// [`DEFAULT_MAX_MODEL_LEN`]).
+    pub max_model_len: Option<usize>,
+    /// Requests waiting to join the batch at most; more get 429.
+    pub max_queue: usize,
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// The base model's name in requests (default: the model folder's name).
+    pub served_model_name: Option<String>,
+    /// Where the model runs.
+    pub device: Device,
+    /// How the base loads (4-bit, compute dtype).
+    pub load: LoadOptions,
+}
+
+impl ServeOptions {
+    /// Defaults for `model` on `device`: 127.0.0.1:8000, no key, batches of 16, a queue of 64.
+    pub fn new(model: impl Into<PathBuf>, device: Device) -> Self {
+        Self {
+            model: model.into(),
+            adapters: Vec::new(),
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_key: None,
+            adapter_dir: None,
+            max_model_len: None,
+            max_queue: 64,
+            max_batch: 16,
+            served_model_name: None,
+            device,
+            load: LoadOptions::default(),
+        }
+    }
+}
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The model, its tokenizer or an adapter failed to load.
+    #[error(transparent)]
+    Model(#[from] PeftError),
+    /// A start-up option is unusable.
+    #[error("{0}")]
+    Option(String),
+    /// The address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP server or its runtime failed.
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+    /// The engine thread ended unexpectedly.
+    #[error("the model thread stopped: {0}")]
+    Engine(String),
+}
+
+/// Serves until Ctrl-C or SIGTERM, then finishes the requests in flight and returns.
+pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
+    serve_until(options, shutdown_signal(), |addr| {
+        println!("peft serve: listening on http://{addr}");
+    })
+}
+
+/// Serves until `shutdown` completes; `ready` gets the bound address once requests are
+/// accepted. In-flight requests finish before this returns.
+pub fn serve_until(
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    if options.max_batch == 0 || options.max_queue == 0 {
+        return Err(ServeError::Option(
+            "--max-batch and --max-queue must be at least 1".into(),
+        ));
+    }
+    let adapter_dir = match &options.adapter_dir {
+        Some(dir) => Some(
+            dir.canonicalize()
+                .map_err(|e| ServeError::Option(format!("--adapter-dir {}: {e}", dir.display())))?,
+        ),
+        None => None,
+    };
+    let base_name = options.served_model_name.clone().unwrap_or_else(|| {
+        options
+            .model
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    if options.adapters.iter().any(|(name, _)| *name == base_name) {
+        return Err(ServeError::Option(format!(
+            "an adapter may not be named `{base_name}`, the base model's name"
+        )));
+    }
+    let tokenizer = Tokenizer::from_dir(&options.model)?;
+    let max_model_len = match options.max_model_len {
+        Some(n) if n > 0 => n,
+        Some(_) => {
+            return Err(ServeError::Option(
+                "--max-model-len must be positive".into(),
+            ));
+        }
+        None => config_context_length(&options.model)?.unwrap_or(DEFAULT_MAX_MODEL_LEN),
+    };
+    let shared = Arc::new(Shared::new(&base_name));
+    let (commands, receiver) = std::sync::mpsc::channel();
+    let (loaded, ready_model) = std::sync::mpsc::channel();
+    let engine_shared = shared.clone();
+    let limits = EngineLimits {
+        max_batch: options.max_batch,
+    };
+    let load = options.clone();
+    // The model lives on its own thread: every forward pass runs there, and HTTP handlers
+    // never wait on it except through channels.
+    let engine = std::thread::Builder::new()
+        .name("peft-engine".into())
+        .spawn(move || match load_served_model(&load) {
+            Ok(model) => {
+                let _ = loaded.send(Ok(model.model.spec().vocab_size));
+                Engine::new(model, engine_shared, limits).run(receiver);
+            }
+            Err(e) => {
+                let _ = loaded.send(Err(e));
+            }
+        })?;
+    let vocab_size = match ready_model.recv() {
+        Ok(Ok(vocab)) => vocab,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(ServeError::Engine("it ended while loading".into())),
+    };
+    let state = Arc::new(AppState::new(
+        commands,
+        shared,
+        tokenizer,
+        base_name,
+        max_model_len,
+        options.max_queue,
+        vocab_size,
+        options.api_key.clone(),
+        adapter_dir,
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let addr = format!("{}:{}", options.host, options.port);
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        ready(listener.local_addr()?);
+        axum::serve(listener, routes::router(state))
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok::<_, ServeError>(())
+    });
+    // The router (and with it the engine's last command sender) is gone: the engine finishes
+    // what it holds and ends.
+    drop(runtime);
+    engine
+        .join()
+        .map_err(|_| ServeError::Engine("it panicked".into()))?;
+    served
+}
+
+/// The base and the start-up adapters (LoRA only).
+fn load_served_model(options: &ServeOptions) -> Result<engine::ServedModel, ServeError> {
+    let base = peft_models::load_with(&options.model, &options.device, &options.load)?;
+    let mut model = MultiLoraModel::new(base)?;
+    for (name, dir) in &options.adapters {
+        let header = peft_core::config::read_header(dir.join("adapter_config.json"))?;
+        if header.peft_type != PeftType::Lora {
+            return Err(ServeError::Option(format!(
+                "--adapter {name}={}: only LoRA adapters can be served (they share \
+                 mixed-adapter batches); this one is {:?}",
+                dir.display(),
+                header.peft_type
+            )));
+        }
+        model.load_adapter(name, dir)?;
+    }
+    Ok(model)
+}
+
+/// The context length `config.json` states, under any of the names architectures use.
+fn config_context_length(dir: &Path) -> Result<Option<usize>, ServeError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io(&path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| PeftError::json(&path, e))?;
+    Ok([
+        "max_position_embeddings",
+        "n_positions",
+        "seq_length",
+        "max_sequence_length",
+    ]
+    .iter()
+    .find_map(|k| value.get(*k).and_then(serde_json::Value::as_u64))
+    .map(|n| n as usize))
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

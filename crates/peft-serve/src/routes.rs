@@ -1,0 +1,756 @@
+//! The HTTP API: OpenAI's completions, chat completions and models list, vLLM's adapter
+//! loading and unloading, health and metrics.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::stream::{self, Stream, StreamExt};
+use peft_models::{Decoding, Tokenizer};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{
+    ApiError, ChatRequest, CompletionRequest, LoadAdapterRequest, Prompt, Sampling,
+    UnloadAdapterRequest, Usage, parse_body,
+};
+use crate::engine::{AdapterReply, Command, Event, Job};
+use crate::metrics::Shared;
+use crate::text::TextStream;
+
+/// What every handler reads.
+pub struct AppState {
+    /// The engine's command queue.
+    pub commands: std::sync::Mutex<std::sync::mpsc::Sender<Command>>,
+    /// State shared with the engine.
+    pub shared: Arc<Shared>,
+    /// The model's tokenizer (and chat template).
+    pub tokenizer: Tokenizer,
+    /// The base model's name in requests and `/v1/models`.
+    pub base_name: String,
+    /// Prompt + generated tokens at most.
+    pub max_model_len: usize,
+    /// Requests waiting at most before 429.
+    pub max_queue: usize,
+    /// Vocabulary size (prompt ids are checked against it).
+    pub vocab_size: usize,
+    /// `Authorization: Bearer` key of every `/v1` route, if set.
+    pub api_key: Option<String>,
+    /// Where runtime-loaded adapters must lie (canonical), if loading is enabled.
+    pub adapter_dir: Option<PathBuf>,
+    /// When the server started (`created` of `/v1/models`).
+    pub started: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// The state of a server; `commands` feeds the engine.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        commands: std::sync::mpsc::Sender<Command>,
+        shared: Arc<Shared>,
+        tokenizer: Tokenizer,
+        base_name: String,
+        max_model_len: usize,
+        max_queue: usize,
+        vocab_size: usize,
+        api_key: Option<String>,
+        adapter_dir: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            commands: std::sync::Mutex::new(commands),
+            shared,
+            tokenizer,
+            base_name,
+            max_model_len,
+            max_queue,
+            vocab_size,
+            api_key,
+            adapter_dir,
+            started: unix_now(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn send(&self, command: Command) -> Result<(), ApiError> {
+        let sender = self
+            .commands
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        sender.send(command).map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            )
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The router of every route over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/load_lora_adapter", post(load_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_adapter))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}
+
+/// Counts every response by status for `/metrics`.
+async fn count_responses(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(request).await;
+    state.shared.responded(response.status().as_u16());
+    response
+}
+
+/// 401 unless the request carries `Authorization: Bearer <key>` (compared in constant time).
+async fn require_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let equal: bool = given.as_bytes().ct_eq(key.as_bytes()).into();
+        if !equal {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key (send `Authorization: Bearer <key>`)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.shared.render(),
+    )
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let created = state.started;
+    let mut data = vec![json!({
+        "id": state.base_name, "object": "model", "created": created, "owned_by": "peft-rs",
+        "root": state.base_name, "parent": null, "max_model_len": state.max_model_len,
+    })];
+    for name in state.shared.adapters() {
+        data.push(json!({
+            "id": name, "object": "model", "created": created, "owned_by": "peft-rs",
+            "root": name, "parent": state.base_name, "max_model_len": state.max_model_len,
+        }));
+    }
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
+/// Resolves `lora_path` inside the adapter folder: no `..`, and after following symlinks still
+/// inside it; 403 otherwise (or when runtime loading is off).
+fn adapter_path(state: &AppState, requested: &str) -> Result<PathBuf, ApiError> {
+    let Some(root) = &state.adapter_dir else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "loading adapters at run time is off: start the server with --adapter-dir DIR",
+        ));
+    };
+    let requested = Path::new(requested);
+    if requested
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "lora_path may not contain `..`",
+        ));
+    }
+    let joined = if requested.is_absolute() {
+        requested.to_path_buf()
+    } else {
+        root.join(requested)
+    };
+    let resolved = joined.canonicalize().map_err(|e| {
+        if joined.starts_with(root) {
+            ApiError::not_found(format!("adapter folder {}: {e}", requested.display()))
+        } else {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("{} is outside the adapter folder", requested.display()),
+            )
+        }
+    })?;
+    if !resolved.starts_with(root) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} is outside the adapter folder (symlinks are followed)",
+                requested.display()
+            ),
+        ));
+    }
+    Ok(resolved)
+}
+
+async fn adapter_command(
+    state: &AppState,
+    make: impl FnOnce(oneshot::Sender<AdapterReply>) -> Command,
+) -> Result<(), ApiError> {
+    let (reply, answer) = oneshot::channel();
+    state.send(make(reply))?;
+    match answer.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err((status, message))) => Err(ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            message,
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )),
+    }
+}
+
+async fn load_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Result<String, ApiError> {
+    let request: LoadAdapterRequest = parse_body(&body)?;
+    if request.lora_name == state.base_name {
+        return Err(ApiError::bad_field(
+            "lora_name",
+            format!("`{}` is the base model's name", request.lora_name),
+        ));
+    }
+    let dir = adapter_path(&state, &request.lora_path)?;
+    let name = request.lora_name.clone();
+    adapter_command(&state, |reply| Command::LoadAdapter { name, dir, reply }).await?;
+    Ok(format!(
+        "Success: LoRA adapter '{}' added successfully.",
+        request.lora_name
+    ))
+}
+
+async fn unload_adapter(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<String, ApiError> {
+    let request: UnloadAdapterRequest = parse_body(&body)?;
+    let name = request.lora_name.clone();
+    adapter_command(&state, |reply| Command::UnloadAdapter { name, reply }).await?;
+    Ok(format!(
+        "Success: LoRA adapter '{}' removed successfully.",
+        request.lora_name
+    ))
+}
+
+/// A checked generation: the adapter, decoding, stop strings and token budget of a request.
+struct Plan {
+    model: String,
+    adapter: Option<String>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    decoding: Decoding,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Checks the shared fields; `default_max` is used when the request sets no `max_tokens`.
+fn plan(
+    state: &AppState,
+    sampling: Sampling,
+    prompt: Vec<u32>,
+    default_max: Option<usize>,
+) -> Result<Plan, ApiError> {
+    let adapter = if sampling.model == state.base_name {
+        None
+    } else if state.shared.has_adapter(&sampling.model) {
+        Some(sampling.model.clone())
+    } else {
+        return Err(ApiError {
+            param: Some("model".into()),
+            ..ApiError::not_found(format!(
+                "the model `{}` does not exist (served: {})",
+                sampling.model,
+                std::iter::once(state.base_name.clone())
+                    .chain(state.shared.adapters())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        });
+    };
+    if sampling.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_field("n", "only n = 1 is served"));
+    }
+    if sampling.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_field("best_of", "only best_of = 1 is served"));
+    }
+    if sampling.echo {
+        return Err(ApiError::bad_field("echo", "echo is not served"));
+    }
+    if sampling
+        .logprobs
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && *v != json!(false))
+    {
+        return Err(ApiError::bad_field("logprobs", "logprobs are not served"));
+    }
+    if sampling.tools.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::bad_field("tools", "tools are not served"));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::bad_field("prompt", "the prompt has no tokens"));
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
+        return Err(ApiError::bad_field(
+            "prompt",
+            format!(
+                "token id {bad} is outside the vocabulary of {}",
+                state.vocab_size
+            ),
+        ));
+    }
+    let room = state.max_model_len.saturating_sub(prompt.len());
+    let max_tokens = sampling
+        .max_tokens
+        .or(sampling.max_completion_tokens)
+        .or(default_max)
+        .unwrap_or(room);
+    if max_tokens == 0 {
+        return Err(ApiError::bad_field(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
+    }
+    if prompt.len() + max_tokens > state.max_model_len {
+        return Err(ApiError::bad_field(
+            "max_tokens",
+            format!(
+                "this model's context is {} tokens: the prompt has {} and max_tokens asks for {} \
+                 more",
+                state.max_model_len,
+                prompt.len(),
+                max_tokens
+            ),
+        ));
+    }
+    let temperature = sampling.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_field(
+            "temperature",
+            format!("temperature must be in [0, 2], got {temperature}"),
+        ));
+    }
+    let top_p = sampling.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_field(
+            "top_p",
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let decoding = if temperature == 0.0 {
+        Decoding::Greedy
+    } else {
+        Decoding::Sample {
+            temperature,
+            top_p,
+            seed: sampling.seed.unwrap_or_else(rand::random),
+        }
+    };
+    let stops = sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stops.len() > 4 {
+        return Err(ApiError::bad_field("stop", "at most 4 stop strings"));
+    }
+    Ok(Plan {
+        model: sampling.model,
+        adapter,
+        prompt,
+        max_tokens,
+        decoding,
+        stops,
+        stream: sampling.stream,
+        include_usage: sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    })
+}
+
+/// Queues `plan`'s job; its events.
+fn submit(state: &AppState, plan: &Plan) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    if !state.shared.try_enqueue(state.max_queue) {
+        return Err(ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "the queue is full ({} requests wait); retry later",
+                    state.max_queue
+                ),
+            )
+        });
+    }
+    let (events, receiver) = mpsc::unbounded_channel();
+    let job = Job {
+        adapter: plan.adapter.clone(),
+        prompt: plan.prompt.clone(),
+        max_tokens: plan.max_tokens,
+        decoding: plan.decoding,
+        events,
+    };
+    if let Err(e) = state.send(Command::Generate(job)) {
+        state.shared.dequeued();
+        return Err(e);
+    }
+    Ok(receiver)
+}
+
+/// The two endpoints' differences: ids, object names and where the text goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+impl Endpoint {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Completions => "cmpl",
+            Self::Chat => "chatcmpl",
+        }
+    }
+
+    /// A choice carrying `text` (whole response, or one streamed chunk).
+    fn choice(self, text: &str, finish: Option<&str>, streamed: bool) -> Value {
+        match (self, streamed) {
+            (Self::Completions, _) => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            (Self::Chat, false) => json!({"index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null, "finish_reason": finish}),
+            (Self::Chat, true) => json!({"index": 0, "delta": {"content": text},
+                "logprobs": null, "finish_reason": finish}),
+        }
+    }
+
+    fn object(self, streamed: bool) -> &'static str {
+        match (self, streamed) {
+            (Self::Completions, _) => "text_completion",
+            (Self::Chat, false) => "chat.completion",
+            (Self::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse_body(&body)?;
+    let prompt = match request.prompt {
+        Prompt::Tokens(ids) => ids,
+        Prompt::TokenLists(mut lists) if lists.len() == 1 => lists.remove(0),
+        Prompt::Text(text) => encode(&state.tokenizer, &text)?,
+        Prompt::Texts(texts) if texts.len() == 1 => encode(&state.tokenizer, &texts[0])?,
+        _ => {
+            return Err(ApiError::bad_field(
+                "prompt",
+                "one prompt per request is served",
+            ));
+        }
+    };
+    // OpenAI's completions default: 16 tokens.
+    let plan = plan(&state, request.sampling, prompt, Some(16))?;
+    respond(state, plan, Endpoint::Completions).await
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse_body(&body)?;
+    if request.messages.is_empty() {
+        return Err(ApiError::bad_field("messages", "messages is empty"));
+    }
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for m in &request.messages {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer"
+        ) {
+            return Err(ApiError::bad_field(
+                "messages",
+                format!("unknown role `{}`", m.role),
+            ));
+        }
+        messages.push(peft_models::chat::Message::new(&m.role, &m.text()?));
+    }
+    let prompt = chat_prompt(&state.tokenizer, &messages)?;
+    // Chat's default: the rest of the context.
+    let plan = plan(&state, request.sampling, prompt, None)?;
+    respond(state, plan, Endpoint::Chat).await
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+    tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::bad_field("prompt", e.to_string()))
+}
+
+/// The prompt of a conversation: the model's chat template with its generation prompt, or,
+/// for a model without one, the seed tutorial's `Human: …\n\nAssistant: ` turns (the format
+/// `peft train` teaches such a model), system text first.
+pub fn chat_prompt(
+    tokenizer: &Tokenizer,
+    messages: &[peft_models::chat::Message],
+) -> Result<Vec<u32>, ApiError> {
+    if let Some(template) = tokenizer.chat_template() {
+        let text = template
+            .render(messages, true)
+            .map_err(|e| ApiError::bad_field("messages", e.to_string()))?;
+        return tokenizer
+            .encode_plain(&text)
+            .map_err(|e| ApiError::bad_field("messages", e.to_string()));
+    }
+    let mut text = String::new();
+    for m in messages {
+        match m.role.as_str() {
+            "user" => text.push_str(&peft_train::data::chat_prompt(&m.content, "")),
+            "assistant" => {
+                text.push_str(&m.content);
+                text.push_str("\n\n");
+            }
+            _ => {
+                text.push_str(&m.content);
+                text.push('\n');
+            }
+        }
+    }
+    encode(tokenizer, &text)
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    plan: Plan,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let events = submit(&state, &plan)?;
+    let id = format!(
+        "{}-{}",
+        endpoint.id_prefix(),
+        state.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    if plan.stream {
+        Ok(stream_response(state, plan, endpoint, id, events).into_response())
+    } else {
+        whole_response(&state, plan, endpoint, id, events).await
+    }
+}
+
+/// Generation state of one request, shared by both response kinds.
+struct Generation {
+    state: Arc<AppState>,
+    events: mpsc::UnboundedReceiver<Event>,
+    text: TextStream,
+    generated: usize,
+}
+
+/// What the next event gives: text released, and the finish reason once over.
+enum Step {
+    Text(String),
+    Done(String, &'static str),
+    Failed(ApiError),
+}
+
+impl Generation {
+    async fn next(&mut self) -> Step {
+        match self.events.recv().await {
+            Some(Event::Token(token)) => {
+                self.generated += 1;
+                match self.text.push(&self.state.tokenizer, token) {
+                    Ok(piece) if self.text.stopped() => {
+                        // Closing the channel takes the request out of the batch.
+                        self.events.close();
+                        Step::Done(piece, "stop")
+                    }
+                    Ok(piece) => Step::Text(piece),
+                    Err(e) => Step::Failed(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        e.to_string(),
+                    )),
+                }
+            }
+            Some(Event::Finished { reason, generated }) => {
+                self.generated = generated;
+                match self.text.finish(&self.state.tokenizer) {
+                    Ok(rest) => Step::Done(rest, reason.as_str()),
+                    Err(e) => Step::Failed(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        e.to_string(),
+                    )),
+                }
+            }
+            Some(Event::Failed(message)) => {
+                Step::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
+            }
+            None => Step::Failed(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine stopped",
+            )),
+        }
+    }
+}
+
+async fn whole_response(
+    state: &Arc<AppState>,
+    plan: Plan,
+    endpoint: Endpoint,
+    id: String,
+    events: mpsc::UnboundedReceiver<Event>,
+) -> Result<Response, ApiError> {
+    let mut generation = Generation {
+        state: state.clone(),
+        events,
+        text: TextStream::new(plan.stops.clone()),
+        generated: 0,
+    };
+    let mut text = String::new();
+    let finish = loop {
+        match generation.next().await {
+            Step::Text(piece) => text.push_str(&piece),
+            Step::Done(piece, reason) => {
+                text.push_str(&piece);
+                break reason;
+            }
+            Step::Failed(e) => return Err(e),
+        }
+    };
+    let usage = Usage::new(plan.prompt.len(), generation.generated);
+    Ok(axum::Json(json!({
+        "id": id,
+        "object": endpoint.object(false),
+        "created": unix_now(),
+        "model": plan.model,
+        "choices": [endpoint.choice(&text, Some(finish), false)],
+        "usage": usage,
+    }))
+    .into_response())
+}
+
+fn stream_response(
+    state: Arc<AppState>,
+    plan: Plan,
+    endpoint: Endpoint,
+    id: String,
+    events: mpsc::UnboundedReceiver<Event>,
+) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let created = unix_now();
+    let chunk = {
+        let id = id.clone();
+        let model = plan.model.clone();
+        move |choices: Value, usage: Option<Usage>| {
+            let mut body = json!({"id": id, "object": endpoint.object(true), "created": created,
+                                  "model": model, "choices": choices});
+            if let Some(usage) = usage {
+                body["usage"] = json!(usage);
+            }
+            SseEvent::default().data(body.to_string())
+        }
+    };
+    let generation = Generation {
+        state,
+        events,
+        text: TextStream::new(plan.stops.clone()),
+        generated: 0,
+    };
+    let first = (endpoint == Endpoint::Chat).then(|| {
+        chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null, "finish_reason": null}]),
+            None,
+        )
+    });
+    let prompt_len = plan.prompt.len();
+    let include_usage = plan.include_usage;
+    // States: Some(generation) while generating; None once the last chunks were sent.
+    let body = stream::unfold(Some(generation), move |state| {
+        let chunk = chunk.clone();
+        async move {
+            let mut generation = state?;
+            loop {
+                match generation.next().await {
+                    Step::Text(piece) if piece.is_empty() => continue,
+                    Step::Text(piece) => {
+                        let event = chunk(json!([endpoint.choice(&piece, None, true)]), None);
+                        return Some((vec![event], Some(generation)));
+                    }
+                    Step::Done(piece, reason) => {
+                        let mut events = Vec::new();
+                        if !piece.is_empty() {
+                            events.push(chunk(json!([endpoint.choice(&piece, None, true)]), None));
+                        }
+                        events.push(chunk(
+                            json!([endpoint.choice("", Some(reason), true)]),
+                            None,
+                        ));
+                        if include_usage {
+                            events.push(chunk(
+                                json!([]),
+                                Some(Usage::new(prompt_len, generation.generated)),
+                            ));
+                        }
+                        events.push(SseEvent::default().data("[DONE]"));
+                        return Some((events, None));
+                    }
+                    Step::Failed(e) => {
+                        let events = vec![
+                            SseEvent::default().data(e.body().to_string()),
+                            SseEvent::default().data("[DONE]"),
+                        ];
+                        return Some((events, None));
+                    }
+                }
+            }
+        }
+    });
+    let body = stream::iter(first)
+        .chain(body.flat_map(stream::iter))
+        .map(Ok);
+    Sse::new(body).keep_alive(KeepAlive::default())
+}
