@@ -187,8 +187,11 @@ pub fn serve_until(
         .name("peft-engine".into())
         .spawn(move || match load_served_model(&load) {
             Ok(model) => {
-                let _ = loaded.send(Ok(model.model.spec().vocab_size));
-                Engine::new(model, engine_shared, limits).run(receiver);
+                let vocab = model.model.spec().vocab_size;
+                // The engine publishes the adapters before requests are taken.
+                let engine = Engine::new(model, engine_shared, limits);
+                let _ = loaded.send(Ok(vocab));
+                engine.run(receiver);
             }
             Err(e) => {
                 let _ = loaded.send(Err(e));

@@ -1,0 +1,616 @@
+//! The server over real HTTP on 127.0.0.1: answers equal to generating alone, streaming,
+//! every error case in OpenAI's shape, the API key, runtime adapter loading confined to its
+//! folder, the bounded queue, disconnects and graceful shutdown.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use peft_lora::MultiLoraModel;
+use peft_serve::{ServeError, ServeOptions, serve_until};
+use serde_json::{Value, json};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A server on a free port, stopped (gracefully) when dropped.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Server {
+    fn start(configure: impl FnOnce(&mut ServeOptions)) -> Self {
+        let mut options = ServeOptions::new(fixtures().join("models/llama-tiny"), Device::flex());
+        let adapters = fixtures().join("adapters/multi-llama");
+        options.adapters = vec![
+            ("a".into(), adapters.clone()),
+            ("b".into(), adapters.join("b")),
+        ];
+        options.port = 0;
+        configure(&mut options);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, address) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            serve_until(
+                options,
+                async move {
+                    let _ = stopped.await;
+                },
+                move |addr| {
+                    let _ = ready.send(addr);
+                },
+            )
+        });
+        let addr = address
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server did not start");
+        Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops accepting and waits for in-flight requests; the server's result.
+    fn shutdown(mut self) -> Result<(), ServeError> {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One HTTP/1.1 response: status, headers (lower-case names) and body (de-chunked).
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// The `data:` payloads of a server-sent event stream.
+    fn events(&self) -> Vec<String> {
+        self.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn send(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stream
+}
+
+fn read_response(stream: TcpStream) -> Response {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut headers = BTreeMap::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+    }
+    let mut raw = Vec::new();
+    reader.read_to_end(&mut raw).unwrap();
+    let body = if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
+        dechunk(&raw)
+    } else {
+        raw
+    };
+    Response {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[end + 2..end + 2 + size]);
+        raw = &raw[end + 4 + size..];
+    }
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &str) -> Response {
+    read_response(send(addr, method, path, key, body))
+}
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> Response {
+    request(addr, "POST", path, None, &body.to_string())
+}
+
+/// `peft_models::generate` with adapter `name` (or the base) alone, decoded.
+fn generate_alone(name: Option<&str>, prompt: &str, max_tokens: usize) -> String {
+    let dir = fixtures().join("models/llama-tiny");
+    let tokenizer = peft_models::Tokenizer::from_dir(&dir).unwrap();
+    let base = peft_models::load(&dir, &Device::flex()).unwrap();
+    let adapters = fixtures().join("adapters/multi-llama");
+    let mut model = MultiLoraModel::new(base).unwrap();
+    model.load_adapter("a", &adapters).unwrap();
+    model.load_adapter("b", adapters.join("b")).unwrap();
+    model
+        .set_row_adapters(Some(&[name.unwrap_or(peft_core::BASE_ADAPTER)]))
+        .unwrap();
+    let mut options =
+        peft_models::GenerateOptions::greedy(max_tokens, peft_core::CausalLm::spec(&model.model));
+    options.eos_token_ids = peft_core::CausalLm::spec(&model.model)
+        .eos_token_ids
+        .clone();
+    let ids = tokenizer.encode(prompt).unwrap();
+    let out = peft_models::generate(&model.model, &[ids], &options, |_, _| {}).unwrap();
+    let eos = &options.eos_token_ids;
+    let kept: Vec<u32> = out[0]
+        .iter()
+        .copied()
+        .filter(|t| !eos.contains(t))
+        .collect();
+    tokenizer.decode(&kept).unwrap()
+}
+
+#[test]
+fn completions_equal_generating_alone_whole_and_streamed() {
+    let server = Server::start(|_| {});
+    let prompts = ["hello there", "the quick brown fox", "a"];
+    // Several requests at once, different adapters: they share the batch.
+    let streams: Vec<(Option<&str>, &str, TcpStream)> = [Some("a"), Some("b"), None]
+        .into_iter()
+        .zip(prompts)
+        .map(|(adapter, prompt)| {
+            let body = json!({"model": adapter.unwrap_or("llama-tiny"), "prompt": prompt,
+                              "max_tokens": 12, "temperature": 0});
+            (
+                adapter,
+                prompt,
+                send(
+                    server.addr,
+                    "POST",
+                    "/v1/completions",
+                    None,
+                    &body.to_string(),
+                ),
+            )
+        })
+        .collect();
+    for (adapter, prompt, stream) in streams {
+        let response = read_response(stream);
+        assert_eq!(response.status, 200, "{}", response.body);
+        let body = response.json();
+        let text = body["choices"][0]["text"].as_str().unwrap().to_string();
+        assert_eq!(text, generate_alone(adapter, prompt, 12), "{adapter:?}");
+        assert_eq!(body["object"], "text_completion");
+        assert_eq!(body["model"], adapter.unwrap_or("llama-tiny"));
+        let usage = &body["usage"];
+        assert_eq!(
+            usage["total_tokens"].as_u64(),
+            Some(
+                usage["prompt_tokens"].as_u64().unwrap()
+                    + usage["completion_tokens"].as_u64().unwrap()
+            )
+        );
+        // The same request streamed: the deltas join into the same text.
+        let streamed = post(
+            server.addr,
+            "/v1/completions",
+            json!({"model": adapter.unwrap_or("llama-tiny"), "prompt": prompt, "max_tokens": 12,
+                   "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        );
+        assert_eq!(streamed.status, 200);
+        assert!(streamed.headers["content-type"].starts_with("text/event-stream"));
+        let events = streamed.events();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let joined: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str()))
+            .collect();
+        assert_eq!(joined, text);
+        let finish = chunks
+            .iter()
+            .rev()
+            .find_map(|c| c["choices"][0]["finish_reason"].as_str());
+        assert_eq!(finish, body["choices"][0]["finish_reason"].as_str());
+        assert_eq!(chunks.last().unwrap()["usage"], body["usage"]);
+    }
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn chat_stop_strings_and_seeded_sampling() {
+    let server = Server::start(|_| {});
+    let chat = json!({"model": "a", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 10, "temperature": 0});
+    let whole = post(server.addr, "/v1/chat/completions", chat.clone());
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let body = whole.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let events = post(server.addr, "/v1/chat/completions", streamed).events();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["object"], "chat.completion.chunk");
+    let joined: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(joined, text);
+    // A stop string cuts the text before it, with finish_reason "stop".
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() >= 4 {
+        let stop: String = chars[2..4].iter().collect();
+        let mut with_stop = chat.clone();
+        with_stop["stop"] = json!([stop]);
+        let cut = post(server.addr, "/v1/chat/completions", with_stop).json();
+        let expected = &text[..text.find(&stop).unwrap()];
+        assert_eq!(cut["choices"][0]["message"]["content"], expected);
+        assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    }
+    // Sampling with a seed repeats; another seed (almost surely) differs.
+    let sample = |seed: u64| {
+        post(
+            server.addr,
+            "/v1/completions",
+            json!({"model": "b", "prompt": "x", "max_tokens": 16, "temperature": 1.0,
+                   "seed": seed}),
+        )
+        .json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(sample(7), sample(7));
+    assert!((8..12).any(|s| sample(s) != sample(7)));
+}
+
+#[test]
+fn bad_requests_get_openai_errors() {
+    let server = Server::start(|o| o.max_model_len = Some(64));
+    let cases: [(&str, &str, u16, &str); 10] = [
+        (
+            "/v1/completions",
+            "{\"model\": \"a\", \"prompt\": ",
+            400,
+            "invalid request body",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": 5}"#,
+            400,
+            "invalid request body",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "zz", "prompt": "x"}"#,
+            404,
+            "`zz` does not exist",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "max_tokens": 64}"#,
+            400,
+            "context is 64 tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "temperature": 3}"#,
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "top_p": 0}"#,
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "n": 2}"#,
+            400,
+            "n = 1",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": [99999]}"#,
+            400,
+            "outside the vocabulary",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "a", "messages": []}"#,
+            400,
+            "messages is empty",
+        ),
+        ("/v1/nothing", "{}", 404, "no such route"),
+    ];
+    for (path, body, status, message) in cases {
+        let r = request(server.addr, "POST", path, None, body);
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        let error = &r.json()["error"];
+        assert!(
+            error["message"].as_str().unwrap().contains(message),
+            "{body}: {error}"
+        );
+        assert_eq!(error["code"], status);
+        assert!(error["type"].is_string());
+    }
+    let r = request(server.addr, "GET", "/v1/completions", None, "");
+    assert_eq!(r.status, 405);
+    assert!(r.json()["error"]["message"].is_string());
+}
+
+#[test]
+fn the_api_key_guards_v1_only() {
+    let server = Server::start(|o| o.api_key = Some("s3cret".into()));
+    for key in [None, Some("wrong"), Some("s3cret-")] {
+        let r = request(server.addr, "GET", "/v1/models", key, "");
+        assert_eq!(r.status, 401, "{key:?}");
+        assert_eq!(r.json()["error"]["type"], "authentication_error");
+    }
+    let r = request(server.addr, "GET", "/v1/models", Some("s3cret"), "");
+    assert_eq!(r.status, 200);
+    let ids: Vec<&str> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string().leak() as &str)
+        .collect();
+    assert_eq!(ids, ["llama-tiny", "a", "b"]);
+    assert_eq!(request(server.addr, "GET", "/health", None, "").status, 200);
+    assert_eq!(
+        request(server.addr, "GET", "/metrics", None, "").status,
+        200
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn adapters_load_and_unload_at_run_time_from_their_folder_only() {
+    let root = tempfile::tempdir().unwrap();
+    let allowed = root.path().join("adapters");
+    let outside = root.path().join("outside");
+    copy_dir(
+        &fixtures().join("adapters/multi-llama/c"),
+        &allowed.join("c"),
+    );
+    copy_dir(
+        &fixtures().join("adapters/multi-llama/c"),
+        &outside.join("c"),
+    );
+    std::fs::write(allowed.join("not-an-adapter"), "x").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&outside, allowed.join("escape")).unwrap();
+    let dir = allowed.clone();
+    let server = Server::start(move |o| o.adapter_dir = Some(dir));
+    let load = |name: &str, path: &str| {
+        post(
+            server.addr,
+            "/v1/load_lora_adapter",
+            json!({"lora_name": name, "lora_path": path}),
+        )
+    };
+    assert_eq!(load("x", "../outside/c").status, 403);
+    assert_eq!(load("x", outside.join("c").to_str().unwrap()).status, 403);
+    #[cfg(unix)]
+    assert_eq!(load("x", "escape/c").status, 403);
+    assert_eq!(load("x", "missing").status, 404);
+    let r = load("x", "not-an-adapter");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(load("a", "c").status, 400, "the name is taken");
+    let r = load("c", "c");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let models = request(server.addr, "GET", "/v1/models", None, "").json();
+    let c = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "c")
+        .unwrap();
+    assert_eq!(c["parent"], "llama-tiny");
+    let answer = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "c", "prompt": "hi", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        post(
+            server.addr,
+            "/v1/unload_lora_adapter",
+            json!({"lora_name": "c"})
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        post(
+            server.addr,
+            "/v1/unload_lora_adapter",
+            json!({"lora_name": "c"})
+        )
+        .status,
+        404
+    );
+    let gone = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "c", "prompt": "hi"}),
+    );
+    assert_eq!(gone.status, 404);
+    // Without --adapter-dir, runtime loading is off.
+    let closed = Server::start(|_| {});
+    let r = post(
+        closed.addr,
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "c", "lora_path": "c"}),
+    );
+    assert_eq!(r.status, 403);
+    assert!(r.body.contains("--adapter-dir"));
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = request(addr, "GET", "/metrics", None, "").body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_full_queue_answers_429_and_a_gone_client_leaves_the_batch() {
+    // BLOOM has no context length in its config: 2048 by default, room for long requests.
+    let server = Server::start(|o| {
+        o.model = fixtures().join("models/bloom-tiny");
+        o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
+        o.max_batch = 1;
+        o.max_queue = 1;
+    });
+    let long = json!({"model": "a", "prompt": "x", "max_tokens": 2000, "temperature": 1.0,
+                      "seed": 1, "stream": true})
+    .to_string();
+    let running = send(server.addr, "POST", "/v1/completions", None, &long);
+    wait_for("the long request to run", || {
+        metric(server.addr, "peft_batch_size") == 1.0
+    });
+    let waiting = send(server.addr, "POST", "/v1/completions", None, &long);
+    wait_for("the queue to fill", || {
+        metric(server.addr, "peft_queue_length") == 1.0
+    });
+    let rejected = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "a", "prompt": "x"}),
+    );
+    assert_eq!(rejected.status, 429);
+    assert_eq!(rejected.headers["retry-after"], "1");
+    assert_eq!(rejected.json()["error"]["type"], "rate_limit_error");
+    // Both clients hang up: their rows leave at the next step, the queued one is dropped.
+    drop(running);
+    drop(waiting);
+    wait_for("the batch to empty", || {
+        metric(server.addr, "peft_batch_size") == 0.0
+            && metric(server.addr, "peft_queue_length") == 0.0
+    });
+    let generated = metric(server.addr, "peft_decode_steps_total");
+    assert!(
+        generated < 4000.0,
+        "the abandoned requests ran on: {generated} steps"
+    );
+    let ok = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "a", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(ok.status, 200);
+}
+
+#[test]
+fn shutdown_finishes_requests_in_flight() {
+    let server = Server::start(|o| {
+        o.model = fixtures().join("models/bloom-tiny");
+        o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
+    });
+    let body = json!({"model": "a", "prompt": "x", "max_tokens": 300, "temperature": 1.0,
+                      "seed": 3, "stream": true})
+    .to_string();
+    let stream = send(server.addr, "POST", "/v1/completions", None, &body);
+    wait_for("the request to run", || {
+        metric(server.addr, "peft_batch_size") == 1.0
+    });
+    let addr = server.addr;
+    let reader = std::thread::spawn(move || read_response(stream));
+    server.shutdown().unwrap();
+    let response = reader.join().unwrap();
+    let events = response.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let finish: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(
+        finish["choices"][0]["finish_reason"].is_string(),
+        "{finish}"
+    );
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still accepting after shutdown"
+    );
+}
