@@ -163,6 +163,10 @@ pub struct Sampling {
     pub echo: bool,
     /// Refused when set (not served).
     pub tools: Option<Value>,
+    /// vLLM's extension: keep generating past end-of-sequence tokens, to exactly `max_tokens`
+    /// (benchmarks and load tests).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/completions`.

@@ -76,6 +76,8 @@ pub struct Job {
     pub max_tokens: usize,
     /// Greedy or sampled.
     pub decoding: Decoding,
+    /// Generate past end-of-sequence tokens (they are then sent as tokens).
+    pub ignore_eos: bool,
     /// Where the tokens go; the request leaves the batch once this is closed.
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -335,7 +337,7 @@ impl Engine {
         row.last = token;
         row.position += 1;
         self.shared.generated(row.adapter_name(), 1);
-        let eos = self.model.model.spec().eos_token_ids.contains(&token);
+        let eos = !row.job.ignore_eos && self.model.model.spec().eos_token_ids.contains(&token);
         let reason = if eos {
             Some(FinishReason::Stop)
         } else if row.job.events.send(Event::Token(token)).is_err() {

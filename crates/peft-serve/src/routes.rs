@@ -288,6 +288,7 @@ struct Plan {
     stops: Vec<String>,
     stream: bool,
     include_usage: bool,
+    ignore_eos: bool,
 }
 
 /// Checks the shared fields; `default_max` is used when the request sets no `max_tokens`.
@@ -404,6 +405,7 @@ fn plan(
         decoding,
         stops,
         stream: sampling.stream,
+        ignore_eos: sampling.ignore_eos,
         include_usage: sampling
             .stream_options
             .as_ref()
@@ -431,6 +433,7 @@ fn submit(state: &AppState, plan: &Plan) -> Result<mpsc::UnboundedReceiver<Event
         prompt: plan.prompt.clone(),
         max_tokens: plan.max_tokens,
         decoding: plan.decoding,
+        ignore_eos: plan.ignore_eos,
         events,
     };
     if let Err(e) = state.send(Command::Generate(job)) {

@@ -53,6 +53,7 @@ fn run(model: ServedModel, requests: &[Request], max_batch: usize) -> Vec<Vec<Ev
                 prompt: r.prompt.clone(),
                 max_tokens: r.max_tokens,
                 decoding: r.decoding,
+                ignore_eos: false,
                 events,
             }))
             .unwrap();
@@ -187,6 +188,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             prompt: vec![5, 6],
             max_tokens: 50,
             decoding: Decoding::Greedy,
+            ignore_eos: false,
             events,
         }))
         .unwrap();
@@ -197,6 +199,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             prompt: requests[3].prompt.clone(),
             max_tokens: 4,
             decoding: Decoding::Greedy,
+            ignore_eos: false,
             events,
         }))
         .unwrap();

@@ -547,7 +547,7 @@ fn a_full_queue_answers_429_and_a_gone_client_leaves_the_batch() {
         o.max_queue = 1;
     });
     let long = json!({"model": "a", "prompt": "x", "max_tokens": 2000, "temperature": 1.0,
-                      "seed": 1, "stream": true})
+                      "seed": 1, "stream": true, "ignore_eos": true})
     .to_string();
     let running = send(server.addr, "POST", "/v1/completions", None, &long);
     wait_for("the long request to run", || {
@@ -591,8 +591,8 @@ fn shutdown_finishes_requests_in_flight() {
         o.model = fixtures().join("models/bloom-tiny");
         o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
     });
-    let body = json!({"model": "a", "prompt": "x", "max_tokens": 300, "temperature": 1.0,
-                      "seed": 3, "stream": true})
+    let body = json!({"model": "a", "prompt": "x", "max_tokens": 1500, "temperature": 1.0,
+                      "seed": 3, "stream": true, "ignore_eos": true})
     .to_string();
     let stream = send(server.addr, "POST", "/v1/completions", None, &body);
     wait_for("the request to run", || {

@@ -1,0 +1,187 @@
+"""`peft serve` driven by the official `openai` Python client (CI installs it: clients/requirements.txt).
+
+    python clients/openai_client_test.py target/debug/peft
+
+Trains two LoRA adapters on the bundled tiny model (`peft train`, a few steps each), starts
+`peft serve` on 127.0.0.1 with them, an API key and an adapter folder, and checks: the models
+list, completions and chat (whole and streamed) equal to `peft generate` run alone, every error
+case as the client's exception class, runtime adapter loading and unloading, the bounded queue
+(429), and a graceful exit on SIGTERM. Exits non-zero on the first failure.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import openai
+from openai import OpenAI
+
+KEY = "test-key-123"
+
+
+def run(*args):
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def expect_error(kind, call):
+    try:
+        call()
+    except kind as e:
+        return e
+    except openai.APIStatusError as e:
+        sys.exit(f"expected {kind.__name__}, got {type(e).__name__}: {e}")
+    sys.exit(f"expected {kind.__name__}, the call succeeded")
+
+
+def metric(base, name):
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    sys.exit(f"{name} missing from /metrics")
+
+
+def wait_for(what, condition):
+    start = time.time()
+    while not condition():
+        if time.time() - start > 60:
+            sys.exit(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def main():
+    peft = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/debug/peft")
+    work = tempfile.mkdtemp(prefix="peft-serve-")
+    # Two adapters trained here on the bundled model (different seeds and rates).
+    for name, seed, lr in [("zh", "1", "0.01"), ("en", "2", "0.02")]:
+        run(peft, "train", "--max-steps", "4", "--seed", seed, "--learning-rate", lr,
+            "--output", os.path.join(work, name))
+    model = os.path.join(work, "zh", "bundled", "model")
+    adapters = os.path.join(work, "adapters")
+    shutil.copytree(os.path.join(work, "en", "adapter"), os.path.join(adapters, "late"))
+    outside = os.path.join(work, "outside")
+    shutil.copytree(os.path.join(work, "en", "adapter"), outside)
+    os.symlink(outside, os.path.join(adapters, "escape"))
+
+    server = subprocess.Popen(
+        [peft, "serve", "--model", model, "--port", "0", "--api-key", KEY,
+         "--adapter", "zh=" + os.path.join(work, "zh", "adapter"),
+         "--adapter", "en=" + os.path.join(work, "en", "adapter"),
+         "--adapter-dir", adapters, "--max-batch", "1", "--max-queue", "1"],
+        stdout=subprocess.PIPE, text=True)
+    line = server.stdout.readline()
+    if "listening on " not in line:
+        sys.exit(f"the server did not start: {line!r}")
+    base = line.strip().split("listening on ")[1]
+    client = OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+    try:
+        check(client, base, peft, model, work)
+    finally:
+        server.send_signal(signal.SIGTERM)
+    code = server.wait(timeout=60)
+    assert code == 0, f"exit status {code} after SIGTERM"
+    print("openai client: every check passed")
+
+
+def check(client, base, peft, model, work):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["model", "en", "zh"], ids
+
+    # Completions equal `peft generate` alone, for each adapter and the base.
+    prompt = "Human: 你好\n\nAssistant: "
+    for name in ["zh", "en", "model"]:
+        args = [peft, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "12",
+                "--greedy", "--json"]
+        if name != "model":
+            args += ["--adapter", os.path.join(work, name, "adapter")]
+        alone = json.loads(run(*args))["text"]
+        got = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
+        assert got.choices[0].text == alone, (name, got.choices[0].text, alone)
+        assert got.usage.completion_tokens <= 12 and got.usage.prompt_tokens > 0
+        streamed = client.completions.create(model=name, prompt=prompt, max_tokens=12,
+                                             temperature=0, stream=True)
+        text = "".join(c.choices[0].text for c in streamed if c.choices)
+        assert text == alone, (name, text, alone)
+
+    # Chat, whole and streamed.
+    messages = [{"role": "user", "content": "你好"}]
+    chat = client.chat.completions.create(model="zh", messages=messages, max_tokens=10,
+                                          temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    whole = chat.choices[0].message.content
+    stream = client.chat.completions.create(model="zh", messages=messages, max_tokens=10,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == whole, (parts, whole)
+    assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    # Errors, as the client's exception classes.
+    expect_error(openai.NotFoundError,
+                 lambda: client.completions.create(model="nope", prompt="x", max_tokens=2))
+    e = expect_error(openai.BadRequestError,
+                     lambda: client.completions.create(model="zh", prompt="x", max_tokens=5000))
+    assert "context" in str(e), e
+    expect_error(openai.BadRequestError,
+                 lambda: client.completions.create(model="zh", prompt="x", top_p=0))
+    expect_error(openai.BadRequestError,
+                 lambda: client.chat.completions.create(model="zh", messages=[]))
+    wrong = OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+    expect_error(openai.AuthenticationError, lambda: wrong.models.list())
+
+    # Runtime loading, inside --adapter-dir only.
+    load = lambda name, path: client.post("/load_lora_adapter", cast_to=str,
+                                          body={"lora_name": name, "lora_path": path})
+    expect_error(openai.PermissionDeniedError, lambda: load("x", "../outside"))
+    expect_error(openai.PermissionDeniedError, lambda: load("x", "escape"))
+    expect_error(openai.NotFoundError, lambda: load("x", "missing"))
+    load("late", "late")
+    assert "late" in [m.id for m in client.models.list().data]
+    got = client.completions.create(model="late", prompt=prompt, max_tokens=12, temperature=0)
+    alone_en = client.completions.create(model="en", prompt=prompt, max_tokens=12, temperature=0)
+    assert got.choices[0].text == alone_en.choices[0].text, "late is a copy of en"
+    client.post("/unload_lora_adapter", cast_to=str, body={"lora_name": "late"})
+    expect_error(openai.NotFoundError,
+                 lambda: client.completions.create(model="late", prompt="x", max_tokens=2))
+
+    # The bounded queue: one running (batch of 1), one waiting (queue of 1), the next is 429.
+    def long_request():
+        try:
+            s = client.completions.create(model="zh", prompt="x", max_tokens=1900,
+                                          temperature=1.0, seed=5, stream=True,
+                                          extra_body={"ignore_eos": True})
+            for _ in s:
+                pass
+        except openai.APIError:
+            pass
+
+    threads = [threading.Thread(target=long_request, daemon=True)]
+    threads[0].start()
+    wait_for("the long request to run", lambda: metric(base, "peft_batch_size") == 1)
+    threads.append(threading.Thread(target=long_request, daemon=True))
+    threads[1].start()
+    wait_for("the queue to fill", lambda: metric(base, "peft_queue_length") == 1)
+    e = expect_error(openai.RateLimitError,
+                     lambda: client.completions.create(model="zh", prompt="x", max_tokens=2))
+    assert e.response.headers.get("retry-after") == "1", e.response.headers
+    for t in threads:
+        t.join(timeout=120)
+
+
+if __name__ == "__main__":
+    main()
