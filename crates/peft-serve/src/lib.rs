@@ -11,7 +11,8 @@
 //!   `GET /health`, `GET /metrics`;
 //! * [`api`] — the request/response bodies and OpenAI's error shape;
 //! * [`text`] — tokens to text with stop strings;
-//! * [`metrics`] — the shared counters and the bounded queue.
+//! * [`metrics`] — the shared counters and the bounded queue;
+//! * [`client`] — a minimal blocking HTTP client for the tests and the load test.
 //!
 //! Only LoRA adapters are served: they are the method whose rows share a batch (PEFT's
 //! `adapter_names`); IA3 and prompt-learning adapters are refused with a message saying so.
@@ -28,6 +29,7 @@
 //! ```
 
 pub mod api;
+pub mod client;
 pub mod engine;
 pub mod metrics;
 pub mod routes;

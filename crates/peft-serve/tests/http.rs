@@ -2,8 +2,6 @@
 //! every error case in OpenAI's shape, the API key, runtime adapter loading confined to its
 //! folder, the bounded queue, disconnects and graceful shutdown.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -12,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use peft_lora::MultiLoraModel;
+use peft_serve::client::{self, Response};
 use peft_serve::{ServeError, ServeOptions, serve_until};
 use serde_json::{Value, json};
 
@@ -77,91 +76,16 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP/1.1 response: status, headers (lower-case names) and body (de-chunked).
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: String,
-}
-
-impl Response {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-
-    /// The `data:` payloads of a server-sent event stream.
-    fn events(&self) -> Vec<String> {
-        self.body
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
 fn send(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    stream
+    client::send(addr, method, path, key, body).unwrap()
 }
 
 fn read_response(stream: TcpStream) -> Response {
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let status = line.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut headers = BTreeMap::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l.split_once(':').unwrap();
-        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
-    }
-    let mut raw = Vec::new();
-    reader.read_to_end(&mut raw).unwrap();
-    let body = if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
-        dechunk(&raw)
-    } else {
-        raw
-    };
-    Response {
-        status,
-        headers,
-        body: String::from_utf8(body).unwrap(),
-    }
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&raw[end + 2..end + 2 + size]);
-        raw = &raw[end + 4 + size..];
-    }
+    client::read_response(stream).unwrap()
 }
 
 fn request(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &str) -> Response {
-    read_response(send(addr, method, path, key, body))
+    client::request(addr, method, path, key, body).unwrap()
 }
 
 fn post(addr: SocketAddr, path: &str, body: Value) -> Response {
