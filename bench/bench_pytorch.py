@@ -184,6 +184,27 @@ def main():
         reset_peak_rss()
         times = timed(step)
         extra["step_peak_rss_bytes"] = peak_rss()
+    elif CASE.startswith("serve-generate-"):
+        # `peft serve`'s engine generating for 16 requests over N adapters: transformers'
+        # generate of the same batch with PEFT's adapter_names (greedy, fixed length).
+        n = int(CASE.rsplit("-", 1)[1])
+        rows, prompt_len, new = (16, 8, 4) if QUICK else (16, 32, 32)
+        model = peft.get_peft_model(base_model(), peft.LoraConfig(r=8, init_lora_weights=False),
+                                    adapter_name="a0")
+        for i in range(1, n):
+            model.add_adapter(f"a{i}", peft.LoraConfig(r=8, init_lora_weights=False))
+        model.eval()
+        names = [f"a{r % n}" for r in range(rows)]
+        prompts = torch.tensor([[4 + (r * 131 + t * 17) % 7990 for t in range(prompt_len)]
+                                for r in range(rows)])
+        with torch.no_grad():
+            times = timed(lambda: model.generate(
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names,
+                max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=3))
+        extra.update({"batch": rows, "seq": new, "adapters": n, "tokens_per_s": 0})
+    elif CASE == "serve-load":
+        print("serve-load has no PyTorch side (PEFT has no server)", file=sys.stderr)
+        return 2
     else:
         print(f"unknown case {CASE}", file=sys.stderr)
         return 2

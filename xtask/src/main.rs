@@ -142,7 +142,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 33] = [
+const BENCH_CASES: [&str; 37] = [
     "gemm",
     "forward",
     "lora-forward-unmerged",
@@ -176,6 +176,10 @@ const BENCH_CASES: [&str; 33] = [
     "lora-train-bf16",
     "qlora-train-bf16",
     "quantize-nf4",
+    "serve-generate-1",
+    "serve-generate-4",
+    "serve-generate-16",
+    "serve-load",
 ];
 
 fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
@@ -309,8 +313,10 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
                 cmd.arg("--quick");
             }
             ours.push(run_json(&mut cmd)?);
+            // PEFT has no server: the load test has no PyTorch side.
             if let Some(py) = &python
                 && device == "cpu"
+                && case != "serve-load"
             {
                 let mut cmd = Command::new(py);
                 cmd.arg(root.join("bench/bench_pytorch.py")).args([
@@ -428,6 +434,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
             ),
         ));
     }
+    serving_summary(&mut md, &rows);
     if python.is_none() {
         md.push_str("\nPyTorch comparison skipped (run with --vs-pytorch and a Python that has torch, transformers and peft).\n");
     }
@@ -449,4 +456,54 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     std::fs::write(out_dir.join("report.md"), md)?;
     eprintln!("wrote {}", out_dir.join("report.md").display());
     Ok(())
+}
+
+/// The serving figures: mixed-adapter generation against one adapter and against transformers
+/// + PEFT, and the load test's latency, throughput and rejections.
+fn serving_summary(md: &mut String, rows: &[serde_json::Value]) {
+    let find = |case: &str| rows.iter().find(|r| r["case"] == case);
+    let fmt = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.2}"));
+    if let Some(one) = find("serve-generate-1") {
+        let time = |r: &serde_json::Value, side: &str| r[side]["median_s"].as_f64();
+        for n in [4, 16] {
+            let Some(mixed) = find(&format!("serve-generate-{n}")) else {
+                continue;
+            };
+            let ours_ratio = time(mixed, "ours")
+                .zip(time(one, "ours"))
+                .map(|(a, b)| a / b);
+            let theirs_ratio = time(mixed, "pytorch")
+                .zip(time(one, "pytorch"))
+                .map(|(a, b)| a / b);
+            // ours/theirs tokens per second: the inverse of the time ratio (same work).
+            let speed = time(mixed, "pytorch")
+                .zip(time(mixed, "ours"))
+                .map(|(t, o)| t / o);
+            md.push_str(&format!(
+                "\nGeneration, 16 requests over {n} adapters / over 1 adapter: time ours {}, \
+                 transformers + PEFT {}; tokens/s ours/theirs {}",
+                fmt(ours_ratio),
+                fmt(theirs_ratio),
+                fmt(speed),
+            ));
+        }
+        md.push('\n');
+    }
+    if let Some(load) = find("serve-load") {
+        let o = &load["ours"];
+        md.push_str(&format!(
+            "peft serve load test: {} clients, {} requests over {} adapters, all {} answers equal \
+             to the request alone; latency p50 {} s, p99 {} s; {} requests/s, {} tokens/s; {} \
+             answered 429 (retried)\n",
+            o["clients"],
+            o["requests"],
+            o["adapters"],
+            o["answers_equal_alone"],
+            fmt(o["latency_p50_s"].as_f64()),
+            fmt(o["latency_p99_s"].as_f64()),
+            fmt(o["requests_per_s"].as_f64()),
+            fmt(o["generated_tokens_per_s"].as_f64()),
+            o["rejected_429"],
+        ));
+    }
 }

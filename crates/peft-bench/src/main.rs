@@ -18,10 +18,13 @@
 //! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
 //! `--quick` shrinks the batch and repetitions for a CI smoke run.
 //!
+//! The serving cases (`serve-generate-1`, `-4`, `-16`, `serve-load`): see [`serve`].
+//!
 //! The scale cases (`make-scale-model`, `scale-lora`, `scale-qlora`, `scale-generate`) run on
 //! real-size checkpoints: see [`scale`].
 
 mod scale;
+mod serve;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -558,6 +561,15 @@ fn main() -> ExitCode {
                 scale::train(case, Path::new(&dir), steps, widen, &device)
             }
         },
+        "serve-load" => serve::load_test(quick, &workspace_root()),
+        serve_case if serve_case.starts_with("serve-generate-") => {
+            match serve_case["serve-generate-".len()..].parse() {
+                Ok(n) if n > 0 => serve::generate(n, quick, &device),
+                _ => Err(format!(
+                    "{case}: serve-generate-<adapters>, e.g. serve-generate-4"
+                )),
+            }
+        }
         _ => run(case, &settings, &device),
     };
     match result {
@@ -570,4 +582,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workspace root (fixtures of the load test), from this crate's manifest folder.
+fn workspace_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }

@@ -158,8 +158,8 @@ impl Engine {
     }
 
     /// Runs until every sender of `commands` is gone and no work is left (graceful shutdown:
-    /// requests already accepted finish).
-    pub fn run(mut self, commands: Receiver<Command>) {
+    /// requests already accepted finish). The engine may run again on another queue.
+    pub fn run(&mut self, commands: &Receiver<Command>) {
         loop {
             if self.rows.is_empty() && self.pending.is_empty() {
                 match commands.recv() {
@@ -175,6 +175,11 @@ impl Engine {
                 self.step();
             }
         }
+    }
+
+    /// The model back, with the adapters it holds now.
+    pub fn into_model(self) -> ServedModel {
+        self.model
     }
 
     fn handle(&mut self, command: Command) {

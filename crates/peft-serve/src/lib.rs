@@ -191,9 +191,9 @@ pub fn serve_until(
             Ok(model) => {
                 let vocab = model.model.spec().vocab_size;
                 // The engine publishes the adapters before requests are taken.
-                let engine = Engine::new(model, engine_shared, limits);
+                let mut engine = Engine::new(model, engine_shared, limits);
                 let _ = loaded.send(Ok(vocab));
-                engine.run(receiver);
+                engine.run(&receiver);
             }
             Err(e) => {
                 let _ = loaded.send(Err(e));

@@ -41,7 +41,7 @@ struct Request {
 /// time; each request's events.
 fn run(model: ServedModel, requests: &[Request], max_batch: usize) -> Vec<Vec<Event>> {
     let shared = Arc::new(Shared::new("base"));
-    let engine = Engine::new(model, shared.clone(), EngineLimits { max_batch });
+    let mut engine = Engine::new(model, shared.clone(), EngineLimits { max_batch });
     let (commands, receiver) = std::sync::mpsc::channel();
     let mut outputs = Vec::new();
     for r in requests {
@@ -60,7 +60,7 @@ fn run(model: ServedModel, requests: &[Request], max_batch: usize) -> Vec<Vec<Ev
         outputs.push(output);
     }
     drop(commands);
-    engine.run(receiver);
+    engine.run(&receiver);
     assert_eq!(shared.queue_len(), 0);
     outputs
         .into_iter()
@@ -174,7 +174,7 @@ fn bloom_batching_leaves_results_unchanged() {
 fn a_closed_request_leaves_the_batch_and_others_continue() {
     let requests = requests();
     let shared = Arc::new(Shared::new("base"));
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         model("llama"),
         shared.clone(),
         EngineLimits { max_batch: 4 },
@@ -204,7 +204,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
         }))
         .unwrap();
     drop(commands);
-    engine.run(receiver);
+    engine.run(&receiver);
     let mut n = 0;
     while let Ok(e) = kept.try_recv() {
         n += 1;
