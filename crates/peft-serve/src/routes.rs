@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -94,6 +95,14 @@ impl AppState {
             )
         })
     }
+}
+
+/// A body that could not be read (too large, cut short) as an OpenAI error.
+fn body_error(rejection: BytesRejection) -> ApiError {
+    ApiError::new(
+        rejection.status(),
+        format!("reading the request body: {rejection}"),
+    )
 }
 
 fn unix_now() -> u64 {
@@ -248,8 +257,11 @@ async fn adapter_command(
     }
 }
 
-async fn load_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Result<String, ApiError> {
-    let request: LoadAdapterRequest = parse_body(&body)?;
+async fn load_adapter(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<String, ApiError> {
+    let request: LoadAdapterRequest = parse_body(&body.map_err(body_error)?)?;
     if request.lora_name == state.base_name {
         return Err(ApiError::bad_field(
             "lora_name",
@@ -267,9 +279,9 @@ async fn load_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Result
 
 async fn unload_adapter(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<String, ApiError> {
-    let request: UnloadAdapterRequest = parse_body(&body)?;
+    let request: UnloadAdapterRequest = parse_body(&body.map_err(body_error)?)?;
     let name = request.lora_name.clone();
     adapter_command(&state, |reply| Command::UnloadAdapter { name, reply }).await?;
     Ok(format!(
@@ -483,9 +495,9 @@ impl Endpoint {
 
 async fn completions(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: CompletionRequest = parse_body(&body)?;
+    let request: CompletionRequest = parse_body(&body.map_err(body_error)?)?;
     let prompt = match request.prompt {
         Prompt::Tokens(ids) => ids,
         Prompt::TokenLists(mut lists) if lists.len() == 1 => lists.remove(0),
@@ -505,9 +517,9 @@ async fn completions(
 
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: ChatRequest = parse_body(&body)?;
+    let request: ChatRequest = parse_body(&body.map_err(body_error)?)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_field("messages", "messages is empty"));
     }

@@ -105,3 +105,49 @@ impl TextStream {
             .min(text.len().saturating_sub(self.released))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_dir(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/models/llama-tiny"
+        ))
+        .unwrap()
+    }
+
+    /// Streams `ids` through a stream with `stops`: every piece released, then the rest.
+    fn stream(tok: &Tokenizer, ids: &[u32], stops: &[&str]) -> (Vec<String>, String, bool) {
+        let mut s = TextStream::new(stops.iter().map(|s| s.to_string()).collect());
+        let pieces: Vec<String> = ids.iter().map(|&t| s.push(tok, t).unwrap()).collect();
+        let rest = s.finish(tok).unwrap();
+        (pieces, rest, s.stopped())
+    }
+
+    #[test]
+    fn pieces_join_to_the_text_and_stop_strings_cut_it() {
+        let tok = tokenizer();
+        let ids = tok.encode_plain("hello world, how are you").unwrap();
+        let full = tok.decode(&ids).unwrap();
+        let (pieces, rest, stopped) = stream(&tok, &ids, &[]);
+        assert_eq!(pieces.concat() + &rest, full);
+        assert!(!stopped);
+        // A stop string spanning tokens: the text before it, nothing after.
+        for stop in ["ow ar", "how", ","] {
+            let (pieces, rest, stopped) = stream(&tok, &ids, &[stop, "never"]);
+            assert!(stopped, "{stop}");
+            assert_eq!(rest, "");
+            assert_eq!(pieces.concat(), full[..full.find(stop).unwrap()], "{stop}");
+        }
+        // A stop string that never completes: held back while it might, released at the end.
+        let (pieces, rest, stopped) = stream(&tok, &ids, &["you!"]);
+        assert!(!stopped);
+        assert!(!pieces.concat().ends_with("you"), "{pieces:?}");
+        assert_eq!(pieces.concat() + &rest, full);
+        // Empty stop strings are ignored.
+        let (_, _, stopped) = stream(&tok, &ids, &[""]);
+        assert!(!stopped);
+    }
+}

@@ -319,6 +319,16 @@ fn bad_requests_get_openai_errors() {
         assert_eq!(error["code"], status);
         assert!(error["type"].is_string());
     }
+    // A body over the 2 MB limit: 413, still OpenAI's shape.
+    let big = format!(r#"{{"model": "a", "prompt": "{}"}}"#, "x".repeat(2_200_000));
+    let r = request(server.addr, "POST", "/v1/completions", None, &big);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("body")
+    );
     let r = request(server.addr, "GET", "/v1/completions", None, "");
     assert_eq!(r.status, 405);
     assert!(r.json()["error"]["message"].is_string());
