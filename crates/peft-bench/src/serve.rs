@@ -184,7 +184,6 @@ pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
                 tokens.clone(),
             );
             let alone = alone.clone();
-            let body = body;
             std::thread::spawn(move || {
                 for k in 0..per_client {
                     let i = (c * 7 + k) % distinct;
