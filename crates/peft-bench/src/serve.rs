@@ -28,18 +28,20 @@ const ROWS: usize = 16;
 /// `serve-generate-<adapters>`.
 pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, String> {
     let (prompt_len, new_tokens, reps) = if quick { (8, 4, 1) } else { (32, 32, 3) };
-    let mut model =
-        peft_lora::MultiLoraModel::new(crate::base_model(device)).map_err(|e| e.to_string())?;
+    let shared = Arc::new(Shared::new("base"));
+    let limits = EngineLimits { max_batch: ROWS };
+    let mut engine =
+        Engine::new(crate::base_model(device), shared, limits).map_err(|e| e.to_string())?;
     let names: Vec<String> = (0..adapters).map(|i| format!("a{i}")).collect();
     for name in &names {
         let config = peft_lora::LoraConfig {
             init_lora_weights: peft_lora::InitLoraWeights::Flag(false),
             ..peft_lora::LoraConfig::default()
         };
-        model.add_adapter(name, config).map_err(|e| e.to_string())?;
+        engine
+            .add_lora_adapter(name, config)
+            .map_err(|e| e.to_string())?;
     }
-    let shared = Arc::new(Shared::new("base"));
-    let mut engine = Engine::new(model, shared, EngineLimits { max_batch: ROWS });
     let prompts: Vec<Vec<u32>> = (0..ROWS)
         .map(|r| {
             (0..prompt_len)

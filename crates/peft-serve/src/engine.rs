@@ -1,24 +1,28 @@
 //! The continuous-batching engine: one thread owns the model and runs every forward pass.
 //!
-//! At each decoding step the engine admits waiting requests into the running batch (up to
-//! `max_batch` rows), runs one forward pass over every running row — each row with its own
-//! adapter, through [`MultiLoraModel::set_row_adapters`] — and drops the rows that finished
-//! or whose client went away. A new request's prompt is run alone (its prefill), then its
-//! cache joins the batch's, left-padded to the batch's length ([`KvCache::concat_rows`]).
+//! At each decoding step the engine admits waiting requests (up to `max_batch` rows in all),
+//! runs one forward pass per running batch, and drops the rows that finished or whose client
+//! went away. Requests of LoRA adapters and of the base share one batch, each row with its own
+//! adapter ([`MultiLoraModel::set_row_adapters`]); an adapter of another method (IA3, prompt
+//! tuning, P-tuning, prefix tuning) runs its rows in a batch of its own, over the same base
+//! weights (shared, not copied). A new request's prompt is run alone (its prefill), then its
+//! cache joins its batch's, left-padded to the batch's length ([`KvCache::concat_rows`]).
 //!
 //! Batching does not change results: a row's rotary positions are its own (`position_ids`),
-//! attention skips its padding ([`peft_ops`' fused attention](peft_core) reads only the keys a
-//! row sees), and every decoding step, alone or batched, takes the same code path, so a greedy
-//! request produces the same tokens whatever else shares its batch (tested).
+//! the fused CPU attention reads only the keys a row sees, and every decoding step, alone or
+//! batched, takes the same code path, so a greedy request produces the same tokens whatever
+//! else shares its batch (tested).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::{BASE_ADAPTER, CausalLm, KvCache, ModelInput, PeftError, PeftType};
+use peft_core::{
+    AdapterModel, BASE_ADAPTER, CausalLm, KvCache, ModelInput, NoAdapter, PeftError, PeftType,
+};
 use peft_lora::{LoraSet, MultiLoraModel};
 use peft_models::{AnyModel, Decoding};
 use rand::SeedableRng;
@@ -29,6 +33,39 @@ use crate::metrics::Shared;
 
 /// The model the engine serves: a base with named LoRA adapters.
 pub type ServedModel = MultiLoraModel<AnyModel<LoraSet>>;
+
+/// An adapter of a method whose rows cannot share the LoRA batch (IA3, prompt learning): its
+/// own model over the shared base weights.
+trait OwnModel {
+    /// Logits for `input` continuing `cache`.
+    fn forward(&self, input: ModelInput, cache: &mut KvCache) -> peft_core::Result<Tensor<3>>;
+}
+
+impl<T: AdapterModel> OwnModel for T {
+    fn forward(&self, input: ModelInput, cache: &mut KvCache) -> peft_core::Result<Tensor<3>> {
+        self.model().forward(input, Some(cache))
+    }
+}
+
+/// The methods that can be served, and how their rows batch.
+pub const SERVED_METHODS: &str = "LoRA (mixed-adapter batches shared with the base and every \
+     other LoRA adapter), IA3, prompt tuning, P-tuning and prefix tuning (a batch per adapter)";
+
+/// Which batch a request runs in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum BatchKey {
+    /// The base and every LoRA adapter, mixed.
+    Shared,
+    /// An adapter of another method.
+    Own(String),
+}
+
+/// Running rows that share one forward pass and one cache.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<Row>,
+    cache: Option<KvCache>,
+}
 
 /// Why a sequence ended (OpenAI's `finish_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,35 +170,49 @@ impl Row {
     }
 }
 
-/// The engine's state: the model, the waiting queue, the running rows and their one cache.
+/// The engine's state: the models, the waiting queue and the running batches.
 pub struct Engine {
     model: ServedModel,
+    /// The base weights (shared with `model`), from which adapters of other methods are built.
+    base: AnyModel<NoAdapter>,
+    others: BTreeMap<String, Box<dyn OwnModel>>,
     shared: Arc<Shared>,
     limits: EngineLimits,
     pending: VecDeque<Job>,
-    rows: Vec<Row>,
-    cache: Option<KvCache>,
+    batches: BTreeMap<BatchKey, Batch>,
 }
 
 impl Engine {
-    /// An engine over `model`, reporting through `shared`.
-    pub fn new(model: ServedModel, shared: Arc<Shared>, limits: EngineLimits) -> Self {
-        shared.set_adapters(model.adapter_names().iter().map(|s| s.to_string()));
-        Self {
+    /// An engine over `base` (no adapter yet), reporting through `shared`.
+    pub fn new(
+        base: AnyModel<NoAdapter>,
+        shared: Arc<Shared>,
+        limits: EngineLimits,
+    ) -> peft_core::Result<Self> {
+        let model = MultiLoraModel::new(base.clone())?;
+        let engine = Self {
             model,
+            base,
+            others: BTreeMap::new(),
             shared,
             limits,
             pending: VecDeque::new(),
-            rows: Vec::new(),
-            cache: None,
-        }
+            batches: BTreeMap::new(),
+        };
+        engine.publish_adapters();
+        Ok(engine)
+    }
+
+    /// The model's sizes and special tokens.
+    pub fn spec(&self) -> &peft_core::ModelSpec {
+        self.model.model.spec()
     }
 
     /// Runs until every sender of `commands` is gone and no work is left (graceful shutdown:
     /// requests already accepted finish). The engine may run again on another queue.
     pub fn run(&mut self, commands: &Receiver<Command>) {
         loop {
-            if self.rows.is_empty() && self.pending.is_empty() {
+            if self.running() == 0 && self.pending.is_empty() {
                 match commands.recv() {
                     Ok(command) => self.handle(command),
                     Err(_) => return,
@@ -171,13 +222,88 @@ impl Engine {
                 self.handle(command);
             }
             self.admit();
-            if !self.rows.is_empty() {
-                self.step();
+            let keys: Vec<BatchKey> = self.batches.keys().cloned().collect();
+            for key in keys {
+                self.step(&key);
             }
+            self.batches.retain(|_, b| !b.rows.is_empty());
+            self.shared.set_batch_size(self.running());
         }
     }
 
-    /// The model back, with the adapters it holds now.
+    fn running(&self) -> usize {
+        self.batches.values().map(|b| b.rows.len()).sum()
+    }
+
+    /// Loads the adapter folder `dir` as `name` (any served method); `Err((status, message))`.
+    pub fn load_adapter(&mut self, name: &str, dir: &std::path::Path) -> AdapterReply {
+        if name.is_empty() || name == BASE_ADAPTER {
+            return Err((400, format!("`{name}` cannot name an adapter")));
+        }
+        if self.has_adapter(name) {
+            return Err((400, format!("an adapter named `{name}` is already loaded")));
+        }
+        let header = peft_core::config::read_header(dir.join("adapter_config.json"))
+            .map_err(|e| (400, format!("{e}")))?;
+        let failed = |e: PeftError| (400, format!("loading `{name}`: {e}"));
+        let base = || self.base.clone();
+        let own: Box<dyn OwnModel> = match header.peft_type {
+            PeftType::Lora => {
+                self.model.load_adapter(name, dir).map_err(failed)?;
+                self.publish_adapters();
+                return Ok(());
+            }
+            PeftType::Ia3 => {
+                Box::new(peft_ia3::from_pretrained(base(), dir, false).map_err(failed)?)
+            }
+            PeftType::PromptTuning => {
+                Box::new(peft_prompt::from_pretrained(base(), dir, false).map_err(failed)?)
+            }
+            PeftType::PTuning => {
+                Box::new(peft_ptuning::from_pretrained(base(), dir, false).map_err(failed)?)
+            }
+            PeftType::PrefixTuning => {
+                Box::new(peft_prefix::from_pretrained(base(), dir, false).map_err(failed)?)
+            }
+            PeftType::BitFit => {
+                return Err((
+                    400,
+                    format!(
+                        "{} is a BitFit adapter: it replaces base biases, so it cannot share a \
+                         base; merge it (`peft merge`) and serve the merged model. Served: \
+                         {SERVED_METHODS}",
+                        dir.display()
+                    ),
+                ));
+            }
+        };
+        self.others.insert(name.to_string(), own);
+        self.publish_adapters();
+        Ok(())
+    }
+
+    fn has_adapter(&self, name: &str) -> bool {
+        self.model.adapter(name).is_ok() || self.others.contains_key(name)
+    }
+
+    /// Adds a new LoRA adapter made from `config` (PEFT's `add_adapter`: A random, B as the
+    /// config's `init_lora_weights` says), for benchmarks.
+    pub fn add_lora_adapter(
+        &mut self,
+        name: &str,
+        config: peft_lora::LoraConfig,
+    ) -> peft_core::Result<()> {
+        if self.others.contains_key(name) {
+            return Err(PeftError::InvalidInput(format!(
+                "an adapter named `{name}` is already loaded"
+            )));
+        }
+        self.model.add_adapter(name, config)?;
+        self.publish_adapters();
+        Ok(())
+    }
+
+    /// The model back, with the LoRA adapters it holds now.
     pub fn into_model(self) -> ServedModel {
         self.model
     }
@@ -194,41 +320,14 @@ impl Engine {
         }
     }
 
-    fn load_adapter(&mut self, name: &str, dir: &std::path::Path) -> AdapterReply {
-        if name.is_empty() || name == BASE_ADAPTER {
-            return Err((400, format!("`{name}` cannot name an adapter")));
-        }
-        if self.model.adapter(name).is_ok() {
-            return Err((400, format!("an adapter named `{name}` is already loaded")));
-        }
-        let header = peft_core::config::read_header(dir.join("adapter_config.json"))
-            .map_err(|e| (400, format!("{e}")))?;
-        if header.peft_type != PeftType::Lora {
-            return Err((
-                400,
-                format!(
-                    "only LoRA adapters can be served (they share mixed-adapter batches); \
-                     {} holds a {:?} adapter",
-                    dir.display(),
-                    header.peft_type
-                ),
-            ));
-        }
-        self.model
-            .load_adapter(name, dir)
-            .map_err(|e| (400, format!("loading `{name}`: {e}")))?;
-        self.publish_adapters();
-        Ok(())
-    }
-
     fn unload_adapter(&mut self, name: &str) -> AdapterReply {
-        if self.model.adapter(name).is_err() {
+        if !self.has_adapter(name) {
             return Err((404, format!("no adapter named `{name}` is loaded")));
         }
         let users = self
-            .rows
-            .iter()
-            .map(|r| &r.job)
+            .batches
+            .values()
+            .flat_map(|b| b.rows.iter().map(|r| &r.job))
             .chain(&self.pending)
             .filter(|j| j.adapter.as_deref() == Some(name))
             .count();
@@ -240,23 +339,58 @@ impl Engine {
                 ),
             ));
         }
-        self.model
-            .delete_adapter(name)
-            .map_err(|e| (400, format!("{e}")))?;
+        if self.others.remove(name).is_none() {
+            self.model
+                .delete_adapter(name)
+                .map_err(|e| (400, format!("{e}")))?;
+        }
         self.publish_adapters();
         Ok(())
     }
 
     fn publish_adapters(&self) {
+        let lora = self.model.adapter_names().into_iter().map(str::to_string);
         self.shared
-            .set_adapters(self.model.adapter_names().iter().map(|s| s.to_string()));
+            .set_adapters(lora.chain(self.others.keys().cloned()));
     }
 
-    /// Moves waiting requests into the batch while it has room: each prompt runs alone, its
-    /// first token is sent, and its cache joins the batch's.
+    /// The batch `adapter`'s rows run in.
+    fn key_of(&self, adapter: Option<&str>) -> BatchKey {
+        match adapter {
+            Some(name) if self.others.contains_key(name) => BatchKey::Own(name.to_string()),
+            _ => BatchKey::Shared,
+        }
+    }
+
+    /// One forward pass of `key`'s model over `input`, rows named by `names`.
+    fn forward(
+        &mut self,
+        key: &BatchKey,
+        input: ModelInput,
+        cache: &mut KvCache,
+        names: &[&str],
+    ) -> peft_core::Result<Tensor<3>> {
+        match key {
+            BatchKey::Shared => {
+                self.model.set_row_adapters(Some(names))?;
+                self.model.model.forward(input, Some(cache))
+            }
+            BatchKey::Own(name) => match self.others.get(name) {
+                Some(model) => model.forward(input, cache),
+                None => Err(PeftError::UnknownAdapter {
+                    name: name.clone(),
+                    loaded: self.shared.adapters().join(", "),
+                }),
+            },
+        }
+    }
+
+    /// Moves waiting requests into their batches while there is room: each prompt runs alone,
+    /// its first token is sent, and its cache joins its batch's.
     fn admit(&mut self) {
-        let mut joined = Vec::new();
-        while self.rows.len() + joined.len() < self.limits.max_batch {
+        let mut joined: BTreeMap<BatchKey, Vec<(Row, KvCache)>> = BTreeMap::new();
+        let mut admitted = 0;
+        while self.running() + admitted < self.limits.max_batch {
             let Some(job) = self.pending.pop_front() else {
                 break;
             };
@@ -264,37 +398,45 @@ impl Engine {
             if job.events.is_closed() {
                 continue;
             }
-            match self.prefill(job) {
-                Ok(Some(started)) => joined.push(started),
+            let key = self.key_of(job.adapter.as_deref());
+            match self.prefill(&key, job) {
+                Ok(Some(started)) => {
+                    admitted += 1;
+                    joined.entry(key).or_default().push(started);
+                }
                 Ok(None) => {}
                 Err((job, e)) => {
                     let _ = job.events.send(Event::Failed(e.to_string()));
                 }
             }
         }
-        if joined.is_empty() {
-            return;
-        }
-        let (rows, caches): (Vec<Row>, Vec<KvCache>) = joined.into_iter().unzip();
-        let all = self.cache.take().into_iter().chain(caches).collect();
-        match KvCache::concat_rows(all) {
-            Ok(cache) => {
-                self.cache = Some(cache);
-                self.rows.extend(rows);
-            }
-            Err(e) => {
-                for row in self.rows.drain(..).chain(rows) {
-                    let _ = row.job.events.send(Event::Failed(e.to_string()));
+        for (key, started) in joined {
+            let batch = self.batches.entry(key).or_default();
+            let (rows, caches): (Vec<Row>, Vec<KvCache>) = started.into_iter().unzip();
+            let all = batch.cache.take().into_iter().chain(caches).collect();
+            match KvCache::concat_rows(all) {
+                Ok(cache) => {
+                    batch.cache = Some(cache);
+                    batch.rows.extend(rows);
+                }
+                Err(e) => {
+                    for row in batch.rows.drain(..).chain(rows) {
+                        let _ = row.job.events.send(Event::Failed(e.to_string()));
+                    }
                 }
             }
         }
-        self.shared.set_batch_size(self.rows.len());
+        self.shared.set_batch_size(self.running());
     }
 
     /// Runs `job`'s prompt alone and sends its first token; the row and its cache, unless it is
     /// already finished.
     #[allow(clippy::result_large_err)]
-    fn prefill(&mut self, job: Job) -> Result<Option<(Row, KvCache)>, (Job, PeftError)> {
+    fn prefill(
+        &mut self,
+        key: &BatchKey,
+        job: Job,
+    ) -> Result<Option<(Row, KvCache)>, (Job, PeftError)> {
         let adapter = job
             .adapter
             .clone()
@@ -306,11 +448,9 @@ impl Engine {
             TensorData::new(ids, [1, n]),
             &device,
         ));
-        let mut cache = KvCache::new(self.model.model.spec().num_layers);
+        let mut cache = KvCache::new(self.spec().num_layers);
         let logits = match self
-            .model
-            .set_row_adapters(Some(&[adapter.as_str()]))
-            .and_then(|()| self.model.model.forward(input, Some(&mut cache)))
+            .forward(key, input, &mut cache, &[adapter.as_str()])
             .and_then(|l| last_logits(l, 1))
         {
             Ok(l) => l,
@@ -324,7 +464,8 @@ impl Engine {
             job,
             generated: 0,
             last: 0,
-            position: n - 1,
+            // Prefixes and virtual tokens count: the next position follows the whole cache.
+            position: cache.past_len() - 1,
             rng,
         };
         self.shared.started(row.adapter_name(), n);
@@ -342,7 +483,7 @@ impl Engine {
         row.last = token;
         row.position += 1;
         self.shared.generated(row.adapter_name(), 1);
-        let eos = !row.job.ignore_eos && self.model.model.spec().eos_token_ids.contains(&token);
+        let eos = !row.job.ignore_eos && self.spec().eos_token_ids.contains(&token);
         let reason = if eos {
             Some(FinishReason::Stop)
         } else if row.job.events.send(Event::Token(token)).is_err() {
@@ -364,72 +505,69 @@ impl Engine {
         }
     }
 
-    /// One decoding step over every running row; finished rows leave the batch.
-    fn step(&mut self) {
+    /// One decoding step over the rows of batch `key`; finished rows leave it.
+    fn step(&mut self, key: &BatchKey) {
         let started = Instant::now();
-        let batch = self.rows.len();
+        let Some(mut batch) = self.batches.remove(key) else {
+            return;
+        };
+        let rows = batch.rows.len();
+        let Some(mut cache) = batch.cache.take().filter(|_| rows > 0) else {
+            return;
+        };
         let device = self.model.model.device();
-        let ids: Vec<i64> = self.rows.iter().map(|r| r.last as i64).collect();
-        let positions: Vec<i64> = self.rows.iter().map(|r| r.position as i64).collect();
+        let ids: Vec<i64> = batch.rows.iter().map(|r| r.last as i64).collect();
+        let positions: Vec<i64> = batch.rows.iter().map(|r| r.position as i64).collect();
         let mut input = ModelInput::new(Tensor::<2, Int>::from_data(
-            TensorData::new(ids, [batch, 1]),
+            TensorData::new(ids, [rows, 1]),
             &device,
         ));
         input.position_ids = Some(Tensor::<2, Int>::from_data(
-            TensorData::new(positions, [batch, 1]),
+            TensorData::new(positions, [rows, 1]),
             &device,
         ));
-        let names: Vec<String> = self.rows.iter().map(|r| r.adapter_name().into()).collect();
+        let names: Vec<String> = batch.rows.iter().map(|r| r.adapter_name().into()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let Some(cache) = self.cache.as_mut() else {
-            return;
-        };
-        let result = self
-            .model
-            .set_row_adapters(Some(&names))
-            .and_then(|()| self.model.model.forward(input, Some(cache)))
-            .and_then(|l| last_logits(l, batch));
-        let logits = match result {
+        let logits = match self
+            .forward(key, input, &mut cache, &names)
+            .and_then(|l| last_logits(l, rows))
+        {
             Ok(logits) => logits,
             Err(e) => {
-                for row in self.rows.drain(..) {
+                for row in batch.rows {
                     let _ = row.job.events.send(Event::Failed(e.to_string()));
                 }
-                self.cache = None;
-                self.shared.set_batch_size(0);
                 return;
             }
         };
-        let mut rows = std::mem::take(&mut self.rows);
-        let keep: Vec<usize> = rows
+        let keep: Vec<usize> = batch
+            .rows
             .iter_mut()
             .zip(&logits)
             .enumerate()
             .filter_map(|(i, (row, l))| (!self.emit(row, l)).then_some(i))
             .collect();
-        self.shared.step_done(batch, started.elapsed());
-        if keep.len() == batch {
-            self.rows = rows;
-            return;
-        }
-        let cache = self.cache.take().filter(|_| !keep.is_empty()).map(|c| {
-            c.select_rows(&keep).and_then(|mut c| {
+        self.shared.step_done(rows, started.elapsed());
+        if keep.len() < rows && !keep.is_empty() {
+            match cache.select_rows(&keep).and_then(|mut c| {
                 c.trim_padding()?;
                 Ok(c)
-            })
-        });
-        let mut kept: Vec<Option<Row>> = rows.drain(..).map(Some).collect();
-        self.rows = keep.iter().filter_map(|&i| kept[i].take()).collect();
-        match cache {
-            Some(Ok(c)) => self.cache = Some(c),
-            Some(Err(e)) => {
-                for row in self.rows.drain(..) {
-                    let _ = row.job.events.send(Event::Failed(e.to_string()));
+            }) {
+                Ok(c) => cache = c,
+                Err(e) => {
+                    for row in batch.rows {
+                        let _ = row.job.events.send(Event::Failed(e.to_string()));
+                    }
+                    return;
                 }
             }
-            None => {}
+            let mut all: Vec<Option<Row>> = batch.rows.drain(..).map(Some).collect();
+            batch.rows = keep.iter().filter_map(|&i| all[i].take()).collect();
+        } else if keep.is_empty() {
+            return;
         }
-        self.shared.set_batch_size(self.rows.len());
+        batch.cache = Some(cache);
+        self.batches.insert(key.clone(), batch);
     }
 }
 

@@ -14,8 +14,10 @@
 //! * [`metrics`] — the shared counters and the bounded queue;
 //! * [`client`] — a minimal blocking HTTP client for the tests and the load test.
 //!
-//! Only LoRA adapters are served: they are the method whose rows share a batch (PEFT's
-//! `adapter_names`); IA3 and prompt-learning adapters are refused with a message saying so.
+//! LoRA adapters share one batch with the base (PEFT's `adapter_names`); IA3, prompt tuning,
+//! P-tuning and prefix tuning adapters are served too, each in a batch of its own over the
+//! same base weights. BitFit adapters (which replace base biases) are refused: serve the
+//! merged model.
 //!
 //! ```no_run
 //! use burn::tensor::Device;
@@ -41,8 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use peft_core::{CausalLm, PeftError, PeftType};
-use peft_lora::MultiLoraModel;
+use peft_core::PeftError;
 use peft_models::{LoadOptions, Tokenizer};
 
 use crate::engine::{Engine, EngineLimits};
@@ -187,12 +188,10 @@ pub fn serve_until(
     // never wait on it except through channels.
     let engine = std::thread::Builder::new()
         .name("peft-engine".into())
-        .spawn(move || match load_served_model(&load) {
-            Ok(model) => {
-                let vocab = model.model.spec().vocab_size;
-                // The engine publishes the adapters before requests are taken.
-                let mut engine = Engine::new(model, engine_shared, limits);
-                let _ = loaded.send(Ok(vocab));
+        .spawn(move || match start_engine(&load, engine_shared, limits) {
+            Ok(mut engine) => {
+                // The engine has published its adapters: requests may come.
+                let _ = loaded.send(Ok(engine.spec().vocab_size));
                 engine.run(&receiver);
             }
             Err(e) => {
@@ -242,23 +241,20 @@ pub fn serve_until(
     served
 }
 
-/// The base and the start-up adapters (LoRA only).
-fn load_served_model(options: &ServeOptions) -> Result<engine::ServedModel, ServeError> {
+/// The engine over the base with the start-up adapters.
+fn start_engine(
+    options: &ServeOptions,
+    shared: Arc<Shared>,
+    limits: EngineLimits,
+) -> Result<Engine, ServeError> {
     let base = peft_models::load_with(&options.model, &options.device, &options.load)?;
-    let mut model = MultiLoraModel::new(base)?;
+    let mut engine = Engine::new(base, shared, limits)?;
     for (name, dir) in &options.adapters {
-        let header = peft_core::config::read_header(dir.join("adapter_config.json"))?;
-        if header.peft_type != PeftType::Lora {
-            return Err(ServeError::Option(format!(
-                "--adapter {name}={}: only LoRA adapters can be served (they share \
-                 mixed-adapter batches); this one is {:?}",
-                dir.display(),
-                header.peft_type
-            )));
-        }
-        model.load_adapter(name, dir)?;
+        engine.load_adapter(name, dir).map_err(|(_, message)| {
+            ServeError::Option(format!("--adapter {name}={}: {message}", dir.display()))
+        })?;
     }
-    Ok(model)
+    Ok(engine)
 }
 
 /// The context length `config.json` states, under any of the names architectures use.

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use peft_lora::MultiLoraModel;
 use peft_models::Decoding;
-use peft_serve::engine::{Command, Engine, EngineLimits, Event, FinishReason, Job, ServedModel};
+use peft_serve::engine::{Command, Engine, EngineLimits, Event, FinishReason, Job};
 use peft_serve::metrics::Shared;
 use tokio::sync::mpsc;
 
@@ -15,19 +14,20 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// `arch`-tiny with the three adapters of the multi-adapter fixture: `a` (its default), `b`, `c`.
-fn model(arch: &str) -> ServedModel {
+/// An engine over `arch`-tiny with the three adapters of the multi-adapter fixture: `a` (its
+/// default), `b`, `c`.
+fn engine(arch: &str, shared: Arc<Shared>, max_batch: usize) -> Engine {
     let base = peft_models::load(
         fixtures().join(format!("models/{arch}-tiny")),
         &Device::flex(),
     )
     .unwrap();
     let dir = fixtures().join(format!("adapters/multi-{arch}"));
-    let mut model = MultiLoraModel::new(base).unwrap();
-    model.load_adapter("a", &dir).unwrap();
-    model.load_adapter("b", dir.join("b")).unwrap();
-    model.load_adapter("c", dir.join("c")).unwrap();
-    model
+    let mut engine = Engine::new(base, shared, EngineLimits { max_batch }).unwrap();
+    engine.load_adapter("a", &dir).unwrap();
+    engine.load_adapter("b", &dir.join("b")).unwrap();
+    engine.load_adapter("c", &dir.join("c")).unwrap();
+    engine
 }
 
 struct Request {
@@ -39,9 +39,9 @@ struct Request {
 
 /// Runs `requests` through one engine, all queued before it starts, `max_batch` rows at a
 /// time; each request's events.
-fn run(model: ServedModel, requests: &[Request], max_batch: usize) -> Vec<Vec<Event>> {
+fn run(arch: &str, requests: &[Request], max_batch: usize) -> Vec<Vec<Event>> {
     let shared = Arc::new(Shared::new("base"));
-    let mut engine = Engine::new(model, shared.clone(), EngineLimits { max_batch });
+    let mut engine = engine(arch, shared.clone(), max_batch);
     let (commands, receiver) = std::sync::mpsc::channel();
     let mut outputs = Vec::new();
     for r in requests {
@@ -120,11 +120,11 @@ fn batching_leaves_results_unchanged(arch: &str) {
                 max_tokens: r.max_tokens,
                 decoding: r.decoding,
             }];
-            run(model(arch), &single, 1).remove(0)
+            run(arch, &single, 1).remove(0)
         })
         .collect();
     // Three rows at a time: eight requests join as others leave.
-    let batched = run(model(arch), &requests, 3);
+    let batched = run(arch, &requests, 3);
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert_eq!(a, b, "{arch}: request {i} differs alone and batched");
         let tokens = a.iter().filter(|e| matches!(e, Event::Token(_))).count();
@@ -153,7 +153,7 @@ fn batching_leaves_results_unchanged(arch: &str) {
             decoding: Decoding::Greedy,
         })
         .collect();
-    let out = run(model(arch), &same_prompt, 3);
+    let out = run(arch, &same_prompt, 3);
     assert!(
         out[0] != out[1] || out[0] != out[2],
         "{arch}: adapters changed nothing"
@@ -174,11 +174,7 @@ fn bloom_batching_leaves_results_unchanged() {
 fn a_closed_request_leaves_the_batch_and_others_continue() {
     let requests = requests();
     let shared = Arc::new(Shared::new("base"));
-    let mut engine = Engine::new(
-        model("llama"),
-        shared.clone(),
-        EngineLimits { max_batch: 4 },
-    );
+    let mut engine = engine("llama", shared.clone(), 4);
     let (commands, receiver) = std::sync::mpsc::channel();
     let (events, gone) = mpsc::unbounded_channel();
     drop(gone);
@@ -215,4 +211,169 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
     assert!(n >= 2);
     // The abandoned request was never admitted: nothing was generated for the base.
     assert_eq!(shared.counts("base").generated_tokens, 0);
+}
+
+/// IA3, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a batch of its
+/// own over the shared base: every request equals itself alone and `peft_models::generate` on
+/// that method's own model.
+#[test]
+fn other_methods_are_served_in_batches_of_their_own() {
+    let adapters = fixtures().join("adapters");
+    let others = [
+        ("ia3", "ia3-llama"),
+        ("prompt", "prompt-llama-random"),
+        ("prefix", "prefix-llama"),
+        ("ptuning", "ptuning-llama-mlp"),
+    ];
+    let make = |max_batch: usize| {
+        let mut engine = engine("llama", Arc::new(Shared::new("base")), max_batch);
+        for (name, dir) in others {
+            engine.load_adapter(name, &adapters.join(dir)).unwrap();
+        }
+        engine
+    };
+    let names = [
+        Some("ptuning"),
+        Some("ia3"),
+        Some("a"),
+        Some("prompt"),
+        Some("prefix"),
+        None,
+        Some("ia3"),
+        Some("prefix"),
+    ];
+    let requests: Vec<Request> = names
+        .iter()
+        .enumerate()
+        .map(|(i, &adapter)| Request {
+            adapter,
+            prompt: (0..2 + 3 * i as u32)
+                .map(|t| 9 + (t * 29 + i as u32) % 150)
+                .collect(),
+            max_tokens: 4 + i % 5,
+            decoding: Decoding::Greedy,
+        })
+        .collect();
+    let run_on = |mut engine: Engine, requests: &[Request]| {
+        let (commands, receiver) = std::sync::mpsc::channel();
+        let outputs: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let (events, output) = mpsc::unbounded_channel();
+                commands
+                    .send(Command::Generate(Job {
+                        adapter: r.adapter.map(str::to_string),
+                        prompt: r.prompt.clone(),
+                        max_tokens: r.max_tokens,
+                        decoding: r.decoding,
+                        ignore_eos: false,
+                        events,
+                    }))
+                    .unwrap();
+                output
+            })
+            .collect();
+        drop(commands);
+        engine.run(&receiver);
+        outputs
+            .into_iter()
+            .map(|mut rx| {
+                let mut events = Vec::new();
+                while let Ok(e) = rx.try_recv() {
+                    events.push(e);
+                }
+                events
+            })
+            .collect::<Vec<_>>()
+    };
+    let together = run_on(make(8), &requests);
+    let base = || peft_models::load(fixtures().join("models/llama-tiny"), &Device::flex()).unwrap();
+    for (i, r) in requests.iter().enumerate() {
+        let single = [Request {
+            adapter: r.adapter,
+            prompt: r.prompt.clone(),
+            max_tokens: r.max_tokens,
+            decoding: r.decoding,
+        }];
+        let alone = run_on(make(1), &single).remove(0);
+        assert_eq!(together[i], alone, "request {i} ({:?})", r.adapter);
+        assert!(
+            matches!(alone.last(), Some(Event::Finished { .. })),
+            "{alone:?}"
+        );
+        let tokens: Vec<u32> = alone
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token(t) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        // The same prompt through the method's own model and `generate`.
+        let dir = |name: &str| adapters.join(others.iter().find(|o| o.0 == name).unwrap().1);
+        let (prompt, max) = (&r.prompt, r.max_tokens);
+        let reference = match r.adapter {
+            Some("ia3") => greedy(
+                &peft_ia3::from_pretrained(base(), dir("ia3"), false)
+                    .unwrap()
+                    .model,
+                prompt,
+                max,
+            ),
+            Some("prompt") => greedy(
+                &peft_prompt::from_pretrained(base(), dir("prompt"), false)
+                    .unwrap()
+                    .model,
+                prompt,
+                max,
+            ),
+            Some("ptuning") => greedy(
+                &peft_ptuning::from_pretrained(base(), dir("ptuning"), false)
+                    .unwrap()
+                    .model,
+                prompt,
+                max,
+            ),
+            Some("prefix") => greedy(
+                &peft_prefix::from_pretrained(base(), dir("prefix"), false)
+                    .unwrap()
+                    .model,
+                prompt,
+                max,
+            ),
+            _ => continue,
+        };
+        let eos = peft_core::CausalLm::spec(&base()).eos_token_ids.clone();
+        let reference: Vec<u32> = reference.into_iter().filter(|t| !eos.contains(t)).collect();
+        assert_eq!(
+            tokens, reference,
+            "request {i} ({:?}) against generate",
+            r.adapter
+        );
+    }
+    // An adapter of another method is refused by name, BitFit with the reason.
+    let mut engine = make(1);
+    let bitfit = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bitfit.path().join("adapter_config.json"),
+        r#"{"peft_type": "BITFIT", "base_model_name_or_path": null}"#,
+    )
+    .unwrap();
+    let (status, message) = engine.load_adapter("bf", bitfit.path()).unwrap_err();
+    assert_eq!(status, 400);
+    assert!(message.contains("BitFit"), "{message}");
+    assert_eq!(
+        engine
+            .load_adapter("ia3", &adapters.join("ia3-llama"))
+            .unwrap_err()
+            .0,
+        400
+    );
+}
+
+/// `peft_models::generate`'s greedy tokens for `prompt` alone.
+fn greedy<M: peft_core::CausalLm>(model: &M, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let options = peft_models::GenerateOptions::greedy(max_tokens, model.spec());
+    peft_models::generate(model, &[prompt.to_vec()], &options, |_, _| {})
+        .unwrap()
+        .remove(0)
 }
