@@ -140,7 +140,8 @@ fn every_method_trains() {
 }
 
 /// Sequences of different lengths share one padded cache (as `peft serve` batches them): each
-/// row, with its own rotary positions, gets exactly — bit for bit — the logits it gets alone.
+/// row, with its own rotary positions, gets exactly — bit for bit on the CPU — the logits it
+/// gets alone.
 /// Covers the cache's row operations, `position_ids`, sliding windows and the fused attention
 /// skipping a row's padding. (Gemma 2's soft-capped attention runs composed burn operations,
 /// equal only to rounding, and is left out.)
@@ -199,12 +200,25 @@ fn padded_rows_with_their_own_positions_match_running_alone() {
         ));
         let together = logits_of(model.forward(input, Some(&mut batch)).unwrap());
         let vocab = alone[0].len();
+        // Bit for bit through the CPU kernels; burn's composed attention (GPU backends) sums
+        // over the padding too, equal to rounding.
+        let exact = peft_ops::device::runs_cpu_kernels(&device);
         for (row, expected) in alone.iter().enumerate() {
-            assert_eq!(
-                &together[row * vocab..(row + 1) * vocab],
-                expected.as_slice(),
-                "{name}: row {row} differs in the padded batch"
-            );
+            let got = &together[row * vocab..(row + 1) * vocab];
+            if exact {
+                assert_eq!(
+                    got,
+                    expected.as_slice(),
+                    "{name}: row {row} differs in the batch"
+                );
+            } else {
+                let diff = got
+                    .iter()
+                    .zip(expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(diff < 1e-4, "{name}: row {row} differs by {diff}");
+            }
         }
         // Dropping the long row leaves padding every remaining row has: it is trimmed.
         let mut kept = batch.select_rows(&[0, 2]).unwrap();

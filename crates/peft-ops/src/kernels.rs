@@ -838,56 +838,39 @@ impl<'a> ViewMut4<'a> {
 /// Query rows handled together: a block multiplies only the keys some row of it can see.
 const QUERY_BLOCK: usize = 32;
 
-/// For each block of [`QUERY_BLOCK`] query rows of each batch row, how many leading keys its
-/// rows can see (`[batch, blocks]`): one past the last allowed key of any row of the block, or
-/// every key when a row sees none (it attends uniformly to all). With a causal mask about half
-/// of the score and product work lies past these extents, and is skipped.
-fn block_extents(mask: &ScoreMask<'_>, dims: &AttentionDims) -> Vec<usize> {
+/// For each block of [`QUERY_BLOCK`] query rows of each batch row, the keys its rows can see
+/// (`[batch, blocks]` ranges): from the first key any row of the block sees to one past the
+/// last, or every key when a row sees none (it attends uniformly to all).
+///
+/// With a causal mask about half of the score and product work lies past the ends, and is
+/// skipped. The keys before the start are left padding (or outside a sliding window) for every
+/// row of the block: skipping them makes a padded row's sums run over exactly the keys, in the
+/// same order, as the row alone would, so a sequence's results do not depend on the batch it
+/// shares.
+fn block_ranges(mask: &ScoreMask<'_>, dims: &AttentionDims) -> Vec<std::ops::Range<usize>> {
     let blocks = dims.q_len.div_ceil(QUERY_BLOCK);
-    let mut extents = Vec::with_capacity(dims.batch * blocks);
+    let mut ranges = Vec::with_capacity(dims.batch * blocks);
     for b in 0..dims.batch {
         for block in 0..blocks {
             let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(dims.q_len);
-            let extent = rows
-                .map(|i| {
-                    let allowed = allowed_row(mask, dims, b, i);
-                    allowed
-                        .iter()
-                        .rposition(|&a| a)
-                        .map_or(dims.kv_len, |last| last + 1)
-                })
-                .max()
-                .unwrap_or(dims.kv_len);
-            extents.push(extent);
+            let (mut start, mut end) = (dims.kv_len, 0);
+            for i in rows {
+                let allowed = allowed_row(mask, dims, b, i);
+                match (
+                    allowed.iter().position(|&a| a),
+                    allowed.iter().rposition(|&a| a),
+                ) {
+                    (Some(first), Some(last)) => {
+                        start = start.min(first);
+                        end = end.max(last + 1);
+                    }
+                    _ => (start, end) = (0, dims.kv_len),
+                }
+            }
+            ranges.push(start.min(end)..end);
         }
     }
-    extents
-}
-
-/// For each block of [`QUERY_BLOCK`] query rows of each batch row, the first key any of its
-/// rows can see (`[batch, blocks]`; 0 when a row sees none). The keys before it are left
-/// padding (or outside a sliding window) for every row of the block; skipping them makes a
-/// padded row's sums run over exactly the keys, in the same order, as the row alone would, so
-/// a sequence's results do not depend on the batch it shares.
-fn block_starts(mask: &ScoreMask<'_>, dims: &AttentionDims) -> Vec<usize> {
-    let blocks = dims.q_len.div_ceil(QUERY_BLOCK);
-    let mut starts = Vec::with_capacity(dims.batch * blocks);
-    for b in 0..dims.batch {
-        for block in 0..blocks {
-            let rows = block * QUERY_BLOCK..((block + 1) * QUERY_BLOCK).min(dims.q_len);
-            let start = rows
-                .map(|i| {
-                    allowed_row(mask, dims, b, i)
-                        .iter()
-                        .position(|&a| a)
-                        .unwrap_or(0)
-                })
-                .min()
-                .unwrap_or(0);
-            starts.push(start);
-        }
-    }
-    starts
+    ranges
 }
 
 /// Softmax attention for every batch row and head: `q: [batch, heads, q_len, head_dim]`,
@@ -910,8 +893,7 @@ pub fn attention(
         ..
     } = dims;
     let group = dims.group();
-    let extents = block_extents(&mask, &dims);
-    let starts = block_starts(&mask, &dims);
+    let ranges = block_ranges(&mask, &dims);
     let blocks = q_len.div_ceil(QUERY_BLOCK);
     probs
         .par_chunks_mut((q_len * kv_len).max(1))
@@ -926,8 +908,7 @@ pub fn attention(
             for block in 0..blocks {
                 let i0 = block * QUERY_BLOCK;
                 let rows = QUERY_BLOCK.min(q_len - i0);
-                let extent = extents[b * blocks + block];
-                let start = starts[b * blocks + block].min(extent);
+                let std::ops::Range { start, end: extent } = ranges[b * blocks + block].clone();
                 let seen = extent - start;
                 let p_block = &mut p[i0 * kv_len..(i0 + rows) * kv_len];
                 // SAFETY: `p_block` is this task's own [rows, kv_len] block of `probs`; q, kᵀ
@@ -999,7 +980,7 @@ pub fn attention_backward(
         head_dim,
     } = dims;
     let group = dims.group();
-    let extents = block_extents(&mask, &dims);
+    let ranges = block_ranges(&mask, &dims);
     let blocks = q_len.div_ceil(QUERY_BLOCK);
     // One task per (batch row, key/value head): it alone writes that head's ∂k and ∂v
     // (accumulated over the query heads that read it, into zeroed buffers) and those query
@@ -1020,7 +1001,7 @@ pub fn attention_backward(
             for block in 0..blocks {
                 let i0 = block * QUERY_BLOCK;
                 let rows = QUERY_BLOCK.min(q_len - i0);
-                let extent = extents[b * blocks + block];
+                let extent = ranges[b * blocks + block].end;
                 let p = &p_head[i0 * kv_len..(i0 + rows) * kv_len];
                 let go = go.wrapping_offset(i0 as isize * go_rs);
                 // SAFETY: every operand lies in a checked view (rows i0..i0 + rows, keys
