@@ -37,31 +37,36 @@ struct Request {
     decoding: Decoding,
 }
 
-/// Runs `requests` through one engine, all queued before it starts, `max_batch` rows at a
-/// time; each request's events.
+/// Runs `requests` through one engine over `arch` with `max_batch` rows at a time.
 fn run(arch: &str, requests: &[Request], max_batch: usize) -> Vec<Vec<Event>> {
     let shared = Arc::new(Shared::new("base"));
-    let mut engine = engine(arch, shared.clone(), max_batch);
+    let events = run_on(engine(arch, shared.clone(), max_batch), requests);
+    assert_eq!(shared.queue_len(), 0);
+    events
+}
+
+/// Runs `requests` through `engine`, all queued before it starts; each request's events.
+fn run_on(mut engine: Engine, requests: &[Request]) -> Vec<Vec<Event>> {
     let (commands, receiver) = std::sync::mpsc::channel();
-    let mut outputs = Vec::new();
-    for r in requests {
-        let (events, output) = mpsc::unbounded_channel();
-        assert!(shared.try_enqueue(usize::MAX));
-        commands
-            .send(Command::Generate(Job {
-                adapter: r.adapter.map(str::to_string),
-                prompt: r.prompt.clone(),
-                max_tokens: r.max_tokens,
-                decoding: r.decoding,
-                ignore_eos: false,
-                events,
-            }))
-            .unwrap();
-        outputs.push(output);
-    }
+    let outputs: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (events, output) = mpsc::unbounded_channel();
+            commands
+                .send(Command::Generate(Job {
+                    adapter: r.adapter.map(str::to_string),
+                    prompt: r.prompt.clone(),
+                    max_tokens: r.max_tokens,
+                    decoding: r.decoding,
+                    ignore_eos: false,
+                    events,
+                }))
+                .unwrap();
+            output
+        })
+        .collect();
     drop(commands);
     engine.run(&receiver);
-    assert_eq!(shared.queue_len(), 0);
     outputs
         .into_iter()
         .map(|mut rx| {
@@ -254,38 +259,6 @@ fn other_methods_are_served_in_batches_of_their_own() {
             decoding: Decoding::Greedy,
         })
         .collect();
-    let run_on = |mut engine: Engine, requests: &[Request]| {
-        let (commands, receiver) = std::sync::mpsc::channel();
-        let outputs: Vec<_> = requests
-            .iter()
-            .map(|r| {
-                let (events, output) = mpsc::unbounded_channel();
-                commands
-                    .send(Command::Generate(Job {
-                        adapter: r.adapter.map(str::to_string),
-                        prompt: r.prompt.clone(),
-                        max_tokens: r.max_tokens,
-                        decoding: r.decoding,
-                        ignore_eos: false,
-                        events,
-                    }))
-                    .unwrap();
-                output
-            })
-            .collect();
-        drop(commands);
-        engine.run(&receiver);
-        outputs
-            .into_iter()
-            .map(|mut rx| {
-                let mut events = Vec::new();
-                while let Ok(e) = rx.try_recv() {
-                    events.push(e);
-                }
-                events
-            })
-            .collect::<Vec<_>>()
-    };
     let together = run_on(make(8), &requests);
     let base = || peft_models::load(fixtures().join("models/llama-tiny"), &Device::flex()).unwrap();
     for (i, r) in requests.iter().enumerate() {
