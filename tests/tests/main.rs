@@ -1,0 +1,19 @@
+//! Every cross-crate parity and integration suite, as modules of one test binary: one link of
+//! the workspace instead of one per suite (CI builds them three times: tests, clippy, wgpu).
+//! Select a suite by its module path, e.g. `cargo test -p peft-tests --test parity -- lora::`.
+
+mod architectures;
+mod bad_inputs;
+mod bf16;
+mod bitfit;
+mod checkpoints;
+mod chunked_loss;
+mod ia3;
+mod lora;
+mod model_parity;
+mod multi_adapter;
+mod prefix;
+mod prompt;
+mod ptuning;
+mod quant;
+mod train;
