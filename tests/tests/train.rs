@@ -549,3 +549,78 @@ fn trainer_matches_pytorch_linear_schedule() {
 fn trainer_matches_pytorch_cosine_schedule() {
     trainer_matches_pytorch(peft_train::Schedule::Cosine, "trainer-cosine.safetensors");
 }
+
+/// `--gradient-checkpointing` (`Device::gradient_checkpointing()`) changes what a training step
+/// keeps: the MLP activation (BLOOM's GELU, Llama's `silu(gate) · up`) is element-wise, so its
+/// `[.., intermediate]` output — which an adapted `dense_4h_to_h` / `down_proj` needs in its
+/// backward pass — is dropped and computed again during the backward pass instead of kept.
+/// Counted: two activation passes per layer with the flag, one without; the loss and every
+/// adapter gradient are the same, bit for bit.
+#[test]
+fn gradient_checkpointing_recomputes_activations_with_equal_results() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use peft_core::{CausalLm, ModelInput, TargetModules};
+    use peft_lora::{InitLoraWeights, LoraConfig};
+
+    if !peft_ops::device::runs_cpu_kernels(&device()) {
+        return; // The count is of the fused CPU activations.
+    }
+    for model in ["bloom-tiny", "llama-tiny"] {
+        // One adapter on every linear layer (random A and B), loaded by both runs.
+        let adapter = tempfile::tempdir().unwrap();
+        let config = LoraConfig {
+            target_modules: Some(TargetModules::Pattern("all-linear".into())),
+            init_lora_weights: InitLoraWeights::Flag(false),
+            ..LoraConfig::default()
+        };
+        let base = peft_models::load(model_dir(model), &device()).unwrap();
+        peft_lora::get_peft_model(base, config)
+            .unwrap()
+            .save_pretrained(adapter.path())
+            .unwrap();
+        let step = |device: burn::tensor::Device| {
+            let base = peft_models::load(model_dir(model), &device).unwrap();
+            let layers = base.spec().num_layers as u64;
+            let lora = peft_lora::from_pretrained(base, adapter.path(), true).unwrap();
+            let ids: Vec<i64> = (0..12).map(|t| 5 + (t * 37) % 400).collect();
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 12]), &device);
+            let before = peft_ops::fused::activation_forward_calls();
+            let loss = lora
+                .model
+                .forward_loss(ModelInput::new(ids.clone()), None, ids)
+                .unwrap();
+            let value: f32 = loss.clone().into_scalar();
+            let grads = loss.backward();
+            let calls = peft_ops::fused::activation_forward_calls() - before;
+            let grads = burn::optim::GradientsParams::from_grads(grads, &lora.model);
+            let trainable = AdapterModel::trainable_names(&lora);
+            let mut gradients = BTreeMap::new();
+            for param in peft_core::params::named_params(&lora.model) {
+                if trainable.contains(&param.name) {
+                    let values = grads
+                        .get::<2>(param.id)
+                        .map(|g| g.into_data().try_to_vec::<f32>().unwrap());
+                    gradients.insert(param.name, values);
+                }
+            }
+            (calls, layers, value, gradients)
+        };
+        let (kept, layers, loss, grads) = step(device().autodiff());
+        let (recomputed, _, loss_gc, grads_gc) = step(device().autodiff().gradient_checkpointing());
+        assert_eq!(
+            kept, layers,
+            "{model}: one pass per layer without checkpointing"
+        );
+        assert_eq!(
+            recomputed,
+            2 * layers,
+            "{model}: recomputed with checkpointing"
+        );
+        assert_eq!(loss, loss_gc, "{model}");
+        assert!(
+            grads.values().all(Option::is_some),
+            "{model}: a parameter without gradient"
+        );
+        assert_eq!(grads, grads_gc, "{model}");
+    }
+}

@@ -136,9 +136,9 @@ pub struct TrainArgs {
     #[arg(long)]
     no_exact_match: bool,
     /// Recompute cheap activations in the backward pass instead of keeping them (burn's
-    /// balanced gradient checkpointing): less memory per step on GPU backends, same results.
-    /// On the CPU backend the fused operations already keep only what the backward pass needs,
-    /// and checkpointing adds memory (docs/BENCHMARKS.md).
+    /// balanced gradient checkpointing), same results: element-wise operations, the MLP
+    /// activation among them (its `[tokens, intermediate]` output, kept for an adapted down
+    /// projection otherwise), are computed again; products and attention stay kept.
     #[arg(long)]
     gradient_checkpointing: bool,
 }
@@ -434,8 +434,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let device = if args.gradient_checkpointing {
         if peft_ops::device::runs_cpu_kernels(&device) {
             eprintln!(
-                "note: --gradient-checkpointing on the CPU backend keeps more memory, not less \
-                 (its fused operations already store only what the backward pass needs)"
+                "note: --gradient-checkpointing on the CPU backend recomputes the MLP \
+                 activations (less memory where the down projection is adapted, as with \
+                 all-linear) but keeps every product's output; with PEFT's default targets it \
+                 keeps more memory, not less (docs/BENCHMARKS.md)"
             );
         }
         device.autodiff().gradient_checkpointing()

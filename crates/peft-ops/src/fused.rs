@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use burn::backend::autodiff::{
     Autodiff,
-    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    checkpoint::{
+        base::Checkpointer, retro_forward::RetroForward, state::BackwardStates,
+        strategy::CheckpointStrategy,
+    },
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
@@ -111,7 +114,25 @@ fn values(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
+thread_local! {
+    /// Activation forward passes run on this thread (see [`activation_forward_calls`]).
+    static ACTIVATION_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many fused MLP activation forward passes (GELU, `silu(gate) · up`) this thread has run,
+/// recomputations during a backward pass included: the count that shows gradient
+/// checkpointing recomputing activations instead of keeping them (per thread, so that
+/// parallel tests do not mix).
+pub fn activation_forward_calls() -> u64 {
+    ACTIVATION_CALLS.with(std::cell::Cell::get)
+}
+
+fn count_activation() {
+    ACTIVATION_CALLS.with(|c| c.set(c.get() + 1));
+}
+
 fn flex_gelu(x: &FlexTensor) -> FlexTensor {
+    count_activation();
     let mut out = zeros_f32(x.layout().shape().clone());
     kernels::gelu_tanh(&values(x), out.storage_mut::<f32>());
     out
@@ -139,6 +160,7 @@ fn flex_rope(x: FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
 }
 
 fn flex_silu_mul(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    count_activation();
     let mut out = zeros_f32(gate.layout().shape().clone());
     kernels::silu_mul(&values(gate), &values(up), out.storage_mut::<f32>());
     out
@@ -797,9 +819,36 @@ impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Aut
             }
         }
 
+        /// Recomputes the output from the input when gradient checkpointing dropped it: GELU is
+        /// element-wise (memory-bound), so with `gradient_checkpointing()` its `[.., 4·hidden]`
+        /// output is not kept for the backward pass of what reads it (an adapted
+        /// `dense_4h_to_h` / `down_proj`) but computed again.
+        #[derive(Debug)]
+        struct RetroGelu<B> {
+            input: burn::backend::autodiff::NodeId,
+            _backend: std::marker::PhantomData<B>,
+        }
+
+        impl<B: FusedBackend> RetroForward for RetroGelu<B> {
+            fn forward(
+                &self,
+                states: &mut BackwardStates,
+                out_node: burn::backend::autodiff::NodeId,
+            ) {
+                let x = states.get_state::<B::FloatTensorPrimitive>(&self.input);
+                states.save(out_node, B::gelu_tanh(x));
+            }
+        }
+
+        let retro = RetroGelu::<B> {
+            input: x.id(),
+            _backend: std::marker::PhantomData,
+        };
         match GeluBackward
             .prepare::<C>([x.node()])
-            .compute_bound()
+            .memory_bound()
+            .retro_forward(retro)
+            .parents([&x])
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
@@ -836,9 +885,36 @@ impl<B: FusedBackend + FusedKernels, C: CheckpointStrategy> FusedBackend for Aut
             }
         }
 
+        /// Recomputes the output from the inputs when gradient checkpointing dropped it (as
+        /// GELU's: element-wise, so memory-bound; its output feeds an adapted `down_proj`).
+        #[derive(Debug)]
+        struct RetroSiluMul<B> {
+            inputs: [burn::backend::autodiff::NodeId; 2],
+            _backend: std::marker::PhantomData<B>,
+        }
+
+        impl<B: FusedBackend> RetroForward for RetroSiluMul<B> {
+            fn forward(
+                &self,
+                states: &mut BackwardStates,
+                out_node: burn::backend::autodiff::NodeId,
+            ) {
+                let [gate, up] = self
+                    .inputs
+                    .map(|id| states.get_state::<B::FloatTensorPrimitive>(&id));
+                states.save(out_node, B::silu_mul(gate, up));
+            }
+        }
+
+        let retro = RetroSiluMul::<B> {
+            inputs: [gate.id(), up.id()],
+            _backend: std::marker::PhantomData,
+        };
         match SiluMulBackward
             .prepare::<C>([gate.node(), up.node()])
-            .compute_bound()
+            .memory_bound()
+            .retro_forward(retro)
+            .parents([&gate, &up])
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
