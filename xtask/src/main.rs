@@ -124,7 +124,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
     let out = std::env::temp_dir().join("peft-gpu-check-logits.safetensors");
     for _ in 0..3 {
         let started = Instant::now();
-        run(Command::new(root.join("target/release/peft"))
+        run(Command::new(target_dir(root).join("release/peft"))
             .arg("logits")
             .arg("--model")
             .arg(root.join("tests/fixtures/models/bloom-tiny"))
@@ -298,7 +298,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         build.args(["--features", &format!("peft-bench/{device}")]);
     }
     run(build.current_dir(root))?;
-    let ours_bin = root.join("target").join(profile).join("peft-bench");
+    let ours_bin = target_dir(root).join(profile).join("peft-bench");
     let python = pytorch_if_asked(root, args);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rounds = if quick { 1 } else { 2 };
@@ -506,4 +506,9 @@ fn serving_summary(md: &mut String, rows: &[serde_json::Value]) {
             o["rejected_429"],
         ));
     }
+}
+
+/// Cargo's target folder: `$CARGO_TARGET_DIR` when set, else `target/` in the workspace.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }

@@ -31,7 +31,7 @@ pub fn bench_scale(root: &Path, args: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .args(["build", "--release", "--quiet", "-p", "peft-bench"])
         .current_dir(root))?;
-    let ours_bin = root.join("target/release/peft-bench");
+    let ours_bin = crate::target_dir(root).join("release/peft-bench");
     let python = pytorch_if_asked(root, args);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut rows = Vec::new();
