@@ -49,13 +49,25 @@ fn compare<M: CausalLm>(model: &M, bf16_reference: &str, f32_reference: &str) ->
 /// times what docs/PRECISION.md measures, far below how much bf16 moves the logits, which is
 /// checked too: a missing or misplaced rounding fails). GPU backends multiply bf16 with their
 /// own accumulation order and are held to a quarter of bf16's own effect.
+///
+/// Where oneDNN is loaded (`peft_ops::onednn`: a CPU with bf16 units) the products must have run
+/// through it, so that these tolerances hold for its accumulation order too; CI runs the suite
+/// once more with `PEFT_ONEDNN=off`.
 fn assert_close(model: &impl CausalLm, bf16_reference: &str, f32_reference: &str, tolerance: f32) {
+    let products_before = peft_ops::onednn::products_run();
     let (ours, effect) = compare(model, bf16_reference, f32_reference);
+    let cpu = peft_ops::device::runs_cpu_kernels(&model.device());
+    if cpu && peft_ops::onednn::onednn().is_some() {
+        let through_onednn = peft_ops::onednn::products_run() - products_before;
+        assert!(
+            through_onednn > 0,
+            "{bf16_reference}: oneDNN is loaded but no product went through it"
+        );
+    }
     assert!(
         effect > 5e-2,
         "{bf16_reference}: bf16 changed the logits by only {effect}"
     );
-    let cpu = peft_ops::device::runs_cpu_kernels(&model.device());
     let limit = if cpu { tolerance } else { effect / 4.0 };
     assert!(
         ours <= limit,

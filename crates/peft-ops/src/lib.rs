@@ -6,7 +6,8 @@
 //! * [`device`]: choosing the device, and the one check of whether the CPU kernels run there
 //!   ([`device::runs_cpu_kernels`]);
 //! * [`packed`]: the packed-weight interface (bf16 as stored, 4-bit codes);
-//! * [`packed_op`], [`blas`]: the frozen layers' products (packed weights; OpenBLAS when present);
+//! * [`packed_op`], [`blas`], [`onednn`]: the frozen layers' products (packed weights; OpenBLAS
+//!   when present; oneDNN's bf16 kernels for bf16 compute when present);
 //! * [`fused`], [`kernels`]: one-pass CPU operations for attention, the GELU and the loss;
 //! * [`loss`], [`chunked_loss`]: causal-LM cross-entropy, and `lm_head` + cross-entropy over row
 //!   blocks (no whole logits);
@@ -33,6 +34,7 @@ pub mod device;
 pub mod fused;
 pub mod kernels;
 pub mod loss;
+pub mod onednn;
 pub mod packed;
 pub mod packed_op;
 pub mod precision;

@@ -43,6 +43,12 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
         None
     }
 
+    /// The weight's bf16 bit patterns, row-major `[out, in]`, where it is held as bf16: bf16
+    /// products read them as they are ([`crate::onednn`]). `None` for other formats.
+    fn bf16_bits(&self) -> Option<&[u16]> {
+        None
+    }
+
     /// `x · Wᵀ` for `x: [rows, in]` (row-major) computed straight from the packed values, for
     /// the few rows of a decoding step; `None` where the format has no such path (the caller
     /// de-quantises and multiplies).

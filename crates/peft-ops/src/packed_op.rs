@@ -73,6 +73,7 @@ fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> Fl
             true => handle.weight.matmul_few_rows(&values, rows),
             false => None,
         }
+        .or_else(|| bf16_product(&values, rows, handle, Direction::Forward))
         .or_else(|| blocked_forward(&values, rows, handle));
         if let Some(out) = out {
             return B::float_from_data(TensorData::new(out, [rows, d_out]), &device);
@@ -87,12 +88,82 @@ fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -
     let device = grad.device();
     let [rows, _] = grad.shape().dims();
     if let Some(values) = crate::blas::host_values::<B>(&grad)
-        && let Some(out) = blocked_backward(&values, rows, handle)
+        && let Some(out) = bf16_product(&values, rows, handle, Direction::Backward)
+            .or_else(|| blocked_backward(&values, rows, handle))
     {
         let [_, d_in] = handle.weight.shape();
         return B::float_from_data(TensorData::new(out, [rows, d_in]), &device);
     }
     B::blas_matmul(grad, dense::<B>(handle, &device))
+}
+
+/// Which product of a linear layer: `x · Wᵀ` or `∂y · W`.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Forward,
+    Backward,
+}
+
+/// Under bf16 compute, the product on the CPU's bf16 units through oneDNN: `x · Wᵀ` for
+/// `values: [rows, in]` (forward) or `∂y · W` for `values: [rows, out]` (backward), the operand
+/// rounded to bf16 (it already is: the caller rounds `x`, and the gradient arriving through that
+/// rounding is rounded too) and the weight read as stored when it is bf16, else de-quantised and
+/// rounded to bf16 for this product only. `None` without oneDNN or for a shape it refuses.
+fn bf16_product(
+    values: &[f32],
+    rows: usize,
+    handle: &PackedHandle,
+    direction: Direction,
+) -> Option<Vec<f32>> {
+    if !handle.bf16 {
+        return None;
+    }
+    let dnn = crate::onednn::onednn()?;
+    let [d_out, d_in] = handle.weight.shape();
+    let (k, n, layout) = match direction {
+        Direction::Forward => (d_in, d_out, crate::onednn::WeightLayout::NK),
+        Direction::Backward => (d_out, d_in, crate::onednn::WeightLayout::KN),
+    };
+    let rounded;
+    let weights = match handle.weight.bf16_bits() {
+        Some(bits) => bits,
+        None => {
+            rounded = bf16_weight(handle)?;
+            &rounded[..]
+        }
+    };
+    let mut out = vec![0.0f32; rows * n];
+    let a = crate::onednn::to_bf16_bits(values);
+    match dnn.matmul_bf16(&a, weights, layout, (rows, k, n), &mut out) {
+        Ok(()) => Some(out),
+        Err(e) => {
+            tracing::debug!("bf16 product through f32 GEMM instead: {e}");
+            None
+        }
+    }
+}
+
+/// The weight de-quantised and rounded to bf16 (bit patterns, `[out, in]`), block by block so
+/// that no f32 copy of the whole weight is made.
+fn bf16_weight(handle: &PackedHandle) -> Option<Vec<u16>> {
+    let [d_out, d_in] = handle.weight.shape();
+    let mut bits = vec![0u16; d_out * d_in];
+    let block = block_len(d_in, d_out);
+    let mut buffer = vec![0.0f32; block.min(d_out) * d_in];
+    for start in (0..d_out).step_by(block) {
+        let end = (start + block).min(d_out);
+        let w = &mut buffer[..(end - start) * d_in];
+        if !weight_block(handle, start..end, 0..d_in, w) {
+            // A format without blocks: the whole weight at once.
+            return Some(crate::onednn::to_bf16_bits(
+                &handle.weight.dequantize_bf16_rounded(),
+            ));
+        }
+        for (b, v) in bits[start * d_in..end * d_in].iter_mut().zip(w.iter()) {
+            *b = half::bf16::from_f32(*v).to_bits();
+        }
+    }
+    Some(bits)
 }
 
 /// Whether the de-quantised values must still be rounded to bf16: bf16 compute over a format
@@ -394,7 +465,10 @@ mod tests {
     }
 
     /// bf16 through the packed operation equals the same product written with bf16-rounded
-    /// dense tensors, forward and backward, bit for bit.
+    /// dense tensors, forward and backward, bit for bit — through oneDNN's bf16 kernels where
+    /// they are loaded, else through f32 GEMMs. The inputs and output gradients are multiples of
+    /// 1/4 and 1/8 and the bf16 weights of 2^-13, so that every sum is exact in f32 and any
+    /// order of accumulation gives the same bits.
     #[test]
     fn bf16_product_matches_rounded_dense_tensors() {
         use crate::precision::round_bf16;
@@ -403,7 +477,17 @@ mod tests {
         let values = (0..d_in * d_out)
             .map(|i| (((i * 37) % 101) as f32 - 50.0) / 37.0)
             .collect();
-        let (weight, values, x, r) = case(d_in, d_out, values, &device);
+        let (weight, values, _, _) = case(d_in, d_out, values, &device);
+        let exact = |shape: [usize; 3], step: usize, scale: f32| {
+            let n = shape.iter().product::<usize>();
+            let v = (0..n)
+                .map(|i| ((i * step) % 17) as f32 / scale - 8.0 / scale)
+                .collect::<Vec<_>>();
+            Tensor::<3>::from_data(TensorData::new(v, shape), &device)
+        };
+        let x = exact([2, 3, d_in], 13, 4.0).require_grad();
+        let r = exact([2, 3, d_out], 7, 8.0);
+        let runs_before = crate::onednn::products_run();
 
         let packed = round_bf16(packed_linear(round_bf16(x.clone()), &weight, true));
         let grads = (packed.clone() * r.clone()).sum().backward();
@@ -421,6 +505,14 @@ mod tests {
             |t: Tensor<3>| -> Vec<u32> { t.into_data().iter::<f32>().map(f32::to_bits).collect() };
         assert_eq!(bits(packed.inner()), bits(dense.inner()));
         assert_eq!(bits(g_packed.clone()), bits(g_dense));
+        // Forward and backward both went through oneDNN where it is loaded.
+        let through_onednn = crate::onednn::products_run() - runs_before;
+        let expected = if crate::onednn::onednn().is_some() {
+            2
+        } else {
+            0
+        };
+        assert_eq!(through_onednn, expected);
         // And bf16 really rounds: every gradient value fits in bf16's 8-bit mantissa.
         assert!(bits(g_packed).iter().all(|b| b & 0xffff == 0));
     }

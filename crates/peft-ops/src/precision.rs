@@ -239,6 +239,10 @@ impl PackedWeight for HalfWeight {
         Some(self.dtype.safetensors())
     }
 
+    fn bf16_bits(&self) -> Option<&[u16]> {
+        (self.dtype == HalfDtype::Bf16).then_some(&self.bits[..])
+    }
+
     fn dequantize_block(
         &self,
         rows: std::ops::Range<usize>,
