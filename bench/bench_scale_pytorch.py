@@ -3,11 +3,13 @@
 phases as peft-bench's scale cases on the same generated checkpoint, one JSON line.
 
     python bench/bench_scale_pytorch.py scale-lora|scale-qlora|scale-generate --model DIR
-        [--steps N] [--threads N]
+        [--steps N] [--threads N] [--autocast]
 
 scale-lora: load in f32 → N LoRA steps (r=8, PEFT's default targets, AdamW, batch 1 × 256) →
 merge_and_unload + save_pretrained (bf16, what transformers 5 writes for a bf16 base loaded with
 its default dtype="auto"; loaded here in f32 to train in f32, so cast back before saving).
+--autocast: the LoRA steps under torch.autocast("cpu", bfloat16) (the Trainer's bf16=True: linear
+layers and matmuls in bf16), against peft-bench's `--compute-dtype bfloat16`.
 scale-qlora: the same over load_in_4bit (NF4 + double quant, bf16 compute as the seed does).
 scale-generate: transformers' default load (dtype="auto": bf16 for these checkpoints) → greedy
 generate of 32 tokens.
@@ -27,6 +29,7 @@ ARGS = sys.argv[1:]
 CASE = ARGS[0]
 MODEL = ARGS[ARGS.index("--model") + 1]
 STEPS = int(ARGS[ARGS.index("--steps") + 1]) if "--steps" in ARGS else 3
+AUTOCAST = "--autocast" in ARGS
 THREADS = int(ARGS[ARGS.index("--threads") + 1]) if "--threads" in ARGS else torch.get_num_threads()
 torch.set_num_threads(THREADS)
 BATCH, SEQ, NEW_TOKENS = 1, 256, 32
@@ -59,7 +62,8 @@ def train(phases):
     times = []
     for _ in range(STEPS):
         start = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         loss.backward()
         optim.step()
         optim.zero_grad()

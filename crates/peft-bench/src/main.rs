@@ -558,7 +558,15 @@ fn main() -> ExitCode {
             Some(dir) => {
                 let steps = value("--steps").and_then(|s| s.parse().ok()).unwrap_or(3);
                 let widen = args.iter().any(|a| a == "--widen-frozen");
-                scale::train(case, Path::new(&dir), steps, widen, &device)
+                match value("--compute-dtype")
+                    .unwrap_or_else(|| "float32".into())
+                    .parse()
+                {
+                    Ok(compute) => {
+                        scale::train(case, Path::new(&dir), steps, widen, compute, &device)
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
             }
         },
         "serve-load" => serve::load_test(quick, &workspace_root()),

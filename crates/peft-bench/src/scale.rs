@@ -15,7 +15,8 @@
 //! * `scale-generate --model DIR`: load → greedy generation of 32 tokens with the KV cache.
 //!
 //! `--widen-frozen` holds the frozen weights widened to f32 instead of as stored (bf16), to
-//! measure what holding them as stored costs per step.
+//! measure what holding them as stored costs per step; `--compute-dtype bfloat16` trains with
+//! bf16 compute in the linear layers (the seed's QLoRA setting).
 //!
 //! Each prints one JSON line: per phase its seconds and peak RSS (the kernel's high-water mark
 //! reset at the start of the phase), and the whole run's peak.
@@ -144,6 +145,7 @@ pub fn train(
     dir: &Path,
     steps: usize,
     widen_half: bool,
+    compute_dtype: peft_ops::precision::ComputeDtype,
     device: &Device,
 ) -> Result<serde_json::Value, String> {
     let device = device.clone().autodiff();
@@ -151,7 +153,7 @@ pub fn train(
     let options = peft_models::LoadOptions {
         quantize,
         widen_half,
-        ..peft_models::LoadOptions::default()
+        compute_dtype,
     };
     let mut phases = serde_json::Map::new();
 
@@ -211,7 +213,9 @@ pub fn train(
     let mut save_phase = phase(started.elapsed().as_secs_f64());
     save_phase["written_bytes"] = merged_bytes.into();
     phases.insert("merge_save".into(), save_phase);
-    Ok(result(case, dir, phases))
+    let mut result = result(case, dir, phases);
+    result["compute_dtype"] = compute_dtype.torch_name().into();
+    Ok(result)
 }
 
 /// `scale-generate`: see the module docs.

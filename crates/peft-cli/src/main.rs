@@ -138,9 +138,11 @@ struct LoadArgs {
     #[arg(long, default_value_t = 64)]
     blocksize: usize,
     /// The dtype linear layers compute in: float32, or bfloat16 (bf16 products with f32
-    /// accumulation, as torch.autocast / bnb_4bit_compute_dtype; the rest stays f32).
-    #[arg(long, value_name = "float32|bfloat16", default_value = "float32")]
-    compute_dtype: String,
+    /// accumulation, as torch.autocast / bnb_4bit_compute_dtype; the rest stays f32). Default:
+    /// float32, except `train --method qlora`: bfloat16 (the QLoRA paper's and the seed's
+    /// setting) where the device has bf16.
+    #[arg(long, value_name = "float32|bfloat16")]
+    compute_dtype: Option<String>,
     /// Hold the frozen weights of a bf16/f16 checkpoint widened to f32 (twice the memory). By
     /// default they stay in their stored 2 bytes and are widened, exactly, inside each product:
     /// the same results.
@@ -153,7 +155,10 @@ impl LoadArgs {
     fn options(&self) -> anyhow::Result<peft_models::LoadOptions> {
         Ok(peft_models::LoadOptions {
             quantize: self.config()?,
-            compute_dtype: self.compute_dtype.parse()?,
+            compute_dtype: match &self.compute_dtype {
+                Some(name) => name.parse()?,
+                None => peft_ops::precision::ComputeDtype::F32,
+            },
             widen_half: self.widen_frozen,
         })
     }

@@ -450,8 +450,25 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if options.quantize.is_none() && method.loads_4bit {
         options.quantize = Some(peft_quant::QuantConfig::default());
     }
+    // The QLoRA preset computes in bf16 unless told otherwise, as the paper and the seed do
+    // (`bnb_4bit_compute_dtype=torch.bfloat16`); on a CPU with bf16 units that is also 1.6× faster
+    // per step (docs/methods/qlora.md). A device without bf16 (wgpu) keeps f32.
+    if method.loads_4bit && args.load.compute_dtype.is_none() {
+        let bf16 = peft_ops::precision::ComputeDtype::Bf16;
+        if bf16.check_device(&device).is_ok() {
+            options.compute_dtype = bf16;
+        } else {
+            eprintln!("note: {device:?} has no bf16: the QLoRA preset computes in float32");
+        }
+    }
     let base = peft_models::load_with(&model_dir, &device, &options)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
+    if options.compute_dtype != peft_ops::precision::ComputeDtype::F32 {
+        eprintln!(
+            "linear layers compute in {} (--compute-dtype float32 for f32)",
+            options.compute_dtype
+        );
+    }
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let spec = base.spec().clone();
     let examples = peft_train::read_examples(&data_path)?;

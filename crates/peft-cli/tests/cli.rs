@@ -1031,7 +1031,8 @@ fn qlora_trains_and_merges_dense() {
 }
 
 /// `--compute-dtype bfloat16` runs the linear layers in bf16 — bitsandbytes' 4-bit logits with
-/// `bnb_4bit_compute_dtype=torch.bfloat16` — and trains; a bad dtype fails with one line.
+/// `bnb_4bit_compute_dtype=torch.bfloat16` — and trains, by default for the QLoRA preset; a bad
+/// dtype fails with one line.
 #[test]
 fn bf16_compute_runs_and_trains() {
     let dir = tempfile::tempdir().unwrap();
@@ -1046,9 +1047,25 @@ fn bf16_compute_runs_and_trains() {
     let diff = logits_diff(&path, &reference);
     assert!(diff < 1e-4, "bf16 logits: {diff}");
 
-    let out_dir = dir.path().join("qlora-bf16");
-    ok(&train_qlora_briefly(&out_dir, &["--compute-dtype", "bf16"]));
-    assert!(out_dir.join("adapter/adapter_model.safetensors").is_file());
+    // The QLoRA preset computes in bf16 unless told otherwise (the paper's and the seed's
+    // setting): its default run trains exactly the adapter of an explicit bf16 run, and one
+    // with `--compute-dtype float32` another.
+    let mut adapters = Vec::new();
+    for (name, extra) in [
+        ("bf16", &["--compute-dtype", "bf16"][..]),
+        ("default", &[][..]),
+        ("f32", &["--compute-dtype", "float32"][..]),
+    ] {
+        let out_dir = dir.path().join(name);
+        let out = train_qlora_briefly(&out_dir, extra);
+        ok(&out);
+        let says_bf16 =
+            String::from_utf8_lossy(&out.stderr).contains("linear layers compute in bfloat16");
+        assert_eq!(says_bf16, name != "f32", "{name}");
+        adapters.push(std::fs::read(out_dir.join("adapter/adapter_model.safetensors")).unwrap());
+    }
+    assert_eq!(adapters[0], adapters[1], "default vs explicit bf16");
+    assert_ne!(adapters[0], adapters[2], "bf16 vs f32 compute");
 
     assert_clean_failure(
         &logits_to(

@@ -143,27 +143,41 @@ fn bf16_product(
     }
 }
 
-/// The weight de-quantised and rounded to bf16 (bit patterns, `[out, in]`), block by block so
-/// that no f32 copy of the whole weight is made.
+/// The weight de-quantised and rounded to bf16 (bit patterns, `[out, in]`) in one parallel pass,
+/// each task de-quantising a few rows into its own small f32 buffer, so that no f32 copy of the
+/// whole weight is made.
 fn bf16_weight(handle: &PackedHandle) -> Option<Vec<u16>> {
+    use rayon::prelude::*;
     let [d_out, d_in] = handle.weight.shape();
     let mut bits = vec![0u16; d_out * d_in];
-    let block = block_len(d_in, d_out);
-    let mut buffer = vec![0.0f32; block.min(d_out) * d_in];
-    for start in (0..d_out).step_by(block) {
-        let end = (start + block).min(d_out);
-        let w = &mut buffer[..(end - start) * d_in];
-        if !weight_block(handle, start..end, 0..d_in, w) {
-            // A format without blocks: the whole weight at once.
-            return Some(crate::onednn::to_bf16_bits(
-                &handle.weight.dequantize_bf16_rounded(),
-            ));
-        }
-        for (b, v) in bits[start * d_in..end * d_in].iter_mut().zip(w.iter()) {
-            *b = half::bf16::from_f32(*v).to_bits();
-        }
+    // ~64 KiB of f32 per task: rows stay in cache between de-quantising and rounding.
+    let rows_per_task = (16_384 / d_in.max(1)).max(1);
+    let blocks_ok = bits
+        .par_chunks_mut(rows_per_task * d_in.max(1))
+        .enumerate()
+        .all(|(i, bits)| {
+            let start = i * rows_per_task;
+            let rows = bits.len() / d_in.max(1);
+            let mut values = vec![0.0f32; bits.len()];
+            if !handle
+                .weight
+                .dequantize_block(start..start + rows, 0..d_in, &mut values)
+            {
+                return false;
+            }
+            // One rounding from the de-quantised f32 value, as bitsandbytes' cast to bf16.
+            for (b, v) in bits.iter_mut().zip(&values) {
+                *b = half::bf16::from_f32(*v).to_bits();
+            }
+            true
+        });
+    if blocks_ok {
+        return Some(bits);
     }
-    Some(bits)
+    // A format without blocks: the whole weight at once.
+    Some(crate::onednn::to_bf16_bits(
+        &handle.weight.dequantize_bf16_rounded(),
+    ))
 }
 
 /// Whether the de-quantised values must still be rounded to bf16: bf16 compute over a format
