@@ -419,20 +419,11 @@ impl OneDnn {
                 }
             }
             if status == SUCCESS {
-                let args = [
-                    ExecArg {
-                        arg: ARG_SRC,
-                        memory: memories[0],
-                    },
-                    ExecArg {
-                        arg: ARG_WEIGHTS,
-                        memory: memories[1],
-                    },
-                    ExecArg {
-                        arg: ARG_DST,
-                        memory: memories[2],
-                    },
-                ];
+                let args = [ARG_SRC, ARG_WEIGHTS, ARG_DST]
+                    .into_iter()
+                    .zip(memories)
+                    .map(|(arg, memory)| ExecArg { arg, memory })
+                    .collect::<Vec<_>>();
                 status = (f.primitive_execute)(product.primitive, self.stream, 3, args.as_ptr());
                 let waited = (f.stream_wait)(self.stream);
                 if status == SUCCESS {
