@@ -352,8 +352,39 @@ fn blas_takes(lhs: &FloatTensor<Flex>, rhs: &FloatTensor<Flex>) -> bool {
     f32_2d && !small && fits_i32(lhs, rhs)
 }
 
+/// `lhs · rhs` through [`crate::kernels::few_rows_times_transposed`] when `lhs` is a few
+/// contiguous f32 rows (a decoding step) and `rhs` is the transposed view of a contiguous
+/// `[n, k]` matrix (a tied `lm_head`'s embedding table): each row's result is then the same
+/// whether it is multiplied alone or in a batch — BLAS's and burn's GEMMs pick kernels, and so
+/// summation orders, by the row count — and the table is read once.
+fn few_rows_transposed(
+    lhs: &FloatTensor<Flex>,
+    rhs: &FloatTensor<Flex>,
+) -> Option<FloatTensor<Flex>> {
+    let ([m, k], [_, n]) = (dims2(lhs.layout().shape()), dims2(rhs.layout().shape()));
+    if m == 0
+        || m > crate::precision::DIRECT_PRODUCT_MAX_ROWS
+        || lhs.dtype() != DType::F32
+        || rhs.dtype() != DType::F32
+        || rhs.layout().strides() != [1, k as isize]
+    {
+        return None;
+    }
+    let x = lhs.as_slice::<f32>()?;
+    let start = rhs.layout().start_offset();
+    let w = rhs.storage::<f32>().get(start..start + n * k)?;
+    let out = crate::kernels::few_rows_times_transposed(x, m, w, n, k);
+    Some(burn::backend::flex::FlexTensor::from_data(
+        burn::tensor::TensorData::new(out, [m, n]),
+    ))
+}
+
 impl BlasMatmulBackend for Flex {
     fn blas_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let two_d = lhs.layout().shape().num_dims() == 2 && rhs.layout().shape().num_dims() == 2;
+        if two_d && let Some(out) = few_rows_transposed(&lhs, &rhs) {
+            return out;
+        }
         match blas() {
             Some(blas) if blas_takes(&lhs, &rhs) => sgemm_flex(blas, lhs, rhs, None),
             _ => flex_matmul::<Flex>(lhs, rhs),
@@ -726,6 +757,30 @@ mod tests {
         assert!(max(ga - ta) < 1e-4);
         assert!(max(gw - tw) < 1e-4);
         eprintln!("BLAS: {:?}", blas());
+    }
+
+    /// A few rows times a transposed table (a tied `lm_head` while decoding): each row's result
+    /// is the same bits alone as in a batch of three, and close to the f64 product.
+    #[test]
+    fn few_rows_times_a_transposed_table_do_not_depend_on_the_batch() {
+        let device = Device::flex();
+        let (k, n) = (70, 300);
+        let table = Tensor::<2>::random([n, k], Distribution::Default, &device);
+        let x = Tensor::<2>::random([3, k], Distribution::Default, &device);
+        let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        let batch = values(matmul(x.clone(), table.clone().transpose()));
+        let (xs, ws) = (values(x.clone()), values(table.clone()));
+        for r in 0..3 {
+            let row = x.clone().slice([r..r + 1, 0..k]);
+            let alone = values(matmul(row, table.clone().transpose()));
+            assert_eq!(alone, batch[r * n..(r + 1) * n], "row {r}");
+            for (j, got) in alone.iter().enumerate() {
+                let exact: f64 = (0..k)
+                    .map(|p| f64::from(xs[r * k + p]) * f64::from(ws[j * k + p]))
+                    .sum();
+                assert!((f64::from(*got) - exact).abs() < 1e-4, "row {r}, column {j}");
+            }
+        }
     }
 
     #[test]

@@ -155,6 +155,66 @@ fn max_of(row: &[f32]) -> f32 {
 }
 
 multiversion! {
+    /// `Σ a[i]·b[i]` over the common length with eight independent accumulators, summed in
+    /// order at the end: the same summation order on every CPU (the wider variants only
+    /// vectorise it), so a result never depends on which variant ran.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0.0f32; 8];
+        let (a8, a_rest) = a.split_at(n / 8 * 8);
+        let (b8, b_rest) = b.split_at(n / 8 * 8);
+        for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+            for k in 0..8 {
+                acc[k] += ca[k] * cb[k];
+            }
+        }
+        let mut sum = acc.iter().sum::<f32>();
+        for (x, y) in a_rest.iter().zip(b_rest) {
+            sum += x * y;
+        }
+        sum
+    }
+}
+
+/// Output features per parallel task of [`few_rows_times_transposed`].
+const FEW_ROWS_BLOCK: usize = 64;
+
+/// `x · Wᵀ` for a few input rows `x: [rows, k]` and a row-major `W: [n, k]` (a linear layer's
+/// `[out, in]` weight, or a tied embedding table as `lm_head`): each output is one [`dot`] of
+/// an input row with a weight row, so a row's result does not depend on how many rows are
+/// multiplied with it (a decoding step alone equals the same step in a batch, bit for bit), and
+/// each weight row is read once for all input rows. `[rows, n]` row-major.
+pub fn few_rows_times_transposed(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut out_t = vec![0.0f32; n * rows];
+    out_t
+        .par_chunks_mut(FEW_ROWS_BLOCK * rows.max(1))
+        .enumerate()
+        .for_each(|(block, out)| {
+            for (j, out) in out.chunks_mut(rows.max(1)).enumerate() {
+                let o = block * FEW_ROWS_BLOCK + j;
+                let weight_row = &w[o * k..(o + 1) * k];
+                for (r, value) in out.iter_mut().enumerate() {
+                    *value = dot(&x[r * k..(r + 1) * k], weight_row);
+                }
+            }
+        });
+    let mut out = vec![0.0f32; rows * n];
+    for (o, values) in out_t.chunks(rows.max(1)).enumerate() {
+        for (r, v) in values.iter().enumerate() {
+            out[r * n + o] = *v;
+        }
+    }
+    out
+}
+
+multiversion! {
     /// `exps[i] = e^(row[i] − max)`; returns `(max, Σ exps)`.
     fn shifted_exps(row: &[f32], exps: &mut [f32]) -> (f32, f32) {
         let max = max_of(row);

@@ -294,22 +294,7 @@ impl PackedWeight for HalfWeight {
     }
 }
 
-/// `Σ a·b` with eight independent accumulators (so that it vectorises).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for k in 0..8 {
-            acc[k] += ca[k] * cb[k];
-        }
-    }
-    let mut sum = acc.iter().sum::<f32>();
-    for (x, y) in a_rest.iter().zip(b_rest) {
-        sum += x * y;
-    }
-    sum
-}
+use crate::kernels::dot;
 
 #[cfg(test)]
 mod tests {
