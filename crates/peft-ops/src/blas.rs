@@ -778,7 +778,10 @@ mod tests {
                 let exact: f64 = (0..k)
                     .map(|p| f64::from(xs[r * k + p]) * f64::from(ws[j * k + p]))
                     .sum();
-                assert!((f64::from(*got) - exact).abs() < 1e-4, "row {r}, column {j}");
+                assert!(
+                    (f64::from(*got) - exact).abs() < 1e-4,
+                    "row {r}, column {j}"
+                );
             }
         }
     }

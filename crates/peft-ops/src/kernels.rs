@@ -177,6 +177,29 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// [`dot`] of `x` with bf16 values given as bit patterns, widened (exactly) in registers:
+    /// the same products and the same summation order as [`dot`] over the widened values.
+    pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+        let n = x.len().min(w.len());
+        let (x, w) = (&x[..n], &w[..n]);
+        let widen = |b: u16| f32::from_bits(u32::from(b) << 16);
+        let mut acc = [0.0f32; 8];
+        let (x8, x_rest) = x.split_at(n / 8 * 8);
+        let (w8, w_rest) = w.split_at(n / 8 * 8);
+        for (cx, cw) in x8.chunks_exact(8).zip(w8.chunks_exact(8)) {
+            for k in 0..8 {
+                acc[k] += cx[k] * widen(cw[k]);
+            }
+        }
+        let mut sum = acc.iter().sum::<f32>();
+        for (a, b) in x_rest.iter().zip(w_rest) {
+            sum += a * widen(*b);
+        }
+        sum
+    }
+}
+
 /// Output features per parallel task of [`few_rows_times_transposed`].
 const FEW_ROWS_BLOCK: usize = 64;
 
@@ -1121,6 +1144,28 @@ pub fn attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bf16 dot product widens exactly and sums in `dot`'s order: the same bits.
+    #[test]
+    fn bf16_dot_equals_the_dot_of_the_widened_values() {
+        for n in [0usize, 5, 8, 61, 2048] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.3)
+                .collect();
+            let bits: Vec<u16> = (0..n)
+                .map(|i| half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 3.1).to_bits())
+                .collect();
+            let widened: Vec<f32> = bits
+                .iter()
+                .map(|b| f32::from_bits(u32::from(*b) << 16))
+                .collect();
+            assert_eq!(
+                dot_bf16(&x, &bits).to_bits(),
+                dot(&x, &widened).to_bits(),
+                "n = {n}"
+            );
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_over_the_range() {

@@ -278,7 +278,15 @@ impl PackedWeight for HalfWeight {
                 let mut row = vec![0.0f32; d_in];
                 for (j, out) in out.chunks_mut(rows).enumerate() {
                     let o = block * BLOCK + j;
-                    self.widen(&self.bits[o * d_in..(o + 1) * d_in], &mut row);
+                    let bits = &self.bits[o * d_in..(o + 1) * d_in];
+                    if self.dtype == HalfDtype::Bf16 {
+                        // Widened in registers, the same sums as `dot` over the widened row.
+                        for (r, value) in out.iter_mut().enumerate() {
+                            *value = dot_bf16(&x[r * d_in..(r + 1) * d_in], bits);
+                        }
+                        continue;
+                    }
+                    self.widen(bits, &mut row);
                     for (r, value) in out.iter_mut().enumerate() {
                         *value = dot(&x[r * d_in..(r + 1) * d_in], &row);
                     }
@@ -294,7 +302,7 @@ impl PackedWeight for HalfWeight {
     }
 }
 
-use crate::kernels::dot;
+use crate::kernels::{dot, dot_bf16};
 
 #[cfg(test)]
 mod tests {
