@@ -48,6 +48,11 @@ fn main() {
     time("bf16 held, packed op", &|| {
         peft_ops::packed_op::packed_linear(x.clone(), &weight, false)
     });
+    time("dot products (direct)", &|| {
+        let xs = x.clone().into_data().try_to_vec::<f32>().unwrap_or_default();
+        let out = half.matmul_rows_direct(&xs, rows).unwrap_or_default();
+        Tensor::<3>::from_data(TensorData::new(out, [1, rows, d_out]), &device)
+    });
     time("widen whole + matmul", &|| {
         let dense =
             Tensor::<2>::from_data(TensorData::new(half.dequantize(), [d_out, d_in]), &device);

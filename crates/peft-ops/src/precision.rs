@@ -262,9 +262,22 @@ impl PackedWeight for HalfWeight {
     }
 
     fn matmul_few_rows(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
+        if rows > DIRECT_PRODUCT_MAX_ROWS {
+            return None;
+        }
+        self.matmul_rows_direct(x, rows)
+    }
+}
+
+impl HalfWeight {
+    /// `x · Wᵀ` for `x: [rows, in]` as one dot product per output and row, the weight read once
+    /// and widened in registers: what [`PackedWeight::matmul_few_rows`] runs for up to
+    /// [`DIRECT_PRODUCT_MAX_ROWS`] rows (public so that benchmarks can find the crossover with the
+    /// GEMM path at other row counts). `None` for an empty or misshaped `x`.
+    pub fn matmul_rows_direct(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
         use rayon::prelude::*;
         let [d_out, d_in] = self.shape;
-        if rows == 0 || rows > DIRECT_PRODUCT_MAX_ROWS || x.len() != rows * d_in {
+        if rows == 0 || x.len() != rows * d_in {
             return None;
         }
         // Output features in blocks, each task widening one weight row at a time into a small
