@@ -49,7 +49,11 @@ fn main() {
         peft_ops::packed_op::packed_linear(x.clone(), &weight, false)
     });
     time("dot products (direct)", &|| {
-        let xs = x.clone().into_data().try_to_vec::<f32>().unwrap_or_default();
+        let xs = x
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
         let out = half.matmul_rows_direct(&xs, rows).unwrap_or_default();
         Tensor::<3>::from_data(TensorData::new(out, [1, rows, d_out]), &device)
     });
