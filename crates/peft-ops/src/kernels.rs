@@ -177,26 +177,46 @@ multiversion! {
     }
 }
 
+/// Accumulator lanes of [`dot_rows_bf16`]: one AVX-512 register of f32.
+const DOT_LANES: usize = 16;
+/// Input rows sharing each widened weight chunk in [`dot_rows_bf16`].
+const DOT_ROWS: usize = 4;
+
 multiversion! {
-    /// [`dot`] of `x` with bf16 values given as bit patterns, widened (exactly) in registers:
-    /// the same products and the same summation order as [`dot`] over the widened values.
-    pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
-        let n = x.len().min(w.len());
-        let (x, w) = (&x[..n], &w[..n]);
+    /// `out[r] = Σ_p x[r·k + p] · w[p]` for `rows` input rows against one bf16 weight row `w`
+    /// (bit patterns, widened exactly in registers). Each row keeps 16 accumulator lanes updated
+    /// by fused multiply-adds (`f32::mul_add`: one rounding, the same bits with or without FMA
+    /// hardware) and sums them in order at the end, so a row's result never depends on which
+    /// other rows share the weight loads (a decoding row alone equals itself in a batch) nor on
+    /// the CPU's vector width. Rows go four at a time through each widened chunk of `w`.
+    pub fn dot_rows_bf16(x: &[f32], rows: usize, w: &[u16], out: &mut [f32]) {
+        let k = w.len();
+        let full = k / DOT_LANES * DOT_LANES;
         let widen = |b: u16| f32::from_bits(u32::from(b) << 16);
-        let mut acc = [0.0f32; 8];
-        let (x8, x_rest) = x.split_at(n / 8 * 8);
-        let (w8, w_rest) = w.split_at(n / 8 * 8);
-        for (cx, cw) in x8.chunks_exact(8).zip(w8.chunks_exact(8)) {
-            for k in 0..8 {
-                acc[k] += cx[k] * widen(cw[k]);
+        for first in (0..rows).step_by(DOT_ROWS) {
+            let group = DOT_ROWS.min(rows - first);
+            let mut acc = [[0.0f32; DOT_LANES]; DOT_ROWS];
+            for p in (0..full).step_by(DOT_LANES) {
+                let mut wv = [0.0f32; DOT_LANES];
+                for (v, b) in wv.iter_mut().zip(&w[p..p + DOT_LANES]) {
+                    *v = widen(*b);
+                }
+                for (g, acc) in acc.iter_mut().enumerate().take(group) {
+                    let xr = &x[(first + g) * k + p..(first + g) * k + p + DOT_LANES];
+                    for lane in 0..DOT_LANES {
+                        acc[lane] = xr[lane].mul_add(wv[lane], acc[lane]);
+                    }
+                }
+            }
+            for (g, acc) in acc.iter().enumerate().take(group) {
+                let xr = &x[(first + g) * k..(first + g + 1) * k];
+                let mut sum = acc.iter().sum::<f32>();
+                for (a, b) in xr[full..].iter().zip(&w[full..]) {
+                    sum = a.mul_add(widen(*b), sum);
+                }
+                out[first + g] = sum;
             }
         }
-        let mut sum = acc.iter().sum::<f32>();
-        for (a, b) in x_rest.iter().zip(w_rest) {
-            sum += a * widen(*b);
-        }
-        sum
     }
 }
 
@@ -1145,25 +1165,40 @@ pub fn attention_backward(
 mod tests {
     use super::*;
 
-    /// The bf16 dot product widens exactly and sums in `dot`'s order: the same bits.
+    /// Each row of `dot_rows_bf16` is the same bits whatever rows share the call (groups of
+    /// four, a remainder, alone), and close to the f64 value; odd lengths reach the tail loop.
     #[test]
-    fn bf16_dot_equals_the_dot_of_the_widened_values() {
-        for n in [0usize, 5, 8, 61, 2048] {
-            let x: Vec<f32> = (0..n)
+    fn bf16_row_dots_do_not_depend_on_the_other_rows() {
+        for k in [0usize, 5, 16, 61, 2048] {
+            let rows = 6;
+            let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.3)
                 .collect();
-            let bits: Vec<u16> = (0..n)
+            let bits: Vec<u16> = (0..k)
                 .map(|i| half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 3.1).to_bits())
                 .collect();
-            let widened: Vec<f32> = bits
-                .iter()
-                .map(|b| f32::from_bits(u32::from(*b) << 16))
-                .collect();
-            assert_eq!(
-                dot_bf16(&x, &bits).to_bits(),
-                dot(&x, &widened).to_bits(),
-                "n = {n}"
-            );
+            let mut together = vec![0.0f32; rows];
+            dot_rows_bf16(&x, rows, &bits, &mut together);
+            for r in 0..rows {
+                let mut alone = [0.0f32];
+                dot_rows_bf16(&x[r * k..(r + 1) * k], 1, &bits, &mut alone);
+                assert_eq!(
+                    alone[0].to_bits(),
+                    together[r].to_bits(),
+                    "k = {k}, row {r}"
+                );
+                let exact: f64 = (0..k)
+                    .map(|p| {
+                        f64::from(x[r * k + p])
+                            * f64::from(f32::from_bits(u32::from(bits[p]) << 16))
+                    })
+                    .sum();
+                let scale: f64 = (0..k).map(|p| f64::from(x[r * k + p]).abs() * 16.0).sum();
+                assert!(
+                    (f64::from(alone[0]) - exact).abs() <= 1e-6 * scale.max(1.0),
+                    "k = {k}"
+                );
+            }
         }
     }
 

@@ -67,8 +67,13 @@ fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> Fl
     if let Some(values) = crate::blas::host_values::<B>(&x) {
         // A decoding step's few rows: read the packed values directly (each byte once). Under
         // bf16 compute only a bf16-held weight qualifies (its values are already what bf16
-        // compute multiplies by).
-        let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS && !rounds_to_bf16(handle);
+        // compute multiplies by), and only for the fewest rows (oneDNN's bf16 kernels are faster
+        // beyond them).
+        let limit = match handle.bf16 {
+            true => crate::precision::DIRECT_PRODUCT_MAX_ROWS,
+            false => crate::precision::HALF_DIRECT_MAX_ROWS,
+        };
+        let direct = rows <= limit && !rounds_to_bf16(handle);
         let out = match direct {
             true => handle.weight.matmul_few_rows(&values, rows),
             false => None,
