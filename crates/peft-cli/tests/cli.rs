@@ -1078,6 +1078,57 @@ fn bf16_compute_runs_and_trains() {
     );
 }
 
+/// Whether this CPU multiplies bf16 in hardware (where CI requires oneDNN to load).
+fn has_bf16_units() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// bf16 products say which path they take under `PEFT_LOG=info` — oneDNN's bf16 kernels, or f32
+/// GEMMs where oneDNN is absent or `PEFT_ONEDNN=off` — and both give bitsandbytes' bf16 logits.
+#[test]
+fn bf16_products_name_their_path_and_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/bloom-tiny-nf4-bf16.safetensors");
+    let through = "bf16 products through libdnnl.so.2 (oneDNN 2.";
+    let as_f32 = "bf16 products as f32 GEMMs of bf16 values";
+    for onednn in ["default", "off"] {
+        let out_path = dir.path().join(format!("logits-{onednn}.safetensors"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_peft"));
+        command
+            .args(["logits", "--model"])
+            .arg(model("bloom-tiny-nf4"))
+            .arg("--inputs")
+            .arg(&reference)
+            .arg("--output")
+            .arg(&out_path)
+            .args(["--compute-dtype", "bfloat16"])
+            .env_remove("PEFT_DEVICE")
+            .env("PEFT_LOG", "info");
+        if onednn == "off" {
+            command.env("PEFT_ONEDNN", "off");
+        }
+        let out = command.output().unwrap();
+        ok(&out);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (said_through, said_f32) = (stderr.contains(through), stderr.contains(as_f32));
+        assert!(said_through != said_f32, "one line, one path: {stderr}");
+        if onednn == "off" {
+            assert!(said_f32, "{stderr}");
+        } else if std::env::var("PEFT_REQUIRE_ONEDNN").as_deref() == Ok("1") && has_bf16_units() {
+            assert!(said_through, "{stderr}");
+        }
+        let diff = logits_diff(&out_path, &reference);
+        assert!(diff < 1e-4, "{onednn}: bf16 logits {diff}");
+    }
+}
+
 /// `--gradient-checkpointing` recomputes activations in the backward pass: the trained adapter
 /// is the same, bit for bit (LoRA over a 4-bit base, so the packed product is recomputed too).
 #[test]
