@@ -220,6 +220,37 @@ multiversion! {
     }
 }
 
+/// `[rows, n]` row-major, computed output feature by output feature: `fill(state, o, out)`
+/// writes feature `o`'s value for every input row (row `r` at `out[r]`). Blocks of `block`
+/// features run in parallel, each task with its own `init()` state (a scratch buffer, or
+/// nothing), and the result is transposed into row order once at the end. The shape of every
+/// few-row product that reads each weight row once for all input rows.
+pub fn by_output_features<S>(
+    rows: usize,
+    n: usize,
+    block: usize,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let rows = rows.max(1);
+    let mut out_t = vec![0.0f32; n * rows];
+    out_t
+        .par_chunks_mut(block.max(1) * rows)
+        .enumerate()
+        .for_each_init(init, |state, (b, out)| {
+            for (j, out) in out.chunks_mut(rows).enumerate() {
+                fill(state, b * block + j, out);
+            }
+        });
+    let mut out = vec![0.0f32; rows * n];
+    for (o, values) in out_t.chunks(rows).enumerate() {
+        for (r, v) in values.iter().enumerate() {
+            out[r * n + o] = *v;
+        }
+    }
+    out
+}
+
 /// Output features per parallel task of [`few_rows_times_transposed`].
 const FEW_ROWS_BLOCK: usize = 64;
 
@@ -235,26 +266,18 @@ pub fn few_rows_times_transposed(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let mut out_t = vec![0.0f32; n * rows];
-    out_t
-        .par_chunks_mut(FEW_ROWS_BLOCK * rows.max(1))
-        .enumerate()
-        .for_each(|(block, out)| {
-            for (j, out) in out.chunks_mut(rows.max(1)).enumerate() {
-                let o = block * FEW_ROWS_BLOCK + j;
-                let weight_row = &w[o * k..(o + 1) * k];
-                for (r, value) in out.iter_mut().enumerate() {
-                    *value = dot(&x[r * k..(r + 1) * k], weight_row);
-                }
+    by_output_features(
+        rows,
+        n,
+        FEW_ROWS_BLOCK,
+        || (),
+        |_, o, out| {
+            let weight_row = &w[o * k..(o + 1) * k];
+            for (r, value) in out.iter_mut().enumerate() {
+                *value = dot(&x[r * k..(r + 1) * k], weight_row);
             }
-        });
-    let mut out = vec![0.0f32; rows * n];
-    for (o, values) in out_t.chunks(rows.max(1)).enumerate() {
-        for (r, v) in values.iter().enumerate() {
-            out[r * n + o] = *v;
-        }
-    }
-    out
+        },
+    )
 }
 
 multiversion! {

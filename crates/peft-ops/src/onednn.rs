@@ -448,11 +448,7 @@ pub fn to_bf16_bits(values: &[f32]) -> Vec<u16> {
     let mut bits = vec![0u16; values.len()];
     bits.par_chunks_mut(1 << 14)
         .zip(values.par_chunks(1 << 14))
-        .for_each(|(bits, values)| {
-            for (b, v) in bits.iter_mut().zip(values) {
-                *b = half::bf16::from_f32(*v).to_bits();
-            }
-        });
+        .for_each(|(bits, values)| crate::precision::round_to_bf16_bits(values, bits));
     bits
 }
 

@@ -171,9 +171,7 @@ fn bf16_weight(handle: &PackedHandle) -> Option<Vec<u16>> {
                 return false;
             }
             // One rounding from the de-quantised f32 value, as bitsandbytes' cast to bf16.
-            for (b, v) in bits.iter_mut().zip(&values) {
-                *b = half::bf16::from_f32(*v).to_bits();
-            }
+            crate::precision::round_to_bf16_bits(&values, bits);
             true
         });
     if blocks_ok {

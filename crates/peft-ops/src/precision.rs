@@ -90,6 +90,13 @@ pub fn round_bf16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.cast(DType::BF16).cast(DType::F32)
 }
 
+/// `values` rounded to bf16 (to nearest, ties to even) into `bits` (bit patterns, same length).
+pub fn round_to_bf16_bits(values: &[f32], bits: &mut [u16]) {
+    for (b, v) in bits.iter_mut().zip(values) {
+        *b = half::bf16::from_f32(*v).to_bits();
+    }
+}
+
 /// The two 16-bit float formats a frozen weight can be held in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HalfDtype {
@@ -136,10 +143,11 @@ impl HalfWeight {
         Ok(Self {
             shape,
             dtype: HalfDtype::Bf16,
-            bits: values
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect(),
+            bits: {
+                let mut bits = vec![0u16; values.len()];
+                round_to_bf16_bits(values, &mut bits);
+                bits
+            },
         })
     }
 
@@ -283,45 +291,41 @@ impl HalfWeight {
     /// [`HALF_DIRECT_MAX_ROWS`] rows (public so that benchmarks can find the crossover with the
     /// GEMM path at other row counts). `None` for an empty or misshaped `x`.
     pub fn matmul_rows_direct(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
-        use rayon::prelude::*;
         let [d_out, d_in] = self.shape;
         if rows == 0 || x.len() != rows * d_in {
             return None;
         }
-        // Output features in blocks, each task widening one weight row at a time into a small
-        // buffer and taking its dot product with every input row: the weight is read once.
+        // Output features in blocks, each weight row read once and dotted with every input row.
         const BLOCK: usize = 32;
-        let mut out_t = vec![0.0f32; d_out * rows];
-        out_t
-            .par_chunks_mut(BLOCK * rows)
-            .enumerate()
-            .for_each(|(block, out)| {
-                let mut row = vec![0.0f32; d_in];
-                for (j, out) in out.chunks_mut(rows).enumerate() {
-                    let o = block * BLOCK + j;
-                    let bits = &self.bits[o * d_in..(o + 1) * d_in];
-                    if self.dtype == HalfDtype::Bf16 {
-                        // Widened in registers, every row against this weight row at once.
-                        dot_rows_bf16(x, rows, bits, out);
-                        continue;
-                    }
-                    self.widen(bits, &mut row);
+        let row_bits = |o: usize| &self.bits[o * d_in..(o + 1) * d_in];
+        let out = match self.dtype {
+            // Widened in registers, every input row against this weight row at once.
+            HalfDtype::Bf16 => by_output_features(
+                rows,
+                d_out,
+                BLOCK,
+                || (),
+                |_, o, out| dot_rows_bf16(x, rows, row_bits(o), out),
+            ),
+            // Widened into a per-task row buffer first.
+            HalfDtype::F16 => by_output_features(
+                rows,
+                d_out,
+                BLOCK,
+                || vec![0.0f32; d_in],
+                |row, o, out| {
+                    self.widen(row_bits(o), row);
                     for (r, value) in out.iter_mut().enumerate() {
-                        *value = dot(&x[r * d_in..(r + 1) * d_in], &row);
+                        *value = dot(&x[r * d_in..(r + 1) * d_in], row);
                     }
-                }
-            });
-        let mut out = vec![0.0f32; rows * d_out];
-        for (o, values) in out_t.chunks(rows).enumerate() {
-            for (r, v) in values.iter().enumerate() {
-                out[r * d_out + o] = *v;
-            }
-        }
+                },
+            ),
+        };
         Some(out)
     }
 }
 
-use crate::kernels::{dot, dot_rows_bf16};
+use crate::kernels::{by_output_features, dot, dot_rows_bf16};
 
 #[cfg(test)]
 mod tests {
