@@ -2,6 +2,7 @@
 //! weights exactly, files and parameter counts match, and the seed tutorial's call is refused
 //! with PEFT's message.
 
+use peft_core::MethodConfig;
 use std::collections::BTreeMap;
 
 use peft_core::TensorStore;

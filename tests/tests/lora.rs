@@ -1,6 +1,7 @@
 //! LoRA against Hugging Face PEFT: adapters saved by PEFT load here with PEFT's logits; ours save
 //! in PEFT's format; merging, unmerging and the trainable-parameter line match.
 
+use peft_core::MethodConfig;
 use std::collections::BTreeMap;
 
 use peft_core::params::named_values;

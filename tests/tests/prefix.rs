@@ -1,6 +1,7 @@
 //! Prefix tuning against Hugging Face PEFT: logits, greedy generation, the projection MLP,
 //! files, counts and bad adapters.
 
+use peft_core::MethodConfig;
 use peft_core::{AdapterModel, CausalLm, TensorStore};
 use peft_prefix::{PrefixTuningConfig, from_pretrained, get_peft_model, load_projection};
 use peft_tests::{

@@ -1,6 +1,7 @@
 //! P-tuning against Hugging Face PEFT: the MLP and bidirectional-LSTM encoders compute PEFT's
 //! virtual tokens from PEFT's weights; PEFT's adapters give PEFT's logits and generations.
 
+use peft_core::MethodConfig;
 use peft_core::prompt_learning::VirtualTokenEncoder;
 use peft_core::{AdapterModel, CausalLm, TensorStore};
 use peft_ptuning::{PromptEncoderConfig, from_pretrained, get_peft_model, load_encoder};

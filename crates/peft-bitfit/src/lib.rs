@@ -17,6 +17,7 @@
 //! println!("{}", model.trainable_summary());
 //! ```
 
+use peft_core::MethodConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -27,29 +28,40 @@ use peft_core::adapter_files::{
 };
 use peft_core::params::{named_params, named_values};
 use peft_core::{
-    CausalLm, HostTensor, NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
+    CausalLm, ConfigHeader, HostTensor, NoAdapter, PeftError, PeftType, Result, TensorStore,
+    TrainableSummary,
 };
 
 /// BitFit's adapter config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BitFitConfig {
-    /// Always `BITFIT`.
-    #[serde(default = "bitfit_type")]
-    pub peft_type: PeftType,
-    /// The base model the adapter belongs to.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
+    /// PEFT's shared fields (`peft_type` = `BITFIT`, `task_type`,
+    /// `base_model_name_or_path`, `inference_mode`).
+    #[serde(flatten)]
+    pub header: ConfigHeader<BitFitConfig>,
     /// Only biases whose HF name matches this regex (anywhere in the name) train, e.g.
     /// `self_attention` for attention biases only; `None` = every bias.
     #[serde(default)]
     pub bias_pattern: Option<String>,
-    /// Written as `true` when saving, as PEFT does.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// Keys this version does not know (from a newer peft-rs), warned about when the config is
+    /// used and kept so that it saves back unchanged.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
-fn bitfit_type() -> PeftType {
-    PeftType::BitFit
+impl MethodConfig for BitFitConfig {
+    const PEFT_TYPE: PeftType = PeftType::BitFit;
+    const NAME: &'static str = "BitFitConfig";
+
+    /// Checks `peft_type` and warns about keys this version does not know; `bias_pattern` is
+    /// checked when it is compiled.
+    fn validate(&self, context: &str) -> Result<()> {
+        self.header.check(context)?;
+        for key in self.other.keys() {
+            tracing::warn!("{context}: unknown key `{key}` ignored");
+        }
+        Ok(())
+    }
 }
 
 impl Default for BitFitConfig {
@@ -74,13 +86,7 @@ pub struct BitFitModel<M> {
 /// A model without biases (Llama) is an error that says so and names architectures that have
 /// them, never a silent zero-parameter run.
 pub fn get_peft_model<M: CausalLm>(model: M, config: BitFitConfig) -> Result<BitFitModel<M>> {
-    if config.peft_type != PeftType::BitFit {
-        return Err(PeftError::config(
-            "BitFitConfig",
-            "peft_type",
-            format!("expected BITFIT, found {:?}", config.peft_type),
-        ));
-    }
+    config.validate(BitFitConfig::NAME)?;
     let pattern = config
         .bias_pattern
         .as_deref()

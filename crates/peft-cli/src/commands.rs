@@ -39,9 +39,9 @@ fn load_base(
 /// the loader by the folder's `peft_type`).
 fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Box<dyn Runnable>> {
     let config = adapter.join("adapter_config.json");
-    let header = peft_core::config::read_header(&config)
+    let peft_type = peft_core::config::read_peft_type(&config)
         .with_context(|| format!("reading adapter {}", adapter.display()))?;
-    let method = crate::methods::by_peft_type(header.peft_type);
+    let method = crate::methods::by_peft_type(peft_type);
     (method.load)(base, adapter).with_context(|| format!("loading adapter {}", adapter.display()))
 }
 
@@ -75,14 +75,14 @@ fn load_multi_lora(
                 dir.display()
             ),
         };
-        let header = peft_core::config::read_header(dir.join("adapter_config.json"))
+        let peft_type = peft_core::config::read_peft_type(dir.join("adapter_config.json"))
             .with_context(|| format!("reading adapter {}", dir.display()))?;
-        if header.peft_type != PeftType::Lora {
+        if peft_type != PeftType::Lora {
             bail!(
                 "--adapter {}: several adapters on one model (and --adapter-names) are LoRA \
                  only, as PEFT's mixed-adapter batches; this adapter is {:?}",
                 dir.display(),
-                header.peft_type
+                peft_type
             );
         }
         multi
@@ -309,7 +309,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         (Some(_), Some(_)) => bail!("give --config or --method, not both"),
         (None, Some(name)) => Some(crate::methods::by_name(name)?),
         (Some(config), None) => Some(crate::methods::by_peft_type(
-            peft_core::config::read_header(config)?.peft_type,
+            peft_core::config::read_peft_type(config)?,
         )),
     };
     let printed = match method {

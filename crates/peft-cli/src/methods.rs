@@ -3,6 +3,7 @@
 //! look a method up by PEFT type or by name and then run whatever it loaded through
 //! [`Runnable`], so no command matches on method names. A new method is one entry here.
 
+use peft_core::MethodConfig;
 use std::path::Path;
 
 use anyhow::{Result, bail};
@@ -259,7 +260,7 @@ pub(crate) const METHODS: [Method; 7] = [
                 peft_ia3::Ia3Config::from_file(p)
             })?;
             config.target_modules = ctx.targets().or(config.target_modules);
-            config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
+            config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_ia3::get_peft_model(base, config)?, ctx)
         },
         merges: true,
@@ -291,7 +292,7 @@ pub(crate) const METHODS: [Method; 7] = [
             let mut config = config_or_default(ctx.args.config.as_deref(), |p| {
                 peft_core::config::read_config::<peft_bitfit::BitFitConfig>(p)
             })?;
-            config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
+            config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_bitfit::get_peft_model(base, config)?, ctx)
         },
         merges: true,
@@ -313,7 +314,7 @@ pub(crate) const METHODS: [Method; 7] = [
             if let Some(n) = ctx.args.num_virtual_tokens {
                 config.num_virtual_tokens = n;
             }
-            config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
+            config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(
                 peft_prompt::get_peft_model(base, config, Some(ctx.tokenizer))?,
                 ctx,
@@ -338,7 +339,7 @@ pub(crate) const METHODS: [Method; 7] = [
             if let Some(n) = ctx.args.num_virtual_tokens {
                 config.num_virtual_tokens = n;
             }
-            config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
+            config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_prefix::get_peft_model(base, config)?, ctx)
         },
         merges: false,
@@ -360,7 +361,7 @@ pub(crate) const METHODS: [Method; 7] = [
             if let Some(n) = ctx.args.num_virtual_tokens {
                 config.num_virtual_tokens = n;
             }
-            config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
+            config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_ptuning::get_peft_model(base, config)?, ctx)
         },
         merges: false,
@@ -437,7 +438,7 @@ fn train_lora(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>, qlora: bool) -> R
     config.lora_alpha = args.lora_alpha.unwrap_or(config.lora_alpha);
     config.lora_dropout = args.lora_dropout.unwrap_or(config.lora_dropout);
     config.target_modules = ctx.targets().or(config.target_modules);
-    config.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
+    config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
     run(peft_lora::get_peft_model(base, config)?, ctx)
 }
 

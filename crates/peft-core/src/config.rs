@@ -1,6 +1,7 @@
 //! The parts of Hugging Face PEFT's `adapter_config.json` that every method shares, and a lenient
 //! reader that accepts keys from newer PEFT versions with a warning instead of failing.
 
+use std::marker::PhantomData;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -61,20 +62,95 @@ impl TargetModules {
     }
 }
 
-/// The fields every PEFT adapter config has.
+/// A method's `adapter_config.json` type: its `peft_type` (its [`ConfigHeader`]'s default and
+/// the only value accepted), its checks, and reading it from a file or text.
+pub trait MethodConfig: Serialize + DeserializeOwned + Clone + std::fmt::Debug {
+    /// The method's `peft_type`.
+    const PEFT_TYPE: PeftType;
+    /// PEFT's class name (`LoraConfig`), naming a config built in code in errors.
+    const NAME: &'static str;
+
+    /// Checks the values (the header's `peft_type` among them); `context` names the config (a
+    /// file, or [`Self::NAME`]) in errors.
+    fn validate(&self, context: &str) -> Result<()>;
+
+    /// Reads `adapter_config.json` leniently (unknown keys warned about, as PEFT drops keys of
+    /// newer versions) and validates it.
+    fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        read_validated(path, Self::validate)
+    }
+
+    /// Parses and validates a config from JSON text; `context` names it in errors.
+    fn from_json(json: &str, context: &str) -> Result<Self> {
+        let config: Self = serde_json::from_str(json).map_err(|e| PeftError::json(context, e))?;
+        config.validate(context)?;
+        Ok(config)
+    }
+}
+
+/// The fields every PEFT adapter config has, flattened (`#[serde(flatten)]`) into each method's
+/// config `C`, so that they are declared once: `peft_type` defaults to `C`'s, `task_type` to
+/// `CAUSAL_LM`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConfigHeader {
-    /// Which method the adapter belongs to.
+#[serde(bound = "")]
+pub struct ConfigHeader<C: MethodConfig> {
+    /// Which method the adapter belongs to; [`ConfigHeader::check`] refuses another method's.
+    #[serde(default = "peft_type_of::<C>")]
     pub peft_type: PeftType,
-    /// PEFT's task type, e.g. `CAUSAL_LM`.
-    #[serde(default)]
+    /// PEFT's task type (`CAUSAL_LM`).
+    #[serde(default = "causal_lm")]
     pub task_type: Option<String>,
     /// The base model the adapter was trained on.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
-    /// Whether the adapter was saved for inference (PEFT always writes `true`).
+    /// Whether the adapter was saved for inference (PEFT writes `true` when saving).
     #[serde(default)]
     pub inference_mode: bool,
+    #[serde(skip)]
+    method: PhantomData<fn() -> C>,
+}
+
+fn peft_type_of<C: MethodConfig>() -> PeftType {
+    C::PEFT_TYPE
+}
+
+fn causal_lm() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+
+impl<C: MethodConfig> Default for ConfigHeader<C> {
+    fn default() -> Self {
+        Self {
+            peft_type: C::PEFT_TYPE,
+            task_type: causal_lm(),
+            base_model_name_or_path: None,
+            inference_mode: false,
+            method: PhantomData,
+        }
+    }
+}
+
+impl<C: MethodConfig> ConfigHeader<C> {
+    /// Refuses a config of another method (`context` names the file in the error).
+    pub fn check(&self, context: &str) -> Result<()> {
+        if self.peft_type == C::PEFT_TYPE {
+            return Ok(());
+        }
+        let name = |t: PeftType| {
+            serde_json::to_value(t)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+        };
+        Err(PeftError::config(
+            context,
+            "peft_type",
+            format!(
+                "expected {}, found {}",
+                name(C::PEFT_TYPE).unwrap_or_default(),
+                name(self.peft_type).unwrap_or_default()
+            ),
+        ))
+    }
 }
 
 /// Parses `json` into `T`, calling `on_unknown` with each key `T` does not know.
@@ -113,27 +189,32 @@ pub fn read_validated<T: DeserializeOwned>(
     Ok(config)
 }
 
-/// Reads only the shared header of an adapter config, to learn which method it belongs to.
+/// Reads only the `peft_type` of an adapter config, to learn which method it belongs to.
 ///
 /// An unknown `peft_type` is reported with the list of the types peft-rs implements.
-pub fn read_header(path: impl AsRef<Path>) -> Result<ConfigHeader> {
+pub fn read_peft_type(path: impl AsRef<Path>) -> Result<PeftType> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| PeftError::json(path, e))?;
-    if let Some(kind) = value.get("peft_type").and_then(|v| v.as_str())
-        && !PeftType::ALL.contains(&kind)
-    {
-        return Err(PeftError::config(
-            path.display().to_string(),
+    let context = path.display().to_string();
+    let Some(kind) = value.get("peft_type") else {
+        return Err(PeftError::config(context, "peft_type", "missing"));
+    };
+    match kind.as_str() {
+        Some(kind) if PeftType::ALL.contains(&kind) => {
+            serde_json::from_value(value["peft_type"].clone()).map_err(|e| PeftError::json(path, e))
+        }
+        _ => Err(PeftError::config(
+            context,
             "peft_type",
             format!(
-                "unknown type `{kind}` (supported: {})",
+                "unknown type `{}` (supported: {})",
+                kind.as_str().map_or_else(|| kind.to_string(), String::from),
                 PeftType::ALL.join(", ")
             ),
-        ));
+        )),
     }
-    from_json_lenient(&text, |_| {}).map_err(|e| PeftError::json(path, e))
 }
 
 #[cfg(test)]
@@ -170,21 +251,69 @@ mod tests {
         assert!(cfg.target_modules.unwrap().is_all_linear());
     }
 
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Method {
+        #[serde(flatten)]
+        header: ConfigHeader<Method>,
+        #[serde(default)]
+        r: usize,
+    }
+
+    impl MethodConfig for Method {
+        const PEFT_TYPE: PeftType = PeftType::Ia3;
+        const NAME: &'static str = "Method";
+
+        fn validate(&self, context: &str) -> Result<()> {
+            self.header.check(context)
+        }
+    }
+
+    #[test]
+    fn the_header_defaults_to_its_method_and_refuses_another() {
+        let m: Method = from_json_lenient(r#"{"r": 2}"#, |_| {}).unwrap();
+        assert_eq!(m.header, ConfigHeader::default());
+        assert_eq!(m.header.peft_type, PeftType::Ia3);
+        assert_eq!(m.header.task_type.as_deref(), Some("CAUSAL_LM"));
+        m.header.check("cfg").unwrap();
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"peft_type": "IA3", "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": null, "inference_mode": false, "r": 2})
+        );
+        let other: Method = from_json_lenient(
+            r#"{"peft_type": "LORA", "base_model_name_or_path": "m", "inference_mode": true}"#,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(other.header.base_model_name_or_path.as_deref(), Some("m"));
+        assert!(other.header.inference_mode);
+        let err = other.header.check("cfg").unwrap_err().to_string();
+        assert!(
+            err.contains("peft_type") && err.contains("expected IA3, found LORA"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn header_rejects_unknown_peft_type_with_the_supported_list() {
         let dir = std::env::temp_dir().join(format!("peft-core-hdr-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("adapter_config.json");
         std::fs::write(&path, r#"{"peft_type": "VERA", "r": 4}"#).unwrap();
-        let err = read_header(&path).unwrap_err().to_string();
+        let err = read_peft_type(&path).unwrap_err().to_string();
         assert!(err.contains("unknown type `VERA`"), "{err}");
         assert!(err.contains("LORA, IA3"), "{err}");
         std::fs::write(&path, r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM"}"#).unwrap();
-        let header = read_header(&path).unwrap();
-        assert_eq!(header.peft_type, PeftType::Lora);
-        assert_eq!(header.task_type.as_deref(), Some("CAUSAL_LM"));
+        assert_eq!(read_peft_type(&path).unwrap(), PeftType::Lora);
+        std::fs::write(&path, r#"{"r": 4}"#).unwrap();
+        let err = read_peft_type(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("peft_type") && err.contains("missing"),
+            "{err}"
+        );
         std::fs::write(&path, "{not json").unwrap();
-        let err = read_header(&path).unwrap_err().to_string();
+        let err = read_peft_type(&path).unwrap_err().to_string();
         assert!(err.contains("adapter_config.json: invalid JSON"), "{err}");
     }
 }

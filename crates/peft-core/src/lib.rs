@@ -10,7 +10,8 @@
 //! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
 //! * [`adapter_files`]: PEFT's adapter folders (config + weights) and parameter bookkeeping;
 //! * [`params`]: parameters by their Hugging Face names;
-//! * [`tuner`]: the layer methods' shared pipeline (inject, merge, unmerge, unload);
+//! * [`tuner`]: the layer methods' shared model ([`tuner::LayerTuner`], [`tuner::TunedModel`]:
+//!   inject, load, save, merge, unmerge, unload);
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line.
 //!
 //! What the layers compute with lives in `peft-ops` (CPU kernels, BLAS, packed products, the
@@ -40,7 +41,7 @@ pub use adapter::{
     AdaptableEmbedding, AdaptableLinear, BaseLinear, LayerAdapter, NoAdapter, PackedLinear,
 };
 pub use adapter_set::{AdapterSet, BASE_ADAPTER, RowAdapters};
-pub use config::{ConfigHeader, PeftType, TargetModules};
+pub use config::{ConfigHeader, MethodConfig, PeftType, TargetModules};
 pub use model::{AdapterModel, CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};
 pub use modules::{ModuleInfo, ModuleKind, ModuleMatcher};
 pub use peft_ops::packed::PackedWeight;

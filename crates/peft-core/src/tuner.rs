@@ -1,14 +1,330 @@
-//! What every layer method (LoRA, IA3) does the same way, in the spirit of PEFT's `BaseTuner`:
-//! injecting adapters into the targeted layers, and merging, unmerging or dropping them. A
-//! method supplies only how one layer's adapter is built.
+//! The layer methods' shared model, in the spirit of PEFT's `BaseTuner`: a method (LoRA, IA3)
+//! implements [`LayerTuner`] — its config, what it adds to one layer, which layers it takes and
+//! how its tensors are named in PEFT's files — and [`TunedModel`] does everything else once:
+//! `get_peft_model` (freeze, inject, re-enable `modules_to_save`), `from_pretrained` (read the
+//! folder, check every key belongs to this model), `save_pretrained`, merge / unmerge / unload and
+//! the trainable-parameters summary.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use crate::adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter, NoAdapter};
-use crate::adapter_files::set_trainable;
-use crate::error::Result;
+use crate::adapter_files::{
+    CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_summary, adapter_trainable_names,
+    load_base_params, prepare_modules_to_save, save_adapter, set_trainable,
+};
+use crate::config::MethodConfig;
+use crate::error::{PeftError, Result};
 use crate::model::{AdapterModel, CausalLm};
-use crate::params::{ParamUpdate, map_params};
+use crate::modules::{ModuleInfo, ModuleKind};
+use crate::params::{ParamUpdate, map_params, named_values};
+use crate::summary::TrainableSummary;
+use peft_tensors::{HostTensor, TensorStore};
+
+/// What the shared model needs of a layer method's config besides [`MethodConfig`].
+pub trait TunerConfig: MethodConfig {
+    /// PEFT's `modules_to_save`: modules trained in full and saved with the adapter.
+    fn modules_to_save(&self) -> Option<&[String]>;
+}
+
+/// One layer a method adapts.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The layer's HF path (`transformer.h.0.self_attention.query_key_value`).
+    pub path: &'a str,
+    /// `(d_in, d_out)` of a linear layer; `(num_embeddings, dim)` of an embedding.
+    pub dims: (usize, usize),
+    /// Whether the layer is an embedding table.
+    pub is_embedding: bool,
+}
+
+/// A layer method: what it adds to one layer and how PEFT names it in files. Implemented by a
+/// marker type per method (`peft_lora::Lora`, `peft_ia3::Ia3`); [`TunedModel`] is the model.
+pub trait LayerTuner: Sized {
+    /// The method's config.
+    type Config: TunerConfig;
+    /// What the method adds to one targeted layer.
+    type Layer: LayerAdapter;
+
+    /// The modules `config` adapts among `modules` of a `model_type` model (PEFT's default
+    /// targets when the config names none); a module the method cannot adapt is an error.
+    fn select<'m>(
+        config: &Self::Config,
+        model_type: &str,
+        modules: &'m [ModuleInfo],
+    ) -> Result<Vec<&'m ModuleInfo>>;
+
+    /// Base parameters (HF names) the config trains besides `modules_to_save` (LoRA's `bias`).
+    fn trained_base_params(
+        _config: &Self::Config,
+        _modules: &[ModuleInfo],
+        _targeted: &[String],
+    ) -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
+    /// The adapter of one targeted layer: freshly initialised (`store` is `None`) or read from
+    /// PEFT's keys in an adapter file.
+    fn make_layer(
+        config: &Self::Config,
+        model_type: &str,
+        target: Target<'_>,
+        store: Option<&TensorStore>,
+        device: &burn::tensor::Device,
+    ) -> Result<Self::Layer>;
+
+    /// The module a file key (without PEFT's `base_model.model.` prefix) holds an adapter tensor
+    /// of (`….lora_A.weight` → `…`), or `None` for a key that is not the method's.
+    fn module_of_key(key: &str) -> Option<&str>;
+
+    /// PEFT's key (without the prefix) and value of one adapter tensor of the layer at `path`;
+    /// `param` is the tensor's name inside the layer's adapter (`lora_a`).
+    fn file_tensor(
+        config: &Self::Config,
+        model_type: &str,
+        path: &str,
+        is_embedding: bool,
+        param: &str,
+        value: HostTensor,
+    ) -> Result<(String, HostTensor)>;
+}
+
+/// A model with a layer method's adapters on some of its layers (PEFT's `PeftModel` over a
+/// `BaseTuner`): `peft_lora::LoraModel<M>` is `TunedModel<Lora, M>`.
+#[derive(Debug)]
+pub struct TunedModel<T: LayerTuner, M> {
+    /// The adapted model.
+    pub model: M,
+    /// The adapter's config.
+    pub config: T::Config,
+    /// HF paths of the adapted layers.
+    pub targeted: Vec<String>,
+    /// The subset of `targeted` that are embeddings.
+    pub embedding_targets: Vec<String>,
+    /// HF names of base parameters trained in full and saved with the adapter
+    /// (`modules_to_save`, and what [`LayerTuner::trained_base_params`] adds).
+    pub saved_params: Vec<String>,
+    /// Whether the adapter trains (false after loading for inference, PEFT's
+    /// `is_trainable=False`).
+    pub trainable: bool,
+}
+
+impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
+    /// PEFT's `get_peft_model(model, config)`: freezes `base`, adds freshly initialised
+    /// adapters on the targeted layers, and makes `modules_to_save` (and the method's trained
+    /// base parameters) trainable.
+    pub fn get_peft_model<B>(base: B, config: T::Config) -> Result<Self>
+    where
+        B: CausalLm<Adapter = NoAdapter, WithAdapter<T::Layer> = M>,
+    {
+        Self::inject(base, config, None)
+    }
+
+    /// PEFT's `PeftModel.from_pretrained(model, adapter_dir, is_trainable)`: loads an adapter
+    /// folder onto `base`. Every tensor of the file must belong to this model: a method key for
+    /// a module the config does not select means an adapter for another architecture. With
+    /// `trainable` false every parameter is frozen (inference).
+    pub fn from_pretrained<B>(
+        base: B,
+        adapter_dir: impl AsRef<Path>,
+        trainable: bool,
+    ) -> Result<Self>
+    where
+        B: CausalLm<Adapter = NoAdapter, WithAdapter<T::Layer> = M>,
+    {
+        let dir = adapter_dir.as_ref();
+        let config = T::Config::from_file(dir.join(CONFIG_NAME))?;
+        let weights = dir.join(WEIGHTS_NAME);
+        let store = TensorStore::open(&weights)?;
+        let mut tuned = Self::inject(base, config, Some(&store))?;
+        let model_type = tuned.model.spec().model_type.clone();
+        let targeted = &tuned.targeted;
+        let (model, _) = load_base_params(
+            tuned.model,
+            &store,
+            &weights,
+            |name| {
+                let module = T::module_of_key(name)?;
+                Some(if targeted.iter().any(|t| t == module) {
+                    Ok(())
+                } else {
+                    Err(PeftError::AdapterMismatch(format!(
+                        "{}: `{KEY_PREFIX}{name}` adapts `{module}`, which the config's \
+                         target_modules do not select in this {model_type} model (adapter for \
+                         another architecture?)",
+                        weights.display(),
+                    )))
+                })
+            },
+            // PEFT wraps an adapted layer, so the base parameters it saves of one (an
+            // embedding's table, a trained bias) are `<path>.base_layer.<param>`.
+            |name| match split_base_layer(name) {
+                Some((module, param)) if targeted.iter().any(|t| t == module) => {
+                    format!("{module}.{param}")
+                }
+                _ => name.to_string(),
+            },
+        )?;
+        tuned.model = model;
+        if !trainable {
+            tuned.model = freeze(tuned.model);
+            tuned.trainable = false;
+        }
+        Ok(tuned)
+    }
+
+    fn inject<B>(base: B, config: T::Config, store: Option<&TensorStore>) -> Result<Self>
+    where
+        B: CausalLm<Adapter = NoAdapter, WithAdapter<T::Layer> = M>,
+    {
+        config.validate(T::Config::NAME)?;
+        let model_type = base.spec().model_type.clone();
+        let modules = base.modules();
+        let chosen = T::select(&config, &model_type, &modules)?;
+        let targeted: Vec<String> = chosen.iter().map(|m| m.path.clone()).collect();
+        let embedding_targets = chosen
+            .iter()
+            .filter(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
+            .map(|m| m.path.clone())
+            .collect();
+        let (base, mut saved_params) = prepare_modules_to_save(base, config.modules_to_save())?;
+        saved_params.extend(T::trained_base_params(&config, &modules, &targeted));
+        let device = base.device();
+        let model = inject_layers(
+            base,
+            &targeted,
+            &saved_params,
+            |path, dims, is_embedding| {
+                let target = Target {
+                    path,
+                    dims,
+                    is_embedding,
+                };
+                T::make_layer(&config, &model_type, target, store, &device)
+            },
+        )?;
+        Ok(Self {
+            model,
+            config,
+            targeted,
+            embedding_targets,
+            saved_params: saved_params.into_iter().collect(),
+            trainable: true,
+        })
+    }
+
+    /// PEFT's `print_trainable_parameters()` numbers: the adapters and the parameters trained in
+    /// full are trainable (none in inference mode); "all" counts the adapters too.
+    pub fn trainable_summary(&self) -> TrainableSummary {
+        adapter_summary(&self.model, &self.saved_params, self.trainable)
+    }
+
+    /// The adapter's tensors under PEFT's keys and shapes: the method's tensors, the saved base
+    /// parameters (under `<path>.base_layer.` for an adapted layer, as PEFT's wrapper names
+    /// them), and an adapted embedding's base table (PEFT's `save_embedding_layers="auto"`).
+    pub fn adapter_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
+        let model_type = &self.model.spec().model_type;
+        let mut out = BTreeMap::new();
+        for (name, value) in named_values(&self.model)? {
+            if let Some((module, param)) = name.rsplit_once(".adapter.") {
+                let is_embedding = self.is_embedding(module);
+                let (key, value) =
+                    T::file_tensor(&self.config, model_type, module, is_embedding, param, value)?;
+                out.insert(format!("{KEY_PREFIX}{key}"), value);
+                continue;
+            }
+            let Some((module, param)) = name.rsplit_once('.') else {
+                continue;
+            };
+            let targeted = self.targeted.iter().any(|t| t == module);
+            if self.saved_params.contains(&name) || (self.is_embedding(module) && param == "weight")
+            {
+                let key = if targeted {
+                    format!("{KEY_PREFIX}{module}.base_layer.{param}")
+                } else {
+                    format!("{KEY_PREFIX}{name}")
+                };
+                out.insert(key, value);
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_embedding(&self, module: &str) -> bool {
+        self.embedding_targets.iter().any(|t| t == module)
+    }
+
+    /// PEFT's `save_pretrained(dir)`: `adapter_config.json` + `adapter_model.safetensors`, each
+    /// written atomically.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        save_adapter(dir.as_ref(), &self.config, &self.adapter_tensors()?)
+    }
+
+    /// PEFT's `merge_and_unload()`: folds every adapter into its base weight and returns the
+    /// plain model.
+    pub fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        merge_and_unload(self.model)
+    }
+
+    /// PEFT's `unload()`: drops the adapters without merging.
+    pub fn unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        unload(self.model)
+    }
+}
+
+impl<T, M> TunedModel<T, M>
+where
+    T: LayerTuner,
+    M: CausalLm<Adapter = T::Layer, WithAdapter<T::Layer> = M>,
+{
+    /// PEFT's `merge_adapter()`: folds the adapters into the base weights, keeping them so that
+    /// [`unmerge_adapter`](Self::unmerge_adapter) can undo it.
+    pub fn merge_adapter(mut self) -> Result<Self> {
+        self.model = merge_layers(self.model)?;
+        Ok(self)
+    }
+
+    /// PEFT's `unmerge_adapter()`.
+    pub fn unmerge_adapter(mut self) -> Result<Self> {
+        self.model = unmerge_layers(self.model)?;
+        Ok(self)
+    }
+}
+
+impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> AdapterModel for TunedModel<T, M> {
+    type Model = M;
+
+    fn model(&self) -> &M {
+        &self.model
+    }
+
+    fn with_model(mut self, model: M) -> Self {
+        self.model = model;
+        self
+    }
+
+    fn trainable_names(&self) -> Vec<String> {
+        adapter_trainable_names(&self.model, &self.saved_params)
+    }
+
+    fn trainable_summary(&self) -> TrainableSummary {
+        TunedModel::trainable_summary(self)
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        TunedModel::save_pretrained(self, dir)
+    }
+
+    fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
+        TunedModel::merge_and_unload(self)
+    }
+}
+
+/// `(module, param)` of a file name under PEFT's wrapper (`<module>.base_layer.<param>`).
+fn split_base_layer(name: &str) -> Option<(&str, &str)> {
+    let (module, param) = name.rsplit_once('.')?;
+    Some((module.strip_suffix(".base_layer")?, param))
+}
 
 /// Freezes `base`, gives every layer in `targeted` the adapter `make(path, (d_in, d_out),
 /// is_embedding)` builds (an embedding's dims are `(num_embeddings, dim)`), and makes the base

@@ -1,28 +1,19 @@
 //! `IA3Config`: PEFT's `adapter_config.json` for (IA)³.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use peft_core::{PeftError, PeftType, Result, TargetModules};
+use peft_core::{ConfigHeader, PeftError, PeftType, Result, TargetModules};
 
 /// PEFT's `IA3Config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ia3Config {
-    /// Always `IA3`.
-    #[serde(default = "ia3_type")]
-    pub peft_type: PeftType,
-    /// PEFT's task type (`CAUSAL_LM`).
-    #[serde(default = "causal_lm")]
-    pub task_type: Option<String>,
-    /// The base model the adapter belongs to.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`peft_type` = `IA3`, `task_type`,
+    /// `base_model_name_or_path`, `inference_mode`).
+    #[serde(flatten)]
+    pub header: ConfigHeader<Ia3Config>,
     /// Modules to scale; `None` = PEFT's default for the architecture.
     #[serde(default)]
     pub target_modules: Option<TargetModules>,
@@ -47,12 +38,6 @@ pub struct Ia3Config {
     pub other: BTreeMap<String, Value>,
 }
 
-fn ia3_type() -> PeftType {
-    PeftType::Ia3
-}
-fn causal_lm() -> Option<String> {
-    Some("CAUSAL_LM".into())
-}
 fn yes() -> bool {
     true
 }
@@ -60,35 +45,14 @@ fn yes() -> bool {
 /// PEFT keys with no effect on the computation.
 const HARMLESS: &[&str] = &["peft_version", "auto_mapping", "revision"];
 
-impl Default for Ia3Config {
-    fn default() -> Self {
-        serde_json::from_str("{}").expect("every field has a default")
-    }
-}
-
-impl Ia3Config {
-    /// Reads `adapter_config.json`, validating it.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        peft_core::config::read_validated(path, Self::validate)
-    }
-
-    /// Parses and validates a config from JSON text; `context` names it in errors.
-    pub fn from_json(json: &str, context: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json).map_err(|e| PeftError::json(context, e))?;
-        config.validate(context)?;
-        Ok(config)
-    }
+impl peft_core::MethodConfig for Ia3Config {
+    const NAME: &'static str = "IA3Config";
+    const PEFT_TYPE: PeftType = PeftType::Ia3;
 
     /// PEFT's checks: `feedforward_modules` must be a subset of `target_modules` when both are
     /// lists. The error carries the fix.
-    pub fn validate(&self, context: &str) -> Result<()> {
-        if self.peft_type != PeftType::Ia3 {
-            return Err(PeftError::config(
-                context,
-                "peft_type",
-                format!("expected IA3, found {:?}", self.peft_type),
-            ));
-        }
+    fn validate(&self, context: &str) -> Result<()> {
+        self.header.check(context)?;
         if let (Some(TargetModules::List(targets)), Some(TargetModules::List(ff))) =
             (&self.target_modules, &self.feedforward_modules)
         {
@@ -120,7 +84,15 @@ impl Ia3Config {
         }
         Ok(())
     }
+}
 
+impl Default for Ia3Config {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+impl Ia3Config {
     /// The targets: the configured ones, or PEFT's default for `model_type`.
     pub fn targets(&self, model_type: &str) -> Result<TargetModules> {
         if let Some(t) = &self.target_modules {
@@ -186,6 +158,7 @@ fn defaults(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use peft_core::MethodConfig;
 
     #[test]
     fn the_seed_call_gets_peft_message_and_the_fix() {

@@ -21,4 +21,4 @@ pub mod model;
 
 pub use config::Ia3Config;
 pub use layer::Ia3Linear;
-pub use model::{Ia3Model, from_pretrained, get_peft_model};
+pub use model::{Ia3, Ia3Model, from_pretrained, get_peft_model};

@@ -1,13 +1,12 @@
 //! `LoraConfig`: PEFT's `adapter_config.json` for LoRA, field for field.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use peft_core::modules::{LayerIndices, LayersPattern};
-use peft_core::{PeftError, PeftType, Result, TargetModules};
+use peft_core::{ConfigHeader, PeftError, PeftType, Result, TargetModules};
 
 /// Which biases train (PEFT's `bias`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -43,18 +42,10 @@ impl Default for InitLoraWeights {
 /// PEFT's `LoraConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
-    /// Always `LORA`.
-    #[serde(default = "lora_type")]
-    pub peft_type: PeftType,
-    /// PEFT's task type (`CAUSAL_LM`).
-    #[serde(default = "causal_lm")]
-    pub task_type: Option<String>,
-    /// The base model the adapter belongs to.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`peft_type` = `LORA`, `task_type`,
+    /// `base_model_name_or_path`, `inference_mode`).
+    #[serde(flatten)]
+    pub header: ConfigHeader<LoraConfig>,
     /// Rank of the update.
     #[serde(default = "eight")]
     pub r: usize,
@@ -103,12 +94,6 @@ pub struct LoraConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-fn lora_type() -> PeftType {
-    PeftType::Lora
-}
-fn causal_lm() -> Option<String> {
-    Some("CAUSAL_LM".into())
-}
 fn eight() -> usize {
     8
 }
@@ -162,34 +147,14 @@ fn is_off(value: &Value) -> bool {
     }
 }
 
-impl Default for LoraConfig {
-    fn default() -> Self {
-        serde_json::from_str("{}").expect("every field has a default")
-    }
-}
-
-impl LoraConfig {
-    /// Reads `adapter_config.json`, validating it.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        peft_core::config::read_validated(path, Self::validate)
-    }
-
-    /// Parses and validates a config from JSON text; `context` names it in errors.
-    pub fn from_json(json: &str, context: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json).map_err(|e| PeftError::json(context, e))?;
-        config.validate(context)?;
-        Ok(config)
-    }
+impl peft_core::MethodConfig for LoraConfig {
+    const NAME: &'static str = "LoraConfig";
+    const PEFT_TYPE: PeftType = PeftType::Lora;
 
     /// Checks values and refuses features peft-rs does not implement.
-    pub fn validate(&self, context: &str) -> Result<()> {
+    fn validate(&self, context: &str) -> Result<()> {
         let bad = |field: &str, reason: String| Err(PeftError::config(context, field, reason));
-        if self.peft_type != PeftType::Lora {
-            return bad(
-                "peft_type",
-                format!("expected LORA, found {:?}", self.peft_type),
-            );
-        }
+        self.header.check(context)?;
         if self.r == 0 {
             return bad("r", "the rank must be at least 1".into());
         }
@@ -244,7 +209,15 @@ impl LoraConfig {
         }
         Ok(())
     }
+}
 
+impl Default for LoraConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+impl LoraConfig {
     /// The targets: the configured ones, or PEFT's default for `model_type`.
     pub fn targets(&self, model_type: &str) -> Result<TargetModules> {
         if let Some(t) = &self.target_modules {
@@ -297,6 +270,7 @@ fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use peft_core::MethodConfig;
 
     #[test]
     fn defaults_are_peft_defaults() {

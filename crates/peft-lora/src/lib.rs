@@ -34,5 +34,5 @@ pub mod multi;
 pub use combine::{Combination, CombinationType, MajoritySign};
 pub use config::{InitLoraWeights, LoraBias, LoraConfig};
 pub use layer::{LoraInit, LoraLinear};
-pub use model::{LoraModel, from_pretrained, get_peft_model};
+pub use model::{Lora, LoraModel, from_pretrained, get_peft_model};
 pub use multi::{DEFAULT_ADAPTER, LoraSet, MultiLoraBase, MultiLoraModel, NamedAdapter};

@@ -23,6 +23,7 @@
 //! model.set_row_adapters(Some(&["a", "b", "__base__"])).unwrap();
 //! ```
 
+use peft_core::MethodConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -13,6 +13,7 @@
 //! so peft-rs also writes the projection's weights to `adapter_encoder.safetensors` for training
 //! to resume.
 
+use peft_core::MethodConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -26,8 +27,8 @@ use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::model::{MapEmbedding, MapLinear};
 use peft_core::params::{ParamUpdate, map_params, named_params};
 use peft_core::{
-    AdapterModel, CausalLm, HostTensor, KvCache, LayerAdapter, LayerKv, ModelInput, ModelSpec,
-    ModuleInfo, NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
+    AdapterModel, CausalLm, ConfigHeader, HostTensor, KvCache, LayerAdapter, LayerKv, ModelInput,
+    ModelSpec, ModuleInfo, NoAdapter, PeftError, PeftType, Result, TensorStore, TrainableSummary,
 };
 use peft_tensors::save_safetensors;
 
@@ -37,18 +38,10 @@ pub const ENCODER_NAME: &str = "adapter_encoder.safetensors";
 /// PEFT's `PrefixTuningConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrefixTuningConfig {
-    /// Always `PREFIX_TUNING`.
-    #[serde(default = "prefix_type")]
-    pub peft_type: PeftType,
-    /// PEFT's task type.
-    #[serde(default = "causal_lm")]
-    pub task_type: Option<String>,
-    /// The base model.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`peft_type` = `PREFIX_TUNING`, `task_type`,
+    /// `base_model_name_or_path`, `inference_mode`).
+    #[serde(flatten)]
+    pub header: ConfigHeader<PrefixTuningConfig>,
     /// Prefix length.
     #[serde(default)]
     pub num_virtual_tokens: usize,
@@ -75,34 +68,14 @@ pub struct PrefixTuningConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-fn prefix_type() -> PeftType {
-    PeftType::PrefixTuning
-}
-fn causal_lm() -> Option<String> {
-    Some("CAUSAL_LM".into())
-}
-
-impl Default for PrefixTuningConfig {
-    fn default() -> Self {
-        Self {
-            num_virtual_tokens: 8,
-            ..serde_json::from_str("{}").expect("every field has a default")
-        }
-    }
-}
-
-impl PrefixTuningConfig {
-    /// Reads and validates `adapter_config.json`.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        peft_core::config::read_validated(path, Self::validate)
-    }
+impl peft_core::MethodConfig for PrefixTuningConfig {
+    const NAME: &'static str = "PrefixTuningConfig";
+    const PEFT_TYPE: PeftType = PeftType::PrefixTuning;
 
     /// Checks the values.
-    pub fn validate(&self, context: &str) -> Result<()> {
+    fn validate(&self, context: &str) -> Result<()> {
         let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
-        if self.peft_type != PeftType::PrefixTuning {
-            return bad("peft_type", "expected PREFIX_TUNING");
-        }
+        self.header.check(context)?;
         if self.num_virtual_tokens == 0 {
             return bad("num_virtual_tokens", "must be at least 1");
         }
@@ -120,7 +93,18 @@ impl PrefixTuningConfig {
         }
         Ok(())
     }
+}
 
+impl Default for PrefixTuningConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 8,
+            ..serde_json::from_str("{}").expect("every field has a default")
+        }
+    }
+}
+
+impl PrefixTuningConfig {
     /// Checks that a saved adapter fits `spec` (layers, key/value heads and width).
     fn check_model(&self, spec: &ModelSpec, context: &str) -> Result<()> {
         let kv_dim = spec.head_dim * spec.num_kv_heads;

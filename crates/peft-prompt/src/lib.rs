@@ -30,6 +30,7 @@
 //! println!("{}", model.trainable_summary());
 //! ```
 
+use peft_core::MethodConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -42,8 +43,8 @@ use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::params::{ParamUpdate, map_params, named_params};
 use peft_core::prompt_learning::{PromptTable, VirtualTokens};
 use peft_core::{
-    AdapterModel, CausalLm, HostTensor, ModelSpec, NoAdapter, PeftError, PeftType, Result,
-    TensorStore, TrainableSummary,
+    AdapterModel, CausalLm, ConfigHeader, HostTensor, ModelSpec, NoAdapter, PeftError, PeftType,
+    Result, TensorStore, TrainableSummary,
 };
 
 /// The HF-style name of the table parameter (`encoder.prompt_embeddings` inside the wrapper).
@@ -68,18 +69,10 @@ pub enum PromptTuningInit {
 /// PEFT's `PromptTuningConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptTuningConfig {
-    /// Always `PROMPT_TUNING`.
-    #[serde(default = "prompt_type")]
-    pub peft_type: PeftType,
-    /// PEFT's task type.
-    #[serde(default = "causal_lm")]
-    pub task_type: Option<String>,
-    /// The base model.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`peft_type` = `PROMPT_TUNING`, `task_type`,
+    /// `base_model_name_or_path`, `inference_mode`).
+    #[serde(flatten)]
+    pub header: ConfigHeader<PromptTuningConfig>,
     /// Number of virtual tokens.
     #[serde(default)]
     pub num_virtual_tokens: usize,
@@ -109,34 +102,14 @@ pub struct PromptTuningConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-fn prompt_type() -> PeftType {
-    PeftType::PromptTuning
-}
-fn causal_lm() -> Option<String> {
-    Some("CAUSAL_LM".into())
-}
-
-impl Default for PromptTuningConfig {
-    fn default() -> Self {
-        Self {
-            num_virtual_tokens: 8,
-            ..serde_json::from_str("{}").expect("every field has a default")
-        }
-    }
-}
-
-impl PromptTuningConfig {
-    /// Reads and validates `adapter_config.json`.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        peft_core::config::read_validated(path, Self::validate)
-    }
+impl peft_core::MethodConfig for PromptTuningConfig {
+    const NAME: &'static str = "PromptTuningConfig";
+    const PEFT_TYPE: PeftType = PeftType::PromptTuning;
 
     /// Checks the values.
-    pub fn validate(&self, context: &str) -> Result<()> {
+    fn validate(&self, context: &str) -> Result<()> {
         let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
-        if self.peft_type != PeftType::PromptTuning {
-            return bad("peft_type", "expected PROMPT_TUNING");
-        }
+        self.header.check(context)?;
         if self.num_virtual_tokens == 0 {
             return bad("num_virtual_tokens", "must be at least 1");
         }
@@ -160,6 +133,17 @@ impl PromptTuningConfig {
         Ok(())
     }
 }
+
+impl Default for PromptTuningConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 8,
+            ..serde_json::from_str("{}").expect("every field has a default")
+        }
+    }
+}
+
+impl PromptTuningConfig {}
 
 /// A frozen model with learned virtual tokens put before its input embeddings (peft-core's
 /// shared wrapper with a plain table).

@@ -13,6 +13,7 @@
 //! table, as PEFT does in inference mode. As in PEFT, `encoder_num_layers` is ignored (with a
 //! warning) for the MLP, which always has three layers.
 
+use peft_core::MethodConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -27,8 +28,8 @@ use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::params::{ParamUpdate, map_params, named_params};
 use peft_core::prompt_learning::{VirtualTokenEncoder, VirtualTokens};
 use peft_core::{
-    AdapterModel, CausalLm, HostTensor, ModelSpec, NoAdapter, PeftError, PeftType, Result,
-    TensorStore, TrainableSummary,
+    AdapterModel, CausalLm, ConfigHeader, HostTensor, ModelSpec, NoAdapter, PeftError, PeftType,
+    Result, TensorStore, TrainableSummary,
 };
 use peft_tensors::save_safetensors;
 
@@ -50,18 +51,10 @@ pub enum EncoderType {
 /// PEFT's `PromptEncoderConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptEncoderConfig {
-    /// Always `P_TUNING`.
-    #[serde(default = "ptuning_type")]
-    pub peft_type: PeftType,
-    /// PEFT's task type.
-    #[serde(default = "causal_lm")]
-    pub task_type: Option<String>,
-    /// The base model.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT writes `true` when saving.
-    #[serde(default)]
-    pub inference_mode: bool,
+    /// PEFT's shared fields (`peft_type` = `P_TUNING`, `task_type`,
+    /// `base_model_name_or_path`, `inference_mode`).
+    #[serde(flatten)]
+    pub header: ConfigHeader<PromptEncoderConfig>,
     /// Number of virtual tokens.
     #[serde(default)]
     pub num_virtual_tokens: usize,
@@ -94,37 +87,18 @@ pub struct PromptEncoderConfig {
     pub other: BTreeMap<String, Value>,
 }
 
-fn ptuning_type() -> PeftType {
-    PeftType::PTuning
-}
-fn causal_lm() -> Option<String> {
-    Some("CAUSAL_LM".into())
-}
 fn two() -> usize {
     2
 }
 
-impl Default for PromptEncoderConfig {
-    fn default() -> Self {
-        Self {
-            num_virtual_tokens: 8,
-            ..serde_json::from_str("{}").expect("every field has a default")
-        }
-    }
-}
-
-impl PromptEncoderConfig {
-    /// Reads and validates `adapter_config.json`.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        peft_core::config::read_validated(path, Self::validate)
-    }
+impl peft_core::MethodConfig for PromptEncoderConfig {
+    const NAME: &'static str = "PromptEncoderConfig";
+    const PEFT_TYPE: PeftType = PeftType::PTuning;
 
     /// Checks the values.
-    pub fn validate(&self, context: &str) -> Result<()> {
+    fn validate(&self, context: &str) -> Result<()> {
         let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
-        if self.peft_type != PeftType::PTuning {
-            return bad("peft_type", "expected P_TUNING");
-        }
+        self.header.check(context)?;
         if self.num_virtual_tokens == 0 {
             return bad("num_virtual_tokens", "must be at least 1");
         }
@@ -146,6 +120,17 @@ impl PromptEncoderConfig {
         Ok(())
     }
 }
+
+impl Default for PromptEncoderConfig {
+    fn default() -> Self {
+        Self {
+            num_virtual_tokens: 8,
+            ..serde_json::from_str("{}").expect("every field has a default")
+        }
+    }
+}
+
+impl PromptEncoderConfig {}
 
 /// One direction of one LSTM layer, PyTorch's gate order (input, forget, cell, output).
 /// burn layout: `w_ih: [in, 4h]`, `w_hh: [h, 4h]`.

@@ -243,11 +243,11 @@ impl Engine {
         if self.has_adapter(name) {
             return Err((400, format!("an adapter named `{name}` is already loaded")));
         }
-        let header = peft_core::config::read_header(dir.join("adapter_config.json"))
+        let peft_type = peft_core::config::read_peft_type(dir.join("adapter_config.json"))
             .map_err(|e| (400, format!("{e}")))?;
         let failed = |e: PeftError| (400, format!("loading `{name}`: {e}"));
         let base = || self.base.clone();
-        let own: Box<dyn OwnModel> = match header.peft_type {
+        let own: Box<dyn OwnModel> = match peft_type {
             PeftType::Lora => {
                 self.model.load_adapter(name, dir).map_err(failed)?;
                 self.publish_adapters();
