@@ -624,3 +624,206 @@ fn gradient_checkpointing_recomputes_activations_with_equal_results() {
         assert_eq!(grads, grads_gc, "{model}");
     }
 }
+
+/// An in-process group for the trainer's distributed path: ranks are threads, and the
+/// all-reduce adds every rank's buffer in rank order (the order MPI's sum over two ranks gives).
+struct ThreadGroup {
+    rank: usize,
+    size: usize,
+    sum: std::sync::Arc<(std::sync::Mutex<Vec<f32>>, std::sync::Barrier)>,
+}
+
+impl peft_train::Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<(), peft_train::TrainError> {
+        let (sum, barrier) = &*self.sum;
+        for turn in 0..self.size {
+            if turn == self.rank {
+                let mut s = sum.lock().unwrap();
+                if turn == 0 {
+                    *s = values.to_vec();
+                } else {
+                    s.iter_mut().zip(values.iter()).for_each(|(a, b)| *a += b);
+                }
+            }
+            barrier.wait();
+        }
+        values.copy_from_slice(&sum.lock().unwrap());
+        barrier.wait();
+        Ok(())
+    }
+}
+
+/// Runs `train_distributed` on `ranks` threads, each loading its adapter with `load`; returns
+/// rank 0's adapter tensors and every rank's summary.
+fn train_on_threads<A: AdapterModel>(
+    load: &(dyn Fn() -> A + Sync),
+    cfg: &TrainConfig,
+    ranks: usize,
+    out: &std::path::Path,
+    resume: Resume,
+) -> (BTreeMap<String, Vec<f32>>, Vec<peft_train::TrainSummary>) {
+    let data = tiny_data();
+    let sum = std::sync::Arc::new((
+        std::sync::Mutex::new(Vec::new()),
+        std::sync::Barrier::new(ranks),
+    ));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|rank| {
+                let group = ThreadGroup {
+                    rank,
+                    size: ranks,
+                    sum: sum.clone(),
+                };
+                let (data, resume) = (&data, resume.clone());
+                s.spawn(move || {
+                    let (trained, summary) = peft_train::train_distributed(
+                        load(),
+                        data,
+                        3,
+                        cfg,
+                        out,
+                        resume,
+                        &group,
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                    let dir = out.join(format!("final-rank{rank}"));
+                    trained.save_pretrained(&dir).unwrap();
+                    (adapter_tensors(&dir), summary)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (tensors, summaries): (Vec<_>, Vec<_>) = results.into_iter().unzip();
+    for (rank, t) in tensors.iter().enumerate().skip(1) {
+        assert_eq!(t, &tensors[0], "rank {rank} ends with another adapter");
+    }
+    (tensors.into_iter().next().unwrap(), summaries)
+}
+
+fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (key, x) in a {
+        let worst = x
+            .iter()
+            .zip(&b[key])
+            .map(|(p, q)| (p - q).abs() / p.abs().max(q.abs()).max(1e-3))
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-6,
+            "{what}: {key} differs by {worst:e} (relative)"
+        );
+    }
+}
+
+/// Two ranks with one micro-batch each per step train the adapter a single process trains with
+/// two accumulated micro-batches (the same global batch), for LoRA and prompt tuning; the
+/// ranks' loss is the single process's loss; only rank 0 writes; and a 2-rank checkpoint
+/// resumes in a 1-rank run to the same adapter.
+#[test]
+fn data_parallel_ranks_equal_one_process_with_accumulation() {
+    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let device = device().autodiff();
+    let start = tempfile::tempdir().unwrap();
+    // Every run starts from one saved adapter, so no run draws (threads share the generator).
+    device.seed(11);
+    let base = || peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let lora_cfg = peft_lora::LoraConfig {
+        r: 4,
+        init_lora_weights: peft_lora::InitLoraWeights::Flag(false),
+        ..peft_lora::LoraConfig::default()
+    };
+    let lora_dir = start.path().join("lora");
+    peft_lora::get_peft_model(base(), lora_cfg)
+        .unwrap()
+        .save_pretrained(&lora_dir)
+        .unwrap();
+    let prompt_dir = start.path().join("prompt");
+    let prompt_cfg = peft_prompt::PromptTuningConfig {
+        num_virtual_tokens: 3,
+        ..peft_prompt::PromptTuningConfig::default()
+    };
+    peft_prompt::get_peft_model(base(), prompt_cfg, None)
+        .unwrap()
+        .save_pretrained(&prompt_dir)
+        .unwrap();
+    let lora = || peft_lora::from_pretrained(base(), &lora_dir, true).unwrap();
+    let prompt = || peft_prompt::from_pretrained(base(), &prompt_dir, true).unwrap();
+
+    let per_rank = TrainConfig {
+        per_device_train_batch_size: 1,
+        gradient_accumulation_steps: 1,
+        save_steps: Some(2),
+        ..config(4)
+    };
+    let one_process = TrainConfig {
+        gradient_accumulation_steps: 2,
+        ..per_rank.clone()
+    };
+    check_data_parallel("lora", &lora, &per_rank, &one_process);
+    check_data_parallel("prompt tuning", &prompt, &per_rank, &one_process);
+}
+
+fn check_data_parallel<A: AdapterModel>(
+    name: &str,
+    load: &(dyn Fn() -> A + Sync),
+    per_rank: &TrainConfig,
+    one_process: &TrainConfig,
+) {
+    let single = tempfile::tempdir().unwrap();
+    let (want, single_summary) = train_on_threads(load, one_process, 1, single.path(), Resume::No);
+    let ranks = tempfile::tempdir().unwrap();
+    let (got, summaries) = train_on_threads(load, per_rank, 2, ranks.path(), Resume::No);
+    assert_close(&want, &got, name);
+    for s in &summaries {
+        assert_eq!(s.steps, 4);
+        for ((_, a), (_, b)) in s.history.iter().zip(&single_summary[0].history) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{name}: loss {a} vs {b}");
+        }
+    }
+    let metrics = std::fs::read_to_string(ranks.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        4,
+        "{name}: rank 0 alone writes metrics"
+    );
+    let line: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(line["ranks"], 2);
+    assert!(line["allreduce_s"].as_f64().unwrap() >= 0.0);
+
+    // Resume the 2-rank run's step-2 checkpoint in one process (same global batch).
+    std::fs::remove_dir_all(ranks.path().join("checkpoint-4")).unwrap();
+    let resumed_dir = ranks.path().join("checkpoint-2");
+    let (resumed, _) = train_on_threads(
+        load,
+        one_process,
+        1,
+        ranks.path(),
+        Resume::From(resumed_dir.clone()),
+    );
+    assert_close(&want, &resumed, &format!("{name} resumed in one process"));
+    // A run whose global batch differs is refused, naming the fix.
+    let Err(err) = peft_train::train(
+        load(),
+        &tiny_data(),
+        3,
+        per_rank,
+        ranks.path(),
+        Resume::From(resumed_dir),
+        &mut |_| {},
+    ) else {
+        panic!("{name}: resumed with another global batch");
+    };
+    let err = err.to_string();
+    assert!(err.contains("same global batch"), "{err}");
+}

@@ -4,6 +4,7 @@
 //! otherwise; bad input never produces a panic or a backtrace.
 
 mod commands;
+mod distributed;
 mod methods;
 mod quantize;
 mod train;

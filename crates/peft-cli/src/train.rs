@@ -141,6 +141,15 @@ pub struct TrainArgs {
     /// projection otherwise), are computed again; products and attention stay kept.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Data parallelism across processes: `mpi` (one rank of an `mpirun` job; chosen by itself
+    /// when mpirun starts several ranks) or `none`. --batch-size is per rank: a global batch is
+    /// ranks × batch size × --grad-accum. Needs a peft built with `--features mpi`.
+    #[arg(long)]
+    distributed: Option<String>,
+    /// Seconds a rank waits for the others at a gradient all-reduce before aborting the job (a
+    /// rank died or hangs).
+    #[arg(long, default_value_t = 600)]
+    distributed_timeout: u64,
 }
 
 fn write_bundled(output: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -211,6 +220,7 @@ pub(crate) struct RunContext<'a> {
     eval_tokens: &'a [Tokenized],
     eval: &'a [peft_train::Example],
     config: &'a TrainConfig,
+    group: &'a dyn peft_train::Collective,
 }
 
 /// The run after the method is chosen: identical for every method.
@@ -227,21 +237,47 @@ where
         eval_tokens,
         eval,
         config,
+        group,
     } = *ctx;
+    // Rank 0 of a distributed run (or the only process) evaluates, reports and writes results;
+    // the other ranks train and stop.
+    let lead = group.rank() == 0;
     let spec = adapter.model().spec().clone();
     let pad = spec.pad_token_id.unwrap_or(0);
-    eprintln!("{}", adapter.trainable_summary());
     let with_em = !args.no_exact_match && !eval.is_empty();
-    let before = scores(
-        &adapter.model().valid(),
-        tokenizer,
-        eval_tokens,
-        eval,
-        pad,
-        with_em,
-    )?;
-    let total = config.total_steps(train_tokens.len());
-    let bar = ProgressBar::new(total as u64);
+    let before = if lead {
+        eprintln!("{}", adapter.trainable_summary());
+        Some(scores(
+            &adapter.model().valid(),
+            tokenizer,
+            eval_tokens,
+            eval,
+            pad,
+            with_em,
+        )?)
+    } else {
+        None
+    };
+    let ranks = group.world_size();
+    let global = TrainConfig {
+        gradient_accumulation_steps: config.gradient_accumulation_steps * ranks,
+        ..config.clone()
+    };
+    if lead && ranks > 1 {
+        eprintln!(
+            "data parallel: {ranks} ranks × batch {} × {} accumulation step(s) = {} examples per \
+             optimizer step",
+            config.per_device_train_batch_size,
+            config.gradient_accumulation_steps,
+            ranks * config.per_device_train_batch_size * config.gradient_accumulation_steps
+        );
+    }
+    let total = global.total_steps(train_tokens.len());
+    let bar = if lead {
+        ProgressBar::new(total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
@@ -253,14 +289,15 @@ where
         Some("latest") => Resume::Latest,
         Some(path) => Resume::From(PathBuf::from(path)),
     };
-    install_sigint_handler();
-    let (trained, summary) = peft_train::train(
+    install_stop_handlers();
+    let (trained, summary) = peft_train::train_distributed(
         adapter,
         train_tokens,
         pad,
         config,
         &args.output,
         resume,
+        group,
         &mut |event| match event {
             Event::Step {
                 step,
@@ -285,6 +322,9 @@ where
         }
         .into());
     }
+    let Some(before) = before else {
+        return Ok(());
+    };
     let after = scores(
         &trained.model().valid(),
         tokenizer,
@@ -315,8 +355,7 @@ where
             &save_options,
         )?;
     }
-    let total = config.total_steps(train_tokens.len());
-    let curve = peft_train::plot::curve(&summary.history, config, total);
+    let curve = peft_train::plot::curve(&summary.history, &global, total);
     peft_train::plot::write_loss_png(&args.output.join("loss.png"), &curve)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.join("loss.png").display()))?;
     let report = serde_json::json!({
@@ -386,26 +425,35 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-extern "C" fn on_sigint(_: libc::c_int) {
+extern "C" fn on_sigint(signal: libc::c_int) {
     peft_train::request_stop();
-    // A second Ctrl-C kills at once.
+    // A second Ctrl-C (or SIGTERM) kills at once.
     // SAFETY: signal() is async-signal-safe; SIG_DFL is a valid disposition.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(signal, libc::SIG_DFL);
     }
 }
 
-/// Ctrl-C finishes the current optimizer step, writes a checkpoint and exits with status 130.
-fn install_sigint_handler() {
+/// Ctrl-C or SIGTERM (a scheduler's, or `kill` on one rank of a distributed run) finishes the
+/// current optimizer step on every rank, writes a checkpoint and exits with status 130.
+fn install_stop_handlers() {
     let handler: extern "C" fn(libc::c_int) = on_sigint;
     // SAFETY: the handler only performs an atomic store and an async-signal-safe call.
     unsafe {
         libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
     }
 }
 
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
+    // First, so that a run that cannot join its group fails before loading anything.
+    let group = crate::distributed::group(
+        args.distributed.as_deref(),
+        std::time::Duration::from_secs(args.distributed_timeout),
+    )?;
+    // Notes are printed once, by rank 0, in a distributed run.
+    let lead = group.rank() == 0;
     let device = crate::commands::device(&args.device)?;
     let method = crate::methods::by_name(&args.method)?;
     let lr_schedule = schedule(&args.lr_scheduler)?;
@@ -421,10 +469,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
     if demo {
         // The demo preset: the bundled model is tiny, so it gets a wider adapter and more epochs
         // than PEFT's defaults (flags given explicitly still win).
-        eprintln!(
-            "no --model/--data: fine-tuning the bundled pretrained tiny BLOOM on the bundled demo set \
-             (LoRA r=16, alpha=32 on all linear layers, 30 epochs, lr 1e-2)"
-        );
+        if lead {
+            eprintln!(
+                "no --model/--data: fine-tuning the bundled pretrained tiny BLOOM on the bundled demo \
+                 set (LoRA r=16, alpha=32 on all linear layers, 30 epochs, lr 1e-2)"
+            );
+        }
         args.r = args.r.or(Some(16));
         args.lora_alpha = args.lora_alpha.or(Some(32.0));
         args.target_modules = args.target_modules.or(Some(vec!["all-linear".into()]));
@@ -432,7 +482,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
     let device = if args.gradient_checkpointing {
-        if peft_ops::device::runs_cpu_kernels(&device) {
+        if lead && peft_ops::device::runs_cpu_kernels(&device) {
             eprintln!(
                 "note: --gradient-checkpointing on the CPU backend recomputes the MLP \
                  activations (less memory where the down projection is adapted, as with \
@@ -457,13 +507,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         let bf16 = peft_ops::precision::ComputeDtype::Bf16;
         if bf16.check_device(&device).is_ok() {
             options.compute_dtype = bf16;
-        } else {
+        } else if lead {
             eprintln!("note: {device:?} has no bf16: the QLoRA preset computes in float32");
         }
     }
     let base = peft_models::load_with(&model_dir, &device, &options)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
-    if options.compute_dtype != peft_ops::precision::ComputeDtype::F32 {
+    if lead && options.compute_dtype != peft_ops::precision::ComputeDtype::F32 {
         eprintln!(
             "linear layers compute in {} (--compute-dtype float32 for f32)",
             options.compute_dtype
@@ -488,12 +538,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
     } else {
         tokens(&eval_ex)?
     };
-    eprintln!(
-        "{}: {} training examples, {} held out",
-        data_path.display(),
-        train_tokens.len(),
-        eval_tokens.len()
-    );
+    if lead {
+        eprintln!(
+            "{}: {} training examples, {} held out",
+            data_path.display(),
+            train_tokens.len(),
+            eval_tokens.len()
+        );
+    }
     let config = TrainConfig {
         learning_rate: args.learning_rate.unwrap_or(5e-3),
         num_train_epochs: args.epochs.unwrap_or(3),
@@ -519,6 +571,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         eval_tokens: &eval_tokens,
         eval: &eval_ex,
         config: &config,
+        group: group.as_ref(),
     };
     (method.train)(base, &ctx)
 }

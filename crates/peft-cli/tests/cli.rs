@@ -1537,3 +1537,41 @@ fn combine_writes_pefts_weighted_adapter() {
     ]);
     assert_clean_failure(&bad, "`average` is not one of linear, cat, svd");
 }
+
+/// Without the `mpi` feature, asking for (or being launched into) an MPI job is one clear line
+/// saying how to get it, before anything loads; an unknown transport is named.
+#[test]
+fn distributed_training_needs_the_mpi_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let out = peft(&[
+        "train",
+        "--distributed",
+        "tcp",
+        "--output",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "--distributed: unknown `tcp` (none, mpi)");
+    if cfg!(feature = "mpi") {
+        return;
+    }
+    let out = peft(&[
+        "train",
+        "--distributed",
+        "mpi",
+        "--output",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "--features mpi");
+    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["train", "--output", out_dir.to_str().unwrap()])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env_remove("PEFT_DEVICE")
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "one of 2 ranks started by mpirun");
+    assert!(
+        !out_dir.join("bundled").exists(),
+        "nothing is written first"
+    );
+}

@@ -8,6 +8,9 @@
 //!   product: 22 % of a bf16 LoRA step's samples were libgomp's wait loop. `OMP_WAIT_POLICY=passive`
 //!   puts them to sleep at once: bf16 LoRA step 0.255 s → 0.192 s with oneDNN (without the
 //!   setting oneDNN's faster products bought nothing).
+//! - Several ranks of a data-parallel run on one machine (`mpirun -np N`) each start a thread per
+//!   core by default, N × cores threads fighting for the cores: each rank gets its share
+//!   (`cores / ranks on this node`, at least one) unless the environment sets the counts.
 //! - A step allocates and frees the same few dozen large buffers (activations, gradients,
 //!   logits) every time. glibc's malloc serves large blocks with `mmap` and hands freed memory
 //!   back to the OS, so each step faults in and zeroes fresh pages (~8 % of the samples): keeping
@@ -40,6 +43,18 @@ pub unsafe fn prepare() {
         // SAFETY: as above.
         unsafe { std::env::set_var("OMP_WAIT_POLICY", "passive") };
     }
+    if let Some(threads) = threads_per_local_rank() {
+        for key in [
+            "RAYON_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+            "OMP_NUM_THREADS",
+        ] {
+            if std::env::var_os(key).is_none() {
+                // SAFETY: as above.
+                unsafe { std::env::set_var(key, threads.to_string()) };
+            }
+        }
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var("PEFT_MALLOC").as_deref() != Ok("default") {
         // SAFETY: mallopt only changes allocator parameters; no other thread is allocating yet.
@@ -48,4 +63,17 @@ pub unsafe fn prepare() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
         }
     }
+}
+
+/// This process's share of the cores when an MPI launcher started several ranks on this node
+/// (Open MPI's `OMPI_COMM_WORLD_LOCAL_SIZE`, MPICH's `MPI_LOCALNRANKS`); `None` otherwise.
+pub fn threads_per_local_rank() -> Option<usize> {
+    let local: usize = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|key| std::env::var(key).ok()?.parse().ok())?;
+    if local < 2 {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / local).max(1))
 }

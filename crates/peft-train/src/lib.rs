@@ -12,10 +12,13 @@
 //! The loop knows a method only through [`peft_core::AdapterModel`].
 
 pub mod data;
+pub mod distributed;
 pub mod plot;
 pub mod trainer;
 
 pub use data::{DataError, Example, Tokenized, read_examples, split, tokenize_all};
+pub use distributed::{Collective, SingleProcess};
 pub use trainer::{
     Event, Resume, Schedule, TrainConfig, TrainError, TrainSummary, evaluate, request_stop, train,
+    train_distributed,
 };

@@ -20,6 +20,7 @@ use peft_core::{AdapterModel, CausalLm, ModelInput, PeftError};
 use peft_tensors::{TensorStore, save_safetensors, write_atomic};
 
 use crate::data::{HostBatch, Tokenized, collate, epoch_order};
+use crate::distributed::{Collective, SingleProcess, rank_micro_batches};
 
 /// Learning-rate schedule after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -160,6 +161,10 @@ pub enum TrainError {
         /// The newest checkpoint written before.
         last_checkpoint: Option<PathBuf>,
     },
+    /// The ranks of a distributed run could not exchange their gradients (a rank died, hangs,
+    /// or the transport failed).
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// A checkpoint could not be read back.
     #[error("{path}: {reason}")]
     Checkpoint {
@@ -381,6 +386,136 @@ fn add_grads(
     acc
 }
 
+/// One optimizer step's numbers summed over the ranks of a distributed run.
+struct ReducedStep {
+    /// The summed gradients (a parameter no rank has a gradient for stays absent).
+    grads: GradientsParams,
+    /// The step's loss (each rank's share is already divided by the global micro-batch count).
+    loss: f32,
+    /// Real tokens of every rank's micro-batches.
+    tokens: usize,
+    /// Whether any rank was asked to stop.
+    stop: bool,
+    /// Seconds spent in the all-reduce itself.
+    seconds: f64,
+}
+
+/// Sums the step's gradients, loss, token count and stop flag over the ranks with one
+/// all-reduce of one flat buffer: `[every gradient, flattened, in parameter order | one
+/// has-gradient flag per parameter | loss, tokens, stop]`. The gradients leave the device in one
+/// read and come back as one tensor sliced on the device.
+fn all_reduce_step(
+    grads: GradientsParams,
+    step_loss: Tensor<1>,
+    tokens: usize,
+    stop: bool,
+    params: &[peft_core::params::NamedParam],
+    device: &Device,
+    group: &dyn Collective,
+) -> Result<ReducedStep, TrainError> {
+    let mut parts = Vec::with_capacity(params.len() + 1);
+    let mut present = Vec::with_capacity(params.len());
+    for p in params {
+        let mut flat = None;
+        with_rank!(p, |D| {
+            flat = grads
+                .get::<D>(p.id)
+                .map(|g| g.reshape([p.numel()]).without_autodiff());
+        });
+        present.push(flat.is_some() as u8 as f32);
+        parts
+            .push(flat.unwrap_or_else(|| Tensor::<1>::zeros([p.numel()], &device.clone().inner())));
+    }
+    let numel: usize = params.iter().map(|p| p.numel()).sum();
+    let mut buffer: Vec<f32> = if parts.is_empty() {
+        Vec::new()
+    } else {
+        Tensor::cat(parts, 0)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| TrainError::Distributed(format!("reading the gradients: {e:?}")))?
+    };
+    let loss: Vec<f32> = step_loss
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_default();
+    buffer.extend(present);
+    // Token counts stay exact in f32 up to 2^24 per step.
+    buffer.extend([
+        loss.first().copied().unwrap_or(f32::NAN),
+        tokens as f32,
+        stop as u8 as f32,
+    ]);
+    let started = Instant::now();
+    group.all_reduce_sum(&mut buffer)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let tail = &buffer[numel + params.len()..];
+    let (loss, tokens, stop) = (tail[0], tail[1].round() as usize, tail[2] > 0.0);
+    let flags = buffer[numel..numel + params.len()].to_vec();
+    buffer.truncate(numel);
+    let summed = Tensor::<1>::from_data(TensorData::new(buffer, [numel]), &device.clone().inner());
+    let mut out = GradientsParams::new();
+    let mut offset = 0;
+    for (p, flag) in params.iter().zip(flags) {
+        let range = offset..offset + p.numel();
+        offset += p.numel();
+        if flag == 0.0 {
+            continue;
+        }
+        with_rank!(p, |D| {
+            let shape: [usize; D] = p.shape.clone().try_into().unwrap_or([0; D]);
+            out.register::<D>(p.id, summed.clone().slice(range).reshape(shape));
+        });
+    }
+    Ok(ReducedStep {
+        grads: out,
+        loss,
+        tokens,
+        stop,
+        seconds,
+    })
+}
+
+/// The trainable parameters set to rank 0's values on every rank: an all-reduce in which every
+/// other rank contributes zeros.
+fn from_rank0<A: AdapterModel>(
+    adapter: A,
+    params: &[peft_core::params::NamedParam],
+    group: &dyn Collective,
+) -> Result<A, TrainError> {
+    let numel: usize = params.iter().map(|p| p.numel()).sum();
+    let mut buffer = Vec::with_capacity(numel);
+    if group.rank() == 0 {
+        let values = peft_core::params::lazy_values(adapter.model());
+        for p in params {
+            match values.iter().find(|v| v.name == p.name) {
+                Some(v) => buffer.extend(v.values()?),
+                None => buffer.extend(std::iter::repeat_n(0.0, p.numel())),
+            }
+        }
+    } else {
+        buffer.resize(numel, 0.0);
+    }
+    group.all_reduce_sum(&mut buffer)?;
+    let mut by_name = BTreeMap::new();
+    let mut offset = 0;
+    for p in params {
+        let values = buffer[offset..offset + p.numel()].to_vec();
+        offset += p.numel();
+        by_name.insert(p.name.clone(), TensorData::new(values, p.torch_shape()));
+    }
+    let model = map_params(adapter.model().clone(), |name, linear| {
+        match by_name.remove(name) {
+            Some(data) if linear => ParamUpdate::Value(peft_tensors::layout::transpose_data(data)),
+            Some(data) => ParamUpdate::Value(data),
+            None => ParamUpdate::Keep,
+        }
+    });
+    Ok(adapter.with_model(model))
+}
+
 /// The checkpoint folders of `output_dir`, oldest first.
 pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
@@ -401,6 +536,7 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
 }
 
 /// Where to resume from: an explicit checkpoint folder, or the newest in `output_dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
     /// Start from scratch.
     No,
@@ -433,7 +569,49 @@ pub fn train<A: AdapterModel>(
     resume: Resume,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<(A, TrainSummary), TrainError> {
+    train_distributed(
+        adapter,
+        train,
+        pad_id,
+        config,
+        output_dir,
+        resume,
+        &SingleProcess,
+        on_event,
+    )
+}
+
+/// [`train`] as one rank of a data-parallel group (PyTorch DDP's semantics): every rank runs
+/// this with the same arguments; `config.per_device_train_batch_size` is per rank, so a global
+/// batch is ranks × batch size × accumulation, drawn in the order a single process with
+/// `ranks × gradient_accumulation_steps` micro-batches per step would draw it (rank `r` takes the
+/// `r`-th contiguous block of each step's micro-batches). The trainable parameters start as rank
+/// 0's; the gradients, loss, token count and stop flag are summed with one all-reduce per
+/// optimizer step, and every rank applies the same AdamW step. Only rank 0 writes checkpoints,
+/// `metrics.jsonl` and `loss.png`; a checkpoint resumes with any number of ranks that keeps the
+/// global batch. [`request_stop`] on any rank stops every rank after the same step.
+#[allow(clippy::too_many_arguments)]
+pub fn train_distributed<A: AdapterModel>(
+    adapter: A,
+    train: &[Tokenized],
+    pad_id: u32,
+    config: &TrainConfig,
+    output_dir: &Path,
+    resume: Resume,
+    group: &dyn Collective,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<(A, TrainSummary), TrainError> {
     config.validate()?;
+    let ranks = group.world_size().max(1);
+    let rank = group.rank();
+    let writes = rank == 0;
+    let local_micro = config.gradient_accumulation_steps;
+    // The run as one process would see it: every rank's micro-batches are accumulated.
+    let global = TrainConfig {
+        gradient_accumulation_steps: local_micro * ranks,
+        ..config.clone()
+    };
+    let config = &global;
     if train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
     }
@@ -479,6 +657,11 @@ pub fn train<A: AdapterModel>(
             state.global_step
         );
     }
+    if ranks > 1 {
+        // As DDP broadcasts the module at construction: every rank starts from rank 0's values
+        // (fresh adapters drawn from the same seed agree already; this makes it a guarantee).
+        adapter = from_rank0(adapter, &params, group)?;
+    }
 
     let metrics_path = output_dir.join("metrics.jsonl");
     let micro_per_step = config.gradient_accumulation_steps;
@@ -501,7 +684,9 @@ pub fn train<A: AdapterModel>(
                 return Err(TrainError::Checkpoint {
                     path: resume_dir.clone().unwrap_or_default(),
                     reason: format!(
-                        "{} micro-batches consumed at step {}, but this run takes {micro_per_step} per step",
+                        "{} micro-batches consumed at step {}, but this run takes {micro_per_step} \
+                         per step ({ranks} rank(s) × {local_micro} accumulation step(s)); resume \
+                         with the same global batch (ranks × --grad-accum)",
                         rng.micro_batches_done, state.global_step
                     ),
                 });
@@ -512,10 +697,12 @@ pub fn train<A: AdapterModel>(
     };
     while state.global_step < total {
         let started = Instant::now();
+        let mut allreduce_s = None;
         let mut step_loss: Option<Tensor<1>> = None;
         let mut tokens = 0usize;
         let mut accumulated: Option<GradientsParams> = None;
-        for _ in 0..micro_per_step {
+        let first = micro_index;
+        for micro_index in rank_micro_batches(first, micro_per_step, rank, ranks) {
             let epoch = micro_index / micro_per_epoch;
             let within = micro_index % micro_per_epoch;
             let order = epoch_order(train.len(), seed, epoch);
@@ -530,7 +717,6 @@ pub fn train<A: AdapterModel>(
             // Dropout masks of this micro-batch: a function of (seed, index) alone, so a resumed
             // run draws the masks an uninterrupted one would have drawn.
             device.seed(micro_batch_seed(seed, micro_index));
-            micro_index += 1;
             let (ids, mask, labels) = to_device(&host, &device);
             let loss =
                 adapter
@@ -548,21 +734,44 @@ pub fn train<A: AdapterModel>(
                 Some(acc) => add_grads(acc, &grads, &params),
             });
         }
+        micro_index = first + micro_per_step;
         let mut grads = accumulated.expect("at least one micro-batch");
         let device = adapter.model().device();
         let step_loss = step_loss.expect("at least one micro-batch");
-        // The step's only device → host read: its loss and, when clipping, the gradients'
-        // squared norm.
-        let read = match config.max_grad_norm {
-            Some(_) => Tensor::cat(vec![step_loss, squared_norm(&grads, &params, &device)], 0),
-            None => step_loss,
+        let mut stop = STOP_REQUESTED.load(Ordering::SeqCst);
+        let (loss, squared) = if ranks == 1 {
+            // The step's only device → host read: its loss and, when clipping, the gradients'
+            // squared norm.
+            let read = match config.max_grad_norm {
+                Some(_) => Tensor::cat(vec![step_loss, squared_norm(&grads, &params, &device)], 0),
+                None => step_loss,
+            };
+            let values: Vec<f32> = read
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
+            let loss = values.first().copied().unwrap_or(f32::NAN);
+            (loss, values.get(1).map(|&v| v as f64))
+        } else {
+            let reduced = all_reduce_step(grads, step_loss, tokens, stop, &params, &device, group)?;
+            grads = reduced.grads;
+            tokens = reduced.tokens;
+            stop = reduced.stop;
+            allreduce_s = Some(reduced.seconds);
+            // The norm of the summed gradients, computed on the device as a single process
+            // computes it, so that clipping scales by the same number.
+            let squared = config.max_grad_norm.map(|_| {
+                squared_norm(&grads, &params, &device)
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .ok()
+                    .and_then(|v| v.first().copied())
+                    .map_or(f64::NAN, |v: f32| v as f64)
+            });
+            (reduced.loss, squared)
         };
-        let values: Vec<f32> = read
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .unwrap_or_default();
-        let loss = values.first().copied().unwrap_or(f32::NAN);
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 step: state.global_step + 1,
@@ -573,7 +782,7 @@ pub fn train<A: AdapterModel>(
         let mut grad_norm = None;
         if let Some(max_norm) = config.max_grad_norm {
             // PyTorch's clip_grad_norm_: scaled down when the global L2 norm is above max_norm.
-            let norm = (values.get(1).copied().unwrap_or(0.0) as f64).sqrt();
+            let norm = squared.unwrap_or(0.0).sqrt();
             let scale = max_norm / (norm + 1e-6);
             if scale < 1.0 {
                 grads = scale_grads(grads, &params, scale);
@@ -590,15 +799,20 @@ pub fn train<A: AdapterModel>(
             micro_batches_done: micro_index,
         });
         let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        if state
-            .global_step
-            .is_multiple_of(config.logging_steps.max(1))
-            || state.global_step == total
+        if writes
+            && (state
+                .global_step
+                .is_multiple_of(config.logging_steps.max(1))
+                || state.global_step == total)
         {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": state.global_step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
                 "epoch": micro_index as f64 / micro_per_epoch as f64, "tokens_per_s": tokens_per_s,
             });
+            if let Some(seconds) = allreduce_s {
+                line["ranks"] = ranks.into();
+                line["allreduce_s"] = seconds.into();
+            }
             append_line(&metrics_path, &line.to_string())?;
         }
         on_event(&Event::Step {
@@ -612,12 +826,20 @@ pub fn train<A: AdapterModel>(
         let save_now = config
             .save_steps
             .is_some_and(|n| n > 0 && state.global_step.is_multiple_of(n));
-        let stop = STOP_REQUESTED.load(Ordering::SeqCst) && state.global_step < total;
+        let stop = stop && state.global_step < total;
         if save_now || stop {
-            let dir = save_checkpoint(&adapter, &trainable, &optim, &state, output_dir)?;
-            prune_checkpoints(output_dir, config.save_total_limit)?;
-            write_curve(output_dir, &state, config, total);
-            on_event(&Event::Checkpoint(dir.clone()));
+            let dir = output_dir.join(format!("checkpoint-{}", state.global_step));
+            if writes {
+                save_checkpoint(&adapter, &trainable, &optim, &state, output_dir)?;
+                prune_checkpoints(output_dir, config.save_total_limit)?;
+                write_curve(output_dir, &state, config, total);
+                on_event(&Event::Checkpoint(dir.clone()));
+            }
+            if ranks > 1 {
+                // Every rank waits for rank 0's checkpoint: a rank that exits on a stop request
+                // must not end the job (mpirun aborts the others) before it is written.
+                group.all_reduce_sum(&mut [0.0])?;
+            }
             last_checkpoint = Some(dir);
         }
         if stop {
