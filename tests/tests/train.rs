@@ -625,42 +625,6 @@ fn gradient_checkpointing_recomputes_activations_with_equal_results() {
     }
 }
 
-/// An in-process group for the trainer's distributed path: ranks are threads, and the
-/// all-reduce adds every rank's buffer in rank order (the order MPI's sum over two ranks gives).
-struct ThreadGroup {
-    rank: usize,
-    size: usize,
-    sum: std::sync::Arc<(std::sync::Mutex<Vec<f32>>, std::sync::Barrier)>,
-}
-
-impl peft_train::Collective for ThreadGroup {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.size
-    }
-
-    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<(), peft_train::TrainError> {
-        let (sum, barrier) = &*self.sum;
-        for turn in 0..self.size {
-            if turn == self.rank {
-                let mut s = sum.lock().unwrap();
-                if turn == 0 {
-                    *s = values.to_vec();
-                } else {
-                    s.iter_mut().zip(values.iter()).for_each(|(a, b)| *a += b);
-                }
-            }
-            barrier.wait();
-        }
-        values.copy_from_slice(&sum.lock().unwrap());
-        barrier.wait();
-        Ok(())
-    }
-}
-
 /// Runs `train_distributed` on `ranks` threads, each loading its adapter with `load`; returns
 /// rank 0's adapter tensors and every rank's summary.
 fn train_on_threads<A: AdapterModel>(
@@ -671,18 +635,12 @@ fn train_on_threads<A: AdapterModel>(
     resume: Resume,
 ) -> (BTreeMap<String, Vec<f32>>, Vec<peft_train::TrainSummary>) {
     let data = tiny_data();
-    let sum = std::sync::Arc::new((
-        std::sync::Mutex::new(Vec::new()),
-        std::sync::Barrier::new(ranks),
-    ));
+    let group = peft_train::ThreadRanks::group(ranks, std::time::Duration::from_secs(60));
     let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..ranks)
-            .map(|rank| {
-                let group = ThreadGroup {
-                    rank,
-                    size: ranks,
-                    sum: sum.clone(),
-                };
+        let handles: Vec<_> = group
+            .iter()
+            .enumerate()
+            .map(|(rank, group)| {
                 let (data, resume) = (&data, resume.clone());
                 s.spawn(move || {
                     let (trained, summary) = peft_train::train_distributed(
@@ -692,7 +650,7 @@ fn train_on_threads<A: AdapterModel>(
                         cfg,
                         out,
                         resume,
-                        &group,
+                        group,
                         &mut |_| {},
                     )
                     .unwrap();

@@ -146,6 +146,11 @@ pub struct TrainArgs {
     /// ranks × batch size × --grad-accum. Needs a peft built with `--features mpi`.
     #[arg(long)]
     distributed: Option<String>,
+    /// Data parallelism across devices in one process: `cuda:0,cuda:1` (or `wgpu:0,wgpu:1`,
+    /// `cpu,cpu`); each device holds a copy of the model and takes its share of every global
+    /// batch (--batch-size is per device).
+    #[arg(long)]
+    devices: Option<String>,
     /// Seconds a rank waits for the others at a gradient all-reduce before aborting the job (a
     /// rank died or hangs).
     #[arg(long, default_value_t = 600)]
@@ -221,6 +226,8 @@ pub(crate) struct RunContext<'a> {
     eval: &'a [peft_train::Example],
     config: &'a TrainConfig,
     group: &'a dyn peft_train::Collective,
+    /// Opened once the adapter is drawn (rank 0 of `--devices`).
+    drawn: Option<&'a Latch>,
 }
 
 /// The run after the method is chosen: identical for every method.
@@ -238,7 +245,11 @@ where
         eval,
         config,
         group,
+        drawn,
     } = *ctx;
+    if let Some(latch) = drawn {
+        latch.open();
+    }
     // Rank 0 of a distributed run (or the only process) evaluates, reports and writes results;
     // the other ranks train and stop.
     let lead = group.rank() == 0;
@@ -447,25 +458,123 @@ fn install_stop_handlers() {
 
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
-    // First, so that a run that cannot join its group fails before loading anything.
-    let group = crate::distributed::group(
-        args.distributed.as_deref(),
-        std::time::Duration::from_secs(args.distributed_timeout),
-    )?;
-    // Notes are printed once, by rank 0, in a distributed run.
-    let lead = group.rank() == 0;
-    let device = crate::commands::device(&args.device)?;
-    let method = crate::methods::by_name(&args.method)?;
-    let lr_schedule = schedule(&args.lr_scheduler)?;
-    let mut args = args;
-    let demo = args.model.is_none() && args.data.is_none();
-    let (model_dir, data_path) = match (&args.model, &args.data) {
-        (Some(m), Some(d)) => (m.clone(), d.clone()),
-        (m, d) => {
-            let (bm, bd) = write_bundled(&args.output)?;
-            (m.clone().unwrap_or(bm), d.clone().unwrap_or(bd))
+    let timeout = std::time::Duration::from_secs(args.distributed_timeout);
+    if let Some(list) = &args.devices {
+        if args.distributed.as_deref() == Some("mpi")
+            || crate::distributed::launched_ranks().is_some_and(|n| n > 1)
+        {
+            bail!(
+                "--devices trains on several devices in one process; under MPI each rank takes \
+                 one device (--device)"
+            );
         }
+        let devices = peft_ops::device::parse_devices(list)?;
+        if devices.len() > 1 {
+            return train_on_devices(args, devices, timeout);
+        }
+    }
+    // First, so that a run that cannot join its group fails before loading anything.
+    let group = crate::distributed::group(args.distributed.as_deref(), timeout)?;
+    let device = match &args.devices {
+        Some(list) => peft_ops::device::parse_device(list.trim())?,
+        None => crate::commands::device(&args.device)?,
     };
+    let args = prepared(args, group.rank() == 0)?;
+    train_on(&args, device, group.as_ref(), None)
+}
+
+/// burn's multi-device data parallelism in one process (`--devices cuda:0,cuda:1`), as
+/// burn-train's multi-device strategy runs it: one worker thread per device, each with its own
+/// copy of the model on its device, the gradients summed after every step (here through
+/// [`peft_train::ThreadRanks`], the same all-reduce the MPI ranks use) and the same optimizer
+/// step applied on every device. Rank 0 (the first device) reports and writes.
+fn train_on_devices(
+    args: TrainArgs,
+    devices: Vec<burn::tensor::Device>,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let args = prepared(args, true)?;
+    let ranks = peft_train::ThreadRanks::group(devices.len(), timeout);
+    // The other ranks start once rank 0 has drawn its adapter: ranks on one device (`cpu,cpu`)
+    // share its random generator, and rank 0's draws must be a single process's draws. (Every
+    // rank then starts from rank 0's values anyway.)
+    let drawn = Latch::default();
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = ranks
+            .iter()
+            .zip(devices)
+            .map(|(rank, device)| {
+                let (args, drawn) = (&args, &drawn);
+                scope.spawn(move || {
+                    let first = peft_train::Collective::rank(rank) == 0;
+                    if !first {
+                        drawn.wait();
+                    }
+                    let result = train_on(args, device, rank, first.then_some(drawn));
+                    if first {
+                        drawn.open();
+                    }
+                    if let Err(e) = &result
+                        && e.downcast_ref::<Interrupted>().is_none()
+                    {
+                        rank.abandon(&format!("{e:#}"));
+                    }
+                    result
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a training thread panicked")))
+            })
+            .collect()
+    });
+    // The error a rank met first, not the others' "rank N failed" that follows from it.
+    let mut errors: Vec<anyhow::Error> = results.into_iter().filter_map(Result::err).collect();
+    let own = errors.iter().position(|e| {
+        !matches!(
+            e.downcast_ref::<peft_train::TrainError>(),
+            Some(peft_train::TrainError::Distributed(_))
+        )
+    });
+    match own {
+        Some(i) => Err(errors.swap_remove(i)),
+        None => errors.into_iter().next().map_or(Ok(()), Err),
+    }
+}
+
+/// A one-way gate: [`Latch::wait`] returns once [`Latch::open`] was called.
+#[derive(Default)]
+pub(crate) struct Latch {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Latch {
+    pub(crate) fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// `args` with the bundled model and data written out where none were given (and the demo
+/// preset's defaults); `lead` prints the note.
+fn prepared(mut args: TrainArgs, lead: bool) -> Result<TrainArgs> {
+    let demo = args.model.is_none() && args.data.is_none();
+    if args.model.is_none() || args.data.is_none() {
+        let (bm, bd) = write_bundled(&args.output)?;
+        args.model = args.model.or(Some(bm));
+        args.data = args.data.or(Some(bd));
+    }
     if demo {
         // The demo preset: the bundled model is tiny, so it gets a wider adapter and more epochs
         // than PEFT's defaults (flags given explicitly still win).
@@ -481,6 +590,23 @@ pub fn train(args: TrainArgs) -> Result<()> {
         args.epochs = args.epochs.or(Some(30));
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
+    Ok(args)
+}
+
+/// One rank's run (the only one outside distributed training) on `device`.
+fn train_on(
+    args: &TrainArgs,
+    device: burn::tensor::Device,
+    group: &dyn peft_train::Collective,
+    drawn: Option<&Latch>,
+) -> Result<()> {
+    // Notes are printed once, by rank 0, in a distributed run.
+    let lead = group.rank() == 0;
+    let method = crate::methods::by_name(&args.method)?;
+    let lr_schedule = schedule(&args.lr_scheduler)?;
+    let (Some(model_dir), Some(data_path)) = (args.model.clone(), args.data.clone()) else {
+        bail!("no model or data after preparing the run");
+    };
     let device = if args.gradient_checkpointing {
         if lead && peft_ops::device::runs_cpu_kernels(&device) {
             eprintln!(
@@ -564,14 +690,15 @@ pub fn train(args: TrainArgs) -> Result<()> {
     device.seed(args.seed);
     let ctx = RunContext {
         method,
-        args: &args,
+        args,
         model_dir: &model_dir,
         tokenizer: &tokenizer,
         train_tokens: &train_tokens,
         eval_tokens: &eval_tokens,
         eval: &eval_ex,
         config: &config,
-        group: group.as_ref(),
+        group,
+        drawn,
     };
     (method.train)(base, &ctx)
 }

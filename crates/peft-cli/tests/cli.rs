@@ -1575,3 +1575,51 @@ fn distributed_training_needs_the_mpi_build() {
         "nothing is written first"
     );
 }
+
+/// `--devices cpu,cpu`: burn's multi-device data parallelism in one process (one thread and one
+/// model copy per device) trains, byte for byte, the adapter one device trains with the same
+/// global batch (2 devices × batch 2 = batch 2 × 2 accumulation steps); bad lists are one line.
+#[test]
+fn devices_in_one_process_equal_one_device_with_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixtures().join("../../data/demo.jsonl");
+    let model_dir = model("bloom-tiny");
+    let run = |name: &str, extra: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let mut args = vec![
+            "train",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out_dir.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--no-exact-match",
+            "--no-merged",
+        ];
+        args.extend_from_slice(extra);
+        let out = peft(&args);
+        (out, out_dir)
+    };
+    let (out, one) = run("one", &["--grad-accum", "2"]);
+    ok(&out);
+    let (out, two) = run("two", &["--devices", "cpu,cpu"]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("data parallel: 2 ranks × batch 2"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(one.join("adapter/adapter_model.safetensors")).unwrap(),
+        std::fs::read(two.join("adapter/adapter_model.safetensors")).unwrap()
+    );
+    let (out, _) = run("bad", &["--devices", "cpu,tpu"]);
+    assert_clean_failure(&out, "unknown device `tpu`");
+    let (out, _) = run("both", &["--devices", "cpu,cpu", "--distributed", "mpi"]);
+    assert_clean_failure(&out, "under MPI each rank takes one device");
+}

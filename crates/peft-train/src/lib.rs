@@ -17,7 +17,7 @@ pub mod plot;
 pub mod trainer;
 
 pub use data::{DataError, Example, Tokenized, read_examples, split, tokenize_all};
-pub use distributed::{Collective, SingleProcess};
+pub use distributed::{Collective, SingleProcess, ThreadRanks};
 pub use trainer::{
     Event, Resume, Schedule, TrainConfig, TrainError, TrainSummary, evaluate, request_stop, train,
     train_distributed,
