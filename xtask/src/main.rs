@@ -2,8 +2,9 @@
 //!
 //! * `fixtures [--python PATH]` — regenerate `tests/fixtures/` with the pinned reference stack
 //!   (see `fixtures/requirements.txt`); needs a Python environment with it installed.
-//! * `gpu-check [--device wgpu|cuda]` — on a machine with a GPU: build with the backend's
-//!   feature, run every parity test on the GPU, run the benchmark cases there, and time the CLI.
+//! * `gpu-check [--device wgpu|cuda] [--two-gpus]` — on a machine with a GPU: build with the
+//!   backend's feature, run every parity test on the GPU, run the benchmark cases there, time the
+//!   CLI, and train data-parallel with `--devices` (two ranks on one GPU, or on GPUs 0 and 1).
 //!   One short script, meant to finish well under 10 minutes.
 //! * `bench [--quick] [--vs-pytorch] [--python PATH] [--device cpu|wgpu|cuda] [--cases a,b]` —
 //!   every case of `peft-bench` in its own release-built process, optionally alternating with
@@ -137,6 +138,59 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
             "peft logits (process incl. start-up) on {device}: {:.3} s",
             started.elapsed().as_secs_f64()
         );
+    }
+    data_parallel_check(root, &device, args.iter().any(|a| a == "--two-gpus"))
+}
+
+/// `peft train --devices` on the GPU backend: two ranks (on GPUs 0 and 1 with `--two-gpus`,
+/// otherwise both on the one GPU) against one device with twice the accumulation; the two
+/// adapters must agree (≤ 1e-5 relative: GPU reductions may sum in another order).
+fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> {
+    let devices = if two_gpus {
+        format!("{device}:0,{device}:1")
+    } else {
+        format!("{device},{device}")
+    };
+    let out = std::env::temp_dir().join("peft-gpu-check-ddp");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut adapters = Vec::new();
+    for (name, extra) in [
+        ("one", vec!["--device", device, "--grad-accum", "2"]),
+        ("ranks", vec!["--devices", devices.as_str()]),
+    ] {
+        let dir = out.join(name);
+        let started = Instant::now();
+        run(Command::new(target_dir(root).join("release/peft"))
+            .arg("train")
+            .arg("--model")
+            .arg(root.join("tests/fixtures/models/bloom-tiny"))
+            .arg("--data")
+            .arg(root.join("data/demo.jsonl"))
+            .arg("--output")
+            .arg(&dir)
+            .args(["--max-steps", "4", "--batch-size", "2", "--no-exact-match", "--no-merged"])
+            .args(&extra))?;
+        eprintln!(
+            "peft train {name} ({}): {:.2} s",
+            extra.join(" "),
+            started.elapsed().as_secs_f64()
+        );
+        let store = peft_core::TensorStore::open(dir.join("adapter/adapter_model.safetensors"))?;
+        let tensors: Vec<(String, Vec<f32>)> = store
+            .keys()
+            .map(|k| Ok((k.to_string(), store.f32(k)?.0)))
+            .collect::<Result<_>>()?;
+        adapters.push(tensors);
+    }
+    let worst = adapters[0]
+        .iter()
+        .zip(&adapters[1])
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b))
+        .map(|(a, b)| (a - b).abs() / a.abs().max(b.abs()).max(1e-3))
+        .fold(0f32, f32::max);
+    eprintln!("--devices {devices} vs one device with accumulation: max relative Δ {worst:e}");
+    if worst > 1e-5 {
+        bail!("data-parallel adapter differs from the single-device one by {worst:e}");
     }
     Ok(())
 }

@@ -798,7 +798,8 @@ pub fn train_distributed<A: AdapterModel>(
             seed,
             micro_batches_done: micro_index,
         });
-        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let step_s = started.elapsed().as_secs_f64();
+        let tokens_per_s = tokens as f64 / step_s.max(1e-9);
         if writes
             && (state
                 .global_step
@@ -808,6 +809,7 @@ pub fn train_distributed<A: AdapterModel>(
             let mut line = serde_json::json!({
                 "step": state.global_step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
                 "epoch": micro_index as f64 / micro_per_epoch as f64, "tokens_per_s": tokens_per_s,
+                "step_s": step_s,
             });
             if let Some(seconds) = allreduce_s {
                 line["ranks"] = ranks.into();
