@@ -168,7 +168,14 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
             .arg(root.join("data/demo.jsonl"))
             .arg("--output")
             .arg(&dir)
-            .args(["--max-steps", "4", "--batch-size", "2", "--no-exact-match", "--no-merged"])
+            .args([
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--no-exact-match",
+                "--no-merged",
+            ])
             .args(&extra))?;
         eprintln!(
             "peft train {name} ({}): {:.2} s",

@@ -458,6 +458,9 @@ fn install_stop_handlers() {
 
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
+    // Checked before anything is written or loaded.
+    crate::methods::by_name(&args.method)?;
+    schedule(&args.lr_scheduler)?;
     let timeout = std::time::Duration::from_secs(args.distributed_timeout);
     if let Some(list) = &args.devices {
         if args.distributed.as_deref() == Some("mpi")
