@@ -220,14 +220,11 @@ fn wait_with_deadline(
     }
 }
 
-/// SIGTERM on one rank: every rank stops after the same step, rank 0 writes that step's
-/// checkpoint, and the checkpoint resumes.
-#[test]
-fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let args = train_args(&out, &["--max-steps", "100000", "--batch-size", "2"]);
-    let mut job = mpirun(2, &args)
+/// A 2-rank run with no end in sight, once it has done two steps: the job and its ranks' pids.
+fn start_long_job(out: &Path, extra: &[&str]) -> (std::process::Child, Vec<i32>) {
+    let mut flags = vec!["--max-steps", "100000", "--batch-size", "2"];
+    flags.extend_from_slice(extra);
+    let job = mpirun(2, &train_args(out, &flags))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -235,6 +232,16 @@ fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
     wait_for_lines(&out.join("metrics.jsonl"), 2);
     let ranks = ranks_of(job.id());
     assert_eq!(ranks.len(), 2, "{ranks:?}");
+    (job, ranks)
+}
+
+/// SIGTERM on one rank: every rank stops after the same step, rank 0 writes that step's
+/// checkpoint, and the checkpoint resumes.
+#[test]
+fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let (mut job, ranks) = start_long_job(&out, &[]);
     // SAFETY: sending a signal to a child process of this test.
     unsafe { libc::kill(ranks[1], libc::SIGTERM) };
     let status = wait_with_deadline(&mut job, Duration::from_secs(60));
@@ -259,25 +266,7 @@ fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
 fn a_killed_rank_ends_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let args = train_args(
-        &out,
-        &[
-            "--max-steps",
-            "100000",
-            "--batch-size",
-            "2",
-            "--distributed-timeout",
-            "30",
-        ],
-    );
-    let mut job = mpirun(2, &args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_lines(&out.join("metrics.jsonl"), 2);
-    let ranks = ranks_of(job.id());
-    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    let (mut job, ranks) = start_long_job(&out, &["--distributed-timeout", "30"]);
     // SAFETY: sending a signal to a child process of this test.
     unsafe { libc::kill(ranks[1], libc::SIGKILL) };
     let status = wait_with_deadline(&mut job, Duration::from_secs(90));
