@@ -552,21 +552,23 @@ fn main() -> ExitCode {
             (Some(shape), Some(dir)) => scale::make_model(shape, Path::new(dir)),
             _ => Err("usage: peft-bench make-scale-model <shape> <dir>".into()),
         },
-        "scale-lora" | "scale-qlora" | "scale-generate" => match value("--model") {
-            None => Err(format!("usage: peft-bench {case} --model DIR [--steps N]")),
-            Some(dir) if case == "scale-generate" => scale::generate(Path::new(&dir), &device),
-            Some(dir) => {
+        "scale-lora" | "scale-qlora" | "scale-generate" => match (
+            value("--model"),
+            value("--compute-dtype")
+                .unwrap_or_else(|| "float32".into())
+                .parse(),
+        ) {
+            (None, _) => Err(format!(
+                "usage: peft-bench {case} --model DIR [--steps N] [--compute-dtype D]"
+            )),
+            (_, Err(e)) => Err(format!("--compute-dtype: {e}")),
+            (Some(dir), Ok(compute)) if case == "scale-generate" => {
+                scale::generate(Path::new(&dir), compute, &device)
+            }
+            (Some(dir), Ok(compute)) => {
                 let steps = value("--steps").and_then(|s| s.parse().ok()).unwrap_or(3);
                 let widen = args.iter().any(|a| a == "--widen-frozen");
-                match value("--compute-dtype")
-                    .unwrap_or_else(|| "float32".into())
-                    .parse()
-                {
-                    Ok(compute) => {
-                        scale::train(case, Path::new(&dir), steps, widen, compute, &device)
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
+                scale::train(case, Path::new(&dir), steps, widen, compute, &device)
             }
         },
         "serve-load" => serve::load_test(quick, &workspace_root()),

@@ -219,11 +219,19 @@ pub fn train(
 }
 
 /// `scale-generate`: see the module docs.
-pub fn generate(dir: &Path, device: &Device) -> Result<serde_json::Value, String> {
+pub fn generate(
+    dir: &Path,
+    compute_dtype: peft_ops::precision::ComputeDtype,
+    device: &Device,
+) -> Result<serde_json::Value, String> {
     let mut phases = serde_json::Map::new();
     reset_peak_rss();
     let started = Instant::now();
-    let model = peft_models::load(dir, device).map_err(|e| e.to_string())?;
+    let options = peft_models::LoadOptions {
+        compute_dtype,
+        ..peft_models::LoadOptions::default()
+    };
+    let model = peft_models::load_with(dir, device, &options).map_err(|e| e.to_string())?;
     let load_s = started.elapsed().as_secs_f64();
     phases.insert("load".into(), phase(load_s));
 
@@ -248,7 +256,9 @@ pub fn generate(dir: &Path, device: &Device) -> Result<serde_json::Value, String
     gen_phase["per_token_s"] = per_token.into();
     gen_phase["tokens"] = stamps.len().into();
     phases.insert("generate".into(), gen_phase);
-    Ok(result("scale-generate", dir, phases))
+    let mut result = result("scale-generate", dir, phases);
+    result["compute_dtype"] = compute_dtype.torch_name().into();
+    Ok(result)
 }
 
 fn result(

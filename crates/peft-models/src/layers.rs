@@ -205,8 +205,8 @@ impl WeightLoader<'_> {
         Ok(HalfDtype::from_safetensors(self.store.dtype(key)?))
     }
 
-    /// `{key}`, stored in `dtype`, read as stored with its shape checked; the mapped bytes are
-    /// released once copied.
+    /// `{key}`, stored in `dtype`, read as stored with its shape checked, left in the file's
+    /// mapping.
     fn half_as_stored(
         &self,
         key: &str,
@@ -222,6 +222,11 @@ impl WeightLoader<'_> {
                 found: shape.to_vec(),
                 expected: vec![d_out, d_in],
             });
+        }
+        // Kept in the checkpoint's mapping, no copy (safetensors' zero-copy load); a store
+        // parsed from memory copies the bytes.
+        if let Some(mapped) = self.store.mapped(key)? {
+            return HalfWeight::from_mapped(dtype, [d_out, d_in], mapped);
         }
         let weight = HalfWeight::from_le_bytes(dtype, [d_out, d_in], bytes)?;
         self.store.release(key);

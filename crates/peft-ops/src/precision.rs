@@ -133,7 +133,32 @@ impl HalfDtype {
 pub struct HalfWeight {
     shape: [usize; 2],
     dtype: HalfDtype,
-    bits: Vec<u16>,
+    bits: HalfBits,
+}
+
+/// Where a [`HalfWeight`]'s 16-bit values live.
+#[derive(Debug, Clone)]
+enum HalfBits {
+    /// In memory of its own.
+    Owned(Vec<u16>),
+    /// In the checkpoint file's mapping, as stored (little-endian, 2-byte aligned: checked when
+    /// built, on little-endian machines only).
+    Mapped(peft_tensors::MappedBytes),
+}
+
+impl HalfBits {
+    fn as_slice(&self) -> &[u16] {
+        match self {
+            HalfBits::Owned(bits) => bits,
+            HalfBits::Mapped(bytes) => {
+                let bytes = bytes.as_slice();
+                // SAFETY: `from_mapped` built this variant only for a 2-byte-aligned, even-length
+                // byte range on a little-endian machine, where those bytes are exactly the u16
+                // values; the mapping is read-only and lives as long as `bytes`.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u16>(), bytes.len() / 2) }
+            }
+        }
+    }
 }
 
 impl HalfWeight {
@@ -143,11 +168,11 @@ impl HalfWeight {
         Ok(Self {
             shape,
             dtype: HalfDtype::Bf16,
-            bits: {
+            bits: HalfBits::Owned({
                 let mut bits = vec![0u16; values.len()];
                 round_to_bf16_bits(values, &mut bits);
                 bits
-            },
+            }),
         })
     }
 
@@ -163,11 +188,41 @@ impl HalfWeight {
         Ok(Self {
             shape,
             dtype,
-            bits: bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect(),
+            bits: HalfBits::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
         })
+    }
+
+    /// A weight read as stored with no copy: its values stay in the checkpoint's mapping (the
+    /// file must not change while the weight lives). Where the bytes cannot be used in place (a
+    /// big-endian machine, an odd offset) they are copied, as [`Self::from_le_bytes`] does.
+    pub fn from_mapped(
+        dtype: HalfDtype,
+        shape: [usize; 2],
+        bytes: peft_tensors::MappedBytes,
+    ) -> Result<Self> {
+        let slice = bytes.as_slice();
+        let in_place = cfg!(target_endian = "little")
+            && slice.len().is_multiple_of(2)
+            && (slice.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u16>());
+        if !in_place {
+            return Self::from_le_bytes(dtype, shape, slice);
+        }
+        check_len(shape, slice.len() / 2)?;
+        Ok(Self {
+            shape,
+            dtype,
+            bits: HalfBits::Mapped(bytes),
+        })
+    }
+
+    /// The stored 16-bit values, row-major `[out, in]`.
+    fn bits(&self) -> &[u16] {
+        self.bits.as_slice()
     }
 
     /// Widens `bits` into `out` (same length), exactly.
@@ -216,9 +271,9 @@ impl PackedWeight for HalfWeight {
 
     fn dequantize(&self) -> Vec<f32> {
         use rayon::prelude::*;
-        let mut out = vec![0.0f32; self.bits.len()];
+        let mut out = vec![0.0f32; self.bits().len()];
         out.par_chunks_mut(1 << 14)
-            .zip(self.bits.par_chunks(1 << 14))
+            .zip(self.bits().par_chunks(1 << 14))
             .for_each(|(out, bits)| self.widen(bits, out));
         out
     }
@@ -238,11 +293,11 @@ impl PackedWeight for HalfWeight {
     }
 
     fn storage_bytes(&self) -> usize {
-        self.bits.len() * 2
+        self.bits().len() * 2
     }
 
     fn to_tensors(&self, name: &str) -> Vec<(String, HostTensor)> {
-        let data = self.bits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data = self.bits().iter().flat_map(|v| v.to_le_bytes()).collect();
         let tensor = HostTensor {
             dtype: self.dtype.safetensors(),
             shape: self.shape.to_vec(),
@@ -256,7 +311,7 @@ impl PackedWeight for HalfWeight {
     }
 
     fn bf16_bits(&self) -> Option<&[u16]> {
-        (self.dtype == HalfDtype::Bf16).then_some(&self.bits[..])
+        (self.dtype == HalfDtype::Bf16).then_some(self.bits())
     }
 
     fn dequantize_block(
@@ -272,7 +327,7 @@ impl PackedWeight for HalfWeight {
         }
         for (row, out) in rows.zip(out.chunks_mut(width.max(1))) {
             let start = row * d_in;
-            self.widen(&self.bits[start + cols.start..start + cols.end], out);
+            self.widen(&self.bits()[start + cols.start..start + cols.end], out);
         }
         true
     }
@@ -297,7 +352,7 @@ impl HalfWeight {
         }
         // Output features in blocks, each weight row read once and dotted with every input row.
         const BLOCK: usize = 32;
-        let row_bits = |o: usize| &self.bits[o * d_in..(o + 1) * d_in];
+        let row_bits = |o: usize| &self.bits()[o * d_in..(o + 1) * d_in];
         let out = match self.dtype {
             // Widened in registers, every input row against this weight row at once.
             HalfDtype::Bf16 => by_output_features(
@@ -386,5 +441,50 @@ mod bf16_weight_tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("4 values for shape [2, 3]"), "{err}");
+    }
+
+    /// A bf16 weight left in the checkpoint's mapping reads the stored values after the store
+    /// is dropped, and equals the copied one in every product.
+    #[test]
+    fn mapped_weights_read_the_file_in_place() {
+        let values = [1.0f32, -2.5, 0.375, 7.0, -0.125, 3.0];
+        let bits: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let path =
+            std::env::temp_dir().join(format!("peft-mapped-{}.safetensors", std::process::id()));
+        let mut tensors = std::collections::BTreeMap::new();
+        tensors.insert(
+            "w".to_string(),
+            peft_tensors::HostTensor {
+                dtype: Dtype::BF16,
+                shape: vec![2, 3],
+                data: bits.clone(),
+            },
+        );
+        peft_tensors::save_safetensors(&path, &tensors, None).unwrap();
+        let store = peft_tensors::TensorStore::open(&path).unwrap();
+        let mapped = store.mapped("w").unwrap().expect("a file is mapped");
+        drop(store);
+        let w = HalfWeight::from_mapped(HalfDtype::Bf16, [2, 3], mapped).unwrap();
+        assert!(matches!(w.bits, HalfBits::Mapped(_)), "read in place");
+        let copied = HalfWeight::from_le_bytes(HalfDtype::Bf16, [2, 3], &bits).unwrap();
+        assert_eq!(w.dequantize(), values.to_vec());
+        assert_eq!(w.dequantize(), copied.dequantize());
+        assert_eq!(w.storage_bytes(), 12);
+        let err = HalfWeight::from_mapped(
+            HalfDtype::Bf16,
+            [3, 3],
+            peft_tensors::TensorStore::open(&path)
+                .unwrap()
+                .mapped("w")
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("6 values for shape [3, 3]"), "{err}");
+        let _ = std::fs::remove_file(&path);
     }
 }

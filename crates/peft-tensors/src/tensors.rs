@@ -108,11 +108,30 @@ pub fn bytes_to_i64(dtype: Dtype, bytes: &[u8]) -> Option<Vec<i64>> {
     Some(out)
 }
 
-/// The bytes of one safetensors file: mapped from disk, or owned (parsed from memory).
+/// The bytes of one safetensors file: mapped from disk (shared, so that a tensor's bytes can
+/// outlive the store: [`TensorStore::mapped`]), or owned (parsed from memory).
 #[derive(Debug)]
 enum FileBytes {
-    Mapped(memmap2::Mmap),
+    Mapped(std::sync::Arc<memmap2::Mmap>),
     Owned(Vec<u8>),
+}
+
+/// One tensor's bytes inside a memory-mapped checkpoint file, kept mapped for as long as this
+/// handle lives (the file's mapping is shared and reference-counted): a frozen weight read as
+/// stored with no copy, as safetensors' zero-copy load does. The file must not be modified while
+/// a handle lives.
+#[derive(Debug, Clone)]
+pub struct MappedBytes {
+    map: std::sync::Arc<memmap2::Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl MappedBytes {
+    /// The tensor's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
 }
 
 impl std::ops::Deref for FileBytes {
@@ -252,9 +271,9 @@ impl TensorStore {
         } else {
             // SAFETY: the map is read-only; the file must not change while the store is open
             // (documented on `TensorStore`), as for every memory-mapped checkpoint reader.
-            FileBytes::Mapped(
+            FileBytes::Mapped(std::sync::Arc::new(
                 unsafe { memmap2::Mmap::map(&file) }.map_err(|e| PeftError::io(path, e))?,
-            )
+            ))
         };
         self.add_bytes(path.to_path_buf(), bytes)
     }
@@ -344,6 +363,20 @@ impl TensorStore {
     pub fn raw(&self, key: &str) -> Result<(&[u8], Dtype, &[usize])> {
         let e = self.entry(key)?;
         Ok((&self.files[e.file].1[e.start..e.end], e.dtype, &e.shape))
+    }
+
+    /// A tensor's bytes as a handle that keeps them mapped after the store is dropped, for a
+    /// tensor used as stored (a frozen bf16 weight); `None` for stores parsed from memory.
+    pub fn mapped(&self, key: &str) -> Result<Option<MappedBytes>> {
+        let e = self.entry(key)?;
+        Ok(match &self.files[e.file].1 {
+            FileBytes::Mapped(map) => Some(MappedBytes {
+                map: map.clone(),
+                start: e.start,
+                end: e.end,
+            }),
+            FileBytes::Owned(_) => None,
+        })
     }
 
     /// Hands the resident pages of a tensor's bytes back to the kernel (a no-op for stores
