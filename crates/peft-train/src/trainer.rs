@@ -828,6 +828,13 @@ pub fn train_distributed<A: AdapterModel>(
         let save_now = config
             .save_steps
             .is_some_and(|n| n > 0 && state.global_step.is_multiple_of(n));
+        // One process reads the request as late as possible (a Ctrl-C during this step's update
+        // stops after it); ranks act on the flag they summed, so that all stop at the same step.
+        let stop = if ranks == 1 {
+            STOP_REQUESTED.load(Ordering::SeqCst)
+        } else {
+            stop
+        };
         let stop = stop && state.global_step < total;
         if save_now || stop {
             let dir = output_dir.join(format!("checkpoint-{}", state.global_step));
