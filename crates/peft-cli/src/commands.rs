@@ -94,9 +94,12 @@ fn load_multi_lora(
     Ok(multi)
 }
 
-fn load_model(args: &ModelArgs) -> Result<Box<dyn Runnable>> {
+/// The model `args` name, with its adapters. `generation`: a missing `--compute-dtype` means
+/// `auto` (transformers' default for generation), else float32 (`logits`, a parity tool).
+fn load_model(args: &ModelArgs, generation: bool) -> Result<Box<dyn Runnable>> {
     let device = device(&args.device)?;
-    let base = load_base(&args.model, &device, &args.load.options()?)?;
+    let options = args.load.options(&args.model, &device, generation)?;
+    let base = load_base(&args.model, &device, &options)?;
     let specs = adapter_specs(&args.adapter);
     let loaded: Box<dyn Runnable> = match specs.as_slice() {
         [] => return Ok(Box::new(base)),
@@ -122,7 +125,7 @@ fn assign_rows(model: &mut dyn Runnable, names: Option<&[String]>) -> Result<Opt
 
 /// `peft logits`.
 pub fn logits(args: LogitsArgs) -> Result<()> {
-    let mut model = load_model(&args.model)?;
+    let mut model = load_model(&args.model, false)?;
     let rows = assign_rows(model.as_mut(), args.model.adapter_names.as_deref())?;
     run_logits(model.as_ref(), &args, rows)
 }
@@ -203,7 +206,7 @@ fn chat_prompt_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 
 /// `peft generate`.
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let mut model = load_model(&args.model)?;
+    let mut model = load_model(&args.model, true)?;
     assign_rows(model.as_mut(), args.model.adapter_names.as_deref())?;
     run_generate(model.as_ref(), &args)
 }
@@ -440,7 +443,9 @@ fn print_modules(out: &mut impl Write, model: &dyn Runnable, dir: &Path) -> std:
 
 /// `peft serve`.
 pub fn serve(args: ServeArgs) -> Result<()> {
-    let mut options = peft_serve::ServeOptions::new(&args.model, device(&args.device)?);
+    let serve_device = device(&args.device)?;
+    let load = args.load.options(&args.model, &serve_device, true)?;
+    let mut options = peft_serve::ServeOptions::new(&args.model, serve_device);
     for (name, dir) in adapter_specs(&args.adapters) {
         let Some(name) = name else {
             bail!(
@@ -462,7 +467,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     options.max_queue = args.max_queue;
     options.max_batch = args.max_batch;
     options.served_model_name = args.served_model_name;
-    options.load = args.load.options()?;
+    options.load = load;
     peft_serve::serve(options)?;
     Ok(())
 }

@@ -125,6 +125,31 @@ struct CombineArgs {
     device: DeviceArg,
 }
 
+/// transformers' default (`dtype="auto"`) for a model folder: bf16 compute for a bf16 checkpoint
+/// where bf16 products run on the CPU's bf16 units (oneDNN), else f32 — f32 compute over bf16
+/// weights gives the same numbers as transformers in f32, and bf16 without bf16 units would only
+/// be slower.
+fn auto_compute_dtype(
+    model_dir: &std::path::Path,
+    device: &burn::tensor::Device,
+) -> peft_ops::precision::ComputeDtype {
+    use peft_ops::precision::ComputeDtype;
+    let config = std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let bf16_checkpoint =
+        peft_models::save::checkpoint_dtype(model_dir, &config) == safetensors::Dtype::BF16;
+    if bf16_checkpoint
+        && peft_ops::device::runs_cpu_kernels(device)
+        && peft_ops::onednn::onednn().is_some()
+    {
+        ComputeDtype::Bf16
+    } else {
+        ComputeDtype::F32
+    }
+}
+
 /// How the base model is loaded: 4-bit (QLoRA's frozen base) and the compute dtype.
 #[derive(Args, Debug, Clone, Default)]
 struct LoadArgs {
@@ -138,11 +163,13 @@ struct LoadArgs {
     /// With --load-4bit: elements per absmax block (a power of two, 32 … 4096).
     #[arg(long, default_value_t = 64)]
     blocksize: usize,
-    /// The dtype linear layers compute in: float32, or bfloat16 (bf16 products with f32
-    /// accumulation, as torch.autocast / bnb_4bit_compute_dtype; the rest stays f32). Default:
-    /// float32, except `train --method qlora`: bfloat16 (the QLoRA paper's and the seed's
-    /// setting) where the device has bf16.
-    #[arg(long, value_name = "float32|bfloat16")]
+    /// The dtype linear layers compute in: float32, bfloat16 (bf16 products with f32
+    /// accumulation, as torch.autocast / bnb_4bit_compute_dtype; the rest stays f32), or auto
+    /// (bfloat16 for a bf16 checkpoint on a CPU with bf16 units and oneDNN, else float32: what
+    /// transformers' default `dtype="auto"` computes in). Default: auto for `generate` and
+    /// `serve`; float32 for `logits` and `train`, except `train --method qlora`: bfloat16 (the
+    /// QLoRA paper's and the seed's setting) where the device has bf16.
+    #[arg(long, value_name = "float32|bfloat16|auto")]
     compute_dtype: Option<String>,
     /// Hold the frozen weights of a bf16/f16 checkpoint widened to f32 (twice the memory). By
     /// default they stay in their stored 2 bytes and are widened, exactly, inside each product:
@@ -152,14 +179,25 @@ struct LoadArgs {
 }
 
 impl LoadArgs {
-    /// The load options these flags ask for.
-    fn options(&self) -> anyhow::Result<peft_models::LoadOptions> {
+    /// The load options these flags ask for, for `model_dir` on `device` (where `auto`
+    /// resolves). `missing_means_auto`: what no `--compute-dtype` means — `auto` for generation
+    /// (`generate`, `serve`), else float32.
+    fn options(
+        &self,
+        model_dir: &std::path::Path,
+        device: &burn::tensor::Device,
+        missing_means_auto: bool,
+    ) -> anyhow::Result<peft_models::LoadOptions> {
+        use peft_ops::precision::ComputeDtype;
+        let compute_dtype = match self.compute_dtype.as_deref() {
+            Some("auto") => auto_compute_dtype(model_dir, device),
+            None if missing_means_auto => auto_compute_dtype(model_dir, device),
+            None => ComputeDtype::F32,
+            Some(name) => name.parse()?,
+        };
         Ok(peft_models::LoadOptions {
             quantize: self.config()?,
-            compute_dtype: match &self.compute_dtype {
-                Some(name) => name.parse()?,
-                None => peft_ops::precision::ComputeDtype::F32,
-            },
+            compute_dtype,
             widen_half: self.widen_frozen,
         })
     }

@@ -623,7 +623,7 @@ fn train_on(
     } else {
         device.autodiff()
     };
-    let mut options = args.load.options()?;
+    let mut options = args.load.options(&model_dir, &device, false)?;
     // Checked before hours of training, not after.
     args.save.options()?;
     if options.quantize.is_none() && method.loads_4bit {

@@ -1623,3 +1623,62 @@ fn devices_in_one_process_equal_one_device_with_accumulation() {
     let (out, _) = run("both", &["--devices", "cpu,cpu", "--distributed", "mpi"]);
     assert_clean_failure(&out, "under MPI each rank takes one device");
 }
+
+/// `--compute-dtype auto` (what `generate` and `serve` do by default, as transformers'
+/// `dtype="auto"`): a bf16 checkpoint computes in bf16 where the CPU's bf16 units run oneDNN,
+/// else in f32; an f32 checkpoint always in f32. Checked on logits, where the two differ.
+#[test]
+fn auto_compute_dtype_follows_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let bf16_model = dir.path().join("bf16");
+    ok(&peft(&[
+        "merge",
+        "--model",
+        model("bloom-tiny").to_str().unwrap(),
+        "--adapter",
+        adapter("lora-bloom").to_str().unwrap(),
+        "--output",
+        bf16_model.to_str().unwrap(),
+        "--save-dtype",
+        "bfloat16",
+    ]));
+    let reference = fixtures().join("reference/bloom-tiny.safetensors");
+    let logits_with = |model_dir: &Path, dtype: &str| {
+        let out_path = dir.path().join(format!(
+            "{}-{dtype}.safetensors",
+            model_dir.file_name().unwrap().to_string_lossy()
+        ));
+        ok(&logits_to(
+            model_dir,
+            &["--compute-dtype", dtype],
+            &reference,
+            &out_path,
+        ));
+        TensorStore::open(&out_path)
+            .unwrap()
+            .f32("logits")
+            .unwrap()
+            .0
+    };
+    let (auto, bf16, f32) = (
+        logits_with(&bf16_model, "auto"),
+        logits_with(&bf16_model, "bfloat16"),
+        logits_with(&bf16_model, "float32"),
+    );
+    assert_ne!(bf16, f32, "bf16 and f32 compute differ on this checkpoint");
+    let onednn_bf16 = has_bf16_units() && std::env::var("PEFT_ONEDNN").as_deref() != Ok("off");
+    if onednn_bf16 && std::env::var("PEFT_REQUIRE_ONEDNN").as_deref() == Ok("1") {
+        assert_eq!(
+            auto, bf16,
+            "a bf16 checkpoint on bf16 units computes in bf16"
+        );
+    } else {
+        assert!(auto == bf16 || auto == f32);
+    }
+    let f32_model = model("bloom-tiny");
+    assert_eq!(
+        logits_with(&f32_model, "auto"),
+        logits_with(&f32_model, "float32"),
+        "an f32 checkpoint computes in f32"
+    );
+}
