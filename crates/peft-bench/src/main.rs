@@ -552,11 +552,19 @@ fn main() -> ExitCode {
             (Some(shape), Some(dir)) => scale::make_model(shape, Path::new(dir)),
             _ => Err("usage: peft-bench make-scale-model <shape> <dir>".into()),
         },
+        // Each case computes as `peft` does by default: generation in the checkpoint's dtype
+        // where the CPU has bf16 units (`auto`), training in f32.
         "scale-lora" | "scale-qlora" | "scale-generate" => match (
             value("--model"),
-            value("--compute-dtype")
-                .unwrap_or_else(|| "float32".into())
-                .parse(),
+            value("--compute-dtype").map_or_else(
+                || match (case.as_str(), value("--model")) {
+                    ("scale-generate", Some(dir)) => {
+                        Ok(peft_models::auto_compute_dtype(&dir, &device))
+                    }
+                    _ => Ok(peft_ops::precision::ComputeDtype::F32),
+                },
+                |name| name.parse(),
+            ),
         ) {
             (None, _) => Err(format!(
                 "usage: peft-bench {case} --model DIR [--steps N] [--compute-dtype D]"

@@ -125,31 +125,6 @@ struct CombineArgs {
     device: DeviceArg,
 }
 
-/// transformers' default (`dtype="auto"`) for a model folder: bf16 compute for a bf16 checkpoint
-/// where bf16 products run on the CPU's bf16 units (oneDNN), else f32 — f32 compute over bf16
-/// weights gives the same numbers as transformers in f32, and bf16 without bf16 units would only
-/// be slower.
-fn auto_compute_dtype(
-    model_dir: &std::path::Path,
-    device: &burn::tensor::Device,
-) -> peft_ops::precision::ComputeDtype {
-    use peft_ops::precision::ComputeDtype;
-    let config = std::fs::read_to_string(model_dir.join("config.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let bf16_checkpoint =
-        peft_models::save::checkpoint_dtype(model_dir, &config) == safetensors::Dtype::BF16;
-    if bf16_checkpoint
-        && peft_ops::device::runs_cpu_kernels(device)
-        && peft_ops::onednn::onednn().is_some()
-    {
-        ComputeDtype::Bf16
-    } else {
-        ComputeDtype::F32
-    }
-}
-
 /// How the base model is loaded: 4-bit (QLoRA's frozen base) and the compute dtype.
 #[derive(Args, Debug, Clone, Default)]
 struct LoadArgs {
@@ -190,8 +165,8 @@ impl LoadArgs {
     ) -> anyhow::Result<peft_models::LoadOptions> {
         use peft_ops::precision::ComputeDtype;
         let compute_dtype = match self.compute_dtype.as_deref() {
-            Some("auto") => auto_compute_dtype(model_dir, device),
-            None if missing_means_auto => auto_compute_dtype(model_dir, device),
+            Some("auto") => peft_models::auto_compute_dtype(model_dir, device),
+            None if missing_means_auto => peft_models::auto_compute_dtype(model_dir, device),
             None => ComputeDtype::F32,
             Some(name) => name.parse()?,
         };

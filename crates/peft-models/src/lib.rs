@@ -193,6 +193,28 @@ pub struct LoadOptions {
     pub widen_half: bool,
 }
 
+/// The compute dtype of transformers' default `dtype="auto"` for the checkpoint in `dir` on
+/// `device`: bf16 for a checkpoint stored in bf16 where bf16 products run on the CPU's bf16 units
+/// (oneDNN, [`peft_ops::onednn`]), else f32 — f32 over a bf16 checkpoint is exact widening, bf16
+/// without bf16 units would only be slower, and f16 rounded to bf16 would lose bits. What `peft
+/// generate` and `peft serve` use unless told otherwise (docs/PRECISION.md).
+pub fn auto_compute_dtype(dir: impl AsRef<Path>, device: &Device) -> ComputeDtype {
+    let dir = dir.as_ref();
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let bf16_checkpoint = save::checkpoint_dtype(dir, &config) == safetensors::Dtype::BF16;
+    if bf16_checkpoint
+        && peft_ops::device::runs_cpu_kernels(device)
+        && peft_ops::onednn::onednn().is_some()
+    {
+        ComputeDtype::Bf16
+    } else {
+        ComputeDtype::F32
+    }
+}
+
 /// Loads a Hugging Face model folder onto `device`.
 pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<AnyModel<NoAdapter>> {
     load_with(dir, device, &LoadOptions::default())
