@@ -366,12 +366,18 @@ impl TensorStore {
     }
 
     /// A tensor's bytes as a handle that keeps them mapped after the store is dropped, for a
-    /// tensor used as stored (a frozen bf16 weight); `None` for stores parsed from memory.
+    /// tensor used as stored (a frozen bf16 weight); `None` for stores parsed from memory. The
+    /// kernel is asked to read the bytes ahead (`MADV_WILLNEED`), so that loading returns at once
+    /// and the first products do not wait for the disk page by page.
     pub fn mapped(&self, key: &str) -> Result<Option<MappedBytes>> {
         let e = self.entry(key)?;
         Ok(match &self.files[e.file].1 {
             FileBytes::Mapped(map) => Some(MappedBytes {
-                map: map.clone(),
+                map: {
+                    #[cfg(unix)]
+                    let _ = map.advise_range(memmap2::Advice::WillNeed, e.start, e.end - e.start);
+                    map.clone()
+                },
                 start: e.start,
                 end: e.end,
             }),
