@@ -270,10 +270,7 @@ where
         None
     };
     let ranks = group.world_size();
-    let global = TrainConfig {
-        gradient_accumulation_steps: config.gradient_accumulation_steps * ranks,
-        ..config.clone()
-    };
+    let global = config.across_ranks(ranks);
     if lead && ranks > 1 {
         eprintln!(
             "data parallel: {ranks} ranks × batch {} × {} accumulation step(s) = {} examples per \

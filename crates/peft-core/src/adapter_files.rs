@@ -11,7 +11,6 @@ use crate::model::CausalLm;
 use crate::modules::{ModuleInfo, ModuleKind};
 use crate::params::{ParamUpdate, map_params, named_params};
 use crate::{PeftError, Result};
-use peft_tensors::layout::transpose_data;
 use peft_tensors::{HostTensor, TensorStore, save_safetensors, write_atomic};
 
 /// The adapter config file name PEFT uses.
@@ -134,16 +133,7 @@ pub fn load_base_params<M: CausalLm>(
         values.insert(name, TensorData::new(data, found));
     }
     let loaded: BTreeSet<String> = values.keys().cloned().collect();
-    let model = if values.is_empty() {
-        model
-    } else {
-        map_params(model, |name, linear| match values.remove(name) {
-            Some(data) if linear => ParamUpdate::Value(transpose_data(data)),
-            Some(data) => ParamUpdate::Value(data),
-            None => ParamUpdate::Keep,
-        })
-    };
-    Ok((model, loaded))
+    Ok((crate::params::set_values(model, values), loaded))
 }
 
 /// Writes an adapter folder: `adapter_config.json` (with `inference_mode: true`, as PEFT saves)

@@ -171,6 +171,33 @@ pub fn map_params<M: Module>(module: M, mut f: impl FnMut(&str, bool) -> ParamUp
     module.map(&mut mapper)
 }
 
+/// `module` with the parameters named in `values` set to them: values in PyTorch's layout by
+/// Hugging Face name (a linear weight `[out, in]`, transposed here to burn's `[in, out]`); every
+/// other parameter kept.
+pub fn set_values<M: Module>(
+    module: M,
+    mut values: std::collections::BTreeMap<String, burn::tensor::TensorData>,
+) -> M {
+    if values.is_empty() {
+        return module;
+    }
+    map_params(module, |name, linear| match values.remove(name) {
+        Some(data) if linear => ParamUpdate::Value(peft_tensors::layout::transpose_data(data)),
+        Some(data) => ParamUpdate::Value(data),
+        None => ParamUpdate::Keep,
+    })
+}
+
+/// A device tensor as an f32 host tensor of its own shape (an encoder's or a prefix table's
+/// weights to be saved).
+pub fn host_tensor<const D: usize>(t: Tensor<D>) -> crate::Result<crate::HostTensor> {
+    let shape = t.dims().to_vec();
+    let values = t.into_data().try_to_vec_as::<f32>().map_err(|e| {
+        crate::PeftError::InvalidInput(format!("reading a tensor back from the device: {e:?}"))
+    })?;
+    Ok(crate::HostTensor::from_f32(shape, &values))
+}
+
 /// One float parameter whose value is read only when asked for: a handle on the tensor, not a
 /// copy (see [`lazy_values`]).
 pub struct LazyValue {

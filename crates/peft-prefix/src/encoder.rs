@@ -4,7 +4,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use peft_core::{HostTensor, PeftError, Result, TensorStore};
+use peft_core::{PeftError, Result, TensorStore};
 use std::path::Path;
 
 /// The projection MLP of `prefix_projection` (PEFT's `embedding` and `transform.0/.2`).
@@ -67,14 +67,4 @@ pub fn load_projection(path: &Path, device: &Device) -> Result<PrefixProjection>
             bias: Some(vector("transform.2.bias")?),
         },
     })
-}
-
-/// A matrix as an f32 host tensor.
-pub(crate) fn host(t: Tensor<2>) -> Result<HostTensor> {
-    let shape = t.dims().to_vec();
-    let values = t
-        .into_data()
-        .try_to_vec_as::<f32>()
-        .map_err(|e| PeftError::InvalidInput(format!("reading a prefix tensor: {e:?}")))?;
-    Ok(HostTensor::from_f32(shape, &values))
 }

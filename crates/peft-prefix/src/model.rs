@@ -2,13 +2,14 @@
 //! `get_peft_model`, `PeftModel.from_pretrained`, saving.
 
 use crate::config::PrefixTuningConfig;
-use crate::encoder::{PrefixProjection, host, load_projection};
+use crate::encoder::{PrefixProjection, load_projection};
 use burn::module::{Module, Param};
 use burn::nn::{EmbeddingConfig, LinearConfig};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use peft_core::MethodConfig;
 use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::model::{MapEmbedding, MapLinear};
+use peft_core::params::host_tensor;
 use peft_core::params::{ParamUpdate, map_params, named_params};
 use peft_core::{
     AdapterModel, CausalLm, KvCache, LayerAdapter, LayerKv, ModelInput, ModelSpec, ModuleInfo,
@@ -274,22 +275,22 @@ impl<M: CausalLm> AdapterModel for PrefixTuningModel<M> {
         let mut tensors = BTreeMap::new();
         tensors.insert(
             "prompt_embeddings".to_string(),
-            host(self.model.table().detach())?,
+            host_tensor(self.model.table().detach())?,
         );
         save_adapter(dir, &self.config, &tensors)?;
         if let Some(p) = &self.model.projection {
             let mut enc = BTreeMap::new();
             enc.insert(
                 "embedding.weight".to_string(),
-                host(p.embedding.weight.val())?,
+                host_tensor(p.embedding.weight.val())?,
             );
             enc.insert(
                 "transform.0.weight".to_string(),
-                host(p.transform_0.weight.val().transpose())?,
+                host_tensor(p.transform_0.weight.val().transpose())?,
             );
             enc.insert(
                 "transform.2.weight".to_string(),
-                host(p.transform_2.weight.val().transpose())?,
+                host_tensor(p.transform_2.weight.val().transpose())?,
             );
             for (key, bias) in [
                 ("transform.0.bias", &p.transform_0.bias),
@@ -297,7 +298,7 @@ impl<M: CausalLm> AdapterModel for PrefixTuningModel<M> {
             ] {
                 if let Some(b) = bias {
                     let len = b.shape().dims::<1>()[0];
-                    let mut t = host(b.val().reshape([1, len]))?;
+                    let mut t = host_tensor(b.val().reshape([1, len]))?;
                     t.shape = vec![len];
                     enc.insert(key.to_string(), t);
                 }

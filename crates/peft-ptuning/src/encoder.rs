@@ -6,8 +6,9 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use peft_core::params::host_tensor;
 use peft_core::prompt_learning::VirtualTokenEncoder;
-use peft_core::{HostTensor, PeftError, Result, TensorStore};
+use peft_core::{HostTensor, Result, TensorStore};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -251,28 +252,18 @@ pub fn load_encoder(
     })
 }
 
-/// A tensor as an f32 host tensor (its own shape).
-pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
-    let shape = t.dims().to_vec();
-    let values = t
-        .into_data()
-        .try_to_vec_as::<f32>()
-        .map_err(|e| PeftError::InvalidInput(format!("reading an encoder tensor: {e:?}")))?;
-    Ok(HostTensor::from_f32(shape, &values))
-}
-
 /// The encoder's weights under PyTorch/PEFT state-dict names.
 pub fn encoder_tensors(e: &PromptEncoder) -> Result<BTreeMap<String, HostTensor>> {
     let mut out = BTreeMap::new();
-    out.insert("embedding.weight".into(), host(e.embedding.val())?);
+    out.insert("embedding.weight".into(), host_tensor(e.embedding.val())?);
     // PyTorch's Sequential numbers the linear layers 0, 2, 4 (the ReLUs sit between them).
     for (k, linear) in e.mlp_head.iter().enumerate() {
         out.insert(
             format!("mlp_head.{}.weight", 2 * k),
-            host(linear.weight.val().transpose())?,
+            host_tensor(linear.weight.val().transpose())?,
         );
         if let Some(b) = &linear.bias {
-            out.insert(format!("mlp_head.{}.bias", 2 * k), host(b.val())?);
+            out.insert(format!("mlp_head.{}.bias", 2 * k), host_tensor(b.val())?);
         }
     }
     for (k, layer) in e.lstm_head.iter().enumerate() {
@@ -282,14 +273,20 @@ pub fn encoder_tensors(e: &PromptEncoder) -> Result<BTreeMap<String, HostTensor>
         ] {
             out.insert(
                 format!("lstm_head.weight_ih_{suffix}"),
-                host(dir.w_ih.val().transpose())?,
+                host_tensor(dir.w_ih.val().transpose())?,
             );
             out.insert(
                 format!("lstm_head.weight_hh_{suffix}"),
-                host(dir.w_hh.val().transpose())?,
+                host_tensor(dir.w_hh.val().transpose())?,
             );
-            out.insert(format!("lstm_head.bias_ih_{suffix}"), host(dir.b_ih.val())?);
-            out.insert(format!("lstm_head.bias_hh_{suffix}"), host(dir.b_hh.val())?);
+            out.insert(
+                format!("lstm_head.bias_ih_{suffix}"),
+                host_tensor(dir.b_ih.val())?,
+            );
+            out.insert(
+                format!("lstm_head.bias_hh_{suffix}"),
+                host_tensor(dir.b_hh.val())?,
+            );
         }
     }
     Ok(out)

@@ -1,11 +1,12 @@
 //! P-tuning on a model: `get_peft_model`, `PeftModel.from_pretrained`, saving.
 
 use crate::config::PromptEncoderConfig;
-use crate::encoder::{PTuningEncoder, encoder_tensors, host, load_encoder, new_encoder};
+use crate::encoder::{PTuningEncoder, encoder_tensors, load_encoder, new_encoder};
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::MethodConfig;
 use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
+use peft_core::params::host_tensor;
 use peft_core::params::named_params;
 use peft_core::prompt_learning::{VirtualTokenEncoder, VirtualTokens};
 use peft_core::{
@@ -149,7 +150,7 @@ impl<M: CausalLm> AdapterModel for PTuningModel<M> {
         let mut tensors = BTreeMap::new();
         tensors.insert(
             "prompt_embeddings".to_string(),
-            host(self.model.encoder.virtual_tokens().detach())?,
+            host_tensor(self.model.encoder.virtual_tokens().detach())?,
         );
         save_adapter(dir, &self.config, &tensors)?;
         if let Some(e) = &self.model.encoder.encoder {

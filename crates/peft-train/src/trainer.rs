@@ -15,7 +15,7 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, OptimizerRecord
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use peft_core::params::{ParamUpdate, map_params, named_params, named_values, with_stable_ids};
+use peft_core::params::{named_params, named_values, set_values, with_stable_ids};
 use peft_core::{AdapterModel, CausalLm, ModelInput, PeftError};
 use peft_tensors::{TensorStore, save_safetensors, write_atomic};
 
@@ -102,6 +102,15 @@ impl TrainConfig {
             let micro = n_train.div_ceil(self.per_device_train_batch_size.max(1));
             micro.div_ceil(self.gradient_accumulation_steps.max(1)) * self.num_train_epochs
         })
+    }
+
+    /// This config as one process sees a data-parallel run of `ranks` ranks, each running this
+    /// config: every rank's micro-batches are accumulated into each optimizer step.
+    pub fn across_ranks(&self, ranks: usize) -> TrainConfig {
+        TrainConfig {
+            gradient_accumulation_steps: self.gradient_accumulation_steps * ranks.max(1),
+            ..self.clone()
+        }
     }
 
     /// The learning rate of optimizer step `step` (0-based) of `total`.
@@ -386,6 +395,11 @@ fn add_grads(
     acc
 }
 
+/// A small device tensor's values on the host (`None` if they cannot be read as f32).
+fn host_f32(t: Tensor<1>) -> Option<Vec<f32>> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().ok()
+}
+
 /// One optimizer step's numbers summed over the ranks of a distributed run.
 struct ReducedStep {
     /// The summed gradients (a parameter no rank has a gradient for stays absent).
@@ -430,17 +444,10 @@ fn all_reduce_step(
     let mut buffer: Vec<f32> = if parts.is_empty() {
         Vec::new()
     } else {
-        Tensor::cat(parts, 0)
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| TrainError::Distributed(format!("reading the gradients: {e:?}")))?
+        host_f32(Tensor::cat(parts, 0))
+            .ok_or_else(|| TrainError::Distributed("reading the gradients as f32".into()))?
     };
-    let loss: Vec<f32> = step_loss
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default();
+    let loss = host_f32(step_loss).unwrap_or_default();
     buffer.extend(present);
     // Token counts stay exact in f32 up to 2^24 per step.
     buffer.extend([
@@ -506,13 +513,7 @@ fn from_rank0<A: AdapterModel>(
         offset += p.numel();
         by_name.insert(p.name.clone(), TensorData::new(values, p.torch_shape()));
     }
-    let model = map_params(adapter.model().clone(), |name, linear| {
-        match by_name.remove(name) {
-            Some(data) if linear => ParamUpdate::Value(peft_tensors::layout::transpose_data(data)),
-            Some(data) => ParamUpdate::Value(data),
-            None => ParamUpdate::Keep,
-        }
-    });
+    let model = set_values(adapter.model().clone(), by_name);
     Ok(adapter.with_model(model))
 }
 
@@ -606,11 +607,7 @@ pub fn train_distributed<A: AdapterModel>(
     let rank = group.rank();
     let writes = rank == 0;
     let local_micro = config.gradient_accumulation_steps;
-    // The run as one process would see it: every rank's micro-batches are accumulated.
-    let global = TrainConfig {
-        gradient_accumulation_steps: local_micro * ranks,
-        ..config.clone()
-    };
+    let global = config.across_ranks(ranks);
     let config = &global;
     if train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
@@ -738,7 +735,8 @@ pub fn train_distributed<A: AdapterModel>(
         let mut grads = accumulated.expect("at least one micro-batch");
         let device = adapter.model().device();
         let step_loss = step_loss.expect("at least one micro-batch");
-        let mut stop = STOP_REQUESTED.load(Ordering::SeqCst);
+        // Set in a distributed step: whether any rank was asked to stop.
+        let mut stop_by_any_rank = None;
         let (loss, squared) = if ranks == 1 {
             // The step's only device → host read: its loss and, when clipping, the gradients'
             // squared norm.
@@ -746,29 +744,22 @@ pub fn train_distributed<A: AdapterModel>(
                 Some(_) => Tensor::cat(vec![step_loss, squared_norm(&grads, &params, &device)], 0),
                 None => step_loss,
             };
-            let values: Vec<f32> = read
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .unwrap_or_default();
+            let values = host_f32(read).unwrap_or_default();
             let loss = values.first().copied().unwrap_or(f32::NAN);
             (loss, values.get(1).map(|&v| v as f64))
         } else {
+            let stop = STOP_REQUESTED.load(Ordering::SeqCst);
             let reduced = all_reduce_step(grads, step_loss, tokens, stop, &params, &device, group)?;
             grads = reduced.grads;
             tokens = reduced.tokens;
-            stop = reduced.stop;
+            stop_by_any_rank = Some(reduced.stop);
             allreduce_s = Some(reduced.seconds);
             // The norm of the summed gradients, computed on the device as a single process
             // computes it, so that clipping scales by the same number.
             let squared = config.max_grad_norm.map(|_| {
-                squared_norm(&grads, &params, &device)
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .ok()
+                host_f32(squared_norm(&grads, &params, &device))
                     .and_then(|v| v.first().copied())
-                    .map_or(f64::NAN, |v: f32| v as f64)
+                    .map_or(f64::NAN, f64::from)
             });
             (reduced.loss, squared)
         };
@@ -830,12 +821,8 @@ pub fn train_distributed<A: AdapterModel>(
             .is_some_and(|n| n > 0 && state.global_step.is_multiple_of(n));
         // One process reads the request as late as possible (a Ctrl-C during this step's update
         // stops after it); ranks act on the flag they summed, so that all stop at the same step.
-        let stop = if ranks == 1 {
-            STOP_REQUESTED.load(Ordering::SeqCst)
-        } else {
-            stop
-        };
-        let stop = stop && state.global_step < total;
+        let stop = stop_by_any_rank.unwrap_or_else(|| STOP_REQUESTED.load(Ordering::SeqCst))
+            && state.global_step < total;
         if save_now || stop {
             let dir = output_dir.join(format!("checkpoint-{}", state.global_step));
             if writes {
@@ -952,6 +939,7 @@ fn load_checkpoint<A: AdapterModel>(
         serde_json::from_str(&text).map_err(|e| PeftError::json(&state_path, e))?;
     let store = TensorStore::open(dir.join(TRAINABLE_FILE))?;
     let trainable = adapter.trainable_names();
+    let mut values = BTreeMap::new();
     for name in &trainable {
         if !store.contains(name) {
             return Err(TrainError::Checkpoint {
@@ -959,30 +947,10 @@ fn load_checkpoint<A: AdapterModel>(
                 reason: format!("missing `{name}`: the checkpoint belongs to another adapter"),
             });
         }
+        let (data, shape) = store.f32(name)?;
+        values.insert(name.clone(), TensorData::new(data, shape));
     }
-    let mut failure = None;
-    let model = map_params(adapter.model().clone(), |name, linear| {
-        if !trainable.iter().any(|t| t == name) {
-            return ParamUpdate::Keep;
-        }
-        match store.f32(name) {
-            Ok((values, shape)) => {
-                let data = TensorData::new(values, shape);
-                ParamUpdate::Value(if linear {
-                    peft_tensors::layout::transpose_data(data)
-                } else {
-                    data
-                })
-            }
-            Err(e) => {
-                failure = Some(e);
-                ParamUpdate::Keep
-            }
-        }
-    });
-    if let Some(e) = failure {
-        return Err(e.into());
-    }
+    let model = set_values(adapter.model().clone(), values);
     let opt_path = dir.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&opt_path).map_err(io_err(&opt_path))?;
     let record =
