@@ -46,7 +46,7 @@ fn main() {
         peft_ops::blas::linear(x.clone(), w.clone(), None)
     });
     time("bf16 held, packed op", &|| {
-        peft_ops::packed_op::packed_linear(x.clone(), &weight, false)
+        peft_ops::packed_op::packed_linear(x.clone(), &weight, None)
     });
     time("dot products (direct)", &|| {
         let xs = x
@@ -80,7 +80,7 @@ fn main() {
         peft_ops::blas::linear(xa.clone(), wa.clone(), None)
     });
     train("bf16 held", &|| {
-        peft_ops::packed_op::packed_linear(xa.clone(), &weight, false)
+        peft_ops::packed_op::packed_linear(xa.clone(), &weight, None)
     });
     let t = Instant::now();
     for _ in 0..5 {

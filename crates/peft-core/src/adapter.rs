@@ -28,6 +28,7 @@ use burn::tensor::module::linear;
 use burn::tensor::{DType, Device, Int, Tensor};
 
 use peft_ops::packed::{DeviceWeight, PackedWeight};
+use peft_ops::packed_op::Bf16Layer;
 use peft_ops::precision::{ComputeDtype, round_bf16};
 
 use crate::error::Result;
@@ -73,18 +74,31 @@ impl PackedLinear {
         let bf16 = self.compute == ComputeDtype::Bf16;
         if peft_ops::device::runs_cpu_kernels(&x.device()) {
             if !bf16 {
-                let out = peft_ops::packed_op::packed_linear(x, &self.weight, false);
+                let out = peft_ops::packed_op::packed_linear(x, &self.weight, None);
                 return match &self.bias {
                     Some(b) => out + b.val().unsqueeze::<3>(),
                     None => out,
                 };
             }
-            let out = peft_ops::packed_op::packed_linear(round_bf16(x), &self.weight, true);
-            let out = match &self.bias {
-                Some(b) => out + round_bf16(b.val()).unsqueeze::<3>(),
+            // A frozen bias goes into the one bf16 operation; a trained one (BitFit) is added
+            // here, where its gradient is tracked, before the output's rounding.
+            let trained_bias = self
+                .bias
+                .as_ref()
+                .map(|b| b.val())
+                .filter(|b| b.is_require_grad());
+            let layer = Bf16Layer {
+                bias: match (&self.bias, &trained_bias) {
+                    (Some(b), None) => Some(rounded_values(b.val())),
+                    _ => None,
+                },
+                round_output: trained_bias.is_none(),
+            };
+            let out = peft_ops::packed_op::packed_linear(x, &self.weight, Some(layer));
+            return match trained_bias {
+                Some(b) => round_bf16(out + round_bf16(b).unsqueeze::<3>()),
                 None => out,
             };
-            return round_bf16(out);
         }
         let weight = match &self.on_device {
             Some(on_device) => on_device.dequantize(self.weight.shape()).transpose(),
@@ -97,6 +111,14 @@ impl PackedLinear {
             self.bias.as_ref().map(|b| b.val()),
         )
     }
+}
+
+/// A frozen bias's values rounded to bf16, for the bf16 operation.
+fn rounded_values(bias: Tensor<1>) -> Arc<[f32]> {
+    bias.into_data()
+        .iter::<f32>()
+        .map(|v| half::bf16::from_f32(v).to_f32())
+        .collect()
 }
 
 /// `x · weight + bias` with every operand cast to `dtype` (the backend's own kernels), returned in

@@ -281,6 +281,22 @@ pub(crate) fn host_values<B: Backend>(x: &FloatTensor<B>) -> Option<Vec<f32>> {
     }
 }
 
+/// `f` of a tensor's f32 values, row-major: read in place where the tensor is a contiguous CPU
+/// (Flex) tensor, else from a copy read back to the host (`None` if they cannot be read as f32).
+pub(crate) fn with_host_f32<B: Backend, R>(
+    x: &FloatTensor<B>,
+    f: impl FnOnce(&[f32]) -> R,
+) -> Option<R> {
+    let any: &dyn std::any::Any = x;
+    if let Some(values) = any
+        .downcast_ref::<burn::backend::flex::FlexTensor>()
+        .and_then(|t| t.as_slice::<f32>())
+    {
+        return Some(f(values));
+    }
+    host_values::<B>(x).map(|values| f(&values))
+}
+
 /// A zeroed f32 CPU tensor. (burn-flex's `FlexTensor::empty` builds a byte vector and then
 /// copies it into an aligned allocation; an f32 vector is already aligned, and a fresh large one
 /// comes from the OS already zeroed.)

@@ -22,21 +22,42 @@ use burn::tensor::{Tensor, TensorData};
 use crate::blas::BlasMatmulBackend;
 use crate::packed::PackedWeight;
 
-/// The packed weight handed to the operation (an ordinary, non-tensor argument), and whether
-/// its de-quantised values are rounded to bf16 (bf16 compute, see [`crate::precision`]).
+/// The packed weight handed to the operation (an ordinary, non-tensor argument), and what the
+/// operation computes around the product.
 #[derive(Clone)]
 pub struct PackedHandle {
     /// The weight.
     pub weight: Arc<dyn PackedWeight>,
-    /// Round the de-quantised weight to bf16 before multiplying.
-    pub bf16: bool,
+    /// `Some` under bf16 compute: the operation is a whole bf16 linear layer (see
+    /// [`Bf16Layer`]); `None`: the f32 product `x · Wᵀ`.
+    pub bf16: Option<Bf16Layer>,
+}
+
+/// A linear layer computed in bf16 as one operation (docs/PRECISION.md):
+///
+/// ```text
+/// forward   y  = round(round(x) · round(W)ᵀ + round(b))      (f32 accumulation)
+/// backward  ∂x = round(round(∂y) · round(W))
+/// ```
+///
+/// — what PyTorch computes for `F.linear(x.to(bf16), W.to(bf16), b.to(bf16)).to(f32)`, gradients
+/// included, without the four casts and the bias addition as separate passes over the
+/// activations.
+#[derive(Clone, Debug, Default)]
+pub struct Bf16Layer {
+    /// The frozen bias `[out]`, already rounded to bf16, added before the output's rounding.
+    pub bias: Option<Arc<[f32]>>,
+    /// Round the output to bf16. `false` when the caller adds a trainable bias itself and then
+    /// rounds (the backward pass rounds the incoming gradient either way: rounding a gradient
+    /// that is already bf16 changes nothing).
+    pub round_output: bool,
 }
 
 impl std::fmt::Debug for PackedHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "PackedHandle({:?}, bf16: {})",
+            "PackedHandle({:?}, bf16: {:?})",
             self.weight.shape(),
             self.bf16
         )
@@ -46,60 +67,141 @@ impl std::fmt::Debug for PackedHandle {
 /// Backends that multiply by a packed weight without keeping its dense copy.
 #[backend_extension(Autodiff, Flex)]
 pub trait PackedMatmulBackend: Backend {
-    /// `x: [rows, in]` → `x · Wᵀ: [rows, out]` for a packed `W: [out, in]`.
+    /// `x: [rows, in]` → `x · Wᵀ: [rows, out]` for a packed `W: [out, in]` (a whole bf16 layer
+    /// when the handle says so).
     fn packed_matmul(x: FloatTensor<Self>, weight: PackedHandle) -> FloatTensor<Self>;
 }
 
-/// `W` as `[out, in]` on `device`, in f32 (its values rounded to bf16 when asked).
+/// `W` as `[out, in]` on `device`, in f32 (its values rounded to bf16 under bf16 compute).
 fn dense<B: Backend>(handle: &PackedHandle, device: &B::Device) -> FloatTensor<B> {
-    let values = if handle.bf16 {
-        handle.weight.dequantize_bf16_rounded()
-    } else {
-        handle.weight.dequantize()
+    let values = match handle.bf16 {
+        Some(_) => handle.weight.dequantize_bf16_rounded(),
+        None => handle.weight.dequantize(),
     };
     B::float_from_data(TensorData::new(values, handle.weight.shape()), device)
+}
+
+/// `x` rounded to bf16 and widened back, with the backend's casts (the path off the host).
+fn round_tensor<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    use burn::tensor::DType;
+    B::float_cast(B::float_cast(x, DType::BF16.into()), DType::F32.into())
 }
 
 fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
     let device = x.device();
     let [rows, _] = x.shape().dims();
     let [d_out, _] = handle.weight.shape();
-    if let Some(values) = crate::blas::host_values::<B>(&x) {
-        // A decoding step's few rows: read the packed values directly (each byte once). Under
-        // bf16 compute only a bf16-held weight qualifies (its values are already what bf16
-        // compute multiplies by), and only for the fewest rows (oneDNN's bf16 kernels are faster
-        // beyond them).
-        let limit = match handle.bf16 {
-            true => crate::precision::DIRECT_PRODUCT_MAX_ROWS,
-            false => crate::precision::HALF_DIRECT_MAX_ROWS,
-        };
-        let direct = rows <= limit && !rounds_to_bf16(handle);
-        let out = match direct {
-            true => handle.weight.matmul_few_rows(&values, rows),
-            false => None,
-        }
-        .or_else(|| bf16_product(&values, rows, handle, Direction::Forward))
-        .or_else(|| blocked_forward(&values, rows, handle));
-        if let Some(out) = out {
-            return B::float_from_data(TensorData::new(out, [rows, d_out]), &device);
-        }
+    let out = crate::blas::with_host_f32::<B, _>(&x, |values| match &handle.bf16 {
+        None => forward_f32(values, rows, handle),
+        Some(layer) => forward_bf16(values, rows, handle, layer),
+    });
+    if let Some(Some(out)) = out {
+        return B::float_from_data(TensorData::new(out, [rows, d_out]), &device);
     }
-    B::blas_matmul(x, B::float_transpose(dense::<B>(handle, &device)))
+    let Some(layer) = &handle.bf16 else {
+        return B::blas_matmul(x, B::float_transpose(dense::<B>(handle, &device)));
+    };
+    // Not reached on the CPU backend (its values are always readable): the same layer from
+    // tensor operations.
+    let mut out = B::blas_matmul(
+        round_tensor::<B>(x),
+        B::float_transpose(dense::<B>(handle, &device)),
+    );
+    if let Some(bias) = &layer.bias {
+        let bias = B::float_from_data(TensorData::new(bias.to_vec(), [1, d_out]), &device);
+        out = B::float_add(out, bias);
+    }
+    match layer.round_output {
+        true => round_tensor::<B>(out),
+        false => out,
+    }
+}
+
+/// f32 compute: `x · Wᵀ` straight from the packed values for a decoding step's few rows, else
+/// block by block.
+fn forward_f32(x: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>> {
+    (rows <= crate::precision::HALF_DIRECT_MAX_ROWS)
+        .then(|| handle.weight.matmul_few_rows(x, rows))
+        .flatten()
+        .or_else(|| blocked_forward(x, rows, handle))
+}
+
+/// bf16 compute: the input rounded to bf16 once, the product (straight from a bf16-held weight
+/// for the fewest rows, else on the CPU's bf16 units through oneDNN, else f32 GEMMs of the
+/// rounded operands), then bias and rounding in one pass over the output.
+fn forward_bf16(
+    x: &[f32],
+    rows: usize,
+    handle: &PackedHandle,
+    layer: &Bf16Layer,
+) -> Option<Vec<f32>> {
+    let bits = crate::onednn::to_bf16_bits(x);
+    let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS && !rounds_to_bf16(handle);
+    let mut out = match direct {
+        true => handle.weight.matmul_few_rows(&widen_bits(&bits), rows),
+        false => None,
+    }
+    .or_else(|| bf16_product(&bits, rows, handle, Direction::Forward))
+    .or_else(|| blocked_forward(&widen_bits(&bits), rows, handle))?;
+    finish_bf16(&mut out, layer.bias.as_deref(), layer.round_output);
+    Some(out)
+}
+
+/// bf16 bit patterns widened to f32 (exact).
+fn widen_bits(bits: &[u16]) -> Vec<f32> {
+    bits.iter()
+        .map(|&b| f32::from_bits(u32::from(b) << 16))
+        .collect()
+}
+
+/// Adds `bias` to every row of `out` and rounds each value to bf16 when asked, in one parallel
+/// pass.
+fn finish_bf16(out: &mut [f32], bias: Option<&[f32]>, round: bool) {
+    use rayon::prelude::*;
+    let round_value = |v: f32| half::bf16::from_f32(v).to_f32();
+    match bias {
+        Some(bias) if !bias.is_empty() => out.par_chunks_mut(bias.len()).for_each(|row| {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+                if round {
+                    *v = round_value(*v);
+                }
+            }
+        }),
+        _ if round => out
+            .par_chunks_mut(1 << 14)
+            .for_each(|part| part.iter_mut().for_each(|v| *v = round_value(*v))),
+        _ => {}
+    }
 }
 
 /// `∂x = ∂y · W` for `grad: [rows, out]`: block by block where the format allows, else through
-/// the whole de-quantised weight.
+/// the whole de-quantised weight; under bf16 compute the gradient is rounded before the product
+/// and `∂x` after it.
 fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -> FloatTensor<B> {
     let device = grad.device();
     let [rows, _] = grad.shape().dims();
-    if let Some(values) = crate::blas::host_values::<B>(&grad)
-        && let Some(out) = bf16_product(&values, rows, handle, Direction::Backward)
-            .or_else(|| blocked_backward(&values, rows, handle))
-    {
-        let [_, d_in] = handle.weight.shape();
+    let [_, d_in] = handle.weight.shape();
+    let out = crate::blas::with_host_f32::<B, _>(&grad, |values| match handle.bf16 {
+        None => blocked_backward(values, rows, handle),
+        Some(_) => {
+            let bits = crate::onednn::to_bf16_bits(values);
+            let mut out = bf16_product(&bits, rows, handle, Direction::Backward)
+                .or_else(|| blocked_backward(&widen_bits(&bits), rows, handle))?;
+            finish_bf16(&mut out, None, true);
+            Some(out)
+        }
+    });
+    if let Some(Some(out)) = out {
         return B::float_from_data(TensorData::new(out, [rows, d_in]), &device);
     }
-    B::blas_matmul(grad, dense::<B>(handle, &device))
+    match handle.bf16 {
+        None => B::blas_matmul(grad, dense::<B>(handle, &device)),
+        Some(_) => round_tensor::<B>(B::blas_matmul(
+            round_tensor::<B>(grad),
+            dense::<B>(handle, &device),
+        )),
+    }
 }
 
 /// Which product of a linear layer: `x · Wᵀ` or `∂y · W`.
@@ -109,20 +211,17 @@ enum Direction {
     Backward,
 }
 
-/// Under bf16 compute, the product on the CPU's bf16 units through oneDNN: `x · Wᵀ` for
-/// `values: [rows, in]` (forward) or `∂y · W` for `values: [rows, out]` (backward), the operand
-/// rounded to bf16 (it already is: the caller rounds `x`, and the gradient arriving through that
-/// rounding is rounded too) and the weight read as stored when it is bf16, else de-quantised and
-/// rounded to bf16 for this product only. `None` without oneDNN or for a shape it refuses.
+/// Under bf16 compute, the product on the CPU's bf16 units through oneDNN: `a · Wᵀ` for
+/// `a: [rows, in]` (forward) or `a · W` for `a: [rows, out]` (backward), `a` given as bf16 bit
+/// patterns and the weight read as stored when it is bf16, else de-quantised and rounded to
+/// bf16 for this product only. `None` without oneDNN or for a shape it refuses.
 fn bf16_product(
-    values: &[f32],
+    a: &[u16],
     rows: usize,
     handle: &PackedHandle,
     direction: Direction,
 ) -> Option<Vec<f32>> {
-    if !handle.bf16 {
-        return None;
-    }
+    handle.bf16.as_ref()?;
     let dnn = crate::onednn::onednn()?;
     let [d_out, d_in] = handle.weight.shape();
     let (k, n, layout) = match direction {
@@ -138,8 +237,7 @@ fn bf16_product(
         }
     };
     let mut out = vec![0.0f32; rows * n];
-    let a = crate::onednn::to_bf16_bits(values);
-    match dnn.matmul_bf16(&a, weights, layout, (rows, k, n), &mut out) {
+    match dnn.matmul_bf16(a, weights, layout, (rows, k, n), &mut out) {
         Ok(()) => Some(out),
         Err(e) => {
             tracing::debug!("bf16 product through f32 GEMM instead: {e}");
@@ -186,7 +284,7 @@ fn bf16_weight(handle: &PackedHandle) -> Option<Vec<u16>> {
 /// Whether the de-quantised values must still be rounded to bf16: bf16 compute over a format
 /// not already held in bf16.
 fn rounds_to_bf16(handle: &PackedHandle) -> bool {
-    handle.bf16 && handle.weight.stored_dtype() != Some(safetensors::Dtype::BF16)
+    handle.bf16.is_some() && handle.weight.stored_dtype() != Some(safetensors::Dtype::BF16)
 }
 
 /// Elements of one de-quantised block: 1 Mi f32 (4 MiB, inside the last-level cache), so that
@@ -346,9 +444,14 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> PackedMatmulBackend for Autodi
     }
 }
 
-/// `x: [batch, seq, in]` → `[batch, seq, out]` through the packed operation; with `bf16` the
-/// de-quantised weight is rounded to bf16 first (the caller rounds `x` and the result).
-pub fn packed_linear(x: Tensor<3>, weight: &Arc<dyn PackedWeight>, bf16: bool) -> Tensor<3> {
+/// `x: [batch, seq, in]` → `[batch, seq, out]` through the packed operation: `x · Wᵀ` in f32, or
+/// with `bf16` the whole bf16 layer ([`Bf16Layer`]: input, weight and output rounded, the bias
+/// added before the output's rounding, gradients rounded).
+pub fn packed_linear(
+    x: Tensor<3>,
+    weight: &Arc<dyn PackedWeight>,
+    bf16: Option<Bf16Layer>,
+) -> Tensor<3> {
     let [batch, seq, d_in] = x.dims();
     let [d_out, _] = weight.shape();
     let rows = x.reshape([batch * seq, d_in]);
@@ -418,7 +521,7 @@ mod tests {
             .collect();
         let (weight, values, x, r) = case(d_in, d_out, values, &device);
 
-        let packed = packed_linear(x.clone(), &weight, false);
+        let packed = packed_linear(x.clone(), &weight, None);
         let grads = (packed.clone() * r.clone()).sum().backward();
         let g_packed = x.grad(&grads).unwrap();
 
@@ -461,7 +564,7 @@ mod tests {
                 let x = Tensor::<3>::random([2, seq, d_in], Distribution::Default, &device)
                     .require_grad();
                 let r = Tensor::<3>::random([2, seq, d_out], Distribution::Default, &device);
-                let packed = packed_linear(x.clone(), &weight, false);
+                let packed = packed_linear(x.clone(), &weight, None);
                 let g_packed = x
                     .grad(&(packed.clone() * r.clone()).sum().backward())
                     .unwrap();
@@ -506,7 +609,17 @@ mod tests {
         let r = exact([2, 3, d_out], 7, 8.0);
         let runs_before = crate::onednn::products_run();
 
-        let packed = round_bf16(packed_linear(round_bf16(x.clone()), &weight, true));
+        // A bias that is not exact in bf16 (so its rounding shows), added before the rounding.
+        let bias: Vec<f32> = (0..d_out).map(|i| i as f32 / 8.0 + 1.0 / 1024.0).collect();
+        let rounded_bias: Arc<[f32]> = bias
+            .iter()
+            .map(|&b| half::bf16::from_f32(b).to_f32())
+            .collect();
+        let layer = Bf16Layer {
+            bias: Some(rounded_bias),
+            round_output: true,
+        };
+        let packed = packed_linear(x.clone(), &weight, Some(layer));
         let grads = (packed.clone() * r.clone()).sum().backward();
         let g_packed = x.grad(&grads).unwrap();
 
@@ -514,7 +627,13 @@ mod tests {
             TensorData::new(values, [d_out, d_in]),
             &device,
         ));
-        let dense = round_bf16(round_bf16(x.clone()).matmul(w.transpose().unsqueeze::<3>()));
+        let b = round_bf16(Tensor::<1>::from_data(
+            TensorData::new(bias, [d_out]),
+            &device,
+        ));
+        let dense = round_bf16(
+            round_bf16(x.clone()).matmul(w.transpose().unsqueeze::<3>()) + b.unsqueeze::<3>(),
+        );
         let grads = (dense.clone() * r).sum().backward();
         let g_dense = x.grad(&grads).unwrap();
 
