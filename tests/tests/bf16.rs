@@ -26,6 +26,7 @@ const BF16: LoadOptions = LoadOptions {
     quantize: None,
     compute_dtype: ComputeDtype::Bf16,
     widen_half: false,
+    bf16_lm_head: false,
 };
 
 /// `(ours vs PyTorch bf16, PyTorch bf16 vs PyTorch f32)`, both on real positions.
@@ -255,4 +256,49 @@ fn training_in_bf16_lowers_the_loss() {
     let base = load_with(model_dir("bloom-tiny"), &device, &BF16).unwrap();
     let bitfit = peft_bitfit::get_peft_model(base, peft_bitfit::BitFitConfig::default()).unwrap();
     peft_tests::assert_training_lowers_loss(bitfit, &data, 3e-2);
+}
+
+/// `bf16_lm_head` (torch.autocast's layout): `lm_head` computes in bf16 as well — through the
+/// tied embedding table (BLOOM) and through an untied `lm_head` (Llama) — against PyTorch with
+/// that layer patched too. The reference without it differs by far more than ours from this one,
+/// so a head left in f32 fails. The training loss, computed in row blocks through the bf16
+/// projection without whole logits, equals the loss of these logits.
+#[test]
+fn bf16_lm_head_matches_pytorch_tied_and_untied() {
+    let Some(device) = bf16_device() else { return };
+    let options = LoadOptions {
+        bf16_lm_head: true,
+        ..BF16
+    };
+    for (base, adapter) in [("bloom-tiny", "lora-bloom"), ("llama-tiny", "lora-llama")] {
+        let model = load_with(model_dir(base), &device, &options).unwrap();
+        let lora = from_pretrained(model, adapter_dir(adapter), true).unwrap();
+        let reference = format!("{adapter}-bf16-head");
+        // The logits are rounded to bf16 and reach 8.75, where one bf16 step is 2^-4: measured
+        // 7.8e-3 (BLOOM) and 0 (Llama) through oneDNN, 4.7e-2 (Llama) through f32 GEMMs — a
+        // flipped rounding somewhere, less than one step of the largest logit.
+        assert_close(&lora.model, &reference, adapter, 6.25e-2);
+
+        // Every logit is a bf16 value: the head's output is rounded (in f32 it would not be).
+        let theirs = Reference::load(&reference);
+        let ours = logits(&lora.model, &theirs);
+        assert!(
+            ours.iter().all(|v| v.to_bits() & 0xffff == 0),
+            "{base}: lm_head did not compute in bf16"
+        );
+
+        let input = || peft_core::ModelInput::with_mask(theirs.ids(&device), theirs.mask(&device));
+        let labels = theirs.ids(&device);
+        let chunked: f32 = lora
+            .model
+            .forward_loss(input(), None, labels.clone())
+            .unwrap()
+            .into_scalar();
+        let logits = lora.model.forward(input(), None).unwrap();
+        let whole: f32 = peft_ops::loss::causal_lm_loss(logits, labels).into_scalar();
+        assert!(
+            (chunked - whole).abs() <= 1e-5 * whole.abs(),
+            "{base}: loss in row blocks {chunked} vs from the logits {whole}"
+        );
+    }
 }

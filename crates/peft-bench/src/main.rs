@@ -386,6 +386,10 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 } else {
                     peft_core::ComputeDtype::F32
                 },
+                // The PyTorch side of `lora-train-bf16` is torch.autocast, which computes
+                // lm_head in bf16; that of `qlora-train-bf16` keeps it f32 (bitsandbytes'
+                // compute dtype covers the 4-bit layers only).
+                bf16_lm_head: method == "lora-train-bf16",
                 ..peft_models::LoadOptions::default()
             };
             let base = match arch {
@@ -575,8 +579,13 @@ fn main() -> ExitCode {
             }
             (Some(dir), Ok(compute)) => {
                 let steps = value("--steps").and_then(|s| s.parse().ok()).unwrap_or(3);
-                let widen = args.iter().any(|a| a == "--widen-frozen");
-                scale::train(case, Path::new(&dir), steps, widen, compute, &device)
+                let options = peft_models::LoadOptions {
+                    compute_dtype: compute,
+                    widen_half: args.iter().any(|a| a == "--widen-frozen"),
+                    bf16_lm_head: args.iter().any(|a| a == "--bf16-lm-head"),
+                    ..peft_models::LoadOptions::default()
+                };
+                scale::train(case, Path::new(&dir), steps, options, &device)
             }
         },
         "serve-load" => serve::load_test(quick, &workspace_root()),

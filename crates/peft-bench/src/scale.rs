@@ -144,17 +144,15 @@ pub fn train(
     case: &str,
     dir: &Path,
     steps: usize,
-    widen_half: bool,
-    compute_dtype: peft_ops::precision::ComputeDtype,
+    options: peft_models::LoadOptions,
     device: &Device,
 ) -> Result<serde_json::Value, String> {
     let device = device.clone().autodiff();
-    let quantize = (case == "scale-qlora").then(peft_quant::QuantConfig::default);
     let options = peft_models::LoadOptions {
-        quantize,
-        widen_half,
-        compute_dtype,
+        quantize: (case == "scale-qlora").then(peft_quant::QuantConfig::default),
+        ..options
     };
+    let (compute_dtype, bf16_lm_head) = (options.compute_dtype, options.bf16_lm_head);
     let mut phases = serde_json::Map::new();
 
     reset_peak_rss();
@@ -215,6 +213,7 @@ pub fn train(
     phases.insert("merge_save".into(), save_phase);
     let mut result = result(case, dir, phases);
     result["compute_dtype"] = compute_dtype.torch_name().into();
+    result["bf16_lm_head"] = bf16_lm_head.into();
     Ok(result)
 }
 

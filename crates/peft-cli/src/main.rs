@@ -151,6 +151,11 @@ struct LoadArgs {
     /// the same results.
     #[arg(long)]
     widen_frozen: bool,
+    /// Under bf16 compute, compute lm_head (or a tied model's projection) in bf16 too, as
+    /// torch.autocast and a model loaded in bf16 do. By default it stays f32, the layout after
+    /// PEFT's prepare_model_for_kbit_training. No effect under float32 compute.
+    #[arg(long)]
+    bf16_lm_head: bool,
 }
 
 impl LoadArgs {
@@ -170,10 +175,16 @@ impl LoadArgs {
             None => ComputeDtype::F32,
             Some(name) => name.parse()?,
         };
+        if self.bf16_lm_head && self.compute_dtype.as_deref() == Some("float32") {
+            anyhow::bail!(
+                "--bf16-lm-head computes lm_head in bf16: it needs bf16 compute, not --compute-dtype float32"
+            );
+        }
         Ok(peft_models::LoadOptions {
             quantize: self.config()?,
             compute_dtype,
             widen_half: self.widen_frozen,
+            bf16_lm_head: self.bf16_lm_head,
         })
     }
 

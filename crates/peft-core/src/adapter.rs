@@ -322,6 +322,24 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
         }
     }
 
+    /// The packed weight `[out, in]` when this layer is a frozen, bias-free bf16 product on the
+    /// CPU backend with no active adapter — what a caller may multiply by itself in bf16 (the
+    /// chunked output loss).
+    pub fn frozen_bf16_weight(&self) -> Option<Arc<dyn PackedWeight>> {
+        let active = self.adapter.is_some() && !self.merged;
+        match &self.base {
+            BaseLinear::Packed(p)
+                if !active
+                    && p.bias.is_none()
+                    && p.compute == ComputeDtype::Bf16
+                    && p.on_device.is_none() =>
+            {
+                Some(p.weight.clone())
+            }
+            _ => None,
+        }
+    }
+
     /// Folds the adapter into the base weights; a no-op without adapter or when already merged.
     /// A packed or bf16 base is widened first: the merged layer is dense f32 (no re-quantisation
     /// or re-rounding), and computes in f32 from then on.

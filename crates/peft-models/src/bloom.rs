@@ -28,8 +28,8 @@ use peft_core::{
 };
 
 use crate::layers::{
-    LayerNorm, WeightLoader, attend, attend_packed, attention_allowed, check_input, extend_cache,
-    full_mask, gelu_tanh, output_loss, split_qkv, tied_logits,
+    LayerNorm, TiedHead, WeightLoader, attend, attend_packed, attention_allowed, check_input,
+    extend_cache, full_mask, gelu_tanh, output_logits, output_loss, split_qkv,
 };
 
 /// BLOOM's `config.json` fields that the forward pass uses.
@@ -182,6 +182,9 @@ pub struct Bloom<A: LayerAdapter> {
     pub transformer: BloomTransformer<A>,
     /// An untied `lm_head` (only when `tie_word_embeddings` is false).
     pub lm_head: Option<AdaptableLinear<A>>,
+    /// How a tied projection computes (f32, or bf16 from the table\'s bf16 copy).
+    #[module(skip)]
+    pub tied_head: TiedHead,
     /// Sizes and special tokens.
     #[module(skip)]
     pub spec: ModelSpec,
@@ -202,13 +205,7 @@ impl<A: LayerAdapter> Bloom<A> {
         device: &Device,
         options: &crate::LoadOptions,
     ) -> Result<Self> {
-        let w = WeightLoader {
-            store,
-            device,
-            quantize: options.quantize,
-            compute: options.compute_dtype,
-            widen_half: options.widen_half,
-        };
+        let w = WeightLoader::new(store, device, options);
         let h = config.hidden_size;
         let eps = config.layer_norm_epsilon;
         // Checkpoints saved by BloomForCausalLM prefix everything with `transformer.`; those of a
@@ -254,11 +251,12 @@ impl<A: LayerAdapter> Bloom<A> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(w.adaptable("lm_head", h, config.vocab_size, false)?)
-        };
+        let (lm_head, tied_head) = w.output_head(
+            config.tie_word_embeddings,
+            &format!("{root}word_embeddings"),
+            h,
+            config.vocab_size,
+        )?;
         Ok(Self {
             transformer: BloomTransformer {
                 word_embeddings: AdaptableEmbedding::plain(w.embedding(
@@ -275,6 +273,7 @@ impl<A: LayerAdapter> Bloom<A> {
                 ln_f: w.layer_norm(&format!("{root}ln_f"), h, eps)?,
             },
             lm_head,
+            tied_head,
             spec: config.spec(),
             residual_post_layernorm: config.apply_residual_connection_post_layernorm,
             slopes: alibi_slopes(config.n_head),
@@ -413,10 +412,13 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
 
     fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         let x = self.final_hidden(input, cache)?;
-        Ok(match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => tied_logits(x, self.transformer.word_embeddings.base.weight.val()),
-        })
+        let table = &self.transformer.word_embeddings.base.weight;
+        Ok(output_logits(
+            x,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+        ))
     }
 
     fn forward_loss(
@@ -427,7 +429,14 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
     ) -> Result<Tensor<1>> {
         let x = self.final_hidden(input, cache)?;
         let table = &self.transformer.word_embeddings.base.weight;
-        Ok(output_loss(x, self.lm_head.as_ref(), table, labels, None))
+        Ok(output_loss(
+            x,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+            labels,
+            None,
+        ))
     }
 
     fn map_layers<B: LayerAdapter>(
@@ -467,6 +476,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
                 ln_f: t.ln_f,
             },
             lm_head: self.lm_head.map(|l| f("lm_head", l)).transpose()?,
+            tied_head: self.tied_head,
             spec: self.spec,
             residual_post_layernorm: self.residual_post_layernorm,
             slopes: self.slopes,
@@ -476,7 +486,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
             let table = &self.transformer.word_embeddings.base.weight;
-            self.lm_head = Some(crate::layers::untied_head(table));
+            self.lm_head = Some(crate::layers::untied_head(table, &self.tied_head));
             self.spec.tie_word_embeddings = false;
         }
         self

@@ -33,7 +33,7 @@ use peft_core::{
 };
 
 use crate::layers::{
-    WeightLoader, attend_softcapped, check_input, decoder_pass, extend_cache, gelu_tanh,
+    TiedHead, WeightLoader, attend_softcapped, check_input, decoder_pass, extend_cache, gelu_tanh,
     output_logits, output_loss, untied_head,
 };
 use crate::rope::{RopeTables, Rotary, apply_rope};
@@ -275,6 +275,9 @@ pub struct Gemma2<A: LayerAdapter> {
     pub model: Gemma2Model<A>,
     /// Output projection; `None` when tied to `embed_tokens`.
     pub lm_head: Option<AdaptableLinear<A>>,
+    /// How a tied projection computes (f32, or bf16 from the table\'s bf16 copy).
+    #[module(skip)]
+    pub tied_head: TiedHead,
     /// Sizes and special tokens.
     #[module(skip)]
     pub spec: ModelSpec,
@@ -309,13 +312,7 @@ impl<A: LayerAdapter> Gemma2<A> {
         device: &Device,
         options: &crate::LoadOptions,
     ) -> Result<Self> {
-        let w = WeightLoader {
-            store,
-            device,
-            quantize: options.quantize,
-            compute: options.compute_dtype,
-            widen_half: options.widen_half,
-        };
+        let w = WeightLoader::new(store, device, options);
         let (h, hd, im) = (
             config.hidden_size,
             config.head_dim,
@@ -356,11 +353,12 @@ impl<A: LayerAdapter> Gemma2<A> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(w.adaptable("lm_head", h, config.vocab_size, false)?)
-        };
+        let (lm_head, tied_head) = w.output_head(
+            config.tie_word_embeddings,
+            "model.embed_tokens",
+            h,
+            config.vocab_size,
+        )?;
         Ok(Self {
             model: Gemma2Model {
                 embed_tokens: AdaptableEmbedding::plain(w.embedding(
@@ -372,6 +370,7 @@ impl<A: LayerAdapter> Gemma2<A> {
                 norm: norm("model.norm")?,
             },
             lm_head,
+            tied_head,
             spec: config.spec(),
             rotary: config
                 .rotary
@@ -468,7 +467,7 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
         let x = self.final_hidden(input, cache)?;
         let table = &self.model.embed_tokens.base.weight;
         Ok(softcap(
-            output_logits(x, self.lm_head.as_ref(), table),
+            output_logits(x, self.lm_head.as_ref(), table, &self.tied_head),
             self.final_softcap,
         ))
     }
@@ -485,6 +484,7 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
             x,
             self.lm_head.as_ref(),
             table,
+            &self.tied_head,
             labels,
             self.final_softcap,
         ))
@@ -529,6 +529,7 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
                 norm: self.model.norm,
             },
             lm_head: self.lm_head.map(|l| f("lm_head", l)).transpose()?,
+            tied_head: self.tied_head,
             spec: self.spec,
             rotary: self.rotary,
             windows: self.windows,
@@ -542,7 +543,10 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            self.lm_head = Some(untied_head(&self.model.embed_tokens.base.weight));
+            self.lm_head = Some(untied_head(
+                &self.model.embed_tokens.base.weight,
+                &self.tied_head,
+            ));
             self.spec.tie_word_embeddings = false;
         }
         self

@@ -85,9 +85,67 @@ pub struct WeightLoader<'a> {
     /// Widen the frozen weights of a bf16/f16 checkpoint to f32 when loading instead of holding
     /// them as stored (see [`crate::LoadOptions::widen_half`]).
     pub widen_half: bool,
+    /// Under bf16 compute, compute `lm_head` (or the tied table's projection) in bf16 too (see
+    /// [`crate::LoadOptions::bf16_lm_head`]).
+    pub bf16_lm_head: bool,
 }
 
-impl WeightLoader<'_> {
+impl<'a> WeightLoader<'a> {
+    /// A loader of `store` onto `device` as `options` ask.
+    pub fn new(store: &'a TensorStore, device: &'a Device, options: &crate::LoadOptions) -> Self {
+        Self {
+            store,
+            device,
+            quantize: options.quantize,
+            compute: options.compute_dtype,
+            widen_half: options.widen_half,
+            bf16_lm_head: options.bf16_lm_head,
+        }
+    }
+
+    /// Whether the output projection computes in bf16.
+    fn head_in_bf16(&self) -> bool {
+        self.bf16_lm_head && self.compute == ComputeDtype::Bf16
+    }
+
+    /// The output projection: `lm_head` (`[vocab, h]` from `lm_head.weight`) for an untied
+    /// model; for a tied one no layer (the embedding table `{table}.weight` is the projection)
+    /// and, where it computes in bf16, the table's bf16 copy.
+    pub fn output_head<A: LayerAdapter>(
+        &self,
+        tied: bool,
+        table: &str,
+        h: usize,
+        vocab: usize,
+    ) -> Result<(Option<AdaptableLinear<A>>, TiedHead)> {
+        if !tied {
+            return Ok((
+                Some(self.adaptable("lm_head", h, vocab, false)?),
+                TiedHead::default(),
+            ));
+        }
+        if !self.head_in_bf16() {
+            return Ok((None, TiedHead::default()));
+        }
+        let key = format!("{table}.weight");
+        let weight: Option<Arc<dyn PackedWeight>> = match runs_cpu_kernels(self.device) {
+            false => None,
+            // A bf16 table is read in place from the checkpoint's mapping; any other is rounded
+            // once here.
+            true => Some(match (self.stored_half(&key)?, self.store.mapped(&key)?) {
+                (Some(HalfDtype::Bf16), Some(mapped)) => Arc::new(HalfWeight::from_mapped(
+                    HalfDtype::Bf16,
+                    [vocab, h],
+                    mapped,
+                )?),
+                _ => {
+                    let values = self.store.f32_shaped(&key, &[vocab, h])?;
+                    Arc::new(HalfWeight::bf16_from_f32([vocab, h], &values)?)
+                }
+            }),
+        };
+        Ok((None, TiedHead { bf16: true, weight }))
+    }
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D]) -> Result<Tensor<D>> {
         let values = self.store.f32_shaped(key, &shape)?;
         Ok(Tensor::from_data(
@@ -148,8 +206,11 @@ impl WeightLoader<'_> {
         };
         let packed: Arc<dyn PackedWeight> = match packed {
             Some(q) => Arc::new(q),
-            // bf16 compute: `lm_head` stays f32 (as after prepare_model_for_kbit_training).
-            None if self.compute == ComputeDtype::Bf16 && prefix != "lm_head" => {
+            // bf16 compute: `lm_head` stays f32 (as after prepare_model_for_kbit_training)
+            // unless asked to compute in bf16 too (as under torch.autocast).
+            None if self.compute == ComputeDtype::Bf16
+                && (prefix != "lm_head" || self.head_in_bf16()) =>
+            {
                 if !runs_cpu_kernels(self.device) {
                     let dense = self.linear(prefix, d_in, d_out, bias)?;
                     return Ok(AdaptableLinear::plain(with_weight_dtype(
@@ -639,15 +700,30 @@ pub fn decoder_pass(
     x
 }
 
+/// How a tied output projection (the embedding table) computes: in f32 (the default, as after
+/// `prepare_model_for_kbit_training`), or in bf16 as `torch.autocast` computes `lm_head`
+/// ([`crate::LoadOptions::bf16_lm_head`]).
+#[derive(Debug, Clone, Default)]
+pub struct TiedHead {
+    /// Compute the tied projection in bf16.
+    pub bf16: bool,
+    /// On the CPU backend, the table's values as bf16 (`[vocab, hidden]`, read in place from a
+    /// bf16 checkpoint, else rounded once at load), which the bf16 products read. The table
+    /// does not train while it is tied (training it unties it first), so the copy stays true.
+    pub weight: Option<Arc<dyn PackedWeight>>,
+}
+
 /// The logits of the final hidden states: through `lm_head` where the model has its own, else
-/// through the (tied) embedding `table: [vocab, hidden]`.
+/// through the (tied) embedding `table: [vocab, hidden]`, in bf16 where `tied` says so.
 pub fn output_logits<A: LayerAdapter>(
     hidden: Tensor<3>,
     lm_head: Option<&AdaptableLinear<A>>,
     table: &Param<Tensor<2>>,
+    tied: &TiedHead,
 ) -> Tensor<3> {
     match lm_head {
         Some(head) => head.forward(hidden),
+        None if tied.bf16 => tied_logits_bf16(hidden, table.val(), tied.weight.as_ref()),
         None => tied_logits(hidden, table.val()),
     }
 }
@@ -661,25 +737,34 @@ pub fn output_loss<A: LayerAdapter>(
     hidden: Tensor<3>,
     lm_head: Option<&AdaptableLinear<A>>,
     table: &Param<Tensor<2>>,
+    tied: &TiedHead,
     labels: Tensor<2, Int>,
     softcap: Option<f64>,
 ) -> Tensor<1> {
-    let weight = match lm_head {
-        Some(head) => head.frozen_dense_weight(),
+    use peft_ops::loss::OutputProjection;
+    let projection = match lm_head {
+        Some(head) => head
+            .frozen_bf16_weight()
+            .map(OutputProjection::Bf16)
+            .or_else(|| head.frozen_dense_weight().map(OutputProjection::F32)),
         None => {
             let table = table.val();
-            (!table.is_require_grad() && table.dtype() == burn::tensor::DType::F32)
-                .then(|| table.transpose())
+            match (&tied.weight, table.is_require_grad()) {
+                (_, true) => None,
+                (Some(weight), false) => Some(OutputProjection::Bf16(weight.clone())),
+                (None, false) => (!tied.bf16 && table.dtype() == burn::tensor::DType::F32)
+                    .then(|| OutputProjection::F32(table.transpose())),
+            }
         }
     };
     let cap = softcap.map(|c| c as f32);
-    if let Some(weight) = weight
+    if let Some(projection) = projection
         && let Some(loss) =
-            peft_ops::loss::linear_causal_lm_loss(hidden.clone(), weight, cap, labels.clone())
+            peft_ops::loss::linear_causal_lm_loss(hidden.clone(), projection, cap, labels.clone())
     {
         return loss;
     }
-    let logits = output_logits(hidden, lm_head, table);
+    let logits = output_logits(hidden, lm_head, table, tied);
     let logits = match softcap {
         Some(cap) => (logits / cap).tanh() * cap,
         None => logits,
@@ -688,11 +773,30 @@ pub fn output_loss<A: LayerAdapter>(
 }
 
 /// A frozen `lm_head` holding a copy of the embedding `table` (`[vocab, hidden]`), for a tied
-/// model whose input embeddings are about to be trained apart from its output projection.
-pub fn untied_head<A: LayerAdapter>(table: &Param<Tensor<2>>) -> AdaptableLinear<A> {
+/// model whose input embeddings are about to be trained apart from its output projection; it
+/// computes as the tied projection did (in bf16 from the table's bf16 copy where `tied` has
+/// one).
+pub fn untied_head<A: LayerAdapter>(
+    table: &Param<Tensor<2>>,
+    tied: &TiedHead,
+) -> AdaptableLinear<A> {
     let table = table.val().detach();
+    if let Some(weight) = &tied.weight {
+        return AdaptableLinear::over(BaseLinear::Packed(PackedLinear {
+            weight: weight.clone(),
+            bias: None,
+            device: table.device(),
+            compute: ComputeDtype::Bf16,
+            on_device: None,
+        }));
+    }
+    let weight = table.transpose();
+    let weight = match tied.bf16 {
+        true => weight.cast(burn::tensor::DType::BF16),
+        false => weight,
+    };
     AdaptableLinear::plain(Linear {
-        weight: Param::from_tensor(table.transpose()).set_require_grad(false),
+        weight: Param::from_tensor(weight).set_require_grad(false),
         bias: None,
     })
 }
@@ -700,6 +804,31 @@ pub fn untied_head<A: LayerAdapter>(table: &Param<Tensor<2>>) -> AdaptableLinear
 /// `x @ weightᵀ` for a `[vocab, hidden]` table used as output projection (tied `lm_head`).
 pub fn tied_logits(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
     peft_ops::blas::linear(hidden, table.transpose(), None)
+}
+
+/// [`tied_logits`] in bf16: `round(round(x) · round(table)ᵀ)`, through the packed bf16 product
+/// of `weight` (the table's bf16 copy) on the CPU backend, else through the backend's bf16
+/// matmul.
+pub fn tied_logits_bf16(
+    hidden: Tensor<3>,
+    table: Tensor<2>,
+    weight: Option<&Arc<dyn PackedWeight>>,
+) -> Tensor<3> {
+    use burn::tensor::DType;
+    match weight {
+        Some(weight) if !table.is_require_grad() => peft_ops::packed_op::packed_linear(
+            hidden,
+            weight,
+            Some(peft_ops::packed_op::Bf16Layer {
+                bias: None,
+                round_output: true,
+            }),
+        ),
+        _ => {
+            let table = table.cast(DType::BF16).transpose().unsqueeze::<3>();
+            hidden.cast(DType::BF16).matmul(table).cast(DType::F32)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -191,6 +191,13 @@ pub struct LoadOptions {
     /// instead of as stored. Off by default: on the CPU backend they stay in their 2 bytes and
     /// are widened, exactly, inside each product, so results are the same either way.
     pub widen_half: bool,
+    /// Under bf16 compute, compute `lm_head` (or a tied model's projection through its
+    /// embedding table) in bf16 as well — `torch.autocast`'s layout and that of a model loaded in
+    /// bf16 — instead of f32 (the default: the layout after `prepare_model_for_kbit_training`,
+    /// and what the QLoRA recipe trains with). The logits and the loss's gradient are then
+    /// rounded to bf16; the loss itself is still computed in f32. No effect under f32 compute.
+    /// See docs/PRECISION.md.
+    pub bf16_lm_head: bool,
 }
 
 /// The compute dtype of transformers' default `dtype="auto"` for the checkpoint in `dir` on

@@ -31,8 +31,8 @@ use peft_core::{
 };
 
 use crate::layers::{
-    RmsNorm, WeightLoader, attend, check_input, decoder_pass, extend_cache, output_logits,
-    output_loss, untied_head,
+    RmsNorm, TiedHead, WeightLoader, attend, check_input, decoder_pass, extend_cache,
+    output_logits, output_loss, untied_head,
 };
 use crate::rope::{RopeTables, Rotary, apply_rope};
 
@@ -313,6 +313,9 @@ pub struct Llama<A: LayerAdapter> {
     pub model: LlamaModel<A>,
     /// Output projection; `None` when tied to `embed_tokens`.
     pub lm_head: Option<AdaptableLinear<A>>,
+    /// How a tied projection computes (f32, or bf16 from the table\'s bf16 copy).
+    #[module(skip)]
+    pub tied_head: TiedHead,
     /// Sizes and special tokens.
     #[module(skip)]
     pub spec: ModelSpec,
@@ -342,13 +345,7 @@ impl<A: LayerAdapter> Llama<A> {
         device: &Device,
         options: &crate::LoadOptions,
     ) -> Result<Self> {
-        let w = WeightLoader {
-            store,
-            device,
-            quantize: options.quantize,
-            compute: options.compute_dtype,
-            widen_half: options.widen_half,
-        };
+        let w = WeightLoader::new(store, device, options);
         let (h, hd, im) = (
             config.hidden_size,
             config.head_dim(),
@@ -406,11 +403,12 @@ impl<A: LayerAdapter> Llama<A> {
             })
             .collect::<Result<Vec<_>>>()?;
         // Some tied checkpoints still carry an `lm_head.weight` copy; tied means it is ignored.
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(w.adaptable("lm_head", h, config.vocab_size, false)?)
-        };
+        let (lm_head, tied_head) = w.output_head(
+            config.tie_word_embeddings,
+            "model.embed_tokens",
+            h,
+            config.vocab_size,
+        )?;
         Ok(Self {
             model: LlamaModel {
                 embed_tokens: AdaptableEmbedding::plain(w.embedding(
@@ -422,6 +420,7 @@ impl<A: LayerAdapter> Llama<A> {
                 norm: w.rms_norm("model.norm", h, eps)?,
             },
             lm_head,
+            tied_head,
             spec: config.spec(),
             rotary,
             windows: config.layer_windows(),
@@ -524,7 +523,12 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
     fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         let x = self.final_hidden(input, cache)?;
         let table = &self.model.embed_tokens.base.weight;
-        Ok(output_logits(x, self.lm_head.as_ref(), table))
+        Ok(output_logits(
+            x,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+        ))
     }
 
     fn forward_loss(
@@ -535,7 +539,14 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
     ) -> Result<Tensor<1>> {
         let x = self.final_hidden(input, cache)?;
         let table = &self.model.embed_tokens.base.weight;
-        Ok(output_loss(x, self.lm_head.as_ref(), table, labels, None))
+        Ok(output_loss(
+            x,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+            labels,
+            None,
+        ))
     }
 
     fn map_layers<B: LayerAdapter>(
@@ -578,6 +589,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
                 norm: self.model.norm,
             },
             lm_head: self.lm_head.map(|l| f("lm_head", l)).transpose()?,
+            tied_head: self.tied_head,
             spec: self.spec,
             rotary: self.rotary,
             windows: self.windows,
@@ -589,7 +601,10 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            self.lm_head = Some(untied_head(&self.model.embed_tokens.base.weight));
+            self.lm_head = Some(untied_head(
+                &self.model.embed_tokens.base.weight,
+                &self.tied_head,
+            ));
             self.spec.tie_word_embeddings = false;
         }
         self

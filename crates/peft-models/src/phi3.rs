@@ -30,8 +30,8 @@ use peft_core::{
 };
 
 use crate::layers::{
-    RmsNorm, WeightLoader, attend, check_input, decoder_pass, extend_cache, output_logits,
-    output_loss, untied_head,
+    RmsNorm, TiedHead, WeightLoader, attend, check_input, decoder_pass, extend_cache,
+    output_logits, output_loss, untied_head,
 };
 use crate::rope::{RopeTables, Rotary, apply_rope};
 
@@ -217,6 +217,9 @@ pub struct Phi3<A: LayerAdapter> {
     pub model: Phi3Model<A>,
     /// Output projection; `None` when tied to `embed_tokens`.
     pub lm_head: Option<AdaptableLinear<A>>,
+    /// How a tied projection computes (f32, or bf16 from the table\'s bf16 copy).
+    #[module(skip)]
+    pub tied_head: TiedHead,
     /// Sizes and special tokens.
     #[module(skip)]
     pub spec: ModelSpec,
@@ -239,13 +242,7 @@ impl<A: LayerAdapter> Phi3<A> {
         device: &Device,
         options: &crate::LoadOptions,
     ) -> Result<Self> {
-        let w = WeightLoader {
-            store,
-            device,
-            quantize: options.quantize,
-            compute: options.compute_dtype,
-            widen_half: options.widen_half,
-        };
+        let w = WeightLoader::new(store, device, options);
         let (h, hd, im) = (
             config.hidden_size,
             config.head_dim(),
@@ -287,11 +284,12 @@ impl<A: LayerAdapter> Phi3<A> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(w.adaptable("lm_head", h, config.vocab_size, false)?)
-        };
+        let (lm_head, tied_head) = w.output_head(
+            config.tie_word_embeddings,
+            "model.embed_tokens",
+            h,
+            config.vocab_size,
+        )?;
         Ok(Self {
             model: Phi3Model {
                 embed_tokens: AdaptableEmbedding::plain(w.embedding(
@@ -303,6 +301,7 @@ impl<A: LayerAdapter> Phi3<A> {
                 norm: w.rms_norm("model.norm", h, eps)?,
             },
             lm_head,
+            tied_head,
             spec: config.spec(),
             rotary: config
                 .rotary
@@ -388,7 +387,12 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
     fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         let x = self.final_hidden(input, cache)?;
         let table = &self.model.embed_tokens.base.weight;
-        Ok(output_logits(x, self.lm_head.as_ref(), table))
+        Ok(output_logits(
+            x,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+        ))
     }
 
     fn forward_loss(
@@ -399,7 +403,14 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
     ) -> Result<Tensor<1>> {
         let x = self.final_hidden(input, cache)?;
         let table = &self.model.embed_tokens.base.weight;
-        Ok(output_loss(x, self.lm_head.as_ref(), table, labels, None))
+        Ok(output_loss(
+            x,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+            labels,
+            None,
+        ))
     }
 
     fn map_layers<B: LayerAdapter>(
@@ -435,6 +446,7 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
                 norm: self.model.norm,
             },
             lm_head: self.lm_head.map(|l| f("lm_head", l)).transpose()?,
+            tied_head: self.tied_head,
             spec: self.spec,
             rotary: self.rotary,
             windows: self.windows,
@@ -444,7 +456,10 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
 
     fn untie_word_embeddings(mut self) -> Self {
         if self.lm_head.is_none() {
-            self.lm_head = Some(untied_head(&self.model.embed_tokens.base.weight));
+            self.lm_head = Some(untied_head(
+                &self.model.embed_tokens.base.weight,
+                &self.tied_head,
+            ));
             self.spec.tie_word_embeddings = false;
         }
         self

@@ -27,6 +27,7 @@ use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::blas::BlasMatmulBackend;
+use crate::packed::PackedWeight;
 
 /// Logit elements per block by default: 32 Mi (128 MiB of f32) — large blocks keep the number
 /// of passes over the `[hidden, vocab]` weight small (each block reads all of it).
@@ -44,6 +45,12 @@ pub struct CrossEntropyTargets {
     pub block_logits: usize,
 }
 
+/// A frozen output projection computed in bf16 (an ordinary, non-tensor argument): its weight
+/// `[vocab, h]` — a bf16-held `lm_head`, or a bf16 copy of a tied embedding table — whose
+/// values are rounded to bf16.
+#[derive(Clone, Debug)]
+pub struct Bf16Projection(pub Arc<dyn PackedWeight>);
+
 /// Backends with the fused projection + cross-entropy.
 #[backend_extension(Autodiff, Flex)]
 pub trait LinearCrossEntropyBackend: Backend {
@@ -52,6 +59,15 @@ pub trait LinearCrossEntropyBackend: Backend {
     fn linear_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        targets: CrossEntropyTargets,
+    ) -> FloatTensor<Self>;
+
+    /// The same loss with the projection in bf16, as `torch.autocast` computes `lm_head`:
+    /// `z = round(round(hidden) · Wᵀ)` (f32 accumulation; the loss itself in f32) and
+    /// `∂hidden = round(round(∂z) · W)`.
+    fn bf16_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: Bf16Projection,
         targets: CrossEntropyTargets,
     ) -> FloatTensor<Self>;
 }
@@ -110,6 +126,73 @@ fn blocks<B: BlasMatmulBackend>(
     (losses, grad)
 }
 
+/// [`blocks`] with the projection in bf16, on the host: each block's hidden rows rounded to
+/// bf16, `z = round(h · Wᵀ)` and `∂h = round(round(∂z) · W)` on the CPU's bf16 units through
+/// oneDNN, or as f32 GEMMs of the rounded operands without it (same numerics, f32 speed).
+fn bf16_blocks<B: Backend>(
+    hidden: FloatTensor<B>,
+    weight: &Bf16Projection,
+    targets: &CrossEntropyTargets,
+    with_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    use crate::onednn::{WeightLayout, to_bf16_bits};
+    use rayon::prelude::*;
+    let device = hidden.device();
+    let [rows, h] = hidden.shape().dims();
+    let [vocab, _] = weight.0.shape();
+    let bits = crate::packed_op::bf16_bits_of(weight.0.as_ref());
+    let dnn = crate::onednn::onednn();
+    let widened = std::sync::OnceLock::new();
+    // `a: [m, k]` (bf16 bits) times the weight, `[vocab, h]` read as `Wᵀ` (NK: k = h) or as
+    // `W` (KN: k = vocab).
+    let product = |a: &[u16], (m, k, n): (usize, usize, usize), layout: WeightLayout| {
+        let mut out = vec![0.0f32; m * n];
+        if let Some(dnn) = dnn
+            && dnn
+                .matmul_bf16(a, &bits, layout, (m, k, n), &mut out)
+                .is_ok()
+        {
+            return out;
+        }
+        let w: &Vec<f32> = widened.get_or_init(|| crate::packed_op::widen_bits(&bits));
+        let a = crate::packed_op::widen_bits(a);
+        let transposed = matches!(layout, WeightLayout::NK);
+        crate::blas::sgemm_host((m, n, k), &a, k, w, h, transposed, 0.0, &mut out, n);
+        out
+    };
+    let block = (targets.block_logits / vocab.max(1)).clamp(1, rows.max(1));
+    let mut losses = vec![0.0f32; rows];
+    let mut grad = with_grad.then(|| vec![0.0f32; rows * h]);
+    let read = crate::blas::with_host_f32::<B, _>(&hidden, |hidden| {
+        for start in (0..rows).step_by(block) {
+            let end = (start + block).min(rows);
+            let m = end - start;
+            let a = to_bf16_bits(&hidden[start * h..end * h]);
+            let mut z = product(&a, (m, h, vocab), WeightLayout::NK);
+            crate::packed_op::finish_bf16(&mut z, None, true);
+            z.par_chunks_mut(vocab)
+                .zip(losses[start..end].par_iter_mut())
+                .zip(targets.targets[start..end].par_iter())
+                .for_each(|((row, loss), &target)| {
+                    *loss = row_loss(row, target, targets.softcap);
+                });
+            if let Some(grad) = grad.as_mut() {
+                let dz = to_bf16_bits(&z);
+                let mut dh = product(&dz, (m, vocab, h), WeightLayout::KN);
+                crate::packed_op::finish_bf16(&mut dh, None, true);
+                grad[start * h..end * h].copy_from_slice(&dh);
+            }
+        }
+    });
+    if read.is_none() {
+        // Unreadable hidden states (not reached on the CPU backend): NaN losses, no panic.
+        losses.fill(f32::NAN);
+    }
+    let losses = B::float_from_data(TensorData::new(losses, [rows]), &device);
+    let grad = grad.map(|g| B::float_from_data(TensorData::new(g, [rows, h]), &device));
+    (losses, grad)
+}
+
 /// One row: its loss, and the row overwritten with `∂loss/∂z` (softmax − one-hot, through the
 /// soft-cap's derivative `1 − (z'/cap)²`). An ignored row becomes zeros; a target outside the
 /// vocabulary gives NaN (as the whole-logits loss does).
@@ -150,6 +233,53 @@ impl LinearCrossEntropyBackend for Flex {
     ) -> FloatTensor<Self> {
         blocks::<Flex>(hidden, weight, &targets, false).0
     }
+
+    fn bf16_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: Bf16Projection,
+        targets: CrossEntropyTargets,
+    ) -> FloatTensor<Self> {
+        bf16_blocks::<Flex>(hidden, &weight, &targets, false).0
+    }
+}
+
+/// The backward pass of both fused losses: the forward pass kept `∂loss_i/∂hidden_i` for a unit
+/// upstream gradient, `[rows, h]`; the upstream gradient scales its rows.
+#[derive(Debug)]
+struct LinearCrossEntropyBackward;
+
+impl<B: Backend> Backward<B, 1> for LinearCrossEntropyBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_hidden] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_hidden {
+            let rows = grad.shape().dims::<1>()[0];
+            let scale = B::float_reshape(grad, burn::tensor::Shape::new([rows, 1]));
+            grads.register::<B>(node.id, B::float_mul(ops.state, scale));
+        }
+    }
+}
+
+/// The loss of `compute(hidden, with_grad)` (the losses and, when asked, the unit-upstream
+/// gradient) as one tracked operation of `hidden`.
+fn tracked<B: Backend, C: CheckpointStrategy>(
+    hidden: FloatTensor<Autodiff<B, C>>,
+    compute: impl Fn(FloatTensor<B>, bool) -> (FloatTensor<B>, Option<FloatTensor<B>>),
+) -> FloatTensor<Autodiff<B, C>> {
+    match LinearCrossEntropyBackward
+        .prepare::<C>([hidden.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => match compute(hidden.into_primitive(), true) {
+            (losses, Some(grad)) => prep.finish(grad, losses),
+            // Not reached: `with_grad` always yields a gradient.
+            (_, None) => unreachable!("gradient requested"),
+        },
+        OpsKind::UnTracked(prep) => prep.finish(compute(hidden.into_primitive(), false).0),
+    }
 }
 
 impl<B: BlasMatmulBackend, C: CheckpointStrategy> LinearCrossEntropyBackend for Autodiff<B, C> {
@@ -158,47 +288,20 @@ impl<B: BlasMatmulBackend, C: CheckpointStrategy> LinearCrossEntropyBackend for 
         weight: FloatTensor<Self>,
         targets: CrossEntropyTargets,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct LinearCrossEntropyBackward;
-
-        impl<B: Backend> Backward<B, 1> for LinearCrossEntropyBackward {
-            // ∂loss_i/∂hidden_i for a unit upstream gradient, `[rows, h]`.
-            type State = FloatTensor<B>;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_hidden] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                if let Some(node) = node_hidden {
-                    let rows = grad.shape().dims::<1>()[0];
-                    let scale = B::float_reshape(grad, burn::tensor::Shape::new([rows, 1]));
-                    grads.register::<B>(node.id, B::float_mul(ops.state, scale));
-                }
-            }
-        }
-
         let weight = weight.into_primitive();
-        match LinearCrossEntropyBackward
-            .prepare::<C>([hidden.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (losses, grad) = blocks::<B>(hidden.into_primitive(), weight, &targets, true);
-                match grad {
-                    Some(grad) => prep.finish(grad, losses),
-                    // Not reached: `with_grad` always yields a gradient.
-                    None => unreachable!("gradient requested"),
-                }
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(blocks::<B>(hidden.into_primitive(), weight, &targets, false).0)
-            }
-        }
+        tracked::<B, C>(hidden, |hidden, with_grad| {
+            blocks::<B>(hidden, weight.clone(), &targets, with_grad)
+        })
+    }
+
+    fn bf16_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: Bf16Projection,
+        targets: CrossEntropyTargets,
+    ) -> FloatTensor<Self> {
+        tracked::<B, C>(hidden, |hidden, with_grad| {
+            bf16_blocks::<B>(hidden, &weight, &targets, with_grad)
+        })
     }
 }
 
@@ -216,6 +319,25 @@ pub fn linear_cross_entropy_rows(
         <Dispatch as LinearCrossEntropyBackend>::linear_cross_entropy(
             hidden.into_dispatch(),
             weight.detach().into_dispatch(),
+            targets,
+        ),
+    ))
+}
+
+/// [`linear_cross_entropy_rows`] with the projection `weight: [vocab, h]` computed in bf16
+/// ([`LinearCrossEntropyBackend::bf16_linear_cross_entropy`]); `None` off the CPU backend.
+pub fn bf16_linear_cross_entropy_rows(
+    hidden: Tensor<2>,
+    weight: Arc<dyn PackedWeight>,
+    targets: CrossEntropyTargets,
+) -> Option<Tensor<1>> {
+    if !crate::device::runs_cpu_kernels(&hidden.device()) {
+        return None;
+    }
+    Some(Tensor::<1>::from_dispatch(
+        <Dispatch as LinearCrossEntropyBackend>::bf16_linear_cross_entropy(
+            hidden.into_dispatch(),
+            Bf16Projection(weight),
             targets,
         ),
     ))

@@ -93,19 +93,41 @@ fn fused_causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> 
     }
 }
 
+/// The frozen output projection of [`linear_causal_lm_loss`].
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one value per loss call
+pub enum OutputProjection {
+    /// An f32 weight `[h, vocab]` (a tied embedding table transposed, or a dense `lm_head`).
+    F32(Tensor<2>),
+    /// A weight `[vocab, h]` computed in bf16, as `torch.autocast` computes `lm_head`:
+    /// `z = round(round(hidden) · Wᵀ)`, gradients rounded likewise
+    /// ([`crate::chunked_loss::LinearCrossEntropyBackend::bf16_linear_cross_entropy`]).
+    Bf16(std::sync::Arc<dyn crate::packed::PackedWeight>),
+}
+
+impl OutputProjection {
+    /// The vocabulary size.
+    fn vocab(&self) -> usize {
+        match self {
+            OutputProjection::F32(weight) => weight.dims()[1],
+            OutputProjection::Bf16(weight) => weight.shape()[0],
+        }
+    }
+}
+
 /// [`causal_lm_loss`] of the logits `hidden · weight` (optionally soft-capped,
 /// `cap · tanh(z / cap)`) without computing them whole: `hidden: [batch, seq, h]` (the final
-/// hidden states), `weight: [h, vocab]` (the frozen output projection, a tied embedding table
-/// transposed). `None` off the CPU backend, where the caller computes the logits.
+/// hidden states), `projection` the frozen output projection. `None` off the CPU backend, where
+/// the caller computes the logits.
 pub fn linear_causal_lm_loss(
     hidden: Tensor<3>,
-    weight: Tensor<2>,
+    projection: OutputProjection,
     softcap: Option<f32>,
     labels: Tensor<2, Int>,
 ) -> Option<Tensor<1>> {
     linear_loss_in_blocks(
         hidden,
-        weight,
+        projection,
         softcap,
         labels,
         crate::chunked_loss::BLOCK_LOGITS,
@@ -115,23 +137,27 @@ pub fn linear_causal_lm_loss(
 /// [`linear_causal_lm_loss`] with `block_logits` logit elements per block.
 fn linear_loss_in_blocks(
     hidden: Tensor<3>,
-    weight: Tensor<2>,
+    projection: OutputProjection,
     softcap: Option<f32>,
     labels: Tensor<2, Int>,
     block_logits: usize,
 ) -> Option<Tensor<1>> {
     let [batch, seq, h] = hidden.dims();
-    let vocab = weight.dims()[1];
-    let (targets, count) = next_token_targets(pad_labels(labels, seq), vocab);
-    let nll = crate::chunked_loss::linear_cross_entropy_rows(
-        hidden.reshape([batch * seq, h]),
-        weight,
-        crate::chunked_loss::CrossEntropyTargets {
-            targets: std::sync::Arc::new(targets),
-            softcap,
-            block_logits,
-        },
-    )?;
+    let (targets, count) = next_token_targets(pad_labels(labels, seq), projection.vocab());
+    let targets = crate::chunked_loss::CrossEntropyTargets {
+        targets: std::sync::Arc::new(targets),
+        softcap,
+        block_logits,
+    };
+    let rows = hidden.reshape([batch * seq, h]);
+    let nll = match projection {
+        OutputProjection::F32(weight) => {
+            crate::chunked_loss::linear_cross_entropy_rows(rows, weight, targets)
+        }
+        OutputProjection::Bf16(weight) => {
+            crate::chunked_loss::bf16_linear_cross_entropy_rows(rows, weight, targets)
+        }
+    }?;
     Some(nll.sum().div_scalar(count as f32))
 }
 
@@ -221,7 +247,7 @@ mod tests {
                         .require_grad();
                 let chunked = linear_loss_in_blocks(
                     hidden.clone(),
-                    table.clone().transpose(),
+                    OutputProjection::F32(table.clone().transpose()),
                     softcap,
                     labels.clone(),
                     3 * vocab,
@@ -245,6 +271,61 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The bf16 projection equals the same loss composed from bf16-rounded tensors (autocast's
+    /// `lm_head`): `round(round(h) · round(W)ᵀ)` → f32 loss, value and gradient, in blocks of
+    /// 3 rows with ignored labels — through oneDNN's bf16 kernels where they are loaded, else
+    /// through f32 GEMMs. The rounding is real: the f32 projection's loss differs by far more.
+    #[test]
+    fn bf16_chunked_loss_matches_rounded_tensors() {
+        use crate::precision::{HalfWeight, round_bf16};
+        use burn::tensor::Distribution;
+        let device = Device::flex().autodiff();
+        let (batch, seq, h, vocab) = (2, 7, 16, 37);
+        let table = Tensor::<2>::random([vocab, h], Distribution::Normal(0.0, 1.0), &device);
+        let values: Vec<f32> = table.to_data().iter::<f32>().collect();
+        let weight = std::sync::Arc::new(HalfWeight::bf16_from_f32([vocab, h], &values).unwrap());
+        let labels = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                vec![3i64, 9, -100, 36, 0, 5, 5, 1, -100, -100, 8, 8, 30, 2],
+                [batch, seq],
+            ),
+            &device,
+        );
+        let hidden = Tensor::<3>::random([batch, seq, h], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad();
+        let chunked = linear_loss_in_blocks(
+            hidden.clone(),
+            OutputProjection::Bf16(weight),
+            None,
+            labels.clone(),
+            3 * vocab,
+        )
+        .unwrap();
+        let logits = round_bf16(
+            round_bf16(hidden.clone()).matmul(round_bf16(table.clone()).transpose().unsqueeze()),
+        );
+        let whole = composed_causal_lm_loss(logits, labels.clone());
+        let f32_loss: f32 =
+            composed_causal_lm_loss(hidden.clone().matmul(table.transpose().unsqueeze()), labels)
+                .into_scalar();
+        let (c, w): (f32, f32) = (chunked.clone().into_scalar(), whole.clone().into_scalar());
+        assert!((c - w).abs() <= 1e-5 * w.abs(), "{c} vs {w}");
+        assert!(
+            (f32_loss - w).abs() > 1e-4,
+            "bf16 rounding shows: {f32_loss} vs {w}"
+        );
+        let gc = hidden.grad(&chunked.backward()).unwrap();
+        let gw = hidden.grad(&whole.backward()).unwrap();
+        let scale: f32 = gw.clone().abs().max().into_scalar();
+        let diff: f32 = (gc - gw).abs().max().into_scalar();
+        // The unit gradient is rounded before the upstream 1/count scales it, the composed one
+        // after: one bf16 rounding apart at most.
+        assert!(
+            diff <= 1e-2 * scale,
+            "gradients differ by {diff} of {scale}"
+        );
     }
 
     /// Only -100 is ignored; another negative label, or one past the vocabulary, makes the

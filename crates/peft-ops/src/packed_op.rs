@@ -148,7 +148,7 @@ fn forward_bf16(
 }
 
 /// bf16 bit patterns widened to f32 (exact).
-fn widen_bits(bits: &[u16]) -> Vec<f32> {
+pub(crate) fn widen_bits(bits: &[u16]) -> Vec<f32> {
     bits.iter()
         .map(|&b| f32::from_bits(u32::from(b) << 16))
         .collect()
@@ -156,7 +156,7 @@ fn widen_bits(bits: &[u16]) -> Vec<f32> {
 
 /// Adds `bias` to every row of `out` and rounds each value to bf16 when asked, in one parallel
 /// pass.
-fn finish_bf16(out: &mut [f32], bias: Option<&[f32]>, round: bool) {
+pub(crate) fn finish_bf16(out: &mut [f32], bias: Option<&[f32]>, round: bool) {
     use rayon::prelude::*;
     let round_value = |v: f32| half::bf16::from_f32(v).to_f32();
     match bias {
@@ -228,16 +228,9 @@ fn bf16_product(
         Direction::Forward => (d_in, d_out, crate::onednn::WeightLayout::NK),
         Direction::Backward => (d_out, d_in, crate::onednn::WeightLayout::KN),
     };
-    let rounded;
-    let weights = match handle.weight.bf16_bits() {
-        Some(bits) => bits,
-        None => {
-            rounded = bf16_weight(handle)?;
-            &rounded[..]
-        }
-    };
+    let weights = bf16_bits_of(handle.weight.as_ref());
     let mut out = vec![0.0f32; rows * n];
-    match dnn.matmul_bf16(a, weights, layout, (rows, k, n), &mut out) {
+    match dnn.matmul_bf16(a, &weights, layout, (rows, k, n), &mut out) {
         Ok(()) => Some(out),
         Err(e) => {
             tracing::debug!("bf16 product through f32 GEMM instead: {e}");
@@ -246,12 +239,21 @@ fn bf16_product(
     }
 }
 
+/// A weight's values rounded to bf16 as bit patterns, `[out, in]`: as stored for a bf16-held
+/// weight, else de-quantised and rounded once.
+pub(crate) fn bf16_bits_of(weight: &dyn PackedWeight) -> std::borrow::Cow<'_, [u16]> {
+    match weight.bf16_bits() {
+        Some(bits) => std::borrow::Cow::Borrowed(bits),
+        None => std::borrow::Cow::Owned(bf16_weight(weight)),
+    }
+}
+
 /// The weight de-quantised and rounded to bf16 (bit patterns, `[out, in]`) in one parallel pass,
 /// each task de-quantising a few rows into its own small f32 buffer, so that no f32 copy of the
 /// whole weight is made.
-fn bf16_weight(handle: &PackedHandle) -> Option<Vec<u16>> {
+fn bf16_weight(weight: &dyn PackedWeight) -> Vec<u16> {
     use rayon::prelude::*;
-    let [d_out, d_in] = handle.weight.shape();
+    let [d_out, d_in] = weight.shape();
     let mut bits = vec![0u16; d_out * d_in];
     // ~64 KiB of f32 per task: rows stay in cache between de-quantising and rounding.
     let rows_per_task = (16_384 / d_in.max(1)).max(1);
@@ -262,10 +264,7 @@ fn bf16_weight(handle: &PackedHandle) -> Option<Vec<u16>> {
             let start = i * rows_per_task;
             let rows = bits.len() / d_in.max(1);
             let mut values = vec![0.0f32; bits.len()];
-            if !handle
-                .weight
-                .dequantize_block(start..start + rows, 0..d_in, &mut values)
-            {
+            if !weight.dequantize_block(start..start + rows, 0..d_in, &mut values) {
                 return false;
             }
             // One rounding from the de-quantised f32 value, as bitsandbytes' cast to bf16.
@@ -273,12 +272,10 @@ fn bf16_weight(handle: &PackedHandle) -> Option<Vec<u16>> {
             true
         });
     if blocks_ok {
-        return Some(bits);
+        return bits;
     }
     // A format without blocks: the whole weight at once.
-    Some(crate::onednn::to_bf16_bits(
-        &handle.weight.dequantize_bf16_rounded(),
-    ))
+    crate::onednn::to_bf16_bits(&weight.dequantize_bf16_rounded())
 }
 
 /// Whether the de-quantised values must still be rounded to bf16: bf16 compute over a format
