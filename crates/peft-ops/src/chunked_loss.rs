@@ -211,6 +211,23 @@ fn row_loss(z: &mut [f32], target: i64, softcap: Option<f32>) -> f32 {
         }
     }
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if softcap.is_none() {
+        // One exponential per logit: the row keeps `exp(z − max)`, the softmax is that over
+        // its sum.
+        let target = z[t];
+        let mut sum = 0.0f32;
+        for v in z.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let loss = max + sum.ln() - target;
+        let inverse = sum.recip();
+        for v in z.iter_mut() {
+            *v *= inverse;
+        }
+        z[t] -= 1.0;
+        return loss;
+    }
     let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
     let lse = max + sum.ln();
     let loss = lse - z[t];
