@@ -1078,6 +1078,37 @@ fn bf16_compute_runs_and_trains() {
     );
 }
 
+/// `--bf16-lm-head` computes `lm_head` in bf16 too: PyTorch's logits with the head patched
+/// (the tied BLOOM head); with `--compute-dtype float32` it is refused in one line.
+#[test]
+fn bf16_lm_head_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixtures().join("reference/lora-bloom-bf16-head.safetensors");
+    let path = dir.path().join("logits.safetensors");
+    let lora = adapter("lora-bloom");
+    let lora = lora.to_str().unwrap();
+    let head = [
+        "--adapter",
+        lora,
+        "--compute-dtype",
+        "bfloat16",
+        "--bf16-lm-head",
+    ];
+    ok(&logits_to(&model("bloom-tiny"), &head, &reference, &path));
+    let diff = logits_diff(&path, &reference);
+    // One bf16 step of a logit in [1, 2) (docs/PRECISION.md); the f32 head is 2.8e-2 away.
+    assert!(diff <= 1e-2, "bf16 lm_head logits: {diff}");
+    assert_clean_failure(
+        &logits_to(
+            &model("bloom-tiny"),
+            &["--compute-dtype", "float32", "--bf16-lm-head"],
+            &reference,
+            &path,
+        ),
+        "--bf16-lm-head computes lm_head in bf16: it needs bf16 compute, not --compute-dtype float32",
+    );
+}
+
 /// Whether this CPU multiplies bf16 in hardware (where CI requires oneDNN to load).
 fn has_bf16_units() -> bool {
     #[cfg(target_arch = "x86_64")]
