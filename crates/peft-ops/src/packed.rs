@@ -69,6 +69,24 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     ) -> bool {
         false
     }
+
+    /// [`dequantize_block`](Self::dequantize_block) rounded to bf16, as bit patterns: what bf16
+    /// compute multiplies by (one rounding of the de-quantised f32 value, as bitsandbytes' cast
+    /// to the compute dtype). The default de-quantises to f32 and rounds; a format may do both
+    /// at once.
+    fn dequantize_block_bf16(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [u16],
+    ) -> bool {
+        let mut values = vec![0.0f32; out.len()];
+        if !self.dequantize_block(rows, cols, &mut values) {
+            return false;
+        }
+        crate::precision::round_to_bf16_bits(&values, out);
+        true
+    }
 }
 
 /// A packed weight resident on a GPU device, de-quantised there for each product.

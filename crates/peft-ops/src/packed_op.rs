@@ -249,13 +249,14 @@ pub(crate) fn bf16_bits_of(weight: &dyn PackedWeight) -> std::borrow::Cow<'_, [u
 }
 
 /// The weight de-quantised and rounded to bf16 (bit patterns, `[out, in]`) in one parallel pass,
-/// each task de-quantising a few rows into its own small f32 buffer, so that no f32 copy of the
+/// each task a few rows ([`PackedWeight::dequantize_block_bf16`]), so that no f32 copy of the
 /// whole weight is made.
 fn bf16_weight(weight: &dyn PackedWeight) -> Vec<u16> {
     use rayon::prelude::*;
     let [d_out, d_in] = weight.shape();
     let mut bits = vec![0u16; d_out * d_in];
-    // ~64 KiB of f32 per task: rows stay in cache between de-quantising and rounding.
+    // ~64 KiB of f32 per task where a format de-quantises to f32 first: rows stay in cache
+    // between de-quantising and rounding.
     let rows_per_task = (16_384 / d_in.max(1)).max(1);
     let blocks_ok = bits
         .par_chunks_mut(rows_per_task * d_in.max(1))
@@ -263,13 +264,7 @@ fn bf16_weight(weight: &dyn PackedWeight) -> Vec<u16> {
         .all(|(i, bits)| {
             let start = i * rows_per_task;
             let rows = bits.len() / d_in.max(1);
-            let mut values = vec![0.0f32; bits.len()];
-            if !weight.dequantize_block(start..start + rows, 0..d_in, &mut values) {
-                return false;
-            }
-            // One rounding from the de-quantised f32 value, as bitsandbytes' cast to bf16.
-            crate::precision::round_to_bf16_bits(&values, bits);
-            true
+            weight.dequantize_block_bf16(start..start + rows, 0..d_in, bits)
         });
     if blocks_ok {
         return bits;

@@ -497,6 +497,63 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
         true
     }
 
+    /// One table per 4-bit block: its 16 code values times the block's scale, each product
+    /// rounded to bf16 once — exactly [`dequantize_block`](Self::dequantize_block) then the
+    /// rounding — and then one lookup per code, two per byte.
+    fn dequantize_block_bf16(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [u16],
+    ) -> bool {
+        let [d_out, d_in] = peft_ops::packed::PackedWeight::shape(self);
+        let width = cols.len();
+        if rows.end > d_out || cols.end > d_in || out.len() != rows.len() * width || width == 0 {
+            return false;
+        }
+        let values = self.quant_type.codebook().values;
+        let mut table = [0u16; 16];
+        let mut table_block = usize::MAX;
+        for (row, out) in rows.zip(out.chunks_mut(width)) {
+            let (start, end) = (row * d_in + cols.start, row * d_in + cols.end);
+            let mut i = start;
+            while i < end {
+                let b = i / self.blocksize;
+                let stop = ((b + 1) * self.blocksize).min(end);
+                if b != table_block {
+                    let scale = self.absmax.at(b);
+                    for (t, v) in table.iter_mut().zip(values) {
+                        *t = half::bf16::from_f32(v * scale).to_bits();
+                    }
+                    table_block = b;
+                }
+                let mut k = i;
+                let out = &mut out[i - start..stop - start];
+                let mut o = 0;
+                // An odd first element is a byte's low nibble.
+                if !k.is_multiple_of(2) {
+                    out[0] = table[usize::from(self.packed[k / 2] & 0x0f)];
+                    k += 1;
+                    o = 1;
+                }
+                let pairs = (stop - k) / 2;
+                for (pair, &byte) in out[o..o + 2 * pairs]
+                    .chunks_exact_mut(2)
+                    .zip(&self.packed[k / 2..k / 2 + pairs])
+                {
+                    pair[0] = table[usize::from(byte >> 4)];
+                    pair[1] = table[usize::from(byte & 0x0f)];
+                }
+                k += 2 * pairs;
+                if k < stop {
+                    out[o + 2 * pairs] = table[usize::from(self.packed[k / 2] >> 4)];
+                }
+                i = stop;
+            }
+        }
+        true
+    }
+
     fn to_tensors(&self, name: &str) -> Vec<(String, peft_tensors::HostTensor)> {
         Quantized4bit::to_tensors(self, name)
     }
@@ -583,7 +640,17 @@ mod tests {
                     out, expected,
                     "rows {r:?}, cols {c:?}, double quant {double_quant}"
                 );
+                // The bf16 block (a table per 4-bit block) is that block rounded once.
+                let mut bits = vec![0u16; out.len()];
+                assert!(q.dequantize_block_bf16(r.clone(), c.clone(), &mut bits));
+                let rounded: Vec<u16> = expected
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                assert_eq!(bits, rounded, "bf16: rows {r:?}, cols {c:?}");
             }
+            let mut bits = vec![0u16; 4];
+            assert!(!q.dequantize_block_bf16(6..8, 0..2, &mut bits));
             let mut out = vec![0.0f32; 4];
             assert!(
                 !q.dequantize_block(6..8, 0..2, &mut out),
