@@ -146,14 +146,11 @@ fn bf16_blocks<B: Backend>(
     // `a: [m, k]` (bf16 bits) times the weight, `[vocab, h]` read as `Wᵀ` (NK: k = h) or as
     // `W` (KN: k = vocab).
     let product = |a: &[u16], (m, k, n): (usize, usize, usize), layout: WeightLayout| {
-        let mut out = vec![0.0f32; m * n];
-        if let Some(dnn) = dnn
-            && dnn
-                .matmul_bf16(a, &bits, layout, (m, k, n), &mut out)
-                .is_ok()
+        if let Some(out) = dnn.and_then(|dnn| dnn.matmul_bf16_vec(a, &bits, layout, (m, k, n)).ok())
         {
             return out;
         }
+        let mut out = vec![0.0f32; m * n];
         let w: &Vec<f32> = widened.get_or_init(|| crate::packed_op::widen_bits(&bits));
         let a = crate::packed_op::widen_bits(a);
         let transposed = matches!(layout, WeightLayout::NK);
@@ -162,7 +159,7 @@ fn bf16_blocks<B: Backend>(
     };
     let block = (targets.block_logits / vocab.max(1)).clamp(1, rows.max(1));
     let mut losses = vec![0.0f32; rows];
-    let mut grad = with_grad.then(|| vec![0.0f32; rows * h]);
+    let mut grad = with_grad.then(|| Vec::<f32>::with_capacity(rows * h));
     let read = crate::blas::with_host_f32::<B, _>(&hidden, |hidden| {
         for start in (0..rows).step_by(block) {
             let end = (start + block).min(rows);
@@ -180,13 +177,16 @@ fn bf16_blocks<B: Backend>(
                 let dz = to_bf16_bits(&z);
                 let mut dh = product(&dz, (m, vocab, h), WeightLayout::KN);
                 crate::packed_op::finish_bf16(&mut dh, None, true);
-                grad[start * h..end * h].copy_from_slice(&dh);
+                grad.extend_from_slice(&dh);
             }
         }
     });
     if read.is_none() {
         // Unreadable hidden states (not reached on the CPU backend): NaN losses, no panic.
         losses.fill(f32::NAN);
+        if let Some(grad) = grad.as_mut() {
+            grad.resize(rows * h, 0.0);
+        }
     }
     let losses = B::float_from_data(TensorData::new(losses, [rows]), &device);
     let grad = grad.map(|g| B::float_from_data(TensorData::new(g, [rows, h]), &device));
@@ -205,39 +205,20 @@ fn row_loss(z: &mut [f32], target: i64, softcap: Option<f32>) -> f32 {
         z.fill(0.0);
         return f32::NAN;
     }
-    if let Some(cap) = softcap {
-        for v in z.iter_mut() {
-            *v = cap * (*v / cap).tanh();
-        }
+    let Some(cap) = softcap else {
+        return crate::kernels::cross_entropy_row_in_place(z, t);
+    };
+    for v in z.iter_mut() {
+        *v = cap * (*v / cap).tanh();
     }
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if softcap.is_none() {
-        // One exponential per logit: the row keeps `exp(z − max)`, the softmax is that over
-        // its sum.
-        let target = z[t];
-        let mut sum = 0.0f32;
-        for v in z.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let loss = max + sum.ln() - target;
-        let inverse = sum.recip();
-        for v in z.iter_mut() {
-            *v *= inverse;
-        }
-        z[t] -= 1.0;
-        return loss;
-    }
     let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
     let lse = max + sum.ln();
     let loss = lse - z[t];
     for (i, v) in z.iter_mut().enumerate() {
         let capped = *v;
         let p = (capped - lse).exp() - if i == t { 1.0 } else { 0.0 };
-        *v = match softcap {
-            Some(cap) => p * (1.0 - (capped / cap) * (capped / cap)),
-            None => p,
-        };
+        *v = p * (1.0 - (capped / cap) * (capped / cap));
     }
     loss
 }

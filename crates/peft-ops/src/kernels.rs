@@ -320,6 +320,38 @@ multiversion! {
 }
 
 multiversion! {
+    /// `row[i] ← e^(row[i] − max)` in place; returns `(max, Σ)`.
+    fn shifted_exps_in_place(row: &mut [f32]) -> (f32, f32) {
+        let max = max_of(row);
+        let mut acc = [0.0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(chunk.iter_mut()) {
+                *v = exp(*v - max);
+                *a += *v;
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        (max, sum)
+    }
+}
+
+/// One row's cross-entropy against `target` (a class of the row), the row overwritten with its
+/// gradient `softmax(row) − onehot(target)` — [`cross_entropy_rows`]' row in place, for the
+/// chunked loss (the same vectorised exponentials).
+pub fn cross_entropy_row_in_place(row: &mut [f32], target: usize) -> f32 {
+    let value = row[target];
+    let (max, sum) = shifted_exps_in_place(row);
+    scale(row, 1.0 / sum);
+    row[target] -= 1.0;
+    max + sum.ln() - value
+}
+
+multiversion! {
     fn scale(values: &mut [f32], by: f32) {
         for v in values {
             *v *= by;

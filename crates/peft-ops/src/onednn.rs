@@ -371,19 +371,63 @@ impl OneDnn {
         (m, k, n): (usize, usize, usize),
         out: &mut [f32],
     ) -> Result<(), String> {
-        if a.len() != m * k || weights.len() != k * n || out.len() != m * n {
+        if out.len() != m * n {
             return Err(format!(
-                "operand lengths {}, {}, {} do not fit {m}×{k}·{k}×{n}",
-                a.len(),
-                weights.len(),
+                "output length {} does not fit {m}×{k}·{k}×{n}",
                 out.len()
             ));
         }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
         if k == 0 {
             out.fill(0.0);
+            return Ok(());
+        }
+        // SAFETY: `out` holds the `m · n` values the product writes.
+        unsafe { self.matmul_bf16_into(a, weights, layout, (m, k, n), out.as_mut_ptr()) }
+    }
+
+    /// [`matmul_bf16`](Self::matmul_bf16) into a new vector, which oneDNN writes without its
+    /// being zeroed first.
+    pub fn matmul_bf16_vec(
+        &self,
+        a: &[u16],
+        weights: &[u16],
+        layout: WeightLayout,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Vec<f32>, String> {
+        if k == 0 {
+            return Ok(vec![0.0; m * n]);
+        }
+        let mut out = Vec::<f32>::with_capacity(m * n);
+        // SAFETY: `out` has room for the `m · n` values, which a successful product writes in
+        // full (oneDNN's dst is dense `m × n`) before `set_len` makes them readable; on an error
+        // the vector is dropped with length 0.
+        unsafe {
+            self.matmul_bf16_into(a, weights, layout, (m, k, n), out.as_mut_ptr())?;
+            out.set_len(m * n);
+        }
+        Ok(out)
+    }
+
+    /// The product into `out`.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `m · n` f32 values.
+    unsafe fn matmul_bf16_into(
+        &self,
+        a: &[u16],
+        weights: &[u16],
+        layout: WeightLayout,
+        (m, k, n): (usize, usize, usize),
+        out: *mut f32,
+    ) -> Result<(), String> {
+        if a.len() != m * k || weights.len() != k * n {
+            return Err(format!(
+                "operand lengths {}, {} do not fit {m}×{k}·{k}×{n}",
+                a.len(),
+                weights.len(),
+            ));
+        }
+        if m == 0 || n == 0 {
             return Ok(());
         }
         let key = (m, k, n, layout);
@@ -405,10 +449,10 @@ impl OneDnn {
         let operands = [
             (&*product.src, a.as_ptr() as *mut c_void),
             (&*product.weights, weights.as_ptr() as *mut c_void),
-            (&*product.dst, out.as_mut_ptr().cast::<c_void>()),
+            (&*product.dst, out.cast::<c_void>()),
         ];
         // SAFETY: each memory object wraps a buffer whose length was checked against its
-        // descriptor above; oneDNN only reads `a` and `weights` (their descriptors are inputs) and
+        // descriptor above (`out`'s by the caller's contract); oneDNN only reads `a` and `weights` (their descriptors are inputs) and
         // writes `out`; the memory objects are destroyed before the buffers can go away, and the
         // stream is waited on before returning.
         unsafe {
@@ -445,11 +489,12 @@ impl OneDnn {
 /// `values` rounded to bf16 (to nearest, ties to even), as bit patterns.
 pub fn to_bf16_bits(values: &[f32]) -> Vec<u16> {
     use rayon::prelude::*;
-    let mut bits = vec![0u16; values.len()];
-    bits.par_chunks_mut(1 << 14)
-        .zip(values.par_chunks(1 << 14))
-        .for_each(|(bits, values)| crate::precision::round_to_bf16_bits(values, bits));
-    bits
+    // An indexed collect writes each element in place (no zeroed buffer first).
+    values
+        .par_iter()
+        .with_min_len(1 << 14)
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect()
 }
 
 #[cfg(test)]

@@ -229,9 +229,8 @@ fn bf16_product(
         Direction::Backward => (d_out, d_in, crate::onednn::WeightLayout::KN),
     };
     let weights = bf16_bits_of(handle.weight.as_ref());
-    let mut out = vec![0.0f32; rows * n];
-    match dnn.matmul_bf16(a, &weights, layout, (rows, k, n), &mut out) {
-        Ok(()) => Some(out),
+    match dnn.matmul_bf16_vec(a, &weights, layout, (rows, k, n)) {
+        Ok(out) => Some(out),
         Err(e) => {
             tracing::debug!("bf16 product through f32 GEMM instead: {e}");
             None
