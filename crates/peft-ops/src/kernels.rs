@@ -120,6 +120,68 @@ multiversion! {
     }
 }
 
+/// `v` rounded to the nearest bf16, ties to even, as its bit pattern — `half::bf16::from_f32`'s
+/// result (a NaN stays a NaN, made quiet) without branches, so that loops over it vectorise.
+#[inline(always)]
+pub fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((x >> 16) | 0x40) as u16;
+    if v.is_nan() { quiet_nan } else { rounded }
+}
+
+multiversion! {
+    fn bf16_bits_chunk(values: &[f32], bits: &mut [u16]) {
+        for (b, &v) in bits.iter_mut().zip(values) {
+            *b = bf16_bits(v);
+        }
+    }
+}
+
+multiversion! {
+    fn round_bf16_chunk(values: &mut [f32]) {
+        for v in values {
+            *v = f32::from_bits(u32::from(bf16_bits(*v)) << 16);
+        }
+    }
+}
+
+multiversion! {
+    fn add_round_bf16_row(row: &mut [f32], bias: &[f32]) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v = f32::from_bits(u32::from(bf16_bits(*v + b)) << 16);
+        }
+    }
+}
+
+/// `bits[i]` = `values[i]` rounded to bf16 ([`bf16_bits`]), on every core.
+pub fn round_to_bf16_bits(values: &[f32], bits: &mut [u16]) {
+    bits.par_chunks_mut(CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(bits, values)| bf16_bits_chunk(values, bits));
+}
+
+/// Each value rounded to bf16 in place (and widened back: exact), on every core.
+pub fn round_bf16_in_place(values: &mut [f32]) {
+    values.par_chunks_mut(CHUNK).for_each(round_bf16_chunk);
+}
+
+/// `bias` added to every row of `values` (`bias.len()` wide) and each sum rounded to bf16, on
+/// every core: a bf16 linear layer's output (the bias before the one rounding).
+pub fn add_bias_round_bf16(values: &mut [f32], bias: &[f32]) {
+    if bias.is_empty() {
+        return;
+    }
+    let rows_per_chunk = (CHUNK / bias.len()).max(1);
+    values
+        .par_chunks_mut(rows_per_chunk * bias.len())
+        .for_each(|rows| {
+            for row in rows.chunks_mut(bias.len()) {
+                add_round_bf16_row(row, bias);
+            }
+        });
+}
+
 /// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`), `y = x·σ(2z)`.
 pub fn gelu_tanh(x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(CHUNK)
@@ -1219,6 +1281,48 @@ pub fn attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The branch-free rounding is `half`'s, bit for bit: ties both ways, the largest values
+    /// (rounding to ∞), subnormals, signed zeros, infinities and NaNs (quiet, payload kept).
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut values = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3f80_8000), // tie, even below: stays
+            f32::from_bits(0x3f81_8000), // tie, odd below: up
+            f32::from_bits(0x3f80_8001),
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001), // signalling NaN
+            f32::from_bits(0xffc0_1234),
+        ];
+        values.extend((0..100_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
+        let mut bits = vec![0u16; values.len()];
+        round_to_bf16_bits(&values, &mut bits);
+        let mut rounded = values.clone();
+        round_bf16_in_place(&mut rounded);
+        for ((&v, &b), &r) in values.iter().zip(&bits).zip(&rounded) {
+            let expected = half::bf16::from_f32(v).to_bits();
+            assert_eq!(b, expected, "{v:e} ({:#010x})", v.to_bits());
+            assert_eq!(r.to_bits(), u32::from(expected) << 16, "{v:e}");
+        }
+        let bias = [0.5f32, -0.25, 1.0 / 3.0];
+        let mut rows: Vec<f32> = (0..12).map(|i| i as f32 / 7.0).collect();
+        let expected: Vec<f32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| half::bf16::from_f32(v + bias[i % 3]).to_f32())
+            .collect();
+        add_bias_round_bf16(&mut rows, &bias);
+        assert_eq!(rows, expected);
+    }
 
     /// Each row of `dot_rows_bf16` is the same bits whatever rows share the call (groups of
     /// four, a remainder, alone), and close to the f64 value; odd lengths reach the tail loop.

@@ -15,9 +15,9 @@
 //!
 //! The interface is one product, [`OneDnn::matmul_bf16`]; a matmul primitive is created once per
 //! shape and kept (a small cache), and the weights are read in their plain row-major layout as
-//! stored: oneDNN's blocked weight layout measured 20 % faster for the forward product, but the
-//! backward product needs the transposed blocking, and two laid-out copies of a bf16 weight take
-//! the memory of the f32 copy this path exists to avoid (see docs/PRECISION.md).
+//! stored: oneDNN's blocked weight layout (`format_tag::any` and a reorder at load) measured
+//! within ±10 % of the plain layouts on the training shapes, either way, while it would need a
+//! second copy of every weight (docs/BENCHMARKS.md, 2026-12-01).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -488,13 +488,9 @@ impl OneDnn {
 
 /// `values` rounded to bf16 (to nearest, ties to even), as bit patterns.
 pub fn to_bf16_bits(values: &[f32]) -> Vec<u16> {
-    use rayon::prelude::*;
-    // An indexed collect writes each element in place (no zeroed buffer first).
-    values
-        .par_iter()
-        .with_min_len(1 << 14)
-        .map(|&v| half::bf16::from_f32(v).to_bits())
-        .collect()
+    let mut bits = vec![0u16; values.len()];
+    crate::kernels::round_to_bf16_bits(values, &mut bits);
+    bits
 }
 
 #[cfg(test)]

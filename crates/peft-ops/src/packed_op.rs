@@ -157,20 +157,17 @@ pub(crate) fn widen_bits(bits: &[u16]) -> Vec<f32> {
 /// Adds `bias` to every row of `out` and rounds each value to bf16 when asked, in one parallel
 /// pass.
 pub(crate) fn finish_bf16(out: &mut [f32], bias: Option<&[f32]>, round: bool) {
-    use rayon::prelude::*;
-    let round_value = |v: f32| half::bf16::from_f32(v).to_f32();
     match bias {
-        Some(bias) if !bias.is_empty() => out.par_chunks_mut(bias.len()).for_each(|row| {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
-                if round {
-                    *v = round_value(*v);
+        Some(bias) if round => crate::kernels::add_bias_round_bf16(out, bias),
+        Some(bias) if !bias.is_empty() => {
+            use rayon::prelude::*;
+            out.par_chunks_mut(bias.len()).for_each(|row| {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
                 }
-            }
-        }),
-        _ if round => out
-            .par_chunks_mut(1 << 14)
-            .for_each(|part| part.iter_mut().for_each(|v| *v = round_value(*v))),
+            })
+        }
+        _ if round => crate::kernels::round_bf16_in_place(out),
         _ => {}
     }
 }
