@@ -467,38 +467,18 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
         cols: std::ops::Range<usize>,
         out: &mut [f32],
     ) -> bool {
-        let [d_out, d_in] = peft_ops::packed::PackedWeight::shape(self);
-        let width = cols.len();
-        if rows.end > d_out || cols.end > d_in || out.len() != rows.len() * width || width == 0 {
-            return false;
-        }
         let values = self.quant_type.codebook().values;
-        for (row, out) in rows.zip(out.chunks_mut(width)) {
-            // Element `i` of the flat weight: code nibble `i` (high nibble first), scale of
-            // block `i / blocksize` — the same f32 product as `dequantize_into`.
-            let (start, end) = (row * d_in + cols.start, row * d_in + cols.end);
-            let mut i = start;
-            while i < end {
-                let b = i / self.blocksize;
-                let stop = ((b + 1) * self.blocksize).min(end);
-                let scale = self.absmax.at(b);
-                for (k, o) in (i..stop).zip(&mut out[i - start..stop - start]) {
-                    let byte = self.packed[k / 2];
-                    let code = if k.is_multiple_of(2) {
-                        byte >> 4
-                    } else {
-                        byte & 0x0f
-                    };
-                    *o = values[usize::from(code)] * scale;
-                }
-                i = stop;
+        self.block_runs(rows, cols, out, |b, elements, out| {
+            // The same f32 product as `dequantize_into`.
+            let scale = self.absmax.at(b);
+            for (o, i) in out.iter_mut().zip(elements) {
+                *o = values[self.code(i)] * scale;
             }
-        }
-        true
+        })
     }
 
     /// One table per 4-bit block: its 16 code values times the block's scale, each product
-    /// rounded to bf16 once — exactly [`dequantize_block`](Self::dequantize_block) then the
+    /// rounded to bf16 once — exactly `dequantize_block` then the
     /// rounding — and then one lookup per code, two per byte.
     fn dequantize_block_bf16(
         &self,
@@ -506,52 +486,36 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
         cols: std::ops::Range<usize>,
         out: &mut [u16],
     ) -> bool {
-        let [d_out, d_in] = peft_ops::packed::PackedWeight::shape(self);
-        let width = cols.len();
-        if rows.end > d_out || cols.end > d_in || out.len() != rows.len() * width || width == 0 {
-            return false;
-        }
         let values = self.quant_type.codebook().values;
         let mut table = [0u16; 16];
         let mut table_block = usize::MAX;
-        for (row, out) in rows.zip(out.chunks_mut(width)) {
-            let (start, end) = (row * d_in + cols.start, row * d_in + cols.end);
-            let mut i = start;
-            while i < end {
-                let b = i / self.blocksize;
-                let stop = ((b + 1) * self.blocksize).min(end);
-                if b != table_block {
-                    let scale = self.absmax.at(b);
-                    for (t, v) in table.iter_mut().zip(values) {
-                        *t = half::bf16::from_f32(v * scale).to_bits();
-                    }
-                    table_block = b;
+        self.block_runs(rows, cols, out, |b, elements, out| {
+            if b != table_block {
+                let scale = self.absmax.at(b);
+                for (t, v) in table.iter_mut().zip(values) {
+                    *t = half::bf16::from_f32(v * scale).to_bits();
                 }
-                let mut k = i;
-                let out = &mut out[i - start..stop - start];
-                let mut o = 0;
-                // An odd first element is a byte's low nibble.
-                if !k.is_multiple_of(2) {
-                    out[0] = table[usize::from(self.packed[k / 2] & 0x0f)];
-                    k += 1;
-                    o = 1;
-                }
-                let pairs = (stop - k) / 2;
-                for (pair, &byte) in out[o..o + 2 * pairs]
-                    .chunks_exact_mut(2)
-                    .zip(&self.packed[k / 2..k / 2 + pairs])
-                {
-                    pair[0] = table[usize::from(byte >> 4)];
-                    pair[1] = table[usize::from(byte & 0x0f)];
-                }
-                k += 2 * pairs;
-                if k < stop {
-                    out[o + 2 * pairs] = table[usize::from(self.packed[k / 2] >> 4)];
-                }
-                i = stop;
+                table_block = b;
             }
-        }
-        true
+            // Two codes per byte; an odd first or last element is half a byte.
+            let (mut k, stop) = (elements.start, elements.end);
+            let mut o = 0;
+            if !k.is_multiple_of(2) {
+                out[0] = table[self.code(k)];
+                (k, o) = (k + 1, 1);
+            }
+            let pairs = (stop - k) / 2;
+            for (pair, &byte) in out[o..o + 2 * pairs]
+                .chunks_exact_mut(2)
+                .zip(&self.packed[k / 2..k / 2 + pairs])
+            {
+                pair[0] = table[usize::from(byte >> 4)];
+                pair[1] = table[usize::from(byte & 0x0f)];
+            }
+            if k + 2 * pairs < stop {
+                out[o + 2 * pairs] = table[self.code(k + 2 * pairs)];
+            }
+        })
     }
 
     fn to_tensors(&self, name: &str) -> Vec<(String, peft_tensors::HostTensor)> {
@@ -570,6 +534,47 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
 }
 
 impl Quantized4bit {
+    /// Walks the block `rows × cols` of the `[out, in]` weight in runs that each lie in one 4-bit
+    /// block: `run(b, elements, out)` gets the block's index, the run's range of flat element
+    /// indices (element `i` is nibble `i` of `packed`, high nibble first) and the run's part of
+    /// `out` (row-major, `rows.len() · cols.len()` values). `false`, before any call, if the
+    /// block is out of range or `out` does not fit it.
+    fn block_runs<T>(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [T],
+        mut run: impl FnMut(usize, std::ops::Range<usize>, &mut [T]),
+    ) -> bool {
+        let [d_out, d_in] = peft_ops::packed::PackedWeight::shape(self);
+        let width = cols.len();
+        if rows.end > d_out || cols.end > d_in || out.len() != rows.len() * width || width == 0 {
+            return false;
+        }
+        for (row, out) in rows.zip(out.chunks_mut(width)) {
+            let (start, end) = (row * d_in + cols.start, row * d_in + cols.end);
+            let mut i = start;
+            while i < end {
+                let b = i / self.blocksize;
+                let stop = ((b + 1) * self.blocksize).min(end);
+                run(b, i..stop, &mut out[i - start..stop - start]);
+                i = stop;
+            }
+        }
+        true
+    }
+
+    /// The 4-bit code of flat element `i`.
+    #[inline]
+    fn code(&self, i: usize) -> usize {
+        let byte = self.packed[i / 2];
+        usize::from(if i.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0f
+        })
+    }
+
     /// The weight as 4-bit codes and per-block scales (what [`crate::device::DeviceCodes`]
     /// uploads).
     pub fn code_blocks(&self) -> crate::device::CodeBlocks {
