@@ -6,9 +6,10 @@
 //!   backend's feature, run every parity test on the GPU, run the benchmark cases there, time the
 //!   CLI, and train data-parallel with `--devices` (two ranks on one GPU, or on GPUs 0 and 1).
 //!   One short script, meant to finish well under 10 minutes.
-//! * `bench [--quick] [--vs-pytorch] [--python PATH] [--device cpu|wgpu|cuda] [--cases a,b]` —
-//!   every case of `peft-bench` in its own release-built process, optionally alternating with
-//!   the PyTorch + PEFT script (`bench/bench_pytorch.py`) on the same work; a markdown table on
+//! * `bench [--quick] [--vs-pytorch] [--python PATH] [--device cpu|wgpu|cuda] [--cases a,b]
+//!   [--rounds N]` — every case of `peft-bench` in its own release-built process, optionally
+//!   alternating N times (default 2) with the PyTorch + PEFT script (`bench/bench_pytorch.py`)
+//!   on the same work, the steps of all rounds pooled; a markdown table on
 //!   stdout and `target/bench/report.{json,md}`.
 //! * `bench --scale [--vs-pytorch] [--models a,b] [--cases a,b] [--steps N]` — the real-size
 //!   bench (1.3–1.5 B-parameter checkpoints generated once into `target/scale/`): load, train,
@@ -37,7 +38,7 @@ fn main() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <fixtures [--python PATH] | gpu-check [--device wgpu|cuda] | \
-                 bench [--quick] [--vs-pytorch] [--python PATH] [--device D] [--cases a,b] | \
+                 bench [--quick] [--vs-pytorch] [--python PATH] [--device D] [--cases a,b] [--rounds N] | \
                  pretrain-tiny [--steps N] [--output DIR]>"
             );
             bail!("unknown or missing task")
@@ -362,7 +363,11 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     let ours_bin = target_dir(root).join(profile).join("peft-bench");
     let python = pytorch_if_asked(root, args);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let rounds = if quick { 1 } else { 2 };
+    // `--rounds N`: more alternations for a steadier ratio on a noisy machine.
+    let rounds = flag(args, "--rounds")
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(if quick { 1 } else { 2 });
     let mut rows = Vec::new();
     for case in &cases {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
