@@ -349,33 +349,9 @@ impl Quantized4bit {
         out.par_chunks_mut(blocksize)
             .enumerate()
             .for_each(|(b, block)| {
-                let scale = absmax[b];
+                let table = values.map(|v| v * absmax[b]);
                 let start = b * blocksize;
-                if start.is_multiple_of(2) {
-                    // Whole bytes: two codes each, high nibble first (no per-element branch,
-                    // so the loop vectorises).
-                    let bytes = &self.packed[start / 2..];
-                    let whole = block.len() / 2;
-                    let mut pairs = block.chunks_exact_mut(2);
-                    for (pair, &byte) in (&mut pairs).zip(bytes) {
-                        pair[0] = values[usize::from(byte >> 4)] * scale;
-                        pair[1] = values[usize::from(byte & 0x0f)] * scale;
-                    }
-                    if let [last] = pairs.into_remainder() {
-                        *last = values[usize::from(bytes[whole] >> 4)] * scale;
-                    }
-                    return;
-                }
-                for (j, o) in block.iter_mut().enumerate() {
-                    let i = start + j;
-                    let byte = self.packed[i / 2];
-                    let code = if i.is_multiple_of(2) {
-                        byte >> 4
-                    } else {
-                        byte & 0x0f
-                    };
-                    *o = values[code as usize] * scale;
-                }
+                self.decode_run(start..start + block.len(), block, &table);
             });
     }
 
@@ -469,17 +445,15 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
     ) -> bool {
         let values = self.quant_type.codebook().values;
         self.block_runs(rows, cols, out, |b, elements, out| {
-            // The same f32 product as `dequantize_into`.
+            // The same f32 products as `dequantize_into`.
             let scale = self.absmax.at(b);
-            for (o, i) in out.iter_mut().zip(elements) {
-                *o = values[self.code(i)] * scale;
-            }
+            self.decode_run(elements, out, &values.map(|v| v * scale));
         })
     }
 
     /// One table per 4-bit block: its 16 code values times the block's scale, each product
-    /// rounded to bf16 once — exactly `dequantize_block` then the
-    /// rounding — and then one lookup per code, two per byte.
+    /// rounded to bf16 once — exactly `dequantize_block` then the rounding — and then one
+    /// lookup per code.
     fn dequantize_block_bf16(
         &self,
         rows: std::ops::Range<usize>,
@@ -497,24 +471,7 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
                 }
                 table_block = b;
             }
-            // Two codes per byte; an odd first or last element is half a byte.
-            let (mut k, stop) = (elements.start, elements.end);
-            let mut o = 0;
-            if !k.is_multiple_of(2) {
-                out[0] = table[self.code(k)];
-                (k, o) = (k + 1, 1);
-            }
-            let pairs = (stop - k) / 2;
-            for (pair, &byte) in out[o..o + 2 * pairs]
-                .chunks_exact_mut(2)
-                .zip(&self.packed[k / 2..k / 2 + pairs])
-            {
-                pair[0] = table[usize::from(byte >> 4)];
-                pair[1] = table[usize::from(byte & 0x0f)];
-            }
-            if k + 2 * pairs < stop {
-                out[o + 2 * pairs] = table[self.code(k + 2 * pairs)];
-            }
+            self.decode_run(elements, out, &table);
         })
     }
 
@@ -564,7 +521,7 @@ impl Quantized4bit {
         true
     }
 
-    /// The 4-bit code of flat element `i`.
+    /// The 4-bit code of flat element `i` (nibble `i` of `packed`, high nibble first).
     #[inline]
     fn code(&self, i: usize) -> usize {
         let byte = self.packed[i / 2];
@@ -573,6 +530,34 @@ impl Quantized4bit {
         } else {
             byte & 0x0f
         })
+    }
+
+    /// `out[j] = table[code of element elements.start + j]`: whole bytes two codes at a time
+    /// (no per-element branch), an odd first or last element as half a byte. The one decoder of
+    /// the packed codes; `table` holds a block's 16 de-quantised values (f32, or bf16 bits).
+    fn decode_run<T: Copy>(
+        &self,
+        elements: std::ops::Range<usize>,
+        out: &mut [T],
+        table: &[T; 16],
+    ) {
+        let (mut k, stop) = (elements.start, elements.end);
+        let mut o = 0;
+        if k < stop && !k.is_multiple_of(2) {
+            out[0] = table[self.code(k)];
+            (k, o) = (k + 1, 1);
+        }
+        let pairs = stop.saturating_sub(k) / 2;
+        for (pair, &byte) in out[o..o + 2 * pairs]
+            .chunks_exact_mut(2)
+            .zip(&self.packed[k / 2..k / 2 + pairs])
+        {
+            pair[0] = table[usize::from(byte >> 4)];
+            pair[1] = table[usize::from(byte & 0x0f)];
+        }
+        if k + 2 * pairs < stop {
+            out[o + 2 * pairs] = table[self.code(k + 2 * pairs)];
+        }
     }
 
     /// The weight as 4-bit codes and per-block scales (what [`crate::device::DeviceCodes`]
