@@ -127,35 +127,26 @@ fn blocks<B: BlasMatmulBackend>(
 }
 
 /// [`blocks`] with the projection in bf16, on the host: each block's hidden rows rounded to
-/// bf16, `z = round(h · Wᵀ)` and `∂h = round(round(∂z) · W)` on the CPU's bf16 units through
-/// oneDNN, or as f32 GEMMs of the rounded operands without it (same numerics, f32 speed).
+/// bf16, `z = round(h · Wᵀ)` and `∂h = round(round(∂z) · W)` through the packed operation's bf16
+/// product (oneDNN on the CPU's bf16 units, or f32 GEMMs of the rounded operands without it:
+/// same numerics, f32 speed).
 fn bf16_blocks<B: Backend>(
     hidden: FloatTensor<B>,
     weight: &Bf16Projection,
     targets: &CrossEntropyTargets,
     with_grad: bool,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
-    use crate::onednn::{WeightLayout, to_bf16_bits};
+    use crate::onednn::to_bf16_bits;
+    use crate::packed_op::{Bf16Layer, Direction, PackedHandle, bf16_times};
     use rayon::prelude::*;
     let device = hidden.device();
     let [rows, h] = hidden.shape().dims();
     let [vocab, _] = weight.0.shape();
-    let bits = crate::packed_op::bf16_bits_of(weight.0.as_ref());
-    let dnn = crate::onednn::onednn();
-    let widened = std::sync::OnceLock::new();
-    // `a: [m, k]` (bf16 bits) times the weight, `[vocab, h]` read as `Wᵀ` (NK: k = h) or as
-    // `W` (KN: k = vocab).
-    let product = |a: &[u16], (m, k, n): (usize, usize, usize), layout: WeightLayout| {
-        if let Some(out) = dnn.and_then(|dnn| dnn.matmul_bf16_vec(a, &bits, layout, (m, k, n)).ok())
-        {
-            return out;
-        }
-        let mut out = vec![0.0f32; m * n];
-        let w: &Vec<f32> = widened.get_or_init(|| crate::packed_op::widen_bits(&bits));
-        let a = crate::packed_op::widen_bits(a);
-        let transposed = matches!(layout, WeightLayout::NK);
-        crate::blas::sgemm_host((m, n, k), &a, k, w, h, transposed, 0.0, &mut out, n);
-        out
+    // The projection is a bf16 linear layer's weight `[out = vocab, in = h]`: its products are
+    // the packed operation's.
+    let handle = PackedHandle {
+        weight: weight.0.clone(),
+        bf16: Some(Bf16Layer::default()),
     };
     let block = (targets.block_logits / vocab.max(1)).clamp(1, rows.max(1));
     let mut losses = vec![0.0f32; rows];
@@ -165,7 +156,7 @@ fn bf16_blocks<B: Backend>(
             let end = (start + block).min(rows);
             let m = end - start;
             let a = to_bf16_bits(&hidden[start * h..end * h]);
-            let mut z = product(&a, (m, h, vocab), WeightLayout::NK);
+            let mut z = bf16_times(&a, m, &handle, Direction::Forward);
             crate::packed_op::finish_bf16(&mut z, None, true);
             z.par_chunks_mut(vocab)
                 .zip(losses[start..end].par_iter_mut())
@@ -175,7 +166,7 @@ fn bf16_blocks<B: Backend>(
                 });
             if let Some(grad) = grad.as_mut() {
                 let dz = to_bf16_bits(&z);
-                let mut dh = product(&dz, (m, vocab, h), WeightLayout::KN);
+                let mut dh = bf16_times(&dz, m, &handle, Direction::Backward);
                 crate::packed_op::finish_bf16(&mut dh, None, true);
                 grad.extend_from_slice(&dh);
             }

@@ -24,9 +24,7 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     /// already in bf16 returns its values as they are.
     fn dequantize_bf16_rounded(&self) -> Vec<f32> {
         let mut values = self.dequantize();
-        for v in &mut values {
-            *v = half::bf16::from_f32(*v).to_f32();
-        }
+        crate::kernels::round_bf16_in_place(&mut values);
         values
     }
 

@@ -93,7 +93,7 @@ fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> Fl
     let [d_out, _] = handle.weight.shape();
     let out = crate::blas::with_host_f32::<B, _>(&x, |values| match &handle.bf16 {
         None => forward_f32(values, rows, handle),
-        Some(layer) => forward_bf16(values, rows, handle, layer),
+        Some(layer) => Some(forward_bf16(values, rows, handle, layer)),
     });
     if let Some(Some(out)) = out {
         return B::float_from_data(TensorData::new(out, [rows, d_out]), &device);
@@ -129,22 +129,16 @@ fn forward_f32(x: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>
 /// bf16 compute: the input rounded to bf16 once, the product (straight from a bf16-held weight
 /// for the fewest rows, else on the CPU's bf16 units through oneDNN, else f32 GEMMs of the
 /// rounded operands), then bias and rounding in one pass over the output.
-fn forward_bf16(
-    x: &[f32],
-    rows: usize,
-    handle: &PackedHandle,
-    layer: &Bf16Layer,
-) -> Option<Vec<f32>> {
+fn forward_bf16(x: &[f32], rows: usize, handle: &PackedHandle, layer: &Bf16Layer) -> Vec<f32> {
     let bits = crate::onednn::to_bf16_bits(x);
     let direct = rows <= crate::precision::DIRECT_PRODUCT_MAX_ROWS && !rounds_to_bf16(handle);
     let mut out = match direct {
         true => handle.weight.matmul_few_rows(&widen_bits(&bits), rows),
         false => None,
     }
-    .or_else(|| bf16_product(&bits, rows, handle, Direction::Forward))
-    .or_else(|| blocked_forward(&widen_bits(&bits), rows, handle))?;
+    .unwrap_or_else(|| bf16_times(&bits, rows, handle, Direction::Forward));
     finish_bf16(&mut out, layer.bias.as_deref(), layer.round_output);
-    Some(out)
+    out
 }
 
 /// bf16 bit patterns widened to f32 (exact).
@@ -183,8 +177,7 @@ fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -
         None => blocked_backward(values, rows, handle),
         Some(_) => {
             let bits = crate::onednn::to_bf16_bits(values);
-            let mut out = bf16_product(&bits, rows, handle, Direction::Backward)
-                .or_else(|| blocked_backward(&widen_bits(&bits), rows, handle))?;
+            let mut out = bf16_times(&bits, rows, handle, Direction::Backward);
             finish_bf16(&mut out, None, true);
             Some(out)
         }
@@ -203,9 +196,41 @@ fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -
 
 /// Which product of a linear layer: `x · Wᵀ` or `∂y · W`.
 #[derive(Debug, Clone, Copy)]
-enum Direction {
+pub(crate) enum Direction {
     Forward,
     Backward,
+}
+
+/// Under bf16 compute, the product of `a` (bf16 bit patterns, `[rows, in]` forward or
+/// `[rows, out]` backward) with the weight's values rounded to bf16: on the CPU's bf16 units
+/// through oneDNN, else as f32 GEMMs of the rounded operands (block by block where the format
+/// allows, else through the whole rounded weight). The one bf16 product of the linear layers
+/// and of the chunked loss's bf16 projection.
+pub(crate) fn bf16_times(
+    a: &[u16],
+    rows: usize,
+    handle: &PackedHandle,
+    direction: Direction,
+) -> Vec<f32> {
+    if let Some(out) = bf16_product(a, rows, handle, direction) {
+        return out;
+    }
+    let a = widen_bits(a);
+    let blocked = match direction {
+        Direction::Forward => blocked_forward(&a, rows, handle),
+        Direction::Backward => blocked_backward(&a, rows, handle),
+    };
+    blocked.unwrap_or_else(|| {
+        let [d_out, d_in] = handle.weight.shape();
+        let w = handle.weight.dequantize_bf16_rounded();
+        let (n, k, transposed) = match direction {
+            Direction::Forward => (d_out, d_in, true),
+            Direction::Backward => (d_in, d_out, false),
+        };
+        let mut out = vec![0.0f32; rows * n];
+        crate::blas::sgemm_host((rows, n, k), &a, k, &w, d_in, transposed, 0.0, &mut out, n);
+        out
+    })
 }
 
 /// Under bf16 compute, the product on the CPU's bf16 units through oneDNN: `a · Wᵀ` for
@@ -315,9 +340,7 @@ fn weight_block(
         return false;
     }
     if rounds_to_bf16(handle) {
-        for v in block.iter_mut() {
-            *v = half::bf16::from_f32(*v).to_f32();
-        }
+        crate::kernels::round_bf16_in_place(block);
     }
     true
 }
