@@ -121,9 +121,14 @@ fn rounded_values(bias: Tensor<1>) -> Arc<[f32]> {
         .collect()
 }
 
-/// `x · weight + bias` with every operand cast to `dtype` (the backend's own kernels), returned in
-/// f32: bf16 compute off the CPU backend.
-fn linear_in(dtype: DType, x: Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<3> {
+/// `x · weight + bias` (`weight: [in, out]`) with every operand cast to `dtype` (the backend's own
+/// kernels), returned in f32: bf16 compute off the CPU backend.
+pub fn linear_in(
+    dtype: DType,
+    x: Tensor<3>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<3> {
     let bias = bias.map(|b| b.cast(dtype));
     linear(x.cast(dtype), weight.cast(dtype), bias).cast(DType::F32)
 }

@@ -182,7 +182,7 @@ pub struct Bloom<A: LayerAdapter> {
     pub transformer: BloomTransformer<A>,
     /// An untied `lm_head` (only when `tie_word_embeddings` is false).
     pub lm_head: Option<AdaptableLinear<A>>,
-    /// How a tied projection computes (f32, or bf16 from the table\'s bf16 copy).
+    /// How a tied projection computes (f32, or bf16 from the table's bf16 copy).
     #[module(skip)]
     pub tied_head: TiedHead,
     /// Sizes and special tokens.

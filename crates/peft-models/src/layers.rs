@@ -127,22 +127,15 @@ impl<'a> WeightLoader<'a> {
         if !self.head_in_bf16() {
             return Ok((None, TiedHead::default()));
         }
-        let key = format!("{table}.weight");
+        // The table is read again for the input embeddings: its bytes are kept.
         let weight: Option<Arc<dyn PackedWeight>> = match runs_cpu_kernels(self.device) {
             false => None,
-            // A bf16 table is read in place from the checkpoint's mapping; any other is rounded
-            // once here.
-            true => Some(match (self.stored_half(&key)?, self.store.mapped(&key)?) {
-                (Some(HalfDtype::Bf16), Some(mapped)) => Arc::new(HalfWeight::from_mapped(
-                    HalfDtype::Bf16,
-                    [vocab, h],
-                    mapped,
-                )?),
-                _ => {
-                    let values = self.store.f32_shaped(&key, &[vocab, h])?;
-                    Arc::new(HalfWeight::bf16_from_f32([vocab, h], &values)?)
-                }
-            }),
+            true => Some(Arc::new(self.held_bf16(
+                &format!("{table}.weight"),
+                h,
+                vocab,
+                true,
+            )?)),
         };
         Ok((None, TiedHead { bf16: true, weight }))
     }
@@ -218,16 +211,7 @@ impl<'a> WeightLoader<'a> {
                         self.compute.dtype(),
                     )));
                 }
-                // A bf16 checkpoint's bytes are already bf16 compute's weights.
-                match self.stored_half(&key)? {
-                    Some(HalfDtype::Bf16) => {
-                        Arc::new(self.half_as_stored(&key, d_in, d_out, HalfDtype::Bf16)?)
-                    }
-                    _ => {
-                        let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
-                        Arc::new(HalfWeight::bf16_from_f32([d_out, d_in], &values)?)
-                    }
-                }
+                Arc::new(self.held_bf16(&key, d_in, d_out, false)?)
             }
             // f32 compute over a bf16/f16 checkpoint: the weight stays in its stored 2 bytes
             // (widened exactly inside each product) unless asked otherwise; else dense f32.
@@ -259,6 +243,19 @@ impl<'a> WeightLoader<'a> {
             compute: self.compute,
             on_device,
         })))
+    }
+
+    /// `{key}` (`[d_out, d_in]`) held in bf16 for bf16 compute: a bf16 checkpoint's values as
+    /// stored (they already are bf16 compute's weights; in place from the file's mapping), any
+    /// other dtype rounded once. `keep`: the tensor is read again (a tied table), so bytes
+    /// copied out of a store without a mapping are not released.
+    fn held_bf16(&self, key: &str, d_in: usize, d_out: usize, keep: bool) -> Result<HalfWeight> {
+        let stored_bf16 = self.stored_half(key)? == Some(HalfDtype::Bf16);
+        if stored_bf16 && (!keep || self.store.mapped(key)?.is_some()) {
+            return self.half_as_stored(key, d_in, d_out, HalfDtype::Bf16);
+        }
+        let values = self.store.f32_shaped(key, &[d_out, d_in])?;
+        HalfWeight::bf16_from_f32([d_out, d_in], &values)
     }
 
     /// The 16-bit format `{key}` is stored in, if it is one.
@@ -790,14 +787,13 @@ pub fn untied_head<A: LayerAdapter>(
             on_device: None,
         }));
     }
-    let weight = table.transpose();
-    let weight = match tied.bf16 {
-        true => weight.cast(burn::tensor::DType::BF16),
-        false => weight,
-    };
-    AdaptableLinear::plain(Linear {
-        weight: Param::from_tensor(weight).set_require_grad(false),
+    let head = Linear {
+        weight: Param::from_tensor(table.transpose()).set_require_grad(false),
         bias: None,
+    };
+    AdaptableLinear::plain(match tied.bf16 {
+        true => with_weight_dtype(head, burn::tensor::DType::BF16),
+        false => head,
     })
 }
 
@@ -824,10 +820,7 @@ pub fn tied_logits_bf16(
                 round_output: true,
             }),
         ),
-        _ => {
-            let table = table.cast(DType::BF16).transpose().unsqueeze::<3>();
-            hidden.cast(DType::BF16).matmul(table).cast(DType::F32)
-        }
+        _ => peft_core::adapter::linear_in(DType::BF16, hidden, table.transpose(), None),
     }
 }
 

@@ -217,7 +217,7 @@ pub struct Phi3<A: LayerAdapter> {
     pub model: Phi3Model<A>,
     /// Output projection; `None` when tied to `embed_tokens`.
     pub lm_head: Option<AdaptableLinear<A>>,
-    /// How a tied projection computes (f32, or bf16 from the table\'s bf16 copy).
+    /// How a tied projection computes (f32, or bf16 from the table's bf16 copy).
     #[module(skip)]
     pub tied_head: TiedHead,
     /// Sizes and special tokens.
