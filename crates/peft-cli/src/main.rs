@@ -175,7 +175,11 @@ impl LoadArgs {
             None => ComputeDtype::F32,
             Some(name) => name.parse()?,
         };
-        if self.bf16_lm_head && self.compute_dtype.as_deref() == Some("float32") {
+        // An explicit f32 (any of its spellings) contradicts the flag; `auto` resolving to f32
+        // leaves it without effect, as documented.
+        let explicit_f32 = !matches!(self.compute_dtype.as_deref(), None | Some("auto"))
+            && compute_dtype == ComputeDtype::F32;
+        if self.bf16_lm_head && explicit_f32 {
             anyhow::bail!(
                 "--bf16-lm-head computes lm_head in bf16: it needs bf16 compute, not --compute-dtype float32"
             );

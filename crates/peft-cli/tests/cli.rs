@@ -1098,15 +1098,17 @@ fn bf16_lm_head_flag() {
     let diff = logits_diff(&path, &reference);
     // One bf16 step of a logit in [1, 2) (docs/PRECISION.md); the f32 head is 2.8e-2 away.
     assert!(diff <= 1e-2, "bf16 lm_head logits: {diff}");
-    assert_clean_failure(
-        &logits_to(
-            &model("bloom-tiny"),
-            &["--compute-dtype", "float32", "--bf16-lm-head"],
-            &reference,
-            &path,
-        ),
-        "--bf16-lm-head computes lm_head in bf16: it needs bf16 compute, not --compute-dtype float32",
-    );
+    for f32_name in ["float32", "fp32"] {
+        assert_clean_failure(
+            &logits_to(
+                &model("bloom-tiny"),
+                &["--compute-dtype", f32_name, "--bf16-lm-head"],
+                &reference,
+                &path,
+            ),
+            "--bf16-lm-head computes lm_head in bf16: it needs bf16 compute, not --compute-dtype float32",
+        );
+    }
 }
 
 /// Whether this CPU multiplies bf16 in hardware (where CI requires oneDNN to load).
