@@ -272,6 +272,106 @@ pub fn sgemm_host(
     }
 }
 
+/// The largest `m · n · k` that OpenBLAS computes on the calling thread: its `interface/gemm.c`
+/// runs products up to `65536 · GEMM_MULTITHREAD_THRESHOLD` (4 by default) single-threaded.
+const SINGLE_THREAD_MNK: usize = 1 << 18;
+
+/// How BLAS reads a strided `[rows, cols]` operand: `(transposed, leading dimension)`, or `None`
+/// when neither stride is 1.
+fn strided_operand(rows: usize, cols: usize, rs: isize, cs: isize) -> Option<(i32, i32)> {
+    let fits = |ld: usize| i32::try_from(ld).ok();
+    if cs == 1 && (rows <= 1 || rs >= cols.max(1) as isize) {
+        let ld = if rows <= 1 { cols.max(1) } else { rs as usize };
+        Some((NO_TRANS, fits(ld)?))
+    } else if rs == 1 && (cols <= 1 || cs >= rows.max(1) as isize) {
+        let ld = if cols <= 1 { rows.max(1) } else { cs as usize };
+        Some((TRANS, fits(ld)?))
+    } else {
+        None
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` for strided matrices (`(pointer, row stride, column
+/// stride)`) through BLAS on the calling thread, as products small enough that OpenBLAS does
+/// not hand them to its own threads: for the attention kernels' many small products, which
+/// run in parallel tasks of their own (OpenBLAS computes them about three times as fast as the
+/// `gemm` crate, whose packing dominates at these sizes). `false`, with nothing written, when
+/// there is no BLAS or an operand has neither stride 1.
+///
+/// # Safety
+/// Each pointer with its strides must address a matrix of the given size inside one live
+/// allocation, and `dst` must not overlap `lhs` or `rhs` or be accessed by another thread.
+pub(crate) unsafe fn sgemm_on_this_thread(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    accumulate: bool,
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+) -> bool {
+    let Some(blas) = blas() else {
+        return false;
+    };
+    if m == 0 || n == 0 || k == 0 || k > SINGLE_THREAD_MNK {
+        return false;
+    }
+    let (dst_ptr, dst_rs, dst_cs) = dst;
+    if dst_cs != 1 && dst_rs == 1 {
+        // A column-major destination: `dstᵀ = rhsᵀ · lhsᵀ`, row-major.
+        // SAFETY: the same elements, described transposed.
+        return unsafe {
+            sgemm_on_this_thread(
+                (n, m, k),
+                (dst_ptr, dst_cs, dst_rs),
+                accumulate,
+                (rhs.0, rhs.2, rhs.1),
+                (lhs.0, lhs.2, lhs.1),
+            )
+        };
+    }
+    let (Some(ldc), true) = (
+        i32::try_from(dst_rs).ok(),
+        dst_cs == 1 && (m <= 1 || dst_rs >= n as isize),
+    ) else {
+        return false;
+    };
+    let (Some((trans_a, lda)), Some((trans_b, ldb))) = (
+        strided_operand(m, k, lhs.1, lhs.2),
+        strided_operand(k, n, rhs.1, rhs.2),
+    ) else {
+        return false;
+    };
+    let ldc = if m <= 1 { ldc.max(n as i32) } else { ldc };
+    let m_chunk = m.min((SINGLE_THREAD_MNK / k).max(1));
+    let n_chunk = n.min((SINGLE_THREAD_MNK / (m_chunk * k)).max(1));
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    for i0 in (0..m).step_by(m_chunk) {
+        for j0 in (0..n).step_by(n_chunk) {
+            let (rows, cols) = (m_chunk.min(m - i0), n_chunk.min(n - j0));
+            // SAFETY: each sub-matrix lies inside the caller's matrices; the sizes fit i32
+            // (each factor is at most SINGLE_THREAD_MNK).
+            unsafe {
+                (blas.sgemm)(
+                    ROW_MAJOR,
+                    trans_a,
+                    trans_b,
+                    rows as i32,
+                    cols as i32,
+                    k as i32,
+                    1.0,
+                    lhs.0.wrapping_offset(i0 as isize * lhs.1),
+                    lda,
+                    rhs.0.wrapping_offset(j0 as isize * rhs.2),
+                    ldb,
+                    beta,
+                    dst_ptr.wrapping_offset(i0 as isize * dst_rs + j0 as isize),
+                    ldc,
+                );
+            }
+        }
+    }
+    true
+}
+
 /// The f32 values of a tensor read back to the host, row-major (`None` if they cannot be read
 /// as f32).
 pub(crate) fn host_values<B: Backend>(x: &FloatTensor<B>) -> Option<Vec<f32>> {
@@ -773,6 +873,104 @@ mod tests {
         assert!(max(ga - ta) < 1e-4);
         assert!(max(gw - tw) < 1e-4);
         eprintln!("BLAS: {:?}", blas());
+    }
+
+    /// The attention kernels' per-thread products: every combination of row-major and
+    /// transposed operands and destination, with and without accumulation, products split
+    /// into single-threaded pieces (k · m above the limit), against an f64 reference; layouts
+    /// BLAS cannot read are refused with nothing written.
+    #[test]
+    fn products_on_this_thread_match_the_reference_in_every_layout() {
+        fn value(i: usize) -> f32 {
+            ((i * 37 + 11) % 23) as f32 / 8.0 - 1.4
+        }
+        for (m, n, k) in [(3, 5, 4), (32, 96, 64), (1, 7, 3), (600, 9, 500)] {
+            let lhs: Vec<f32> = (0..m * k).map(value).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
+            let start: Vec<f32> = (0..m * n).map(|i| value(i + 9)).collect();
+            for (lhs_t, rhs_t, dst_t, accumulate) in
+                (0..16).map(|c| (c & 1 != 0, c & 2 != 0, c & 4 != 0, c & 8 != 0))
+            {
+                // Stored row-major as given, or as the transpose (column-major strides), each
+                // with a padded leading dimension.
+                let store = |values: &[f32], rows: usize, cols: usize, t: bool| {
+                    let (outer, inner) = if t { (cols, rows) } else { (rows, cols) };
+                    let ld = inner + 3;
+                    let mut buffer = vec![f32::NAN; outer * ld];
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let at = if t { c * ld + r } else { r * ld + c };
+                            buffer[at] = values[r * cols + c];
+                        }
+                    }
+                    let (rs, cs) = if t {
+                        (1, ld as isize)
+                    } else {
+                        (ld as isize, 1)
+                    };
+                    (buffer, rs, cs)
+                };
+                let (a, a_rs, a_cs) = store(&lhs, m, k, lhs_t);
+                let (b, b_rs, b_cs) = store(&rhs, k, n, rhs_t);
+                let (mut c, c_rs, c_cs) = store(&start, m, n, dst_t);
+                // SAFETY: each buffer holds its matrix with these strides.
+                let done = unsafe {
+                    sgemm_on_this_thread(
+                        (m, n, k),
+                        (c.as_mut_ptr(), c_rs, c_cs),
+                        accumulate,
+                        (a.as_ptr(), a_rs, a_cs),
+                        (b.as_ptr(), b_rs, b_cs),
+                    )
+                };
+                if blas().is_none() {
+                    assert!(!done, "no BLAS, yet the product was taken");
+                    continue;
+                }
+                assert!(done, "{m}×{k}·{k}×{n} layouts {lhs_t} {rhs_t} {dst_t}");
+                for i in 0..m {
+                    for j in 0..n {
+                        let product: f64 = (0..k)
+                            .map(|p| f64::from(lhs[i * k + p]) * f64::from(rhs[p * n + j]))
+                            .sum();
+                        let expected = product
+                            + if accumulate {
+                                f64::from(start[i * n + j])
+                            } else {
+                                0.0
+                            };
+                        let at = if dst_t {
+                            j * c_cs as usize + i
+                        } else {
+                            i * c_rs as usize + j
+                        };
+                        let got = f64::from(c[at]);
+                        assert!(
+                            (got - expected).abs() <= 1e-5 * (1.0 + expected.abs()) * k as f64,
+                            "{m}×{k}·{k}×{n} [{i}, {j}]: {got} vs {expected}"
+                        );
+                    }
+                }
+                // The padding between rows or columns is never written.
+                let written = c.iter().filter(|v| !v.is_nan()).count();
+                assert_eq!(written, m * n);
+            }
+        }
+        // Neither stride 1: refused, nothing written.
+        let (a, b) = (vec![1.0f32; 64], vec![1.0f32; 64]);
+        let mut c = vec![7.0f32; 64];
+        // SAFETY: 4 × 4 matrices with strides (8, 2) lie inside the 64-element buffers.
+        let done = unsafe {
+            sgemm_on_this_thread(
+                (4, 4, 4),
+                (c.as_mut_ptr(), 4, 1),
+                false,
+                (a.as_ptr(), 8, 2),
+                (b.as_ptr(), 4, 1),
+            )
+        };
+        assert!(!done);
+        assert!(c.iter().all(|&v| v == 7.0));
     }
 
     /// A few rows times a transposed table (a tied `lm_head` while decoding): each row's result

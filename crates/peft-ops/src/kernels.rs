@@ -828,7 +828,8 @@ pub struct ScoreMask<'a> {
     pub allowed: &'a [bool],
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` for strided matrices, on the calling thread.
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` for strided matrices, on the calling thread: through
+/// OpenBLAS where it can ([`crate::blas::sgemm_on_this_thread`]), else with the `gemm` crate.
 ///
 /// # Safety
 /// As [`strided_matmul`]'s.
@@ -840,6 +841,19 @@ unsafe fn small_matmul(
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
 ) {
+    // SAFETY: the caller's contract.
+    let done = unsafe {
+        crate::blas::sgemm_on_this_thread(
+            dims,
+            (dst, dst_strides.0, dst_strides.1),
+            accumulate,
+            lhs,
+            rhs,
+        )
+    };
+    if done {
+        return;
+    }
     // SAFETY: the caller's contract.
     unsafe {
         strided_matmul(
