@@ -26,7 +26,7 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{DType, Shape, Tensor};
 
-use crate::blas::zeros_f32;
+use crate::blas::{written_f32, zeros_f32};
 use crate::device::runs_cpu_kernels;
 use crate::kernels;
 
@@ -133,15 +133,24 @@ fn count_activation() {
 
 fn flex_gelu(x: &FlexTensor) -> FlexTensor {
     count_activation();
-    let mut out = zeros_f32(x.layout().shape().clone());
-    kernels::gelu_tanh(&values(x), out.storage_mut::<f32>());
-    out
+    let x_values = values(x);
+    let shape = x.layout().shape().clone();
+    // SAFETY: `gelu_tanh` writes every element of an output as long as its input, and only
+    // values.
+    unsafe { written_f32(shape, x_values.len(), |y| kernels::gelu_tanh(&x_values, y)) }
 }
 
 fn flex_gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let mut out = zeros_f32(x.layout().shape().clone());
-    kernels::gelu_tanh_backward(&values(x), &values(grad), out.storage_mut::<f32>());
-    out
+    let (x_values, grad_values) = (values(x), values(grad));
+    let shape = x.layout().shape().clone();
+    let len = x_values.len().min(grad_values.len());
+    // SAFETY: `gelu_tanh_backward` writes every element of an output as long as both its inputs,
+    // and only values.
+    unsafe {
+        written_f32(shape, len, |out| {
+            kernels::gelu_tanh_backward(&x_values, &grad_values, out)
+        })
+    }
 }
 
 fn flex_rope(x: FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
@@ -181,7 +190,6 @@ fn flex_norm(
     rms: bool,
 ) -> (FlexTensor, FlexTensor) {
     let (rows, dim) = rows_of(x);
-    let mut out = zeros_f32(x.layout().shape().clone());
     let mut stats = zeros_f32(Shape::new([rows, 2]));
     let (w, b) = (values(weight), bias.map(values));
     let norm = kernels::Norm {
@@ -190,13 +198,15 @@ fn flex_norm(
         eps,
         rms,
     };
-    kernels::norm(
-        &values(x),
-        dim,
-        &norm,
-        out.storage_mut::<f32>(),
-        stats.storage_mut::<f32>(),
-    );
+    let x_values = values(x);
+    let stats_values = stats.storage_mut::<f32>();
+    // SAFETY: `norm` writes every element of an output as long as its input (whole rows of
+    // `dim`), and only values.
+    let out = unsafe {
+        written_f32(x.layout().shape().clone(), x_values.len(), |y| {
+            kernels::norm(&x_values, dim, &norm, y, stats_values)
+        })
+    };
     (out, stats)
 }
 
@@ -550,20 +560,31 @@ impl FusedKernels for Flex {
             eps: 0.0,
             rms,
         };
-        let mut dx = zeros_f32(x.layout().shape().clone());
         let mut param_grads =
             params.then(|| (zeros_f32(Shape::new([dim])), zeros_f32(Shape::new([dim]))));
-        kernels::norm_backward(
-            &values(&x),
-            &values(&grad),
-            dim,
-            &norm,
-            &values(&stats),
-            dx.storage_mut::<f32>(),
-            param_grads
-                .as_mut()
-                .map(|(dw, db)| (dw.storage_mut::<f32>(), db.storage_mut::<f32>())),
-        );
+        let (x_values, grad_values, stats_values) = (values(&x), values(&grad), values(&stats));
+        // Every row of x needs its gradient's row and its two statistics.
+        let len = match stats_values.len() / 2 * dim >= x_values.len() {
+            true => x_values.len().min(grad_values.len()),
+            false => usize::MAX,
+        };
+        // SAFETY: `norm_backward` writes every element of `dx` as long as both its inputs when
+        // every row has its statistics, and only values.
+        let dx = unsafe {
+            written_f32(x.layout().shape().clone(), len, |dx| {
+                kernels::norm_backward(
+                    &x_values,
+                    &grad_values,
+                    dim,
+                    &norm,
+                    &stats_values,
+                    dx,
+                    param_grads
+                        .as_mut()
+                        .map(|(dw, db)| (dw.storage_mut::<f32>(), db.storage_mut::<f32>())),
+                )
+            })
+        };
         (dx, param_grads)
     }
 

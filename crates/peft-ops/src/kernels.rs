@@ -5,6 +5,8 @@
 //! the CPU supports is picked at run time (the build itself targets baseline x86-64), and runs on
 //! rayon's pool in chunks, as burn's CPU backend does.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Elements per parallel chunk of the element-wise kernels: large enough that scheduling costs
@@ -102,20 +104,20 @@ fn gelu_gate(x: f32) -> f32 {
 }
 
 multiversion! {
-    fn gelu_tanh_chunk(x: &[f32], y: &mut [f32]) {
+    fn gelu_tanh_chunk(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * gelu_gate(x);
+            y.write(x * gelu_gate(x));
         }
     }
 }
 
 multiversion! {
-    fn gelu_tanh_backward_chunk(x: &[f32], grad: &[f32], out: &mut [f32]) {
+    fn gelu_tanh_backward_chunk(x: &[f32], grad: &[f32], out: &mut [MaybeUninit<f32>]) {
         for ((out, &x), &g) in out.iter_mut().zip(x).zip(grad) {
             let s = gelu_gate(x);
             // d/dx [x·σ(2z)] = σ + x·σ(1−σ)·2·dz/dx
             let dz = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
-            *out = g * (s + x * s * (1.0 - s) * 2.0 * dz);
+            out.write(g * (s + x * s * (1.0 - s) * 2.0 * dz));
         }
     }
 }
@@ -182,15 +184,17 @@ pub fn add_bias_round_bf16(values: &mut [f32], bias: &[f32]) {
         });
 }
 
-/// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`), `y = x·σ(2z)`.
-pub fn gelu_tanh(x: &[f32], y: &mut [f32]) {
+/// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`), `y = x·σ(2z)`. Writes every
+/// element of `y` when it is as long as `x` (it need not be initialised).
+pub fn gelu_tanh(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| gelu_tanh_chunk(x, y));
 }
 
-/// `∂x = ∂y · gelu'(x)` for [`gelu_tanh`].
-pub fn gelu_tanh_backward(x: &[f32], grad: &[f32], out: &mut [f32]) {
+/// `∂x = ∂y · gelu'(x)` for [`gelu_tanh`]. Writes every element of `out` when `x`, `grad` and
+/// `out` are equally long.
+pub fn gelu_tanh_backward(x: &[f32], grad: &[f32], out: &mut [MaybeUninit<f32>]) {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))
         .for_each(|(out, (x, g))| gelu_tanh_backward_chunk(x, g, out));
@@ -563,7 +567,7 @@ pub struct Norm<'a> {
 
 multiversion! {
     /// One row: writes `y`, returns `(mean, 1/σ)` (mean 0 for RMSNorm).
-    fn norm_row(x: &[f32], y: &mut [f32], norm: &Norm<'_>) -> (f32, f32) {
+    fn norm_row(x: &[f32], y: &mut [MaybeUninit<f32>], norm: &Norm<'_>) -> (f32, f32) {
         let n = x.len() as f32;
         let mean = if norm.rms { 0.0 } else { sum_of(x.iter().copied()) / n };
         let var = sum_of(x.iter().map(|&v| (v - mean) * (v - mean))) / n;
@@ -571,12 +575,12 @@ multiversion! {
         match norm.bias {
             Some(b) => {
                 for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(norm.weight).zip(b) {
-                    *y = (x - mean) * rstd * w + b;
+                    y.write((x - mean) * rstd * w + b);
                 }
             }
             None => {
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(norm.weight) {
-                    *y = (x - mean) * rstd * w;
+                    y.write((x - mean) * rstd * w);
                 }
             }
         }
@@ -590,7 +594,7 @@ multiversion! {
     fn norm_row_backward(
         x: &[f32],
         grad: &[f32],
-        dx: &mut [f32],
+        dx: &mut [MaybeUninit<f32>],
         norm: &Norm<'_>,
         stats: (f32, f32),
     ) {
@@ -607,7 +611,7 @@ multiversion! {
         ) / n;
         for (((dx, &g), &w), &x) in dx.iter_mut().zip(grad).zip(w).zip(x) {
             let x_hat = (x - mean) * rstd;
-            *dx = rstd * (g * w - g_mean - x_hat * gx_mean);
+            dx.write(rstd * (g * w - g_mean - x_hat * gx_mean));
         }
     }
 }
@@ -633,8 +637,9 @@ multiversion! {
 const NORM_ROWS: usize = 16;
 
 /// Normalises each `dim`-wide row of `x` into `y`; writes each row's `(mean, 1/σ)` into
-/// `stats: [rows, 2]` for the backward pass.
-pub fn norm(x: &[f32], dim: usize, norm: &Norm<'_>, y: &mut [f32], stats: &mut [f32]) {
+/// `stats: [rows, 2]` for the backward pass. Writes every element of `y` when it is as long as
+/// `x` (it need not be initialised).
+pub fn norm(x: &[f32], dim: usize, norm: &Norm<'_>, y: &mut [MaybeUninit<f32>], stats: &mut [f32]) {
     let dim = dim.max(1);
     y.par_chunks_mut(dim * NORM_ROWS)
         .zip(x.par_chunks(dim * NORM_ROWS))
@@ -652,8 +657,8 @@ pub fn norm(x: &[f32], dim: usize, norm: &Norm<'_>, y: &mut [f32], stats: &mut [
         });
 }
 
-/// Gradients of [`norm`]: `dx` always; `dw` (`∂y ⊙ x̂` summed over rows) and `db` (`∂y` summed)
-/// when asked.
+/// Gradients of [`norm`]: `dx` always (every element written when `x`, `grad` and `dx` are
+/// equally long); `dw` (`∂y ⊙ x̂` summed over rows) and `db` (`∂y` summed) when asked.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_backward(
     x: &[f32],
@@ -661,7 +666,7 @@ pub fn norm_backward(
     dim: usize,
     norm: &Norm<'_>,
     stats: &[f32],
-    dx: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
     params: Option<(&mut [f32], &mut [f32])>,
 ) {
     let dim = dim.max(1);
@@ -1296,6 +1301,14 @@ pub fn attention_backward(
 mod tests {
     use super::*;
 
+    /// `len` values written by `fill` into a buffer of NaNs (so an element it leaves shows).
+    fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+        let mut buffer = vec![MaybeUninit::new(f32::NAN); len];
+        fill(&mut buffer);
+        // SAFETY: every element was initialised (to NaN) before `fill` ran.
+        buffer.iter().map(|v| unsafe { v.assume_init() }).collect()
+    }
+
     /// The branch-free rounding is `half`'s, bit for bit: ties both ways, the largest values
     /// (rounding to ∞), subnormals, signed zeros, infinities and NaNs (quiet, payload kept).
     #[test]
@@ -1393,11 +1406,71 @@ mod tests {
         assert!(exp(f32::NAN).is_nan());
     }
 
+    /// The normalisation kernels write every element of their outputs (the buffers start as
+    /// NaN, the row count is not a multiple of the rows per task): LayerNorm and RMSNorm values
+    /// against an f64 reference, and their gradients through the invariances — a LayerNorm
+    /// row's `∂x` sums to zero (shifting a row changes nothing), an RMSNorm row's `x · ∂x` is
+    /// zero (scaling a row changes nothing, up to `eps`).
+    #[test]
+    fn norms_write_every_output_element() {
+        let (rows, dim) = (37, 19);
+        let x: Vec<f32> = (0..rows * dim)
+            .map(|i| ((i * 7) % 13) as f32 * 0.3 - 1.7)
+            .collect();
+        let grad: Vec<f32> = (0..rows * dim)
+            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let w: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..dim).map(|i| i as f32 * -0.05).collect();
+        for rms in [false, true] {
+            let norm = Norm {
+                weight: &w,
+                bias: (!rms).then_some(&b[..]),
+                eps: 1e-9,
+                rms,
+            };
+            let mut stats = vec![f32::NAN; rows * 2];
+            let y = written(rows * dim, |y| super::norm(&x, dim, &norm, y, &mut stats));
+            let dx = written(rows * dim, |dx| {
+                norm_backward(&x, &grad, dim, &norm, &stats, dx, None)
+            });
+            for r in 0..rows {
+                let row = &x[r * dim..(r + 1) * dim];
+                let mean = match rms {
+                    true => 0.0,
+                    false => row.iter().map(|&v| f64::from(v)).sum::<f64>() / dim as f64,
+                };
+                let var = row
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / dim as f64;
+                let rstd = 1.0 / (var + 1e-9).sqrt();
+                for c in 0..dim {
+                    let shift = if rms { 0.0 } else { f64::from(b[c]) };
+                    let expected = (f64::from(row[c]) - mean) * rstd * f64::from(w[c]) + shift;
+                    let got = f64::from(y[r * dim + c]);
+                    assert!((got - expected).abs() < 1e-5, "rms {rms} [{r}, {c}]: {got}");
+                }
+                let dx_row = &dx[r * dim..(r + 1) * dim];
+                assert!(dx_row.iter().all(|v| v.is_finite()), "rms {rms} row {r}");
+                let invariant: f64 = match rms {
+                    false => dx_row.iter().map(|&d| f64::from(d)).sum(),
+                    true => dx_row
+                        .iter()
+                        .zip(row)
+                        .map(|(&d, &v)| f64::from(d * v))
+                        .sum(),
+                };
+                assert!(invariant.abs() < 1e-4, "rms {rms} row {r}: {invariant}");
+            }
+        }
+    }
+
     #[test]
     fn gelu_matches_the_tanh_formula_and_its_derivative() {
         let x: Vec<f32> = (-400..400).map(|i| i as f32 * 0.025).collect();
-        let mut y = vec![0.0; x.len()];
-        gelu_tanh(&x, &mut y);
+        let y = written(x.len(), |y| gelu_tanh(&x, y));
         let gelu = |x: f64| {
             0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x.powi(3))).tanh())
         };
@@ -1405,8 +1478,7 @@ mod tests {
             assert!((y as f64 - gelu(x as f64)).abs() < 1e-6, "gelu({x}) = {y}");
         }
         let ones = vec![1.0; x.len()];
-        let mut dx = vec![0.0; x.len()];
-        gelu_tanh_backward(&x, &ones, &mut dx);
+        let dx = written(x.len(), |dx| gelu_tanh_backward(&x, &ones, dx));
         for (&x, &d) in x.iter().zip(&dx) {
             let h = 1e-4;
             let numeric = (gelu(x as f64 + h) - gelu(x as f64 - h)) / (2.0 * h);
