@@ -385,24 +385,31 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// `row[i] ← e^(row[i] − max)` in place; returns `(max, Σ)`.
-    fn shifted_exps_in_place(row: &mut [f32]) -> (f32, f32) {
-        let max = max_of(row);
-        let mut acc = [0.0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for chunk in &mut chunks {
-            for (a, v) in acc.iter_mut().zip(chunk.iter_mut()) {
-                *v = exp(*v - max);
-                *a += *v;
-            }
-        }
-        let mut sum: f32 = acc.iter().sum();
-        for v in chunks.into_remainder() {
+/// `row[i] ← e^(row[i] − max)` in place; returns `(max, Σ)`. Inlined into its callers so that it
+/// vectorises for their target features (as [`max_of`]).
+#[inline(always)]
+fn exps_shifted_by_max(row: &mut [f32]) -> (f32, f32) {
+    let max = max_of(row);
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(chunk.iter_mut()) {
             *v = exp(*v - max);
-            sum += *v;
+            *a += *v;
         }
-        (max, sum)
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    (max, sum)
+}
+
+multiversion! {
+    /// [`exps_shifted_by_max`] compiled for the CPU's vector units.
+    fn shifted_exps_in_place(row: &mut [f32]) -> (f32, f32) {
+        exps_shifted_by_max(row)
     }
 }
 
@@ -934,20 +941,7 @@ multiversion! {
                 }
             }
         }
-        let max = max_of(row);
-        let mut acc = [0.0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for chunk in &mut chunks {
-            for (a, s) in acc.iter_mut().zip(chunk.iter_mut()) {
-                *s = exp(*s - max);
-                *a += *s;
-            }
-        }
-        let mut sum: f32 = acc.iter().sum();
-        for s in chunks.into_remainder() {
-            *s = exp(*s - max);
-            sum += *s;
-        }
+        let (_, sum) = exps_shifted_by_max(row);
         let inv = 1.0 / sum;
         for s in row.iter_mut() {
             *s *= inv;
