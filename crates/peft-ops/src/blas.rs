@@ -94,14 +94,24 @@ fn open(name: &str) -> Option<Blas> {
     })
 }
 
-/// How a 2-D operand is laid out for BLAS: row-major with a leading dimension, possibly
-/// transposed. `None` for a layout BLAS cannot read (then it is made contiguous first).
+/// How a 2-D `[rows, cols]` operand with element strides `[row, column]` is laid out for BLAS:
+/// `(transposed, leading dimension)`, row-major with a leading dimension or transposed. The
+/// stride of a dimension of size 1 is never followed, so any value does. `None` for a layout BLAS
+/// cannot read (neither stride 1, or a leading dimension beyond `i32`), which a tensor is made
+/// contiguous for first.
 fn blas_view(strides: &[isize], rows: usize, cols: usize) -> Option<(i32, i32)> {
     let (rs, cs) = (strides[0], strides[1]);
-    if cs == 1 && rs >= cols.max(1) as isize {
-        Some((NO_TRANS, rs as i32))
-    } else if rs == 1 && cs >= rows.max(1) as isize {
-        Some((TRANS, cs as i32))
+    let ld = |ld: usize| i32::try_from(ld).ok();
+    if cs == 1 && (rows <= 1 || rs >= cols.max(1) as isize) {
+        Some((
+            NO_TRANS,
+            ld(if rows <= 1 { cols.max(1) } else { rs as usize })?,
+        ))
+    } else if rs == 1 && (cols <= 1 || cs >= rows.max(1) as isize) {
+        Some((
+            TRANS,
+            ld(if cols <= 1 { rows.max(1) } else { cs as usize })?,
+        ))
     } else {
         None
     }
@@ -276,21 +286,6 @@ pub fn sgemm_host(
 /// runs products up to `65536 · GEMM_MULTITHREAD_THRESHOLD` (4 by default) single-threaded.
 const SINGLE_THREAD_MNK: usize = 1 << 18;
 
-/// How BLAS reads a strided `[rows, cols]` operand: `(transposed, leading dimension)`, or `None`
-/// when neither stride is 1.
-fn strided_operand(rows: usize, cols: usize, rs: isize, cs: isize) -> Option<(i32, i32)> {
-    let fits = |ld: usize| i32::try_from(ld).ok();
-    if cs == 1 && (rows <= 1 || rs >= cols.max(1) as isize) {
-        let ld = if rows <= 1 { cols.max(1) } else { rs as usize };
-        Some((NO_TRANS, fits(ld)?))
-    } else if rs == 1 && (cols <= 1 || cs >= rows.max(1) as isize) {
-        let ld = if cols <= 1 { rows.max(1) } else { cs as usize };
-        Some((TRANS, fits(ld)?))
-    } else {
-        None
-    }
-}
-
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` for strided matrices (`(pointer, row stride, column
 /// stride)`) through BLAS on the calling thread, as products small enough that OpenBLAS does
 /// not hand them to its own threads: for the attention kernels' many small products, which
@@ -328,19 +323,13 @@ pub(crate) unsafe fn sgemm_on_this_thread(
             )
         };
     }
-    let (Some(ldc), true) = (
-        i32::try_from(dst_rs).ok(),
-        dst_cs == 1 && (m <= 1 || dst_rs >= n as isize),
+    let (Some((NO_TRANS, ldc)), Some((trans_a, lda)), Some((trans_b, ldb))) = (
+        blas_view(&[dst_rs, dst_cs], m, n),
+        blas_view(&[lhs.1, lhs.2], m, k),
+        blas_view(&[rhs.1, rhs.2], k, n),
     ) else {
         return false;
     };
-    let (Some((trans_a, lda)), Some((trans_b, ldb))) = (
-        strided_operand(m, k, lhs.1, lhs.2),
-        strided_operand(k, n, rhs.1, rhs.2),
-    ) else {
-        return false;
-    };
-    let ldc = if m <= 1 { ldc.max(n as i32) } else { ldc };
     let m_chunk = m.min((SINGLE_THREAD_MNK / k).max(1));
     let n_chunk = n.min((SINGLE_THREAD_MNK / (m_chunk * k)).max(1));
     let beta = if accumulate { 1.0 } else { 0.0 };

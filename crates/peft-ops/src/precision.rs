@@ -91,9 +91,7 @@ pub fn round_bf16<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 /// `values` rounded to bf16 (to nearest, ties to even) into `bits` (bit patterns, same length).
-pub fn round_to_bf16_bits(values: &[f32], bits: &mut [u16]) {
-    crate::kernels::round_to_bf16_bits(values, bits);
-}
+pub use crate::kernels::round_to_bf16_bits;
 
 /// The two 16-bit float formats a frozen weight can be held in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
