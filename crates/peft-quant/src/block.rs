@@ -444,11 +444,8 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
         out: &mut [f32],
     ) -> bool {
         let values = self.quant_type.codebook().values;
-        self.block_runs(rows, cols, out, |b, elements, out| {
-            // The same f32 products as `dequantize_into`.
-            let scale = self.absmax.at(b);
-            self.decode_run(elements, out, &values.map(|v| v * scale));
-        })
+        // The same f32 products as `dequantize_into`.
+        self.decode_block(rows, cols, out, |scale| values.map(|v| v * scale))
     }
 
     /// One table per 4-bit block: its 16 code values times the block's scale, each product
@@ -461,17 +458,13 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
         out: &mut [u16],
     ) -> bool {
         let values = self.quant_type.codebook().values;
-        let mut table = [0u16; 16];
-        let mut table_block = usize::MAX;
-        self.block_runs(rows, cols, out, |b, elements, out| {
-            if b != table_block {
-                let scale = self.absmax.at(b);
-                for (t, v) in table.iter_mut().zip(values) {
-                    *t = half::bf16::from_f32(v * scale).to_bits();
-                }
-                table_block = b;
+        self.decode_block(rows, cols, out, |scale| {
+            // A loop, not `array::map`: the map measured 1.5× slower per block here.
+            let mut table = [0u16; 16];
+            for (t, v) in table.iter_mut().zip(values) {
+                *t = half::bf16::from_f32(v * scale).to_bits();
             }
-            self.decode_run(elements, out, &table);
+            table
         })
     }
 
@@ -519,6 +512,28 @@ impl Quantized4bit {
             }
         }
         true
+    }
+
+    /// The block `rows × cols` of the weight de-quantised through per-block tables:
+    /// `table(scale)` gives a 4-bit block's 16 values from its scale, built once each time the
+    /// walk ([`Self::block_runs`]) enters a block, and each run is decoded through it. `false`
+    /// as `block_runs`.
+    fn decode_block<T: Copy>(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [T],
+        table: impl Fn(f32) -> [T; 16],
+    ) -> bool {
+        let mut current: Option<(usize, [T; 16])> = None;
+        self.block_runs(rows, cols, out, |b, elements, out| {
+            if current.as_ref().is_none_or(|(block, _)| *block != b) {
+                current = Some((b, table(self.absmax.at(b))));
+            }
+            if let Some((_, values)) = &current {
+                self.decode_run(elements, out, values);
+            }
+        })
     }
 
     /// The 4-bit code of flat element `i` (nibble `i` of `packed`, high nibble first).
