@@ -2,6 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use peft_core::MethodConfig;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -15,5 +16,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(config) = peft_ia3::Ia3Config::from_json(text, "fuzz") {
         let _ = config.validate("fuzz");
     }
-    let _ = peft_core::config::from_json_lenient::<peft_core::ConfigHeader>(text, |_| {});
+    let _ = peft_core::config::from_json_lenient::<peft_core::ConfigHeader<peft_lora::LoraConfig>>(
+        text,
+        |_| {},
+    );
 });

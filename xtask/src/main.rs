@@ -352,7 +352,9 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     // release build of every dependency (CI's longest step after the tests).
     let profile = if quick { "debug" } else { "release" };
     let mut build = Command::new("cargo");
-    build.args(["build", "--quiet", "-p", "peft-bench"]);
+    // `--bin`, not `-p peft-bench`: features resolved over the whole workspace, as the test
+    // build resolves them, so its dependencies are reused (docs/CI.md).
+    build.args(["build", "--quiet", "--bin", "peft-bench"]);
     if !quick {
         build.arg("--release");
     }

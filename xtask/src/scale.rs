@@ -29,7 +29,7 @@ pub fn bench_scale(root: &Path, args: &[String]) -> Result<()> {
     let pytorch_cases = list("--pytorch-cases", &CASES);
     let steps = flag(args, "--steps").unwrap_or_else(|| "3".into());
     run(Command::new("cargo")
-        .args(["build", "--release", "--quiet", "-p", "peft-bench"])
+        .args(["build", "--release", "--quiet", "--bin", "peft-bench"])
         .current_dir(root))?;
     let ours_bin = crate::target_dir(root).join("release/peft-bench");
     let python = pytorch_if_asked(root, args);

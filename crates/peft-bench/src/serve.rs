@@ -29,7 +29,10 @@ const ROWS: usize = 16;
 pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, String> {
     let (prompt_len, new_tokens, reps) = if quick { (8, 4, 1) } else { (32, 32, 3) };
     let shared = Arc::new(Shared::new("base"));
-    let limits = EngineLimits { max_batch: ROWS };
+    let limits = EngineLimits {
+        max_batch: ROWS,
+        max_model_len: usize::MAX,
+    };
     let mut engine =
         Engine::new(crate::base_model(device), shared, limits).map_err(|e| e.to_string())?;
     let names: Vec<String> = (0..adapters).map(|i| format!("a{i}")).collect();

@@ -150,6 +150,9 @@ pub enum Command {
 pub struct EngineLimits {
     /// Rows decoded together at most.
     pub max_batch: usize,
+    /// The context length: a row ends (`length`) once its prompt and output fill it, whatever
+    /// its `max_tokens` says (the HTTP side checks it too; this is the defence behind it).
+    pub max_model_len: usize,
 }
 
 /// A running sequence.
@@ -488,7 +491,11 @@ impl Engine {
             Some(FinishReason::Stop)
         } else if row.job.events.send(Event::Token(token)).is_err() {
             return true;
-        } else if row.generated >= row.job.max_tokens {
+        } else if row.generated >= row.job.max_tokens
+            || row.position + 1 >= self.limits.max_model_len
+        {
+            // `position` is where `token` would be fed: the sequence holds `position + 1`
+            // tokens, and a full context takes no next step.
             Some(FinishReason::Length)
         } else {
             None

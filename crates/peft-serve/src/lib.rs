@@ -182,6 +182,7 @@ pub fn serve_until(
     let engine_shared = shared.clone();
     let limits = EngineLimits {
         max_batch: options.max_batch,
+        max_model_len,
     };
     let load = options.clone();
     // The model lives on its own thread: every forward pass runs there, and HTTP handlers

@@ -364,13 +364,15 @@ fn plan(
         .or(sampling.max_completion_tokens)
         .or(default_max)
         .unwrap_or(room);
-    if max_tokens == 0 {
+    if max_tokens == 0 && prompt.len() < state.max_model_len {
         return Err(ApiError::bad_field(
             "max_tokens",
             "max_tokens must be at least 1",
         ));
     }
-    if prompt.len() + max_tokens > state.max_model_len {
+    // `max_tokens > room`, not `prompt + max_tokens > context`: a client's `max_tokens` near
+    // `usize::MAX` must not wrap the sum past the check.
+    if prompt.len() >= state.max_model_len || max_tokens > room {
         return Err(ApiError::bad_field(
             "max_tokens",
             format!(

@@ -23,7 +23,11 @@ fn engine(arch: &str, shared: Arc<Shared>, max_batch: usize) -> Engine {
     )
     .unwrap();
     let dir = fixtures().join(format!("adapters/multi-{arch}"));
-    let mut engine = Engine::new(base, shared, EngineLimits { max_batch }).unwrap();
+    let limits = EngineLimits {
+        max_batch,
+        max_model_len: usize::MAX,
+    };
+    let mut engine = Engine::new(base, shared, limits).unwrap();
     engine.load_adapter("a", &dir).unwrap();
     engine.load_adapter("b", &dir.join("b")).unwrap();
     engine.load_adapter("c", &dir.join("c")).unwrap();
@@ -216,6 +220,45 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
     assert!(n >= 2);
     // The abandoned request was never admitted: nothing was generated for the base.
     assert_eq!(shared.counts("base").generated_tokens, 0);
+}
+
+/// A row ends at the model's context whatever its `max_tokens` says: a job asking for
+/// `usize::MAX` tokens past end-of-sequence over a 3-token prompt in a 10-token context
+/// generates exactly 7 and finishes with `length`.
+#[test]
+fn a_row_ends_at_the_context_whatever_max_tokens_says() {
+    let base = peft_models::load(fixtures().join("models/llama-tiny"), &Device::flex()).unwrap();
+    let shared = Arc::new(Shared::new("base"));
+    let limits = EngineLimits {
+        max_batch: 2,
+        max_model_len: 10,
+    };
+    let mut engine = Engine::new(base, shared, limits).unwrap();
+    let (commands, receiver) = std::sync::mpsc::channel();
+    let (events, mut output) = mpsc::unbounded_channel();
+    commands
+        .send(Command::Generate(Job {
+            adapter: None,
+            prompt: vec![5, 6, 7],
+            max_tokens: usize::MAX,
+            decoding: Decoding::Greedy,
+            ignore_eos: true,
+            events,
+        }))
+        .unwrap();
+    drop(commands);
+    engine.run(&receiver);
+    let mut tokens = 0;
+    let mut finished = None;
+    while let Ok(e) = output.try_recv() {
+        match e {
+            Event::Token(_) => tokens += 1,
+            Event::Finished { reason, generated } => finished = Some((reason, generated)),
+            Event::Failed(m) => panic!("{m}"),
+        }
+    }
+    assert_eq!(tokens, 7);
+    assert_eq!(finished, Some((FinishReason::Length, 7)));
 }
 
 /// IA3, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a batch of its

@@ -251,7 +251,7 @@ fn chat_stop_strings_and_seeded_sampling() {
 #[test]
 fn bad_requests_get_openai_errors() {
     let server = Server::start(|o| o.max_model_len = Some(64));
-    let cases: [(&str, &str, u16, &str); 10] = [
+    let cases: [(&str, &str, u16, &str); 11] = [
         (
             "/v1/completions",
             "{\"model\": \"a\", \"prompt\": ",
@@ -273,6 +273,13 @@ fn bad_requests_get_openai_errors() {
         (
             "/v1/completions",
             r#"{"model": "a", "prompt": "x", "max_tokens": 64}"#,
+            400,
+            "context is 64 tokens",
+        ),
+        // usize::MAX: `prompt + max_tokens` would wrap past the check in a release build.
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "max_tokens": 18446744073709551615, "ignore_eos": true}"#,
             400,
             "context is 64 tokens",
         ),
