@@ -294,6 +294,10 @@ fn assert_resume_is_exact<A: AdapterModel>(
     )
     .unwrap();
     assert_eq!(summary.steps, 6);
+    assert!(
+        !partial.exists(),
+        "{name}: the crashed run's staging folder is removed at start"
+    );
     let steps_run = events
         .iter()
         .filter(|e| matches!(e, peft_train::Event::Step { .. }))
@@ -784,4 +788,60 @@ fn check_data_parallel<A: AdapterModel>(
     };
     let err = err.to_string();
     assert!(err.contains("same global batch"), "{err}");
+}
+
+/// A non-finite gradient with a finite loss (injected at step 3, clipping off so that nothing
+/// else reads the norm) stops the run with an error naming the step, before the update and
+/// before step 3's checkpoint: the checkpoints of steps 1 and 2 exist and hold finite values.
+#[test]
+fn a_nonfinite_gradient_stops_the_run_before_the_update() {
+    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let lora = peft_lora::get_peft_model(base, peft_lora::LoraConfig::default()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        save_steps: Some(1),
+        max_grad_norm: None,
+        ..config(5)
+    };
+    peft_train::inject_nonfinite_gradient_at(Some(3));
+    let result = train(
+        lora,
+        &tiny_data(),
+        3,
+        &cfg,
+        out.path(),
+        Resume::No,
+        &mut |_| {},
+    );
+    peft_train::inject_nonfinite_gradient_at(None);
+    let Err(err) = result else {
+        panic!("the run must stop at the non-finite gradient");
+    };
+    let message = err.to_string();
+    assert!(
+        matches!(
+            err,
+            peft_train::TrainError::NonFiniteGradient { step: 3, .. }
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("gradient norm is NaN at step 3"),
+        "{message}"
+    );
+    assert!(message.contains("checkpoint-2"), "{message}");
+    let kept: Vec<usize> = checkpoints(out.path())
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(kept, vec![1, 2]);
+    for step in [1, 2] {
+        let values = adapter_tensors(&out.path().join(format!("checkpoint-{step}")));
+        assert!(
+            values.values().flatten().all(|v| v.is_finite()),
+            "checkpoint-{step} holds a non-finite value"
+        );
+    }
 }

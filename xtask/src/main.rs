@@ -1,55 +1,210 @@
-//! Project automation, run as `cargo xtask <task>`.
+//! Project automation, run as `cargo xtask <task>`; `cargo xtask --help` and
+//! `cargo xtask <task> --help` list every task and flag with its default.
 //!
-//! * `fixtures [--python PATH]` — regenerate `tests/fixtures/` with the pinned reference stack
-//!   (see `fixtures/requirements.txt`); needs a Python environment with it installed.
-//! * `gpu-check [--device wgpu|cuda] [--two-gpus]` — on a machine with a GPU: build with the
-//!   backend's feature, run every parity test on the GPU, run the benchmark cases there, time the
-//!   CLI, and train data-parallel with `--devices` (two ranks on one GPU, or on GPUs 0 and 1).
-//!   One short script, meant to finish well under 10 minutes.
-//! * `bench [--quick] [--vs-pytorch] [--python PATH] [--device cpu|wgpu|cuda] [--cases a,b]
-//!   [--rounds N]` — every case of `peft-bench` in its own release-built process, optionally
-//!   alternating N times (default 2) with the PyTorch + PEFT script (`bench/bench_pytorch.py`)
-//!   on the same work, the steps of all rounds pooled; a markdown table on
-//!   stdout and `target/bench/report.{json,md}`.
-//! * `bench --scale [--vs-pytorch] [--models a,b] [--cases a,b] [--steps N]` — the real-size
-//!   bench (1.3–1.5 B-parameter checkpoints generated once into `target/scale/`): load, train,
-//!   merge + save and generate, per phase seconds and peak RSS (see `scale.rs`).
+//! * `bench` — every case of `peft-bench` in its own process (`--list` names them), optionally
+//!   alternating with the PyTorch + PEFT script (`bench/bench_pytorch.py`) on the same work; a
+//!   markdown table on stdout and `target/bench/report.{json,md}`. `--scale`: the real-size
+//!   bench (see `scale.rs`).
+//! * `fixtures` — regenerate `tests/fixtures/` with the pinned reference stack.
+//! * `gpu-check` — on a machine with a GPU: build with the backend's feature, run every parity
+//!   test there, the benchmark cases, the CLI, and data-parallel training with `--devices`. One
+//!   short script, meant to finish well under 10 minutes.
+//! * `pretrain-tiny` — pretrain the bundled tiny BLOOM (docs/PRETRAINED.md).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 mod pretrain;
 mod scale;
 
-fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask lives inside the workspace")?
-        .to_path_buf();
-    match args.first().map(String::as_str) {
-        Some("fixtures") => fixtures(&root, &args[1..]),
-        Some("gpu-check") => gpu_check(&root, &args[1..]),
-        Some("bench") => bench(&root, &args[1..]),
-        Some("pretrain-tiny") => pretrain::pretrain_tiny(&root, &args[1..]),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <fixtures [--python PATH] | gpu-check [--device wgpu|cuda] | \
-                 bench [--quick] [--vs-pytorch] [--python PATH] [--device D] [--cases a,b] [--rounds N] | \
-                 pretrain-tiny [--steps N] [--output DIR]>"
-            );
-            bail!("unknown or missing task")
+/// Project automation for peft-rs: benchmarks, reference fixtures, the GPU check and the bundled
+/// model's pretraining.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Run the benchmark cases (each in its own release-built process), optionally side by side
+    /// with PyTorch + PEFT; a table on stdout and target/bench/report.{json,md}.
+    Bench(BenchArgs),
+    /// Regenerate tests/fixtures/ with the pinned reference stack (fixtures/requirements.txt).
+    Fixtures(FixturesArgs),
+    /// On a machine with a GPU: build with the backend's feature, run the parity tests, the
+    /// benchmark cases, the CLI and data-parallel training there.
+    GpuCheck(GpuCheckArgs),
+    /// Pretrain the bundled tiny BLOOM on data/pretrain.txt (docs/PRETRAINED.md).
+    PretrainTiny(pretrain::PretrainArgs),
+}
+
+/// `cargo xtask fixtures`' flags.
+#[derive(Args, Debug)]
+struct FixturesArgs {
+    /// Python with the pinned reference stack (relative paths from the workspace root).
+    #[arg(long, value_name = "PATH", default_value = "../pyref/bin/python")]
+    python: PathBuf,
+}
+
+/// A GPU backend (a Cargo feature of the same name).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Gpu {
+    Wgpu,
+    Cuda,
+}
+
+/// `cargo xtask gpu-check`'s flags.
+#[derive(Args, Debug)]
+struct GpuCheckArgs {
+    /// The backend to build and run.
+    #[arg(long, value_enum, default_value_t = Gpu::Wgpu)]
+    device: Gpu,
+    /// Train data-parallel on GPUs 0 and 1 (default: two ranks on the one GPU).
+    #[arg(long)]
+    two_gpus: bool,
+}
+
+/// Where our side of a benchmark runs.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BenchDevice {
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+impl BenchDevice {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
         }
     }
 }
 
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+/// `cargo xtask bench`'s flags.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Print every case with a one-line description and whether it has a PyTorch side.
+    #[arg(long)]
+    list: bool,
+    /// A smoke run of the harness (CI's): tiny batch, one round, dev profile, no figures to read.
+    #[arg(long)]
+    quick: bool,
+    /// Also run the PyTorch + PEFT side of each case (bench/bench_pytorch.py), alternating.
+    #[arg(long)]
+    vs_pytorch: bool,
+    /// Python with torch, transformers and peft [default: ../pyref/bin/python, else python3].
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
+    /// The device of our side.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    device: BenchDevice,
+    /// The cases to run, comma-separated [default: every case (--list); with --scale, every
+    /// scale case].
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    cases: Vec<String>,
+    /// Alternations of ours and PyTorch's per case, steps pooled [default: 2; 1 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
+    /// The real-size bench: 1.3-1.5 B-parameter checkpoints generated once into target/scale/.
+    #[arg(long)]
+    scale: bool,
+    /// With --scale: the model shapes, comma-separated [default: every shape].
+    #[arg(long, value_delimiter = ',', value_name = "A,B", requires = "scale")]
+    models: Vec<String>,
+    /// With --scale: the cases whose PyTorch side runs [default: every case].
+    #[arg(long, value_delimiter = ',', value_name = "A,B", requires = "scale")]
+    pytorch_cases: Vec<String>,
+    /// With --scale: training steps per case.
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "scale")]
+    steps: usize,
+}
+
+impl BenchArgs {
+    /// Every case on `device`, nothing else asked (gpu-check's run).
+    fn on(device: BenchDevice) -> Self {
+        Self {
+            list: false,
+            quick: false,
+            vs_pytorch: false,
+            python: None,
+            device,
+            cases: Vec::new(),
+            rounds: None,
+            scale: false,
+            models: Vec::new(),
+            pytorch_cases: Vec::new(),
+            steps: 3,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf();
+    let outcome = match &cli.task {
+        Task::Fixtures(args) => fixtures(&root, args),
+        Task::GpuCheck(args) => gpu_check(&root, args),
+        Task::Bench(args) => bench(&root, args),
+        Task::PretrainTiny(args) => pretrain::pretrain_tiny(&root, args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, the causes joined; never a backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A usage error in clap's shape (`error: …`, exit status 2), for values clap cannot check
+/// itself (case names).
+fn usage_error(message: String) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::InvalidValue, message)
+        .exit()
+}
+
+/// The names in `known` within a small edit distance of `name` (or sharing a prefix with it).
+fn close_matches<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    known
+        .into_iter()
+        .filter(|k| {
+            strsim::levenshtein(name, k) <= 3
+                || (name.len() >= 4 && (k.starts_with(name) || name.starts_with(k)))
+        })
+        .collect()
+}
+
+/// Refuses a case name not in `known`, naming the close matches.
+pub(crate) fn check_cases<'a>(
+    cases: &[String],
+    known: impl IntoIterator<Item = &'a str> + Clone,
+    list_hint: &str,
+) {
+    for case in cases {
+        if known.clone().into_iter().any(|k| k == case) {
+            continue;
+        }
+        let close = close_matches(case, known.clone());
+        let hint = if close.is_empty() {
+            format!("; {list_hint}")
+        } else {
+            format!("; did you mean {}?", close.join(", "))
+        };
+        usage_error(format!("unknown case `{case}`{hint}"));
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -61,10 +216,8 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn fixtures(root: &Path, args: &[String]) -> Result<()> {
-    let python = flag(args, "--python")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("../pyref/bin/python"));
+fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
+    let python = root.join(&args.python);
     // In order: the base fixtures (and versions.json), the 4-bit / bf16 ones (which add
     // bitsandbytes to versions.json), the newer architectures (which reuse the tokenizer).
     for script in [
@@ -84,11 +237,11 @@ fn fixtures(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
-    let device = flag(args, "--device").unwrap_or_else(|| "wgpu".into());
-    if device != "wgpu" && device != "cuda" {
-        bail!("--device must be wgpu or cuda");
-    }
+fn gpu_check(root: &Path, args: &GpuCheckArgs) -> Result<()> {
+    let (device, bench_device) = match args.device {
+        Gpu::Wgpu => ("wgpu".to_string(), BenchDevice::Wgpu),
+        Gpu::Cuda => ("cuda".to_string(), BenchDevice::Cuda),
+    };
     let features = format!("peft-tests/{device},peft-cli/{device}");
     let started = Instant::now();
     run(Command::new("cargo")
@@ -121,7 +274,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     // The benchmark cases on the GPU (release build with the backend's feature).
-    bench(root, &["--device".into(), device.clone()])?;
+    bench(root, &BenchArgs::on(bench_device))?;
     let reference = root.join("tests/fixtures/reference/bloom-tiny.safetensors");
     let out = std::env::temp_dir().join("peft-gpu-check-logits.safetensors");
     for _ in 0..3 {
@@ -140,7 +293,7 @@ fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    data_parallel_check(root, &device, args.iter().any(|a| a == "--two-gpus"))
+    data_parallel_check(root, &device, args.two_gpus)
 }
 
 /// `peft train --devices` on the GPU backend: two ranks (on GPUs 0 and 1 with `--two-gpus`,
@@ -203,46 +356,138 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
     Ok(())
 }
 
-/// The benchmark cases, in report order.
-const BENCH_CASES: [&str; 37] = [
-    "gemm",
-    "forward",
-    "lora-forward-unmerged",
-    "lora-forward-mixed",
-    "lora-forward-merged",
-    "lora-merge",
-    "lora-train",
-    "burn-lora-train",
-    "llama-lora-train",
-    "llama-ia3-train",
-    "llama-prompt-train",
-    "llama-ptuning-train",
-    "llama-ptuning-lstm-train",
-    "llama-prefix-train",
-    "llama-prefix-proj-train",
-    "llama-qlora-train",
-    "mistral-lora-train",
-    "qwen3-lora-train",
-    "gemma2-lora-train",
-    "phi3-lora-train",
-    "ia3-train",
-    "bitfit-train",
-    "prompt-train",
-    "ptuning-train",
-    "ptuning-lstm-train",
-    "prefix-train",
-    "prefix-proj-train",
-    "qlora-train",
-    "lora-train-gc",
-    "qlora-train-gc",
-    "lora-train-bf16",
-    "qlora-train-bf16",
-    "quantize-nf4",
-    "serve-generate-1",
-    "serve-generate-4",
-    "serve-generate-16",
-    "serve-load",
+/// The benchmark cases, in report order, each with what it measures. Every case but
+/// `serve-load` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
+const BENCH_CASES: [(&str, &str); 37] = [
+    (
+        "gemm",
+        "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
+    ),
+    (
+        "forward",
+        "forward pass of the ~16M-parameter BLOOM, batch 4 × 128",
+    ),
+    (
+        "lora-forward-unmerged",
+        "forward with a LoRA r=8 adapter beside the weights",
+    ),
+    (
+        "lora-forward-mixed",
+        "forward with four LoRA adapters, one per batch row",
+    ),
+    (
+        "lora-forward-merged",
+        "forward after merging the LoRA adapter",
+    ),
+    ("lora-merge", "merging a LoRA adapter into the base weights"),
+    ("lora-train", "LoRA r=8 training step (AdamW) on the BLOOM"),
+    (
+        "burn-lora-train",
+        "burn's own Module::apply_lora on the same model and targets",
+    ),
+    (
+        "llama-lora-train",
+        "LoRA step on a Llama of similar size (8 heads / 2 KV heads)",
+    ),
+    ("llama-ia3-train", "IA3 step on the Llama"),
+    ("llama-prompt-train", "prompt-tuning step on the Llama"),
+    (
+        "llama-ptuning-train",
+        "P-tuning (MLP encoder) step on the Llama",
+    ),
+    (
+        "llama-ptuning-lstm-train",
+        "P-tuning (LSTM encoder) step on the Llama",
+    ),
+    ("llama-prefix-train", "prefix-tuning step on the Llama"),
+    (
+        "llama-prefix-proj-train",
+        "prefix tuning with the projection MLP on the Llama",
+    ),
+    (
+        "llama-qlora-train",
+        "QLoRA step (NF4 + double quant base) on the Llama",
+    ),
+    (
+        "mistral-lora-train",
+        "LoRA step on a Mistral of the Llama's size (sliding window)",
+    ),
+    (
+        "qwen3-lora-train",
+        "LoRA step on a Qwen3 of the Llama's size",
+    ),
+    (
+        "gemma2-lora-train",
+        "LoRA step on a Gemma 2 of the Llama's size",
+    ),
+    (
+        "phi3-lora-train",
+        "LoRA step on a Phi-3 of the Llama's size (fused projections)",
+    ),
+    ("ia3-train", "IA3 step on the BLOOM"),
+    ("bitfit-train", "BitFit (biases only) step on the BLOOM"),
+    ("prompt-train", "prompt-tuning step on the BLOOM"),
+    ("ptuning-train", "P-tuning (MLP encoder) step on the BLOOM"),
+    (
+        "ptuning-lstm-train",
+        "P-tuning (LSTM encoder) step on the BLOOM",
+    ),
+    ("prefix-train", "prefix-tuning step on the BLOOM"),
+    (
+        "prefix-proj-train",
+        "prefix tuning with the projection MLP on the BLOOM",
+    ),
+    (
+        "qlora-train",
+        "QLoRA step: LoRA r=8 over the NF4 + double-quant BLOOM",
+    ),
+    ("lora-train-gc", "LoRA step with gradient checkpointing"),
+    ("qlora-train-gc", "QLoRA step with gradient checkpointing"),
+    (
+        "lora-train-bf16",
+        "LoRA step with bf16 compute (torch.autocast's layout)",
+    ),
+    (
+        "qlora-train-bf16",
+        "QLoRA step with bf16 compute (bnb_4bit_compute_dtype=bfloat16)",
+    ),
+    (
+        "quantize-nf4",
+        "NF4 + double quant of a 4096 × 4096 f32 matrix",
+    ),
+    (
+        "serve-generate-1",
+        "greedy generation, 16 requests over 1 LoRA adapter",
+    ),
+    (
+        "serve-generate-4",
+        "16 requests over 4 LoRA adapters, decoded in mixed batches",
+    ),
+    (
+        "serve-generate-16",
+        "16 requests over 16 LoRA adapters, decoded in mixed batches",
+    ),
+    (
+        "serve-load",
+        "peft serve under concurrent HTTP clients (latency, throughput, 429s)",
+    ),
 ];
+
+/// Whether `case` has a PyTorch + PEFT side (PEFT has no server: `serve-load` has none).
+fn has_pytorch_side(case: &str) -> bool {
+    case != "serve-load"
+}
+
+/// `cargo xtask bench --list`: every case, its PyTorch side and what it measures.
+fn list_cases() {
+    let width = BENCH_CASES.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    println!("{:width$}  PyTorch  what it measures", "case");
+    for (name, what) in BENCH_CASES {
+        let side = if has_pytorch_side(name) { "yes" } else { "no" };
+        println!("{name:width$}  {side:7}  {what}");
+    }
+    println!("\nwith --scale: {}", scale::CASES.join(", "));
+}
 
 fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
@@ -296,8 +541,8 @@ fn pool(runs: &[serde_json::Value]) -> Option<serde_json::Value> {
 }
 
 /// With `--vs-pytorch`: the Python that has PyTorch + PEFT (a note when there is none).
-pub(crate) fn pytorch_if_asked(root: &Path, args: &[String]) -> Option<PathBuf> {
-    if !args.iter().any(|a| a == "--vs-pytorch") {
+pub(crate) fn pytorch_if_asked(root: &Path, args: &BenchArgs) -> Option<PathBuf> {
+    if !args.vs_pytorch {
         return None;
     }
     let found = python_with_peft(root, args);
@@ -307,9 +552,9 @@ pub(crate) fn pytorch_if_asked(root: &Path, args: &[String]) -> Option<PathBuf> 
     found
 }
 
-fn python_with_peft(root: &Path, args: &[String]) -> Option<PathBuf> {
-    let candidates = match flag(args, "--python") {
-        Some(p) => vec![PathBuf::from(p)],
+fn python_with_peft(root: &Path, args: &BenchArgs) -> Option<PathBuf> {
+    let candidates = match &args.python {
+        Some(p) => vec![p.clone()],
         None => vec![root.join("../pyref/bin/python"), PathBuf::from("python3")],
     };
     candidates.into_iter().find(|p| {
@@ -332,20 +577,30 @@ pub(crate) fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn bench(root: &Path, args: &[String]) -> Result<()> {
-    if args.iter().any(|a| a == "--scale") {
+fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
+    if args.list {
+        list_cases();
+        return Ok(());
+    }
+    if args.scale {
         return scale::bench_scale(root, args);
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let device = flag(args, "--device").unwrap_or_else(|| "cpu".into());
-    let cases: Vec<String> = match flag(args, "--cases") {
-        Some(list) => list.split(',').map(str::to_string).collect(),
+    let quick = args.quick;
+    let device = args.device.name();
+    let names = || BENCH_CASES.iter().map(|(name, _)| *name);
+    check_cases(
+        &args.cases,
+        names(),
+        "cargo xtask bench --list prints every case",
+    );
+    let cases: Vec<String> = if args.cases.is_empty() {
         // wgpu has no bf16 (docs/PRECISION.md): its bf16 cases would only report the refusal.
-        None => BENCH_CASES
-            .iter()
+        names()
             .filter(|c| device != "wgpu" || !c.ends_with("-bf16"))
-            .map(|s| s.to_string())
-            .collect(),
+            .map(str::to_string)
+            .collect()
+    } else {
+        args.cases.clone()
     };
     // `--quick` is a smoke run of the harness, not a measurement: it builds with the dev profile,
     // whose dependencies are already optimised and built by the test run, instead of a second,
@@ -366,17 +621,16 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
     let python = pytorch_if_asked(root, args);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // `--rounds N`: more alternations for a steadier ratio on a noisy machine.
-    let rounds = flag(args, "--rounds")
-        .and_then(|n| n.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(if quick { 1 } else { 2 });
+    let rounds = args
+        .rounds
+        .map_or(if quick { 1 } else { 2 }, |n| n as usize);
     let mut rows = Vec::new();
     for case in &cases {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         // A B A B: alternate so that a noisy neighbour hurts both sides alike.
         for _ in 0..rounds {
             let mut cmd = Command::new(&ours_bin);
-            cmd.args([case.as_str(), "--device", &device]);
+            cmd.args([case.as_str(), "--device", device]);
             if quick {
                 cmd.arg("--quick");
             }
@@ -384,7 +638,7 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
             // PEFT has no server: the load test has no PyTorch side.
             if let Some(py) = &python
                 && device == "cpu"
-                && case != "serve-load"
+                && has_pytorch_side(case)
             {
                 let mut cmd = Command::new(py);
                 cmd.arg(root.join("bench/bench_pytorch.py")).args([

@@ -94,17 +94,20 @@ fn windows(text: &str, tokenizer: &peft_models::Tokenizer) -> Result<Vec<Tokeniz
         .collect())
 }
 
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+/// `cargo xtask pretrain-tiny`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct PretrainArgs {
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1200)]
+    steps: usize,
+    /// Where the pretrained model is written (relative paths from the workspace root).
+    #[arg(long, value_name = "DIR", default_value = "data/bloom-tiny-pretrained")]
+    output: PathBuf,
 }
 
-pub fn pretrain_tiny(root: &Path, args: &[String]) -> Result<()> {
-    let steps: usize = flag(args, "--steps").map_or(Ok(1200), |s| s.parse())?;
-    let out: PathBuf = flag(args, "--output")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("data/bloom-tiny-pretrained"));
+pub fn pretrain_tiny(root: &Path, args: &PretrainArgs) -> Result<()> {
+    let steps = args.steps;
+    let out = root.join(&args.output);
     let fixture = root.join("tests/fixtures/models/bloom-tiny");
     let tokenizer = peft_models::Tokenizer::from_dir(&fixture)?;
     let text = std::fs::read_to_string(root.join("data/pretrain.txt"))

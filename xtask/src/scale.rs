@@ -10,24 +10,32 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::{flag, pytorch_if_asked, run, run_json};
+use crate::{BenchArgs, check_cases, pytorch_if_asked, run, run_json};
 
-const SHAPES: [&str; 2] = ["bloom-1b4", "qwen2.5-1.5b"];
-const CASES: [&str; 3] = ["scale-lora", "scale-qlora", "scale-generate"];
+/// The real-size model shapes (`--models`).
+pub(crate) const SHAPES: [&str; 2] = ["bloom-1b4", "qwen2.5-1.5b"];
+/// The real-size cases (`--cases` with `--scale`).
+pub(crate) const CASES: [&str; 3] = ["scale-lora", "scale-qlora", "scale-generate"];
 
-pub fn bench_scale(root: &Path, args: &[String]) -> Result<()> {
-    let list = |name: &str, default: &[&str]| -> Vec<String> {
-        flag(args, name).map_or_else(
-            || default.iter().map(|s| s.to_string()).collect(),
-            |l| l.split(',').map(str::to_string).collect(),
-        )
+pub fn bench_scale(root: &Path, args: &BenchArgs) -> Result<()> {
+    let hint = format!("with --scale the cases are {}", CASES.join(", "));
+    check_cases(&args.cases, CASES, &hint);
+    check_cases(&args.pytorch_cases, CASES, &hint);
+    let shapes_hint = format!("the shapes are {}", SHAPES.join(", "));
+    check_cases(&args.models, SHAPES, &shapes_hint);
+    let or_all = |given: &[String], all: &[&str]| -> Vec<String> {
+        if given.is_empty() {
+            all.iter().map(|s| s.to_string()).collect()
+        } else {
+            given.to_vec()
+        }
     };
-    let shapes = list("--models", &SHAPES);
-    let cases = list("--cases", &CASES);
+    let shapes = or_all(&args.models, &SHAPES);
+    let cases = or_all(&args.cases, &CASES);
     // The PyTorch side of some cases can take very long on a small CPU (bitsandbytes' 4-bit
     // CPU path): `--pytorch-cases` limits which cases it runs.
-    let pytorch_cases = list("--pytorch-cases", &CASES);
-    let steps = flag(args, "--steps").unwrap_or_else(|| "3".into());
+    let pytorch_cases = or_all(&args.pytorch_cases, &CASES);
+    let steps = args.steps.to_string();
     run(Command::new("cargo")
         .args(["build", "--release", "--quiet", "--bin", "peft-bench"])
         .current_dir(root))?;

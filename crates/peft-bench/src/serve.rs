@@ -31,6 +31,7 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
     let shared = Arc::new(Shared::new("base"));
     let limits = EngineLimits {
         max_batch: ROWS,
+        max_loras: 64,
         max_model_len: usize::MAX,
     };
     let mut engine =

@@ -47,7 +47,7 @@ fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Box<dyn Run
 
 /// `--adapter [NAME=]DIR` values as `(name, folder)`: a value naming an existing path is a
 /// folder as it stands; otherwise the text before its first `=` is the adapter's name.
-fn adapter_specs(values: &[String]) -> Vec<(Option<String>, PathBuf)> {
+pub(crate) fn adapter_specs(values: &[String]) -> Vec<(Option<String>, PathBuf)> {
     values
         .iter()
         .map(|v| match v.split_once('=') {
@@ -467,6 +467,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     options.max_queue = args.max_queue;
     options.max_batch = args.max_batch;
     options.served_model_name = args.served_model_name;
+    options.max_loras = args.max_loras;
+    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
+        bail!(
+            "--shutdown-timeout must be a number of seconds ≥ 0, got {}",
+            args.shutdown_timeout
+        );
+    }
+    options.shutdown_timeout = std::time::Duration::from_secs_f64(args.shutdown_timeout);
     options.load = load;
     peft_serve::serve(options)?;
     Ok(())

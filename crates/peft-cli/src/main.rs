@@ -6,6 +6,7 @@
 mod commands;
 mod distributed;
 mod methods;
+mod paths;
 mod quantize;
 mod train;
 
@@ -80,6 +81,14 @@ struct ServeArgs {
     /// The base model's name in requests (default: the model folder's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Adapters loaded at once at most (start-up and runtime loads); a load past it is
+    /// answered 409 until one is unloaded.
+    #[arg(long, default_value_t = peft_serve::DEFAULT_MAX_LORAS)]
+    max_loras: usize,
+    /// Seconds requests in flight may take to finish after SIGTERM/SIGINT; then they are cut.
+    /// A second signal exits at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    shutdown_timeout: f64,
     #[command(flatten)]
     load: LoadArgs,
     #[command(flatten)]
@@ -380,21 +389,43 @@ impl SaveArgs {
 }
 
 /// `--model` may name a Hugging Face repo id (`owner/name[@revision]`) held in the local cache:
-/// it is replaced by its snapshot folder before any command runs, so no command sees ids.
-fn resolve_model_args(command: &mut Command) -> anyhow::Result<()> {
-    let resolve = |path: &mut PathBuf| -> anyhow::Result<()> {
+/// it is replaced by its snapshot folder before any command runs, so no command sees ids. Then
+/// every model and adapter folder given is checked ([`paths`]): a wrong path gets one line
+/// naming it and what is wrong before anything is loaded.
+fn resolve_and_check_paths(command: &mut Command) -> anyhow::Result<()> {
+    let model = |path: &mut PathBuf, needs_tokenizer: bool| -> anyhow::Result<()> {
         *path = peft_models::hub::resolve_model(&path.to_string_lossy())?;
-        Ok(())
+        paths::check_model(path, needs_tokenizer)
+    };
+    let adapters = |values: &[String]| -> anyhow::Result<()> {
+        commands::adapter_specs(values)
+            .iter()
+            .try_for_each(|(_, dir)| paths::check_adapter(dir))
     };
     match command {
-        Command::Logits(a) => resolve(&mut a.model.model),
-        Command::Generate(a) => resolve(&mut a.model.model),
-        Command::Inspect(a) => resolve(&mut a.model),
-        Command::Merge(a) => resolve(&mut a.model),
-        Command::Train(a) => a.model.as_mut().map_or(Ok(()), resolve),
-        Command::Quantize(a) => a.model.as_mut().map_or(Ok(()), resolve),
-        Command::Combine(a) => resolve(&mut a.model),
-        Command::Serve(a) => resolve(&mut a.model),
+        Command::Logits(a) => {
+            model(&mut a.model.model, false)?;
+            adapters(&a.model.adapter)
+        }
+        Command::Generate(a) => {
+            model(&mut a.model.model, true)?;
+            adapters(&a.model.adapter)
+        }
+        Command::Inspect(a) => model(&mut a.model, false),
+        Command::Merge(a) => {
+            model(&mut a.model, false)?;
+            paths::check_adapter(&a.adapter)
+        }
+        Command::Train(a) => a.model.as_mut().map_or(Ok(()), |m| model(m, true)),
+        Command::Quantize(a) => a.model.as_mut().map_or(Ok(()), |m| model(m, false)),
+        Command::Combine(a) => {
+            model(&mut a.model, false)?;
+            adapters(&a.adapters)
+        }
+        Command::Serve(a) => {
+            model(&mut a.model, true)?;
+            adapters(&a.adapters)
+        }
     }
 }
 
@@ -411,7 +442,7 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let mut command = cli.command;
-    let result = resolve_model_args(&mut command).and_then(|()| match command {
+    let result = resolve_and_check_paths(&mut command).and_then(|()| match command {
         Command::Logits(a) => commands::logits(a),
         Command::Generate(a) => commands::generate(a),
         Command::Inspect(a) => commands::inspect(a),

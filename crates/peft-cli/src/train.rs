@@ -333,6 +333,10 @@ where
     let Some(before) = before else {
         return Ok(());
     };
+    // The adapter is the result: saved before the held-out evaluation and the merge, so that a
+    // failure in either (a bad record, a full disk) keeps it.
+    let adapter_dir = args.output.join("adapter");
+    trained.save_pretrained(&adapter_dir)?;
     let after = scores(
         &trained.model().valid(),
         tokenizer,
@@ -342,18 +346,18 @@ where
         with_em,
     )?;
 
-    let adapter_dir = args.output.join("adapter");
-    trained.save_pretrained(&adapter_dir)?;
     let merged_dir = args.output.join("merged");
     let save_options = args.save.options()?;
-    if args.no_merged {
+    let merged = if args.no_merged {
         eprintln!("no merged model: --no-merged");
+        None
     } else if !method.merges {
         // Prompt learning has nothing to merge: the adapter is the result.
         eprintln!(
             "no merged model: {} keeps its virtual tokens outside the weights",
             args.method
         );
+        None
     } else {
         // Merged layer by layer as the checkpoint is written: never a whole merged copy.
         peft_models::save_merged_with(
@@ -362,7 +366,8 @@ where
             &merged_dir,
             &save_options,
         )?;
-    }
+        Some(merged_dir)
+    };
     let curve = peft_train::plot::curve(&summary.history, &global, total);
     peft_train::plot::write_loss_png(&args.output.join("loss.png"), &curve)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.join("loss.png").display()))?;
@@ -392,10 +397,13 @@ where
         em(&before),
         em(&after)
     );
+    println!("\nadapter: {}", adapter_dir.display());
+    // Only a merged model that was written is named.
+    if let Some(dir) = &merged {
+        println!("merged model: {}", dir.display());
+    }
     println!(
-        "\nadapter: {}\nmerged model: {}\nmetrics: {}\nloss plot: {}",
-        adapter_dir.display(),
-        merged_dir.display(),
+        "metrics: {}\nloss plot: {}",
         args.output.join("metrics.jsonl").display(),
         args.output.join("loss.png").display()
     );

@@ -149,6 +149,156 @@ fn inspect_lists_hf_names_shapes_and_the_parameter_count() {
     );
 }
 
+/// Every command that takes a model (and adapters), given each kind of wrong folder, answers
+/// one line naming the flag, the path and what is wrong, before loading anything.
+#[test]
+fn wrong_folders_are_named_by_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let missing = root.join("missing");
+    let file = root.join("file.txt");
+    std::fs::write(&file, "x").unwrap();
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    // A model without its tokenizer: config and weights only.
+    let untokenized = root.join("untokenized");
+    std::fs::create_dir(&untokenized).unwrap();
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(model("bloom-tiny").join(name), untokenized.join(name)).unwrap();
+    }
+    let bloom = model("bloom-tiny");
+    let adapter = fixtures().join("adapters/lora-bloom");
+    let (out, inputs) = (
+        root.join("out"),
+        fixtures().join("reference/bloom-tiny.safetensors"),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    // Each command with its other required flags; `M` is replaced by the model folder.
+    let commands: [(&str, Vec<String>, bool); 8] = [
+        (
+            "logits",
+            vec!["--inputs".into(), s(&inputs), "--output".into(), s(&out)],
+            false,
+        ),
+        ("generate", vec!["--prompt".into(), "hi".into()], true),
+        ("inspect", vec![], false),
+        (
+            "merge",
+            vec!["--adapter".into(), s(&adapter), "--output".into(), s(&out)],
+            false,
+        ),
+        ("train", vec!["--output".into(), s(&out)], true),
+        ("quantize", vec!["--output".into(), s(&out)], false),
+        (
+            "combine",
+            vec![
+                "--adapter".into(),
+                format!("a={}", s(&adapter)),
+                "--weights".into(),
+                "1".into(),
+                "--output".into(),
+                s(&out),
+            ],
+            false,
+        ),
+        ("serve", vec!["--port".into(), "0".into()], true),
+    ];
+    let run = |command: &str, model: &Path, rest: &[String]| {
+        let mut args = vec![command.to_string(), "--model".into(), s(model)];
+        args.extend(rest.iter().cloned());
+        peft(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for (command, rest, needs_tokenizer) in &commands {
+        let cases = [
+            (&missing, format!("--model {}: no such folder", s(&missing))),
+            (&file, format!("--model {}: not a folder", s(&file))),
+            (
+                &empty,
+                format!(
+                    "--model {}: not a Hugging Face model folder (no config.json)",
+                    s(&empty)
+                ),
+            ),
+            (
+                &adapter,
+                format!(
+                    "--model {}: a PEFT adapter folder (adapter_config.json), not a model",
+                    s(&adapter)
+                ),
+            ),
+        ];
+        for (model, needle) in &cases {
+            let out = run(command, model, rest);
+            assert_clean_failure(&out, needle);
+        }
+        let out = run(command, &untokenized, rest);
+        if *needs_tokenizer {
+            assert_clean_failure(
+                &out,
+                &format!("--model {}: no tokenizer.json", s(&untokenized)),
+            );
+        } else {
+            assert!(
+                !String::from_utf8_lossy(&out.stderr).contains("tokenizer"),
+                "{command}"
+            );
+        }
+    }
+    // Adapter folders: a model folder, a missing folder and a non-adapter folder given as one.
+    for (command, extra) in [
+        ("generate", vec!["--prompt", "hi"]),
+        (
+            "logits",
+            vec![
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        ),
+        ("merge", vec!["--output", out.to_str().unwrap()]),
+        ("serve", vec!["--port", "0"]),
+    ] {
+        for (given, needle) in [
+            (
+                s(&bloom),
+                format!(
+                    "--adapter {}: a model folder (config.json), not a PEFT adapter",
+                    s(&bloom)
+                ),
+            ),
+            (
+                s(&missing),
+                format!("--adapter {}: no such folder", s(&missing)),
+            ),
+            (
+                s(&empty),
+                format!(
+                    "--adapter {}: not a PEFT adapter folder (no adapter_config.json)",
+                    s(&empty)
+                ),
+            ),
+        ] {
+            // serve names each adapter (NAME=DIR); the others take a bare folder.
+            let value = if command == "serve" {
+                format!("x={given}")
+            } else {
+                given
+            };
+            let mut args = vec![
+                command,
+                "--model",
+                bloom.to_str().unwrap(),
+                "--adapter",
+                &value,
+            ];
+            args.extend(&extra);
+            assert_clean_failure(&peft(&args), &needle);
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_fail_with_one_clear_line() {
     let bloom = model("bloom-tiny");
@@ -158,7 +308,7 @@ fn bad_inputs_fail_with_one_clear_line() {
     let out_path = out_path.to_str().unwrap();
 
     let missing = peft(&["inspect", "--model", "/definitely/not/here"]);
-    assert_clean_failure(&missing, "/definitely/not/here/config.json");
+    assert_clean_failure(&missing, "--model /definitely/not/here: no such folder");
 
     let not_tensors = fixtures().join("models/bloom-tiny/config.json");
     let out = peft(&[
@@ -551,6 +701,8 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
         stdout.contains("held-out") && stdout.contains("loss"),
         "{stdout}"
     );
+    let merged_line = format!("merged model: {}", out_dir.join("merged").display());
+    assert!(stdout.contains(&merged_line), "{stdout}");
     for path in [
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
@@ -771,6 +923,10 @@ fn prompt_tuning_adapters_run_and_train() {
     // The bundled pretrained BLOOM has hidden size 128.
     assert_eq!(store.shape("prompt_embeddings").unwrap(), &[4, 128]);
     assert!(!run.join("merged").exists());
+    // The closing summary names only what was written.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("adapter: "), "{stdout}");
+    assert!(!stdout.contains("merged model:"), "{stdout}");
 }
 
 #[test]
@@ -1714,4 +1870,43 @@ fn auto_compute_dtype_follows_the_checkpoint() {
         logits_with(&f32_model, "float32"),
         "an f32 checkpoint computes in f32"
     );
+}
+
+/// Resuming an r=8 run with `--r 16` is refused, naming the parameter and both shapes, instead
+/// of training a fresh adapter under the checkpoint's step.
+#[test]
+fn resume_refuses_a_checkpoint_of_another_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let out_dir = out_dir.to_str().unwrap();
+    let common = [
+        "train",
+        "--output",
+        out_dir,
+        "--save-steps",
+        "2",
+        "--no-exact-match",
+        "--no-merged",
+    ];
+    let first = peft(&[&common[..], &["--r", "8", "--max-steps", "2"]].concat());
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let resumed = ["--r", "16", "--max-steps", "4", "--resume", "latest"];
+    let out = peft(&[&common[..], &resumed[..]].concat());
+    // The default run announces itself on stderr first; the error is the last line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "{stderr}");
+    for needle in [
+        "has shape [",
+        "in the checkpoint but [",
+        "another adapter configuration",
+    ] {
+        assert!(last.contains(needle), "`{needle}` not in: {last}");
+    }
 }

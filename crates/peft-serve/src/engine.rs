@@ -145,11 +145,36 @@ pub enum Command {
     },
 }
 
+/// Where a test-only panic is injected ([`Engine::inject_panic`]): each fires once.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedPanic {
+    /// In the next decoding step.
+    Step,
+    /// In the next prompt's prefill.
+    Prefill,
+    /// In the next adapter load.
+    LoadAdapter,
+    /// In the engine's own loop, outside any request: the engine cannot go on.
+    Loop,
+}
+
+/// A caught panic's message (its payload when it is a string).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Limits of the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
     /// Rows decoded together at most.
     pub max_batch: usize,
+    /// Adapters loaded at once at most; a load past it is refused (409) until one is unloaded.
+    pub max_loras: usize,
     /// The context length: a row ends (`length`) once its prompt and output fill it, whatever
     /// its `max_tokens` says (the HTTP side checks it too; this is the defence behind it).
     pub max_model_len: usize,
@@ -183,6 +208,7 @@ pub struct Engine {
     limits: EngineLimits,
     pending: VecDeque<Job>,
     batches: BTreeMap<BatchKey, Batch>,
+    injected: Option<InjectedPanic>,
 }
 
 impl Engine {
@@ -201,9 +227,25 @@ impl Engine {
             limits,
             pending: VecDeque::new(),
             batches: BTreeMap::new(),
+            injected: None,
         };
         engine.publish_adapters();
         Ok(engine)
+    }
+
+    /// Test-only hook: the next operation of kind `at` panics, as a bug or a bad adapter
+    /// tensor would make it.
+    #[doc(hidden)]
+    pub fn inject_panic(&mut self, at: InjectedPanic) {
+        self.injected = Some(at);
+    }
+
+    /// Fires an injected panic of kind `at`, once.
+    fn injected_panic(&mut self, at: InjectedPanic) {
+        if self.injected == Some(at) {
+            self.injected = None;
+            panic!("injected panic ({at:?})");
+        }
     }
 
     /// The model's sizes and special tokens.
@@ -224,10 +266,11 @@ impl Engine {
             while let Ok(command) = commands.try_recv() {
                 self.handle(command);
             }
+            self.injected_panic(InjectedPanic::Loop);
             self.admit();
             let keys: Vec<BatchKey> = self.batches.keys().cloned().collect();
             for key in keys {
-                self.step(&key);
+                self.step_guarded(&key);
             }
             self.batches.retain(|_, b| !b.rows.is_empty());
             self.shared.set_batch_size(self.running());
@@ -245,6 +288,17 @@ impl Engine {
         }
         if self.has_adapter(name) {
             return Err((400, format!("an adapter named `{name}` is already loaded")));
+        }
+        let loaded = self.model.adapter_names().len() + self.others.len();
+        if loaded >= self.limits.max_loras {
+            return Err((
+                409,
+                format!(
+                    "{loaded} adapters are loaded, the most this server holds (--max-loras \
+                     {}): unload one first",
+                    self.limits.max_loras
+                ),
+            ));
         }
         let peft_type = peft_core::config::read_peft_type(dir.join("adapter_config.json"))
             .map_err(|e| (400, format!("{e}")))?;
@@ -315,7 +369,25 @@ impl Engine {
         match command {
             Command::Generate(job) => self.pending.push_back(job),
             Command::LoadAdapter { name, dir, reply } => {
-                let _ = reply.send(self.load_adapter(&name, &dir));
+                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.injected_panic(InjectedPanic::LoadAdapter);
+                    self.load_adapter(&name, &dir)
+                }));
+                let outcome = loaded.unwrap_or_else(|payload| {
+                    // Whatever the load had registered under the name goes with it.
+                    if self.has_adapter(&name) {
+                        let _ = self.unload_adapter(&name);
+                    }
+                    self.shared.engine_panicked();
+                    Err((
+                        500,
+                        format!(
+                            "loading `{name}` failed inside the engine ({}); the server goes on",
+                            panic_message(payload.as_ref())
+                        ),
+                    ))
+                });
+                let _ = reply.send(outcome);
             }
             Command::UnloadAdapter { name, reply } => {
                 let _ = reply.send(self.unload_adapter(&name));
@@ -402,14 +474,28 @@ impl Engine {
                 continue;
             }
             let key = self.key_of(job.adapter.as_deref());
-            match self.prefill(&key, job) {
-                Ok(Some(started)) => {
+            let events = job.events.clone();
+            #[allow(clippy::result_large_err)]
+            let prefill = || {
+                self.injected_panic(InjectedPanic::Prefill);
+                self.prefill(&key, job)
+            };
+            let prefilled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(prefill));
+            match prefilled {
+                Ok(Ok(Some(started))) => {
                     admitted += 1;
                     joined.entry(key).or_default().push(started);
                 }
-                Ok(None) => {}
-                Err((job, e)) => {
+                Ok(Ok(None)) => {}
+                Ok(Err((job, e))) => {
                     let _ = job.events.send(Event::Failed(e.to_string()));
+                }
+                Err(payload) => {
+                    self.shared.engine_panicked();
+                    let _ = events.send(Event::Failed(format!(
+                        "the engine failed on this request's prompt ({}); the server goes on",
+                        panic_message(payload.as_ref())
+                    )));
                 }
             }
         }
@@ -509,6 +595,32 @@ impl Engine {
                 true
             }
             None => row.job.events.is_closed(),
+        }
+    }
+
+    /// [`Self::step`], with a panic contained: the rows of that batch fail with the panic's
+    /// message (a 500 on the HTTP side) and leave; every other batch goes on.
+    fn step_guarded(&mut self, key: &BatchKey) {
+        let senders: Vec<mpsc::UnboundedSender<Event>> = self
+            .batches
+            .get(key)
+            .map(|b| b.rows.iter().map(|r| r.job.events.clone()).collect())
+            .unwrap_or_default();
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.injected_panic(InjectedPanic::Step);
+            self.step(key)
+        }));
+        if let Err(payload) = stepped {
+            // The batch's cache and rows may be half-updated: the batch goes.
+            self.batches.remove(key);
+            self.shared.engine_panicked();
+            let message = format!(
+                "the engine failed while decoding this request ({}); the server goes on",
+                panic_message(payload.as_ref())
+            );
+            for events in senders {
+                let _ = events.send(Event::Failed(message.clone()));
+            }
         }
     }
 

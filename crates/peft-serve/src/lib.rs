@@ -37,7 +37,7 @@ pub mod metrics;
 pub mod routes;
 pub mod text;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,6 +53,13 @@ use crate::routes::AppState;
 /// The context length of a model whose config names none (BLOOM's ALiBi configs): 2048, the
 /// length BLOOM was trained with.
 pub const DEFAULT_MAX_MODEL_LEN: usize = 2048;
+
+/// Adapters loaded at once at most by default (`--max-loras`): generous for a CPU's memory with
+/// small adapters, and a bound on what runtime loads can pile up.
+pub const DEFAULT_MAX_LORAS: usize = 64;
+
+/// How long requests in flight may take to finish after the shutdown signal (`--shutdown-timeout`).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Everything `peft serve` is started with.
 #[derive(Debug, Clone)]
@@ -82,6 +89,14 @@ pub struct ServeOptions {
     pub device: Device,
     /// How the base loads (4-bit, compute dtype).
     pub load: LoadOptions,
+    /// Adapters loaded at once at most (start-up and runtime loads).
+    pub max_loras: usize,
+    /// After the shutdown signal, how long requests in flight may take to finish; then they are
+    /// cut (their clients see the connection close) and the server ends.
+    pub shutdown_timeout: std::time::Duration,
+    /// Test-only: a panic the engine raises once (see [`engine::Engine::inject_panic`]).
+    #[doc(hidden)]
+    pub inject_panic: Option<engine::InjectedPanic>,
 }
 
 impl ServeOptions {
@@ -100,6 +115,9 @@ impl ServeOptions {
             served_model_name: None,
             device,
             load: LoadOptions::default(),
+            max_loras: DEFAULT_MAX_LORAS,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            inject_panic: None,
         }
     }
 }
@@ -131,7 +149,17 @@ pub enum ServeError {
 
 /// Serves until Ctrl-C or SIGTERM, then finishes the requests in flight and returns.
 pub fn serve(options: ServeOptions) -> Result<(), ServeError> {
-    serve_until(options, shutdown_signal(), |addr| {
+    let first_signal = async {
+        shutdown_signal().await;
+        eprintln!("peft serve: shutting down (a second signal exits at once)");
+        // A second SIGINT/SIGTERM while draining: exit now, as an impatient operator asks.
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("peft serve: second signal, exiting without draining");
+            std::process::exit(130);
+        });
+    };
+    serve_until(options, first_signal, |addr| {
         println!("peft serve: listening on http://{addr}");
     })
 }
@@ -182,28 +210,49 @@ pub fn serve_until(
     let engine_shared = shared.clone();
     let limits = EngineLimits {
         max_batch: options.max_batch,
+        max_loras: options.max_loras,
         max_model_len,
     };
     let load = options.clone();
+    // Fired if the engine stops for good: the server then shuts down and `serve` fails, so the
+    // process exits non-zero and an orchestrator restarts it.
+    let (engine_down, engine_went_down) = tokio::sync::oneshot::channel::<()>();
     // The model lives on its own thread: every forward pass runs there, and HTTP handlers
     // never wait on it except through channels.
     let engine = std::thread::Builder::new()
         .name("peft-engine".into())
-        .spawn(move || match start_engine(&load, engine_shared, limits) {
-            Ok(mut engine) => {
-                // The engine has published its adapters: requests may come.
-                let _ = loaded.send(Ok(engine.spec().vocab_size));
-                engine.run(&receiver);
-            }
-            Err(e) => {
-                let _ = loaded.send(Err(e));
-            }
-        })?;
+        .spawn(
+            move || match start_engine(&load, engine_shared.clone(), limits) {
+                Ok(mut engine) => {
+                    if let Some(at) = load.inject_panic {
+                        engine.inject_panic(at);
+                    }
+                    // The engine has published its adapters: requests may come.
+                    let _ = loaded.send(Ok(engine.spec().vocab_size));
+                    // Panics inside one request are contained by the engine itself; one that
+                    // reaches here (its own loop) leaves no engine to serve with.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine.run(&receiver)
+                    }));
+                    if let Err(payload) = ran {
+                        engine_shared.set_engine_stopped(format!(
+                            "the engine panicked: {}",
+                            engine::panic_message(payload.as_ref())
+                        ));
+                        let _ = engine_down.send(());
+                    }
+                }
+                Err(e) => {
+                    let _ = loaded.send(Err(e));
+                }
+            },
+        )?;
     let vocab_size = match ready_model.recv() {
         Ok(Ok(vocab)) => vocab,
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(ServeError::Engine("it ended while loading".into())),
     };
+    let health = shared.clone();
     let state = Arc::new(AppState::new(
         commands,
         shared,
@@ -227,10 +276,35 @@ pub fn serve_until(
                 addr: addr.clone(),
                 source,
             })?;
-        ready(listener.local_addr()?);
-        axum::serve(listener, routes::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let local = listener.local_addr()?;
+        if let Some(warning) = unguarded_warning(&local, options.api_key.is_some()) {
+            tracing::warn!("{warning}");
+        }
+        ready(local);
+        let (stopping, stop_began) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            tokio::select! {
+                () = shutdown => {}
+                _ = engine_went_down => {}
+            }
+            let _ = stopping.send(());
+        };
+        // The drain deadline: from the signal on, requests in flight get `shutdown_timeout`.
+        let timeout = options.shutdown_timeout;
+        let deadline = async move {
+            if stop_began.await.is_ok() {
+                tokio::time::sleep(timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(stop);
+        tokio::select! {
+            served = server.into_future() => served?,
+            () = deadline => tracing::warn!(
+                "requests still in flight {timeout:?} after the shutdown signal were cut"
+            ),
+        }
         Ok::<_, ServeError>(())
     });
     // The router (and with it the engine's last command sender) is gone: the engine finishes
@@ -239,7 +313,21 @@ pub fn serve_until(
     engine
         .join()
         .map_err(|_| ServeError::Engine("it panicked".into()))?;
+    if let Some(why) = health.engine_stopped() {
+        return Err(ServeError::Engine(why));
+    }
     served
+}
+
+/// The warning a server listening on `addr` without an API key deserves: anyone who can reach
+/// a non-loopback address can then use (and load adapters into) it.
+fn unguarded_warning(addr: &SocketAddr, has_key: bool) -> Option<String> {
+    (!has_key && !addr.ip().is_loopback()).then(|| {
+        format!(
+            "listening on {addr} without an API key: any client that reaches this address may \
+             generate and load adapters (set --api-key or PEFT_API_KEY)"
+        )
+    })
 }
 
 /// The engine over the base with the start-up adapters.
@@ -294,5 +382,25 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a non-loopback address without a key is warned about.
+    #[test]
+    fn an_open_address_without_a_key_is_warned_about() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let warning = unguarded_warning(&addr("0.0.0.0:8000"), false).unwrap();
+        assert!(
+            warning.contains("0.0.0.0:8000 without an API key"),
+            "{warning}"
+        );
+        assert!(unguarded_warning(&addr("[::]:8000"), false).is_some());
+        assert_eq!(unguarded_warning(&addr("0.0.0.0:8000"), true), None);
+        assert_eq!(unguarded_warning(&addr("127.0.0.1:8000"), false), None);
+        assert_eq!(unguarded_warning(&addr("[::1]:8000"), false), None);
     }
 }

@@ -25,6 +25,7 @@ struct Counters {
     batch_size: usize,
     steps: u64,
     last_step_tokens_per_second: f64,
+    engine_panics: u64,
 }
 
 /// What the server's two sides share.
@@ -34,6 +35,8 @@ pub struct Shared {
     queued: AtomicUsize,
     counters: Mutex<Counters>,
     base_name: String,
+    /// Why the engine stopped for good (a panic outside any one request); `None` while it runs.
+    engine_stopped: Mutex<Option<String>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,6 +131,21 @@ impl Shared {
         }
     }
 
+    /// The engine caught a panic in one step, prefill or adapter load and went on.
+    pub fn engine_panicked(&self) {
+        locked(&self.counters).engine_panics += 1;
+    }
+
+    /// The engine stopped for good, for `why`: `/health` answers 503 from now on.
+    pub fn set_engine_stopped(&self, why: String) {
+        *locked(&self.engine_stopped) = Some(why);
+    }
+
+    /// Why the engine stopped for good, if it did.
+    pub fn engine_stopped(&self) -> Option<String> {
+        locked(&self.engine_stopped).clone()
+    }
+
     /// A response with HTTP status `status` was sent.
     pub fn responded(&self, status: u16) {
         *locked(&self.counters).responses.entry(status).or_default() += 1;
@@ -208,6 +226,13 @@ impl Shared {
                 "gauge",
                 "Tokens per second of the last decoding step (rows / step time).",
                 c.last_step_tokens_per_second,
+            ),
+            (
+                "peft_engine_panics_total",
+                "counter",
+                "Panics the engine caught in a step, prefill or adapter load (those requests \
+                 failed with 500; the others went on).",
+                c.engine_panics as f64,
             ),
         ] {
             header(&mut out, name, kind, help);

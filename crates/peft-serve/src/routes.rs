@@ -111,6 +111,15 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// `ok` while the engine runs; 503 naming why once it has stopped for good (an orchestrator's
+/// liveness probe then restarts the server, which exits non-zero by itself too).
+async fn health(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
+    match state.shared.engine_stopped() {
+        None => Ok("ok"),
+        Some(why) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)),
+    }
+}
+
 /// The router of every route over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
@@ -122,7 +131,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(v1)
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -235,6 +244,24 @@ fn adapter_path(state: &AppState, requested: &str) -> Result<PathBuf, ApiError> 
             ),
         ));
     }
+    // The files inside too: an allowed folder whose adapter_model.safetensors is a symlink to
+    // a file elsewhere would otherwise be read from outside the adapter folder.
+    if let Ok(entries) = std::fs::read_dir(&resolved) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let inside = path.canonicalize().is_ok_and(|p| p.starts_with(root));
+            if !inside {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{}/{} leads outside the adapter folder (symlinks are followed)",
+                        requested.display(),
+                        entry.file_name().to_string_lossy()
+                    ),
+                ));
+            }
+        }
+    }
     Ok(resolved)
 }
 
@@ -289,6 +316,12 @@ async fn unload_adapter(
         request.lora_name
     ))
 }
+
+/// Stop strings per request at most (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+/// Characters per stop string at most: each generated token's text is scanned for every stop
+/// string, so their length bounds that work (docs/SERVING.md).
+pub const MAX_STOP_CHARS: usize = 256;
 
 /// A checked generation: the adapter, decoding, stop strings and token budget of a request.
 struct Plan {
@@ -408,8 +441,20 @@ fn plan(
         }
     };
     let stops = sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
-    if stops.len() > 4 {
-        return Err(ApiError::bad_field("stop", "at most 4 stop strings"));
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::bad_field(
+            "stop",
+            format!("at most {MAX_STOPS} stop strings"),
+        ));
+    }
+    if let Some(long) = stops.iter().find(|s| s.chars().count() > MAX_STOP_CHARS) {
+        return Err(ApiError::bad_field(
+            "stop",
+            format!(
+                "a stop string may have at most {MAX_STOP_CHARS} characters (one has {})",
+                long.chars().count()
+            ),
+        ));
     }
     Ok(Plan {
         model: sampling.model,
@@ -770,4 +815,37 @@ fn stream_response(
         .chain(body.flat_map(stream::iter))
         .map(Ok);
     Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/health` answers `ok` while the engine runs and 503, naming why, once it has stopped.
+    #[tokio::test]
+    async fn health_answers_503_once_the_engine_has_stopped() {
+        let (commands, _engine_side) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared::new("base"));
+        let model =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama-tiny");
+        let tokenizer = Tokenizer::from_dir(&model).unwrap();
+        let state = Arc::new(AppState::new(
+            commands,
+            shared.clone(),
+            tokenizer,
+            "base".into(),
+            64,
+            4,
+            100,
+            None,
+            None,
+        ));
+        assert_eq!(health(State(state.clone())).await.unwrap(), "ok");
+        shared.set_engine_stopped("the engine panicked: boom".into());
+        let Err(error) = health(State(state)).await else {
+            panic!("a stopped engine answered ok");
+        };
+        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.message, "the engine panicked: boom");
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use peft_models::Decoding;
-use peft_serve::engine::{Command, Engine, EngineLimits, Event, FinishReason, Job};
+use peft_serve::engine::{Command, Engine, EngineLimits, Event, FinishReason, InjectedPanic, Job};
 use peft_serve::metrics::Shared;
 use tokio::sync::mpsc;
 
@@ -25,6 +25,7 @@ fn engine(arch: &str, shared: Arc<Shared>, max_batch: usize) -> Engine {
     let dir = fixtures().join(format!("adapters/multi-{arch}"));
     let limits = EngineLimits {
         max_batch,
+        max_loras: 64,
         max_model_len: usize::MAX,
     };
     let mut engine = Engine::new(base, shared, limits).unwrap();
@@ -51,6 +52,11 @@ fn run(arch: &str, requests: &[Request], max_batch: usize) -> Vec<Vec<Event>> {
 
 /// Runs `requests` through `engine`, all queued before it starts; each request's events.
 fn run_on(mut engine: Engine, requests: &[Request]) -> Vec<Vec<Event>> {
+    run_on_mut(&mut engine, requests)
+}
+
+/// [`run_on`] on an engine that is kept (and may run again).
+fn run_on_mut(engine: &mut Engine, requests: &[Request]) -> Vec<Vec<Event>> {
     let (commands, receiver) = std::sync::mpsc::channel();
     let outputs: Vec<_> = requests
         .iter()
@@ -231,6 +237,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
     let shared = Arc::new(Shared::new("base"));
     let limits = EngineLimits {
         max_batch: 2,
+        max_loras: 64,
         max_model_len: 10,
     };
     let mut engine = Engine::new(base, shared, limits).unwrap();
@@ -392,4 +399,70 @@ fn greedy<M: peft_core::CausalLm>(model: &M, prompt: &[u32], max_tokens: usize) 
     peft_models::generate(model, &[prompt.to_vec()], &options, |_, _| {})
         .unwrap()
         .remove(0)
+}
+
+/// A panic in a decoding step, in a prefill or in an adapter load (injected) fails only the
+/// request it hit, with a message naming it; the same engine then serves the same request
+/// exactly as a fresh engine does, and loads the adapter.
+#[test]
+fn a_panic_fails_only_its_request_and_the_engine_goes_on() {
+    let request = || Request {
+        adapter: Some("b"),
+        prompt: vec![5, 9, 14, 3],
+        max_tokens: 6,
+        decoding: Decoding::Greedy,
+    };
+    let fresh = run("llama", &[request()], 4);
+    let shared = Arc::new(Shared::new("base"));
+    let mut engine = engine("llama", shared.clone(), 4);
+    for at in [InjectedPanic::Step, InjectedPanic::Prefill] {
+        engine.inject_panic(at);
+        let events = run_on_mut(&mut engine, &[request()]);
+        let failed = events[0].iter().find_map(|e| match e {
+            Event::Failed(m) => Some(m.clone()),
+            _ => None,
+        });
+        let message = failed.unwrap_or_else(|| panic!("{at:?}: no failure in {:?}", events[0]));
+        assert!(
+            message.contains(&format!("injected panic ({at:?})")),
+            "{message}"
+        );
+        assert!(message.contains("the server goes on"), "{message}");
+        assert_eq!(
+            run_on_mut(&mut engine, &[request()]),
+            fresh,
+            "{at:?}: after the panic"
+        );
+    }
+    // An adapter load that panics answers 500 and leaves no half-loaded adapter behind.
+    let dir = fixtures().join("adapters/multi-llama/c");
+    let load = |engine: &mut Engine| {
+        let (commands, receiver) = std::sync::mpsc::channel();
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        commands
+            .send(Command::LoadAdapter {
+                name: "d".into(),
+                dir: dir.clone(),
+                reply,
+            })
+            .unwrap();
+        drop(commands);
+        engine.run(&receiver);
+        answer.try_recv().unwrap()
+    };
+    engine.inject_panic(InjectedPanic::LoadAdapter);
+    let (status, message) = load(&mut engine).unwrap_err();
+    assert_eq!(status, 500);
+    assert!(
+        message.contains("injected panic (LoadAdapter)"),
+        "{message}"
+    );
+    assert!(!shared.has_adapter("d"));
+    load(&mut engine).unwrap();
+    assert!(shared.has_adapter("d"));
+    assert!(
+        shared.render().contains("peft_engine_panics_total 3"),
+        "{}",
+        shared.render()
+    );
 }

@@ -251,7 +251,11 @@ fn chat_stop_strings_and_seeded_sampling() {
 #[test]
 fn bad_requests_get_openai_errors() {
     let server = Server::start(|o| o.max_model_len = Some(64));
-    let cases: [(&str, &str, u16, &str); 11] = [
+    let stop_too_long = format!(
+        r#"{{"model": "a", "prompt": "x", "stop": ["{}"]}}"#,
+        "s".repeat(257)
+    );
+    let cases: [(&str, &str, u16, &str); 13] = [
         (
             "/v1/completions",
             "{\"model\": \"a\", \"prompt\": ",
@@ -312,6 +316,18 @@ fn bad_requests_get_openai_errors() {
             r#"{"model": "a", "messages": []}"#,
             400,
             "messages is empty",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}"#,
+            400,
+            "at most 4 stop strings",
+        ),
+        (
+            "/v1/completions",
+            &stop_too_long,
+            400,
+            "at most 256 characters (one has 257)",
         ),
         ("/v1/nothing", "{}", 404, "no such route"),
     ];
@@ -391,6 +407,21 @@ fn adapters_load_and_unload_at_run_time_from_their_folder_only() {
     std::fs::write(allowed.join("not-an-adapter"), "x").unwrap();
     #[cfg(unix)]
     std::os::unix::fs::symlink(&outside, allowed.join("escape")).unwrap();
+    // An allowed folder whose weights file is a symlink to a file outside.
+    #[cfg(unix)]
+    {
+        std::fs::create_dir_all(allowed.join("linked")).unwrap();
+        std::fs::copy(
+            allowed.join("c/adapter_config.json"),
+            allowed.join("linked/adapter_config.json"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            outside.join("c/adapter_model.safetensors"),
+            allowed.join("linked/adapter_model.safetensors"),
+        )
+        .unwrap();
+    }
     let dir = allowed.clone();
     let server = Server::start(move |o| o.adapter_dir = Some(dir));
     let load = |name: &str, path: &str| {
@@ -404,6 +435,17 @@ fn adapters_load_and_unload_at_run_time_from_their_folder_only() {
     assert_eq!(load("x", outside.join("c").to_str().unwrap()).status, 403);
     #[cfg(unix)]
     assert_eq!(load("x", "escape/c").status, 403);
+    #[cfg(unix)]
+    {
+        let r = load("x", "linked");
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert!(
+            r.body
+                .contains("linked/adapter_model.safetensors leads outside"),
+            "{}",
+            r.body
+        );
+    }
     assert_eq!(load("x", "missing").status, 404);
     let r = load("x", "not-an-adapter");
     assert_eq!(r.status, 400, "{}", r.body);
@@ -554,4 +596,90 @@ fn shutdown_finishes_requests_in_flight() {
         TcpStream::connect(addr).is_err(),
         "still accepting after shutdown"
     );
+}
+
+/// A panic in the engine's own loop (injected) leaves no engine to serve with: the request it
+/// held gets 503, and the server shuts itself down with an error naming the panic, so that
+/// `peft serve` exits non-zero and an orchestrator restarts it.
+#[test]
+fn a_dead_engine_stops_the_server_with_an_error() {
+    let server = Server::start(|o| o.inject_panic = Some(peft_serve::engine::InjectedPanic::Loop));
+    let r = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "a", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    match server.shutdown() {
+        Err(ServeError::Engine(why)) => {
+            assert!(
+                why.contains("the engine panicked: injected panic (Loop)"),
+                "{why}"
+            )
+        }
+        other => panic!("expected the engine's error, got {other:?}"),
+    }
+}
+
+/// `--max-loras`: a load past the cap is answered 409 naming it, and goes through once an
+/// adapter is unloaded.
+#[test]
+fn adapter_loads_past_max_loras_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    copy_dir(
+        &fixtures().join("adapters/multi-llama/c"),
+        &root.path().join("c"),
+    );
+    let dir = root.path().to_path_buf();
+    // `a` and `b` are loaded at start: one more fits.
+    let server = Server::start(move |o| {
+        o.adapter_dir = Some(dir);
+        o.max_loras = 3;
+    });
+    let load = |name: &str| {
+        post(
+            server.addr,
+            "/v1/load_lora_adapter",
+            json!({"lora_name": name, "lora_path": "c"}),
+        )
+    };
+    assert_eq!(load("c").status, 200);
+    let full = load("d");
+    assert_eq!(full.status, 409, "{}", full.body);
+    assert!(full.body.contains("--max-loras 3"), "{}", full.body);
+    let unload = post(
+        server.addr,
+        "/v1/unload_lora_adapter",
+        json!({"lora_name": "c"}),
+    );
+    assert_eq!(unload.status, 200);
+    assert_eq!(load("d").status, 200);
+}
+
+/// `--shutdown-timeout 0`: a request still streaming when the signal comes is cut (no `[DONE]`)
+/// and the server ends at once instead of decoding it to the end.
+#[test]
+fn the_drain_deadline_cuts_requests_still_in_flight() {
+    let server = Server::start(|o| {
+        o.model = fixtures().join("models/bloom-tiny");
+        o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
+        o.shutdown_timeout = Duration::ZERO;
+    });
+    let body = json!({"model": "a", "prompt": "x", "max_tokens": 2000, "temperature": 1.0,
+                      "seed": 3, "stream": true, "ignore_eos": true})
+    .to_string();
+    let stream = send(server.addr, "POST", "/v1/completions", None, &body);
+    wait_for("the request to run", || {
+        metric(server.addr, "peft_batch_size") == 1.0
+    });
+    // The cut stream may end mid-chunk: an unreadable response counts as cut too.
+    let reader = std::thread::spawn(move || client::read_response(stream));
+    let started = Instant::now();
+    server.shutdown().unwrap();
+    let cut = match reader.join().unwrap() {
+        Err(_) => true,
+        Ok(response) => response.events().last().map(String::as_str) != Some("[DONE]"),
+    };
+    assert!(cut, "the request ran to its end");
+    assert!(started.elapsed() < Duration::from_secs(20));
 }

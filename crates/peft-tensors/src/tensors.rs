@@ -464,6 +464,61 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Puts the complete folder `staged` at `target`, replacing a folder already there without a
+/// moment in which `target` is missing or half-written: on Linux the two are exchanged in one
+/// `renameat2(RENAME_EXCHANGE)` and the old folder (now at `staged`) is removed; elsewhere, or
+/// where the file system cannot exchange, the old folder is first moved aside, so a crash leaves
+/// it whole under `.{name}.old-{pid}` beside the new one.
+pub fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
+    let result = (|| {
+        if !target.exists() {
+            return std::fs::rename(staged, target);
+        }
+        #[cfg(target_os = "linux")]
+        if exchange(staged, target)? {
+            return std::fs::remove_dir_all(staged);
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let aside = target.with_file_name(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(target, &aside)?;
+        std::fs::rename(staged, target)?;
+        std::fs::remove_dir_all(&aside)
+    })();
+    result.map_err(|e| PeftError::io(target, e))
+}
+
+/// Exchanges `a` and `b` atomically; `Ok(false)` where the file system does not support it.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let status = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if status == 0 {
+        return Ok(true);
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(error),
+    }
+}
+
 /// Serialises named tensors to safetensors bytes (tensors sorted by name, as PyTorch does).
 pub fn serialize(
     tensors: &BTreeMap<String, HostTensor>,
@@ -772,6 +827,30 @@ pub fn write_folder_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder replaced by `replace_dir` holds the new contents only, the staged folder is
+    /// gone, nothing is left beside them; a target that does not exist is simply renamed to.
+    #[test]
+    fn replace_dir_swaps_in_the_new_folder() {
+        let dir = tempdir();
+        let target = dir.join("checkpoint-4");
+        let staged = dir.join(".checkpoint-4.tmp");
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::write(staged.join("a"), "first").unwrap();
+        replace_dir(&staged, &target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "first");
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::write(staged.join("b"), "second").unwrap();
+        replace_dir(&staged, &target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("b")).unwrap(), "second");
+        assert!(!target.join("a").exists());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("checkpoint-4")]);
+    }
 
     #[test]
     fn round_trips_f32_and_widens_half_types() {

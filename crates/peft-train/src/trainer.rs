@@ -170,6 +170,19 @@ pub enum TrainError {
         /// The newest checkpoint written before.
         last_checkpoint: Option<PathBuf>,
     },
+    /// The gradients' norm became NaN or infinite with a finite loss; the step was not applied
+    /// and no checkpoint was written after it.
+    #[error("gradient norm is {norm} at step {step} (loss {loss}): training stopped before the update{}", last_checkpoint.as_ref().map(|p| format!("; last good checkpoint: {}", p.display())).unwrap_or_default())]
+    NonFiniteGradient {
+        /// The optimizer step.
+        step: usize,
+        /// The global L2 norm of the accumulated gradients.
+        norm: f64,
+        /// The step's (finite) loss.
+        loss: f32,
+        /// The newest checkpoint written before.
+        last_checkpoint: Option<PathBuf>,
+    },
     /// The ranks of a distributed run could not exchange their gradients (a rank died, hangs,
     /// or the transport failed).
     #[error("distributed training: {0}")]
@@ -550,6 +563,20 @@ pub enum Resume {
 /// Set by [`request_stop`]; read after each optimizer step.
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    /// Test-only fault: the optimizer step whose gradients become NaN (see
+    /// [`inject_nonfinite_gradient_at`]). Per thread, so tests running beside it are untouched.
+    static NONFINITE_GRADIENT_AT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Test-only hook: on this thread, the accumulated gradients of optimizer step `step` (1-based)
+/// are made NaN while its loss stays finite, as a numerical blow-up in a backward pass would;
+/// `None` clears it. Lets a test see the trainer refuse the step.
+#[doc(hidden)]
+pub fn inject_nonfinite_gradient_at(step: Option<usize>) {
+    NONFINITE_GRADIENT_AT.with(|at| at.set(step));
+}
+
 /// Asks a running [`train`] to stop after the current optimizer step, write a checkpoint and
 /// return. Async-signal-safe (one atomic store), so a SIGINT handler may call it.
 pub fn request_stop() {
@@ -614,6 +641,9 @@ pub fn train_distributed<A: AdapterModel>(
     }
     STOP_REQUESTED.store(false, Ordering::SeqCst);
     std::fs::create_dir_all(output_dir).map_err(io_err(output_dir))?;
+    if writes {
+        remove_stale_staging(output_dir)?;
+    }
     let total = config.total_steps(train.len());
     let trainable: Vec<String> = adapter.trainable_names();
     let model = with_stable_ids(adapter.model().clone());
@@ -733,17 +763,17 @@ pub fn train_distributed<A: AdapterModel>(
         }
         micro_index = first + micro_per_step;
         let mut grads = accumulated.expect("at least one micro-batch");
+        if NONFINITE_GRADIENT_AT.with(|at| at.get()) == Some(state.global_step + 1) {
+            grads = scale_grads(grads, &params, f64::NAN);
+        }
         let device = adapter.model().device();
         let step_loss = step_loss.expect("at least one micro-batch");
         // Set in a distributed step: whether any rank was asked to stop.
         let mut stop_by_any_rank = None;
         let (loss, squared) = if ranks == 1 {
-            // The step's only device → host read: its loss and, when clipping, the gradients'
-            // squared norm.
-            let read = match config.max_grad_norm {
-                Some(_) => Tensor::cat(vec![step_loss, squared_norm(&grads, &params, &device)], 0),
-                None => step_loss,
-            };
+            // The step's only device → host read: its loss and the gradients' squared norm (read
+            // whether or not it clips: a non-finite norm stops the run below).
+            let read = Tensor::cat(vec![step_loss, squared_norm(&grads, &params, &device)], 0);
             let values = host_f32(read).unwrap_or_default();
             let loss = values.first().copied().unwrap_or(f32::NAN);
             (loss, values.get(1).map(|&v| v as f64))
@@ -756,11 +786,11 @@ pub fn train_distributed<A: AdapterModel>(
             allreduce_s = Some(reduced.seconds);
             // The norm of the summed gradients, computed on the device as a single process
             // computes it, so that clipping scales by the same number.
-            let squared = config.max_grad_norm.map(|_| {
+            let squared = Some(
                 host_f32(squared_norm(&grads, &params, &device))
                     .and_then(|v| v.first().copied())
-                    .map_or(f64::NAN, f64::from)
-            });
+                    .map_or(f64::NAN, f64::from),
+            );
             (reduced.loss, squared)
         };
         if !loss.is_finite() {
@@ -770,10 +800,20 @@ pub fn train_distributed<A: AdapterModel>(
                 last_checkpoint,
             });
         }
+        let norm = squared.unwrap_or(f64::NAN).sqrt();
+        if !norm.is_finite() {
+            // Before the update and before any checkpoint: the newest checkpoint stays the
+            // last good one.
+            return Err(TrainError::NonFiniteGradient {
+                step: state.global_step + 1,
+                norm,
+                loss,
+                last_checkpoint,
+            });
+        }
         let mut grad_norm = None;
         if let Some(max_norm) = config.max_grad_norm {
             // PyTorch's clip_grad_norm_: scaled down when the global L2 norm is above max_norm.
-            let norm = squared.unwrap_or(0.0).sqrt();
             let scale = max_norm / (norm + 1e-6);
             if scale < 1.0 {
                 grads = scale_grads(grads, &params, scale);
@@ -907,14 +947,33 @@ fn save_checkpoint<A: AdapterModel>(
     write_atomic(tmp.join(OPTIMIZER_FILE), &bytes)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| PeftError::json(&tmp, e))?;
     write_atomic(tmp.join(STATE_FILE), json.as_bytes())?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+    // A checkpoint of the same step (a resumed run passing it again) is replaced atomically:
+    // at every moment `checkpoint-N` is the old one or the new one, never missing.
+    peft_tensors::replace_dir(&tmp, &final_dir)?;
     if let Ok(d) = std::fs::File::open(output_dir) {
         let _ = d.sync_all();
     }
     Ok(final_dir)
+}
+
+/// Removes the staging folders a crashed run left (`.checkpoint-N.tmp-PID`, and
+/// `.checkpoint-N.old-PID` from a replacement cut short): never a finished checkpoint.
+fn remove_stale_staging(output_dir: &Path) -> Result<(), TrainError> {
+    for entry in std::fs::read_dir(output_dir)
+        .map_err(io_err(output_dir))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name
+            .strip_prefix(".checkpoint-")
+            .is_some_and(|rest| rest.contains(".tmp-") || rest.contains(".old-"));
+        if stale && entry.path().is_dir() {
+            let path = entry.path();
+            tracing::warn!("removing {} left by an interrupted run", path.display());
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
 }
 
 fn prune_checkpoints(output_dir: &Path, limit: Option<usize>) -> Result<(), TrainError> {
@@ -939,6 +998,12 @@ fn load_checkpoint<A: AdapterModel>(
         serde_json::from_str(&text).map_err(|e| PeftError::json(&state_path, e))?;
     let store = TensorStore::open(dir.join(TRAINABLE_FILE))?;
     let trainable = adapter.trainable_names();
+    // Full shapes, not only ranks: an r=8 checkpoint must not "resume" an r=16 run (its values
+    // would be dropped and the run would train a fresh adapter under the checkpoint's step).
+    let shapes: BTreeMap<String, Vec<usize>> = peft_core::params::lazy_values(adapter.model())
+        .into_iter()
+        .map(|v| (v.name, v.shape))
+        .collect();
     let mut values = BTreeMap::new();
     for name in &trainable {
         if !store.contains(name) {
@@ -948,6 +1013,16 @@ fn load_checkpoint<A: AdapterModel>(
             });
         }
         let (data, shape) = store.f32(name)?;
+        if let Some(expected) = shapes.get(name).filter(|e| **e != shape) {
+            return Err(TrainError::Checkpoint {
+                path: dir.join(TRAINABLE_FILE),
+                reason: format!(
+                    "`{name}` has shape {shape:?} in the checkpoint but {expected:?} in this \
+                     run: the checkpoint belongs to another adapter configuration (rank, \
+                     targets, virtual tokens)"
+                ),
+            });
+        }
         values.insert(name.clone(), TensorData::new(data, shape));
     }
     let model = set_values(adapter.model().clone(), values);
