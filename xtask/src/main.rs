@@ -47,9 +47,10 @@ enum Task {
 /// `cargo xtask fixtures`' flags.
 #[derive(Args, Debug)]
 struct FixturesArgs {
-    /// Python with the pinned reference stack (relative paths from the workspace root).
-    #[arg(long, value_name = "PATH", default_value = "../pyref/bin/python")]
-    python: PathBuf,
+    /// Python with the pinned reference stack [default: ../pyref/bin/python beside the
+    /// workspace].
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
 }
 
 /// A GPU backend (a Cargo feature of the same name).
@@ -187,23 +188,33 @@ fn close_matches<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Ve
         .collect()
 }
 
-/// Refuses a case name not in `known`, naming the close matches.
+/// The refusal of the first name in `cases` that is not in `known`, naming the close matches
+/// (or `list_hint` when none is close); `None` when every name is known.
+fn unknown_case<'a>(
+    cases: &[String],
+    known: impl IntoIterator<Item = &'a str> + Clone,
+    list_hint: &str,
+) -> Option<String> {
+    let case = cases
+        .iter()
+        .find(|case| !known.clone().into_iter().any(|k| k == case.as_str()))?;
+    let close = close_matches(case, known);
+    let hint = if close.is_empty() {
+        format!("; {list_hint}")
+    } else {
+        format!("; did you mean {}?", close.join(", "))
+    };
+    Some(format!("unknown case `{case}`{hint}"))
+}
+
+/// Refuses (exit status 2, before anything is built) a case name not in `known`.
 pub(crate) fn check_cases<'a>(
     cases: &[String],
     known: impl IntoIterator<Item = &'a str> + Clone,
     list_hint: &str,
 ) {
-    for case in cases {
-        if known.clone().into_iter().any(|k| k == case) {
-            continue;
-        }
-        let close = close_matches(case, known.clone());
-        let hint = if close.is_empty() {
-            format!("; {list_hint}")
-        } else {
-            format!("; did you mean {}?", close.join(", "))
-        };
-        usage_error(format!("unknown case `{case}`{hint}"));
+    if let Some(message) = unknown_case(cases, known, list_hint) {
+        usage_error(message);
     }
 }
 
@@ -217,7 +228,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
-    let python = root.join(&args.python);
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| root.join("../pyref/bin/python"));
     // In order: the base fixtures (and versions.json), the 4-bit / bf16 ones (which add
     // bitsandbytes to versions.json), the newer architectures (which reuse the tokenizer).
     for script in [
@@ -833,4 +847,159 @@ fn serving_summary(md: &mut String, rows: &[serde_json::Value]) {
 /// Cargo's target folder: `$CARGO_TARGET_DIR` when set, else `target/` in the workspace.
 pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().copied()))
+    }
+
+    fn bench_args(args: &[&str]) -> BenchArgs {
+        match parse(args).unwrap().task {
+            Task::Bench(b) => b,
+            other => panic!("not bench: {other:?}"),
+        }
+    }
+
+    /// Help at every level; a missing task is a usage error, not a run.
+    #[test]
+    fn help_is_printed_at_every_level() {
+        for args in [
+            &["--help"][..],
+            &["bench", "--help"],
+            &["fixtures", "--help"],
+            &["gpu-check", "--help"],
+            &["pretrain-tiny", "--help"],
+        ] {
+            assert_eq!(
+                parse(args).unwrap_err().kind(),
+                ErrorKind::DisplayHelp,
+                "{args:?}"
+            );
+        }
+        let help = Cli::command().render_long_help().to_string();
+        for task in ["bench", "fixtures", "gpu-check", "pretrain-tiny"] {
+            assert!(help.contains(task), "{help}");
+        }
+        let missing = parse(&[]).unwrap_err().kind();
+        assert_eq!(missing, ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
+    }
+
+    /// Misspelt flags and bad values are refused (clap's errors exit with status 2), with the
+    /// close flag suggested.
+    #[test]
+    fn unknown_flags_and_bad_values_are_refused() {
+        let err = parse(&["bench", "--case", "gemm"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnknownArgument);
+        assert!(err.to_string().contains("--cases"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["bench", "--vs-pytoch"]).unwrap_err();
+        assert!(err.to_string().contains("--vs-pytorch"), "{err}");
+        assert_eq!(
+            parse(&["bench", "--device", "tpu"]).unwrap_err().kind(),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse(&["bench", "--rounds", "0"]).unwrap_err().kind(),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            parse(&["bench", "--steps", "5"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument,
+            "--steps belongs to --scale"
+        );
+        assert_eq!(
+            parse(&["gpu-check", "--device", "cpu"]).unwrap_err().kind(),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(
+            parse(&["bnech"]).unwrap_err().kind(),
+            ErrorKind::InvalidSubcommand
+        );
+    }
+
+    /// The invocations the docs and CI used before the parser keep their meaning.
+    #[test]
+    fn earlier_invocations_keep_their_meaning() {
+        let quick = bench_args(&["bench", "--quick"]);
+        assert!(quick.quick && !quick.vs_pytorch && quick.cases.is_empty());
+        assert_eq!(quick.device, BenchDevice::Cpu);
+        let b = bench_args(&[
+            "bench",
+            "--vs-pytorch",
+            "--python",
+            "/work/pyref/bin/python",
+            "--cases",
+            "lora-train-bf16,qlora-train-bf16",
+            "--rounds",
+            "3",
+        ]);
+        assert!(b.vs_pytorch);
+        assert_eq!(b.python, Some(PathBuf::from("/work/pyref/bin/python")));
+        assert_eq!(b.cases, ["lora-train-bf16", "qlora-train-bf16"]);
+        assert_eq!(b.rounds, Some(3));
+        let s = bench_args(&[
+            "bench",
+            "--scale",
+            "--vs-pytorch",
+            "--models",
+            "bloom-1b4",
+            "--pytorch-cases",
+            "scale-lora",
+            "--steps",
+            "5",
+        ]);
+        assert!(s.scale);
+        assert_eq!(
+            (s.models.as_slice(), s.steps),
+            (&["bloom-1b4".to_string()][..], 5)
+        );
+        assert_eq!(s.pytorch_cases, ["scale-lora"]);
+        match parse(&["gpu-check", "--device", "cuda", "--two-gpus"])
+            .unwrap()
+            .task
+        {
+            Task::GpuCheck(g) => assert!(g.device == Gpu::Cuda && g.two_gpus),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["pretrain-tiny", "--steps", "600"]).unwrap().task {
+            Task::PretrainTiny(_) => {}
+            other => panic!("{other:?}"),
+        }
+        match parse(&["fixtures", "--python", "../pyref/bin/python"])
+            .unwrap()
+            .task
+        {
+            Task::Fixtures(f) => assert_eq!(f.python, Some(PathBuf::from("../pyref/bin/python"))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// An unknown case name is refused naming the close matches, or the listing when none is.
+    #[test]
+    fn unknown_cases_name_the_close_matches() {
+        let names = || BENCH_CASES.iter().map(|(n, _)| *n);
+        let cases = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unknown_case(&cases(&["gemm", "lora-train"]), names(), "list"),
+            None
+        );
+        let err = unknown_case(&cases(&["gemm", "lora-trian"]), names(), "list").unwrap();
+        assert_eq!(
+            err,
+            "unknown case `lora-trian`; did you mean lora-train, qlora-train?"
+        );
+        let err = unknown_case(&cases(&["zzz"]), names(), "see --list").unwrap();
+        assert_eq!(err, "unknown case `zzz`; see --list");
+        let err = unknown_case(&cases(&["scale-lorra"]), scale::CASES, "x").unwrap();
+        assert!(err.contains("did you mean scale-lora"), "{err}");
+        // Every listed case has a description; only serve-load lacks a PyTorch side.
+        assert!(BENCH_CASES.iter().all(|(_, what)| !what.is_empty()));
+        let without: Vec<_> = names().filter(|n| !has_pytorch_side(n)).collect();
+        assert_eq!(without, ["serve-load"]);
+    }
 }

@@ -100,14 +100,18 @@ pub struct PretrainArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 1200)]
     steps: usize,
-    /// Where the pretrained model is written (relative paths from the workspace root).
-    #[arg(long, value_name = "DIR", default_value = "data/bloom-tiny-pretrained")]
-    output: PathBuf,
+    /// Where the pretrained model is written [default: data/bloom-tiny-pretrained in the
+    /// workspace].
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
 }
 
 pub fn pretrain_tiny(root: &Path, args: &PretrainArgs) -> Result<()> {
     let steps = args.steps;
-    let out = root.join(&args.output);
+    let out = args
+        .output
+        .clone()
+        .unwrap_or_else(|| root.join("data/bloom-tiny-pretrained"));
     let fixture = root.join("tests/fixtures/models/bloom-tiny");
     let tokenizer = peft_models::Tokenizer::from_dir(&fixture)?;
     let text = std::fs::read_to_string(root.join("data/pretrain.txt"))

@@ -57,6 +57,11 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// The work one render of a chat template may do (minijinja's fuel): a conversation of
+/// thousands of turns renders well within it, a template that loops without end stops with an
+/// error instead of hanging.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 fn template_error(context: &str, e: minijinja::Error) -> PeftError {
     PeftError::InvalidInput(format!("{context}: chat template: {e:#}"))
 }
@@ -71,6 +76,9 @@ impl ChatTemplate {
             .build()
             .map_err(|e| template_error("syntax", e))?;
         env.set_syntax(syntax);
+        // A template comes from a model folder, i.e. from elsewhere: its work per render is
+        // bounded (about an instruction or 64 bytes a unit), far above any real conversation's.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -208,6 +216,37 @@ mod tests {
         {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\
         {%- endfor %}\
         {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+    /// A template that would loop 10¹⁰ times stops with an error (its fuel runs out), quickly;
+    /// a conversation of 2,000 turns still renders.
+    #[test]
+    fn a_runaway_template_stops_instead_of_hanging() {
+        let runaway = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = runaway
+            .render(&conversation(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fuel"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let long: Vec<Message> = (0..2000)
+            .map(|i| Message::new(if i % 2 == 0 { "user" } else { "assistant" }, "hello there"))
+            .collect();
+        let chatml = ChatTemplate::new(CHATML, None, None).unwrap();
+        assert_eq!(
+            chatml
+                .render(&long, false)
+                .unwrap()
+                .matches("<|im_start|>")
+                .count(),
+            2000
+        );
+    }
 
     fn conversation() -> Vec<Message> {
         vec![

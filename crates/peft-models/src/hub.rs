@@ -53,11 +53,18 @@ impl RepoId {
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
+        // A branch may hold `/` (`refs/pr/1`), but every part between them must be a plain
+        // name: no leading `/` (an absolute path would replace the cache folder when joined),
+        // no empty part, no `.` or `..`.
         let rev_ok = !revision.is_empty()
             && !revision.contains("..")
-            && revision
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+            && revision.split('/').all(|part| {
+                !part.is_empty()
+                    && part != "."
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            });
         (part_ok(owner) && part_ok(name) && rev_ok).then(|| Self {
             repo: repo.to_string(),
             revision: revision.to_string(),
@@ -114,6 +121,14 @@ pub fn resolve_model_in(spec: &str, cache: &Path) -> Result<PathBuf> {
     } else {
         id.revision.clone()
     };
+    // A ref names a commit hash: anything else (a path, `..`) must not lead out of the cache.
+    let hash_like = |c: &str| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_alphanumeric());
+    if ref_file.is_file() && !hash_like(&commit) {
+        return Err(PeftError::InvalidInput(format!(
+            "--model {spec}: {} names `{commit}`, not a commit hash",
+            ref_file.display()
+        )));
+    }
     let snapshot = snapshots.join(&commit);
     if !snapshot.is_dir() {
         return Err(missing(format!(
@@ -204,6 +219,27 @@ mod tests {
         assert_eq!(RepoId::parse("a/b/c"), None);
         assert_eq!(RepoId::parse("../b"), None);
         assert_eq!(RepoId::parse("a/b@../../x"), None);
+        // Revisions that would leave the cache when joined to its folders.
+        for bad in [
+            "a/b@/etc/passwd",
+            "a/b@x//y",
+            "a/b@x/./y",
+            "a/b@x/",
+            "a/b@.",
+        ] {
+            assert_eq!(RepoId::parse(bad), None, "{bad}");
+        }
+        assert_eq!(
+            RepoId::parse("a/b@refs/pr/1").map(|id| id.revision),
+            Some("refs/pr/1".to_string())
+        );
+        // A ref file naming a path instead of a commit is refused.
+        let refs = dir.join("refs");
+        std::fs::write(refs.join("evil"), "../../../../etc").unwrap();
+        let err = resolve_model_in("org/model@evil", cache.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a commit hash"), "{err}");
         assert_eq!(
             RepoId::parse("Qwen/Qwen2.5-0.5B"),
             Some(RepoId {

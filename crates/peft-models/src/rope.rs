@@ -94,6 +94,13 @@ impl Rotary {
         let theta = number(params, "rope_theta")
             .or_else(|| config.get("rope_theta").and_then(Value::as_f64))
             .unwrap_or(10000.0);
+        // θ ≤ 0 or beyond f32 gives NaN or infinite tables (θ^(-2i/d)), and every logit NaN.
+        if !(theta > 0.0 && theta.is_finite() && (theta as f32).is_finite()) {
+            return Err(bad(
+                "rope_theta",
+                format!("must be a positive, finite number, got {theta}"),
+            ));
+        }
         let partial = number(params, "partial_rotary_factor")
             .or_else(|| config.get("partial_rotary_factor").and_then(Value::as_f64))
             .unwrap_or(1.0);
@@ -554,5 +561,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("partial_rotary_factor"), "{err}");
+        // θ that would make the tables NaN or infinite, in either layout.
+        for bad in [
+            r#"{"rope_theta": 0.0}"#,
+            r#"{"rope_theta": -10000.0}"#,
+            r#"{"rope_theta": 1e300}"#,
+            r#"{"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}"#,
+        ] {
+            let err = rotary(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("rope_theta") && err.contains("positive, finite"),
+                "{bad}: {err}"
+            );
+        }
+        let (freqs, _) = rotary(r#"{"rope_theta": 500000.0}"#)
+            .unwrap()
+            .frequencies(16);
+        assert!(freqs.iter().all(|f| f.is_finite() && *f > 0.0));
     }
 }

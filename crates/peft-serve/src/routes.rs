@@ -544,7 +544,13 @@ async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: CompletionRequest = parse_body(&body.map_err(body_error)?)?;
+    let plan = completion_plan(&state, &body.map_err(body_error)?)?;
+    respond(state, plan, Endpoint::Completions).await
+}
+
+/// A `/v1/completions` body checked and planned (or the error the route answers).
+fn completion_plan(state: &AppState, body: &[u8]) -> Result<Plan, ApiError> {
+    let request: CompletionRequest = parse_body(body)?;
     let prompt = match request.prompt {
         Prompt::Tokens(ids) => ids,
         Prompt::TokenLists(mut lists) if lists.len() == 1 => lists.remove(0),
@@ -558,8 +564,19 @@ async fn completions(
         }
     };
     // OpenAI's completions default: 16 tokens.
-    let plan = plan(&state, request.sampling, prompt, Some(16))?;
-    respond(state, plan, Endpoint::Completions).await
+    plan(state, request.sampling, prompt, Some(16))
+}
+
+/// What a checked `/v1/completions` body asks of the engine: `(prompt tokens, max_tokens, stop
+/// strings)`, or the error the route answers. For the fuzz target (`fuzz/`), which checks that
+/// every accepted body stays within the server's limits.
+#[doc(hidden)]
+pub fn check_completion_body(
+    state: &AppState,
+    body: &[u8],
+) -> Result<(usize, usize, Vec<String>), ApiError> {
+    let plan = completion_plan(state, body)?;
+    Ok((plan.prompt.len(), plan.max_tokens, plan.stops))
 }
 
 async fn chat_completions(
