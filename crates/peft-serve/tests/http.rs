@@ -501,6 +501,33 @@ fn adapters_load_and_unload_at_run_time_from_their_folder_only() {
     assert!(r.body.contains("--adapter-dir"));
 }
 
+/// A server over the tiny BLOOM (a 2,048-token context) with the adapter `a`, configured further
+/// by `configure`.
+fn bloom_server(configure: impl FnOnce(&mut ServeOptions)) -> Server {
+    Server::start(|o| {
+        o.model = fixtures().join("models/bloom-tiny");
+        o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
+        configure(o);
+    })
+}
+
+/// A sampled, streamed completion of `max_tokens` tokens past end-of-sequence: a request that
+/// runs long.
+fn long_stream_body(max_tokens: usize, seed: u64) -> String {
+    json!({"model": "a", "prompt": "x", "max_tokens": max_tokens, "temperature": 1.0,
+           "seed": seed, "stream": true, "ignore_eos": true})
+    .to_string()
+}
+
+/// Sends `body` and waits until its row is decoding; the connection.
+fn start_running(server: &Server, body: &str) -> TcpStream {
+    let stream = send(server.addr, "POST", "/v1/completions", None, body);
+    wait_for("the request to run", || {
+        metric(server.addr, "peft_batch_size") == 1.0
+    });
+    stream
+}
+
 fn metric(addr: SocketAddr, name: &str) -> f64 {
     let text = request(addr, "GET", "/metrics", None, "").body;
     text.lines()
@@ -523,19 +550,12 @@ fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 #[test]
 fn a_full_queue_answers_429_and_a_gone_client_leaves_the_batch() {
     // BLOOM has no context length in its config: 2048 by default, room for long requests.
-    let server = Server::start(|o| {
-        o.model = fixtures().join("models/bloom-tiny");
-        o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
+    let server = bloom_server(|o| {
         o.max_batch = 1;
         o.max_queue = 1;
     });
-    let long = json!({"model": "a", "prompt": "x", "max_tokens": 2000, "temperature": 1.0,
-                      "seed": 1, "stream": true, "ignore_eos": true})
-    .to_string();
-    let running = send(server.addr, "POST", "/v1/completions", None, &long);
-    wait_for("the long request to run", || {
-        metric(server.addr, "peft_batch_size") == 1.0
-    });
+    let long = long_stream_body(2000, 1);
+    let running = start_running(&server, &long);
     let waiting = send(server.addr, "POST", "/v1/completions", None, &long);
     wait_for("the queue to fill", || {
         metric(server.addr, "peft_queue_length") == 1.0
@@ -570,17 +590,8 @@ fn a_full_queue_answers_429_and_a_gone_client_leaves_the_batch() {
 
 #[test]
 fn shutdown_finishes_requests_in_flight() {
-    let server = Server::start(|o| {
-        o.model = fixtures().join("models/bloom-tiny");
-        o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
-    });
-    let body = json!({"model": "a", "prompt": "x", "max_tokens": 1500, "temperature": 1.0,
-                      "seed": 3, "stream": true, "ignore_eos": true})
-    .to_string();
-    let stream = send(server.addr, "POST", "/v1/completions", None, &body);
-    wait_for("the request to run", || {
-        metric(server.addr, "peft_batch_size") == 1.0
-    });
+    let server = bloom_server(|_| {});
+    let stream = start_running(&server, &long_stream_body(1500, 3));
     let addr = server.addr;
     let reader = std::thread::spawn(move || read_response(stream));
     server.shutdown().unwrap();
@@ -660,18 +671,8 @@ fn adapter_loads_past_max_loras_are_refused() {
 /// and the server ends at once instead of decoding it to the end.
 #[test]
 fn the_drain_deadline_cuts_requests_still_in_flight() {
-    let server = Server::start(|o| {
-        o.model = fixtures().join("models/bloom-tiny");
-        o.adapters = vec![("a".into(), fixtures().join("adapters/multi-bloom"))];
-        o.shutdown_timeout = Duration::ZERO;
-    });
-    let body = json!({"model": "a", "prompt": "x", "max_tokens": 2000, "temperature": 1.0,
-                      "seed": 3, "stream": true, "ignore_eos": true})
-    .to_string();
-    let stream = send(server.addr, "POST", "/v1/completions", None, &body);
-    wait_for("the request to run", || {
-        metric(server.addr, "peft_batch_size") == 1.0
-    });
+    let server = bloom_server(|o| o.shutdown_timeout = Duration::ZERO);
+    let stream = start_running(&server, &long_stream_body(2000, 3));
     // The cut stream may end mid-chunk: an unreadable response counts as cut too.
     let reader = std::thread::spawn(move || client::read_response(stream));
     let started = Instant::now();
