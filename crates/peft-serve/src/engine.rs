@@ -248,6 +248,23 @@ impl Engine {
         }
     }
 
+    /// Runs `work` (an operation of kind `at`) with a panic contained: a panic is counted in the
+    /// metrics and comes back as its message, for the caller to fail the requests it hit.
+    fn contained<T>(
+        &mut self,
+        at: InjectedPanic,
+        work: impl FnOnce(&mut Self) -> T,
+    ) -> Result<T, String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.injected_panic(at);
+            work(self)
+        }))
+        .map_err(|payload| {
+            self.shared.engine_panicked();
+            panic_message(payload.as_ref())
+        })
+    }
+
     /// The model's sizes and special tokens.
     pub fn spec(&self) -> &peft_core::ModelSpec {
         self.model.model.spec()
@@ -369,21 +386,18 @@ impl Engine {
         match command {
             Command::Generate(job) => self.pending.push_back(job),
             Command::LoadAdapter { name, dir, reply } => {
-                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.injected_panic(InjectedPanic::LoadAdapter);
-                    self.load_adapter(&name, &dir)
-                }));
-                let outcome = loaded.unwrap_or_else(|payload| {
+                let loaded =
+                    self.contained(InjectedPanic::LoadAdapter, |e| e.load_adapter(&name, &dir));
+                let outcome = loaded.unwrap_or_else(|message| {
                     // Whatever the load had registered under the name goes with it.
                     if self.has_adapter(&name) {
                         let _ = self.unload_adapter(&name);
                     }
-                    self.shared.engine_panicked();
                     Err((
                         500,
                         format!(
-                            "loading `{name}` failed inside the engine ({}); the server goes on",
-                            panic_message(payload.as_ref())
+                            "loading `{name}` failed inside the engine ({message}); the server \
+                             goes on"
                         ),
                     ))
                 });
@@ -475,12 +489,9 @@ impl Engine {
             }
             let key = self.key_of(job.adapter.as_deref());
             let events = job.events.clone();
+            // The closure returns `prefill`'s own result, whose error gives the job back.
             #[allow(clippy::result_large_err)]
-            let prefill = || {
-                self.injected_panic(InjectedPanic::Prefill);
-                self.prefill(&key, job)
-            };
-            let prefilled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(prefill));
+            let prefilled = self.contained(InjectedPanic::Prefill, |e| e.prefill(&key, job));
             match prefilled {
                 Ok(Ok(Some(started))) => {
                     admitted += 1;
@@ -490,11 +501,10 @@ impl Engine {
                 Ok(Err((job, e))) => {
                     let _ = job.events.send(Event::Failed(e.to_string()));
                 }
-                Err(payload) => {
-                    self.shared.engine_panicked();
+                Err(message) => {
                     let _ = events.send(Event::Failed(format!(
-                        "the engine failed on this request's prompt ({}); the server goes on",
-                        panic_message(payload.as_ref())
+                        "the engine failed on this request's prompt ({message}); the server goes \
+                         on"
                     )));
                 }
             }
@@ -606,17 +616,11 @@ impl Engine {
             .get(key)
             .map(|b| b.rows.iter().map(|r| r.job.events.clone()).collect())
             .unwrap_or_default();
-        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.injected_panic(InjectedPanic::Step);
-            self.step(key)
-        }));
-        if let Err(payload) = stepped {
+        if let Err(message) = self.contained(InjectedPanic::Step, |e| e.step(key)) {
             // The batch's cache and rows may be half-updated: the batch goes.
             self.batches.remove(key);
-            self.shared.engine_panicked();
             let message = format!(
-                "the engine failed while decoding this request ({}); the server goes on",
-                panic_message(payload.as_ref())
+                "the engine failed while decoding this request ({message}); the server goes on"
             );
             for events in senders {
                 let _ = events.send(Event::Failed(message.clone()));
