@@ -209,7 +209,6 @@ fn lowers_the_loss<A: AdapterModel>(adapter: A, name: &str) {
 
 #[test]
 fn every_method_lowers_the_loss() {
-    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let device = device().autodiff();
     let base = || peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     lowers_the_loss(
@@ -233,12 +232,6 @@ fn adapter_tensors(dir: &std::path::Path) -> BTreeMap<String, Vec<f32>> {
         .map(|k| (k.to_string(), store.f32(k).unwrap().0))
         .collect()
 }
-
-/// Serialises the tests of this file that draw from or re-seed the device's global random
-/// generator (adapter initialisation, dropout, and `train` itself, which re-seeds it every
-/// micro-batch): another test's draw or seed between the trainer's re-seeding and a dropout mask
-/// would make two runs differ for a reason that is not the trainer's.
-static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Trains `fresh()` for six steps with checkpoints every two (keeping two), then "crashes" after
 /// step 4 (checkpoint-6 gone, a half-written temporary folder left) and resumes from the newest
@@ -333,23 +326,32 @@ fn assert_resume_is_exact<A: AdapterModel>(
 /// also shows the dropout masks matter: without dropout the adapter comes out different.
 #[test]
 fn resume_from_checkpoint_is_exact_with_dropout() {
-    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    // Each kind of adapter is initialised once and every run trains a copy, so that no run
+    // depends on the device's process-wide generator (other tests draw from it meanwhile); the
+    // dropout masks come from the trainer thread's own generator.
     let device = device().autodiff();
     let lora = |dropout: f64| {
-        let device = device.clone();
-        move || {
-            device.seed(7);
-            let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-            let config = peft_lora::LoraConfig {
-                r: 4,
-                lora_dropout: dropout,
-                ..peft_lora::LoraConfig::default()
-            };
-            peft_lora::get_peft_model(base, config).unwrap()
-        }
+        let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+        let config = peft_lora::LoraConfig {
+            r: 4,
+            lora_dropout: dropout,
+            ..peft_lora::LoraConfig::default()
+        };
+        peft_lora::get_peft_model(base, config).unwrap()
     };
-    let with_dropout = assert_resume_is_exact(&lora(0.1), &config(6), "lora");
-    let without = assert_resume_is_exact(&lora(0.0), &config(6), "lora, no dropout");
+    let with = lora(0.1);
+    // The same initial adapter without dropout: saved, its config's dropout set to 0, reloaded.
+    let saved = tempfile::tempdir().unwrap();
+    with.save_pretrained(saved.path()).unwrap();
+    let config_path = saved.path().join("adapter_config.json");
+    let mut config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config_json["lora_dropout"] = serde_json::json!(0.0);
+    std::fs::write(&config_path, config_json.to_string()).unwrap();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let without = peft_lora::from_pretrained(base, saved.path(), true).unwrap();
+    let with_dropout = assert_resume_is_exact(&|| with.clone(), &config(6), "lora");
+    let without = assert_resume_is_exact(&|| without.clone(), &config(6), "lora, no dropout");
     let key = with_dropout
         .keys()
         .find(|k| k.contains("lora_B"))
@@ -360,27 +362,21 @@ fn resume_from_checkpoint_is_exact_with_dropout() {
         "dropout 0.1 should change the trained adapter"
     );
 
-    let qlora = || {
-        device.seed(7);
-        let options = peft_qlora::Load4bit::default();
-        let base = peft_qlora::load_4bit(model_dir("bloom-tiny"), &device, &options).unwrap();
-        peft_qlora::get_peft_model(base, peft_qlora::qlora_preset()).unwrap()
-    };
-    assert_resume_is_exact(&qlora, &config(6), "qlora preset");
+    let options = peft_qlora::Load4bit::default();
+    let base = peft_qlora::load_4bit(model_dir("bloom-tiny"), &device, &options).unwrap();
+    let qlora = peft_qlora::get_peft_model(base, peft_qlora::qlora_preset()).unwrap();
+    assert_resume_is_exact(&|| qlora.clone(), &config(6), "qlora preset");
 
-    let ptuning = || {
-        device.seed(7);
-        let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
-        let config = peft_ptuning::PromptEncoderConfig {
-            num_virtual_tokens: 4,
-            encoder_reparameterization_type: peft_ptuning::EncoderType::Lstm,
-            encoder_hidden_size: Some(16),
-            encoder_dropout: 0.1,
-            ..peft_ptuning::PromptEncoderConfig::default()
-        };
-        peft_ptuning::get_peft_model(base, config).unwrap()
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let config_ptuning = peft_ptuning::PromptEncoderConfig {
+        num_virtual_tokens: 4,
+        encoder_reparameterization_type: peft_ptuning::EncoderType::Lstm,
+        encoder_hidden_size: Some(16),
+        encoder_dropout: 0.1,
+        ..peft_ptuning::PromptEncoderConfig::default()
     };
-    assert_resume_is_exact(&ptuning, &config(6), "p-tuning lstm");
+    let ptuning = peft_ptuning::get_peft_model(base, config_ptuning).unwrap();
+    assert_resume_is_exact(&|| ptuning.clone(), &config(6), "p-tuning lstm");
 }
 
 /// A model folder whose `tokenizer_config.json` carries a (ChatML-style) chat template: chat
@@ -454,9 +450,6 @@ fn chat_records_use_the_models_chat_template() {
 /// norm of these heavily clipped gradients is far more sensitive to the weights than the loss.
 fn trainer_matches_pytorch(schedule: peft_train::Schedule, file: &str) {
     use peft_tests::relative_error;
-    // The trainer re-seeds the device generator every micro-batch: not while another test of
-    // this file relies on what it drew.
-    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let store = TensorStore::open(peft_tests::fixtures().join("reference").join(file)).unwrap();
     let (ids, shape) = store.i64("input_ids").unwrap();
     let (labels, _) = store.i64("labels").unwrap();
@@ -694,7 +687,6 @@ fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, 
 /// resumes in a 1-rank run to the same adapter.
 #[test]
 fn data_parallel_ranks_equal_one_process_with_accumulation() {
-    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let device = device().autodiff();
     let start = tempfile::tempdir().unwrap();
     // Every run starts from one saved adapter, so no run draws (threads share the generator).
@@ -795,7 +787,6 @@ fn check_data_parallel<A: AdapterModel>(
 /// before step 3's checkpoint: the checkpoints of steps 1 and 2 exist and hold finite values.
 #[test]
 fn a_nonfinite_gradient_stops_the_run_before_the_update() {
-    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let device = device().autodiff();
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     let lora = peft_lora::get_peft_model(base, peft_lora::LoraConfig::default()).unwrap();

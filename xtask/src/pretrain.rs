@@ -36,6 +36,11 @@ impl AdapterModel for FullModel {
             .collect()
     }
 
+    fn config_json(&self) -> peft_core::Result<serde_json::Value> {
+        // Not a PEFT method: every parameter trains.
+        Ok(serde_json::json!({"peft_type": "FULL"}))
+    }
+
     fn trainable_summary(&self) -> TrainableSummary {
         let n = named_params(&self.model).iter().map(|p| p.numel()).sum();
         TrainableSummary {

@@ -163,6 +163,10 @@ impl<M: CausalLm> peft_core::AdapterModel for BitFitModel<M> {
         self.biases.clone()
     }
 
+    fn config_json(&self) -> Result<serde_json::Value> {
+        peft_core::adapter_files::config_json(&self.config)
+    }
+
     fn trainable_summary(&self) -> TrainableSummary {
         BitFitModel::trainable_summary(self)
     }

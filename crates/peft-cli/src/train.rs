@@ -693,6 +693,13 @@ fn train_on(
         seed: args.seed,
         save_steps: args.save_steps,
         save_total_limit: args.save_total_limit,
+        // What a resume compares: the base model's config.json and the data file.
+        sources: peft_train::RunSources {
+            base_model: Some(peft_train::fingerprint_file(
+                &model_dir.join("config.json"),
+            )?),
+            data: Some(peft_train::DataFingerprint::of(&data_path)?),
+        },
         ..TrainConfig::default()
     };
     device.seed(args.seed);

@@ -1767,7 +1767,9 @@ fn distributed_training_needs_the_mpi_build() {
 
 /// `--devices cpu,cpu`: burn's multi-device data parallelism in one process (one thread and one
 /// model copy per device) trains, byte for byte, the adapter one device trains with the same
-/// global batch (2 devices × batch 2 = batch 2 × 2 accumulation steps); bad lists are one line.
+/// global batch (2 devices × batch 2 = batch 2 × 2 accumulation steps) — with dropout on (LoRA
+/// at 0.1, QLoRA's preset at 0.05), whose masks each rank draws from its own generator seeded by
+/// (seed, global micro-batch); bad lists are one line.
 #[test]
 fn devices_in_one_process_equal_one_device_with_accumulation() {
     let dir = tempfile::tempdir().unwrap();
@@ -1794,19 +1796,24 @@ fn devices_in_one_process_equal_one_device_with_accumulation() {
         let out = peft(&args);
         (out, out_dir)
     };
-    let (out, one) = run("one", &["--grad-accum", "2"]);
-    ok(&out);
-    let (out, two) = run("two", &["--devices", "cpu,cpu"]);
-    ok(&out);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("data parallel: 2 ranks × batch 2"),
-        "{stderr}"
-    );
-    assert_eq!(
-        std::fs::read(one.join("adapter/adapter_model.safetensors")).unwrap(),
-        std::fs::read(two.join("adapter/adapter_model.safetensors")).unwrap()
-    );
+    let adapter_bytes = |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors"));
+    for method in [&["--lora-dropout", "0.1"][..], &["--method", "qlora"]] {
+        let (out, one) = run("one", &[&["--grad-accum", "2"], method].concat());
+        ok(&out);
+        let (out, two) = run("two", &[&["--devices", "cpu,cpu"], method].concat());
+        ok(&out);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("data parallel: 2 ranks × batch 2"),
+            "{stderr}"
+        );
+        assert!(
+            adapter_bytes(&one).unwrap() == adapter_bytes(&two).unwrap(),
+            "{method:?}: two devices trained another adapter than one with accumulation"
+        );
+        std::fs::remove_dir_all(one).unwrap();
+        std::fs::remove_dir_all(two).unwrap();
+    }
     let (out, _) = run("bad", &["--devices", "cpu,tpu"]);
     assert_clean_failure(&out, "unknown device `tpu`");
     let (out, _) = run("both", &["--devices", "cpu,cpu", "--distributed", "mpi"]);
@@ -1872,41 +1879,106 @@ fn auto_compute_dtype_follows_the_checkpoint() {
     );
 }
 
-/// Resuming an r=8 run with `--r 16` is refused, naming the parameter and both shapes, instead
-/// of training a fresh adapter under the checkpoint's step.
+/// A resume continues the run its checkpoint belongs to, or is refused naming the difference:
+/// another rank, target modules or method (the adapter config in `trainer_state.json`), another
+/// base model (its config.json's hash); changed data warns and goes on. A checkpoint without the
+/// recorded config (older) is still refused by its shapes instead of training a fresh adapter
+/// under the checkpoint's step.
 #[test]
-fn resume_refuses_a_checkpoint_of_another_rank() {
+fn resume_refuses_a_checkpoint_of_another_run() {
     let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    std::fs::create_dir(&model_dir).unwrap();
+    for entry in std::fs::read_dir(model("bloom-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model_dir.join(entry.file_name())).unwrap();
+    }
+    let data = dir.path().join("data.jsonl");
+    std::fs::copy(fixtures().join("../../data/demo.jsonl"), &data).unwrap();
     let out_dir = dir.path().join("run");
-    let out_dir = out_dir.to_str().unwrap();
     let common = [
         "train",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
         "--output",
-        out_dir,
+        out_dir.to_str().unwrap(),
         "--save-steps",
         "2",
         "--no-exact-match",
         "--no-merged",
     ];
-    let first = peft(&[&common[..], &["--r", "8", "--max-steps", "2"]].concat());
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
+    ok(&peft(
+        &[&common[..], &["--r", "8", "--max-steps", "2"]].concat(),
+    ));
+    let resume = |extra: &[&str]| {
+        let resumed = [&["--max-steps", "4", "--resume", "latest"], extra].concat();
+        peft(&[&common[..], &resumed[..]].concat())
+    };
+    let refused = |out: &Output, needles: &[&str]| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let last = stderr.trim_end().lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: "), "{stderr}");
+        for needle in needles {
+            assert!(last.contains(needle), "`{needle}` not in: {last}");
+        }
+    };
+    refused(
+        &resume(&["--r", "16"]),
+        &["`r` is 8 in the checkpoint but 16 in this run"],
     );
-    let resumed = ["--r", "16", "--max-steps", "4", "--resume", "latest"];
-    let out = peft(&[&common[..], &resumed[..]].concat());
-    // The default run announces itself on stderr first; the error is the last line.
+    refused(
+        &resume(&["--r", "8", "--target-modules", "dense"]),
+        &["`target_modules` is", "in the checkpoint but [\"dense\"]"],
+    );
+    refused(
+        &resume(&["--method", "ia3"]),
+        &["`peft_type` is \"LORA\" in the checkpoint but \"IA3\""],
+    );
+
+    // The same model with an edited config.json is another base model.
+    let config_path = model_dir.join("config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, format!("{config}\n")).unwrap();
+    refused(
+        &resume(&["--r", "8"]),
+        &["another base model (config.json hash"],
+    );
+    std::fs::write(&config_path, &config).unwrap();
+
+    // Changed data: a warning, and the run goes on.
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"instruction\": \"Say hi\", \"output\": \"Hi.\"}\n");
+    std::fs::write(&data, text).unwrap();
+    let out = resume(&["--r", "8"]);
+    ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let last = stderr.trim_end().lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: "), "{stderr}");
-    for needle in [
-        "has shape [",
-        "in the checkpoint but [",
-        "another adapter configuration",
-    ] {
-        assert!(last.contains(needle), "`{needle}` not in: {last}");
-    }
+    assert!(
+        stderr.contains("the training data changed since the checkpoint"),
+        "{stderr}"
+    );
+
+    // A checkpoint written before the config was recorded: the shapes refuse it.
+    let state_path = out_dir.join("checkpoint-4/trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state.as_object_mut().unwrap().remove("adapter");
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    refused(
+        &peft(
+            &[
+                &common[..],
+                &["--r", "16", "--max-steps", "6", "--resume", "latest"],
+            ]
+            .concat(),
+        ),
+        &[
+            "has shape [",
+            "in the checkpoint but [",
+            "another adapter configuration",
+        ],
+    );
 }

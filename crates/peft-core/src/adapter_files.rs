@@ -157,6 +157,11 @@ pub fn save_adapter(
     write_atomic(dir.join(CONFIG_NAME), text.as_bytes())
 }
 
+/// A method's config as JSON, as [`save_adapter`] writes it before marking it for inference.
+pub fn config_json(config: &impl Serialize) -> Result<serde_json::Value> {
+    serde_json::to_value(config).map_err(|e| PeftError::json(CONFIG_NAME, e))
+}
+
 /// HF names of the parameters that train in a layer-adapter model (LoRA, IA3, …): every adapter
 /// tensor and the `saved` base parameters (`modules_to_save`, selected biases).
 pub fn adapter_trainable_names<M: burn::module::Module>(

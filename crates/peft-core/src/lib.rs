@@ -6,6 +6,8 @@
 //!   key/value prefix) and [`AdaptableLinear`];
 //! * [`adapter_set`]: several named adapters on one layer (active sets, mixed-adapter batches);
 //! * [`model`]: the [`CausalLm`] trait models implement, their inputs and KV cache;
+//! * [`dropout`]: dropout masks from the calling thread's seeded generator (exact data
+//!   parallelism in one process);
 //! * [`config`]: the common part of PEFT's `adapter_config.json`, read leniently;
 //! * [`modules`]: module paths and PEFT's `target_modules` matching rules;
 //! * [`adapter_files`]: PEFT's adapter folders (config + weights) and parameter bookkeeping;
@@ -30,6 +32,7 @@ pub mod adapter;
 pub mod adapter_files;
 pub mod adapter_set;
 pub mod config;
+pub mod dropout;
 pub mod model;
 pub mod modules;
 pub mod params;

@@ -361,6 +361,10 @@ pub trait AdapterModel: Sized {
     /// PEFT's trainable-parameters numbers.
     fn trainable_summary(&self) -> crate::summary::TrainableSummary;
 
+    /// The adapter's config as `adapter_config.json` holds it (`peft_type` included): what a
+    /// resumed run compares with its checkpoint's.
+    fn config_json(&self) -> Result<serde_json::Value>;
+
     /// Writes the adapter folder in PEFT's format.
     fn save_pretrained(&self, dir: &std::path::Path) -> Result<()>;
 

@@ -109,6 +109,24 @@ pub struct TunedModel<T: LayerTuner, M> {
     pub trainable: bool,
 }
 
+/// A copy sharing nothing mutable (PEFT users' `copy.deepcopy(peft_model)`): burn's tensors are
+/// immutable values, so training either copy leaves the other as it was.
+impl<T: LayerTuner, M: Clone> Clone for TunedModel<T, M>
+where
+    T::Config: Clone,
+{
+    fn clone(&self) -> Self {
+        Self {
+            model: self.model.clone(),
+            config: self.config.clone(),
+            targeted: self.targeted.clone(),
+            embedding_targets: self.embedding_targets.clone(),
+            saved_params: self.saved_params.clone(),
+            trainable: self.trainable,
+        }
+    }
+}
+
 impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
     /// PEFT's `get_peft_model(model, config)`: freezes `base`, adds freshly initialised
     /// adapters on the targeted layers, and makes `modules_to_save` (and the method's trained
@@ -305,6 +323,10 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> AdapterModel for TunedModel
 
     fn trainable_names(&self) -> Vec<String> {
         adapter_trainable_names(&self.model, &self.saved_params)
+    }
+
+    fn config_json(&self) -> Result<serde_json::Value> {
+        crate::adapter_files::config_json(&self.config)
     }
 
     fn trainable_summary(&self) -> TrainableSummary {

@@ -159,7 +159,11 @@ impl LoraLinear {
     fn update(&self, x: Tensor<3>) -> Tensor<3> {
         // PEFT scales `B(A(x))`; scaling the rank-r intermediate instead is the same product
         // and costs r columns instead of `out_features` (in both passes).
-        let low_rank = linear(self.dropout.forward(x), self.lora_a.val(), None);
+        let low_rank = linear(
+            peft_core::dropout::forward(&self.dropout, x),
+            self.lora_a.val(),
+            None,
+        );
         linear(low_rank * self.scaling, self.lora_b.val(), None)
     }
 

@@ -258,6 +258,10 @@ impl<M: CausalLm> AdapterModel for PrefixTuningModel<M> {
             .collect()
     }
 
+    fn config_json(&self) -> Result<serde_json::Value> {
+        peft_core::adapter_files::config_json(&self.config)
+    }
+
     fn trainable_summary(&self) -> TrainableSummary {
         let params = named_params(&self.model);
         let names = self.trainable_names();

@@ -174,6 +174,10 @@ impl<M: CausalLm> AdapterModel for PromptTuningModel<M> {
         vec![TABLE_PARAM.into()]
     }
 
+    fn config_json(&self) -> Result<serde_json::Value> {
+        peft_core::adapter_files::config_json(&self.config)
+    }
+
     fn trainable_summary(&self) -> TrainableSummary {
         let params = named_params(&self.model);
         TrainableSummary {

@@ -100,7 +100,7 @@ impl VirtualTokenEncoder for PromptEncoder {
                 1,
             );
             x = if k + 1 < layers {
-                self.dropout.forward(both)
+                peft_core::dropout::forward(&self.dropout, both)
             } else {
                 both
             };
@@ -123,6 +123,22 @@ pub struct PTuningEncoder {
     pub encoder: Option<PromptEncoder>,
     /// PEFT's `prompt_embeddings` when only the output is known.
     pub table: Option<Param<Tensor<2>>>,
+}
+
+impl PTuningEncoder {
+    /// The virtual tokens as inference computes them: without the encoder's dropout, whatever the
+    /// device. What is saved as `prompt_embeddings`, so that a checkpoint written mid-training
+    /// holds the encoder's output and not one random draw of its dropout.
+    pub fn inference_tokens(&self) -> Tensor<2> {
+        match &self.encoder {
+            Some(e) if e.dropout.prob > 0.0 => {
+                let mut without = e.clone();
+                without.dropout = DropoutConfig::new(0.0).init();
+                without.virtual_tokens()
+            }
+            _ => self.virtual_tokens(),
+        }
+    }
 }
 
 impl VirtualTokenEncoder for PTuningEncoder {
@@ -290,4 +306,37 @@ pub fn encoder_tensors(e: &PromptEncoder) -> Result<BTreeMap<String, HostTensor>
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EncoderType;
+
+    /// What is saved is the encoder's output without dropout: the same on every call, and not
+    /// what a training forward (dropout drawn) computes.
+    #[test]
+    fn saved_tokens_are_drawn_without_dropout() {
+        let device = Device::flex().autodiff();
+        let config = PromptEncoderConfig {
+            num_virtual_tokens: 4,
+            encoder_reparameterization_type: EncoderType::Lstm,
+            encoder_hidden_size: Some(8),
+            encoder_num_layers: 2,
+            encoder_dropout: 0.5,
+            ..PromptEncoderConfig::default()
+        };
+        let encoder = PTuningEncoder {
+            encoder: Some(new_encoder(&config, 6, &device)),
+            table: None,
+        };
+        let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        let saved = values(encoder.inference_tokens());
+        assert_eq!(saved, values(encoder.inference_tokens()));
+        peft_core::dropout::seed_thread(3);
+        let trained = values(encoder.virtual_tokens());
+        peft_core::dropout::unseed_thread();
+        assert_eq!(trained.len(), saved.len());
+        assert_ne!(saved, trained, "a training forward draws dropout masks");
+    }
 }

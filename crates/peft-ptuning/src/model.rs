@@ -8,7 +8,7 @@ use peft_core::MethodConfig;
 use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::params::host_tensor;
 use peft_core::params::named_params;
-use peft_core::prompt_learning::{VirtualTokenEncoder, VirtualTokens};
+use peft_core::prompt_learning::VirtualTokens;
 use peft_core::{
     AdapterModel, CausalLm, ModelSpec, NoAdapter, PeftError, Result, TensorStore, TrainableSummary,
 };
@@ -23,7 +23,7 @@ pub const ENCODER_NAME: &str = "adapter_encoder.safetensors";
 pub type PTuning<M> = VirtualTokens<M, PTuningEncoder>;
 
 /// A P-tuned model and its config.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PTuningModel<M: CausalLm> {
     /// The model with its encoder.
     pub model: PTuning<M>,
@@ -134,6 +134,10 @@ impl<M: CausalLm> AdapterModel for PTuningModel<M> {
             .collect()
     }
 
+    fn config_json(&self) -> Result<serde_json::Value> {
+        peft_core::adapter_files::config_json(&self.config)
+    }
+
     fn trainable_summary(&self) -> TrainableSummary {
         let params = named_params(&self.model);
         TrainableSummary {
@@ -150,7 +154,7 @@ impl<M: CausalLm> AdapterModel for PTuningModel<M> {
         let mut tensors = BTreeMap::new();
         tensors.insert(
             "prompt_embeddings".to_string(),
-            host_tensor(self.model.encoder.virtual_tokens().detach())?,
+            host_tensor(self.model.encoder.inference_tokens().detach())?,
         );
         save_adapter(dir, &self.config, &tensors)?;
         if let Some(e) = &self.model.encoder.encoder {

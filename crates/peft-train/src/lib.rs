@@ -19,6 +19,7 @@ pub mod trainer;
 pub use data::{DataError, Example, Tokenized, read_examples, split, tokenize_all};
 pub use distributed::{Collective, SingleProcess, ThreadRanks};
 pub use trainer::{
-    Event, Resume, Schedule, TrainConfig, TrainError, TrainSummary, evaluate,
-    inject_nonfinite_gradient_at, request_stop, train, train_distributed,
+    DataFingerprint, Event, Resume, RunSources, Schedule, TrainConfig, TrainError, TrainSummary,
+    evaluate, fingerprint_file, inject_nonfinite_gradient_at, request_stop, train,
+    train_distributed,
 };

@@ -70,6 +70,61 @@ pub struct TrainConfig {
     pub save_total_limit: Option<usize>,
     /// Log the training loss every this many steps.
     pub logging_steps: usize,
+    /// Where the run's inputs came from, recorded in every checkpoint and compared on resume
+    /// (filled in by the caller that read them; empty when unknown).
+    #[serde(default)]
+    pub sources: RunSources,
+}
+
+/// The identity of a run's inputs, as far as its caller knows them: a resume refuses another base
+/// model and warns about changed data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSources {
+    /// The base model: a hash of its `config.json` (see [`fingerprint_file`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// The training data file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataFingerprint>,
+}
+
+/// A data file as a resume recognises it: its path, size and the hash of its first MiB (cheap
+/// for any size, and enough to tell an edited or replaced file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    /// The path the run was given.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// [`fingerprint_file`] of the file.
+    pub head_hash: String,
+}
+
+impl DataFingerprint {
+    /// The fingerprint of the file at `path`.
+    pub fn of(path: &Path) -> Result<Self, TrainError> {
+        let size = std::fs::metadata(path).map_err(io_err(path))?.len();
+        Ok(Self {
+            path: path.display().to_string(),
+            size,
+            head_hash: fingerprint_file(path)?,
+        })
+    }
+}
+
+/// FNV-1a (64 bits, hex) of the first MiB of the file at `path`: an identity for resume checks,
+/// not a cryptographic hash.
+pub fn fingerprint_file(path: &Path) -> Result<String, TrainError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut head = Vec::with_capacity(1 << 20);
+    file.take(1 << 20)
+        .read_to_end(&mut head)
+        .map_err(io_err(path))?;
+    let hash = head.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    Ok(format!("{hash:016x}"))
 }
 
 impl Default for TrainConfig {
@@ -91,6 +146,7 @@ impl Default for TrainConfig {
             save_steps: None,
             save_total_limit: None,
             logging_steps: 1,
+            sources: RunSources::default(),
         }
     }
 }
@@ -247,12 +303,91 @@ struct TrainerState {
     /// (those runs drew nothing they could not replay without dropout).
     #[serde(default)]
     rng: Option<RngState>,
+    /// The adapter's config (method included) as `adapter_config.json` holds it. Absent in
+    /// checkpoints written before it existed (their resume checks shapes alone).
+    #[serde(default)]
+    adapter: Option<serde_json::Value>,
+}
+
+/// The keys of an adapter config that say where things are, not what is trained: a resume may
+/// change them.
+const LOCATION_KEYS: [&str; 3] = ["base_model_name_or_path", "revision", "inference_mode"];
+
+/// Refuses to resume from a checkpoint of another run: another method or adapter config (rank,
+/// targets, …), another base model; warns when the data file changed.
+fn check_same_run(
+    dir: &Path,
+    saved: &TrainerState,
+    adapter: &serde_json::Value,
+    sources: &RunSources,
+) -> Result<(), TrainError> {
+    let refuse = |reason: String| TrainError::Checkpoint {
+        path: dir.join(STATE_FILE),
+        reason,
+    };
+    if let Some(saved_adapter) = &saved.adapter {
+        let fields = |v: &serde_json::Value| -> BTreeMap<String, serde_json::Value> {
+            v.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| !LOCATION_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let (then, now) = (fields(saved_adapter), fields(adapter));
+        let null = serde_json::Value::Null;
+        let differences: Vec<String> = then
+            .keys()
+            .chain(now.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| then.get(*k) != now.get(*k))
+            .map(|k| {
+                format!(
+                    "`{k}` is {} in the checkpoint but {} in this run",
+                    then.get(k).unwrap_or(&null),
+                    now.get(k).unwrap_or(&null)
+                )
+            })
+            .collect();
+        if !differences.is_empty() {
+            return Err(refuse(format!(
+                "the checkpoint trained another adapter: {}; resume with the same method and \
+                 adapter settings, or start a new run in another --output",
+                differences.join("; ")
+            )));
+        }
+    }
+    let then = &saved.config.sources;
+    if let (Some(a), Some(b)) = (&then.base_model, &sources.base_model)
+        && a != b
+    {
+        return Err(refuse(format!(
+            "the checkpoint trained another base model (config.json hash {a}, this run's is \
+             {b}); resume over the model it was trained on"
+        )));
+    }
+    if let (Some(a), Some(b)) = (&then.data, &sources.data)
+        && a != b
+    {
+        tracing::warn!(
+            "the training data changed since the checkpoint ({} of {} bytes, hash {} then; {} of \
+             {} bytes, hash {} now): the resumed run is not the run it continues",
+            a.path,
+            a.size,
+            a.head_hash,
+            b.path,
+            b.size,
+            b.head_hash
+        );
+    }
+    Ok(())
 }
 
 /// Every random draw of a run, as data: the data order is a function of `(seed, epoch)` and the
-/// device's generator (dropout masks, the only other draw during training) is re-seeded before
-/// each micro-batch from `(seed, micro-batch index)`. Restoring these two numbers restores every
-/// draw, on any backend, without reading a backend's generator state (burn exposes none).
+/// thread's dropout generator (dropout masks, the only other draw during training,
+/// [`peft_core::dropout`]) is seeded before each micro-batch from `(seed, micro-batch index)`.
+/// Restoring these two numbers restores every draw, on any backend and any number of ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct RngState {
     /// The run's seed (data order and dropout).
@@ -261,7 +396,17 @@ struct RngState {
     micro_batches_done: usize,
 }
 
-/// The seed of the device generator for micro-batch `index` of a run seeded with `seed`:
+/// Forgets the thread's dropout generator when a run ends, however it ends, so that dropout
+/// outside the trainer draws from burn's generator again.
+struct UnseedDropoutOnDrop;
+
+impl Drop for UnseedDropoutOnDrop {
+    fn drop(&mut self) {
+        peft_core::dropout::unseed_thread();
+    }
+}
+
+/// The seed of the thread's dropout generator for micro-batch `index` of a run seeded with `seed`:
 /// SplitMix64's finaliser over the pair, so neighbouring indices give unrelated streams.
 pub fn micro_batch_seed(seed: u64, index: usize) -> u64 {
     let mut z = seed
@@ -640,6 +785,7 @@ pub fn train_distributed<A: AdapterModel>(
         return Err(TrainError::Config("the training set is empty".into()));
     }
     STOP_REQUESTED.store(false, Ordering::SeqCst);
+    let _unseed = UnseedDropoutOnDrop;
     std::fs::create_dir_all(output_dir).map_err(io_err(output_dir))?;
     if writes {
         remove_stale_staging(output_dir)?;
@@ -664,16 +810,23 @@ pub fn train_distributed<A: AdapterModel>(
         Resume::Latest => checkpoints(output_dir).pop().map(|(_, p)| p),
         Resume::From(p) => Some(p),
     };
+    let adapter_json = adapter.config_json()?;
     let mut state = TrainerState {
         global_step: 0,
         config: config.clone(),
         history: Vec::new(),
         rng: None,
+        adapter: Some(adapter_json.clone()),
     };
     let mut last_checkpoint = None;
     let mut interrupted = None;
     if let Some(dir) = &resume_dir {
-        let (restored, opt, st) = load_checkpoint(adapter, dir, optim)?;
+        let (restored, opt, mut st) =
+            load_checkpoint(adapter, dir, optim, &adapter_json, &config.sources)?;
+        // From here on, checkpoints record this run's identity (the same adapter; the sources
+        // as this run found them).
+        st.adapter = Some(adapter_json.clone());
+        st.config.sources = config.sources.clone();
         adapter = restored;
         optim = opt;
         state = st;
@@ -741,9 +894,10 @@ pub fn train_distributed<A: AdapterModel>(
             let host = collate(&items, pad_id);
             tokens += host.attention_mask.iter().filter(|&&m| m == 1).count();
             let device = adapter.model().device();
-            // Dropout masks of this micro-batch: a function of (seed, index) alone, so a resumed
-            // run draws the masks an uninterrupted one would have drawn.
-            device.seed(micro_batch_seed(seed, micro_index));
+            // Dropout masks of this micro-batch: a function of (seed, global index) alone, drawn
+            // from this thread's generator, so that a resumed run draws the masks an
+            // uninterrupted one drew and a rank draws the masks one process would draw.
+            peft_core::dropout::seed_thread(micro_batch_seed(seed, micro_index));
             let (ids, mask, labels) = to_device(&host, &device);
             let loss =
                 adapter
@@ -991,11 +1145,15 @@ fn load_checkpoint<A: AdapterModel>(
     adapter: A,
     dir: &Path,
     optim: ModuleOptimizer,
+    adapter_json: &serde_json::Value,
+    sources: &RunSources,
 ) -> Result<(A, ModuleOptimizer, TrainerState), TrainError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| PeftError::json(&state_path, e))?;
+    // The identity first: it names what differs, where the shapes below would only show it.
+    check_same_run(dir, &state, adapter_json, sources)?;
     let store = TensorStore::open(dir.join(TRAINABLE_FILE))?;
     let trainable = adapter.trainable_names();
     // Full shapes, not only ranks: an r=8 checkpoint must not "resume" an r=16 run (its values

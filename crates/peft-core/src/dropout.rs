@@ -1,0 +1,134 @@
+//! Dropout whose masks come from a generator owned by the calling thread.
+//!
+//! burn's [`Dropout`] draws its masks from the device's generator, which is process-global. Data
+//! parallelism in one process (`peft train --devices cpu,cpu`) runs one rank per thread, and
+//! ranks that re-seed that generator and draw from it at the same time interleave each other's
+//! streams: two identical runs differ, and neither equals one device with accumulation. The
+//! trainer therefore seeds *this thread's* generator before each micro-batch from
+//! `(seed, global micro-batch index)` ([`seed_thread`]); every adapter layer with dropout draws
+//! through [`forward`], which uses that generator when the thread has one and burn's otherwise
+//! (a caller training by hand gets burn's behaviour unchanged).
+//!
+//! The generator is SplitMix64, written here rather than taken from `rand`: its stream is fixed
+//! by this file, so a checkpoint's masks replay identically after any dependency update.
+
+use std::cell::Cell;
+
+use burn::nn::Dropout;
+use burn::tensor::{Bool, Tensor, TensorData};
+
+thread_local! {
+    /// The calling thread's SplitMix64 state; `None` until [`seed_thread`].
+    static STATE: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Seeds the calling thread's dropout generator: the masks [`forward`] draws next on this thread
+/// are a function of `seed` alone.
+pub fn seed_thread(seed: u64) {
+    STATE.with(|s| s.set(Some(seed)));
+}
+
+/// Forgets the calling thread's generator: [`forward`] draws from burn's device generator again.
+pub fn unseed_thread() {
+    STATE.with(|s| s.set(None));
+}
+
+/// Whether the calling thread has a seeded generator.
+pub fn thread_is_seeded() -> bool {
+    STATE.with(|s| s.get().is_some())
+}
+
+/// One SplitMix64 step: advances `state` and returns the next output.
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `len` draws of "drop this element" with probability `prob`, from the thread's generator
+/// (`None` when the thread has none).
+fn drop_mask(len: usize, prob: f64) -> Option<Vec<bool>> {
+    STATE.with(|cell| {
+        let mut state = cell.get()?;
+        // The top 53 bits as a uniform f64 in [0, 1): dropped when below `prob`.
+        let scale = 1.0 / (1u64 << 53) as f64;
+        let mask = (0..len)
+            .map(|_| ((next(&mut state) >> 11) as f64 * scale) < prob)
+            .collect();
+        cell.set(Some(state));
+        Some(mask)
+    })
+}
+
+/// `layer` applied to `x` (any shape): zeroes each element with probability `layer.prob` and
+/// scales the rest by `1 / (1 - prob)` when training (the layer's flag set and `x` on an
+/// autodiff device), else returns `x`, exactly as [`Dropout::forward`] decides. The mask comes
+/// from the thread's generator when [`seed_thread`] set one, else from burn's.
+pub fn forward<const D: usize>(layer: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    if !layer.training.is_enabled() || !x.device().is_autodiff() || layer.prob == 0.0 {
+        return x;
+    }
+    let shape = x.shape();
+    let Some(dropped) = drop_mask(shape.num_elements(), layer.prob) else {
+        return layer.forward(x);
+    };
+    let device = x.device();
+    let dropped = Tensor::<D, Bool>::from_data(TensorData::new(dropped, shape), &device);
+    x.mask_fill(dropped, 0.0) * (1.0 / (1.0 - layer.prob))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::DropoutConfig;
+
+    fn training_device() -> burn::tensor::Device {
+        burn::tensor::Device::flex().autodiff()
+    }
+
+    fn drawn(seed: u64, x: Tensor<2>, layer: &Dropout) -> Vec<f32> {
+        seed_thread(seed);
+        let y = forward(layer, x);
+        unseed_thread();
+        y.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_seed_fixes_the_mask_whatever_other_threads_draw() {
+        let device = training_device();
+        let layer = DropoutConfig::new(0.25).init();
+        let x = Tensor::<2>::ones([64, 32], &device);
+        let first = drawn(5, x.clone(), &layer);
+        // Another thread seeding and drawing meanwhile changes nothing here.
+        std::thread::scope(|s| {
+            s.spawn(|| drawn(99, Tensor::<2>::ones([64, 32], &training_device()), &layer));
+        });
+        assert_eq!(first, drawn(5, x.clone(), &layer));
+        assert_ne!(first, drawn(6, x, &layer));
+        // Kept elements are scaled by 1 / (1 - p) = 4/3; the dropped share is near p.
+        let dropped = first.iter().filter(|&&v| v == 0.0).count();
+        assert!(first.iter().all(|&v| v == 0.0 || v == 4.0 / 3.0));
+        assert!((dropped as f64 / 2048.0 - 0.25).abs() < 0.03, "{dropped}");
+    }
+
+    #[test]
+    fn no_mask_outside_training_or_at_zero_probability() {
+        let x = Tensor::<2>::ones([4, 4], &burn::tensor::Device::flex());
+        let layer = DropoutConfig::new(0.5).init();
+        assert_eq!(drawn(1, x.clone(), &layer), vec![1.0; 16]);
+        let off = DropoutConfig::new(0.0).init();
+        let x = Tensor::<2>::ones([4, 4], &training_device());
+        assert_eq!(drawn(1, x, &off), vec![1.0; 16]);
+        assert!(!thread_is_seeded());
+    }
+
+    #[test]
+    fn splitmix_matches_its_published_stream() {
+        // The reference implementation's first outputs for seed 0 (Vigna's splitmix64.c).
+        let mut state = 0;
+        assert_eq!(next(&mut state), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(next(&mut state), 0x6E78_9E6A_A1B9_65F4);
+    }
+}
