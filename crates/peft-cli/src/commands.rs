@@ -468,13 +468,23 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     options.max_batch = args.max_batch;
     options.served_model_name = args.served_model_name;
     options.max_loras = args.max_loras;
-    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
-        bail!(
-            "--shutdown-timeout must be a number of seconds ≥ 0, got {}",
-            args.shutdown_timeout
-        );
+    let seconds = |flag: &str, value: f64, least: f64| {
+        if value.is_finite() && value >= least && value <= 1e9 {
+            Ok(std::time::Duration::from_secs_f64(value))
+        } else {
+            Err(anyhow::anyhow!(
+                "--{flag} must be a number of seconds from {least} to 1e9, got {value}"
+            ))
+        }
+    };
+    options.shutdown_timeout = seconds("shutdown-timeout", args.shutdown_timeout, 0.0)?;
+    // Zero would refuse every request: the least is a millisecond.
+    options.read_timeout = seconds("read-timeout", args.read_timeout, 0.001)?;
+    options.request_timeout = seconds("request-timeout", args.request_timeout, 0.001)?;
+    if args.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
     }
-    options.shutdown_timeout = std::time::Duration::from_secs_f64(args.shutdown_timeout);
+    options.max_connections = args.max_connections;
     options.load = load;
     peft_serve::serve(options)?;
     Ok(())

@@ -89,6 +89,16 @@ struct ServeArgs {
     /// A second signal exits at once.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     shutdown_timeout: f64,
+    /// Open connections at most; past it, new ones wait until one closes.
+    #[arg(long, default_value_t = peft_serve::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers, and between chunks of its body.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    read_timeout: f64,
+    /// Seconds a request may take until its response starts (a whole non-streamed
+    /// completion); past it, 408.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    request_timeout: f64,
     #[command(flatten)]
     load: LoadArgs,
     #[command(flatten)]

@@ -379,6 +379,34 @@ fn bad_inputs_fail_with_one_clear_line() {
     ]);
     assert_clean_failure(&out, "temperature must be > 0");
     assert!(!Path::new(out_path).exists(), "no output file on failure");
+
+    // The server's limits are checked before the model loads.
+    for (flag, value, needle) in [
+        (
+            "--read-timeout",
+            "0",
+            "--read-timeout must be a number of seconds from 0.001",
+        ),
+        (
+            "--request-timeout",
+            "nan",
+            "--request-timeout must be a number of seconds",
+        ),
+        (
+            "--shutdown-timeout",
+            "-1",
+            "--shutdown-timeout must be a number of seconds from 0",
+        ),
+        (
+            "--max-connections",
+            "0",
+            "--max-connections must be at least 1",
+        ),
+    ] {
+        let flag_value = format!("{flag}={value}");
+        let out = peft(&["serve", "--model", bloom, "--port", "0", &flag_value]);
+        assert_clean_failure(&out, needle);
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //!   `GET /v1/models`, vLLM's `POST /v1/load_lora_adapter` / `unload_lora_adapter`,
 //!   `GET /health`, `GET /metrics`;
 //! * [`api`] — the request/response bodies and OpenAI's error shape;
+//! * [`connections`] — accepting connections: the connection cap and the header deadline;
 //! * [`text`] — tokens to text with stop strings;
 //! * [`metrics`] — the shared counters and the bounded queue;
 //! * [`client`] — a minimal blocking HTTP client for the tests and the load test.
@@ -32,12 +33,13 @@
 
 pub mod api;
 pub mod client;
+pub mod connections;
 pub mod engine;
 pub mod metrics;
 pub mod routes;
 pub mod text;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +62,16 @@ pub const DEFAULT_MAX_LORAS: usize = 64;
 
 /// How long requests in flight may take to finish after the shutdown signal (`--shutdown-timeout`).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Default for [`ServeOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Default for [`ServeOptions::read_timeout`] (hyper's own default for headers).
+pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Default for [`ServeOptions::request_timeout`]: ten minutes, room for a long completion on a
+/// CPU.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Everything `peft serve` is started with.
 #[derive(Debug, Clone)]
@@ -94,6 +106,13 @@ pub struct ServeOptions {
     /// After the shutdown signal, how long requests in flight may take to finish; then they are
     /// cut (their clients see the connection close) and the server ends.
     pub shutdown_timeout: std::time::Duration,
+    /// Open connections at most; past it, new ones wait until one closes.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and between the chunks of its body.
+    pub read_timeout: std::time::Duration,
+    /// Time a request may take until its response starts (a whole non-streamed completion, a
+    /// streamed one's start); past it, 408.
+    pub request_timeout: std::time::Duration,
     /// Test-only: a panic the engine raises once (see [`engine::Engine::inject_panic`]).
     #[doc(hidden)]
     pub inject_panic: Option<engine::InjectedPanic>,
@@ -117,6 +136,9 @@ impl ServeOptions {
             load: LoadOptions::default(),
             max_loras: DEFAULT_MAX_LORAS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             inject_panic: None,
         }
     }
@@ -298,9 +320,19 @@ pub fn serve_until(
                 std::future::pending::<()>().await;
             }
         };
-        let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(stop);
+        let app = routes::router(state).layer((
+            tower_http::timeout::RequestBodyTimeoutLayer::new(options.read_timeout),
+            tower_http::timeout::TimeoutLayer::with_status_code(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                options.request_timeout,
+            ),
+        ));
+        let limits = connections::ConnectionLimits {
+            max_connections: options.max_connections,
+            header_read_timeout: options.read_timeout,
+        };
         tokio::select! {
-            served = server.into_future() => served?,
+            () = connections::serve(listener, app, limits, stop) => {}
             () = deadline => tracing::warn!(
                 "requests still in flight {timeout:?} after the shutdown signal were cut"
             ),

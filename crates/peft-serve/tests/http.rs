@@ -684,3 +684,102 @@ fn the_drain_deadline_cuts_requests_still_in_flight() {
     assert!(cut, "the request ran to its end");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// Reads what `stream` receives until the server closes it (or 5 s pass): the bytes, and
+/// whether the server closed it.
+fn read_until_closed(mut stream: TcpStream) -> (String, bool) {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&received).into(), true),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            // A reset is the server closing too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (String::from_utf8_lossy(&received).into(), true);
+            }
+            Err(_) => return (String::from_utf8_lossy(&received).into(), false),
+        }
+    }
+}
+
+/// The limits a public endpoint needs: a client that sends half its headers, or half its body,
+/// is cut after `--read-timeout` (today's code held both for ever); a request whose answer
+/// takes longer than `--request-timeout` gets 408 and the server goes on.
+#[test]
+fn slow_clients_and_long_requests_are_cut() {
+    use std::io::Write;
+    let server = bloom_server(|o| {
+        o.read_timeout = Duration::from_millis(300);
+        o.request_timeout = Duration::from_millis(200);
+    });
+    let started = Instant::now();
+    let mut half_headers = TcpStream::connect(server.addr).unwrap();
+    write!(half_headers, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let (_, closed) = read_until_closed(half_headers);
+    assert!(closed, "a client stuck in its headers kept its connection");
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    let mut half_body = TcpStream::connect(server.addr).unwrap();
+    write!(
+        half_body,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"model\""
+    )
+    .unwrap();
+    let (received, closed) = read_until_closed(half_body);
+    assert!(closed, "a client stuck in its body kept its connection");
+    assert!(received.starts_with("HTTP/1.1 408"), "{received}");
+
+    // 2,000 tokens past end-of-sequence take far longer than 200 ms.
+    let long = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "a", "prompt": "x", "max_tokens": 2000, "ignore_eos": true}),
+    );
+    assert_eq!(long.status, 408, "{}", long.body);
+    wait_for("the cut request to leave the batch", || {
+        metric(server.addr, "peft_batch_size") == 0.0
+    });
+    let short = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "a", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(short.status, 200, "{}", short.body);
+}
+
+/// `--max-connections 2`: a third connection waits (unanswered) while two are open, and is
+/// served once one of them closes.
+#[test]
+fn connections_past_the_cap_wait_for_one_to_close() {
+    let server = Server::start(|o| o.max_connections = 2);
+    let first = TcpStream::connect(server.addr).unwrap();
+    let second = TcpStream::connect(server.addr).unwrap();
+    // Both are accepted (their permits taken) before the third arrives.
+    std::thread::sleep(Duration::from_millis(200));
+    let third = send(server.addr, "GET", "/health", None, "");
+    third
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let waiting = third.try_clone().unwrap();
+    let err = client::read_response(waiting).expect_err("answered past the cap");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    drop(first);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = client::read_response(third).unwrap();
+    assert_eq!(r.status, 200);
+    drop(second);
+}
