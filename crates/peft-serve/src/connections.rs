@@ -6,7 +6,7 @@
 //! accepts every connection. This loop is `axum::serve`'s with those two settings: a cap on
 //! open connections (past it, new ones wait in the kernel's backlog until one closes) and a
 //! deadline for a request's headers. Request and body timeouts are tower-http layers on the
-//! router ([`crate::routes::router`]). Shutdown stops accepting and drains the open
+//! router ([`crate::routes::router`]), inside its response count. Shutdown stops accepting and drains the open
 //! connections (hyper-util's graceful shutdown); the caller bounds the drain.
 
 use std::future::Future;

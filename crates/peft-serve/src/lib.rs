@@ -320,13 +320,11 @@ pub fn serve_until(
                 std::future::pending::<()>().await;
             }
         };
-        let app = routes::router(state).layer((
-            tower_http::timeout::RequestBodyTimeoutLayer::new(options.read_timeout),
-            tower_http::timeout::TimeoutLayer::with_status_code(
-                axum::http::StatusCode::REQUEST_TIMEOUT,
-                options.request_timeout,
-            ),
-        ));
+        let timeouts = routes::RequestTimeouts {
+            body: options.read_timeout,
+            request: options.request_timeout,
+        };
+        let app = routes::router(state, timeouts);
         let limits = connections::ConnectionLimits {
             max_connections: options.max_connections,
             header_read_timeout: options.read_timeout,

@@ -120,8 +120,17 @@ async fn health(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiE
     }
 }
 
+/// How long a request may take (tower-http's timeouts, inside the response count).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTimeouts {
+    /// Between chunks of a request's body.
+    pub body: std::time::Duration,
+    /// Until the response starts.
+    pub request: std::time::Duration,
+}
+
 /// The router of every route over `state`.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<AppState>, timeouts: RequestTimeouts) -> Router {
     let v1 = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -140,6 +149,13 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer((
+            tower_http::timeout::RequestBodyTimeoutLayer::new(timeouts.body),
+            tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                timeouts.request,
+            ),
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_responses,
@@ -147,13 +163,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Counts every response by status for `/metrics`.
+/// Counts every response by status for `/metrics`; gives the timeouts' bare 408 OpenAI's
+/// error body.
 async fn count_responses(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    if response.status() == StatusCode::REQUEST_TIMEOUT
+        && response.headers().get(header::CONTENT_TYPE).is_none()
+    {
+        response = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request timed out: its body stalled past --read-timeout, or its answer took \
+             longer than --request-timeout",
+        )
+        .into_response();
+    }
     state.shared.responded(response.status().as_u16());
     response
 }

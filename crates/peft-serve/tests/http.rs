@@ -742,6 +742,7 @@ fn slow_clients_and_long_requests_are_cut() {
         json!({"model": "a", "prompt": "x", "max_tokens": 2000, "ignore_eos": true}),
     );
     assert_eq!(long.status, 408, "{}", long.body);
+    assert_eq!(long.json()["error"]["code"], 408, "{}", long.body);
     wait_for("the cut request to leave the batch", || {
         metric(server.addr, "peft_batch_size") == 0.0
     });
