@@ -836,3 +836,59 @@ fn a_nonfinite_gradient_stops_the_run_before_the_update() {
         );
     }
 }
+
+/// A checkpoint with any of its three files emptied, truncated or replaced by garbage is refused
+/// by `load_checkpoint_into` (what a resume reads) with an error naming the file — never a panic,
+/// never a silent fresh start. (The fuzz target `checkpoint_resume` explores further.)
+#[test]
+fn a_damaged_checkpoint_is_refused_naming_its_file() {
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let lora_config = peft_lora::LoraConfig {
+        r: 4,
+        ..peft_lora::LoraConfig::default()
+    };
+    let lora = peft_lora::get_peft_model(base, lora_config).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        save_steps: Some(1),
+        ..config(1)
+    };
+    train(
+        lora.clone(),
+        &tiny_data(),
+        3,
+        &cfg,
+        out.path(),
+        Resume::No,
+        &mut |_| {},
+    )
+    .unwrap();
+    let dir = out.path().join("checkpoint-1");
+    let (_, step) = peft_train::load_checkpoint_into(lora.clone(), &dir).unwrap();
+    assert_eq!(step, 1);
+    for file in [
+        "trainer_state.json",
+        "trainable_state.safetensors",
+        "optimizer.bin",
+    ] {
+        let path = dir.join(file);
+        let good = std::fs::read(&path).unwrap();
+        let damaged: [&[u8]; 3] = [b"", &good[..good.len() / 2], b"\x00\xffnot this file"];
+        for bytes in damaged {
+            std::fs::write(&path, bytes).unwrap();
+            let Err(err) = peft_train::load_checkpoint_into(lora.clone(), &dir) else {
+                panic!("{file} damaged ({} bytes) was loaded", bytes.len());
+            };
+            let err = err.to_string();
+            assert!(err.contains(file), "{file}: {err}");
+        }
+        std::fs::remove_file(&path).unwrap();
+        let err = peft_train::load_checkpoint_into(lora.clone(), &dir)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(file), "{file} missing: {err}");
+        std::fs::write(&path, good).unwrap();
+    }
+}

@@ -20,6 +20,6 @@ pub use data::{DataError, Example, Tokenized, read_examples, split, tokenize_all
 pub use distributed::{Collective, SingleProcess, ThreadRanks};
 pub use trainer::{
     DataFingerprint, Event, Resume, RunSources, Schedule, TrainConfig, TrainError, TrainSummary,
-    evaluate, fingerprint_file, inject_nonfinite_gradient_at, request_stop, train,
-    train_distributed,
+    evaluate, fingerprint_file, inject_nonfinite_gradient_at, load_checkpoint_into, request_stop,
+    train, train_distributed,
 };

@@ -1196,6 +1196,22 @@ fn load_checkpoint<A: AdapterModel>(
     Ok((adapter.with_model(model), optim.load_record(record), state))
 }
 
+/// Loads checkpoint `dir` into `adapter` as a resume does — its `trainer_state.json` (the
+/// recorded adapter config compared with `adapter`'s), the trainable values (full shapes
+/// checked) and the optimizer state — and returns the adapter with the checkpoint's values and
+/// the checkpoint's step. Any file that is missing, unreadable or of another run is an error
+/// naming it.
+pub fn load_checkpoint_into<A: AdapterModel>(
+    adapter: A,
+    dir: &Path,
+) -> Result<(A, usize), TrainError> {
+    let adapter_json = adapter.config_json()?;
+    let optim: ModuleOptimizer = AdamWConfig::new().init();
+    let (adapter, _, state) =
+        load_checkpoint(adapter, dir, optim, &adapter_json, &RunSources::default())?;
+    Ok((adapter, state.global_step))
+}
+
 /// Runs `module` through `valid()` when it lives on an autodiff device, for evaluation.
 pub fn inference_copy<M: Module>(module: &M) -> M {
     module.valid()
