@@ -10,6 +10,7 @@
 //!   test there, the benchmark cases, the CLI, and data-parallel training with `--devices`. One
 //!   short script, meant to finish well under 10 minutes.
 //! * `pretrain-tiny` — pretrain the bundled tiny BLOOM (docs/PRETRAINED.md).
+//! * `soak` — the load and fault soak of `peft serve` (2 minutes, 64 clients by default).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -42,6 +43,21 @@ enum Task {
     GpuCheck(GpuCheckArgs),
     /// Pretrain the bundled tiny BLOOM on data/pretrain.txt (docs/PRETRAINED.md).
     PretrainTiny(pretrain::PretrainArgs),
+    /// The load and fault soak of `peft serve` (release build, loopback only): clients mixing
+    /// streamed and whole requests over four adapters, some hanging up mid-stream, some sending
+    /// malformed bodies, an adapter loaded and unloaded meanwhile (docs/SERVING.md).
+    Soak(SoakArgs),
+}
+
+/// `cargo xtask soak`'s flags.
+#[derive(Args, Debug)]
+struct SoakArgs {
+    /// Seconds of load.
+    #[arg(long, default_value_t = 120.0)]
+    seconds: f64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
 }
 
 /// `cargo xtask fixtures`' flags.
@@ -158,6 +174,7 @@ fn main() -> ExitCode {
         Task::GpuCheck(args) => gpu_check(&root, args),
         Task::Bench(args) => bench(&root, args),
         Task::PretrainTiny(args) => pretrain::pretrain_tiny(&root, args),
+        Task::Soak(args) => soak(&root, args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,6 +184,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `cargo xtask soak`: builds peft-bench (release) and runs its `serve-soak` case once.
+fn soak(root: &Path, args: &SoakArgs) -> Result<()> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0) || args.clients == 0 {
+        bail!("--seconds must be positive and --clients at least 1");
+    }
+    let mut build = Command::new("cargo");
+    build.args(["build", "--quiet", "--release", "--bin", "peft-bench"]);
+    run(build.current_dir(root))?;
+    let bin = target_dir(root).join("release").join("peft-bench");
+    let report = run_json(Command::new(bin).args([
+        "serve-soak",
+        "--seconds",
+        &args.seconds.to_string(),
+        "--clients",
+        &args.clients.to_string(),
+    ]))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 /// A usage error in clap's shape (`error: …`, exit status 2), for values clap cannot check
@@ -371,8 +408,8 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
 }
 
 /// The benchmark cases, in report order, each with what it measures. Every case but
-/// `serve-load` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
-const BENCH_CASES: [(&str, &str); 37] = [
+/// `serve-load` and `serve-soak` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
+const BENCH_CASES: [(&str, &str); 38] = [
     (
         "gemm",
         "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
@@ -485,11 +522,16 @@ const BENCH_CASES: [(&str, &str); 37] = [
         "serve-load",
         "peft serve under concurrent HTTP clients (latency, throughput, 429s)",
     ),
+    (
+        "serve-soak",
+        "peft serve under load and faults (hang-ups, bad bodies, adapter churn)",
+    ),
 ];
 
-/// Whether `case` has a PyTorch + PEFT side (PEFT has no server: `serve-load` has none).
+/// Whether `case` has a PyTorch + PEFT side (PEFT has no server: the `serve-load` and
+/// `serve-soak` cases have none).
 fn has_pytorch_side(case: &str) -> bool {
-    case != "serve-load"
+    !matches!(case, "serve-load" | "serve-soak")
 }
 
 /// `cargo xtask bench --list`: every case, its PyTorch side and what it measures.
@@ -842,6 +884,26 @@ fn serving_summary(md: &mut String, rows: &[serde_json::Value]) {
             o["rejected_429"],
         ));
     }
+    if let Some(soak) = find("serve-soak") {
+        let o = &soak["ours"];
+        md.push_str(&format!(
+            "peft serve soak: {} clients for {} s: {} answers equal to the request alone ({} \
+             streamed), {} hang-ups mid-stream, {} malformed bodies answered 4xx, {} adapter \
+             load/unload cycles, {} responses read = {} in /metrics; the server's resident memory \
+             {:+.1} %, its live heap {:+.1} %\n",
+            o["clients"],
+            fmt(o["min_s"].as_f64()),
+            o["completed_equal_alone"],
+            o["of_them_streamed"],
+            o["hung_up_mid_stream"],
+            o["malformed_answered_4xx"],
+            o["adapter_load_unload_cycles"],
+            o["responses_read"],
+            o["responses_in_metrics"],
+            o["rss_growth"].as_f64().unwrap_or(f64::NAN) * 100.0,
+            o["heap_growth"].as_f64().unwrap_or(f64::NAN) * 100.0,
+        ));
+    }
 }
 
 /// Cargo's target folder: `$CARGO_TARGET_DIR` when set, else `target/` in the workspace.
@@ -997,9 +1059,9 @@ mod tests {
         assert_eq!(err, "unknown case `zzz`; see --list");
         let err = unknown_case(&cases(&["scale-lorra"]), scale::CASES, "x").unwrap();
         assert!(err.contains("did you mean scale-lora"), "{err}");
-        // Every listed case has a description; only serve-load lacks a PyTorch side.
+        // Every listed case has a description; only the server's cases lack a PyTorch side.
         assert!(BENCH_CASES.iter().all(|(_, what)| !what.is_empty()));
         let without: Vec<_> = names().filter(|n| !has_pytorch_side(n)).collect();
-        assert_eq!(without, ["serve-load"]);
+        assert_eq!(without, ["serve-load", "serve-soak"]);
     }
 }

@@ -18,13 +18,70 @@
 //! (hidden 512, 4 layers, 8 heads, vocab 8000) with random weights; the batch is 4 × 128 tokens.
 //! `--quick` shrinks the batch and repetitions for a CI smoke run.
 //!
-//! The serving cases (`serve-generate-1`, `-4`, `-16`, `serve-load`): see [`serve`].
+//! The serving cases (`serve-generate-1`, `-4`, `-16`, `serve-load`): see [`serve`]; the load
+//! and fault soak (`serve-soak [--seconds S] [--clients N]`): see [`soak`].
 //!
 //! The scale cases (`make-scale-model`, `scale-lora`, `scale-qlora`, `scale-generate`) run on
 //! real-size checkpoints: see [`scale`].
 
 mod scale;
 mod serve;
+mod soak;
+
+/// The process's allocator, counting the bytes it holds live: the soak tells a leak (live bytes
+/// climb with the requests served) from the allocator keeping freed pages (resident memory
+/// rises, live bytes do not).
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// `System`, plus a count of the bytes allocated and not yet freed.
+struct CountingAllocator;
+
+static LIVE_HEAP_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+// SAFETY: every call goes to `System` unchanged; the count is bookkeeping beside it.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on to `System`.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_HEAP_BYTES.fetch_add(layout.size() as i64, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_HEAP_BYTES.fetch_add(layout.size() as i64, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as `alloc`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE_HEAP_BYTES.fetch_sub(layout.size() as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new) };
+        if !p.is_null() {
+            LIVE_HEAP_BYTES.fetch_add(
+                new as i64 - layout.size() as i64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        p
+    }
+}
+
+/// Bytes the Rust heap holds live now (allocated and not freed).
+pub(crate) fn live_heap_bytes() -> i64 {
+    LIVE_HEAP_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -136,11 +193,11 @@ fn time(s: &Settings, device: &Device, mut step: impl FnMut()) -> Vec<f64> {
     times
 }
 
-fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     status_bytes("VmHWM:")
 }
 
-fn rss_bytes() -> Option<u64> {
+pub(crate) fn rss_bytes() -> Option<u64> {
     status_bytes("VmRSS:")
 }
 
@@ -589,6 +646,27 @@ fn main() -> ExitCode {
             }
         },
         "serve-load" => serve::load_test(quick, &workspace_root()),
+        // The soak's server process (started by `serve-soak`).
+        "serve-soak-server" => match soak::serve_child(&args, &workspace_root()) {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) => Err(e),
+        },
+        // `--seconds` / `--clients` (cargo xtask soak); as a bench case 30 s × 64 clients, or a
+        // few seconds × 16 with --quick.
+        "serve-soak" => {
+            let (seconds, clients) = if quick { (6.0, 16) } else { (30.0, 64) };
+            soak::run(
+                soak::SoakSettings {
+                    seconds: value("--seconds")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(seconds),
+                    clients: value("--clients")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(clients),
+                },
+                &workspace_root(),
+            )
+        }
         serve_case if serve_case.starts_with("serve-generate-") => {
             match serve_case["serve-generate-".len()..].parse() {
                 Ok(n) if n > 0 => serve::generate(n, quick, &device),

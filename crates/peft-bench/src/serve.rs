@@ -105,15 +105,39 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
     }))
 }
 
-fn fixtures(root: &Path) -> PathBuf {
+pub fn fixtures(root: &Path) -> PathBuf {
     root.join("tests/fixtures")
 }
 
-/// `serve-load`.
-pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
-    let (clients, per_client) = if quick { (4, 5) } else { (32, 50) };
-    let work = tempfile_dir()?;
-    // Four adapters: the multi-adapter fixture's three and their linear combination.
+/// A running `peft serve` for the load cases: stopped and joined by [`RunningServer::stop`].
+pub struct RunningServer {
+    /// Where it listens (127.0.0.1, a free port).
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<(), peft_serve::ServeError>>,
+}
+
+impl RunningServer {
+    /// Shuts the server down gracefully and returns its result.
+    pub fn stop(self) -> Result<(), String> {
+        let _ = self.stop.send(());
+        self.thread
+            .join()
+            .map_err(|_| "the server thread panicked".to_string())?
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The load cases' adapters, by name.
+pub const ADAPTERS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// bloom-tiny served on 127.0.0.1 with four adapters ([`ADAPTERS`]: the multi-adapter fixture's
+/// three and their linear combination, written into `work`), configured further by `configure`.
+pub fn four_adapter_server(
+    root: &Path,
+    work: &Path,
+    configure: impl FnOnce(&mut peft_serve::ServeOptions),
+) -> Result<RunningServer, String> {
     let adapters_dir = fixtures(root).join("adapters/multi-bloom");
     let model_dir = fixtures(root).join("models/bloom-tiny");
     let base = peft_models::load(&model_dir, &Device::flex()).map_err(|e| e.to_string())?;
@@ -131,9 +155,6 @@ pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
         })
         .and_then(|()| multi.save_adapter_folder("d", work.join("d")))
         .map_err(|e| e.to_string())?;
-    const NAMES: [&str; 4] = ["a", "b", "c", "d"];
-    const PROMPTS: [&str; 5] = ["你好", "hello", "the weather", "one two three", "x"];
-    let names = NAMES;
     let mut options = peft_serve::ServeOptions::new(&model_dir, Device::flex());
     options.adapters = vec![
         ("a".into(), adapters_dir.clone()),
@@ -142,11 +163,10 @@ pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
         ("d".into(), work.join("d")),
     ];
     options.port = 0;
-    options.max_batch = 8;
-    options.max_queue = 8;
+    configure(&mut options);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (ready, address) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         peft_serve::serve_until(
             options,
             async move {
@@ -160,6 +180,21 @@ pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
     let addr: SocketAddr = address
         .recv_timeout(Duration::from_secs(120))
         .map_err(|_| "the server did not start".to_string())?;
+    Ok(RunningServer { addr, stop, thread })
+}
+
+/// `serve-load`.
+pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
+    let (clients, per_client) = if quick { (4, 5) } else { (32, 50) };
+    let work = tempfile_dir("load")?;
+    const NAMES: [&str; 4] = ADAPTERS;
+    const PROMPTS: [&str; 5] = ["你好", "hello", "the weather", "one two three", "x"];
+    let names = NAMES;
+    let server = four_adapter_server(root, &work, |options| {
+        options.max_batch = 8;
+        options.max_queue = 8;
+    })?;
+    let addr = server.addr;
     let body = |i: usize| {
         json!({"model": NAMES[i % NAMES.len()], "prompt": PROMPTS[i % PROMPTS.len()],
                "max_tokens": 16, "temperature": 0})
@@ -242,11 +277,7 @@ pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
             .map_err(|_| "a client thread panicked".to_string())?;
     }
     let wall = started.elapsed().as_secs_f64();
-    let _ = stop.send(());
-    server
-        .join()
-        .map_err(|_| "the server thread panicked".to_string())?
-        .map_err(|e| e.to_string())?;
+    server.stop()?;
     let problems = problems.lock().map_err(|e| e.to_string())?.clone();
     if !problems.is_empty() {
         return Err(format!(
@@ -277,8 +308,9 @@ pub fn load_test(quick: bool, root: &Path) -> Result<Value, String> {
     }))
 }
 
-fn tempfile_dir() -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("peft-serve-load-{}", std::process::id()));
+/// A fresh folder for one case's files.
+pub fn tempfile_dir(case: &str) -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("peft-serve-{case}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     Ok(dir)
 }
