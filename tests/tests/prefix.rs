@@ -149,12 +149,14 @@ fn adapters_for_other_models_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("num_attention_heads is 2 but this bloom model has 4"),
+        err.contains(
+            "num_attention_heads is 2 but this bloom model's number of key/value heads is 4"
+        ),
         "{err}"
     );
     let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
     let zero = PrefixTuningConfig {
-        num_virtual_tokens: 0,
+        prompt: peft_core::PromptLearningConfig::new(0),
         ..PrefixTuningConfig::default()
     };
     let err = get_peft_model(base, zero).unwrap_err().to_string();
@@ -167,7 +169,7 @@ fn training_lowers_the_loss() {
     let device = device().autodiff();
     let base = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
     let config = PrefixTuningConfig {
-        num_virtual_tokens: 4,
+        prompt: peft_core::PromptLearningConfig::new(4),
         prefix_projection: true,
         encoder_hidden_size: Some(16),
         ..PrefixTuningConfig::default()

@@ -28,7 +28,7 @@ fn peft_adapter_matches(name: &str) {
     let device = device();
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
     let prompt = from_pretrained(base, adapter_dir(name), true).unwrap();
-    let n = prompt.config.num_virtual_tokens;
+    let n = prompt.config.prompt.num_virtual_tokens;
     let reference = Reference::load(name);
     let ours = logits(prompt.model(), &reference);
     let mask = extended_mask(&reference, n);
@@ -132,7 +132,7 @@ fn text_init_equals_the_embedding_rows() {
             .unwrap();
         let n = expected.1[0];
         let config = PromptTuningConfig {
-            num_virtual_tokens: n,
+            prompt: peft_core::PromptLearningConfig::new(n),
             prompt_tuning_init: PromptTuningInit::Text,
             prompt_tuning_init_text: Some(text.into()),
             ..PromptTuningConfig::default()
@@ -160,7 +160,7 @@ fn bad_configs_are_clear_errors() {
     let device = device();
     let base = || peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     let zero = PromptTuningConfig {
-        num_virtual_tokens: 0,
+        prompt: peft_core::PromptLearningConfig::new(0),
         ..PromptTuningConfig::default()
     };
     let err = get_peft_model(base(), zero, None).unwrap_err().to_string();
@@ -205,7 +205,7 @@ fn bad_configs_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("token_dim 32") && err.contains("hidden size is 64"),
+        err.contains("token_dim is 32") && err.contains("hidden size is 64"),
         "{err}"
     );
 }

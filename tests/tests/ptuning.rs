@@ -33,7 +33,7 @@ fn peft_adapter_matches(name: &str) {
     let device = device();
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
     let ptuning = from_pretrained(base, adapter_dir(name), true).unwrap();
-    let n = ptuning.config.num_virtual_tokens;
+    let n = ptuning.config.prompt.num_virtual_tokens;
     let reference = Reference::load(name);
     let ours = logits(ptuning.model(), &reference);
     let diff = max_diff_masked(
@@ -131,7 +131,7 @@ fn llama_mlp_encoder() {
 fn bad_configs_are_clear_errors() {
     let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
     let zero = PromptEncoderConfig {
-        num_virtual_tokens: 0,
+        prompt: peft_core::PromptLearningConfig::new(0),
         ..PromptEncoderConfig::default()
     };
     let err = get_peft_model(base, zero).unwrap_err().to_string();

@@ -369,7 +369,7 @@ fn resume_from_checkpoint_is_exact_with_dropout() {
 
     let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
     let config_ptuning = peft_ptuning::PromptEncoderConfig {
-        num_virtual_tokens: 4,
+        prompt: peft_core::PromptLearningConfig::new(4),
         encoder_reparameterization_type: peft_ptuning::EncoderType::Lstm,
         encoder_hidden_size: Some(16),
         encoder_dropout: 0.1,
@@ -704,7 +704,7 @@ fn data_parallel_ranks_equal_one_process_with_accumulation() {
         .unwrap();
     let prompt_dir = start.path().join("prompt");
     let prompt_cfg = peft_prompt::PromptTuningConfig {
-        num_virtual_tokens: 3,
+        prompt: peft_core::PromptLearningConfig::new(3),
         ..peft_prompt::PromptTuningConfig::default()
     };
     peft_prompt::get_peft_model(base(), prompt_cfg, None)

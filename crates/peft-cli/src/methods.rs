@@ -312,7 +312,7 @@ pub(crate) const METHODS: [Method; 7] = [
                 peft_prompt::PromptTuningConfig::from_file(p)
             })?;
             if let Some(n) = ctx.args.num_virtual_tokens {
-                config.num_virtual_tokens = n;
+                config.prompt.num_virtual_tokens = n;
             }
             config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(
@@ -337,7 +337,7 @@ pub(crate) const METHODS: [Method; 7] = [
                 peft_prefix::PrefixTuningConfig::from_file(p)
             })?;
             if let Some(n) = ctx.args.num_virtual_tokens {
-                config.num_virtual_tokens = n;
+                config.prompt.num_virtual_tokens = n;
             }
             config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_prefix::get_peft_model(base, config)?, ctx)
@@ -359,7 +359,7 @@ pub(crate) const METHODS: [Method; 7] = [
                 peft_ptuning::PromptEncoderConfig::from_file(p)
             })?;
             if let Some(n) = ctx.args.num_virtual_tokens {
-                config.num_virtual_tokens = n;
+                config.prompt.num_virtual_tokens = n;
             }
             config.header.base_model_name_or_path = Some(ctx.model_dir.display().to_string());
             run(peft_ptuning::get_peft_model(base, config)?, ctx)

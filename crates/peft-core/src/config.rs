@@ -317,3 +317,140 @@ mod tests {
         assert!(err.contains("adapter_config.json: invalid JSON"), "{err}");
     }
 }
+
+/// PEFT's `PromptLearningConfig`: the sizes every prompt-learning method's config shares (prompt
+/// tuning, P-tuning, prefix tuning), flattened into its `adapter_config.json` — the file's keys
+/// are PEFT's, unchanged. The sizes are `None` in a fresh config and filled in from the model
+/// when the adapter is made ([`PromptLearningConfig::fill_sizes`], PEFT's
+/// `_prepare_prompt_learning_config`); a saved adapter's sizes are checked against the model it
+/// is loaded on ([`PromptLearningConfig::check_sizes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptLearningConfig {
+    /// Virtual tokens (prompt length, or prefix length).
+    #[serde(default)]
+    pub num_virtual_tokens: usize,
+    /// Width of a virtual token: the hidden size, or for prefix tuning the key/value width per
+    /// layer (`head_dim · kv_heads`).
+    #[serde(default)]
+    pub token_dim: Option<usize>,
+    /// 1 for decoder-only models (the only kind supported).
+    #[serde(default)]
+    pub num_transformer_submodules: Option<usize>,
+    /// Attention heads (key/value heads for prefix tuning).
+    #[serde(default)]
+    pub num_attention_heads: Option<usize>,
+    /// Layers.
+    #[serde(default)]
+    pub num_layers: Option<usize>,
+}
+
+/// One size a prompt-learning adapter records that the model it is loaded on must have: made by
+/// [`ExpectedSize::token_dim`], [`ExpectedSize::heads`] or [`ExpectedSize::layers`].
+#[derive(Debug, Clone, Copy)]
+pub struct ExpectedSize {
+    field: SizeField,
+    what: &'static str,
+    value: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SizeField {
+    TokenDim,
+    Heads,
+    Layers,
+}
+
+impl ExpectedSize {
+    /// `token_dim` must be `value`, the model's `what` (`hidden size`, `key/value width`).
+    pub fn token_dim(value: usize, what: &'static str) -> Self {
+        Self {
+            field: SizeField::TokenDim,
+            what,
+            value,
+        }
+    }
+
+    /// `num_attention_heads` must be `value`, the model's `what` (`key/value heads`).
+    pub fn heads(value: usize, what: &'static str) -> Self {
+        Self {
+            field: SizeField::Heads,
+            what,
+            value,
+        }
+    }
+
+    /// `num_layers` must be the model's `value` layers.
+    pub fn layers(value: usize) -> Self {
+        Self {
+            field: SizeField::Layers,
+            what: "number of layers",
+            value,
+        }
+    }
+}
+
+impl PromptLearningConfig {
+    /// `num_virtual_tokens` virtual tokens, the sizes left to be filled in from the model.
+    pub fn new(num_virtual_tokens: usize) -> Self {
+        Self {
+            num_virtual_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the shared values: at least one virtual token, one transformer submodule.
+    pub fn validate(&self, context: &str) -> Result<()> {
+        if self.num_virtual_tokens == 0 {
+            return Err(PeftError::config(
+                context,
+                "num_virtual_tokens",
+                "must be at least 1",
+            ));
+        }
+        if self.num_transformer_submodules.is_some_and(|n| n != 1) {
+            return Err(PeftError::config(
+                context,
+                "num_transformer_submodules",
+                "only 1 (decoder-only models) is supported",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fills in the model's sizes: token width `token_dim`, `heads` heads, `layers` layers, one
+    /// submodule.
+    pub fn fill_sizes(&mut self, token_dim: usize, heads: usize, layers: usize) {
+        self.token_dim = Some(token_dim);
+        self.num_transformer_submodules = Some(1);
+        self.num_attention_heads = Some(heads);
+        self.num_layers = Some(layers);
+    }
+
+    /// Checks that every size the saved config records equals the model's (`expected`); a size
+    /// the config leaves out is not checked. The error names the field, both values and
+    /// `model_type`.
+    pub fn check_sizes(
+        &self,
+        expected: &[ExpectedSize],
+        model_type: &str,
+        context: &str,
+    ) -> Result<()> {
+        for e in expected {
+            let (field, found) = match e.field {
+                SizeField::TokenDim => ("token_dim", self.token_dim),
+                SizeField::Heads => ("num_attention_heads", self.num_attention_heads),
+                SizeField::Layers => ("num_layers", self.num_layers),
+            };
+            if let Some(found) = found
+                && found != e.value
+            {
+                return Err(PeftError::AdapterMismatch(format!(
+                    "{context}: {field} is {found} but this {model_type} model's {} is {} \
+                     (adapter for another model?)",
+                    e.what, e.value
+                )));
+            }
+        }
+        Ok(())
+    }
+}

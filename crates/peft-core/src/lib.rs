@@ -44,7 +44,9 @@ pub use adapter::{
     AdaptableEmbedding, AdaptableLinear, BaseLinear, LayerAdapter, NoAdapter, PackedLinear,
 };
 pub use adapter_set::{AdapterSet, BASE_ADAPTER, RowAdapters};
-pub use config::{ConfigHeader, MethodConfig, PeftType, TargetModules};
+pub use config::{
+    ConfigHeader, ExpectedSize, MethodConfig, PeftType, PromptLearningConfig, TargetModules,
+};
 pub use model::{AdapterModel, CausalLm, KvCache, LayerKv, ModelInput, ModelSpec};
 pub use modules::{ModuleInfo, ModuleKind, ModuleMatcher};
 pub use peft_ops::packed::PackedWeight;

@@ -1,6 +1,8 @@
 //! `PrefixTuningConfig`: PEFT's `adapter_config.json` for prefix tuning.
 
-use peft_core::{ConfigHeader, ModelSpec, PeftError, PeftType, Result};
+use peft_core::{
+    ConfigHeader, ExpectedSize, ModelSpec, PeftError, PeftType, PromptLearningConfig, Result,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -12,21 +14,11 @@ pub struct PrefixTuningConfig {
     /// `base_model_name_or_path`, `inference_mode`).
     #[serde(flatten)]
     pub header: ConfigHeader<PrefixTuningConfig>,
-    /// Prefix length.
-    #[serde(default)]
-    pub num_virtual_tokens: usize,
-    /// Key/value width per layer (`head_dim · kv_heads`), filled in from the model.
-    #[serde(default)]
-    pub token_dim: Option<usize>,
-    /// 1 for decoder-only models.
-    #[serde(default)]
-    pub num_transformer_submodules: Option<usize>,
-    /// Key/value heads, filled in from the model.
-    #[serde(default)]
-    pub num_attention_heads: Option<usize>,
-    /// Layers, filled in from the model.
-    #[serde(default)]
-    pub num_layers: Option<usize>,
+    /// The sizes every prompt-learning config shares (`num_virtual_tokens`, `token_dim`,
+    /// `num_transformer_submodules`, `num_attention_heads`, `num_layers`), flattened: the JSON
+    /// keys are PEFT's.
+    #[serde(flatten)]
+    pub prompt: PromptLearningConfig,
     /// Hidden width of the projection MLP.
     #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
@@ -46,15 +38,7 @@ impl peft_core::MethodConfig for PrefixTuningConfig {
     fn validate(&self, context: &str) -> Result<()> {
         let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
         self.header.check(context)?;
-        if self.num_virtual_tokens == 0 {
-            return bad("num_virtual_tokens", "must be at least 1");
-        }
-        if self.num_transformer_submodules.is_some_and(|n| n != 1) {
-            return bad(
-                "num_transformer_submodules",
-                "only 1 (decoder-only models) is supported",
-            );
-        }
+        self.prompt.validate(context)?;
         if self.prefix_projection && self.encoder_hidden_size.is_none_or(|h| h == 0) {
             return bad(
                 "encoder_hidden_size",
@@ -68,7 +52,7 @@ impl peft_core::MethodConfig for PrefixTuningConfig {
 impl Default for PrefixTuningConfig {
     fn default() -> Self {
         Self {
-            num_virtual_tokens: 8,
+            prompt: PromptLearningConfig::new(8),
             ..serde_json::from_str("{}").expect("every field has a default")
         }
     }
@@ -77,26 +61,85 @@ impl Default for PrefixTuningConfig {
 impl PrefixTuningConfig {
     /// Checks that a saved adapter fits `spec` (layers, key/value heads and width).
     pub(crate) fn check_model(&self, spec: &ModelSpec, context: &str) -> Result<()> {
-        let kv_dim = spec.head_dim * spec.num_kv_heads;
-        let expected = [
-            ("num_layers", self.num_layers, spec.num_layers),
-            (
-                "num_attention_heads",
-                self.num_attention_heads,
-                spec.num_kv_heads,
-            ),
-            ("token_dim", self.token_dim, kv_dim),
-        ];
-        for (field, found, want) in expected {
-            if let Some(found) = found
-                && found != want
-            {
-                return Err(PeftError::AdapterMismatch(format!(
-                    "{context}: {field} is {found} but this {} model has {want} (adapter for another model?)",
-                    spec.model_type
-                )));
+        self.prompt.check_sizes(
+            &[
+                ExpectedSize::layers(spec.num_layers),
+                ExpectedSize::heads(spec.num_kv_heads, "number of key/value heads"),
+                ExpectedSize::token_dim(spec.head_dim * spec.num_kv_heads, "key/value width"),
+            ],
+            &spec.model_type,
+            context,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PEFT's file reads into the shared sizes (not into `other`) and writes back to the same
+    /// JSON, key for key.
+    #[test]
+    fn peft_file_round_trips_through_the_shared_sizes() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/adapters/prefix-bloom-proj/adapter_config.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let config: PrefixTuningConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            config.prompt,
+            PromptLearningConfig {
+                num_virtual_tokens: 4,
+                token_dim: Some(64),
+                num_transformer_submodules: Some(1),
+                num_attention_heads: Some(4),
+                num_layers: Some(2),
             }
+        );
+        for key in ["num_virtual_tokens", "token_dim", "num_layers"] {
+            assert!(!config.other.contains_key(key), "{key} landed in `other`");
         }
-        Ok(())
+        let original: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_value(&config).unwrap(), original);
+    }
+
+    /// A saved size that differs from the model's is refused naming the field and both values.
+    #[test]
+    fn sizes_of_another_model_are_refused() {
+        let mut config = PrefixTuningConfig::default();
+        config.prompt.fill_sizes(64, 4, 2);
+        let spec = |layers: usize, kv_heads: usize| ModelSpec {
+            model_type: "llama".into(),
+            vocab_size: 100,
+            hidden_size: 64,
+            num_layers: layers,
+            num_heads: 4,
+            num_kv_heads: kv_heads,
+            head_dim: 16,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+            pad_token_id: None,
+            tie_word_embeddings: false,
+        };
+        config.check_model(&spec(2, 4), "cfg").unwrap();
+        let err = config
+            .check_model(&spec(3, 4), "cfg")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cfg: num_layers is 2 but this llama model's number of layers is 3"),
+            "{err}"
+        );
+        let err = config
+            .check_model(&spec(2, 2), "cfg")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "num_attention_heads is 4 but this llama model's number of key/value heads is 2"
+            ),
+            "{err}"
+        );
     }
 }

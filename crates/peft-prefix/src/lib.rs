@@ -20,3 +20,5 @@ pub mod model;
 pub use config::PrefixTuningConfig;
 pub use encoder::{PrefixProjection, load_projection};
 pub use model::{ENCODER_NAME, PrefixTuning, PrefixTuningModel, from_pretrained, get_peft_model};
+/// The sizes every prompt-learning config shares (its `prompt` field).
+pub use peft_core::PromptLearningConfig;

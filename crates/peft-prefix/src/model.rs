@@ -157,10 +157,11 @@ pub struct PrefixTuningModel<M: CausalLm> {
 }
 
 fn with_sizes(mut config: PrefixTuningConfig, spec: &ModelSpec) -> PrefixTuningConfig {
-    config.token_dim = Some(spec.head_dim * spec.num_kv_heads);
-    config.num_transformer_submodules = Some(1);
-    config.num_attention_heads = Some(spec.num_kv_heads);
-    config.num_layers = Some(spec.num_layers);
+    config.prompt.fill_sizes(
+        spec.head_dim * spec.num_kv_heads,
+        spec.num_kv_heads,
+        spec.num_layers,
+    );
     config
 }
 
@@ -172,7 +173,10 @@ pub fn get_peft_model<M: CausalLm<Adapter = NoAdapter>>(
     config.validate("PrefixTuningConfig")?;
     let spec = base.spec().clone();
     let config = with_sizes(config, &spec);
-    let (n, kv_dim) = (config.num_virtual_tokens, spec.head_dim * spec.num_kv_heads);
+    let (n, kv_dim) = (
+        config.prompt.num_virtual_tokens,
+        spec.head_dim * spec.num_kv_heads,
+    );
     let width = spec.num_layers * 2 * kv_dim;
     let device = base.device();
     let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
@@ -215,7 +219,7 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     let spec = base.spec().clone();
     config.check_model(&spec, &config_path.display().to_string())?;
     let (n, width) = (
-        config.num_virtual_tokens,
+        config.prompt.num_virtual_tokens,
         spec.num_layers * 2 * spec.head_dim * spec.num_kv_heads,
     );
     let store = TensorStore::open(dir.join(WEIGHTS_NAME))?;

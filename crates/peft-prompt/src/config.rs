@@ -1,6 +1,6 @@
 //! `PromptTuningConfig`: PEFT's `adapter_config.json` for prompt tuning.
 
-use peft_core::{ConfigHeader, PeftError, PeftType, Result};
+use peft_core::{ConfigHeader, PeftError, PeftType, PromptLearningConfig, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -27,21 +27,11 @@ pub struct PromptTuningConfig {
     /// `base_model_name_or_path`, `inference_mode`).
     #[serde(flatten)]
     pub header: ConfigHeader<PromptTuningConfig>,
-    /// Number of virtual tokens.
-    #[serde(default)]
-    pub num_virtual_tokens: usize,
-    /// Width of a virtual token (the model's hidden size; filled in from the model).
-    #[serde(default)]
-    pub token_dim: Option<usize>,
-    /// 1 for decoder-only models.
-    #[serde(default)]
-    pub num_transformer_submodules: Option<usize>,
-    /// The model's attention heads (recorded as PEFT does).
-    #[serde(default)]
-    pub num_attention_heads: Option<usize>,
-    /// The model's layers (recorded as PEFT does).
-    #[serde(default)]
-    pub num_layers: Option<usize>,
+    /// The sizes every prompt-learning config shares (`num_virtual_tokens`, `token_dim`,
+    /// `num_transformer_submodules`, `num_attention_heads`, `num_layers`), flattened: the JSON
+    /// keys are PEFT's.
+    #[serde(flatten)]
+    pub prompt: PromptLearningConfig,
     /// How the table starts.
     #[serde(default)]
     pub prompt_tuning_init: PromptTuningInit,
@@ -64,15 +54,7 @@ impl peft_core::MethodConfig for PromptTuningConfig {
     fn validate(&self, context: &str) -> Result<()> {
         let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
         self.header.check(context)?;
-        if self.num_virtual_tokens == 0 {
-            return bad("num_virtual_tokens", "must be at least 1");
-        }
-        if self.num_transformer_submodules.is_some_and(|n| n != 1) {
-            return bad(
-                "num_transformer_submodules",
-                "only 1 (decoder-only models) is supported",
-            );
-        }
+        self.prompt.validate(context)?;
         if self.prompt_tuning_init == PromptTuningInit::Text
             && self
                 .prompt_tuning_init_text
@@ -91,7 +73,7 @@ impl peft_core::MethodConfig for PromptTuningConfig {
 impl Default for PromptTuningConfig {
     fn default() -> Self {
         Self {
-            num_virtual_tokens: 8,
+            prompt: PromptLearningConfig::new(8),
             ..serde_json::from_str("{}").expect("every field has a default")
         }
     }

@@ -35,3 +35,5 @@ pub mod model;
 
 pub use config::{PromptTuningConfig, PromptTuningInit};
 pub use model::{PromptTuning, PromptTuningModel, from_pretrained, get_peft_model, text_init_ids};
+/// The sizes every prompt-learning config shares (its `prompt` field).
+pub use peft_core::PromptLearningConfig;

@@ -9,8 +9,8 @@ use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::params::named_params;
 use peft_core::prompt_learning::{PromptTable, VirtualTokens};
 use peft_core::{
-    AdapterModel, CausalLm, HostTensor, ModelSpec, NoAdapter, PeftError, Result, TensorStore,
-    TrainableSummary,
+    AdapterModel, CausalLm, ExpectedSize, HostTensor, ModelSpec, NoAdapter, PeftError, Result,
+    TensorStore, TrainableSummary,
 };
 use peft_models::Tokenizer;
 use std::collections::BTreeMap;
@@ -33,10 +33,9 @@ pub struct PromptTuningModel<M: CausalLm> {
 }
 
 fn with_sizes(mut config: PromptTuningConfig, spec: &ModelSpec) -> PromptTuningConfig {
-    config.token_dim = Some(spec.hidden_size);
-    config.num_transformer_submodules = Some(1);
-    config.num_attention_heads = Some(spec.num_heads);
-    config.num_layers = Some(spec.num_layers);
+    config
+        .prompt
+        .fill_sizes(spec.hidden_size, spec.num_heads, spec.num_layers);
     config
 }
 
@@ -63,7 +62,7 @@ pub fn get_peft_model<M: CausalLm<Adapter = NoAdapter>>(
     config.validate("PromptTuningConfig")?;
     let spec = base.spec().clone();
     let config = with_sizes(config, &spec);
-    let (n, d) = (config.num_virtual_tokens, spec.hidden_size);
+    let (n, d) = (config.prompt.num_virtual_tokens, spec.hidden_size);
     let device = base.device();
     let rows_of = |ids: Vec<u32>| {
         let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
@@ -125,19 +124,14 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     let dir = adapter_dir.as_ref();
     let config = PromptTuningConfig::from_file(dir.join(CONFIG_NAME))?;
     let spec = base.spec().clone();
-    if let Some(d) = config.token_dim
-        && d != spec.hidden_size
-    {
-        return Err(PeftError::AdapterMismatch(format!(
-            "{}: token_dim {d} but this {} model's hidden size is {} (adapter for another model?)",
-            dir.join(CONFIG_NAME).display(),
-            spec.model_type,
-            spec.hidden_size
-        )));
-    }
+    config.prompt.check_sizes(
+        &[ExpectedSize::token_dim(spec.hidden_size, "hidden size")],
+        &spec.model_type,
+        &dir.join(CONFIG_NAME).display().to_string(),
+    )?;
     let weights = dir.join(WEIGHTS_NAME);
     let store = TensorStore::open(&weights)?;
-    let (n, d) = (config.num_virtual_tokens, spec.hidden_size);
+    let (n, d) = (config.prompt.num_virtual_tokens, spec.hidden_size);
     let values = store.f32_shaped("prompt_embeddings", &[n, d])?;
     if let Some(extra) = store.keys().find(|k| *k != "prompt_embeddings") {
         tracing::warn!("{}: unexpected tensor `{extra}` ignored", weights.display());

@@ -1,6 +1,6 @@
 //! `PromptEncoderConfig`: PEFT's `adapter_config.json` for P-tuning.
 
-use peft_core::{ConfigHeader, PeftError, PeftType, Result};
+use peft_core::{ConfigHeader, PeftError, PeftType, PromptLearningConfig, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -24,21 +24,11 @@ pub struct PromptEncoderConfig {
     /// `base_model_name_or_path`, `inference_mode`).
     #[serde(flatten)]
     pub header: ConfigHeader<PromptEncoderConfig>,
-    /// Number of virtual tokens.
-    #[serde(default)]
-    pub num_virtual_tokens: usize,
-    /// The model's hidden size (filled in).
-    #[serde(default)]
-    pub token_dim: Option<usize>,
-    /// 1 for decoder-only models.
-    #[serde(default)]
-    pub num_transformer_submodules: Option<usize>,
-    /// The model's attention heads (recorded as PEFT does).
-    #[serde(default)]
-    pub num_attention_heads: Option<usize>,
-    /// The model's layers (recorded as PEFT does).
-    #[serde(default)]
-    pub num_layers: Option<usize>,
+    /// The sizes every prompt-learning config shares (`num_virtual_tokens`, `token_dim`,
+    /// `num_transformer_submodules`, `num_attention_heads`, `num_layers`), flattened: the JSON
+    /// keys are PEFT's.
+    #[serde(flatten)]
+    pub prompt: PromptLearningConfig,
     /// MLP or LSTM.
     #[serde(default)]
     pub encoder_reparameterization_type: EncoderType,
@@ -68,9 +58,7 @@ impl peft_core::MethodConfig for PromptEncoderConfig {
     fn validate(&self, context: &str) -> Result<()> {
         let bad = |field: &str, reason: &str| Err(PeftError::config(context, field, reason));
         self.header.check(context)?;
-        if self.num_virtual_tokens == 0 {
-            return bad("num_virtual_tokens", "must be at least 1");
-        }
+        self.prompt.validate(context)?;
         if self.encoder_hidden_size == Some(0) || self.encoder_num_layers == 0 {
             return bad(
                 "encoder_hidden_size / encoder_num_layers",
@@ -93,7 +81,7 @@ impl peft_core::MethodConfig for PromptEncoderConfig {
 impl Default for PromptEncoderConfig {
     fn default() -> Self {
         Self {
-            num_virtual_tokens: 8,
+            prompt: PromptLearningConfig::new(8),
             ..serde_json::from_str("{}").expect("every field has a default")
         }
     }

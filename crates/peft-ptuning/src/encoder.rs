@@ -170,7 +170,7 @@ fn uniform1(len: usize, bound: f64, device: &Device) -> Param<Tensor<1>> {
 /// A freshly initialised encoder (PyTorch's inits: N(0,1) embedding, U(±1/√h) LSTM, Kaiming-
 /// uniform linear layers).
 pub fn new_encoder(config: &PromptEncoderConfig, d: usize, device: &Device) -> PromptEncoder {
-    let n = config.num_virtual_tokens;
+    let n = config.prompt.num_virtual_tokens;
     let h = config.encoder_hidden_size.unwrap_or(d);
     let linear = |i: usize, o: usize| LinearConfig::new(i, o).init(device);
     let (lstm_head, mlp_head) = match config.encoder_reparameterization_type {
@@ -319,7 +319,7 @@ mod tests {
     fn saved_tokens_are_drawn_without_dropout() {
         let device = Device::flex().autodiff();
         let config = PromptEncoderConfig {
-            num_virtual_tokens: 4,
+            prompt: peft_core::PromptLearningConfig::new(4),
             encoder_reparameterization_type: EncoderType::Lstm,
             encoder_hidden_size: Some(8),
             encoder_num_layers: 2,

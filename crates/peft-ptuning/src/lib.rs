@@ -23,3 +23,5 @@ pub use encoder::{
     new_encoder,
 };
 pub use model::{ENCODER_NAME, PTuning, PTuningModel, from_pretrained, get_peft_model};
+/// The sizes every prompt-learning config shares (its `prompt` field).
+pub use peft_core::PromptLearningConfig;

@@ -10,7 +10,8 @@ use peft_core::params::host_tensor;
 use peft_core::params::named_params;
 use peft_core::prompt_learning::VirtualTokens;
 use peft_core::{
-    AdapterModel, CausalLm, ModelSpec, NoAdapter, PeftError, Result, TensorStore, TrainableSummary,
+    AdapterModel, CausalLm, ExpectedSize, ModelSpec, NoAdapter, PeftError, Result, TensorStore,
+    TrainableSummary,
 };
 use peft_tensors::save_safetensors;
 use std::collections::BTreeMap;
@@ -32,10 +33,9 @@ pub struct PTuningModel<M: CausalLm> {
 }
 
 fn with_sizes(mut config: PromptEncoderConfig, spec: &ModelSpec) -> PromptEncoderConfig {
-    config.token_dim = Some(spec.hidden_size);
-    config.num_transformer_submodules = Some(1);
-    config.num_attention_heads = Some(spec.num_heads);
-    config.num_layers = Some(spec.num_layers);
+    config
+        .prompt
+        .fill_sizes(spec.hidden_size, spec.num_heads, spec.num_layers);
     config.encoder_hidden_size = Some(config.encoder_hidden_size.unwrap_or(spec.hidden_size));
     config
 }
@@ -75,19 +75,14 @@ pub fn from_pretrained<M: CausalLm<Adapter = NoAdapter>>(
     let config_path = dir.join(CONFIG_NAME);
     let config = PromptEncoderConfig::from_file(&config_path)?;
     let spec = base.spec().clone();
-    if let Some(d) = config.token_dim
-        && d != spec.hidden_size
-    {
-        return Err(PeftError::AdapterMismatch(format!(
-            "{}: token_dim {d} but this {} model's hidden size is {} (adapter for another model?)",
-            config_path.display(),
-            spec.model_type,
-            spec.hidden_size
-        )));
-    }
+    config.prompt.check_sizes(
+        &[ExpectedSize::token_dim(spec.hidden_size, "hidden size")],
+        &spec.model_type,
+        &config_path.display().to_string(),
+    )?;
     let config = with_sizes(config, &spec);
     let device = base.device();
-    let (n, d) = (config.num_virtual_tokens, spec.hidden_size);
+    let (n, d) = (config.prompt.num_virtual_tokens, spec.hidden_size);
     let encoder = if dir.join(ENCODER_NAME).is_file() {
         PTuningEncoder {
             encoder: Some(load_encoder(&dir.join(ENCODER_NAME), &config, &device)?),
