@@ -540,24 +540,19 @@ pub fn run(settings: SoakSettings, root: &Path) -> Result<Value, String> {
     {
         problems.push("rows or queued requests left 30 s after the soak".into());
     }
-    let rss_growth = after.rss as f64 / before.rss.max(1) as f64 - 1.0;
-    if rss_growth > 0.10 {
-        problems.push(format!(
-            "the server's resident memory grew {:.1} % over the soak ({} → {} bytes)",
-            rss_growth * 100.0,
-            before.rss,
-            after.rss
-        ));
-    }
-    let heap_growth = after.heap as f64 / before.heap.max(1) as f64 - 1.0;
-    if heap_growth > 0.10 {
-        problems.push(format!(
-            "the server's live heap grew {:.1} % over the soak ({} → {} bytes)",
-            heap_growth * 100.0,
-            before.heap,
-            after.heap
-        ));
-    }
+    // Growth between the idle points, each checked against the 10 % bound.
+    let mut growth = |what: &str, before: f64, after: f64| {
+        let grown = after / before.max(1.0) - 1.0;
+        if grown > 0.10 {
+            problems.push(format!(
+                "the server's {what} grew {:.1} % over the soak ({before} → {after} bytes)",
+                grown * 100.0
+            ));
+        }
+        grown
+    };
+    let rss_growth = growth("resident memory", before.rss as f64, after.rss as f64);
+    let heap_growth = growth("live heap", before.heap as f64, after.heap as f64);
     let mb = |b: f64| (b / 1e5).round() / 10.0;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let report = json!({
