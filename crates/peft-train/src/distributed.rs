@@ -9,7 +9,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::trainer::TrainError;
+use crate::error::TrainError;
 
 /// A group of processes training one model together.
 pub trait Collective {

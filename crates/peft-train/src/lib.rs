@@ -13,13 +13,15 @@
 
 pub mod data;
 pub mod distributed;
+pub mod error;
 pub mod plot;
 pub mod trainer;
 
 pub use data::{DataError, Example, Tokenized, read_examples, split, tokenize_all};
 pub use distributed::{Collective, SingleProcess, ThreadRanks};
+pub use error::TrainError;
 pub use trainer::{
-    DataFingerprint, Event, Resume, RunSources, Schedule, TrainConfig, TrainError, TrainSummary,
-    evaluate, fingerprint_file, inject_nonfinite_gradient_at, load_checkpoint_into, request_stop,
-    train, train_distributed,
+    DataFingerprint, Event, Resume, RunSources, Schedule, TrainConfig, TrainSummary, evaluate,
+    fingerprint_file, inject_nonfinite_gradient_at, load_checkpoint_into, request_stop, train,
+    train_distributed,
 };
