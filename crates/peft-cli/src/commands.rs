@@ -12,19 +12,7 @@ use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
 use peft_tensors::save_safetensors;
 
 use crate::methods::{Inspected, Runnable};
-use crate::{
-    CombineArgs, DeviceArg, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs, ServeArgs,
-};
-
-/// The device of `--device`, else `$PEFT_DEVICE`, else the CPU.
-pub(crate) fn device(arg: &DeviceArg) -> Result<Device> {
-    let name = arg
-        .device
-        .clone()
-        .or_else(|| std::env::var("PEFT_DEVICE").ok())
-        .unwrap_or_else(|| "cpu".into());
-    Ok(peft_ops::device::parse_device(&name)?)
-}
+use crate::{CombineArgs, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs, ServeArgs};
 
 fn load_base(
     model: &Path,
@@ -97,7 +85,7 @@ fn load_multi_lora(
 /// The model `args` name, with its adapters. `generation`: a missing `--compute-dtype` means
 /// `auto` (transformers' default for generation), else float32 (`logits`, a parity tool).
 fn load_model(args: &ModelArgs, generation: bool) -> Result<Box<dyn Runnable>> {
-    let device = device(&args.device)?;
+    let device = args.device.resolve()?;
     let options = args.load.options(&args.model, &device, generation)?;
     let base = load_base(&args.model, &device, &options)?;
     let specs = adapter_specs(&args.adapter);
@@ -333,7 +321,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
 /// `peft merge`.
 pub fn merge(args: MergeArgs) -> Result<()> {
     let save = args.save.options()?;
-    let device = device(&args.device)?;
+    let device = args.device.resolve()?;
     let base = load_base(&args.model, &device, &Default::default())?;
     // Merged layer by layer as the checkpoint is written: never a whole merged copy in memory.
     load_adapter(base, &args.adapter)?
@@ -357,7 +345,7 @@ pub fn combine(args: CombineArgs) -> Result<()> {
     if specs.iter().any(|(name, _)| name.is_none()) {
         bail!("--adapter: name every adapter combined (--adapter NAME=DIR)");
     }
-    let device = device(&args.device)?;
+    let device = args.device.resolve()?;
     let base = load_base(&args.model, &device, &Default::default())?;
     let mut multi = load_multi_lora(base, &specs)?;
     let names: Vec<String> = specs.into_iter().filter_map(|(n, _)| n).collect();
@@ -443,7 +431,7 @@ fn print_modules(out: &mut impl Write, model: &dyn Runnable, dir: &Path) -> std:
 
 /// `peft serve`.
 pub fn serve(args: ServeArgs) -> Result<()> {
-    let serve_device = device(&args.device)?;
+    let serve_device = args.device.resolve()?;
     let load = args.load.options(&args.model, &serve_device, true)?;
     let mut options = peft_serve::ServeOptions::new(&args.model, serve_device);
     for (name, dir) in adapter_specs(&args.adapters) {

@@ -262,6 +262,18 @@ struct DeviceArg {
     device: Option<String>,
 }
 
+impl DeviceArg {
+    /// The device of `--device`, else `$PEFT_DEVICE`, else the CPU.
+    fn resolve(&self) -> anyhow::Result<burn::tensor::Device> {
+        let name = self
+            .device
+            .clone()
+            .or_else(|| std::env::var("PEFT_DEVICE").ok())
+            .unwrap_or_else(|| "cpu".into());
+        Ok(peft_ops::device::parse_device(&name)?)
+    }
+}
+
 #[derive(Args, Debug)]
 struct ModelArgs {
     /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json), or a repo id

@@ -485,7 +485,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let group = crate::distributed::group(args.distributed.as_deref(), timeout)?;
     let device = match &args.devices {
         Some(list) => peft_ops::device::parse_device(list.trim())?,
-        None => crate::commands::device(&args.device)?,
+        None => args.device.resolve()?,
     };
     let args = prepared(args, group.rank() == 0)?;
     train_on(&args, device, group.as_ref(), None)
