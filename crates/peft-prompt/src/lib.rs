@@ -14,14 +14,14 @@
 //! ```no_run
 //! use burn::tensor::Device;
 //! use peft_core::AdapterModel;
-//! use peft_prompt::{PromptTuningConfig, PromptTuningInit, get_peft_model};
+//! use peft_prompt::{PromptLearningConfig, PromptTuningConfig, PromptTuningInit, get_peft_model};
 //!
 //! let dir = "tests/fixtures/models/bloom-tiny";
 //! let base = peft_models::load(dir, &Device::flex()).unwrap();
 //! let tokenizer = peft_models::Tokenizer::from_dir(dir).unwrap();
 //! let text = "下面是人和聊天机器人的对话。";
 //! let config = PromptTuningConfig {
-//!     num_virtual_tokens: tokenizer.encode(text).unwrap().len(),
+//!     prompt: PromptLearningConfig::new(tokenizer.encode(text).unwrap().len()),
 //!     prompt_tuning_init: PromptTuningInit::Text,
 //!     prompt_tuning_init_text: Some(text.into()),
 //!     ..PromptTuningConfig::default()
