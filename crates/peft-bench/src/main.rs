@@ -267,6 +267,67 @@ fn timed_steps<M: CausalLm>(
     times
 }
 
+/// [`timed_steps`] on the model inside any method's adapter ([`peft::PeftModel::visit`]).
+struct TimedSteps<'a> {
+    s: &'a Settings,
+    device: &'a Device,
+    optim: &'a mut burn::optim::ModuleOptimizer,
+    batch: (&'a Tensor<2, Int>, &'a Tensor<2, Int>),
+    extra: &'a mut serde_json::Map<String, serde_json::Value>,
+}
+
+impl peft::AdapterVisitor for TimedSteps<'_> {
+    type Output = Vec<f64>;
+    fn visit<A>(self, adapter: A) -> Vec<f64>
+    where
+        A: AdapterModel + Into<peft::PeftModel> + 'static,
+        <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
+    {
+        // The wrapper goes before the steps, so that the model's tensors have one owner each
+        // (burn updates uniquely owned tensors in place).
+        let model = adapter.model().clone();
+        drop(adapter);
+        timed_steps(
+            model,
+            self.s,
+            self.device,
+            self.optim,
+            self.batch,
+            self.extra,
+        )
+    }
+}
+
+/// The training cases (`<method>-train` and variants): the registry's method, and the values
+/// set over its default config (JSON keys of `adapter_config.json`). The base is 4-bit for
+/// `qlora-*` cases and computes in bf16 for `*-bf16` ones (decided where the base loads).
+const TRAIN_CASES: [(&str, &str, &str); 11] = [
+    ("lora-train", "lora", "{}"),
+    ("lora-train-bf16", "lora", "{}"),
+    // PEFT's default LoRA config over the 4-bit base, as the PyTorch side.
+    ("qlora-train", "lora", "{}"),
+    ("qlora-train-bf16", "lora", "{}"),
+    ("ia3-train", "ia3", "{}"),
+    ("prompt-train", "prompt", "{}"),
+    (
+        "ptuning-train",
+        "ptuning",
+        r#"{"encoder_reparameterization_type": "MLP", "encoder_hidden_size": 128}"#,
+    ),
+    (
+        "ptuning-lstm-train",
+        "ptuning",
+        r#"{"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 128}"#,
+    ),
+    ("prefix-train", "prefix", r#"{"encoder_hidden_size": 128}"#),
+    (
+        "prefix-proj-train",
+        "prefix",
+        r#"{"prefix_projection": true, "encoder_hidden_size": 128}"#,
+    ),
+    ("bitfit-train", "bitfit", "{}"),
+];
+
 fn adapter_bytes(save: impl FnOnce(&std::path::Path)) -> u64 {
     let dir = std::env::temp_dir().join(format!("peft-bench-{}", std::process::id()));
     save(&dir);
@@ -464,73 +525,36 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
                 );
             }
             let flops = 2.0 * forward_flops(&base, s);
-            macro_rules! train {
-                ($wrapper:expr) => {{
-                    let wrapper = $wrapper;
-                    let summary = AdapterModel::trainable_summary(&wrapper);
-                    let bytes = adapter_bytes(|dir| {
-                        AdapterModel::save_pretrained(&wrapper, dir).expect("save")
-                    });
-                    extra.insert("adapter_file_bytes".into(), bytes.into());
-                    let times = timed_steps(
-                        wrapper.model,
-                        s,
-                        &device,
-                        &mut optim,
-                        (&ids, &mask),
-                        &mut extra,
-                    );
-                    (times, flops, Some(summary))
-                }};
+            let (method, values) = TRAIN_CASES
+                .iter()
+                .find(|(name, _, _)| *name == method)
+                .map(|(_, method, values)| (*method, *values))
+                .ok_or_else(|| format!("unknown case `{case}`"))?;
+            let mut config = peft::by_name(method)
+                .and_then(|m| m.config(None))
+                .and_then(|c| c.with_values(serde_json::from_str(values).expect("static JSON")))
+                .map_err(|e| e.to_string())?;
+            // Phi-3 has no PEFT default: its fused attention projection.
+            if arch == Some("phi3") {
+                config.apply(&peft::ConfigOverrides {
+                    target_modules: Some(peft_core::TargetModules::List(vec!["qkv_proj".into()])),
+                    ..Default::default()
+                });
             }
-            match method {
-                "lora-train" | "qlora-train" | "lora-train-bf16" | "qlora-train-bf16" => {
-                    // Phi-3 has no PEFT default: its fused attention projection.
-                    let config = peft_lora::LoraConfig {
-                        target_modules: (arch == Some("phi3"))
-                            .then(|| peft_core::TargetModules::List(vec!["qkv_proj".into()])),
-                        ..peft_lora::LoraConfig::default()
-                    };
-                    train!(peft_lora::get_peft_model(base, config).map_err(|e| e.to_string())?)
-                }
-                "ia3-train" => train!(
-                    peft_ia3::get_peft_model(base, peft_ia3::Ia3Config::default())
-                        .map_err(|e| e.to_string())?
-                ),
-                "prompt-train" => train!(
-                    peft_prompt::get_peft_model(
-                        base,
-                        peft_prompt::PromptTuningConfig::default(),
-                        None
-                    )
-                    .map_err(|e| e.to_string())?
-                ),
-                "ptuning-train" | "ptuning-lstm-train" => {
-                    let config = peft_ptuning::PromptEncoderConfig {
-                        encoder_reparameterization_type: if method == "ptuning-train" {
-                            peft_ptuning::EncoderType::Mlp
-                        } else {
-                            peft_ptuning::EncoderType::Lstm
-                        },
-                        encoder_hidden_size: Some(128),
-                        ..peft_ptuning::PromptEncoderConfig::default()
-                    };
-                    train!(peft_ptuning::get_peft_model(base, config).map_err(|e| e.to_string())?)
-                }
-                "prefix-train" | "prefix-proj-train" => {
-                    let config = peft_prefix::PrefixTuningConfig {
-                        prefix_projection: method == "prefix-proj-train",
-                        encoder_hidden_size: Some(128),
-                        ..peft_prefix::PrefixTuningConfig::default()
-                    };
-                    train!(peft_prefix::get_peft_model(base, config).map_err(|e| e.to_string())?)
-                }
-                "bitfit-train" => train!(
-                    peft_bitfit::get_peft_model(base, peft_bitfit::BitFitConfig::default())
-                        .map_err(|e| e.to_string())?
-                ),
-                other => return Err(format!("unknown case `{other}`")),
-            }
+            let adapter = peft::get_peft_model(base, config).map_err(|e| e.to_string())?;
+            extra.insert(
+                "adapter_file_bytes".into(),
+                adapter_bytes(|dir| adapter.save_pretrained(dir).expect("save")).into(),
+            );
+            let summary = adapter.trainable_summary();
+            let times = adapter.visit(TimedSteps {
+                s,
+                device: &device,
+                optim: &mut optim,
+                batch: (&ids, &mask),
+                extra: &mut extra,
+            });
+            (times, flops, Some(summary))
         }
         other => return Err(format!("unknown case `{other}`")),
     };

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use peft_core::{HostTensor, ModelInput, ModuleKind, NoAdapter, PeftType, TensorStore};
+use peft_core::{HostTensor, ModelInput, ModuleKind, NoAdapter, TensorStore};
 use peft_lora::{LoraSet, MultiLoraModel};
 use peft_models::{AnyModel, Decoding, GenerateOptions, Tokenizer};
 use peft_tensors::save_safetensors;
 
-use crate::methods::{Inspected, Runnable};
+use crate::runnable::{Inspected, Runnable};
 use crate::{CombineArgs, GenerateArgs, InspectArgs, LogitsArgs, MergeArgs, ModelArgs, ServeArgs};
 
 fn load_base(
@@ -23,14 +23,12 @@ fn load_base(
         .with_context(|| format!("loading model {}", model.display()))
 }
 
-/// Loads an adapter folder of any implemented method onto `base` (the method registry picks
-/// the loader by the folder's `peft_type`).
+/// Loads an adapter folder of any implemented method onto `base` (the `peft` crate's registry
+/// picks the loader by the folder's `peft_type`).
 fn load_adapter(base: AnyModel<NoAdapter>, adapter: &Path) -> Result<Box<dyn Runnable>> {
-    let config = adapter.join("adapter_config.json");
-    let peft_type = peft_core::config::read_peft_type(&config)
-        .with_context(|| format!("reading adapter {}", adapter.display()))?;
-    let method = crate::methods::by_peft_type(peft_type);
-    (method.load)(base, adapter).with_context(|| format!("loading adapter {}", adapter.display()))
+    let model = peft::PeftModel::from_pretrained(base, adapter)
+        .with_context(|| format!("loading adapter {}", adapter.display()))?;
+    Ok(Box::new(model))
 }
 
 /// `--adapter [NAME=]DIR` values as `(name, folder)`: a value naming an existing path is a
@@ -65,7 +63,7 @@ fn load_multi_lora(
         };
         let peft_type = peft_core::config::read_peft_type(dir.join("adapter_config.json"))
             .with_context(|| format!("reading adapter {}", dir.display()))?;
-        if peft_type != PeftType::Lora {
+        if peft::by_peft_type(peft_type).serving != peft::Serving::SharedBatch {
             bail!(
                 "--adapter {}: several adapters on one model (and --adapter-names) are LoRA \
                  only, as PEFT's mixed-adapter batches; this adapter is {:?}",
@@ -298,16 +296,16 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     let method = match (&args.config, args.method.as_deref()) {
         (None, None) => None,
         (Some(_), Some(_)) => bail!("give --config or --method, not both"),
-        (None, Some(name)) => Some(crate::methods::by_name(name)?),
-        (Some(config), None) => Some(crate::methods::by_peft_type(
-            peft_core::config::read_peft_type(config)?,
-        )),
+        (None, Some(name)) => Some(peft::by_name(name)?),
+        (Some(config), None) => Some(peft::by_peft_type(peft_core::config::read_peft_type(
+            config,
+        )?)),
     };
     let printed = match method {
         None => print_modules(&mut out, &model, &args.model),
         Some(method) => {
             let tokenizer = Tokenizer::from_dir(&args.model).ok();
-            let shown = (method.inspect)(model, args.config.as_deref(), tokenizer.as_ref())?;
+            let shown = Inspected::new(model, method, args.config.as_deref(), tokenizer.as_ref())?;
             print_targets(&mut out, &shown, &args.model)
         }
     };

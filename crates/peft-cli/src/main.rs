@@ -5,9 +5,9 @@
 
 mod commands;
 mod distributed;
-mod methods;
 mod paths;
 mod quantize;
+mod runnable;
 mod train;
 
 use std::path::PathBuf;

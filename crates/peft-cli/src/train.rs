@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::{AdapterModel, CausalLm, NoAdapter};
-use peft_models::{GenerateOptions, Tokenizer};
+use peft_core::{AdapterModel, CausalLm, NoAdapter, TargetModules};
+use peft_models::{AnyModel, GenerateOptions, Tokenizer};
 use peft_train::{Event, Resume, Schedule, Tokenized, TrainConfig};
 
 use crate::DeviceArg;
@@ -217,7 +217,7 @@ fn scores<M: CausalLm>(
 
 /// Everything a run needs besides the adapter: the same for every method.
 pub(crate) struct RunContext<'a> {
-    pub(crate) method: &'static crate::methods::Method,
+    pub(crate) method: &'static peft::Method,
     pub(crate) args: &'a TrainArgs,
     pub(crate) model_dir: &'a Path,
     pub(crate) tokenizer: &'a Tokenizer,
@@ -230,8 +230,52 @@ pub(crate) struct RunContext<'a> {
     drawn: Option<&'a Latch>,
 }
 
+impl RunContext<'_> {
+    /// `--target-modules` as PEFT's `target_modules` (`all-linear` alone is the shorthand).
+    fn targets(&self) -> Option<TargetModules> {
+        self.args
+            .target_modules
+            .clone()
+            .map(|t| match t.as_slice() {
+                [one] if one == "all-linear" => TargetModules::Pattern(one.clone()),
+                _ => TargetModules::List(t),
+            })
+    }
+}
+
+/// The method's adapter on `base`: its config from `--config` or the method's default, with
+/// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`,
+/// `--target-modules`, `--num-virtual-tokens`), then the run.
+fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
+    let args = ctx.args;
+    let mut config = ctx.method.config(args.config.as_deref())?;
+    config.apply(&peft::ConfigOverrides {
+        r: args.r,
+        lora_alpha: args.lora_alpha,
+        lora_dropout: args.lora_dropout,
+        target_modules: ctx.targets(),
+        num_virtual_tokens: args.num_virtual_tokens,
+        base_model_name_or_path: Some(ctx.model_dir.display().to_string()),
+    });
+    peft::PeftModel::new(base, config, Some(ctx.tokenizer))?.visit(Run(ctx))
+}
+
+/// [`run`] as a visitor of the typed adapter inside a [`peft::PeftModel`].
+struct Run<'a, 'b>(&'a RunContext<'b>);
+
+impl peft::AdapterVisitor for Run<'_, '_> {
+    type Output = Result<()>;
+    fn visit<A>(self, adapter: A) -> Result<()>
+    where
+        A: AdapterModel + Into<peft::PeftModel> + 'static,
+        <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
+    {
+        run(adapter, self.0)
+    }
+}
+
 /// The run after the method is chosen: identical for every method.
-pub(crate) fn run<A: AdapterModel>(adapter: A, ctx: &RunContext<'_>) -> Result<()>
+fn run<A: AdapterModel>(adapter: A, ctx: &RunContext<'_>) -> Result<()>
 where
     <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
 {
@@ -464,7 +508,7 @@ fn install_stop_handlers() {
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
     // Checked before anything is written or loaded.
-    crate::methods::by_name(&args.method)?;
+    peft::by_name(&args.method)?;
     schedule(&args.lr_scheduler)?;
     let timeout = std::time::Duration::from_secs(args.distributed_timeout);
     if let Some(list) = &args.devices {
@@ -610,7 +654,7 @@ fn train_on(
 ) -> Result<()> {
     // Notes are printed once, by rank 0, in a distributed run.
     let lead = group.rank() == 0;
-    let method = crate::methods::by_name(&args.method)?;
+    let method = peft::by_name(&args.method)?;
     let lr_schedule = schedule(&args.lr_scheduler)?;
     let (Some(model_dir), Some(data_path)) = (args.model.clone(), args.data.clone()) else {
         bail!("no model or data after preparing the run");
@@ -631,13 +675,13 @@ fn train_on(
     let mut options = args.load.options(&model_dir, &device, false)?;
     // Checked before hours of training, not after.
     args.save.options()?;
-    if options.quantize.is_none() && method.loads_4bit {
+    if options.quantize.is_none() && method.trains_on_4bit_base {
         options.quantize = Some(peft_quant::QuantConfig::default());
     }
     // The QLoRA preset computes in bf16 unless told otherwise, as the paper and the seed do
     // (`bnb_4bit_compute_dtype=torch.bfloat16`); on a CPU with bf16 units that is also 1.6× faster
     // per step (docs/methods/qlora.md). A device without bf16 (wgpu) keeps f32.
-    if method.loads_4bit && args.load.compute_dtype.is_none() {
+    if method.trains_on_4bit_base && args.load.compute_dtype.is_none() {
         let bf16 = peft_ops::precision::ComputeDtype::Bf16;
         if bf16.check_device(&device).is_ok() {
             options.compute_dtype = bf16;
@@ -715,5 +759,5 @@ fn train_on(
         group,
         drawn,
     };
-    (method.train)(base, &ctx)
+    train_method(base, &ctx)
 }

@@ -20,9 +20,8 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::{
-    AdapterModel, BASE_ADAPTER, CausalLm, KvCache, ModelInput, NoAdapter, PeftError, PeftType,
-};
+use peft::Serving;
+use peft_core::{BASE_ADAPTER, CausalLm, KvCache, ModelInput, NoAdapter, PeftError};
 use peft_lora::{LoraSet, MultiLoraModel};
 use peft_models::{AnyModel, Decoding};
 use rand::SeedableRng;
@@ -34,22 +33,10 @@ use crate::metrics::Shared;
 /// The model the engine serves: a base with named LoRA adapters.
 pub type ServedModel = MultiLoraModel<AnyModel<LoraSet>>;
 
-/// An adapter of a method whose rows cannot share the LoRA batch (IA3, prompt learning): its
-/// own model over the shared base weights.
-trait OwnModel {
-    /// Logits for `input` continuing `cache`.
-    fn forward(&self, input: ModelInput, cache: &mut KvCache) -> peft_core::Result<Tensor<3>>;
+/// The methods that can be served, and how their rows batch (from the `peft` registry).
+pub fn served_methods() -> String {
+    peft::registry::served_methods()
 }
-
-impl<T: AdapterModel> OwnModel for T {
-    fn forward(&self, input: ModelInput, cache: &mut KvCache) -> peft_core::Result<Tensor<3>> {
-        self.model().forward(input, Some(cache))
-    }
-}
-
-/// The methods that can be served, and how their rows batch.
-pub const SERVED_METHODS: &str = "LoRA (mixed-adapter batches shared with the base and every \
-     other LoRA adapter), IA3, prompt tuning, P-tuning and prefix tuning (a batch per adapter)";
 
 /// Which batch a request runs in.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -203,7 +190,7 @@ pub struct Engine {
     model: ServedModel,
     /// The base weights (shared with `model`), from which adapters of other methods are built.
     base: AnyModel<NoAdapter>,
-    others: BTreeMap<String, Box<dyn OwnModel>>,
+    others: BTreeMap<String, peft::PeftModel>,
     shared: Arc<Shared>,
     limits: EngineLimits,
     pending: VecDeque<Job>,
@@ -320,33 +307,24 @@ impl Engine {
         let peft_type = peft_core::config::read_peft_type(dir.join("adapter_config.json"))
             .map_err(|e| (400, format!("{e}")))?;
         let failed = |e: PeftError| (400, format!("loading `{name}`: {e}"));
-        let base = || self.base.clone();
-        let own: Box<dyn OwnModel> = match peft_type {
-            PeftType::Lora => {
+        let method = peft::by_peft_type(peft_type);
+        let own = match method.serving {
+            Serving::SharedBatch => {
                 self.model.load_adapter(name, dir).map_err(failed)?;
                 self.publish_adapters();
                 return Ok(());
             }
-            PeftType::Ia3 => {
-                Box::new(peft_ia3::from_pretrained(base(), dir, false).map_err(failed)?)
+            Serving::OwnBatch => {
+                peft::PeftModel::from_pretrained(self.base.clone(), dir).map_err(failed)?
             }
-            PeftType::PromptTuning => {
-                Box::new(peft_prompt::from_pretrained(base(), dir, false).map_err(failed)?)
-            }
-            PeftType::PTuning => {
-                Box::new(peft_ptuning::from_pretrained(base(), dir, false).map_err(failed)?)
-            }
-            PeftType::PrefixTuning => {
-                Box::new(peft_prefix::from_pretrained(base(), dir, false).map_err(failed)?)
-            }
-            PeftType::BitFit => {
+            Serving::Refused(why) => {
                 return Err((
                     400,
                     format!(
-                        "{} is a BitFit adapter: it replaces base biases, so it cannot share a \
-                         base; merge it (`peft merge`) and serve the merged model. Served: \
-                         {SERVED_METHODS}",
-                        dir.display()
+                        "{} is a {} adapter: {why}. Served: {}",
+                        dir.display(),
+                        method.label,
+                        served_methods()
                     ),
                 ));
             }
@@ -465,7 +443,7 @@ impl Engine {
                 self.model.model.forward(input, Some(cache))
             }
             BatchKey::Own(name) => match self.others.get(name) {
-                Some(model) => model.forward(input, cache),
+                Some(model) => model.forward(input, Some(cache)),
                 None => Err(PeftError::UnknownAdapter {
                     name: name.clone(),
                     loaded: self.shared.adapters().join(", "),

@@ -336,28 +336,28 @@ fn other_methods_are_served_in_batches_of_their_own() {
         let (prompt, max) = (&r.prompt, r.max_tokens);
         let reference = match r.adapter {
             Some("ia3") => greedy(
-                &peft_ia3::from_pretrained(base(), dir("ia3"), false)
+                &peft::ia3::from_pretrained(base(), dir("ia3"), false)
                     .unwrap()
                     .model,
                 prompt,
                 max,
             ),
             Some("prompt") => greedy(
-                &peft_prompt::from_pretrained(base(), dir("prompt"), false)
+                &peft::prompt::from_pretrained(base(), dir("prompt"), false)
                     .unwrap()
                     .model,
                 prompt,
                 max,
             ),
             Some("ptuning") => greedy(
-                &peft_ptuning::from_pretrained(base(), dir("ptuning"), false)
+                &peft::ptuning::from_pretrained(base(), dir("ptuning"), false)
                     .unwrap()
                     .model,
                 prompt,
                 max,
             ),
             Some("prefix") => greedy(
-                &peft_prefix::from_pretrained(base(), dir("prefix"), false)
+                &peft::prefix::from_pretrained(base(), dir("prefix"), false)
                     .unwrap()
                     .model,
                 prompt,

@@ -1,0 +1,138 @@
+//! The methods this build knows, each once: its config and model types and the few things that
+//! differ between methods. [`crate::dispatch::adapter_methods!`] turns the list into
+//! [`PeftConfig`], [`PeftModel`] and their operations; the [`crate::registry`] says how the
+//! tools use each method. A new method is one entry here, one row there (docs/ADDING_A_METHOD.md).
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+use peft_core::{
+    AdapterModel, CausalLm, KvCache, MethodConfig, ModelInput, ModelSpec, ModuleInfo, PeftError,
+    PeftType, Result, TrainableSummary,
+};
+use peft_models::{AnyModel, GenerateOptions, SaveOptions, Tokenizer};
+
+use crate::dispatch::adapter_methods;
+use crate::{AdapterVisitor, Base, ConfigOverrides, config_file, no_merge};
+
+adapter_methods! {
+    /// LoRA (and QLoRA, which saves LoRA folders): `peft_lora`.
+    Lora {
+        config: peft_lora::LoraConfig,
+        model: peft_lora::LoraModel<AnyModel<peft_lora::LoraLinear>>,
+        build: |base, config, _| peft_lora::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_lora::from_pretrained(base, dir, trainable),
+        targeted: |m| m.targeted.clone(),
+        saved: |m| m.saved_params.clone(),
+        merge: |m| m.merge_and_unload(),
+        overrides: |c, o| {
+            c.r = o.r.unwrap_or(c.r);
+            c.lora_alpha = o.lora_alpha.unwrap_or(c.lora_alpha);
+            c.lora_dropout = o.lora_dropout.unwrap_or(c.lora_dropout);
+            c.target_modules = o.target_modules.clone().or(c.target_modules.take());
+        },
+    }
+    /// IA3: `peft_ia3`.
+    Ia3 {
+        config: peft_ia3::Ia3Config,
+        model: peft_ia3::Ia3Model<AnyModel<peft_ia3::Ia3Linear>>,
+        build: |base, config, _| peft_ia3::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_ia3::from_pretrained(base, dir, trainable),
+        targeted: |m| m.targeted.clone(),
+        saved: |m| m.saved_params.clone(),
+        merge: |m| m.merge_and_unload(),
+        overrides: |c, o| {
+            c.target_modules = o.target_modules.clone().or(c.target_modules.take());
+        },
+    }
+    /// BitFit: `peft_bitfit`.
+    BitFit {
+        config: peft_bitfit::BitFitConfig,
+        model: peft_bitfit::BitFitModel<Base>,
+        build: |base, config, _| peft_bitfit::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_bitfit::from_pretrained(base, dir, trainable),
+        targeted: |m| m.biases.clone(),
+        saved: |_| Vec::new(),
+        merge: |m| AdapterModel::merge_and_unload(m),
+        overrides: |_, _| {},
+    }
+    /// Prompt tuning: `peft_prompt`.
+    PromptTuning {
+        config: peft_prompt::PromptTuningConfig,
+        model: peft_prompt::PromptTuningModel<Base>,
+        build: |base, config, tokenizer| match (tokenizer, &config.tokenizer_name_or_path) {
+            // PEFT loads the tokenizer of a `TEXT` init from `tokenizer_name_or_path`.
+            (None, Some(dir)) if config.prompt_tuning_init_text.is_some() => {
+                let tokenizer = Tokenizer::from_dir(Path::new(dir))?;
+                peft_prompt::get_peft_model(base, config, Some(&tokenizer))
+            }
+            (tokenizer, _) => peft_prompt::get_peft_model(base, config, tokenizer),
+        },
+        load: |base, dir, trainable| peft_prompt::from_pretrained(base, dir, trainable),
+        targeted: |m| m.trainable_names(),
+        saved: |_| Vec::new(),
+        merge: |_| Err(no_merge("prompt tuning")),
+        overrides: |c, o| {
+            c.prompt.num_virtual_tokens = o.num_virtual_tokens.unwrap_or(c.prompt.num_virtual_tokens);
+        },
+    }
+    /// Prefix tuning: `peft_prefix`.
+    PrefixTuning {
+        config: peft_prefix::PrefixTuningConfig,
+        model: peft_prefix::PrefixTuningModel<Base>,
+        build: |base, config, _| peft_prefix::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_prefix::from_pretrained(base, dir, trainable),
+        targeted: |m| m.trainable_names(),
+        saved: |_| Vec::new(),
+        merge: |_| Err(no_merge("prefix tuning")),
+        overrides: |c, o| {
+            c.prompt.num_virtual_tokens = o.num_virtual_tokens.unwrap_or(c.prompt.num_virtual_tokens);
+        },
+    }
+    /// P-tuning: `peft_ptuning`.
+    PTuning {
+        config: peft_ptuning::PromptEncoderConfig,
+        model: peft_ptuning::PTuningModel<Base>,
+        build: |base, config, _| peft_ptuning::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_ptuning::from_pretrained(base, dir, trainable),
+        targeted: |m| m.trainable_names(),
+        saved: |_| Vec::new(),
+        merge: |_| Err(no_merge("P-tuning")),
+        overrides: |c, o| {
+            c.prompt.num_virtual_tokens = o.num_virtual_tokens.unwrap_or(c.prompt.num_virtual_tokens);
+        },
+    }
+}
+
+impl PeftModel {
+    /// The registry row of its method (`lora` for LoRA adapters, QLoRA's included).
+    pub fn method(&self) -> &'static crate::Method {
+        crate::by_peft_type(self.peft_type())
+    }
+
+    /// The LoRA model inside, for LoRA's own operations (`merge_adapter`, `unload`, …).
+    pub fn as_lora(&self) -> Option<&peft_lora::LoraModel<AnyModel<peft_lora::LoraLinear>>> {
+        match self {
+            Self::Lora(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The LoRA model inside, mutably.
+    pub fn as_lora_mut(
+        &mut self,
+    ) -> Option<&mut peft_lora::LoraModel<AnyModel<peft_lora::LoraLinear>>> {
+        match self {
+            Self::Lora(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Method-specific lines `peft inspect` prints before the summary.
+    pub fn notes(&self) -> Vec<String> {
+        match self {
+            Self::BitFit(m) => vec![format!("num_param: {}", m.num_param())],
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The front door against PEFT's fixtures: a folder of each method loads through
+//! `PeftModel::from_pretrained` as its `adapter_config.json` says and gives PEFT's logits;
+//! configs read back key for key; the registry's defaults, flags and refusals.
+
+use peft::{
+    AdapterModel, AdapterVisitor, CausalLm, ConfigOverrides, NoAdapter, PeftConfig, PeftModel,
+    PeftType, TargetModules,
+};
+use peft_tests::{adapter_dir, assert_logits_match, base_of, device, model_dir};
+
+/// PEFT's tolerance for every method's parity suite (docs/PRECISION.md).
+const TOLERANCE: f32 = 1e-4;
+
+/// One committed PEFT adapter of each method PEFT has, with the `--method` it loads as.
+const FOLDERS: [(&str, &str); 6] = [
+    ("lora-bloom", "lora"),
+    ("ia3-bloom", "ia3"),
+    ("prompt-bloom-random", "prompt"),
+    ("prefix-bloom", "prefix"),
+    ("ptuning-bloom-mlp", "ptuning"),
+    ("ptuning-bloom-lstm", "ptuning"),
+];
+
+fn base(name: &str) -> peft::Base {
+    peft::models::load(model_dir(name), &device()).unwrap()
+}
+
+/// Checks the typed model inside against the reference logits of `name`.
+struct MatchesReference<'a>(&'a str);
+
+impl AdapterVisitor for MatchesReference<'_> {
+    type Output = f32;
+    fn visit<A>(self, adapter: A) -> f32
+    where
+        A: AdapterModel + Into<PeftModel> + 'static,
+        <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
+    {
+        assert_logits_match(adapter.model(), self.0, TOLERANCE)
+    }
+}
+
+#[test]
+fn every_method_loads_by_its_folder_with_peft_logits() {
+    for (name, method) in FOLDERS {
+        let model = PeftModel::from_pretrained(base(base_of(name)), adapter_dir(name)).unwrap();
+        assert_eq!(model.method().name, method, "{name}");
+        assert!(model.visit(MatchesReference(name)) <= TOLERANCE);
+    }
+}
+
+#[test]
+fn load_config_reads_every_key_back() {
+    for (name, method) in FOLDERS {
+        let config = peft::load_config(adapter_dir(name)).unwrap();
+        assert_eq!(config.peft_type(), peft::by_name(method).unwrap().peft_type);
+        let file: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(adapter_dir(name).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let ours = config.to_json().unwrap();
+        for (key, value) in file.as_object().unwrap() {
+            // Python writes `8` where the field is a float; both are the number 8.
+            let same = match (ours[key].as_f64(), value.as_f64()) {
+                (Some(a), Some(b)) => a == b,
+                _ => &ours[key] == value,
+            };
+            assert!(
+                same,
+                "{name}: `{key}` is {} in the file, {} read back",
+                value, ours[key]
+            );
+        }
+    }
+}
+
+/// Each method's default config through the front door trains what the method crate's own
+/// `get_peft_model` trains.
+#[test]
+fn get_peft_model_builds_each_method_as_its_crate_does() {
+    let hand = [
+        // LoRA r=8 on BLOOM's query_key_value (64 → 192), 2 layers.
+        ("lora", 2 * 8 * (64 + 192)),
+        // The QLoRA preset: r=64 on every linear layer (qkv 64→192, dense 64→64,
+        // h_to_4h 64→256, 4h_to_h 256→64), 2 layers.
+        (
+            "qlora",
+            2 * 64 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64)),
+        ),
+        // IA3: a scale per output of the fused query_key_value (192: PEFT scales the whole
+        // fused output) and per input of dense_4h_to_h (256), 2 layers.
+        ("ia3", 2 * (192 + 256)),
+    ];
+    for (name, trainable) in hand {
+        let method = peft::by_name(name).unwrap();
+        let model = peft::get_peft_model(base("bloom-tiny"), method.config(None).unwrap()).unwrap();
+        assert_eq!(model.trainable_summary().trainable, trainable, "{name}");
+    }
+    for method in &peft::METHODS {
+        let model = peft::get_peft_model(base("bloom-tiny"), (method.default_config)()).unwrap();
+        assert_eq!(model.peft_type(), method.peft_type, "{}", method.name);
+        assert!(
+            model.trainable_summary().trainable > 0,
+            "{}: nothing trains",
+            method.name
+        );
+    }
+}
+
+#[test]
+fn flags_set_the_keys_each_method_has() {
+    let overrides = ConfigOverrides {
+        r: Some(4),
+        lora_alpha: Some(16.0),
+        lora_dropout: Some(0.1),
+        target_modules: Some(TargetModules::List(vec!["dense".into()])),
+        num_virtual_tokens: Some(3),
+        base_model_name_or_path: Some("bloom-tiny".into()),
+    };
+    for method in &peft::METHODS {
+        let mut config = (method.default_config)();
+        config.apply(&overrides);
+        let json = config.to_json().unwrap();
+        assert_eq!(
+            json["base_model_name_or_path"], "bloom-tiny",
+            "{}",
+            method.name
+        );
+        match method.peft_type {
+            PeftType::Lora => {
+                assert_eq!(
+                    (&json["r"], &json["lora_alpha"], &json["lora_dropout"]),
+                    (&4.into(), &16.0.into(), &0.1.into())
+                );
+                assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
+            }
+            PeftType::Ia3 => assert_eq!(json["target_modules"], serde_json::json!(["dense"])),
+            PeftType::BitFit => {
+                assert!(json.get("r").is_none() && json.get("target_modules").is_none())
+            }
+            _ => assert_eq!(json["num_virtual_tokens"], 3, "{}", method.name),
+        }
+    }
+}
+
+#[test]
+fn values_set_by_key_and_wrong_types_are_refused() {
+    let lstm = peft::by_name("ptuning")
+        .unwrap()
+        .config(None)
+        .unwrap()
+        .with_values(serde_json::json!({
+            "encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 128
+        }))
+        .unwrap();
+    let PeftConfig::PTuning(config) = lstm else {
+        panic!("a P-tuning config stays one");
+    };
+    assert_eq!(
+        config.encoder_reparameterization_type,
+        peft::EncoderType::Lstm
+    );
+    assert_eq!(config.encoder_hidden_size, Some(128));
+    let err = PeftConfig::from(peft::LoraConfig::default())
+        .with_values(serde_json::json!({"r": "eight"}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("config values: invalid JSON: invalid type: string \"eight\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn prompt_learning_has_nothing_to_merge() {
+    let model =
+        PeftModel::from_pretrained(base("bloom-tiny"), adapter_dir("prefix-bloom")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = model
+        .save_merged(&model_dir("bloom-tiny"), out.path(), &Default::default())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "not supported: prefix tuning has no weights to merge: keep the adapter and load it \
+         with --adapter"
+    );
+    assert!(
+        std::fs::read_dir(out.path()).unwrap().next().is_none(),
+        "nothing written"
+    );
+    let err = model.merge_and_unload().err().unwrap().to_string();
+    assert!(
+        err.contains("prefix tuning has no weights to merge"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_folder_of_a_method_this_build_lacks_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        r#"{"peft_type": "VERA", "r": 4}"#,
+    )
+    .unwrap();
+    let err = PeftModel::from_pretrained(base("bloom-tiny"), dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("VERA"), "{err}");
+    let err = peft::load_config(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("VERA"), "{err}");
+}
+
+/// A trained LoRA through the front door saves the folder the method crate loads, and
+/// `merge_and_unload` gives the unmerged model's logits.
+#[test]
+fn lora_saved_through_the_front_door_round_trips() {
+    let model = PeftModel::from_pretrained(base("bloom-tiny"), adapter_dir("lora-bloom")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model.save_pretrained(dir.path()).unwrap();
+    let lora = peft::lora::from_pretrained(base("bloom-tiny"), dir.path(), false).unwrap();
+    assert_logits_match(&lora.model, "lora-bloom", TOLERANCE);
+    assert!(model.as_lora().is_some());
+    let merged = model.merge_and_unload().unwrap();
+    assert_logits_match(&merged, "lora-bloom", TOLERANCE);
+}
