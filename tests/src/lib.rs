@@ -362,3 +362,24 @@ pub fn assert_training_lowers_loss<A: peft_core::AdapterModel>(
     assert!(after < before - 0.1, "loss {before} → {after}");
     trained
 }
+
+/// Asserts that two sets of named parameters have the same names and values within 1e-6
+/// relative (1e-3 absolute floor): what two training runs that must agree produce.
+pub fn assert_params_close(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+    what: &str,
+) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (key, x) in a {
+        let worst = x
+            .iter()
+            .zip(&b[key])
+            .map(|(p, q)| (p - q).abs() / p.abs().max(q.abs()).max(1e-3))
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-6,
+            "{what}: {key} differs by {worst:e} (relative)"
+        );
+    }
+}

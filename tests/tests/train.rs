@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use peft_core::{AdapterModel, TensorStore};
 use peft_models::Tokenizer;
-use peft_tests::{device, model_dir};
+use peft_tests::{assert_params_close, device, model_dir};
 use peft_train::data::{HostBatch, chat_prompt, collate, parse_record, tokenize};
 use peft_train::trainer::checkpoints;
 use peft_train::{
@@ -666,21 +666,6 @@ fn train_on_threads<A: AdapterModel>(
     (tensors.into_iter().next().unwrap(), summaries)
 }
 
-fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (key, x) in a {
-        let worst = x
-            .iter()
-            .zip(&b[key])
-            .map(|(p, q)| (p - q).abs() / p.abs().max(q.abs()).max(1e-3))
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 1e-6,
-            "{what}: {key} differs by {worst:e} (relative)"
-        );
-    }
-}
-
 /// Two ranks with one micro-batch each per step train the adapter a single process trains with
 /// two accumulated micro-batches (the same global batch), for LoRA and prompt tuning; the
 /// ranks' loss is the single process's loss; only rank 0 writes; and a 2-rank checkpoint
@@ -738,7 +723,7 @@ fn check_data_parallel<A: AdapterModel>(
     let (want, single_summary) = train_on_threads(load, one_process, 1, single.path(), Resume::No);
     let ranks = tempfile::tempdir().unwrap();
     let (got, summaries) = train_on_threads(load, per_rank, 2, ranks.path(), Resume::No);
-    assert_close(&want, &got, name);
+    assert_params_close(&want, &got, name);
     for s in &summaries {
         assert_eq!(s.steps, 4);
         for ((_, a), (_, b)) in s.history.iter().zip(&single_summary[0].history) {
@@ -765,7 +750,7 @@ fn check_data_parallel<A: AdapterModel>(
         ranks.path(),
         Resume::From(resumed_dir.clone()),
     );
-    assert_close(&want, &resumed, &format!("{name} resumed in one process"));
+    assert_params_close(&want, &resumed, &format!("{name} resumed in one process"));
     // A run whose global batch differs is refused, naming the fix.
     let Err(err) = peft_train::train(
         load(),

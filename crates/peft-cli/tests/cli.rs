@@ -1,5 +1,6 @@
 //! End-to-end tests of the `peft` binary on the fixture models.
 
+use peft_tests::fixtures;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -7,20 +8,33 @@ use std::process::{Command, Output};
 use peft_core::{HostTensor, TensorStore};
 use peft_tensors::save_safetensors;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn model(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }
 
-fn peft(args: &[&str]) -> Output {
+/// Runs `peft` with `args`.
+fn peft<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_peft"))
         .args(args)
         .env_remove("PEFT_DEVICE")
         .output()
         .expect("run peft")
+}
+
+/// Runs `peft` with the arguments given, strings and paths alike.
+macro_rules! peft {
+    ($($arg:expr),* $(,)?) => {
+        peft(&[$(std::ffi::OsString::from(&$arg)),*])
+    };
+}
+
+/// [`peft!`] that must succeed (its stderr shown otherwise); its output.
+macro_rules! peft_ok {
+    ($($arg:expr),* $(,)?) => {{
+        let out = peft!($($arg),*);
+        ok(&out);
+        out
+    }};
 }
 
 /// A failed command: non-zero exit, one `error:` line naming `needle`, no panic.
@@ -42,21 +56,16 @@ fn logits_command_matches_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("logits.safetensors");
     let reference = fixtures().join("reference/bloom-tiny.safetensors");
-    let out = peft(&[
+    peft_ok!(
         "logits",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        out_path.to_str().unwrap(),
+        out_path,
         "--device",
         "cpu",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let ours = TensorStore::open(&out_path).unwrap();
     let theirs = TensorStore::open(&reference).unwrap();
@@ -87,21 +96,16 @@ fn generate_json_matches_transformers_greedy() {
         .collect::<Vec<_>>()
         .join(",");
     let n = expected.len().to_string();
-    let out = peft(&[
+    let out = peft_ok!(
         "generate",
         "--model",
-        model("llama-tiny").to_str().unwrap(),
+        model("llama-tiny"),
         "--prompt-ids",
         &ids,
         "--max-new-tokens",
         &n,
         "--greedy",
         "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["prompt_ids"], serde_json::json!(prompt));
@@ -111,20 +115,15 @@ fn generate_json_matches_transformers_greedy() {
 
 #[test]
 fn generate_from_text_prompt_tokenises_with_the_model_tokenizer() {
-    let out = peft(&[
+    let out = peft_ok!(
         "generate",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--prompt",
         "Human: 你好\n\nAssistant: ",
         "--max-new-tokens",
         "12",
         "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let reference: serde_json::Value = serde_json::from_str(
@@ -137,7 +136,7 @@ fn generate_from_text_prompt_tokenises_with_the_model_tokenizer() {
 
 #[test]
 fn inspect_lists_hf_names_shapes_and_the_parameter_count() {
-    let out = peft(&["inspect", "--model", model("bloom-tiny").to_str().unwrap()]);
+    let out = peft!("inspect", "--model", model("bloom-tiny"));
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("transformer.h.1.self_attention.query_key_value.weight"));
@@ -307,19 +306,19 @@ fn bad_inputs_fail_with_one_clear_line() {
     let out_path = dir.path().join("o.safetensors");
     let out_path = out_path.to_str().unwrap();
 
-    let missing = peft(&["inspect", "--model", "/definitely/not/here"]);
+    let missing = peft!("inspect", "--model", "/definitely/not/here");
     assert_clean_failure(&missing, "--model /definitely/not/here: no such folder");
 
     let not_tensors = fixtures().join("models/bloom-tiny/config.json");
-    let out = peft(&[
+    let out = peft!(
         "logits",
         "--model",
         bloom,
         "--inputs",
-        not_tensors.to_str().unwrap(),
+        not_tensors,
         "--output",
         out_path,
-    ]);
+    );
     assert_clean_failure(&out, "invalid safetensors file");
 
     let mut tensors = BTreeMap::new();
@@ -329,15 +328,9 @@ fn bad_inputs_fail_with_one_clear_line() {
     );
     let bad_ids = dir.path().join("bad_ids.safetensors");
     save_safetensors(&bad_ids, &tensors, None).unwrap();
-    let out = peft(&[
-        "logits",
-        "--model",
-        bloom,
-        "--inputs",
-        bad_ids.to_str().unwrap(),
-        "--output",
-        out_path,
-    ]);
+    let out = peft!(
+        "logits", "--model", bloom, "--inputs", bad_ids, "--output", out_path,
+    );
     assert_clean_failure(&out, "token id 100000");
 
     tensors.insert(
@@ -350,23 +343,17 @@ fn bad_inputs_fail_with_one_clear_line() {
     );
     let bad_mask = dir.path().join("bad_mask.safetensors");
     save_safetensors(&bad_mask, &tensors, None).unwrap();
-    let out = peft(&[
-        "logits",
-        "--model",
-        bloom,
-        "--inputs",
-        bad_mask.to_str().unwrap(),
-        "--output",
-        out_path,
-    ]);
+    let out = peft!(
+        "logits", "--model", bloom, "--inputs", bad_mask, "--output", out_path,
+    );
     assert_clean_failure(&out, "`attention_mask` has shape [1, 3]");
 
-    let out = peft(&[
+    let out = peft!(
         "generate", "--model", bloom, "--prompt", "hi", "--device", "tpu",
-    ]);
+    );
     assert_clean_failure(&out, "unknown device `tpu`");
 
-    let out = peft(&[
+    let out = peft!(
         "generate",
         "--model",
         bloom,
@@ -376,7 +363,7 @@ fn bad_inputs_fail_with_one_clear_line() {
         "0",
         "--top-p",
         "0.5",
-    ]);
+    );
     assert_clean_failure(&out, "temperature must be > 0");
     assert!(!Path::new(out_path).exists(), "no output file on failure");
 
@@ -404,7 +391,7 @@ fn bad_inputs_fail_with_one_clear_line() {
         ),
     ] {
         let flag_value = format!("{flag}={value}");
-        let out = peft(&["serve", "--model", bloom, "--port", "0", &flag_value]);
+        let out = peft!("serve", "--model", bloom, "--port", "0", &flag_value);
         assert_clean_failure(&out, needle);
     }
 }
@@ -417,7 +404,7 @@ fn unsupported_model_type_is_named() {
         r#"{"model_type": "gpt2", "vocab_size": 10}"#,
     )
     .unwrap();
-    let out = peft(&["inspect", "--model", dir.path().to_str().unwrap()]);
+    let out = peft!("inspect", "--model", dir.path());
     assert_clean_failure(
         &out,
         "unsupported model_type `gpt2` (supported: bloom, gemma2, llama, mistral, phi3, qwen2, qwen3)",
@@ -470,33 +457,32 @@ fn logits_diff_at(out_path: &Path, reference: &Path, key: &str, n_virtual: usize
 
 #[test]
 fn logits_with_a_peft_lora_adapter_merged_or_not() {
+    adapter_logits_match_merged_or_not("llama-tiny", "lora-llama");
+}
+
+/// `peft logits` with the adapter fixture `adapter_name` on `model_name`, with and without
+/// `--merge`, gives PEFT's logits on the adapter's reference batch.
+fn adapter_logits_match_merged_or_not(model_name: &str, adapter_name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let reference = fixtures().join("reference/lora-llama.safetensors");
+    let reference = fixtures().join(format!("reference/{adapter_name}.safetensors"));
+    let adapter_dir = adapter(adapter_name);
     for merge in [false, true] {
         let out_path = dir.path().join(format!("logits-{merge}.safetensors"));
-        let mut args = vec![
-            "logits".to_string(),
-            "--model".into(),
-            model("llama-tiny").display().to_string(),
-            "--adapter".into(),
-            adapter("lora-llama").display().to_string(),
-            "--inputs".into(),
-            reference.display().to_string(),
-            "--output".into(),
-            out_path.display().to_string(),
-        ];
+        let mut extra = vec!["--adapter", adapter_dir.to_str().unwrap()];
         if merge {
-            args.push("--merge".into());
+            extra.push("--merge");
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = peft(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ok(&logits_to(
+            &model(model_name),
+            &extra,
+            &reference,
+            &out_path,
+        ));
         let diff = logits_diff(&out_path, &reference);
-        assert!(diff <= 1e-4, "merge={merge}: max |Δ| = {diff}");
+        assert!(
+            diff <= 1e-4,
+            "{adapter_name} merge={merge}: max |Δ| = {diff}"
+        );
     }
 }
 
@@ -504,19 +490,14 @@ fn logits_with_a_peft_lora_adapter_merged_or_not() {
 fn merge_writes_a_checkpoint_that_runs_like_the_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let merged = dir.path().join("merged");
-    let out = peft(&[
+    peft_ok!(
         "merge",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--adapter",
-        adapter("lora-bloom-mts").to_str().unwrap(),
+        adapter("lora-bloom-mts"),
         "--output",
-        merged.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        merged,
     );
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(merged.join(file).is_file(), "{file} missing");
@@ -535,19 +516,8 @@ fn merge_writes_a_checkpoint_that_runs_like_the_adapter() {
 
     let reference = fixtures().join("reference/lora-bloom-mts.safetensors");
     let out_path = dir.path().join("logits.safetensors");
-    let out = peft(&[
-        "logits",
-        "--model",
-        merged.to_str().unwrap(),
-        "--inputs",
-        reference.to_str().unwrap(),
-        "--output",
-        out_path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    peft_ok!(
+        "logits", "--model", merged, "--inputs", reference, "--output", out_path,
     );
     let diff = logits_diff(&out_path, &reference);
     assert!(diff <= 1e-4, "merged checkpoint: max |Δ| = {diff}");
@@ -555,20 +525,12 @@ fn merge_writes_a_checkpoint_that_runs_like_the_adapter() {
 
 #[test]
 fn inspect_with_a_config_prints_peft_trainable_line() {
-    let out = peft(&[
+    let out = peft_ok!(
         "inspect",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--config",
-        adapter("lora-bloom-mts")
-            .join("adapter_config.json")
-            .to_str()
-            .unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        adapter("lora-bloom-mts").join("adapter_config.json"),
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
@@ -587,15 +549,15 @@ fn inspect_with_a_config_prints_peft_trainable_line() {
 #[test]
 fn adapter_errors_are_one_line() {
     let bloom = model("bloom-tiny");
-    let out = peft(&[
+    let out = peft!(
         "generate",
         "--model",
-        bloom.to_str().unwrap(),
+        bloom,
         "--adapter",
-        adapter("lora-llama").to_str().unwrap(),
+        adapter("lora-llama"),
         "--prompt",
         "hi",
-    ]);
+    );
     assert_clean_failure(&out, "not found in the base model");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -603,64 +565,31 @@ fn adapter_errors_are_one_line() {
         r#"{"peft_type": "VERA", "r": 4}"#,
     )
     .unwrap();
-    let out = peft(&[
+    let out = peft!(
         "generate",
         "--model",
-        bloom.to_str().unwrap(),
+        bloom,
         "--adapter",
-        dir.path().to_str().unwrap(),
+        dir.path(),
         "--prompt",
         "hi",
-    ]);
+    );
     assert_clean_failure(&out, "unknown type `VERA`");
 }
 
 #[test]
 fn ia3_adapters_run_merged_or_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let reference = fixtures().join("reference/ia3-llama.safetensors");
-    for merge in [false, true] {
-        let out_path = dir.path().join(format!("logits-{merge}.safetensors"));
-        let model_dir = model("llama-tiny");
-        let adapter_dir = adapter("ia3-llama");
-        let mut args = vec![
-            "logits",
-            "--model",
-            model_dir.to_str().unwrap(),
-            "--adapter",
-            adapter_dir.to_str().unwrap(),
-            "--inputs",
-            reference.to_str().unwrap(),
-            "--output",
-            out_path.to_str().unwrap(),
-        ];
-        if merge {
-            args.push("--merge");
-        }
-        let out = peft(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let diff = logits_diff(&out_path, &reference);
-        assert!(diff <= 1e-4, "merge={merge}: max |Δ| = {diff}");
-    }
+    adapter_logits_match_merged_or_not("llama-tiny", "ia3-llama");
 }
 
 #[test]
 fn inspect_bitfit_prints_the_seed_count() {
-    let out = peft(&[
+    let out = peft_ok!(
         "inspect",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--method",
         "bitfit",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("num_param: 1536\n"), "{stdout}");
@@ -669,32 +598,24 @@ fn inspect_bitfit_prints_the_seed_count() {
             .trim_end()
             .ends_with("trainable params: 1,536 || all params: 132,992 || trainable%: 1.1550")
     );
-    let out = peft(&[
+    let out = peft!(
         "inspect",
         "--model",
-        model("llama-tiny").to_str().unwrap(),
+        model("llama-tiny"),
         "--method",
         "bitfit",
-    ]);
+    );
     assert_clean_failure(&out, "this llama model has none");
 }
 
 #[test]
 fn inspect_ia3_config_gives_peft_numbers() {
-    let out = peft(&[
+    let out = peft_ok!(
         "inspect",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--config",
-        adapter("ia3-bloom")
-            .join("adapter_config.json")
-            .to_str()
-            .unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        adapter("ia3-bloom").join("adapter_config.json"),
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     // PEFT's numbers for this config: tests/fixtures/reference/ia3-bloom.json.
@@ -709,20 +630,15 @@ fn inspect_ia3_config_gives_peft_numbers() {
 fn train_on_the_bundled_default_writes_everything_people_open() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
-    let out = peft(&[
+    let out = peft_ok!(
         "train",
         "--output",
-        out_dir.to_str().unwrap(),
+        out_dir,
         "--max-steps",
         "12",
         "--save-steps",
         "6",
         "--no-exact-match",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
@@ -795,23 +711,23 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
     // Bad data: one clear line naming the file and line.
     let data = dir.path().join("bad.jsonl");
     std::fs::write(&data, "{\"text\": \"ok\"}\n{\"instruction\": \"x\"}\n").unwrap();
-    let out = peft(&[
+    let out = peft!(
         "train",
         "--model",
-        bundled.to_str().unwrap(),
+        bundled,
         "--data",
-        data.to_str().unwrap(),
+        data,
         "--output",
-        dir.path().join("bad").to_str().unwrap(),
-    ]);
+        dir.path().join("bad"),
+    );
     assert_clean_failure(&out, "bad.jsonl:2: unknown record shape");
-    let out = peft(&[
+    let out = peft!(
         "train",
         "--method",
         "dora",
         "--output",
-        dir.path().join("p").to_str().unwrap(),
-    ]);
+        dir.path().join("p"),
+    );
     assert_clean_failure(&out, "--method dora: unknown method");
 }
 
@@ -819,20 +735,15 @@ fn train_on_the_bundled_default_writes_everything_people_open() {
 fn bitfit_trains_and_its_adapter_loads_with_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("bitfit");
-    let out = peft(&[
+    peft_ok!(
         "train",
         "--method",
         "bitfit",
         "--output",
-        out_dir.to_str().unwrap(),
+        out_dir,
         "--max-steps",
         "3",
         "--no-exact-match",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
@@ -841,21 +752,16 @@ fn bitfit_trains_and_its_adapter_loads_with_adapter() {
     assert_eq!(config["peft_type"], "BITFIT");
     let reference = fixtures().join("reference/bloom-tiny.safetensors");
     let logits_path = dir.path().join("logits.safetensors");
-    let out = peft(&[
+    peft_ok!(
         "logits",
         "--model",
-        out_dir.join("bundled/model").to_str().unwrap(),
+        out_dir.join("bundled/model"),
         "--adapter",
-        out_dir.join("adapter").to_str().unwrap(),
+        out_dir.join("adapter"),
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        logits_path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        logits_path,
     );
     // Trained biases change the model; the merged checkpoint gives the same logits.
     let diff = logits_diff(&logits_path, &reference);
@@ -864,19 +770,14 @@ fn bitfit_trains_and_its_adapter_loads_with_adapter() {
         "trained biases must change the logits ({diff})"
     );
     let merged_logits = dir.path().join("merged.safetensors");
-    let out = peft(&[
+    peft_ok!(
         "logits",
         "--model",
-        out_dir.join("merged").to_str().unwrap(),
+        out_dir.join("merged"),
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        merged_logits.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        merged_logits,
     );
     let a = TensorStore::open(&logits_path)
         .unwrap()
@@ -894,58 +795,48 @@ fn prompt_tuning_adapters_run_and_train() {
     let dir = tempfile::tempdir().unwrap();
     let reference = fixtures().join("reference/prompt-llama-random.safetensors");
     let out_path = dir.path().join("logits.safetensors");
-    let out = peft(&[
+    peft_ok!(
         "logits",
         "--model",
-        model("llama-tiny").to_str().unwrap(),
+        model("llama-tiny"),
         "--adapter",
-        adapter("prompt-llama-random").to_str().unwrap(),
+        adapter("prompt-llama-random"),
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        out_path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out_path,
     );
     // PEFT's shape: the 5 virtual positions come first; every real position of every row
     // (the padded ones included) matches PEFT.
     let worst = logits_diff_virtual(&out_path, &reference, 5);
     assert!(worst <= 1e-4, "max |Δ| = {worst}");
 
-    let out = peft(&[
+    let out = peft!(
         "logits",
         "--model",
-        model("llama-tiny").to_str().unwrap(),
+        model("llama-tiny"),
         "--adapter",
-        adapter("prompt-llama-random").to_str().unwrap(),
+        adapter("prompt-llama-random"),
         "--merge",
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        out_path.to_str().unwrap(),
-    ]);
+        out_path,
+    );
     assert_clean_failure(&out, "prompt tuning has no weights to merge");
 
     let run = dir.path().join("prompt");
-    let out = peft(&[
+    let out = peft_ok!(
         "train",
         "--method",
         "prompt",
         "--num-virtual-tokens",
         "4",
         "--output",
-        run.to_str().unwrap(),
+        run,
         "--max-steps",
         "3",
         "--no-exact-match",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let store = TensorStore::open(run.join("adapter/adapter_model.safetensors")).unwrap();
     // The bundled pretrained BLOOM has hidden size 128.
@@ -962,21 +853,16 @@ fn prefix_tuning_adapters_run() {
     let dir = tempfile::tempdir().unwrap();
     let reference = fixtures().join("reference/prefix-llama.safetensors");
     let out_path = dir.path().join("logits.safetensors");
-    let out = peft(&[
+    peft_ok!(
         "logits",
         "--model",
-        model("llama-tiny").to_str().unwrap(),
+        model("llama-tiny"),
         "--adapter",
-        adapter("prefix-llama").to_str().unwrap(),
+        adapter("prefix-llama"),
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        out_path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out_path,
     );
     let diff = logits_diff(&out_path, &reference);
     assert!(diff <= 1e-4, "max |Δ| = {diff}");
@@ -987,46 +873,37 @@ fn ptuning_adapters_run_and_train() {
     let dir = tempfile::tempdir().unwrap();
     let reference = fixtures().join("reference/ptuning-bloom-lstm.safetensors");
     let out_path = dir.path().join("logits.safetensors");
-    let out = peft(&[
+    peft_ok!(
         "logits",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--adapter",
-        adapter("ptuning-bloom-lstm").to_str().unwrap(),
+        adapter("ptuning-bloom-lstm"),
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        out_path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out_path,
     );
     // 4 virtual positions first, then PEFT's logits on every real position.
     let worst = logits_diff_virtual(&out_path, &reference, 4);
     assert!(worst <= 1e-4, "max |Δ| = {worst}");
     let run = dir.path().join("run");
-    let out = peft(&[
+    peft_ok!(
         "train",
         "--method",
         "ptuning",
         "--num-virtual-tokens",
         "3",
         "--output",
-        run.to_str().unwrap(),
+        run,
         "--max-steps",
         "2",
         "--no-exact-match",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(run.join("adapter/adapter_encoder.safetensors").is_file());
 }
 
+/// Asserts that a command succeeded, showing its stderr otherwise.
 fn ok(out: &Output) {
     assert!(
         out.status.success(),
@@ -1056,16 +933,16 @@ fn logits_to(model_dir: &Path, extra: &[&str], reference: &Path, out_path: &Path
 fn quantize_model_and_run_4bit() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("nf4");
-    ok(&peft(&[
+    ok(&peft!(
         "quantize",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--output",
-        out_dir.to_str().unwrap(),
+        out_dir,
         "--quant-type",
         "nf4",
         "--double-quant",
-    ]));
+    ));
     let ours = TensorStore::open(out_dir.join("model.safetensors")).unwrap();
     let theirs = TensorStore::open(model("bloom-tiny-nf4").join("model.safetensors")).unwrap();
     let mut keys: Vec<&str> = theirs.keys().collect();
@@ -1109,17 +986,17 @@ fn quantize_file_selects_tensors_and_rejects_bad_settings() {
     let dir = tempfile::tempdir().unwrap();
     let input = model("bloom-tiny").join("model.safetensors");
     let output = dir.path().join("q.safetensors");
-    ok(&peft(&[
+    ok(&peft!(
         "quantize",
         "--input",
-        input.to_str().unwrap(),
+        input,
         "--output",
-        output.to_str().unwrap(),
+        output,
         "--quant-type",
         "fp4",
         "--tensors",
         r"transformer\.h\.0\..*\.weight",
-    ]));
+    ));
     let q = TensorStore::open(&output).unwrap();
     let key = "transformer.h.0.self_attention.query_key_value.weight";
     assert_eq!(q.dtype(key).unwrap(), safetensors::Dtype::U8);
@@ -1421,11 +1298,7 @@ fn model_by_repo_id_from_the_local_hub_cache() {
             .unwrap()
     };
     let by_id = run("tiny-org/qwen3-tiny");
-    assert!(
-        by_id.status.success(),
-        "{}",
-        String::from_utf8_lossy(&by_id.stderr)
-    );
+    ok(&by_id);
     let by_folder = run(model("qwen3-tiny").to_str().unwrap());
     let ids = |out: &Output| {
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1457,11 +1330,7 @@ fn generate_chat_formats_the_prompt() {
         ];
         args.extend_from_slice(extra);
         let out = peft(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ok(&out);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let chat = generate(&["--chat", "--prompt", "你好"]);
@@ -1480,15 +1349,15 @@ fn generate_chat_formats_the_prompt() {
 fn merge_command_covers_every_mergeable_method() {
     let dir = tempfile::tempdir().unwrap();
     let merge = |base: &Path, adapter_dir: &Path, out: &Path| {
-        peft(&[
+        peft!(
             "merge",
             "--model",
-            base.to_str().unwrap(),
+            base,
             "--adapter",
-            adapter_dir.to_str().unwrap(),
+            adapter_dir,
             "--output",
-            out.to_str().unwrap(),
-        ])
+            out,
+        )
     };
     let logits_of = |model_dir: &Path, extra: &[&str], reference: &Path, name: &str| {
         let out_path = dir.path().join(format!("{name}.safetensors"));
@@ -1512,20 +1381,20 @@ fn merge_command_covers_every_mergeable_method() {
     }
 
     let bitfit = dir.path().join("bitfit");
-    ok(&peft(&[
+    ok(&peft!(
         "train",
         "--method",
         "bitfit",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--data",
-        fixtures().join("../../data/demo.jsonl").to_str().unwrap(),
+        fixtures().join("../../data/demo.jsonl"),
         "--output",
-        bitfit.to_str().unwrap(),
+        bitfit,
         "--max-steps",
         "2",
         "--no-exact-match",
-    ]));
+    ));
     let merged = dir.path().join("bitfit-merged");
     ok(&merge(
         &model("bloom-tiny"),
@@ -1578,40 +1447,40 @@ fn logits_with_adapters_per_row_match_peft() {
     let multi = adapter("multi-llama");
     let b = format!("b={}", multi.join("b").display());
     let run = |names: &str| {
-        peft(&[
+        peft!(
             "logits",
             "--model",
-            model("llama-tiny").to_str().unwrap(),
+            model("llama-tiny"),
             "--adapter",
-            multi.to_str().unwrap(),
+            multi,
             "--adapter",
             &b,
             "--adapter-names",
             names,
             "--inputs",
-            reference.to_str().unwrap(),
+            reference,
             "--output",
-            out_path.to_str().unwrap(),
-        ])
+            out_path,
+        )
     };
     ok(&run("default,b,__base__"));
     let diff = logits_diff_at(&out_path, &reference, "logits.mixed", 0);
     assert!(diff <= 1e-4, "mixed batch: max |Δ| = {diff}");
     assert_clean_failure(&run("default,c,__base__"), "no adapter named `c`");
     assert_clean_failure(&run("default,b"), "2 names for the 3 rows");
-    let out = peft(&[
+    let out = peft!(
         "logits",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--adapter",
-        adapter("ia3-bloom").to_str().unwrap(),
+        adapter("ia3-bloom"),
         "--adapter-names",
         "default",
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        out_path.to_str().unwrap(),
-    ]);
+        out_path,
+    );
     assert_clean_failure(&out, "LoRA only");
 }
 
@@ -1677,10 +1546,10 @@ fn combine_writes_pefts_weighted_adapter() {
     let output = dir.path().join("ties");
     let default = format!("default={}", multi.display());
     let b = format!("b={}", multi.join("b").display());
-    let out = peft(&[
+    peft_ok!(
         "combine",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--adapter",
         &default,
         "--adapter",
@@ -1692,9 +1561,8 @@ fn combine_writes_pefts_weighted_adapter() {
         "--density",
         "0.5",
         "--output",
-        output.to_str().unwrap(),
-    ]);
-    ok(&out);
+        output,
+    );
     let reference = fixtures().join("reference/multi-bloom.safetensors");
     let theirs = TensorStore::open(&reference).unwrap();
     let ours = TensorStore::open(output.join("adapter_model.safetensors")).unwrap();
@@ -1723,24 +1591,24 @@ fn combine_writes_pefts_weighted_adapter() {
     );
 
     let logits_path = dir.path().join("logits.safetensors");
-    ok(&peft(&[
+    ok(&peft!(
         "logits",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--adapter",
-        output.to_str().unwrap(),
+        output,
         "--inputs",
-        reference.to_str().unwrap(),
+        reference,
         "--output",
-        logits_path.to_str().unwrap(),
-    ]));
+        logits_path,
+    ));
     let diff = logits_diff_at(&logits_path, &reference, "ties.logits", 0);
     assert!(diff <= 1e-4, "combined adapter logits: {diff}");
 
-    let bad = peft(&[
+    let bad = peft!(
         "combine",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--adapter",
         &default,
         "--adapter",
@@ -1750,8 +1618,8 @@ fn combine_writes_pefts_weighted_adapter() {
         "--combination-type",
         "average",
         "--output",
-        output.to_str().unwrap(),
-    ]);
+        output,
+    );
     assert_clean_failure(&bad, "`average` is not one of linear, cat, svd");
 }
 
@@ -1761,24 +1629,12 @@ fn combine_writes_pefts_weighted_adapter() {
 fn distributed_training_needs_the_mpi_build() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
-    let out = peft(&[
-        "train",
-        "--distributed",
-        "tcp",
-        "--output",
-        out_dir.to_str().unwrap(),
-    ]);
+    let out = peft!("train", "--distributed", "tcp", "--output", out_dir,);
     assert_clean_failure(&out, "--distributed: unknown `tcp` (none, mpi)");
     if cfg!(feature = "mpi") {
         return;
     }
-    let out = peft(&[
-        "train",
-        "--distributed",
-        "mpi",
-        "--output",
-        out_dir.to_str().unwrap(),
-    ]);
+    let out = peft!("train", "--distributed", "mpi", "--output", out_dir,);
     assert_clean_failure(&out, "--features mpi");
     let out = Command::new(env!("CARGO_BIN_EXE_peft"))
         .args(["train", "--output", out_dir.to_str().unwrap()])
@@ -1855,17 +1711,17 @@ fn devices_in_one_process_equal_one_device_with_accumulation() {
 fn auto_compute_dtype_follows_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let bf16_model = dir.path().join("bf16");
-    ok(&peft(&[
+    ok(&peft!(
         "merge",
         "--model",
-        model("bloom-tiny").to_str().unwrap(),
+        model("bloom-tiny"),
         "--adapter",
-        adapter("lora-bloom").to_str().unwrap(),
+        adapter("lora-bloom"),
         "--output",
-        bf16_model.to_str().unwrap(),
+        bf16_model,
         "--save-dtype",
         "bfloat16",
-    ]));
+    ));
     let reference = fixtures().join("reference/bloom-tiny.safetensors");
     let logits_with = |model_dir: &Path, dtype: &str| {
         let out_path = dir.path().join(format!(

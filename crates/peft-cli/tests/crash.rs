@@ -2,15 +2,12 @@
 //! checkpoint that does not load, and resuming after each kill ends with the adapter of an
 //! uninterrupted run; Ctrl-C (SIGINT) writes a checkpoint and exits with status 130.
 
-use std::path::{Path, PathBuf};
+use peft_tests::fixtures;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use peft_core::TensorStore;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn train_command(out: &Path, steps: usize, save_steps: usize, resume: bool) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_peft"));

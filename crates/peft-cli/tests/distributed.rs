@@ -4,16 +4,13 @@
 //! outright ends the job instead of hanging it.
 #![cfg(feature = "mpi")]
 
+use peft_tests::{assert_params_close, fixtures};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use peft_core::TensorStore;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// `peft train` on bloom-tiny and the demo data into `out`, with `extra` flags.
 fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
@@ -79,21 +76,6 @@ fn adapter(dir: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-fn assert_close(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, what: &str) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (key, x) in a {
-        let worst = x
-            .iter()
-            .zip(&b[key])
-            .map(|(p, q)| (p - q).abs() / p.abs().max(q.abs()).max(1e-3))
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 1e-6,
-            "{what}: {key} differs by {worst:e} (relative)"
-        );
-    }
-}
-
 /// LoRA (dropout on: each micro-batch's masks follow its global index) and prompt tuning: two
 /// ranks × batch 2 equal one process × batch 2 × 2 accumulation steps; rank 0 alone writes;
 /// the 2-rank run's checkpoint resumes in one process to the one-process result.
@@ -133,7 +115,7 @@ fn two_ranks_equal_one_process_and_resume_in_one() {
             1,
             "rank 0 alone reports: {stderr}"
         );
-        assert_close(
+        assert_params_close(
             &adapter(&one.join("adapter")),
             &adapter(&two.join("adapter")),
             name,
@@ -170,7 +152,7 @@ fn two_ranks_equal_one_process_and_resume_in_one() {
         ]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         ok(&peft(&train_args(&resumed, &flags)));
-        assert_close(
+        assert_params_close(
             &adapter(&one.join("adapter")),
             &adapter(&resumed.join("adapter")),
             &format!("{name}, resumed in one process"),

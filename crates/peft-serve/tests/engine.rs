@@ -1,7 +1,7 @@
 //! The engine's continuous batching leaves results unchanged: every greedy request produces
 //! the same tokens alone as in a mixed batch that sequences join and leave mid-flight.
 
-use std::path::PathBuf;
+use peft_tests::fixtures;
 use std::sync::Arc;
 
 use burn::tensor::Device;
@@ -9,10 +9,6 @@ use peft_models::Decoding;
 use peft_serve::engine::{Command, Engine, EngineLimits, Event, FinishReason, InjectedPanic, Job};
 use peft_serve::metrics::Shared;
 use tokio::sync::mpsc;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// An engine over `arch`-tiny with the three adapters of the multi-adapter fixture: `a` (its
 /// default), `b`, `c`.

@@ -2,8 +2,9 @@
 //! every error case in OpenAI's shape, the API key, runtime adapter loading confined to its
 //! folder, the bounded queue, disconnects and graceful shutdown.
 
+use peft_tests::fixtures;
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,10 +14,6 @@ use peft_lora::MultiLoraModel;
 use peft_serve::client::{self, Response};
 use peft_serve::{ServeError, ServeOptions, serve_until};
 use serde_json::{Value, json};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// A server on a free port, stopped (gracefully) when dropped.
 struct Server {
