@@ -84,7 +84,12 @@ fn load_multi_lora(
 /// `auto` (transformers' default for generation), else float32 (`logits`, a parity tool).
 fn load_model(args: &ModelArgs, generation: bool) -> Result<Box<dyn Runnable>> {
     let device = args.device.resolve()?;
-    let options = args.load.options(&args.model, &device, generation)?;
+    let default = if generation {
+        crate::DtypeDefault::Auto
+    } else {
+        crate::DtypeDefault::Float32
+    };
+    let options = args.load.options(&args.model, &device, default)?;
     let base = load_base(&args.model, &device, &options)?;
     let specs = adapter_specs(&args.adapter);
     let loaded: Box<dyn Runnable> = match specs.as_slice() {
@@ -430,7 +435,9 @@ fn print_modules(out: &mut impl Write, model: &dyn Runnable, dir: &Path) -> std:
 /// `peft serve`.
 pub fn serve(args: ServeArgs) -> Result<()> {
     let serve_device = args.device.resolve()?;
-    let load = args.load.options(&args.model, &serve_device, true)?;
+    let load = args
+        .load
+        .options(&args.model, &serve_device, crate::DtypeDefault::Auto)?;
     let mut options = peft_serve::ServeOptions::new(&args.model, serve_device);
     for (name, dir) in adapter_specs(&args.adapters) {
         let Some(name) = name else {

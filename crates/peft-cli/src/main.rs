@@ -177,22 +177,42 @@ struct LoadArgs {
     bf16_lm_head: bool,
 }
 
+/// What a command computes in when `--compute-dtype` is not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DtypeDefault {
+    /// `generate`, `serve`: `auto`, transformers' default `dtype="auto"`.
+    Auto,
+    /// `logits` (a parity tool) and `train`: float32.
+    Float32,
+    /// `train` of a method that trains over a 4-bit base by default (QLoRA): bfloat16, as the
+    /// paper and the seed (`bnb_4bit_compute_dtype=torch.bfloat16`), where the device has it;
+    /// float32 on a device without bf16 (wgpu).
+    Bfloat16WhereAvailable,
+}
+
 impl LoadArgs {
-    /// The load options these flags ask for, for `model_dir` on `device` (where `auto`
-    /// resolves). `missing_means_auto`: what no `--compute-dtype` means — `auto` for generation
-    /// (`generate`, `serve`), else float32.
+    /// The load options these flags ask for, for `model_dir` on `device`. The compute dtype is
+    /// decided here and only here: the flag's value (`auto` resolved for the checkpoint and
+    /// device), or the command's `default`.
     fn options(
         &self,
         model_dir: &std::path::Path,
         device: &burn::tensor::Device,
-        missing_means_auto: bool,
+        default: DtypeDefault,
     ) -> anyhow::Result<peft_models::LoadOptions> {
         use peft_ops::precision::ComputeDtype;
-        let compute_dtype = match self.compute_dtype.as_deref() {
-            Some("auto") => peft_models::auto_compute_dtype(model_dir, device),
-            None if missing_means_auto => peft_models::auto_compute_dtype(model_dir, device),
-            None => ComputeDtype::F32,
-            Some(name) => name.parse()?,
+        let auto = || peft_models::auto_compute_dtype(model_dir, device);
+        let compute_dtype = match (self.compute_dtype.as_deref(), default) {
+            (Some("auto"), _) | (None, DtypeDefault::Auto) => auto(),
+            (None, DtypeDefault::Float32) => ComputeDtype::F32,
+            (None, DtypeDefault::Bfloat16WhereAvailable) => {
+                if ComputeDtype::Bf16.check_device(device).is_ok() {
+                    ComputeDtype::Bf16
+                } else {
+                    ComputeDtype::F32
+                }
+            }
+            (Some(name), _) => name.parse()?,
         };
         // An explicit f32 (any of its spellings) contradicts the flag; `auto` resolving to f32
         // leaves it without effect, as documented.

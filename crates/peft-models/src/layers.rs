@@ -14,7 +14,7 @@ use peft_core::{
 };
 use peft_ops::device::runs_cpu_kernels;
 use peft_ops::precision::{HalfDtype, HalfWeight};
-use peft_quant::{QuantConfig, Quantized4bit, SourceDtype};
+use peft_quant::{Quantized4bit, SourceDtype};
 use peft_tensors::layout::burn_linear_weight;
 
 /// GELU with the tanh approximation (BLOOM's `bloom_gelu_forward`): one fused pass on the CPU
@@ -76,36 +76,28 @@ pub struct WeightLoader<'a> {
     pub store: &'a TensorStore,
     /// Where the layers are created.
     pub device: &'a Device,
-    /// Quantise every linear weight except `lm_head` to 4-bit while loading (QLoRA's
-    /// `load_in_4bit`). Weights the checkpoint already stores in 4-bit are read as they are.
-    pub quantize: Option<QuantConfig>,
-    /// The dtype adaptable linear layers compute in; with bf16 their dense weights are held in
-    /// bf16 (`lm_head`, embeddings and norms stay f32).
-    pub compute: ComputeDtype,
-    /// Widen the frozen weights of a bf16/f16 checkpoint to f32 when loading instead of holding
-    /// them as stored (see [`crate::LoadOptions::widen_half`]).
-    pub widen_half: bool,
-    /// Under bf16 compute, compute `lm_head` (or the tied table's projection) in bf16 too (see
-    /// [`crate::LoadOptions::bf16_lm_head`]).
-    pub bf16_lm_head: bool,
+    /// How to load: 4-bit quantisation, the compute dtype, bf16/f16 weights held as stored or
+    /// widened, `lm_head` in bf16 (see [`crate::LoadOptions`]).
+    pub options: &'a crate::LoadOptions,
 }
 
 impl<'a> WeightLoader<'a> {
     /// A loader of `store` onto `device` as `options` ask.
-    pub fn new(store: &'a TensorStore, device: &'a Device, options: &crate::LoadOptions) -> Self {
+    pub fn new(
+        store: &'a TensorStore,
+        device: &'a Device,
+        options: &'a crate::LoadOptions,
+    ) -> Self {
         Self {
             store,
             device,
-            quantize: options.quantize,
-            compute: options.compute_dtype,
-            widen_half: options.widen_half,
-            bf16_lm_head: options.bf16_lm_head,
+            options,
         }
     }
 
     /// Whether the output projection computes in bf16.
     fn head_in_bf16(&self) -> bool {
-        self.bf16_lm_head && self.compute == ComputeDtype::Bf16
+        self.options.bf16_lm_head && self.options.compute_dtype == ComputeDtype::Bf16
     }
 
     /// The output projection: `lm_head` (`[vocab, h]` from `lm_head.weight`) for an untied
@@ -182,7 +174,7 @@ impl<'a> WeightLoader<'a> {
         let key = format!("{prefix}.weight");
         let packed = match peft_quant::find_quant_state(&key, self.store.keys()) {
             Some(state_key) => Some(self.read_4bit(&key, state_key, d_in, d_out)?),
-            None => match self.quantize {
+            None => match self.options.quantize {
                 Some(config) if prefix != "lm_head" => {
                     let values = self.store.f32_shaped(&key, &[d_out, d_in])?;
                     let dtype = SourceDtype::from_safetensors(self.store.dtype(&key)?)
@@ -201,14 +193,14 @@ impl<'a> WeightLoader<'a> {
             Some(q) => Arc::new(q),
             // bf16 compute: `lm_head` stays f32 (as after prepare_model_for_kbit_training)
             // unless asked to compute in bf16 too (as under torch.autocast).
-            None if self.compute == ComputeDtype::Bf16
+            None if self.options.compute_dtype == ComputeDtype::Bf16
                 && (prefix != "lm_head" || self.head_in_bf16()) =>
             {
                 if !runs_cpu_kernels(self.device) {
                     let dense = self.linear(prefix, d_in, d_out, bias)?;
                     return Ok(AdaptableLinear::plain(with_weight_dtype(
                         dense,
-                        self.compute.dtype(),
+                        self.options.compute_dtype.dtype(),
                     )));
                 }
                 Arc::new(self.held_bf16(&key, d_in, d_out, false)?)
@@ -216,7 +208,9 @@ impl<'a> WeightLoader<'a> {
             // f32 compute over a bf16/f16 checkpoint: the weight stays in its stored 2 bytes
             // (widened exactly inside each product) unless asked otherwise; else dense f32.
             None => {
-                let hold = !self.widen_half && prefix != "lm_head" && runs_cpu_kernels(self.device);
+                let hold = !self.options.widen_half
+                    && prefix != "lm_head"
+                    && runs_cpu_kernels(self.device);
                 match hold.then(|| self.stored_half(&key)).transpose()?.flatten() {
                     Some(dtype) => Arc::new(self.half_as_stored(&key, d_in, d_out, dtype)?),
                     None => {
@@ -240,7 +234,7 @@ impl<'a> WeightLoader<'a> {
             weight: packed,
             bias,
             device: self.device.clone(),
-            compute: self.compute,
+            compute: self.options.compute_dtype,
             on_device,
         })))
     }

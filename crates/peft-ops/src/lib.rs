@@ -6,6 +6,8 @@
 //! * [`device`]: choosing the device, and the one check of whether the CPU kernels run there
 //!   ([`device::runs_cpu_kernels`]);
 //! * [`packed`]: the packed-weight interface (bf16 as stored, 4-bit codes);
+//! * [`linear`]: a frozen base layer (dense or packed) and the one dispatch of its product
+//!   (CPU kernels or the device's, f32 or bf16, packed or dense);
 //! * [`packed_op`], [`blas`], [`onednn`]: the frozen layers' products (packed weights; OpenBLAS
 //!   when present; oneDNN's bf16 kernels for bf16 compute when present);
 //! * [`fused`], [`kernels`]: one-pass CPU operations for attention, the GELU and the loss;
@@ -33,6 +35,7 @@ pub mod chunked_loss;
 pub mod device;
 pub mod fused;
 pub mod kernels;
+pub mod linear;
 pub mod loss;
 pub mod onednn;
 pub mod packed;
