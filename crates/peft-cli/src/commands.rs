@@ -186,13 +186,7 @@ fn run_logits(model: &dyn Runnable, args: &LogitsArgs, rows: Option<usize>) -> R
 /// generation prompt, or the seed tutorial's `Human: …\n\nAssistant: ` where the model has no
 /// template (the format `peft train` uses for it).
 fn chat_prompt_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(match tokenizer.chat_template() {
-        Some(template) => {
-            let message = peft_models::chat::Message::new("user", text);
-            tokenizer.encode_plain(&template.render(&[message], true)?)?
-        }
-        None => tokenizer.encode(&peft_train::data::chat_prompt(text, ""))?,
-    })
+    Ok(tokenizer.encode_chat(&[peft_models::chat::Message::new("user", text)])?)
 }
 
 /// `peft generate`.

@@ -207,6 +207,35 @@ impl ChatTemplate {
     }
 }
 
+/// The seed tutorial's prompt for an instruction and an optional input:
+/// `Human: {instruction}\n{input}` (trimmed), then `\n\nAssistant: `. The format `peft train`
+/// teaches a model without a chat template.
+pub fn seed_prompt(instruction: &str, input: &str) -> String {
+    let joined = format!("Human: {instruction}\n{input}");
+    format!("{}\n\nAssistant: ", joined.trim())
+}
+
+/// A conversation in the seed tutorial's format, ending with the generation prompt: each user
+/// turn as [`seed_prompt`], each assistant turn followed by a blank line, other roles (system)
+/// as their own line.
+pub fn seed_conversation(messages: &[Message]) -> String {
+    let mut text = String::new();
+    for m in messages {
+        match m.role.as_str() {
+            "user" => text.push_str(&seed_prompt(&m.content, "")),
+            "assistant" => {
+                text.push_str(&m.content);
+                text.push_str("\n\n");
+            }
+            _ => {
+                text.push_str(&m.content);
+                text.push('\n');
+            }
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,5 +335,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(bad.contains("chat template"), "{bad}");
+    }
+
+    #[test]
+    fn seed_turns_are_the_tutorials_format() {
+        assert_eq!(seed_prompt("Hi", ""), "Human: Hi\n\nAssistant: ");
+        assert_eq!(seed_prompt("Sum", "1 2"), "Human: Sum\n1 2\n\nAssistant: ");
+        let turns = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello."),
+            Message::new("user", "Bye"),
+        ];
+        assert_eq!(
+            seed_conversation(&turns),
+            "Be brief.\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: "
+        );
     }
 }

@@ -85,6 +85,17 @@ impl Tokenizer {
             })
     }
 
+    /// The ids of a conversation's prompt: the model's chat template with its generation
+    /// prompt (its special tokens written by the template), or, for a model without one, the
+    /// seed tutorial's turns ([`crate::chat::seed_conversation`]) with the tokenizer's own
+    /// special tokens.
+    pub fn encode_chat(&self, messages: &[crate::chat::Message]) -> Result<Vec<u32>> {
+        match self.chat_template() {
+            Some(template) => self.encode_plain(&template.render(messages, true)?),
+            None => self.encode(&crate::chat::seed_conversation(messages)),
+        }
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner

@@ -641,34 +641,19 @@ fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
 
 /// The prompt of a conversation: the model's chat template with its generation prompt, or,
 /// for a model without one, the seed tutorial's `Human: …\n\nAssistant: ` turns (the format
-/// `peft train` teaches such a model), system text first.
+/// `peft train` teaches such a model), system text first ([`Tokenizer::encode_chat`]).
 pub fn chat_prompt(
     tokenizer: &Tokenizer,
     messages: &[peft_models::chat::Message],
 ) -> Result<Vec<u32>, ApiError> {
-    if let Some(template) = tokenizer.chat_template() {
-        let text = template
-            .render(messages, true)
-            .map_err(|e| ApiError::bad_field("messages", e.to_string()))?;
-        return tokenizer
-            .encode_plain(&text)
-            .map_err(|e| ApiError::bad_field("messages", e.to_string()));
-    }
-    let mut text = String::new();
-    for m in messages {
-        match m.role.as_str() {
-            "user" => text.push_str(&peft_train::data::chat_prompt(&m.content, "")),
-            "assistant" => {
-                text.push_str(&m.content);
-                text.push_str("\n\n");
-            }
-            _ => {
-                text.push_str(&m.content);
-                text.push('\n');
-            }
-        }
-    }
-    encode(tokenizer, &text)
+    let field = if tokenizer.chat_template().is_some() {
+        "messages"
+    } else {
+        "prompt"
+    };
+    tokenizer
+        .encode_chat(messages)
+        .map_err(|e| ApiError::bad_field(field, e.to_string()))
 }
 
 async fn respond(

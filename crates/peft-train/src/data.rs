@@ -126,11 +126,9 @@ fn field<'a>(
     }
 }
 
-/// The seed tutorial's prompt for an instruction and an optional input.
-pub fn chat_prompt(instruction: &str, input: &str) -> String {
-    let joined = format!("Human: {instruction}\n{input}");
-    format!("{}\n\nAssistant: ", joined.trim())
-}
+/// The seed tutorial's prompt for an instruction and an optional input (it lives with the
+/// chat templates, in [`peft_models::chat::seed_prompt`]).
+pub use peft_models::chat::seed_prompt as chat_prompt;
 
 /// Parses one record into an [`Example`].
 pub fn parse_record(value: &Value) -> Result<Example, String> {

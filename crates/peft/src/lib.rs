@@ -15,6 +15,7 @@ pub use peft_prompt as prompt;
 pub use peft_ptuning as ptuning;
 pub use peft_qlora as qlora;
 pub use peft_quant as quant;
+#[cfg(feature = "train")]
 pub use peft_train as train;
 
 pub use methods::{PeftConfig, PeftModel};
@@ -53,6 +54,7 @@ impl PeftModel {
         Self::load(model, dir, false)
     }
 
+    #[cfg(feature = "train")]
     /// Trains the adapter with the single-process trainer ([`train::train`]): AdamW, the
     /// schedule and checkpoints of `config`, checkpoints under `output_dir`.
     pub fn train(
