@@ -19,6 +19,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
+#[cfg(test)]
+mod layering;
 mod pretrain;
 mod scale;
 

@@ -48,10 +48,10 @@ fn products() {
         let gflop = 2.0 * (m * k * n) as f64 / 1e9;
         println!("{m} × {k} × {n}: {gflop:.2} GFLOP");
         time("  rhs [k, n]", || {
-            let _ = peft_ops::blas::matmul(a.clone(), b.clone());
+            let _ = peft_ops::matmul::matmul(a.clone(), b.clone());
         });
         time("  rhs [n, k]ᵀ", || {
-            let _ = peft_ops::blas::matmul(a.clone(), bt.clone().transpose());
+            let _ = peft_ops::matmul::matmul(a.clone(), bt.clone().transpose());
         });
     }
 }

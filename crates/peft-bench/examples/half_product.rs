@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use peft_core::PackedWeight;
-use peft_ops::precision::HalfWeight;
+use peft_ops::half::HalfWeight;
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -43,7 +43,7 @@ fn main() {
         );
     };
     time("f32 weight (blas::linear)", &|| {
-        peft_ops::blas::linear(x.clone(), w.clone(), None)
+        peft_ops::matmul::linear(x.clone(), w.clone(), None)
     });
     time("bf16 held, packed op", &|| {
         peft_ops::packed_op::packed_linear(x.clone(), &weight, None)
@@ -60,7 +60,7 @@ fn main() {
     time("widen whole + matmul", &|| {
         let dense =
             Tensor::<2>::from_data(TensorData::new(half.dequantize(), [d_out, d_in]), &device);
-        peft_ops::blas::linear(x.clone(), dense.transpose(), None)
+        peft_ops::matmul::linear(x.clone(), dense.transpose(), None)
     });
     // Forward and backward (∂x) through autodiff, as in a training step.
     let ad = device.clone().autodiff();
@@ -77,7 +77,7 @@ fn main() {
         println!("{name:>28}: {:.2} ms forward + backward", best * 1e3);
     };
     train("f32 weight", &|| {
-        peft_ops::blas::linear(xa.clone(), wa.clone(), None)
+        peft_ops::matmul::linear(xa.clone(), wa.clone(), None)
     });
     train("bf16 held", &|| {
         peft_ops::packed_op::packed_linear(xa.clone(), &weight, None)

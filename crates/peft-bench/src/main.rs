@@ -347,7 +347,7 @@ fn run(case: &str, s: &Settings, device: &Device) -> Result<serde_json::Value, S
             // The product the linear layers use: OpenBLAS when present (`PEFT_BLAS=off` for
             // burn's own), reported as `blas`.
             let times = time(s, device, || {
-                let _ = peft_ops::blas::matmul(a.clone(), b.clone()).into_data();
+                let _ = peft_ops::matmul::matmul(a.clone(), b.clone()).into_data();
             });
             extra.insert(
                 "blas".into(),

@@ -103,7 +103,7 @@ impl LayerAdapter for LoraLinear {
         // CPU backend (the update accumulated into the base output by BLAS).
         if let BaseLinear::Dense(l) = base
             && self.dropout.prob == 0.0
-            && let Some(y) = peft_ops::blas::lora_linear(
+            && let Some(y) = peft_ops::matmul::lora_linear(
                 x.clone(),
                 l.weight.val(),
                 l.bias.as_ref().map(|b| b.val()),

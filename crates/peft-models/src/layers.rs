@@ -13,7 +13,7 @@ use peft_core::{
     PackedWeight, PeftError, Result, TensorStore, adapter::with_weight_dtype,
 };
 use peft_ops::device::runs_cpu_kernels;
-use peft_ops::precision::{HalfDtype, HalfWeight};
+use peft_ops::half::{HalfDtype, HalfWeight};
 use peft_quant::{Quantized4bit, SourceDtype};
 use peft_tensors::layout::burn_linear_weight;
 
@@ -793,7 +793,7 @@ pub fn untied_head<A: LayerAdapter>(
 
 /// `x @ weightᵀ` for a `[vocab, hidden]` table used as output projection (tied `lm_head`).
 pub fn tied_logits(hidden: Tensor<3>, table: Tensor<2>) -> Tensor<3> {
-    peft_ops::blas::linear(hidden, table.transpose(), None)
+    peft_ops::matmul::linear(hidden, table.transpose(), None)
 }
 
 /// [`tied_logits`] in bf16: `round(round(x) · round(table)ᵀ)`, through the packed bf16 product

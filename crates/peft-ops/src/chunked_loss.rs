@@ -26,7 +26,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::blas::BlasMatmulBackend;
+use crate::matmul::BlasMatmulBackend;
 use crate::packed::PackedWeight;
 
 /// Logit elements per block by default: 32 Mi (128 MiB of f32) — large blocks keep the number
@@ -95,7 +95,7 @@ fn blocks<B: BlasMatmulBackend>(
             ],
         );
         let logits = B::blas_matmul(h_block, weight.clone());
-        let mut z = crate::blas::host_values::<B>(&logits).unwrap_or_default();
+        let mut z = crate::host::host_values::<B>(&logits).unwrap_or_default();
         if z.len() != (end - start) * vocab {
             // Unreadable logits (not reached on the CPU backend): NaN losses, no panic.
             losses[start..end].fill(f32::NAN);
@@ -151,7 +151,7 @@ fn bf16_blocks<B: Backend>(
     let block = (targets.block_logits / vocab.max(1)).clamp(1, rows.max(1));
     let mut losses = vec![0.0f32; rows];
     let mut grad = with_grad.then(|| Vec::<f32>::with_capacity(rows * h));
-    let read = crate::blas::with_host_f32::<B, _>(&hidden, |hidden| {
+    let read = crate::host::with_host_f32::<B, _>(&hidden, |hidden| {
         for start in (0..rows).step_by(block) {
             let end = (start + block).min(rows);
             let m = end - start;

@@ -26,8 +26,8 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{DType, Shape, Tensor};
 
-use crate::blas::{written_f32, zeros_f32};
 use crate::device::runs_cpu_kernels;
+use crate::host::{written_f32, zeros_f32};
 use crate::kernels;
 
 /// One target class per row for [`FusedBackend::cross_entropy_rows`]; a negative target marks a

@@ -26,7 +26,7 @@
 //! assert!(peft_ops::device::runs_cpu_kernels(&device));
 //! let x = Tensor::<2>::from_floats([[1.0, 2.0]], &device);
 //! let w = Tensor::<2>::from_floats([[1.0], [1.0]], &device);
-//! let y: Vec<f32> = peft_ops::blas::matmul(x, w).into_data().to_vec().unwrap();
+//! let y: Vec<f32> = peft_ops::matmul::matmul(x, w).into_data().to_vec().unwrap();
 //! assert_eq!(y, vec![3.0]);
 //! ```
 
@@ -34,9 +34,12 @@ pub mod blas;
 pub mod chunked_loss;
 pub mod device;
 pub mod fused;
+pub mod half;
+pub mod host;
 pub mod kernels;
 pub mod linear;
 pub mod loss;
+pub mod matmul;
 pub mod onednn;
 pub mod packed;
 pub mod packed_op;

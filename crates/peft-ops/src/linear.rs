@@ -2,7 +2,7 @@
 //! or bf16 when loaded for bf16 compute) or a [`PackedLinear`] (4-bit NF4/FP4, or bf16 held in
 //! two bytes on the CPU backend). The CPU / GPU × f32 / bf16 × packed dispatch is here, one
 //! place: on the CPU backend the packed product is [`crate::packed_op::packed_linear`], a dense
-//! f32 one [`crate::blas::linear`]; elsewhere the backend's own kernels in the compute dtype.
+//! f32 one [`crate::matmul::linear`]; elsewhere the backend's own kernels in the compute dtype.
 
 use std::sync::Arc;
 
@@ -133,7 +133,7 @@ impl BaseLinear {
                 let weight = l.weight.val();
                 let dtype = weight.dtype();
                 if dtype == DType::F32 {
-                    return crate::blas::linear(x, weight, l.bias.as_ref().map(|b| b.val()));
+                    return crate::matmul::linear(x, weight, l.bias.as_ref().map(|b| b.val()));
                 }
                 linear_in(dtype, x, weight, l.bias.as_ref().map(|b| b.val()))
             }

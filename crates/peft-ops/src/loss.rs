@@ -279,7 +279,8 @@ mod tests {
     /// through f32 GEMMs. The rounding is real: the f32 projection's loss differs by far more.
     #[test]
     fn bf16_chunked_loss_matches_rounded_tensors() {
-        use crate::precision::{HalfWeight, round_bf16};
+        use crate::half::HalfWeight;
+        use crate::precision::round_bf16;
         use burn::tensor::Distribution;
         let device = Device::flex().autodiff();
         let (batch, seq, h, vocab) = (2, 7, 16, 37);

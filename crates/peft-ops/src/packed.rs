@@ -8,7 +8,7 @@ use peft_tensors::HostTensor;
 
 /// A frozen weight kept in a compressed form and de-quantised on demand: 4-bit NF4/FP4 for QLoRA
 /// (peft-quant implements it; the operations here only see this trait) or bf16
-/// ([`HalfWeight`](crate::precision::HalfWeight)).
+/// ([`HalfWeight`](crate::half::HalfWeight)).
 pub trait PackedWeight: std::fmt::Debug + Send + Sync {
     /// `[out, in]`, PyTorch's order.
     fn shape(&self) -> [usize; 2];
@@ -82,7 +82,7 @@ pub trait PackedWeight: std::fmt::Debug + Send + Sync {
         if !self.dequantize_block(rows, cols, &mut values) {
             return false;
         }
-        crate::precision::round_to_bf16_bits(&values, out);
+        crate::kernels::round_to_bf16_bits(&values, out);
         true
     }
 }

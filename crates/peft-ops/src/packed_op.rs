@@ -19,7 +19,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::blas::BlasMatmulBackend;
+use crate::matmul::BlasMatmulBackend;
 use crate::packed::PackedWeight;
 
 /// The packed weight handed to the operation (an ordinary, non-tensor argument), and what the
@@ -91,7 +91,7 @@ fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> Fl
     let device = x.device();
     let [rows, _] = x.shape().dims();
     let [d_out, _] = handle.weight.shape();
-    let out = crate::blas::with_host_f32::<B, _>(&x, |values| match &handle.bf16 {
+    let out = crate::host::with_host_f32::<B, _>(&x, |values| match &handle.bf16 {
         None => forward_f32(values, rows, handle),
         Some(layer) => Some(forward_bf16(values, rows, handle, layer)),
     });
@@ -120,7 +120,7 @@ fn forward<B: BlasMatmulBackend>(x: FloatTensor<B>, handle: &PackedHandle) -> Fl
 /// f32 compute: `x · Wᵀ` straight from the packed values for a decoding step's few rows, else
 /// block by block.
 fn forward_f32(x: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<f32>> {
-    (rows <= crate::precision::HALF_DIRECT_MAX_ROWS)
+    (rows <= crate::half::HALF_DIRECT_MAX_ROWS)
         .then(|| handle.weight.matmul_few_rows(x, rows))
         .flatten()
         .or_else(|| blocked_forward(x, rows, handle))
@@ -173,7 +173,7 @@ fn backward<B: BlasMatmulBackend>(grad: FloatTensor<B>, handle: &PackedHandle) -
     let device = grad.device();
     let [rows, _] = grad.shape().dims();
     let [_, d_in] = handle.weight.shape();
-    let out = crate::blas::with_host_f32::<B, _>(&grad, |values| match handle.bf16 {
+    let out = crate::host::with_host_f32::<B, _>(&grad, |values| match handle.bf16 {
         None => blocked_backward(values, rows, handle),
         Some(_) => {
             let bits = crate::onednn::to_bf16_bits(values);
@@ -228,7 +228,7 @@ pub(crate) fn bf16_times(
             Direction::Backward => (d_in, d_out, false),
         };
         let mut out = vec![0.0f32; rows * n];
-        crate::blas::sgemm_host((rows, n, k), &a, k, &w, d_in, transposed, 0.0, &mut out, n);
+        crate::matmul::sgemm_host((rows, n, k), &a, k, &w, d_in, transposed, 0.0, &mut out, n);
         out
     })
 }
@@ -373,7 +373,7 @@ fn blocked_forward(x: &[f32], rows: usize, handle: &PackedHandle) -> Option<Vec<
     let mut out = vec![0.0f32; rows * d_out];
     let done = over_row_blocks(handle, |range, w| {
         let dims = (rows, range.len(), d_in);
-        crate::blas::sgemm_host(
+        crate::matmul::sgemm_host(
             dims,
             x,
             d_in,
@@ -396,7 +396,7 @@ fn blocked_backward(grad: &[f32], rows: usize, handle: &PackedHandle) -> Option<
     let done = over_row_blocks(handle, |range, w| {
         let beta = if range.start == 0 { 0.0 } else { 1.0 };
         let dims = (rows, d_in, range.len());
-        crate::blas::sgemm_host(
+        crate::matmul::sgemm_host(
             dims,
             &grad[range.start..],
             d_out,
@@ -552,7 +552,7 @@ mod tests {
     /// weight, forward and backward, for bf16 and f16.
     #[test]
     fn half_weight_products_match_the_dense_product() {
-        use crate::precision::{HalfDtype, HalfWeight};
+        use crate::half::{HalfDtype, HalfWeight};
         let device = Device::flex().autodiff();
         let (d_in, d_out) = (130_001, 70);
         assert!(block_len(d_in, d_out) < d_out / 2, "several blocks");
