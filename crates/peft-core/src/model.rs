@@ -300,25 +300,40 @@ pub trait CausalLm: Module + burn::module::ModuleDisplay + Sized {
     /// Every module by its Hugging Face path, in the order of the checkpoint.
     fn modules(&self) -> Vec<ModuleInfo>;
 
-    /// Logits `[batch, n_virtual + seq, vocab]` for the input; `cache` (when given) supplies
-    /// earlier keys and values and receives this pass' ones.
-    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>>;
+    /// The decoder's final hidden states `[batch, n_virtual + seq, hidden]` (after the last
+    /// norm, before the output projection) for the input; `cache` (when given) supplies earlier
+    /// keys and values and receives this pass' ones. What differs between architectures and
+    /// between the wrappers of prompt learning (which add virtual tokens or a key/value prefix
+    /// here); [`Self::forward`] and [`Self::forward_loss`] are written once on top of it.
+    fn final_hidden(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>>;
 
-    /// The mean next-token cross-entropy of the input against `labels` (`[batch, seq]`,
-    /// [`IGNORE_INDEX`](peft_ops::loss::IGNORE_INDEX) skipped; see
+    /// The logits `[batch, seq, vocab]` of final hidden states `[batch, seq, hidden]`.
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3>;
+
+    /// The mean next-token cross-entropy of final hidden states against `labels`
+    /// (`[batch, seq]`, [`IGNORE_INDEX`](peft_ops::loss::IGNORE_INDEX) skipped; see
     /// [`causal_lm_loss`](peft_ops::loss::causal_lm_loss)), a one-element tensor. The models
     /// compute it without whole `[tokens, vocab]` logits where the output projection is frozen
     /// ([`peft_ops::chunked_loss`]); this default computes the logits.
+    fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+        peft_ops::loss::causal_lm_loss(self.logits(hidden), labels)
+    }
+
+    /// Logits `[batch, n_virtual + seq, vocab]` for the input; `cache` as in
+    /// [`Self::final_hidden`].
+    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        Ok(self.logits(self.final_hidden(input, cache)?))
+    }
+
+    /// The mean next-token cross-entropy of the input against `labels` ([`Self::hidden_loss`]
+    /// of [`Self::final_hidden`]).
     fn forward_loss(
         &self,
         input: ModelInput,
         cache: Option<&mut KvCache>,
         labels: Tensor<2, Int>,
     ) -> Result<Tensor<1>> {
-        Ok(peft_ops::loss::causal_lm_loss(
-            self.forward(input, cache)?,
-            labels,
-        ))
+        Ok(self.hidden_loss(self.final_hidden(input, cache)?, labels))
     }
 
     /// The input embeddings of `ids` (`[batch, seq]` → `[batch, seq, hidden]`), before any

@@ -65,25 +65,25 @@ impl<M: CausalLm, E: VirtualTokenEncoder> CausalLm for VirtualTokens<M, E> {
         self.base.modules()
     }
 
-    fn forward(&self, mut input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
-        let first = cache.as_ref().is_none_or(|c| c.past_len() == 0);
-        if first && input.virtual_tokens.is_none() {
-            input.virtual_tokens = Some(self.batch_tokens(input.input_ids.dims()[0]));
-        }
-        self.base.forward(input, cache)
-    }
-
-    fn forward_loss(
+    /// On the first pass (no cache, or an empty one) the virtual tokens go before the input.
+    fn final_hidden(
         &self,
         mut input: ModelInput,
         cache: Option<&mut KvCache>,
-        labels: Tensor<2, Int>,
-    ) -> Result<Tensor<1>> {
+    ) -> Result<Tensor<3>> {
         let first = cache.as_ref().is_none_or(|c| c.past_len() == 0);
         if first && input.virtual_tokens.is_none() {
             input.virtual_tokens = Some(self.batch_tokens(input.input_ids.dims()[0]));
         }
-        self.base.forward_loss(input, cache, labels)
+        self.base.final_hidden(input, cache)
+    }
+
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.base.logits(hidden)
+    }
+
+    fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+        self.base.hidden_loss(hidden, labels)
     }
 
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {

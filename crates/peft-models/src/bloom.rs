@@ -345,7 +345,22 @@ impl<A: LayerAdapter> BloomBlock<A> {
     }
 }
 
-impl<A: LayerAdapter> Bloom<A> {
+impl<A: LayerAdapter> CausalLm for Bloom<A> {
+    type Adapter = A;
+    type WithAdapter<B: LayerAdapter> = Bloom<B>;
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        bloom_modules(&self.spec)
+    }
+
+    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.transformer.word_embeddings.forward(ids)
+    }
+
     /// The final hidden states after `ln_f`, `[batch, n_virtual + seq, hidden]`.
     fn final_hidden(
         &self,
@@ -392,51 +407,22 @@ impl<A: LayerAdapter> Bloom<A> {
         }
         Ok(self.transformer.ln_f.forward(x))
     }
-}
 
-impl<A: LayerAdapter> CausalLm for Bloom<A> {
-    type Adapter = A;
-    type WithAdapter<B: LayerAdapter> = Bloom<B>;
-
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
-    fn modules(&self) -> Vec<ModuleInfo> {
-        bloom_modules(&self.spec)
-    }
-
-    fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.transformer.word_embeddings.forward(ids)
-    }
-
-    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
-        let x = self.final_hidden(input, cache)?;
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let table = &self.transformer.word_embeddings.base.weight;
-        Ok(output_logits(
-            x,
-            self.lm_head.as_ref(),
-            table,
-            &self.tied_head,
-        ))
+        output_logits(hidden, self.lm_head.as_ref(), table, &self.tied_head)
     }
 
-    fn forward_loss(
-        &self,
-        input: ModelInput,
-        cache: Option<&mut KvCache>,
-        labels: Tensor<2, Int>,
-    ) -> Result<Tensor<1>> {
-        let x = self.final_hidden(input, cache)?;
+    fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
         let table = &self.transformer.word_embeddings.base.weight;
-        Ok(output_loss(
-            x,
+        output_loss(
+            hidden,
             self.lm_head.as_ref(),
             table,
             &self.tied_head,
             labels,
             None,
-        ))
+        )
     }
 
     fn map_layers<B: LayerAdapter>(

@@ -429,22 +429,6 @@ impl<A: LayerAdapter> Gemma2Layer<A> {
     }
 }
 
-impl<A: LayerAdapter> Gemma2<A> {
-    /// The normed final hidden states `[batch, n_virtual + seq, hidden]`, before `lm_head`.
-    fn final_hidden(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
-        check_input(&input)?;
-        let x = decoder_pass(
-            self.embed_tokens(input.input_ids.clone()),
-            input,
-            cache,
-            &self.windows,
-            &self.rotary,
-            |i, x, rope, allowed, slot| self.model.layers[i].forward(x, self, rope, allowed, slot),
-        );
-        Ok(self.model.norm.forward(x))
-    }
-}
-
 impl<A: LayerAdapter> CausalLm for Gemma2<A> {
     type Adapter = A;
     type WithAdapter<B: LayerAdapter> = Gemma2<B>;
@@ -463,31 +447,38 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
         self.model.embed_tokens.forward(ids) * scale
     }
 
-    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
-        let x = self.final_hidden(input, cache)?;
-        let table = &self.model.embed_tokens.base.weight;
-        Ok(softcap(
-            output_logits(x, self.lm_head.as_ref(), table, &self.tied_head),
-            self.final_softcap,
-        ))
+    /// The normed final hidden states `[batch, n_virtual + seq, hidden]`, before `lm_head`.
+    fn final_hidden(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+        check_input(&input)?;
+        let x = decoder_pass(
+            self.embed_tokens(input.input_ids.clone()),
+            input,
+            cache,
+            &self.windows,
+            &self.rotary,
+            |i, x, rope, allowed, slot| self.model.layers[i].forward(x, self, rope, allowed, slot),
+        );
+        Ok(self.model.norm.forward(x))
     }
 
-    fn forward_loss(
-        &self,
-        input: ModelInput,
-        cache: Option<&mut KvCache>,
-        labels: Tensor<2, Int>,
-    ) -> Result<Tensor<1>> {
-        let x = self.final_hidden(input, cache)?;
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let table = &self.model.embed_tokens.base.weight;
-        Ok(output_loss(
-            x,
+        softcap(
+            output_logits(hidden, self.lm_head.as_ref(), table, &self.tied_head),
+            self.final_softcap,
+        )
+    }
+
+    fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+        let table = &self.model.embed_tokens.base.weight;
+        output_loss(
+            hidden,
             self.lm_head.as_ref(),
             table,
             &self.tied_head,
             labels,
             self.final_softcap,
-        ))
+        )
     }
 
     fn map_layers<B: LayerAdapter>(

@@ -323,26 +323,30 @@ impl<A: LayerAdapter> CausalLm for AnyModel<A> {
         }
     }
 
-    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+    fn final_hidden(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         match self {
-            Self::Bloom(m) => m.forward(input, cache),
-            Self::Llama(m) => m.forward(input, cache),
-            Self::Gemma2(m) => m.forward(input, cache),
-            Self::Phi3(m) => m.forward(input, cache),
+            Self::Bloom(m) => m.final_hidden(input, cache),
+            Self::Llama(m) => m.final_hidden(input, cache),
+            Self::Gemma2(m) => m.final_hidden(input, cache),
+            Self::Phi3(m) => m.final_hidden(input, cache),
         }
     }
 
-    fn forward_loss(
-        &self,
-        input: ModelInput,
-        cache: Option<&mut KvCache>,
-        labels: Tensor<2, Int>,
-    ) -> Result<Tensor<1>> {
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match self {
-            Self::Bloom(m) => m.forward_loss(input, cache, labels),
-            Self::Llama(m) => m.forward_loss(input, cache, labels),
-            Self::Gemma2(m) => m.forward_loss(input, cache, labels),
-            Self::Phi3(m) => m.forward_loss(input, cache, labels),
+            Self::Bloom(m) => m.logits(hidden),
+            Self::Llama(m) => m.logits(hidden),
+            Self::Gemma2(m) => m.logits(hidden),
+            Self::Phi3(m) => m.logits(hidden),
+        }
+    }
+
+    fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+        match self {
+            Self::Bloom(m) => m.hidden_loss(hidden, labels),
+            Self::Llama(m) => m.hidden_loss(hidden, labels),
+            Self::Gemma2(m) => m.hidden_loss(hidden, labels),
+            Self::Phi3(m) => m.hidden_loss(hidden, labels),
         }
     }
 

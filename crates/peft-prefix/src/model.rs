@@ -82,41 +82,27 @@ impl<M: CausalLm> CausalLm for PrefixTuning<M> {
     }
 
     /// On the first pass (no cache, or an empty one) the prefix fills the cache first.
-    fn forward(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
+    fn final_hidden(&self, input: ModelInput, cache: Option<&mut KvCache>) -> Result<Tensor<3>> {
         let batch = input.input_ids.dims()[0];
         match cache {
-            Some(cache) if cache.past_len() > 0 => self.base.forward(input, Some(cache)),
+            Some(cache) if cache.past_len() > 0 => self.base.final_hidden(input, Some(cache)),
             Some(cache) => {
                 *cache = KvCache::from_prefix(self.layer_kv(batch));
-                self.base.forward(input, Some(cache))
+                self.base.final_hidden(input, Some(cache))
             }
             None => {
                 let mut local = KvCache::from_prefix(self.layer_kv(batch));
-                self.base.forward(input, Some(&mut local))
+                self.base.final_hidden(input, Some(&mut local))
             }
         }
     }
 
-    fn forward_loss(
-        &self,
-        input: ModelInput,
-        cache: Option<&mut KvCache>,
-        labels: Tensor<2, Int>,
-    ) -> Result<Tensor<1>> {
-        let batch = input.input_ids.dims()[0];
-        match cache {
-            Some(cache) if cache.past_len() > 0 => {
-                self.base.forward_loss(input, Some(cache), labels)
-            }
-            Some(cache) => {
-                *cache = KvCache::from_prefix(self.layer_kv(batch));
-                self.base.forward_loss(input, Some(cache), labels)
-            }
-            None => {
-                let mut local = KvCache::from_prefix(self.layer_kv(batch));
-                self.base.forward_loss(input, Some(&mut local), labels)
-            }
-        }
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.base.logits(hidden)
+    }
+
+    fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
+        self.base.hidden_loss(hidden, labels)
     }
 
     fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
