@@ -66,6 +66,18 @@ impl Reference {
         }
     }
 
+    /// The attention mask with `n` leading ones per row: PEFT's mask over prompt tuning's and
+    /// P-tuning's logits, whose `n` virtual positions come first.
+    pub fn mask_with_virtual(&self, n: usize) -> Vec<i64> {
+        let [batch, seq] = self.shape;
+        let mut out = Vec::with_capacity(batch * (n + seq));
+        for row in self.attention_mask.chunks(seq) {
+            out.extend(std::iter::repeat_n(1, n));
+            out.extend_from_slice(row);
+        }
+        out
+    }
+
     /// The ids as a tensor on `device`.
     pub fn ids(&self, device: &Device) -> Tensor<2, Int> {
         Tensor::from_data(TensorData::new(self.input_ids.clone(), self.shape), device)
@@ -132,10 +144,13 @@ pub fn base_of(adapter: &str) -> &'static str {
 pub fn assert_logits_match<M: peft_core::CausalLm>(model: &M, name: &str, tolerance: f32) -> f32 {
     let reference = Reference::load(name);
     let ours = logits(model, &reference);
+    // Prompt tuning's and P-tuning's logits start with their virtual positions, as PEFT's do.
+    let [batch, seq] = reference.shape;
+    let n_virtual = (ours.len() / reference.vocab / batch).saturating_sub(seq);
     let diff = max_diff_masked(
         &ours,
         &reference.logits,
-        &reference.attention_mask,
+        &reference.mask_with_virtual(n_virtual),
         reference.vocab,
     );
     eprintln!("{name}: max |Δ| = {diff}");
@@ -380,6 +395,33 @@ pub fn assert_params_close(
         assert!(
             worst <= 1e-6,
             "{what}: {key} differs by {worst:e} (relative)"
+        );
+    }
+}
+
+/// Asserts that `adapter_config.json` of the adapter fixture `name` (written by PEFT) reads as
+/// `C` and writes back with every key of the file and its value (a number compared as a
+/// number: Python writes `8` where the field is a float).
+pub fn assert_config_reads_back<C: peft_core::MethodConfig>(name: &str) {
+    let path = adapter_dir(name).join("adapter_config.json");
+    let config = C::from_file(&path).unwrap();
+    assert_json_keeps_keys(&path, &serde_json::to_value(&config).unwrap());
+}
+
+/// Asserts that `ours` holds every key of the JSON file `path` with its value (numbers compared
+/// as numbers).
+pub fn assert_json_keeps_keys(path: &std::path::Path, ours: &serde_json::Value) {
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    for (key, value) in file.as_object().unwrap() {
+        let same = match (ours[key].as_f64(), value.as_f64()) {
+            (Some(a), Some(b)) => a == b,
+            _ => &ours[key] == value,
+        };
+        assert!(
+            same,
+            "{}: `{key}` is {value} in the file, {} read back",
+            path.display(),
+            ours[key]
         );
     }
 }

@@ -13,17 +13,6 @@ use peft_tests::{
 
 const TOLERANCE: f32 = 1e-4;
 
-/// The reference mask extended with ones for the virtual tokens, as PEFT does.
-fn extended_mask(reference: &Reference, n: usize) -> Vec<i64> {
-    let [batch, seq] = reference.shape;
-    let mut out = Vec::with_capacity(batch * (n + seq));
-    for row in reference.attention_mask.chunks(seq) {
-        out.extend(std::iter::repeat_n(1, n));
-        out.extend_from_slice(row);
-    }
-    out
-}
-
 fn peft_adapter_matches(name: &str) {
     let device = device();
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
@@ -31,7 +20,7 @@ fn peft_adapter_matches(name: &str) {
     let n = prompt.config.prompt.num_virtual_tokens;
     let reference = Reference::load(name);
     let ours = logits(prompt.model(), &reference);
-    let mask = extended_mask(&reference, n);
+    let mask = reference.mask_with_virtual(n);
     assert_eq!(
         ours.len(),
         mask.len() * reference.vocab,

@@ -12,15 +12,6 @@ use peft_tests::{
 
 const TOLERANCE: f32 = 1e-4;
 
-fn extended_mask(reference: &Reference, n: usize) -> Vec<i64> {
-    let seq = reference.shape[1];
-    reference
-        .attention_mask
-        .chunks(seq)
-        .flat_map(|row| std::iter::repeat_n(1, n).chain(row.iter().copied()))
-        .collect()
-}
-
 fn peft_table(name: &str) -> Vec<f32> {
     TensorStore::open(adapter_dir(name).join("adapter_model.safetensors"))
         .unwrap()
@@ -39,7 +30,7 @@ fn peft_adapter_matches(name: &str) {
     let diff = max_diff_masked(
         &ours,
         &reference.logits,
-        &extended_mask(&reference, n),
+        &reference.mask_with_virtual(n),
         reference.vocab,
     );
     assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");

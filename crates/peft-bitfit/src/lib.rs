@@ -22,3 +22,6 @@ pub mod model;
 
 pub use config::BitFitConfig;
 pub use model::{BitFitModel, from_pretrained, get_peft_model};
+
+#[cfg(test)]
+mod tests;

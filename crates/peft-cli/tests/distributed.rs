@@ -6,7 +6,7 @@
 
 use peft_tests::{assert_params_close, fixtures};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 

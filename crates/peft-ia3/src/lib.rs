@@ -22,3 +22,6 @@ pub mod model;
 pub use config::Ia3Config;
 pub use layer::Ia3Linear;
 pub use model::{Ia3, Ia3Model, from_pretrained, get_peft_model};
+
+#[cfg(test)]
+mod tests;

@@ -22,3 +22,6 @@ pub use encoder::{PrefixProjection, load_projection};
 pub use model::{ENCODER_NAME, PrefixTuning, PrefixTuningModel, from_pretrained, get_peft_model};
 /// The sizes every prompt-learning config shares (its `prompt` field).
 pub use peft_core::PromptLearningConfig;
+
+#[cfg(test)]
+mod tests;

@@ -37,3 +37,6 @@ pub use config::{PromptTuningConfig, PromptTuningInit};
 pub use model::{PromptTuning, PromptTuningModel, from_pretrained, get_peft_model, text_init_ids};
 /// The sizes every prompt-learning config shares (its `prompt` field).
 pub use peft_core::PromptLearningConfig;
+
+#[cfg(test)]
+mod tests;

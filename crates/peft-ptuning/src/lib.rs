@@ -25,3 +25,6 @@ pub use encoder::{
 pub use model::{ENCODER_NAME, PTuning, PTuningModel, from_pretrained, get_peft_model};
 /// The sizes every prompt-learning config shares (its `prompt` field).
 pub use peft_core::PromptLearningConfig;
+
+#[cfg(test)]
+mod tests;

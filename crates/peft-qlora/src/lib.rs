@@ -99,6 +99,20 @@ pub fn qlora_preset() -> LoraConfig {
 mod tests {
     use super::*;
 
+    /// PEFT's QLoRA adapter, trained over bitsandbytes' NF4 checkpoint, gives PEFT's logits
+    /// over ours and PEFT's parameter counts; the full suite (merging, training, FP4, bf16
+    /// compute) is tests/tests/quant.rs.
+    #[test]
+    fn a_peft_qlora_adapter_over_an_nf4_checkpoint_gives_pefts_logits() {
+        use peft_tests::{adapter_dir, device, model_dir, reference_json};
+        let base = peft_models::load(model_dir("bloom-tiny-nf4"), &device()).unwrap();
+        let qlora = from_pretrained(base, adapter_dir("qlora-bloom"), false).unwrap();
+        peft_tests::assert_logits_match(&qlora.model, "qlora-bloom", 1e-4);
+        let counts = reference_json("qlora-bloom");
+        let summary = qlora.trainable_summary();
+        assert_eq!(summary.all as u64, counts["all_params"].as_u64().unwrap());
+    }
+
     #[test]
     fn preset_is_the_papers_recipe() {
         let c = qlora_preset();

@@ -141,7 +141,10 @@ impl Method {
         };
         let config = PeftConfig::from_file(path)?;
         if config.peft_type() != self.peft_type {
-            let name = |t: PeftType| serde_json::to_value(t).unwrap_or_default();
+            let name = |t: PeftType| match serde_json::to_value(t) {
+                Ok(serde_json::Value::String(name)) => name,
+                _ => format!("{t:?}"),
+            };
             return Err(PeftError::config(
                 path.display().to_string(),
                 "peft_type",
@@ -242,7 +245,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "{}: invalid `peft_type`: expected \"LORA\" (--method lora), found \"IA3\"",
+                "{}: invalid `peft_type`: expected LORA (--method lora), found IA3",
                 path.display()
             )
         );
