@@ -1,6 +1,7 @@
 //! Every method's adapter loader (LoRA, IA3, BitFit, prompt tuning, P-tuning, prefix tuning): a
 //! valid adapter folder of the method with its config or its weights replaced by the input, or
-//! P-tuning's encoder file, loaded onto the tiny BLOOM: an adapter or an error, never a panic.
+//! P-tuning's encoder file, loaded onto the tiny BLOOM by the method's own loader and by the
+//! `peft` crate's registry (`PeftModel::from_pretrained`): an adapter or an error, never a panic.
 #![no_main]
 
 use std::path::PathBuf;
@@ -94,4 +95,7 @@ fuzz_target!(|data: &[u8]| {
         std::fs::write(method.dir.join(name), contents).unwrap();
     }
     let _ = (method.load)(setup.base.clone(), &method.dir);
+    // The same folder through the front door, which picks the loader by the (fuzzed) config's
+    // `peft_type`: another method's loader may meet this method's files.
+    let _ = peft::PeftModel::from_pretrained(setup.base.clone(), &method.dir);
 });
