@@ -25,3 +25,8 @@ pub use model::{Ia3, Ia3Model, from_pretrained, get_peft_model};
 
 #[cfg(test)]
 mod tests;
+
+/// The README's examples, compiled as doc tests (`cargo test -p <crate> --doc`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -36,3 +36,8 @@ pub use config::{InitLoraWeights, LoraBias, LoraConfig};
 pub use layer::{LoraInit, LoraLinear};
 pub use model::{Lora, LoraModel, from_pretrained, get_peft_model};
 pub use multi::{DEFAULT_ADAPTER, LoraSet, MultiLoraBase, MultiLoraModel, NamedAdapter};
+
+/// The README's examples, compiled as doc tests (`cargo test -p <crate> --doc`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

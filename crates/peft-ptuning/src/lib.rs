@@ -28,3 +28,8 @@ pub use peft_core::PromptLearningConfig;
 
 #[cfg(test)]
 mod tests;
+
+/// The README's examples, compiled as doc tests (`cargo test -p <crate> --doc`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

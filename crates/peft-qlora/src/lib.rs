@@ -120,3 +120,8 @@ mod tests {
         assert_eq!(c.scaling(64, 16.0), 0.25);
     }
 }
+
+/// The README's examples, compiled as doc tests (`cargo test -p <crate> --doc`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
