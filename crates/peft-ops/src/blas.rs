@@ -5,7 +5,7 @@
 //! 200. A training step is mostly the frozen linear layers' products, so those go through
 //! OpenBLAS's `cblas_sgemm` where it is loaded ([`crate::matmul`] chooses). This module holds
 //! the library and its calls only: opening it, the layout of an operand as BLAS reads it, and
-//! the per-thread products of the attention kernels ([`sgemm_on_this_thread`]).
+//! the per-thread products of the attention kernels (`sgemm_on_this_thread`).
 //!
 //! OpenBLAS is opened at run time (`dlopen`), never linked: a build needs nothing installed, and a
 //! machine without it computes exactly as before. `PEFT_BLAS=off` turns it off; `PEFT_BLAS=PATH`

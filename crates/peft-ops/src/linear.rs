@@ -115,7 +115,8 @@ pub fn linear_in(
     linear(x.cast(dtype), weight.cast(dtype), bias).cast(DType::F32)
 }
 
-/// The frozen base of an [`AdaptableLinear`]: a dense burn [`Linear`] or a packed 4-bit weight.
+/// The frozen base of an adaptable linear layer (peft-core's `AdaptableLinear`): a dense burn
+/// [`Linear`] or a packed 4-bit weight.
 #[derive(Module, Debug)]
 pub enum BaseLinear {
     /// Full-precision weight, `[in, out]`.

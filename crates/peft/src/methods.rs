@@ -1,5 +1,5 @@
 //! The methods this build knows, each once: its config and model types and the few things that
-//! differ between methods. [`crate::dispatch::adapter_methods!`] turns the list into
+//! differ between methods. `adapter_methods!` (`src/dispatch.rs`) turns the list into
 //! [`PeftConfig`], [`PeftModel`] and their operations; the [`crate::registry`] says how the
 //! tools use each method. A new method is one entry here, one row there (docs/ADDING_A_METHOD.md).
 

@@ -3,7 +3,7 @@
 //! the benchmarks look a method up here and never match on method names themselves.
 //!
 //! The types a method brings (its config and its model) are listed once, in
-//! [`crate::adapter_methods!`] (`src/methods.rs`); this table says how the tools use them.
+//! `adapter_methods!` (`src/methods.rs`); this table says how the tools use them.
 
 use std::path::Path;
 
