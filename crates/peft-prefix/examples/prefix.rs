@@ -1,30 +1,28 @@
-//! Prefix tuning on the tiny BLOOM of the test fixtures: 8 key/value prefixes per layer, save,
-//! load back. `cargo run -p peft-prefix --example prefix`
+//! Prefix tuning on the tiny BLOOM of the test fixtures, with and without PEFT's projection
+//! MLP (`prefix_projection`): the trainable parameters of each.
+//! `cargo run -p peft-prefix --example prefix`
 
 use burn::tensor::Device;
 use peft_core::AdapterModel;
-use peft_prefix::{PrefixTuningConfig, PromptLearningConfig, from_pretrained, get_peft_model};
-
-const MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/models/bloom-tiny"
-);
-
-fn base() -> peft_models::AnyModel<peft_core::NoAdapter> {
-    peft_models::load(MODEL, &Device::flex()).expect("the fixture model loads")
-}
+use peft_prefix::{PrefixTuningConfig, PromptLearningConfig, get_peft_model};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = std::env::temp_dir().join(format!("peft-example-prefix-{}", std::process::id()));
-    let config = PrefixTuningConfig {
-        prompt: PromptLearningConfig::new(8),
-        ..Default::default()
-    };
-    let prefix = get_peft_model(base(), config)?;
-    println!("{}", prefix.trainable_summary());
-    prefix.save_pretrained(&out)?;
-    let loaded = from_pretrained(base(), &out, false)?;
-    println!("loaded: {}", loaded.trainable_summary());
-    std::fs::remove_dir_all(&out)?;
+    let bloom = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/models/bloom-tiny"
+    );
+    for projection in [false, true] {
+        let config = PrefixTuningConfig {
+            prompt: PromptLearningConfig::new(8),
+            prefix_projection: projection,
+            encoder_hidden_size: Some(32),
+            ..PrefixTuningConfig::default()
+        };
+        let prefix = get_peft_model(peft_models::load(bloom, &Device::flex())?, config)?;
+        println!(
+            "prefix_projection={projection}: {}",
+            prefix.trainable_summary()
+        );
+    }
     Ok(())
 }

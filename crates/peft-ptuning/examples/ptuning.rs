@@ -1,30 +1,27 @@
-//! P-tuning on the tiny BLOOM of the test fixtures: 8 virtual tokens through PEFT's MLP
-//! encoder, save, load back. `cargo run -p peft-ptuning --example ptuning`
+//! P-tuning on the tiny BLOOM of the test fixtures with each of PEFT's prompt encoders (MLP,
+//! bidirectional LSTM), saved in PEFT's layout. `cargo run -p peft-ptuning --example ptuning`
 
 use burn::tensor::Device;
 use peft_core::AdapterModel;
-use peft_ptuning::{PromptEncoderConfig, PromptLearningConfig, from_pretrained, get_peft_model};
-
-const MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/models/bloom-tiny"
-);
-
-fn base() -> peft_models::AnyModel<peft_core::NoAdapter> {
-    peft_models::load(MODEL, &Device::flex()).expect("the fixture model loads")
-}
+use peft_ptuning::{EncoderType, PromptEncoderConfig, PromptLearningConfig, get_peft_model};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = std::env::temp_dir().join(format!("peft-example-ptuning-{}", std::process::id()));
-    let config = PromptEncoderConfig {
-        prompt: PromptLearningConfig::new(8),
-        ..Default::default()
-    };
-    let ptuning = get_peft_model(base(), config)?;
-    println!("{}", ptuning.trainable_summary());
-    ptuning.save_pretrained(&out)?;
-    let loaded = from_pretrained(base(), &out, false)?;
-    println!("loaded: {}", loaded.trainable_summary());
-    std::fs::remove_dir_all(&out)?;
+    let bloom = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/models/bloom-tiny"
+    );
+    for encoder in [EncoderType::Mlp, EncoderType::Lstm] {
+        let config = PromptEncoderConfig {
+            prompt: PromptLearningConfig::new(8),
+            encoder_reparameterization_type: encoder,
+            encoder_hidden_size: Some(32),
+            ..PromptEncoderConfig::default()
+        };
+        let ptuning = get_peft_model(peft_models::load(bloom, &Device::flex())?, config)?;
+        println!("{encoder:?}: {}", ptuning.trainable_summary());
+        ptuning.save_pretrained(
+            &std::env::temp_dir().join(format!("peft-example-ptuning-{encoder:?}")),
+        )?;
+    }
     Ok(())
 }
