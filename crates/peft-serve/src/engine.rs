@@ -33,11 +33,6 @@ use crate::metrics::Shared;
 /// The model the engine serves: a base with named LoRA adapters.
 pub type ServedModel = MultiLoraModel<AnyModel<LoraSet>>;
 
-/// The methods that can be served, and how their rows batch (from the `peft` registry).
-pub fn served_methods() -> String {
-    peft::registry::served_methods()
-}
-
 /// Which batch a request runs in.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum BatchKey {
@@ -324,7 +319,7 @@ impl Engine {
                         "{} is a {} adapter: {why}. Served: {}",
                         dir.display(),
                         method.label,
-                        served_methods()
+                        peft::registry::served_methods()
                     ),
                 ));
             }
