@@ -89,10 +89,16 @@ pub const ARCHITECTURES: [(&str, Family); 7] = [
     ("qwen3", Family::Llama),
 ];
 
-/// The model types peft-rs implements.
-pub const SUPPORTED_MODEL_TYPES: [&str; 7] = [
-    "bloom", "gemma2", "llama", "mistral", "phi3", "qwen2", "qwen3",
-];
+/// The model types peft-rs implements: the names of [`ARCHITECTURES`], in its order.
+pub const SUPPORTED_MODEL_TYPES: [&str; ARCHITECTURES.len()] = {
+    let mut names = [""; ARCHITECTURES.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = ARCHITECTURES[i].0;
+        i += 1;
+    }
+    names
+};
 
 /// A parsed `config.json`.
 #[derive(Debug, Clone)]

@@ -1,8 +1,7 @@
 //! f32 matrix products through the system's OpenBLAS, when it is installed, for the CPU backend.
 //!
-//! burn's CPU backend multiplies with the `gemm` crate: about 97 GFLOP/s for a 1024³ f32 product
-//! on our 2-core AVX-512 machines, where OpenBLAS (Debian's `libopenblas0`) and PyTorch reach about
-//! 200. A training step is mostly the frozen linear layers' products, so those go through
+//! burn's CPU backend multiplies with the `gemm` crate, at about half the f32 rate of OpenBLAS
+//! (Debian's `libopenblas0`) and PyTorch (docs/BENCHMARKS.md, "Design measurements"). A training step is mostly the frozen linear layers' products, so those go through
 //! OpenBLAS's `cblas_sgemm` where it is loaded ([`crate::matmul`] chooses). This module holds
 //! the library and its calls only: opening it, the layout of an operand as BLAS reads it, and
 //! the per-thread products of the attention kernels (`sgemm_on_this_thread`).
@@ -14,7 +13,7 @@
 //! OpenBLAS's worker threads spin (`sched_yield`) for a long while after each product, taking a
 //! core from the backend's own threads between products: a quarter of a training step's samples
 //! on 2 cores. Binaries call [`crate::process::prepare`] first thing, which shortens that wait
-//! (`OPENBLAS_THREAD_TIMEOUT=4`); measured LoRA step −23 % with, −10 % without it.
+//! (`OPENBLAS_THREAD_TIMEOUT=4`).
 
 use std::sync::OnceLock;
 

@@ -166,10 +166,9 @@ fn check_len(shape: [usize; 2], len: usize) -> Result<()> {
 }
 
 /// Under f32 compute a bf16-held weight is multiplied directly up to this many rows
-/// ([`HalfWeight::matmul_rows_direct`]): measured on a 2048 → 8192 layer (`half_product`
-/// example), the direct kernel takes 5.3 ms at 8 rows, 15.6 ms at 16 and 14.9 ms at 32 against
-/// 5.4, 19.1 and 14.4 ms through the widening GEMM path, which wins from 64 rows (19 against 28
-/// ms). Up to here a row's result is also independent of the batch it is in.
+/// ([`HalfWeight::matmul_rows_direct`]), above it widened to an f32 GEMM: the crossover the
+/// `half_product` example measures (docs/BENCHMARKS.md, "Design measurements"). Up to here a
+/// row's result is also independent of the batch it is in.
 pub const HALF_DIRECT_MAX_ROWS: usize = 32;
 
 impl PackedWeight for HalfWeight {

@@ -39,8 +39,8 @@ pub(crate) fn zeros_f32(shape: Shape) -> burn::backend::flex::FlexTensor {
 }
 
 /// A new f32 CPU tensor of `shape` whose values `fill` writes, into a buffer that is not zeroed
-/// first (zeroing the new activations and gradients of the element-wise kernels was ~3 % of a
-/// bf16 LoRA step). When the kernel's input (`input_len` values) does not have the shape's size
+/// first (zeroing the new activations and gradients of the element-wise kernels showed in a bf16
+/// LoRA step's profile: docs/BENCHMARKS.md, "Design measurements"). When the kernel's input (`input_len` values) does not have the shape's size
 /// — never, for the fused operations — the buffer is zeroed first, as before, so that what a
 /// kernel over the shorter length leaves is zeros.
 ///

@@ -3,9 +3,8 @@
 //! bf16 compute ([`crate::precision`]) multiplies bf16 operands with f32 accumulation. Without
 //! this module that product is an f32 GEMM over the bf16 values widened to f32: the same
 //! numbers, at f32 speed. CPUs with AVX512-BF16 (or AMX) multiply bf16 pairs at about twice the
-//! f32 rate, and oneDNN — the library PyTorch's own CPU bf16 matmuls run through — reaches it:
-//! a `256 × 2048 · 2048 × 8192` product takes 48 ms here against 95–140 ms for OpenBLAS's f32
-//! `sgemm` (AMD EPYC, 2 cores, `brg:avx512_core_bf16`).
+//! f32 rate, and oneDNN — the library PyTorch's own CPU bf16 matmuls run through — reaches it
+//! (measured against OpenBLAS's `sgemm`: docs/BENCHMARKS.md, "Design measurements").
 //!
 //! Like OpenBLAS ([`crate::blas`]), oneDNN is opened at run time (`dlopen` of Debian's
 //! `libdnnl.so.2`, oneDNN 2.x), never linked: a build needs nothing installed, and a machine
@@ -15,9 +14,9 @@
 //!
 //! The interface is one product, [`OneDnn::matmul_bf16`]; a matmul primitive is created once per
 //! shape and kept (a small cache), and the weights are read in their plain row-major layout as
-//! stored: oneDNN's blocked weight layout (`format_tag::any` and a reorder at load) measured
-//! within ±10 % of the plain layouts on the training shapes, either way, while it would need a
-//! second copy of every weight (docs/BENCHMARKS.md, 2026-12-01).
+//! stored: oneDNN's blocked weight layout (`format_tag::any` and a reorder at load) bought
+//! nothing measurable on the training shapes and would need a second copy of every weight
+//! (docs/BENCHMARKS.md, "Design measurements").
 
 use std::cell::Cell;
 use std::collections::HashMap;

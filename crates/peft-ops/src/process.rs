@@ -3,18 +3,19 @@
 //! Two costs outside the tensor kernels showed up in `perf` on a LoRA training step:
 //! - OpenBLAS's idle worker threads spin (`sched_yield`) for a long while after each product,
 //!   taking a core from burn's threads between products (a quarter of the samples on 2 cores):
-//!   `OPENBLAS_THREAD_TIMEOUT=4`, its shortest spin, measured −23 % per step.
+//!   `OPENBLAS_THREAD_TIMEOUT=4`, its shortest spin.
 //! - oneDNN's OpenMP threads (libgomp, [`crate::onednn`]) spin the same way after each bf16
-//!   product: 22 % of a bf16 LoRA step's samples were libgomp's wait loop. `OMP_WAIT_POLICY=passive`
-//!   puts them to sleep at once: bf16 LoRA step 0.255 s → 0.192 s with oneDNN (without the
-//!   setting oneDNN's faster products bought nothing).
+//!   product. `OMP_WAIT_POLICY=passive` puts them to sleep at once (without it oneDNN's faster
+//!   products bought nothing).
 //! - Several ranks of a data-parallel run on one machine (`mpirun -np N`) each start a thread per
 //!   core by default, N × cores threads fighting for the cores: each rank gets its share
 //!   (`cores / ranks on this node`, at least one) unless the environment sets the counts.
 //! - A step allocates and frees the same few dozen large buffers (activations, gradients,
 //!   logits) every time. glibc's malloc serves large blocks with `mmap` and hands freed memory
-//!   back to the OS, so each step faults in and zeroes fresh pages (~8 % of the samples): keeping
-//!   freed blocks in the heap for reuse (as PyTorch's caching allocator does) measured −10 %.
+//!   back to the OS, so each step faults in and zeroes fresh pages: freed blocks are kept in the
+//!   heap for reuse (as PyTorch's caching allocator does).
+//!
+//! What each setting measured: docs/BENCHMARKS.md, "Design measurements".
 
 /// The largest block glibc may serve from its heap instead of `mmap` (glibc's own upper limit
 /// for this setting on 64-bit systems).

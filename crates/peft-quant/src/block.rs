@@ -459,7 +459,7 @@ impl peft_ops::packed::PackedWeight for Quantized4bit {
     ) -> bool {
         let values = self.quant_type.codebook().values;
         self.decode_block(rows, cols, out, |scale| {
-            // A loop, not `array::map`: the map measured 1.5× slower per block here.
+            // A loop, not `array::map`, which measured slower (docs/BENCHMARKS.md, "Design measurements").
             let mut table = [0u16; 16];
             for (t, v) in table.iter_mut().zip(values) {
                 *t = half::bf16::from_f32(v * scale).to_bits();

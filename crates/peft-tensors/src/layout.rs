@@ -21,9 +21,8 @@ pub fn transpose_host(t: &HostTensor) -> HostTensor {
 }
 
 /// A PyTorch-layout `[out, in]` matrix as a contiguous burn-layout `[in, out]` tensor on
-/// `device`. Transposing on the host once beats a transposed view: measured on the 16M-parameter
-/// BLOOM, views as frozen linear weights cost 6 % of a LoRA step's time and 46 MB of its peak
-/// memory (copies made on every pass and kept by the autodiff graph).
+/// `device`. Transposing on the host once beats a transposed view, which costs a copy on every
+/// pass that the autodiff graph keeps (docs/BENCHMARKS.md, "Design measurements").
 pub fn burn_linear_weight(
     values: &[f32],
     [d_out, d_in]: [usize; 2],
