@@ -145,6 +145,8 @@ def main():
             # Phi-3 has no PEFT default: its fused attention projection, as crates/peft-bench.
             targets = ["qkv_proj"] if ARCH == "phi3" else None
             model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=targets))
+        elif METHOD == "dora-train":
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, use_dora=True))
         elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
         elif METHOD == "prompt-train":

@@ -143,7 +143,7 @@ fn save_round_trip(name: &str) {
 }
 
 /// `trainable_summary()` prints the numbers PEFT printed for the same config.
-fn trainable_counts_match(name: &str) {
+pub(crate) fn trainable_counts_match(name: &str) {
     let device = device();
     let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
     let lora = from_pretrained(base, adapter_dir(name), true).unwrap();
@@ -334,9 +334,9 @@ mod bad_input {
                 "invalid regex `(qkv`",
             ),
             (
-                r#""use_dora": false"#,
-                r#""use_dora": true"#,
-                "`use_dora: true` is not supported",
+                r#""lora_bias": false"#,
+                r#""lora_bias": true"#,
+                "`lora_bias: true` is not supported",
             ),
         ];
         for (from, to, needle) in cases {

@@ -8,6 +8,7 @@ mod bf16;
 mod bitfit;
 mod checkpoints;
 mod chunked_loss;
+mod dora;
 mod ia3;
 mod lora;
 mod model_parity;

@@ -281,6 +281,7 @@ fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
         "make_generation_fixtures.py",
         "make_lora_variant_fixtures.py",
         "make_multi_adapter_fixtures.py",
+        "make_dora_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))
@@ -411,7 +412,7 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
 
 /// The benchmark cases, in report order, each with what it measures. Every case but
 /// `serve-load` and `serve-soak` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
-const BENCH_CASES: [(&str, &str); 38] = [
+const BENCH_CASES: [(&str, &str); 39] = [
     (
         "gemm",
         "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
@@ -434,6 +435,10 @@ const BENCH_CASES: [(&str, &str); 38] = [
     ),
     ("lora-merge", "merging a LoRA adapter into the base weights"),
     ("lora-train", "LoRA r=8 training step (AdamW) on the BLOOM"),
+    (
+        "dora-train",
+        "DoRA (LoRA r=8, use_dora) training step (AdamW) on the BLOOM",
+    ),
     (
         "burn-lora-train",
         "burn's own Module::apply_lora on the same model and targets",
@@ -1055,7 +1060,7 @@ mod tests {
         let err = unknown_case(&cases(&["gemm", "lora-trian"]), names(), "list").unwrap();
         assert_eq!(
             err,
-            "unknown case `lora-trian`; did you mean lora-train, qlora-train?"
+            "unknown case `lora-trian`; did you mean lora-train, dora-train, qlora-train?"
         );
         let err = unknown_case(&cases(&["zzz"]), names(), "see --list").unwrap();
         assert_eq!(err, "unknown case `zzz`; see --list");

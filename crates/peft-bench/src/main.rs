@@ -4,7 +4,8 @@
 //! peft-bench <case> [--device cpu|wgpu|cuda] [--quick]
 //! ```
 //!
-//! Cases: `gemm`, `forward`, `lora-train`, `lora-forward-unmerged`, `lora-forward-merged`,
+//! Cases: `gemm`, `forward`, `lora-train`, `dora-train` (the same with `use_dora`),
+//! `lora-forward-unmerged`, `lora-forward-merged`,
 //! `lora-forward-mixed` (four adapters, one per batch row),
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
 //! `ptuning-lstm-train`, `prefix-train`, `prefix-proj-train`, `qlora-train` (LoRA r=8 over the
@@ -301,8 +302,9 @@ impl peft::AdapterVisitor for TimedSteps<'_> {
 /// The training cases (`<method>-train` and variants): the registry's method, and the values
 /// set over its default config (JSON keys of `adapter_config.json`). The base is 4-bit for
 /// `qlora-*` cases and computes in bf16 for `*-bf16` ones (decided where the base loads).
-const TRAIN_CASES: [(&str, &str, &str); 11] = [
+const TRAIN_CASES: [(&str, &str, &str); 12] = [
     ("lora-train", "lora", "{}"),
+    ("dora-train", "lora", r#"{"use_dora": true}"#),
     ("lora-train-bf16", "lora", "{}"),
     // PEFT's default LoRA config over the 4-bit base, as the PyTorch side.
     ("qlora-train", "lora", "{}"),

@@ -81,6 +81,12 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     pub(crate) lora_dropout: Option<f64>,
+    /// DoRA: train a magnitude per output feature beside LoRA's pair (PEFT's `use_dora`).
+    #[arg(long)]
+    pub(crate) use_dora: bool,
+    /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r (PEFT's `use_rslora`).
+    #[arg(long)]
+    pub(crate) use_rslora: bool,
     /// Virtual tokens (prompt tuning, P-tuning, prefix tuning).
     #[arg(long)]
     pub(crate) num_virtual_tokens: Option<usize>,
@@ -244,8 +250,8 @@ impl RunContext<'_> {
 }
 
 /// The method's adapter on `base`: its config from `--config` or the method's default, with
-/// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`,
-/// `--target-modules`, `--num-virtual-tokens`), then the run.
+/// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`, `--use-dora`,
+/// `--use-rslora`, `--target-modules`, `--num-virtual-tokens`), then the run.
 fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
     let args = ctx.args;
     let mut config = ctx.method.config(args.config.as_deref())?;
@@ -253,6 +259,8 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         r: args.r,
         lora_alpha: args.lora_alpha,
         lora_dropout: args.lora_dropout,
+        use_dora: args.use_dora.then_some(true),
+        use_rslora: args.use_rslora.then_some(true),
         target_modules: ctx.targets(),
         num_virtual_tokens: args.num_virtual_tokens,
         base_model_name_or_path: Some(ctx.model_dir.display().to_string()),
@@ -673,7 +681,7 @@ fn train_on(
         device.autodiff()
     };
     // The QLoRA preset computes in bf16 unless told otherwise; on a CPU with bf16 units that
-    // is also 1.6× faster per step (docs/methods/qlora.md).
+    // is also faster per step (docs/methods/qlora.md has the figures).
     let dtype_default = if method.trains_on_4bit_base {
         crate::DtypeDefault::Bfloat16WhereAvailable
     } else {

@@ -49,11 +49,19 @@ pub trait LayerAdapter: Module + ModuleDisplay {
         base.forward(ids)
     }
 
-    /// The adapter's additive term alone, `[batch, seq, in]` → `[batch, seq, out]`, for
-    /// methods whose output is `base(x) + Δ(x)` (LoRA); `None` for the others (IA3 scales the
-    /// base output). Several adapters active at once, and batches whose rows use different
-    /// adapters ([`AdapterSet`](crate::adapter_set::AdapterSet)), need it.
-    fn delta_linear(&self, _x: Tensor<3>) -> Option<Tensor<3>> {
+    /// The adapter's term alone, `x: [batch, seq, in]` → `[batch, seq, out]`, to be added to
+    /// `result`: the layer's output so far for these rows (the base output, plus the terms of
+    /// the adapters active before this one — what PEFT's loop hands each adapter). LoRA's term
+    /// is `s·B(A(x))`; DoRA's also rescales `result`'s base part. `None` for methods whose
+    /// effect is not such a term (IA3 scales the base output). Several adapters active at once,
+    /// and batches whose rows use different adapters
+    /// ([`AdapterSet`](crate::adapter_set::AdapterSet)), need it.
+    fn delta_linear(
+        &self,
+        _base: &BaseLinear,
+        _x: Tensor<3>,
+        _result: &Tensor<3>,
+    ) -> Option<Tensor<3>> {
         None
     }
 
@@ -64,24 +72,26 @@ pub trait LayerAdapter: Module + ModuleDisplay {
     }
 
     /// Whether [`delta_linear`](Self::delta_linear) and
-    /// [`delta_embedding`](Self::delta_embedding) give this adapter's whole effect.
+    /// [`delta_embedding`](Self::delta_embedding) give this adapter's whole effect (its output
+    /// is `result + term`).
     fn is_additive(&self) -> bool {
         false
     }
 
-    /// Folds the adapter into the base weights (`merge_adapter`).
-    fn merge_linear(&self, base: Linear) -> Result<Linear>;
+    /// Folds the adapter into the base weights (`merge_adapter`). The adapter may keep what its
+    /// unmerge needs (DoRA's weight norm, as PEFT caches it).
+    fn merge_linear(&mut self, base: Linear) -> Result<Linear>;
 
     /// Removes a previously merged adapter from the base weights (`unmerge_adapter`).
-    fn unmerge_linear(&self, base: Linear) -> Result<Linear>;
+    fn unmerge_linear(&mut self, base: Linear) -> Result<Linear>;
 
     /// Folds the adapter into an embedding table. The default leaves it unchanged.
-    fn merge_embedding(&self, base: Embedding) -> Result<Embedding> {
+    fn merge_embedding(&mut self, base: Embedding) -> Result<Embedding> {
         Ok(base)
     }
 
     /// Removes a previously merged adapter from an embedding table.
-    fn unmerge_embedding(&self, base: Embedding) -> Result<Embedding> {
+    fn unmerge_embedding(&mut self, base: Embedding) -> Result<Embedding> {
         Ok(base)
     }
 }
@@ -94,10 +104,10 @@ impl LayerAdapter for NoAdapter {
     fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
         base.forward(x)
     }
-    fn merge_linear(&self, base: Linear) -> Result<Linear> {
+    fn merge_linear(&mut self, base: Linear) -> Result<Linear> {
         Ok(base)
     }
-    fn unmerge_linear(&self, base: Linear) -> Result<Linear> {
+    fn unmerge_linear(&mut self, base: Linear) -> Result<Linear> {
         Ok(base)
     }
 }
@@ -177,7 +187,7 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     /// A packed or bf16 base is widened first: the merged layer is dense f32 (no re-quantisation
     /// or re-rounding), and computes in f32 from then on.
     pub fn merge(mut self) -> Result<Self> {
-        if let (Some(adapter), false) = (&self.adapter, self.merged) {
+        if let (Some(adapter), false) = (&mut self.adapter, self.merged) {
             self.base = BaseLinear::Dense(adapter.merge_linear(self.base.into_dense())?);
             self.merged = true;
         }
@@ -186,7 +196,7 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
 
     /// Undoes [`merge`](Self::merge) (the base stays dense).
     pub fn unmerge(mut self) -> Result<Self> {
-        if let (Some(adapter), true) = (&self.adapter, self.merged) {
+        if let (Some(adapter), true) = (&mut self.adapter, self.merged) {
             self.base = BaseLinear::Dense(adapter.unmerge_linear(self.base.into_dense())?);
             self.merged = false;
         }
@@ -242,7 +252,7 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
 
     /// Folds the adapter into the table; a no-op without adapter or when already merged.
     pub fn merge(mut self) -> Result<Self> {
-        if let (Some(adapter), false) = (&self.adapter, self.merged) {
+        if let (Some(adapter), false) = (&mut self.adapter, self.merged) {
             self.base = adapter.merge_embedding(self.base)?;
             self.merged = true;
         }
@@ -251,7 +261,7 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
 
     /// Undoes [`merge`](Self::merge).
     pub fn unmerge(mut self) -> Result<Self> {
-        if let (Some(adapter), true) = (&self.adapter, self.merged) {
+        if let (Some(adapter), true) = (&mut self.adapter, self.merged) {
             self.base = adapter.unmerge_embedding(self.base)?;
             self.merged = false;
         }

@@ -180,26 +180,27 @@ impl<A: LayerAdapter> AdapterSet<A> {
 
 impl<A: LayerAdapter> AdapterSet<A> {
     /// The layer's output: `base(input)` plus the terms of the adapters in use (see the module
-    /// docs), where `own` is one adapter's whole forward pass and `delta` its additive term, both
-    /// on `input` or on its rows `index`.
+    /// docs), where `own` is one adapter's whole forward pass and `delta(adapter, input,
+    /// result)` its term given the output so far, both on `input` or on its rows `index`.
     fn forward_with<I: Clone>(
         &self,
         input: I,
         base: impl Fn(I) -> Tensor<3>,
         own: impl Fn(&A, I) -> Tensor<3>,
-        delta: impl Fn(&A, I) -> Option<Tensor<3>>,
+        delta: impl Fn(&A, I, &Tensor<3>) -> Option<Tensor<3>>,
         rows_of: impl Fn(I, Tensor<1, Int>) -> I,
     ) -> Tensor<3> {
         if let Some(rows) = &self.rows {
+            // The base product once for the whole batch; each adapter's term from its rows.
             let out = base(input.clone());
-            return self.add_row_terms(out, rows, |a, index| {
-                delta(
+            let base_out = out.clone();
+            return self.add_row_terms(out, rows, |a, index| match index {
+                Some(index) => delta(
                     a,
-                    match index {
-                        Some(index) => rows_of(input.clone(), index),
-                        None => input.clone(),
-                    },
-                )
+                    rows_of(input.clone(), index.clone()),
+                    &base_out.clone().select(0, index),
+                ),
+                None => delta(a, input.clone(), &base_out),
             });
         }
         match self.active.as_slice() {
@@ -208,7 +209,7 @@ impl<A: LayerAdapter> AdapterSet<A> {
             many => {
                 let mut out = base(input.clone());
                 for &i in many {
-                    if let Some(d) = delta(&self.adapters[i], input.clone()) {
+                    if let Some(d) = delta(&self.adapters[i], input.clone(), &out) {
                         out = out + d;
                     }
                 }
@@ -224,7 +225,7 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
             x,
             |x| base.forward(x),
             |a, x| a.forward_linear(base, x),
-            |a, x| a.delta_linear(x),
+            |a, x, result| a.delta_linear(base, x, result),
             |x, index| x.select(0, index),
         )
     }
@@ -234,18 +235,32 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
             ids,
             |ids| base.forward(ids),
             |a, ids| a.forward_embedding(base, ids),
-            |a, ids| a.delta_embedding(ids),
+            |a, ids, _| a.delta_embedding(ids),
             |ids, index| ids.select(0, index),
         )
     }
 
-    fn delta_linear(&self, x: Tensor<3>) -> Option<Tensor<3>> {
-        let mut terms = self
-            .active
-            .iter()
-            .filter_map(|&i| self.adapters[i].delta_linear(x.clone()));
-        let first = terms.next()?;
-        Some(terms.fold(first, |sum, d| sum + d))
+    fn delta_linear(
+        &self,
+        base: &BaseLinear,
+        x: Tensor<3>,
+        result: &Tensor<3>,
+    ) -> Option<Tensor<3>> {
+        // Each active adapter's term given the output so far, as in the forward pass.
+        let mut sum: Option<Tensor<3>> = None;
+        for &i in &self.active {
+            let so_far = match &sum {
+                Some(s) => result.clone() + s.clone(),
+                None => result.clone(),
+            };
+            if let Some(d) = self.adapters[i].delta_linear(base, x.clone(), &so_far) {
+                sum = Some(match sum {
+                    Some(s) => s + d,
+                    None => d,
+                });
+            }
+        }
+        sum
     }
 
     fn delta_embedding(&self, ids: Tensor<2, Int>) -> Option<Tensor<3>> {
@@ -262,7 +277,7 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
     }
 
     /// Folds the active adapters into the base, in activation order.
-    fn merge_linear(&self, mut base: Linear) -> Result<Linear> {
+    fn merge_linear(&mut self, mut base: Linear) -> Result<Linear> {
         for &i in &self.active {
             base = self.adapters[i].merge_linear(base)?;
         }
@@ -270,21 +285,21 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
     }
 
     /// Removes the active adapters from the base, in reverse order.
-    fn unmerge_linear(&self, mut base: Linear) -> Result<Linear> {
+    fn unmerge_linear(&mut self, mut base: Linear) -> Result<Linear> {
         for &i in self.active.iter().rev() {
             base = self.adapters[i].unmerge_linear(base)?;
         }
         Ok(base)
     }
 
-    fn merge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+    fn merge_embedding(&mut self, mut base: Embedding) -> Result<Embedding> {
         for &i in &self.active {
             base = self.adapters[i].merge_embedding(base)?;
         }
         Ok(base)
     }
 
-    fn unmerge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+    fn unmerge_embedding(&mut self, mut base: Embedding) -> Result<Embedding> {
         for &i in self.active.iter().rev() {
             base = self.adapters[i].unmerge_embedding(base)?;
         }

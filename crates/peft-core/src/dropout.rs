@@ -62,12 +62,19 @@ fn drop_mask(len: usize, prob: f64) -> Option<Vec<bool>> {
     })
 }
 
+/// Whether [`forward`] would drop anything of `x`: a non-zero probability, the layer's training
+/// flag set, and `x` on an autodiff device (PEFT's `not isinstance(dropout, nn.Identity) and
+/// self.training`).
+pub fn is_active<const D: usize>(layer: &Dropout, x: &Tensor<D>) -> bool {
+    layer.prob != 0.0 && layer.training.is_enabled() && x.device().is_autodiff()
+}
+
 /// `layer` applied to `x` (any shape): zeroes each element with probability `layer.prob` and
 /// scales the rest by `1 / (1 - prob)` when training (the layer's flag set and `x` on an
 /// autodiff device), else returns `x`, exactly as [`Dropout::forward`] decides. The mask comes
 /// from the thread's generator when [`seed_thread`] set one, else from burn's.
 pub fn forward<const D: usize>(layer: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    if !layer.training.is_enabled() || !x.device().is_autodiff() || layer.prob == 0.0 {
+    if !is_active(layer, &x) {
         return x;
     }
     let shape = x.shape();

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter, NoAdapter};
+use crate::adapter::{AdaptableEmbedding, AdaptableLinear, BaseLinear, LayerAdapter, NoAdapter};
 use crate::adapter_files::{
     CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_summary, adapter_trainable_names,
     load_base_params, prepare_modules_to_save, save_adapter, set_trainable,
@@ -36,6 +36,10 @@ pub struct Target<'a> {
     pub dims: (usize, usize),
     /// Whether the layer is an embedding table.
     pub is_embedding: bool,
+    /// The frozen linear layer being adapted (`None` for an embedding): what a method whose
+    /// initial state depends on the base weight reads (DoRA's magnitude, PEFT's
+    /// `update_layer(base_layer, …)`).
+    pub base: Option<&'a BaseLinear>,
 }
 
 /// A layer method: what it adds to one layer and how PEFT names it in files. Implemented by a
@@ -208,19 +212,9 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
         let (base, mut saved_params) = prepare_modules_to_save(base, config.modules_to_save())?;
         saved_params.extend(T::trained_base_params(&config, &modules, &targeted));
         let device = base.device();
-        let model = inject_layers(
-            base,
-            &targeted,
-            &saved_params,
-            |path, dims, is_embedding| {
-                let target = Target {
-                    path,
-                    dims,
-                    is_embedding,
-                };
-                T::make_layer(&config, &model_type, target, store, &device)
-            },
-        )?;
+        let model = inject_layers(base, &targeted, &saved_params, |target| {
+            T::make_layer(&config, &model_type, target, store, &device)
+        })?;
         Ok(Self {
             model,
             config,
@@ -348,14 +342,14 @@ fn split_base_layer(name: &str) -> Option<(&str, &str)> {
     Some((module.strip_suffix(".base_layer")?, param))
 }
 
-/// Freezes `base`, gives every layer in `targeted` the adapter `make(path, (d_in, d_out),
-/// is_embedding)` builds (an embedding's dims are `(num_embeddings, dim)`), and makes the base
-/// parameters named in `trained` trainable again (`modules_to_save`, selected biases).
+/// Freezes `base`, gives every layer in `targeted` the adapter `make(target)` builds for it (an
+/// embedding's dims are `(num_embeddings, dim)`), and makes the base parameters named in
+/// `trained` trainable again (`modules_to_save`, selected biases).
 pub fn inject_layers<B, A>(
     base: B,
     targeted: &[String],
     trained: &BTreeSet<String>,
-    mut make: impl FnMut(&str, (usize, usize), bool) -> Result<A>,
+    mut make: impl FnMut(Target<'_>) -> Result<A>,
 ) -> Result<B::WithAdapter<A>>
 where
     B: CausalLm<Adapter = NoAdapter>,
@@ -369,15 +363,27 @@ where
             if !is_target(path) {
                 return Ok(layer.with_adapter(None));
             }
-            let dims = layer.dims();
-            Ok(layer.with_adapter(Some((make.borrow_mut())(path, dims, false)?)))
+            let target = Target {
+                path,
+                dims: layer.dims(),
+                is_embedding: false,
+                base: Some(&layer.base),
+            };
+            let adapter = (make.borrow_mut())(target)?;
+            Ok(layer.with_adapter(Some(adapter)))
         },
         &mut |path: &str, layer: AdaptableEmbedding<NoAdapter>| {
             if !is_target(path) {
                 return Ok(layer.with_adapter(None));
             }
-            let dims = layer.dims();
-            Ok(layer.with_adapter(Some((make.borrow_mut())(path, dims, true)?)))
+            let target = Target {
+                path,
+                dims: layer.dims(),
+                is_embedding: true,
+                base: None,
+            };
+            let adapter = (make.borrow_mut())(target)?;
+            Ok(layer.with_adapter(Some(adapter)))
         },
     )?;
     Ok(if trained.is_empty() {

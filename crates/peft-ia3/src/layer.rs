@@ -77,11 +77,11 @@ impl LayerAdapter for Ia3Linear {
         }
     }
 
-    fn merge_linear(&self, base: Linear) -> Result<Linear> {
+    fn merge_linear(&mut self, base: Linear) -> Result<Linear> {
         self.rescale(base, false)
     }
 
-    fn unmerge_linear(&self, base: Linear) -> Result<Linear> {
+    fn unmerge_linear(&mut self, base: Linear) -> Result<Linear> {
         self.rescale(base, true)
     }
 }

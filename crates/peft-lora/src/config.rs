@@ -74,6 +74,10 @@ pub struct LoraConfig {
     /// Scale by `α/√r` instead of `α/r`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output feature of each adapted linear layer (saved as
+    /// `lora_magnitude_vector`). Embeddings with DoRA are refused.
+    #[serde(default)]
+    pub use_dora: bool,
     /// Initialisation of A and B.
     #[serde(default)]
     pub init_lora_weights: InitLoraWeights,
@@ -104,7 +108,6 @@ fn eight_f() -> f64 {
 /// PEFT keys peft-rs accepts only at the value that disables them: a feature we do not implement
 /// is refused, never silently ignored.
 const INERT_AT_DEFAULT: &[&str] = &[
-    "use_dora",
     "lora_bias",
     "use_qalora",
     "layer_replication",
@@ -327,7 +330,7 @@ mod tests {
                 .to_string()
         };
         assert!(err(r#"{"r": 0}"#).contains("invalid `r`: the rank must be at least 1"));
-        assert!(err(r#"{"use_dora": true}"#).contains("`use_dora: true` is not supported"));
+        assert!(err(r#"{"lora_bias": true}"#).contains("`lora_bias: true` is not supported"));
         assert!(err(r#"{"lora_dropout": -0.1}"#).contains("invalid `lora_dropout`"));
         assert!(err(r#"{"init_lora_weights": "pissa"}"#).contains("`pissa` is not supported"));
         assert!(err(r#"{"rank_pattern": {"(v_proj": 2}}"#).contains("invalid regex `(v_proj`"));
@@ -339,5 +342,7 @@ mod tests {
             "test",
         )
         .unwrap();
+        let dora = LoraConfig::from_json(r#"{"use_dora": true}"#, "test").unwrap();
+        assert!(dora.use_dora);
     }
 }

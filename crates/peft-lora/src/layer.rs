@@ -1,4 +1,5 @@
-//! The LoRA layer: `y = base(x) + s · B(A(dropout(x)))`, computed beside the frozen base.
+//! The LoRA layer: `y = base(x) + s · B(A(dropout(x)))`, computed beside the frozen base; with
+//! DoRA (PEFT's `use_dora`) the magnitude of [`crate::dora`] rescales each output feature.
 //!
 //! The same pair serves an embedding table `[num, dim]`: `lora_a: [num, r]` is looked up by id
 //! (PEFT's `lora_embedding_A` transposed) and multiplied by `lora_b: [r, dim]` — so merging is the
@@ -9,7 +10,9 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Distribution, Int, Tensor};
 
-use peft_core::{BaseLinear, LayerAdapter, PeftError, Result};
+use peft_core::{BaseLinear, LayerAdapter, Result};
+
+use crate::dora::DoraMagnitude;
 
 /// LoRA's low-rank pair for one linear layer.
 ///
@@ -23,6 +26,8 @@ pub struct LoraLinear {
     pub lora_b: Param<Tensor<2>>,
     /// Dropout on the adapter's input (training only).
     pub dropout: Dropout,
+    /// DoRA's magnitude (PEFT's `use_dora`); `None` for plain LoRA.
+    pub dora: Option<DoraMagnitude>,
     /// `α/r` (or `α/√r` with rsLoRA).
     #[module(skip)]
     pub scaling: f64,
@@ -35,8 +40,20 @@ impl LoraLinear {
             lora_a: Param::from_tensor(lora_a),
             lora_b: Param::from_tensor(lora_b),
             dropout: DropoutConfig::new(dropout).init(),
+            dora: None,
             scaling,
         }
+    }
+
+    /// The same pair with DoRA's magnitude (PEFT's `use_dora`).
+    pub fn with_dora(mut self, dora: DoraMagnitude) -> Self {
+        self.dora = Some(dora);
+        self
+    }
+
+    /// DoRA's initial magnitude for this pair over `base` (`‖W + s·A·B‖` per output column).
+    pub fn init_dora(&self, base: &BaseLinear) -> DoraMagnitude {
+        DoraMagnitude::init(base, &self.lora_a.val(), &self.lora_b.val(), self.scaling)
     }
 
     /// The same pair without dropout (inference).
@@ -99,6 +116,11 @@ impl LoraLinear {
 
 impl LayerAdapter for LoraLinear {
     fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
+        if self.dora.is_some() {
+            let result = base.forward(x.clone());
+            let term = self.dora_term(base, x, &result);
+            return result + term;
+        }
         // A dense f32 base without dropout: base product and update as one operation on the
         // CPU backend (the update accumulated into the base output by BLAS).
         if let BaseLinear::Dense(l) = base
@@ -121,8 +143,16 @@ impl LayerAdapter for LoraLinear {
         base.forward(ids.clone()) + self.embedding_update(ids)
     }
 
-    fn delta_linear(&self, x: Tensor<3>) -> Option<Tensor<3>> {
-        Some(self.update(x))
+    fn delta_linear(
+        &self,
+        base: &BaseLinear,
+        x: Tensor<3>,
+        result: &Tensor<3>,
+    ) -> Option<Tensor<3>> {
+        Some(match self.dora {
+            Some(_) => self.dora_term(base, x, result),
+            None => self.update(x),
+        })
     }
 
     fn delta_embedding(&self, ids: Tensor<2, Int>) -> Option<Tensor<3>> {
@@ -133,22 +163,30 @@ impl LayerAdapter for LoraLinear {
         true
     }
 
-    fn merge_linear(&self, mut base: Linear) -> Result<Linear> {
+    fn merge_linear(&mut self, mut base: Linear) -> Result<Linear> {
+        let delta = self.delta_weight();
+        if let Some(dora) = &mut self.dora {
+            return dora.merge(base, delta);
+        }
         base.weight = self.merged_weight(base.weight)?;
         Ok(base)
     }
 
-    fn unmerge_linear(&self, mut base: Linear) -> Result<Linear> {
+    fn unmerge_linear(&mut self, mut base: Linear) -> Result<Linear> {
+        let delta = self.delta_weight();
+        if let Some(dora) = &mut self.dora {
+            return dora.unmerge(base, delta);
+        }
         base.weight = self.unmerged_weight(base.weight);
         Ok(base)
     }
 
-    fn merge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+    fn merge_embedding(&mut self, mut base: Embedding) -> Result<Embedding> {
         base.weight = self.merged_weight(base.weight)?;
         Ok(base)
     }
 
-    fn unmerge_embedding(&self, mut base: Embedding) -> Result<Embedding> {
+    fn unmerge_embedding(&mut self, mut base: Embedding) -> Result<Embedding> {
         base.weight = self.unmerged_weight(base.weight);
         Ok(base)
     }
@@ -157,13 +195,26 @@ impl LayerAdapter for LoraLinear {
 impl LoraLinear {
     /// `s · B(A(dropout(x)))`, `[batch, seq, in]` → `[batch, seq, out]`.
     fn update(&self, x: Tensor<3>) -> Tensor<3> {
+        self.low_rank(peft_core::dropout::forward(&self.dropout, x))
+    }
+
+    /// DoRA's term for `x` given the layer's output so far (see [`crate::dora::term`]).
+    fn dora_term(&self, base: &BaseLinear, x: Tensor<3>, result: &Tensor<3>) -> Tensor<3> {
+        let Some(magnitude) = &self.dora else {
+            return self.update(x);
+        };
+        let dropout_active = peft_core::dropout::is_active(&self.dropout, &x);
+        let dora_x = peft_core::dropout::forward(&self.dropout, x);
+        let lora = self.low_rank(dora_x.clone());
+        let pair = (&self.lora_a.val(), &self.lora_b.val(), self.scaling);
+        crate::dora::term(magnitude, base, pair, result, dora_x, lora, dropout_active)
+    }
+
+    /// `s · B(A(x))` without dropout.
+    fn low_rank(&self, x: Tensor<3>) -> Tensor<3> {
         // PEFT scales `B(A(x))`; scaling the rank-r intermediate instead is the same product
         // and costs r columns instead of `out_features` (in both passes).
-        let low_rank = linear(
-            peft_core::dropout::forward(&self.dropout, x),
-            self.lora_a.val(),
-            None,
-        );
+        let low_rank = linear(x, self.lora_a.val(), None);
         linear(low_rank * self.scaling, self.lora_b.val(), None)
     }
 
@@ -177,12 +228,7 @@ impl LoraLinear {
     /// `W + s · A@B`, refusing non-finite results (PEFT's `safe_merge`, always on).
     fn merged_weight(&self, weight: Param<Tensor<2>>) -> Result<Param<Tensor<2>>> {
         let merged = weight.val() + self.delta_weight();
-        let finite: bool = merged.clone().is_finite().all().into_scalar();
-        if !finite {
-            return Err(PeftError::AdapterMismatch(
-                "merging would produce non-finite weights (safe_merge check)".into(),
-            ));
-        }
+        crate::dora::check_finite(&merged)?;
         Ok(weight.map(|_| merged))
     }
 

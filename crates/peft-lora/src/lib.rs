@@ -5,8 +5,10 @@
 //! never as a dense `W + s·BA` per step.
 //!
 //! * [`LoraConfig`] — PEFT's `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
-//!   `rank_pattern`, `use_rslora`, `modules_to_save`, `bias`, …); unimplemented features such as
-//!   `use_dora: true` are refused, never ignored.
+//!   `rank_pattern`, `use_rslora`, `use_dora`, `modules_to_save`, `bias`, …); unimplemented
+//!   features (such as `init_lora_weights: "pissa"`) are refused, never ignored.
+//! * [`dora`] — DoRA (`use_dora`): a trained magnitude per output feature over the direction of
+//!   `W + s·BA`, its norm detached as PEFT detaches it.
 //! * [`get_peft_model`] / [`from_pretrained`] — inject fresh adapters, or load a PEFT adapter folder.
 //! * [`LoraModel`] — `save_pretrained`, `merge_adapter` / `unmerge_adapter`, `merge_and_unload`,
 //!   `unload`, `trainable_summary`.
@@ -27,12 +29,14 @@
 
 pub mod combine;
 pub mod config;
+pub mod dora;
 pub mod layer;
 pub mod model;
 pub mod multi;
 
 pub use combine::{Combination, CombinationType, MajoritySign};
 pub use config::{InitLoraWeights, LoraBias, LoraConfig};
+pub use dora::DoraMagnitude;
 pub use layer::{LoraInit, LoraLinear};
 pub use model::{Lora, LoraModel, from_pretrained, get_peft_model};
 pub use multi::{DEFAULT_ADAPTER, LoraSet, MultiLoraBase, MultiLoraModel, NamedAdapter};

@@ -3,15 +3,17 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use burn::tensor::{Tensor, TensorData};
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
 use peft_core::tuner::{LayerTuner, Target, TunedModel, TunerConfig};
 use peft_core::{
-    CausalLm, HostTensor, ModuleInfo, ModuleKind, ModuleMatcher, NoAdapter, PeftError, Result,
-    TensorStore,
+    BaseLinear, CausalLm, HostTensor, ModuleInfo, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
+    Result, TensorStore,
 };
 use peft_tensors::layout::{burn_linear_weight, transpose_host};
 
 use crate::config::{InitLoraWeights, LoraBias, LoraConfig};
+use crate::dora::DoraMagnitude;
 use crate::layer::{LoraInit, LoraLinear};
 
 /// A model with LoRA adapters on some of its linear layers (and embeddings): the core's
@@ -52,13 +54,15 @@ pub(crate) fn select_targets(
 }
 
 /// One LoRA pair for the layer at `path`, `[d_in → d_out]` (an embedding is `[num → dim]`), from
-/// the configured init or from PEFT's keys in an adapter file.
+/// the configured init or from PEFT's keys in an adapter file; with `use_dora`, its magnitude
+/// over `base` (the frozen linear layer; `None` for an embedding) too.
 pub(crate) fn make_pair(
     config: &LoraConfig,
     source: &Source<'_>,
     path: &str,
     (d_in, d_out): (usize, usize),
     is_embedding: bool,
+    base: Option<&BaseLinear>,
     device: &burn::tensor::Device,
 ) -> Result<LoraLinear> {
     let (r, alpha) = config.rank_and_alpha(path);
@@ -69,7 +73,7 @@ pub(crate) fn make_pair(
     } else {
         config.lora_dropout
     };
-    Ok(match source {
+    let pair = match source {
         Source::Init(init) => LoraLinear::init(d_in, d_out, r, scaling, dropout, *init, device),
         Source::File(store) => {
             let (a_key, b_key) = peft_keys(path, is_embedding);
@@ -79,7 +83,32 @@ pub(crate) fn make_pair(
             let b = burn_linear_weight(&b, [d_out, r], device);
             LoraLinear::new(a, b, scaling, dropout)
         }
-    })
+    };
+    if !config.use_dora {
+        return Ok(pair);
+    }
+    let Some(base) = base.filter(|_| !is_embedding) else {
+        return Err(PeftError::Unsupported(format!(
+            "DoRA on the embedding `{path}`: peft-rs applies DoRA to linear layers only; \
+             leave the embedding out of target_modules"
+        )));
+    };
+    let dora = match source {
+        Source::Init(_) => pair.init_dora(base),
+        Source::File(store) => {
+            let key = magnitude_key(path);
+            let m = store.f32_shaped(&key, &[d_out])?;
+            let m = Tensor::<1>::from_data(TensorData::new(m, [d_out]), device);
+            DoraMagnitude::new(m, base)
+        }
+    };
+    Ok(pair.with_dora(dora))
+}
+
+/// PEFT's file key of a layer's DoRA magnitude (PEFT saves the `lora_magnitude_vector` module's
+/// `weight` without its `.weight` suffix).
+pub(crate) fn magnitude_key(path: &str) -> String {
+    format!("{KEY_PREFIX}{path}.lora_magnitude_vector")
 }
 
 /// How `config.init_lora_weights` draws a fresh pair.
@@ -204,6 +233,7 @@ impl LayerTuner for Lora {
             target.path,
             target.dims,
             target.is_embedding,
+            target.base,
             device,
         )
     }
@@ -213,10 +243,12 @@ impl LayerTuner for Lora {
             .or_else(|| key.strip_suffix(".lora_B.weight"))
             .or_else(|| key.strip_suffix(".lora_embedding_A"))
             .or_else(|| key.strip_suffix(".lora_embedding_B"))
+            .or_else(|| key.strip_suffix(".lora_magnitude_vector"))
     }
 
     /// `lora_a: [in, r]` → `lora_A.weight: [r, in]`, `lora_b: [r, out]` → `lora_B.weight:
-    /// [out, r]` (an embedding's under `lora_embedding_A/B`).
+    /// [out, r]` (an embedding's under `lora_embedding_A/B`); DoRA's magnitude `[out]` →
+    /// `lora_magnitude_vector`.
     fn file_tensor(
         _config: &LoraConfig,
         _model_type: &str,
@@ -226,6 +258,10 @@ impl LayerTuner for Lora {
         value: HostTensor,
     ) -> Result<(String, HostTensor)> {
         let (a_key, b_key) = peft_keys(path, is_embedding);
+        if param == "dora.magnitude" {
+            let key = magnitude_key(path);
+            return Ok((key.strip_prefix(KEY_PREFIX).unwrap_or(&key).into(), value));
+        }
         let key = match param {
             "lora_a" => a_key,
             "lora_b" => b_key,

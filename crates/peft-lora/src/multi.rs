@@ -31,15 +31,17 @@ use burn::tensor::Tensor;
 use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::params::{ParamUpdate, map_params};
 use peft_core::{
-    AdaptableEmbedding, AdaptableLinear, AdapterSet, BASE_ADAPTER, CausalLm, HostTensor,
-    ModelInput, NoAdapter, PeftError, Result, TargetModules, TensorStore,
+    AdaptableEmbedding, AdaptableLinear, AdapterSet, BASE_ADAPTER, BaseLinear, CausalLm,
+    HostTensor, ModelInput, NoAdapter, PeftError, Result, TargetModules, TensorStore,
 };
 use peft_tensors::layout::{burn_linear_weight, transpose_data};
 
 use crate::combine::{Combination, CombinationType, WeightedPair, combine_layer};
 use crate::config::{LoraBias, LoraConfig};
 use crate::layer::LoraLinear;
-use crate::model::{LoraBase, Source, init_of, make_pair, peft_keys, select_targets};
+use crate::model::{
+    LoraBase, Source, init_of, magnitude_key, make_pair, peft_keys, select_targets,
+};
 
 /// The adapter type of every layer of a [`MultiLoraModel`].
 pub type LoraSet = AdapterSet<LoraLinear>;
@@ -371,6 +373,20 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
             let (b, b_shape) = torch_layout(pair.lora_b.val());
             out.insert(a_key, HostTensor::from_f32(a_shape.to_vec(), &a));
             out.insert(b_key, HostTensor::from_f32(b_shape.to_vec(), &b));
+            if let Some(dora) = &pair.dora {
+                let m = dora.magnitude.val();
+                let values = m
+                    .to_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .map_err(|e| {
+                        PeftError::InvalidInput(format!("magnitude of `{path}`: {e:?}"))
+                    })?;
+                out.insert(
+                    magnitude_key(&path),
+                    HostTensor::from_f32(vec![values.len()], &values),
+                );
+            }
         }
         Ok(out)
     }
@@ -425,6 +441,15 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
             .iter()
             .map(|n| self.adapter(n).cloned())
             .collect::<Result<_>>()?;
+        if let Some(dora) = entries.iter().find(|e| e.config.use_dora) {
+            // PEFT 0.21.2 combines the pairs and gives the new adapter a fresh magnitude
+            // (‖W‖, computed before the combined pairs are written): not what was trained.
+            return Err(PeftError::Unsupported(format!(
+                "add_weighted_adapter: `{}` is a DoRA adapter; its magnitudes cannot be \
+                 combined with the low-rank pairs (merge it into the base instead)",
+                dora.name
+            )));
+        }
         if options.svd_rank == Some(0) {
             return Err(PeftError::config(
                 "add_weighted_adapter",
@@ -588,6 +613,9 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
             let is_embedding = entry.embedding_targets.contains(path);
             let (a, b) = peft_keys(path, is_embedding);
             expected.extend([a, b]);
+            if entry.config.use_dora && !is_embedding {
+                expected.push(magnitude_key(path));
+            }
             if is_embedding {
                 // PEFT saves a targeted embedding's base table beside the pair.
                 expected.push(format!(
@@ -613,6 +641,11 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
         source: &Source<'_>,
     ) -> Result<BTreeMap<String, LoraLinear>> {
         let device = self.model.device();
+        let bases = if entry.config.use_dora {
+            self.linear_bases()?
+        } else {
+            BTreeMap::new()
+        };
         let dims: BTreeMap<String, (usize, usize)> = self
             .model
             .modules()
@@ -629,7 +662,8 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                         "LoRA on `{path}`: only linear layers and embeddings can be adapted"
                     ))
                 })?;
-                let pair = make_pair(&entry.config, source, path, d, is_embedding, &device)?;
+                let base = bases.get(path);
+                let pair = make_pair(&entry.config, source, path, d, is_embedding, base, &device)?;
                 Ok((path.clone(), pair.no_dropout()))
             })
             .collect()
@@ -684,6 +718,22 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                 take(path, &layer.adapter);
                 Ok(layer)
             },
+        )?;
+        Ok(found.into_inner())
+    }
+
+    /// Every linear layer's frozen base, by path (handles on the same weights): what DoRA's
+    /// magnitudes are computed against.
+    fn linear_bases(&self) -> Result<BTreeMap<String, BaseLinear>> {
+        let found = std::cell::RefCell::new(BTreeMap::new());
+        self.model.clone().map_layers(
+            &mut |path, layer: AdaptableLinear<LoraSet>| {
+                found
+                    .borrow_mut()
+                    .insert(path.to_string(), layer.base.clone());
+                Ok(layer)
+            },
+            &mut |_, layer: AdaptableEmbedding<LoraSet>| Ok(layer),
         )?;
         Ok(found.into_inner())
     }

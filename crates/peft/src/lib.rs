@@ -139,6 +139,10 @@ pub struct ConfigOverrides {
     pub lora_alpha: Option<f64>,
     /// LoRA's `lora_dropout`.
     pub lora_dropout: Option<f64>,
+    /// LoRA's `use_dora` (DoRA).
+    pub use_dora: Option<bool>,
+    /// LoRA's `use_rslora` (scale `α/√r`).
+    pub use_rslora: Option<bool>,
     /// `target_modules` (LoRA, IA3).
     pub target_modules: Option<TargetModules>,
     /// `num_virtual_tokens` (prompt tuning, P-tuning, prefix tuning).

@@ -29,6 +29,8 @@ adapter_methods! {
             c.r = o.r.unwrap_or(c.r);
             c.lora_alpha = o.lora_alpha.unwrap_or(c.lora_alpha);
             c.lora_dropout = o.lora_dropout.unwrap_or(c.lora_dropout);
+            c.use_dora = o.use_dora.unwrap_or(c.use_dora);
+            c.use_rslora = o.use_rslora.unwrap_or(c.use_rslora);
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }
@@ -132,6 +134,11 @@ impl PeftModel {
     pub fn notes(&self) -> Vec<String> {
         match self {
             Self::BitFit(m) => vec![format!("num_param: {}", m.num_param())],
+            Self::Lora(m) if m.config.use_dora => vec![
+                "use_dora: each targeted layer also trains a magnitude per output feature \
+                 (lora_magnitude_vector)"
+                    .into(),
+            ],
             _ => Vec::new(),
         }
     }

@@ -99,6 +99,8 @@ fn flags_set_the_keys_each_method_has() {
         r: Some(4),
         lora_alpha: Some(16.0),
         lora_dropout: Some(0.1),
+        use_dora: Some(true),
+        use_rslora: Some(true),
         target_modules: Some(TargetModules::List(vec!["dense".into()])),
         num_virtual_tokens: Some(3),
         base_model_name_or_path: Some("bloom-tiny".into()),
@@ -117,6 +119,10 @@ fn flags_set_the_keys_each_method_has() {
                 assert_eq!(
                     (&json["r"], &json["lora_alpha"], &json["lora_dropout"]),
                     (&4.into(), &16.0.into(), &0.1.into())
+                );
+                assert_eq!(
+                    (&json["use_dora"], &json["use_rslora"]),
+                    (&true.into(), &true.into())
                 );
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }

@@ -1,6 +1,6 @@
 //! Building blocks shared by the architectures, one file per concern: the weight loader
-//! ([`weights`]), the norms ([`norm`]), attention and its masks ([`attention`]), the decoder's
-//! shared layer loop ([`decoder`]) and the output head ([`head`]).
+//! (`weights`), the norms (`norm`), attention and its masks (`attention`), the decoder's shared
+//! layer loop (`decoder`) and the output head (`head`); everything is re-exported here.
 
 mod attention;
 mod decoder;
