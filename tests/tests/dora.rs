@@ -277,3 +277,46 @@ fn export_for_python() {
         .unwrap();
     }
 }
+
+/// Outside training the norm is cached, keyed on the pair's values: a second pass reuses it, and
+/// a copy whose B changed (sharing the cache) computes its own — the logits of a model built from
+/// those values, never the stale norm.
+#[test]
+fn the_inference_norm_cache_is_never_stale() {
+    use peft_core::params::{ParamUpdate, map_params};
+    let device = device();
+    let reference = Reference::load("dora-bloom");
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let dora = from_pretrained(base, adapter_dir("dora-bloom"), false).unwrap();
+    let first = logits(&dora.model, &reference);
+    assert_eq!(logits(&dora.model, &reference), first);
+
+    let changed = map_params(dora.model.clone(), |name, _| {
+        if name.ends_with("query_key_value.adapter.lora_b") {
+            ParamUpdate::Value(burn::tensor::TensorData::new(
+                vec![0.01f32; 4 * 192],
+                [4, 192],
+            ))
+        } else {
+            ParamUpdate::Keep
+        }
+    });
+    let with_changed_b = logits(&changed, &reference);
+    let change = max_diff_masked(
+        &with_changed_b,
+        &first,
+        &reference.attention_mask,
+        reference.vocab,
+    );
+    assert!(change > 1e-3, "changing B changed nothing ({change})");
+    // The same values through a model that never cached anything.
+    let out = tempfile::tempdir().unwrap();
+    let saved = peft_lora::LoraModel {
+        model: changed,
+        ..dora
+    };
+    saved.save_pretrained(out.path()).unwrap();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let fresh = from_pretrained(base, out.path(), false).unwrap();
+    assert_eq!(logits(&fresh.model, &reference), with_changed_b);
+}

@@ -11,6 +11,7 @@ mod chunked_loss;
 mod dora;
 mod ia3;
 mod lora;
+mod lora_init;
 mod model_parity;
 mod multi_adapter;
 mod prefix;

@@ -282,6 +282,7 @@ fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
         "make_lora_variant_fixtures.py",
         "make_multi_adapter_fixtures.py",
         "make_dora_fixtures.py",
+        "make_lora_init_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))

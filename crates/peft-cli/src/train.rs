@@ -87,6 +87,11 @@ pub struct TrainArgs {
     /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r (PEFT's `use_rslora`).
     #[arg(long)]
     pub(crate) use_rslora: bool,
+    /// How LoRA's pair starts (PEFT's `init_lora_weights`): true, false, gaussian, pissa or
+    /// olora. PiSSA and OLoRA start from the base weight's principal part and change the base;
+    /// adapter/ is then written as plain LoRA over the original base.
+    #[arg(long)]
+    pub(crate) init_lora_weights: Option<String>,
     /// Virtual tokens (prompt tuning, P-tuning, prefix tuning).
     #[arg(long)]
     pub(crate) num_virtual_tokens: Option<usize>,
@@ -261,11 +266,31 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         lora_dropout: args.lora_dropout,
         use_dora: args.use_dora.then_some(true),
         use_rslora: args.use_rslora.then_some(true),
+        init_lora_weights: args.init_lora_weights.clone(),
         target_modules: ctx.targets(),
         num_virtual_tokens: args.num_virtual_tokens,
         base_model_name_or_path: Some(ctx.model_dir.display().to_string()),
     });
     peft::PeftModel::new(base, config, Some(ctx.tokenizer))?.visit(Run(ctx))
+}
+
+/// PiSSA and OLoRA change the base weight while training, so the adapter written for others is
+/// the plain LoRA (rank 2r) that gives the trained model over the untouched base, as PEFT's
+/// `save_pretrained(path_initial_model_for_weight_conversion=…)` writes it: the saved adapter is
+/// read back onto the original base (which recomputes the same residual) and converted in
+/// place. Returns the initialisation's name when it converted.
+fn convert_if_base_changed(model_dir: &Path, adapter_dir: &Path) -> Result<Option<&'static str>> {
+    let peft::PeftConfig::Lora(config) = peft::load_config(adapter_dir)? else {
+        return Ok(None);
+    };
+    let Some(kind) = config.base_init() else {
+        return Ok(None);
+    };
+    let base = peft_models::load(model_dir, &burn::tensor::Device::flex())
+        .with_context(|| format!("loading {} to convert the adapter", model_dir.display()))?;
+    let trained = peft_lora::from_pretrained(base, adapter_dir, false)?;
+    peft_lora::save_pretrained_converted(&trained, adapter_dir)?;
+    Ok(Some(kind.name()))
 }
 
 /// [`run`] as a visitor of the typed adapter inside a [`peft::PeftModel`].
@@ -389,6 +414,7 @@ where
     // failure in either (a bad record, a full disk) keeps it.
     let adapter_dir = args.output.join("adapter");
     trained.save_pretrained(&adapter_dir)?;
+    let converted = convert_if_base_changed(model_dir, &adapter_dir)?;
     let after = scores(
         &trained.model().valid(),
         tokenizer,
@@ -450,6 +476,14 @@ where
         em(&after)
     );
     println!("\nadapter: {}", adapter_dir.display());
+    if let Some(init) = converted {
+        println!(
+            "  ({init} changed the base while training: adapter/ holds the plain LoRA of rank 2r \
+             that gives the trained model over the original base, as PEFT's \
+             path_initial_model_for_weight_conversion writes it; the checkpoints hold the \
+             {init} adapter itself)"
+        );
+    }
     // Only a merged model that was written is named.
     if let Some(dir) = &merged {
         println!("merged model: {}", dir.display());

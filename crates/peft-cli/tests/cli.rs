@@ -790,6 +790,92 @@ fn bitfit_trains_and_its_adapter_loads_with_adapter() {
     assert_eq!(a, b, "the merged BitFit model is the adapted model");
 }
 
+/// `peft train` with `--use-dora` / `--init-lora-weights pissa`, then `peft logits` of the
+/// bundled base + adapter/ against merged/. With PiSSA the base changed while training, and
+/// adapter/ is the plain LoRA of rank 2r over the original base: it gives the merged model.
+fn train_lora_variant(flags: &[&str]) -> (tempfile::TempDir, PathBuf, String, f32) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("variant");
+    let mut args = vec![
+        "train".to_string(),
+        "--method".into(),
+        "lora".into(),
+        "--output".into(),
+        out_dir.display().to_string(),
+        "--max-steps".into(),
+        "3".into(),
+        "--no-exact-match".into(),
+        "--target-modules".into(),
+        "query_key_value,dense_4h_to_h".into(),
+        "--save-steps".into(),
+        "3".into(),
+    ];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    let out = peft(&args);
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let reference = fixtures().join("reference/bloom-tiny.safetensors");
+    let [with_adapter, merged] =
+        ["adapter.safetensors", "merged.safetensors"].map(|f| dir.path().join(f));
+    peft_ok!(
+        "logits",
+        "--model",
+        out_dir.join("bundled/model"),
+        "--adapter",
+        out_dir.join("adapter"),
+        "--inputs",
+        reference,
+        "--output",
+        with_adapter,
+    );
+    peft_ok!(
+        "logits",
+        "--model",
+        out_dir.join("merged"),
+        "--inputs",
+        reference,
+        "--output",
+        merged,
+    );
+    let [(a, _), (b, _)] =
+        [with_adapter, merged].map(|p| TensorStore::open(p).unwrap().f32("logits").unwrap());
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    (dir, out_dir, stdout, diff)
+}
+
+#[test]
+fn dora_and_pissa_train_and_their_adapters_give_the_merged_model() {
+    let (_dir, out_dir, _, diff) = train_lora_variant(&["--use-dora"]);
+    assert!(diff <= 1e-4, "DoRA adapter vs merged: {diff}");
+    let store = TensorStore::open(out_dir.join("adapter/adapter_model.safetensors")).unwrap();
+    let count = |suffix: &str| store.keys().filter(|k| k.ends_with(suffix)).count();
+    assert_eq!(count(".lora_magnitude_vector"), count(".lora_A.weight"));
+    assert!(count(".lora_A.weight") > 0);
+
+    let (_dir, out_dir, stdout, diff) = train_lora_variant(&["--init-lora-weights", "pissa"]);
+    assert!(diff <= 1e-4, "converted PiSSA adapter vs merged: {diff}");
+    assert!(
+        stdout.contains("pissa changed the base while training"),
+        "{stdout}"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["init_lora_weights"], true);
+    assert_eq!(config["r"], 32, "rank 2r of the bundled demo's r = 16");
+    // The checkpoints hold the PiSSA adapter itself.
+    let checkpoint: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("checkpoint-3/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(checkpoint["init_lora_weights"], "pissa");
+}
+
 #[test]
 fn prompt_tuning_adapters_run_and_train() {
     let dir = tempfile::tempdir().unwrap();

@@ -42,6 +42,26 @@ pub struct Target<'a> {
     pub base: Option<&'a BaseLinear>,
 }
 
+/// What [`LayerTuner::make_layer`] builds for one layer: the adapter, and the base weight the
+/// layer runs over from then on when the method changes it (PiSSA and OLoRA subtract their
+/// initial product from it; `None` keeps the base).
+#[derive(Debug)]
+pub struct NewLayer<L> {
+    /// The layer's adapter.
+    pub adapter: L,
+    /// The replacement base, if any.
+    pub base: Option<BaseLinear>,
+}
+
+impl<L> From<L> for NewLayer<L> {
+    fn from(adapter: L) -> Self {
+        Self {
+            adapter,
+            base: None,
+        }
+    }
+}
+
 /// A layer method: what it adds to one layer and how PEFT names it in files. Implemented by a
 /// marker type per method (`peft_lora::Lora`, `peft_ia3::Ia3`); [`TunedModel`] is the model.
 pub trait LayerTuner: Sized {
@@ -68,14 +88,14 @@ pub trait LayerTuner: Sized {
     }
 
     /// The adapter of one targeted layer: freshly initialised (`store` is `None`) or read from
-    /// PEFT's keys in an adapter file.
+    /// PEFT's keys in an adapter file; with the base it runs over, when the method changes it.
     fn make_layer(
         config: &Self::Config,
         model_type: &str,
         target: Target<'_>,
         store: Option<&TensorStore>,
         device: &burn::tensor::Device,
-    ) -> Result<Self::Layer>;
+    ) -> Result<NewLayer<Self::Layer>>;
 
     /// The module a file key (without PEFT's `base_model.model.` prefix) holds an adapter tensor
     /// of (`….lora_A.weight` → `…`), or `None` for a key that is not the method's.
@@ -343,13 +363,14 @@ fn split_base_layer(name: &str) -> Option<(&str, &str)> {
 }
 
 /// Freezes `base`, gives every layer in `targeted` the adapter `make(target)` builds for it (an
-/// embedding's dims are `(num_embeddings, dim)`), and makes the base parameters named in
-/// `trained` trainable again (`modules_to_save`, selected biases).
+/// embedding's dims are `(num_embeddings, dim)`; a linear layer's base replaced where `make`
+/// gives one), and makes the base parameters named in `trained` trainable again
+/// (`modules_to_save`, selected biases).
 pub fn inject_layers<B, A>(
     base: B,
     targeted: &[String],
     trained: &BTreeSet<String>,
-    mut make: impl FnMut(Target<'_>) -> Result<A>,
+    mut make: impl FnMut(Target<'_>) -> Result<NewLayer<A>>,
 ) -> Result<B::WithAdapter<A>>
 where
     B: CausalLm<Adapter = NoAdapter>,
@@ -369,8 +390,13 @@ where
                 is_embedding: false,
                 base: Some(&layer.base),
             };
-            let adapter = (make.borrow_mut())(target)?;
-            Ok(layer.with_adapter(Some(adapter)))
+            let NewLayer { adapter, base } = (make.borrow_mut())(target)?;
+            let mut layer = layer.with_adapter(Some(adapter));
+            if let Some(base) = base {
+                // Frozen, as every base parameter here.
+                layer.base = crate::params::map_params(base, |_, _| ParamUpdate::Trainable(false));
+            }
+            Ok(layer)
         },
         &mut |path: &str, layer: AdaptableEmbedding<NoAdapter>| {
             if !is_target(path) {
@@ -382,7 +408,7 @@ where
                 is_embedding: true,
                 base: None,
             };
-            let adapter = (make.borrow_mut())(target)?;
+            let adapter = (make.borrow_mut())(target)?.adapter;
             Ok(layer.with_adapter(Some(adapter)))
         },
     )?;

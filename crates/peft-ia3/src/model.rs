@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 
-use peft_core::tuner::{LayerTuner, Target, TunedModel, TunerConfig};
+use peft_core::tuner::{LayerTuner, NewLayer, Target, TunedModel, TunerConfig};
 use peft_core::{
     CausalLm, HostTensor, ModuleInfo, ModuleMatcher, NoAdapter, PeftError, Result, TensorStore,
 };
@@ -58,7 +58,7 @@ impl LayerTuner for Ia3 {
         target: Target<'_>,
         store: Option<&TensorStore>,
         device: &burn::tensor::Device,
-    ) -> Result<Ia3Linear> {
+    ) -> Result<NewLayer<Ia3Linear>> {
         let (d_in, d_out) = target.dims;
         let feedforward = config.is_feedforward(model_type, target.path)?;
         let len = if feedforward { d_in } else { d_out };
@@ -75,7 +75,8 @@ impl LayerTuner for Ia3 {
                 let l = Tensor::<1>::from_data(TensorData::new(values, [len]), device);
                 Ia3Linear::new(l, feedforward)
             }
-        })
+        }
+        .into())
     }
 
     fn module_of_key(key: &str) -> Option<&str> {

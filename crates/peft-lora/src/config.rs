@@ -28,8 +28,10 @@ pub enum InitLoraWeights {
     /// `true`: A Kaiming-uniform (as `nn.Linear`), B zero, so the adapter starts as a no-op.
     /// `false`: both random (for tests).
     Flag(bool),
-    /// `"gaussian"`: A ~ N(0, 1/r), B zero. Other strings (`pissa`, `olora`, `loftq`, …) are
-    /// refused.
+    /// `"gaussian"`: A ~ N(0, 1/r), B zero. `"pissa"` and `"olora"`: the pair from the base
+    /// weight, the residual left as the base ([`crate::init`]). `"eva"`, `"lora_ga"` and
+    /// `"orthogonal"` load (the files are plain pairs) but cannot start a new adapter;
+    /// `pissa_niter_N`, `corda` and `loftq` are refused.
     Method(String),
 }
 
@@ -127,6 +129,18 @@ const INERT_AT_DEFAULT: &[&str] = &[
     "ensure_weight_tying",
 ];
 
+/// `init_lora_weights` strings peft-rs accepts. Adapters of `eva`, `lora_ga` and `orthogonal`
+/// load as plain pairs (PEFT's own loading leaves the base as it is for these: EVA and LoRA-GA
+/// fall back to the default init, which the file's pairs then replace) but cannot start a fresh
+/// adapter here ([`LoraConfig::fresh_init`]); `pissa` and `olora` change the base, when starting
+/// and when loading, as PEFT does ([`LoraConfig::base_init`]).
+const LOADABLE_INITS: &[&str] = &["gaussian", "eva", "lora_ga", "orthogonal", "pissa", "olora"];
+
+/// `init_lora_weights` prefixes of the initialisations not implemented that change the base
+/// weight: randomised PiSSA (`pissa_niter_N`: PEFT's own result is random), CorDA (needs data),
+/// LoftQ (re-quantises the base).
+const BASE_CHANGING_INITS: &[&str] = &["pissa_niter", "corda", "loftq"];
+
 /// PEFT keys with no effect on the computation.
 const HARMLESS: &[&str] = &[
     "peft_version",
@@ -174,11 +188,18 @@ impl peft_core::MethodConfig for LoraConfig {
             return bad("lora_alpha", "must be finite".into());
         }
         if let InitLoraWeights::Method(m) = &self.init_lora_weights
-            && m != "gaussian"
+            && !LOADABLE_INITS.contains(&m.as_str())
         {
+            let why = if BASE_CHANGING_INITS.iter().any(|p| m.starts_with(p)) {
+                "it changes the base weight (PEFT recomputes that change when loading), which \
+                 peft-rs implements for \"pissa\" and \"olora\" only; an adapter converted to \
+                 plain LoRA loads"
+            } else {
+                "use true, false or \"gaussian\""
+            };
             return bad(
                 "init_lora_weights",
-                format!("`{m}` is not supported (use true, false or \"gaussian\")"),
+                format!("`{m}` is not supported: {why}"),
             );
         }
         let patterns = [
@@ -250,6 +271,39 @@ impl LoraConfig {
         let r = pattern_value(&self.rank_pattern, path).unwrap_or(self.r);
         let alpha = pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha);
         (r, alpha)
+    }
+
+    /// How a fresh pair starts (PEFT's `reset_lora_parameters`): `true` → A Kaiming-uniform, B
+    /// zero; `false` → both random; `"gaussian"` → A ~ N(0, 1/r), B zero. The other
+    /// initialisations a config may name load (their files are plain pairs) but cannot start a
+    /// fresh adapter here.
+    pub fn fresh_init(&self) -> Result<crate::layer::LoraInit> {
+        use crate::layer::LoraInit;
+        match &self.init_lora_weights {
+            InitLoraWeights::Flag(true) => Ok(LoraInit::Default),
+            InitLoraWeights::Flag(false) => Ok(LoraInit::Random),
+            InitLoraWeights::Method(m) if m == "gaussian" => Ok(LoraInit::Gaussian),
+            // The pair then comes from the base weight (`base_init`).
+            InitLoraWeights::Method(_) if self.base_init().is_some() => Ok(LoraInit::Default),
+            InitLoraWeights::Method(m) => Err(PeftError::config(
+                "LoraConfig",
+                "init_lora_weights",
+                format!(
+                    "`{m}` can load an adapter trained with it, but cannot start a new one in \
+                     peft-rs (use true, false or \"gaussian\")"
+                ),
+            )),
+        }
+    }
+
+    /// PiSSA or OLoRA, which take the initial pair from the base weight and leave the residual as
+    /// the base (see [`crate::init`]).
+    pub fn base_init(&self) -> Option<crate::init::BaseInit> {
+        match &self.init_lora_weights {
+            InitLoraWeights::Method(m) if m == "pissa" => Some(crate::init::BaseInit::Pissa),
+            InitLoraWeights::Method(m) if m == "olora" => Some(crate::init::BaseInit::Olora),
+            _ => None,
+        }
     }
 
     /// The scale of the update for rank `r` and `alpha`.
@@ -332,7 +386,18 @@ mod tests {
         assert!(err(r#"{"r": 0}"#).contains("invalid `r`: the rank must be at least 1"));
         assert!(err(r#"{"lora_bias": true}"#).contains("`lora_bias: true` is not supported"));
         assert!(err(r#"{"lora_dropout": -0.1}"#).contains("invalid `lora_dropout`"));
-        assert!(err(r#"{"init_lora_weights": "pissa"}"#).contains("`pissa` is not supported"));
+        assert!(err(r#"{"init_lora_weights": "loftq"}"#).contains("`loftq` is not supported"));
+        assert!(
+            err(r#"{"init_lora_weights": "pissa_niter_4"}"#).contains("changes the base weight")
+        );
+        assert!(err(r#"{"init_lora_weights": "bogus"}"#).contains("use true, false"));
+        // Initialisations whose files are plain pairs load; they cannot start a new adapter.
+        let eva = LoraConfig::from_json(r#"{"init_lora_weights": "eva"}"#, "test").unwrap();
+        let fresh = eva.fresh_init().unwrap_err().to_string();
+        assert!(
+            fresh.contains("`eva` can load an adapter trained with it"),
+            "{fresh}"
+        );
         assert!(err(r#"{"rank_pattern": {"(v_proj": 2}}"#).contains("invalid regex `(v_proj`"));
         assert!(err(r#"{"r": "eight"}"#).contains("invalid JSON"));
         // Keys PEFT writes at their "off" value load fine.

@@ -15,6 +15,8 @@
 //! product: packed 4-bit and bf16 weights are never widened to an f32 copy) and `r × r` / `r ×
 //! out` products — no `[in, out]` temporary.
 
+use std::sync::{Arc, Mutex};
+
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor, TensorData};
@@ -35,7 +37,21 @@ pub struct DoraMagnitude {
     /// The norm the last merge divided by (PEFT caches it in `merge` for `unmerge`).
     #[module(skip)]
     pub merged_norm: Option<Tensor<1>>,
+    /// Outside training, the last norm computed and the A and B values it was computed from:
+    /// decoding calls the layer once per token, and the norm's `AᵀW` costs `r` times the
+    /// one-token product, so a pass over unchanged pairs reuses it (PEFT's
+    /// `ENABLE_DORA_CACHING`, here on for the CPU backend). Keyed on the pair's values, so never
+    /// stale (an evaluation between training steps recomputes it).
+    #[module(skip)]
+    norm_cache: NormCache,
 }
+
+/// One cached norm: the A and B values it was computed from, and the norm `[out]`.
+type CachedNorm = (Vec<f32>, Tensor<1>);
+
+/// The inference cache of [`DoraMagnitude`].
+#[derive(Clone, Debug, Default)]
+struct NormCache(Arc<Mutex<Option<CachedNorm>>>);
 
 impl DoraMagnitude {
     /// A magnitude read from a file (or given), over the base layer `base`.
@@ -44,6 +60,7 @@ impl DoraMagnitude {
             magnitude: Param::from_tensor(magnitude),
             base_norm_sq: base_column_norm_sq(base),
             merged_norm: None,
+            norm_cache: NormCache::default(),
         }
     }
 
@@ -51,11 +68,13 @@ impl DoraMagnitude {
     /// (B = 0 by default, so `‖W‖`).
     pub fn init(base: &BaseLinear, lora_a: &Tensor<2>, lora_b: &Tensor<2>, scaling: f64) -> Self {
         let base_norm_sq = base_column_norm_sq(base);
-        let norm = weight_norm(base, &base_norm_sq, lora_a, lora_b, scaling);
+        // A leaf of its own: the magnitude is a parameter, not a result of A and B.
+        let norm = weight_norm(base, &base_norm_sq, lora_a, lora_b, scaling).detach();
         Self {
             magnitude: Param::from_tensor(norm),
             base_norm_sq,
             merged_norm: None,
+            norm_cache: NormCache::default(),
         }
     }
 
@@ -67,8 +86,40 @@ impl DoraMagnitude {
         lora_b: &Tensor<2>,
         scaling: f64,
     ) -> Tensor<1> {
-        let norm = weight_norm(base, &self.base_norm_sq, lora_a, lora_b, scaling);
+        let norm = self.norm(base, lora_a, lora_b, scaling);
         self.magnitude.val() / norm
+    }
+
+    /// `‖W + s·A·B‖`, from the cache outside training when A and B are what it was computed
+    /// from.
+    fn norm(
+        &self,
+        base: &BaseLinear,
+        lora_a: &Tensor<2>,
+        lora_b: &Tensor<2>,
+        scaling: f64,
+    ) -> Tensor<1> {
+        let compute = || weight_norm(base, &self.base_norm_sq, lora_a, lora_b, scaling);
+        // On a GPU, reading the pair back for the key would cost a device sync per layer.
+        let device = lora_a.device();
+        if device.is_autodiff() || !peft_ops::device::runs_cpu_kernels(&device) {
+            return compute();
+        }
+        let key: Vec<f32> = [lora_a, lora_b]
+            .into_iter()
+            .flat_map(|t| t.to_data().iter::<f32>().collect::<Vec<_>>())
+            .collect();
+        let Ok(mut cache) = self.norm_cache.0.lock() else {
+            return compute();
+        };
+        if let Some((cached_key, norm)) = cache.as_ref()
+            && *cached_key == key
+        {
+            return norm.clone();
+        }
+        let norm = compute();
+        *cache = Some((key, norm.clone()));
+        norm
     }
 
     /// PEFT's DoRA merge: `W′ = (m/n) ⊙ (W + s·A·B)` per output column, `n = ‖W + s·A·B‖` from
@@ -207,6 +258,22 @@ pub(crate) fn term(
     base_term * (scale.clone() - 1.0) + lora * scale
 }
 
+/// The base layer without its bias (sharing its weight), and the bias.
+pub(crate) fn without_bias(base: &BaseLinear) -> (BaseLinear, Option<Tensor<1>>) {
+    match base {
+        BaseLinear::Dense(l) => {
+            let mut no_bias = l.clone();
+            let bias = no_bias.bias.take().map(|b| b.val());
+            (BaseLinear::Dense(no_bias), bias)
+        }
+        BaseLinear::Packed(p) => {
+            let mut no_bias = p.clone();
+            let bias = no_bias.bias.take().map(|b| b.val());
+            (BaseLinear::Packed(no_bias), bias)
+        }
+    }
+}
+
 /// The base layer's bias, `[out]`.
 fn base_bias(base: &BaseLinear) -> Option<Tensor<1>> {
     match base {
@@ -217,16 +284,5 @@ fn base_bias(base: &BaseLinear) -> Option<Tensor<1>> {
 
 /// `x·W` without the bias, `[batch, seq, in]` → `[batch, seq, out]`.
 fn base_linear_no_bias(base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
-    match base {
-        BaseLinear::Dense(l) => {
-            let mut no_bias = l.clone();
-            no_bias.bias = None;
-            BaseLinear::Dense(no_bias).forward(x)
-        }
-        BaseLinear::Packed(p) => {
-            let mut no_bias = p.clone();
-            no_bias.bias = None;
-            no_bias.forward(x)
-        }
-    }
+    without_bias(base).0.forward(x)
 }

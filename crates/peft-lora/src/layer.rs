@@ -28,6 +28,10 @@ pub struct LoraLinear {
     pub dropout: Dropout,
     /// DoRA's magnitude (PEFT's `use_dora`); `None` for plain LoRA.
     pub dora: Option<DoraMagnitude>,
+    /// PiSSA's or OLoRA's initial pair `(A₀: [in, r], B₀: [r, out])`, kept for saving the
+    /// adapter as plain LoRA over the original base ([`crate::save_pretrained_converted`]).
+    #[module(skip)]
+    pub initial: Option<(Tensor<2>, Tensor<2>)>,
     /// `α/r` (or `α/√r` with rsLoRA).
     #[module(skip)]
     pub scaling: f64,
@@ -41,6 +45,7 @@ impl LoraLinear {
             lora_b: Param::from_tensor(lora_b),
             dropout: DropoutConfig::new(dropout).init(),
             dora: None,
+            initial: None,
             scaling,
         }
     }
@@ -116,27 +121,25 @@ impl LoraLinear {
 
 impl LayerAdapter for LoraLinear {
     fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
-        if self.dora.is_some() {
-            let result = base.forward(x.clone());
-            let term = self.dora_term(base, x, &result);
-            return result + term;
+        if let Some(magnitude) = &self.dora {
+            if peft_core::dropout::is_active(&self.dropout, &x) {
+                let result = base.forward(x.clone());
+                let term = self.dora_term(base, x, &result);
+                return result + term;
+            }
+            // Without dropout PEFT's `result + (m/n − 1)·(result − bias) + (m/n)·s·B(A(x))` is
+            // `(m/n)·(x·W + s·B(A(x))) + bias`: the LoRA output without the bias, scaled once
+            // (two passes over the output instead of five, in both directions).
+            let (no_bias, bias) = crate::dora::without_bias(base);
+            let pair = (&self.lora_a.val(), &self.lora_b.val(), self.scaling);
+            let scale = magnitude.scale(base, pair.0, pair.1, pair.2);
+            let y = self.lora_forward(&no_bias, x) * scale.unsqueeze_dim::<2>(0).unsqueeze_dim(0);
+            return match bias {
+                Some(b) => y + b.unsqueeze_dim::<2>(0).unsqueeze_dim(0),
+                None => y,
+            };
         }
-        // A dense f32 base without dropout: base product and update as one operation on the
-        // CPU backend (the update accumulated into the base output by BLAS).
-        if let BaseLinear::Dense(l) = base
-            && self.dropout.prob == 0.0
-            && let Some(y) = peft_ops::matmul::lora_linear(
-                x.clone(),
-                l.weight.val(),
-                l.bias.as_ref().map(|b| b.val()),
-                (self.lora_a.val(), self.lora_b.val()),
-                self.scaling as f32,
-            )
-        {
-            return y;
-        }
-        let update = self.update(x.clone());
-        base.forward(x) + update
+        self.lora_forward(base, x)
     }
 
     fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
@@ -196,6 +199,26 @@ impl LoraLinear {
     /// `s · B(A(dropout(x)))`, `[batch, seq, in]` → `[batch, seq, out]`.
     fn update(&self, x: Tensor<3>) -> Tensor<3> {
         self.low_rank(peft_core::dropout::forward(&self.dropout, x))
+    }
+
+    /// `base(x) + s·B(A(dropout(x)))`; for a dense f32 base without dropout the base product
+    /// and the update are one operation on the CPU backend (the update accumulated into the base
+    /// output by BLAS).
+    fn lora_forward(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
+        if let BaseLinear::Dense(l) = base
+            && self.dropout.prob == 0.0
+            && let Some(y) = peft_ops::matmul::lora_linear(
+                x.clone(),
+                l.weight.val(),
+                l.bias.as_ref().map(|b| b.val()),
+                (self.lora_a.val(), self.lora_b.val()),
+                self.scaling as f32,
+            )
+        {
+            return y;
+        }
+        let update = self.update(x.clone());
+        base.forward(x) + update
     }
 
     /// DoRA's term for `x` given the layer's output so far (see [`crate::dora::term`]).

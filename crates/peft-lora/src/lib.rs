@@ -30,6 +30,7 @@
 pub mod combine;
 pub mod config;
 pub mod dora;
+pub mod init;
 pub mod layer;
 pub mod model;
 pub mod multi;
@@ -38,7 +39,7 @@ pub use combine::{Combination, CombinationType, MajoritySign};
 pub use config::{InitLoraWeights, LoraBias, LoraConfig};
 pub use dora::DoraMagnitude;
 pub use layer::{LoraInit, LoraLinear};
-pub use model::{Lora, LoraModel, from_pretrained, get_peft_model};
+pub use model::{Lora, LoraModel, from_pretrained, get_peft_model, save_pretrained_converted};
 pub use multi::{DEFAULT_ADAPTER, LoraSet, MultiLoraBase, MultiLoraModel, NamedAdapter};
 
 /// The README's examples, compiled as doc tests (`cargo test -p <crate> --doc`).

@@ -1,19 +1,20 @@
 //! `get_peft_model`, `PeftModel.from_pretrained`, `save_pretrained` and merging for LoRA.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
-use peft_core::tuner::{LayerTuner, Target, TunedModel, TunerConfig};
+use peft_core::tuner::{LayerTuner, NewLayer, Target, TunedModel, TunerConfig};
 use peft_core::{
     BaseLinear, CausalLm, HostTensor, ModuleInfo, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
     Result, TensorStore,
 };
 use peft_tensors::layout::{burn_linear_weight, transpose_host};
 
-use crate::config::{InitLoraWeights, LoraBias, LoraConfig};
+use crate::config::{LoraBias, LoraConfig};
 use crate::dora::DoraMagnitude;
+use crate::init::BaseInit;
 use crate::layer::{LoraInit, LoraLinear};
 
 /// A model with LoRA adapters on some of its linear layers (and embeddings): the core's
@@ -55,7 +56,10 @@ pub(crate) fn select_targets(
 
 /// One LoRA pair for the layer at `path`, `[d_in → d_out]` (an embedding is `[num → dim]`), from
 /// the configured init or from PEFT's keys in an adapter file; with `use_dora`, its magnitude
-/// over `base` (the frozen linear layer; `None` for an embedding) too.
+/// over `base` (the frozen linear layer; `None` for an embedding) too. With PiSSA or OLoRA the
+/// initial pair comes from `base`, whose residual is returned as the layer's new base — for a
+/// fresh adapter and for one read from a file alike (PEFT recomputes the residual when it loads
+/// such an adapter); the DoRA magnitude is then taken over the residual, as PEFT's order does.
 pub(crate) fn make_pair(
     config: &LoraConfig,
     source: &Source<'_>,
@@ -64,7 +68,7 @@ pub(crate) fn make_pair(
     is_embedding: bool,
     base: Option<&BaseLinear>,
     device: &burn::tensor::Device,
-) -> Result<LoraLinear> {
+) -> Result<NewLayer<LoraLinear>> {
     let (r, alpha) = config.rank_and_alpha(path);
     let scaling = config.scaling(r, alpha);
     // PEFT applies no dropout to an embedding's ids.
@@ -73,9 +77,25 @@ pub(crate) fn make_pair(
     } else {
         config.lora_dropout
     };
-    let pair = match source {
-        Source::Init(init) => LoraLinear::init(d_in, d_out, r, scaling, dropout, *init, device),
-        Source::File(store) => {
+    let initial = match config.base_init() {
+        Some(kind) => Some(initial_from_base(
+            kind,
+            path,
+            base.filter(|_| !is_embedding),
+            r,
+            scaling,
+            device,
+        )?),
+        None => None,
+    };
+    let mut pair = match (source, &initial) {
+        (Source::Init(_), Some((a, b, _))) => {
+            LoraLinear::new(a.clone(), b.clone(), scaling, dropout)
+        }
+        (Source::Init(init), None) => {
+            LoraLinear::init(d_in, d_out, r, scaling, dropout, *init, device)
+        }
+        (Source::File(store), _) => {
             let (a_key, b_key) = peft_keys(path, is_embedding);
             let a = store.f32_shaped(&a_key, &[r, d_in])?;
             let b = store.f32_shaped(&b_key, &[d_out, r])?;
@@ -84,8 +104,16 @@ pub(crate) fn make_pair(
             LoraLinear::new(a, b, scaling, dropout)
         }
     };
+    let new_base = initial.map(|(a, b, residual)| {
+        pair.initial = Some((a, b));
+        residual
+    });
+    let base = new_base.as_ref().or(base);
     if !config.use_dora {
-        return Ok(pair);
+        return Ok(NewLayer {
+            adapter: pair,
+            base: new_base,
+        });
     }
     let Some(base) = base.filter(|_| !is_embedding) else {
         return Err(PeftError::Unsupported(format!(
@@ -102,7 +130,50 @@ pub(crate) fn make_pair(
             DoraMagnitude::new(m, base)
         }
     };
-    Ok(pair.with_dora(dora))
+    Ok(NewLayer {
+        adapter: pair.with_dora(dora),
+        base: new_base,
+    })
+}
+
+/// PiSSA's or OLoRA's initial pair `(A₀: [in, r], B₀: [r, out])` in burn's layout, and the
+/// residual base `W − s·B₀A₀`, from the dense base `base` (its dtype kept).
+fn initial_from_base(
+    kind: BaseInit,
+    path: &str,
+    base: Option<&BaseLinear>,
+    r: usize,
+    scaling: f64,
+    device: &burn::tensor::Device,
+) -> Result<(Tensor<2>, Tensor<2>, BaseLinear)> {
+    let Some(BaseLinear::Dense(linear)) = base else {
+        return Err(PeftError::Unsupported(format!(
+            "{} on `{path}`: the initialisation needs a dense linear base (not an embedding, a \
+             4-bit base or a bf16 weight held packed; load the model with --widen-frozen)",
+            kind.name()
+        )));
+    };
+    let weight = linear.weight.val();
+    let dtype = weight.dtype();
+    let [d_in, d_out] = weight.dims();
+    // PyTorch's [out, in] layout, as PEFT factors it.
+    let w: Vec<f32> = weight
+        .clone()
+        .cast(burn::tensor::DType::F32)
+        .transpose()
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    let (a, b) = kind.initial_pair(&w, [d_out, d_in], r, scaling, path)?;
+    let residual = crate::init::residual(&w, [d_out, d_in], (&a, &b), r, scaling);
+    let residual = burn_linear_weight(&residual, [d_out, d_in], device).cast(dtype);
+    let mut new_base = linear.clone();
+    new_base.weight = new_base.weight.map(|_| residual);
+    Ok((
+        burn_linear_weight(&a, [r, d_in], device),
+        burn_linear_weight(&b, [d_out, r], device),
+        BaseLinear::Dense(new_base),
+    ))
 }
 
 /// PEFT's file key of a layer's DoRA magnitude (PEFT saves the `lora_magnitude_vector` module's
@@ -112,12 +183,8 @@ pub(crate) fn magnitude_key(path: &str) -> String {
 }
 
 /// How `config.init_lora_weights` draws a fresh pair.
-pub(crate) fn init_of(config: &LoraConfig) -> LoraInit {
-    match &config.init_lora_weights {
-        InitLoraWeights::Flag(true) => LoraInit::Default,
-        InitLoraWeights::Flag(false) => LoraInit::Random,
-        InitLoraWeights::Method(_) => LoraInit::Gaussian,
-    }
+pub(crate) fn init_of(config: &LoraConfig) -> Result<LoraInit> {
+    config.fresh_init()
 }
 
 /// PEFT's `get_peft_model(model, LoraConfig(...))`: freezes the base, adds freshly initialised
@@ -222,10 +289,10 @@ impl LayerTuner for Lora {
         target: Target<'_>,
         store: Option<&TensorStore>,
         device: &burn::tensor::Device,
-    ) -> Result<LoraLinear> {
+    ) -> Result<NewLayer<LoraLinear>> {
         let source = match store {
             Some(store) => Source::File(store),
-            None => Source::Init(init_of(config)),
+            None => Source::Init(init_of(config)?),
         };
         make_pair(
             config,
@@ -274,4 +341,58 @@ impl LayerTuner for Lora {
         let key = key.strip_prefix(KEY_PREFIX).unwrap_or(&key).to_string();
         Ok((key, transpose_host(&value)))
     }
+}
+
+/// PEFT's `save_pretrained(dir, path_initial_model_for_weight_conversion=…)` for a PiSSA or
+/// OLoRA adapter: the plain LoRA of rank `2r` that gives the same model over the *original*
+/// base. `A′ = [A; A₀]`, `B′ = [B, −B₀]`, so `s·B′A′ = s·BA − s·B₀A₀` (the training's change);
+/// `r`, `lora_alpha` and the rank / alpha patterns doubled (`lora_alpha · √2` with rsLoRA) so
+/// that the scale stays; `init_lora_weights: true`. Layers without an initial pair are written
+/// as they are.
+pub fn save_pretrained_converted<M>(model: &LoraModel<M>, dir: impl AsRef<Path>) -> Result<()>
+where
+    M: CausalLm<Adapter = LoraLinear>,
+{
+    let mut config = model.config.clone();
+    if config.use_rslora && (!config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty()) {
+        // PEFT refuses this combination too: the patterns' scale cannot be kept with √2.
+        return Err(PeftError::Unsupported(
+            "converting to plain LoRA with use_rslora and rank_pattern / alpha_pattern".into(),
+        ));
+    }
+    let mut tensors = model.adapter_tensors()?;
+    let mut converted = BTreeMap::new();
+    model.model.clone().map_layers(
+        &mut |path, layer: peft_core::AdaptableLinear<LoraLinear>| {
+            if let Some(pair) = &layer.adapter
+                && let Some((a0, b0)) = &pair.initial
+            {
+                let a = Tensor::cat(vec![pair.lora_a.val(), a0.clone()], 1);
+                let b = Tensor::cat(vec![pair.lora_b.val(), b0.clone().neg()], 0);
+                converted.insert(path.to_string(), (a, b));
+            }
+            Ok(layer)
+        },
+        &mut |_, layer| Ok(layer),
+    )?;
+    for (path, (a, b)) in converted {
+        let (a_key, b_key) = peft_keys(&path, false);
+        let (a, a_shape) = torch_layout(a);
+        let (b, b_shape) = torch_layout(b);
+        tensors.insert(a_key, HostTensor::from_f32(a_shape.to_vec(), &a));
+        tensors.insert(b_key, HostTensor::from_f32(b_shape.to_vec(), &b));
+    }
+    config.r *= 2;
+    config.lora_alpha *= if config.use_rslora { 2f64.sqrt() } else { 2.0 };
+    config.rank_pattern.values_mut().for_each(|r| *r *= 2);
+    config.alpha_pattern.values_mut().for_each(|a| *a *= 2.0);
+    config.init_lora_weights = crate::config::InitLoraWeights::Flag(true);
+    peft_core::adapter_files::save_adapter(dir.as_ref(), &config, &tensors)
+}
+
+/// A burn-layout `[in, out]` matrix as PyTorch's `[out, in]` values and shape.
+pub(crate) fn torch_layout(t: Tensor<2>) -> (Vec<f32>, [usize; 2]) {
+    let data = peft_tensors::layout::transpose_data(t.into_data());
+    let shape = [data.shape()[0], data.shape()[1]];
+    (data.iter::<f32>().collect(), shape)
 }

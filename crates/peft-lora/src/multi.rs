@@ -34,13 +34,13 @@ use peft_core::{
     AdaptableEmbedding, AdaptableLinear, AdapterSet, BASE_ADAPTER, BaseLinear, CausalLm,
     HostTensor, ModelInput, NoAdapter, PeftError, Result, TargetModules, TensorStore,
 };
-use peft_tensors::layout::{burn_linear_weight, transpose_data};
+use peft_tensors::layout::burn_linear_weight;
 
 use crate::combine::{Combination, CombinationType, WeightedPair, combine_layer};
 use crate::config::{LoraBias, LoraConfig};
 use crate::layer::LoraLinear;
 use crate::model::{
-    LoraBase, Source, init_of, magnitude_key, make_pair, peft_keys, select_targets,
+    LoraBase, Source, init_of, magnitude_key, make_pair, peft_keys, select_targets, torch_layout,
 };
 
 /// The adapter type of every layer of a [`MultiLoraModel`].
@@ -178,7 +178,7 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<()> {
         self.check_new_name(name)?;
         let entry = self.entry(name, config)?;
-        let source = Source::Init(init_of(&entry.config));
+        let source = Source::Init(init_of(&entry.config)?);
         let pairs = self.make_pairs(&entry, &source)?;
         self.install(entry, pairs)
     }
@@ -571,6 +571,16 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     /// multi-adapter model cannot hold.
     fn entry(&self, name: &str, config: LoraConfig) -> Result<NamedAdapter> {
         config.validate("LoraConfig")?;
+        if let Some(kind) = config.base_init() {
+            // PEFT refuses it too: PiSSA/OLoRA change the base the other adapters share.
+            return Err(PeftError::Unsupported(format!(
+                "adapter `{name}` was initialised with {}, which changes the base weight that \
+                 several adapters share; convert it to plain LoRA \
+                 (peft_lora::save_pretrained_converted, or PEFT's \
+                 path_initial_model_for_weight_conversion) or load it alone",
+                kind.name()
+            )));
+        }
         if config
             .modules_to_save
             .as_ref()
@@ -663,7 +673,8 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                     ))
                 })?;
                 let base = bases.get(path);
-                let pair = make_pair(&entry.config, source, path, d, is_embedding, base, &device)?;
+                let pair =
+                    make_pair(&entry.config, source, path, d, is_embedding, base, &device)?.adapter;
                 Ok((path.clone(), pair.no_dropout()))
             })
             .collect()
@@ -793,11 +804,4 @@ fn union_targets(entries: &[NamedAdapter], model_type: &str) -> Result<TargetMod
         "target_modules",
         "the adapters mix lists and regexes of target modules (PEFT refuses this too)",
     ))
-}
-
-/// A burn-layout 2-D tensor in PyTorch's layout (transposed): values, row-major, and shape.
-fn torch_layout(t: Tensor<2>) -> (Vec<f32>, [usize; 2]) {
-    let data = transpose_data(t.into_data());
-    let shape = [data.shape()[0], data.shape()[1]];
-    (data.iter::<f32>().collect(), shape)
 }

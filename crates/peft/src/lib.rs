@@ -143,6 +143,8 @@ pub struct ConfigOverrides {
     pub use_dora: Option<bool>,
     /// LoRA's `use_rslora` (scale `α/√r`).
     pub use_rslora: Option<bool>,
+    /// LoRA's `init_lora_weights`: `"true"`, `"false"` or an initialisation's name.
+    pub init_lora_weights: Option<String>,
     /// `target_modules` (LoRA, IA3).
     pub target_modules: Option<TargetModules>,
     /// `num_virtual_tokens` (prompt tuning, P-tuning, prefix tuning).

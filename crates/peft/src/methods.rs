@@ -31,6 +31,13 @@ adapter_methods! {
             c.lora_dropout = o.lora_dropout.unwrap_or(c.lora_dropout);
             c.use_dora = o.use_dora.unwrap_or(c.use_dora);
             c.use_rslora = o.use_rslora.unwrap_or(c.use_rslora);
+            if let Some(init) = &o.init_lora_weights {
+                c.init_lora_weights = match init.as_str() {
+                    "true" => peft_lora::InitLoraWeights::Flag(true),
+                    "false" => peft_lora::InitLoraWeights::Flag(false),
+                    name => peft_lora::InitLoraWeights::Method(name.to_string()),
+                };
+            }
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }

@@ -101,6 +101,7 @@ fn flags_set_the_keys_each_method_has() {
         lora_dropout: Some(0.1),
         use_dora: Some(true),
         use_rslora: Some(true),
+        init_lora_weights: Some("pissa".into()),
         target_modules: Some(TargetModules::List(vec!["dense".into()])),
         num_virtual_tokens: Some(3),
         base_model_name_or_path: Some("bloom-tiny".into()),
@@ -124,6 +125,7 @@ fn flags_set_the_keys_each_method_has() {
                     (&json["use_dora"], &json["use_rslora"]),
                     (&true.into(), &true.into())
                 );
+                assert_eq!(json["init_lora_weights"], "pissa");
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }
             PeftType::Ia3 => assert_eq!(json["target_modules"], serde_json::json!(["dense"])),

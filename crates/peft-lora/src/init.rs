@@ -1,0 +1,162 @@
+//! The initialisations that start from the base weight: PiSSA (`init_lora_weights="pissa"`,
+//! PEFT's `pissa_init`) and OLoRA (`"olora"`, `olora_init`).
+//!
+//! Both factor the frozen weight `W: [out, in]` (PyTorch's layout), take `r` components as the
+//! initial pair `(A₀, B₀)` and leave the residual `W − s·B₀A₀` as the base the layer runs over,
+//! so that the model is unchanged at the start while the adapter holds `W`'s principal part:
+//!
+//! * PiSSA: `W = U·diag(S)·Vᵀ`, `A₀ = diag(√(S_r/s))·Vᵀ_r`, `B₀ = U_r·diag(√(S_r/s))`;
+//! * OLoRA: `W = Q·R`, `A₀ = R_r` (the first `r` rows), `B₀ = Q_r` (the first `r` columns).
+//!
+//! Factors are computed in f64 with nalgebra (already peft-lora's dependency for
+//! `add_weighted_adapter`'s SVD; its SVD and QR are exact, PEFT's `torch.linalg` calls are f32).
+//! Singular vectors and QR factors have free signs, so two implementations agree on the products
+//! `B₀A₀` and the residual, not on `A₀` and `B₀` themselves.
+
+use peft_core::{PeftError, Result};
+
+/// An initialisation that changes the base weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseInit {
+    /// PiSSA: the top `r` singular components.
+    Pissa,
+    /// OLoRA: the first `r` columns of `Q` and rows of `R` of `W = QR`.
+    Olora,
+}
+
+impl BaseInit {
+    /// The `init_lora_weights` string.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pissa => "pissa",
+            Self::Olora => "olora",
+        }
+    }
+
+    /// `(A₀: [r, in], B₀: [out, r])` for `w: [out, in]` (row-major, PyTorch's layout) and the
+    /// layer's `scaling` (PiSSA divides the singular values by it).
+    pub fn initial_pair(
+        self,
+        w: &[f32],
+        [out, d_in]: [usize; 2],
+        r: usize,
+        scaling: f64,
+        path: &str,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let k = out.min(d_in);
+        if r > k {
+            return Err(PeftError::InvalidInput(format!(
+                "{} on `{path}`: rank {r} exceeds the weight's {k} components ([{out}, {d_in}])",
+                self.name()
+            )));
+        }
+        let matrix = nalgebra::DMatrix::<f64>::from_fn(out, d_in, |i, j| w[i * d_in + j] as f64);
+        match self {
+            Self::Pissa => pissa(matrix, r, scaling, path),
+            Self::Olora => Ok(olora(matrix, r)),
+        }
+    }
+}
+
+fn pissa(
+    matrix: nalgebra::DMatrix<f64>,
+    r: usize,
+    scaling: f64,
+    path: &str,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (out, d_in) = matrix.shape();
+    let svd = matrix.svd(true, true);
+    let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
+        return Err(PeftError::InvalidInput(format!(
+            "pissa on `{path}`: the SVD gave no singular vectors"
+        )));
+    };
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
+    let mut a = vec![0f32; r * d_in];
+    let mut b = vec![0f32; out * r];
+    for (k, &idx) in order.iter().take(r).enumerate() {
+        let root = (svd.singular_values[idx] / scaling).sqrt();
+        for j in 0..d_in {
+            a[k * d_in + j] = (root * v_t[(idx, j)]) as f32;
+        }
+        for i in 0..out {
+            b[i * r + k] = (u[(i, idx)] * root) as f32;
+        }
+    }
+    Ok((a, b))
+}
+
+fn olora(matrix: nalgebra::DMatrix<f64>, r: usize) -> (Vec<f32>, Vec<f32>) {
+    let (out, d_in) = matrix.shape();
+    let qr = matrix.qr();
+    let (q, rm) = (qr.q(), qr.r());
+    let a = (0..r)
+        .flat_map(|k| (0..d_in).map(move |j| (k, j)))
+        .map(|(k, j)| rm[(k, j)] as f32)
+        .collect();
+    let b = (0..out)
+        .flat_map(|i| (0..r).map(move |k| (i, k)))
+        .map(|(i, k)| q[(i, k)] as f32)
+        .collect();
+    (a, b)
+}
+
+/// `W − s·B₀A₀`, `[out, in]`.
+pub fn residual(
+    w: &[f32],
+    [out, d_in]: [usize; 2],
+    (a, b): (&[f32], &[f32]),
+    r: usize,
+    scaling: f64,
+) -> Vec<f32> {
+    let mut res = w.to_vec();
+    for i in 0..out {
+        for j in 0..d_in {
+            let product: f64 = (0..r)
+                .map(|k| b[i * r + k] as f64 * a[k * d_in + j] as f64)
+                .sum();
+            res[i * d_in + j] = (w[i * d_in + j] as f64 - scaling * product) as f32;
+        }
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 3 × 2 matrix: PiSSA's product at full rank is `W / s` (the residual vanishes); OLoRA's
+    /// is `W` itself; at rank 1 PiSSA keeps the top singular component.
+    #[test]
+    fn full_rank_factors_reconstruct_the_weight() {
+        let w = [3.0f32, 1.0, 1.0, 3.0, 0.0, 2.0];
+        for init in [BaseInit::Pissa, BaseInit::Olora] {
+            let (a, b) = init.initial_pair(&w, [3, 2], 2, 2.0, "t").unwrap();
+            let res = residual(&w, [3, 2], (&a, &b), 2, 2.0);
+            let expected_scale = match init {
+                BaseInit::Pissa => 0.0,
+                BaseInit::Olora => -1.0,
+            };
+            for (r, w) in res.iter().zip(w) {
+                assert!((r - expected_scale * w).abs() < 1e-5, "{init:?}: {res:?}");
+            }
+        }
+        // Rank 1: the residual is orthogonal to the kept direction, so its norm is the second
+        // singular value (W's singular values: √(14 ± √52)... checked against the Frobenius norm).
+        let (a, b) = BaseInit::Pissa
+            .initial_pair(&w, [3, 2], 1, 1.0, "t")
+            .unwrap();
+        let res = residual(&w, [3, 2], (&a, &b), 1, 1.0);
+        let frob2: f32 = w.iter().map(|v| v * v).sum();
+        let res2: f32 = res.iter().map(|v| v * v).sum();
+        let top2: f32 = a.iter().map(|v| v * v).sum::<f32>() * b.iter().map(|v| v * v).sum::<f32>();
+        assert!((frob2 - res2 - top2).abs() < 1e-4, "{frob2} {res2} {top2}");
+        assert!(res2 < top2);
+        let err = BaseInit::Olora
+            .initial_pair(&w, [3, 2], 3, 1.0, "x.q_proj")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("olora on `x.q_proj`: rank 3 exceeds"), "{err}");
+    }
+}
