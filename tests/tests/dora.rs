@@ -155,21 +155,12 @@ fn one_adamw_step_matches_pytorch() {
     assert_eq!(checked, 18);
 }
 
-/// DoRA on an embedding is refused naming the layer.
+/// DoRA on an embedding (PEFT's `DoraEmbeddingLayer`: the magnitude per embedding dimension,
+/// the norm over the table's rows) beside q_proj and down_proj.
 #[test]
-fn unsupported_dora_is_refused_by_name() {
-    let device = device();
-    let base = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
-    let config = LoraConfig::from_json(
-        r#"{"use_dora": true, "target_modules": ["embed_tokens", "q_proj"]}"#,
-        "test",
-    )
-    .unwrap();
-    let err = get_peft_model(base, config).unwrap_err().to_string();
-    assert!(
-        err.contains("DoRA on the embedding `model.embed_tokens`"),
-        "{err}"
-    );
+fn llama_embedding_and_mlp() {
+    dora_matches_peft("dora-llama-emb");
+    crate::lora::trainable_counts_match("dora-llama-emb");
 }
 
 /// A mixed batch — DoRA on row 0, LoRA on row 1, the base on row 2 — gives each row what that
@@ -263,7 +254,7 @@ fn missing_magnitude_is_named() {
 fn export_for_python() {
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop");
     let device = device();
-    for name in ["dora-bloom", "dora-llama", "dora-phi3"] {
+    for name in ["dora-bloom", "dora-llama", "dora-llama-emb", "dora-phi3"] {
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
         let dora = from_pretrained(base, adapter_dir(name), true).unwrap();
         dora.save_pretrained(out.join(format!("{name}-adapter")))

@@ -65,9 +65,14 @@ pub trait LayerAdapter: Module + ModuleDisplay {
         None
     }
 
-    /// The additive term of an adapted embedding for `ids: [batch, seq]`, as
+    /// The term of an adapted embedding for `ids: [batch, seq]` given the output so far, as
     /// [`delta_linear`](Self::delta_linear).
-    fn delta_embedding(&self, _ids: Tensor<2, Int>) -> Option<Tensor<3>> {
+    fn delta_embedding(
+        &self,
+        _base: &Embedding,
+        _ids: Tensor<2, Int>,
+        _result: &Tensor<3>,
+    ) -> Option<Tensor<3>> {
         None
     }
 

@@ -235,7 +235,7 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
             ids,
             |ids| base.forward(ids),
             |a, ids| a.forward_embedding(base, ids),
-            |a, ids, _| a.delta_embedding(ids),
+            |a, ids, result| a.delta_embedding(base, ids, result),
             |ids, index| ids.select(0, index),
         )
     }
@@ -263,13 +263,26 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
         sum
     }
 
-    fn delta_embedding(&self, ids: Tensor<2, Int>) -> Option<Tensor<3>> {
-        let mut terms = self
-            .active
-            .iter()
-            .filter_map(|&i| self.adapters[i].delta_embedding(ids.clone()));
-        let first = terms.next()?;
-        Some(terms.fold(first, |sum, d| sum + d))
+    fn delta_embedding(
+        &self,
+        base: &Embedding,
+        ids: Tensor<2, Int>,
+        result: &Tensor<3>,
+    ) -> Option<Tensor<3>> {
+        let mut sum: Option<Tensor<3>> = None;
+        for &i in &self.active {
+            let so_far = match &sum {
+                Some(s) => result.clone() + s.clone(),
+                None => result.clone(),
+            };
+            if let Some(d) = self.adapters[i].delta_embedding(base, ids.clone(), &so_far) {
+                sum = Some(match sum {
+                    Some(s) => s + d,
+                    None => d,
+                });
+            }
+        }
+        sum
     }
 
     fn is_additive(&self) -> bool {

@@ -40,6 +40,8 @@ pub struct Target<'a> {
     /// initial state depends on the base weight reads (DoRA's magnitude, PEFT's
     /// `update_layer(base_layer, …)`).
     pub base: Option<&'a BaseLinear>,
+    /// The frozen embedding being adapted (`None` for a linear layer).
+    pub embedding: Option<&'a burn::nn::Embedding>,
 }
 
 /// What [`LayerTuner::make_layer`] builds for one layer: the adapter, and the base weight the
@@ -389,6 +391,7 @@ where
                 dims: layer.dims(),
                 is_embedding: false,
                 base: Some(&layer.base),
+                embedding: None,
             };
             let NewLayer { adapter, base } = (make.borrow_mut())(target)?;
             let mut layer = layer.with_adapter(Some(adapter));
@@ -407,6 +410,7 @@ where
                 dims: layer.dims(),
                 is_embedding: true,
                 base: None,
+                embedding: Some(&layer.base),
             };
             let adapter = (make.borrow_mut())(target)?.adapter;
             Ok(layer.with_adapter(Some(adapter)))

@@ -77,7 +77,7 @@ pub struct LoraConfig {
     #[serde(default)]
     pub use_rslora: bool,
     /// DoRA: a trained magnitude per output feature of each adapted linear layer (saved as
-    /// `lora_magnitude_vector`). Embeddings with DoRA are refused.
+    /// `lora_magnitude_vector`; on an embedding, one per embedding dimension).
     #[serde(default)]
     pub use_dora: bool,
     /// Initialisation of A and B.

@@ -143,7 +143,12 @@ impl LayerAdapter for LoraLinear {
     }
 
     fn forward_embedding(&self, base: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
-        base.forward(ids.clone()) + self.embedding_update(ids)
+        let out = base.forward(ids.clone()) + self.embedding_update(ids);
+        match self.embedding_dora_scale(base) {
+            // PEFT: `(m/n)·result + (m/n)·s·B(A[ids])`, `m` and `n` per embedding dimension.
+            Some(scale) => out * scale.unsqueeze_dim::<2>(0).unsqueeze_dim(0),
+            None => out,
+        }
     }
 
     fn delta_linear(
@@ -158,8 +163,20 @@ impl LayerAdapter for LoraLinear {
         })
     }
 
-    fn delta_embedding(&self, ids: Tensor<2, Int>) -> Option<Tensor<3>> {
-        Some(self.embedding_update(ids))
+    fn delta_embedding(
+        &self,
+        base: &Embedding,
+        ids: Tensor<2, Int>,
+        result: &Tensor<3>,
+    ) -> Option<Tensor<3>> {
+        let update = self.embedding_update(ids);
+        Some(match self.embedding_dora_scale(base) {
+            Some(scale) => {
+                let scale = scale.unsqueeze_dim::<2>(0).unsqueeze_dim(0);
+                result.clone() * (scale.clone() - 1.0) + update * scale
+            }
+            None => update,
+        })
     }
 
     fn is_additive(&self) -> bool {
@@ -185,11 +202,21 @@ impl LayerAdapter for LoraLinear {
     }
 
     fn merge_embedding(&mut self, mut base: Embedding) -> Result<Embedding> {
+        let delta = self.delta_weight();
+        if let Some(dora) = &mut self.dora {
+            base.weight = dora.merge(table_as_linear(&base), delta)?.weight;
+            return Ok(base);
+        }
         base.weight = self.merged_weight(base.weight)?;
         Ok(base)
     }
 
     fn unmerge_embedding(&mut self, mut base: Embedding) -> Result<Embedding> {
+        let delta = self.delta_weight();
+        if let Some(dora) = &mut self.dora {
+            base.weight = dora.unmerge(table_as_linear(&base), delta)?.weight;
+            return Ok(base);
+        }
         base.weight = self.unmerged_weight(base.weight);
         Ok(base)
     }
@@ -233,6 +260,14 @@ impl LoraLinear {
         crate::dora::term(magnitude, base, pair, result, dora_x, lora, dropout_active)
     }
 
+    /// DoRA's `m / ‖T + s·A·B‖` over each embedding dimension of the table `T: [num, dim]`
+    /// (PEFT's `DoraEmbeddingLayer`), `[dim]`; `None` without DoRA.
+    fn embedding_dora_scale(&self, base: &Embedding) -> Option<Tensor<1>> {
+        let dora = self.dora.as_ref()?;
+        let table = BaseLinear::Dense(table_as_linear(base));
+        Some(dora.scale(&table, &self.lora_a.val(), &self.lora_b.val(), self.scaling))
+    }
+
     /// `s · B(A(x))` without dropout.
     fn low_rank(&self, x: Tensor<3>) -> Tensor<3> {
         // PEFT scales `B(A(x))`; scaling the rank-r intermediate instead is the same product
@@ -259,5 +294,14 @@ impl LoraLinear {
     fn unmerged_weight(&self, weight: Param<Tensor<2>>) -> Param<Tensor<2>> {
         let delta = self.delta_weight();
         weight.map(|w| w - delta)
+    }
+}
+
+/// An embedding table `[num, dim]` as a bias-free linear layer `[num → dim]`: DoRA's column norm
+/// and merge are the same for both (the norm runs over the `num` rows of each dimension).
+pub(crate) fn table_as_linear(embedding: &Embedding) -> Linear {
+    Linear {
+        weight: embedding.weight.clone(),
+        bias: None,
     }
 }

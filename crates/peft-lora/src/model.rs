@@ -63,12 +63,16 @@ pub(crate) fn select_targets(
 pub(crate) fn make_pair(
     config: &LoraConfig,
     source: &Source<'_>,
-    path: &str,
-    (d_in, d_out): (usize, usize),
-    is_embedding: bool,
-    base: Option<&BaseLinear>,
+    target: Target<'_>,
     device: &burn::tensor::Device,
 ) -> Result<NewLayer<LoraLinear>> {
+    let Target {
+        path,
+        dims: (d_in, d_out),
+        is_embedding,
+        base,
+        embedding,
+    } = target;
     let (r, alpha) = config.rank_and_alpha(path);
     let scaling = config.scaling(r, alpha);
     // PEFT applies no dropout to an embedding's ids.
@@ -108,17 +112,18 @@ pub(crate) fn make_pair(
         pair.initial = Some((a, b));
         residual
     });
-    let base = new_base.as_ref().or(base);
     if !config.use_dora {
         return Ok(NewLayer {
             adapter: pair,
             base: new_base,
         });
     }
-    let Some(base) = base.filter(|_| !is_embedding) else {
+    // DoRA's norm runs over the base the layer runs over: the residual after PiSSA / OLoRA (as
+    // PEFT initialises the variant after them); an embedding's table as a `[num → dim]` layer.
+    let table = embedding.map(|e| BaseLinear::Dense(crate::layer::table_as_linear(e)));
+    let Some(base) = new_base.as_ref().or(base).or(table.as_ref()) else {
         return Err(PeftError::Unsupported(format!(
-            "DoRA on the embedding `{path}`: peft-rs applies DoRA to linear layers only; \
-             leave the embedding out of target_modules"
+            "DoRA on `{path}`: no base weight to take the magnitude over"
         )));
     };
     let dora = match source {
@@ -294,15 +299,7 @@ impl LayerTuner for Lora {
             Some(store) => Source::File(store),
             None => Source::Init(init_of(config)?),
         };
-        make_pair(
-            config,
-            &source,
-            target.path,
-            target.dims,
-            target.is_embedding,
-            target.base,
-            device,
-        )
+        make_pair(config, &source, target, device)
     }
 
     fn module_of_key(key: &str) -> Option<&str> {

@@ -30,6 +30,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 use peft_core::adapter_files::{CONFIG_NAME, WEIGHTS_NAME, save_adapter};
 use peft_core::params::{ParamUpdate, map_params};
+use peft_core::tuner::Target;
 use peft_core::{
     AdaptableEmbedding, AdaptableLinear, AdapterSet, BASE_ADAPTER, BaseLinear, CausalLm,
     HostTensor, ModelInput, NoAdapter, PeftError, Result, TargetModules, TensorStore,
@@ -652,7 +653,7 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
     ) -> Result<BTreeMap<String, LoraLinear>> {
         let device = self.model.device();
         let bases = if entry.config.use_dora {
-            self.linear_bases()?
+            self.bases()?
         } else {
             BTreeMap::new()
         };
@@ -672,9 +673,20 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                         "LoRA on `{path}`: only linear layers and embeddings can be adapted"
                     ))
                 })?;
-                let base = bases.get(path);
-                let pair =
-                    make_pair(&entry.config, source, path, d, is_embedding, base, &device)?.adapter;
+                let target = Target {
+                    path,
+                    dims: d,
+                    is_embedding,
+                    base: match bases.get(path) {
+                        Some(Base::Linear(b)) => Some(b),
+                        _ => None,
+                    },
+                    embedding: match bases.get(path) {
+                        Some(Base::Embedding(e)) => Some(e),
+                        _ => None,
+                    },
+                };
+                let pair = make_pair(&entry.config, source, target, &device)?.adapter;
                 Ok((path.clone(), pair.no_dropout()))
             })
             .collect()
@@ -733,18 +745,23 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
         Ok(found.into_inner())
     }
 
-    /// Every linear layer's frozen base, by path (handles on the same weights): what DoRA's
-    /// magnitudes are computed against.
-    fn linear_bases(&self) -> Result<BTreeMap<String, BaseLinear>> {
+    /// Every layer's frozen base, by path (handles on the same weights): what DoRA's magnitudes
+    /// are computed against.
+    fn bases(&self) -> Result<BTreeMap<String, Base>> {
         let found = std::cell::RefCell::new(BTreeMap::new());
         self.model.clone().map_layers(
             &mut |path, layer: AdaptableLinear<LoraSet>| {
                 found
                     .borrow_mut()
-                    .insert(path.to_string(), layer.base.clone());
+                    .insert(path.to_string(), Base::Linear(layer.base.clone()));
                 Ok(layer)
             },
-            &mut |_, layer: AdaptableEmbedding<LoraSet>| Ok(layer),
+            &mut |path, layer: AdaptableEmbedding<LoraSet>| {
+                found
+                    .borrow_mut()
+                    .insert(path.to_string(), Base::Embedding(layer.base.clone()));
+                Ok(layer)
+            },
         )?;
         Ok(found.into_inner())
     }
@@ -804,4 +821,10 @@ fn union_targets(entries: &[NamedAdapter], model_type: &str) -> Result<TargetMod
         "target_modules",
         "the adapters mix lists and regexes of target modules (PEFT refuses this too)",
     ))
+}
+
+/// A layer's frozen base, linear or embedding.
+enum Base {
+    Linear(BaseLinear),
+    Embedding(burn::nn::Embedding),
 }
