@@ -385,6 +385,16 @@ pub fn assert_params_close(
     b: &std::collections::BTreeMap<String, Vec<f32>>,
     what: &str,
 ) {
+    assert_params_within(a, b, what, 1e-6);
+}
+
+/// [`assert_params_close`] within `tolerance` relative (1e-3 absolute floor).
+pub fn assert_params_within(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+    what: &str,
+    tolerance: f32,
+) {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (key, x) in a {
         let worst = x
@@ -393,7 +403,7 @@ pub fn assert_params_close(
             .map(|(p, q)| (p - q).abs() / p.abs().max(q.abs()).max(1e-3))
             .fold(0f32, f32::max);
         assert!(
-            worst <= 1e-6,
+            worst <= tolerance,
             "{what}: {key} differs by {worst:e} (relative)"
         );
     }

@@ -4,11 +4,19 @@
 //! outright ends the job instead of hanging it.
 #![cfg(feature = "mpi")]
 
-use peft_tests::{assert_params_close, fixtures};
+use peft_tests::{assert_params_within, fixtures};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// Two ranks of one thread each against one process of two: the products sum in another order
+/// where a kernel splits its work by thread. On CPUs with AVX-512 the runs agree within 1e-6; on
+/// an AVX2-only CPU (2026-12-06, AMD EPYC without AVX-512) the LoRA case measured up to 5.2e-5
+/// after its 4 AdamW steps — Adam divides each update by its gradient's own scale, so tiny
+/// gradients carry their rounding into the weights. A wrong mask or a missing gradient sum
+/// differs by orders of magnitude more.
+const ACROSS_THREAD_COUNTS: f32 = 2e-4;
 
 use peft_core::TensorStore;
 
@@ -115,10 +123,11 @@ fn two_ranks_equal_one_process_and_resume_in_one() {
             1,
             "rank 0 alone reports: {stderr}"
         );
-        assert_params_close(
+        assert_params_within(
             &adapter(&one.join("adapter")),
             &adapter(&two.join("adapter")),
             name,
+            ACROSS_THREAD_COUNTS,
         );
         let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
         assert_eq!(metrics.lines().count(), 4, "one line per step, rank 0 only");
@@ -152,10 +161,11 @@ fn two_ranks_equal_one_process_and_resume_in_one() {
         ]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         ok(&peft(&train_args(&resumed, &flags)));
-        assert_params_close(
+        assert_params_within(
             &adapter(&one.join("adapter")),
             &adapter(&resumed.join("adapter")),
             &format!("{name}, resumed in one process"),
+            ACROSS_THREAD_COUNTS,
         );
     }
 }
