@@ -179,6 +179,29 @@ impl<A: LayerAdapter> AdapterSet<A> {
 }
 
 impl<A: LayerAdapter> AdapterSet<A> {
+    /// The sum of the active adapters' terms, each given the output so far (`result` plus the
+    /// terms before it), as the forward pass adds them; `None` when no adapter has a term.
+    fn sum_of_terms(
+        &self,
+        result: &Tensor<3>,
+        term: impl Fn(&A, &Tensor<3>) -> Option<Tensor<3>>,
+    ) -> Option<Tensor<3>> {
+        let mut sum: Option<Tensor<3>> = None;
+        for &i in &self.active {
+            let so_far = match &sum {
+                Some(s) => result.clone() + s.clone(),
+                None => result.clone(),
+            };
+            if let Some(d) = term(&self.adapters[i], &so_far) {
+                sum = Some(match sum {
+                    Some(s) => s + d,
+                    None => d,
+                });
+            }
+        }
+        sum
+    }
+
     /// The layer's output: `base(input)` plus the terms of the adapters in use (see the module
     /// docs), where `own` is one adapter's whole forward pass and `delta(adapter, input,
     /// result)` its term given the output so far, both on `input` or on its rows `index`.
@@ -246,21 +269,7 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
         x: Tensor<3>,
         result: &Tensor<3>,
     ) -> Option<Tensor<3>> {
-        // Each active adapter's term given the output so far, as in the forward pass.
-        let mut sum: Option<Tensor<3>> = None;
-        for &i in &self.active {
-            let so_far = match &sum {
-                Some(s) => result.clone() + s.clone(),
-                None => result.clone(),
-            };
-            if let Some(d) = self.adapters[i].delta_linear(base, x.clone(), &so_far) {
-                sum = Some(match sum {
-                    Some(s) => s + d,
-                    None => d,
-                });
-            }
-        }
-        sum
+        self.sum_of_terms(result, |a, so_far| a.delta_linear(base, x.clone(), so_far))
     }
 
     fn delta_embedding(
@@ -269,20 +278,9 @@ impl<A: LayerAdapter> LayerAdapter for AdapterSet<A> {
         ids: Tensor<2, Int>,
         result: &Tensor<3>,
     ) -> Option<Tensor<3>> {
-        let mut sum: Option<Tensor<3>> = None;
-        for &i in &self.active {
-            let so_far = match &sum {
-                Some(s) => result.clone() + s.clone(),
-                None => result.clone(),
-            };
-            if let Some(d) = self.adapters[i].delta_embedding(base, ids.clone(), &so_far) {
-                sum = Some(match sum {
-                    Some(s) => s + d,
-                    None => d,
-                });
-            }
-        }
-        sum
+        self.sum_of_terms(result, |a, so_far| {
+            a.delta_embedding(base, ids.clone(), so_far)
+        })
     }
 
     fn is_additive(&self) -> bool {
