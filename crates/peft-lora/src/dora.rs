@@ -219,13 +219,10 @@ fn base_product(base: &BaseLinear, rows: Tensor<2>) -> Tensor<2> {
             let dtype = w.dtype();
             rows.cast(dtype).matmul(w).cast(DType::F32)
         }
-        BaseLinear::Packed(p) => {
-            let mut no_bias = p.clone();
-            no_bias.bias = None;
-            no_bias
-                .forward(rows.unsqueeze_dim::<3>(0))
-                .squeeze_dim::<2>(0)
-        }
+        BaseLinear::Packed(_) => without_bias(base)
+            .0
+            .forward(rows.unsqueeze_dim::<3>(0))
+            .squeeze_dim::<2>(0),
     }
 }
 
