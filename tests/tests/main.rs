@@ -19,3 +19,4 @@ mod prompt;
 mod ptuning;
 mod quant;
 mod train;
+mod trainable_tokens;

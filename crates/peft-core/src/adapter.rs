@@ -33,6 +33,7 @@ use peft_ops::packed::PackedWeight;
 use peft_ops::precision::ComputeDtype;
 
 use crate::error::Result;
+use crate::tokens::TokenRows;
 
 /// A method that changes what one linear layer computes (LoRA, IA3, ...).
 ///
@@ -124,7 +125,11 @@ pub struct AdaptableLinear<A: LayerAdapter> {
     pub base: BaseLinear,
     /// The adapter, if this layer is targeted.
     pub adapter: Option<A>,
-    /// Whether `adapter` is currently folded into `base` (then the forward pass skips it).
+    /// Trained output rows (an untied `lm_head` in PEFT's `trainable_token_indices` dict form):
+    /// the logits of those tokens computed from their own rows.
+    pub token_adapter: Option<TokenRows>,
+    /// Whether `adapter` (and `token_adapter`) is currently folded into `base` (then the forward
+    /// pass skips it).
     #[module(skip)]
     pub merged: bool,
 }
@@ -140,16 +145,26 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
         Self {
             base,
             adapter: None,
+            token_adapter: None,
             merged: false,
         }
     }
 
     /// `[batch, seq, in]` → `[batch, seq, out]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        match (&self.adapter, self.merged) {
-            (Some(adapter), false) => adapter.forward_linear(&self.base, x),
-            _ => self.base.forward(x),
+        let out = match (&self.adapter, self.merged) {
+            (Some(adapter), false) => adapter.forward_linear(&self.base, x.clone()),
+            _ => self.base.forward(x.clone()),
+        };
+        match (&self.token_adapter, self.merged) {
+            (Some(tokens), false) => tokens.project(out, x),
+            _ => out,
         }
+    }
+
+    /// Whether an adapter (or trained rows) changes this layer's output now.
+    fn is_adapted(&self) -> bool {
+        (self.adapter.is_some() || self.token_adapter.is_some()) && !self.merged
     }
 
     /// `(in_features, out_features)`.
@@ -160,7 +175,7 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     /// The weight `[in, out]` when this layer is a frozen, bias-free dense f32 product with no
     /// active adapter — what a caller may multiply by itself (the chunked output loss).
     pub fn frozen_dense_weight(&self) -> Option<Tensor<2>> {
-        let active = self.adapter.is_some() && !self.merged;
+        let active = self.is_adapted();
         match &self.base {
             BaseLinear::Dense(l) if !active && l.bias.is_none() => {
                 let w = l.weight.val();
@@ -174,7 +189,7 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     /// CPU backend with no active adapter — what a caller may multiply by itself in bf16 (the
     /// chunked output loss).
     pub fn frozen_bf16_weight(&self) -> Option<Arc<dyn PackedWeight>> {
-        let active = self.adapter.is_some() && !self.merged;
+        let active = self.is_adapted();
         match &self.base {
             BaseLinear::Packed(p)
                 if !active
@@ -192,31 +207,65 @@ impl<A: LayerAdapter> AdaptableLinear<A> {
     /// A packed or bf16 base is widened first: the merged layer is dense f32 (no re-quantisation
     /// or re-rounding), and computes in f32 from then on.
     pub fn merge(mut self) -> Result<Self> {
-        if let (Some(adapter), false) = (&mut self.adapter, self.merged) {
-            self.base = BaseLinear::Dense(adapter.merge_linear(self.base.into_dense())?);
-            self.merged = true;
+        if !self.is_adapted() {
+            return Ok(self);
         }
+        let mut dense = self.base.into_dense();
+        if let Some(adapter) = &mut self.adapter {
+            dense = adapter.merge_linear(dense)?;
+        }
+        if let Some(tokens) = &self.token_adapter {
+            dense = replace_output_rows(tokens, dense, tokens.values())?;
+        }
+        self.base = BaseLinear::Dense(dense);
+        self.merged = true;
         Ok(self)
     }
 
     /// Undoes [`merge`](Self::merge) (the base stays dense).
     pub fn unmerge(mut self) -> Result<Self> {
-        if let (Some(adapter), true) = (&mut self.adapter, self.merged) {
-            self.base = BaseLinear::Dense(adapter.unmerge_linear(self.base.into_dense())?);
-            self.merged = false;
+        if !self.merged {
+            return Ok(self);
         }
+        let mut dense = self.base.into_dense();
+        if let Some(tokens) = &self.token_adapter {
+            dense = replace_output_rows(tokens, dense, tokens.original.clone())?;
+        }
+        if let Some(adapter) = &mut self.adapter {
+            dense = adapter.unmerge_linear(dense)?;
+        }
+        self.base = BaseLinear::Dense(dense);
+        self.merged = false;
         Ok(self)
     }
 
-    /// Replaces the adapter, keeping the base (used by
+    /// Replaces the adapter, keeping the base and the trained rows (used by
     /// [`CausalLm::map_layers`](crate::model::CausalLm::map_layers)).
     pub fn with_adapter<B: LayerAdapter>(self, adapter: Option<B>) -> AdaptableLinear<B> {
         AdaptableLinear {
             base: self.base,
             adapter,
+            token_adapter: self.token_adapter,
             merged: false,
         }
     }
+
+    /// The layer without trained rows (after they were merged, or to drop them).
+    pub fn without_tokens(mut self) -> Self {
+        self.token_adapter = None;
+        self
+    }
+}
+
+/// `layer` (burn's `weight: [in, out]`) with output rows — PyTorch's `weight[id]`, burn's
+/// columns — replaced by `rows: [n, in]`.
+fn replace_output_rows(tokens: &TokenRows, layer: Linear, rows: Tensor<2>) -> Result<Linear> {
+    let require_grad = layer.weight.is_require_grad();
+    let weight = tokens.replace_rows(layer.weight.val().transpose(), rows)?;
+    Ok(Linear {
+        weight: burn::module::Param::from_tensor(weight.transpose()).set_require_grad(require_grad),
+        bias: layer.bias,
+    })
 }
 
 /// An embedding table with an optional adapter beside it (LoRA's `lora_embedding_A/B`).
@@ -226,7 +275,9 @@ pub struct AdaptableEmbedding<A: LayerAdapter> {
     pub base: Embedding,
     /// The adapter, if this embedding is targeted.
     pub adapter: Option<A>,
-    /// Whether `adapter` is currently folded into `base`.
+    /// Trained rows (PEFT's trainable tokens; with a tied output layer, its rows too).
+    pub token_adapter: Option<TokenRows>,
+    /// Whether `adapter` (and `token_adapter`) is currently folded into `base`.
     #[module(skip)]
     pub merged: bool,
 }
@@ -237,16 +288,27 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
         Self {
             base,
             adapter: None,
+            token_adapter: None,
             merged: false,
         }
     }
 
     /// `[batch, seq]` ids → `[batch, seq, dim]`.
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        match (&self.adapter, self.merged) {
-            (Some(adapter), false) => adapter.forward_embedding(&self.base, ids),
-            _ => self.base.forward(ids),
+        let out = match (&self.adapter, self.merged) {
+            (Some(adapter), false) => adapter.forward_embedding(&self.base, ids.clone()),
+            _ => self.base.forward(ids.clone()),
+        };
+        match (&self.token_adapter, self.merged) {
+            (Some(tokens), false) => tokens.embed(out, ids),
+            _ => out,
         }
+    }
+
+    /// The trained rows that a tied output layer computes with now (`None` once merged: the
+    /// table then holds them).
+    pub fn active_tokens(&self) -> Option<&TokenRows> {
+        self.token_adapter.as_ref().filter(|_| !self.merged)
     }
 
     /// `(num_embeddings, dim)`.
@@ -257,28 +319,56 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
 
     /// Folds the adapter into the table; a no-op without adapter or when already merged.
     pub fn merge(mut self) -> Result<Self> {
-        if let (Some(adapter), false) = (&mut self.adapter, self.merged) {
-            self.base = adapter.merge_embedding(self.base)?;
-            self.merged = true;
+        if self.merged || (self.adapter.is_none() && self.token_adapter.is_none()) {
+            return Ok(self);
         }
+        if let Some(adapter) = &mut self.adapter {
+            self.base = adapter.merge_embedding(self.base)?;
+        }
+        if let Some(tokens) = &self.token_adapter {
+            self.base = replace_table_rows(tokens, self.base, tokens.values())?;
+        }
+        self.merged = true;
         Ok(self)
     }
 
     /// Undoes [`merge`](Self::merge).
     pub fn unmerge(mut self) -> Result<Self> {
-        if let (Some(adapter), true) = (&mut self.adapter, self.merged) {
-            self.base = adapter.unmerge_embedding(self.base)?;
-            self.merged = false;
+        if !self.merged {
+            return Ok(self);
         }
+        if let Some(tokens) = &self.token_adapter {
+            self.base = replace_table_rows(tokens, self.base, tokens.original.clone())?;
+        }
+        if let Some(adapter) = &mut self.adapter {
+            self.base = adapter.unmerge_embedding(self.base)?;
+        }
+        self.merged = false;
         Ok(self)
     }
 
-    /// Replaces the adapter, keeping the base.
+    /// Replaces the adapter, keeping the base and the trained rows.
     pub fn with_adapter<B: LayerAdapter>(self, adapter: Option<B>) -> AdaptableEmbedding<B> {
         AdaptableEmbedding {
             base: self.base,
             adapter,
+            token_adapter: self.token_adapter,
             merged: false,
         }
     }
+
+    /// The embedding without trained rows (after they were merged, or to drop them).
+    pub fn without_tokens(mut self) -> Self {
+        self.token_adapter = None;
+        self
+    }
+}
+
+/// `table` with the rows of `tokens` replaced by `rows: [n, dim]`.
+fn replace_table_rows(tokens: &TokenRows, table: Embedding, rows: Tensor<2>) -> Result<Embedding> {
+    let require_grad = table.weight.is_require_grad();
+    let weight = tokens.replace_rows(table.weight.val(), rows)?;
+    Ok(Embedding {
+        weight: burn::module::Param::from_tensor(weight).set_require_grad(require_grad),
+    })
 }

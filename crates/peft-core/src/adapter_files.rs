@@ -74,7 +74,7 @@ pub fn prepare_modules_to_save<M: CausalLm>(
 /// Sets which parameters train: exactly those named in `trainable`.
 pub fn set_trainable<M: burn::module::Module>(model: M, trainable: &BTreeSet<String>) -> M {
     map_params(model, |name, _| {
-        ParamUpdate::Trainable(trainable.contains(name) || name.contains(".adapter."))
+        ParamUpdate::Trainable(trainable.contains(name) || crate::params::is_adapter_name(name))
     })
 }
 

@@ -14,6 +14,7 @@
 //! * [`params`]: parameters by their Hugging Face names;
 //! * [`tuner`]: the layer methods' shared model ([`tuner::LayerTuner`], [`tuner::TunedModel`]:
 //!   inject, load, save, merge, unmerge, unload);
+//! * [`tokens`]: PEFT's trainable tokens (chosen embedding rows trained in full);
 //! * [`summary`]: PEFT's `trainable params: … || all params: … || trainable%: …` line.
 //!
 //! What the layers compute with lives in `peft-ops` (CPU kernels, BLAS, packed products, the
@@ -38,6 +39,7 @@ pub mod modules;
 pub mod params;
 pub mod prompt_learning;
 pub mod summary;
+pub mod tokens;
 pub mod tuner;
 
 pub use adapter::{
@@ -55,3 +57,4 @@ pub use peft_ops::precision::ComputeDtype;
 pub use peft_tensors::error;
 pub use peft_tensors::{HostTensor, PeftError, Result, TensorStore};
 pub use summary::TrainableSummary;
+pub use tokens::TokenRows;

@@ -209,8 +209,9 @@ pub struct LazyValue {
 }
 
 /// Whether a Hugging Face parameter name belongs to an adapter rather than the base model.
-fn is_adapter_name(name: &str) -> bool {
-    name.contains(".adapter.") || name.starts_with("adapter.")
+/// (PEFT's trainable tokens are `….token_adapter.trainable_tokens_delta`.)
+pub fn is_adapter_name(name: &str) -> bool {
+    name.contains(".adapter.") || name.starts_with("adapter.") || name.contains(".token_adapter.")
 }
 
 impl LazyValue {

@@ -19,12 +19,21 @@ use crate::model::{AdapterModel, CausalLm};
 use crate::modules::{ModuleInfo, ModuleKind};
 use crate::params::{ParamUpdate, map_params, named_values};
 use crate::summary::TrainableSummary;
+use crate::tokens::{
+    TOKEN_KEY_SUFFIX, TokenIndices, TokenKeys, TokenRows, TokenTarget, resolve_token_targets,
+};
 use peft_tensors::{HostTensor, TensorStore};
 
 /// What the shared model needs of a layer method's config besides [`MethodConfig`].
 pub trait TunerConfig: MethodConfig {
     /// PEFT's `modules_to_save`: modules trained in full and saved with the adapter.
     fn modules_to_save(&self) -> Option<&[String]>;
+
+    /// The rows this config trains in full (PEFT's trainable tokens): the indices, how their
+    /// file keys are named, and the config key that holds them (for messages).
+    fn trainable_tokens(&self) -> Option<(&TokenIndices, TokenKeys, &'static str)> {
+        None
+    }
 }
 
 /// One layer a method adapts.
@@ -130,6 +139,8 @@ pub struct TunedModel<T: LayerTuner, M> {
     /// HF names of base parameters trained in full and saved with the adapter
     /// (`modules_to_save`, and what [`LayerTuner::trained_base_params`] adds).
     pub saved_params: Vec<String>,
+    /// The tables whose rows train in full ([`TunerConfig::trainable_tokens`]).
+    pub token_targets: Vec<TokenTarget>,
     /// Whether the adapter trains (false after loading for inference, PEFT's
     /// `is_trainable=False`).
     pub trainable: bool,
@@ -148,6 +159,7 @@ where
             targeted: self.targeted.clone(),
             embedding_targets: self.embedding_targets.clone(),
             saved_params: self.saved_params.clone(),
+            token_targets: self.token_targets.clone(),
             trainable: self.trainable,
         }
     }
@@ -183,11 +195,23 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
         let mut tuned = Self::inject(base, config, Some(&store))?;
         let model_type = tuned.model.spec().model_type.clone();
         let targeted = &tuned.targeted;
+        let token_keys: BTreeSet<String> = tuned.token_file_keys().into_iter().collect();
         let (model, _) = load_base_params(
             tuned.model,
             &store,
             &weights,
             |name| {
+                if name.ends_with(TOKEN_KEY_SUFFIX) {
+                    return Some(if token_keys.contains(name) {
+                        Ok(())
+                    } else {
+                        Err(PeftError::AdapterMismatch(format!(
+                            "{}: `{KEY_PREFIX}{name}` holds trained token rows of a layer the \
+                             config's token indices do not name in this {model_type} model",
+                            weights.display(),
+                        )))
+                    });
+                }
                 let module = T::module_of_key(name)?;
                 Some(if targeted.iter().any(|t| t == module) {
                     Ok(())
@@ -231,20 +255,81 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
             .filter(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
             .map(|m| m.path.clone())
             .collect();
+        let token_targets = match config.trainable_tokens() {
+            Some((indices, _, field)) => {
+                let found = resolve_token_targets(indices, &modules, T::Config::NAME, field)?;
+                if let Some(t) = found.iter().find(|t| targeted.contains(&t.path)) {
+                    return Err(PeftError::InvalidConfig {
+                        context: T::Config::NAME.to_string(),
+                        field: field.to_string(),
+                        reason: format!(
+                            "`{}` is also adapted by target_modules; train its rows either way, \
+                             not both",
+                            t.path
+                        ),
+                    });
+                }
+                found
+            }
+            None => Vec::new(),
+        };
+        let keys = config
+            .trainable_tokens()
+            .map_or(TokenKeys::Wrapped, |(_, keys, _)| keys);
         let (base, mut saved_params) = prepare_modules_to_save(base, config.modules_to_save())?;
         saved_params.extend(T::trained_base_params(&config, &modules, &targeted));
         let device = base.device();
-        let model = inject_layers(base, &targeted, &saved_params, |target| {
-            T::make_layer(&config, &model_type, target, store, &device)
-        })?;
+        let model = inject_layers_and_tokens(
+            base,
+            &targeted,
+            &saved_params,
+            &token_targets,
+            |target| T::make_layer(&config, &model_type, target, store, &device),
+            |target, table| token_rows(target, table, store, keys, T::Config::NAME),
+        )?;
         Ok(Self {
             model,
             config,
             targeted,
             embedding_targets,
             saved_params: saved_params.into_iter().collect(),
+            token_targets,
             trainable: true,
         })
+    }
+
+    /// The file keys (without PEFT's prefix) of the trained token rows this model writes and
+    /// reads: each table's, and with the stand-alone method a tied output layer's copy.
+    fn token_file_keys(&self) -> Vec<String> {
+        let Some((_, keys, _)) = self.config.trainable_tokens() else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = self
+            .token_targets
+            .iter()
+            .map(|t| keys.key(&t.path))
+            .collect();
+        if let Some(tied) = self.tied_token_copy() {
+            out.push(keys.key(&tied));
+        }
+        out
+    }
+
+    /// The tied output layer's path when the stand-alone method writes its copy of the
+    /// embedding's rows (PEFT's state dict holds the shared parameter under both paths).
+    fn tied_token_copy(&self) -> Option<String> {
+        let (_, keys, _) = self.config.trainable_tokens()?;
+        if keys != TokenKeys::Standalone || !self.model.spec().tie_word_embeddings {
+            return None;
+        }
+        let modules = self.model.modules();
+        let embedding = modules
+            .iter()
+            .find(|m| matches!(m.kind, ModuleKind::Embedding { .. }))?;
+        if !self.token_targets.iter().any(|t| t.path == embedding.path) {
+            return None;
+        }
+        modules.iter().find(|m| m.tied).map(|m| m.path.clone())
     }
 
     /// PEFT's `print_trainable_parameters()` numbers: the adapters and the parameters trained in
@@ -259,7 +344,19 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
     pub fn adapter_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
         let model_type = &self.model.spec().model_type;
         let mut out = BTreeMap::new();
+        let keys = self
+            .config
+            .trainable_tokens()
+            .map_or(TokenKeys::Wrapped, |(_, keys, _)| keys);
+        let tied_copy = self.tied_token_copy();
         for (name, value) in named_values(&self.model)? {
+            if let Some(module) = name.strip_suffix(".token_adapter.trainable_tokens_delta") {
+                if let Some(tied) = &tied_copy {
+                    out.insert(format!("{KEY_PREFIX}{}", keys.key(tied)), value.clone());
+                }
+                out.insert(format!("{KEY_PREFIX}{}", keys.key(module)), value);
+                continue;
+            }
             if let Some((module, param)) = name.rsplit_once(".adapter.") {
                 let is_embedding = self.is_embedding(module);
                 let (key, value) =
@@ -372,7 +469,27 @@ pub fn inject_layers<B, A>(
     base: B,
     targeted: &[String],
     trained: &BTreeSet<String>,
+    make: impl FnMut(Target<'_>) -> Result<NewLayer<A>>,
+) -> Result<B::WithAdapter<A>>
+where
+    B: CausalLm<Adapter = NoAdapter>,
+    A: LayerAdapter,
+{
+    inject_layers_and_tokens(base, targeted, trained, &[], make, |_, _| {
+        unreachable!("no token targets")
+    })
+}
+
+/// [`inject_layers`], and trained rows on the tables `tokens` names: `make_tokens(target,
+/// table)` builds them from the table in PyTorch's layout (`[rows, dim]`; an output layer's
+/// weight `[vocab, hidden]`).
+pub fn inject_layers_and_tokens<B, A>(
+    base: B,
+    targeted: &[String],
+    trained: &BTreeSet<String>,
+    tokens: &[TokenTarget],
     mut make: impl FnMut(Target<'_>) -> Result<NewLayer<A>>,
+    mut make_tokens: impl FnMut(&TokenTarget, burn::tensor::Tensor<2>) -> Result<TokenRows>,
 ) -> Result<B::WithAdapter<A>>
 where
     B: CausalLm<Adapter = NoAdapter>,
@@ -380,9 +497,15 @@ where
 {
     let base = map_params(base, |_, _| ParamUpdate::Trainable(false));
     let is_target = |path: &str| targeted.iter().any(|t| t == path);
+    let token_target = |path: &str| tokens.iter().find(|t| t.path == path);
     let make = std::cell::RefCell::new(&mut make);
+    let make_tokens = std::cell::RefCell::new(&mut make_tokens);
     let model = base.map_layers(
-        &mut |path: &str, layer: AdaptableLinear<NoAdapter>| {
+        &mut |path: &str, mut layer: AdaptableLinear<NoAdapter>| {
+            if let Some(t) = token_target(path) {
+                let table = layer.base.clone().into_dense().weight.val().transpose();
+                layer.token_adapter = Some((make_tokens.borrow_mut())(t, table)?);
+            }
             if !is_target(path) {
                 return Ok(layer.with_adapter(None));
             }
@@ -401,7 +524,11 @@ where
             }
             Ok(layer)
         },
-        &mut |path: &str, layer: AdaptableEmbedding<NoAdapter>| {
+        &mut |path: &str, mut layer: AdaptableEmbedding<NoAdapter>| {
+            if let Some(t) = token_target(path) {
+                let table = layer.base.weight.val();
+                layer.token_adapter = Some((make_tokens.borrow_mut())(t, table)?);
+            }
             if !is_target(path) {
                 return Ok(layer.with_adapter(None));
             }
@@ -421,6 +548,29 @@ where
     } else {
         set_trainable(model, trained)
     })
+}
+
+/// The trained rows of `target` over `table` (`[rows, dim]`): starting at the table's rows, or
+/// read from `store` under the key `keys` gives (an f32 `[n, dim]` tensor).
+fn token_rows(
+    target: &TokenTarget,
+    table: burn::tensor::Tensor<2>,
+    store: Option<&TensorStore>,
+    keys: TokenKeys,
+    context: &str,
+) -> Result<TokenRows> {
+    let fresh = TokenRows::from_table(&target.ids, table, context, "token indices")?;
+    let Some(store) = store else {
+        return Ok(fresh);
+    };
+    let key = format!("{KEY_PREFIX}{}", keys.key(&target.path));
+    let shape = [target.ids.len(), fresh.original.dims()[1]];
+    let data = store.f32_shaped(&key, &shape)?;
+    let values = burn::tensor::Tensor::<2>::from_data(
+        burn::tensor::TensorData::new(data, shape),
+        &fresh.original.device(),
+    );
+    Ok(TokenRows::with_values(&target.ids, values, fresh.original))
 }
 
 /// Every parameter frozen (an adapter loaded for inference, PEFT's `is_trainable=False`).
@@ -443,10 +593,16 @@ pub fn trainable_or_frozen<A: AdapterModel>(adapter: A, trainable: bool) -> A {
 pub fn merge_and_unload<M: CausalLm>(model: M) -> Result<M::WithAdapter<NoAdapter>> {
     model.map_layers(
         &mut |_, layer: AdaptableLinear<M::Adapter>| {
-            Ok(layer.merge()?.with_adapter::<NoAdapter>(None))
+            Ok(layer
+                .merge()?
+                .without_tokens()
+                .with_adapter::<NoAdapter>(None))
         },
         &mut |_, layer: AdaptableEmbedding<M::Adapter>| {
-            Ok(layer.merge()?.with_adapter::<NoAdapter>(None))
+            Ok(layer
+                .merge()?
+                .without_tokens()
+                .with_adapter::<NoAdapter>(None))
         },
     )
 }
@@ -454,8 +610,12 @@ pub fn merge_and_unload<M: CausalLm>(model: M) -> Result<M::WithAdapter<NoAdapte
 /// PEFT's `unload()`: the adapters dropped without merging.
 pub fn unload<M: CausalLm>(model: M) -> Result<M::WithAdapter<NoAdapter>> {
     model.map_layers(
-        &mut |_, layer: AdaptableLinear<M::Adapter>| Ok(layer.with_adapter::<NoAdapter>(None)),
-        &mut |_, layer: AdaptableEmbedding<M::Adapter>| Ok(layer.with_adapter::<NoAdapter>(None)),
+        &mut |_, layer: AdaptableLinear<M::Adapter>| {
+            Ok(layer.without_tokens().with_adapter::<NoAdapter>(None))
+        },
+        &mut |_, layer: AdaptableEmbedding<M::Adapter>| {
+            Ok(layer.without_tokens().with_adapter::<NoAdapter>(None))
+        },
     )
 }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use peft_core::modules::{LayerIndices, LayersPattern};
+use peft_core::tokens::TokenIndices;
 use peft_core::{ConfigHeader, PeftError, PeftType, Result, TargetModules};
 
 /// Which biases train (PEFT's `bias`).
@@ -95,6 +96,10 @@ pub struct LoraConfig {
     /// The name of the layer list, for `layers_to_transform`.
     #[serde(default)]
     pub layers_pattern: Option<LayersPattern>,
+    /// Embedding rows trained in full beside the pairs (PEFT's trainable tokens): a list for
+    /// the input embedding (and the output layer tied to it), or layer name → list.
+    #[serde(default)]
+    pub trainable_token_indices: Option<TokenIndices>,
     /// Everything else PEFT writes, kept so that a loaded config saves back unchanged.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -117,7 +122,6 @@ const INERT_AT_DEFAULT: &[&str] = &[
     "eva_config",
     "corda_config",
     "megatron_config",
-    "trainable_token_indices",
     "target_parameters",
     "alora_invocation_tokens",
     "arrow_config",

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
+use peft_core::tokens::{TokenIndices, TokenKeys};
 use peft_core::tuner::{LayerTuner, NewLayer, Target, TunedModel, TunerConfig};
 use peft_core::{
     BaseLinear, CausalLm, HostTensor, ModuleInfo, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
@@ -230,6 +231,12 @@ pub(crate) fn peft_keys(path: &str, is_embedding: bool) -> (String, String) {
 impl TunerConfig for LoraConfig {
     fn modules_to_save(&self) -> Option<&[String]> {
         self.modules_to_save.as_deref()
+    }
+
+    fn trainable_tokens(&self) -> Option<(&TokenIndices, TokenKeys, &'static str)> {
+        self.trainable_token_indices
+            .as_ref()
+            .map(|ids| (ids, TokenKeys::Wrapped, "trainable_token_indices"))
     }
 }
 

@@ -594,6 +594,13 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                  (peft_lora::from_pretrained) or merge it"
             )));
         }
+        if config.trainable_token_indices.is_some() {
+            return Err(PeftError::Unsupported(format!(
+                "adapter `{name}` trains token rows (trainable_token_indices), which replace \
+                 rows of the embedding table that several adapters share here; load it alone \
+                 (peft_lora::from_pretrained) or merge it (peft merge) and serve the merged model"
+            )));
+        }
         let (targeted, embedding_targets) = select_targets(
             &config,
             &self.model.spec().model_type,

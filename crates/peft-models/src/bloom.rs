@@ -410,7 +410,13 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
 
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let table = &self.transformer.word_embeddings.base.weight;
-        output_logits(hidden, self.lm_head.as_ref(), table, &self.tied_head)
+        output_logits(
+            hidden,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+            self.transformer.word_embeddings.active_tokens(),
+        )
     }
 
     fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
@@ -420,6 +426,7 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
             self.lm_head.as_ref(),
             table,
             &self.tied_head,
+            self.transformer.word_embeddings.active_tokens(),
             labels,
             None,
         )

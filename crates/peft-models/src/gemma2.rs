@@ -464,7 +464,13 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let table = &self.model.embed_tokens.base.weight;
         softcap(
-            output_logits(hidden, self.lm_head.as_ref(), table, &self.tied_head),
+            output_logits(
+                hidden,
+                self.lm_head.as_ref(),
+                table,
+                &self.tied_head,
+                self.model.embed_tokens.active_tokens(),
+            ),
             self.final_softcap,
         )
     }
@@ -476,6 +482,7 @@ impl<A: LayerAdapter> CausalLm for Gemma2<A> {
             self.lm_head.as_ref(),
             table,
             &self.tied_head,
+            self.model.embed_tokens.active_tokens(),
             labels,
             self.final_softcap,
         )

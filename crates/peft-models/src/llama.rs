@@ -520,7 +520,13 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
 
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let table = &self.model.embed_tokens.base.weight;
-        output_logits(hidden, self.lm_head.as_ref(), table, &self.tied_head)
+        output_logits(
+            hidden,
+            self.lm_head.as_ref(),
+            table,
+            &self.tied_head,
+            self.model.embed_tokens.active_tokens(),
+        )
     }
 
     fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
@@ -530,6 +536,7 @@ impl<A: LayerAdapter> CausalLm for Llama<A> {
             self.lm_head.as_ref(),
             table,
             &self.tied_head,
+            self.model.embed_tokens.active_tokens(),
             labels,
             None,
         )

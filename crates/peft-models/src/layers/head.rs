@@ -7,7 +7,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Int, Tensor};
 use peft_core::{
-    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight,
+    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, TokenRows,
     adapter::with_weight_dtype,
 };
 
@@ -25,17 +25,24 @@ pub struct TiedHead {
 }
 
 /// The logits of the final hidden states: through `lm_head` where the model has its own, else
-/// through the (tied) embedding `table: [vocab, hidden]`, in bf16 where `tied` says so.
+/// through the (tied) embedding `table: [vocab, hidden]`, in bf16 where `tied` says so, with
+/// the embedding's trained rows `tokens` where it has them (PEFT ties the output layer's rows
+/// to the embedding's).
 pub fn output_logits<A: LayerAdapter>(
     hidden: Tensor<3>,
     lm_head: Option<&AdaptableLinear<A>>,
     table: &Param<Tensor<2>>,
     tied: &TiedHead,
+    tokens: Option<&TokenRows>,
 ) -> Tensor<3> {
-    match lm_head {
-        Some(head) => head.forward(hidden),
-        None if tied.bf16 => tied_logits_bf16(hidden, table.val(), tied.weight.as_ref()),
-        None => tied_logits(hidden, table.val()),
+    let logits = match lm_head {
+        Some(head) => return head.forward(hidden),
+        None if tied.bf16 => tied_logits_bf16(hidden.clone(), table.val(), tied.weight.as_ref()),
+        None => tied_logits(hidden.clone(), table.val()),
+    };
+    match tokens {
+        Some(tokens) => tokens.project(logits, hidden),
+        None => logits,
     }
 }
 
@@ -43,17 +50,20 @@ pub fn output_logits<A: LayerAdapter>(
 /// [`output_logits`] (soft-capped by `softcap` when given) — computed over row blocks without
 /// whole logits where the projection is frozen and plain (see
 /// [`peft_ops::chunked_loss`]); from whole logits otherwise (a trained or adapted `lm_head`,
-/// a GPU backend).
+/// a GPU backend, trained token rows).
+#[allow(clippy::too_many_arguments)]
 pub fn output_loss<A: LayerAdapter>(
     hidden: Tensor<3>,
     lm_head: Option<&AdaptableLinear<A>>,
     table: &Param<Tensor<2>>,
     tied: &TiedHead,
+    tokens: Option<&TokenRows>,
     labels: Tensor<2, Int>,
     softcap: Option<f64>,
 ) -> Tensor<1> {
     use peft_ops::loss::OutputProjection;
     let projection = match lm_head {
+        None if tokens.is_some() => None,
         Some(head) => head
             .frozen_bf16_weight()
             .map(OutputProjection::Bf16)
@@ -75,7 +85,7 @@ pub fn output_loss<A: LayerAdapter>(
     {
         return loss;
     }
-    let logits = output_logits(hidden, lm_head, table, tied);
+    let logits = output_logits(hidden, lm_head, table, tied, tokens);
     let logits = match softcap {
         Some(cap) => (logits / cap).tanh() * cap,
         None => logits,
