@@ -92,6 +92,11 @@ pub struct TrainArgs {
     /// adapter/ is then written as plain LoRA over the original base.
     #[arg(long)]
     pub(crate) init_lora_weights: Option<String>,
+    /// Token ids whose embedding rows train in full beside LoRA's pairs (PEFT's
+    /// `trainable_token_indices`, comma-separated): new or re-purposed tokens; a tied output
+    /// layer's rows follow.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) trainable_token_indices: Option<Vec<usize>>,
     /// Virtual tokens (prompt tuning, P-tuning, prefix tuning).
     #[arg(long)]
     pub(crate) num_virtual_tokens: Option<usize>,
@@ -256,7 +261,7 @@ impl RunContext<'_> {
 
 /// The method's adapter on `base`: its config from `--config` or the method's default, with
 /// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`, `--use-dora`,
-/// `--use-rslora`, `--target-modules`, `--num-virtual-tokens`), then the run.
+/// `--use-rslora`, `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
 fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
     let args = ctx.args;
     let mut config = ctx.method.config(args.config.as_deref())?;
@@ -267,6 +272,7 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         use_dora: args.use_dora.then_some(true),
         use_rslora: args.use_rslora.then_some(true),
         init_lora_weights: args.init_lora_weights.clone(),
+        trainable_token_indices: args.trainable_token_indices.clone(),
         target_modules: ctx.targets(),
         num_virtual_tokens: args.num_virtual_tokens,
         base_model_name_or_path: Some(ctx.model_dir.display().to_string()),

@@ -876,6 +876,30 @@ fn dora_and_pissa_train_and_their_adapters_give_the_merged_model() {
     assert_eq!(checkpoint["init_lora_weights"], "pissa");
 }
 
+/// `--trainable-token-indices`: the rows train beside the pairs, adapter/ carries them under
+/// PEFT's key, and adapter over the base gives the merged model (the tied output rows merged
+/// with the table).
+#[test]
+fn trainable_tokens_train_and_their_adapter_gives_the_merged_model() {
+    let (_dir, out_dir, _, diff) = train_lora_variant(&["--trainable-token-indices", "5,17,300"]);
+    assert!(diff <= 1e-4, "adapter with token rows vs merged: {diff}");
+    let store = TensorStore::open(out_dir.join("adapter/adapter_model.safetensors")).unwrap();
+    let key = store
+        .keys()
+        .find(|k| k.ends_with(".token_adapter.trainable_tokens_delta"))
+        .expect("token rows saved")
+        .to_string();
+    assert_eq!(store.f32(&key).unwrap().1[0], 3);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!([5, 17, 300])
+    );
+}
+
 #[test]
 fn prompt_tuning_adapters_run_and_train() {
     let dir = tempfile::tempdir().unwrap();

@@ -223,13 +223,15 @@ pub fn save_merged_with<M: CausalLm>(
     let mut embeddings = Vec::new();
     model.clone().map_layers::<M::Adapter>(
         &mut |path: &str, layer: peft_core::AdaptableLinear<M::Adapter>| {
-            if layer.adapter.is_some() && !layer.merged {
+            if (layer.adapter.is_some() || layer.token_adapter.is_some()) && !layer.merged {
                 linears.push((path.to_string(), layer.clone()));
             }
             Ok(layer)
         },
         &mut |path: &str, embedding: peft_core::AdaptableEmbedding<M::Adapter>| {
-            if embedding.adapter.is_some() && !embedding.merged {
+            if (embedding.adapter.is_some() || embedding.token_adapter.is_some())
+                && !embedding.merged
+            {
                 embeddings.push((path.to_string(), embedding.clone()));
             }
             Ok(embedding)

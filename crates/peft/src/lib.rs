@@ -145,6 +145,9 @@ pub struct ConfigOverrides {
     pub use_rslora: Option<bool>,
     /// LoRA's `init_lora_weights`: `"true"`, `"false"` or an initialisation's name.
     pub init_lora_weights: Option<String>,
+    /// LoRA's `trainable_token_indices` (the list form: rows of the input embedding, and of a
+    /// tied output layer).
+    pub trainable_token_indices: Option<Vec<usize>>,
     /// `target_modules` (LoRA, IA3).
     pub target_modules: Option<TargetModules>,
     /// `num_virtual_tokens` (prompt tuning, P-tuning, prefix tuning).

@@ -38,6 +38,9 @@ adapter_methods! {
                     name => peft_lora::InitLoraWeights::Method(name.to_string()),
                 };
             }
+            if let Some(ids) = &o.trainable_token_indices {
+                c.trainable_token_indices = Some(peft_core::tokens::TokenIndices::List(ids.clone()));
+            }
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }
@@ -141,11 +144,25 @@ impl PeftModel {
     pub fn notes(&self) -> Vec<String> {
         match self {
             Self::BitFit(m) => vec![format!("num_param: {}", m.num_param())],
-            Self::Lora(m) if m.config.use_dora => vec![
-                "use_dora: each targeted layer also trains a magnitude per output feature \
-                 (lora_magnitude_vector)"
-                    .into(),
-            ],
+            Self::Lora(m) => {
+                let mut notes = Vec::new();
+                if m.config.use_dora {
+                    notes.push(
+                        "use_dora: each targeted layer also trains a magnitude per output \
+                         feature (lora_magnitude_vector)"
+                            .into(),
+                    );
+                }
+                for t in &m.token_targets {
+                    notes.push(format!(
+                        "trainable tokens: {} rows of {} train in full ({:?})",
+                        t.ids.len(),
+                        t.path,
+                        t.ids
+                    ));
+                }
+                notes
+            }
             _ => Vec::new(),
         }
     }

@@ -102,6 +102,7 @@ fn flags_set_the_keys_each_method_has() {
         use_dora: Some(true),
         use_rslora: Some(true),
         init_lora_weights: Some("pissa".into()),
+        trainable_token_indices: Some(vec![5, 3]),
         target_modules: Some(TargetModules::List(vec!["dense".into()])),
         num_virtual_tokens: Some(3),
         base_model_name_or_path: Some("bloom-tiny".into()),
@@ -126,6 +127,7 @@ fn flags_set_the_keys_each_method_has() {
                     (&true.into(), &true.into())
                 );
                 assert_eq!(json["init_lora_weights"], "pissa");
+                assert_eq!(json["trainable_token_indices"], serde_json::json!([5, 3]));
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }
             PeftType::Ia3 => assert_eq!(json["target_modules"], serde_json::json!(["dense"])),
