@@ -223,3 +223,32 @@ fn a_shared_multi_adapter_model_refuses_token_rows() {
         .to_string();
     assert!(err.contains("adapter `tokens` trains token rows"), "{err}");
 }
+
+/// Writes our saved folders (LoRA with token rows, and the stand-alone method) and merged
+/// checkpoints for fixtures/check_interop.py: PEFT and transformers load them with the reference
+/// logits (CI runs it).
+#[test]
+#[ignore]
+fn export_for_python() {
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop");
+    let device = device();
+    for name in ["tokens-lora-bloom", "tokens-lora-llama"] {
+        let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+        let lora = from_pretrained(base, adapter_dir(name), true).unwrap();
+        lora.save_pretrained(out.join(format!("{name}-adapter")))
+            .unwrap();
+        let merged = lora.merge_and_unload().unwrap();
+        let merged_dir = out.join(format!("{name}-merged"));
+        peft_models::save_pretrained(&merged, model_dir(base_of(name)), merged_dir).unwrap();
+    }
+    for name in ["tokens-bloom", "tokens-llama"] {
+        let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+        let tokens = peft_trainable_tokens::from_pretrained(base, adapter_dir(name), true).unwrap();
+        tokens
+            .save_pretrained(out.join(format!("{name}-adapter")))
+            .unwrap();
+        let merged = tokens.merge_and_unload().unwrap();
+        let merged_dir = out.join(format!("{name}-merged"));
+        peft_models::save_pretrained(&merged, model_dir(base_of(name)), merged_dir).unwrap();
+    }
+}

@@ -283,6 +283,7 @@ fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
         "make_multi_adapter_fixtures.py",
         "make_dora_fixtures.py",
         "make_lora_init_fixtures.py",
+        "make_trainable_tokens_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))

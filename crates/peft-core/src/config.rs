@@ -30,17 +30,21 @@ pub enum PeftType {
     /// Bias-only fine-tuning (not a PEFT type; peft-rs' own adapter format).
     #[serde(rename = "BITFIT")]
     BitFit,
+    /// Chosen embedding rows trained in full.
+    #[serde(rename = "TRAINABLE_TOKENS")]
+    TrainableTokens,
 }
 
 impl PeftType {
     /// Every type peft-rs knows, as written in `adapter_config.json`.
-    pub const ALL: [&'static str; 6] = [
+    pub const ALL: [&'static str; 7] = [
         "LORA",
         "IA3",
         "PROMPT_TUNING",
         "P_TUNING",
         "PREFIX_TUNING",
         "BITFIT",
+        "TRAINABLE_TOKENS",
     ];
 }
 

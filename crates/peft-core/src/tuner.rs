@@ -29,10 +29,18 @@ pub trait TunerConfig: MethodConfig {
     /// PEFT's `modules_to_save`: modules trained in full and saved with the adapter.
     fn modules_to_save(&self) -> Option<&[String]>;
 
-    /// The rows this config trains in full (PEFT's trainable tokens): the indices, how their
-    /// file keys are named, and the config key that holds them (for messages).
-    fn trainable_tokens(&self) -> Option<(&TokenIndices, TokenKeys, &'static str)> {
-        None
+    /// The rows this config trains in full (PEFT's trainable tokens) in a model of `modules`:
+    /// the indices, and the config key that holds them (for messages).
+    fn trainable_tokens(
+        &self,
+        _modules: &[ModuleInfo],
+    ) -> Result<Option<(TokenIndices, &'static str)>> {
+        Ok(None)
+    }
+
+    /// How the file keys of trained rows are named.
+    fn token_keys(&self) -> TokenKeys {
+        TokenKeys::Wrapped
     }
 }
 
@@ -255,9 +263,9 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
             .filter(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
             .map(|m| m.path.clone())
             .collect();
-        let token_targets = match config.trainable_tokens() {
-            Some((indices, _, field)) => {
-                let found = resolve_token_targets(indices, &modules, T::Config::NAME, field)?;
+        let token_targets = match config.trainable_tokens(&modules)? {
+            Some((indices, field)) => {
+                let found = resolve_token_targets(&indices, &modules, T::Config::NAME, field)?;
                 if let Some(t) = found.iter().find(|t| targeted.contains(&t.path)) {
                     return Err(PeftError::InvalidConfig {
                         context: T::Config::NAME.to_string(),
@@ -273,9 +281,7 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
             }
             None => Vec::new(),
         };
-        let keys = config
-            .trainable_tokens()
-            .map_or(TokenKeys::Wrapped, |(_, keys, _)| keys);
+        let keys = config.token_keys();
         let (base, mut saved_params) = prepare_modules_to_save(base, config.modules_to_save())?;
         saved_params.extend(T::trained_base_params(&config, &modules, &targeted));
         let device = base.device();
@@ -301,9 +307,7 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
     /// The file keys (without PEFT's prefix) of the trained token rows this model writes and
     /// reads: each table's, and with the stand-alone method a tied output layer's copy.
     fn token_file_keys(&self) -> Vec<String> {
-        let Some((_, keys, _)) = self.config.trainable_tokens() else {
-            return Vec::new();
-        };
+        let keys = self.config.token_keys();
         let mut out: Vec<String> = self
             .token_targets
             .iter()
@@ -318,8 +322,9 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
     /// The tied output layer's path when the stand-alone method writes its copy of the
     /// embedding's rows (PEFT's state dict holds the shared parameter under both paths).
     fn tied_token_copy(&self) -> Option<String> {
-        let (_, keys, _) = self.config.trainable_tokens()?;
-        if keys != TokenKeys::Standalone || !self.model.spec().tie_word_embeddings {
+        if self.config.token_keys() != TokenKeys::Standalone
+            || !self.model.spec().tie_word_embeddings
+        {
             return None;
         }
         let modules = self.model.modules();
@@ -344,10 +349,7 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
     pub fn adapter_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
         let model_type = &self.model.spec().model_type;
         let mut out = BTreeMap::new();
-        let keys = self
-            .config
-            .trainable_tokens()
-            .map_or(TokenKeys::Wrapped, |(_, keys, _)| keys);
+        let keys = self.config.token_keys();
         let tied_copy = self.tied_token_copy();
         for (name, value) in named_values(&self.model)? {
             if let Some(module) = name.strip_suffix(".token_adapter.trainable_tokens_delta") {

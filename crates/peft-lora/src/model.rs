@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 pub use peft_core::adapter_files::{CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME};
-use peft_core::tokens::{TokenIndices, TokenKeys};
+use peft_core::tokens::TokenIndices;
 use peft_core::tuner::{LayerTuner, NewLayer, Target, TunedModel, TunerConfig};
 use peft_core::{
     BaseLinear, CausalLm, HostTensor, ModuleInfo, ModuleKind, ModuleMatcher, NoAdapter, PeftError,
@@ -233,10 +233,14 @@ impl TunerConfig for LoraConfig {
         self.modules_to_save.as_deref()
     }
 
-    fn trainable_tokens(&self) -> Option<(&TokenIndices, TokenKeys, &'static str)> {
-        self.trainable_token_indices
-            .as_ref()
-            .map(|ids| (ids, TokenKeys::Wrapped, "trainable_token_indices"))
+    fn trainable_tokens(
+        &self,
+        _modules: &[ModuleInfo],
+    ) -> Result<Option<(TokenIndices, &'static str)>> {
+        Ok(self
+            .trainable_token_indices
+            .clone()
+            .map(|ids| (ids, "trainable_token_indices")))
     }
 }
 

@@ -17,6 +17,7 @@ pub use peft_qlora as qlora;
 pub use peft_quant as quant;
 #[cfg(feature = "train")]
 pub use peft_train as train;
+pub use peft_trainable_tokens as trainable_tokens;
 
 pub use methods::{PeftConfig, PeftModel};
 pub use peft_bitfit::BitFitConfig;
@@ -30,6 +31,7 @@ pub use peft_models::{AnyModel, LoadOptions, Tokenizer};
 pub use peft_prefix::PrefixTuningConfig;
 pub use peft_prompt::{PromptLearningConfig, PromptTuningConfig, PromptTuningInit};
 pub use peft_ptuning::{EncoderType, PromptEncoderConfig};
+pub use peft_trainable_tokens::TrainableTokensConfig;
 pub use registry::{METHODS, Method, Serving, by_name, by_peft_type};
 
 /// The model every method adapts: a loaded base of any architecture, without adapter.
@@ -146,7 +148,7 @@ pub struct ConfigOverrides {
     /// LoRA's `init_lora_weights`: `"true"`, `"false"` or an initialisation's name.
     pub init_lora_weights: Option<String>,
     /// LoRA's `trainable_token_indices` (the list form: rows of the input embedding, and of a
-    /// tied output layer).
+    /// tied output layer), or the trainable-tokens method's `token_indices`.
     pub trainable_token_indices: Option<Vec<usize>>,
     /// `target_modules` (LoRA, IA3).
     pub target_modules: Option<TargetModules>,

@@ -57,6 +57,21 @@ adapter_methods! {
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }
+    /// Trainable tokens: `peft_trainable_tokens`.
+    TrainableTokens {
+        config: peft_trainable_tokens::TrainableTokensConfig,
+        model: peft_trainable_tokens::TrainableTokensModel<Base>,
+        build: |base, config, _| peft_trainable_tokens::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_trainable_tokens::from_pretrained(base, dir, trainable),
+        targeted: |m| m.token_targets.iter().map(|t| t.path.clone()).collect(),
+        saved: |_| Vec::new(),
+        merge: |m| m.merge_and_unload(),
+        overrides: |c, o| {
+            if let Some(ids) = &o.trainable_token_indices {
+                c.token_indices = ids.clone();
+            }
+        },
+    }
     /// BitFit: `peft_bitfit`.
     BitFit {
         config: peft_bitfit::BitFitConfig,

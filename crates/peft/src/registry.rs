@@ -49,7 +49,7 @@ pub struct Method {
 
 /// Every method, `lora` first: a LoRA folder loads as `lora`; `qlora` trains the QLoRA paper's
 /// preset over a 4-bit base and saves a LoRA folder.
-pub const METHODS: [Method; 7] = [
+pub const METHODS: [Method; 8] = [
     Method {
         name: "lora",
         label: "LoRA",
@@ -81,6 +81,22 @@ pub const METHODS: [Method; 7] = [
         merges: true,
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
+        trains_on_4bit_base: false,
+    },
+    Method {
+        name: "trainable-tokens",
+        label: "trainable tokens",
+        peft_type: PeftType::TrainableTokens,
+        summary: "chosen embedding rows trained in full (new or re-purposed tokens)",
+        default_config: || {
+            PeftConfig::TrainableTokens(peft_trainable_tokens::TrainableTokensConfig::default())
+        },
+        merges: true,
+        serving: Serving::Refused(
+            "it replaces rows of the embedding table that the served adapters share; merge it \
+             (`peft merge`) and serve the merged model",
+        ),
+        adapts_4bit_base: true,
         trains_on_4bit_base: false,
     },
     Method {
@@ -231,7 +247,7 @@ mod tests {
         assert_eq!(
             err,
             "invalid input: --method dora: unknown method (expected one of lora, qlora, ia3, \
-             bitfit, prompt, prefix, ptuning)"
+             trainable-tokens, bitfit, prompt, prefix, ptuning)"
         );
         assert!(by_name("qlora").unwrap().trains_on_4bit_base);
     }

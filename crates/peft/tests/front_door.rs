@@ -12,13 +12,16 @@ use peft_tests::{adapter_dir, assert_logits_match, base_of, device, model_dir};
 const TOLERANCE: f32 = 1e-4;
 
 /// One committed PEFT adapter of each method PEFT has, with the `--method` it loads as.
-const FOLDERS: [(&str, &str); 6] = [
+const FOLDERS: [(&str, &str); 9] = [
     ("lora-bloom", "lora"),
     ("ia3-bloom", "ia3"),
     ("prompt-bloom-random", "prompt"),
     ("prefix-bloom", "prefix"),
     ("ptuning-bloom-mlp", "ptuning"),
     ("ptuning-bloom-lstm", "ptuning"),
+    ("tokens-bloom", "trainable-tokens"),
+    ("tokens-llama", "trainable-tokens"),
+    ("tokens-lora-llama", "lora"),
 ];
 
 fn base(name: &str) -> peft::Base {
@@ -82,7 +85,26 @@ fn get_peft_model_builds_each_method_as_its_crate_does() {
         let model = peft::get_peft_model(base("bloom-tiny"), method.config(None).unwrap()).unwrap();
         assert_eq!(model.trainable_summary().trainable, trainable, "{name}");
     }
-    for method in &peft::METHODS {
+    // Trainable tokens: 3 rows of BLOOM's 64-wide table (the tied lm_head shares them). Its
+    // default config names no ids, which the flag supplies.
+    let mut config = peft::by_name("trainable-tokens")
+        .unwrap()
+        .config(None)
+        .unwrap();
+    let Err(refused) = peft::get_peft_model(base("bloom-tiny"), config.clone()) else {
+        panic!("trainable tokens without ids should be refused");
+    };
+    assert!(refused.to_string().contains("token_indices"), "{refused}");
+    config.apply(&peft::ConfigOverrides {
+        trainable_token_indices: Some(vec![3, 42, 500]),
+        ..Default::default()
+    });
+    let model = peft::get_peft_model(base("bloom-tiny"), config).unwrap();
+    assert_eq!(model.trainable_summary().trainable, 3 * 64);
+    for method in peft::METHODS
+        .iter()
+        .filter(|m| m.name != "trainable-tokens")
+    {
         let model = peft::get_peft_model(base("bloom-tiny"), (method.default_config)()).unwrap();
         assert_eq!(model.peft_type(), method.peft_type, "{}", method.name);
         assert!(
@@ -131,6 +153,9 @@ fn flags_set_the_keys_each_method_has() {
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }
             PeftType::Ia3 => assert_eq!(json["target_modules"], serde_json::json!(["dense"])),
+            PeftType::TrainableTokens => {
+                assert_eq!(json["token_indices"], serde_json::json!([5, 3]))
+            }
             PeftType::BitFit => {
                 assert!(json.get("r").is_none() && json.get("target_modules").is_none())
             }
