@@ -147,6 +147,9 @@ def main():
             model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=targets))
         elif METHOD == "dora-train":
             model = peft.get_peft_model(model, peft.LoraConfig(r=8, use_dora=True))
+        elif METHOD == "tokens-train":
+            model = peft.get_peft_model(
+                model, peft.TrainableTokensConfig(token_indices=list(range(1, 17))))
         elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
         elif METHOD == "prompt-train":

@@ -1,4 +1,5 @@
-//! Every method's adapter loader (LoRA, IA3, BitFit, prompt tuning, P-tuning, prefix tuning): a
+//! Every method's adapter loader (LoRA — with trainable tokens too —, IA3, BitFit, prompt tuning,
+//! P-tuning, prefix tuning, trainable tokens): a
 //! valid adapter folder of the method with its config or its weights replaced by the input, or
 //! P-tuning's encoder file, loaded onto the tiny BLOOM by the method's own loader and by the
 //! `peft` crate's registry (`PeftModel::from_pretrained`): an adapter or an error, never a panic.
@@ -35,32 +36,49 @@ fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
         let root = std::env::temp_dir().join(format!("peft-fuzz-methods-{}", std::process::id()));
-        let base = peft_models::load(fixtures().join("models/bloom-tiny"), &Device::flex()).unwrap();
+        let base =
+            peft_models::load(fixtures().join("models/bloom-tiny"), &Device::flex()).unwrap();
         // BitFit has no fixture adapter: one is written from a fresh model.
         let bitfit_dir = root.join("bitfit-made");
         peft_bitfit::get_peft_model(base.clone(), peft_bitfit::BitFitConfig::default())
             .unwrap()
             .save_pretrained(&bitfit_dir)
             .unwrap();
-        let methods: [(&str, PathBuf, Loader); 6] = [
+        let methods: [(&str, PathBuf, Loader); 8] = [
             ("lora", fixtures().join("adapters/lora-bloom"), |b, d| {
                 peft_lora::from_pretrained(b, d, false).is_ok()
             }),
+            (
+                "lora-tokens",
+                fixtures().join("adapters/tokens-lora-bloom"),
+                |b, d| peft_lora::from_pretrained(b, d, false).is_ok(),
+            ),
+            (
+                "tokens",
+                fixtures().join("adapters/tokens-bloom"),
+                |b, d| peft_trainable_tokens::from_pretrained(b, d, false).is_ok(),
+            ),
             ("ia3", fixtures().join("adapters/ia3-bloom"), |b, d| {
                 peft_ia3::from_pretrained(b, d, false).is_ok()
             }),
             ("bitfit", bitfit_dir, |b, d| {
                 peft_bitfit::from_pretrained(b, d, false).is_ok()
             }),
-            ("prompt", fixtures().join("adapters/prompt-bloom-random"), |b, d| {
-                peft_prompt::from_pretrained(b, d, false).is_ok()
-            }),
-            ("ptuning", fixtures().join("adapters/ptuning-bloom-lstm"), |b, d| {
-                peft_ptuning::from_pretrained(b, d, true).is_ok()
-            }),
-            ("prefix", fixtures().join("adapters/prefix-bloom-proj"), |b, d| {
-                peft_prefix::from_pretrained(b, d, false).is_ok()
-            }),
+            (
+                "prompt",
+                fixtures().join("adapters/prompt-bloom-random"),
+                |b, d| peft_prompt::from_pretrained(b, d, false).is_ok(),
+            ),
+            (
+                "ptuning",
+                fixtures().join("adapters/ptuning-bloom-lstm"),
+                |b, d| peft_ptuning::from_pretrained(b, d, true).is_ok(),
+            ),
+            (
+                "prefix",
+                fixtures().join("adapters/prefix-bloom-proj"),
+                |b, d| peft_prefix::from_pretrained(b, d, false).is_ok(),
+            ),
         ];
         let methods = methods
             .into_iter()
@@ -91,7 +109,11 @@ fuzz_target!(|data: &[u8]| {
     let method = &setup.methods[*which as usize % setup.methods.len()];
     let replaced = *file as usize % method.files.len();
     for (k, (name, bytes)) in method.files.iter().enumerate() {
-        let contents = if k == replaced { rest } else { bytes.as_slice() };
+        let contents = if k == replaced {
+            rest
+        } else {
+            bytes.as_slice()
+        };
         std::fs::write(method.dir.join(name), contents).unwrap();
     }
     let _ = (method.load)(setup.base.clone(), &method.dir);

@@ -414,7 +414,7 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
 
 /// The benchmark cases, in report order, each with what it measures. Every case but
 /// `serve-load` and `serve-soak` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
-const BENCH_CASES: [(&str, &str); 39] = [
+const BENCH_CASES: [(&str, &str); 40] = [
     (
         "gemm",
         "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
@@ -440,6 +440,10 @@ const BENCH_CASES: [(&str, &str); 39] = [
     (
         "dora-train",
         "DoRA (LoRA r=8, use_dora) training step (AdamW) on the BLOOM",
+    ),
+    (
+        "tokens-train",
+        "trainable tokens (16 rows of the tied embedding) training step on the BLOOM",
     ),
     (
         "burn-lora-train",

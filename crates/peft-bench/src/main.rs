@@ -5,6 +5,7 @@
 //! ```
 //!
 //! Cases: `gemm`, `forward`, `lora-train`, `dora-train` (the same with `use_dora`),
+//! `tokens-train` (trainable tokens: 16 embedding rows),
 //! `lora-forward-unmerged`, `lora-forward-merged`,
 //! `lora-forward-mixed` (four adapters, one per batch row),
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
@@ -302,9 +303,15 @@ impl peft::AdapterVisitor for TimedSteps<'_> {
 /// The training cases (`<method>-train` and variants): the registry's method, and the values
 /// set over its default config (JSON keys of `adapter_config.json`). The base is 4-bit for
 /// `qlora-*` cases and computes in bf16 for `*-bf16` ones (decided where the base loads).
-const TRAIN_CASES: [(&str, &str, &str); 12] = [
+const TRAIN_CASES: [(&str, &str, &str); 13] = [
     ("lora-train", "lora", "{}"),
     ("dora-train", "lora", r#"{"use_dora": true}"#),
+    // 16 rows of the embedding (and of the tied output layer).
+    (
+        "tokens-train",
+        "trainable-tokens",
+        r#"{"token_indices": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]}"#,
+    ),
     ("lora-train-bf16", "lora", "{}"),
     // PEFT's default LoRA config over the 4-bit base, as the PyTorch side.
     ("qlora-train", "lora", "{}"),

@@ -794,19 +794,25 @@ fn bitfit_trains_and_its_adapter_loads_with_adapter() {
 /// bundled base + adapter/ against merged/. With PiSSA the base changed while training, and
 /// adapter/ is the plain LoRA of rank 2r over the original base: it gives the merged model.
 fn train_lora_variant(flags: &[&str]) -> (tempfile::TempDir, PathBuf, String, f32) {
+    let mut all = vec!["--target-modules", "query_key_value,dense_4h_to_h"];
+    all.extend(flags);
+    train_variant("lora", &all)
+}
+
+/// `peft train --method <method>` for 3 steps with `flags`, then the adapter's logits over the
+/// base against the merged model's: `(dir, output, stdout, max |Δ|)`.
+fn train_variant(method: &str, flags: &[&str]) -> (tempfile::TempDir, PathBuf, String, f32) {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("variant");
     let mut args = vec![
         "train".to_string(),
         "--method".into(),
-        "lora".into(),
+        method.into(),
         "--output".into(),
         out_dir.display().to_string(),
         "--max-steps".into(),
         "3".into(),
         "--no-exact-match".into(),
-        "--target-modules".into(),
-        "query_key_value,dense_4h_to_h".into(),
         "--save-steps".into(),
         "3".into(),
     ];
