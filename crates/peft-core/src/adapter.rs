@@ -280,6 +280,10 @@ pub struct AdaptableEmbedding<A: LayerAdapter> {
     /// Whether `adapter` (and `token_adapter`) is currently folded into `base`.
     #[module(skip)]
     pub merged: bool,
+    /// Whether merging (or unmerging) has rewritten the table since it was loaded: a copy made
+    /// at load time (a tied output head's bf16 table) no longer matches it.
+    #[module(skip)]
+    pub rewritten: bool,
 }
 
 impl<A: LayerAdapter> AdaptableEmbedding<A> {
@@ -290,6 +294,7 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
             adapter: None,
             token_adapter: None,
             merged: false,
+            rewritten: false,
         }
     }
 
@@ -329,6 +334,7 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
             self.base = replace_table_rows(tokens, self.base, tokens.values())?;
         }
         self.merged = true;
+        self.rewritten = true;
         Ok(self)
     }
 
@@ -344,6 +350,7 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
             self.base = adapter.unmerge_embedding(self.base)?;
         }
         self.merged = false;
+        self.rewritten = true;
         Ok(self)
     }
 
@@ -354,6 +361,7 @@ impl<A: LayerAdapter> AdaptableEmbedding<A> {
             adapter,
             token_adapter: self.token_adapter,
             merged: false,
+            rewritten: self.rewritten,
         }
     }
 

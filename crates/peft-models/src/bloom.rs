@@ -409,24 +409,20 @@ impl<A: LayerAdapter> CausalLm for Bloom<A> {
     }
 
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let table = &self.transformer.word_embeddings.base.weight;
         output_logits(
             hidden,
             self.lm_head.as_ref(),
-            table,
+            &self.transformer.word_embeddings,
             &self.tied_head,
-            self.transformer.word_embeddings.active_tokens(),
         )
     }
 
     fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-        let table = &self.transformer.word_embeddings.base.weight;
         output_loss(
             hidden,
             self.lm_head.as_ref(),
-            table,
+            &self.transformer.word_embeddings,
             &self.tied_head,
-            self.transformer.word_embeddings.active_tokens(),
             labels,
             None,
         )

@@ -383,24 +383,20 @@ impl<A: LayerAdapter> CausalLm for Phi3<A> {
     }
 
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let table = &self.model.embed_tokens.base.weight;
         output_logits(
             hidden,
             self.lm_head.as_ref(),
-            table,
+            &self.model.embed_tokens,
             &self.tied_head,
-            self.model.embed_tokens.active_tokens(),
         )
     }
 
     fn hidden_loss(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Tensor<1> {
-        let table = &self.model.embed_tokens.base.weight;
         output_loss(
             hidden,
             self.lm_head.as_ref(),
-            table,
+            &self.model.embed_tokens,
             &self.tied_head,
-            self.model.embed_tokens.active_tokens(),
             labels,
             None,
         )

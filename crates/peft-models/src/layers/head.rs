@@ -7,8 +7,8 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Int, Tensor};
 use peft_core::{
-    AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear, PackedWeight, TokenRows,
-    adapter::with_weight_dtype,
+    AdaptableEmbedding, AdaptableLinear, BaseLinear, ComputeDtype, LayerAdapter, PackedLinear,
+    PackedWeight, adapter::with_weight_dtype,
 };
 
 /// How a tied output projection (the embedding table) computes: in f32 (the default, as after
@@ -25,25 +25,36 @@ pub struct TiedHead {
 }
 
 /// The logits of the final hidden states: through `lm_head` where the model has its own, else
-/// through the (tied) embedding `table: [vocab, hidden]`, in bf16 where `tied` says so, with
-/// the embedding's trained rows `tokens` where it has them (PEFT ties the output layer's rows
-/// to the embedding's).
+/// through the (tied) `embedding`'s table `[vocab, hidden]`, in bf16 where `tied` says so, with
+/// the embedding's trained rows where it has them (PEFT ties the output layer's rows to the
+/// embedding's).
 pub fn output_logits<A: LayerAdapter>(
     hidden: Tensor<3>,
     lm_head: Option<&AdaptableLinear<A>>,
-    table: &Param<Tensor<2>>,
+    embedding: &AdaptableEmbedding<A>,
     tied: &TiedHead,
-    tokens: Option<&TokenRows>,
 ) -> Tensor<3> {
+    let table = &embedding.base.weight;
     let logits = match lm_head {
         Some(head) => return head.forward(hidden),
-        None if tied.bf16 => tied_logits_bf16(hidden.clone(), table.val(), tied.weight.as_ref()),
+        None if tied.bf16 => {
+            tied_logits_bf16(hidden.clone(), table.val(), tied_copy(embedding, tied))
+        }
         None => tied_logits(hidden.clone(), table.val()),
     };
-    match tokens {
+    match embedding.active_tokens() {
         Some(tokens) => tokens.project(logits, hidden),
         None => logits,
     }
+}
+
+/// The tied table's bf16 copy, where it still holds the table's values (merging rewrites the
+/// table, not the copy).
+fn tied_copy<'a, A: LayerAdapter>(
+    embedding: &AdaptableEmbedding<A>,
+    tied: &'a TiedHead,
+) -> Option<&'a Arc<dyn PackedWeight>> {
+    tied.weight.as_ref().filter(|_| !embedding.rewritten)
 }
 
 /// The mean next-token loss of the final hidden states against `labels` — the loss of
@@ -51,26 +62,25 @@ pub fn output_logits<A: LayerAdapter>(
 /// whole logits where the projection is frozen and plain (see
 /// [`peft_ops::chunked_loss`]); from whole logits otherwise (a trained or adapted `lm_head`,
 /// a GPU backend, trained token rows).
-#[allow(clippy::too_many_arguments)]
 pub fn output_loss<A: LayerAdapter>(
     hidden: Tensor<3>,
     lm_head: Option<&AdaptableLinear<A>>,
-    table: &Param<Tensor<2>>,
+    embedding: &AdaptableEmbedding<A>,
     tied: &TiedHead,
-    tokens: Option<&TokenRows>,
     labels: Tensor<2, Int>,
     softcap: Option<f64>,
 ) -> Tensor<1> {
     use peft_ops::loss::OutputProjection;
+    let table = &embedding.base.weight;
     let projection = match lm_head {
-        None if tokens.is_some() => None,
+        None if embedding.active_tokens().is_some() => None,
         Some(head) => head
             .frozen_bf16_weight()
             .map(OutputProjection::Bf16)
             .or_else(|| head.frozen_dense_weight().map(OutputProjection::F32)),
         None => {
             let table = table.val();
-            match (&tied.weight, table.is_require_grad()) {
+            match (tied_copy(embedding, tied), table.is_require_grad()) {
                 (_, true) => None,
                 (Some(weight), false) => Some(OutputProjection::Bf16(weight.clone())),
                 (None, false) => (!tied.bf16 && table.dtype() == burn::tensor::DType::F32)
@@ -85,7 +95,7 @@ pub fn output_loss<A: LayerAdapter>(
     {
         return loss;
     }
-    let logits = output_logits(hidden, lm_head, table, tied, tokens);
+    let logits = output_logits(hidden, lm_head, embedding, tied);
     let logits = match softcap {
         Some(cap) => (logits / cap).tanh() * cap,
         None => logits,
