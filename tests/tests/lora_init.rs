@@ -1,4 +1,5 @@
-//! PiSSA and OLoRA (`init_lora_weights`) against PEFT 0.21.2 (fixtures/make_lora_init_fixtures.py):
+//! PiSSA, OLoRA and LoftQ (`init_lora_weights`) against PEFT 0.21.2
+//! (fixtures/make_lora_init_fixtures.py):
 //! the initial product and the residual base, PEFT's trained folders (whose residual PEFT
 //! recomputes on loading), and the conversion to plain LoRA over the original base.
 
@@ -182,4 +183,87 @@ fn base_changing_inits_are_refused_where_they_cannot_apply() {
         err.contains("adapter `p` was initialised with pissa"),
         "{err}"
     );
+}
+
+/// LoftQ (`init_lora_weights: "loftq"`, 4 bits): the base becomes W's NF4 quantisation and the
+/// pair starts at the quantisation error's top factors. With one iteration (`loftq-llama`) the
+/// base is PEFT + bitsandbytes' to the bit; with two (`loftq-bloom`) the second quantisation
+/// reads `W − B₀A₀`, whose f32 (PEFT) and f64 (here) factors differ in the last bits: each
+/// block's absmax, and so every value of the block, moves by a rounding, and an element lying on
+/// a code boundary could round to the other code (a jump of a code step, ≥ 1e-3 here): such
+/// jumps are counted and bounded. PEFT's folders load with PEFT's logits (the base quantised again on
+/// loading, as PEFT does); a LoftQ adapter is not converted to plain LoRA.
+#[test]
+fn loftq_matches_peft() {
+    let device = device();
+    for (name, iterations) in [("loftq-llama", 1), ("loftq-bloom", 2)] {
+        let config = config_of(name);
+        assert_eq!(config.loftq_settings("t").unwrap(), (4, iterations));
+        let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+        let model = get_peft_model(base, config).unwrap();
+        let store = TensorStore::open(
+            fixtures()
+                .join("reference")
+                .join(format!("{name}-init.safetensors")),
+        )
+        .unwrap();
+        let ours = products_and_bases(model.model);
+        assert_eq!(
+            ours.len() * 2,
+            store.keys().count(),
+            "{name}: targeted layers"
+        );
+        let (mut worst_product, mut worst_base) = (0f32, 0f32);
+        let (mut differ, mut jumps, mut total) = (0usize, 0usize, 0usize);
+        for (path, (delta, base)) in ours {
+            let (theirs_delta, _) = store.f32(&format!("{path}.delta")).unwrap();
+            let (theirs_base, _) = store.f32(&format!("{path}.residual")).unwrap();
+            worst_product = worst_product.max(max_abs(&delta, &theirs_delta));
+            for (a, b) in base.iter().zip(&theirs_base) {
+                let d = (a - b).abs();
+                differ += usize::from(d > 0.0);
+                jumps += usize::from(d >= 1e-3);
+                worst_base = worst_base.max(if d < 1e-3 { d } else { 0.0 });
+            }
+            total += base.len();
+        }
+        eprintln!(
+            "{name}: initial product within {worst_product:.1e} of PEFT's; base: {differ} of \
+             {total} values differ, by <= {worst_base:.1e} but for {jumps} code jumps"
+        );
+        assert!(worst_product <= 1e-5, "{name}: product {worst_product}");
+        if iterations == 1 {
+            assert_eq!(differ, 0, "{name}: the NF4 base is not bitsandbytes'");
+        } else {
+            assert!(worst_base <= 1e-6, "{name}: base off by {worst_base}");
+            assert!(
+                jumps * 1000 <= total,
+                "{name}: {jumps} of {total} values jump a code"
+            );
+        }
+
+        let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+        let trained = from_pretrained(base, adapter_dir(name), false).unwrap();
+        let diff = diff_to_reference(&trained.model, name);
+        eprintln!("{name}: PEFT's trained folder, max |Δ| = {diff:.1e}");
+        assert!(diff <= RESIDUAL_TOLERANCE, "{name}: max |Δ| = {diff}");
+        let out = tempfile::tempdir().unwrap();
+        let err = save_pretrained_converted(&trained, out.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("converting a loftq adapter"), "{err}");
+    }
+    // PEFT's rule: loftq needs its config; 8 bits are PEFT's own quantiser, not implemented.
+    use peft_core::MethodConfig;
+    let err = LoraConfig::from_json(r#"{"init_lora_weights": "loftq"}"#, "cfg")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs loftq_config"), "{err}");
+    let err = LoraConfig::from_json(
+        r#"{"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 8, "loftq_iter": 1}}"#,
+        "cfg",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("loftq_bits 8"), "{err}");
 }

@@ -87,9 +87,11 @@ pub struct TrainArgs {
     /// rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r (PEFT's `use_rslora`).
     #[arg(long)]
     pub(crate) use_rslora: bool,
-    /// How LoRA's pair starts (PEFT's `init_lora_weights`): true, false, gaussian, pissa or
-    /// olora. PiSSA and OLoRA start from the base weight's principal part and change the base;
-    /// adapter/ is then written as plain LoRA over the original base.
+    /// How LoRA's pair starts (PEFT's `init_lora_weights`): true, false, gaussian, pissa, olora
+    /// or loftq. PiSSA and OLoRA start from the base weight's principal part and change the
+    /// base; adapter/ is then written as plain LoRA over the original base. LoftQ (4-bit, one
+    /// iteration unless --config sets loftq_config) replaces the base by its NF4 quantisation and
+    /// starts the pair from the quantisation error; adapter/ is for that quantised base.
     #[arg(long)]
     pub(crate) init_lora_weights: Option<String>,
     /// Token ids whose embedding rows train in full beside LoRA's pairs (PEFT's
@@ -289,7 +291,7 @@ fn convert_if_base_changed(model_dir: &Path, adapter_dir: &Path) -> Result<Optio
     let peft::PeftConfig::Lora(config) = peft::load_config(adapter_dir)? else {
         return Ok(None);
     };
-    let Some(kind) = config.base_init() else {
+    let Some(kind) = config.base_init().filter(|k| k.converts()) else {
         return Ok(None);
     };
     let base = peft_models::load(model_dir, &burn::tensor::Device::flex())

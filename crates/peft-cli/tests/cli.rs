@@ -882,6 +882,28 @@ fn dora_and_pissa_train_and_their_adapters_give_the_merged_model() {
     assert_eq!(checkpoint["init_lora_weights"], "pissa");
 }
 
+/// `--init-lora-weights loftq`: PEFT's LoftQConfig defaults written into the config (4 bits, one
+/// iteration); adapter/ is for the quantised base, which loading it recomputes, so adapter over
+/// the bundled base gives the merged model; nothing is converted.
+#[test]
+fn loftq_trains_and_its_adapter_gives_the_merged_model() {
+    let (_dir, out_dir, stdout, diff) = train_lora_variant(&["--init-lora-weights", "loftq"]);
+    assert!(diff <= 1e-4, "LoftQ adapter vs merged: {diff}");
+    assert!(
+        !stdout.contains("changed the base while training"),
+        "{stdout}"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["init_lora_weights"], "loftq");
+    assert_eq!(
+        config["loftq_config"],
+        serde_json::json!({"loftq_bits": 4, "loftq_iter": 1})
+    );
+}
+
 /// `--trainable-token-indices`: the rows train beside the pairs, adapter/ carries them under
 /// PEFT's key, and adapter over the base gives the merged model (the tied output rows merged
 /// with the table).

@@ -96,6 +96,10 @@ pub struct LoraConfig {
     /// The name of the layer list, for `layers_to_transform`.
     #[serde(default)]
     pub layers_pattern: Option<LayersPattern>,
+    /// LoftQ's settings (`loftq_bits`, `loftq_iter`), used with `init_lora_weights: "loftq"`;
+    /// PEFT writes `{}` otherwise.
+    #[serde(default)]
+    pub loftq_config: serde_json::Map<String, Value>,
     /// Embedding rows trained in full beside the pairs (PEFT's trainable tokens): a list for
     /// the input embedding (and the output layer tied to it), or layer name → list.
     #[serde(default)]
@@ -118,7 +122,6 @@ const INERT_AT_DEFAULT: &[&str] = &[
     "lora_bias",
     "use_qalora",
     "layer_replication",
-    "loftq_config",
     "eva_config",
     "corda_config",
     "megatron_config",
@@ -136,14 +139,21 @@ const INERT_AT_DEFAULT: &[&str] = &[
 /// `init_lora_weights` strings peft-rs accepts. Adapters of `eva`, `lora_ga` and `orthogonal`
 /// load as plain pairs (PEFT's own loading leaves the base as it is for these: EVA and LoRA-GA
 /// fall back to the default init, which the file's pairs then replace) but cannot start a fresh
-/// adapter here ([`LoraConfig::fresh_init`]); `pissa` and `olora` change the base, when starting
-/// and when loading, as PEFT does ([`LoraConfig::base_init`]).
-const LOADABLE_INITS: &[&str] = &["gaussian", "eva", "lora_ga", "orthogonal", "pissa", "olora"];
+/// adapter here ([`LoraConfig::fresh_init`]); `pissa`, `olora` and `loftq` change the base, when
+/// starting and when loading, as PEFT does ([`LoraConfig::base_init`]).
+const LOADABLE_INITS: &[&str] = &[
+    "gaussian",
+    "eva",
+    "lora_ga",
+    "orthogonal",
+    "pissa",
+    "olora",
+    "loftq",
+];
 
 /// `init_lora_weights` prefixes of the initialisations not implemented that change the base
-/// weight: randomised PiSSA (`pissa_niter_N`: PEFT's own result is random), CorDA (needs data),
-/// LoftQ (re-quantises the base).
-const BASE_CHANGING_INITS: &[&str] = &["pissa_niter", "corda", "loftq"];
+/// weight: randomised PiSSA (`pissa_niter_N`: PEFT's own result is random), CorDA (needs data).
+const BASE_CHANGING_INITS: &[&str] = &["pissa_niter", "corda"];
 
 /// PEFT keys with no effect on the computation.
 const HARMLESS: &[&str] = &[
@@ -196,14 +206,21 @@ impl peft_core::MethodConfig for LoraConfig {
         {
             let why = if BASE_CHANGING_INITS.iter().any(|p| m.starts_with(p)) {
                 "it changes the base weight (PEFT recomputes that change when loading), which \
-                 peft-rs implements for \"pissa\" and \"olora\" only; an adapter converted to \
-                 plain LoRA loads"
+                 peft-rs implements for \"pissa\", \"olora\" and \"loftq\" only; an adapter \
+                 converted to plain LoRA loads"
             } else {
                 "use true, false or \"gaussian\""
             };
             return bad(
                 "init_lora_weights",
                 format!("`{m}` is not supported: {why}"),
+            );
+        }
+        if self.init_lora_weights == InitLoraWeights::Method("loftq".into()) {
+            self.loftq_settings(context)?;
+        } else if !self.loftq_config.is_empty() {
+            tracing::warn!(
+                "{context}: loftq_config is ignored: init_lora_weights is not \"loftq\" (as PEFT)"
             );
         }
         let patterns = [
@@ -300,12 +317,52 @@ impl LoraConfig {
         }
     }
 
-    /// PiSSA or OLoRA, which take the initial pair from the base weight and leave the residual as
-    /// the base (see [`crate::init`]).
+    /// LoftQ's `(loftq_bits, loftq_iter)`, checked: PEFT requires `loftq_config` with
+    /// `init_lora_weights: "loftq"`; peft-rs implements 4 bits (NF4, bit for bit with
+    /// bitsandbytes), not PEFT's 8-bit path.
+    pub fn loftq_settings(&self, context: &str) -> Result<(u64, usize)> {
+        let bad = |field: &str, reason: String| Err(PeftError::config(context, field, reason));
+        if self.loftq_config.is_empty() {
+            return bad(
+                "loftq_config",
+                "init_lora_weights \"loftq\" needs loftq_config (PEFT's LoftQConfig: \
+                 {\"loftq_bits\": 4, \"loftq_iter\": 1})"
+                    .into(),
+            );
+        }
+        let bits = self
+            .loftq_config
+            .get("loftq_bits")
+            .and_then(Value::as_u64)
+            .unwrap_or(4);
+        let iter = self
+            .loftq_config
+            .get("loftq_iter")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        if bits != 4 {
+            return bad(
+                "loftq_config",
+                format!("loftq_bits {bits}: peft-rs implements LoftQ with 4-bit NF4 only"),
+            );
+        }
+        if iter == 0 {
+            return bad("loftq_config", "loftq_iter must be at least 1".into());
+        }
+        Ok((bits, iter as usize))
+    }
+
+    /// PiSSA, OLoRA or LoftQ, which take the initial pair from the base weight and change the
+    /// base (see [`crate::init`]).
     pub fn base_init(&self) -> Option<crate::init::BaseInit> {
         match &self.init_lora_weights {
             InitLoraWeights::Method(m) if m == "pissa" => Some(crate::init::BaseInit::Pissa),
             InitLoraWeights::Method(m) if m == "olora" => Some(crate::init::BaseInit::Olora),
+            InitLoraWeights::Method(m) if m == "loftq" => Some(crate::init::BaseInit::Loftq {
+                iterations: self
+                    .loftq_settings("LoraConfig")
+                    .map_or(1, |(_, iter)| iter),
+            }),
             _ => None,
         }
     }
@@ -390,7 +447,8 @@ mod tests {
         assert!(err(r#"{"r": 0}"#).contains("invalid `r`: the rank must be at least 1"));
         assert!(err(r#"{"lora_bias": true}"#).contains("`lora_bias: true` is not supported"));
         assert!(err(r#"{"lora_dropout": -0.1}"#).contains("invalid `lora_dropout`"));
-        assert!(err(r#"{"init_lora_weights": "loftq"}"#).contains("`loftq` is not supported"));
+        assert!(err(r#"{"init_lora_weights": "loftq"}"#).contains("needs loftq_config"));
+        assert!(err(r#"{"init_lora_weights": "corda"}"#).contains("`corda` is not supported"));
         assert!(
             err(r#"{"init_lora_weights": "pissa_niter_4"}"#).contains("changes the base weight")
         );

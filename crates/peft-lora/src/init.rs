@@ -1,5 +1,5 @@
 //! The initialisations that start from the base weight: PiSSA (`init_lora_weights="pissa"`,
-//! PEFT's `pissa_init`) and OLoRA (`"olora"`, `olora_init`).
+//! PEFT's `pissa_init`), OLoRA (`"olora"`, `olora_init`) and LoftQ (`"loftq"`, `loftq_init`).
 //!
 //! Both factor the frozen weight `W: [out, in]` (PyTorch's layout), take `r` components as the
 //! initial pair `(A₀, B₀)` and leave the residual `W − s·B₀A₀` as the base the layer runs over,
@@ -7,6 +7,12 @@
 //!
 //! * PiSSA: `W = U·diag(S)·Vᵀ`, `A₀ = diag(√(S_r/s))·Vᵀ_r`, `B₀ = U_r·diag(√(S_r/s))`;
 //! * OLoRA: `W = Q·R`, `A₀ = R_r` (the first `r` rows), `B₀ = Q_r` (the first `r` columns).
+//!
+//! LoftQ instead leaves the weight as NF4 quantises it (bitsandbytes' blocks of 64, no double
+//! quantisation, de-quantised back to f32 — peft-quant, bit for bit) and starts the pair at the
+//! top-`r` SVD factors of the quantisation error `W − Q(W)` (`A₀ = √S_r·Vᵀ_r`, `B₀ = U_r·√S_r`,
+//! no scaling), so that `Q(W) + B₀A₀ ≈ W`; with `loftq_iter` > 1 it re-quantises `W − B₀A₀` and
+//! factors the new error, alternating.
 //!
 //! Factors are computed in f64 with nalgebra (already peft-lora's dependency for
 //! `add_weighted_adapter`'s SVD; its SVD and QR are exact, PEFT's `torch.linalg` calls are f32).
@@ -22,6 +28,12 @@ pub enum BaseInit {
     Pissa,
     /// OLoRA: the first `r` columns of `Q` and rows of `R` of `W = QR`.
     Olora,
+    /// LoftQ: the NF4-quantised weight as the base, the pair from the quantisation error
+    /// (`loftq_iter` alternations).
+    Loftq {
+        /// PEFT's `loftq_config["loftq_iter"]`.
+        iterations: usize,
+    },
 }
 
 impl BaseInit {
@@ -30,7 +42,34 @@ impl BaseInit {
         match self {
             Self::Pissa => "pissa",
             Self::Olora => "olora",
+            Self::Loftq { .. } => "loftq",
         }
+    }
+
+    /// Whether PEFT converts an adapter of this initialisation to plain LoRA over the original
+    /// base (`path_initial_model_for_weight_conversion`): PiSSA and OLoRA; a LoftQ adapter is
+    /// meant for the quantised base.
+    pub fn converts(self) -> bool {
+        matches!(self, Self::Pissa | Self::Olora)
+    }
+
+    /// `(A₀: [r, in], B₀: [out, r], the new base weight [out, in])` for `w: [out, in]`
+    /// (row-major, PyTorch's layout) and the layer's `scaling`: the residual `W − s·B₀A₀` for
+    /// PiSSA and OLoRA, the de-quantised weight for LoftQ.
+    pub fn initialise(
+        self,
+        w: &[f32],
+        dims: [usize; 2],
+        r: usize,
+        scaling: f64,
+        path: &str,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        if let Self::Loftq { iterations } = self {
+            return loftq(w, dims, r, iterations, path);
+        }
+        let (a, b) = self.initial_pair(w, dims, r, scaling, path)?;
+        let res = residual(w, dims, (&a, &b), r, scaling);
+        Ok((a, b, res))
     }
 
     /// `(A₀: [r, in], B₀: [out, r])` for `w: [out, in]` (row-major, PyTorch's layout) and the
@@ -54,8 +93,54 @@ impl BaseInit {
         match self {
             Self::Pissa => pissa(matrix, r, scaling, path),
             Self::Olora => Ok(olora(matrix, r)),
+            Self::Loftq { iterations } => {
+                loftq(w, [out, d_in], r, iterations, path).map(|(a, b, _)| (a, b))
+            }
         }
     }
+}
+
+/// PEFT's `loftq_init` with 4 bits: `res = W`; each iteration quantises `res` to NF4 (blocks of
+/// 64, no double quantisation), takes the top-`r` SVD factors of `W − Q(res)`, and (but for
+/// the last) sets `res = W − B₀A₀`. Returns `(A₀, B₀, Q(res))` of the last iteration.
+fn loftq(
+    w: &[f32],
+    [out, d_in]: [usize; 2],
+    r: usize,
+    iterations: usize,
+    path: &str,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let config = peft_quant::QuantConfig {
+        quant_type: peft_quant::QuantType::Nf4,
+        blocksize: 64,
+        double_quant: false,
+    };
+    let k = out.min(d_in);
+    if r > k {
+        return Err(PeftError::InvalidInput(format!(
+            "loftq on `{path}`: rank {r} exceeds the weight's {k} components ([{out}, {d_in}])"
+        )));
+    }
+    let mut res = w.to_vec();
+    for i in 0..iterations.max(1) {
+        let quantized = peft_quant::Quantized4bit::quantize(
+            &res,
+            &[out, d_in],
+            peft_quant::SourceDtype::F32,
+            config,
+        )
+        .map_err(|e| PeftError::InvalidInput(format!("loftq on `{path}`: {e}")))?;
+        let dequantized = quantized.dequantize_f32();
+        let error: Vec<f32> = w.iter().zip(&dequantized).map(|(w, q)| w - q).collect();
+        let matrix =
+            nalgebra::DMatrix::<f64>::from_fn(out, d_in, |i, j| error[i * d_in + j] as f64);
+        let (a, b) = pissa(matrix, r, 1.0, path)?;
+        if i + 1 >= iterations {
+            return Ok((a, b, dequantized));
+        }
+        res = residual(w, [out, d_in], (&a, &b), r, 1.0);
+    }
+    unreachable!("the loop returns on its last iteration")
 }
 
 fn pissa(
@@ -135,8 +220,8 @@ mod tests {
             let (a, b) = init.initial_pair(&w, [3, 2], 2, 2.0, "t").unwrap();
             let res = residual(&w, [3, 2], (&a, &b), 2, 2.0);
             let expected_scale = match init {
-                BaseInit::Pissa => 0.0,
                 BaseInit::Olora => -1.0,
+                _ => 0.0,
             };
             for (r, w) in res.iter().zip(w) {
                 assert!((r - expected_scale * w).abs() < 1e-5, "{init:?}: {res:?}");
@@ -158,5 +243,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("olora on `x.q_proj`: rank 3 exceeds"), "{err}");
+    }
+
+    /// LoftQ with one iteration at full rank: the base is W's NF4 round trip (quantising it again
+    /// changes nothing) and the pair holds the whole quantisation error, so `Q(W) + B₀A₀ = W`.
+    #[test]
+    fn loftq_splits_the_weight_into_its_nf4_part_and_the_error() {
+        let (out, d_in) = (4, 32);
+        let w: Vec<f32> = (0..out * d_in)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let init = BaseInit::Loftq { iterations: 1 };
+        let (a, b, base) = init.initialise(&w, [out, d_in], 4, 2.0, "t").unwrap();
+        let again = loftq(&base, [out, d_in], 1, 1, "t").unwrap().2;
+        assert_eq!(again, base, "NF4 of a de-quantised weight is itself");
+        let back = residual(&w, [out, d_in], (&a, &b), 4, 1.0);
+        for (r, q) in back.iter().zip(&base) {
+            assert!((r - q).abs() < 1e-5, "W − B₀A₀ should be Q(W): {r} vs {q}");
+        }
+        assert!(
+            base.iter().zip(&w).any(|(q, w)| (q - w).abs() > 1e-3),
+            "NF4 is lossy here"
+        );
+        assert!(!init.converts() && BaseInit::Pissa.converts());
     }
 }

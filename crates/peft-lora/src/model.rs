@@ -142,8 +142,9 @@ pub(crate) fn make_pair(
     })
 }
 
-/// PiSSA's or OLoRA's initial pair `(A₀: [in, r], B₀: [r, out])` in burn's layout, and the
-/// residual base `W − s·B₀A₀`, from the dense base `base` (its dtype kept).
+/// PiSSA's, OLoRA's or LoftQ's initial pair `(A₀: [in, r], B₀: [r, out])` in burn's layout, and
+/// the base the layer then runs over (`W − s·B₀A₀`, or LoftQ's quantised `W`), from the dense
+/// base `base` (its dtype kept).
 fn initial_from_base(
     kind: BaseInit,
     path: &str,
@@ -170,8 +171,7 @@ fn initial_from_base(
         .into_data()
         .iter::<f32>()
         .collect();
-    let (a, b) = kind.initial_pair(&w, [d_out, d_in], r, scaling, path)?;
-    let residual = crate::init::residual(&w, [d_out, d_in], (&a, &b), r, scaling);
+    let (a, b, residual) = kind.initialise(&w, [d_out, d_in], r, scaling, path)?;
     let residual = burn_linear_weight(&residual, [d_out, d_in], device).cast(dtype);
     let mut new_base = linear.clone();
     new_base.weight = new_base.weight.map(|_| residual);
@@ -362,6 +362,13 @@ where
     M: CausalLm<Adapter = LoraLinear>,
 {
     let mut config = model.config.clone();
+    if let Some(kind) = config.base_init().filter(|k| !k.converts()) {
+        // PEFT's conversion is for PiSSA and OLoRA; a LoftQ adapter runs over the quantised base.
+        return Err(PeftError::Unsupported(format!(
+            "converting a {} adapter to plain LoRA: it is meant for the base it quantised",
+            kind.name()
+        )));
+    }
     if config.use_rslora && (!config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty()) {
         // PEFT refuses this combination too: the patterns' scale cannot be kept with √2.
         return Err(PeftError::Unsupported(

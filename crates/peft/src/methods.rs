@@ -37,6 +37,11 @@ adapter_methods! {
                     "false" => peft_lora::InitLoraWeights::Flag(false),
                     name => peft_lora::InitLoraWeights::Method(name.to_string()),
                 };
+                // PEFT's LoftQConfig defaults, where the config has none.
+                if init == "loftq" && c.loftq_config.is_empty() {
+                    c.loftq_config.insert("loftq_bits".into(), 4.into());
+                    c.loftq_config.insert("loftq_iter".into(), 1.into());
+                }
             }
             if let Some(ids) = &o.trainable_token_indices {
                 c.trainable_token_indices = Some(peft_core::tokens::TokenIndices::List(ids.clone()));
