@@ -148,7 +148,10 @@ enum Targets {
     AllLinear,
 }
 
-fn full_match_regex(field: &str, pattern: &str) -> Result<Regex> {
+/// PEFT's rule for a pattern string in a config (`target_modules`, `feedforward_modules`): a
+/// regex that must match the whole module path. An invalid pattern is an error naming `field`,
+/// with the regex crate's message on one line.
+pub fn full_match_regex(field: &str, pattern: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| PeftError::InvalidRegex {
         field: field.to_string(),
         pattern: pattern.to_string(),

@@ -45,14 +45,25 @@ impl TokenKeys {
     /// The file key (without PEFT's `base_model.model.` prefix) of the rows of `path`.
     pub fn key(self, path: &str) -> String {
         match self {
-            Self::Wrapped => format!("{path}.token_adapter.trainable_tokens_delta"),
-            Self::Standalone => format!("{path}.trainable_tokens_delta"),
+            Self::Wrapped => format!("{path}{TOKEN_PARAM}"),
+            Self::Standalone => format!("{path}.{TOKEN_KEY_SUFFIX}"),
         }
     }
 }
 
 /// The file key suffix of trained rows, both namings.
 pub const TOKEN_KEY_SUFFIX: &str = "trainable_tokens_delta";
+
+/// The rows' parameter under a table's path: `<path>.token_adapter.trainable_tokens_delta`, the
+/// name burn's field names give it and PEFT's key inside another method's adapter.
+pub const TOKEN_PARAM: &str = ".token_adapter.trainable_tokens_delta";
+
+/// The model's input embedding among `modules` (the first embedding table: the models have one).
+pub fn input_embedding(modules: &[ModuleInfo]) -> Option<&ModuleInfo> {
+    modules
+        .iter()
+        .find(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
+}
 
 /// One table whose rows train, resolved against a model's modules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,9 +90,7 @@ pub fn resolve_token_targets(
         field: field.to_string(),
         reason,
     };
-    let embedding = modules
-        .iter()
-        .find(|m| matches!(m.kind, ModuleKind::Embedding { .. }))
+    let embedding = input_embedding(modules)
         .ok_or_else(|| invalid("the model has no input embedding".into()))?;
     let named: Vec<(&ModuleInfo, &Vec<usize>)> = match indices {
         TokenIndices::List(ids) => vec![(embedding, ids)],

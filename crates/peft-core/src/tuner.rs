@@ -20,7 +20,8 @@ use crate::modules::{ModuleInfo, ModuleKind};
 use crate::params::{ParamUpdate, map_params, named_values};
 use crate::summary::TrainableSummary;
 use crate::tokens::{
-    TOKEN_KEY_SUFFIX, TokenIndices, TokenKeys, TokenRows, TokenTarget, resolve_token_targets,
+    TOKEN_KEY_SUFFIX, TOKEN_PARAM, TokenIndices, TokenKeys, TokenRows, TokenTarget,
+    input_embedding, resolve_token_targets,
 };
 use peft_tensors::{HostTensor, TensorStore};
 
@@ -328,9 +329,7 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
             return None;
         }
         let modules = self.model.modules();
-        let embedding = modules
-            .iter()
-            .find(|m| matches!(m.kind, ModuleKind::Embedding { .. }))?;
+        let embedding = input_embedding(&modules)?;
         if !self.token_targets.iter().any(|t| t.path == embedding.path) {
             return None;
         }
@@ -352,7 +351,7 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
         let keys = self.config.token_keys();
         let tied_copy = self.tied_token_copy();
         for (name, value) in named_values(&self.model)? {
-            if let Some(module) = name.strip_suffix(".token_adapter.trainable_tokens_delta") {
+            if let Some(module) = name.strip_suffix(TOKEN_PARAM) {
                 if let Some(tied) = &tied_copy {
                     out.insert(format!("{KEY_PREFIX}{}", keys.key(tied)), value.clone());
                 }

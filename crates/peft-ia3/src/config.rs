@@ -114,17 +114,9 @@ impl Ia3Config {
     pub fn is_feedforward(&self, model_type: &str, path: &str) -> Result<bool> {
         Ok(match self.feedforward(model_type)? {
             TargetModules::List(names) => names.iter().any(|n| path.ends_with(n.as_str())),
-            TargetModules::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$"))
-                .map_err(|e| PeftError::InvalidRegex {
-                    field: "feedforward_modules".into(),
-                    pattern: p.clone(),
-                    reason: e
-                        .to_string()
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                })?
-                .is_match(path),
+            TargetModules::Pattern(p) => {
+                peft_core::modules::full_match_regex("feedforward_modules", &p)?.is_match(path)
+            }
         })
     }
 }

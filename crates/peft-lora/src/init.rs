@@ -54,34 +54,17 @@ impl BaseInit {
     }
 
     /// `(A₀: [r, in], B₀: [out, r], the new base weight [out, in])` for `w: [out, in]`
-    /// (row-major, PyTorch's layout) and the layer's `scaling`: the residual `W − s·B₀A₀` for
-    /// PiSSA and OLoRA, the de-quantised weight for LoftQ.
+    /// (row-major, PyTorch's layout) and the layer's `scaling` (PiSSA divides the singular
+    /// values by it): the residual `W − s·B₀A₀` for PiSSA and OLoRA, the de-quantised weight
+    /// for LoftQ.
     pub fn initialise(
-        self,
-        w: &[f32],
-        dims: [usize; 2],
-        r: usize,
-        scaling: f64,
-        path: &str,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        if let Self::Loftq { iterations } = self {
-            return loftq(w, dims, r, iterations, path);
-        }
-        let (a, b) = self.initial_pair(w, dims, r, scaling, path)?;
-        let res = residual(w, dims, (&a, &b), r, scaling);
-        Ok((a, b, res))
-    }
-
-    /// `(A₀: [r, in], B₀: [out, r])` for `w: [out, in]` (row-major, PyTorch's layout) and the
-    /// layer's `scaling` (PiSSA divides the singular values by it).
-    pub fn initial_pair(
         self,
         w: &[f32],
         [out, d_in]: [usize; 2],
         r: usize,
         scaling: f64,
         path: &str,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let k = out.min(d_in);
         if r > k {
             return Err(PeftError::InvalidInput(format!(
@@ -89,20 +72,25 @@ impl BaseInit {
                 self.name()
             )));
         }
-        let matrix = nalgebra::DMatrix::<f64>::from_fn(out, d_in, |i, j| w[i * d_in + j] as f64);
-        match self {
-            Self::Pissa => pissa(matrix, r, scaling, path),
-            Self::Olora => Ok(olora(matrix, r)),
-            Self::Loftq { iterations } => {
-                loftq(w, [out, d_in], r, iterations, path).map(|(a, b, _)| (a, b))
-            }
-        }
+        let (a, b) = match self {
+            Self::Loftq { iterations } => return loftq(w, [out, d_in], r, iterations, path),
+            Self::Pissa => pissa(matrix(w, [out, d_in]), r, scaling, path)?,
+            Self::Olora => olora(matrix(w, [out, d_in]), r),
+        };
+        let res = residual(w, [out, d_in], (&a, &b), r, scaling);
+        Ok((a, b, res))
     }
+}
+
+/// `w: [out, in]` (row-major) as an f64 matrix.
+fn matrix(w: &[f32], [out, d_in]: [usize; 2]) -> nalgebra::DMatrix<f64> {
+    nalgebra::DMatrix::<f64>::from_fn(out, d_in, |i, j| w[i * d_in + j] as f64)
 }
 
 /// PEFT's `loftq_init` with 4 bits: `res = W`; each iteration quantises `res` to NF4 (blocks of
 /// 64, no double quantisation), takes the top-`r` SVD factors of `W − Q(res)`, and (but for
-/// the last) sets `res = W − B₀A₀`. Returns `(A₀, B₀, Q(res))` of the last iteration.
+/// the last) sets `res = W − B₀A₀`. Returns `(A₀, B₀, Q(res))` of the last iteration; `r` is
+/// within the weight's rank ([`BaseInit::initialise`] checks).
 fn loftq(
     w: &[f32],
     [out, d_in]: [usize; 2],
@@ -115,12 +103,6 @@ fn loftq(
         blocksize: 64,
         double_quant: false,
     };
-    let k = out.min(d_in);
-    if r > k {
-        return Err(PeftError::InvalidInput(format!(
-            "loftq on `{path}`: rank {r} exceeds the weight's {k} components ([{out}, {d_in}])"
-        )));
-    }
     let mut res = w.to_vec();
     for i in 0..iterations.max(1) {
         let quantized = peft_quant::Quantized4bit::quantize(
@@ -132,9 +114,7 @@ fn loftq(
         .map_err(|e| PeftError::InvalidInput(format!("loftq on `{path}`: {e}")))?;
         let dequantized = quantized.dequantize_f32();
         let error: Vec<f32> = w.iter().zip(&dequantized).map(|(w, q)| w - q).collect();
-        let matrix =
-            nalgebra::DMatrix::<f64>::from_fn(out, d_in, |i, j| error[i * d_in + j] as f64);
-        let (a, b) = pissa(matrix, r, 1.0, path)?;
+        let (a, b) = pissa(matrix(&error, [out, d_in]), r, 1.0, path)?;
         if i + 1 >= iterations {
             return Ok((a, b, dequantized));
         }
@@ -217,8 +197,7 @@ mod tests {
     fn full_rank_factors_reconstruct_the_weight() {
         let w = [3.0f32, 1.0, 1.0, 3.0, 0.0, 2.0];
         for init in [BaseInit::Pissa, BaseInit::Olora] {
-            let (a, b) = init.initial_pair(&w, [3, 2], 2, 2.0, "t").unwrap();
-            let res = residual(&w, [3, 2], (&a, &b), 2, 2.0);
+            let (_, _, res) = init.initialise(&w, [3, 2], 2, 2.0, "t").unwrap();
             let expected_scale = match init {
                 BaseInit::Olora => -1.0,
                 _ => 0.0,
@@ -229,17 +208,14 @@ mod tests {
         }
         // Rank 1: the residual is orthogonal to the kept direction, so its norm is the second
         // singular value (W's singular values: √(14 ± √52)... checked against the Frobenius norm).
-        let (a, b) = BaseInit::Pissa
-            .initial_pair(&w, [3, 2], 1, 1.0, "t")
-            .unwrap();
-        let res = residual(&w, [3, 2], (&a, &b), 1, 1.0);
+        let (a, b, res) = BaseInit::Pissa.initialise(&w, [3, 2], 1, 1.0, "t").unwrap();
         let frob2: f32 = w.iter().map(|v| v * v).sum();
         let res2: f32 = res.iter().map(|v| v * v).sum();
         let top2: f32 = a.iter().map(|v| v * v).sum::<f32>() * b.iter().map(|v| v * v).sum::<f32>();
         assert!((frob2 - res2 - top2).abs() < 1e-4, "{frob2} {res2} {top2}");
         assert!(res2 < top2);
         let err = BaseInit::Olora
-            .initial_pair(&w, [3, 2], 3, 1.0, "x.q_proj")
+            .initialise(&w, [3, 2], 3, 1.0, "x.q_proj")
             .unwrap_err()
             .to_string();
         assert!(err.contains("olora on `x.q_proj`: rank 3 exceeds"), "{err}");

@@ -78,13 +78,7 @@ impl TrainableTokensConfig {
         let names: Vec<String> = match targets {
             TargetModules::List(names) => names.clone(),
             TargetModules::Pattern(pattern) => {
-                let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-                    PeftError::InvalidRegex {
-                        field: "target_modules".into(),
-                        pattern: pattern.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
+                let re = peft_core::modules::full_match_regex("target_modules", pattern)?;
                 let found: Vec<String> = modules
                     .iter()
                     .filter(|m| re.is_match(&m.path))
