@@ -66,6 +66,11 @@ impl Reference {
         }
     }
 
+    /// Largest |Δ| between `ours` and these logits on the real (mask = 1) positions.
+    pub fn max_diff(&self, ours: &[f32]) -> f32 {
+        max_diff_masked(ours, &self.logits, &self.attention_mask, self.vocab)
+    }
+
     /// The attention mask with `n` leading ones per row: PEFT's mask over prompt tuning's and
     /// P-tuning's logits, whose `n` virtual positions come first.
     pub fn mask_with_virtual(&self, n: usize) -> Vec<i64> {
@@ -114,6 +119,12 @@ pub fn max_diff_masked(a: &[f32], b: &[f32], mask: &[i64], width: usize) -> f32 
         }
     }
     worst
+}
+
+/// Largest |Δ| between `ours` and the logits stored under `key` in `reference/<name>`, on its
+/// real positions.
+pub fn max_diff_to(ours: &[f32], name: &str, key: &str) -> f32 {
+    Reference::load_logits(name, key).max_diff(ours)
 }
 
 /// A PEFT adapter fixture folder (`lora-bloom`, `ia3-llama`, ...).

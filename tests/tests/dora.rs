@@ -8,23 +8,10 @@ use peft_lora::{
 };
 use peft_tests::{
     Reference, adapter_dir, assert_adamw_step_matches, base_of, device, logits, max_diff_masked,
-    model_dir, reference_json,
+    max_diff_to, model_dir, reference_json,
 };
 
 const TOLERANCE: f32 = 1e-4;
-
-/// Largest |Δ| between `ours` and the reference's `key` logits on the real positions.
-fn diff_to(ours: &[f32], name: &str, key: &str) -> f32 {
-    let reference = Reference::load(name);
-    let store = TensorStore::open(
-        peft_tests::fixtures()
-            .join("reference")
-            .join(format!("{name}.safetensors")),
-    )
-    .unwrap();
-    let (theirs, _) = store.f32(key).unwrap();
-    max_diff_masked(ours, &theirs, &reference.attention_mask, reference.vocab)
-}
 
 /// PEFT's folder: its logits unmerged, its `merge_and_unload()` logits merged, the adapter far
 /// from a no-op, unmerge restoring the base, and the saved folder byte-for-byte PEFT's tensors.
@@ -34,12 +21,12 @@ fn dora_matches_peft(name: &str) {
     let dora = from_pretrained(base, adapter_dir(name), false).unwrap();
     let reference = Reference::load(name);
     let unmerged = logits(&dora.model, &reference);
-    let unmerged_diff = diff_to(&unmerged, name, "logits");
+    let unmerged_diff = max_diff_to(&unmerged, name, "logits");
     assert!(
         unmerged_diff <= TOLERANCE,
         "{name}: unmerged max |Δ| = {unmerged_diff}"
     );
-    let change = diff_to(&unmerged, base_of(name), "logits");
+    let change = max_diff_to(&unmerged, base_of(name), "logits");
     assert!(
         change > 0.05,
         "{name}: DoRA barely changes the logits ({change})"
@@ -64,16 +51,16 @@ fn dora_matches_peft(name: &str) {
     assert_eq!(saved["use_dora"], true);
 
     let merged = dora.merge_adapter().unwrap();
-    let diff = diff_to(&logits(&merged.model, &reference), name, "merged_logits");
+    let diff = max_diff_to(&logits(&merged.model, &reference), name, "merged_logits");
     assert!(
         diff <= TOLERANCE,
         "{name}: merged max |Δ| to PEFT's = {diff}"
     );
     let restored = merged.unmerge_adapter().unwrap();
-    let diff = diff_to(&logits(&restored.model, &reference), name, "logits");
+    let diff = max_diff_to(&logits(&restored.model, &reference), name, "logits");
     assert!(diff <= TOLERANCE, "{name}: after unmerge max |Δ| = {diff}");
     let plain = restored.merge_and_unload().unwrap();
-    let merged_diff = diff_to(&logits(&plain, &reference), name, "merged_logits");
+    let merged_diff = max_diff_to(&logits(&plain, &reference), name, "merged_logits");
     assert!(
         merged_diff <= TOLERANCE,
         "{name}: merge_and_unload max |Δ| = {merged_diff}"
@@ -108,7 +95,7 @@ fn nf4_base() {
     let base = peft_models::load(model_dir("bloom-tiny-nf4"), &device).unwrap();
     let dora = from_pretrained(base, adapter_dir(name), false).unwrap();
     let reference = Reference::load(name);
-    let diff = diff_to(&logits(&dora.model, &reference), name, "logits");
+    let diff = max_diff_to(&logits(&dora.model, &reference), name, "logits");
     assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
     let expected = reference_json(name);
     assert_eq!(
@@ -130,7 +117,7 @@ fn fresh_dora_starts_as_the_base() {
     .unwrap();
     let dora = get_peft_model(base, config).unwrap();
     let reference = Reference::load("llama-tiny");
-    let diff = diff_to(&logits(&dora.model, &reference), "llama-tiny", "logits");
+    let diff = max_diff_to(&logits(&dora.model, &reference), "llama-tiny", "logits");
     assert!(diff <= TOLERANCE, "fresh DoRA max |Δ| to the base = {diff}");
 }
 

@@ -11,9 +11,7 @@ use peft_lora::{
     LoraConfig, LoraLinear, MultiLoraModel, from_pretrained, get_peft_model,
     save_pretrained_converted,
 };
-use peft_tests::{
-    Reference, adapter_dir, base_of, device, fixtures, logits, max_diff_masked, model_dir, to_vec,
-};
+use peft_tests::{Reference, adapter_dir, base_of, device, fixtures, logits, model_dir, to_vec};
 
 const TOLERANCE: f32 = 1e-4;
 /// Logits over a base PiSSA / OLoRA changed: PEFT factors in f32 (`torch.linalg`), so its
@@ -23,7 +21,10 @@ const RESIDUAL_TOLERANCE: f32 = 2e-4;
 const CASES: [&str; 2] = ["pissa-llama", "olora-bloom"];
 
 /// Per adapted layer: `(s·B·A, the base weight)`, both in PyTorch's `[out, in]` layout.
-fn products_and_bases<M>(model: M) -> BTreeMap<String, (Vec<f32>, Vec<f32>)>
+type ProductsAndBases = BTreeMap<String, (Vec<f32>, Vec<f32>)>;
+
+/// [`ProductsAndBases`] of `model`.
+fn products_and_bases<M>(model: M) -> ProductsAndBases
 where
     M: CausalLm<Adapter = LoraLinear>,
 {
@@ -59,12 +60,29 @@ fn config_of(name: &str) -> LoraConfig {
 
 fn diff_to_reference<M: CausalLm>(model: &M, name: &str) -> f32 {
     let reference = Reference::load(name);
-    max_diff_masked(
-        &logits(model, &reference),
-        &reference.logits,
-        &reference.attention_mask,
-        reference.vocab,
+    reference.max_diff(&logits(model, &reference))
+}
+
+/// Our `(s·B₀A₀, base)` per adapted layer of `model` (a fresh adapter of `name`'s config), and
+/// PEFT's `reference/<name>-init` file (`<path>.delta`, `<path>.residual`), which covers the
+/// same layers.
+fn ours_and_peft_init<M>(name: &str, model: M) -> (ProductsAndBases, TensorStore)
+where
+    M: CausalLm<Adapter = LoraLinear>,
+{
+    let store = TensorStore::open(
+        fixtures()
+            .join("reference")
+            .join(format!("{name}-init.safetensors")),
     )
+    .unwrap();
+    let ours = products_and_bases(model);
+    assert_eq!(
+        ours.len() * 2,
+        store.keys().count(),
+        "{name}: targeted layers"
+    );
+    (ours, store)
 }
 
 /// A fresh adapter: PEFT's initial product `s·B₀A₀` and residual base on every targeted layer
@@ -80,18 +98,7 @@ fn initialisation_matches_peft() {
             diff <= TOLERANCE,
             "{name}: a fresh adapter changes the model by {diff}"
         );
-        let store = TensorStore::open(
-            fixtures()
-                .join("reference")
-                .join(format!("{name}-init.safetensors")),
-        )
-        .unwrap();
-        let ours = products_and_bases(model.model);
-        assert_eq!(
-            ours.len() * 2,
-            store.keys().count(),
-            "{name}: targeted layers"
-        );
+        let (ours, store) = ours_and_peft_init(name, model.model);
         let mut worst = 0f32;
         for (path, (delta, residual)) in ours {
             let (theirs_delta, _) = store.f32(&format!("{path}.delta")).unwrap();
@@ -201,18 +208,7 @@ fn loftq_matches_peft() {
         assert_eq!(config.loftq_settings("t").unwrap(), (4, iterations));
         let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
         let model = get_peft_model(base, config).unwrap();
-        let store = TensorStore::open(
-            fixtures()
-                .join("reference")
-                .join(format!("{name}-init.safetensors")),
-        )
-        .unwrap();
-        let ours = products_and_bases(model.model);
-        assert_eq!(
-            ours.len() * 2,
-            store.keys().count(),
-            "{name}: targeted layers"
-        );
+        let (ours, store) = ours_and_peft_init(name, model.model);
         let (mut worst_product, mut worst_base) = (0f32, 0f32);
         let (mut differ, mut jumps, mut total) = (0usize, 0usize, 0usize);
         for (path, (delta, base)) in ours {

@@ -8,24 +8,11 @@
 use peft_core::{MethodConfig, TensorStore};
 use peft_lora::{LoraConfig, from_pretrained, get_peft_model};
 use peft_tests::{
-    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, logits, max_diff_masked,
+    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, logits, max_diff_to,
     model_dir, reference_json,
 };
 
 const TOLERANCE: f32 = 1e-4;
-
-/// Largest |Δ| between `ours` and the reference's `key` logits on the real positions.
-fn diff_to(ours: &[f32], name: &str, key: &str) -> f32 {
-    let reference = Reference::load(name);
-    let store = TensorStore::open(
-        peft_tests::fixtures()
-            .join("reference")
-            .join(format!("{name}.safetensors")),
-    )
-    .unwrap();
-    let (theirs, _) = store.f32(key).unwrap();
-    max_diff_masked(ours, &theirs, &reference.attention_mask, reference.vocab)
-}
 
 /// PEFT's LoRA folder with trainable tokens: its logits unmerged and merged, unmerge restoring
 /// them, its tensors and config saved back key for key, PEFT's parameter counts.
@@ -35,7 +22,7 @@ fn lora_tokens_match_peft(name: &str) {
     let lora = from_pretrained(base, adapter_dir(name), false).unwrap();
     let reference = Reference::load(name);
     let unmerged = logits(&lora.model, &reference);
-    let unmerged_diff = diff_to(&unmerged, name, "logits");
+    let unmerged_diff = max_diff_to(&unmerged, name, "logits");
     assert!(
         unmerged_diff <= TOLERANCE,
         "{name}: unmerged max |Δ| = {unmerged_diff}"
@@ -65,13 +52,13 @@ fn lora_tokens_match_peft(name: &str) {
     peft_tests::assert_json_keeps_keys(&adapter_dir(name).join("adapter_config.json"), &saved);
 
     let merged = lora.merge_adapter().unwrap();
-    let diff = diff_to(&logits(&merged.model, &reference), name, "merged_logits");
+    let diff = max_diff_to(&logits(&merged.model, &reference), name, "merged_logits");
     assert!(diff <= TOLERANCE, "{name}: merged max |Δ| = {diff}");
     let restored = merged.unmerge_adapter().unwrap();
-    let diff = diff_to(&logits(&restored.model, &reference), name, "logits");
+    let diff = max_diff_to(&logits(&restored.model, &reference), name, "logits");
     assert!(diff <= TOLERANCE, "{name}: after unmerge max |Δ| = {diff}");
     let plain = restored.merge_and_unload().unwrap();
-    let merged_diff = diff_to(&logits(&plain, &reference), name, "merged_logits");
+    let merged_diff = max_diff_to(&logits(&plain, &reference), name, "merged_logits");
     assert!(
         merged_diff <= TOLERANCE,
         "{name}: merge_and_unload max |Δ| = {merged_diff}"
@@ -124,7 +111,7 @@ fn fresh_tokens_start_as_the_base() {
             .unwrap();
     let lora = get_peft_model(base, config).unwrap();
     let reference = Reference::load("bloom-tiny");
-    let diff = diff_to(&logits(&lora.model, &reference), "bloom-tiny", "logits");
+    let diff = max_diff_to(&logits(&lora.model, &reference), "bloom-tiny", "logits");
     assert!(
         diff <= TOLERANCE,
         "fresh adapter max |Δ| to the base = {diff}"

@@ -5,24 +5,12 @@
 use peft_core::{MethodConfig, TensorStore};
 use peft_tests::{
     Reference, adapter_dir, assert_adamw_step_matches, assert_config_reads_back, device, logits,
-    max_diff_masked, model_dir, reference_json,
+    max_diff_to, model_dir, reference_json,
 };
 
 use crate::{TrainableTokensConfig, from_pretrained, get_peft_model};
 
 const TOLERANCE: f32 = 1e-4;
-
-fn diff_to(ours: &[f32], name: &str, key: &str) -> f32 {
-    let reference = Reference::load(name);
-    let store = TensorStore::open(
-        peft_tests::fixtures()
-            .join("reference")
-            .join(format!("{name}.safetensors")),
-    )
-    .unwrap();
-    let (theirs, _) = store.f32(key).unwrap();
-    max_diff_masked(ours, &theirs, &reference.attention_mask, reference.vocab)
-}
 
 /// PEFT's folder: its logits unmerged and merged, its tensors saved back key for key, PEFT's
 /// parameter counts, a fresh adapter equal to the base.
@@ -31,10 +19,10 @@ fn matches_peft(name: &str, base_name: &str) {
     let base = peft_models::load(model_dir(base_name), &device).unwrap();
     let tokens = from_pretrained(base, adapter_dir(name), true).unwrap();
     let reference = Reference::load(name);
-    let diff = diff_to(&logits(&tokens.model, &reference), name, "logits");
+    let diff = max_diff_to(&logits(&tokens.model, &reference), name, "logits");
     assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff}");
     assert!(
-        diff_to(&logits(&tokens.model, &reference), base_name, "logits") > 1e-3,
+        max_diff_to(&logits(&tokens.model, &reference), base_name, "logits") > 1e-3,
         "{name}: the rows change nothing"
     );
     let expected = reference_json(name);
@@ -59,7 +47,7 @@ fn matches_peft(name: &str, base_name: &str) {
     assert_config_reads_back::<TrainableTokensConfig>(name);
 
     let merged = tokens.merge_and_unload().unwrap();
-    let diff = diff_to(&logits(&merged, &reference), name, "merged_logits");
+    let diff = max_diff_to(&logits(&merged, &reference), name, "merged_logits");
     assert!(diff <= TOLERANCE, "{name}: merged max |Δ| = {diff}");
 
     let config =
@@ -67,7 +55,7 @@ fn matches_peft(name: &str, base_name: &str) {
     let base = peft_models::load(model_dir(base_name), &device).unwrap();
     let fresh = get_peft_model(base, config).unwrap();
     assert_eq!(fresh.trainable_summary(), summary);
-    let diff = diff_to(&logits(&fresh.model, &reference), base_name, "logits");
+    let diff = max_diff_to(&logits(&fresh.model, &reference), base_name, "logits");
     assert!(
         diff <= TOLERANCE,
         "{name}: a fresh adapter is not the base ({diff})"
