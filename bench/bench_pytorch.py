@@ -150,6 +150,8 @@ def main():
         elif METHOD == "tokens-train":
             model = peft.get_peft_model(
                 model, peft.TrainableTokensConfig(token_indices=list(range(1, 17))))
+        elif METHOD == "loha-train":
+            model = peft.get_peft_model(model, peft.LoHaConfig())
         elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
         elif METHOD == "prompt-train":

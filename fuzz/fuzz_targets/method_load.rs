@@ -1,5 +1,5 @@
-//! Every method's adapter loader (LoRA — with trainable tokens too —, IA3, BitFit, prompt tuning,
-//! P-tuning, prefix tuning, trainable tokens): a
+//! Every method's adapter loader (LoRA — with trainable tokens too —, IA3, LoHa, BitFit, prompt
+//! tuning, P-tuning, prefix tuning, trainable tokens): a
 //! valid adapter folder of the method with its config or its weights replaced by the input, or
 //! P-tuning's encoder file, loaded onto the tiny BLOOM by the method's own loader and by the
 //! `peft` crate's registry (`PeftModel::from_pretrained`): an adapter or an error, never a panic.
@@ -44,7 +44,7 @@ fn setup() -> &'static Setup {
             .unwrap()
             .save_pretrained(&bitfit_dir)
             .unwrap();
-        let methods: [(&str, PathBuf, Loader); 8] = [
+        let methods: [(&str, PathBuf, Loader); 9] = [
             ("lora", fixtures().join("adapters/lora-bloom"), |b, d| {
                 peft_lora::from_pretrained(b, d, false).is_ok()
             }),
@@ -60,6 +60,9 @@ fn setup() -> &'static Setup {
             ),
             ("ia3", fixtures().join("adapters/ia3-bloom"), |b, d| {
                 peft_ia3::from_pretrained(b, d, false).is_ok()
+            }),
+            ("loha", fixtures().join("adapters/loha-bloom"), |b, d| {
+                peft_loha::from_pretrained(b, d, false).is_ok()
             }),
             ("bitfit", bitfit_dir, |b, d| {
                 peft_bitfit::from_pretrained(b, d, false).is_ok()

@@ -10,6 +10,7 @@ mod checkpoints;
 mod chunked_loss;
 mod dora;
 mod ia3;
+mod loha;
 mod lora;
 mod lora_init;
 mod model_parity;

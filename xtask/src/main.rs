@@ -284,6 +284,7 @@ fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
         "make_dora_fixtures.py",
         "make_lora_init_fixtures.py",
         "make_trainable_tokens_fixtures.py",
+        "make_lycoris_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))
@@ -414,7 +415,7 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
 
 /// The benchmark cases, in report order, each with what it measures. Every case but
 /// `serve-load` and `serve-soak` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
-const BENCH_CASES: [(&str, &str); 40] = [
+const BENCH_CASES: [(&str, &str); 41] = [
     (
         "gemm",
         "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
@@ -444,6 +445,10 @@ const BENCH_CASES: [(&str, &str); 40] = [
     (
         "tokens-train",
         "trainable tokens (16 rows of the tied embedding) training step on the BLOOM",
+    ),
+    (
+        "loha-train",
+        "LoHa (PEFT's defaults: r = alpha = 8 on query_key_value) training step on the BLOOM",
     ),
     (
         "burn-lora-train",

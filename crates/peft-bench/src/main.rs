@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Cases: `gemm`, `forward`, `lora-train`, `dora-train` (the same with `use_dora`),
-//! `tokens-train` (trainable tokens: 16 embedding rows),
+//! `tokens-train` (trainable tokens: 16 embedding rows), `loha-train` (LoHa, PEFT's defaults),
 //! `lora-forward-unmerged`, `lora-forward-merged`,
 //! `lora-forward-mixed` (four adapters, one per batch row),
 //! `lora-merge`, `ia3-train`, `bitfit-train`, `prompt-train`, `ptuning-train` (MLP),
@@ -312,6 +312,8 @@ const TRAIN_CASES: [(&str, &str, &str); 13] = [
         "trainable-tokens",
         r#"{"token_indices": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]}"#,
     ),
+    // PEFT's default LoHaConfig (r = alpha = 8 on query_key_value), as the PyTorch side.
+    ("loha-train", "loha", "{}"),
     ("lora-train-bf16", "lora", "{}"),
     // PEFT's default LoRA config over the 4-bit base, as the PyTorch side.
     ("qlora-train", "lora", "{}"),

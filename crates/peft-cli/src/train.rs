@@ -72,7 +72,7 @@ pub struct TrainArgs {
     save: crate::SaveArgs,
     #[command(flatten)]
     device: DeviceArg,
-    /// LoRA rank.
+    /// Rank (LoRA, LoHa).
     #[arg(long)]
     pub(crate) r: Option<usize>,
     /// LoRA alpha.
@@ -81,6 +81,15 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     pub(crate) lora_dropout: Option<f64>,
+    /// LoHa's alpha: the update is scaled by alpha/r (PEFT's `LoHaConfig.alpha`).
+    #[arg(long)]
+    pub(crate) alpha: Option<f64>,
+    /// LoHa: probability of dropping each output row of the update in training.
+    #[arg(long)]
+    pub(crate) rank_dropout: Option<f64>,
+    /// LoHa: probability of skipping a layer's adapter in a training pass.
+    #[arg(long)]
+    pub(crate) module_dropout: Option<f64>,
     /// DoRA: train a magnitude per output feature beside LoRA's pair (PEFT's `use_dora`).
     #[arg(long)]
     pub(crate) use_dora: bool,
@@ -263,7 +272,8 @@ impl RunContext<'_> {
 
 /// The method's adapter on `base`: its config from `--config` or the method's default, with
 /// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`, `--use-dora`,
-/// `--use-rslora`, `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
+/// `--use-rslora`, `--alpha`, `--rank-dropout`, `--module-dropout`,
+/// `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
 fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
     let args = ctx.args;
     let mut config = ctx.method.config(args.config.as_deref())?;
@@ -271,6 +281,9 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         r: args.r,
         lora_alpha: args.lora_alpha,
         lora_dropout: args.lora_dropout,
+        alpha: args.alpha,
+        rank_dropout: args.rank_dropout,
+        module_dropout: args.module_dropout,
         use_dora: args.use_dora.then_some(true),
         use_rslora: args.use_rslora.then_some(true),
         init_lora_weights: args.init_lora_weights.clone(),

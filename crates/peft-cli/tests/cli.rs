@@ -882,6 +882,42 @@ fn dora_and_pissa_train_and_their_adapters_give_the_merged_model() {
     assert_eq!(checkpoint["init_lora_weights"], "pissa");
 }
 
+/// `peft train --method loha` with LoHa's own flags (rank and module dropout active while
+/// training): PEFT's four factors per targeted layer in adapter/, the flags' values in its
+/// config, and adapter/ over the base equal to merged/.
+#[test]
+fn loha_trains_with_its_flags_and_its_adapter_gives_the_merged_model() {
+    let flags = [
+        "--target-modules",
+        "query_key_value,dense_4h_to_h",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--rank-dropout",
+        "0.1",
+        "--module-dropout",
+        "0.1",
+    ];
+    let (_dir, out_dir, _, diff) = train_variant("loha", &flags);
+    assert!(diff <= 1e-4, "LoHa adapter vs merged: {diff}");
+    let store = TensorStore::open(out_dir.join("adapter/adapter_model.safetensors")).unwrap();
+    for factor in ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] {
+        let count = store.keys().filter(|k| k.ends_with(factor)).count();
+        assert_eq!(count, 8, "{factor}: two targets in each of the four layers");
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LOHA");
+    assert_eq!((&config["r"], &config["alpha"]), (&4.into(), &8.0.into()));
+    assert_eq!(
+        (&config["rank_dropout"], &config["module_dropout"]),
+        (&0.1.into(), &0.1.into())
+    );
+}
+
 /// `--init-lora-weights loftq`: PEFT's LoftQConfig defaults written into the config (4 bits, one
 /// iteration); adapter/ is for the quantised base, which loading it recomputes, so adapter over
 /// the bundled base gives the merged model; nothing is converted.

@@ -102,6 +102,19 @@ pub trait LayerAdapter: Module + ModuleDisplay {
     }
 }
 
+/// PEFT's `safe_merge` check, always on: a merged weight with a non-finite value is refused
+/// (the adapter is broken), and the base is left as it was.
+pub fn check_merge_finite(weight: &Tensor<2>) -> Result<()> {
+    let finite: bool = weight.clone().is_finite().all().into_scalar();
+    if finite {
+        Ok(())
+    } else {
+        Err(crate::error::PeftError::AdapterMismatch(
+            "merging would produce non-finite weights (safe_merge check)".into(),
+        ))
+    }
+}
+
 /// The adapter of a plain model: no parameters, no change.
 #[derive(Module, Debug)]
 pub struct NoAdapter {}

@@ -33,11 +33,14 @@ pub enum PeftType {
     /// Chosen embedding rows trained in full.
     #[serde(rename = "TRAINABLE_TOKENS")]
     TrainableTokens,
+    /// Low-rank Hadamard product (LyCORIS' LoHa).
+    #[serde(rename = "LOHA")]
+    Loha,
 }
 
 impl PeftType {
     /// Every type peft-rs knows, as written in `adapter_config.json`.
-    pub const ALL: [&'static str; 7] = [
+    pub const ALL: [&'static str; 8] = [
         "LORA",
         "IA3",
         "PROMPT_TUNING",
@@ -45,6 +48,7 @@ impl PeftType {
         "PREFIX_TUNING",
         "BITFIT",
         "TRAINABLE_TOKENS",
+        "LOHA",
     ];
 }
 

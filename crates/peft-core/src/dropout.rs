@@ -86,6 +86,21 @@ pub fn forward<const D: usize>(layer: &Dropout, x: Tensor<D>) -> Tensor<D> {
     x.mask_fill(dropped, 0.0) * (1.0 / (1.0 - layer.prob))
 }
 
+/// `len` draws of "drop this one" with probability `prob`, for methods that drop whole rows or
+/// modules rather than elements (LoHa's `rank_dropout` and `module_dropout`): from the thread's
+/// generator when [`seed_thread`] set one, else from burn's on `device`.
+pub fn draw_drops(len: usize, prob: f64, device: &burn::tensor::Device) -> Vec<bool> {
+    if let Some(mask) = drop_mask(len, prob) {
+        return mask;
+    }
+    let uniform = Tensor::<1>::random([len], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
+    uniform
+        .into_data()
+        .iter::<f64>()
+        .map(|u| u < prob)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +144,25 @@ mod tests {
         let x = Tensor::<2>::ones([4, 4], &training_device());
         assert_eq!(drawn(1, x, &off), vec![1.0; 16]);
         assert!(!thread_is_seeded());
+    }
+
+    #[test]
+    fn row_draws_follow_the_thread_seed() {
+        let device = burn::tensor::Device::flex();
+        seed_thread(3);
+        let first = draw_drops(4096, 0.3, &device);
+        seed_thread(3);
+        assert_eq!(first, draw_drops(4096, 0.3, &device));
+        unseed_thread();
+        let share = first.iter().filter(|&&d| d).count() as f64 / 4096.0;
+        assert!((share - 0.3).abs() < 0.03, "{share}");
+        // Unseeded: burn's generator, still about the same share.
+        let share = draw_drops(4096, 0.3, &device)
+            .iter()
+            .filter(|&&d| d)
+            .count() as f64
+            / 4096.0;
+        assert!((share - 0.3).abs() < 0.03, "{share}");
     }
 
     #[test]

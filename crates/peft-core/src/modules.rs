@@ -163,6 +163,63 @@ pub fn full_match_regex(field: &str, pattern: &str) -> Result<Regex> {
     })
 }
 
+/// PEFT's `get_pattern_key` applied to a `rank_pattern` / `alpha_pattern` map: the value of the
+/// first pattern `p` (in key order) for which `^(.*\.)?(p)$` matches `path`. A pattern that is not
+/// a valid regex matches nothing (configs are checked for that when they are read).
+pub fn pattern_value<T: Copy>(
+    patterns: &std::collections::BTreeMap<String, T>,
+    path: &str,
+) -> Option<T> {
+    patterns.iter().find_map(|(pattern, value)| {
+        let re = Regex::new(&format!(r"^(.*\.)?({pattern})$")).ok()?;
+        re.is_match(path).then_some(*value)
+    })
+}
+
+/// Checks that every key of a `rank_pattern` / `alpha_pattern` (`field`) is a valid regex: an
+/// error naming `context`, the field and the pattern, with the regex crate's message on one line.
+pub fn check_pattern_keys<'a>(
+    context: &str,
+    field: &str,
+    patterns: impl IntoIterator<Item = &'a String>,
+) -> Result<()> {
+    for pattern in patterns {
+        if let Err(e) = Regex::new(pattern) {
+            let reason = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            return Err(PeftError::config(
+                context,
+                field,
+                format!("invalid regex `{pattern}`: {reason}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// PEFT 0.21.2's default `target_modules` of the LoRA family
+/// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`, which LoHa and LoKr copy) for
+/// `model_type`, as a config's targets; an error naming `config` where PEFT has none (phi3).
+pub fn lora_family_targets(config: &str, model_type: &str) -> Result<TargetModules> {
+    let defaults: &[&str] = match model_type {
+        "bloom" => &["query_key_value"],
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3_text" => &["q_proj", "v_proj"],
+        other => {
+            return Err(PeftError::config(
+                config,
+                "target_modules",
+                format!("no default for model_type `{other}`; set target_modules"),
+            ));
+        }
+    };
+    Ok(TargetModules::List(
+        defaults.iter().map(|s| s.to_string()).collect(),
+    ))
+}
+
 impl Targets {
     fn new(field: &str, modules: &TargetModules) -> Result<Self> {
         Ok(match modules {

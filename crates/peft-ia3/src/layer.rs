@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
-use peft_core::{BaseLinear, LayerAdapter, PeftError, Result};
+use peft_core::{BaseLinear, LayerAdapter, Result};
 
 /// PEFT's `ia3_l` for one linear layer.
 #[derive(Module, Debug)]
@@ -51,12 +51,7 @@ impl Ia3Linear {
             l.clone().reshape([1, d_out])
         };
         let weight = base.weight.val() * factor;
-        let finite: bool = weight.clone().is_finite().all().into_scalar();
-        if !finite {
-            return Err(PeftError::AdapterMismatch(
-                "merging would produce non-finite weights (safe_merge check)".into(),
-            ));
-        }
+        peft_core::adapter::check_merge_finite(&weight)?;
         base.weight = base.weight.map(|_| weight);
         if !self.feedforward
             && let Some(bias) = base.bias.take()

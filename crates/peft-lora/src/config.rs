@@ -164,11 +164,6 @@ const HARMLESS: &[&str] = &[
     "qalora_group_size",
 ];
 
-/// A multi-line message (regex errors draw a caret under the pattern) as one line.
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 fn is_off(value: &Value) -> bool {
     match value {
         Value::Null | Value::Bool(false) => true,
@@ -223,20 +218,12 @@ impl peft_core::MethodConfig for LoraConfig {
                 "{context}: loftq_config is ignored: init_lora_weights is not \"loftq\" (as PEFT)"
             );
         }
-        let patterns = [
-            ("rank_pattern", self.rank_pattern.keys().collect::<Vec<_>>()),
-            ("alpha_pattern", self.alpha_pattern.keys().collect()),
-        ];
-        for (field, keys) in patterns {
-            for pattern in keys {
-                if let Err(e) = regex::Regex::new(pattern) {
-                    return bad(
-                        field,
-                        format!("invalid regex `{pattern}`: {}", one_line(&e.to_string())),
-                    );
-                }
-            }
-        }
+        peft_core::modules::check_pattern_keys(context, "rank_pattern", self.rank_pattern.keys())?;
+        peft_core::modules::check_pattern_keys(
+            context,
+            "alpha_pattern",
+            self.alpha_pattern.keys(),
+        )?;
         for (key, value) in &self.other {
             if INERT_AT_DEFAULT.contains(&key.as_str()) {
                 if !is_off(value) {
@@ -268,29 +255,14 @@ impl LoraConfig {
         if let Some(t) = &self.target_modules {
             return Ok(t.clone());
         }
-        let defaults: &[&str] = match model_type {
-            "bloom" => &["query_key_value"],
-            // PEFT 0.21.2's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (phi3 has none).
-            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3_text" => {
-                &["q_proj", "v_proj"]
-            }
-            other => {
-                return Err(PeftError::config(
-                    "LoraConfig",
-                    "target_modules",
-                    format!("no default for model_type `{other}`; set target_modules"),
-                ));
-            }
-        };
-        Ok(TargetModules::List(
-            defaults.iter().map(|s| s.to_string()).collect(),
-        ))
+        peft_core::modules::lora_family_targets("LoraConfig", model_type)
     }
 
     /// `(r, alpha)` for the module at `path`, after `rank_pattern` / `alpha_pattern`.
     pub fn rank_and_alpha(&self, path: &str) -> (usize, f64) {
-        let r = pattern_value(&self.rank_pattern, path).unwrap_or(self.r);
-        let alpha = pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha);
+        let r = peft_core::modules::pattern_value(&self.rank_pattern, path).unwrap_or(self.r);
+        let alpha =
+            peft_core::modules::pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha);
         (r, alpha)
     }
 
@@ -375,14 +347,6 @@ impl LoraConfig {
             alpha / r as f64
         }
     }
-}
-
-/// PEFT's `get_pattern_key`: the first pattern `p` (in key order) with `^(.*\.)?(p)$` matching.
-fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
-    patterns.iter().find_map(|(pattern, value)| {
-        let re = regex::Regex::new(&format!(r"^(.*\.)?({pattern})$")).ok()?;
-        re.is_match(path).then_some(*value)
-    })
 }
 
 #[cfg(test)]

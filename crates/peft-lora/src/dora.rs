@@ -137,7 +137,7 @@ impl DoraMagnitude {
             .squeeze_dim::<1>(0);
         let factor = self.magnitude.val().detach() / norm.clone();
         let merged = combined * factor.unsqueeze_dim::<2>(0);
-        check_finite(&merged)?;
+        peft_core::adapter::check_merge_finite(&merged)?;
         base.weight = base.weight.map(|_| merged.cast(dtype));
         self.merged_norm = Some(norm);
         Ok(base)
@@ -154,18 +154,6 @@ impl DoraMagnitude {
         let restored = weight.cast(DType::F32) / factor.unsqueeze_dim::<2>(0) - delta;
         base.weight = base.weight.map(|_| restored.cast(dtype));
         Ok(base)
-    }
-}
-
-/// Refuses non-finite merged weights (PEFT's `safe_merge`, always on).
-pub(crate) fn check_finite(weight: &Tensor<2>) -> Result<()> {
-    let finite: bool = weight.clone().is_finite().all().into_scalar();
-    if finite {
-        Ok(())
-    } else {
-        Err(PeftError::AdapterMismatch(
-            "merging would produce non-finite weights (safe_merge check)".into(),
-        ))
     }
 }
 

@@ -286,7 +286,7 @@ impl LoraLinear {
     /// `W + s · A@B`, refusing non-finite results (PEFT's `safe_merge`, always on).
     fn merged_weight(&self, weight: Param<Tensor<2>>) -> Result<Param<Tensor<2>>> {
         let merged = weight.val() + self.delta_weight();
-        crate::dora::check_finite(&merged)?;
+        peft_core::adapter::check_merge_finite(&merged)?;
         Ok(weight.map(|_| merged))
     }
 

@@ -264,14 +264,15 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
     assert_eq!(finished, Some((FinishReason::Length, 7)));
 }
 
-/// IA3, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a batch of its
-/// own over the shared base: every request equals itself alone and `peft_models::generate` on
+/// IA3, LoHa, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a
+/// batch of its own over the shared base: every request equals itself alone and `peft_models::generate` on
 /// that method's own model.
 #[test]
 fn other_methods_are_served_in_batches_of_their_own() {
     let adapters = fixtures().join("adapters");
     let others = [
         ("ia3", "ia3-llama"),
+        ("loha", "loha-llama"),
         ("prompt", "prompt-llama-random"),
         ("prefix", "prefix-llama"),
         ("ptuning", "ptuning-llama-mlp"),
@@ -290,8 +291,10 @@ fn other_methods_are_served_in_batches_of_their_own() {
         Some("prompt"),
         Some("prefix"),
         None,
+        Some("loha"),
         Some("ia3"),
         Some("prefix"),
+        Some("loha"),
     ];
     let requests: Vec<Request> = names
         .iter()
@@ -333,6 +336,13 @@ fn other_methods_are_served_in_batches_of_their_own() {
         let reference = match r.adapter {
             Some("ia3") => greedy(
                 &peft::ia3::from_pretrained(base(), dir("ia3"), false)
+                    .unwrap()
+                    .model,
+                prompt,
+                max,
+            ),
+            Some("loha") => greedy(
+                &peft::loha::from_pretrained(base(), dir("loha"), false)
                     .unwrap()
                     .model,
                 prompt,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 pub use peft_bitfit as bitfit;
 pub use peft_ia3 as ia3;
+pub use peft_loha as loha;
 pub use peft_lora as lora;
 pub use peft_models as models;
 pub use peft_prefix as prefix;
@@ -26,6 +27,7 @@ pub use peft_core::{
     TargetModules, TrainableSummary,
 };
 pub use peft_ia3::Ia3Config;
+pub use peft_loha::LohaConfig;
 pub use peft_lora::LoraConfig;
 pub use peft_models::{AnyModel, LoadOptions, Tokenizer};
 pub use peft_prefix::PrefixTuningConfig;
@@ -150,7 +152,13 @@ pub struct ConfigOverrides {
     /// LoRA's `trainable_token_indices` (the list form: rows of the input embedding, and of a
     /// tied output layer), or the trainable-tokens method's `token_indices`.
     pub trainable_token_indices: Option<Vec<usize>>,
-    /// `target_modules` (LoRA, IA3).
+    /// LoHa's `alpha` (its scale numerator: the update is multiplied by `alpha / r`).
+    pub alpha: Option<f64>,
+    /// LoHa's `rank_dropout`.
+    pub rank_dropout: Option<f64>,
+    /// LoHa's `module_dropout`.
+    pub module_dropout: Option<f64>,
+    /// `target_modules` (LoRA, IA3, LoHa).
     pub target_modules: Option<TargetModules>,
     /// `num_virtual_tokens` (prompt tuning, P-tuning, prefix tuning).
     pub num_virtual_tokens: Option<usize>,

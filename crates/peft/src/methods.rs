@@ -62,6 +62,23 @@ adapter_methods! {
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }
+    /// LoHa: `peft_loha`.
+    Loha {
+        config: peft_loha::LohaConfig,
+        model: peft_loha::LohaModel<AnyModel<peft_loha::LohaLinear>>,
+        build: |base, config, _| peft_loha::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_loha::from_pretrained(base, dir, trainable),
+        targeted: |m| m.targeted.clone(),
+        saved: |m| m.saved_params.clone(),
+        merge: |m| m.merge_and_unload(),
+        overrides: |c, o| {
+            c.r = o.r.unwrap_or(c.r);
+            c.alpha = o.alpha.unwrap_or(c.alpha);
+            c.rank_dropout = o.rank_dropout.unwrap_or(c.rank_dropout);
+            c.module_dropout = o.module_dropout.unwrap_or(c.module_dropout);
+            c.target_modules = o.target_modules.clone().or(c.target_modules.take());
+        },
+    }
     /// Trainable tokens: `peft_trainable_tokens`.
     TrainableTokens {
         config: peft_trainable_tokens::TrainableTokensConfig,

@@ -49,7 +49,7 @@ pub struct Method {
 
 /// Every method, `lora` first: a LoRA folder loads as `lora`; `qlora` trains the QLoRA paper's
 /// preset over a 4-bit base and saves a LoRA folder.
-pub const METHODS: [Method; 8] = [
+pub const METHODS: [Method; 9] = [
     Method {
         name: "lora",
         label: "LoRA",
@@ -78,6 +78,17 @@ pub const METHODS: [Method; 8] = [
         peft_type: PeftType::Ia3,
         summary: "learned scaling vectors on keys, values and feed-forward activations",
         default_config: || PeftConfig::Ia3(peft_ia3::Ia3Config::default()),
+        merges: true,
+        serving: Serving::OwnBatch,
+        adapts_4bit_base: false,
+        trains_on_4bit_base: false,
+    },
+    Method {
+        name: "loha",
+        label: "LoHa",
+        peft_type: PeftType::Loha,
+        summary: "Hadamard product of two low-rank products beside frozen linear layers",
+        default_config: || PeftConfig::Loha(peft_loha::LohaConfig::default()),
         merges: true,
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
@@ -247,7 +258,7 @@ mod tests {
         assert_eq!(
             err,
             "invalid input: --method dora: unknown method (expected one of lora, qlora, ia3, \
-             trainable-tokens, bitfit, prompt, prefix, ptuning)"
+             loha, trainable-tokens, bitfit, prompt, prefix, ptuning)"
         );
         assert!(by_name("qlora").unwrap().trains_on_4bit_base);
     }
@@ -278,7 +289,7 @@ mod tests {
         assert_eq!(
             served_methods(),
             "LoRA (mixed-adapter batches shared with the base and every other such adapter), \
-             IA3, prompt tuning, prefix tuning, P-tuning (a batch per adapter)"
+             IA3, LoHa, prompt tuning, prefix tuning, P-tuning (a batch per adapter)"
         );
     }
 }

@@ -121,6 +121,9 @@ fn flags_set_the_keys_each_method_has() {
         r: Some(4),
         lora_alpha: Some(16.0),
         lora_dropout: Some(0.1),
+        alpha: Some(12.0),
+        rank_dropout: Some(0.2),
+        module_dropout: Some(0.3),
         use_dora: Some(true),
         use_rslora: Some(true),
         init_lora_weights: Some("pissa".into()),
@@ -153,6 +156,19 @@ fn flags_set_the_keys_each_method_has() {
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }
             PeftType::Ia3 => assert_eq!(json["target_modules"], serde_json::json!(["dense"])),
+            PeftType::Loha => {
+                assert_eq!(
+                    (
+                        &json["r"],
+                        &json["alpha"],
+                        &json["rank_dropout"],
+                        &json["module_dropout"]
+                    ),
+                    (&4.into(), &12.0.into(), &0.2.into(), &0.3.into())
+                );
+                assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
+                assert!(json.get("lora_alpha").is_none());
+            }
             PeftType::TrainableTokens => {
                 assert_eq!(json["token_indices"], serde_json::json!([5, 3]))
             }

@@ -1,0 +1,171 @@
+//! The LoHa layer: `y = base(x) + x · ΔWᵀ` with `ΔW = s · (w1a·w1b) ⊙ (w2a·w2b)`, computed beside
+//! the frozen base (PEFT's `LoHaLayer` over `nn.Linear`, the LyCORIS `HadaWeight`).
+//!
+//! The four factors are held in PyTorch's layout, as PEFT stores them: `hada_w1_a: [out, r]`,
+//! `hada_w1_b: [r, in]` (and the same for `w2`). Unlike LoRA's update, `ΔW` is not of rank `r`
+//! (the Hadamard product of two rank-`r` matrices has rank up to `r²`), so the update is formed as
+//! the full `[out, in]` matrix once per forward pass, exactly as PEFT forms it.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::module::linear;
+use burn::tensor::{Distribution, Tensor, TensorData};
+
+use peft_core::{BaseLinear, LayerAdapter, Result};
+
+/// LoHa's four factors for one linear layer `[in → out]`.
+#[derive(Module, Debug)]
+pub struct LohaLinear {
+    /// First product's left factor `[out, r]`.
+    pub hada_w1_a: Param<Tensor<2>>,
+    /// First product's right factor `[r, in]`.
+    pub hada_w1_b: Param<Tensor<2>>,
+    /// Second product's left factor `[out, r]`.
+    pub hada_w2_a: Param<Tensor<2>>,
+    /// Second product's right factor `[r, in]` (zero in a fresh adapter).
+    pub hada_w2_b: Param<Tensor<2>>,
+    /// `rank_dropout`: drops output rows of `ΔW` in training (the probability, and burn's
+    /// training flag, live in this module).
+    pub rank_dropout: Dropout,
+    /// `module_dropout`: skips the adapter in a training pass.
+    pub module_dropout: Dropout,
+    /// `alpha / r`.
+    #[module(skip)]
+    pub scaling: f64,
+}
+
+impl LohaLinear {
+    /// A layer from explicit factors in PyTorch's layout.
+    pub fn new(
+        factors: [Tensor<2>; 4],
+        scaling: f64,
+        rank_dropout: f64,
+        module_dropout: f64,
+    ) -> Self {
+        let [w1a, w1b, w2a, w2b] = factors;
+        Self {
+            hada_w1_a: Param::from_tensor(w1a),
+            hada_w1_b: Param::from_tensor(w1b),
+            hada_w2_a: Param::from_tensor(w2a),
+            hada_w2_b: Param::from_tensor(w2b),
+            rank_dropout: DropoutConfig::new(rank_dropout).init(),
+            module_dropout: DropoutConfig::new(module_dropout).init(),
+            scaling,
+        }
+    }
+
+    /// PEFT's initialisation for `[in → out]` at rank `r`: every factor Kaiming-uniform
+    /// (`a = √5`, bound `1/√fan_in` with `fan_in` the factor's second dimension) except
+    /// `hada_w2_b`, zero with `init_weights` (the adapter starts as a no-op) and Kaiming-uniform
+    /// without.
+    pub fn init(
+        d_in: usize,
+        d_out: usize,
+        r: usize,
+        scaling: f64,
+        dropouts: (f64, f64),
+        init_weights: bool,
+        device: &burn::tensor::Device,
+    ) -> Self {
+        let uniform = |shape: [usize; 2]| {
+            let bound = 1.0 / (shape[1] as f64).sqrt();
+            Tensor::<2>::random(shape, Distribution::Uniform(-bound, bound), device)
+        };
+        let w2b = if init_weights {
+            Tensor::<2>::zeros([r, d_in], device)
+        } else {
+            uniform([r, d_in])
+        };
+        let factors = [
+            uniform([d_out, r]),
+            uniform([r, d_in]),
+            uniform([d_out, r]),
+            w2b,
+        ];
+        Self::new(factors, scaling, dropouts.0, dropouts.1)
+    }
+
+    /// `ΔWᵀ = s · ((w1a·w1b) ⊙ (w2a·w2b))ᵀ`, `[in, out]` (burn's weight layout).
+    pub fn delta_weight(&self) -> Tensor<2> {
+        let first = self.hada_w1_a.val().matmul(self.hada_w1_b.val());
+        let second = self.hada_w2_a.val().matmul(self.hada_w2_b.val());
+        (first * second * self.scaling).transpose()
+    }
+
+    /// `x · ΔWᵀ` with rank and module dropout applied as PEFT applies them in training: the
+    /// adapter skipped with probability `module_dropout`; each output row of `ΔW` dropped with
+    /// probability `rank_dropout`, the kept ones divided by the share kept. `None` when the
+    /// module is dropped.
+    fn update(&self, x: Tensor<3>) -> Option<Tensor<3>> {
+        let device = x.device();
+        if peft_core::dropout::is_active(&self.module_dropout, &x)
+            && peft_core::dropout::draw_drops(1, self.module_dropout.prob, &device)[0]
+        {
+            return None;
+        }
+        let mut delta = self.delta_weight();
+        if peft_core::dropout::is_active(&self.rank_dropout, &x) {
+            let [_, d_out] = delta.dims();
+            let dropped = peft_core::dropout::draw_drops(d_out, self.rank_dropout.prob, &device);
+            let kept = dropped.iter().filter(|&&d| !d).count();
+            // PEFT divides by the mean of the keep mask; with every row dropped that is 0/0
+            // (NaN in PyTorch): here the update is then zero.
+            let share = kept.max(1) as f32 / d_out as f32;
+            let factors: Vec<f32> = dropped
+                .iter()
+                .map(|&d| if d { 0.0 } else { 1.0 / share })
+                .collect();
+            let factors = Tensor::<2>::from_data(TensorData::new(factors, [1, d_out]), &device);
+            delta = delta * factors;
+        }
+        Some(linear(x, delta, None))
+    }
+
+    /// `W ± ΔW` (`sign` = 1 to merge, -1 to unmerge), refusing non-finite results.
+    fn shifted(&self, mut base: Linear, sign: f64) -> Result<Linear> {
+        let weight = base.weight.val();
+        let dtype = weight.dtype();
+        let shifted = weight.cast(burn::tensor::DType::F32) + self.delta_weight() * sign;
+        peft_core::adapter::check_merge_finite(&shifted)?;
+        base.weight = base.weight.map(|_| shifted.cast(dtype));
+        Ok(base)
+    }
+}
+
+impl LayerAdapter for LohaLinear {
+    fn forward_linear(&self, base: &BaseLinear, x: Tensor<3>) -> Tensor<3> {
+        let result = base.forward(x.clone());
+        match self.update(x) {
+            Some(update) => result + update,
+            None => result,
+        }
+    }
+
+    fn delta_linear(
+        &self,
+        _base: &BaseLinear,
+        x: Tensor<3>,
+        _result: &Tensor<3>,
+    ) -> Option<Tensor<3>> {
+        // A dropped module adds nothing.
+        let d_out = self.hada_w1_a.dims()[0];
+        let [batch, seq, _] = x.dims();
+        let device = x.device();
+        Some(
+            self.update(x)
+                .unwrap_or_else(|| Tensor::zeros([batch, seq, d_out], &device)),
+        )
+    }
+
+    fn is_additive(&self) -> bool {
+        true
+    }
+
+    fn merge_linear(&mut self, base: Linear) -> Result<Linear> {
+        self.shifted(base, 1.0)
+    }
+
+    fn unmerge_linear(&mut self, base: Linear) -> Result<Linear> {
+        self.shifted(base, -1.0)
+    }
+}

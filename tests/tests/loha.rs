@@ -1,0 +1,184 @@
+//! LoHa against Hugging Face PEFT 0.21.2 (fixtures/make_lycoris_fixtures.py): PEFT's folders
+//! load with PEFT's logits, unmerged and merged; ours save with PEFT's keys, shapes and config;
+//! one training step gives PyTorch's gradients and AdamW update.
+
+use peft_core::{MethodConfig, TensorStore};
+use peft_loha::{LohaConfig, from_pretrained, get_peft_model};
+use peft_tests::{
+    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, logits, max_diff_to,
+    model_dir, reference_json,
+};
+
+const TOLERANCE: f32 = 1e-4;
+
+/// PEFT's folder: its logits unmerged and after `merge_and_unload()`, the adapter far from a
+/// no-op, unmerge restoring it, the folder saved back tensor for tensor and key for key, and
+/// PEFT's parameter counts (also after a fresh injection from the same config).
+fn loha_matches_peft(name: &str) {
+    let device = device();
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let loha = from_pretrained(base, adapter_dir(name), false).unwrap();
+    let reference = Reference::load(name);
+    let unmerged = logits(&loha.model, &reference);
+    let unmerged_diff = max_diff_to(&unmerged, name, "logits");
+    assert!(
+        unmerged_diff <= TOLERANCE,
+        "{name}: unmerged max |Δ| = {unmerged_diff}"
+    );
+    let change = max_diff_to(&unmerged, base_of(name), "logits");
+    assert!(
+        change > 0.05,
+        "{name}: LoHa barely changes the logits ({change})"
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    loha.save_pretrained(out.path()).unwrap();
+    let theirs = TensorStore::open(adapter_dir(name).join("adapter_model.safetensors")).unwrap();
+    let ours = TensorStore::open(out.path().join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    assert!(theirs.keys().any(|k| k.ends_with(".hada_w2_b")));
+    for key in theirs.keys() {
+        assert_eq!(ours.f32(key).unwrap(), theirs.f32(key).unwrap(), "{key}");
+    }
+    let read = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let (saved, peft) = (read(out.path()), read(&adapter_dir(name)));
+    for key in [
+        "peft_type",
+        "r",
+        "rank_pattern",
+        "init_weights",
+        "target_modules",
+    ] {
+        assert_eq!(saved[key], peft[key], "{key}");
+    }
+    // PEFT writes integral alphas as integers; both read as the same number.
+    assert_eq!(saved["alpha"].as_f64(), peft["alpha"].as_f64());
+    let alphas = |c: &serde_json::Value| -> Vec<(String, Option<f64>)> {
+        let map = c["alpha_pattern"].as_object().unwrap();
+        map.iter().map(|(k, v)| (k.clone(), v.as_f64())).collect()
+    };
+    assert_eq!(alphas(&saved), alphas(&peft));
+
+    let merged = loha.merge_adapter().unwrap();
+    let diff = max_diff_to(&logits(&merged.model, &reference), name, "merged_logits");
+    assert!(
+        diff <= TOLERANCE,
+        "{name}: merged max |Δ| to PEFT's = {diff}"
+    );
+    let restored = merged.unmerge_adapter().unwrap();
+    let diff = max_diff_to(&logits(&restored.model, &reference), name, "logits");
+    assert!(diff <= TOLERANCE, "{name}: after unmerge max |Δ| = {diff}");
+    let plain = restored.merge_and_unload().unwrap();
+    let merged_diff = max_diff_to(&logits(&plain, &reference), name, "merged_logits");
+    assert!(
+        merged_diff <= TOLERANCE,
+        "{name}: merge_and_unload max |Δ| = {merged_diff}"
+    );
+    eprintln!("{name}: max |Δ| to PEFT unmerged {unmerged_diff:.1e}, merged {merged_diff:.1e}");
+
+    let expected = reference_json(name);
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    let trainable = from_pretrained(base, adapter_dir(name), true).unwrap();
+    let summary = trainable.trainable_summary();
+    assert_eq!(
+        (summary.trainable as u64, summary.all as u64),
+        (
+            expected["trainable_params"].as_u64().unwrap(),
+            expected["all_params"].as_u64().unwrap()
+        )
+    );
+    let config = LohaConfig::from_file(adapter_dir(name).join("adapter_config.json")).unwrap();
+    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
+    assert_eq!(
+        get_peft_model(base, config).unwrap().trainable_summary(),
+        summary
+    );
+}
+
+#[test]
+fn bloom_attention_and_mlp() {
+    loha_matches_peft("loha-bloom");
+}
+
+#[test]
+fn llama_gqa_with_rank_and_alpha_patterns() {
+    loha_matches_peft("loha-llama");
+}
+
+#[test]
+fn phi3_fused_projections() {
+    loha_matches_peft("loha-phi3");
+}
+
+/// One AdamW step from PEFT's folder: the loss, the four factors' gradients and updated values
+/// as PyTorch's (PEFT's hand-written `HadaWeight` backward).
+#[test]
+fn one_adamw_step_matches_pytorch() {
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let loha = from_pretrained(base, adapter_dir("loha-bloom"), true).unwrap();
+    let checked = assert_adamw_step_matches(loha.model, "loha-bloom-train", |name| {
+        let (module, factor) = name.rsplit_once(".adapter.")?;
+        peft_loha::FACTORS
+            .contains(&factor)
+            .then(|| (format!("base_model.model.{module}.{factor}"), false))
+    });
+    // Two targets in each of two layers, four factors each.
+    assert_eq!(checked, 16);
+}
+
+/// A fresh LoHa starts as the base model (`hada_w2_b` = 0), as PEFT's does; the factors that
+/// are not zero have PEFT's Kaiming-uniform bound `1/√fan_in`.
+#[test]
+fn fresh_loha_starts_as_the_base() {
+    let device = device();
+    let base = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
+    let config = LohaConfig::from_json(
+        r#"{"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"]}"#,
+        "test",
+    )
+    .unwrap();
+    let reference = Reference::load("llama-tiny");
+    let plain = logits(&base, &reference);
+    let loha = get_peft_model(base, config).unwrap();
+    // x·ΔWᵀ with ΔW = 0 adds exact zeros.
+    assert_eq!(logits(&loha.model, &reference), plain);
+    let out = tempfile::tempdir().unwrap();
+    loha.save_pretrained(out.path()).unwrap();
+    let saved = TensorStore::open(out.path().join("adapter_model.safetensors")).unwrap();
+    let key = |f: &str| format!("base_model.model.model.layers.0.self_attn.q_proj.{f}");
+    assert!(
+        saved
+            .f32(&key("hada_w2_b"))
+            .unwrap()
+            .0
+            .iter()
+            .all(|&v| v == 0.0)
+    );
+    let (w1a, shape) = saved.f32(&key("hada_w1_a")).unwrap();
+    assert_eq!(shape, vec![64, 4]);
+    assert!(w1a.iter().all(|v| v.abs() <= 0.5) && w1a.iter().any(|v| v.abs() > 0.1));
+    let (w1b, shape) = saved.f32(&key("hada_w1_b")).unwrap();
+    assert_eq!(shape, vec![4, 64]);
+    assert!(w1b.iter().all(|v| v.abs() <= 0.125));
+}
+
+/// PEFT's LoHa has no 4-bit layer (it would take bitsandbytes' packed shape): refused, naming
+/// the layer.
+#[test]
+fn a_4bit_base_is_refused_naming_the_layer() {
+    let base = peft_models::load(model_dir("bloom-tiny-nf4"), &device()).unwrap();
+    let err = get_peft_model(base, LohaConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("LoHa on the 4-bit layer `transformer.h.0.self_attention.query_key_value`"),
+        "{err}"
+    );
+}
