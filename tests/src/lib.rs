@@ -429,15 +429,29 @@ pub fn assert_config_reads_back<C: peft_core::MethodConfig>(name: &str) {
     assert_json_keeps_keys(&path, &serde_json::to_value(&config).unwrap());
 }
 
-/// Asserts that `ours` holds every key of the JSON file `path` with its value (numbers compared
-/// as numbers).
+/// Whether two JSON values are equal with numbers compared as numbers, at any depth (Python
+/// writes `4` where a Rust float field writes `4.0`).
+pub fn json_same(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_same(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_same(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// Asserts that `ours` holds every key of the JSON file `path` with its value ([`json_same`]).
 pub fn assert_json_keeps_keys(path: &std::path::Path, ours: &serde_json::Value) {
     let file: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     for (key, value) in file.as_object().unwrap() {
-        let same = match (ours[key].as_f64(), value.as_f64()) {
-            (Some(a), Some(b)) => a == b,
-            _ => &ours[key] == value,
-        };
+        let same = json_same(&ours[key], value);
         assert!(
             same,
             "{}: `{key}` is {value} in the file, {} read back",

@@ -1071,7 +1071,7 @@ mod tests {
         let err = unknown_case(&cases(&["gemm", "lora-trian"]), names(), "list").unwrap();
         assert_eq!(
             err,
-            "unknown case `lora-trian`; did you mean lora-train, dora-train, qlora-train?"
+            "unknown case `lora-trian`; did you mean lora-train, dora-train, loha-train, qlora-train?"
         );
         let err = unknown_case(&cases(&["zzz"]), names(), "see --list").unwrap();
         assert_eq!(err, "unknown case `zzz`; see --list");
