@@ -3,101 +3,28 @@
 //! one training step gives PyTorch's gradients and AdamW update.
 
 use peft_core::{MethodConfig, TensorStore};
-use peft_loha::{LohaConfig, from_pretrained, get_peft_model};
-use peft_tests::{
-    Reference, adapter_dir, assert_adamw_step_matches, base_of, device, json_same, logits,
-    max_diff_to, model_dir, reference_json,
-};
+use peft_loha::{Loha, LohaConfig, from_pretrained, get_peft_model};
+use peft_tests::{Reference, adapter_dir, assert_adamw_step_matches, device, logits, model_dir};
 
-const TOLERANCE: f32 = 1e-4;
+use crate::lycoris::Method;
 
-/// PEFT's folder: its logits unmerged and after `merge_and_unload()`, the adapter far from a
-/// no-op, unmerge restoring it, the folder saved back tensor for tensor and key for key, and
-/// PEFT's parameter counts (also after a fresh injection from the same config).
-fn loha_matches_peft(name: &str) {
-    let device = device();
-    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-    let loha = from_pretrained(base, adapter_dir(name), false).unwrap();
-    let reference = Reference::load(name);
-    let unmerged = logits(&loha.model, &reference);
-    let unmerged_diff = max_diff_to(&unmerged, name, "logits");
-    assert!(
-        unmerged_diff <= TOLERANCE,
-        "{name}: unmerged max |Δ| = {unmerged_diff}"
-    );
-    let change = max_diff_to(&unmerged, base_of(name), "logits");
-    assert!(
-        change > 0.05,
-        "{name}: LoHa barely changes the logits ({change})"
-    );
-
-    let out = tempfile::tempdir().unwrap();
-    loha.save_pretrained(out.path()).unwrap();
-    let theirs = TensorStore::open(adapter_dir(name).join("adapter_model.safetensors")).unwrap();
-    let ours = TensorStore::open(out.path().join("adapter_model.safetensors")).unwrap();
-    assert_eq!(
-        ours.keys().collect::<Vec<_>>(),
-        theirs.keys().collect::<Vec<_>>()
-    );
-    assert!(theirs.keys().any(|k| k.ends_with(".hada_w2_b")));
-    for key in theirs.keys() {
-        assert_eq!(ours.f32(key).unwrap(), theirs.f32(key).unwrap(), "{key}");
-    }
-    let read = |dir: &std::path::Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
-            .unwrap()
-    };
-    let (saved, peft) = (read(out.path()), read(&adapter_dir(name)));
-    for key in [
+const LOHA: Method<Loha> = Method {
+    load: |base, dir, trainable| from_pretrained(base, dir, trainable),
+    fresh: get_peft_model,
+    config: |path| LohaConfig::from_file(path),
+    config_keys: &[
         "peft_type",
         "r",
         "alpha",
         "rank_pattern",
         "alpha_pattern",
         "target_modules",
-    ] {
-        assert!(
-            json_same(&saved[key], &peft[key]),
-            "{key}: {} vs {}",
-            saved[key],
-            peft[key]
-        );
-    }
+    ],
+    marker: ".hada_w2_b",
+};
 
-    let merged = loha.merge_adapter().unwrap();
-    let diff = max_diff_to(&logits(&merged.model, &reference), name, "merged_logits");
-    assert!(
-        diff <= TOLERANCE,
-        "{name}: merged max |Δ| to PEFT's = {diff}"
-    );
-    let restored = merged.unmerge_adapter().unwrap();
-    let diff = max_diff_to(&logits(&restored.model, &reference), name, "logits");
-    assert!(diff <= TOLERANCE, "{name}: after unmerge max |Δ| = {diff}");
-    let plain = restored.merge_and_unload().unwrap();
-    let merged_diff = max_diff_to(&logits(&plain, &reference), name, "merged_logits");
-    assert!(
-        merged_diff <= TOLERANCE,
-        "{name}: merge_and_unload max |Δ| = {merged_diff}"
-    );
-    eprintln!("{name}: max |Δ| to PEFT unmerged {unmerged_diff:.1e}, merged {merged_diff:.1e}");
-
-    let expected = reference_json(name);
-    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-    let trainable = from_pretrained(base, adapter_dir(name), true).unwrap();
-    let summary = trainable.trainable_summary();
-    assert_eq!(
-        (summary.trainable as u64, summary.all as u64),
-        (
-            expected["trainable_params"].as_u64().unwrap(),
-            expected["all_params"].as_u64().unwrap()
-        )
-    );
-    let config = LohaConfig::from_file(adapter_dir(name).join("adapter_config.json")).unwrap();
-    let base = peft_models::load(model_dir(base_of(name)), &device).unwrap();
-    assert_eq!(
-        get_peft_model(base, config).unwrap().trainable_summary(),
-        summary
-    );
+fn loha_matches_peft(name: &str) {
+    crate::lycoris::matches_peft(&LOHA, name);
 }
 
 #[test]

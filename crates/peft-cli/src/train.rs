@@ -72,7 +72,7 @@ pub struct TrainArgs {
     save: crate::SaveArgs,
     #[command(flatten)]
     device: DeviceArg,
-    /// Rank (LoRA, LoHa).
+    /// Rank (LoRA, LoHa, LoKr).
     #[arg(long)]
     pub(crate) r: Option<usize>,
     /// LoRA alpha.
@@ -81,15 +81,25 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     pub(crate) lora_dropout: Option<f64>,
-    /// LoHa's alpha: the update is scaled by alpha/r (PEFT's `LoHaConfig.alpha`).
+    /// LoHa's and LoKr's alpha: the update is scaled by alpha/r (PEFT's `alpha`).
     #[arg(long)]
     pub(crate) alpha: Option<f64>,
-    /// LoHa: probability of dropping each output row of the update in training.
+    /// LoHa, LoKr: probability of dropping each output row of the update in training.
     #[arg(long)]
     pub(crate) rank_dropout: Option<f64>,
-    /// LoHa: probability of skipping a layer's adapter in a training pass.
+    /// LoHa, LoKr: probability of skipping a layer's adapter in a training pass.
     #[arg(long)]
     pub(crate) module_dropout: Option<f64>,
+    /// LoKr: decompose the left Kronecker factor too (PEFT's `decompose_both`).
+    #[arg(long)]
+    pub(crate) decompose_both: bool,
+    /// LoKr: the divider of the dimensions' factorisation (PEFT's `decompose_factor`; -1, the
+    /// default, factors near the square root).
+    #[arg(long, allow_hyphen_values = true)]
+    pub(crate) decompose_factor: Option<i64>,
+    /// LoKr: rescale the rows rank dropout keeps by the share kept (`rank_dropout_scale`).
+    #[arg(long)]
+    pub(crate) rank_dropout_scale: bool,
     /// DoRA: train a magnitude per output feature beside LoRA's pair (PEFT's `use_dora`).
     #[arg(long)]
     pub(crate) use_dora: bool,
@@ -272,8 +282,8 @@ impl RunContext<'_> {
 
 /// The method's adapter on `base`: its config from `--config` or the method's default, with
 /// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`, `--use-dora`,
-/// `--use-rslora`, `--alpha`, `--rank-dropout`, `--module-dropout`,
-/// `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
+/// `--use-rslora`, `--alpha`, `--rank-dropout`, `--module-dropout`, `--decompose-both`,
+/// `--decompose-factor`, `--rank-dropout-scale`, `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
 fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
     let args = ctx.args;
     let mut config = ctx.method.config(args.config.as_deref())?;
@@ -284,6 +294,9 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         alpha: args.alpha,
         rank_dropout: args.rank_dropout,
         module_dropout: args.module_dropout,
+        decompose_both: args.decompose_both.then_some(true),
+        decompose_factor: args.decompose_factor,
+        rank_dropout_scale: args.rank_dropout_scale.then_some(true),
         use_dora: args.use_dora.then_some(true),
         use_rslora: args.use_rslora.then_some(true),
         init_lora_weights: args.init_lora_weights.clone(),

@@ -626,6 +626,26 @@ fn inspect_ia3_config_gives_peft_numbers() {
     );
 }
 
+/// LoHa's config through the registry: PEFT's counts (tests/fixtures/reference/loha-llama.json,
+/// rank and alpha patterns included).
+#[test]
+fn inspect_loha_config_gives_peft_numbers() {
+    let out = peft_ok!(
+        "inspect",
+        "--model",
+        model("llama-tiny"),
+        "--config",
+        adapter("loha-llama").join("adapter_config.json"),
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("trainable params: 9,472 || all params: 149,056 || trainable%: 6.3547"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn train_on_the_bundled_default_writes_everything_people_open() {
     let dir = tempfile::tempdir().unwrap();

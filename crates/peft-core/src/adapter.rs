@@ -115,6 +115,18 @@ pub fn check_merge_finite(weight: &Tensor<2>) -> Result<()> {
     }
 }
 
+/// `W ± ΔW` for a method that merges a full update (`sign` = 1 to merge, -1 to unmerge):
+/// `delta_t` is `ΔWᵀ`, `[in, out]` in burn's weight layout, added in f32 and cast back to the
+/// base's dtype; non-finite results are refused (PEFT's `safe_merge`).
+pub fn shift_linear(mut base: Linear, delta_t: Tensor<2>, sign: f64) -> Result<Linear> {
+    let weight = base.weight.val();
+    let dtype = weight.dtype();
+    let shifted = weight.cast(DType::F32) + delta_t * sign;
+    check_merge_finite(&shifted)?;
+    base.weight = base.weight.map(|_| shifted.cast(dtype));
+    Ok(base)
+}
+
 /// The adapter of a plain model: no parameters, no change.
 #[derive(Module, Debug)]
 pub struct NoAdapter {}

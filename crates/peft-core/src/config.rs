@@ -36,11 +36,14 @@ pub enum PeftType {
     /// Low-rank Hadamard product (LyCORIS' LoHa).
     #[serde(rename = "LOHA")]
     Loha,
+    /// Low-rank Kronecker product (LyCORIS' LoKr).
+    #[serde(rename = "LOKR")]
+    Lokr,
 }
 
 impl PeftType {
     /// Every type peft-rs knows, as written in `adapter_config.json`.
-    pub const ALL: [&'static str; 8] = [
+    pub const ALL: [&'static str; 9] = [
         "LORA",
         "IA3",
         "PROMPT_TUNING",
@@ -49,6 +52,7 @@ impl PeftType {
         "BITFIT",
         "TRAINABLE_TOKENS",
         "LOHA",
+        "LOKR",
     ];
 }
 

@@ -101,6 +101,43 @@ pub fn draw_drops(len: usize, prob: f64, device: &burn::tensor::Device) -> Vec<b
         .collect()
 }
 
+/// LyCORIS's module dropout (LoHa, LoKr): whether this training pass skips the adapter, drawn
+/// with probability `layer.prob` when [`is_active`] (PEFT's `torch.rand(1) > module_dropout`).
+pub fn skips_module<const D: usize>(layer: &Dropout, x: &Tensor<D>) -> bool {
+    is_active(layer, x) && draw_drops(1, layer.prob, &x.device())[0]
+}
+
+/// LyCORIS's rank dropout (LoHa, LoKr): one factor per output row of the update, `[1, d_out]`
+/// — 0 for a dropped row, 1 for a kept one, or with `rescale` the kept ones divided by the
+/// share kept (PEFT's `drop /= drop.mean()`). `None` when [`is_active`] is false. With every row
+/// dropped, PEFT's rescale divides 0 by 0 (NaN); here the update is then zero.
+pub fn rank_keep_factors<const D: usize>(
+    layer: &Dropout,
+    x: &Tensor<D>,
+    d_out: usize,
+    rescale: bool,
+) -> Option<Tensor<2>> {
+    if !is_active(layer, x) {
+        return None;
+    }
+    let device = x.device();
+    let dropped = draw_drops(d_out, layer.prob, &device);
+    let kept = dropped.iter().filter(|&&d| !d).count();
+    let keep = if rescale {
+        d_out as f32 / kept.max(1) as f32
+    } else {
+        1.0
+    };
+    let factors: Vec<f32> = dropped
+        .iter()
+        .map(|&d| if d { 0.0 } else { keep })
+        .collect();
+    Some(Tensor::<2>::from_data(
+        TensorData::new(factors, [1, d_out]),
+        &device,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +200,30 @@ mod tests {
             .count() as f64
             / 4096.0;
         assert!((share - 0.3).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn rank_factors_drop_rows_and_rescale_only_when_asked() {
+        let device = training_device();
+        let layer = DropoutConfig::new(0.5).init();
+        let x = Tensor::<2>::ones([1, 1], &device);
+        let factors = |rescale| {
+            seed_thread(11);
+            let f = rank_keep_factors(&layer, &x, 8, rescale).unwrap();
+            unseed_thread();
+            f.into_data().try_to_vec::<f32>().unwrap()
+        };
+        let (plain, scaled) = (factors(false), factors(true));
+        let kept = plain.iter().filter(|&&v| v == 1.0).count();
+        assert!(plain.iter().all(|&v| v == 0.0 || v == 1.0));
+        assert!(kept > 0 && kept < 8, "{plain:?}");
+        // The same rows kept, each divided by the share kept (the mean of the keep mask).
+        for (p, s) in plain.iter().zip(&scaled) {
+            assert_eq!(*s, p * 8.0 / kept as f32);
+        }
+        let eval = Tensor::<2>::ones([1, 1], &burn::tensor::Device::flex());
+        assert!(rank_keep_factors(&layer, &eval, 8, true).is_none());
+        assert!(!skips_module(&layer, &eval));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::module::linear;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Distribution, Tensor};
+use peft_ops::matmul::{linear, matmul};
 
 use peft_core::{BaseLinear, LayerAdapter, Result};
 
@@ -85,11 +85,17 @@ impl LohaLinear {
         Self::new(factors, scaling, dropouts.0, dropouts.1)
     }
 
-    /// `ΔWᵀ = s · ((w1a·w1b) ⊙ (w2a·w2b))ᵀ`, `[in, out]` (burn's weight layout).
+    /// `ΔWᵀ = s · ((w1a·w1b) ⊙ (w2a·w2b))ᵀ`, `[in, out]` (burn's weight layout), formed as
+    /// `(w1bᵀ·w1aᵀ) ⊙ (w2bᵀ·w2aᵀ)`: only the rank-`r` factors are transposed, never the
+    /// `[out, in]` product, and both products (and the layer's `x·ΔWᵀ`) go through
+    /// [`peft_ops::matmul`] (OpenBLAS on the CPU backend).
     pub fn delta_weight(&self) -> Tensor<2> {
-        let first = self.hada_w1_a.val().matmul(self.hada_w1_b.val());
-        let second = self.hada_w2_a.val().matmul(self.hada_w2_b.val());
-        (first * second * self.scaling).transpose()
+        let product = |a: &Param<Tensor<2>>, b: &Param<Tensor<2>>| {
+            matmul(b.val().transpose(), a.val().transpose())
+        };
+        let first = product(&self.hada_w1_a, &self.hada_w1_b);
+        let second = product(&self.hada_w2_a, &self.hada_w2_b);
+        first * second * self.scaling
     }
 
     /// `x · ΔWᵀ` with rank and module dropout applied as PEFT applies them in training: the
@@ -97,38 +103,18 @@ impl LohaLinear {
     /// probability `rank_dropout`, the kept ones divided by the share kept. `None` when the
     /// module is dropped.
     fn update(&self, x: Tensor<3>) -> Option<Tensor<3>> {
-        let device = x.device();
-        if peft_core::dropout::is_active(&self.module_dropout, &x)
-            && peft_core::dropout::draw_drops(1, self.module_dropout.prob, &device)[0]
-        {
+        if peft_core::dropout::skips_module(&self.module_dropout, &x) {
             return None;
         }
         let mut delta = self.delta_weight();
-        if peft_core::dropout::is_active(&self.rank_dropout, &x) {
-            let [_, d_out] = delta.dims();
-            let dropped = peft_core::dropout::draw_drops(d_out, self.rank_dropout.prob, &device);
-            let kept = dropped.iter().filter(|&&d| !d).count();
-            // PEFT divides by the mean of the keep mask; with every row dropped that is 0/0
-            // (NaN in PyTorch): here the update is then zero.
-            let share = kept.max(1) as f32 / d_out as f32;
-            let factors: Vec<f32> = dropped
-                .iter()
-                .map(|&d| if d { 0.0 } else { 1.0 / share })
-                .collect();
-            let factors = Tensor::<2>::from_data(TensorData::new(factors, [1, d_out]), &device);
-            delta = delta * factors;
+        let d_out = delta.dims()[1];
+        // LoHa always rescales the kept rows (PEFT's LoHa has no `rank_dropout_scale`).
+        if let Some(keep) =
+            peft_core::dropout::rank_keep_factors(&self.rank_dropout, &x, d_out, true)
+        {
+            delta = delta * keep;
         }
         Some(linear(x, delta, None))
-    }
-
-    /// `W ± ΔW` (`sign` = 1 to merge, -1 to unmerge), refusing non-finite results.
-    fn shifted(&self, mut base: Linear, sign: f64) -> Result<Linear> {
-        let weight = base.weight.val();
-        let dtype = weight.dtype();
-        let shifted = weight.cast(burn::tensor::DType::F32) + self.delta_weight() * sign;
-        peft_core::adapter::check_merge_finite(&shifted)?;
-        base.weight = base.weight.map(|_| shifted.cast(dtype));
-        Ok(base)
     }
 }
 
@@ -162,10 +148,10 @@ impl LayerAdapter for LohaLinear {
     }
 
     fn merge_linear(&mut self, base: Linear) -> Result<Linear> {
-        self.shifted(base, 1.0)
+        peft_core::adapter::shift_linear(base, self.delta_weight(), 1.0)
     }
 
     fn unmerge_linear(&mut self, base: Linear) -> Result<Linear> {
-        self.shifted(base, -1.0)
+        peft_core::adapter::shift_linear(base, self.delta_weight(), -1.0)
     }
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 pub use peft_bitfit as bitfit;
 pub use peft_ia3 as ia3;
 pub use peft_loha as loha;
+pub use peft_lokr as lokr;
 pub use peft_lora as lora;
 pub use peft_models as models;
 pub use peft_prefix as prefix;
@@ -28,6 +29,7 @@ pub use peft_core::{
 };
 pub use peft_ia3::Ia3Config;
 pub use peft_loha::LohaConfig;
+pub use peft_lokr::LokrConfig;
 pub use peft_lora::LoraConfig;
 pub use peft_models::{AnyModel, LoadOptions, Tokenizer};
 pub use peft_prefix::PrefixTuningConfig;
@@ -152,13 +154,21 @@ pub struct ConfigOverrides {
     /// LoRA's `trainable_token_indices` (the list form: rows of the input embedding, and of a
     /// tied output layer), or the trainable-tokens method's `token_indices`.
     pub trainable_token_indices: Option<Vec<usize>>,
-    /// LoHa's `alpha` (its scale numerator: the update is multiplied by `alpha / r`).
+    /// LoHa's and LoKr's `alpha` (the scale numerator: the update is multiplied by
+    /// `alpha / r`).
     pub alpha: Option<f64>,
-    /// LoHa's `rank_dropout`.
+    /// LoHa's and LoKr's `rank_dropout`.
     pub rank_dropout: Option<f64>,
-    /// LoHa's `module_dropout`.
+    /// LoHa's and LoKr's `module_dropout`.
     pub module_dropout: Option<f64>,
-    /// `target_modules` (LoRA, IA3, LoHa).
+    /// LoKr's `decompose_both` (decompose the left Kronecker factor too).
+    pub decompose_both: Option<bool>,
+    /// LoKr's `decompose_factor` (the dimensions' factorisation divider; -1 = near the square
+    /// root).
+    pub decompose_factor: Option<i64>,
+    /// LoKr's `rank_dropout_scale` (rescale the rows `rank_dropout` keeps).
+    pub rank_dropout_scale: Option<bool>,
+    /// `target_modules` (LoRA, IA3, LoHa, LoKr).
     pub target_modules: Option<TargetModules>,
     /// `num_virtual_tokens` (prompt tuning, P-tuning, prefix tuning).
     pub num_virtual_tokens: Option<usize>,

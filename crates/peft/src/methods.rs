@@ -79,6 +79,26 @@ adapter_methods! {
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }
+    /// LoKr: `peft_lokr`.
+    Lokr {
+        config: peft_lokr::LokrConfig,
+        model: peft_lokr::LokrModel<AnyModel<peft_lokr::LokrLinear>>,
+        build: |base, config, _| peft_lokr::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_lokr::from_pretrained(base, dir, trainable),
+        targeted: |m| m.targeted.clone(),
+        saved: |m| m.saved_params.clone(),
+        merge: |m| m.merge_and_unload(),
+        overrides: |c, o| {
+            c.r = o.r.unwrap_or(c.r);
+            c.alpha = o.alpha.unwrap_or(c.alpha);
+            c.rank_dropout = o.rank_dropout.unwrap_or(c.rank_dropout);
+            c.module_dropout = o.module_dropout.unwrap_or(c.module_dropout);
+            c.decompose_both = o.decompose_both.unwrap_or(c.decompose_both);
+            c.decompose_factor = o.decompose_factor.unwrap_or(c.decompose_factor);
+            c.rank_dropout_scale = o.rank_dropout_scale.unwrap_or(c.rank_dropout_scale);
+            c.target_modules = o.target_modules.clone().or(c.target_modules.take());
+        },
+    }
     /// Trainable tokens: `peft_trainable_tokens`.
     TrainableTokens {
         config: peft_trainable_tokens::TrainableTokensConfig,

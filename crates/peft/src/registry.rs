@@ -49,7 +49,7 @@ pub struct Method {
 
 /// Every method, `lora` first: a LoRA folder loads as `lora`; `qlora` trains the QLoRA paper's
 /// preset over a 4-bit base and saves a LoRA folder.
-pub const METHODS: [Method; 9] = [
+pub const METHODS: [Method; 10] = [
     Method {
         name: "lora",
         label: "LoRA",
@@ -89,6 +89,17 @@ pub const METHODS: [Method; 9] = [
         peft_type: PeftType::Loha,
         summary: "Hadamard product of two low-rank products beside frozen linear layers",
         default_config: || PeftConfig::Loha(peft_loha::LohaConfig::default()),
+        merges: true,
+        serving: Serving::OwnBatch,
+        adapts_4bit_base: false,
+        trains_on_4bit_base: false,
+    },
+    Method {
+        name: "lokr",
+        label: "LoKr",
+        peft_type: PeftType::Lokr,
+        summary: "Kronecker product of two (low-rank) factors beside frozen linear layers",
+        default_config: || PeftConfig::Lokr(peft_lokr::LokrConfig::default()),
         merges: true,
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
@@ -258,7 +269,7 @@ mod tests {
         assert_eq!(
             err,
             "invalid input: --method dora: unknown method (expected one of lora, qlora, ia3, \
-             loha, trainable-tokens, bitfit, prompt, prefix, ptuning)"
+             loha, lokr, trainable-tokens, bitfit, prompt, prefix, ptuning)"
         );
         assert!(by_name("qlora").unwrap().trains_on_4bit_base);
     }
@@ -289,7 +300,7 @@ mod tests {
         assert_eq!(
             served_methods(),
             "LoRA (mixed-adapter batches shared with the base and every other such adapter), \
-             IA3, LoHa, prompt tuning, prefix tuning, P-tuning (a batch per adapter)"
+             IA3, LoHa, LoKr, prompt tuning, prefix tuning, P-tuning (a batch per adapter)"
         );
     }
 }

@@ -124,6 +124,9 @@ fn flags_set_the_keys_each_method_has() {
         alpha: Some(12.0),
         rank_dropout: Some(0.2),
         module_dropout: Some(0.3),
+        decompose_both: Some(true),
+        decompose_factor: Some(4),
+        rank_dropout_scale: Some(true),
         use_dora: Some(true),
         use_rslora: Some(true),
         init_lora_weights: Some("pissa".into()),
@@ -168,6 +171,27 @@ fn flags_set_the_keys_each_method_has() {
                 );
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
                 assert!(json.get("lora_alpha").is_none());
+                assert!(json.get("decompose_both").is_none());
+            }
+            PeftType::Lokr => {
+                assert_eq!(
+                    (
+                        &json["r"],
+                        &json["alpha"],
+                        &json["rank_dropout"],
+                        &json["module_dropout"]
+                    ),
+                    (&4.into(), &12.0.into(), &0.2.into(), &0.3.into())
+                );
+                assert_eq!(
+                    (
+                        &json["decompose_both"],
+                        &json["decompose_factor"],
+                        &json["rank_dropout_scale"]
+                    ),
+                    (&true.into(), &4.into(), &true.into())
+                );
+                assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }
             PeftType::TrainableTokens => {
                 assert_eq!(json["token_indices"], serde_json::json!([5, 3]))
