@@ -152,6 +152,8 @@ def main():
                 model, peft.TrainableTokensConfig(token_indices=list(range(1, 17))))
         elif METHOD == "loha-train":
             model = peft.get_peft_model(model, peft.LoHaConfig())
+        elif METHOD == "lokr-train":
+            model = peft.get_peft_model(model, peft.LoKrConfig())
         elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
         elif METHOD == "prompt-train":

@@ -44,7 +44,7 @@ fn setup() -> &'static Setup {
             .unwrap()
             .save_pretrained(&bitfit_dir)
             .unwrap();
-        let methods: [(&str, PathBuf, Loader); 9] = [
+        let methods: [(&str, PathBuf, Loader); 10] = [
             ("lora", fixtures().join("adapters/lora-bloom"), |b, d| {
                 peft_lora::from_pretrained(b, d, false).is_ok()
             }),
@@ -63,6 +63,9 @@ fn setup() -> &'static Setup {
             }),
             ("loha", fixtures().join("adapters/loha-bloom"), |b, d| {
                 peft_loha::from_pretrained(b, d, false).is_ok()
+            }),
+            ("lokr", fixtures().join("adapters/lokr-bloom"), |b, d| {
+                peft_lokr::from_pretrained(b, d, false).is_ok()
             }),
             ("bitfit", bitfit_dir, |b, d| {
                 peft_bitfit::from_pretrained(b, d, false).is_ok()

@@ -108,3 +108,11 @@ fn a_4bit_base_is_refused_naming_the_layer() {
         "{err}"
     );
 }
+
+/// Writes the LoHa folders saved by peft-rs to `target/interop/` for
+/// `fixtures/check_interop.py`.
+#[test]
+#[ignore = "writes files for the Python interoperability check"]
+fn export_for_python() {
+    crate::lycoris::export_for_python(&LOHA, &["loha-bloom", "loha-llama", "loha-phi3"]);
+}

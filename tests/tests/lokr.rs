@@ -133,3 +133,11 @@ fn a_file_not_matching_its_config_is_refused() {
         .to_string();
     assert!(err.contains("lokr_w1"), "{err}");
 }
+
+/// Writes the LoKr folders saved by peft-rs to `target/interop/` for
+/// `fixtures/check_interop.py`.
+#[test]
+#[ignore = "writes files for the Python interoperability check"]
+fn export_for_python() {
+    crate::lycoris::export_for_python(&LOKR, &["lokr-bloom", "lokr-llama", "lokr-phi3"]);
+}

@@ -113,3 +113,27 @@ where
         summary
     );
 }
+
+/// Writes PEFT's folders `names`, loaded and saved back by peft-rs, and their merged
+/// checkpoints to `target/interop/` for `fixtures/check_interop.py` (PEFT and transformers
+/// load them with the reference logits).
+pub fn export_for_python<T: LayerTuner>(method: &Method<T>, names: &[&str])
+where
+    AnyModel<T::Layer>: CausalLm<Adapter = T::Layer, WithAdapter<T::Layer> = AnyModel<T::Layer>>,
+{
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop");
+    for name in names {
+        let base = peft_models::load(model_dir(base_of(name)), &device()).unwrap();
+        let adapter = (method.load)(base, &adapter_dir(name), true).unwrap();
+        adapter
+            .save_pretrained(out.join(format!("{name}-adapter")))
+            .unwrap();
+        let merged = adapter.merge_and_unload().unwrap();
+        peft_models::save_pretrained(
+            &merged,
+            model_dir(base_of(name)),
+            out.join(format!("{name}-merged")),
+        )
+        .unwrap();
+    }
+}

@@ -415,7 +415,7 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
 
 /// The benchmark cases, in report order, each with what it measures. Every case but
 /// `serve-load` and `serve-soak` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
-const BENCH_CASES: [(&str, &str); 41] = [
+const BENCH_CASES: [(&str, &str); 42] = [
     (
         "gemm",
         "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
@@ -449,6 +449,10 @@ const BENCH_CASES: [(&str, &str); 41] = [
     (
         "loha-train",
         "LoHa (PEFT's defaults: r = alpha = 8 on query_key_value) training step on the BLOOM",
+    ),
+    (
+        "lokr-train",
+        "LoKr (PEFT's defaults: r = alpha = 8 on query_key_value) training step on the BLOOM",
     ),
     (
         "burn-lora-train",

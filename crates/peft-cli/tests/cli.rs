@@ -646,6 +646,26 @@ fn inspect_loha_config_gives_peft_numbers() {
     );
 }
 
+/// LoKr's config through the registry: PEFT's counts (tests/fixtures/reference/lokr-llama.json:
+/// whole and decomposed factors, rank and alpha patterns).
+#[test]
+fn inspect_lokr_config_gives_peft_numbers() {
+    let out = peft_ok!(
+        "inspect",
+        "--model",
+        model("llama-tiny"),
+        "--config",
+        adapter("lokr-llama").join("adapter_config.json"),
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("trainable params: 2,304 || all params: 141,888 || trainable%: 1.6238"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn train_on_the_bundled_default_writes_everything_people_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -935,6 +955,53 @@ fn loha_trains_with_its_flags_and_its_adapter_gives_the_merged_model() {
     assert_eq!(
         (&config["rank_dropout"], &config["module_dropout"]),
         (&0.1.into(), &0.1.into())
+    );
+}
+
+/// `peft train --method lokr` with LoKr's own flags (both factors decomposed at r = 2, a
+/// factorisation divider, rescaled rank dropout and module dropout while training): the pairs
+/// PEFT's rule gives in adapter/, the flags' values in its config, and adapter/ over the base
+/// equal to merged/.
+#[test]
+fn lokr_trains_with_its_flags_and_its_adapter_gives_the_merged_model() {
+    let flags = [
+        "--target-modules",
+        "query_key_value,dense_4h_to_h",
+        "--r",
+        "2",
+        "--alpha",
+        "4",
+        "--decompose-both",
+        "--decompose-factor",
+        "8",
+        "--rank-dropout",
+        "0.1",
+        "--rank-dropout-scale",
+        "--module-dropout",
+        "0.1",
+    ];
+    let (_dir, out_dir, _, diff) = train_variant("lokr", &flags);
+    assert!(diff <= 1e-4, "LoKr adapter vs merged: {diff}");
+    let store = TensorStore::open(out_dir.join("adapter/adapter_model.safetensors")).unwrap();
+    // With divider 8 the bundled model's 128 → 384 and 512 → 128 layers split as
+    // (8·48) × (8·16) and (8·16) × (8·64): r = 2 is below half of every factor's larger side,
+    // so both factors of both targets are pairs.
+    for factor in ["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"] {
+        let count = store.keys().filter(|k| k.ends_with(factor)).count();
+        assert_eq!(count, 8, "{factor}: two targets in each of the four layers");
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LOKR");
+    assert_eq!(
+        (
+            &config["decompose_both"],
+            &config["decompose_factor"],
+            &config["rank_dropout_scale"]
+        ),
+        (&true.into(), &8.into(), &true.into())
     );
 }
 

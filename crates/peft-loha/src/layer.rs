@@ -3,8 +3,10 @@
 //!
 //! The four factors are held in PyTorch's layout, as PEFT stores them: `hada_w1_a: [out, r]`,
 //! `hada_w1_b: [r, in]` (and the same for `w2`). Unlike LoRA's update, `ΔW` is not of rank `r`
-//! (the Hadamard product of two rank-`r` matrices has rank up to `r²`), so the update is formed as
-//! the full `[out, in]` matrix once per forward pass, exactly as PEFT forms it.
+//! (the Hadamard product of two rank-`r` matrices has rank up to `r²`). PEFT forms the full
+//! `[out, in]` matrix in every forward pass; here the pass uses the update's rank-`r²` product
+//! form instead wherever that costs fewer multiply-adds (small ranks: `r²·(in + out) < in·out`),
+//! and forms `ΔW` only otherwise and to merge.
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
@@ -98,23 +100,55 @@ impl LohaLinear {
         first * second * self.scaling
     }
 
-    /// `x · ΔWᵀ` with rank and module dropout applied as PEFT applies them in training: the
-    /// adapter skipped with probability `module_dropout`; each output row of `ΔW` dropped with
-    /// probability `rank_dropout`, the kept ones divided by the share kept. `None` when the
-    /// module is dropped.
+    /// `x · ΔWᵀ` — through the rank-`r1·r2` product form ([`Self::product_factors`]) where
+    /// that is cheaper than forming `ΔW`, as it is whenever `r² · (in + out) < in · out` — with
+    /// rank and module dropout applied as PEFT applies them in training: the adapter skipped
+    /// with probability `module_dropout`; each output row of `ΔW` dropped with probability
+    /// `rank_dropout`, the kept ones divided by the share kept. `None` when the module is
+    /// dropped.
     fn update(&self, x: Tensor<3>) -> Option<Tensor<3>> {
         if peft_core::dropout::skips_module(&self.module_dropout, &x) {
             return None;
         }
-        let mut delta = self.delta_weight();
-        let d_out = delta.dims()[1];
+        let [d_out, r1] = self.hada_w1_a.dims();
+        let [_, d_in] = self.hada_w1_b.dims();
+        let r2 = self.hada_w2_a.dims()[1];
         // LoHa always rescales the kept rows (PEFT's LoHa has no `rank_dropout_scale`).
-        if let Some(keep) =
-            peft_core::dropout::rank_keep_factors(&self.rank_dropout, &x, d_out, true)
-        {
-            delta = delta * keep;
-        }
-        Some(linear(x, delta, None))
+        let keep = peft_core::dropout::rank_keep_factors(&self.rank_dropout, &x, d_out, true);
+        // Per token, the rank-(r1·r2) form costs r1·r2·(in + out) multiply-adds and forming
+        // `ΔW` in·out (plus forming it): take the cheaper.
+        let update = if r1 * r2 * (d_in + d_out) < d_in * d_out {
+            let (u_t, v) = self.product_factors();
+            linear(linear(x, v, None), u_t, None) * self.scaling
+        } else {
+            linear(x, self.delta_weight(), None)
+        };
+        Some(match keep {
+            Some(keep) => update * keep.unsqueeze::<3>(),
+            None => update,
+        })
+    }
+
+    /// `ΔW / s` as a product of rank `r1·r2`, `U · Vᵀ`, returned as `(Uᵀ: [r1·r2, out],
+    /// V: [in, r1·r2])`: `(w1a·w1b) ⊙ (w2a·w2b)` has entry `[o, i]` =
+    /// `Σ_{p,q} (w1a[o,p]·w2a[o,q]) · (w1b[p,i]·w2b[q,i])`, so column `(p, q)` of `U` is
+    /// `w1a[:, p] ⊙ w2a[:, q]` and of `V` is `w1b[p, :] ⊙ w2b[q, :]`.
+    fn product_factors(&self) -> (Tensor<2>, Tensor<2>) {
+        let [d_out, r1] = self.hada_w1_a.dims();
+        let [_, d_in] = self.hada_w1_b.dims();
+        let r2 = self.hada_w2_a.dims()[1];
+        let (w1a, w2a) = (
+            self.hada_w1_a.val().transpose(),
+            self.hada_w2_a.val().transpose(),
+        );
+        // [r1, 1, out] ⊙ [1, r2, out] → [r1·r2, out]
+        let u_t =
+            (w1a.reshape([r1, 1, d_out]) * w2a.reshape([1, r2, d_out])).reshape([r1 * r2, d_out]);
+        // [r1, 1, in] ⊙ [1, r2, in] → [r1·r2, in] → [in, r1·r2]
+        let v_t = (self.hada_w1_b.val().reshape([r1, 1, d_in])
+            * self.hada_w2_b.val().reshape([1, r2, d_in]))
+        .reshape([r1 * r2, d_in]);
+        (u_t, v_t.transpose())
     }
 }
 

@@ -60,3 +60,41 @@ fn the_update_is_the_hadamard_product_of_the_two_products() {
     // x·(I + ΔWᵀ) = [1, 2] + [1·7.5 + 2·10, 1·(−3) + 2·(−4)] = [28.5, −9].
     assert_eq!(y, vec![28.5, -9.0]);
 }
+
+/// The rank-`r²` product form the forward pass takes at small ranks equals `x · ΔWᵀ` with `ΔW`
+/// formed as PEFT forms it (ranks 3 and 2 on a 24 → 40 layer: 6·64 < 960).
+#[test]
+fn the_product_form_equals_the_formed_update() {
+    use burn::tensor::Distribution;
+    let device = device();
+    let u =
+        |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+    let layer = LohaLinear::new(
+        [u([40, 3]), u([3, 24]), u([40, 2]), u([2, 24])],
+        0.7,
+        0.0,
+        0.0,
+    );
+    let x = Tensor::<3>::random([2, 5, 24], Distribution::Uniform(-1.0, 1.0), &device);
+    let base = peft_core::BaseLinear::Dense(burn::nn::Linear {
+        weight: burn::module::Param::from_tensor(Tensor::zeros([24, 40], &device)),
+        bias: None,
+    });
+    let factored = layer
+        .forward_linear(&base, x.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let formed = x
+        .matmul(layer.delta_weight().unsqueeze::<3>())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(factored.len(), 400);
+    let diff = factored
+        .iter()
+        .zip(&formed)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "{diff}");
+}

@@ -264,7 +264,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
     assert_eq!(finished, Some((FinishReason::Length, 7)));
 }
 
-/// IA3, LoHa, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a
+/// IA3, LoHa, LoKr, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a
 /// batch of its own over the shared base: every request equals itself alone and `peft_models::generate` on
 /// that method's own model.
 #[test]
@@ -273,6 +273,7 @@ fn other_methods_are_served_in_batches_of_their_own() {
     let others = [
         ("ia3", "ia3-llama"),
         ("loha", "loha-llama"),
+        ("lokr", "lokr-llama"),
         ("prompt", "prompt-llama-random"),
         ("prefix", "prefix-llama"),
         ("ptuning", "ptuning-llama-mlp"),
@@ -295,6 +296,8 @@ fn other_methods_are_served_in_batches_of_their_own() {
         Some("ia3"),
         Some("prefix"),
         Some("loha"),
+        Some("lokr"),
+        Some("ia3"),
     ];
     let requests: Vec<Request> = names
         .iter()
@@ -343,6 +346,13 @@ fn other_methods_are_served_in_batches_of_their_own() {
             ),
             Some("loha") => greedy(
                 &peft::loha::from_pretrained(base(), dir("loha"), false)
+                    .unwrap()
+                    .model,
+                prompt,
+                max,
+            ),
+            Some("lokr") => greedy(
+                &peft::lokr::from_pretrained(base(), dir("lokr"), false)
                     .unwrap()
                     .model,
                 prompt,
