@@ -131,6 +131,21 @@ def check(client, base, peft, model, work):
     assert "".join(parts) == whole, (parts, whole)
     assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
+    # OpenAI's logit_bias and presence_penalty, vLLM's stop_token_ids (extra_body, as vLLM's
+    # clients pass it): a +100 bias forces token 77 at once, and as a stop token id it ends the
+    # answer empty with finish_reason "stop".
+    forced = client.completions.create(model="zh", prompt="x", max_tokens=3, temperature=0,
+                                       logit_bias={"77": 100}, presence_penalty=0.5)
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 3
+    stopped = client.completions.create(model="zh", prompt="x", max_tokens=3, temperature=0,
+                                        logit_bias={"77": 100},
+                                        extra_body={"stop_token_ids": [77]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == "", stopped
+    e = expect_error(openai.BadRequestError,
+                     lambda: client.completions.create(model="zh", prompt="x", max_tokens=2,
+                                                       frequency_penalty=3))
+    assert "frequency_penalty" in str(e), e
+
     # Errors, as the client's exception classes.
     expect_error(openai.NotFoundError,
                  lambda: client.completions.create(model="nope", prompt="x", max_tokens=2))

@@ -65,6 +65,7 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
                     max_tokens: new_tokens,
                     decoding: Decoding::Greedy,
                     ignore_eos: true,
+                    adjust: Default::default(),
                     events,
                 }))
                 .map_err(|e| e.to_string())?;

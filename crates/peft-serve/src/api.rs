@@ -163,6 +163,21 @@ pub struct Sampling {
     pub echo: bool,
     /// Refused when set (not served).
     pub tools: Option<Value>,
+    /// In `[-2, 2]`: subtracted from the logit of every token the output already holds.
+    pub presence_penalty: Option<f32>,
+    /// In `[-2, 2]`: subtracted per occurrence in the output.
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, OpenAI's form) → bias added to its logit, clamped to
+    /// `[-100, 100]`.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// vLLM's extension: `> 0`; 1 (the default) leaves the logits; above 1 discourages every
+    /// token of the prompt and the output.
+    pub repetition_penalty: Option<f32>,
+    /// vLLM's extension: no stop token (end-of-sequence, `stop_token_ids`) before this many
+    /// tokens.
+    pub min_tokens: Option<usize>,
+    /// vLLM's extension: tokens that end the output (finish reason `stop`; not included).
+    pub stop_token_ids: Option<Vec<u32>>,
     /// vLLM's extension: keep generating past end-of-sequence tokens, to exactly `max_tokens`
     /// (benchmarks and load tests).
     #[serde(default)]

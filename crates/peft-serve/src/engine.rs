@@ -29,6 +29,7 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Shared;
+use crate::penalties::{LogitAdjustments, TokenHistory};
 
 /// The model the engine serves: a base with named LoRA adapters.
 pub type ServedModel = MultiLoraModel<AnyModel<LoraSet>>;
@@ -97,6 +98,8 @@ pub struct Job {
     pub decoding: Decoding,
     /// Generate past end-of-sequence tokens (they are then sent as tokens).
     pub ignore_eos: bool,
+    /// Penalties, biases, `min_tokens` and stop token ids (vLLM's).
+    pub adjust: LogitAdjustments,
     /// Where the tokens go; the request leaves the batch once this is closed.
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -172,6 +175,8 @@ struct Row {
     /// The position of `last` in its sequence.
     position: usize,
     rng: StdRng,
+    /// The tokens the penalties look at.
+    history: TokenHistory,
 }
 
 impl Row {
@@ -528,6 +533,7 @@ impl Engine {
             Ok(l) => l,
             Err(e) => return Err((job, e)),
         };
+        let history = TokenHistory::new(&job.prompt, &job.adjust);
         let rng = match job.decoding {
             Decoding::Sample { seed, .. } => StdRng::seed_from_u64(seed),
             Decoding::Greedy => StdRng::seed_from_u64(0),
@@ -539,6 +545,7 @@ impl Engine {
             // Prefixes and virtual tokens count: the next position follows the whole cache.
             position: cache.past_len() - 1,
             rng,
+            history,
         };
         self.shared.started(row.adapter_name(), n);
         if self.emit(&mut row, &logits[0]) {
@@ -550,12 +557,26 @@ impl Engine {
 
     /// Chooses `row`'s next token from `logits` and sends it; whether the row is finished.
     fn emit(&self, row: &mut Row, logits: &[f32]) -> bool {
-        let token = peft_models::generate::choose(logits, row.job.decoding, &mut row.rng);
+        let adjust = &row.job.adjust;
+        let eos_ids = &self.spec().eos_token_ids;
+        let token = if adjust.leaves_logits() {
+            peft_models::generate::choose(logits, row.job.decoding, &mut row.rng)
+        } else {
+            let mut logits = logits.to_vec();
+            let mut stop_ids = adjust.stop_token_ids.clone();
+            if !row.job.ignore_eos {
+                stop_ids.extend(eos_ids.iter().copied());
+            }
+            row.history.apply(adjust, &mut logits, &stop_ids);
+            peft_models::generate::choose(&logits, row.job.decoding, &mut row.rng)
+        };
+        row.history.push(token, &row.job.adjust);
         row.generated += 1;
         row.last = token;
         row.position += 1;
         self.shared.generated(row.adapter_name(), 1);
-        let eos = !row.job.ignore_eos && self.spec().eos_token_ids.contains(&token);
+        let eos = (!row.job.ignore_eos && self.spec().eos_token_ids.contains(&token))
+            || row.job.adjust.stop_token_ids.contains(&token);
         let reason = if eos {
             Some(FinishReason::Stop)
         } else if row.job.events.send(Event::Token(token)).is_err() {

@@ -36,6 +36,7 @@ pub mod client;
 pub mod connections;
 pub mod engine;
 pub mod metrics;
+pub mod penalties;
 pub mod routes;
 pub mod text;
 

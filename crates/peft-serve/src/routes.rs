@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::engine::{AdapterReply, Command, Event, Job};
 use crate::metrics::Shared;
+use crate::penalties::LogitAdjustments;
 use crate::text::TextStream;
 
 /// What every handler reads.
@@ -346,12 +347,17 @@ async fn unload_adapter(
 
 /// Stop strings per request at most (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;
+
+/// The most `stop_token_ids` and `logit_bias` entries a request may carry (each is looked at
+/// for every generated token).
+pub const MAX_TOKEN_LIST: usize = 1024;
 /// Characters per stop string at most: each generated token's text is scanned for every stop
 /// string, so their length bounds that work (docs/SERVING.md).
 pub const MAX_STOP_CHARS: usize = 256;
 
 /// A checked generation: the adapter, decoding, stop strings and token budget of a request.
 struct Plan {
+    adjust: LogitAdjustments,
     model: String,
     adapter: Option<String>,
     prompt: Vec<u32>,
@@ -361,6 +367,109 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     ignore_eos: bool,
+}
+
+/// The request's penalties, biases, `min_tokens` and stop token ids, checked as vLLM and
+/// OpenAI check them: penalties in `[-2, 2]`, a positive `repetition_penalty`, token ids in the
+/// vocabulary, `min_tokens ≤ max_tokens`; biases clamped to `[-100, 100]`.
+fn adjustments(
+    state: &AppState,
+    sampling: &Sampling,
+    max_tokens: usize,
+) -> Result<LogitAdjustments, ApiError> {
+    let mut adjust = LogitAdjustments::default();
+    for (field, value, slot) in [
+        (
+            "presence_penalty",
+            sampling.presence_penalty,
+            &mut adjust.presence_penalty,
+        ),
+        (
+            "frequency_penalty",
+            sampling.frequency_penalty,
+            &mut adjust.frequency_penalty,
+        ),
+    ] {
+        if let Some(v) = value {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::bad_field(
+                    field,
+                    format!("{field} must be in [-2, 2], got {v}"),
+                ));
+            }
+            *slot = v;
+        }
+    }
+    if let Some(rho) = sampling.repetition_penalty {
+        if !(rho > 0.0 && rho.is_finite()) {
+            return Err(ApiError::bad_field(
+                "repetition_penalty",
+                format!("repetition_penalty must be a positive number, got {rho}"),
+            ));
+        }
+        adjust.repetition_penalty = rho;
+    }
+    let in_vocabulary = |field: &str, t: u32| {
+        if (t as usize) < state.vocab_size {
+            Ok(t)
+        } else {
+            Err(ApiError::bad_field(
+                field,
+                format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    state.vocab_size
+                ),
+            ))
+        }
+    };
+    let too_many = |field: &str, n: usize| {
+        if n > MAX_TOKEN_LIST {
+            Err(ApiError::bad_field(
+                field,
+                format!("at most {MAX_TOKEN_LIST} entries, got {n}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(bias) = &sampling.logit_bias {
+        too_many("logit_bias", bias.len())?;
+        for (key, &value) in bias {
+            let Ok(t) = key.parse::<u32>() else {
+                return Err(ApiError::bad_field(
+                    "logit_bias",
+                    format!("`{key}` is not a token id"),
+                ));
+            };
+            if !value.is_finite() {
+                return Err(ApiError::bad_field(
+                    "logit_bias",
+                    format!("the bias of token {key} is not a number"),
+                ));
+            }
+            adjust
+                .logit_bias
+                .push((in_vocabulary("logit_bias", t)?, value.clamp(-100.0, 100.0)));
+        }
+    }
+    if let Some(ids) = &sampling.stop_token_ids {
+        too_many("stop_token_ids", ids.len())?;
+        for &t in ids {
+            adjust
+                .stop_token_ids
+                .push(in_vocabulary("stop_token_ids", t)?);
+        }
+    }
+    if let Some(min) = sampling.min_tokens {
+        if min > max_tokens {
+            return Err(ApiError::bad_field(
+                "min_tokens",
+                format!("min_tokens ({min}) must be at most max_tokens ({max_tokens})"),
+            ));
+        }
+        adjust.min_tokens = min;
+    }
+    Ok(adjust)
 }
 
 /// Checks the shared fields; `default_max` is used when the request sets no `max_tokens`.
@@ -467,6 +576,7 @@ fn plan(
             seed: sampling.seed.unwrap_or_else(rand::random),
         }
     };
+    let adjust = adjustments(state, &sampling, max_tokens)?;
     let stops = sampling.stop.map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > MAX_STOPS {
         return Err(ApiError::bad_field(
@@ -484,6 +594,7 @@ fn plan(
         ));
     }
     Ok(Plan {
+        adjust,
         model: sampling.model,
         adapter,
         prompt,
@@ -520,6 +631,7 @@ fn submit(state: &AppState, plan: &Plan) -> Result<mpsc::UnboundedReceiver<Event
         max_tokens: plan.max_tokens,
         decoding: plan.decoding,
         ignore_eos: plan.ignore_eos,
+        adjust: plan.adjust.clone(),
         events,
     };
     if let Err(e) = state.send(Command::Generate(job)) {

@@ -65,6 +65,7 @@ fn run_on_mut(engine: &mut Engine, requests: &[Request]) -> Vec<Vec<Event>> {
                     max_tokens: r.max_tokens,
                     decoding: r.decoding,
                     ignore_eos: false,
+                    adjust: Default::default(),
                     events,
                 }))
                 .unwrap();
@@ -196,6 +197,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             max_tokens: 50,
             decoding: Decoding::Greedy,
             ignore_eos: false,
+            adjust: Default::default(),
             events,
         }))
         .unwrap();
@@ -207,6 +209,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             max_tokens: 4,
             decoding: Decoding::Greedy,
             ignore_eos: false,
+            adjust: Default::default(),
             events,
         }))
         .unwrap();
@@ -246,6 +249,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
             max_tokens: usize::MAX,
             decoding: Decoding::Greedy,
             ignore_eos: true,
+            adjust: Default::default(),
             events,
         }))
         .unwrap();
@@ -481,4 +485,95 @@ fn a_panic_fails_only_its_request_and_the_engine_goes_on() {
         "{}",
         shared.render()
     );
+}
+
+/// Runs one job per `adjust` over the base llama-tiny (12 greedy tokens of the same prompt),
+/// all in one batch; each job's tokens and how it finished.
+fn adjusted_runs(
+    adjusts: Vec<peft_serve::penalties::LogitAdjustments>,
+) -> Vec<(Vec<u32>, Option<FinishReason>)> {
+    let base = peft_models::load(fixtures().join("models/llama-tiny"), &Device::flex()).unwrap();
+    let limits = EngineLimits {
+        max_batch: 8,
+        max_loras: 64,
+        max_model_len: 64,
+    };
+    let mut engine = Engine::new(base, Arc::new(Shared::new("base")), limits).unwrap();
+    let (commands, receiver) = std::sync::mpsc::channel();
+    let outputs: Vec<_> = adjusts
+        .into_iter()
+        .map(|adjust| {
+            let (events, output) = mpsc::unbounded_channel();
+            commands
+                .send(Command::Generate(Job {
+                    adapter: None,
+                    prompt: vec![5, 42, 7, 300, 11],
+                    max_tokens: 12,
+                    decoding: Decoding::Greedy,
+                    ignore_eos: false,
+                    adjust,
+                    events,
+                }))
+                .unwrap();
+            output
+        })
+        .collect();
+    drop(commands);
+    engine.run(&receiver);
+    outputs
+        .into_iter()
+        .map(|mut rx| {
+            let (mut tokens, mut finished) = (Vec::new(), None);
+            while let Ok(e) = rx.try_recv() {
+                match e {
+                    Event::Token(t) => tokens.push(t),
+                    Event::Finished { reason, .. } => finished = Some(reason),
+                    Event::Failed(m) => panic!("{m}"),
+                }
+            }
+            (tokens, finished)
+        })
+        .collect()
+}
+
+/// vLLM's adjustments through the engine, each against the plain greedy output in the same
+/// batch: a stop token id ends the row before it (finish reason `stop`, the token not sent); a
+/// +100 bias makes greedy pick that token every step; a smaller bias makes it win only while
+/// the frequency penalty (2 per occurrence) has not worn it down; no adjustment leaves the
+/// output as it was.
+#[test]
+fn penalties_biases_and_stop_token_ids_act_in_the_batch() {
+    use peft_serve::penalties::LogitAdjustments;
+    let plain = adjusted_runs(vec![LogitAdjustments::default()]).remove(0);
+    assert_eq!(plain.0.len(), 12);
+    assert_eq!(plain.1, Some(FinishReason::Length));
+    let stop_at = plain.0[3];
+    let first = plain.0.iter().position(|&t| t == stop_at).unwrap();
+    let biased = |bias: f32, frequency_penalty: f32| LogitAdjustments {
+        logit_bias: vec![(77, bias)],
+        frequency_penalty,
+        ..Default::default()
+    };
+    let runs = adjusted_runs(vec![
+        LogitAdjustments::default(),
+        LogitAdjustments {
+            stop_token_ids: vec![stop_at],
+            ..Default::default()
+        },
+        biased(100.0, 0.0),
+        biased(100.0, 2.0),
+        biased(8.0, 0.0),
+        biased(8.0, 2.0),
+    ]);
+    let count = |tokens: &[u32]| tokens.iter().filter(|&&t| t == 77).count();
+    assert_eq!(runs[0], plain);
+    assert_eq!(runs[1].0, plain.0[..first].to_vec());
+    assert_eq!(runs[1].1, Some(FinishReason::Stop));
+    // 12 occurrences cost 24: a +100 bias still wins every step.
+    assert_eq!(runs[2].0, vec![77; 12]);
+    assert_eq!(runs[3].0, vec![77; 12]);
+    // +8 wins most steps (9 of 12 on this model); with the penalty, fewer once it repeats.
+    let (alone, worn) = (count(&runs[4].0), count(&runs[5].0));
+    assert!(runs[4].0[0] == 77 && runs[5].0[0] == 77);
+    assert!(alone > 6 && worn < alone, "{alone} vs {worn}: {runs:?}");
 }

@@ -252,7 +252,7 @@ fn bad_requests_get_openai_errors() {
         r#"{{"model": "a", "prompt": "x", "stop": ["{}"]}}"#,
         "s".repeat(257)
     );
-    let cases: [(&str, &str, u16, &str); 13] = [
+    let cases: [(&str, &str, u16, &str); 19] = [
         (
             "/v1/completions",
             "{\"model\": \"a\", \"prompt\": ",
@@ -326,6 +326,42 @@ fn bad_requests_get_openai_errors() {
             400,
             "at most 256 characters (one has 257)",
         ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "presence_penalty": 2.5}"#,
+            400,
+            "presence_penalty must be in [-2, 2], got 2.5",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "repetition_penalty": 0}"#,
+            400,
+            "repetition_penalty must be a positive number",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "logit_bias": {"99999": 5}}"#,
+            400,
+            "token id 99999 is outside the vocabulary",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "logit_bias": {"the": 5}}"#,
+            400,
+            "`the` is not a token id",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "stop_token_ids": [7, 600]}"#,
+            400,
+            "token id 600 is outside the vocabulary",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "max_tokens": 4, "min_tokens": 5}"#,
+            400,
+            "min_tokens (5) must be at most max_tokens (4)",
+        ),
         ("/v1/nothing", "{}", 404, "no such route"),
     ];
     for (path, body, status, message) in cases {
@@ -349,6 +385,19 @@ fn bad_requests_get_openai_errors() {
             .unwrap()
             .contains("body")
     );
+    // The fields parse and act: a +100 bias forces token 77 first, which is a stop token id,
+    // so the answer is empty and stopped; without the stop id, the bias fills max_tokens.
+    let forced = json!({"model": "a", "prompt": "x", "max_tokens": 3, "temperature": 0,
+                        "logit_bias": {"77": 100}, "presence_penalty": 0.5});
+    let mut stopped = forced.clone();
+    stopped["stop_token_ids"] = json!([77]);
+    let r = post(server.addr, "/v1/completions", stopped);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "stop");
+    assert_eq!(r.json()["choices"][0]["text"], "");
+    let r = post(server.addr, "/v1/completions", forced);
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
     let r = request(server.addr, "GET", "/v1/completions", None, "");
     assert_eq!(r.status, 405);
     assert!(r.json()["error"]["message"].is_string());
