@@ -2,6 +2,7 @@
 
 mod dispatch;
 mod methods;
+pub mod mixed;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
