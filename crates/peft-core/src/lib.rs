@@ -40,6 +40,7 @@ pub mod params;
 pub mod prompt_learning;
 pub mod summary;
 pub mod tokens;
+pub mod torch_rng;
 pub mod tuner;
 
 pub use adapter::{
