@@ -154,6 +154,8 @@ def main():
             model = peft.get_peft_model(model, peft.LoHaConfig())
         elif METHOD == "lokr-train":
             model = peft.get_peft_model(model, peft.LoKrConfig())
+        elif METHOD == "vera-train":
+            model = peft.get_peft_model(model, peft.VeraConfig())
         elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
         elif METHOD == "prompt-train":

@@ -44,7 +44,7 @@ fn setup() -> &'static Setup {
             .unwrap()
             .save_pretrained(&bitfit_dir)
             .unwrap();
-        let methods: [(&str, PathBuf, Loader); 10] = [
+        let methods: [(&str, PathBuf, Loader); 11] = [
             ("lora", fixtures().join("adapters/lora-bloom"), |b, d| {
                 peft_lora::from_pretrained(b, d, false).is_ok()
             }),
@@ -66,6 +66,9 @@ fn setup() -> &'static Setup {
             }),
             ("lokr", fixtures().join("adapters/lokr-bloom"), |b, d| {
                 peft_lokr::from_pretrained(b, d, false).is_ok()
+            }),
+            ("vera", fixtures().join("adapters/vera-bloom"), |b, d| {
+                peft_vera::from_pretrained(b, d, false).is_ok()
             }),
             ("bitfit", bitfit_dir, |b, d| {
                 peft_bitfit::from_pretrained(b, d, false).is_ok()

@@ -1,5 +1,5 @@
-//! What every LyCORIS-family suite (LoHa, LoKr) checks of a PEFT folder, written once: the
-//! methods differ only in their tensors and config keys.
+//! What every suite of a layer method beyond LoRA (LoHa, LoKr, VeRA) checks of a PEFT folder,
+//! written once: the methods differ only in their tensors and config keys.
 
 use std::path::Path;
 

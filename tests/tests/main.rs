@@ -23,3 +23,4 @@ mod ptuning;
 mod quant;
 mod train;
 mod trainable_tokens;
+mod vera;

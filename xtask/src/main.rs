@@ -285,6 +285,7 @@ fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
         "make_lora_init_fixtures.py",
         "make_trainable_tokens_fixtures.py",
         "make_lycoris_fixtures.py",
+        "make_vera_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))
@@ -415,7 +416,7 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
 
 /// The benchmark cases, in report order, each with what it measures. Every case but
 /// `serve-load` and `serve-soak` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
-const BENCH_CASES: [(&str, &str); 42] = [
+const BENCH_CASES: [(&str, &str); 43] = [
     (
         "gemm",
         "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
@@ -453,6 +454,10 @@ const BENCH_CASES: [(&str, &str); 42] = [
     (
         "lokr-train",
         "LoKr (PEFT's defaults: r = alpha = 8 on query_key_value) training step on the BLOOM",
+    ),
+    (
+        "vera-train",
+        "VeRA (PEFT's defaults: r = 256 on query_key_value) training step on the BLOOM",
     ),
     (
         "burn-lora-train",

@@ -303,7 +303,7 @@ impl peft::AdapterVisitor for TimedSteps<'_> {
 /// The training cases (`<method>-train` and variants): the registry's method, and the values
 /// set over its default config (JSON keys of `adapter_config.json`). The base is 4-bit for
 /// `qlora-*` cases and computes in bf16 for `*-bf16` ones (decided where the base loads).
-const TRAIN_CASES: [(&str, &str, &str); 15] = [
+const TRAIN_CASES: [(&str, &str, &str); 16] = [
     ("lora-train", "lora", "{}"),
     ("dora-train", "lora", r#"{"use_dora": true}"#),
     // 16 rows of the embedding (and of the tied output layer).
@@ -316,6 +316,8 @@ const TRAIN_CASES: [(&str, &str, &str); 15] = [
     ("loha-train", "loha", "{}"),
     // PEFT's default LoKrConfig (r = alpha = 8 on query_key_value), as the PyTorch side.
     ("lokr-train", "lokr", "{}"),
+    // PEFT's default VeraConfig (r = 256 on query_key_value), as the PyTorch side.
+    ("vera-train", "vera", "{}"),
     ("lora-train-bf16", "lora", "{}"),
     // PEFT's default LoRA config over the 4-bit base, as the PyTorch side.
     ("qlora-train", "lora", "{}"),

@@ -97,7 +97,7 @@ pub fn from_pretrained<M: CausalLm>(
     let store = TensorStore::open(&weights)?;
     let mut model = get_peft_model(base, config)?;
     let (loaded, names) =
-        load_base_params(model.model, &store, &weights, |_| None, str::to_string)?;
+        load_base_params(model.model, &store, &weights, &[], |_| None, str::to_string)?;
     model.model = loaded;
     if let Some(missing) = model.biases.iter().find(|b| !names.contains(*b)) {
         return Err(PeftError::MissingTensor {

@@ -72,7 +72,7 @@ pub struct TrainArgs {
     save: crate::SaveArgs,
     #[command(flatten)]
     device: DeviceArg,
-    /// Rank (LoRA, LoHa, LoKr).
+    /// Rank (LoRA, LoHa, LoKr, VeRA).
     #[arg(long)]
     pub(crate) r: Option<usize>,
     /// LoRA alpha.
@@ -100,6 +100,19 @@ pub struct TrainArgs {
     /// LoKr: rescale the rows rank dropout keeps by the share kept (`rank_dropout_scale`).
     #[arg(long)]
     pub(crate) rank_dropout_scale: bool,
+    /// VeRA: the seed its shared projections are drawn from (`projection_prng_key`).
+    #[arg(long)]
+    pub(crate) projection_prng_key: Option<u64>,
+    /// VeRA: leave the projections out of the saved folder (`save_projection: false`; they
+    /// are drawn again from the key when it is loaded).
+    #[arg(long)]
+    pub(crate) no_save_projection: bool,
+    /// VeRA: dropout on the layer's input (`vera_dropout`).
+    #[arg(long)]
+    pub(crate) vera_dropout: Option<f64>,
+    /// VeRA: the starting value of `vera_lambda_d` (`d_initial`).
+    #[arg(long)]
+    pub(crate) d_initial: Option<f64>,
     /// DoRA: train a magnitude per output feature beside LoRA's pair (PEFT's `use_dora`).
     #[arg(long)]
     pub(crate) use_dora: bool,
@@ -283,7 +296,8 @@ impl RunContext<'_> {
 /// The method's adapter on `base`: its config from `--config` or the method's default, with
 /// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`, `--use-dora`,
 /// `--use-rslora`, `--alpha`, `--rank-dropout`, `--module-dropout`, `--decompose-both`,
-/// `--decompose-factor`, `--rank-dropout-scale`, `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
+/// `--decompose-factor`, `--rank-dropout-scale`, `--projection-prng-key`,
+/// `--no-save-projection`, `--vera-dropout`, `--d-initial`, `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
 fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
     let args = ctx.args;
     let mut config = ctx.method.config(args.config.as_deref())?;
@@ -297,6 +311,10 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         decompose_both: args.decompose_both.then_some(true),
         decompose_factor: args.decompose_factor,
         rank_dropout_scale: args.rank_dropout_scale.then_some(true),
+        projection_prng_key: args.projection_prng_key,
+        save_projection: args.no_save_projection.then_some(false),
+        vera_dropout: args.vera_dropout,
+        d_initial: args.d_initial,
         use_dora: args.use_dora.then_some(true),
         use_rslora: args.use_rslora.then_some(true),
         init_lora_weights: args.init_lora_weights.clone(),

@@ -666,6 +666,26 @@ fn inspect_lokr_config_gives_peft_numbers() {
     );
 }
 
+/// VeRA's config through the registry: PEFT's counts (tests/fixtures/reference/vera-llama.json:
+/// the vectors only, the projections are buffers).
+#[test]
+fn inspect_vera_config_gives_peft_numbers() {
+    let out = peft_ok!(
+        "inspect",
+        "--model",
+        model("llama-tiny"),
+        "--config",
+        adapter("vera-llama").join("adapter_config.json"),
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("trainable params: 592 || all params: 140,176 || trainable%: 0.4223"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn train_on_the_bundled_default_writes_everything_people_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -1002,6 +1022,48 @@ fn lokr_trains_with_its_flags_and_its_adapter_gives_the_merged_model() {
             &config["rank_dropout_scale"]
         ),
         (&true.into(), &8.into(), &true.into())
+    );
+}
+
+/// `peft train --method vera` with VeRA's own flags, projections left out of the folder: only
+/// the vectors in adapter/, the flags' values in its config, and adapter/ — its projections
+/// drawn again from the key when `peft logits` loads it — over the base equal to merged/.
+#[test]
+fn vera_trains_without_saved_projections_and_its_adapter_gives_the_merged_model() {
+    let flags = [
+        "--target-modules",
+        "query_key_value,dense_4h_to_h",
+        "--r",
+        "16",
+        "--projection-prng-key",
+        "3",
+        "--no-save-projection",
+        "--d-initial",
+        "0.2",
+        "--vera-dropout",
+        "0.1",
+    ];
+    let (_dir, out_dir, _, diff) = train_variant("vera", &flags);
+    assert!(diff <= 1e-4, "VeRA adapter vs merged: {diff}");
+    let store = TensorStore::open(out_dir.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(!store.contains("base_model.vera_A"));
+    for vector in ["vera_lambda_b", "vera_lambda_d"] {
+        let count = store.keys().filter(|k| k.ends_with(vector)).count();
+        assert_eq!(count, 8, "{vector}: two targets in each of the four layers");
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "VERA");
+    assert_eq!(
+        (
+            &config["projection_prng_key"],
+            &config["save_projection"],
+            &config["d_initial"],
+            &config["vera_dropout"]
+        ),
+        (&3.into(), &false.into(), &0.2.into(), &0.1.into())
     );
 }
 

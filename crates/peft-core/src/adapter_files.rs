@@ -87,6 +87,7 @@ pub fn load_base_params<M: CausalLm>(
     model: M,
     store: &TensorStore,
     weights: &Path,
+    outside: &[&str],
     mut own_key: impl FnMut(&str) -> Option<Result<()>>,
     rename: impl Fn(&str) -> String,
 ) -> Result<(M, BTreeSet<String>)> {
@@ -101,6 +102,9 @@ pub fn load_base_params<M: CausalLm>(
         .collect();
     let mut values: BTreeMap<String, TensorData> = BTreeMap::new();
     for key in store.keys() {
+        if outside.contains(&key) {
+            continue;
+        }
         let Some(name) = key.strip_prefix(KEY_PREFIX) else {
             return Err(PeftError::AdapterMismatch(format!(
                 "{}: key `{key}` lacks PEFT's `{KEY_PREFIX}` prefix",

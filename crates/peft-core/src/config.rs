@@ -39,11 +39,14 @@ pub enum PeftType {
     /// Low-rank Kronecker product (LyCORIS' LoKr).
     #[serde(rename = "LOKR")]
     Lokr,
+    /// Shared frozen random projections scaled by trained vectors (VeRA).
+    #[serde(rename = "VERA")]
+    Vera,
 }
 
 impl PeftType {
     /// Every type peft-rs knows, as written in `adapter_config.json`.
-    pub const ALL: [&'static str; 9] = [
+    pub const ALL: [&'static str; 10] = [
         "LORA",
         "IA3",
         "PROMPT_TUNING",
@@ -53,6 +56,7 @@ impl PeftType {
         "TRAINABLE_TOKENS",
         "LOHA",
         "LOKR",
+        "VERA",
     ];
 }
 

@@ -60,6 +60,21 @@ pub struct Target<'a> {
     pub base: Option<&'a BaseLinear>,
     /// The frozen embedding being adapted (`None` for a linear layer).
     pub embedding: Option<&'a burn::nn::Embedding>,
+    /// The method's model-level tensors ([`LayerTuner::shared_tensors`]; empty for most).
+    pub shared: &'a BTreeMap<String, HostTensor>,
+}
+
+/// No model-level tensors: [`Target::shared`] for the methods that have none.
+pub static NO_SHARED: BTreeMap<String, HostTensor> = BTreeMap::new();
+
+/// Tensors a method keeps once per model rather than per layer (VeRA's `vera_A` / `vera_B`),
+/// under their full file keys.
+#[derive(Debug, Clone, Default)]
+pub struct SharedTensors {
+    /// Full file key → tensor, in PyTorch's layout.
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// Whether `save_pretrained` writes them (VeRA's `save_projection`).
+    pub saved: bool,
 }
 
 /// What [`LayerTuner::make_layer`] builds for one layer: the adapter, and the base weight the
@@ -117,6 +132,21 @@ pub trait LayerTuner: Sized {
         device: &burn::tensor::Device,
     ) -> Result<NewLayer<Self::Layer>>;
 
+    /// Full file keys outside PEFT's `base_model.model.` prefix that the method reads itself
+    /// (through [`shared_tensors`](Self::shared_tensors)); loading skips them.
+    const MODEL_KEYS: &'static [&'static str] = &[];
+
+    /// The method's model-level tensors for a model whose targeted linear layers are at most
+    /// `largest = (d_in, d_out)` wide: read from `store` (an adapter file) or made; every
+    /// layer's [`Target::shared`]. None by default.
+    fn shared_tensors(
+        _config: &Self::Config,
+        _largest: (usize, usize),
+        _store: Option<&TensorStore>,
+    ) -> Result<SharedTensors> {
+        Ok(SharedTensors::default())
+    }
+
     /// The module a file key (without PEFT's `base_model.model.` prefix) holds an adapter tensor
     /// of (`….lora_A.weight` → `…`), or `None` for a key that is not the method's.
     fn module_of_key(key: &str) -> Option<&str>;
@@ -153,6 +183,8 @@ pub struct TunedModel<T: LayerTuner, M> {
     /// Whether the adapter trains (false after loading for inference, PEFT's
     /// `is_trainable=False`).
     pub trainable: bool,
+    /// The method's model-level tensors ([`LayerTuner::shared_tensors`]).
+    pub shared: SharedTensors,
 }
 
 /// A copy sharing nothing mutable (PEFT users' `copy.deepcopy(peft_model)`): burn's tensors are
@@ -170,6 +202,7 @@ where
             saved_params: self.saved_params.clone(),
             token_targets: self.token_targets.clone(),
             trainable: self.trainable,
+            shared: self.shared.clone(),
         }
     }
 }
@@ -209,6 +242,7 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
             tuned.model,
             &store,
             &weights,
+            T::MODEL_KEYS,
             |name| {
                 if name.ends_with(TOKEN_KEY_SUFFIX) {
                     return Some(if token_keys.contains(name) {
@@ -286,12 +320,27 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
         let (base, mut saved_params) = prepare_modules_to_save(base, config.modules_to_save())?;
         saved_params.extend(T::trained_base_params(&config, &modules, &targeted));
         let device = base.device();
+        let largest = chosen.iter().fold((0, 0), |(i, o), m| match m.kind {
+            ModuleKind::Linear {
+                in_features,
+                out_features,
+                ..
+            } => (i.max(in_features), o.max(out_features)),
+            _ => (i, o),
+        });
+        let shared = T::shared_tensors(&config, largest, store)?;
         let model = inject_layers_and_tokens(
             base,
             &targeted,
             &saved_params,
             &token_targets,
-            |target| T::make_layer(&config, &model_type, target, store, &device),
+            |target| {
+                let target = Target {
+                    shared: &shared.tensors,
+                    ..target
+                };
+                T::make_layer(&config, &model_type, target, store, &device)
+            },
             |target, table| token_rows(target, table, store, keys, T::Config::NAME),
         )?;
         Ok(Self {
@@ -302,6 +351,7 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
             saved_params: saved_params.into_iter().collect(),
             token_targets,
             trainable: true,
+            shared,
         })
     }
 
@@ -348,6 +398,9 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
     pub fn adapter_tensors(&self) -> Result<BTreeMap<String, HostTensor>> {
         let model_type = &self.model.spec().model_type;
         let mut out = BTreeMap::new();
+        if self.shared.saved {
+            out.extend(self.shared.tensors.clone());
+        }
         let keys = self.config.token_keys();
         let tied_copy = self.tied_token_copy();
         for (name, value) in named_values(&self.model)? {
@@ -516,6 +569,7 @@ where
                 is_embedding: false,
                 base: Some(&layer.base),
                 embedding: None,
+                shared: &NO_SHARED,
             };
             let NewLayer { adapter, base } = (make.borrow_mut())(target)?;
             let mut layer = layer.with_adapter(Some(adapter));
@@ -539,6 +593,7 @@ where
                 is_embedding: true,
                 base: None,
                 embedding: Some(&layer.base),
+                shared: &NO_SHARED,
             };
             let adapter = (make.borrow_mut())(target)?.adapter;
             Ok(layer.with_adapter(Some(adapter)))

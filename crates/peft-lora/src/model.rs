@@ -73,6 +73,7 @@ pub(crate) fn make_pair(
         is_embedding,
         base,
         embedding,
+        ..
     } = target;
     let (r, alpha) = config.rank_and_alpha(path);
     let scaling = config.scaling(r, alpha);

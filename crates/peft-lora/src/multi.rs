@@ -692,6 +692,7 @@ impl<M: MultiLoraBase> MultiLoraModel<M> {
                         Some(Base::Embedding(e)) => Some(e),
                         _ => None,
                     },
+                    shared: &peft_core::tuner::NO_SHARED,
                 };
                 let pair = make_pair(&entry.config, source, target, &device)?.adapter;
                 Ok((path.clone(), pair.no_dropout()))

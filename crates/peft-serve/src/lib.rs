@@ -15,7 +15,7 @@
 //! * [`metrics`] — the shared counters and the bounded queue;
 //! * [`client`] — a minimal blocking HTTP client for the tests and the load test.
 //!
-//! LoRA adapters share one batch with the base (PEFT's `adapter_names`); IA3, LoHa, LoKr, prompt tuning,
+//! LoRA adapters share one batch with the base (PEFT's `adapter_names`); IA3, LoHa, LoKr, VeRA, prompt tuning,
 //! P-tuning and prefix tuning adapters are served too, each in a batch of its own over the
 //! same base weights. BitFit adapters (which replace base biases) are refused: serve the
 //! merged model.

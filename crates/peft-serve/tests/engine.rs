@@ -268,7 +268,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
     assert_eq!(finished, Some((FinishReason::Length, 7)));
 }
 
-/// IA3, LoHa, LoKr, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a
+/// IA3, LoHa, LoKr, VeRA, prompt tuning, P-tuning and prefix tuning adapters are served beside LoRA, each in a
 /// batch of its own over the shared base: every request equals itself alone and `peft_models::generate` on
 /// that method's own model.
 #[test]
@@ -278,6 +278,7 @@ fn other_methods_are_served_in_batches_of_their_own() {
         ("ia3", "ia3-llama"),
         ("loha", "loha-llama"),
         ("lokr", "lokr-llama"),
+        ("vera", "vera-llama"),
         ("prompt", "prompt-llama-random"),
         ("prefix", "prefix-llama"),
         ("ptuning", "ptuning-llama-mlp"),
@@ -302,6 +303,7 @@ fn other_methods_are_served_in_batches_of_their_own() {
         Some("loha"),
         Some("lokr"),
         Some("ia3"),
+        Some("vera"),
     ];
     let requests: Vec<Request> = names
         .iter()
@@ -357,6 +359,13 @@ fn other_methods_are_served_in_batches_of_their_own() {
             ),
             Some("lokr") => greedy(
                 &peft::lokr::from_pretrained(base(), dir("lokr"), false)
+                    .unwrap()
+                    .model,
+                prompt,
+                max,
+            ),
+            Some("vera") => greedy(
+                &peft::vera::from_pretrained(base(), dir("vera"), false)
                     .unwrap()
                     .model,
                 prompt,

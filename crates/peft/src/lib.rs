@@ -21,6 +21,7 @@ pub use peft_quant as quant;
 #[cfg(feature = "train")]
 pub use peft_train as train;
 pub use peft_trainable_tokens as trainable_tokens;
+pub use peft_vera as vera;
 
 pub use methods::{PeftConfig, PeftModel};
 pub use peft_bitfit::BitFitConfig;
@@ -37,6 +38,7 @@ pub use peft_prefix::PrefixTuningConfig;
 pub use peft_prompt::{PromptLearningConfig, PromptTuningConfig, PromptTuningInit};
 pub use peft_ptuning::{EncoderType, PromptEncoderConfig};
 pub use peft_trainable_tokens::TrainableTokensConfig;
+pub use peft_vera::VeraConfig;
 pub use registry::{METHODS, Method, Serving, by_name, by_peft_type};
 
 /// The model every method adapts: a loaded base of any architecture, without adapter.
@@ -169,7 +171,15 @@ pub struct ConfigOverrides {
     pub decompose_factor: Option<i64>,
     /// LoKr's `rank_dropout_scale` (rescale the rows `rank_dropout` keeps).
     pub rank_dropout_scale: Option<bool>,
-    /// `target_modules` (LoRA, IA3, LoHa, LoKr).
+    /// VeRA's `projection_prng_key` (the seed its shared projections are drawn from).
+    pub projection_prng_key: Option<u64>,
+    /// VeRA's `save_projection` (write the projections into the folder).
+    pub save_projection: Option<bool>,
+    /// VeRA's `vera_dropout`.
+    pub vera_dropout: Option<f64>,
+    /// VeRA's `d_initial` (the starting value of `vera_lambda_d`).
+    pub d_initial: Option<f64>,
+    /// `target_modules` (LoRA, IA3, LoHa, LoKr, VeRA).
     pub target_modules: Option<TargetModules>,
     /// `num_virtual_tokens` (prompt tuning, P-tuning, prefix tuning).
     pub num_virtual_tokens: Option<usize>,

@@ -99,6 +99,24 @@ adapter_methods! {
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }
+    /// VeRA: `peft_vera`.
+    Vera {
+        config: peft_vera::VeraConfig,
+        model: peft_vera::VeraModel<AnyModel<peft_vera::VeraLinear>>,
+        build: |base, config, _| peft_vera::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_vera::from_pretrained(base, dir, trainable),
+        targeted: |m| m.targeted.clone(),
+        saved: |m| m.saved_params.clone(),
+        merge: |m| m.merge_and_unload(),
+        overrides: |c, o| {
+            c.r = o.r.unwrap_or(c.r);
+            c.projection_prng_key = o.projection_prng_key.unwrap_or(c.projection_prng_key);
+            c.save_projection = o.save_projection.unwrap_or(c.save_projection);
+            c.vera_dropout = o.vera_dropout.unwrap_or(c.vera_dropout);
+            c.d_initial = o.d_initial.unwrap_or(c.d_initial);
+            c.target_modules = o.target_modules.clone().or(c.target_modules.take());
+        },
+    }
     /// Trainable tokens: `peft_trainable_tokens`.
     TrainableTokens {
         config: peft_trainable_tokens::TrainableTokensConfig,

@@ -49,7 +49,7 @@ pub struct Method {
 
 /// Every method, `lora` first: a LoRA folder loads as `lora`; `qlora` trains the QLoRA paper's
 /// preset over a 4-bit base and saves a LoRA folder.
-pub const METHODS: [Method; 10] = [
+pub const METHODS: [Method; 11] = [
     Method {
         name: "lora",
         label: "LoRA",
@@ -103,6 +103,17 @@ pub const METHODS: [Method; 10] = [
         merges: true,
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
+        trains_on_4bit_base: false,
+    },
+    Method {
+        name: "vera",
+        label: "VeRA",
+        peft_type: PeftType::Vera,
+        summary: "shared frozen random projections scaled by two trained vectors per layer",
+        default_config: || PeftConfig::Vera(peft_vera::VeraConfig::default()),
+        merges: true,
+        serving: Serving::OwnBatch,
+        adapts_4bit_base: true,
         trains_on_4bit_base: false,
     },
     Method {
@@ -269,7 +280,7 @@ mod tests {
         assert_eq!(
             err,
             "invalid input: --method dora: unknown method (expected one of lora, qlora, ia3, \
-             loha, lokr, trainable-tokens, bitfit, prompt, prefix, ptuning)"
+             loha, lokr, vera, trainable-tokens, bitfit, prompt, prefix, ptuning)"
         );
         assert!(by_name("qlora").unwrap().trains_on_4bit_base);
     }
@@ -300,7 +311,7 @@ mod tests {
         assert_eq!(
             served_methods(),
             "LoRA (mixed-adapter batches shared with the base and every other such adapter), \
-             IA3, LoHa, LoKr, prompt tuning, prefix tuning, P-tuning (a batch per adapter)"
+             IA3, LoHa, LoKr, VeRA, prompt tuning, prefix tuning, P-tuning (a batch per adapter)"
         );
     }
 }

@@ -127,6 +127,10 @@ fn flags_set_the_keys_each_method_has() {
         decompose_both: Some(true),
         decompose_factor: Some(4),
         rank_dropout_scale: Some(true),
+        projection_prng_key: Some(7),
+        save_projection: Some(false),
+        vera_dropout: Some(0.05),
+        d_initial: Some(0.2),
         use_dora: Some(true),
         use_rslora: Some(true),
         init_lora_weights: Some("pissa".into()),
@@ -172,6 +176,25 @@ fn flags_set_the_keys_each_method_has() {
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
                 assert!(json.get("lora_alpha").is_none());
                 assert!(json.get("decompose_both").is_none());
+            }
+            PeftType::Vera => {
+                assert_eq!(
+                    (
+                        &json["r"],
+                        &json["projection_prng_key"],
+                        &json["save_projection"],
+                        &json["vera_dropout"],
+                        &json["d_initial"]
+                    ),
+                    (
+                        &4.into(),
+                        &7.into(),
+                        &false.into(),
+                        &0.05.into(),
+                        &0.2.into()
+                    )
+                );
+                assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }
             PeftType::Lokr => {
                 assert_eq!(
