@@ -61,6 +61,11 @@ pub struct TrainArgs {
     /// An adapter_config.json to start from (its method must match --method).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
+    /// An adapter folder to continue training (PEFT's `PeftModel.from_pretrained(…,
+    /// is_trainable=True)`, e.g. from SFT to the next run): any method, its config kept (the
+    /// folder's method is the run's; flags that set config values are refused).
+    #[arg(long, conflicts_with = "config")]
+    pub(crate) adapter: Option<PathBuf>,
     /// Output folder: checkpoints, adapter/, merged/, metrics.jsonl, loss.png, summary.json.
     #[arg(long, default_value = "out/peft-train")]
     output: PathBuf,
@@ -300,8 +305,7 @@ impl RunContext<'_> {
 /// `--no-save-projection`, `--vera-dropout`, `--d-initial`, `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
 fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
     let args = ctx.args;
-    let mut config = ctx.method.config(args.config.as_deref())?;
-    config.apply(&peft::ConfigOverrides {
+    let overrides = peft::ConfigOverrides {
         r: args.r,
         lora_alpha: args.lora_alpha,
         lora_dropout: args.lora_dropout,
@@ -322,7 +326,23 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         target_modules: ctx.targets(),
         num_virtual_tokens: args.num_virtual_tokens,
         base_model_name_or_path: Some(ctx.model_dir.display().to_string()),
-    });
+    };
+    if let Some(dir) = &args.adapter {
+        let only_the_base = peft::ConfigOverrides {
+            base_model_name_or_path: overrides.base_model_name_or_path.clone(),
+            ..Default::default()
+        };
+        if overrides != only_the_base {
+            bail!(
+                "--adapter {}: the adapter keeps its config; drop the flags that set config \
+                 values (--r, --lora-alpha, --target-modules, …)",
+                dir.display()
+            );
+        }
+        return peft::PeftModel::load(base, dir, true)?.visit(Run(ctx));
+    }
+    let mut config = ctx.method.config(args.config.as_deref())?;
+    config.apply(&overrides);
     peft::PeftModel::new(base, config, Some(ctx.tokenizer))?.visit(Run(ctx))
 }
 
@@ -485,7 +505,7 @@ where
         // Prompt learning has nothing to merge: the adapter is the result.
         eprintln!(
             "no merged model: {} keeps its virtual tokens outside the weights",
-            args.method
+            method.name
         );
         None
     } else {
@@ -502,7 +522,7 @@ where
     peft_train::plot::write_loss_png(&args.output.join("loss.png"), &curve)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.join("loss.png").display()))?;
     let report = serde_json::json!({
-        "method": args.method, "steps": summary.steps, "final_train_loss": summary.final_train_loss,
+        "method": method.name, "steps": summary.steps, "final_train_loss": summary.final_train_loss,
         "held_out": eval.len(), "before": before, "after": after,
     });
     peft_tensors::write_atomic(
@@ -599,10 +619,25 @@ fn install_stop_handlers() {
     }
 }
 
+/// The run's method: with `--adapter`, the folder's (a LoRA folder keeps `--method qlora`'s
+/// 4-bit preset), else `--method`.
+fn run_method(args: &TrainArgs) -> Result<&'static peft::Method> {
+    let named = peft::by_name(&args.method)?;
+    let Some(dir) = &args.adapter else {
+        return Ok(named);
+    };
+    let peft_type = peft::load_config(dir)?.peft_type();
+    Ok(if named.peft_type == peft_type {
+        named
+    } else {
+        peft::by_peft_type(peft_type)
+    })
+}
+
 /// `peft train`.
 pub fn train(args: TrainArgs) -> Result<()> {
     // Checked before anything is written or loaded.
-    peft::by_name(&args.method)?;
+    run_method(&args)?;
     schedule(&args.lr_scheduler)?;
     let timeout = std::time::Duration::from_secs(args.distributed_timeout);
     if let Some(list) = &args.devices {
@@ -727,12 +762,20 @@ fn prepared(mut args: TrainArgs, lead: bool) -> Result<TrainArgs> {
         if lead {
             eprintln!(
                 "no --model/--data: fine-tuning the bundled pretrained tiny BLOOM on the bundled demo \
-                 set (LoRA r=16, alpha=32 on all linear layers, 30 epochs, lr 1e-2)"
+                 set ({}30 epochs, lr 1e-2)",
+                if args.adapter.is_some() {
+                    "the adapter's own config, "
+                } else {
+                    "LoRA r=16, alpha=32 on all linear layers, "
+                }
             );
         }
-        args.r = args.r.or(Some(16));
-        args.lora_alpha = args.lora_alpha.or(Some(32.0));
-        args.target_modules = args.target_modules.or(Some(vec!["all-linear".into()]));
+        // An adapter being continued keeps its config.
+        if args.adapter.is_none() {
+            args.r = args.r.or(Some(16));
+            args.lora_alpha = args.lora_alpha.or(Some(32.0));
+            args.target_modules = args.target_modules.or(Some(vec!["all-linear".into()]));
+        }
         args.epochs = args.epochs.or(Some(30));
         args.learning_rate = args.learning_rate.or(Some(1e-2));
     }
@@ -748,7 +791,7 @@ fn train_on(
 ) -> Result<()> {
     // Notes are printed once, by rank 0, in a distributed run.
     let lead = group.rank() == 0;
-    let method = peft::by_name(&args.method)?;
+    let method = run_method(args)?;
     let lr_schedule = schedule(&args.lr_scheduler)?;
     let (Some(model_dir), Some(data_path)) = (args.model.clone(), args.data.clone()) else {
         bail!("no model or data after preparing the run");

@@ -1067,6 +1067,50 @@ fn vera_trains_without_saved_projections_and_its_adapter_gives_the_merged_model(
     );
 }
 
+/// `peft train --adapter DIR` continues a trained LoHa folder (PEFT's `from_pretrained(…,
+/// is_trainable=True)`): the folder's config is kept (r = 4), its tensors train further, and
+/// the new adapter over the base equals the new merged model; config flags beside it are
+/// refused.
+#[test]
+fn train_continues_from_an_adapter_folder() {
+    let flags = [
+        "--target-modules",
+        "query_key_value",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+    ];
+    let (_first_dir, first, _, _) = train_variant("loha", &flags);
+    let start = first.join("adapter");
+    let start_arg = start.display().to_string();
+    let (_dir, out_dir, _, diff) = train_variant("loha", &["--adapter", &start_arg]);
+    assert!(diff <= 1e-4, "continued adapter vs merged: {diff}");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&config["peft_type"], &config["r"]),
+        (&"LOHA".into(), &4.into())
+    );
+    let before = TensorStore::open(start.join("adapter_model.safetensors")).unwrap();
+    let after = TensorStore::open(out_dir.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    let key = before.keys().find(|k| k.ends_with("hada_w2_b")).unwrap();
+    assert_ne!(before.f32(key).unwrap(), after.f32(key).unwrap(), "{key}");
+    let out = peft(&["train", "--adapter", &start_arg, "--r", "8"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the adapter keeps its config"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `--init-lora-weights loftq`: PEFT's LoftQConfig defaults written into the config (4 bits, one
 /// iteration); adapter/ is for the quantised base, which loading it recomputes, so adapter over
 /// the bundled base gives the merged model; nothing is converted.

@@ -140,7 +140,7 @@ pub trait AdapterVisitor {
 
 /// Values a caller (`peft train`'s flags) sets over a method's config; each applies to the
 /// methods whose config has the key of that name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigOverrides {
     /// LoRA's `r`.
     pub r: Option<usize>,
