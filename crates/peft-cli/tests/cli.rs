@@ -562,7 +562,7 @@ fn adapter_errors_are_one_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("adapter_config.json"),
-        r#"{"peft_type": "VERA", "r": 4}"#,
+        r#"{"peft_type": "ADALORA", "r": 4}"#,
     )
     .unwrap();
     let out = peft!(
@@ -574,7 +574,7 @@ fn adapter_errors_are_one_line() {
         "--prompt",
         "hi",
     );
-    assert_clean_failure(&out, "unknown type `VERA`");
+    assert_clean_failure(&out, "unknown type `ADALORA`");
 }
 
 #[test]

@@ -316,9 +316,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("peft-core-hdr-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("adapter_config.json");
-        std::fs::write(&path, r#"{"peft_type": "VERA", "r": 4}"#).unwrap();
+        std::fs::write(&path, r#"{"peft_type": "ADALORA", "r": 4}"#).unwrap();
         let err = read_peft_type(&path).unwrap_err().to_string();
-        assert!(err.contains("unknown type `VERA`"), "{err}");
+        assert!(err.contains("unknown type `ADALORA`"), "{err}");
         assert!(err.contains("LORA, IA3"), "{err}");
         std::fs::write(&path, r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM"}"#).unwrap();
         assert_eq!(read_peft_type(&path).unwrap(), PeftType::Lora);

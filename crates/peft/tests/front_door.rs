@@ -284,16 +284,16 @@ fn a_folder_of_a_method_this_build_lacks_is_named() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("adapter_config.json"),
-        r#"{"peft_type": "VERA", "r": 4}"#,
+        r#"{"peft_type": "ADALORA", "r": 4}"#,
     )
     .unwrap();
     let err = PeftModel::from_pretrained(base("bloom-tiny"), dir.path())
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("VERA"), "{err}");
+    assert!(err.contains("ADALORA"), "{err}");
     let err = peft::load_config(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("VERA"), "{err}");
+    assert!(err.contains("ADALORA"), "{err}");
 }
 
 /// A trained LoRA through the front door saves the folder the method crate loads, and
