@@ -132,6 +132,26 @@ pub fn adapter_dir(name: &str) -> PathBuf {
     fixtures().join("adapters").join(name)
 }
 
+/// A copy of the adapter fixture `name` in a temporary folder with `from` replaced by `to` in
+/// its `adapter_config.json` (the tensors unchanged): a folder whose config disagrees with its
+/// file.
+pub fn adapter_with_config_edit(name: &str, from: &str, to: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        adapter_dir(name).join("adapter_model.safetensors"),
+        dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(adapter_dir(name).join("adapter_config.json")).unwrap();
+    assert!(config.contains(from), "{name}'s config has no `{from}`");
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        config.replace(from, to),
+    )
+    .unwrap();
+    dir
+}
+
 /// The base model fixture an adapter fixture was made on.
 pub fn base_of(adapter: &str) -> &'static str {
     const BASES: [(&str, &str); 8] = [

@@ -214,16 +214,11 @@ fn dora_joins_a_mixed_batch() {
 /// A DoRA folder without its magnitudes names the missing key.
 #[test]
 fn missing_magnitude_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        adapter_dir("lora-bloom").join("adapter_model.safetensors"),
-        dir.path().join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(adapter_dir("lora-bloom").join("adapter_config.json"))
-        .unwrap()
-        .replace(r#""use_dora": false"#, r#""use_dora": true"#);
-    std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+    let dir = peft_tests::adapter_with_config_edit(
+        "lora-bloom",
+        r#""use_dora": false"#,
+        r#""use_dora": true"#,
+    );
     let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
     let err = from_pretrained(base, dir.path(), false)
         .unwrap_err()

@@ -116,17 +116,11 @@ fn a_4bit_base_is_refused_naming_the_layer() {
 /// dropped from PEFT's config, so `w1` should be whole) is refused naming the tensor.
 #[test]
 fn a_file_not_matching_its_config_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let from = adapter_dir("lokr-bloom");
-    std::fs::copy(
-        from.join("adapter_model.safetensors"),
-        dir.path().join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(from.join("adapter_config.json"))
-        .unwrap()
-        .replace("\"decompose_both\": true", "\"decompose_both\": false");
-    std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+    let dir = peft_tests::adapter_with_config_edit(
+        "lokr-bloom",
+        "\"decompose_both\": true",
+        "\"decompose_both\": false",
+    );
     let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
     let err = from_pretrained(base, dir.path(), false)
         .unwrap_err()

@@ -103,17 +103,11 @@ fn fresh_vera_starts_as_the_base() {
 /// With `save_projection` the folder must carry the projections (PEFT refuses too).
 #[test]
 fn missing_projections_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let from = adapter_dir("vera-llama");
-    std::fs::copy(
-        from.join("adapter_model.safetensors"),
-        dir.path().join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(from.join("adapter_config.json"))
-        .unwrap()
-        .replace("\"save_projection\": false", "\"save_projection\": true");
-    std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+    let dir = peft_tests::adapter_with_config_edit(
+        "vera-llama",
+        "\"save_projection\": false",
+        "\"save_projection\": true",
+    );
     let base = peft_models::load(model_dir("llama-tiny"), &device()).unwrap();
     let err = from_pretrained(base, dir.path(), false)
         .unwrap_err()

@@ -109,6 +109,22 @@ impl ModuleInfo {
     }
 }
 
+/// `chosen` when every module is a linear layer, else an error naming the first that is not:
+/// "`{method}` on `{path}` ({kind}): `{reason}`" (the methods that adapt linear layers only).
+pub fn linear_only<'m>(
+    chosen: Vec<&'m ModuleInfo>,
+    method: &str,
+    reason: &str,
+) -> Result<Vec<&'m ModuleInfo>> {
+    match chosen.iter().find(|m| !m.is_linear()) {
+        Some(m) => Err(PeftError::Unsupported(format!(
+            "{method} on `{}` ({:?}): {reason}",
+            m.path, m.kind
+        ))),
+        None => Ok(chosen),
+    }
+}
+
 /// PEFT's `layers_to_transform`: one layer index or a list of them.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]

@@ -42,14 +42,11 @@ impl LayerTuner for Ia3 {
     ) -> Result<Vec<&'m ModuleInfo>> {
         let targets = config.targets(model_type)?;
         let matcher = ModuleMatcher::new(&targets, config.exclude_modules.as_ref(), None, None)?;
-        let chosen = matcher.select(&targets, modules)?;
-        if let Some(m) = chosen.iter().find(|m| !m.is_linear()) {
-            return Err(PeftError::Unsupported(format!(
-                "IA3 on `{}` ({:?}): only linear layers can be scaled",
-                m.path, m.kind
-            )));
-        }
-        Ok(chosen)
+        peft_core::modules::linear_only(
+            matcher.select(&targets, modules)?,
+            "IA3",
+            "only linear layers can be scaled",
+        )
     }
 
     fn make_layer(

@@ -53,14 +53,11 @@ impl LayerTuner for Loha {
             config.layers_to_transform.as_ref(),
             config.layers_pattern.as_ref(),
         )?;
-        let chosen = matcher.select(&targets, modules)?;
-        if let Some(m) = chosen.iter().find(|m| !m.is_linear()) {
-            return Err(PeftError::Unsupported(format!(
-                "LoHa on `{}` ({:?}): PEFT's LoHa adapts linear layers only",
-                m.path, m.kind
-            )));
-        }
-        Ok(chosen)
+        peft_core::modules::linear_only(
+            matcher.select(&targets, modules)?,
+            "LoHa",
+            "PEFT's LoHa adapts linear layers only",
+        )
     }
 
     fn make_layer(

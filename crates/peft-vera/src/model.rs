@@ -74,14 +74,11 @@ impl LayerTuner for Vera {
             config.layers_to_transform.as_ref(),
             config.layers_pattern.as_ref(),
         )?;
-        let chosen = matcher.select(&targets, modules)?;
-        if let Some(m) = chosen.iter().find(|m| !m.is_linear()) {
-            return Err(PeftError::Unsupported(format!(
-                "VeRA on `{}` ({:?}): PEFT's VeRA adapts linear layers only",
-                m.path, m.kind
-            )));
-        }
-        Ok(chosen)
+        peft_core::modules::linear_only(
+            matcher.select(&targets, modules)?,
+            "VeRA",
+            "PEFT's VeRA adapts linear layers only",
+        )
     }
 
     /// The projections: from the folder with `save_projection` (they must be there, with the
