@@ -9,6 +9,7 @@ mod bitfit;
 mod checkpoints;
 mod chunked_loss;
 mod dora;
+mod gguf;
 mod ia3;
 mod loha;
 mod lokr;

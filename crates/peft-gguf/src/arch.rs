@@ -1,0 +1,574 @@
+//! Architectures as llama.cpp's converter (`convert_hf_to_gguf.py`, llama-cpp-python 0.3.36's
+//! llama.cpp) writes them: the GGUF architecture name, its metadata keys from `config.json`, the
+//! Hugging Face → GGUF tensor names, and the row re-orderings the converter applies.
+//!
+//! | `architectures[0]`        | GGUF arch | re-ordering |
+//! |---------------------------|-----------|-------------|
+//! | `LlamaForCausalLM`        | `llama`   | Q/K rows permuted (llama.cpp's rotary pairs) |
+//! | `MistralForCausalLM`      | `llama`   | as Llama; the sliding window is not written (llama.cpp's `llama` has none) |
+//! | `Qwen2ForCausalLM`        | `qwen2`   | none |
+//! | `Qwen3ForCausalLM`        | `qwen3`   | none |
+//! | `BloomForCausalLM`        | `bloom`   | the fused QKV from per-head `[q,k,v]` to `[all q, all k, all v]` |
+//!
+//! Gemma-2 and Phi-3 are refused until the sentencepiece vocabulary (`tokenizer.model`) is
+//! written: the converter reads their vocabulary from that file alone.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use crate::error::{GgufError, Result};
+use crate::format::Value;
+
+/// An architecture the exporter writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama and Mistral (GGUF `llama`).
+    Llama,
+    /// Qwen2 (GGUF `qwen2`).
+    Qwen2,
+    /// Qwen3 (GGUF `qwen3`).
+    Qwen3,
+    /// BLOOM (GGUF `bloom`).
+    Bloom,
+}
+
+/// A row re-ordering applied to a weight (and to its bias, and to a LoRA `B`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOrder {
+    /// Rows kept as they are.
+    Keep,
+    /// llama.cpp's rotary layout: within each of `heads` heads, rows `[0..d/2 | d/2..d]` are
+    /// interleaved (`permute` in the converter).
+    RotaryPairs {
+        /// Heads the rows split into.
+        heads: usize,
+    },
+    /// BLOOM's fused QKV: per-head `[q, k, v]` blocks regrouped as all q, all k, all v.
+    BloomQkv {
+        /// Attention heads.
+        heads: usize,
+    },
+}
+
+impl RowOrder {
+    /// For each output row, the input row it takes; `None` where the rows cannot split so.
+    pub fn source_rows(self, rows: usize) -> Option<Vec<usize>> {
+        match self {
+            Self::Keep => Some((0..rows).collect()),
+            Self::RotaryPairs { heads } => {
+                if heads == 0 || !rows.is_multiple_of(heads * 2) {
+                    return None;
+                }
+                let dim = rows / heads;
+                let half = dim / 2;
+                Some(
+                    (0..rows)
+                        .map(|r| {
+                            let (h, within) = (r / dim, r % dim);
+                            let (i, j) = (within / 2, within % 2);
+                            h * dim + j * half + i
+                        })
+                        .collect(),
+                )
+            }
+            Self::BloomQkv { heads } => {
+                if heads == 0 || !rows.is_multiple_of(heads * 3) {
+                    return None;
+                }
+                let hd = rows / heads / 3;
+                let embed = heads * hd;
+                Some(
+                    (0..rows)
+                        .map(|r| {
+                            let (k, rest) = (r / embed, r % embed);
+                            let (h, x) = (rest / hd, rest % hd);
+                            h * 3 * hd + k * hd + x
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Re-orders the rows of a row-major `[rows, cols]` matrix (a bias: `cols` = 1).
+    pub fn apply(self, values: &[f32], rows: usize, name: &str) -> Result<Vec<f32>> {
+        if self == Self::Keep {
+            return Ok(values.to_vec());
+        }
+        let source = self.source_rows(rows).ok_or_else(|| {
+            GgufError::tensor(name, format!("{rows} rows do not split as {self:?}"))
+        })?;
+        let cols = values.len() / rows.max(1);
+        let mut out = Vec::with_capacity(values.len());
+        for r in source {
+            out.extend_from_slice(&values[r * cols..(r + 1) * cols]);
+        }
+        Ok(out)
+    }
+}
+
+/// Where a checkpoint tensor goes in the GGUF file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapped {
+    /// The GGUF name (`blk.3.attn_q.weight`).
+    pub name: String,
+    /// The re-ordering of its rows.
+    pub rows: RowOrder,
+}
+
+/// The model's `config.json`, with the converter's look-ups.
+#[derive(Debug)]
+pub struct HParams<'a> {
+    json: &'a Json,
+    path: &'a Path,
+}
+
+impl<'a> HParams<'a> {
+    /// Wraps a parsed `config.json`; `path` names it in errors.
+    pub fn new(json: &'a Json, path: &'a Path) -> Self {
+        Self { json, path }
+    }
+
+    fn find(&self, keys: &[&str]) -> Option<&'a Json> {
+        keys.iter()
+            .find_map(|k| self.json.get(*k).filter(|v| !v.is_null()))
+    }
+
+    fn uint(&self, keys: &[&str]) -> Result<Option<u32>> {
+        match self.find(keys) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    GgufError::config(self.path, format!("`{}` is not an integer", keys[0]))
+                }),
+        }
+    }
+
+    fn need_uint(&self, keys: &[&str]) -> Result<u32> {
+        self.uint(keys)?
+            .ok_or_else(|| GgufError::config(self.path, format!("missing `{}`", keys[0])))
+    }
+
+    fn float(&self, keys: &[&str]) -> Result<Option<f32>> {
+        match self.find(keys) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(|f| Some(f as f32)).ok_or_else(|| {
+                GgufError::config(self.path, format!("`{}` is not a number", keys[0]))
+            }),
+        }
+    }
+
+    /// The RoPE parameters as the converter gathers them: `rope_parameters` (or the older
+    /// `rope_scaling`) with a top-level `rope_theta` and the old `type` key folded in.
+    fn rope(&self) -> serde_json::Map<String, Json> {
+        let mut rope = self
+            .find(&["rope_parameters", "rope_scaling"])
+            .and_then(Json::as_object)
+            .cloned()
+            .unwrap_or_default();
+        if !rope.contains_key("rope_theta")
+            && let Some(theta) = self.find(&["rope_theta"])
+        {
+            rope.insert("rope_theta".into(), theta.clone());
+        }
+        if !rope.contains_key("rope_type")
+            && let Some(t) = rope.get("type").cloned()
+        {
+            rope.insert("rope_type".into(), t);
+        }
+        if !rope.contains_key("original_max_position_embeddings")
+            && let Some(n) = self.find(&["original_max_position_embeddings"])
+        {
+            rope.insert("original_max_position_embeddings".into(), n.clone());
+        }
+        rope
+    }
+
+    /// Decoder layers.
+    pub fn block_count(&self) -> Result<u32> {
+        self.need_uint(&["n_layers", "num_hidden_layers", "n_layer", "num_layers"])
+    }
+
+    /// Attention heads.
+    pub fn heads(&self) -> Result<u32> {
+        self.need_uint(&["num_attention_heads", "n_head", "n_heads"])
+    }
+
+    /// Key/value heads (the attention heads where the config has none).
+    pub fn kv_heads(&self) -> Result<u32> {
+        match self.uint(&["num_key_value_heads", "n_kv_heads"])? {
+            Some(n) => Ok(n),
+            None => self.heads(),
+        }
+    }
+
+    /// The vocabulary size, if the config states it.
+    pub fn vocab_size(&self) -> Result<Option<u32>> {
+        self.uint(&["vocab_size"])
+    }
+}
+
+impl Arch {
+    /// The architecture of the model whose `config.json` is `json`.
+    pub fn detect(json: &Json, path: &Path) -> Result<Self> {
+        let name = json
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Json::as_str)
+            .ok_or_else(|| GgufError::config(path, "missing `architectures`"))?;
+        Ok(match name {
+            "LlamaForCausalLM" | "MistralForCausalLM" => Self::Llama,
+            "Qwen2ForCausalLM" => Self::Qwen2,
+            "Qwen3ForCausalLM" => Self::Qwen3,
+            "BloomForCausalLM" => Self::Bloom,
+            "Gemma2ForCausalLM" | "Phi3ForCausalLM" => {
+                return Err(GgufError::Unsupported(format!(
+                    "{name}: GGUF export needs the sentencepiece vocabulary (tokenizer.model), \
+                     which this exporter does not write yet; llama, mistral, qwen2, qwen3 and \
+                     bloom are exported"
+                )));
+            }
+            other => {
+                return Err(GgufError::Unsupported(format!(
+                    "{other}: no GGUF export for this architecture (llama, mistral, qwen2, \
+                     qwen3 and bloom are exported)"
+                )));
+            }
+        })
+    }
+
+    /// `general.architecture`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Bloom => "bloom",
+        }
+    }
+
+    /// The architecture's hyper-parameter keys, in the converter's order, up to and including
+    /// `general.file_type` (`file_type` being llama.cpp's `LLAMA_FTYPE_*` number).
+    pub fn metadata(self, hp: &HParams, file_type: u32) -> Result<Vec<(String, Value)>> {
+        let a = self.gguf_name();
+        let mut out: Vec<(String, Value)> = Vec::new();
+        let mut put = |key: &str, value: Value| out.push((format!("{a}.{key}"), value));
+        if self == Self::Bloom {
+            let embed = hp.need_uint(&["hidden_size", "n_embed"])?;
+            let heads = hp.heads()?;
+            put(
+                "context_length",
+                Value::U32(hp.uint(&["seq_length"])?.unwrap_or(embed)),
+            );
+            put("embedding_length", Value::U32(embed));
+            put("feed_forward_length", Value::U32(4 * embed));
+            put("block_count", Value::U32(hp.block_count()?));
+            put("attention.head_count", Value::U32(heads));
+            put("attention.head_count_kv", Value::U32(heads));
+            let eps = hp
+                .float(&["layer_norm_epsilon"])?
+                .ok_or_else(|| GgufError::config(hp.path, "missing `layer_norm_epsilon`"))?;
+            put("attention.layer_norm_epsilon", Value::F32(eps));
+            out.push(("general.file_type".into(), Value::U32(file_type)));
+            return Ok(out);
+        }
+        put("block_count", Value::U32(hp.block_count()?));
+        let ctx_keys = [
+            "max_position_embeddings",
+            "n_ctx",
+            "n_positions",
+            "max_length",
+            "max_sequence_length",
+            "model_max_length",
+        ];
+        if let Some(n) = hp.uint(&ctx_keys)? {
+            put("context_length", Value::U32(n));
+        }
+        if let Some(n) = hp.uint(&["hidden_size", "n_embd", "dim"])? {
+            put("embedding_length", Value::U32(n));
+        }
+        if let Some(n) = hp.uint(&["intermediate_size", "n_inner", "hidden_dim"])? {
+            put("feed_forward_length", Value::U32(n));
+        }
+        put("attention.head_count", Value::U32(hp.heads()?));
+        if let Some(n) = hp.uint(&["num_key_value_heads", "n_kv_heads"])? {
+            put("attention.head_count_kv", Value::U32(n));
+        }
+        let rope = hp.rope();
+        let rope_f32 = |key: &str| rope.get(key).and_then(Json::as_f64).map(|f| f as f32);
+        match rope.get("rope_type").and_then(Json::as_str) {
+            Some("linear") if rope_f32("factor").is_some() => {
+                put("rope.scaling.type", Value::String("linear".into()));
+                put(
+                    "rope.scaling.factor",
+                    Value::F32(rope_f32("factor").unwrap_or(1.0)),
+                );
+            }
+            Some("yarn") if rope_f32("factor").is_some() => {
+                put("rope.scaling.type", Value::String("yarn".into()));
+                put(
+                    "rope.scaling.factor",
+                    Value::F32(rope_f32("factor").unwrap_or(1.0)),
+                );
+                let orig = rope
+                    .get("original_max_position_embeddings")
+                    .and_then(Json::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| {
+                        GgufError::config(
+                            hp.path,
+                            "yarn RoPE without `original_max_position_embeddings`",
+                        )
+                    })?;
+                put("rope.scaling.original_context_length", Value::U32(orig));
+                for (hf, key) in [
+                    ("extrapolation_factor", "rope.scaling.yarn_ext_factor"),
+                    ("attention_factor", "rope.scaling.yarn_attn_factor"),
+                    ("beta_fast", "rope.scaling.yarn_beta_fast"),
+                    ("beta_slow", "rope.scaling.yarn_beta_slow"),
+                ] {
+                    if let Some(v) = rope_f32(hf) {
+                        put(key, Value::F32(v));
+                    }
+                }
+            }
+            Some("su" | "longrope") => {
+                put("rope.scaling.type", Value::String("longrope".into()));
+            }
+            _ => {}
+        }
+        if let Some(theta) = rope_f32("rope_theta") {
+            put("rope.freq_base", Value::F32(theta));
+        }
+        if let Some(eps) = hp.float(&["rms_norm_eps", "norm_eps"])? {
+            put("attention.layer_norm_rms_epsilon", Value::F32(eps));
+        }
+        if let Some(eps) = hp.float(&["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])? {
+            put("attention.layer_norm_epsilon", Value::F32(eps));
+        }
+        let head_dim = hp.uint(&["head_dim"])?;
+        if let Some(d) = head_dim {
+            put("attention.key_length", Value::U32(d));
+            put("attention.value_length", Value::U32(d));
+        }
+        out.push(("general.file_type".into(), Value::U32(file_type)));
+        if self == Self::Llama {
+            let vocab = hp
+                .vocab_size()?
+                .ok_or_else(|| GgufError::config(hp.path, "missing `vocab_size`"))?;
+            out.push(("llama.vocab_size".into(), Value::U32(vocab)));
+            let rope_dim = match head_dim {
+                Some(d) => d,
+                None => hp.need_uint(&["hidden_size"])? / hp.heads()?.max(1),
+            };
+            out.push(("llama.rope.dimension_count".into(), Value::U32(rope_dim)));
+        }
+        Ok(out)
+    }
+
+    /// Tensors the converter adds that the checkpoint does not hold: Llama 3's RoPE frequency
+    /// factors (`rope_freqs.weight`, `[head_dim / 2]`), computed as the converter computes them.
+    pub fn extra_tensors(self, hp: &HParams) -> Result<Vec<(String, Vec<f32>)>> {
+        if self != Self::Llama {
+            return Ok(Vec::new());
+        }
+        let rope = hp.rope();
+        let rope_type = rope.get("rope_type").and_then(Json::as_str).unwrap_or("");
+        if !rope_type.eq_ignore_ascii_case("llama3") {
+            return Ok(Vec::new());
+        }
+        let get = |k: &str, d: f64| rope.get(k).and_then(Json::as_f64).unwrap_or(d);
+        let base = get("rope_theta", 10000.0);
+        let dim = match hp.uint(&["head_dim"])? {
+            Some(d) => d as usize,
+            None => (hp.need_uint(&["hidden_size"])? / hp.heads()?.max(1)) as usize,
+        };
+        let factor = get("factor", 8.0);
+        let low = get("low_freq_factor", 1.0);
+        let high = get("high_freq_factor", 4.0);
+        let old_ctx = get("original_max_position_embeddings", 8192.0);
+        // The converter's arithmetic is torch's on 0-d f32 tensors: every step in f32.
+        let (factor, low, high, old_ctx) = (factor as f32, low as f32, high as f32, old_ctx as f32);
+        let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+        let factors = (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0f32 / (base as f32).powf(i as f32 / dim as f32);
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        Ok(vec![("rope_freqs.weight".into(), factors)])
+    }
+
+    /// Where the checkpoint tensor `hf` goes: `Ok(None)` for tensors the converter drops
+    /// (rotary caches), an error for one it cannot map.
+    pub fn map(self, hf: &str, hp: &HParams) -> Result<Option<Mapped>> {
+        if hf.ends_with(".rotary_emb.inv_freq")
+            || hf.ends_with(".attention.masked_bias")
+            || hf.ends_with(".attention.bias")
+        {
+            return Ok(None);
+        }
+        let keep = |name: String| {
+            Ok(Some(Mapped {
+                name,
+                rows: RowOrder::Keep,
+            }))
+        };
+        let unknown = || {
+            Err(GgufError::tensor(
+                hf,
+                format!(
+                    "no GGUF name for it in the `{}` architecture",
+                    self.gguf_name()
+                ),
+            ))
+        };
+        if self == Self::Bloom {
+            let name = hf.strip_prefix("transformer.").unwrap_or(hf);
+            let fixed = match name {
+                "word_embeddings.weight" => Some("token_embd.weight"),
+                "word_embeddings_layernorm.weight" => Some("token_embd_norm.weight"),
+                "word_embeddings_layernorm.bias" => Some("token_embd_norm.bias"),
+                "ln_f.weight" => Some("output_norm.weight"),
+                "ln_f.bias" => Some("output_norm.bias"),
+                "lm_head.weight" => Some("output.weight"),
+                _ => None,
+            };
+            if let Some(f) = fixed {
+                return keep(f.into());
+            }
+            let Some((block, rest)) = split_block(name, "h.") else {
+                return unknown();
+            };
+            let (module, kind) = match rest.rsplit_once('.') {
+                Some(p) => p,
+                None => return unknown(),
+            };
+            let target = match module {
+                "input_layernorm" => "attn_norm",
+                "self_attention.query_key_value" => "attn_qkv",
+                "self_attention.dense" => "attn_output",
+                "post_attention_layernorm" => "ffn_norm",
+                "mlp.dense_h_to_4h" => "ffn_up",
+                "mlp.dense_4h_to_h" => "ffn_down",
+                _ => return unknown(),
+            };
+            let rows = if target == "attn_qkv" {
+                RowOrder::BloomQkv {
+                    heads: hp.heads()? as usize,
+                }
+            } else {
+                RowOrder::Keep
+            };
+            return Ok(Some(Mapped {
+                name: format!("blk.{block}.{target}.{kind}"),
+                rows,
+            }));
+        }
+        match hf {
+            "model.embed_tokens.weight" => return keep("token_embd.weight".into()),
+            "model.norm.weight" => return keep("output_norm.weight".into()),
+            "lm_head.weight" => return keep("output.weight".into()),
+            _ => {}
+        }
+        let Some((block, rest)) = split_block(hf, "model.layers.") else {
+            return unknown();
+        };
+        let Some((module, kind)) = rest.rsplit_once('.') else {
+            return unknown();
+        };
+        let target = match module {
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            _ => return unknown(),
+        };
+        let rows = match (self, target) {
+            (Self::Llama, "attn_q") => RowOrder::RotaryPairs {
+                heads: hp.heads()? as usize,
+            },
+            (Self::Llama, "attn_k") => RowOrder::RotaryPairs {
+                heads: hp.kv_heads()? as usize,
+            },
+            _ => RowOrder::Keep,
+        };
+        Ok(Some(Mapped {
+            name: format!("blk.{block}.{target}.{kind}"),
+            rows,
+        }))
+    }
+}
+
+/// `prefix` `N.` `rest` → (`N`, `rest`).
+fn split_block<'s>(name: &'s str, prefix: &str) -> Option<(usize, &'s str)> {
+    let tail = name.strip_prefix(prefix)?;
+    let (index, rest) = tail.split_once('.')?;
+    Some((index.parse().ok()?, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_pairs_interleave_each_heads_halves() {
+        // Two heads of four rows: [a0 a1 | a2 a3] → [a0 a2 a1 a3], per head.
+        let order = RowOrder::RotaryPairs { heads: 2 };
+        assert_eq!(order.source_rows(8).unwrap(), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert!(order.source_rows(6).is_none());
+    }
+
+    #[test]
+    fn bloom_qkv_regroups_per_head_blocks() {
+        // Two heads of head_dim 1: rows [q0 k0 v0 q1 k1 v1] → [q0 q1 k0 k1 v0 v1].
+        let order = RowOrder::BloomQkv { heads: 2 };
+        assert_eq!(order.source_rows(6).unwrap(), vec![0, 3, 1, 4, 2, 5]);
+        let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let out = order.apply(&values, 6, "qkv").unwrap();
+        assert_eq!(out[..4], [0.0, 1.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn unknown_architectures_and_tensors_are_named_in_the_error() {
+        let path = Path::new("config.json");
+        let cfg = serde_json::json!({"architectures": ["GPTNeoXForCausalLM"]});
+        let err = Arch::detect(&cfg, path).unwrap_err().to_string();
+        assert!(err.contains("GPTNeoXForCausalLM"), "{err}");
+        let cfg = serde_json::json!({"num_attention_heads": 4});
+        let hp = HParams::new(&cfg, path);
+        let err = Arch::Llama
+            .map("model.layers.0.extra.weight", &hp)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("model.layers.0.extra.weight"),
+            "{err}"
+        );
+        assert_eq!(
+            Arch::Llama
+                .map("model.layers.0.self_attn.rotary_emb.inv_freq", &hp)
+                .unwrap(),
+            None
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! GGUF export against files written by llama.cpp's own converters
+//! (fixtures/make_gguf_fixtures.py: `convert_hf_to_gguf.py` and `convert_lora_to_gguf.py` of
+//! llama-cpp-python 0.3.36's llama.cpp): every metadata key and value, every tensor's name,
+//! dimensions, type and bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use peft_gguf::{ExportOptions, GgufFile, OutType, Value, export_lora, export_model};
+use peft_tests::{adapter_dir, fixtures, model_dir};
+
+fn reference(case: &str) -> GgufFile {
+    GgufFile::open(fixtures().join("gguf").join(format!("{case}.gguf"))).unwrap()
+}
+
+/// Descriptive keys the converter derives from folder names and model cards (`general.name`,
+/// `general.size_label`, `general.basename`, `general.base_model.*`, `general.tags`...): not
+/// part of what llama.cpp reads to run the model, and not compared.
+fn compared_metadata(file: &GgufFile) -> BTreeMap<String, Value> {
+    const KEPT: [&str; 4] = [
+        "general.architecture",
+        "general.type",
+        "general.file_type",
+        "general.quantization_version",
+    ];
+    file.metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("general.") || KEPT.contains(&k.as_str()))
+        .cloned()
+        .collect()
+}
+
+fn assert_same_metadata(ours: &GgufFile, theirs: &GgufFile) {
+    let (a, b) = (compared_metadata(ours), compared_metadata(theirs));
+    let keys_a: Vec<_> = a.keys().collect();
+    let keys_b: Vec<_> = b.keys().collect();
+    assert_eq!(keys_a, keys_b, "metadata keys");
+    for (k, v) in &b {
+        assert_eq!(&a[k], v, "metadata `{k}`");
+    }
+}
+
+/// Tensors by name: (dims, type, bytes).
+fn tensors(file: &GgufFile) -> BTreeMap<String, (Vec<u64>, peft_gguf::GgmlType, Vec<u8>)> {
+    file.tensors
+        .iter()
+        .map(|t| {
+            let bytes = file.tensor_bytes(t).to_vec();
+            (t.name.clone(), (t.dims.clone(), t.ggml_type, bytes))
+        })
+        .collect()
+}
+
+fn export(model: &Path, outtype: OutType, out: &Path) -> GgufFile {
+    let options = ExportOptions {
+        outtype,
+        ..Default::default()
+    };
+    let mut calls = 0;
+    export_model(model, out, &options, &mut |_, _| calls += 1).unwrap();
+    let file = GgufFile::open(out).unwrap();
+    assert_eq!(calls, file.tensors.len(), "one progress call per tensor");
+    file
+}
+
+fn assert_model_matches(model: &Path, case: &str, outtype: OutType) {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = export(model, outtype, &dir.path().join(format!("{case}.gguf")));
+    let theirs = reference(case);
+    assert_same_metadata(&ours, &theirs);
+    let (a, b) = (tensors(&ours), tensors(&theirs));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{case}: names"
+    );
+    for (name, expected) in &b {
+        let got = &a[name];
+        assert_eq!(
+            (&got.0, got.1),
+            (&expected.0, expected.1),
+            "{case}: `{name}` dims/type"
+        );
+        assert!(got.2 == expected.2, "{case}: `{name}` bytes differ");
+    }
+}
+
+#[test]
+fn llama_exports_as_the_converter_writes_it_in_every_outtype() {
+    for (case, outtype) in [
+        ("llama-tiny-f32", OutType::F32),
+        ("llama-tiny-f16", OutType::F16),
+        ("llama-tiny-bf16", OutType::Bf16),
+        ("llama-tiny-q8_0", OutType::Q8_0),
+    ] {
+        assert_model_matches(&model_dir("llama-tiny"), case, outtype);
+    }
+}
+
+#[test]
+fn each_architecture_exports_as_the_converter_writes_it() {
+    for model in [
+        "mistral-tiny",
+        "qwen2-tiny",
+        "qwen3-tiny",
+        "bloom-tiny",
+        "llama-rope-linear",
+        "llama-rope-yarn",
+        "llama-rope-llama3",
+    ] {
+        assert_model_matches(&model_dir(model), &format!("{model}-f16"), OutType::F16);
+    }
+}
+
+#[test]
+fn the_chat_template_and_add_bos_flag_are_carried() {
+    // llama-tiny with a chat template and `add_bos_token: true`, as the fixture script makes it.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("llama-chat");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(model_dir("llama-tiny")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = model.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let theirs = reference("llama-chat-f16");
+    let template = theirs
+        .get("tokenizer.chat_template")
+        .unwrap()
+        .as_str()
+        .unwrap();
+    cfg["chat_template"] = template.into();
+    cfg["add_bos_token"] = true.into();
+    cfg["add_eos_token"] = false.into();
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert_model_matches(&model, "llama-chat-f16", OutType::F16);
+    assert_eq!(
+        theirs.get("tokenizer.ggml.add_bos_token"),
+        Some(&Value::Bool(true))
+    );
+}
+
+fn export_adapter(adapter: &str, base: &str, out: &Path) -> GgufFile {
+    let options = ExportOptions {
+        outtype: OutType::F32,
+        ..Default::default()
+    };
+    export_lora(
+        &adapter_dir(adapter),
+        &model_dir(base),
+        out,
+        &options,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    GgufFile::open(out).unwrap()
+}
+
+#[test]
+fn lora_adapters_export_as_the_converter_writes_them() {
+    for (adapter, base) in [
+        ("lora-llama-emb", "llama-tiny"),
+        ("lora-bloom", "bloom-tiny"),
+        ("lora-qwen3", "qwen3-tiny"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = export_adapter(adapter, base, &dir.path().join("a.gguf"));
+        let theirs = reference(adapter);
+        assert_same_metadata(&ours, &theirs);
+        assert_eq!(tensors(&ours), tensors(&theirs), "{adapter}");
+    }
+}
+
+/// `lora-llama` is rsLoRA (`lora_alpha` 16, r 4) with `alpha_pattern: {o_proj: 4}` and
+/// `rank_pattern: {v_proj: 2}`. PEFT scales a pair by alpha / √r; llama.cpp by
+/// `adapter.lora.alpha / rank`. The converter writes the pairs as they are, so llama.cpp would
+/// apply other updates than PEFT's; we fold PEFT's scale into `lora_b`, by hand:
+/// q, k: (16/√4) / (16/4) = 2; o: (4/√4) / (16/4) = 0.5; v: (16/√2) / (16/2) = √2.
+/// Everything else is the converter's, byte for byte.
+#[test]
+fn peft_scaling_is_folded_into_lora_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = export_adapter("lora-llama", "llama-tiny", &dir.path().join("a.gguf"));
+    let theirs = reference("lora-llama");
+    assert_same_metadata(&ours, &theirs);
+    let (a, b) = (tensors(&ours), tensors(&theirs));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut folded = 0;
+    for name in b.keys() {
+        if !name.ends_with("lora_b") {
+            assert_eq!(a[name], b[name], "{name}");
+            continue;
+        }
+        let factor = match name.split('.').nth(2).unwrap() {
+            "attn_q" | "attn_k" => 2.0,
+            "attn_output" => 0.5,
+            "attn_v" => 2f64.sqrt() as f32,
+            other => panic!("unexpected {other}"),
+        };
+        let ours = ours.tensor_f32(name).unwrap();
+        let theirs = theirs.tensor_f32(name).unwrap();
+        assert!(theirs.iter().any(|v| *v != 0.0));
+        for (o, t) in ours.iter().zip(&theirs) {
+            assert_eq!(*o, t * factor, "{name}");
+        }
+        folded += 1;
+    }
+    assert_eq!(folded, 8, "four projections in each of two layers");
+}
+
+#[test]
+fn what_llama_cpp_cannot_take_is_refused_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.gguf");
+    let options = ExportOptions::default();
+    let err = export_lora(
+        &adapter_dir("dora-llama"),
+        &model_dir("llama-tiny"),
+        &out,
+        &options,
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("DoRA") && err.contains("--merge"), "{err}");
+    let err = export_lora(
+        &adapter_dir("ia3-llama"),
+        &model_dir("llama-tiny"),
+        &out,
+        &options,
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("peft_type `IA3`"), "{err}");
+    let err = export_model(&model_dir("phi3-tiny"), &out, &options, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Phi3ForCausalLM") && err.contains("sentencepiece"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written on refusal");
+    let path: PathBuf = dir.path().into();
+    assert_eq!(std::fs::read_dir(path).unwrap().count(), 0);
+}
