@@ -5,6 +5,7 @@
 
 mod commands;
 mod distributed;
+mod export;
 mod paths;
 mod quantize;
 mod runnable;
@@ -45,6 +46,9 @@ enum Command {
     /// Serve the model and its LoRA adapters over an OpenAI-compatible HTTP API, decoding
     /// requests of different adapters together (continuous batching).
     Serve(ServeArgs),
+    /// Write a model, a merged fine-tune (--adapter DIR --merge) or a LoRA adapter (--adapter
+    /// DIR) as GGUF for llama.cpp and Ollama, as llama.cpp's converters write it.
+    ExportGguf(export::ExportGgufArgs),
 }
 
 #[derive(Args, Debug)]
@@ -468,6 +472,12 @@ fn resolve_and_check_paths(command: &mut Command) -> anyhow::Result<()> {
             model(&mut a.model, true)?;
             adapters(&a.adapters)
         }
+        Command::ExportGguf(a) => {
+            // A model's GGUF carries its vocabulary; a LoRA adapter's does not.
+            let writes_model = a.writes_model();
+            model(a.model_mut(), writes_model)?;
+            a.adapter().map_or(Ok(()), paths::check_adapter)
+        }
     }
 }
 
@@ -493,6 +503,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => quantize::quantize(a),
         Command::Combine(a) => commands::combine(a),
         Command::Serve(a) => commands::serve(a),
+        Command::ExportGguf(a) => export::export_gguf(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

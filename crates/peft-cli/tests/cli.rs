@@ -174,7 +174,8 @@ fn wrong_folders_are_named_by_every_command() {
     let s = |p: &Path| p.to_str().unwrap().to_string();
 
     // Each command with its other required flags; `M` is replaced by the model folder.
-    let commands: [(&str, Vec<String>, bool); 8] = [
+    let gguf = root.join("out.gguf");
+    let commands: [(&str, Vec<String>, bool); 9] = [
         (
             "logits",
             vec!["--inputs".into(), s(&inputs), "--output".into(), s(&out)],
@@ -202,6 +203,7 @@ fn wrong_folders_are_named_by_every_command() {
             false,
         ),
         ("serve", vec!["--port".into(), "0".into()], true),
+        ("export-gguf", vec!["--output".into(), s(&gguf)], true),
     ];
     let run = |command: &str, model: &Path, rest: &[String]| {
         let mut args = vec![command.to_string(), "--model".into(), s(model)];
@@ -258,6 +260,7 @@ fn wrong_folders_are_named_by_every_command() {
         ),
         ("merge", vec!["--output", out.to_str().unwrap()]),
         ("serve", vec!["--port", "0"]),
+        ("export-gguf", vec!["--output", gguf.to_str().unwrap()]),
     ] {
         for (given, needle) in [
             (
@@ -2232,4 +2235,144 @@ fn resume_refuses_a_checkpoint_of_another_run() {
             "another adapter configuration",
         ],
     );
+}
+
+/// `peft export-gguf`: a merged export equals `peft merge` (f32) exported; the adapter moved
+/// the weights; `auto` follows the base's dtype; nothing but the file is left behind; what
+/// cannot be written is one clear line.
+#[test]
+fn export_gguf_writes_models_merged_models_and_adapters() {
+    use peft_gguf::{GgufFile, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let base = model("llama-tiny");
+    let lora = adapter("lora-llama");
+    let merged_dir = dir.path().join("merged");
+    peft_ok!(
+        "merge",
+        "--model",
+        base,
+        "--adapter",
+        lora,
+        "--output",
+        merged_dir,
+        "--save-dtype",
+        "float32"
+    );
+    let (via_merge, direct, plain) = (out.join("a.gguf"), out.join("b.gguf"), out.join("c.gguf"));
+    peft_ok!(
+        "export-gguf",
+        "--model",
+        merged_dir,
+        "--output",
+        via_merge,
+        "--outtype",
+        "f32"
+    );
+    peft_ok!(
+        "export-gguf",
+        "--model",
+        base,
+        "--adapter",
+        lora,
+        "--merge",
+        "--output",
+        direct,
+        "--outtype",
+        "f32"
+    );
+    peft_ok!("export-gguf", "--model", base, "--output", plain);
+    let (a, b, c) = (
+        GgufFile::open(&via_merge).unwrap(),
+        GgufFile::open(&direct).unwrap(),
+        GgufFile::open(&plain).unwrap(),
+    );
+    assert_eq!(a.tensors.len(), 21);
+    for t in &a.tensors {
+        let other = b.tensor(&t.name).unwrap();
+        assert_eq!(a.tensor_bytes(t), b.tensor_bytes(other), "{}", t.name);
+    }
+    let q_merged = b.tensor_f32("blk.0.attn_q.weight").unwrap();
+    let q_base = c.tensor_f32("blk.0.attn_q.weight").unwrap();
+    let moved = q_merged
+        .iter()
+        .zip(&q_base)
+        .map(|(m, b)| (m - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the adapter changed nothing: {moved}");
+    // An f32 checkpoint's `auto` is bf16 (llama.cpp's converter's choice): file type 32.
+    assert_eq!(c.get("general.file_type"), Some(&Value::U32(32)));
+    assert_eq!(
+        c.tensor("blk.0.attn_q.weight").unwrap().ggml_type,
+        peft_gguf::GgmlType::Bf16
+    );
+    let adapter_file = out.join("lora.gguf");
+    peft_ok!(
+        "export-gguf",
+        "--model",
+        base,
+        "--adapter",
+        lora,
+        "--output",
+        adapter_file
+    );
+    let lora_gguf = GgufFile::open(&adapter_file).unwrap();
+    assert_eq!(
+        lora_gguf.get("adapter.type"),
+        Some(&Value::String("lora".into()))
+    );
+    let mut left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["a.gguf", "b.gguf", "c.gguf", "lora.gguf"]);
+
+    let bad = out.join("bad.gguf");
+    assert_clean_failure(
+        &peft!(
+            "export-gguf",
+            "--model",
+            base,
+            "--adapter",
+            adapter("dora-llama"),
+            "--output",
+            bad
+        ),
+        "DoRA",
+    );
+    assert_clean_failure(
+        &peft!(
+            "export-gguf",
+            "--model",
+            base,
+            "--output",
+            bad,
+            "--outtype",
+            "q4_k_m"
+        ),
+        "q4_k_m",
+    );
+    assert_clean_failure(
+        &peft!(
+            "export-gguf",
+            "--model",
+            base,
+            "--output",
+            out.join("x.bin")
+        ),
+        "must end in .gguf",
+    );
+    assert_clean_failure(
+        &peft!(
+            "export-gguf",
+            "--model",
+            model("gemma2-tiny"),
+            "--output",
+            bad
+        ),
+        "sentencepiece",
+    );
+    assert!(!bad.exists());
 }

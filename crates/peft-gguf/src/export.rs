@@ -49,6 +49,17 @@ impl std::str::FromStr for OutType {
 }
 
 impl OutType {
+    /// `auto` resolved for the Hugging Face model folder `model_dir`: f16 where its first
+    /// tensor is f16, bf16 otherwise (any other type is returned as it is).
+    pub fn resolved_for(self, model_dir: &Path) -> Result<Self> {
+        if self != Self::Auto {
+            return Ok(self);
+        }
+        let store = TensorStore::open_model_dir(model_dir)?;
+        let first = store.keys().next().and_then(|k| store.dtype(k).ok());
+        Ok(self.resolve(first))
+    }
+
     fn resolve(self, first_dtype: Option<Dtype>) -> Self {
         match self {
             Self::Auto if first_dtype == Some(Dtype::F16) => Self::F16,

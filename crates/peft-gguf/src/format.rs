@@ -565,8 +565,13 @@ impl GgufFile {
             let n_tensors = c.count("tensor count", 24)?;
             let n_kv = c.count("metadata count", 12)?;
             let mut metadata = Vec::with_capacity(n_kv);
+            // Names seen so far: ggml's reader refuses a repeated key or tensor name.
+            let mut seen = std::collections::HashSet::new();
             for _ in 0..n_kv {
                 let key = c.string("key")?;
+                if !seen.insert(key.clone()) {
+                    return Err(c.malformed(format!("duplicate key `{key}`")));
+                }
                 let tag = c.value_type("value type")?;
                 let value = c.value(tag, 0)?;
                 metadata.push((key, value));
@@ -579,8 +584,12 @@ impl GgufFile {
                 None => DEFAULT_ALIGNMENT,
             };
             let mut tensors = Vec::with_capacity(n_tensors);
+            seen.clear();
             for _ in 0..n_tensors {
                 let name = c.string("tensor name")?;
+                if !seen.insert(name.clone()) {
+                    return Err(c.malformed(format!("duplicate tensor `{name}`")));
+                }
                 let n_dims = c.u32("dimension count")? as usize;
                 if n_dims > 4 {
                     return Err(c.malformed(format!("tensor `{name}` has {n_dims} dimensions")));
