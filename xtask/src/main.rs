@@ -286,6 +286,8 @@ fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
         "make_trainable_tokens_fixtures.py",
         "make_lycoris_fixtures.py",
         "make_vera_fixtures.py",
+        // Last: it reads the models and adapters the scripts above write.
+        "make_gguf_fixtures.py",
     ] {
         run(Command::new(&python)
             .arg(root.join("fixtures").join(script))
