@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""llama.cpp itself runs what `peft export-gguf` writes, with the reference's logits.
+
+    ../pyref/bin/python clients/llama_cpp_check.py target/debug/peft
+
+Needs llama-cpp-python 0.3.36 and gguf-py (clients/requirements-llama-cpp.txt; the former
+builds llama.cpp from source) beside transformers and PEFT (fixtures/requirements.txt).
+
+For each fixture model it exports a GGUF with the `peft` binary and evaluates a token sequence in
+llama.cpp (`Llama.eval`, every position's logits), then compares with transformers (and PEFT for
+adapters) on the same sequence:
+- f32 model GGUFs (llama, mistral, qwen2, qwen3, Llama 3 RoPE): max |Δ| ≤ 1e-4; BLOOM ≤ 2e-3
+  (llama.cpp's GELU goes through an f16 table, see BLOOM_TOLERANCE);
+- f16 GGUFs: max |Δ| ≤ F16_TOLERANCE (f16 weights; the measured figure is printed);
+- LoRA GGUFs over the f32 base GGUF (`Llama(lora_path=...)`): PEFT's logits ≤ 1e-4, including
+  `lora-llama` (rsLoRA, alpha and rank patterns: the scaling folded into lora_b);
+- the merged GGUF (`--adapter --merge`): PEFT's logits ≤ 1e-4;
+- greedy generation, 20 tokens, through llama.cpp equals transformers' greedy `generate`;
+- q8_0: llama.cpp's own quantiser (`llama_model_quantize`, f32 GGUF → Q8_0) writes the same
+  bytes as `peft export-gguf --outtype q8_0` for every tensor it stores as Q8_0.
+"""
+
+import ctypes
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import peft
+import torch
+import transformers
+
+import llama_cpp
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+F32_TOLERANCE = 1e-4
+F32 = 0  # GGML_TYPE_F32
+# BLOOM's GELU runs through ggml's f16 table (GeluThroughF16Table below reproduces it), but an
+# input within float noise of an f16 rounding boundary still lands one f16 step away: measured
+# 1.1e-3 at worst over the 12 positions (2e-6 at others), against logits up to 6.9.
+BLOOM_TOLERANCE = 2e-3
+
+
+def f32_tolerance(model: str) -> float:
+    return BLOOM_TOLERANCE if model.startswith("bloom") else F32_TOLERANCE
+# f16 weights, and llama.cpp rounds each product's activations to f16 too (ggml's vec_dot type
+# for f16 weights): measured against a reference whose weights are rounded to f16 the same way,
+# relative to the largest logit.
+F16_RELATIVE_TOLERANCE = 1e-2
+
+# (model, sequence length): Mistral's fixture has a sliding window of 4, which GGUF's `llama`
+# does not carry (docs/EXPORT.md), so its sequence stays within the window.
+MODELS = [
+    ("llama-tiny", 12),
+    ("mistral-tiny", 4),
+    ("qwen2-tiny", 12),
+    ("qwen3-tiny", 12),
+    ("bloom-tiny", 12),
+    ("llama-rope-llama3", 12),
+]
+ADAPTERS = [
+    ("lora-llama", "llama-tiny"),
+    ("lora-bloom", "bloom-tiny"),
+    ("lora-qwen3", "qwen3-tiny"),
+]
+
+
+def export(peft_bin: str, out: Path, model: str, *extra: str) -> Path:
+    subprocess.run(
+        [peft_bin, "export-gguf", "--model", str(FIXTURES / "models" / model), "--output",
+         str(out), *extra],
+        check=True,
+    )
+    return out
+
+
+def tokens(n: int) -> list[int]:
+    # Ordinary ids of the 512-token vocabulary (not the four special ones), fixed.
+    return [int(5 + (i * 37) % 500) for i in range(n)]
+
+
+def llama_cpp_logits(path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
+    kwargs = {"lora_path": str(lora)} if lora else {}
+    # The KV cache in f32 (llama.cpp's default is f16, which alone moves logits by ~1e-2).
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True,
+                          n_threads=2, verbose=False, type_k=F32, type_v=F32, **kwargs)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def llama_cpp_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False,
+                          type_k=F32, type_v=F32)
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+        out.append(int(token))
+        if len(out) == n:
+            break
+    return out
+
+
+class GeluThroughF16Table(torch.nn.Module):
+    """ggml's CPU GELU (GGML_GELU_FP16, on by default): the input rounded to f16, looked up in a
+    table of f16 results; 0 below -10, the input itself above 10."""
+
+    def forward(self, x):
+        h = x.half().float()
+        y = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * h * (1.0 + 0.044715 * h * h)))
+        y = y.half().float()
+        return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
+
+
+def hf_model(model: str, adapter: str | None = None):
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        FIXTURES / "models" / model, dtype=torch.float32, attn_implementation="eager")
+    for module in m.modules():
+        # BLOOM's GELU as llama.cpp computes it, so the comparison isolates the file's contents.
+        if hasattr(module, "gelu_impl"):
+            module.gelu_impl = GeluThroughF16Table()
+    if adapter:
+        m = peft.PeftModel.from_pretrained(m, FIXTURES / "adapters" / adapter)
+    return m.eval()
+
+
+def hf_logits(m, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_model_f16_weights(model: str):
+    """The f32 model with every matrix the f16 GGUF stores as f16 rounded to f16."""
+    m = hf_model(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() > 1 and "norm" not in name:
+                p.copy_(p.half().float())
+    return m
+
+
+def check_relative(label: str, ours: np.ndarray, ref: np.ndarray, tolerance: float) -> float:
+    diff = float(np.abs(ours - ref).max())
+    scale = float(np.abs(ref).max())
+    status = "ok" if diff <= tolerance * scale else "FAIL"
+    print(f"{status:4} {label}: max |Δ| = {diff:.2e} = {diff / scale:.1e} of max |logit| "
+          f"{scale:.1f} (≤ {tolerance:g})")
+    if diff > tolerance * scale:
+        raise SystemExit(f"{label}: llama.cpp's logits differ from the reference by {diff}")
+    return diff
+
+
+def check(label: str, ours: np.ndarray, ref: np.ndarray, tolerance: float) -> float:
+    diff = float(np.abs(ours - ref).max())
+    status = "ok" if diff <= tolerance else "FAIL"
+    print(f"{status:4} {label}: max |Δ| = {diff:.2e} (≤ {tolerance:g})")
+    if diff > tolerance:
+        raise SystemExit(f"{label}: llama.cpp's logits differ from the reference by {diff}")
+    return diff
+
+
+def q8_0_bytes_match(peft_bin: str, tmp: Path) -> None:
+    f32 = export(peft_bin, tmp / "q-f32.gguf", "llama-tiny", "--outtype", "f32")
+    ours = export(peft_bin, tmp / "q-ours.gguf", "llama-tiny", "--outtype", "q8_0")
+    theirs = tmp / "q-llama.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(),
+                                        ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed ({rc})")
+    from gguf import GGUFReader  # llama.cpp's own reader (gguf-py)
+
+    a, b = GGUFReader(ours), GGUFReader(theirs)
+    by_name = {t.name: t for t in b.tensors}
+    same = compared = 0
+    for t in a.tensors:
+        other = by_name[t.name]
+        if t.tensor_type.name != "Q8_0" or other.tensor_type.name != "Q8_0":
+            continue
+        compared += 1
+        same += int(bytes(t.data) == bytes(other.data))
+    print(f"q8_0: {same} of {compared} Q8_0 tensors byte-identical to llama_model_quantize")
+    if compared == 0 or same != compared:
+        raise SystemExit("q8_0 bytes differ from llama.cpp's quantiser")
+
+
+def main() -> int:
+    peft_bin = sys.argv[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for model, n in MODELS:
+            ids = tokens(n)
+            ref = hf_logits(hf_model(model), ids)
+            f32 = export(peft_bin, tmp / f"{model}-f32.gguf", model, "--outtype", "f32")
+            check(f"{model} f32", llama_cpp_logits(f32, ids), ref,
+                                            f32_tolerance(model))
+            f16 = export(peft_bin, tmp / f"{model}-f16.gguf", model, "--outtype", "f16")
+            got = llama_cpp_logits(f16, ids)
+            ref16 = hf_logits(hf_model_f16_weights(model), ids)
+            check_relative(
+                f"{model} f16 (vs f16-rounded weights)", got, ref16, F16_RELATIVE_TOLERANCE)
+            print(f"     {model} f16 vs the f32 model: max |Δ| = "
+                  f"{float(np.abs(got - ref).max()):.2e}")
+        for adapter, model in ADAPTERS:
+            ids = tokens(12)
+            ref_model = hf_model(model, adapter)
+            ref = hf_logits(ref_model, ids)
+            base = tmp / f"{model}-f32.gguf"
+            lora = tmp / f"{adapter}.gguf"
+            subprocess.run([peft_bin, "export-gguf", "--model", str(FIXTURES / "models" / model),
+                            "--adapter", str(FIXTURES / "adapters" / adapter), "--output",
+                            str(lora), "--outtype", "f32"], check=True)
+            check(f"{adapter} (LoRA GGUF over the base GGUF)",
+                  llama_cpp_logits(base, ids, lora=lora), ref, f32_tolerance(model))
+            merged = tmp / f"{adapter}-merged.gguf"
+            subprocess.run([peft_bin, "export-gguf", "--model", str(FIXTURES / "models" / model),
+                            "--adapter", str(FIXTURES / "adapters" / adapter), "--merge",
+                            "--output", str(merged), "--outtype", "f32"], check=True)
+            check(f"{adapter} (merged GGUF)", llama_cpp_logits(merged, ids), ref,
+                  f32_tolerance(model))
+        for model in ("llama-tiny", "qwen2-tiny", "bloom-tiny"):
+            ids = tokens(6)
+            m = hf_model(model)
+            with torch.no_grad():
+                out = m.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                                 min_new_tokens=20, pad_token_id=3)
+            expected = out[0, len(ids):].tolist()
+            got = llama_cpp_greedy(tmp / f"{model}-f32.gguf", ids, 20)
+            status = "ok" if got == expected else "FAIL"
+            print(f"{status:4} {model}: 20 greedy tokens through llama.cpp = transformers'")
+            if got != expected:
+                raise SystemExit(f"{model}: llama.cpp {got} vs transformers {expected}")
+        q8_0_bytes_match(peft_bin, tmp)
+    print("llama.cpp check passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
