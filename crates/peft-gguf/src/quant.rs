@@ -8,7 +8,68 @@
 
 use half::f16;
 
-use crate::format::GgmlType;
+/// A ggml tensor type: how a row of numbers is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    /// IEEE single precision.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// Blocks of 32: an f16 scale and 32 signed bytes (34 bytes a block).
+    Q8_0,
+    /// bfloat16.
+    Bf16,
+}
+
+impl GgmlType {
+    /// ggml's number for the type (`enum ggml_type`).
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 8,
+            Self::Bf16 => 30,
+        }
+    }
+
+    /// The type with ggml's number `id`, if this crate knows it.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            8 => Self::Q8_0,
+            30 => Self::Bf16,
+            _ => return None,
+        })
+    }
+
+    /// Values per block (1 for the float types).
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::Q8_0 => 32,
+            _ => 1,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of a tensor of `numel` values whose rows are `row` long (`row` a multiple of the
+    /// block size), or `None` where the rows do not split into blocks.
+    pub fn bytes_for(self, numel: usize, row: usize) -> Option<usize> {
+        let block = self.block_size();
+        if !row.is_multiple_of(block) {
+            return None;
+        }
+        Some(numel / block * self.block_bytes())
+    }
+}
 
 /// `f32` → bf16 bits exactly as ggml rounds.
 pub fn bf16_bits(x: f32) -> u16 {
