@@ -246,3 +246,115 @@ fn what_llama_cpp_cannot_take_is_refused_with_the_way_out() {
     let path: PathBuf = dir.path().into();
     assert_eq!(std::fs::read_dir(path).unwrap().count(), 0);
 }
+
+/// Every checkpoint tensor of `model` equals the imported folder's, value for value.
+fn assert_same_weights(model: &str, imported: &Path) {
+    let original = peft_tensors::TensorStore::open_model_dir(model_dir(model)).unwrap();
+    let back = peft_tensors::TensorStore::open_model_dir(imported).unwrap();
+    let mut compared = 0;
+    for key in original.keys() {
+        // BLOOM's tiny checkpoint saves the names with `transformer.`; a tied head has no key.
+        let (a, shape_a) = original.f32(key).unwrap();
+        let (b, shape_b) = back.f32(key).unwrap();
+        assert_eq!(shape_a, shape_b, "{model}: {key}");
+        assert!(a == b, "{model}: `{key}` values differ");
+        compared += 1;
+    }
+    assert_eq!(compared, back.keys().count(), "{model}: tensor count");
+}
+
+/// GGUF → Hugging Face folder (`import_gguf`) undoes the export: from the f32 file llama.cpp's
+/// converter wrote for Llama, and from our f32 exports of the other architectures (their
+/// converter-made fixtures are f16, which rounds the weights), every weight back bit for bit,
+/// transformers' logits, and a tokenizer giving the same ids.
+#[test]
+fn gguf_files_import_as_the_checkpoints_they_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file llama.cpp's converter wrote: Q/K rows back in Hugging Face order, bit for bit.
+    let from_converter = dir.path().join("llama-from-converter");
+    peft_gguf::import_gguf(
+        &fixtures().join("gguf/llama-tiny-f32.gguf"),
+        &from_converter,
+    )
+    .unwrap();
+    assert_same_weights("llama-tiny", &from_converter);
+    let device = peft_tests::device();
+    let model = peft_models::load(&from_converter, &device).unwrap();
+    peft_tests::assert_logits_match(&model, "llama-tiny", 1e-4);
+
+    for name in ["mistral-tiny", "qwen2-tiny", "qwen3-tiny", "bloom-tiny"] {
+        let gguf = dir.path().join(format!("{name}.gguf"));
+        export(&model_dir(name), OutType::F32, &gguf);
+        let back = dir.path().join(name);
+        peft_gguf::import_gguf(&gguf, &back).unwrap();
+        assert_same_weights(name, &back);
+        let model = peft_models::load(&back, &device).unwrap();
+        // Mistral imports as Llama (GGUF has no sliding window): the fixture batch is longer
+        // than its window of 4, so its logits are not compared here.
+        if name != "mistral-tiny" {
+            peft_tests::assert_logits_match(&model, name, 1e-4);
+        }
+        let (theirs, ours) = (
+            peft_models::Tokenizer::from_dir(model_dir(name)).unwrap(),
+            peft_models::Tokenizer::from_dir(&back).unwrap(),
+        );
+        for text in [
+            "Hello, world!",
+            "下面是人和聊天机器人的对话。",
+            "  spaces\n\tand 123 😀",
+        ] {
+            assert_eq!(
+                ours.encode(text).unwrap(),
+                theirs.encode(text).unwrap(),
+                "{name}: {text:?}"
+            );
+        }
+    }
+}
+
+/// A Q8_0 file (llama.cpp's converter's) imports as its de-quantised values, within Q8_0's
+/// step of the original weights, and runs.
+#[test]
+fn a_q8_0_gguf_imports_de_quantised() {
+    let dir = tempfile::tempdir().unwrap();
+    let back = dir.path().join("q8");
+    peft_gguf::import_gguf(&fixtures().join("gguf/llama-tiny-q8_0.gguf"), &back).unwrap();
+    let original = peft_tensors::TensorStore::open_model_dir(model_dir("llama-tiny")).unwrap();
+    let imported = peft_tensors::TensorStore::open_model_dir(&back).unwrap();
+    let (a, _) = original
+        .f32("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    let (b, _) = imported
+        .f32("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    // Per block of 32: |error| ≤ half a step (step = max|x| / 127), plus up to 127 codes times
+    // the step's own f16 rounding (≤ 2^-11 of it).
+    for (block_a, block_b) in a.chunks(32).zip(b.chunks(32)) {
+        let step = block_a.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+        for (x, y) in block_a.iter().zip(block_b) {
+            assert!((x - y).abs() <= step * (0.5 + 127.0 / 2048.0), "{x} vs {y}");
+        }
+    }
+    // It loads and runs (8-bit weights of this random tiny model move its logits by about 1).
+    let model = peft_models::load(&back, &peft_tests::device()).unwrap();
+    let reference = peft_tests::Reference::load("llama-tiny");
+    let logits = peft_tests::logits(&model, &reference);
+    assert_eq!(logits.len(), reference.logits.len());
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn what_cannot_be_imported_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = peft_gguf::import_gguf(&fixtures().join("gguf/lora-llama.gguf"), dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("LoRA adapter GGUF"), "{err}");
+    let err = peft_gguf::import_gguf(
+        &fixtures().join("gguf/llama-rope-llama3-f16.gguf"),
+        dir.path(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rope_freqs"), "{err}");
+}

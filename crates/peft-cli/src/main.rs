@@ -440,6 +440,8 @@ impl SaveArgs {
 /// naming it and what is wrong before anything is loaded.
 fn resolve_and_check_paths(command: &mut Command) -> anyhow::Result<()> {
     let model = |path: &mut PathBuf, needs_tokenizer: bool| -> anyhow::Result<()> {
+        // A GGUF file first: a relative `dir/model.gguf` also reads as a Hub repo id.
+        *path = paths::import_gguf_model(path)?;
         *path = peft_models::hub::resolve_model(&path.to_string_lossy())?;
         paths::check_model(path, needs_tokenizer)
     };

@@ -72,6 +72,51 @@ pub(crate) fn check_adapter(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `--model FILE.gguf`: the GGUF file imported once as a Hugging Face folder (config,
+/// tokenizer, de-quantised weights; `peft_gguf::import_gguf`) in the cache, which is then the
+/// model folder. The cache is `$PEFT_GGUF_CACHE`, else `$XDG_CACHE_HOME/peft-rs/gguf`, else
+/// `~/.cache/peft-rs/gguf`; an entry is keyed by the file's name, size and modification time,
+/// and written under a temporary name renamed into place when complete. Any other path is
+/// returned as it is.
+pub(crate) fn import_gguf_model(path: &Path) -> Result<std::path::PathBuf> {
+    if !(path.is_file() && path.extension().is_some_and(|e| e == "gguf")) {
+        return Ok(path.to_path_buf());
+    }
+    let meta = std::fs::metadata(path)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let cache = match std::env::var_os("PEFT_GGUF_CACHE") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => match std::env::var_os("XDG_CACHE_HOME") {
+            Some(dir) => std::path::PathBuf::from(dir).join("peft-rs/gguf"),
+            None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/peft-rs/gguf"),
+        },
+    };
+    let target = cache.join(format!("{stem}-{}-{mtime}", meta.len()));
+    if target.join(MODEL_CONFIG).is_file() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&cache)?;
+    let staging = cache.join(format!(".{stem}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let imported = peft_gguf::import_gguf(path, &staging)
+        .map_err(|e| anyhow::anyhow!("--model {}: {e}", path.display()));
+    if let Err(e) = imported {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    std::fs::rename(&staging, &target)?;
+    eprintln!("imported {} as {}", path.display(), target.display());
+    Ok(target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2376,3 +2376,71 @@ fn export_gguf_writes_models_merged_models_and_adapters() {
     );
     assert!(!bad.exists());
 }
+
+/// `--model FILE.gguf`: imported once into the cache, then any command runs on it as on the
+/// folder it came from; a file that is not GGUF is one clear line.
+#[test]
+fn a_gguf_file_is_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let gguf = dir.path().join("llama.gguf");
+    let base = model("llama-tiny");
+    peft_ok!(
+        "export-gguf",
+        "--model",
+        base,
+        "--output",
+        gguf,
+        "--outtype",
+        "f32"
+    );
+    let run = |model: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args([
+                "generate",
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "8",
+                "--greedy",
+                "--json",
+            ])
+            .arg("--model")
+            .arg(model)
+            .env("PEFT_GGUF_CACHE", &cache)
+            .env_remove("PEFT_DEVICE")
+            .output()
+            .unwrap()
+    };
+    let from_folder = run(&base);
+    let first = run(&gguf);
+    let second = run(&gguf);
+    ok(&from_folder);
+    ok(&first);
+    ok(&second);
+    assert_eq!(first.stdout, from_folder.stdout);
+    assert_eq!(second.stdout, from_folder.stdout);
+    assert!(String::from_utf8_lossy(&first.stderr).contains("imported"));
+    assert!(
+        !String::from_utf8_lossy(&second.stderr).contains("imported"),
+        "cache reused"
+    );
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGML and some bytes").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args([
+            "logits",
+            "--inputs",
+            "x.safetensors",
+            "--output",
+            "y.safetensors",
+            "--model",
+        ])
+        .arg(&bad)
+        .env("PEFT_GGUF_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "not a GGUF file");
+}

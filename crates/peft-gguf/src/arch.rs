@@ -108,6 +108,24 @@ impl RowOrder {
     }
 }
 
+impl RowOrder {
+    /// Undoes [`RowOrder::apply`]: rows in GGUF order back to the checkpoint's.
+    pub fn undo(self, values: &[f32], rows: usize, name: &str) -> Result<Vec<f32>> {
+        if self == Self::Keep {
+            return Ok(values.to_vec());
+        }
+        let source = self.source_rows(rows).ok_or_else(|| {
+            GgufError::tensor(name, format!("{rows} rows do not split as {self:?}"))
+        })?;
+        let cols = values.len() / rows.max(1);
+        let mut out = vec![0f32; values.len()];
+        for (r, s) in source.into_iter().enumerate() {
+            out[s * cols..(s + 1) * cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
+        }
+        Ok(out)
+    }
+}
+
 /// Where a checkpoint tensor goes in the GGUF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapped {
@@ -412,6 +430,82 @@ impl Arch {
         Ok(vec![("rope_freqs.weight".into(), factors)])
     }
 
+    /// The Hugging Face prefix of a decoder layer (`model.layers.` / `transformer.h.`).
+    fn layer_prefix(self) -> &'static str {
+        match self {
+            Self::Bloom => "transformer.h.",
+            _ => "model.layers.",
+        }
+    }
+
+    /// Whole-model tensors: (Hugging Face name, GGUF name).
+    fn global_names(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Bloom => &[
+                ("transformer.word_embeddings.weight", "token_embd.weight"),
+                (
+                    "transformer.word_embeddings_layernorm.weight",
+                    "token_embd_norm.weight",
+                ),
+                (
+                    "transformer.word_embeddings_layernorm.bias",
+                    "token_embd_norm.bias",
+                ),
+                ("transformer.ln_f.weight", "output_norm.weight"),
+                ("transformer.ln_f.bias", "output_norm.bias"),
+                ("lm_head.weight", "output.weight"),
+            ],
+            _ => &[
+                ("model.embed_tokens.weight", "token_embd.weight"),
+                ("model.norm.weight", "output_norm.weight"),
+                ("lm_head.weight", "output.weight"),
+            ],
+        }
+    }
+
+    /// A decoder layer's modules: (Hugging Face module, GGUF module).
+    fn layer_modules(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Bloom => &[
+                ("input_layernorm", "attn_norm"),
+                ("self_attention.query_key_value", "attn_qkv"),
+                ("self_attention.dense", "attn_output"),
+                ("post_attention_layernorm", "ffn_norm"),
+                ("mlp.dense_h_to_4h", "ffn_up"),
+                ("mlp.dense_4h_to_h", "ffn_down"),
+            ],
+            _ => &[
+                ("input_layernorm", "attn_norm"),
+                ("post_attention_layernorm", "ffn_norm"),
+                ("self_attn.q_proj", "attn_q"),
+                ("self_attn.k_proj", "attn_k"),
+                ("self_attn.v_proj", "attn_v"),
+                ("self_attn.o_proj", "attn_output"),
+                ("self_attn.q_norm", "attn_q_norm"),
+                ("self_attn.k_norm", "attn_k_norm"),
+                ("mlp.gate_proj", "ffn_gate"),
+                ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+            ],
+        }
+    }
+
+    /// The row order of a layer's GGUF module.
+    fn rows_of(self, gguf_module: &str, hp: &HParams) -> Result<RowOrder> {
+        Ok(match (self, gguf_module) {
+            (Self::Llama, "attn_q") => RowOrder::RotaryPairs {
+                heads: hp.heads()? as usize,
+            },
+            (Self::Llama, "attn_k") => RowOrder::RotaryPairs {
+                heads: hp.kv_heads()? as usize,
+            },
+            (Self::Bloom, "attn_qkv") => RowOrder::BloomQkv {
+                heads: hp.heads()? as usize,
+            },
+            _ => RowOrder::Keep,
+        })
+    }
+
     /// Where the checkpoint tensor `hf` goes: `Ok(None)` for tensors the converter drops
     /// (rotary caches), an error for one it cannot map.
     pub fn map(self, hf: &str, hp: &HParams) -> Result<Option<Mapped>> {
@@ -421,102 +515,63 @@ impl Arch {
         {
             return Ok(None);
         }
-        let keep = |name: String| {
-            Ok(Some(Mapped {
-                name,
+        // BLOOM checkpoints are saved with and without the `transformer.` prefix.
+        let prefixed;
+        let hf_full =
+            if self == Self::Bloom && !hf.starts_with("transformer.") && hf != "lm_head.weight" {
+                prefixed = format!("transformer.{hf}");
+                prefixed.as_str()
+            } else {
+                hf
+            };
+        if let Some((_, g)) = self.global_names().iter().find(|(h, _)| *h == hf_full) {
+            return Ok(Some(Mapped {
+                name: (*g).to_string(),
                 rows: RowOrder::Keep,
-            }))
-        };
+            }));
+        }
         let unknown = || {
-            Err(GgufError::tensor(
+            GgufError::tensor(
                 hf,
                 format!(
                     "no GGUF name for it in the `{}` architecture",
                     self.gguf_name()
                 ),
-            ))
+            )
         };
-        if self == Self::Bloom {
-            let name = hf.strip_prefix("transformer.").unwrap_or(hf);
-            let fixed = match name {
-                "word_embeddings.weight" => Some("token_embd.weight"),
-                "word_embeddings_layernorm.weight" => Some("token_embd_norm.weight"),
-                "word_embeddings_layernorm.bias" => Some("token_embd_norm.bias"),
-                "ln_f.weight" => Some("output_norm.weight"),
-                "ln_f.bias" => Some("output_norm.bias"),
-                "lm_head.weight" => Some("output.weight"),
-                _ => None,
-            };
-            if let Some(f) = fixed {
-                return keep(f.into());
-            }
-            let Some((block, rest)) = split_block(name, "h.") else {
-                return unknown();
-            };
-            let (module, kind) = match rest.rsplit_once('.') {
-                Some(p) => p,
-                None => return unknown(),
-            };
-            let target = match module {
-                "input_layernorm" => "attn_norm",
-                "self_attention.query_key_value" => "attn_qkv",
-                "self_attention.dense" => "attn_output",
-                "post_attention_layernorm" => "ffn_norm",
-                "mlp.dense_h_to_4h" => "ffn_up",
-                "mlp.dense_4h_to_h" => "ffn_down",
-                _ => return unknown(),
-            };
-            let rows = if target == "attn_qkv" {
-                RowOrder::BloomQkv {
-                    heads: hp.heads()? as usize,
-                }
-            } else {
-                RowOrder::Keep
-            };
-            return Ok(Some(Mapped {
-                name: format!("blk.{block}.{target}.{kind}"),
-                rows,
-            }));
-        }
-        match hf {
-            "model.embed_tokens.weight" => return keep("token_embd.weight".into()),
-            "model.norm.weight" => return keep("output_norm.weight".into()),
-            "lm_head.weight" => return keep("output.weight".into()),
-            _ => {}
-        }
-        let Some((block, rest)) = split_block(hf, "model.layers.") else {
-            return unknown();
-        };
-        let Some((module, kind)) = rest.rsplit_once('.') else {
-            return unknown();
-        };
-        let target = match module {
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "self_attn.q_norm" => "attn_q_norm",
-            "self_attn.k_norm" => "attn_k_norm",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            _ => return unknown(),
-        };
-        let rows = match (self, target) {
-            (Self::Llama, "attn_q") => RowOrder::RotaryPairs {
-                heads: hp.heads()? as usize,
-            },
-            (Self::Llama, "attn_k") => RowOrder::RotaryPairs {
-                heads: hp.kv_heads()? as usize,
-            },
-            _ => RowOrder::Keep,
-        };
+        let (block, rest) = split_block(hf_full, self.layer_prefix()).ok_or_else(unknown)?;
+        let (module, kind) = rest.rsplit_once('.').ok_or_else(unknown)?;
+        let (_, target) = self
+            .layer_modules()
+            .iter()
+            .find(|(h, _)| *h == module)
+            .ok_or_else(unknown)?;
         Ok(Some(Mapped {
             name: format!("blk.{block}.{target}.{kind}"),
-            rows,
+            rows: self.rows_of(target, hp)?,
         }))
+    }
+
+    /// The inverse of [`Arch::map`]: the Hugging Face name of the GGUF tensor `gguf` and the
+    /// row order its rows are in (to be undone), or `None` for a tensor with no checkpoint
+    /// counterpart.
+    pub fn unmap(self, gguf: &str, hp: &HParams) -> Result<Option<(String, RowOrder)>> {
+        if let Some((h, _)) = self.global_names().iter().find(|(_, g)| *g == gguf) {
+            return Ok(Some(((*h).to_string(), RowOrder::Keep)));
+        }
+        let Some((block, rest)) = split_block(gguf, "blk.") else {
+            return Ok(None);
+        };
+        let Some((module, kind)) = rest.rsplit_once('.') else {
+            return Ok(None);
+        };
+        let Some((hf_module, _)) = self.layer_modules().iter().find(|(_, g)| *g == module) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            format!("{}{block}.{hf_module}.{kind}", self.layer_prefix()),
+            self.rows_of(module, hp)?,
+        )))
     }
 }
 

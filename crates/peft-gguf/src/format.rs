@@ -362,11 +362,29 @@ impl GgufWriter {
     }
 }
 
+/// A GGUF file's bytes: memory-mapped from disk, or owned.
+#[derive(Debug)]
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m,
+            Self::Owned(v) => v,
+        }
+    }
+}
+
 /// A parsed GGUF file: its metadata, tensor table and bytes.
 #[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: Bytes,
     /// The metadata, in file order.
     pub metadata: Vec<(String, Value)>,
     /// The tensor table, in file order.
@@ -476,16 +494,22 @@ impl Cursor<'_> {
 }
 
 impl GgufFile {
-    /// Reads and parses the file at `path`.
+    /// Memory-maps and parses the file at `path` (the file must not change while it is open).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| GgufError::io(path, e))?;
-        Self::parse(path, bytes)
+        let file = std::fs::File::open(path).map_err(|e| GgufError::io(path, e))?;
+        // SAFETY: read-only map of a file the caller does not modify while it is open (the
+        // documented contract, as for memory-mapped safetensors checkpoints).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GgufError::io(path, e))?;
+        Self::parse_bytes(path.to_path_buf(), Bytes::Mapped(map))
     }
 
     /// Parses GGUF bytes; `path` names them in errors.
     pub fn parse(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
-        let path = path.into();
+        Self::parse_bytes(path.into(), Bytes::Owned(bytes))
+    }
+
+    fn parse_bytes(path: PathBuf, bytes: Bytes) -> Result<Self> {
         let (metadata, tensors, data_start) = {
             let mut c = Cursor {
                 bytes: &bytes,

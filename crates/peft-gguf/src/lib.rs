@@ -25,12 +25,14 @@ pub mod arch;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod import;
 pub mod quant;
 pub mod vocab;
 
 pub use error::{GgufError, Result};
 pub use export::{ExportOptions, OutType, export_lora, export_model};
 pub use format::{GgmlType, GgufFile, GgufWriter, TensorInfo, Value, ValueType};
+pub use import::import_gguf;
 
 /// The README's examples, compiled as doc tests (`cargo test -p <crate> --doc`).
 #[doc = include_str!("../README.md")]

@@ -67,6 +67,18 @@ pub fn detect_pre(tokenizer: &Json) -> Option<&'static str> {
     }
 }
 
+/// The pre-tokenizer of llama.cpp's name `pre`, for a tokenizer rebuilt from a GGUF file:
+/// `Some(None)` for GPT-2's byte-level regex, `Some(Some(regex))` for a split regex then
+/// byte-level, `None` for a name not known here.
+pub fn split_regex(pre: &str) -> Option<Option<&'static str>> {
+    match pre {
+        "gpt-2" => Some(None),
+        "llama-bpe" => Some(Some(LLAMA3_SPLIT)),
+        "qwen2" => Some(Some(QWEN2_SPLIT)),
+        _ => None,
+    }
+}
+
 /// Whether an added token's text marks it as a control token (the converter's
 /// `does_token_look_special`).
 fn looks_special(token: &str) -> bool {
