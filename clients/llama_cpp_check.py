@@ -21,6 +21,7 @@ adapters) on the same sequence:
 """
 
 import ctypes
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ def f32_tolerance(model: str) -> float:
 # for f16 weights): measured against a reference whose weights are rounded to f16 the same way,
 # relative to the largest logit.
 F16_RELATIVE_TOLERANCE = 1e-2
+Q8_0_RELATIVE_TOLERANCE = 5e-2
 
 # (model, sequence length): Mistral's fixture has a sliding window of 4, which GGUF's `llama`
 # does not carry (docs/EXPORT.md), so its sequence stays within the window.
@@ -187,6 +189,37 @@ def q8_0_bytes_match(peft_bin: str, tmp: Path) -> None:
         raise SystemExit("q8_0 bytes differ from llama.cpp's quantiser")
 
 
+def peft_logits(peft_bin: str, model: Path, ids: list[int], tmp: Path) -> np.ndarray:
+    """`peft logits --model FILE.gguf` (imported into a cache under `tmp`) on one sequence."""
+    from safetensors.numpy import load_file, save_file
+
+    inputs, output = tmp / "ids.safetensors", tmp / "logits.safetensors"
+    save_file({"input_ids": np.array([ids], dtype=np.int64)}, str(inputs))
+    subprocess.run([peft_bin, "logits", "--model", str(model), "--inputs", str(inputs),
+                    "--output", str(output)], check=True,
+                   env={**os.environ, "PEFT_GGUF_CACHE": str(tmp / "gguf-cache")})
+    return load_file(str(output))["logits"][0]
+
+
+def quantised_file_loads(peft_bin: str, tmp: Path) -> None:
+    """A Q8_0 GGUF written by llama.cpp's quantiser, imported by peft-rs (`--model FILE.gguf`),
+    gives llama.cpp's logits on the same weights: llama.cpp runs the de-quantised weights that
+    peft-rs imported (re-exported as f32) within 1e-4 of `peft logits` on the Q8_0 file. On the
+    Q8_0 file itself llama.cpp also rounds each product's activations to 8 bits (Q8_0's
+    dot-product type); that difference is printed, bounded relative to the largest logit."""
+    ids = tokens(12)
+    quantised = tmp / "q-llama.gguf"
+    ours = peft_logits(peft_bin, quantised, ids, tmp)
+    dequantised = tmp / "q-dequantised-f32.gguf"
+    subprocess.run([peft_bin, "export-gguf", "--model", str(quantised), "--output",
+                    str(dequantised), "--outtype", "f32"], check=True,
+                   env={**os.environ, "PEFT_GGUF_CACHE": str(tmp / "gguf-cache")})
+    check("llama.cpp's Q8_0 file imported by peft-rs (its weights in llama.cpp, f32)",
+          llama_cpp_logits(dequantised, ids), ours, F32_TOLERANCE)
+    check_relative("     the Q8_0 file run by llama.cpp (8-bit activations) vs peft-rs",
+                   llama_cpp_logits(quantised, ids), ours, Q8_0_RELATIVE_TOLERANCE)
+
+
 def main() -> int:
     peft_bin = sys.argv[1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,6 +267,7 @@ def main() -> int:
             if got != expected:
                 raise SystemExit(f"{model}: llama.cpp {got} vs transformers {expected}")
         q8_0_bytes_match(peft_bin, tmp)
+        quantised_file_loads(peft_bin, tmp)
     print("llama.cpp check passed")
     return 0
 
