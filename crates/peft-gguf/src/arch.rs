@@ -91,33 +91,34 @@ impl RowOrder {
         }
     }
 
-    /// Re-orders the rows of a row-major `[rows, cols]` matrix (a bias: `cols` = 1).
-    pub fn apply(self, values: &[f32], rows: usize, name: &str) -> Result<Vec<f32>> {
+    /// The source rows and the row length of a `[rows, cols]` matrix, `None` for `Keep`.
+    fn plan(self, values: &[f32], rows: usize, name: &str) -> Result<Option<(Vec<usize>, usize)>> {
         if self == Self::Keep {
-            return Ok(values.to_vec());
+            return Ok(None);
         }
         let source = self.source_rows(rows).ok_or_else(|| {
             GgufError::tensor(name, format!("{rows} rows do not split as {self:?}"))
         })?;
-        let cols = values.len() / rows.max(1);
+        Ok(Some((source, values.len() / rows.max(1))))
+    }
+
+    /// Re-orders the rows of a row-major `[rows, cols]` matrix (a bias: `cols` = 1).
+    pub fn apply(self, values: &[f32], rows: usize, name: &str) -> Result<Vec<f32>> {
+        let Some((source, cols)) = self.plan(values, rows, name)? else {
+            return Ok(values.to_vec());
+        };
         let mut out = Vec::with_capacity(values.len());
         for r in source {
             out.extend_from_slice(&values[r * cols..(r + 1) * cols]);
         }
         Ok(out)
     }
-}
 
-impl RowOrder {
     /// Undoes [`RowOrder::apply`]: rows in GGUF order back to the checkpoint's.
     pub fn undo(self, values: &[f32], rows: usize, name: &str) -> Result<Vec<f32>> {
-        if self == Self::Keep {
+        let Some((source, cols)) = self.plan(values, rows, name)? else {
             return Ok(values.to_vec());
-        }
-        let source = self.source_rows(rows).ok_or_else(|| {
-            GgufError::tensor(name, format!("{rows} rows do not split as {self:?}"))
-        })?;
-        let cols = values.len() / rows.max(1);
+        };
         let mut out = vec![0f32; values.len()];
         for (r, s) in source.into_iter().enumerate() {
             out[s * cols..(s + 1) * cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);

@@ -467,26 +467,25 @@ mod tests {
 
     #[test]
     fn storage_follows_the_converters_rules() {
-        assert_eq!(
-            OutType::F16.storage("blk.0.attn_norm.weight", 1, 64),
-            GgmlType::F32
-        );
-        assert_eq!(
-            OutType::F16.storage("blk.0.attn_q.bias", 1, 64),
-            GgmlType::F32
-        );
-        assert_eq!(
-            OutType::F16.storage("blk.0.attn_q.weight", 2, 64),
-            GgmlType::F16
-        );
-        assert_eq!(
-            OutType::Q8_0.storage("blk.0.attn_q.weight", 2, 64),
-            GgmlType::Q8_0
-        );
-        assert_eq!(
-            OutType::Q8_0.storage("blk.0.attn_q.weight.lora_a", 2, 4),
-            GgmlType::F16
-        );
+        for (outtype, name, dims, row, expected) in [
+            (OutType::F16, "blk.0.attn_norm.weight", 1, 64, GgmlType::F32),
+            (OutType::F16, "blk.0.attn_q.bias", 1, 64, GgmlType::F32),
+            (OutType::F16, "blk.0.attn_q.weight", 2, 64, GgmlType::F16),
+            (OutType::Q8_0, "blk.0.attn_q.weight", 2, 64, GgmlType::Q8_0),
+            (
+                OutType::Q8_0,
+                "blk.0.attn_q.weight.lora_a",
+                2,
+                4,
+                GgmlType::F16,
+            ),
+        ] {
+            assert_eq!(
+                outtype.storage(name, dims, row),
+                expected,
+                "{outtype:?} {name}"
+            );
+        }
         assert_eq!(OutType::Auto.resolve(Some(Dtype::F16)), OutType::F16);
         assert_eq!(OutType::Auto.resolve(Some(Dtype::F32)), OutType::Bf16);
     }

@@ -319,15 +319,7 @@ impl GgufWriter {
         path: &Path,
         mut produce: impl FnMut(usize, &TensorInfo) -> Result<Vec<u8>>,
     ) -> Result<()> {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let (_, tmp) = peft_tensors::staging_path(path);
         let result = (|| -> Result<()> {
             let file = std::fs::File::create(&tmp).map_err(|e| GgufError::io(&tmp, e))?;
             let mut out = std::io::BufWriter::with_capacity(1 << 20, file);

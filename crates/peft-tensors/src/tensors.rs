@@ -434,19 +434,27 @@ impl TensorStore {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync'd, then
-/// renamed over the target, so that a crash never leaves a half-written file behind.
-pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let path = path.as_ref();
+/// The folder of `path` and a temporary name beside it (`.<name>.tmp-<pid>`) to write to
+/// before renaming over `path`: same folder, so the rename is atomic.
+pub fn staging_path(path: &Path) -> (PathBuf, PathBuf) {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    (dir, tmp)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync'd, then
+/// renamed over the target, so that a crash never leaves a half-written file behind.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
+    let (dir, tmp) = staging_path(path);
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;
