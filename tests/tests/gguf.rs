@@ -353,3 +353,54 @@ fn what_cannot_be_imported_is_refused_by_name() {
     .to_string();
     assert!(err.contains("rope_freqs"), "{err}");
 }
+
+/// Files llama.cpp's quantiser wrote (`llama_model_quantize`, every matrix in one type: Q4_0,
+/// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) de-quantise to gguf-py's values bit for bit: the
+/// SHA-256 of each tensor's f32 values against `gguf/quant.json` (make_gguf_fixtures.py).
+#[test]
+fn quantised_files_de_quantise_as_llama_cpp_does() {
+    use sha2::Digest;
+    let path = fixtures().join("gguf/quant.json");
+    let hashes: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut types = std::collections::BTreeSet::new();
+    for (file, tensors) in hashes.as_object().unwrap() {
+        let gguf = GgufFile::open(fixtures().join("gguf").join(file)).unwrap();
+        for (name, expected) in tensors.as_object().unwrap() {
+            let info = gguf.tensor(name).unwrap();
+            let kind = format!("{:?}", info.ggml_type).to_uppercase();
+            assert_eq!(kind, expected["type"].as_str().unwrap(), "{file} {name}");
+            let bytes: Vec<u8> = gguf
+                .tensor_f32(name)
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            let hash: String = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(hash, expected["sha256"].as_str().unwrap(), "{file} {name}");
+            types.insert(kind);
+        }
+    }
+    assert_eq!(
+        types.into_iter().collect::<Vec<_>>(),
+        [
+            "F32", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"
+        ]
+    );
+}
+
+/// A k-quant file imports (de-quantised to f32) and runs.
+#[test]
+fn a_k_quant_gguf_imports_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let back = dir.path().join("q4k");
+    peft_gguf::import_gguf(&fixtures().join("gguf/quant-q4_k.gguf"), &back).unwrap();
+    let model = peft_models::load(&back, &peft_tests::device()).unwrap();
+    let reference = peft_tests::Reference::load("llama-tiny");
+    let logits = peft_tests::logits(&model, &reference);
+    assert_eq!(logits.len(), reference.logits.len());
+    assert!(logits.iter().all(|v| v.is_finite()));
+}

@@ -218,7 +218,7 @@ fn write_all(
     writer.write(out, |index, info| {
         let values = produce(store, &sources[index], &info.name)?;
         progress(index + 1, total);
-        Ok(quant::encode(info.ggml_type, &values))
+        quant::encode(info.ggml_type, &values)
     })
 }
 

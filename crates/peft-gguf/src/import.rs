@@ -299,7 +299,8 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<()> {
         let dtype = match info.ggml_type {
             GgmlType::F16 => Dtype::F16,
             GgmlType::Bf16 => Dtype::BF16,
-            GgmlType::F32 | GgmlType::Q8_0 => Dtype::F32,
+            // Quantised types are de-quantised to f32 (their exact values).
+            _ => Dtype::F32,
         };
         let file_ref = &file;
         let name = info.name.clone();
@@ -325,7 +326,8 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<()> {
                     Dtype::BF16 => GgmlType::Bf16,
                     _ => GgmlType::F32,
                 };
-                Ok(quant::encode(stored, &values))
+                quant::encode(stored, &values)
+                    .map_err(|e| peft_tensors::PeftError::InvalidInput(e.to_string()))
             }),
         });
     }
