@@ -404,3 +404,39 @@ fn a_k_quant_gguf_imports_and_runs() {
     assert_eq!(logits.len(), reference.logits.len());
     assert!(logits.iter().all(|v| v.is_finite()));
 }
+
+/// An adapter whose `lora_A` is missing beside a `lora_B` is refused by the key's name.
+#[test]
+fn a_lora_b_without_its_a_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("broken");
+    std::fs::create_dir(&adapter).unwrap();
+    let source = adapter_dir("lora-qwen3");
+    std::fs::copy(
+        source.join("adapter_config.json"),
+        adapter.join("adapter_config.json"),
+    )
+    .unwrap();
+    let store = peft_tensors::TensorStore::open(source.join("adapter_model.safetensors")).unwrap();
+    let dropped = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight";
+    assert!(store.contains(dropped));
+    let kept: BTreeMap<String, peft_tensors::HostTensor> = store
+        .keys()
+        .filter(|k| *k != dropped)
+        .map(|k| (k.to_string(), store.get(k).unwrap()))
+        .collect();
+    peft_tensors::save_safetensors(adapter.join("adapter_model.safetensors"), &kept, None).unwrap();
+    let err = export_lora(
+        &adapter,
+        &model_dir("qwen3-tiny"),
+        &dir.path().join("x.gguf"),
+        &ExportOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("layers.1.self_attn.q_proj.lora_B.weight") && err.contains("lora_A"),
+        "{err}"
+    );
+}

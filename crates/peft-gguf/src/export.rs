@@ -458,6 +458,15 @@ pub fn export_lora(
             adapter_dir.display()
         )));
     }
+    // Every B was taken with its A above; a B alone is a broken adapter, not one to drop.
+    for key in &keys {
+        let a_key = key
+            .replace(".lora_B.weight", ".lora_A.weight")
+            .replace(".lora_embedding_B", ".lora_embedding_A");
+        if a_key != *key && !store.contains(&a_key) {
+            return Err(GgufError::tensor(key, format!("no `{a_key}` beside it")));
+        }
+    }
     write_all(&writer, out, &store, &sources, progress)
 }
 
