@@ -102,10 +102,11 @@ impl RowOrder {
         Ok(Some((source, values.len() / rows.max(1))))
     }
 
-    /// Re-orders the rows of a row-major `[rows, cols]` matrix (a bias: `cols` = 1).
-    pub fn apply(self, values: &[f32], rows: usize, name: &str) -> Result<Vec<f32>> {
-        let Some((source, cols)) = self.plan(values, rows, name)? else {
-            return Ok(values.to_vec());
+    /// Re-orders the rows of a row-major `[rows, cols]` matrix (a bias: `cols` = 1); `Keep`
+    /// returns `values` as they are, without a copy.
+    pub fn apply(self, values: Vec<f32>, rows: usize, name: &str) -> Result<Vec<f32>> {
+        let Some((source, cols)) = self.plan(&values, rows, name)? else {
+            return Ok(values);
         };
         let mut out = Vec::with_capacity(values.len());
         for r in source {
@@ -115,9 +116,9 @@ impl RowOrder {
     }
 
     /// Undoes [`RowOrder::apply`]: rows in GGUF order back to the checkpoint's.
-    pub fn undo(self, values: &[f32], rows: usize, name: &str) -> Result<Vec<f32>> {
-        let Some((source, cols)) = self.plan(values, rows, name)? else {
-            return Ok(values.to_vec());
+    pub fn undo(self, values: Vec<f32>, rows: usize, name: &str) -> Result<Vec<f32>> {
+        let Some((source, cols)) = self.plan(&values, rows, name)? else {
+            return Ok(values);
         };
         let mut out = vec![0f32; values.len()];
         for (r, s) in source.into_iter().enumerate() {
@@ -601,7 +602,7 @@ mod tests {
         let order = RowOrder::BloomQkv { heads: 2 };
         assert_eq!(order.source_rows(6).unwrap(), vec![0, 3, 1, 4, 2, 5]);
         let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
-        let out = order.apply(&values, 6, "qkv").unwrap();
+        let out = order.apply(values, 6, "qkv").unwrap();
         assert_eq!(out[..4], [0.0, 1.0, 6.0, 7.0]);
     }
 

@@ -181,7 +181,7 @@ fn produce(store: &TensorStore, source: &Source, name: &str) -> Result<Vec<f32>>
         Source::Computed(values) => Ok(values.clone()),
         Source::Checkpoint { key, rows } => {
             let (values, shape) = f32_of(store, key)?;
-            rows.apply(&values, shape.first().copied().unwrap_or(1), name)
+            rows.apply(values, shape.first().copied().unwrap_or(1), name)
         }
         Source::LoraA { key, transpose } => {
             let (values, shape) = f32_of(store, key)?;
@@ -202,7 +202,7 @@ fn produce(store: &TensorStore, source: &Source, name: &str) -> Result<Vec<f32>>
             if *scale != 1.0 {
                 values.iter_mut().for_each(|v| *v *= scale);
             }
-            rows.apply(&values, shape[0], name)
+            rows.apply(values, shape[0], name)
         }
     }
 }

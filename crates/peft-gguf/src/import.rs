@@ -319,7 +319,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<()> {
                 }
                 let values = quant::decode(info.ggml_type, raw);
                 let values = rows
-                    .undo(&values, row_count, &name)
+                    .undo(values, row_count, &name)
                     .map_err(|e| peft_tensors::PeftError::InvalidInput(e.to_string()))?;
                 let stored = match dtype {
                     Dtype::F16 => GgmlType::F16,
