@@ -242,16 +242,13 @@ def main() -> int:
             ref_model = hf_model(model, adapter)
             ref = hf_logits(ref_model, ids)
             base = tmp / f"{model}-f32.gguf"
-            lora = tmp / f"{adapter}.gguf"
-            subprocess.run([peft_bin, "export-gguf", "--model", str(FIXTURES / "models" / model),
-                            "--adapter", str(FIXTURES / "adapters" / adapter), "--output",
-                            str(lora), "--outtype", "f32"], check=True)
+            adapter_dir = str(FIXTURES / "adapters" / adapter)
+            lora = export(peft_bin, tmp / f"{adapter}.gguf", model, "--adapter", adapter_dir,
+                          "--outtype", "f32")
             check(f"{adapter} (LoRA GGUF over the base GGUF)",
                   llama_cpp_logits(base, ids, lora=lora), ref, f32_tolerance(model))
-            merged = tmp / f"{adapter}-merged.gguf"
-            subprocess.run([peft_bin, "export-gguf", "--model", str(FIXTURES / "models" / model),
-                            "--adapter", str(FIXTURES / "adapters" / adapter), "--merge",
-                            "--output", str(merged), "--outtype", "f32"], check=True)
+            merged = export(peft_bin, tmp / f"{adapter}-merged.gguf", model, "--adapter",
+                            adapter_dir, "--merge", "--outtype", "f32")
             check(f"{adapter} (merged GGUF)", llama_cpp_logits(merged, ids), ref,
                   f32_tolerance(model))
         for model in ("llama-tiny", "qwen2-tiny", "bloom-tiny"):

@@ -104,27 +104,19 @@ pub(crate) fn export_gguf(args: ExportGgufArgs) -> Result<()> {
             // `auto` follows the base checkpoint's dtype, not the f32 merge in between.
             options.outtype = outtype.resolved_for(&args.model)?;
             let staging = staging_dir(&args.output)?;
-            merge_to(&args.model, adapter, staging.path(), &args.device)?;
+            let merged = merge_to(&args.model, adapter, staging.path(), &args.device)?;
             let fallback;
             if options.name.is_none() {
-                fallback = folder_name(adapter);
+                fallback = peft_gguf::export::folder_name(adapter);
                 options.name = Some(&fallback);
             }
-            peft_gguf::export_model(staging.path(), &args.output, &options, &mut report)
+            peft_gguf::export_model(&merged, &args.output, &options, &mut report)
                 .with_context(|| "exporting the merged model to GGUF".to_string())?;
         }
     }
     bar.finish_and_clear();
     eprintln!("GGUF written to {}", args.output.display());
     Ok(())
-}
-
-/// The folder's last component, as `general.name` is derived from it.
-fn folder_name(dir: &Path) -> String {
-    dir.canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into())
 }
 
 /// A temporary folder beside the output (same file system, removed on drop).
@@ -140,8 +132,8 @@ fn staging_dir(output: &Path) -> Result<tempfile::TempDir> {
 }
 
 /// Merges `adapter` into `model` and writes the merged checkpoint (f32, so nothing is rounded
-/// before the GGUF's own storage type) to `out`.
-fn merge_to(model: &Path, adapter: &Path, out: &Path, device: &DeviceArg) -> Result<()> {
+/// before the GGUF's own storage type) to a new folder inside `staging`, which it returns.
+fn merge_to(model: &Path, adapter: &Path, staging: &Path, device: &DeviceArg) -> Result<PathBuf> {
     let device = device.resolve()?;
     let base = peft_models::load_with(model, &device, &Default::default())
         .with_context(|| format!("loading model {}", model.display()))?;
@@ -151,16 +143,10 @@ fn merge_to(model: &Path, adapter: &Path, out: &Path, device: &DeviceArg) -> Res
         dtype: Some(safetensors::Dtype::F32),
         ..Default::default()
     };
-    // save_merged replaces its target folder whole: write into a fresh one inside `out`.
-    let merged = out.join("merged");
+    // save_merged replaces its target folder whole: a fresh folder inside the staging one.
+    let merged = staging.join("merged");
     loaded
         .save_merged(model, &merged, &save)
         .with_context(|| format!("merging {} into {}", adapter.display(), model.display()))?;
-    for entry in std::fs::read_dir(&merged)? {
-        let path = entry?.path();
-        if let Some(name) = path.file_name() {
-            std::fs::rename(&path, out.join(name))?;
-        }
-    }
-    Ok(())
+    Ok(merged)
 }

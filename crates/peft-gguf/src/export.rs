@@ -124,23 +124,25 @@ impl Default for ExportOptions<'_> {
 /// Reports progress: (tensors written, tensors in all).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
 
+/// A model folder's `config.json` and its path.
 fn read_config(dir: &Path) -> Result<(Json, std::path::PathBuf)> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| GgufError::io(&path, e))?;
-    let json = serde_json::from_str(&text)
-        .map_err(|e| GgufError::config(&path, format!("invalid JSON: {e}")))?;
-    Ok((json, path))
+    Ok((crate::json::read(&path)?, path))
+}
+
+/// A folder's own name (its last component, after resolving `.` and links).
+pub fn folder_name(dir: &Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into())
 }
 
 /// `general.name` from a folder's name, as the converter derives it (`llama-tiny` → `Llama
 /// Tiny`).
 fn display_name(dir: &Path) -> String {
-    let base = dir
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into());
-    base.split(['-', '_', ' '])
+    folder_name(dir)
+        .split(['-', '_', ' '])
         .filter(|w| !w.is_empty())
         .map(|w| {
             let mut c = w.chars();
@@ -188,14 +190,7 @@ fn produce(store: &TensorStore, source: &Source, name: &str) -> Result<Vec<f32>>
             if !*transpose {
                 return Ok(values);
             }
-            let (r, n) = (shape[0], shape[1]);
-            let mut out = vec![0f32; values.len()];
-            for i in 0..r {
-                for j in 0..n {
-                    out[j * r + i] = values[i * n + j];
-                }
-            }
-            Ok(out)
+            Ok(peft_tensors::layout::transpose(&values, shape[0], shape[1]))
         }
         Source::LoraB { key, rows, scale } => {
             let (mut values, shape) = f32_of(store, key)?;
@@ -307,10 +302,7 @@ pub fn export_lora(
     let arch = Arch::detect(&config, &config_path)?;
     let hp = HParams::new(&config, &config_path);
     let adapter_config_path = adapter_dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&adapter_config_path)
-        .map_err(|e| GgufError::io(&adapter_config_path, e))?;
-    let lora: Json = serde_json::from_str(&text)
-        .map_err(|e| GgufError::config(&adapter_config_path, format!("invalid JSON: {e}")))?;
+    let lora = crate::json::read(&adapter_config_path)?;
     let peft_type = lora.get("peft_type").and_then(Json::as_str).unwrap_or("");
     if peft_type != "LORA" {
         return Err(GgufError::Unsupported(format!(
@@ -431,15 +423,9 @@ pub fn export_lora(
         } else {
             a_shape.clone()
         };
-        let a_type =
-            options
-                .outtype
-                .resolve(Some(store.dtype(key)?))
-                .storage(&a_name, 2, a_out_shape[1]);
-        let b_type = options
-            .outtype
-            .resolve(Some(store.dtype(key)?))
-            .storage(&b_name, 2, b_shape[1]);
+        let outtype = options.outtype.resolve(Some(store.dtype(key)?));
+        let a_type = outtype.storage(&a_name, 2, a_out_shape[1]);
+        let b_type = outtype.storage(&b_name, 2, b_shape[1]);
         writer.add_tensor(&a_name, &a_out_shape, a_type)?;
         sources.push(Source::LoraA {
             key: key.clone(),

@@ -10,6 +10,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use peft_tensors::FileBytes;
+
 use crate::error::{GgufError, Result};
 pub use crate::quant::GgmlType;
 
@@ -354,29 +356,11 @@ impl GgufWriter {
     }
 }
 
-/// A GGUF file's bytes: memory-mapped from disk, or owned.
-#[derive(Debug)]
-enum Bytes {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Self::Mapped(m) => m,
-            Self::Owned(v) => v,
-        }
-    }
-}
-
 /// A parsed GGUF file: its metadata, tensor table and bytes.
 #[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
-    bytes: Bytes,
+    bytes: FileBytes,
     /// The metadata, in file order.
     pub metadata: Vec<(String, Value)>,
     /// The tensor table, in file order.
@@ -489,19 +473,15 @@ impl GgufFile {
     /// Memory-maps and parses the file at `path` (the file must not change while it is open).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| GgufError::io(path, e))?;
-        // SAFETY: read-only map of a file the caller does not modify while it is open (the
-        // documented contract, as for memory-mapped safetensors checkpoints).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GgufError::io(path, e))?;
-        Self::parse_bytes(path.to_path_buf(), Bytes::Mapped(map))
+        Self::parse_bytes(path.to_path_buf(), FileBytes::map(path)?)
     }
 
     /// Parses GGUF bytes; `path` names them in errors.
     pub fn parse(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
-        Self::parse_bytes(path.into(), Bytes::Owned(bytes))
+        Self::parse_bytes(path.into(), FileBytes::Owned(bytes))
     }
 
-    fn parse_bytes(path: PathBuf, bytes: Bytes) -> Result<Self> {
+    fn parse_bytes(path: PathBuf, bytes: FileBytes) -> Result<Self> {
         let (metadata, tensors, data_start) = {
             let mut c = Cursor {
                 bytes: &bytes,

@@ -252,12 +252,6 @@ fn hf_tokenizer(file: &GgufFile) -> Result<(Json, Json)> {
     Ok((tokenizer, config))
 }
 
-fn write_json(path: &Path, value: &Json) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| GgufError::config(path, format!("cannot serialise: {e}")))?;
-    peft_tensors::write_atomic(path, text.as_bytes()).map_err(GgufError::from)
-}
-
 /// Writes the GGUF file `gguf` as a Hugging Face model folder `out_dir` (created if missing):
 /// `config.json`, `tokenizer.json`, `tokenizer_config.json` and `model.safetensors` (f16 and
 /// bf16 tensors kept, f32 and Q8_0 as f32), one tensor in memory at a time.
@@ -303,15 +297,12 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<()> {
             _ => Dtype::F32,
         };
         let file_ref = &file;
-        let name = info.name.clone();
         pending.push(PendingTensor {
             name: hf_name,
             dtype,
             shape: shape.clone(),
             bytes: Box::new(move || {
-                let info = file_ref
-                    .tensor(&name)
-                    .ok_or_else(|| peft_tensors::PeftError::InvalidInput(name.clone()))?;
+                let name = &info.name;
                 let raw = file_ref.tensor_bytes(info);
                 let row_count = shape.first().copied().unwrap_or(1);
                 if rows == crate::arch::RowOrder::Keep && dtype != Dtype::F32 {
@@ -319,7 +310,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<()> {
                 }
                 let values = quant::decode(info.ggml_type, raw);
                 let values = rows
-                    .undo(values, row_count, &name)
+                    .undo(values, row_count, name)
                     .map_err(|e| peft_tensors::PeftError::InvalidInput(e.to_string()))?;
                 let stored = match dtype {
                     Dtype::F16 => GgmlType::F16,
@@ -333,8 +324,8 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(out_dir).map_err(|e| GgufError::io(out_dir, e))?;
     save_sharded(out_dir, &pending, MAX_SHARD, None)?;
-    write_json(&config_path, &config)?;
-    write_json(&out_dir.join("tokenizer.json"), &tokenizer)?;
-    write_json(&out_dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    crate::json::write(&config_path, &config)?;
+    crate::json::write(&out_dir.join("tokenizer.json"), &tokenizer)?;
+    crate::json::write(&out_dir.join("tokenizer_config.json"), &tokenizer_config)?;
     Ok(())
 }

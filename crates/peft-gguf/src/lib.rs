@@ -26,6 +26,7 @@ pub mod error;
 pub mod export;
 pub mod format;
 pub mod import;
+mod json;
 pub mod quant;
 pub mod vocab;
 

@@ -32,16 +32,6 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2's pre-tokenizer split, llama.cpp's `qwen2`.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-fn read_json(path: &Path) -> Result<Option<Json>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| GgufError::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| GgufError::config(path, format!("invalid JSON: {e}")))
-}
-
 /// The pre-tokenizer name llama.cpp knows this tokenizer's `pre_tokenizer` by, if any.
 pub fn detect_pre(tokenizer: &Json) -> Option<&'static str> {
     let pre = tokenizer.get("pre_tokenizer")?;
@@ -105,7 +95,7 @@ pub fn metadata(
         )));
     }
     let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = read_json(&tokenizer_path)?
+    let tokenizer = crate::json::read_optional(&tokenizer_path)?
         .ok_or_else(|| GgufError::Unsupported(format!("{}: no tokenizer.json", dir.display())))?;
     let model = tokenizer.get("model").unwrap_or(&Json::Null);
     if model.get("type").and_then(Json::as_str) != Some("BPE")
@@ -248,7 +238,7 @@ fn special_tokens(
     n_vocab: u64,
 ) -> Result<Vec<(String, Value)>> {
     const TYPES: [&str; 7] = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"];
-    let config = read_json(&dir.join("tokenizer_config.json"))?;
+    let config = crate::json::read_optional(&dir.join("tokenizer_config.json"))?;
     let token_text = |typ: &str| -> Option<String> {
         let entry = config.as_ref()?.get(format!("{typ}_token"))?;
         match entry {
@@ -319,7 +309,7 @@ fn special_tokens(
                 std::fs::read_to_string(&jinja).map_err(|e| GgufError::io(&jinja, e))?,
             ))
         } else {
-            read_json(&dir.join("chat_template.json"))?
+            crate::json::read_optional(&dir.join("chat_template.json"))?
                 .and_then(|j| j.get("chat_template").cloned())
         };
         chat_template = cfg.get("chat_template").cloned().or(alt);
@@ -337,7 +327,7 @@ fn special_tokens(
             }
         }
     }
-    if let Some(model_config) = read_json(&dir.join("config.json"))? {
+    if let Some(model_config) = crate::json::read_optional(&dir.join("config.json"))? {
         for typ in TYPES {
             set_id(
                 typ,

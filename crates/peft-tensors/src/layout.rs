@@ -34,7 +34,8 @@ pub fn burn_linear_weight(
     )
 }
 
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// The transpose of a row-major `[rows, cols]` matrix: `[cols, rows]`, row-major.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; values.len()];
     for r in 0..rows {
         for c in 0..cols {

@@ -108,11 +108,14 @@ pub fn bytes_to_i64(dtype: Dtype, bytes: &[u8]) -> Option<Vec<i64>> {
     Some(out)
 }
 
-/// The bytes of one safetensors file: mapped from disk (shared, so that a tensor's bytes can
-/// outlive the store: [`TensorStore::mapped`]), or owned (parsed from memory).
+/// The bytes of one file read as a whole (a safetensors checkpoint, a GGUF file): mapped from
+/// disk (shared, so that a tensor's bytes can outlive the store: [`TensorStore::mapped`]), or
+/// owned (parsed from memory).
 #[derive(Debug)]
-enum FileBytes {
+pub enum FileBytes {
+    /// A read-only memory map of the file.
     Mapped(std::sync::Arc<memmap2::Mmap>),
+    /// Bytes in memory (an empty file, or bytes that never were a file).
     Owned(Vec<u8>),
 }
 
@@ -145,6 +148,20 @@ impl std::ops::Deref for FileBytes {
 }
 
 impl FileBytes {
+    /// Memory-maps the file at `path` read-only (an empty file, which cannot be mapped, as empty
+    /// bytes). The file must not change while the bytes are in use, as for every memory-mapped
+    /// checkpoint reader.
+    pub fn map(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
+        if file.metadata().map_err(|e| PeftError::io(path, e))?.len() == 0 {
+            return Ok(FileBytes::Owned(Vec::new()));
+        }
+        // SAFETY: the map is read-only; the caller does not change the file while it is in use
+        // (documented above and on `TensorStore`).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| PeftError::io(path, e))?;
+        Ok(FileBytes::Mapped(std::sync::Arc::new(map)))
+    }
+
     /// Gives the resident pages of `start..end` back to the kernel (mapped files only). The
     /// mapping is read-only and file-backed, so a later read faults the same bytes back in.
     fn release(&self, start: usize, end: usize) {
@@ -264,18 +281,8 @@ impl TensorStore {
     }
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
-        let file = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
-        // An empty file cannot be mapped; it is an invalid safetensors file either way.
-        let bytes = if file.metadata().map_err(|e| PeftError::io(path, e))?.len() == 0 {
-            FileBytes::Owned(Vec::new())
-        } else {
-            // SAFETY: the map is read-only; the file must not change while the store is open
-            // (documented on `TensorStore`), as for every memory-mapped checkpoint reader.
-            FileBytes::Mapped(std::sync::Arc::new(
-                unsafe { memmap2::Mmap::map(&file) }.map_err(|e| PeftError::io(path, e))?,
-            ))
-        };
-        self.add_bytes(path.to_path_buf(), bytes)
+        // An empty file is read as empty bytes: an invalid safetensors file, said by the parser.
+        self.add_bytes(path.to_path_buf(), FileBytes::map(path)?)
     }
 
     fn add_bytes(&mut self, path: PathBuf, bytes: FileBytes) -> Result<()> {
