@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use peft_gguf::{ExportOptions, GgufFile, OutType, Value, export_lora, export_model};
+use peft_gguf::{ExportOptions, GgmlType, GgufFile, OutType, Value, export_lora, export_model};
 use peft_tests::{adapter_dir, fixtures, model_dir};
 
 fn reference(case: &str) -> GgufFile {
@@ -361,6 +361,47 @@ fn what_cannot_be_imported_is_refused_by_name() {
 
 /// Files llama.cpp's quantiser wrote (`llama_model_quantize`, every matrix in one type: Q4_0,
 /// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) de-quantise to gguf-py's values bit for bit: the
+/// The encoders write llama.cpp's quantiser's bytes: the first rows of every matrix of the f32
+/// file that `llama_model_quantize` read (`gguf/quant-source.safetensors`), encoded in each
+/// type, equal the first bytes of that tensor in the quantiser's file — Q4_0, Q4_1, Q5_0, Q5_1
+/// and the k-quants Q4_K, Q5_K and Q6_K, whose scale searches leave no rounding unexposed.
+#[test]
+fn quantisers_write_llama_cpp_quantize_bytes() {
+    let source = safetensors_f32(&fixtures().join("gguf/quant-source.safetensors"));
+    let mut checked = std::collections::BTreeSet::new();
+    for (file, ggml_type) in [
+        ("q4_0", GgmlType::Q4_0),
+        ("q4_1", GgmlType::Q4_1),
+        ("q5_0", GgmlType::Q5_0),
+        ("q5_1", GgmlType::Q5_1),
+        ("q4_k", GgmlType::Q4_K),
+        ("q5_k", GgmlType::Q5_K),
+        ("q6_k", GgmlType::Q6_K),
+    ] {
+        let theirs = reference(&format!("quant-{file}"));
+        for (name, rows) in &source {
+            let info = theirs.tensor(name).unwrap();
+            assert_eq!(info.ggml_type, ggml_type, "{file} {name}");
+            let ours = peft_gguf::quant::encode(ggml_type, rows).unwrap();
+            let expected = &theirs.tensor_bytes(info)[..ours.len()];
+            let first_diff = ours.iter().zip(expected).position(|(a, b)| a != b);
+            assert_eq!(first_diff, None, "{file} {name}: bytes differ");
+            checked.insert(name.clone());
+        }
+    }
+    // q, k, v, o, gate, up, down and the (tied) token embedding.
+    assert_eq!(checked.len(), 8, "{checked:?}");
+}
+
+/// Every tensor of a safetensors file as f32 values.
+fn safetensors_f32(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let store = peft_tensors::TensorStore::open(path).unwrap();
+    store
+        .keys()
+        .map(|k| (k.to_string(), store.f32(k).unwrap().0))
+        .collect()
+}
+
 /// SHA-256 of each tensor's f32 values against `gguf/quant.json` (make_gguf_fixtures.py).
 #[test]
 fn quantised_files_de_quantise_as_llama_cpp_does() {
