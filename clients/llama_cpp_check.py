@@ -17,7 +17,10 @@ adapters) on the same sequence:
 - the merged GGUF (`--adapter --merge`): PEFT's logits ≤ 1e-4;
 - greedy generation, 20 tokens, through llama.cpp equals transformers' greedy `generate`;
 - q8_0: llama.cpp's own quantiser (`llama_model_quantize`, f32 GGUF → Q8_0) writes the same
-  bytes as `peft export-gguf --outtype q8_0` for every tensor it stores as Q8_0.
+  bytes as `peft export-gguf --outtype q8_0` for every tensor it stores as Q8_0;
+- q4_0, q4_k_m, q5_k_m, q6_k: every tensor of `peft export-gguf --outtype …` has the type and
+  bytes `llama_model_quantize` gives it from the f32 export (a 256-wide, 8-block Llama made
+  here, and the 64-wide fixtures, whose rows take the fallback types).
 """
 
 import ctypes
@@ -70,9 +73,11 @@ ADAPTERS = [
 ]
 
 
-def export(peft_bin: str, out: Path, model: str, *extra: str) -> Path:
+def export(peft_bin: str, out: Path, model: str | Path, *extra: str) -> Path:
+    """`peft export-gguf` of a fixture model (by name) or of a model folder (a path)."""
+    folder = model if isinstance(model, Path) else FIXTURES / "models" / model
     subprocess.run(
-        [peft_bin, "export-gguf", "--model", str(FIXTURES / "models" / model), "--output",
+        [peft_bin, "export-gguf", "--model", str(folder), "--output",
          str(out), *extra],
         check=True,
     )
@@ -162,17 +167,79 @@ def check(label: str, ours: np.ndarray, ref: np.ndarray, tolerance: float) -> fl
     return diff
 
 
+def llama_quantize(f32: Path, out: Path, ftype: str) -> Path:
+    """llama.cpp's quantiser (`llama-quantize`'s library call), no importance matrix."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(),
+                                        ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {ftype} failed ({rc})")
+    return out
+
+
+def wide_llama(tmp: Path) -> Path:
+    """A Llama whose rows are 256 and 512 wide (k-quant super-blocks are 256 values; the tiny
+    fixtures' 64-wide rows only reach the fallback types), 8 blocks (the `_M` mixes give more
+    bits to blocks 0, 3, 6 and 7 of 8) and an untied output, seeded random weights."""
+    src = FIXTURES / "models" / "llama-tiny"
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 256, 512, 8
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 4, 2, 64
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    out = tmp / "llama-wide"
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((src / name).read_bytes())
+    return out
+
+
+def quantised_mixes_match(peft_bin: str, tmp: Path) -> None:
+    """`peft export-gguf --outtype q4_0 | q4_k_m | q5_k_m | q6_k` writes, tensor for tensor, the
+    types and bytes `llama_model_quantize` writes from the f32 export: the per-tensor choices of
+    each mix (more bits for value / FFN-down projections on some blocks, Q6_K output, the
+    fallbacks of rows that do not split into 256-value blocks) and the encoders."""
+    from gguf import GGUFReader  # llama.cpp's own reader (gguf-py)
+
+    wide = wide_llama(tmp)
+    cases = [(wide, "q4_0"), (wide, "q4_k_m"), (wide, "q5_k_m"), (wide, "q6_k"),
+             ("llama-tiny", "q4_k_m"), ("bloom-tiny", "q4_k_m"), ("qwen2-tiny", "q5_k_m")]
+    for model, outtype in cases:
+        label = model if isinstance(model, str) else model.name
+        f32 = export(peft_bin, tmp / f"mix-{label}-f32.gguf", model, "--outtype", "f32")
+        ours = export(peft_bin, tmp / f"mix-{label}-{outtype}.gguf", model, "--outtype", outtype)
+        theirs = llama_quantize(f32, tmp / f"mix-{label}-{outtype}-llama.gguf", outtype.upper())
+        a, b = GGUFReader(ours), GGUFReader(theirs)
+        ours_by_name = {t.name: t for t in a.tensors}
+        if sorted(ours_by_name) != sorted(t.name for t in b.tensors):
+            raise SystemExit(f"{label} {outtype}: the tensor names differ")
+        types: dict[str, int] = {}
+        for t in b.tensors:
+            mine = ours_by_name[t.name]
+            if mine.tensor_type != t.tensor_type or bytes(mine.data) != bytes(t.data):
+                raise SystemExit(f"{label} {outtype}: {t.name} is {mine.tensor_type.name} here, "
+                                 f"{t.tensor_type.name} in llama-quantize's file (or the bytes "
+                                 "differ)")
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        file_type = [int(b.fields["general.file_type"].parts[-1][0]),
+                     int(a.fields["general.file_type"].parts[-1][0])]
+        if file_type[0] != file_type[1]:
+            raise SystemExit(f"{label} {outtype}: general.file_type {file_type}")
+        mix = ", ".join(f"{n} {k}" for k, n in sorted(types.items()))
+        print(f"ok   {label} {outtype}: {len(b.tensors)} tensors identical to llama-quantize's "
+              f"({mix})")
+
+
 def q8_0_bytes_match(peft_bin: str, tmp: Path) -> None:
     f32 = export(peft_bin, tmp / "q-f32.gguf", "llama-tiny", "--outtype", "f32")
     ours = export(peft_bin, tmp / "q-ours.gguf", "llama-tiny", "--outtype", "q8_0")
-    theirs = tmp / "q-llama.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(),
-                                        ctypes.byref(params))
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize failed ({rc})")
+    theirs = llama_quantize(f32, tmp / "q-llama.gguf", "Q8_0")
     from gguf import GGUFReader  # llama.cpp's own reader (gguf-py)
 
     a, b = GGUFReader(ours), GGUFReader(theirs)
@@ -264,6 +331,7 @@ def main() -> int:
             if got != expected:
                 raise SystemExit(f"{model}: llama.cpp {got} vs transformers {expected}")
         q8_0_bytes_match(peft_bin, tmp)
+        quantised_mixes_match(peft_bin, tmp)
         quantised_file_loads(peft_bin, tmp)
     print("llama.cpp check passed")
     return 0

@@ -438,6 +438,56 @@ fn quantised_files_de_quantise_as_llama_cpp_does() {
     );
 }
 
+/// `--outtype q4_k_m` / `q5_k_m` on the 64-wide fixtures: every matrix takes the type
+/// `llama_model_quantize` gave it in clients/llama_cpp_check.py (rows of 64 do not split into
+/// 256-value super-blocks, so Q4_K falls back to Q5_0, Q5_K to Q5_1 and the Q6_K choices —
+/// output, and value / FFN-down projections of the last of 2 blocks — to Q8_0), the file type is
+/// llama.cpp's, and the file imports and runs.
+#[test]
+fn quantised_mixes_choose_llama_quantize_types() {
+    use peft_gguf::mix::QuantMix;
+    let dir = tempfile::tempdir().unwrap();
+    for (model, mix, file_type, expected) in [
+        (
+            "llama-tiny",
+            QuantMix::Q4_K_M,
+            15,
+            &[("F32", 5), ("Q5_0", 13), ("Q8_0", 3)][..],
+        ),
+        (
+            "qwen2-tiny",
+            QuantMix::Q5_K_M,
+            17,
+            &[("F32", 11), ("Q5_1", 12), ("Q8_0", 3)][..],
+        ),
+    ] {
+        let out = dir.path().join(format!("{model}.gguf"));
+        let file = export(&model_dir(model), OutType::Quantised(mix), &out);
+        let mut counts = BTreeMap::new();
+        for t in &file.tensors {
+            *counts
+                .entry(format!("{:?}", t.ggml_type).to_uppercase())
+                .or_insert(0) += 1;
+        }
+        let expected: BTreeMap<String, i32> =
+            expected.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+        assert_eq!(counts, expected, "{model} {mix:?}");
+        assert_eq!(file.get("general.file_type"), Some(&Value::U32(file_type)));
+        assert_eq!(
+            file.tensor("blk.1.attn_v.weight").unwrap().ggml_type,
+            GgmlType::Q8_0,
+            "{model}: the last block's value projection gets Q6_K (then Q8_0 for 64-wide rows)"
+        );
+        if model == "llama-tiny" {
+            let back = dir.path().join("back");
+            peft_gguf::import_gguf(&out, &back).unwrap();
+            assert_runs(&back);
+        }
+    }
+    let err = "q3_k_m".parse::<OutType>().unwrap_err().to_string();
+    assert!(err.contains("q4_k_m") && err.contains("q3_k_m"), "{err}");
+}
+
 /// A k-quant file imports (de-quantised to f32) and runs.
 #[test]
 fn a_k_quant_gguf_imports_and_runs() {

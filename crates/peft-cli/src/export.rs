@@ -29,6 +29,8 @@ pub(crate) struct ExportGgufArgs {
     output: PathBuf,
     /// Storage of the weight matrices: f32, f16, bf16, q8_0, or auto (f16 for an f16
     /// checkpoint, bf16 otherwise), as llama.cpp's converters choose; norms and biases stay f32.
+    /// Or a llama-quantize file type, written directly with its per-tensor choices: q4_0,
+    /// q4_k_m, q5_k_m, q6_k (models only; an adapter is f32, f16, bf16 or q8_0).
     #[arg(long, default_value = "auto")]
     outtype: String,
     /// llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`: llama-bpe, qwen2, gpt-2...), for

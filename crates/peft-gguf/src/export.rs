@@ -11,6 +11,7 @@ use peft_tensors::TensorStore;
 use crate::arch::{Arch, HParams, RowOrder};
 use crate::error::{GgufError, Result};
 use crate::format::{GgmlType, GgufWriter, Value};
+use crate::mix::{ModelFacts, QuantMix};
 use crate::quant;
 
 /// The converters' `--outtype`.
@@ -24,6 +25,9 @@ pub enum OutType {
     Bf16,
     /// Matrices Q8_0 (f16 where a row does not split into blocks of 32); norms and biases f32.
     Q8_0,
+    /// A `llama-quantize` file type (`q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`): its per-tensor types
+    /// (crate::mix), as `llama-quantize` writes them from the f32 file.
+    Quantised(QuantMix),
     /// f16 where the checkpoint is f16, bf16 otherwise (the converters' `auto`).
     Auto,
 }
@@ -37,11 +41,15 @@ impl std::str::FromStr for OutType {
             "f16" => Self::F16,
             "bf16" => Self::Bf16,
             "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Quantised(QuantMix::Q4_0),
+            "q4_k_m" => Self::Quantised(QuantMix::Q4_K_M),
+            "q5_k_m" => Self::Quantised(QuantMix::Q5_K_M),
+            "q6_k" => Self::Quantised(QuantMix::Q6_K),
             "auto" => Self::Auto,
             other => {
                 return Err(GgufError::Unsupported(format!(
-                    "outtype `{other}`: one of f32, f16, bf16, q8_0, auto (k-quants and q4_0 \
-                     are llama-quantize's; not written yet)"
+                    "outtype `{other}`: one of f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k, \
+                     auto"
                 )));
             }
         })
@@ -75,22 +83,22 @@ impl OutType {
             Self::F16 | Self::Auto => 1,
             Self::Q8_0 => 7,
             Self::Bf16 => 32,
+            Self::Quantised(mix) => mix.file_type(),
         }
     }
 
     /// The storage of a tensor named `gguf_name` whose rows are `row` long, by the converter's
     /// rules: 1-D tensors, norms and anything not a weight or LoRA factor in f32; Q8_0 falls back
-    /// to f16 where the rows do not split into blocks.
-    fn storage(self, gguf_name: &str, dims: usize, row: usize) -> GgmlType {
+    /// to f16 where the rows do not split into blocks. A quantised type by llama-quantize's.
+    fn storage(self, gguf_name: &str, dims: usize, row: usize, model: &ModelFacts) -> GgmlType {
         let is_matrix_weight = dims > 1
             && !gguf_name.ends_with("_norm.weight")
             && [".weight", ".lora_a", ".lora_b"]
                 .iter()
                 .any(|s| gguf_name.ends_with(s));
-        if !is_matrix_weight {
-            return GgmlType::F32;
-        }
         match self {
+            Self::Quantised(mix) => mix.tensor_type(gguf_name, dims, row, model),
+            _ if !is_matrix_weight => GgmlType::F32,
             Self::F32 => GgmlType::F32,
             Self::F16 | Self::Auto => GgmlType::F16,
             Self::Bf16 => GgmlType::Bf16,
@@ -256,14 +264,18 @@ pub fn export_model(
         writer.add_tensor(&name, &[values.len()], GgmlType::F32)?;
         sources.push(Source::Computed(values));
     }
-    let keys: Vec<String> = store.keys().map(str::to_string).collect();
-    for key in keys {
-        let Some(mapped) = arch.map(&key, &hp)? else {
-            continue;
-        };
+    let mut tensors = Vec::new();
+    for key in store.keys() {
+        if let Some(mapped) = arch.map(key, &hp)? {
+            tensors.push((key.to_string(), mapped));
+        }
+    }
+    let tied = !tensors.iter().any(|(_, m)| m.name == "output.weight");
+    let facts = model_facts(arch, &hp, tied)?;
+    for (key, mapped) in tensors {
         let shape = store.shape(&key)?.to_vec();
         let row = shape.last().copied().unwrap_or(1);
-        let ggml_type = outtype.storage(&mapped.name, shape.len(), row);
+        let ggml_type = outtype.storage(&mapped.name, shape.len(), row, &facts);
         writer.add_tensor(&mapped.name, &shape, ggml_type)?;
         sources.push(Source::Checkpoint {
             key,
@@ -271,6 +283,24 @@ pub fn export_model(
         });
     }
     write_all(&writer, out, &store, &sources, progress)
+}
+
+/// What llama-quantize knows of the model when it picks each tensor's type: llama.cpp takes a
+/// Llama-family model of 80 blocks with grouped-query attention, or a Qwen2 of 80 blocks, for a
+/// 70B (its `LLM_TYPE_70B`).
+fn model_facts(arch: Arch, hp: &HParams, tied_embeddings: bool) -> Result<ModelFacts> {
+    let n_layers = hp.block_count()? as usize;
+    let is_70b = n_layers == 80
+        && match arch {
+            Arch::Llama => hp.heads()? != hp.kv_heads()?,
+            Arch::Qwen2 => true,
+            Arch::Qwen3 | Arch::Bloom => false,
+        };
+    Ok(ModelFacts {
+        n_layers,
+        tied_embeddings,
+        is_70b,
+    })
 }
 
 /// A PEFT pattern key matches a module name as PEFT matches it: the whole name, or its tail
@@ -301,6 +331,18 @@ pub fn export_lora(
     let (config, config_path) = read_config(base_dir)?;
     let arch = Arch::detect(&config, &config_path)?;
     let hp = HParams::new(&config, &config_path);
+    if let OutType::Quantised(mix) = options.outtype {
+        return Err(GgufError::Unsupported(format!(
+            "outtype {mix:?} is llama-quantize's, for models: LoRA adapters are written as f32, \
+             f16, bf16 or q8_0, as convert_lora_to_gguf.py writes them (or quantise the merged \
+             model: --merge)"
+        )));
+    }
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Json::as_bool)
+        .unwrap_or(false);
+    let facts = model_facts(arch, &hp, tied)?;
     let adapter_config_path = adapter_dir.join("adapter_config.json");
     let lora = crate::json::read(&adapter_config_path)?;
     let peft_type = lora.get("peft_type").and_then(Json::as_str).unwrap_or("");
@@ -424,8 +466,8 @@ pub fn export_lora(
             a_shape.clone()
         };
         let outtype = options.outtype.resolve(Some(store.dtype(key)?));
-        let a_type = outtype.storage(&a_name, 2, a_out_shape[1]);
-        let b_type = outtype.storage(&b_name, 2, b_shape[1]);
+        let a_type = outtype.storage(&a_name, 2, a_out_shape[1], &facts);
+        let b_type = outtype.storage(&b_name, 2, b_shape[1], &facts);
         writer.add_tensor(&a_name, &a_out_shape, a_type)?;
         sources.push(Source::LoraA {
             key: key.clone(),
@@ -460,6 +502,12 @@ pub fn export_lora(
 mod tests {
     use super::*;
 
+    const FACTS: ModelFacts = ModelFacts {
+        n_layers: 2,
+        tied_embeddings: false,
+        is_70b: false,
+    };
+
     #[test]
     fn storage_follows_the_converters_rules() {
         for (outtype, name, dims, row, expected) in [
@@ -476,7 +524,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                outtype.storage(name, dims, row),
+                outtype.storage(name, dims, row, &FACTS),
                 expected,
                 "{outtype:?} {name}"
             );

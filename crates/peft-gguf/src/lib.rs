@@ -4,8 +4,9 @@
 //! as the GGUF file llama.cpp's `convert_hf_to_gguf.py` writes, and a PEFT LoRA adapter as
 //! `convert_lora_to_gguf.py` writes it, so `llama-cli`, `llama-server` and Ollama load them.
 //! The same metadata keys, tensor names, row orders and storage types (f32, f16, bf16, q8_0)
-//! as the reference converters, checked against files they made (`tests/gguf.rs`); a bounded,
-//! checked reader ([`GgufFile`]) for the other direction.
+//! as the reference converters, and `llama-quantize`'s types and per-tensor choices for q4_0,
+//! q4_k_m, q5_k_m and q6_k ([`mix`]), checked against files they made (`tests/gguf.rs`); a
+//! bounded, checked reader ([`GgufFile`]) for the other direction.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -27,6 +28,7 @@ pub mod export;
 pub mod format;
 pub mod import;
 mod json;
+pub mod mix;
 pub mod quant;
 pub mod vocab;
 

@@ -10,6 +10,7 @@
 //!   away from zero; stored as `d` in f16 then the 32 `i8`.
 
 use half::f16;
+use rayon::prelude::*;
 
 mod kquant;
 mod legacy;
@@ -125,6 +126,9 @@ pub fn bf16_bits(x: f32) -> u16 {
     ((u64::from(n) + 0x7fff + u64::from((n >> 16) & 1)) >> 16) as u16
 }
 
+/// Blocks encoded by one parallel task (64 k-quant super-blocks: 16,384 values).
+const BLOCKS_PER_TASK: usize = 64;
+
 /// One Q8_0 block of 32 values → 34 bytes.
 fn q8_0_block(block: &[f32], out: &mut Vec<u8>) {
     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -156,18 +160,28 @@ pub fn encode(ggml_type: GgmlType, values: &[f32]) -> crate::Result<Vec<u8>> {
             .flat_map(|&v| bf16_bits(v).to_le_bytes())
             .collect(),
         t => {
-            let mut out = Vec::with_capacity(values.len() / t.block_size() * t.block_bytes());
-            for block in values.chunks_exact(t.block_size()) {
-                match t {
-                    GgmlType::Q8_0 => q8_0_block(block, &mut out),
-                    GgmlType::Q4_K | GgmlType::Q5_K => {
-                        kquant::encode_q4_q5_k(t == GgmlType::Q5_K, block, &mut out)
+            // Blocks are independent: runs of them are encoded in parallel and joined in order,
+            // so the bytes do not depend on the thread count.
+            let run = t.block_size() * BLOCKS_PER_TASK;
+            let pieces: Vec<Vec<u8>> = values
+                .par_chunks(run)
+                .map(|values| {
+                    let mut out =
+                        Vec::with_capacity(values.len() / t.block_size() * t.block_bytes());
+                    for block in values.chunks_exact(t.block_size()) {
+                        match t {
+                            GgmlType::Q8_0 => q8_0_block(block, &mut out),
+                            GgmlType::Q4_K | GgmlType::Q5_K => {
+                                kquant::encode_q4_q5_k(t == GgmlType::Q5_K, block, &mut out)
+                            }
+                            GgmlType::Q6_K => kquant::encode_q6_k(block, &mut out),
+                            _ => legacy::encode_block(t, block, &mut out),
+                        }
                     }
-                    GgmlType::Q6_K => kquant::encode_q6_k(block, &mut out),
-                    _ => legacy::encode_block(t, block, &mut out),
-                }
-            }
-            out
+                    out
+                })
+                .collect();
+            pieces.concat()
         }
     })
 }
