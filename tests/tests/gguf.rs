@@ -350,17 +350,55 @@ fn what_cannot_be_imported_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("LoRA adapter GGUF"), "{err}");
-    let err = peft_gguf::import_gguf(
-        &fixtures().join("gguf/llama-rope-llama3-f16.gguf"),
-        dir.path(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("rope_freqs"), "{err}");
 }
 
-/// Files llama.cpp's quantiser wrote (`llama_model_quantize`, every matrix in one type: Q4_0,
-/// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) de-quantise to gguf-py's values bit for bit: the
+/// A Llama 3 file (the converter's, with `rope_freqs.weight`) imports with the RoPE parameters
+/// of the checkpoint it came from (factor 8, low 1, high 4, original context 16: solved from
+/// the factors), runs with its logits, and exports back to the same factors. Factors that are
+/// not Llama 3's formula are refused by name.
+#[test]
+fn a_llama_3_gguf_imports_its_rope_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let back = dir.path().join("llama3");
+    let file = fixtures().join("gguf/llama-rope-llama3-f16.gguf");
+    peft_gguf::import_gguf(&file, &back).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).unwrap()).unwrap();
+    let rope = &config["rope_parameters"];
+    assert_eq!(rope["rope_type"], "llama3");
+    assert_eq!(rope["factor"], 8.0);
+    assert_eq!(rope["low_freq_factor"], 1.0);
+    assert_eq!(rope["high_freq_factor"], 4.0);
+    assert_eq!(rope["original_max_position_embeddings"], 16);
+    let model = peft_models::load(&back, &peft_tests::device()).unwrap();
+    // f16 weights: the fixture's f32 logits within f16's rounding of the weights.
+    peft_tests::assert_logits_match(&model, "llama-rope-llama3", 2e-2);
+    let again = dir.path().join("again.gguf");
+    let exported = export(&back, OutType::F16, &again);
+    let original = GgufFile::open(&file).unwrap();
+    let factors = |f: &GgufFile| f.tensor_f32("rope_freqs.weight").unwrap();
+    assert_eq!(factors(&exported), factors(&original));
+
+    // The same model through an f32 file (ours, whose factors are the converter's bytes):
+    // the checkpoint's logits to 1e-4.
+    let f32_file = dir.path().join("llama3-f32.gguf");
+    export(&model_dir("llama-rope-llama3"), OutType::F32, &f32_file);
+    let f32_back = dir.path().join("llama3-f32");
+    peft_gguf::import_gguf(&f32_file, &f32_back).unwrap();
+    let model = peft_models::load(&f32_back, &peft_tests::device()).unwrap();
+    peft_tests::assert_logits_match(&model, "llama-rope-llama3", 1e-4);
+
+    let factors = factors(&original);
+    let dim = 2 * factors.len();
+    assert!(peft_gguf::arch::Llama3Rope::from_factors(&factors, 500000.0, dim).is_some());
+    let mut bent = factors.clone();
+    bent[0] *= 1.01;
+    assert_eq!(
+        peft_gguf::arch::Llama3Rope::from_factors(&bent, 500000.0, dim),
+        None
+    );
+}
+
 /// The encoders write llama.cpp's quantiser's bytes: the first rows of every matrix of the f32
 /// file that `llama_model_quantize` read (`gguf/quant-source.safetensors`), encoded in each
 /// type, equal the first bytes of that tensor in the quantiser's file — Q4_0, Q4_1, Q5_0, Q5_1
@@ -402,6 +440,8 @@ fn safetensors_f32(path: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
+/// Files llama.cpp's quantiser wrote (`llama_model_quantize`, every matrix in one type: Q4_0,
+/// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) de-quantise to gguf-py's values bit for bit: the
 /// SHA-256 of each tensor's f32 values against `gguf/quant.json` (make_gguf_fixtures.py).
 #[test]
 fn quantised_files_de_quantise_as_llama_cpp_does() {

@@ -137,6 +137,110 @@ pub struct Mapped {
     pub rows: RowOrder,
 }
 
+/// Llama 3's RoPE scaling (`rope_type: llama3`): its frequencies divided by `factor` beyond
+/// `original_context / low_freq_factor` wavelengths, kept below `original_context /
+/// high_freq_factor`, and blended between.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Rope {
+    /// The division of the long wavelengths' frequencies.
+    pub factor: f32,
+    /// Wavelengths past `original_context / low_freq_factor` are divided in full.
+    pub low_freq_factor: f32,
+    /// Wavelengths below `original_context / high_freq_factor` are kept.
+    pub high_freq_factor: f32,
+    /// `original_max_position_embeddings`.
+    pub original_context: f32,
+}
+
+impl Llama3Rope {
+    /// The wavelength of each rotary pair of a head `dim` wide, RoPE base `base`, in f32 (the
+    /// converter's arithmetic is torch's on 0-d f32 tensors).
+    fn wavelengths(base: f32, dim: usize) -> impl Iterator<Item = f32> {
+        (0..dim).step_by(2).map(move |i| {
+            let freq = 1.0f32 / base.powf(i as f32 / dim as f32);
+            2.0 * std::f32::consts::PI / freq
+        })
+    }
+
+    /// The per-pair divisions of the frequencies (`rope_freqs.weight`, `[dim / 2]`), as the
+    /// converter computes them.
+    pub fn factors(&self, base: f32, dim: usize) -> Vec<f32> {
+        let (low, high, old) = (
+            self.low_freq_factor,
+            self.high_freq_factor,
+            self.original_context,
+        );
+        let (low_wavelen, high_wavelen) = (old / low, old / high);
+        Self::wavelengths(base, dim)
+            .map(|wavelen| {
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    self.factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / self.factor + smooth)
+                }
+            })
+            .collect()
+    }
+
+    /// The parameters behind a file's `rope_freqs.weight`, for a GGUF import. The factors
+    /// carry the scaling `factor` (the longest wavelength's) but only the ratios of the other
+    /// three; every Llama 3.x model uses `low_freq_factor = 1` and `high_freq_factor = 4`, so
+    /// those are taken and `original_max_position_embeddings` is solved from a blended pair
+    /// (or, with none, chosen between the kept and the divided wavelengths), rounded to an
+    /// integer. `None` unless recomputing the factors from the result gives the file's values
+    /// (within 1e-6 of each).
+    pub fn from_factors(factors: &[f32], base: f32, dim: usize) -> Option<Self> {
+        let factor = *factors.last()?;
+        if factors.len() != dim / 2 || !(factor > 1.0) {
+            return None;
+        }
+        let wavelengths: Vec<f32> = Self::wavelengths(base, dim).collect();
+        let (low, high) = (1.0f32, 4.0f32);
+        // A blended pair: 1/v = (1 - s)/factor + s, and s = (old/wavelen - low) / (high - low).
+        let blended = factors
+            .iter()
+            .zip(&wavelengths)
+            .find(|(v, _)| **v > 1.0 && **v < factor);
+        let old = match blended {
+            Some((v, w)) => {
+                let s = (1.0 / v - 1.0 / factor) / (1.0 - 1.0 / factor);
+                w * (low + s * (high - low))
+            }
+            None => {
+                // Kept pairs need old < high·w, divided ones old > low·w (with low = 1):
+                // halfway between the bounds.
+                let kept = wavelengths.iter().zip(factors).filter(|(_, v)| **v == 1.0);
+                let upper = kept.map(|(w, _)| high * w).fold(f32::INFINITY, f32::min);
+                let divided = wavelengths
+                    .iter()
+                    .zip(factors)
+                    .filter(|(_, v)| **v == factor);
+                let lower = divided.map(|(w, _)| low * w).fold(0.0, f32::max);
+                if upper.is_finite() {
+                    (upper + lower) / 2.0
+                } else {
+                    lower * 2.0
+                }
+            }
+        };
+        let scaling = Self {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_context: old.round(),
+        };
+        let again = scaling.factors(base, dim);
+        let same = again
+            .iter()
+            .zip(factors)
+            .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs());
+        same.then_some(scaling)
+    }
+}
+
 /// The model's `config.json`, with the converter's look-ups.
 #[derive(Debug)]
 pub struct HParams<'a> {
@@ -407,29 +511,16 @@ impl Arch {
             Some(d) => d as usize,
             None => (hp.need_uint(&["hidden_size"])? / hp.heads()?.max(1)) as usize,
         };
-        let factor = get("factor", 8.0);
-        let low = get("low_freq_factor", 1.0);
-        let high = get("high_freq_factor", 4.0);
-        let old_ctx = get("original_max_position_embeddings", 8192.0);
-        // The converter's arithmetic is torch's on 0-d f32 tensors: every step in f32.
-        let (factor, low, high, old_ctx) = (factor as f32, low as f32, high as f32, old_ctx as f32);
-        let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
-        let factors = (0..dim)
-            .step_by(2)
-            .map(|i| {
-                let freq = 1.0f32 / (base as f32).powf(i as f32 / dim as f32);
-                let wavelen = 2.0 * std::f32::consts::PI / freq;
-                if wavelen < high_wavelen {
-                    1.0
-                } else if wavelen > low_wavelen {
-                    factor
-                } else {
-                    let smooth = (old_ctx / wavelen - low) / (high - low);
-                    1.0 / ((1.0 - smooth) / factor + smooth)
-                }
-            })
-            .collect();
-        Ok(vec![("rope_freqs.weight".into(), factors)])
+        let scaling = Llama3Rope {
+            factor: get("factor", 8.0) as f32,
+            low_freq_factor: get("low_freq_factor", 1.0) as f32,
+            high_freq_factor: get("high_freq_factor", 4.0) as f32,
+            original_context: get("original_max_position_embeddings", 8192.0) as f32,
+        };
+        Ok(vec![(
+            "rope_freqs.weight".into(),
+            scaling.factors(base as f32, dim),
+        )])
     }
 
     /// The Hugging Face prefix of a decoder layer (`model.layers.` / `transformer.h.`).
@@ -587,6 +678,40 @@ fn split_block<'s>(name: &'s str, prefix: &str) -> Option<(usize, &'s str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Llama 3.1 8B's and 3.2 1B's scalings (factor 8 and 32, low 1, high 4, original context
+    /// 8192, base 500,000, heads 128 and 64 wide) come back from their factors exactly; a
+    /// scaling whose original context leaves no blended pair is recovered as one that gives
+    /// the same factors.
+    #[test]
+    fn llama3_scaling_is_recovered_from_its_factors() {
+        for (factor, dim) in [(8.0, 128), (32.0, 64)] {
+            let scaling = Llama3Rope {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 8192.0,
+            };
+            let factors = scaling.factors(500_000.0, dim);
+            assert!(factors.iter().any(|v| *v > 1.0 && *v < factor));
+            assert_eq!(
+                Llama3Rope::from_factors(&factors, 500_000.0, dim),
+                Some(scaling)
+            );
+        }
+        let narrow = Llama3Rope {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 100.0,
+        };
+        let factors = narrow.factors(10_000.0, 8);
+        let back = Llama3Rope::from_factors(&factors, 10_000.0, 8).unwrap();
+        assert_eq!(back.factors(10_000.0, 8), factors);
+        // Not a scaling at all (every factor 1), or the wrong count: refused.
+        assert_eq!(Llama3Rope::from_factors(&[1.0; 4], 10_000.0, 8), None);
+        assert_eq!(Llama3Rope::from_factors(&factors[..3], 10_000.0, 8), None);
+    }
 
     #[test]
     fn rotary_pairs_interleave_each_heads_halves() {

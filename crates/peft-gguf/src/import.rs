@@ -12,7 +12,7 @@ use serde_json::{Value as Json, json};
 
 use peft_tensors::{PendingTensor, save_sharded};
 
-use crate::arch::{Arch, HParams};
+use crate::arch::{Arch, HParams, Llama3Rope};
 use crate::error::{GgufError, Result};
 use crate::format::{GgmlType, GgufFile, Value};
 use crate::quant;
@@ -108,11 +108,16 @@ fn hf_config(file: &GgufFile, arch: Arch) -> Result<Json> {
         "rope_type": "default",
     });
     if file.tensor("rope_freqs.weight").is_some() {
-        return Err(GgufError::Unsupported(format!(
-            "{}: Llama 3 RoPE frequency factors (rope_freqs.weight): their parameters are not \
-             recoverable from the factors; import the Hugging Face model instead",
-            file.path().display()
-        )));
+        let base = rope["rope_theta"].as_f64().unwrap_or(10000.0);
+        let dim = meta_u32(file, &format!("{a}.rope.dimension_count"))
+            .or(cfg["head_dim"].as_u64())
+            .unwrap_or(cfg["hidden_size"].as_u64().unwrap_or(0) / heads.max(1));
+        let llama3 = llama3_rope(file, base as f32, dim as usize)?;
+        rope["rope_type"] = "llama3".into();
+        rope["factor"] = llama3.factor.into();
+        rope["low_freq_factor"] = llama3.low_freq_factor.into();
+        rope["high_freq_factor"] = llama3.high_freq_factor.into();
+        rope["original_max_position_embeddings"] = (llama3.original_context as u64).into();
     }
     match file
         .get(&format!("{a}.rope.scaling.type"))
@@ -148,6 +153,23 @@ fn hf_config(file: &GgufFile, arch: Arch) -> Result<Json> {
     }
     cfg["rope_parameters"] = rope;
     Ok(cfg)
+}
+
+/// Llama 3's RoPE parameters behind the file's `rope_freqs.weight` ([`Llama3Rope::from_factors`]).
+fn llama3_rope(file: &GgufFile, base: f32, dim: usize) -> Result<Llama3Rope> {
+    let factors = file
+        .tensor_f32("rope_freqs.weight")
+        .ok_or_else(|| GgufError::tensor("rope_freqs.weight", "unreadable"))?;
+    Llama3Rope::from_factors(&factors, base, dim).ok_or_else(|| {
+        GgufError::Unsupported(format!(
+            "{}: rope_freqs.weight ({} factors, up to {}) is not Llama 3's RoPE scaling with \
+             low_freq_factor 1 and high_freq_factor 4 over a {dim}-wide head; import the \
+             Hugging Face model instead",
+            file.path().display(),
+            factors.len(),
+            factors.iter().fold(0f32, |m, v| m.max(*v))
+        ))
+    })
 }
 
 /// The Hugging Face tokenizer (`tokenizer.json`, `tokenizer_config.json`) of a `gpt2`-model
