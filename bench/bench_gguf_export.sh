@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GGUF export at real size (docs/BENCHMARKS.md, "GGUF export at real size"): `peft export-gguf`
 # against llama.cpp's `convert_hf_to_gguf.py` (through fixtures/make_gguf_fixtures.py, which
-# applies the fixtures' tokenizer-hash patch), f16 and q8_0, one after the other with the page
+# applies the fixtures' tokenizer-hash patch), f16 and q8_0, and q4_k_m against the converter's
+# bf16 file quantised by llama-quantize, one after the other with the page
 # cache dropped before each; wall time and peak RSS from `/usr/bin/time -v`, then the tensors of
 # the two files compared byte for byte with llama.cpp's gguf-py.
 #
@@ -32,11 +33,24 @@ for t in f16 q8_0; do
   run "convert-$t" "$out/c-$t.gguf" "$python" fixtures/make_gguf_fixtures.py "$lcpp" --convert \
     "$model" "$out/c-$t.gguf" "$t"
 done
+# q4_k_m: one pass here; there, the converter's bf16 file (exact for a bf16 checkpoint) then
+# llama-quantize (llama-cpp-python's llama_model_quantize, 2 threads), timed one after the other.
+run "peft-q4_k_m" "$out/p-q4_k_m.gguf" "$peft" export-gguf --model "$model" \
+  --output "$out/p-q4_k_m.gguf" --outtype q4_k_m
+run "convert-bf16" "$out/c-bf16.gguf" "$python" fixtures/make_gguf_fixtures.py "$lcpp" --convert \
+  "$model" "$out/c-bf16.gguf" bf16
+run "quantize-q4_k_m" "$out/c-q4_k_m.gguf" "$python" -c '
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(),
+                                        ctypes.byref(p)))' "$out/c-bf16.gguf" "$out/c-q4_k_m.gguf"
+rm -f "$out/c-bf16.gguf"
 PYTHONPATH="$lcpp/gguf-py" "$python" - "$out" <<'PY'
 import sys
 from gguf import GGUFReader
 out = sys.argv[1]
-for t in ("f16", "q8_0"):
+for t in ("f16", "q8_0", "q4_k_m"):
     a, b = GGUFReader(f"{out}/p-{t}.gguf"), GGUFReader(f"{out}/c-{t}.gguf")
     theirs = {x.name: x for x in b.tensors}
     same = sum(x.name in theirs and x.tensor_type == theirs[x.name].tensor_type

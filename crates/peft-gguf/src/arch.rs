@@ -194,7 +194,7 @@ impl Llama3Rope {
     /// (within 1e-6 of each).
     pub fn from_factors(factors: &[f32], base: f32, dim: usize) -> Option<Self> {
         let factor = *factors.last()?;
-        if factors.len() != dim / 2 || !(factor > 1.0) {
+        if factors.len() != dim / 2 || factor.is_nan() || factor <= 1.0 {
             return None;
         }
         let wavelengths: Vec<f32> = Self::wavelengths(base, dim).collect();

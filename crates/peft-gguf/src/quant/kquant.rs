@@ -280,8 +280,8 @@ pub(super) fn encode_q6_k(x: &[f32], out: &mut Vec<u8>) {
     for (s, &scale) in sc.iter_mut().zip(&scales) {
         *s = nearest_int(iscale * scale).min(127) as i8;
     }
-    for j in 0..16 {
-        let dj = d.to_f32() * f32::from(sc[j]);
+    for (j, &s) in sc.iter().enumerate() {
+        let dj = d.to_f32() * f32::from(s);
         if dj == 0.0 {
             continue;
         }

@@ -126,7 +126,7 @@ mod tests {
         assert_eq!(out.len(), 18);
         let d = f16::from_le_bytes([out[0], out[1]]).to_f32();
         assert_eq!(d, f16::from_f32(0.2).to_f32());
-        assert_eq!(out[2], 0 | (10 << 4));
+        assert_eq!(out[2], 10 << 4, "codes 0 (low nibble) and 10 (high)");
         assert_eq!(out[3], 15 | (8 << 4));
         let mut back = Vec::new();
         decode_block(GgmlType::Q4_0, &out, &mut back);
