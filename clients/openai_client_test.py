@@ -4,7 +4,8 @@
 
 Trains two LoRA adapters on the bundled tiny model (`peft train`, a few steps each), starts
 `peft serve` on 127.0.0.1 with them, an API key and an adapter folder, and checks: the models
-list, completions and chat (whole and streamed) equal to `peft generate` run alone, every error
+list, completions and chat (whole and streamed) equal to `peft generate` run alone, log-probabilities
+(`logprobs`, `top_logprobs`, `echo` with `max_tokens: 0`) equal to `peft logits`, every error
 case as the client's exception class, runtime adapter loading and unloading, the bounded queue
 (429), and a graceful exit on SIGTERM. Exits non-zero on the first failure.
 """
@@ -93,6 +94,70 @@ def main():
     print("openai client: every check passed")
 
 
+def peft_log_softmax(peft, model, work, adapter, ids):
+    """`peft logits` on `ids` (with the adapter), log-softmaxed in f64: [position][token]."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    inputs, output = os.path.join(work, "ids.safetensors"), os.path.join(work, "logits.st")
+    save_file({"input_ids": np.array([ids], dtype=np.int64)}, inputs)
+    run(peft, "logits", "--model", model, "--adapter", os.path.join(work, adapter, "adapter"),
+        "--inputs", inputs, "--output", output)
+    logits = load_file(output)["logits"][0].astype(np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))
+
+
+def check_logprobs(client, peft, model, work):
+    """`logprobs` / `top_logprobs` / `echo` in OpenAI's shapes, equal to `peft logits`."""
+    # lm-evaluation-harness's log-likelihood request: the prompt scored, nothing generated.
+    ids = [5, 42, 7, 300, 11, 9]
+    reference = peft_log_softmax(peft, model, work, "zh", ids)
+    scored = client.completions.create(model="zh", prompt=ids, max_tokens=0, echo=True,
+                                       logprobs=2, temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.usage.completion_tokens == 0 and len(lp.tokens) == len(ids), lp
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+    worst = max(abs(lp.token_logprobs[i] - reference[i - 1][ids[i]]) for i in range(1, len(ids)))
+    assert worst <= 1e-5, f"prompt log-probabilities {worst} from peft logits"
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs[1:]), lp.top_logprobs
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp.text_offset
+    assert scored.choices[0].text, "echo returns the prompt's text"
+
+    # Generated tokens: greedy, so each one is its position's most likely; streamed, the same
+    # log-probabilities arrive chunk by chunk.
+    got = client.completions.create(model="zh", prompt=ids, max_tokens=5, temperature=0,
+                                    logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.token_logprobs) == got.usage.completion_tokens, lp
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert abs(value - max(top.values())) <= 1e-6, (value, top)
+    first = reference[-1]  # the first generated token's distribution
+    assert abs(lp.token_logprobs[0] - first.max()) <= 1e-5, (lp.token_logprobs[0], first.max())
+    streamed = client.completions.create(model="zh", prompt=ids, max_tokens=5, temperature=0,
+                                         logprobs=3, stream=True)
+    values = [v for c in streamed if c.choices and c.choices[0].logprobs
+              for v in c.choices[0].logprobs.token_logprobs]
+    assert values == lp.token_logprobs, (values, lp.token_logprobs)
+
+    # Chat: `logprobs: true` with `top_logprobs: k`.
+    chat = client.chat.completions.create(model="zh", messages=[{"role": "user", "content": "你好"}],
+                                          max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens, content
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    e = expect_error(openai.BadRequestError,
+                     lambda: client.chat.completions.create(
+                         model="zh", messages=[{"role": "user", "content": "x"}], top_logprobs=2))
+    assert "top_logprobs" in str(e), e
+    e = expect_error(openai.BadRequestError,
+                     lambda: client.completions.create(model="zh", prompt="x", logprobs=21))
+    assert "logprobs" in str(e), e
+
+
 def check(client, base, peft, model, work):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["model", "en", "zh"], ids
@@ -145,6 +210,8 @@ def check(client, base, peft, model, work):
                      lambda: client.completions.create(model="zh", prompt="x", max_tokens=2,
                                                        frequency_penalty=3))
     assert "frequency_penalty" in str(e), e
+
+    check_logprobs(client, peft, model, work)
 
     # Errors, as the client's exception classes.
     expect_error(openai.NotFoundError,

@@ -30,8 +30,9 @@ fn state() -> &'static AppState {
 
 fuzz_target!(|data: &[u8]| {
     let state = state();
-    if let Ok((prompt, max_tokens, stops)) = check_completion_body(state, data) {
-        assert!(prompt >= 1 && max_tokens >= 1);
+    if let Ok((prompt, max_tokens, stops, echo)) = check_completion_body(state, data) {
+        // `max_tokens: 0` only scores the prompt (`echo`).
+        assert!(prompt >= 1 && (max_tokens >= 1 || echo));
         assert!(prompt.checked_add(max_tokens).is_some_and(|n| n <= CONTEXT));
         assert!(stops.len() <= MAX_STOPS);
         assert!(stops.iter().all(|s| s.chars().count() <= MAX_STOP_CHARS));

@@ -66,6 +66,8 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
                     decoding: Decoding::Greedy,
                     ignore_eos: true,
                     adjust: Default::default(),
+                    logprobs: None,
+                    prompt_logprobs: None,
                     events,
                 }))
                 .map_err(|e| e.to_string())?;
@@ -81,7 +83,9 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
                 match event {
                     peft_serve::engine::Event::Token(_) => tokens += 1,
                     peft_serve::engine::Event::Failed(e) => return Err(e),
-                    peft_serve::engine::Event::Finished { .. } => {}
+                    peft_serve::engine::Event::Finished { .. }
+                    | peft_serve::engine::Event::Logprob(_)
+                    | peft_serve::engine::Event::PromptLogprobs(_) => {}
                 }
             }
             if tokens != new_tokens {

@@ -2,8 +2,8 @@
 //!
 //! Requests are parsed by hand from the body bytes, so that malformed JSON or a wrong field
 //! gets OpenAI's error object with the parser's message rather than a framework's plain text.
-//! Fields OpenAI defines that are not served (`logprobs`, `echo`, `best_of`, `n > 1`, tools)
-//! are refused by name; unknown fields are ignored, as OpenAI's own server does.
+//! Fields OpenAI defines that are not served (`best_of`, `n > 1`, tools) are refused by name;
+//! unknown fields are ignored, as OpenAI's own server does.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -154,11 +154,17 @@ pub struct Sampling {
     pub stream: bool,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Refused when set (not served).
+    /// Completions: `k`, each token's log-probability with the `k` most likely (at most 20).
+    /// Chat: `true` for each token's log-probability (`top_logprobs` says how many of the most
+    /// likely come with it).
     pub logprobs: Option<Value>,
+    /// Chat: the most likely tokens returned with each token's log-probability (0–20; needs
+    /// `logprobs: true`).
+    pub top_logprobs: Option<usize>,
     /// Refused when > 1 (not served).
     pub best_of: Option<usize>,
-    /// Refused when true (not served).
+    /// Completions: the prompt comes back before the output (with its log-probabilities under
+    /// `logprobs`; `max_tokens: 0` then scores the prompt alone).
     #[serde(default)]
     pub echo: bool,
     /// Refused when set (not served).

@@ -28,6 +28,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Shared;
 use crate::penalties::{LogitAdjustments, TokenHistory};
 
@@ -72,6 +73,12 @@ impl FinishReason {
 /// What the engine tells a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The log-probabilities of the prompt's tokens (`echo` with `logprobs`), sent once before
+    /// any token: one entry per prompt token, the first `None` (nothing precedes it).
+    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    /// The log-probability of the token that follows (sent just before its [`Event::Token`],
+    /// or before `Finished` for an end-of-sequence token), when the request asked for them.
+    Logprob(TokenLogprob),
     /// The next generated token (never the end-of-sequence token itself).
     Token(u32),
     /// The sequence ended after `generated` tokens (the end-of-sequence token counted).
@@ -92,7 +99,8 @@ pub struct Job {
     pub adapter: Option<String>,
     /// Prompt token ids (checked against the vocabulary and the context by the caller).
     pub prompt: Vec<u32>,
-    /// Tokens to generate at most (at least 1).
+    /// Tokens to generate at most (at least 1, unless `prompt_logprobs` asks for the prompt
+    /// alone).
     pub max_tokens: usize,
     /// Greedy or sampled.
     pub decoding: Decoding,
@@ -100,6 +108,12 @@ pub struct Job {
     pub ignore_eos: bool,
     /// Penalties, biases, `min_tokens` and stop token ids (vLLM's).
     pub adjust: LogitAdjustments,
+    /// Send each generated token's log-probability with this many most likely tokens
+    /// (`None`: none).
+    pub logprobs: Option<usize>,
+    /// Send the prompt's log-probabilities with this many most likely tokens (`echo`), before
+    /// generating; with `max_tokens` 0 nothing is generated.
+    pub prompt_logprobs: Option<usize>,
     /// Where the tokens go; the request leaves the batch once this is closed.
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -526,13 +540,36 @@ impl Engine {
             &device,
         ));
         let mut cache = KvCache::new(self.spec().num_layers);
+        let positions = if job.prompt_logprobs.is_some() { n } else { 1 };
         let logits = match self
             .forward(key, input, &mut cache, &[adapter.as_str()])
-            .and_then(|l| last_logits(l, 1))
+            .and_then(|l| last_positions(l, positions))
         {
             Ok(l) => l,
             Err(e) => return Err((job, e)),
         };
+        if let Some(top) = job.prompt_logprobs {
+            // Position i's logits predict token i + 1; the first token has no predecessor.
+            let entries = std::iter::once(None)
+                .chain(
+                    job.prompt[1..]
+                        .iter()
+                        .zip(&logits)
+                        .map(|(&t, l)| Some(token_logprob(l, t, top))),
+                )
+                .collect();
+            let _ = job.events.send(Event::PromptLogprobs(entries));
+        }
+        if job.max_tokens == 0 {
+            // The prompt alone was asked for (`echo` with `max_tokens: 0`).
+            self.shared.started(&adapter, n);
+            let _ = job.events.send(Event::Finished {
+                reason: FinishReason::Length,
+                generated: 0,
+            });
+            return Ok(None);
+        }
+        let logits = &logits[logits.len() - 1..];
         let history = TokenHistory::new(&job.prompt, &job.adjust);
         let rng = match job.decoding {
             Decoding::Sample { seed, .. } => StdRng::seed_from_u64(seed),
@@ -570,6 +607,13 @@ impl Engine {
             row.history.apply(adjust, &mut logits, &stop_ids);
             peft_models::generate::choose(&logits, row.job.decoding, &mut row.rng)
         };
+        if let Some(top) = row.job.logprobs {
+            // The raw logits' log-probabilities (vLLM's default), whatever the sampler saw.
+            let _ = row
+                .job
+                .events
+                .send(Event::Logprob(token_logprob(logits, token, top)));
+        }
         row.history.push(token, &row.job.adjust);
         row.generated += 1;
         row.last = token;
@@ -694,6 +738,20 @@ fn last_logits(logits: Tensor<3>, batch: usize) -> peft_core::Result<Vec<Vec<f32
     let values = logits
         .slice_dim(1, seq - 1..seq)
         .reshape([batch, vocab])
+        .into_data()
+        .try_to_vec_as::<f32>()
+        .map_err(|e| PeftError::InvalidInput(format!("reading logits: {e:?}")))?;
+    Ok(values.chunks(vocab).map(<[f32]>::to_vec).collect())
+}
+
+/// The logits of the last `positions` positions of a one-row batch, `[vocab]` each (a prompt's
+/// own positions: virtual tokens of prompt learning come before them).
+fn last_positions(logits: Tensor<3>, positions: usize) -> peft_core::Result<Vec<Vec<f32>>> {
+    let [_, seq, vocab] = logits.dims();
+    let positions = positions.min(seq);
+    let values = logits
+        .slice_dim(1, seq - positions..seq)
+        .reshape([positions, vocab])
         .into_data()
         .try_to_vec_as::<f32>()
         .map_err(|e| PeftError::InvalidInput(format!("reading logits: {e:?}")))?;

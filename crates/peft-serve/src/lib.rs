@@ -12,6 +12,7 @@
 //! * [`api`] — the request/response bodies and OpenAI's error shape;
 //! * [`connections`] — accepting connections: the connection cap and the header deadline;
 //! * [`text`] — tokens to text with stop strings;
+//! * [`logprobs`] — log-probabilities of tokens (`logprobs`, `top_logprobs`, `echo`);
 //! * [`metrics`] — the shared counters and the bounded queue;
 //! * [`client`] — a minimal blocking HTTP client for the tests and the load test.
 //!
@@ -35,6 +36,7 @@ pub mod api;
 pub mod client;
 pub mod connections;
 pub mod engine;
+pub mod logprobs;
 pub mod metrics;
 pub mod penalties;
 pub mod routes;

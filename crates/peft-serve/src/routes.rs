@@ -26,6 +26,7 @@ use crate::api::{
     UnloadAdapterRequest, Usage, parse_body,
 };
 use crate::engine::{AdapterReply, Command, Event, Job};
+use crate::logprobs::{self, TokenLogprob};
 use crate::metrics::Shared;
 use crate::penalties::LogitAdjustments;
 use crate::text::TextStream;
@@ -367,6 +368,54 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     ignore_eos: bool,
+    /// Each token's log-probability with this many most likely tokens, if asked.
+    logprobs: Option<usize>,
+    /// `echo`: the prompt's text, returned before the output.
+    echo: Option<String>,
+}
+
+/// The most likely tokens a request may ask for with each log-probability (vLLM's default
+/// `max_logprobs`).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// How many most likely tokens come with each token's log-probability, if any are asked for:
+/// completions' `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k` (default 0).
+fn requested_logprobs(endpoint: Endpoint, sampling: &Sampling) -> Result<Option<usize>, ApiError> {
+    let too_many = |field: &str, k: &Value| {
+        ApiError::bad_field(
+            field,
+            format!("{field} must be an integer in [0, {MAX_LOGPROBS}], got {k}"),
+        )
+    };
+    match endpoint {
+        Endpoint::Completions => match &sampling.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(k) if k as usize <= MAX_LOGPROBS => Ok(Some(k as usize)),
+                _ => Err(too_many("logprobs", v)),
+            },
+        },
+        Endpoint::Chat => {
+            let on = match &sampling.logprobs {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(v) => {
+                    return Err(ApiError::bad_field(
+                        "logprobs",
+                        format!("logprobs must be true or false, got {v}"),
+                    ));
+                }
+            };
+            match sampling.top_logprobs {
+                Some(k) if k > MAX_LOGPROBS => Err(too_many("top_logprobs", &json!(k))),
+                Some(k) if k > 0 && !on => Err(ApiError::bad_field(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                )),
+                k => Ok(on.then(|| k.unwrap_or(0))),
+            }
+        }
+    }
 }
 
 /// The request's penalties, biases, `min_tokens` and stop token ids, checked as vLLM and
@@ -478,6 +527,7 @@ fn plan(
     sampling: Sampling,
     prompt: Vec<u32>,
     default_max: Option<usize>,
+    endpoint: Endpoint,
 ) -> Result<Plan, ApiError> {
     let adapter = if sampling.model == state.base_name {
         None
@@ -502,16 +552,13 @@ fn plan(
     if sampling.best_of.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_field("best_of", "only best_of = 1 is served"));
     }
-    if sampling.echo {
-        return Err(ApiError::bad_field("echo", "echo is not served"));
+    if sampling.echo && endpoint == Endpoint::Chat {
+        return Err(ApiError::bad_field(
+            "echo",
+            "echo is served on /v1/completions",
+        ));
     }
-    if sampling
-        .logprobs
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && *v != json!(false))
-    {
-        return Err(ApiError::bad_field("logprobs", "logprobs are not served"));
-    }
+    let logprobs = requested_logprobs(endpoint, &sampling)?;
     if sampling.tools.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(ApiError::bad_field("tools", "tools are not served"));
     }
@@ -533,15 +580,22 @@ fn plan(
         .or(sampling.max_completion_tokens)
         .or(default_max)
         .unwrap_or(room);
-    if max_tokens == 0 && prompt.len() < state.max_model_len {
+    // `max_tokens: 0` scores the prompt alone (`echo`), which may then fill the context.
+    let scores_only = max_tokens == 0 && sampling.echo;
+    if max_tokens == 0 && !scores_only && prompt.len() < state.max_model_len {
         return Err(ApiError::bad_field(
             "max_tokens",
-            "max_tokens must be at least 1",
+            "max_tokens must be at least 1 (or 0 with echo)",
         ));
     }
+    let too_long = if scores_only {
+        prompt.len() > state.max_model_len
+    } else {
+        prompt.len() >= state.max_model_len
+    };
     // `max_tokens > room`, not `prompt + max_tokens > context`: a client's `max_tokens` near
     // `usize::MAX` must not wrap the sum past the check.
-    if prompt.len() >= state.max_model_len || max_tokens > room {
+    if too_long || max_tokens > room {
         return Err(ApiError::bad_field(
             "max_tokens",
             format!(
@@ -607,6 +661,8 @@ fn plan(
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage),
+        logprobs,
+        echo: None,
     })
 }
 
@@ -632,6 +688,8 @@ fn submit(state: &AppState, plan: &Plan) -> Result<mpsc::UnboundedReceiver<Event
         decoding: plan.decoding,
         ignore_eos: plan.ignore_eos,
         adjust: plan.adjust.clone(),
+        logprobs: plan.logprobs,
+        prompt_logprobs: plan.echo.as_ref().and(plan.logprobs),
         events,
     };
     if let Err(e) = state.send(Command::Generate(job)) {
@@ -656,17 +714,18 @@ impl Endpoint {
         }
     }
 
-    /// A choice carrying `text` (whole response, or one streamed chunk).
-    fn choice(self, text: &str, finish: Option<&str>, streamed: bool) -> Value {
+    /// A choice carrying `text` and its tokens' `logprobs` (whole response, or one streamed
+    /// chunk).
+    fn choice(self, text: &str, logprobs: Value, finish: Option<&str>, streamed: bool) -> Value {
         match (self, streamed) {
             (Self::Completions, _) => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             (Self::Chat, false) => json!({"index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null, "finish_reason": finish}),
+                "logprobs": logprobs, "finish_reason": finish}),
             (Self::Chat, true) => json!({"index": 0, "delta": {"content": text},
-                "logprobs": null, "finish_reason": finish}),
+                "logprobs": logprobs, "finish_reason": finish}),
         }
     }
 
@@ -690,11 +749,21 @@ async fn completions(
 /// A `/v1/completions` body checked and planned (or the error the route answers).
 fn completion_plan(state: &AppState, body: &[u8]) -> Result<Plan, ApiError> {
     let request: CompletionRequest = parse_body(body)?;
+    let mut prompt_text = None;
     let prompt = match request.prompt {
         Prompt::Tokens(ids) => ids,
         Prompt::TokenLists(mut lists) if lists.len() == 1 => lists.remove(0),
-        Prompt::Text(text) => encode(&state.tokenizer, &text)?,
-        Prompt::Texts(texts) if texts.len() == 1 => encode(&state.tokenizer, &texts[0])?,
+        Prompt::Text(text) => {
+            let ids = encode(&state.tokenizer, &text)?;
+            prompt_text = Some(text);
+            ids
+        }
+        Prompt::Texts(mut texts) if texts.len() == 1 => {
+            let text = texts.remove(0);
+            let ids = encode(&state.tokenizer, &text)?;
+            prompt_text = Some(text);
+            ids
+        }
         _ => {
             return Err(ApiError::bad_field(
                 "prompt",
@@ -702,20 +771,43 @@ fn completion_plan(state: &AppState, body: &[u8]) -> Result<Plan, ApiError> {
             ));
         }
     };
+    let echo = request.sampling.echo;
     // OpenAI's completions default: 16 tokens.
-    plan(state, request.sampling, prompt, Some(16))
+    let mut plan = plan(
+        state,
+        request.sampling,
+        prompt,
+        Some(16),
+        Endpoint::Completions,
+    )?;
+    if echo {
+        let text = match &prompt_text {
+            Some(text) => text.clone(),
+            None => state
+                .tokenizer
+                .decode(&plan.prompt)
+                .map_err(|e| ApiError::bad_field("prompt", e.to_string()))?,
+        };
+        plan.echo = Some(text);
+    }
+    Ok(plan)
 }
 
 /// What a checked `/v1/completions` body asks of the engine: `(prompt tokens, max_tokens, stop
-/// strings)`, or the error the route answers. For the fuzz target (`fuzz/`), which checks that
-/// every accepted body stays within the server's limits.
+/// strings, echo)`, or the error the route answers. For the fuzz target (`fuzz/`), which checks
+/// that every accepted body stays within the server's limits.
 #[doc(hidden)]
 pub fn check_completion_body(
     state: &AppState,
     body: &[u8],
-) -> Result<(usize, usize, Vec<String>), ApiError> {
+) -> Result<(usize, usize, Vec<String>, bool), ApiError> {
     let plan = completion_plan(state, body)?;
-    Ok((plan.prompt.len(), plan.max_tokens, plan.stops))
+    Ok((
+        plan.prompt.len(),
+        plan.max_tokens,
+        plan.stops,
+        plan.echo.is_some(),
+    ))
 }
 
 async fn chat_completions(
@@ -741,7 +833,7 @@ async fn chat_completions(
     }
     let prompt = chat_prompt(&state.tokenizer, &messages)?;
     // Chat's default: the rest of the context.
-    let plan = plan(&state, request.sampling, prompt, None)?;
+    let plan = plan(&state, request.sampling, prompt, None, Endpoint::Chat)?;
     respond(state, plan, Endpoint::Chat).await
 }
 
@@ -792,6 +884,17 @@ struct Generation {
     events: mpsc::UnboundedReceiver<Event>,
     text: TextStream,
     generated: usize,
+    endpoint: Endpoint,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
+    /// The prompt's log-probabilities (`echo`), once the engine sent them.
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    /// The log-probability the engine sent for the token that comes next.
+    pending: Option<TokenLogprob>,
+    /// Log-probabilities of the tokens received and not yet put in a response.
+    unsent: Vec<TokenLogprob>,
+    /// Characters of text before the next token (completions' `text_offset`).
+    offset: usize,
 }
 
 /// What the next event gives: text released, and the finish reason once over.
@@ -802,42 +905,122 @@ enum Step {
 }
 
 impl Generation {
-    async fn next(&mut self) -> Step {
-        match self.events.recv().await {
-            Some(Event::Token(token)) => {
-                self.generated += 1;
-                match self.text.push(&self.state.tokenizer, token) {
-                    Ok(piece) if self.text.stopped() => {
-                        // Closing the channel takes the request out of the batch.
-                        self.events.close();
-                        Step::Done(piece, "stop")
-                    }
-                    Ok(piece) => Step::Text(piece),
-                    Err(e) => Step::Failed(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        e.to_string(),
-                    )),
-                }
-            }
-            Some(Event::Finished { reason, generated }) => {
-                self.generated = generated;
-                match self.text.finish(&self.state.tokenizer) {
-                    Ok(rest) => Step::Done(rest, reason.as_str()),
-                    Err(e) => Step::Failed(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        e.to_string(),
-                    )),
-                }
-            }
-            Some(Event::Failed(message)) => {
-                Step::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
-            }
-            None => Step::Failed(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the engine stopped",
-            )),
+    fn new(
+        state: Arc<AppState>,
+        plan: &Plan,
+        endpoint: Endpoint,
+        events: mpsc::UnboundedReceiver<Event>,
+    ) -> Self {
+        Self {
+            state,
+            events,
+            text: TextStream::new(plan.stops.clone()),
+            generated: 0,
+            endpoint,
+            logprobs: plan.logprobs.is_some(),
+            prompt_logprobs: None,
+            pending: None,
+            unsent: Vec::new(),
+            offset: plan.echo.as_ref().map_or(0, |t| t.chars().count()),
         }
     }
+
+    async fn next(&mut self) -> Step {
+        loop {
+            let step = match self.events.recv().await {
+                Some(Event::PromptLogprobs(entries)) => {
+                    self.prompt_logprobs = Some(entries);
+                    continue;
+                }
+                Some(Event::Logprob(entry)) => {
+                    self.pending = Some(entry);
+                    continue;
+                }
+                Some(Event::Token(token)) => {
+                    self.generated += 1;
+                    self.unsent.extend(self.pending.take());
+                    match self.text.push(&self.state.tokenizer, token) {
+                        Ok(piece) if self.text.stopped() => {
+                            // Closing the channel takes the request out of the batch.
+                            self.events.close();
+                            Step::Done(piece, "stop")
+                        }
+                        Ok(piece) => Step::Text(piece),
+                        Err(e) => Step::Failed(ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            e.to_string(),
+                        )),
+                    }
+                }
+                Some(Event::Finished { reason, generated }) => {
+                    // An end-of-sequence token's log-probability is dropped with the token.
+                    self.pending = None;
+                    self.generated = generated;
+                    match self.text.finish(&self.state.tokenizer) {
+                        Ok(rest) => Step::Done(rest, reason.as_str()),
+                        Err(e) => Step::Failed(ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            e.to_string(),
+                        )),
+                    }
+                }
+                Some(Event::Failed(message)) => {
+                    Step::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
+                }
+                None => Step::Failed(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the engine stopped",
+                )),
+            };
+            return step;
+        }
+    }
+
+    /// The `logprobs` of the tokens received since the last call (`null` unless asked for).
+    fn take_logprobs(&mut self) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let entries = std::mem::take(&mut self.unsent);
+        let tokenizer = &self.state.tokenizer;
+        match self.endpoint {
+            Endpoint::Completions => {
+                let entries: Vec<(u32, Option<TokenLogprob>)> =
+                    entries.into_iter().map(|e| (e.token, Some(e))).collect();
+                logprobs::completion_json(tokenizer, &entries, &mut self.offset)
+            }
+            Endpoint::Chat => logprobs::chat_json(tokenizer, &entries),
+        }
+    }
+
+    /// The `logprobs` of an echoed `prompt` (`null` unless asked for): its first token has
+    /// none.
+    fn prompt_logprobs(&mut self, prompt: &[u32]) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let scored = self.prompt_logprobs.take().unwrap_or_default();
+        let entries: Vec<(u32, Option<TokenLogprob>)> = prompt
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t, scored.get(i).cloned().flatten()))
+            .collect();
+        let mut offset = 0;
+        logprobs::completion_json(&self.state.tokenizer, &entries, &mut offset)
+    }
+}
+
+/// Completions' `logprobs` objects of the echoed prompt and the output, as one.
+fn joined_logprobs(mut first: Value, second: Value) -> Value {
+    if first.is_null() {
+        return second;
+    }
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(a), Some(b)) = (first[key].as_array_mut(), second[key].as_array()) {
+            a.extend(b.iter().cloned());
+        }
+    }
+    first
 }
 
 async fn whole_response(
@@ -847,13 +1030,8 @@ async fn whole_response(
     id: String,
     events: mpsc::UnboundedReceiver<Event>,
 ) -> Result<Response, ApiError> {
-    let mut generation = Generation {
-        state: state.clone(),
-        events,
-        text: TextStream::new(plan.stops.clone()),
-        generated: 0,
-    };
-    let mut text = String::new();
+    let mut generation = Generation::new(state.clone(), &plan, endpoint, events);
+    let mut text = plan.echo.clone().unwrap_or_default();
     let finish = loop {
         match generation.next().await {
             Step::Text(piece) => text.push_str(&piece),
@@ -864,13 +1042,17 @@ async fn whole_response(
             Step::Failed(e) => return Err(e),
         }
     };
+    let mut logprobs = generation.take_logprobs();
+    if plan.echo.is_some() {
+        logprobs = joined_logprobs(generation.prompt_logprobs(&plan.prompt), logprobs);
+    }
     let usage = Usage::new(plan.prompt.len(), generation.generated);
     Ok(axum::Json(json!({
         "id": id,
         "object": endpoint.object(false),
         "created": unix_now(),
         "model": plan.model,
-        "choices": [endpoint.choice(&text, Some(finish), false)],
+        "choices": [endpoint.choice(&text, logprobs, Some(finish), false)],
         "usage": usage,
     }))
     .into_response())
@@ -896,12 +1078,7 @@ fn stream_response(
             SseEvent::default().data(body.to_string())
         }
     };
-    let generation = Generation {
-        state,
-        events,
-        text: TextStream::new(plan.stops.clone()),
-        generated: 0,
-    };
+    let generation = Generation::new(state, &plan, endpoint, events);
     let first = (endpoint == Endpoint::Chat).then(|| {
         chunk(
             json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -911,25 +1088,46 @@ fn stream_response(
     });
     let prompt_len = plan.prompt.len();
     let include_usage = plan.include_usage;
+    let echo = plan.echo.clone().map(|text| (text, plan.prompt.clone()));
     // States: Some(generation) while generating; None once the last chunks were sent.
-    let body = stream::unfold(Some(generation), move |state| {
+    let body = stream::unfold(Some((generation, echo)), move |state| {
         let chunk = chunk.clone();
         async move {
-            let mut generation = state?;
+            let (mut generation, mut echo) = state?;
             loop {
-                match generation.next().await {
-                    Step::Text(piece) if piece.is_empty() => continue,
+                let step = generation.next().await;
+                let mut events = Vec::new();
+                // `echo`: the prompt's text (and log-probabilities, which the engine sends
+                // before any token) in the first chunk.
+                if let Some((text, prompt)) = echo.take() {
+                    let logprobs = generation.prompt_logprobs(&prompt);
+                    events.push(chunk(
+                        json!([endpoint.choice(&text, logprobs, None, true)]),
+                        None,
+                    ));
+                }
+                match step {
+                    Step::Text(piece) if piece.is_empty() && events.is_empty() => continue,
                     Step::Text(piece) => {
-                        let event = chunk(json!([endpoint.choice(&piece, None, true)]), None);
-                        return Some((vec![event], Some(generation)));
+                        if !piece.is_empty() {
+                            let logprobs = generation.take_logprobs();
+                            events.push(chunk(
+                                json!([endpoint.choice(&piece, logprobs, None, true)]),
+                                None,
+                            ));
+                        }
+                        return Some((events, Some((generation, echo))));
                     }
                     Step::Done(piece, reason) => {
-                        let mut events = Vec::new();
-                        if !piece.is_empty() {
-                            events.push(chunk(json!([endpoint.choice(&piece, None, true)]), None));
+                        let logprobs = generation.take_logprobs();
+                        if !piece.is_empty() || !logprobs.is_null() {
+                            events.push(chunk(
+                                json!([endpoint.choice(&piece, logprobs, None, true)]),
+                                None,
+                            ));
                         }
                         events.push(chunk(
-                            json!([endpoint.choice("", Some(reason), true)]),
+                            json!([endpoint.choice("", Value::Null, Some(reason), true)]),
                             None,
                         ));
                         if include_usage {
@@ -942,10 +1140,8 @@ fn stream_response(
                         return Some((events, None));
                     }
                     Step::Failed(e) => {
-                        let events = vec![
-                            SseEvent::default().data(e.body().to_string()),
-                            SseEvent::default().data("[DONE]"),
-                        ];
+                        events.push(SseEvent::default().data(e.body().to_string()));
+                        events.push(SseEvent::default().data("[DONE]"));
                         return Some((events, None));
                     }
                 }

@@ -66,6 +66,8 @@ fn run_on_mut(engine: &mut Engine, requests: &[Request]) -> Vec<Vec<Event>> {
                     decoding: r.decoding,
                     ignore_eos: false,
                     adjust: Default::default(),
+                    logprobs: None,
+                    prompt_logprobs: None,
                     events,
                 }))
                 .unwrap();
@@ -198,6 +200,8 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             decoding: Decoding::Greedy,
             ignore_eos: false,
             adjust: Default::default(),
+            logprobs: None,
+            prompt_logprobs: None,
             events,
         }))
         .unwrap();
@@ -210,6 +214,8 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             decoding: Decoding::Greedy,
             ignore_eos: false,
             adjust: Default::default(),
+            logprobs: None,
+            prompt_logprobs: None,
             events,
         }))
         .unwrap();
@@ -250,6 +256,8 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
             decoding: Decoding::Greedy,
             ignore_eos: true,
             adjust: Default::default(),
+            logprobs: None,
+            prompt_logprobs: None,
             events,
         }))
         .unwrap();
@@ -262,6 +270,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
             Event::Token(_) => tokens += 1,
             Event::Finished { reason, generated } => finished = Some((reason, generated)),
             Event::Failed(m) => panic!("{m}"),
+            Event::Logprob(_) | Event::PromptLogprobs(_) => panic!("not asked for"),
         }
     }
     assert_eq!(tokens, 7);
@@ -521,6 +530,8 @@ fn adjusted_runs(
                     decoding: Decoding::Greedy,
                     ignore_eos: false,
                     adjust,
+                    logprobs: None,
+                    prompt_logprobs: None,
                     events,
                 }))
                 .unwrap();
@@ -538,6 +549,7 @@ fn adjusted_runs(
                     Event::Token(t) => tokens.push(t),
                     Event::Finished { reason, .. } => finished = Some(reason),
                     Event::Failed(m) => panic!("{m}"),
+                    Event::Logprob(_) | Event::PromptLogprobs(_) => panic!("not asked for"),
                 }
             }
             (tokens, finished)
@@ -585,4 +597,132 @@ fn penalties_biases_and_stop_token_ids_act_in_the_batch() {
     let (alone, worn) = (count(&runs[4].0), count(&runs[5].0));
     assert!(runs[4].0[0] == 77 && runs[5].0[0] == 77);
     assert!(alone > 6 && worn < alone, "{alone} vs {worn}: {runs:?}");
+}
+
+/// Log-probabilities (`logprobs`, `echo`) are the log-softmax of the model's own logits, to
+/// 1e-5: the prompt's from its prefill, each generated token's from its decoding step, with the
+/// most likely tokens in order; a request for the prompt alone (`max_tokens` 0) gets its
+/// scores and no token.
+#[test]
+fn logprobs_are_the_log_softmax_of_the_models_logits() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use peft_core::{CausalLm, ModelInput};
+
+    let shared = Arc::new(Shared::new("base"));
+    let mut engine = engine("llama", shared, 4);
+    let prompt = vec![5u32, 42, 7, 300, 11];
+    let (commands, receiver) = std::sync::mpsc::channel();
+    let job = |max_tokens, logprobs, prompt_logprobs, events| Job {
+        adapter: None,
+        prompt: prompt.clone(),
+        max_tokens,
+        decoding: Decoding::Greedy,
+        ignore_eos: true,
+        adjust: Default::default(),
+        logprobs,
+        prompt_logprobs,
+        events,
+    };
+    let (events, mut generated) = mpsc::unbounded_channel();
+    let request = job(6, Some(3), Some(2), events);
+    commands.send(Command::Generate(request)).unwrap();
+    let (events, mut scored) = mpsc::unbounded_channel();
+    let request = job(0, None, Some(0), events);
+    commands.send(Command::Generate(request)).unwrap();
+    drop(commands);
+    engine.run(&receiver);
+
+    let (mut prompt_entries, mut entries, mut tokens) = (None, Vec::new(), Vec::new());
+    while let Ok(e) = generated.try_recv() {
+        match e {
+            Event::PromptLogprobs(p) => prompt_entries = Some(p),
+            Event::Logprob(lp) => entries.push(lp),
+            Event::Token(t) => {
+                assert_eq!(
+                    entries.len(),
+                    tokens.len() + 1,
+                    "a token's log-probability first"
+                );
+                tokens.push(t);
+            }
+            Event::Finished { .. } => {}
+            Event::Failed(m) => panic!("{m}"),
+        }
+    }
+    let prompt_entries = prompt_entries.expect("the prompt's log-probabilities");
+    assert_eq!((prompt_entries.len(), tokens.len()), (5, 6));
+    assert!(prompt_entries[0].is_none());
+
+    // The reference: one forward pass over the prompt and the generated tokens.
+    let model = peft_models::load(fixtures().join("models/llama-tiny"), &Device::flex()).unwrap();
+    let ids: Vec<i64> = prompt
+        .iter()
+        .chain(&tokens[..5])
+        .map(|&t| t as i64)
+        .collect();
+    let n = ids.len();
+    let input = ModelInput::new(Tensor::<2, Int>::from_data(
+        TensorData::new(ids, [1, n]),
+        &Device::flex(),
+    ));
+    let logits = model.forward(input, None).unwrap();
+    let vocab = logits.dims()[2];
+    let logits = logits.into_data().try_to_vec::<f32>().unwrap();
+    let log_softmax = |position: usize| -> Vec<f64> {
+        let row = &logits[position * vocab..(position + 1) * vocab];
+        let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+        let norm = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        row.iter().map(|&x| x as f64 - norm).collect()
+    };
+    let check = |position: usize, entry: &peft_serve::logprobs::TokenLogprob, token: u32| {
+        let reference = log_softmax(position);
+        assert_eq!(entry.token, token);
+        let diff = (entry.logprob as f64 - reference[token as usize]).abs();
+        assert!(
+            diff <= 1e-5,
+            "position {position}: {} vs {}",
+            entry.logprob,
+            reference[token as usize]
+        );
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
+        let top: Vec<u32> = entry.top.iter().map(|t| t.0).collect();
+        let expected: Vec<u32> = order[..top.len()].iter().map(|&i| i as u32).collect();
+        assert_eq!(top, expected, "position {position}");
+        for (id, lp) in &entry.top {
+            assert!((*lp as f64 - reference[*id as usize]).abs() <= 1e-5);
+        }
+    };
+    for (i, entry) in prompt_entries.iter().enumerate().skip(1) {
+        let entry = entry.as_ref().unwrap();
+        assert_eq!(entry.top.len(), 2);
+        check(i - 1, entry, prompt[i]);
+    }
+    for (j, entry) in entries.iter().enumerate() {
+        assert_eq!(entry.top.len(), 3);
+        check(prompt.len() - 1 + j, entry, tokens[j]);
+        // Greedy: the chosen token is the most likely.
+        assert_eq!(entry.top[0].0, tokens[j]);
+    }
+
+    // The prompt alone: its scores, then the end, and no token.
+    let mut events = Vec::new();
+    while let Ok(e) = scored.try_recv() {
+        events.push(e);
+    }
+    assert!(
+        matches!(&events[0], Event::PromptLogprobs(p) if p.len() == 5 && p[1].as_ref().unwrap().top.is_empty())
+    );
+    assert_eq!(
+        events[1..],
+        [Event::Finished {
+            reason: FinishReason::Length,
+            generated: 0
+        }]
+    );
 }

@@ -252,7 +252,7 @@ fn bad_requests_get_openai_errors() {
         r#"{{"model": "a", "prompt": "x", "stop": ["{}"]}}"#,
         "s".repeat(257)
     );
-    let cases: [(&str, &str, u16, &str); 19] = [
+    let cases: [(&str, &str, u16, &str); 24] = [
         (
             "/v1/completions",
             "{\"model\": \"a\", \"prompt\": ",
@@ -362,6 +362,36 @@ fn bad_requests_get_openai_errors() {
             400,
             "min_tokens (5) must be at most max_tokens (4)",
         ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "logprobs": 21}"#,
+            400,
+            "logprobs must be an integer in [0, 20], got 21",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "a", "prompt": "x", "max_tokens": 0}"#,
+            400,
+            "max_tokens must be at least 1 (or 0 with echo)",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "a", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#,
+            400,
+            "top_logprobs needs logprobs: true",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "a", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}"#,
+            400,
+            "logprobs must be true or false",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "a", "messages": [{"role": "user", "content": "x"}], "echo": true}"#,
+            400,
+            "echo is served on /v1/completions",
+        ),
         ("/v1/nothing", "{}", 404, "no such route"),
     ];
     for (path, body, status, message) in cases {
@@ -398,6 +428,35 @@ fn bad_requests_get_openai_errors() {
     let r = post(server.addr, "/v1/completions", forced);
     assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
     assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    // `echo` with `max_tokens: 0` scores the prompt: its text back, a log-probability per
+    // token after the first (logprobs' values: tests/engine.rs), nothing generated; with
+    // `max_tokens: 2` the two generated tokens follow the prompt's.
+    let scored = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "a", "prompt": [5, 42, 7], "max_tokens": 0, "echo": true, "logprobs": 1}),
+    );
+    assert_eq!(scored.status, 200, "{}", scored.body);
+    let choice = &scored.json()["choices"][0];
+    assert_eq!(scored.json()["usage"]["completion_tokens"], 0);
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 3, "{lp}");
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    assert!(lp["token_logprobs"][1].as_f64().unwrap() < 0.0);
+    assert!(!lp["top_logprobs"][1].as_object().unwrap().is_empty());
+    let both = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "a", "prompt": [5, 42, 7], "max_tokens": 2, "echo": true,
+               "logprobs": 0, "temperature": 0, "ignore_eos": true}),
+    );
+    let lp = &both.json()["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5, "{lp}");
+    let text = both.json()["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.starts_with(choice["text"].as_str().unwrap()), "{text}");
     let r = request(server.addr, "GET", "/v1/completions", None, "");
     assert_eq!(r.status, 405);
     assert!(r.json()["error"]["message"].is_string());
