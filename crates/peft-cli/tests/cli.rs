@@ -2342,6 +2342,21 @@ fn export_gguf_writes_models_merged_models_and_adapters() {
         ),
         "DoRA",
     );
+    // llama-quantize's types are for models; an adapter is refused with the way out.
+    assert_clean_failure(
+        &peft!(
+            "export-gguf",
+            "--model",
+            base,
+            "--adapter",
+            lora,
+            "--output",
+            bad,
+            "--outtype",
+            "q4_k_m"
+        ),
+        "--merge",
+    );
     assert_clean_failure(
         &peft!(
             "export-gguf",
@@ -2350,10 +2365,23 @@ fn export_gguf_writes_models_merged_models_and_adapters() {
             "--output",
             bad,
             "--outtype",
-            "q4_k_m"
+            "q3_k_m"
         ),
-        "q4_k_m",
+        "q3_k_m",
     );
+    let quantised = out.join("q4_k_m.gguf");
+    peft_ok!(
+        "export-gguf",
+        "--model",
+        base,
+        "--output",
+        quantised,
+        "--outtype",
+        "q4_k_m"
+    );
+    let file = GgufFile::open(&quantised).unwrap();
+    assert_eq!(file.get("general.file_type"), Some(&Value::U32(15)));
+    std::fs::remove_file(&quantised).unwrap();
     assert_clean_failure(
         &peft!(
             "export-gguf",

@@ -21,20 +21,23 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
-/// The log-normaliser `ln Σ exp(x)` of `logits`, computed around the maximum (no overflow),
-/// the sum in f64 (a vocabulary of 150,000 terms would lose digits in f32).
-fn log_sum_exp(logits: &[f32]) -> f32 {
+/// The log-normaliser `ln Σ exp(x)` of `logits` as `(max, ln Σ exp(x - max))`, the sum in f64
+/// (a vocabulary of 150,000 terms would lose digits in f32). Kept apart so that a
+/// log-probability is `(x - max) - ln Σ`: folding `max` in first would round it to f32 at the
+/// logits' scale (a step of 6e-5 near 1,000).
+fn log_normaliser(logits: &[f32]) -> (f32, f64) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
-        return max;
+        return (max, 0.0);
     }
     let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
-    max + sum.ln() as f32
+    (max, sum.ln())
 }
 
 /// `token`'s log-probability under `logits` (`[vocab]`), and the `top` most likely tokens.
 pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
-    let norm = log_sum_exp(logits);
+    let (max, ln_sum) = log_normaliser(logits);
+    let logprob = |x: f32| (f64::from(x - max) - ln_sum) as f32;
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
     if top > 0 {
         // One pass keeping the `top` largest, sorted (most likely first, lower id on ties).
@@ -51,8 +54,8 @@ pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
         token,
         logprob: logits
             .get(token as usize)
-            .map_or(f32::NEG_INFINITY, |x| x - norm),
-        top: best.into_iter().map(|(id, x)| (id, x - norm)).collect(),
+            .map_or(f32::NEG_INFINITY, |&x| logprob(x)),
+        top: best.into_iter().map(|(id, x)| (id, logprob(x))).collect(),
     }
 }
 

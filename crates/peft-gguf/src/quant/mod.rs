@@ -1,7 +1,7 @@
 //! ggml's storage types, written bit for bit as llama.cpp writes them and read as ggml reads
 //! them. The float types and `Q8_0` as `convert_hf_to_gguf.py`'s `gguf-py` computes them (which
 //! it states equal ggml's reference C code); the 4- to 6-bit types as `llama-quantize` computes
-//! them without an importance matrix ([`legacy`]: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`; [`kquant`]:
+//! them without an importance matrix (`legacy.rs`: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`; `kquant.rs`:
 //! `Q4_K`, `Q5_K`, `Q6_K`):
 //!
 //! - `F16`: IEEE half, round to nearest even (numpy's `astype(float16)`).
