@@ -110,6 +110,47 @@ fn each_architecture_exports_as_the_converter_writes_it() {
     ] {
         assert_model_matches(&model_dir(model), &format!("{model}-f16"), OutType::F16);
     }
+    // Phi-3: the converter's file is of phi3-tiny with `tokenizer_class: GPT2Tokenizer` (as
+    // Phi-4's; for another class it reads a tokenizer.model), which this exporter does not
+    // read: the byte-level BPE vocabulary is written either way.
+    assert_model_matches(&model_dir("phi3-tiny"), "phi3-gpt2-f16", OutType::F16);
+}
+
+/// Phi-3 with LongRoPE (the fixture script's `phi3-longrope`: phi3-tiny's context stretched
+/// 4× over 64 positions): the converter's `rope_factors_long` / `_short` tensors and attention
+/// factor, √(1 + ln 4 / ln 64); the import refuses the file by name (peft-models does not run
+/// LongRoPE).
+#[test]
+fn phi3_longrope_exports_its_factors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("phi3-longrope");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(model_dir("phi3-tiny")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = model.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["rope_parameters"] = serde_json::json!({
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "long_factor": [1.0, 1.5, 2.5, 4.0], "short_factor": [1.0, 1.1, 1.2, 1.3],
+    });
+    cfg["original_max_position_embeddings"] = 64.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_model_matches(&model, "phi3-longrope-f16", OutType::F16);
+    let theirs = reference("phi3-longrope-f16");
+    let Some(Value::F32(factor)) = theirs.get("phi3.rope.scaling.attn_factor") else {
+        panic!("no attention factor");
+    };
+    assert!((f64::from(*factor) - (1.0f64 + 4f64.ln() / 64f64.ln()).sqrt()).abs() < 1e-6);
+    let err = peft_gguf::import_gguf(
+        &fixtures().join("gguf/phi3-longrope-f16.gguf"),
+        &dir.path().join("back"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("LongRoPE"), "{err}");
 }
 
 #[test]
@@ -230,11 +271,11 @@ fn what_llama_cpp_cannot_take_is_refused_with_the_way_out() {
         .to_string();
         assert!(needles.iter().all(|n| err.contains(n)), "{err}");
     }
-    let err = export_model(&model_dir("phi3-tiny"), &out, &options, &mut |_, _| {})
+    let err = export_model(&model_dir("gemma2-tiny"), &out, &options, &mut |_, _| {})
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("Phi3ForCausalLM") && err.contains("sentencepiece"),
+        err.contains("Gemma2ForCausalLM") && err.contains("sentencepiece"),
         "{err}"
     );
     assert!(!out.exists(), "nothing written on refusal");
@@ -277,7 +318,13 @@ fn gguf_files_import_as_the_checkpoints_they_came_from() {
     let model = peft_models::load(&from_converter, &device).unwrap();
     peft_tests::assert_logits_match(&model, "llama-tiny", 1e-4);
 
-    for name in ["mistral-tiny", "qwen2-tiny", "qwen3-tiny", "bloom-tiny"] {
+    for name in [
+        "mistral-tiny",
+        "qwen2-tiny",
+        "qwen3-tiny",
+        "bloom-tiny",
+        "phi3-tiny",
+    ] {
         let gguf = dir.path().join(format!("{name}.gguf"));
         export(&model_dir(name), OutType::F32, &gguf);
         let back = dir.path().join(name);

@@ -9,9 +9,12 @@
 //! | `Qwen2ForCausalLM`        | `qwen2`   | none |
 //! | `Qwen3ForCausalLM`        | `qwen3`   | none |
 //! | `BloomForCausalLM`        | `bloom`   | the fused QKV from per-head `[q,k,v]` to `[all q, all k, all v]` |
+//! | `Phi3ForCausalLM`         | `phi3`    | none (fused QKV and gate-up kept); LongRoPE as `rope_factors_long` / `_short` |
 //!
-//! Gemma-2 and Phi-3 are refused until the sentencepiece vocabulary (`tokenizer.model`) is
-//! written: the converter reads their vocabulary from that file alone.
+//! Gemma-2 is refused until the sentencepiece vocabulary (`tokenizer.model`) is written: the
+//! converter reads its vocabulary from that file alone. Phi-3 is written with a byte-level BPE
+//! vocabulary (Phi-4's, `tokenizer_class: GPT2Tokenizer`, which the converter also reads that
+//! way); a sentencepiece Phi-3 (Phi-3-mini) is refused by the vocabulary writer.
 
 use std::path::Path;
 
@@ -31,6 +34,8 @@ pub enum Arch {
     Qwen3,
     /// BLOOM (GGUF `bloom`).
     Bloom,
+    /// Phi-3 and Phi-4 (GGUF `phi3`).
+    Phi3,
 }
 
 /// A row re-ordering applied to a weight (and to its bias, and to a LoRA `B`).
@@ -349,17 +354,18 @@ impl Arch {
             "Qwen2ForCausalLM" => Self::Qwen2,
             "Qwen3ForCausalLM" => Self::Qwen3,
             "BloomForCausalLM" => Self::Bloom,
-            "Gemma2ForCausalLM" | "Phi3ForCausalLM" => {
+            "Phi3ForCausalLM" => Self::Phi3,
+            "Gemma2ForCausalLM" => {
                 return Err(GgufError::Unsupported(format!(
                     "{name}: GGUF export needs the sentencepiece vocabulary (tokenizer.model), \
-                     which this exporter does not write yet; llama, mistral, qwen2, qwen3 and \
-                     bloom are exported"
+                     which this exporter does not write yet; llama, mistral, qwen2, qwen3, \
+                     bloom and phi3 are exported"
                 )));
             }
             other => {
                 return Err(GgufError::Unsupported(format!(
                     "{other}: no GGUF export for this architecture (llama, mistral, qwen2, \
-                     qwen3 and bloom are exported)"
+                     qwen3, bloom and phi3 are exported)"
                 )));
             }
         })
@@ -372,6 +378,7 @@ impl Arch {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Bloom => "bloom",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -399,6 +406,9 @@ impl Arch {
             put("attention.layer_norm_epsilon", Value::F32(eps));
             out.push(("general.file_type".into(), Value::U32(file_type)));
             return Ok(out);
+        }
+        if self == Self::Phi3 {
+            return self.phi3_metadata(hp, file_type);
         }
         put("block_count", Value::U32(hp.block_count()?));
         let ctx_keys = [
@@ -494,9 +504,67 @@ impl Arch {
         Ok(out)
     }
 
+    /// Phi-3's keys, as the converter's `Phi3MiniModel` writes them (its own list, not the
+    /// generic one): the rotary dimensions are `partial_rotary_factor · hidden / heads`, the
+    /// sliding window 0 where the config has none (how llama.cpp tells Phi-4 apart), and
+    /// LongRoPE's attention factor where the config scales.
+    fn phi3_metadata(self, hp: &HParams, file_type: u32) -> Result<Vec<(String, Value)>> {
+        let a = self.gguf_name();
+        let mut out: Vec<(String, Value)> = Vec::new();
+        let mut put = |key: &str, value: Value| out.push((format!("{a}.{key}"), value));
+        let embed = hp.need_uint(&["hidden_size", "n_embd"])?;
+        let heads = hp.heads()?;
+        let rope = hp.rope();
+        let context = hp.need_uint(&["n_positions", "max_position_embeddings"])?;
+        let original = rope
+            .get("original_max_position_embeddings")
+            .and_then(Json::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                GgufError::config(hp.path, "missing `original_max_position_embeddings`")
+            })?;
+        let rotary = rope
+            .get("partial_rotary_factor")
+            .and_then(Json::as_f64)
+            .or(hp.float(&["partial_rotary_factor"])?.map(f64::from))
+            .unwrap_or(1.0);
+        put("context_length", Value::U32(context));
+        put("rope.scaling.original_context_length", Value::U32(original));
+        put("embedding_length", Value::U32(embed));
+        put(
+            "feed_forward_length",
+            Value::U32(hp.need_uint(&["intermediate_size"])?),
+        );
+        put("block_count", Value::U32(hp.block_count()?));
+        put("attention.head_count", Value::U32(heads));
+        put("attention.head_count_kv", Value::U32(hp.kv_heads()?));
+        let eps = hp
+            .float(&["rms_norm_eps"])?
+            .ok_or_else(|| GgufError::config(hp.path, "missing `rms_norm_eps`"))?;
+        put("attention.layer_norm_rms_epsilon", Value::F32(eps));
+        let rope_dims = (rotary * f64::from(embed)) as u32 / heads.max(1);
+        put("rope.dimension_count", Value::U32(rope_dims));
+        let theta = rope
+            .get("rope_theta")
+            .and_then(Json::as_f64)
+            .unwrap_or(10000.0);
+        put("rope.freq_base", Value::F32(theta as f32));
+        out.push(("general.file_type".into(), Value::U32(file_type)));
+        let window = hp.uint(&["sliding_window"])?.unwrap_or(0);
+        out.push((format!("{a}.attention.sliding_window"), Value::U32(window)));
+        if let Some(factor) = phi3_attn_factor(&rope, context, original, hp)? {
+            out.push((format!("{a}.rope.scaling.attn_factor"), Value::F32(factor)));
+        }
+        Ok(out)
+    }
+
     /// Tensors the converter adds that the checkpoint does not hold: Llama 3's RoPE frequency
-    /// factors (`rope_freqs.weight`, `[head_dim / 2]`), computed as the converter computes them.
+    /// factors (`rope_freqs.weight`, `[head_dim / 2]`), computed as the converter computes them,
+    /// and Phi-3's LongRoPE factors (`rope_factors_long` / `rope_factors_short`).
     pub fn extra_tensors(self, hp: &HParams) -> Result<Vec<(String, Vec<f32>)>> {
+        if self == Self::Phi3 {
+            return phi3_rope_factors(&hp.rope(), hp);
+        }
         if self != Self::Llama {
             return Ok(Vec::new());
         }
@@ -559,6 +627,7 @@ impl Arch {
     /// A decoder layer's modules: (Hugging Face module, GGUF module).
     fn layer_modules(self) -> &'static [(&'static str, &'static str)] {
         match self {
+            Self::Phi3 => Self::PHI3_MODULES,
             Self::Bloom => &[
                 ("input_layernorm", "attn_norm"),
                 ("self_attention.query_key_value", "attn_qkv"),
@@ -582,6 +651,16 @@ impl Arch {
             ],
         }
     }
+
+    /// Phi-3's decoder-layer modules (fused QKV and gate-up, as llama.cpp reads them).
+    const PHI3_MODULES: &'static [(&'static str, &'static str)] = &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.qkv_proj", "attn_qkv"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ];
 
     /// The row order of a layer's GGUF module.
     fn rows_of(self, gguf_module: &str, hp: &HParams) -> Result<RowOrder> {
@@ -666,6 +745,73 @@ impl Arch {
             self.rows_of(module, hp)?,
         )))
     }
+}
+
+/// Phi-3's LongRoPE scaling, if its config scales (`long_factor` present): the type's
+/// attention factor as the converter computes it (`su` / `longrope`: `√(1 + ln s / ln n₀)`;
+/// `yarn`: `0.1 ln s + 1`; 1 where the context is not stretched, `s = n / n₀`).
+fn phi3_attn_factor(
+    rope: &serde_json::Map<String, Json>,
+    context: u32,
+    original: u32,
+    hp: &HParams,
+) -> Result<Option<f32>> {
+    if rope.get("long_factor").is_none_or(Json::is_null) {
+        return Ok(None);
+    }
+    let scale = f64::from(context) / f64::from(original);
+    let kind = rope
+        .get("rope_type")
+        .and_then(Json::as_str)
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let factor = match kind.as_str() {
+        _ if scale <= 1.0 => 1.0,
+        "su" | "longrope" => (1.0 + scale.ln() / f64::from(original).ln()).sqrt(),
+        "yarn" => 0.1 * scale.ln() + 1.0,
+        other => {
+            return Err(GgufError::config(
+                hp.path,
+                format!("Phi-3 RoPE scaling `{other}` (longrope, su and yarn are written)"),
+            ));
+        }
+    };
+    Ok(Some(factor as f32))
+}
+
+/// Phi-3's LongRoPE factors (`rope_factors_long.weight`, `rope_factors_short.weight`, one per
+/// rotary pair), where the config has them.
+fn phi3_rope_factors(
+    rope: &serde_json::Map<String, Json>,
+    hp: &HParams,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let list = |key: &str| -> Option<Vec<f32>> {
+        rope.get(key)?
+            .as_array()?
+            .iter()
+            .map(|v| v.as_f64().map(|f| f as f32))
+            .collect()
+    };
+    let (Some(long), short) = (list("long_factor"), list("short_factor")) else {
+        return Ok(Vec::new());
+    };
+    let short = short.ok_or_else(|| {
+        GgufError::config(hp.path, "LongRoPE `long_factor` without `short_factor`")
+    })?;
+    if long.len() != short.len() {
+        return Err(GgufError::config(
+            hp.path,
+            format!(
+                "LongRoPE factors of {} and {} entries: one per rotary pair each",
+                long.len(),
+                short.len()
+            ),
+        ));
+    }
+    Ok(vec![
+        ("rope_factors_long.weight".into(), long),
+        ("rope_factors_short.weight".into(), short),
+    ])
 }
 
 /// `prefix` `N.` `rest` → (`N`, `rest`).

@@ -294,7 +294,7 @@ fn model_facts(arch: Arch, hp: &HParams, tied_embeddings: bool) -> Result<ModelF
         && match arch {
             Arch::Llama => hp.heads()? != hp.kv_heads()?,
             Arch::Qwen2 => true,
-            Arch::Qwen3 | Arch::Bloom => false,
+            Arch::Qwen3 | Arch::Bloom | Arch::Phi3 => false,
         };
     Ok(ModelFacts {
         n_layers,

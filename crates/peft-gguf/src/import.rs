@@ -82,6 +82,7 @@ fn hf_config(file: &GgufFile, arch: Arch) -> Result<Json> {
         Arch::Llama => ("LlamaForCausalLM", "llama"),
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Arch::Phi3 => ("Phi3ForCausalLM", "phi3"),
         Arch::Bloom => unreachable!("handled above"),
     };
     cfg["architectures"] = json!([class]);
@@ -107,6 +108,9 @@ fn hf_config(file: &GgufFile, arch: Arch) -> Result<Json> {
         "rope_theta": meta_f32(file, &format!("{a}.rope.freq_base")).unwrap_or(10000.0),
         "rope_type": "default",
     });
+    if arch == Arch::Phi3 {
+        phi3_config(file, &mut cfg, &mut rope)?;
+    }
     if file.tensor("rope_freqs.weight").is_some() {
         let base = rope["rope_theta"].as_f64().unwrap_or(10000.0);
         let dim = meta_u32(file, &format!("{a}.rope.dimension_count"))
@@ -153,6 +157,39 @@ fn hf_config(file: &GgufFile, arch: Arch) -> Result<Json> {
     }
     cfg["rope_parameters"] = rope;
     Ok(cfg)
+}
+
+/// Phi-3's own keys: the original context, the sliding window (0: none, Phi-4's), and the
+/// share of each head that rotates (`rope.dimension_count · heads / hidden`). LongRoPE files
+/// (`rope_factors_long`) are refused: peft-models does not run LongRoPE.
+fn phi3_config(file: &GgufFile, cfg: &mut Json, rope: &mut Json) -> Result<()> {
+    if file.tensor("rope_factors_long.weight").is_some() {
+        return Err(GgufError::Unsupported(format!(
+            "{}: Phi-3 LongRoPE (rope_factors_long): peft-models does not run LongRoPE",
+            file.path().display()
+        )));
+    }
+    let hidden = cfg["hidden_size"].as_u64().unwrap_or(0);
+    let heads = cfg["num_attention_heads"].as_u64().unwrap_or(1).max(1);
+    let head_dim = hidden / heads;
+    let rotary = need(file, "phi3.rope.dimension_count")?;
+    if head_dim == 0 || rotary > head_dim {
+        return Err(GgufError::config(
+            file.path(),
+            format!("phi3.rope.dimension_count {rotary} for heads {head_dim} wide"),
+        ));
+    }
+    if rotary != head_dim {
+        rope["partial_rotary_factor"] = (rotary as f64 / head_dim as f64).into();
+    }
+    if let Some(n) = meta_u32(file, "phi3.rope.scaling.original_context_length") {
+        cfg["original_max_position_embeddings"] = n.into();
+    }
+    cfg["sliding_window"] = match meta_u32(file, "phi3.attention.sliding_window") {
+        Some(0) | None => Json::Null,
+        Some(n) => n.into(),
+    };
+    Ok(())
 }
 
 /// Llama 3's RoPE parameters behind the file's `rope_freqs.weight` ([`Llama3Rope::from_factors`]).
@@ -288,9 +325,11 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<()> {
         "qwen2" => Arch::Qwen2,
         "qwen3" => Arch::Qwen3,
         "bloom" => Arch::Bloom,
+        "phi3" => Arch::Phi3,
         other => {
             return Err(GgufError::Unsupported(format!(
-                "{}: GGUF architecture `{other}` is not imported (llama, qwen2, qwen3, bloom)",
+                "{}: GGUF architecture `{other}` is not imported (llama, qwen2, qwen3, bloom, \
+                 phi3)",
                 gguf.display()
             )));
         }
