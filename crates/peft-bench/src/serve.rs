@@ -69,6 +69,7 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
                     logprobs: None,
                     prompt_logprobs: None,
                     events,
+                    more_choices: Vec::new(),
                 }))
                 .map_err(|e| e.to_string())?;
             outputs.push(output);

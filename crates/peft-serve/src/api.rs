@@ -2,7 +2,8 @@
 //!
 //! Requests are parsed by hand from the body bytes, so that malformed JSON or a wrong field
 //! gets OpenAI's error object with the parser's message rather than a framework's plain text.
-//! Fields OpenAI defines that are not served (`best_of`, `n > 1`, tools) are refused by name;
+//! Fields OpenAI defines that are not served (`best_of` other than `n`, tools) are refused by
+//! name;
 //! unknown fields are ignored, as OpenAI's own server does.
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -147,7 +148,8 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Strings that end the output (not included).
     pub stop: Option<OneOrMany>,
-    /// Choices per prompt: only 1 is served.
+    /// Choices per prompt (default 1, at most the server's `--max-batch`): one prefill, then
+    /// each choice decodes as its own row.
     pub n: Option<usize>,
     /// Stream the output as server-sent events.
     #[serde(default)]
@@ -161,7 +163,7 @@ pub struct Sampling {
     /// Chat: the most likely tokens returned with each token's log-probability (0–20; needs
     /// `logprobs: true`).
     pub top_logprobs: Option<usize>,
-    /// Refused when > 1 (not served).
+    /// Served only equal to `n` (every choice is returned; no ranking).
     pub best_of: Option<usize>,
     /// Completions: the prompt comes back before the output (with its log-probabilities under
     /// `logprobs`; `max_tokens: 0` then scores the prompt alone).

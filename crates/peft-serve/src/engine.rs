@@ -93,7 +93,7 @@ pub enum Event {
 }
 
 /// One generation request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Job {
     /// The adapter of every token of this request; `None`: the base model.
     pub adapter: Option<String>,
@@ -116,6 +116,42 @@ pub struct Job {
     pub prompt_logprobs: Option<usize>,
     /// Where the tokens go; the request leaves the batch once this is closed.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Where the tokens of choices 1, 2, … go (OpenAI's `n > 1`; empty for one choice). The
+    /// prompt runs once; each choice then decodes as a row of its own from a copy of that
+    /// cache, sampled with the seed plus its index (vLLM's child requests), and ends on its own.
+    pub more_choices: Vec<mpsc::UnboundedSender<Event>>,
+}
+
+impl Job {
+    /// The rows this request decodes (`n`).
+    pub fn choices(&self) -> usize {
+        1 + self.more_choices.len()
+    }
+
+    /// Choice `index`'s own request: its channel, and the seed plus `index` when sampled.
+    fn choice(&self, index: usize) -> Job {
+        let mut job = self.clone();
+        job.more_choices = Vec::new();
+        if index > 0 {
+            job.events = self.more_choices[index - 1].clone();
+            if let Decoding::Sample { seed, .. } = &mut job.decoding {
+                *seed = seed.wrapping_add(index as u64);
+            }
+        }
+        job
+    }
+
+    /// Whether every choice's client went away.
+    fn abandoned(&self) -> bool {
+        self.events.is_closed() && self.more_choices.iter().all(|e| e.is_closed())
+    }
+
+    /// Sends `event` to every choice.
+    fn send_all(&self, event: Event) {
+        for events in std::iter::once(&self.events).chain(&self.more_choices) {
+            let _ = events.send(event.clone());
+        }
+    }
 }
 
 /// An answer about an adapter operation: `Err((status, message))`.
@@ -475,30 +511,31 @@ impl Engine {
             let Some(job) = self.pending.pop_front() else {
                 break;
             };
+            // A request of `n` choices takes `n` rows: it waits for room unless nothing else
+            // runs (the HTTP side keeps `n` within `max_batch`).
+            let busy = self.running() + admitted;
+            if busy > 0 && busy + job.choices() > self.limits.max_batch {
+                self.pending.push_front(job);
+                break;
+            }
             self.shared.dequeued();
-            if job.events.is_closed() {
+            if job.abandoned() {
                 continue;
             }
             let key = self.key_of(job.adapter.as_deref());
-            let events = job.events.clone();
+            let failed = job.clone();
             // The closure returns `prefill`'s own result, whose error gives the job back.
             #[allow(clippy::result_large_err)]
             let prefilled = self.contained(InjectedPanic::Prefill, |e| e.prefill(&key, job));
             match prefilled {
-                Ok(Ok(Some(started))) => {
-                    admitted += 1;
-                    joined.entry(key).or_default().push(started);
+                Ok(Ok(started)) => {
+                    admitted += started.len();
+                    joined.entry(key.clone()).or_default().extend(started);
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err((job, e))) => {
-                    let _ = job.events.send(Event::Failed(e.to_string()));
-                }
-                Err(message) => {
-                    let _ = events.send(Event::Failed(format!(
-                        "the engine failed on this request's prompt ({message}); the server goes \
-                         on"
-                    )));
-                }
+                Ok(Err((job, e))) => job.send_all(Event::Failed(e.to_string())),
+                Err(message) => failed.send_all(Event::Failed(format!(
+                    "the engine failed on this request's prompt ({message}); the server goes on"
+                ))),
             }
         }
         for (key, started) in joined {
@@ -520,14 +557,14 @@ impl Engine {
         self.shared.set_batch_size(self.running());
     }
 
-    /// Runs `job`'s prompt alone and sends its first token; the row and its cache, unless it is
-    /// already finished.
+    /// Runs `job`'s prompt alone and sends each choice its first token; the rows not already
+    /// finished, each with its copy of the prompt's cache.
     #[allow(clippy::result_large_err)]
     fn prefill(
         &mut self,
         key: &BatchKey,
         job: Job,
-    ) -> Result<Option<(Row, KvCache)>, (Job, PeftError)> {
+    ) -> Result<Vec<(Row, KvCache)>, (Job, PeftError)> {
         let adapter = job
             .adapter
             .clone()
@@ -558,38 +595,40 @@ impl Engine {
                         .map(|(&t, l)| Some(token_logprob(l, t, top))),
                 )
                 .collect();
-            let _ = job.events.send(Event::PromptLogprobs(entries));
+            job.send_all(Event::PromptLogprobs(entries));
         }
+        self.shared.started(&adapter, n);
         if job.max_tokens == 0 {
             // The prompt alone was asked for (`echo` with `max_tokens: 0`).
-            self.shared.started(&adapter, n);
-            let _ = job.events.send(Event::Finished {
+            job.send_all(Event::Finished {
                 reason: FinishReason::Length,
                 generated: 0,
             });
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let logits = &logits[logits.len() - 1..];
+        let logits = &logits[logits.len() - 1];
         let history = TokenHistory::new(&job.prompt, &job.adjust);
-        let rng = match job.decoding {
-            Decoding::Sample { seed, .. } => StdRng::seed_from_u64(seed),
-            Decoding::Greedy => StdRng::seed_from_u64(0),
-        };
-        let mut row = Row {
-            job,
-            generated: 0,
-            last: 0,
-            // Prefixes and virtual tokens count: the next position follows the whole cache.
-            position: cache.past_len() - 1,
-            rng,
-            history,
-        };
-        self.shared.started(row.adapter_name(), n);
-        if self.emit(&mut row, &logits[0]) {
-            Ok(None)
-        } else {
-            Ok(Some((row, cache)))
+        let mut started = Vec::with_capacity(job.choices());
+        for index in 0..job.choices() {
+            let choice = job.choice(index);
+            let rng = match choice.decoding {
+                Decoding::Sample { seed, .. } => StdRng::seed_from_u64(seed),
+                Decoding::Greedy => StdRng::seed_from_u64(0),
+            };
+            let mut row = Row {
+                job: choice,
+                generated: 0,
+                last: 0,
+                // Prefixes and virtual tokens count: the next position follows the whole cache.
+                position: cache.past_len() - 1,
+                rng,
+                history: history.clone(),
+            };
+            if !self.emit(&mut row, logits) {
+                started.push((row, cache.clone()));
+            }
         }
+        Ok(started)
     }
 
     /// Chooses `row`'s next token from `logits` and sends it; whether the row is finished.

@@ -66,6 +66,9 @@ pub const DEFAULT_MAX_LORAS: usize = 64;
 /// How long requests in flight may take to finish after the shutdown signal (`--shutdown-timeout`).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Rows decoded together at most by default (`--max-batch`).
+pub const DEFAULT_MAX_BATCH: usize = 16;
+
 /// Default for [`ServeOptions::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
@@ -133,7 +136,7 @@ impl ServeOptions {
             adapter_dir: None,
             max_model_len: None,
             max_queue: 64,
-            max_batch: 16,
+            max_batch: DEFAULT_MAX_BATCH,
             served_model_name: None,
             device,
             load: LoadOptions::default(),
@@ -278,7 +281,7 @@ pub fn serve_until(
         Err(_) => return Err(ServeError::Engine("it ended while loading".into())),
     };
     let health = shared.clone();
-    let state = Arc::new(AppState::new(
+    let mut state = AppState::new(
         commands,
         shared,
         tokenizer,
@@ -288,7 +291,9 @@ pub fn serve_until(
         vocab_size,
         options.api_key.clone(),
         adapter_dir,
-    ));
+    );
+    state.max_choices = options.max_batch;
+    let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

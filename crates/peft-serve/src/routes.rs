@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -53,6 +53,9 @@ pub struct AppState {
     pub adapter_dir: Option<PathBuf>,
     /// When the server started (`created` of `/v1/models`).
     pub started: u64,
+    /// Choices a request may ask for at most (`n`): each is a row of the batch, so the server
+    /// sets it to its `max_batch`.
+    pub max_choices: usize,
     next_id: AtomicU64,
 }
 
@@ -81,6 +84,7 @@ impl AppState {
             api_key,
             adapter_dir,
             started: unix_now(),
+            max_choices: crate::DEFAULT_MAX_BATCH,
             next_id: AtomicU64::new(1),
         }
     }
@@ -367,6 +371,8 @@ struct Plan {
     stops: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Choices to generate (OpenAI's `n`).
+    n: usize,
     ignore_eos: bool,
     /// Each token's log-probability with this many most likely tokens, if asked.
     logprobs: Option<usize>,
@@ -546,11 +552,21 @@ fn plan(
             ))
         });
     };
-    if sampling.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_field("n", "only n = 1 is served"));
+    let n = sampling.n.unwrap_or(1);
+    if n == 0 || n > state.max_choices {
+        return Err(ApiError::bad_field(
+            "n",
+            format!(
+                "n must be in [1, {}] (each choice is a row of the batch: --max-batch)",
+                state.max_choices
+            ),
+        ));
     }
-    if sampling.best_of.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_field("best_of", "only best_of = 1 is served"));
+    if sampling.best_of.is_some_and(|b| b != n) {
+        return Err(ApiError::bad_field(
+            "best_of",
+            "best_of is served only equal to n (every choice is returned)",
+        ));
     }
     if sampling.echo && endpoint == Endpoint::Chat {
         return Err(ApiError::bad_field(
@@ -663,11 +679,12 @@ fn plan(
             .is_some_and(|o| o.include_usage),
         logprobs,
         echo: None,
+        n,
     })
 }
 
-/// Queues `plan`'s job; its events.
-fn submit(state: &AppState, plan: &Plan) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+/// Queues `plan`'s job; the events of each of its choices.
+fn submit(state: &AppState, plan: &Plan) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
     if !state.shared.try_enqueue(state.max_queue) {
         return Err(ApiError {
             retry_after: Some(1),
@@ -680,7 +697,12 @@ fn submit(state: &AppState, plan: &Plan) -> Result<mpsc::UnboundedReceiver<Event
             )
         });
     }
-    let (events, receiver) = mpsc::unbounded_channel();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..plan.n).map(|_| mpsc::unbounded_channel()).unzip();
+    let mut senders = senders.into_iter();
+    let Some(events) = senders.next() else {
+        return Err(ApiError::bad_field("n", "n must be at least 1"));
+    };
     let job = Job {
         adapter: plan.adapter.clone(),
         prompt: plan.prompt.clone(),
@@ -691,12 +713,13 @@ fn submit(state: &AppState, plan: &Plan) -> Result<mpsc::UnboundedReceiver<Event
         logprobs: plan.logprobs,
         prompt_logprobs: plan.echo.as_ref().and(plan.logprobs),
         events,
+        more_choices: senders.collect(),
     };
     if let Err(e) = state.send(Command::Generate(job)) {
         state.shared.dequeued();
         return Err(e);
     }
-    Ok(receiver)
+    Ok(receivers)
 }
 
 /// The two endpoints' differences: ids, object names and where the text goes.
@@ -714,17 +737,23 @@ impl Endpoint {
         }
     }
 
-    /// A choice carrying `text` and its tokens' `logprobs` (whole response, or one streamed
-    /// chunk).
-    fn choice(self, text: &str, logprobs: Value, finish: Option<&str>, streamed: bool) -> Value {
+    /// Choice `index` carrying `text` and its tokens' `logprobs` (whole response, or one
+    /// streamed chunk).
+    fn choice(
+        self,
+        index: usize,
+        text: &str,
+        logprobs: Value,
+        finish: Option<&str>,
+        streamed: bool,
+    ) -> Value {
         match (self, streamed) {
-            (Self::Completions, _) => {
-                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
-            }
-            (Self::Chat, false) => json!({"index": 0,
+            (Self::Completions, _) => json!({"index": index, "text": text,
+                "logprobs": logprobs, "finish_reason": finish}),
+            (Self::Chat, false) => json!({"index": index,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs, "finish_reason": finish}),
-            (Self::Chat, true) => json!({"index": 0, "delta": {"content": text},
+            (Self::Chat, true) => json!({"index": index, "delta": {"content": text},
                 "logprobs": logprobs, "finish_reason": finish}),
         }
     }
@@ -1023,14 +1052,15 @@ fn joined_logprobs(mut first: Value, second: Value) -> Value {
     first
 }
 
-async fn whole_response(
+/// Choice `index` of a whole (not streamed) response, and the tokens it generated.
+async fn whole_choice(
     state: &Arc<AppState>,
-    plan: Plan,
+    plan: &Plan,
     endpoint: Endpoint,
-    id: String,
+    index: usize,
     events: mpsc::UnboundedReceiver<Event>,
-) -> Result<Response, ApiError> {
-    let mut generation = Generation::new(state.clone(), &plan, endpoint, events);
+) -> Result<(Value, usize), ApiError> {
+    let mut generation = Generation::new(state.clone(), plan, endpoint, events);
     let mut text = plan.echo.clone().unwrap_or_default();
     let finish = loop {
         match generation.next().await {
@@ -1046,16 +1076,126 @@ async fn whole_response(
     if plan.echo.is_some() {
         logprobs = joined_logprobs(generation.prompt_logprobs(&plan.prompt), logprobs);
     }
-    let usage = Usage::new(plan.prompt.len(), generation.generated);
+    Ok((
+        endpoint.choice(index, &text, logprobs, Some(finish), false),
+        generation.generated,
+    ))
+}
+
+async fn whole_response(
+    state: &Arc<AppState>,
+    plan: Plan,
+    endpoint: Endpoint,
+    id: String,
+    events: Vec<mpsc::UnboundedReceiver<Event>>,
+) -> Result<Response, ApiError> {
+    let choices = futures_util::future::join_all(
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(index, events)| whole_choice(state, &plan, endpoint, index, events)),
+    )
+    .await;
+    let mut generated = 0;
+    let mut values = Vec::with_capacity(choices.len());
+    for choice in choices {
+        let (value, tokens) = choice?;
+        generated += tokens;
+        values.push(value);
+    }
+    // Every choice's tokens count; the prompt, run once, counts once.
+    let usage = Usage::new(plan.prompt.len(), generated);
     Ok(axum::Json(json!({
         "id": id,
         "object": endpoint.object(false),
         "created": unix_now(),
         "model": plan.model,
-        "choices": [endpoint.choice(&text, logprobs, Some(finish), false)],
+        "choices": values,
         "usage": usage,
     }))
     .into_response())
+}
+
+/// The chunks of choice `index` of a streamed response (without the usage and `[DONE]`, which
+/// follow every choice); `generated` gains its tokens, `failed` is set if it fails.
+fn choice_stream(
+    generation: Generation,
+    index: usize,
+    echo: Option<(String, Vec<u32>)>,
+    chunk: impl Fn(Value) -> SseEvent + Clone,
+    totals: Arc<StreamTotals>,
+) -> impl Stream<Item = SseEvent> {
+    let endpoint = generation.endpoint;
+    let first = (endpoint == Endpoint::Chat).then(|| {
+        chunk(
+            json!([{"index": index, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": null, "finish_reason": null}]),
+        )
+    });
+    // States: Some(generation) while generating; None once the last chunks were sent.
+    let body = stream::unfold(Some((generation, echo)), move |state| {
+        let chunk = chunk.clone();
+        let totals = totals.clone();
+        async move {
+            let (mut generation, mut echo) = state?;
+            loop {
+                let step = generation.next().await;
+                let mut events = Vec::new();
+                // `echo`: the prompt's text (and log-probabilities, which the engine sends
+                // before any token) in the first chunk.
+                if let Some((text, prompt)) = echo.take() {
+                    let logprobs = generation.prompt_logprobs(&prompt);
+                    events.push(chunk(json!([
+                        endpoint.choice(index, &text, logprobs, None, true)
+                    ])));
+                }
+                match step {
+                    Step::Text(piece) if piece.is_empty() && events.is_empty() => continue,
+                    Step::Text(piece) => {
+                        if !piece.is_empty() {
+                            let logprobs = generation.take_logprobs();
+                            events.push(chunk(json!([
+                                endpoint.choice(index, &piece, logprobs, None, true)
+                            ])));
+                        }
+                        return Some((events, Some((generation, echo))));
+                    }
+                    Step::Done(piece, reason) => {
+                        let logprobs = generation.take_logprobs();
+                        if !piece.is_empty() || !logprobs.is_null() {
+                            events.push(chunk(json!([
+                                endpoint.choice(index, &piece, logprobs, None, true)
+                            ])));
+                        }
+                        events.push(chunk(json!([endpoint.choice(
+                            index,
+                            "",
+                            Value::Null,
+                            Some(reason),
+                            true
+                        )])));
+                        totals
+                            .generated
+                            .fetch_add(generation.generated, Ordering::Relaxed);
+                        return Some((events, None));
+                    }
+                    Step::Failed(e) => {
+                        totals.failed.store(true, Ordering::Relaxed);
+                        events.push(SseEvent::default().data(e.body().to_string()));
+                        return Some((events, None));
+                    }
+                }
+            }
+        }
+    });
+    stream::iter(first).chain(body.flat_map(stream::iter))
+}
+
+/// What a streamed response's choices add up to, for its closing usage chunk.
+#[derive(Default)]
+struct StreamTotals {
+    generated: AtomicUsize,
+    failed: AtomicBool,
 }
 
 fn stream_response(
@@ -1063,11 +1203,10 @@ fn stream_response(
     plan: Plan,
     endpoint: Endpoint,
     id: String,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: Vec<mpsc::UnboundedReceiver<Event>>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let created = unix_now();
     let chunk = {
-        let id = id.clone();
         let model = plan.model.clone();
         move |choices: Value, usage: Option<Usage>| {
             let mut body = json!({"id": id, "object": endpoint.object(true), "created": created,
@@ -1078,80 +1217,35 @@ fn stream_response(
             SseEvent::default().data(body.to_string())
         }
     };
-    let generation = Generation::new(state, &plan, endpoint, events);
-    let first = (endpoint == Endpoint::Chat).then(|| {
-        chunk(
-            json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": null, "finish_reason": null}]),
-            None,
+    let totals = Arc::new(StreamTotals::default());
+    let echo = plan.echo.clone().map(|text| (text, plan.prompt.clone()));
+    // The choices' chunks interleave as their tokens come (each chunk names its index).
+    let choices = stream::select_all(events.into_iter().enumerate().map(|(index, events)| {
+        let generation = Generation::new(state.clone(), &plan, endpoint, events);
+        let chunk = chunk.clone();
+        choice_stream(
+            generation,
+            index,
+            echo.clone(),
+            move |choices| chunk(choices, None),
+            totals.clone(),
         )
-    });
+        .boxed()
+    }));
     let prompt_len = plan.prompt.len();
     let include_usage = plan.include_usage;
-    let echo = plan.echo.clone().map(|text| (text, plan.prompt.clone()));
-    // States: Some(generation) while generating; None once the last chunks were sent.
-    let body = stream::unfold(Some((generation, echo)), move |state| {
-        let chunk = chunk.clone();
-        async move {
-            let (mut generation, mut echo) = state?;
-            loop {
-                let step = generation.next().await;
-                let mut events = Vec::new();
-                // `echo`: the prompt's text (and log-probabilities, which the engine sends
-                // before any token) in the first chunk.
-                if let Some((text, prompt)) = echo.take() {
-                    let logprobs = generation.prompt_logprobs(&prompt);
-                    events.push(chunk(
-                        json!([endpoint.choice(&text, logprobs, None, true)]),
-                        None,
-                    ));
-                }
-                match step {
-                    Step::Text(piece) if piece.is_empty() && events.is_empty() => continue,
-                    Step::Text(piece) => {
-                        if !piece.is_empty() {
-                            let logprobs = generation.take_logprobs();
-                            events.push(chunk(
-                                json!([endpoint.choice(&piece, logprobs, None, true)]),
-                                None,
-                            ));
-                        }
-                        return Some((events, Some((generation, echo))));
-                    }
-                    Step::Done(piece, reason) => {
-                        let logprobs = generation.take_logprobs();
-                        if !piece.is_empty() || !logprobs.is_null() {
-                            events.push(chunk(
-                                json!([endpoint.choice(&piece, logprobs, None, true)]),
-                                None,
-                            ));
-                        }
-                        events.push(chunk(
-                            json!([endpoint.choice("", Value::Null, Some(reason), true)]),
-                            None,
-                        ));
-                        if include_usage {
-                            events.push(chunk(
-                                json!([]),
-                                Some(Usage::new(prompt_len, generation.generated)),
-                            ));
-                        }
-                        events.push(SseEvent::default().data("[DONE]"));
-                        return Some((events, None));
-                    }
-                    Step::Failed(e) => {
-                        events.push(SseEvent::default().data(e.body().to_string()));
-                        events.push(SseEvent::default().data("[DONE]"));
-                        return Some((events, None));
-                    }
-                }
-            }
+    // Runs once every choice has ended.
+    let closing = stream::once(async move {
+        let mut events = Vec::new();
+        if include_usage && !totals.failed.load(Ordering::Relaxed) {
+            let generated = totals.generated.load(Ordering::Relaxed);
+            events.push(chunk(json!([]), Some(Usage::new(prompt_len, generated))));
         }
-    });
-    let body = stream::iter(first)
-        .chain(body.flat_map(stream::iter))
-        .map(Ok);
-    Sse::new(body).keep_alive(KeepAlive::default())
+        events.push(SseEvent::default().data("[DONE]"));
+        stream::iter(events)
+    })
+    .flatten();
+    Sse::new(choices.chain(closing).map(Ok)).keep_alive(KeepAlive::default())
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ fn run_on_mut(engine: &mut Engine, requests: &[Request]) -> Vec<Vec<Event>> {
                     logprobs: None,
                     prompt_logprobs: None,
                     events,
+                    more_choices: Vec::new(),
                 }))
                 .unwrap();
             output
@@ -203,6 +204,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             logprobs: None,
             prompt_logprobs: None,
             events,
+            more_choices: Vec::new(),
         }))
         .unwrap();
     let (events, mut kept) = mpsc::unbounded_channel();
@@ -217,6 +219,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             logprobs: None,
             prompt_logprobs: None,
             events,
+            more_choices: Vec::new(),
         }))
         .unwrap();
     drop(commands);
@@ -259,6 +262,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
             logprobs: None,
             prompt_logprobs: None,
             events,
+            more_choices: Vec::new(),
         }))
         .unwrap();
     drop(commands);
@@ -533,6 +537,7 @@ fn adjusted_runs(
                     logprobs: None,
                     prompt_logprobs: None,
                     events,
+                    more_choices: Vec::new(),
                 }))
                 .unwrap();
             output
@@ -622,6 +627,7 @@ fn logprobs_are_the_log_softmax_of_the_models_logits() {
         logprobs,
         prompt_logprobs,
         events,
+        more_choices: Vec::new(),
     };
     let (events, mut generated) = mpsc::unbounded_channel();
     let request = job(6, Some(3), Some(2), events);
@@ -725,4 +731,164 @@ fn logprobs_are_the_log_softmax_of_the_models_logits() {
             generated: 0
         }]
     );
+}
+
+/// Events of one channel until it is empty.
+fn drain(rx: &mut mpsc::UnboundedReceiver<Event>) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    events
+}
+
+/// `n` choices (OpenAI's `n`, vLLM's child requests): one prefill, then choice `i` decodes with
+/// the seed plus `i`, so its tokens equal a request of that seed alone; a greedy request's
+/// choices are all the same; a choice whose client goes away leaves the others running.
+#[test]
+fn choices_equal_requests_of_the_seed_plus_their_index() {
+    let prompt: Vec<u32> = vec![5, 42, 7, 300, 11, 9];
+    let sampled = |seed| Decoding::Sample {
+        temperature: 1.0,
+        top_p: 1.0,
+        seed,
+    };
+    let job = |decoding, events, more_choices| Job {
+        adapter: Some("b".into()),
+        prompt: prompt.clone(),
+        max_tokens: 8,
+        decoding,
+        ignore_eos: true,
+        adjust: Default::default(),
+        logprobs: None,
+        prompt_logprobs: None,
+        events,
+        more_choices,
+    };
+    let tokens = |events: &[Event]| -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token(t) => Some(*t),
+                Event::Failed(m) => panic!("{m}"),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Three seeds alone, then one request of n = 3 with the first seed.
+    let shared = Arc::new(Shared::new("base"));
+    let mut engine = engine("llama", shared.clone(), 4);
+    let (commands, receiver) = std::sync::mpsc::channel();
+    let mut alone = Vec::new();
+    for seed in [1000u64, 1001, 1002] {
+        let (events, rx) = mpsc::unbounded_channel();
+        commands
+            .send(Command::Generate(job(sampled(seed), events, Vec::new())))
+            .unwrap();
+        alone.push(rx);
+    }
+    let (channels, mut choices): (Vec<_>, Vec<_>) =
+        (0..3).map(|_| mpsc::unbounded_channel()).unzip();
+    let mut channels = channels.into_iter();
+    let first = channels.next().unwrap();
+    commands
+        .send(Command::Generate(job(
+            sampled(1000),
+            first,
+            channels.collect(),
+        )))
+        .unwrap();
+    // Greedy, n = 2.
+    let (channels, mut greedy): (Vec<_>, Vec<_>) =
+        (0..2).map(|_| mpsc::unbounded_channel()).unzip();
+    let mut channels = channels.into_iter();
+    let first = channels.next().unwrap();
+    commands
+        .send(Command::Generate(job(
+            Decoding::Greedy,
+            first,
+            channels.collect(),
+        )))
+        .unwrap();
+    drop(commands);
+    engine.run(&receiver);
+
+    let alone: Vec<Vec<u32>> = alone.iter_mut().map(|rx| tokens(&drain(rx))).collect();
+    let choices: Vec<Vec<u32>> = choices.iter_mut().map(|rx| tokens(&drain(rx))).collect();
+    assert!(alone.iter().all(|t| t.len() == 8), "{alone:?}");
+    assert_eq!(choices, alone);
+    // Sampling at temperature 1 over a 512-token vocabulary: the seeds give different texts.
+    assert_ne!(alone[0], alone[1]);
+    let greedy: Vec<Vec<u32>> = greedy.iter_mut().map(|rx| tokens(&drain(rx))).collect();
+    assert_eq!(greedy[0].len(), 8);
+    assert_eq!(greedy[0], greedy[1]);
+    // Five requests, each prompt counted once; every choice's tokens counted.
+    let counts = shared.counts("b");
+    assert_eq!(
+        (
+            counts.requests,
+            counts.prompt_tokens,
+            counts.generated_tokens
+        ),
+        (5, 5 * 6, 8 * 8)
+    );
+    assert_eq!(shared.queue_len(), 0);
+}
+
+/// A request of `n` choices needs `n` free rows: with `max_batch` 2 and one row running, the
+/// n = 2 request waits for it to end (it is neither dropped nor stuck), and its rows decode as
+/// alone.
+#[test]
+fn a_request_of_n_choices_waits_for_n_rows() {
+    let prompt: Vec<u32> = vec![3, 14, 15, 92];
+    let job = |max_tokens, events, more_choices| Job {
+        adapter: None,
+        prompt: prompt.clone(),
+        max_tokens,
+        decoding: Decoding::Greedy,
+        ignore_eos: true,
+        adjust: Default::default(),
+        logprobs: None,
+        prompt_logprobs: None,
+        events,
+        more_choices,
+    };
+    let shared = Arc::new(Shared::new("base"));
+    let mut engine = engine("bloom", shared.clone(), 2);
+    let (commands, receiver) = std::sync::mpsc::channel();
+    let (events, mut long) = mpsc::unbounded_channel();
+    commands
+        .send(Command::Generate(job(6, events, Vec::new())))
+        .unwrap();
+    let (a, mut first) = mpsc::unbounded_channel();
+    let (b, mut second) = mpsc::unbounded_channel();
+    commands
+        .send(Command::Generate(job(3, a, vec![b])))
+        .unwrap();
+    drop(commands);
+    engine.run(&receiver);
+    let long = drain(&mut long);
+    let (first, second) = (drain(&mut first), drain(&mut second));
+    let tokens = |events: &[Event]| -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token(t) => Some(*t),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(tokens(&long).len(), 6);
+    // Greedy over the same prompt: the choices are the first three tokens of the long one.
+    assert_eq!(tokens(&first), tokens(&long)[..3]);
+    assert_eq!(tokens(&second), tokens(&first));
+    assert_eq!(
+        first.last(),
+        Some(&Event::Finished {
+            reason: FinishReason::Length,
+            generated: 3
+        })
+    );
+    assert_eq!(second.last(), first.last());
 }

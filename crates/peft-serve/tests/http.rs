@@ -245,6 +245,109 @@ fn chat_stop_strings_and_seeded_sampling() {
     assert!((8..12).any(|s| sample(s) != sample(7)));
 }
 
+/// `n` choices: choice `i` of a seeded request equals a request with the seed plus `i` alone
+/// (whole and streamed, chunks interleaved by `index`), usage counts every choice's tokens
+/// and the prompt once; `n` beyond `--max-batch` and `best_of` other than `n` are refused.
+#[test]
+fn several_choices_equal_the_seeds_alone() {
+    let server = Server::start(|o| o.max_batch = 4);
+    let body = |n: usize, seed: u64| {
+        json!({"model": "a", "prompt": "the quick", "max_tokens": 10, "temperature": 1.0,
+               "seed": seed, "n": n})
+    };
+    let alone: Vec<Value> = (0..3)
+        .map(|i| post(server.addr, "/v1/completions", body(1, 70 + i)).json())
+        .collect();
+    let whole = post(server.addr, "/v1/completions", body(3, 70));
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let whole = whole.json();
+    let choices = whole["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, (choice, alone)) in choices.iter().zip(&alone).enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["text"], alone["choices"][0]["text"], "choice {i}");
+        assert_eq!(
+            choice["finish_reason"],
+            alone["choices"][0]["finish_reason"]
+        );
+    }
+    let tokens = |v: &Value, key: &str| v["usage"][key].as_u64().unwrap();
+    assert_eq!(
+        tokens(&whole, "completion_tokens"),
+        alone
+            .iter()
+            .map(|a| tokens(a, "completion_tokens"))
+            .sum::<u64>()
+    );
+    assert_eq!(
+        tokens(&whole, "prompt_tokens"),
+        tokens(&alone[0], "prompt_tokens")
+    );
+
+    // Streamed: each choice's chunks join into its whole text; usage, then [DONE], last.
+    let mut streamed = body(3, 70);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = post(server.addr, "/v1/completions", streamed).events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let mut texts = vec![String::new(); 3];
+    let mut finished = vec![None; 3];
+    for chunk in &chunks[..chunks.len() - 1] {
+        let choice = &chunk["choices"][0];
+        let index = choice["index"].as_u64().unwrap() as usize;
+        texts[index].push_str(choice["text"].as_str().unwrap());
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finished[index] = Some(reason.to_string());
+        }
+    }
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(texts[i], choice["text"].as_str().unwrap(), "choice {i}");
+        assert_eq!(finished[i].as_deref(), choice["finish_reason"].as_str());
+    }
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+
+    // Chat: each choice's role chunk, greedy choices identical.
+    let chat = json!({"model": "b", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 6, "temperature": 0, "n": 2, "stream": true});
+    let events = post(server.addr, "/v1/chat/completions", chat.clone()).events();
+    let roles: Vec<u64> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|c| c["choices"][0]["delta"]["role"] == "assistant")
+        .map(|c| c["choices"][0]["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(roles.len(), 2);
+    assert!(roles.contains(&0) && roles.contains(&1));
+    let mut chat = chat;
+    chat["stream"] = json!(false);
+    chat["best_of"] = json!(2);
+    let greedy = post(server.addr, "/v1/chat/completions", chat).json();
+    assert_eq!(
+        greedy["choices"][0]["message"],
+        greedy["choices"][1]["message"]
+    );
+
+    // Refusals name the field.
+    for (bad, param) in [
+        (json!({"n": 5}), "n"),
+        (json!({"n": 0}), "n"),
+        (json!({"n": 2, "best_of": 3}), "best_of"),
+    ] {
+        let mut request = body(1, 1);
+        for (k, v) in bad.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        let refused = post(server.addr, "/v1/completions", request);
+        assert_eq!(refused.status, 400, "{}", refused.body);
+        assert_eq!(refused.json()["error"]["param"], param);
+    }
+    server.shutdown().unwrap();
+}
+
 #[test]
 fn bad_requests_get_openai_errors() {
     let server = Server::start(|o| o.max_model_len = Some(64));
@@ -298,9 +401,9 @@ fn bad_requests_get_openai_errors() {
         ),
         (
             "/v1/completions",
-            r#"{"model": "a", "prompt": "x", "n": 2}"#,
+            r#"{"model": "a", "prompt": "x", "n": 100}"#,
             400,
-            "n = 1",
+            "n must be in [1, 16]",
         ),
         (
             "/v1/completions",
