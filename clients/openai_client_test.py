@@ -238,8 +238,20 @@ def check(client, base, peft, model, work):
     alone_en = client.completions.create(model="en", prompt=prompt, max_tokens=12, temperature=0)
     assert got.choices[0].text == alone_en.choices[0].text, "late is a copy of en"
     client.post("/unload_lora_adapter", cast_to=str, body={"lora_name": "late"})
-    expect_error(openai.NotFoundError,
-                 lambda: client.completions.create(model="late", prompt="x", max_tokens=2))
+    assert "late" not in [m.id for m in client.models.list().data]
+    # Still a folder under --adapter-dir: listed with ?all=true, and loaded on first use.
+    on_disk = {m.id: getattr(m, "loaded", None)
+               for m in client.models.list(extra_query={"all": "true"}).data}
+    assert on_disk.get("late") is False and on_disk.get("en") is True, on_disk
+    again = client.completions.create(model="late", prompt=prompt, max_tokens=12, temperature=0)
+    assert again.choices[0].text == alone_en.choices[0].text, "loaded on first use"
+    for name in ["nope", "escape", "../outside"]:
+        expect_error(openai.NotFoundError,
+                     lambda: client.completions.create(model=name, prompt="x", max_tokens=2))
+    # n choices are rows of the batch: at most --max-batch (1 here).
+    e = expect_error(openai.BadRequestError,
+                     lambda: client.completions.create(model="zh", prompt="x", max_tokens=2, n=2))
+    assert "--max-batch" in str(e), e
 
     # The bounded queue: one running (batch of 1), one waiting (queue of 1), the next is 429.
     def long_request():

@@ -70,6 +70,7 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
                     prompt_logprobs: None,
                     events,
                     more_choices: Vec::new(),
+                    load_from: None,
                 }))
                 .map_err(|e| e.to_string())?;
             outputs.push(output);
@@ -83,7 +84,8 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
             while let Ok(event) = output.try_recv() {
                 match event {
                     peft_serve::engine::Event::Token(_) => tokens += 1,
-                    peft_serve::engine::Event::Failed(e) => return Err(e),
+                    peft_serve::engine::Event::Failed(e)
+                    | peft_serve::engine::Event::Refused { message: e, .. } => return Err(e),
                     peft_serve::engine::Event::Finished { .. }
                     | peft_serve::engine::Event::Logprob(_)
                     | peft_serve::engine::Event::PromptLogprobs(_) => {}

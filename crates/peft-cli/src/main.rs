@@ -68,8 +68,9 @@ struct ServeArgs {
     /// Requests to /v1 must send `Authorization: Bearer KEY` (default: $PEFT_API_KEY, if set).
     #[arg(long)]
     api_key: Option<String>,
-    /// Folder that /v1/load_lora_adapter may load adapters from (runtime loading is off
-    /// without it).
+    /// Folder of adapter folders: a request whose `model` names one loads it on first use
+    /// (LoRAX's dynamic adapters), and /v1/load_lora_adapter may load from it (runtime loading
+    /// is off without it).
     #[arg(long)]
     adapter_dir: Option<PathBuf>,
     /// Prompt + generated tokens at most (default: the config's max_position_embeddings, or
@@ -79,14 +80,15 @@ struct ServeArgs {
     /// Requests waiting to join the batch at most; more are answered 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
-    /// Sequences decoded together at most.
-    #[arg(long, default_value_t = 16)]
+    /// Sequences decoded together at most (also the most choices, `n`, a request may ask for).
+    #[arg(long, default_value_t = peft_serve::DEFAULT_MAX_BATCH)]
     max_batch: usize,
     /// The base model's name in requests (default: the model folder's name).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// Adapters loaded at once at most (start-up and runtime loads); a load past it is
-    /// answered 409 until one is unloaded.
+    /// Adapters resident at once at most. Past it, the least recently used idle adapter loaded
+    /// on first use is evicted; adapters loaded at start or by /v1/load_lora_adapter are pinned,
+    /// and when only pinned or busy ones are resident a load is answered 409.
     #[arg(long, default_value_t = peft_serve::DEFAULT_MAX_LORAS)]
     max_loras: usize,
     /// Seconds requests in flight may take to finish after SIGTERM/SIGINT; then they are cut.

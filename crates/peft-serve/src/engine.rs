@@ -90,6 +90,14 @@ pub enum Event {
     },
     /// The model failed on this request.
     Failed(String),
+    /// The request could not start, for a reason of the given HTTP status (its adapter, loaded
+    /// on first use, is bad, or no resident adapter can make room for it).
+    Refused {
+        /// 400, 404 or 409, as `/v1/load_lora_adapter` answers the same load.
+        status: u16,
+        /// Why.
+        message: String,
+    },
 }
 
 /// One generation request.
@@ -116,6 +124,10 @@ pub struct Job {
     pub prompt_logprobs: Option<usize>,
     /// Where the tokens go; the request leaves the batch once this is closed.
     pub events: mpsc::UnboundedSender<Event>,
+    /// The folder to load `adapter` from if it is not loaded when the request is admitted
+    /// (LoRAX's dynamic adapters: a folder under `--adapter-dir`, checked by the caller). Such an
+    /// adapter is not pinned: once idle it may be evicted for another (`--max-loras`).
+    pub load_from: Option<PathBuf>,
     /// Where the tokens of choices 1, 2, … go (OpenAI's `n > 1`; empty for one choice). The
     /// prompt runs once; each choice then decodes as a row of its own from a copy of that
     /// cache, sampled with the seed plus its index (vLLM's child requests), and ends on its own.
@@ -208,7 +220,9 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub struct EngineLimits {
     /// Rows decoded together at most.
     pub max_batch: usize,
-    /// Adapters loaded at once at most; a load past it is refused (409) until one is unloaded.
+    /// Adapters loaded at once at most. A load past it evicts the least recently used idle
+    /// adapter loaded on first use; when every resident adapter is pinned (loaded at start or
+    /// by `/v1/load_lora_adapter`) or in use, the load is refused (409).
     pub max_loras: usize,
     /// The context length: a row ends (`length`) once its prompt and output fill it, whatever
     /// its `max_tokens` says (the HTTP side checks it too; this is the defence behind it).
@@ -246,6 +260,11 @@ pub struct Engine {
     pending: VecDeque<Job>,
     batches: BTreeMap<BatchKey, Batch>,
     injected: Option<InjectedPanic>,
+    /// Adapters loaded explicitly (at start or by `/v1/load_lora_adapter`): never evicted.
+    pinned: std::collections::BTreeSet<String>,
+    /// When each adapter was last admitted for a request (a counter), for LRU eviction.
+    last_used: BTreeMap<String, u64>,
+    clock: u64,
 }
 
 impl Engine {
@@ -265,6 +284,9 @@ impl Engine {
             pending: VecDeque::new(),
             batches: BTreeMap::new(),
             injected: None,
+            pinned: Default::default(),
+            last_used: BTreeMap::new(),
+            clock: 0,
         };
         engine.publish_adapters();
         Ok(engine)
@@ -335,8 +357,17 @@ impl Engine {
         self.batches.values().map(|b| b.rows.len()).sum()
     }
 
-    /// Loads the adapter folder `dir` as `name` (any served method); `Err((status, message))`.
+    /// Loads the adapter folder `dir` as `name` (any served method), pinned: it stays until
+    /// unloaded. `Err((status, message))`.
     pub fn load_adapter(&mut self, name: &str, dir: &std::path::Path) -> AdapterReply {
+        self.load_named(name, dir)?;
+        self.pinned.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Loads `dir` as `name`, evicting the least recently used idle unpinned adapter when
+    /// `--max-loras` are resident.
+    fn load_named(&mut self, name: &str, dir: &std::path::Path) -> AdapterReply {
         if name.is_empty() || name == BASE_ADAPTER {
             return Err((400, format!("`{name}` cannot name an adapter")));
         }
@@ -344,16 +375,54 @@ impl Engine {
             return Err((400, format!("an adapter named `{name}` is already loaded")));
         }
         let loaded = self.model.adapter_names().len() + self.others.len();
-        if loaded >= self.limits.max_loras {
+        if loaded >= self.limits.max_loras && !self.evict_one() {
             return Err((
                 409,
                 format!(
                     "{loaded} adapters are loaded, the most this server holds (--max-loras \
-                     {}): unload one first",
+                     {}), and none can be evicted (each is pinned or in use): unload one first",
                     self.limits.max_loras
                 ),
             ));
         }
+        let started = Instant::now();
+        self.read_and_install(name, dir)?;
+        self.shared.adapter_loaded(started.elapsed());
+        Ok(())
+    }
+
+    /// Evicts the least recently used adapter that is neither pinned nor used by a running or
+    /// waiting request; whether one was.
+    fn evict_one(&mut self) -> bool {
+        let in_use: std::collections::BTreeSet<&str> = self
+            .batches
+            .values()
+            .flat_map(|b| b.rows.iter().map(|r| &r.job))
+            .chain(&self.pending)
+            .filter_map(|j| j.adapter.as_deref())
+            .collect();
+        let victim = self
+            .model
+            .adapter_names()
+            .into_iter()
+            .chain(self.others.keys().map(String::as_str))
+            .filter(|n| !self.pinned.contains(*n) && !in_use.contains(n))
+            .min_by_key(|n| self.last_used.get(*n).copied().unwrap_or(0))
+            .map(str::to_string);
+        match victim {
+            Some(name) => {
+                let evicted = self.unload_adapter(&name).is_ok();
+                if evicted {
+                    self.shared.adapter_evicted();
+                }
+                evicted
+            }
+            None => false,
+        }
+    }
+
+    /// Reads `dir` and adds it as `name` to the model that serves its method.
+    fn read_and_install(&mut self, name: &str, dir: &std::path::Path) -> AdapterReply {
         let peft_type = peft_core::config::read_peft_type(dir.join("adapter_config.json"))
             .map_err(|e| (400, format!("{e}")))?;
         let failed = |e: PeftError| (400, format!("loading `{name}`: {e}"));
@@ -461,6 +530,8 @@ impl Engine {
                 .delete_adapter(name)
                 .map_err(|e| (400, format!("{e}")))?;
         }
+        self.pinned.remove(name);
+        self.last_used.remove(name);
         self.publish_adapters();
         Ok(())
     }
@@ -522,6 +593,10 @@ impl Engine {
             if job.abandoned() {
                 continue;
             }
+            if let Err((status, message)) = self.ensure_adapter(&job) {
+                job.send_all(Event::Refused { status, message });
+                continue;
+            }
             let key = self.key_of(job.adapter.as_deref());
             let failed = job.clone();
             // The closure returns `prefill`'s own result, whose error gives the job back.
@@ -555,6 +630,35 @@ impl Engine {
             }
         }
         self.shared.set_batch_size(self.running());
+    }
+
+    /// Loads `job`'s adapter on first use (`load_from`) and marks it used now.
+    fn ensure_adapter(&mut self, job: &Job) -> AdapterReply {
+        let Some(name) = job.adapter.as_deref() else {
+            return Ok(());
+        };
+        if let (false, Some(dir)) = (self.has_adapter(name), &job.load_from) {
+            let loaded = self.contained(InjectedPanic::LoadAdapter, |e| e.load_named(name, dir));
+            match loaded {
+                Ok(Ok(())) => {}
+                Ok(Err(refused)) => return Err(refused),
+                Err(message) => {
+                    if self.has_adapter(name) {
+                        let _ = self.unload_adapter(name);
+                    }
+                    return Err((
+                        500,
+                        format!(
+                            "loading `{name}` failed inside the engine ({message}); the server \
+                             goes on"
+                        ),
+                    ));
+                }
+            }
+        }
+        self.clock += 1;
+        self.last_used.insert(name.to_string(), self.clock);
+        Ok(())
     }
 
     /// Runs `job`'s prompt alone and sends each choice its first token; the rows not already

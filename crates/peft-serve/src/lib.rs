@@ -59,8 +59,8 @@ use crate::routes::AppState;
 /// length BLOOM was trained with.
 pub const DEFAULT_MAX_MODEL_LEN: usize = 2048;
 
-/// Adapters loaded at once at most by default (`--max-loras`): generous for a CPU's memory with
-/// small adapters, and a bound on what runtime loads can pile up.
+/// Adapters resident at once at most by default (`--max-loras`): generous for a CPU's memory
+/// with small adapters, and a bound on what runtime loads can pile up.
 pub const DEFAULT_MAX_LORAS: usize = 64;
 
 /// How long requests in flight may take to finish after the shutdown signal (`--shutdown-timeout`).
@@ -92,14 +92,16 @@ pub struct ServeOptions {
     pub port: u16,
     /// Requests to `/v1` must carry `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
-    /// The folder runtime-loaded adapters must lie in; `None` turns runtime loading off.
+    /// The folder runtime-loaded adapters must lie in: a request naming one of its adapter
+    /// folders loads it on first use, `/v1/load_lora_adapter` loads from it; `None` turns
+    /// runtime loading off.
     pub adapter_dir: Option<PathBuf>,
     /// Prompt + generated tokens at most (default: the config's `max_position_embeddings`, or
     /// [`DEFAULT_MAX_MODEL_LEN`]).
     pub max_model_len: Option<usize>,
     /// Requests waiting to join the batch at most; more get 429.
     pub max_queue: usize,
-    /// Sequences decoded together at most.
+    /// Sequences decoded together at most (and the most choices, `n`, per request).
     pub max_batch: usize,
     /// The base model's name in requests (default: the model folder's name).
     pub served_model_name: Option<String>,
@@ -107,7 +109,8 @@ pub struct ServeOptions {
     pub device: Device,
     /// How the base loads (4-bit, compute dtype).
     pub load: LoadOptions,
-    /// Adapters loaded at once at most (start-up and runtime loads).
+    /// Adapters resident at once at most: past it the least recently used idle adapter loaded
+    /// on first use is evicted (start-up and `/v1/load_lora_adapter` ones are pinned).
     pub max_loras: usize,
     /// After the shutdown signal, how long requests in flight may take to finish; then they are
     /// cut (their clients see the connection close) and the server ends.

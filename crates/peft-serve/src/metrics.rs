@@ -26,6 +26,9 @@ struct Counters {
     steps: u64,
     last_step_tokens_per_second: f64,
     engine_panics: u64,
+    adapter_loads: u64,
+    adapter_load_seconds: f64,
+    adapter_evictions: u64,
 }
 
 /// What the server's two sides share.
@@ -131,6 +134,18 @@ impl Shared {
         }
     }
 
+    /// An adapter was loaded (at start, by `/v1/load_lora_adapter` or on first use) in `took`.
+    pub fn adapter_loaded(&self, took: Duration) {
+        let mut c = locked(&self.counters);
+        c.adapter_loads += 1;
+        c.adapter_load_seconds += took.as_secs_f64();
+    }
+
+    /// An idle adapter loaded on first use was evicted to make room (`--max-loras`).
+    pub fn adapter_evicted(&self) {
+        locked(&self.counters).adapter_evictions += 1;
+    }
+
     /// The engine caught a panic in one step, prefill or adapter load and went on.
     pub fn engine_panicked(&self) {
         locked(&self.counters).engine_panics += 1;
@@ -233,6 +248,31 @@ impl Shared {
                 "Panics the engine caught in a step, prefill or adapter load (those requests \
                  failed with 500; the others went on).",
                 c.engine_panics as f64,
+            ),
+            (
+                "peft_adapter_loads_total",
+                "counter",
+                "Adapters loaded (at start, by /v1/load_lora_adapter, or on first use).",
+                c.adapter_loads as f64,
+            ),
+            (
+                "peft_adapter_load_seconds_total",
+                "counter",
+                "Time spent loading adapters (divide by the loads for the mean latency).",
+                c.adapter_load_seconds,
+            ),
+            (
+                "peft_adapter_evictions_total",
+                "counter",
+                "Idle adapters loaded on first use that were evicted to make room \
+                 (--max-loras).",
+                c.adapter_evictions as f64,
+            ),
+            (
+                "peft_resident_adapters",
+                "gauge",
+                "Adapters loaded now.",
+                locked(&self.adapters).len() as f64,
             ),
         ] {
             header(&mut out, name, kind, help);

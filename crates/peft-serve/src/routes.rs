@@ -219,17 +219,45 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+/// `GET /v1/models` query: `all=true` also lists the adapters under `--adapter-dir` that are
+/// not loaded (each is loaded on its first request).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ModelsQuery {
+    all: bool,
+}
+
+async fn models(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Query(query): axum::extract::Query<ModelsQuery>,
+) -> impl IntoResponse {
     let created = state.started;
     let mut data = vec![json!({
         "id": state.base_name, "object": "model", "created": created, "owned_by": "peft-rs",
         "root": state.base_name, "parent": null, "max_model_len": state.max_model_len,
     })];
-    for name in state.shared.adapters() {
-        data.push(json!({
+    let loaded = state.shared.adapters();
+    let all = query.all;
+    let on_disk = if all {
+        adapters_on_disk(&state)
+    } else {
+        Vec::new()
+    };
+    let available = on_disk.into_iter().filter(|n| !loaded.contains(n));
+    let entries = loaded
+        .iter()
+        .map(|n| (n.clone(), true))
+        .chain(available.map(|n| (n, false)));
+    for (name, resident) in entries {
+        let mut entry = json!({
             "id": name, "object": "model", "created": created, "owned_by": "peft-rs",
             "root": name, "parent": state.base_name, "max_model_len": state.max_model_len,
-        }));
+        });
+        if all {
+            // Not OpenAI's: whether the adapter is in memory now.
+            entry["loaded"] = json!(resident);
+        }
+        data.push(entry);
     }
     axum::Json(json!({"object": "list", "data": data}))
 }
@@ -373,6 +401,8 @@ struct Plan {
     include_usage: bool,
     /// Choices to generate (OpenAI's `n`).
     n: usize,
+    /// The adapter's folder when it is loaded on first use.
+    load_from: Option<PathBuf>,
     ignore_eos: bool,
     /// Each token's log-probability with this many most likely tokens, if asked.
     logprobs: Option<usize>,
@@ -535,9 +565,14 @@ fn plan(
     default_max: Option<usize>,
     endpoint: Endpoint,
 ) -> Result<Plan, ApiError> {
+    let mut load_from = None;
     let adapter = if sampling.model == state.base_name {
         None
     } else if state.shared.has_adapter(&sampling.model) {
+        Some(sampling.model.clone())
+    } else if let Some(dir) = on_disk_adapter(state, &sampling.model) {
+        // Loaded by the engine when the request is admitted (LoRAX's dynamic adapters).
+        load_from = Some(dir);
         Some(sampling.model.clone())
     } else {
         return Err(ApiError {
@@ -680,7 +715,37 @@ fn plan(
         logprobs,
         echo: None,
         n,
+        load_from,
     })
+}
+
+/// The folder of adapter `name` under `--adapter-dir`, if `name` is one plain folder name there
+/// holding an `adapter_config.json` (the folder checks of `/v1/load_lora_adapter` apply).
+fn on_disk_adapter(state: &AppState, name: &str) -> Option<PathBuf> {
+    // `x`, not `x/`, `./x`, `..` or `a/b`: the name is the folder's own.
+    let plain = Path::new(name).file_name() == Some(std::ffi::OsStr::new(name));
+    if !plain || state.adapter_dir.is_none() {
+        return None;
+    }
+    let dir = adapter_path(state, name).ok()?;
+    dir.join("adapter_config.json").is_file().then_some(dir)
+}
+
+/// Adapter folders under `--adapter-dir` (each holding an `adapter_config.json`), by name.
+fn adapters_on_disk(state: &AppState) -> Vec<String> {
+    let Some(root) = &state.adapter_dir else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| on_disk_adapter(state, name).is_some())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Queues `plan`'s job; the events of each of its choices.
@@ -714,6 +779,7 @@ fn submit(state: &AppState, plan: &Plan) -> Result<Vec<mpsc::UnboundedReceiver<E
         prompt_logprobs: plan.echo.as_ref().and(plan.logprobs),
         events,
         more_choices: senders.collect(),
+        load_from: plan.load_from.clone(),
     };
     if let Err(e) = state.send(Command::Generate(job)) {
         state.shared.dequeued();
@@ -996,6 +1062,13 @@ impl Generation {
                 Some(Event::Failed(message)) => {
                     Step::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
                 }
+                Some(Event::Refused { status, message }) => Step::Failed(ApiError {
+                    param: Some("model".into()),
+                    ..ApiError::new(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                        message,
+                    )
+                }),
                 None => Step::Failed(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the engine stopped",

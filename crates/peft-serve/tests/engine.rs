@@ -70,6 +70,7 @@ fn run_on_mut(engine: &mut Engine, requests: &[Request]) -> Vec<Vec<Event>> {
                     prompt_logprobs: None,
                     events,
                     more_choices: Vec::new(),
+                    load_from: None,
                 }))
                 .unwrap();
             output
@@ -205,6 +206,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             prompt_logprobs: None,
             events,
             more_choices: Vec::new(),
+            load_from: None,
         }))
         .unwrap();
     let (events, mut kept) = mpsc::unbounded_channel();
@@ -220,6 +222,7 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
             prompt_logprobs: None,
             events,
             more_choices: Vec::new(),
+            load_from: None,
         }))
         .unwrap();
     drop(commands);
@@ -263,6 +266,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
             prompt_logprobs: None,
             events,
             more_choices: Vec::new(),
+            load_from: None,
         }))
         .unwrap();
     drop(commands);
@@ -274,6 +278,7 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
             Event::Token(_) => tokens += 1,
             Event::Finished { reason, generated } => finished = Some((reason, generated)),
             Event::Failed(m) => panic!("{m}"),
+            Event::Refused { message, .. } => panic!("{message}"),
             Event::Logprob(_) | Event::PromptLogprobs(_) => panic!("not asked for"),
         }
     }
@@ -538,6 +543,7 @@ fn adjusted_runs(
                     prompt_logprobs: None,
                     events,
                     more_choices: Vec::new(),
+                    load_from: None,
                 }))
                 .unwrap();
             output
@@ -554,6 +560,7 @@ fn adjusted_runs(
                     Event::Token(t) => tokens.push(t),
                     Event::Finished { reason, .. } => finished = Some(reason),
                     Event::Failed(m) => panic!("{m}"),
+                    Event::Refused { message, .. } => panic!("{message}"),
                     Event::Logprob(_) | Event::PromptLogprobs(_) => panic!("not asked for"),
                 }
             }
@@ -628,6 +635,7 @@ fn logprobs_are_the_log_softmax_of_the_models_logits() {
         prompt_logprobs,
         events,
         more_choices: Vec::new(),
+        load_from: None,
     };
     let (events, mut generated) = mpsc::unbounded_channel();
     let request = job(6, Some(3), Some(2), events);
@@ -653,6 +661,7 @@ fn logprobs_are_the_log_softmax_of_the_models_logits() {
             }
             Event::Finished { .. } => {}
             Event::Failed(m) => panic!("{m}"),
+            Event::Refused { message, .. } => panic!("{message}"),
         }
     }
     let prompt_entries = prompt_entries.expect("the prompt's log-probabilities");
@@ -764,6 +773,7 @@ fn choices_equal_requests_of_the_seed_plus_their_index() {
         prompt_logprobs: None,
         events,
         more_choices,
+        load_from: None,
     };
     let tokens = |events: &[Event]| -> Vec<u32> {
         events
@@ -771,6 +781,7 @@ fn choices_equal_requests_of_the_seed_plus_their_index() {
             .filter_map(|e| match e {
                 Event::Token(t) => Some(*t),
                 Event::Failed(m) => panic!("{m}"),
+                Event::Refused { message, .. } => panic!("{message}"),
                 _ => None,
             })
             .collect()
@@ -853,6 +864,7 @@ fn a_request_of_n_choices_waits_for_n_rows() {
         prompt_logprobs: None,
         events,
         more_choices,
+        load_from: None,
     };
     let shared = Arc::new(Shared::new("base"));
     let mut engine = engine("bloom", shared.clone(), 2);

@@ -692,12 +692,30 @@ fn adapters_load_and_unload_at_run_time_from_their_folder_only() {
         .status,
         404
     );
-    let gone = post(
+    // Unloaded, `c` is still a folder under --adapter-dir: its next request loads it again
+    // (first use). Names that are no adapter folder there, or lead outside, are not found.
+    let again = post(
         server.addr,
         "/v1/completions",
-        json!({"model": "c", "prompt": "hi"}),
+        json!({"model": "c", "prompt": "hi", "max_tokens": 4, "temperature": 0}),
     );
-    assert_eq!(gone.status, 404);
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["choices"], answer.json()["choices"]);
+    for name in [
+        "missing",
+        "not-an-adapter",
+        "escape",
+        "linked",
+        "../outside/c",
+        "c/",
+    ] {
+        let gone = post(
+            server.addr,
+            "/v1/completions",
+            json!({"model": name, "prompt": "hi"}),
+        );
+        assert_eq!(gone.status, 404, "{name}: {}", gone.body);
+    }
     // Without --adapter-dir, runtime loading is off.
     let closed = Server::start(|_| {});
     let r = post(
@@ -707,6 +725,98 @@ fn adapters_load_and_unload_at_run_time_from_their_folder_only() {
     );
     assert_eq!(r.status, 403);
     assert!(r.body.contains("--adapter-dir"));
+}
+
+/// LoRAX's dynamic adapters: a request naming a folder under `--adapter-dir` loads it on first
+/// use; with `--max-loras` resident, the least recently used idle adapter loaded that way is
+/// evicted; pinned adapters (at start, `/v1/load_lora_adapter`) never are, and once only pinned
+/// ones are resident a first use is refused with 409. `/v1/models?all=true` lists the folders.
+#[test]
+fn adapters_load_on_first_use_and_the_least_recently_used_is_evicted() {
+    let root = tempfile::tempdir().unwrap();
+    for name in ["x", "y", "z"] {
+        // Copies of the fixture's adapter `a` (its top-level files).
+        copy_dir(
+            &fixtures().join("adapters/multi-llama"),
+            &root.path().join(name),
+        );
+    }
+    let dir = root.path().to_path_buf();
+    let server = Server::start(move |o| {
+        o.adapters.truncate(1);
+        o.adapter_dir = Some(dir);
+        o.max_loras = 3;
+    });
+    let ids = |query: &str| -> Vec<(String, Value)> {
+        request(server.addr, "GET", &format!("/v1/models{query}"), None, "").json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["id"].as_str().unwrap().to_string(), m["loaded"].clone()))
+            .collect()
+    };
+    let listed = [
+        ("llama-tiny", Value::Null),
+        ("a", json!(true)),
+        ("x", json!(false)),
+        ("y", json!(false)),
+        ("z", json!(false)),
+    ];
+    let listed: Vec<(String, Value)> = listed.map(|(n, l)| (n.to_string(), l)).to_vec();
+    assert_eq!(ids("?all=true"), listed);
+    let resident = |expected: &[&str]| {
+        let names: Vec<String> = ids("").into_iter().skip(1).map(|(n, _)| n).collect();
+        assert_eq!(names, expected);
+    };
+    resident(&["a"]);
+    let expected = generate_alone(Some("a"), "hello there", 6);
+    let complete = |model: &str| {
+        let r = post(
+            server.addr,
+            "/v1/completions",
+            json!({"model": model, "prompt": "hello there", "max_tokens": 6, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{model}: {}", r.body);
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    // First uses load; each copy of `a` answers as `a` does.
+    assert_eq!(complete("x"), expected);
+    assert_eq!(complete("y"), expected);
+    resident(&["a", "x", "y"]);
+    // Full: z evicts x, the least recently used (a is pinned).
+    assert_eq!(complete("z"), expected);
+    resident(&["a", "y", "z"]);
+    // y used again, then x: z is now the oldest.
+    complete("y");
+    assert_eq!(complete("x"), expected);
+    resident(&["a", "x", "y"]);
+    assert_eq!(metric(server.addr, "peft_adapter_evictions_total"), 2.0);
+    assert_eq!(metric(server.addr, "peft_adapter_loads_total"), 5.0);
+    assert_eq!(metric(server.addr, "peft_resident_adapters"), 3.0);
+    // An explicit load evicts an idle first-use adapter too (y, older than x), and is pinned.
+    let load = |name: &str| {
+        post(
+            server.addr,
+            "/v1/load_lora_adapter",
+            json!({"lora_name": name, "lora_path": "z"}),
+        )
+    };
+    assert_eq!(load("w").status, 200);
+    resident(&["a", "w", "x"]);
+    assert_eq!(load("v").status, 200);
+    resident(&["a", "v", "w"]);
+    // Only pinned adapters are resident: a first use cannot make room.
+    let refused = post(
+        server.addr,
+        "/v1/completions",
+        json!({"model": "y", "prompt": "hi", "max_tokens": 2}),
+    );
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["param"], "model");
+    assert!(refused.body.contains("--max-loras 3"), "{}", refused.body);
+    assert_eq!(metric(server.addr, "peft_adapter_evictions_total"), 4.0);
+    assert_eq!(metric(server.addr, "peft_adapter_loads_total"), 7.0);
+    server.shutdown().unwrap();
 }
 
 /// A server over the tiny BLOOM (a 2,048-token context) with the adapter `a`, configured further
