@@ -60,17 +60,14 @@ pub fn generate(adapters: usize, quick: bool, device: &Device) -> Result<Value, 
             let (events, output) = tokio::sync::mpsc::unbounded_channel();
             commands
                 .send(Command::Generate(Job {
-                    adapter: Some(names[r % names.len()].clone()),
-                    prompt: prompt.clone(),
-                    max_tokens: new_tokens,
-                    decoding: Decoding::Greedy,
                     ignore_eos: true,
-                    adjust: Default::default(),
-                    logprobs: None,
-                    prompt_logprobs: None,
-                    events,
-                    more_choices: Vec::new(),
-                    load_from: None,
+                    ..Job::new(
+                        Some(names[r % names.len()].clone()),
+                        prompt.clone(),
+                        new_tokens,
+                        Decoding::Greedy,
+                        events,
+                    )
                 }))
                 .map_err(|e| e.to_string())?;
             outputs.push(output);

@@ -140,17 +140,56 @@ impl Job {
         1 + self.more_choices.len()
     }
 
+    /// A request of one choice with an OpenAI request's defaults: no penalties, no
+    /// log-probabilities, ends at end-of-sequence; `adapter` must be loaded already (`None`: the
+    /// base model).
+    pub fn new(
+        adapter: Option<String>,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        decoding: Decoding,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Job {
+        Job {
+            adapter,
+            prompt,
+            max_tokens,
+            decoding,
+            ignore_eos: false,
+            adjust: LogitAdjustments::default(),
+            logprobs: None,
+            prompt_logprobs: None,
+            events,
+            load_from: None,
+            more_choices: Vec::new(),
+        }
+    }
+
     /// Choice `index`'s own request: its channel, and the seed plus `index` when sampled.
     fn choice(&self, index: usize) -> Job {
-        let mut job = self.clone();
-        job.more_choices = Vec::new();
-        if index > 0 {
-            job.events = self.more_choices[index - 1].clone();
-            if let Decoding::Sample { seed, .. } = &mut job.decoding {
-                *seed = seed.wrapping_add(index as u64);
+        let mut decoding = self.decoding;
+        let events = match index {
+            0 => self.events.clone(),
+            _ => {
+                if let Decoding::Sample { seed, .. } = &mut decoding {
+                    *seed = seed.wrapping_add(index as u64);
+                }
+                self.more_choices[index - 1].clone()
             }
+        };
+        Job {
+            adapter: self.adapter.clone(),
+            prompt: self.prompt.clone(),
+            max_tokens: self.max_tokens,
+            decoding,
+            ignore_eos: self.ignore_eos,
+            adjust: self.adjust.clone(),
+            logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
+            events,
+            load_from: self.load_from.clone(),
+            more_choices: Vec::new(),
         }
-        job
     }
 
     /// Whether every choice's client went away.
@@ -158,12 +197,50 @@ impl Job {
         self.events.is_closed() && self.more_choices.iter().all(|e| e.is_closed())
     }
 
+    /// Every choice's channel, choice 0 first.
+    fn senders(&self) -> Senders {
+        Senders(
+            std::iter::once(&self.events)
+                .chain(&self.more_choices)
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// Sends `event` to every choice.
     fn send_all(&self, event: Event) {
-        for events in std::iter::once(&self.events).chain(&self.more_choices) {
-            let _ = events.send(event.clone());
-        }
+        send_each(
+            std::iter::once(&self.events).chain(&self.more_choices),
+            event,
+        );
     }
+}
+
+/// A request's channels, kept apart from the request where only they outlive it.
+struct Senders(Vec<mpsc::UnboundedSender<Event>>);
+
+impl Senders {
+    fn send_all(&self, event: Event) {
+        send_each(&self.0, event);
+    }
+}
+
+fn send_each<'a>(
+    channels: impl IntoIterator<Item = &'a mpsc::UnboundedSender<Event>>,
+    event: Event,
+) {
+    for events in channels {
+        let _ = events.send(event.clone());
+    }
+}
+
+/// Whether a loaded adapter may be evicted for another (`--max-loras`).
+#[derive(Debug, Clone, Copy)]
+enum Residency {
+    /// Loaded explicitly (`--adapter`, /v1/load_lora_adapter): stays until unloaded.
+    Pinned,
+    /// Loaded on a request's first use: evicted when idle and least recently used.
+    Evictable,
 }
 
 /// An answer about an adapter operation: `Err((status, message))`.
@@ -353,6 +430,14 @@ impl Engine {
         }
     }
 
+    /// Every request running or waiting (a request of several choices once per running row).
+    fn requests(&self) -> impl Iterator<Item = &Job> {
+        self.batches
+            .values()
+            .flat_map(|b| b.rows.iter().map(|r| &r.job))
+            .chain(&self.pending)
+    }
+
     fn running(&self) -> usize {
         self.batches.values().map(|b| b.rows.len()).sum()
     }
@@ -391,14 +476,36 @@ impl Engine {
         Ok(())
     }
 
+    /// Loads `dir` as `name` with a panic inside the load contained: whatever the load had
+    /// registered under the name goes with it, and the answer is a 500 naming the panic.
+    fn load_contained(
+        &mut self,
+        name: &str,
+        dir: &std::path::Path,
+        residency: Residency,
+    ) -> AdapterReply {
+        let loaded = self.contained(InjectedPanic::LoadAdapter, |e| match residency {
+            Residency::Pinned => e.load_adapter(name, dir),
+            Residency::Evictable => e.load_named(name, dir),
+        });
+        loaded.unwrap_or_else(|message| {
+            if self.has_adapter(name) {
+                let _ = self.remove_adapter(name);
+            }
+            Err((
+                500,
+                format!(
+                    "loading `{name}` failed inside the engine ({message}); the server goes on"
+                ),
+            ))
+        })
+    }
+
     /// Evicts the least recently used adapter that is neither pinned nor used by a running or
     /// waiting request; whether one was.
     fn evict_one(&mut self) -> bool {
         let in_use: std::collections::BTreeSet<&str> = self
-            .batches
-            .values()
-            .flat_map(|b| b.rows.iter().map(|r| &r.job))
-            .chain(&self.pending)
+            .requests()
             .filter_map(|j| j.adapter.as_deref())
             .collect();
         let victim = self
@@ -411,7 +518,7 @@ impl Engine {
             .map(str::to_string);
         match victim {
             Some(name) => {
-                let evicted = self.unload_adapter(&name).is_ok();
+                let evicted = self.remove_adapter(&name).is_ok();
                 if evicted {
                     self.shared.adapter_evicted();
                 }
@@ -483,22 +590,7 @@ impl Engine {
         match command {
             Command::Generate(job) => self.pending.push_back(job),
             Command::LoadAdapter { name, dir, reply } => {
-                let loaded =
-                    self.contained(InjectedPanic::LoadAdapter, |e| e.load_adapter(&name, &dir));
-                let outcome = loaded.unwrap_or_else(|message| {
-                    // Whatever the load had registered under the name goes with it.
-                    if self.has_adapter(&name) {
-                        let _ = self.unload_adapter(&name);
-                    }
-                    Err((
-                        500,
-                        format!(
-                            "loading `{name}` failed inside the engine ({message}); the server \
-                             goes on"
-                        ),
-                    ))
-                });
-                let _ = reply.send(outcome);
+                let _ = reply.send(self.load_contained(&name, &dir, Residency::Pinned));
             }
             Command::UnloadAdapter { name, reply } => {
                 let _ = reply.send(self.unload_adapter(&name));
@@ -511,10 +603,7 @@ impl Engine {
             return Err((404, format!("no adapter named `{name}` is loaded")));
         }
         let users = self
-            .batches
-            .values()
-            .flat_map(|b| b.rows.iter().map(|r| &r.job))
-            .chain(&self.pending)
+            .requests()
             .filter(|j| j.adapter.as_deref() == Some(name))
             .count();
         if users > 0 {
@@ -525,6 +614,11 @@ impl Engine {
                 ),
             ));
         }
+        self.remove_adapter(name)
+    }
+
+    /// Drops `name` (loaded, and used by no request) with everything kept about it.
+    fn remove_adapter(&mut self, name: &str) -> AdapterReply {
         if self.others.remove(name).is_none() {
             self.model
                 .delete_adapter(name)
@@ -598,7 +692,7 @@ impl Engine {
                 continue;
             }
             let key = self.key_of(job.adapter.as_deref());
-            let failed = job.clone();
+            let failed = job.senders();
             // The closure returns `prefill`'s own result, whose error gives the job back.
             #[allow(clippy::result_large_err)]
             let prefilled = self.contained(InjectedPanic::Prefill, |e| e.prefill(&key, job));
@@ -638,23 +732,7 @@ impl Engine {
             return Ok(());
         };
         if let (false, Some(dir)) = (self.has_adapter(name), &job.load_from) {
-            let loaded = self.contained(InjectedPanic::LoadAdapter, |e| e.load_named(name, dir));
-            match loaded {
-                Ok(Ok(())) => {}
-                Ok(Err(refused)) => return Err(refused),
-                Err(message) => {
-                    if self.has_adapter(name) {
-                        let _ = self.unload_adapter(name);
-                    }
-                    return Err((
-                        500,
-                        format!(
-                            "loading `{name}` failed inside the engine ({message}); the server \
-                             goes on"
-                        ),
-                    ));
-                }
-            }
+            self.load_contained(name, dir, Residency::Evictable)?;
         }
         self.clock += 1;
         self.last_used.insert(name.to_string(), self.clock);

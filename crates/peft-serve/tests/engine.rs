@@ -59,19 +59,13 @@ fn run_on_mut(engine: &mut Engine, requests: &[Request]) -> Vec<Vec<Event>> {
         .map(|r| {
             let (events, output) = mpsc::unbounded_channel();
             commands
-                .send(Command::Generate(Job {
-                    adapter: r.adapter.map(str::to_string),
-                    prompt: r.prompt.clone(),
-                    max_tokens: r.max_tokens,
-                    decoding: r.decoding,
-                    ignore_eos: false,
-                    adjust: Default::default(),
-                    logprobs: None,
-                    prompt_logprobs: None,
+                .send(Command::Generate(Job::new(
+                    r.adapter.map(str::to_string),
+                    r.prompt.clone(),
+                    r.max_tokens,
+                    r.decoding,
                     events,
-                    more_choices: Vec::new(),
-                    load_from: None,
-                }))
+                )))
                 .unwrap();
             output
         })
@@ -195,35 +189,23 @@ fn a_closed_request_leaves_the_batch_and_others_continue() {
     let (events, gone) = mpsc::unbounded_channel();
     drop(gone);
     commands
-        .send(Command::Generate(Job {
-            adapter: None,
-            prompt: vec![5, 6],
-            max_tokens: 50,
-            decoding: Decoding::Greedy,
-            ignore_eos: false,
-            adjust: Default::default(),
-            logprobs: None,
-            prompt_logprobs: None,
+        .send(Command::Generate(Job::new(
+            None,
+            vec![5, 6],
+            50,
+            Decoding::Greedy,
             events,
-            more_choices: Vec::new(),
-            load_from: None,
-        }))
+        )))
         .unwrap();
     let (events, mut kept) = mpsc::unbounded_channel();
     commands
-        .send(Command::Generate(Job {
-            adapter: Some("b".into()),
-            prompt: requests[3].prompt.clone(),
-            max_tokens: 4,
-            decoding: Decoding::Greedy,
-            ignore_eos: false,
-            adjust: Default::default(),
-            logprobs: None,
-            prompt_logprobs: None,
+        .send(Command::Generate(Job::new(
+            Some("b".into()),
+            requests[3].prompt.clone(),
+            4,
+            Decoding::Greedy,
             events,
-            more_choices: Vec::new(),
-            load_from: None,
-        }))
+        )))
         .unwrap();
     drop(commands);
     engine.run(&receiver);
@@ -256,17 +238,8 @@ fn a_row_ends_at_the_context_whatever_max_tokens_says() {
     let (events, mut output) = mpsc::unbounded_channel();
     commands
         .send(Command::Generate(Job {
-            adapter: None,
-            prompt: vec![5, 6, 7],
-            max_tokens: usize::MAX,
-            decoding: Decoding::Greedy,
             ignore_eos: true,
-            adjust: Default::default(),
-            logprobs: None,
-            prompt_logprobs: None,
-            events,
-            more_choices: Vec::new(),
-            load_from: None,
+            ..Job::new(None, vec![5, 6, 7], usize::MAX, Decoding::Greedy, events)
         }))
         .unwrap();
     drop(commands);
@@ -533,17 +506,8 @@ fn adjusted_runs(
             let (events, output) = mpsc::unbounded_channel();
             commands
                 .send(Command::Generate(Job {
-                    adapter: None,
-                    prompt: vec![5, 42, 7, 300, 11],
-                    max_tokens: 12,
-                    decoding: Decoding::Greedy,
-                    ignore_eos: false,
                     adjust,
-                    logprobs: None,
-                    prompt_logprobs: None,
-                    events,
-                    more_choices: Vec::new(),
-                    load_from: None,
+                    ..Job::new(None, vec![5, 42, 7, 300, 11], 12, Decoding::Greedy, events)
                 }))
                 .unwrap();
             output
@@ -625,17 +589,10 @@ fn logprobs_are_the_log_softmax_of_the_models_logits() {
     let prompt = vec![5u32, 42, 7, 300, 11];
     let (commands, receiver) = std::sync::mpsc::channel();
     let job = |max_tokens, logprobs, prompt_logprobs, events| Job {
-        adapter: None,
-        prompt: prompt.clone(),
-        max_tokens,
-        decoding: Decoding::Greedy,
         ignore_eos: true,
-        adjust: Default::default(),
         logprobs,
         prompt_logprobs,
-        events,
-        more_choices: Vec::new(),
-        load_from: None,
+        ..Job::new(None, prompt.clone(), max_tokens, Decoding::Greedy, events)
     };
     let (events, mut generated) = mpsc::unbounded_channel();
     let request = job(6, Some(3), Some(2), events);
@@ -763,17 +720,9 @@ fn choices_equal_requests_of_the_seed_plus_their_index() {
         seed,
     };
     let job = |decoding, events, more_choices| Job {
-        adapter: Some("b".into()),
-        prompt: prompt.clone(),
-        max_tokens: 8,
-        decoding,
         ignore_eos: true,
-        adjust: Default::default(),
-        logprobs: None,
-        prompt_logprobs: None,
-        events,
         more_choices,
-        load_from: None,
+        ..Job::new(Some("b".into()), prompt.clone(), 8, decoding, events)
     };
     let tokens = |events: &[Event]| -> Vec<u32> {
         events
@@ -854,17 +803,9 @@ fn choices_equal_requests_of_the_seed_plus_their_index() {
 fn a_request_of_n_choices_waits_for_n_rows() {
     let prompt: Vec<u32> = vec![3, 14, 15, 92];
     let job = |max_tokens, events, more_choices| Job {
-        adapter: None,
-        prompt: prompt.clone(),
-        max_tokens,
-        decoding: Decoding::Greedy,
         ignore_eos: true,
-        adjust: Default::default(),
-        logprobs: None,
-        prompt_logprobs: None,
-        events,
         more_choices,
-        load_from: None,
+        ..Job::new(None, prompt.clone(), max_tokens, Decoding::Greedy, events)
     };
     let shared = Arc::new(Shared::new("base"));
     let mut engine = engine("bloom", shared.clone(), 2);
