@@ -1,6 +1,6 @@
-//! Every method's adapter loader (LoRA — with trainable tokens too —, IA3, LoHa, BitFit, prompt
-//! tuning, P-tuning, prefix tuning, trainable tokens): a
-//! valid adapter folder of the method with its config or its weights replaced by the input, or
+//! Every method's adapter loader (LoRA — with trainable tokens too —, IA3, LoHa, LoKr, VeRA,
+//! AdaLoRA, BitFit, prompt tuning, P-tuning, prefix tuning, trainable tokens): a valid adapter
+//! folder of the method with its config or its weights replaced by the input, or
 //! P-tuning's encoder file, loaded onto the tiny BLOOM by the method's own loader and by the
 //! `peft` crate's registry (`PeftModel::from_pretrained`): an adapter or an error, never a panic.
 #![no_main]
@@ -44,7 +44,7 @@ fn setup() -> &'static Setup {
             .unwrap()
             .save_pretrained(&bitfit_dir)
             .unwrap();
-        let methods: [(&str, PathBuf, Loader); 11] = [
+        let methods: [(&str, PathBuf, Loader); 12] = [
             ("lora", fixtures().join("adapters/lora-bloom"), |b, d| {
                 peft_lora::from_pretrained(b, d, false).is_ok()
             }),
@@ -69,6 +69,9 @@ fn setup() -> &'static Setup {
             }),
             ("vera", fixtures().join("adapters/vera-bloom"), |b, d| {
                 peft_vera::from_pretrained(b, d, false).is_ok()
+            }),
+            ("adalora", fixtures().join("adapters/adalora-bloom"), |b, d| {
+                peft_adalora::from_pretrained(b, d, false).is_ok()
             }),
             ("bitfit", bitfit_dir, |b, d| {
                 peft_bitfit::from_pretrained(b, d, false).is_ok()

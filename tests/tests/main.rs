@@ -2,6 +2,7 @@
 //! the workspace instead of one per suite (CI builds them three times: tests, clippy, wgpu).
 //! Select a suite by its module path, e.g. `cargo test -p peft-tests --test parity -- lora::`.
 
+mod adalora;
 mod architectures;
 mod bad_inputs;
 mod bf16;

@@ -286,6 +286,7 @@ fn fixtures(root: &Path, args: &FixturesArgs) -> Result<()> {
         "make_trainable_tokens_fixtures.py",
         "make_lycoris_fixtures.py",
         "make_vera_fixtures.py",
+        "make_adalora_fixtures.py",
         // Last: it reads the models and adapters the scripts above write.
         "make_gguf_fixtures.py",
     ] {

@@ -623,15 +623,21 @@ fn install_stop_handlers() {
 /// 4-bit preset), else `--method`.
 fn run_method(args: &TrainArgs) -> Result<&'static peft::Method> {
     let named = peft::by_name(&args.method)?;
-    let Some(dir) = &args.adapter else {
-        return Ok(named);
+    let method = match &args.adapter {
+        None => named,
+        Some(dir) => {
+            let peft_type = peft::load_config(dir)?.peft_type();
+            if named.peft_type == peft_type {
+                named
+            } else {
+                peft::by_peft_type(peft_type)
+            }
+        }
     };
-    let peft_type = peft::load_config(dir)?.peft_type();
-    Ok(if named.peft_type == peft_type {
-        named
-    } else {
-        peft::by_peft_type(peft_type)
-    })
+    if let Some(why) = method.training_refused {
+        bail!("{} cannot be trained here: {why}", method.label);
+    }
+    Ok(method)
 }
 
 /// `peft train`.

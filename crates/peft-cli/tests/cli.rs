@@ -565,7 +565,7 @@ fn adapter_errors_are_one_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("adapter_config.json"),
-        r#"{"peft_type": "ADALORA", "r": 4}"#,
+        r#"{"peft_type": "BOFT", "r": 4}"#,
     )
     .unwrap();
     let out = peft!(
@@ -577,7 +577,7 @@ fn adapter_errors_are_one_line() {
         "--prompt",
         "hi",
     );
-    assert_clean_failure(&out, "unknown type `ADALORA`");
+    assert_clean_failure(&out, "unknown type `BOFT`");
 }
 
 #[test]
@@ -667,6 +667,53 @@ fn inspect_lokr_config_gives_peft_numbers() {
             .ends_with("trainable params: 2,304 || all params: 141,888 || trainable%: 1.6238"),
         "{stdout}"
     );
+}
+
+/// AdaLoRA's config through the registry: PEFT's counts of a fresh model from it
+/// (tests/fixtures/reference/adalora-llama.json `fresh_*`: every layer at init_r, `ranknum`
+/// counted), and `peft train` refusing the method, by name and by folder, before writing
+/// anything.
+#[test]
+fn adalora_inspects_with_peft_numbers_and_refuses_training() {
+    let out = peft_ok!(
+        "inspect",
+        "--model",
+        model("llama-tiny"),
+        "--config",
+        adapter("adalora-llama").join("adapter_config.json"),
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("trainable params: 7,740 || all params: 147,334 || trainable%: 5.2534"),
+        "{stdout}"
+    );
+    let output = tempfile::tempdir().unwrap();
+    let out = peft!(
+        "train",
+        "--model",
+        model("llama-tiny"),
+        "--method",
+        "adalora",
+        "--output",
+        output.path(),
+    );
+    assert_clean_failure(&out, "AdaLoRA cannot be trained here: AdaLoRA's training");
+    let out = peft!(
+        "train",
+        "--model",
+        model("llama-tiny"),
+        "--adapter",
+        adapter("adalora-llama"),
+        "--output",
+        output.path(),
+    );
+    assert_clean_failure(
+        &out,
+        "rank allocator and orthogonality penalty) is not built",
+    );
+    assert_eq!(std::fs::read_dir(output.path()).unwrap().count(), 0);
 }
 
 /// VeRA's config through the registry: PEFT's counts (tests/fixtures/reference/vera-llama.json:

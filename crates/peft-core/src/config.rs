@@ -42,11 +42,14 @@ pub enum PeftType {
     /// Shared frozen random projections scaled by trained vectors (VeRA).
     #[serde(rename = "VERA")]
     Vera,
+    /// LoRA in SVD form whose ranks a budget re-allocates (AdaLoRA).
+    #[serde(rename = "ADALORA")]
+    AdaLora,
 }
 
 impl PeftType {
     /// Every type peft-rs knows, as written in `adapter_config.json`.
-    pub const ALL: [&'static str; 10] = [
+    pub const ALL: [&'static str; 11] = [
         "LORA",
         "IA3",
         "PROMPT_TUNING",
@@ -57,6 +60,7 @@ impl PeftType {
         "LOHA",
         "LOKR",
         "VERA",
+        "ADALORA",
     ];
 }
 
@@ -316,9 +320,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("peft-core-hdr-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("adapter_config.json");
-        std::fs::write(&path, r#"{"peft_type": "ADALORA", "r": 4}"#).unwrap();
+        std::fs::write(&path, r#"{"peft_type": "BOFT", "r": 4}"#).unwrap();
         let err = read_peft_type(&path).unwrap_err().to_string();
-        assert!(err.contains("unknown type `ADALORA`"), "{err}");
+        assert!(err.contains("unknown type `BOFT`"), "{err}");
         assert!(err.contains("LORA, IA3"), "{err}");
         std::fs::write(&path, r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM"}"#).unwrap();
         assert_eq!(read_peft_type(&path).unwrap(), PeftType::Lora);

@@ -136,6 +136,11 @@ pub trait LayerTuner: Sized {
     /// (through [`shared_tensors`](Self::shared_tensors)); loading skips them.
     const MODEL_KEYS: &'static [&'static str] = &[];
 
+    /// Numbers PEFT counts among a model's parameters for each adapted layer that are not burn
+    /// parameters here (AdaLoRA's frozen one-element `ranknum`, a constant of the layer): added
+    /// to [`TrainableSummary::all`] so that the counts are PEFT's.
+    const FROZEN_NUMBERS_PER_LAYER: usize = 0;
+
     /// The method's model-level tensors for a model whose targeted linear layers are at most
     /// `largest = (d_in, d_out)` wide: read from `store` (an adapter file) or made; every
     /// layer's [`Target::shared`]. None by default.
@@ -389,7 +394,9 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> TunedModel<T, M> {
     /// PEFT's `print_trainable_parameters()` numbers: the adapters and the parameters trained in
     /// full are trainable (none in inference mode); "all" counts the adapters too.
     pub fn trainable_summary(&self) -> TrainableSummary {
-        adapter_summary(&self.model, &self.saved_params, self.trainable)
+        let mut summary = adapter_summary(&self.model, &self.saved_params, self.trainable);
+        summary.all += T::FROZEN_NUMBERS_PER_LAYER * self.targeted.len();
+        summary
     }
 
     /// The adapter's tensors under PEFT's keys and shapes: the method's tensors, the saved base

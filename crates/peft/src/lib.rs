@@ -7,6 +7,7 @@ pub mod registry;
 
 use std::path::{Path, PathBuf};
 
+pub use peft_adalora as adalora;
 pub use peft_bitfit as bitfit;
 pub use peft_ia3 as ia3;
 pub use peft_loha as loha;
@@ -24,6 +25,7 @@ pub use peft_trainable_tokens as trainable_tokens;
 pub use peft_vera as vera;
 
 pub use methods::{PeftConfig, PeftModel};
+pub use peft_adalora::AdaLoraConfig;
 pub use peft_bitfit::BitFitConfig;
 pub use peft_core::{
     AdapterModel, CausalLm, ComputeDtype, MethodConfig, NoAdapter, PeftError, PeftType, Result,

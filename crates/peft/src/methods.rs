@@ -117,6 +117,23 @@ adapter_methods! {
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());
         },
     }
+    /// AdaLoRA: `peft_adalora`.
+    AdaLora {
+        config: peft_adalora::AdaLoraConfig,
+        model: peft_adalora::AdaLoraModel<AnyModel<peft_adalora::SvdLinear>>,
+        build: |base, config, _| peft_adalora::get_peft_model(base, config),
+        load: |base, dir, trainable| peft_adalora::from_pretrained(base, dir, trainable),
+        targeted: |m| m.targeted.clone(),
+        saved: |m| m.saved_params.clone(),
+        merge: |m| m.merge_and_unload(),
+        overrides: |c, o| {
+            // `--r` is the starting rank: PEFT's AdaLoRA ignores `r`.
+            c.init_r = o.r.unwrap_or(c.init_r);
+            c.lora_alpha = o.lora_alpha.unwrap_or(c.lora_alpha);
+            c.lora_dropout = o.lora_dropout.unwrap_or(c.lora_dropout);
+            c.target_modules = o.target_modules.clone().or(c.target_modules.take());
+        },
+    }
     /// Trainable tokens: `peft_trainable_tokens`.
     TrainableTokens {
         config: peft_trainable_tokens::TrainableTokensConfig,

@@ -45,11 +45,14 @@ pub struct Method {
     pub adapts_4bit_base: bool,
     /// Whether training quantises the base to 4-bit unless told otherwise (QLoRA's preset).
     pub trains_on_4bit_base: bool,
+    /// Why `peft train` refuses the method (`None`: it trains). Such a method still loads,
+    /// merges and serves.
+    pub training_refused: Option<&'static str>,
 }
 
 /// Every method, `lora` first: a LoRA folder loads as `lora`; `qlora` trains the QLoRA paper's
 /// preset over a 4-bit base and saves a LoRA folder.
-pub const METHODS: [Method; 11] = [
+pub const METHODS: [Method; 12] = [
     Method {
         name: "lora",
         label: "LoRA",
@@ -60,6 +63,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::SharedBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "qlora",
@@ -71,6 +75,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::SharedBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: true,
+        training_refused: None,
     },
     Method {
         name: "ia3",
@@ -82,6 +87,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "loha",
@@ -93,6 +99,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "lokr",
@@ -104,6 +111,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "vera",
@@ -115,6 +123,23 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
+        training_refused: None,
+    },
+    Method {
+        name: "adalora",
+        label: "AdaLoRA",
+        peft_type: PeftType::AdaLora,
+        summary: "LoRA in SVD form whose ranks a budget re-allocates (AdaLoRA)",
+        default_config: || PeftConfig::AdaLora(peft_adalora::AdaLoraConfig::default()),
+        merges: true,
+        serving: Serving::OwnBatch,
+        adapts_4bit_base: false,
+        trains_on_4bit_base: false,
+        training_refused: Some(
+            "AdaLoRA's training (PEFT's rank allocator and orthogonality penalty) is not built \
+             yet, and training its layers without them would be LoRA under another name; \
+             AdaLoRA folders load, merge and serve",
+        ),
     },
     Method {
         name: "trainable-tokens",
@@ -131,6 +156,7 @@ pub const METHODS: [Method; 11] = [
         ),
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "bitfit",
@@ -145,6 +171,7 @@ pub const METHODS: [Method; 11] = [
         ),
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "prompt",
@@ -156,6 +183,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "prefix",
@@ -167,6 +195,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
     Method {
         name: "ptuning",
@@ -178,6 +207,7 @@ pub const METHODS: [Method; 11] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
+        training_refused: None,
     },
 ];
 
@@ -280,7 +310,7 @@ mod tests {
         assert_eq!(
             err,
             "invalid input: --method dora: unknown method (expected one of lora, qlora, ia3, \
-             loha, lokr, vera, trainable-tokens, bitfit, prompt, prefix, ptuning)"
+             loha, lokr, vera, adalora, trainable-tokens, bitfit, prompt, prefix, ptuning)"
         );
         assert!(by_name("qlora").unwrap().trains_on_4bit_base);
     }
@@ -311,7 +341,8 @@ mod tests {
         assert_eq!(
             served_methods(),
             "LoRA (mixed-adapter batches shared with the base and every other such adapter), \
-             IA3, LoHa, LoKr, VeRA, prompt tuning, prefix tuning, P-tuning (a batch per adapter)"
+             IA3, LoHa, LoKr, VeRA, AdaLoRA, prompt tuning, prefix tuning, P-tuning (a batch per \
+             adapter)"
         );
     }
 }

@@ -216,6 +216,20 @@ fn flags_set_the_keys_each_method_has() {
                 );
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
             }
+            PeftType::AdaLora => {
+                // `--r` is the starting rank (PEFT's AdaLoRA ignores `r`).
+                assert_eq!(
+                    (
+                        &json["init_r"],
+                        &json["r"],
+                        &json["lora_alpha"],
+                        &json["lora_dropout"]
+                    ),
+                    (&4.into(), &8.into(), &16.0.into(), &0.1.into())
+                );
+                assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
+                assert!(json.get("use_dora").is_none());
+            }
             PeftType::TrainableTokens => {
                 assert_eq!(json["token_indices"], serde_json::json!([5, 3]))
             }
@@ -284,16 +298,16 @@ fn a_folder_of_a_method_this_build_lacks_is_named() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("adapter_config.json"),
-        r#"{"peft_type": "ADALORA", "r": 4}"#,
+        r#"{"peft_type": "BOFT", "r": 4}"#,
     )
     .unwrap();
     let err = PeftModel::from_pretrained(base("bloom-tiny"), dir.path())
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("ADALORA"), "{err}");
+    assert!(err.contains("BOFT"), "{err}");
     let err = peft::load_config(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("ADALORA"), "{err}");
+    assert!(err.contains("BOFT"), "{err}");
 }
 
 /// A trained LoRA through the front door saves the folder the method crate loads, and
