@@ -91,3 +91,189 @@ fn tensors_of_other_ranks_than_the_pattern_are_refused() {
 fn export_for_python() {
     crate::lycoris::export_for_python(&ADALORA, &["adalora-bloom", "adalora-llama"]);
 }
+
+/// The trainer over AdaLoRA against PEFT's own training (fixtures/make_adalora_fixtures.py,
+/// `adalora-bloom-train`): six AdamW steps with clipping and warm-up, the orthogonality penalty
+/// in every pass' loss and PEFT's `update_and_allocate` after each step — scoring only at step
+/// 1, budgets 8, 6, 6 of 12 ranks at steps 2-4 (one layer keeps 5, the other 1), the forced
+/// final mask at 5, the pattern kept at 6. Each step's loss and gradient norm, the `rank_pattern`, every tensor after the last step
+/// (masked `E` entries zero), and the saved folder (cut to the pattern) against PEFT's save.
+#[test]
+fn training_allocates_ranks_as_peft() {
+    use peft_tests::relative_error;
+    use peft_train::{Resume, Tokenized, TrainConfig, train};
+
+    let name = "adalora-bloom-train";
+    let store =
+        TensorStore::open(peft_tests::fixtures().join(format!("reference/{name}.safetensors")))
+            .unwrap();
+    let (ids, shape) = store.i64("input_ids").unwrap();
+    let (labels, _) = store.i64("labels").unwrap();
+    let data: Vec<Tokenized> = ids
+        .chunks(shape[1])
+        .zip(labels.chunks(shape[1]))
+        .map(|(i, l)| Tokenized {
+            input_ids: i.iter().map(|&t| t as u32).collect(),
+            labels: l.to_vec(),
+        })
+        .collect();
+    let expected = reference_json(name);
+    let config = TrainConfig {
+        learning_rate: 1e-2,
+        max_steps: Some(expected["steps"].as_u64().unwrap() as usize),
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        warmup_steps: 2,
+        lr_scheduler_type: peft_train::Schedule::Linear,
+        weight_decay: 0.01,
+        max_grad_norm: Some(0.05),
+        ..TrainConfig::default()
+    };
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("bloom-tiny"), &device).unwrap();
+    let adapter = from_pretrained(base, adapter_dir(name), true).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut steps = Vec::new();
+    let (trained, _) = train(
+        adapter,
+        &data,
+        3,
+        &config,
+        out.path(),
+        Resume::No,
+        &mut |e| {
+            if let peft_train::Event::Step {
+                loss, grad_norm, ..
+            } = e
+            {
+                steps.push((*loss, grad_norm.unwrap()));
+            }
+        },
+    )
+    .unwrap();
+    let losses = store.f32("loss").unwrap().0;
+    let norms = store.f32("grad_norm").unwrap().0;
+    assert_eq!(steps.len(), losses.len());
+    for (i, (loss, norm)) in steps.iter().enumerate() {
+        assert!(
+            ((loss - losses[i]) / losses[i]).abs() <= 1e-5,
+            "step {i}: loss {loss} vs {}",
+            losses[i]
+        );
+        assert!(
+            ((*norm as f32 - norms[i]) / norms[i]).abs() <= 1e-5,
+            "step {i}: grad norm {norm} vs {}",
+            norms[i]
+        );
+    }
+
+    let patterns = expected["rank_patterns"].as_array().unwrap();
+    let final_pattern: std::collections::BTreeMap<String, Vec<bool>> =
+        serde_json::from_value(patterns.last().unwrap().clone()).unwrap();
+    assert_eq!(trained.config.rank_pattern.as_ref(), Some(&final_pattern));
+    let kept: usize = final_pattern.values().flatten().filter(|k| **k).count();
+    assert_eq!(kept, 6, "target_r 3 × two layers");
+
+    // Every tensor at all init_r ranks, as PEFT holds them in memory.
+    let mut whole = trained.clone();
+    whole.config.rank_pattern = None;
+    let tensors = whole.adapter_tensors().unwrap();
+    assert_eq!(tensors.len(), 6, "two layers × (A, E, B)");
+    for (key, ours) in &tensors {
+        let theirs = store.f32(&format!("after.{key}")).unwrap().0;
+        let ours: Vec<f32> = ours
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let err = relative_error(&ours, &theirs);
+        assert!(err <= 1e-5, "{key} relative error {err}");
+        if let Some(path) = key
+            .strip_prefix("base_model.model.")
+            .and_then(|k| k.strip_suffix(".lora_E"))
+        {
+            // Exactly the entries the pattern drops are zero, in both.
+            let flags = &final_pattern[&format!("{path}.lora_E")];
+            for ((o, t), keep) in ours.iter().zip(&theirs).zip(flags) {
+                assert_eq!((*o == 0.0, *t == 0.0), (!keep, !keep), "{key}");
+            }
+        }
+    }
+
+    // Saved as PEFT saves it: the tensors cut to the pattern, the pattern in the config.
+    let saved = out.path().join("final");
+    trained.save_pretrained(&saved).unwrap();
+    let ours = TensorStore::open(saved.join("adapter_model.safetensors")).unwrap();
+    let peft_dir = adapter_dir("adalora-bloom-trained");
+    let theirs = TensorStore::open(peft_dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for key in theirs.keys() {
+        assert_eq!(
+            ours.shape(key).unwrap(),
+            theirs.shape(key).unwrap(),
+            "{key}"
+        );
+        let err = relative_error(&ours.f32(key).unwrap().0, &theirs.f32(key).unwrap().0);
+        assert!(err <= 1e-4, "{key}: saved relative error {err}");
+    }
+    let config = AdaLoraConfig::from_file(saved.join("adapter_config.json")).unwrap();
+    assert_eq!(config.rank_pattern, Some(final_pattern));
+}
+
+/// The orthogonality penalty is PEFT's: on `adalora-bloom-train`'s starting adapter, the first
+/// step's loss minus the model's own loss is `0.5 × mean ‖A·Aᵀ − I‖ / ‖Bᵀ·B − I‖`, computed
+/// here on the host from the file's tensors.
+#[test]
+fn the_orthogonality_penalty_is_the_mean_frobenius_distance() {
+    let name = "adalora-bloom-train";
+    let file = TensorStore::open(adapter_dir(name).join("adapter_model.safetensors")).unwrap();
+    let mut sum = 0.0f64;
+    let mut count = 0;
+    for key in file.keys() {
+        let (values, shape) = file.f32(key).unwrap();
+        let (rows, cols) = (shape[0], shape[1]);
+        // A: [r, in] → A·Aᵀ (rows of A); B: [out, r] → Bᵀ·B (columns of B).
+        let is_b = if key.ends_with(".lora_A") {
+            false
+        } else if key.ends_with(".lora_B") {
+            true
+        } else {
+            continue;
+        };
+        let (r, inner) = if is_b { (cols, rows) } else { (rows, cols) };
+        let at = |i: usize, k: usize| {
+            if is_b {
+                values[k * cols + i]
+            } else {
+                values[i * cols + k]
+            }
+        };
+        let mut frob = 0.0f64;
+        for i in 0..r {
+            for j in 0..r {
+                let dot: f64 = (0..inner).map(|k| at(i, k) as f64 * at(j, k) as f64).sum();
+                let d = dot - if i == j { 1.0 } else { 0.0 };
+                frob += d * d;
+            }
+        }
+        sum += frob.sqrt();
+        count += 1;
+    }
+    assert_eq!(count, 4);
+    let config = AdaLoraConfig::from_file(adapter_dir(name).join("adapter_config.json")).unwrap();
+    let expected = config.orth_reg_weight * sum / count as f64;
+    let base = peft_models::load(model_dir("bloom-tiny"), &device()).unwrap();
+    let model = from_pretrained(base, adapter_dir(name), false).unwrap();
+    let penalty: f32 = peft_core::AdapterModel::regularization(&model)
+        .unwrap()
+        .unwrap()
+        .into_scalar();
+    let penalty = penalty as f64;
+    assert!(
+        ((penalty - expected) / expected).abs() <= 1e-5,
+        "penalty {penalty} vs {expected}"
+    );
+}

@@ -11,7 +11,7 @@ use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{Distribution, Tensor};
 use peft_ops::matmul::{linear, matmul};
 
-use peft_core::{BaseLinear, LayerAdapter, Result};
+use peft_core::{BaseLinear, LayerAdapter, PeftError, Result};
 
 /// AdaLoRA's triplet for one linear layer `[in → out]` at rank `r`.
 #[derive(Module, Debug)]
@@ -27,6 +27,70 @@ pub struct SvdLinear {
     /// `scaling / (ranknum + 1e-5)`.
     #[module(skip)]
     pub scale: f32,
+    /// The rank allocator's smoothed scores of `A`, `E` and `B` in training (`None` before the
+    /// first update and after the final mask; [`crate::allocator`]).
+    #[module(skip)]
+    pub importance: Option<Importance>,
+}
+
+/// One tensor's allocator state (PEFT's `exp_avg_ipt` and `exp_avg_unc`), its shape.
+#[derive(Debug, Clone)]
+pub struct Ema {
+    /// `Ī`: the EMA of `|p · ∂L/∂p|`.
+    pub mean: Tensor<2>,
+    /// `Ū`: the EMA of `|I − Ī|`.
+    pub spread: Tensor<2>,
+}
+
+impl Ema {
+    /// Zeros shaped as `like` (PEFT's `torch.zeros_like(p)`).
+    pub fn zeros(like: &Tensor<2>) -> Self {
+        Self {
+            mean: like.zeros_like(),
+            spread: like.zeros_like(),
+        }
+    }
+
+    /// Each element's score `Ī · Ū`.
+    fn score(&self) -> Tensor<2> {
+        self.mean.clone() * self.spread.clone()
+    }
+}
+
+/// The allocator's state of one layer.
+#[derive(Debug, Clone)]
+pub struct Importance {
+    /// Of `lora_A: [r, in]`.
+    pub a: Ema,
+    /// Of `lora_E: [r, 1]`.
+    pub e: Ema,
+    /// Of `lora_B: [out, r]`.
+    pub b: Ema,
+}
+
+impl Importance {
+    /// The state of `A`, `E` or `B` (0, 1, 2).
+    pub fn part(&self, index: usize) -> &Ema {
+        match index {
+            0 => &self.a,
+            1 => &self.e,
+            _ => &self.b,
+        }
+    }
+
+    /// Each singular value's score, `[r]` on the host: its `E` entry's plus the means of its
+    /// row of `A` and its column of `B` (PEFT's `_combine_ipt`).
+    pub fn rank_scores(&self) -> Result<Vec<f32>> {
+        let r = self.e.mean.dims()[0];
+        let a = self.a.score().mean_dim(1).reshape([r]);
+        let b = self.b.score().mean_dim(0).reshape([r]);
+        let e = self.e.score().reshape([r]);
+        (e + (a + b))
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| PeftError::InvalidInput(format!("AdaLoRA's scores: {e:?}")))
+    }
 }
 
 impl SvdLinear {
@@ -44,6 +108,7 @@ impl SvdLinear {
             lora_b: Param::from_tensor(lora_b),
             lora_dropout: DropoutConfig::new(dropout).init(),
             scale,
+            importance: None,
         }
     }
 

@@ -7,9 +7,9 @@
 //! the ranks it kept into the config's `rank_pattern`; the saved folder then holds each layer at
 //! its kept rank, and loading reads that pattern. Mergeable: `W += ΔW`.
 //!
-//! This crate loads, runs, merges, saves and serves PEFT's AdaLoRA folders and injects fresh
-//! adapters; training with the allocator and the orthogonality penalty is not built yet (`peft
-//! train --method adalora` says so).
+//! This crate loads, runs, merges, saves and serves PEFT's AdaLoRA folders, and trains them as
+//! PEFT does: the orthogonality penalty in every pass' loss and the rank allocator after every
+//! optimizer step ([`allocator`], through the core's `AdapterModel` hooks).
 //!
 //! ```no_run
 //! use burn::tensor::Device;
@@ -20,12 +20,13 @@
 //! println!("{}", model.trainable_summary());
 //! ```
 
+pub mod allocator;
 pub mod config;
 pub mod layer;
 pub mod model;
 
 pub use config::AdaLoraConfig;
-pub use layer::SvdLinear;
+pub use layer::{Ema, Importance, SvdLinear};
 pub use model::{AdaLora, AdaLoraModel, TENSORS, from_pretrained, get_peft_model};
 
 /// The README's examples, compiled as doc tests (`cargo test -p <crate> --doc`).

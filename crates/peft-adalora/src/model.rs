@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 
 use peft_core::adapter_files::KEY_PREFIX;
@@ -115,6 +116,29 @@ impl LayerTuner for AdaLora {
         Ok(layer.into())
     }
 
+    fn regularization<M: CausalLm<Adapter = SvdLinear, WithAdapter<SvdLinear> = M>>(
+        config: &AdaLoraConfig,
+        model: &M,
+    ) -> Result<Option<Tensor<1>>> {
+        crate::allocator::orthogonality_penalty(config, model)
+    }
+
+    fn keep_gradients<M: CausalLm<Adapter = SvdLinear, WithAdapter<SvdLinear> = M>>(
+        model: &M,
+        grads: &GradientsParams,
+    ) -> Option<GradientsParams> {
+        crate::allocator::keep_gradients(model, grads)
+    }
+
+    fn after_optimizer_step<M: CausalLm<Adapter = SvdLinear, WithAdapter<SvdLinear> = M>>(
+        config: &mut AdaLoraConfig,
+        model: M,
+        step: usize,
+        kept: Option<GradientsParams>,
+    ) -> Result<M> {
+        crate::allocator::after_optimizer_step(config, model, step, kept)
+    }
+
     fn module_of_key(key: &str) -> Option<&str> {
         let (module, tensor) = key.rsplit_once('.')?;
         TENSORS
@@ -123,9 +147,11 @@ impl LayerTuner for AdaLora {
             .then_some(module)
     }
 
-    /// Each tensor under `<path>.lora_A` / `.lora_E` / `.lora_B`, as held (PyTorch's layout).
+    /// Each tensor under `<path>.lora_A` / `.lora_E` / `.lora_B` (PyTorch's layout), cut to the
+    /// ranks the config's `rank_pattern` keeps when the layer still holds all `init_r` (a layer
+    /// in training; PEFT's `resize_state_dict_by_rank_pattern`).
     fn file_tensor(
-        _config: &AdaLoraConfig,
+        config: &AdaLoraConfig,
         _model_type: &str,
         path: &str,
         _is_embedding: bool,
@@ -137,7 +163,20 @@ impl LayerTuner for AdaLora {
                 "AdaLoRA layer `{path}` has an unknown tensor `{param}`"
             )));
         };
-        Ok((format!("{path}.{file}"), value))
+        let key = format!("{path}.{file}");
+        let flags = config
+            .rank_pattern
+            .as_ref()
+            .and_then(|p| p.get(&format!("{path}.lora_E")));
+        let Some(flags) = flags else {
+            return Ok((key, value));
+        };
+        // The rank is the rows of A and E, the columns of B.
+        let rank_axis = usize::from(*file == "lora_B");
+        if value.shape.len() != 2 || value.shape[rank_axis] != flags.len() {
+            return Ok((key, value));
+        }
+        Ok((key, keep_ranks(&value, rank_axis, flags)))
     }
 }
 
@@ -158,4 +197,30 @@ pub fn from_pretrained<B: CausalLm<Adapter = NoAdapter>>(
     trainable: bool,
 ) -> Result<AdaLoraModel<B::WithAdapter<SvdLinear>>> {
     AdaLoraModel::from_pretrained(base, adapter_dir, trainable)
+}
+
+/// `value` (`[rows, cols]`, f32) with only the ranks `keep` flags along `axis` (0: rows, 1:
+/// columns).
+fn keep_ranks(value: &HostTensor, axis: usize, keep: &[bool]) -> HostTensor {
+    let (rows, cols) = (value.shape[0], value.shape[1]);
+    let values: Vec<f32> = value
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let kept = keep.iter().filter(|k| **k).count();
+    let (shape, out): ([usize; 2], Vec<f32>) = if axis == 0 {
+        let out = (0..rows)
+            .filter(|r| keep[*r])
+            .flat_map(|r| values[r * cols..(r + 1) * cols].iter().copied())
+            .collect();
+        ([kept, cols], out)
+    } else {
+        let out = (0..rows)
+            .flat_map(|r| (0..cols).filter(|c| keep[*c]).map(move |c| r * cols + c))
+            .map(|i| values[i])
+            .collect();
+        ([rows, kept], out)
+    };
+    HostTensor::from_f32(shape.to_vec(), &out)
 }

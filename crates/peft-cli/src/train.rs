@@ -118,6 +118,20 @@ pub struct TrainArgs {
     /// VeRA: the starting value of `vera_lambda_d` (`d_initial`).
     #[arg(long)]
     pub(crate) d_initial: Option<f64>,
+    /// AdaLoRA: the average rank the allocator's budget ends at (`target_r`; `--r` is the
+    /// starting rank, `init_r`).
+    #[arg(long)]
+    pub(crate) target_r: Option<usize>,
+    /// AdaLoRA: the length of the rank schedule (`total_step`); default: the run's optimizer
+    /// steps (unless `--config` gives one).
+    #[arg(long)]
+    pub(crate) total_step: Option<usize>,
+    /// AdaLoRA: steps before the budget starts to shrink (`tinit`).
+    #[arg(long)]
+    pub(crate) tinit: Option<usize>,
+    /// AdaLoRA: steps at the end with the ranks fixed (`tfinal`).
+    #[arg(long)]
+    pub(crate) tfinal: Option<usize>,
     /// DoRA: train a magnitude per output feature beside LoRA's pair (PEFT's `use_dora`).
     #[arg(long)]
     pub(crate) use_dora: bool,
@@ -302,7 +316,9 @@ impl RunContext<'_> {
 /// the flags that set its values (`--r`, `--lora-alpha`, `--lora-dropout`, `--use-dora`,
 /// `--use-rslora`, `--alpha`, `--rank-dropout`, `--module-dropout`, `--decompose-both`,
 /// `--decompose-factor`, `--rank-dropout-scale`, `--projection-prng-key`,
-/// `--no-save-projection`, `--vera-dropout`, `--d-initial`, `--trainable-token-indices`, `--target-modules`, `--num-virtual-tokens`), then the run.
+/// `--no-save-projection`, `--vera-dropout`, `--d-initial`, `--target-r`, `--total-step`,
+/// `--tinit`, `--tfinal`, `--trainable-token-indices`, `--target-modules`,
+/// `--num-virtual-tokens`), then the run.
 fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
     let args = ctx.args;
     let overrides = peft::ConfigOverrides {
@@ -319,6 +335,10 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         save_projection: args.no_save_projection.then_some(false),
         vera_dropout: args.vera_dropout,
         d_initial: args.d_initial,
+        target_r: args.target_r,
+        total_step: args.total_step,
+        tinit: args.tinit,
+        tfinal: args.tfinal,
         use_dora: args.use_dora.then_some(true),
         use_rslora: args.use_rslora.then_some(true),
         init_lora_weights: args.init_lora_weights.clone(),
@@ -341,6 +361,18 @@ fn train_method(base: AnyModel<NoAdapter>, ctx: &RunContext<'_>) -> Result<()> {
         }
         return peft::PeftModel::load(base, dir, true)?.visit(Run(ctx));
     }
+    // AdaLoRA's schedule spans the run unless the flag or the config file says otherwise (PEFT
+    // asks its user for `total_step`; here the run knows it).
+    let run_steps = ctx
+        .config
+        .across_ranks(ctx.group.world_size())
+        .total_steps(ctx.train_tokens.len());
+    let overrides = peft::ConfigOverrides {
+        total_step: overrides
+            .total_step
+            .or(args.config.is_none().then_some(run_steps)),
+        ..overrides
+    };
     let mut config = ctx.method.config(args.config.as_deref())?;
     config.apply(&overrides);
     peft::PeftModel::new(base, config, Some(ctx.tokenizer))?.visit(Run(ctx))
@@ -623,21 +655,15 @@ fn install_stop_handlers() {
 /// 4-bit preset), else `--method`.
 fn run_method(args: &TrainArgs) -> Result<&'static peft::Method> {
     let named = peft::by_name(&args.method)?;
-    let method = match &args.adapter {
-        None => named,
-        Some(dir) => {
-            let peft_type = peft::load_config(dir)?.peft_type();
-            if named.peft_type == peft_type {
-                named
-            } else {
-                peft::by_peft_type(peft_type)
-            }
-        }
+    let Some(dir) = &args.adapter else {
+        return Ok(named);
     };
-    if let Some(why) = method.training_refused {
-        bail!("{} cannot be trained here: {why}", method.label);
-    }
-    Ok(method)
+    let peft_type = peft::load_config(dir)?.peft_type();
+    Ok(if named.peft_type == peft_type {
+        named
+    } else {
+        peft::by_peft_type(peft_type)
+    })
 }
 
 /// `peft train`.

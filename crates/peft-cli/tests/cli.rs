@@ -671,10 +671,9 @@ fn inspect_lokr_config_gives_peft_numbers() {
 
 /// AdaLoRA's config through the registry: PEFT's counts of a fresh model from it
 /// (tests/fixtures/reference/adalora-llama.json `fresh_*`: every layer at init_r, `ranknum`
-/// counted), and `peft train` refusing the method, by name and by folder, before writing
-/// anything.
+/// counted).
 #[test]
-fn adalora_inspects_with_peft_numbers_and_refuses_training() {
+fn inspect_adalora_config_gives_peft_numbers() {
     let out = peft_ok!(
         "inspect",
         "--model",
@@ -689,31 +688,6 @@ fn adalora_inspects_with_peft_numbers_and_refuses_training() {
             .ends_with("trainable params: 7,740 || all params: 147,334 || trainable%: 5.2534"),
         "{stdout}"
     );
-    let output = tempfile::tempdir().unwrap();
-    let out = peft!(
-        "train",
-        "--model",
-        model("llama-tiny"),
-        "--method",
-        "adalora",
-        "--output",
-        output.path(),
-    );
-    assert_clean_failure(&out, "AdaLoRA cannot be trained here: AdaLoRA's training");
-    let out = peft!(
-        "train",
-        "--model",
-        model("llama-tiny"),
-        "--adapter",
-        adapter("adalora-llama"),
-        "--output",
-        output.path(),
-    );
-    assert_clean_failure(
-        &out,
-        "rank allocator and orthogonality penalty) is not built",
-    );
-    assert_eq!(std::fs::read_dir(output.path()).unwrap().count(), 0);
 }
 
 /// VeRA's config through the registry: PEFT's counts (tests/fixtures/reference/vera-llama.json:
@@ -1115,6 +1089,49 @@ fn vera_trains_without_saved_projections_and_its_adapter_gives_the_merged_model(
         ),
         (&3.into(), &false.into(), &0.2.into(), &0.1.into())
     );
+}
+
+/// `peft train --method adalora`: the schedule spans the run (`total_step` = 3 steps, no flag),
+/// the allocator cuts every targeted layer's 6 ranks to 2 on average by the final mask at step 2,
+/// and the folder holds each layer at its kept rank with the pattern in its config; its adapter over
+/// the base equals merged/.
+#[test]
+fn adalora_trains_cuts_ranks_and_its_adapter_gives_the_merged_model() {
+    let flags = ["--r", "6", "--target-r", "2", "--tfinal", "1"];
+    let (_dir, out_dir, _, diff) = train_variant("adalora", &flags);
+    assert!(diff <= 1e-4, "AdaLoRA adapter vs merged: {diff}");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "ADALORA");
+    assert_eq!(
+        (
+            &config["init_r"],
+            &config["target_r"],
+            &config["total_step"]
+        ),
+        (&6.into(), &2.into(), &3.into())
+    );
+    let pattern = config["rank_pattern"].as_object().unwrap();
+    assert!(!pattern.is_empty());
+    let store = TensorStore::open(out_dir.join("adapter/adapter_model.safetensors")).unwrap();
+    let mut kept_in_all = 0;
+    for (key, flags) in pattern {
+        let flags = flags.as_array().unwrap();
+        assert_eq!(flags.len(), 6);
+        let kept = flags.iter().filter(|f| f.as_bool().unwrap()).count();
+        kept_in_all += kept;
+        let path = key.strip_suffix(".lora_E").unwrap();
+        let a = store
+            .shape(&format!("base_model.model.{path}.lora_A"))
+            .unwrap();
+        let b = store
+            .shape(&format!("base_model.model.{path}.lora_B"))
+            .unwrap();
+        assert_eq!((a[0], b[1]), (kept, kept), "{path}");
+    }
+    assert_eq!(kept_in_all, 2 * pattern.len(), "target_r 2 × the layers");
 }
 
 /// `peft train --adapter DIR` continues a trained LoHa folder (PEFT's `from_pretrained(…,

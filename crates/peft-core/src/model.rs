@@ -1,6 +1,7 @@
 //! What every causal language model offers to adapters and to the training loop.
 
 use burn::module::Module;
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::adapter::{AdaptableEmbedding, AdaptableLinear, LayerAdapter, NoAdapter};
@@ -385,4 +386,25 @@ pub trait AdapterModel: Sized {
 
     /// Folds the adapter into the base weights and returns the plain model.
     fn merge_and_unload(self) -> Result<<Self::Model as CausalLm>::WithAdapter<NoAdapter>>;
+
+    /// A term the method adds to every training pass' loss, a one-element tensor in the
+    /// autodiff graph (AdaLoRA's orthogonality penalty, which PEFT adds to `outputs.loss`);
+    /// `None` for most methods.
+    fn regularization(&self) -> Result<Option<Tensor<1>>> {
+        Ok(None)
+    }
+
+    /// The gradients of an optimizer step the method needs once the step is taken (AdaLoRA's
+    /// rank allocator scores `|p · ∂L/∂p|` with the updated `p`): a copy of those in `grads`
+    /// (the step's, clipped as the optimizer receives them), or `None` when it needs none.
+    fn keep_gradients(&self, _grads: &GradientsParams) -> Option<GradientsParams> {
+        None
+    }
+
+    /// Called after optimizer step `step` (1-based, the run's count, HF Trainer's
+    /// `global_step`) with what [`Self::keep_gradients`] kept: AdaLoRA's
+    /// `update_and_allocate`. The identity for most methods.
+    fn after_optimizer_step(self, _step: usize, _kept: Option<GradientsParams>) -> Result<Self> {
+        Ok(self)
+    }
 }

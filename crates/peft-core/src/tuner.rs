@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use burn::optim::GradientsParams;
+
 use crate::adapter::{AdaptableEmbedding, AdaptableLinear, BaseLinear, LayerAdapter, NoAdapter};
 use crate::adapter_files::{
     CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_summary, adapter_trainable_names,
@@ -150,6 +152,36 @@ pub trait LayerTuner: Sized {
         _store: Option<&TensorStore>,
     ) -> Result<SharedTensors> {
         Ok(SharedTensors::default())
+    }
+
+    /// The method's term of the training loss over the adapted `model` (see
+    /// [`AdapterModel::regularization`]); none by default.
+    fn regularization<M: CausalLm<Adapter = Self::Layer, WithAdapter<Self::Layer> = M>>(
+        _config: &Self::Config,
+        _model: &M,
+    ) -> Result<Option<burn::tensor::Tensor<1>>> {
+        Ok(None)
+    }
+
+    /// The gradients the method needs after an optimizer step (see
+    /// [`AdapterModel::keep_gradients`]); none by default.
+    fn keep_gradients<M: CausalLm<Adapter = Self::Layer, WithAdapter<Self::Layer> = M>>(
+        _model: &M,
+        _grads: &GradientsParams,
+    ) -> Option<GradientsParams> {
+        None
+    }
+
+    /// The method's work after optimizer step `step` (see
+    /// [`AdapterModel::after_optimizer_step`]): it may change the model's adapters and its
+    /// config (AdaLoRA's masks and `rank_pattern`). The identity by default.
+    fn after_optimizer_step<M: CausalLm<Adapter = Self::Layer, WithAdapter<Self::Layer> = M>>(
+        _config: &mut Self::Config,
+        model: M,
+        _step: usize,
+        _kept: Option<GradientsParams>,
+    ) -> Result<M> {
+        Ok(model)
     }
 
     /// The module a file key (without PEFT's `base_model.model.` prefix) holds an adapter tensor
@@ -483,7 +515,11 @@ where
     }
 }
 
-impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> AdapterModel for TunedModel<T, M> {
+impl<T, M> AdapterModel for TunedModel<T, M>
+where
+    T: LayerTuner,
+    M: CausalLm<Adapter = T::Layer, WithAdapter<T::Layer> = M>,
+{
     type Model = M;
 
     fn model(&self) -> &M {
@@ -513,6 +549,19 @@ impl<T: LayerTuner, M: CausalLm<Adapter = T::Layer>> AdapterModel for TunedModel
 
     fn merge_and_unload(self) -> Result<M::WithAdapter<NoAdapter>> {
         TunedModel::merge_and_unload(self)
+    }
+
+    fn regularization(&self) -> Result<Option<burn::tensor::Tensor<1>>> {
+        T::regularization(&self.config, &self.model)
+    }
+
+    fn keep_gradients(&self, grads: &GradientsParams) -> Option<GradientsParams> {
+        T::keep_gradients(&self.model, grads)
+    }
+
+    fn after_optimizer_step(mut self, step: usize, kept: Option<GradientsParams>) -> Result<Self> {
+        self.model = T::after_optimizer_step(&mut self.config, self.model, step, kept)?;
+        Ok(self)
     }
 }
 

@@ -854,11 +854,16 @@ pub fn train_distributed<A: AdapterModel>(
             // uninterrupted one drew and a rank draws the masks one process would draw.
             peft_core::dropout::seed_thread(micro_batch_seed(seed, micro_index));
             let (ids, mask, labels) = to_device(&host, &device);
-            let loss =
+            let mut loss =
                 adapter
                     .model()
-                    .forward_loss(ModelInput::with_mask(ids, mask), None, labels)?
-                    / micro_per_step as f64;
+                    .forward_loss(ModelInput::with_mask(ids, mask), None, labels)?;
+            // The method's own term (AdaLoRA's orthogonality penalty), in every pass' loss as
+            // PEFT adds it to `outputs.loss`.
+            if let Some(term) = adapter.regularization()? {
+                loss = loss + term;
+            }
+            let loss = loss / micro_per_step as f64;
             let detached = loss.clone().detach();
             step_loss = Some(match step_loss {
                 None => detached,
@@ -930,8 +935,11 @@ pub fn train_distributed<A: AdapterModel>(
             grad_norm = Some(norm);
         }
         let lr = config.lr_at(state.global_step, total);
+        let kept = adapter.keep_gradients(&grads);
         let model = optim.step(lr, adapter.model().clone(), grads);
-        adapter = adapter.with_model(model);
+        adapter = adapter
+            .with_model(model)
+            .after_optimizer_step(state.global_step + 1, kept)?;
         state.global_step += 1;
         state.history.push((state.global_step, loss));
         state.rng = Some(RngState {

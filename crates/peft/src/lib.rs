@@ -181,7 +181,15 @@ pub struct ConfigOverrides {
     pub vera_dropout: Option<f64>,
     /// VeRA's `d_initial` (the starting value of `vera_lambda_d`).
     pub d_initial: Option<f64>,
-    /// `target_modules` (LoRA, IA3, LoHa, LoKr, VeRA).
+    /// AdaLoRA's `target_r` (the average rank the budget ends at).
+    pub target_r: Option<usize>,
+    /// AdaLoRA's `total_step` (the schedule's length; `peft train` sets the run's steps).
+    pub total_step: Option<usize>,
+    /// AdaLoRA's `tinit` (steps before the budget shrinks).
+    pub tinit: Option<usize>,
+    /// AdaLoRA's `tfinal` (steps at the end with the ranks fixed).
+    pub tfinal: Option<usize>,
+    /// `target_modules` (LoRA, IA3, LoHa, LoKr, VeRA, AdaLoRA).
     pub target_modules: Option<TargetModules>,
     /// `num_virtual_tokens` (prompt tuning, P-tuning, prefix tuning).
     pub num_virtual_tokens: Option<usize>,

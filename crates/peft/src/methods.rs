@@ -129,6 +129,10 @@ adapter_methods! {
         overrides: |c, o| {
             // `--r` is the starting rank: PEFT's AdaLoRA ignores `r`.
             c.init_r = o.r.unwrap_or(c.init_r);
+            c.target_r = o.target_r.unwrap_or(c.target_r);
+            c.total_step = o.total_step.or(c.total_step);
+            c.tinit = o.tinit.unwrap_or(c.tinit);
+            c.tfinal = o.tfinal.unwrap_or(c.tfinal);
             c.lora_alpha = o.lora_alpha.unwrap_or(c.lora_alpha);
             c.lora_dropout = o.lora_dropout.unwrap_or(c.lora_dropout);
             c.target_modules = o.target_modules.clone().or(c.target_modules.take());

@@ -45,9 +45,6 @@ pub struct Method {
     pub adapts_4bit_base: bool,
     /// Whether training quantises the base to 4-bit unless told otherwise (QLoRA's preset).
     pub trains_on_4bit_base: bool,
-    /// Why `peft train` refuses the method (`None`: it trains). Such a method still loads,
-    /// merges and serves.
-    pub training_refused: Option<&'static str>,
 }
 
 /// Every method, `lora` first: a LoRA folder loads as `lora`; `qlora` trains the QLoRA paper's
@@ -63,7 +60,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::SharedBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "qlora",
@@ -75,7 +71,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::SharedBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: true,
-        training_refused: None,
     },
     Method {
         name: "ia3",
@@ -87,7 +82,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "loha",
@@ -99,7 +93,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "lokr",
@@ -111,7 +104,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "vera",
@@ -123,7 +115,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "adalora",
@@ -135,11 +126,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
-        training_refused: Some(
-            "AdaLoRA's training (PEFT's rank allocator and orthogonality penalty) is not built \
-             yet, and training its layers without them would be LoRA under another name; \
-             AdaLoRA folders load, merge and serve",
-        ),
     },
     Method {
         name: "trainable-tokens",
@@ -156,7 +142,6 @@ pub const METHODS: [Method; 12] = [
         ),
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "bitfit",
@@ -171,7 +156,6 @@ pub const METHODS: [Method; 12] = [
         ),
         adapts_4bit_base: false,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "prompt",
@@ -183,7 +167,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "prefix",
@@ -195,7 +178,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
     Method {
         name: "ptuning",
@@ -207,7 +189,6 @@ pub const METHODS: [Method; 12] = [
         serving: Serving::OwnBatch,
         adapts_4bit_base: true,
         trains_on_4bit_base: false,
-        training_refused: None,
     },
 ];
 

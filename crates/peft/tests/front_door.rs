@@ -131,6 +131,10 @@ fn flags_set_the_keys_each_method_has() {
         save_projection: Some(false),
         vera_dropout: Some(0.05),
         d_initial: Some(0.2),
+        target_r: Some(3),
+        total_step: Some(50),
+        tinit: Some(2),
+        tfinal: Some(5),
         use_dora: Some(true),
         use_rslora: Some(true),
         init_lora_weights: Some("pissa".into()),
@@ -226,6 +230,15 @@ fn flags_set_the_keys_each_method_has() {
                         &json["lora_dropout"]
                     ),
                     (&4.into(), &8.into(), &16.0.into(), &0.1.into())
+                );
+                assert_eq!(
+                    (
+                        &json["target_r"],
+                        &json["total_step"],
+                        &json["tinit"],
+                        &json["tfinal"]
+                    ),
+                    (&3.into(), &50.into(), &2.into(), &5.into())
                 );
                 assert_eq!(json["target_modules"], serde_json::json!(["dense"]));
                 assert!(json.get("use_dora").is_none());
