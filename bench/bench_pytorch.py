@@ -156,6 +156,9 @@ def main():
             model = peft.get_peft_model(model, peft.LoKrConfig())
         elif METHOD == "vera-train":
             model = peft.get_peft_model(model, peft.VeraConfig())
+        elif METHOD == "adalora-train":
+            # PEFT requires total_step; 1000 keeps the timed steps in the budgeting phase.
+            model = peft.get_peft_model(model, peft.AdaLoraConfig(total_step=1000))
         elif METHOD == "ia3-train":
             model = peft.get_peft_model(model, peft.IA3Config())
         elif METHOD == "prompt-train":
@@ -185,11 +188,17 @@ def main():
         # bf16, parameters and optimizer in f32) — peft-rs' bf16 compute in the linear layers.
         autocast = METHOD == "lora-train-bf16"
 
+        global_step = [0]
+
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
             loss.backward()
             opt.step()
+            if METHOD == "adalora-train":
+                # AdaLoRA's allocator, where PEFT's docstring puts it (before zero_grad).
+                global_step[0] += 1
+                model.base_model.update_and_allocate(global_step[0])
             opt.zero_grad()
 
         reset_peak_rss()

@@ -419,7 +419,7 @@ fn data_parallel_check(root: &Path, device: &str, two_gpus: bool) -> Result<()> 
 
 /// The benchmark cases, in report order, each with what it measures. Every case but
 /// `serve-load` and `serve-soak` has a PyTorch + PEFT side (`bench/bench_pytorch.py`).
-const BENCH_CASES: [(&str, &str); 43] = [
+const BENCH_CASES: [(&str, &str); 44] = [
     (
         "gemm",
         "a 1024² f32 product through the linear layers' path (the machine's GEMM peak)",
@@ -461,6 +461,11 @@ const BENCH_CASES: [(&str, &str); 43] = [
     (
         "vera-train",
         "VeRA (PEFT's defaults: r = 256 on query_key_value) training step on the BLOOM",
+    ),
+    (
+        "adalora-train",
+        "AdaLoRA (PEFT's defaults: init_r 12 → target_r 8 on query_key_value) training step, \
+         penalty and rank allocator included, on the BLOOM",
     ),
     (
         "burn-lora-train",

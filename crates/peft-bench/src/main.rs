@@ -269,6 +269,35 @@ fn timed_steps<M: CausalLm>(
     times
 }
 
+/// One training step through the adapter, for a method with training parts of its own
+/// (AdaLoRA's penalty in the loss and its rank allocator after the update), as the trainer
+/// takes it.
+fn adapter_step<A: AdapterModel>(
+    adapter: A,
+    optim: &mut burn::optim::ModuleOptimizer,
+    (ids, mask): (&Tensor<2, Int>, &Tensor<2, Int>),
+    step: usize,
+) -> A {
+    let mut loss = adapter
+        .model()
+        .forward_loss(
+            ModelInput::with_mask(ids.clone(), mask.clone()),
+            None,
+            ids.clone(),
+        )
+        .expect("forward");
+    if let Some(term) = adapter.regularization().expect("regularization") {
+        loss = loss + term;
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), adapter.model());
+    let kept = adapter.keep_gradients(&grads);
+    let model = optim.step(1e-4, adapter.model().clone(), grads);
+    adapter
+        .with_model(model)
+        .after_optimizer_step(step, kept)
+        .expect("after the optimizer step")
+}
+
 /// [`timed_steps`] on the model inside any method's adapter ([`peft::PeftModel::visit`]).
 struct TimedSteps<'a> {
     s: &'a Settings,
@@ -285,6 +314,23 @@ impl peft::AdapterVisitor for TimedSteps<'_> {
         A: AdapterModel + Into<peft::PeftModel> + 'static,
         <A::Model as CausalLm>::WithAdapter<NoAdapter>: CausalLm<Adapter = NoAdapter>,
     {
+        // A method with training parts of its own steps through its adapter, as the trainer
+        // does (AdaLoRA).
+        if adapter.regularization().ok().flatten().is_some() {
+            let mut adapter = Some(adapter);
+            let mut step = 0;
+            reset_peak_rss();
+            self.extra
+                .insert("rss_before_steps_bytes".into(), rss_bytes().into());
+            let times = time(self.s, self.device, || {
+                step += 1;
+                let a = adapter.take().expect("adapter");
+                adapter = Some(adapter_step(a, self.optim, self.batch, step));
+            });
+            self.extra
+                .insert("step_peak_rss_bytes".into(), peak_rss_bytes().into());
+            return times;
+        }
         // The wrapper goes before the steps, so that the model's tensors have one owner each
         // (burn updates uniquely owned tensors in place).
         let model = adapter.model().clone();
@@ -303,7 +349,7 @@ impl peft::AdapterVisitor for TimedSteps<'_> {
 /// The training cases (`<method>-train` and variants): the registry's method, and the values
 /// set over its default config (JSON keys of `adapter_config.json`). The base is 4-bit for
 /// `qlora-*` cases and computes in bf16 for `*-bf16` ones (decided where the base loads).
-const TRAIN_CASES: [(&str, &str, &str); 16] = [
+const TRAIN_CASES: [(&str, &str, &str); 17] = [
     ("lora-train", "lora", "{}"),
     ("dora-train", "lora", r#"{"use_dora": true}"#),
     // 16 rows of the embedding (and of the tied output layer).
@@ -318,6 +364,9 @@ const TRAIN_CASES: [(&str, &str, &str); 16] = [
     ("lokr-train", "lokr", "{}"),
     // PEFT's default VeraConfig (r = 256 on query_key_value), as the PyTorch side.
     ("vera-train", "vera", "{}"),
+    // PEFT's default AdaLoraConfig (init_r 12, target_r 8 on query_key_value; total_step 1000,
+    // so the timed steps are in the budgeting phase: the allocator scores and masks each step).
+    ("adalora-train", "adalora", "{}"),
     ("lora-train-bf16", "lora", "{}"),
     // PEFT's default LoRA config over the 4-bit base, as the PyTorch side.
     ("qlora-train", "lora", "{}"),
