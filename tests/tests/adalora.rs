@@ -84,6 +84,35 @@ fn tensors_of_other_ranks_than_the_pattern_are_refused() {
     );
 }
 
+/// PEFT's AdaLoRA adapts bitsandbytes 4-bit layers (`SVDLinear4bit`); here too: over the NF4
+/// BLOOM a fresh AdaLoRA (E = 0) gives the 4-bit base's own logits, PEFT's bloom folder changes
+/// them, and merging it into the de-quantised weights gives the unmerged logits.
+#[test]
+fn a_4bit_base_takes_adalora() {
+    use peft_tests::{Reference, logits};
+    let device = device();
+    let reference = Reference::load("bloom-tiny");
+    let nf4 = || peft_models::load(model_dir("bloom-tiny-nf4"), &device).unwrap();
+    let plain = logits(&nf4(), &reference);
+    let fresh = get_peft_model(nf4(), AdaLoraConfig::default()).unwrap();
+    assert_eq!(logits(&fresh.model, &reference), plain);
+    let loaded = from_pretrained(nf4(), adapter_dir("adalora-bloom"), false).unwrap();
+    let unmerged = logits(&loaded.model, &reference);
+    let merged = logits(&loaded.merge_and_unload().unwrap(), &reference);
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(diff(&unmerged, &plain) > 0.05);
+    assert!(
+        diff(&merged, &unmerged) <= 1e-4,
+        "{}",
+        diff(&merged, &unmerged)
+    );
+}
+
 /// Writes the AdaLoRA folders saved by peft-rs to `target/interop/` for
 /// `fixtures/check_interop.py`.
 #[test]

@@ -11,8 +11,7 @@ use burn::tensor::{Tensor, TensorData};
 use peft_core::adapter_files::KEY_PREFIX;
 use peft_core::tuner::{LayerTuner, NewLayer, Target, TunedModel, TunerConfig};
 use peft_core::{
-    BaseLinear, CausalLm, HostTensor, ModuleInfo, ModuleMatcher, NoAdapter, PeftError, Result,
-    TensorStore,
+    CausalLm, HostTensor, ModuleInfo, ModuleMatcher, NoAdapter, PeftError, Result, TensorStore,
 };
 
 use crate::config::AdaLoraConfig;
@@ -73,15 +72,8 @@ impl LayerTuner for AdaLora {
         store: Option<&TensorStore>,
         device: &burn::tensor::Device,
     ) -> Result<NewLayer<SvdLinear>> {
-        if let Some(BaseLinear::Packed(packed)) = target.base
-            && packed.weight.stored_dtype().is_none()
-        {
-            return Err(PeftError::Unsupported(format!(
-                "AdaLoRA on the 4-bit layer `{}` is not implemented here; load the base \
-                 unquantised",
-                target.path
-            )));
-        }
+        // Over a 4-bit base too (PEFT's `SVDLinear4bit`): the update runs beside the packed
+        // weights, and merging goes into the de-quantised ones (the core's merge).
         let (d_in, d_out) = target.dims;
         let layer = match store {
             None => SvdLinear::init(

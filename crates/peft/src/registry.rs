@@ -124,7 +124,7 @@ pub const METHODS: [Method; 12] = [
         default_config: || PeftConfig::AdaLora(peft_adalora::AdaLoraConfig::default()),
         merges: true,
         serving: Serving::OwnBatch,
-        adapts_4bit_base: false,
+        adapts_4bit_base: true,
         trains_on_4bit_base: false,
     },
     Method {
