@@ -252,6 +252,63 @@ fn training_allocates_ranks_as_peft() {
     assert_eq!(config.rank_pattern, Some(final_pattern));
 }
 
+/// Continuing from a folder PEFT's allocator already cut (`adalora-llama`, ranks 1–5 of 6):
+/// the ranks stay as they are — the layers train, the pattern is kept, and the saved folder
+/// loads back with the same shapes (allocating over cut layers would write flags PEFT cannot
+/// load).
+#[test]
+fn a_cut_folder_trains_with_its_ranks_fixed() {
+    use peft_train::{Resume, Tokenized, TrainConfig, train};
+
+    let name = "adalora-llama";
+    let before = AdaLoraConfig::from_file(adapter_dir(name).join("adapter_config.json")).unwrap();
+    let data: Vec<Tokenized> = (0..4u32)
+        .map(|i| Tokenized {
+            input_ids: (0..10).map(|t| 4 + (i * 31 + t * 7) % 400).collect(),
+            labels: (0..10)
+                .map(|t| (4 + (i * 31 + t * 7) % 400) as i64)
+                .collect(),
+        })
+        .collect();
+    let config = TrainConfig {
+        learning_rate: 1e-2,
+        max_steps: Some(2),
+        per_device_train_batch_size: 2,
+        ..TrainConfig::default()
+    };
+    let device = device().autodiff();
+    let base = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
+    let adapter = from_pretrained(base, adapter_dir(name), true).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (trained, _) = train(
+        adapter,
+        &data,
+        3,
+        &config,
+        out.path(),
+        Resume::No,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(trained.config.rank_pattern, before.rank_pattern);
+    let saved = out.path().join("again");
+    trained.save_pretrained(&saved).unwrap();
+    let ours = TensorStore::open(saved.join("adapter_model.safetensors")).unwrap();
+    let theirs = TensorStore::open(adapter_dir(name).join("adapter_model.safetensors")).unwrap();
+    let mut moved = 0;
+    for key in theirs.keys() {
+        assert_eq!(
+            ours.shape(key).unwrap(),
+            theirs.shape(key).unwrap(),
+            "{key}"
+        );
+        moved += usize::from(ours.f32(key).unwrap().0 != theirs.f32(key).unwrap().0);
+    }
+    assert_eq!(moved, theirs.keys().count(), "every tensor trained");
+    let base = peft_models::load(model_dir("llama-tiny"), &device).unwrap();
+    from_pretrained(base, &saved, false).unwrap();
+}
+
 /// The orthogonality penalty is PEFT's: on `adalora-bloom-train`'s starting adapter, the first
 /// step's loss minus the model's own loss is `0.5 × mean ‖A·Aᵀ − I‖ / ‖Bᵀ·B − I‖`, computed
 /// here on the host from the file's tensors.

@@ -13,7 +13,8 @@
 //! (the optimizer moves masked entries again).
 //!
 //! The scores live in each layer ([`SvdLinear::importance`]); they are not saved in checkpoints,
-//! so a resumed run starts them again from zero.
+//! so a resumed run starts them again from zero. A model loaded cut to its pattern (a folder
+//! saved after a mask) keeps its ranks: the allocator leaves it as it is.
 
 use std::collections::BTreeMap;
 
@@ -150,7 +151,10 @@ where
 {
     let boundary = config.total_step.unwrap_or(0).saturating_sub(config.tfinal);
     let mut layers = layers(&model)?;
-    if layers.is_empty() {
+    // A folder saved after a mask loads cut to its pattern (a trained Hub adapter, a checkpoint
+    // of a run): its ranks stay as they are. Allocating over cut layers would write a pattern
+    // with fewer flags than `init_r`, which neither PEFT nor peft-rs can load.
+    if layers.is_empty() || layers.iter().any(|(_, l)| l.rank() != config.init_r) {
         return Ok(model);
     }
     let initial: usize = layers.iter().map(|(_, l)| l.rank()).sum();
