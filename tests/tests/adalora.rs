@@ -210,11 +210,7 @@ fn training_allocates_ranks_as_peft() {
     assert_eq!(tensors.len(), 6, "two layers × (A, E, B)");
     for (key, ours) in &tensors {
         let theirs = store.f32(&format!("after.{key}")).unwrap().0;
-        let ours: Vec<f32> = ours
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let ours = ours.f32_values().unwrap();
         let err = relative_error(&ours, &theirs);
         assert!(err <= 1e-5, "{key} relative error {err}");
         if let Some(path) = key

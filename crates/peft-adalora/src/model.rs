@@ -168,7 +168,10 @@ impl LayerTuner for AdaLora {
         if value.shape.len() != 2 || value.shape[rank_axis] != flags.len() {
             return Ok((key, value));
         }
-        Ok((key, keep_ranks(&value, rank_axis, flags)))
+        let Some(values) = value.f32_values() else {
+            return Ok((key, value));
+        };
+        Ok((key, keep_ranks(&values, &value.shape, rank_axis, flags)))
     }
 }
 
@@ -191,15 +194,10 @@ pub fn from_pretrained<B: CausalLm<Adapter = NoAdapter>>(
     AdaLoraModel::from_pretrained(base, adapter_dir, trainable)
 }
 
-/// `value` (`[rows, cols]`, f32) with only the ranks `keep` flags along `axis` (0: rows, 1:
+/// `values` (`shape = [rows, cols]`) with only the ranks `keep` flags along `axis` (0: rows, 1:
 /// columns).
-fn keep_ranks(value: &HostTensor, axis: usize, keep: &[bool]) -> HostTensor {
-    let (rows, cols) = (value.shape[0], value.shape[1]);
-    let values: Vec<f32> = value
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+fn keep_ranks(values: &[f32], shape: &[usize], axis: usize, keep: &[bool]) -> HostTensor {
+    let (rows, cols) = (shape[0], shape[1]);
     let kept = keep.iter().filter(|k| **k).count();
     let (shape, out): ([usize; 2], Vec<f32>) = if axis == 0 {
         let out = (0..rows)

@@ -35,6 +35,16 @@ impl HostTensor {
         }
     }
 
+    /// The values of an `f32` tensor ([`Self::from_f32`]'s inverse); `None` for another dtype.
+    pub fn f32_values(&self) -> Option<Vec<f32>> {
+        (self.dtype == Dtype::F32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        })
+    }
+
     /// An `i64` tensor.
     pub fn from_i64(shape: Vec<usize>, values: &[i64]) -> Self {
         Self {
@@ -842,6 +852,15 @@ pub fn write_folder_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `f32_values` gives back what `from_f32` stored, and nothing for another dtype.
+    #[test]
+    fn f32_values_invert_from_f32() {
+        let values = [1.5f32, -0.0, f32::MAX, 3.25e-8];
+        let t = HostTensor::from_f32(vec![2, 2], &values);
+        assert_eq!(t.f32_values().unwrap(), values);
+        assert_eq!(HostTensor::from_i64(vec![1], &[7]).f32_values(), None);
+    }
 
     /// A folder replaced by `replace_dir` holds the new contents only, the staged folder is
     /// gone, nothing is left beside them; a target that does not exist is simply renamed to.

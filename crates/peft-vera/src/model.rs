@@ -48,13 +48,6 @@ pub fn projections(key: u64, r: usize, largest: (usize, usize)) -> (Vec<f32>, Ve
     (a, b)
 }
 
-fn f32_values(t: &HostTensor) -> Vec<f32> {
-    t.data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 impl LayerTuner for Vera {
     type Config = VeraConfig;
     type Layer = VeraLinear;
@@ -141,9 +134,12 @@ impl LayerTuner for Vera {
             let t = target.shared.get(key).ok_or_else(|| {
                 PeftError::AdapterMismatch(format!("VeRA's shared `{key}` is missing"))
             })?;
+            let values = t.f32_values().ok_or_else(|| {
+                PeftError::AdapterMismatch(format!("VeRA's shared `{key}` is not f32"))
+            })?;
             let shape = [t.shape[0], t.shape[1]];
             Ok(Tensor::<2>::from_data(
-                TensorData::new(f32_values(t), shape),
+                TensorData::new(values, shape),
                 device,
             ))
         };
